@@ -1,0 +1,1 @@
+"""Membrane gateway: presence, routing, call sessions and their HTTP and socket.io edges."""

@@ -1,0 +1,143 @@
+"""The app factory: one ``create_app(settings)`` for a node, resources opened and closed in
+pairs (``cleanup_ctx``), nothing global, so tests run several nodes in one process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway import appkeys as keys
+from gateway.auth import TokenService
+from gateway.events import EventRouter
+from gateway.http_api import add_routes, error_middleware
+from gateway.metrics import Metrics
+from gateway.presence_service import PRESENCE_EVENT, PresenceService
+from gateway.settings import Settings
+from gateway.sio_manager import ObservedRedisManager
+from gateway.sockets import AgentNamespace, BoardNamespace, MembraneServer
+from gateway.store.base import Store, StoreHealth
+from gateway.store.embedded import EmbeddedStore
+from gateway.store.redis import RedisStore
+from gateway.tasks import TaskGroup
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "web_client"
+
+
+class ObservedHealth:
+    """Folds the socket.io manager's listener into the store's health."""
+
+    def __init__(self, store: Store, manager: ObservedRedisManager | None) -> None:
+        self.store = store
+        self.manager = manager
+
+    async def health(self) -> StoreHealth:
+        health = await self.store.health()
+        if self.manager is not None and not self.manager.listening:
+            return StoreHealth(
+                health.reachable,
+                health.persistent,
+                False,
+                f"socket.io listener down: {self.manager.last_error}",
+            )
+        return health
+
+
+def build_store(settings: Settings) -> Store:
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, settings.node_id)
+    return EmbeddedStore(settings.data_dir, settings.node_id)
+
+
+def allowed_origins(settings: Settings) -> list[str]:
+    origins = {settings.public_url.rstrip("/")}
+    for site in settings.sites.values():
+        origins.update(site.allowed_origins)
+    return sorted(origins)
+
+
+def create_app(settings: Settings, store: Store | None = None) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    store = store or build_store(settings)
+    metrics = Metrics()
+    tokens = TokenService(settings.auth)
+    presence = PresenceService(dict(settings.sites), store, settings.presence)
+    events = EventRouter()
+    events.on(PRESENCE_EVENT, presence.on_event)
+
+    async def count_presence_change(event: object) -> None:
+        metrics.presence_changes.inc()
+
+    events.on(PRESENCE_EVENT, count_presence_change)
+
+    manager = (
+        ObservedRedisManager(settings.redis_url, channel="m:sio") if settings.redis_url else None
+    )
+    sio = MembraneServer(
+        async_mode="aiohttp",
+        client_manager=manager,
+        cors_allowed_origins=allowed_origins(settings),
+        max_http_buffer_size=settings.max_body_bytes,
+        # Handle a client's events in order, on its own connection's task: no task per
+        # event, and presence changes from one device can never overtake each other.
+        async_handlers=False,
+        ping_interval=25,
+        ping_timeout=20,
+    )
+    sio.register_namespace(
+        AgentNamespace(tokens, metrics, presence, settings.presence.socket_ttl_s)
+    )
+    sio.register_namespace(BoardNamespace(tokens, metrics, presence))
+    sio.attach(app)
+
+    app[keys.SETTINGS] = settings
+    app[keys.STORE] = store
+    app[keys.TOKENS] = tokens
+    app[keys.METRICS] = metrics
+    app[keys.PRESENCE] = presence
+    app[keys.SIO] = sio
+    app[keys.TASKS] = TaskGroup(f"node-{settings.node_id}")
+    app[keys.REST_BUCKETS] = {}
+    app[keys.HEALTH] = ObservedHealth(store, manager)
+
+    async def open_store(app: web.Application) -> AsyncIterator[None]:
+        await store.start(events, presence.resync)
+        log.info("node %s: store %s ready", settings.node_id, type(store).__name__)
+        yield
+        await store.close()
+
+    async def run_presence(app: web.Application) -> AsyncIterator[None]:
+        await presence.resync()
+        tasks = app[keys.TASKS]
+        tasks.spawn(presence.run_sweeper(), "presence-sweeper")
+        tasks.spawn(presence.run_lease_renewal(), "socket-leases")
+        yield
+        await tasks.close()
+
+    async def run_socketio(app: web.Application) -> AsyncIterator[None]:
+        if manager is not None:
+            sio.manager_initialized = True
+            manager.initialize()
+        yield
+        if manager is not None:
+            await manager.close()
+
+    async def disconnect_clients(app: web.Application) -> None:
+        # Before aiohttp closes connections: sockets leave cleanly while the store is open.
+        await sio.shutdown()
+
+    app.cleanup_ctx.append(open_store)
+    app.cleanup_ctx.append(run_presence)
+    app.cleanup_ctx.append(run_socketio)
+    app.on_shutdown.append(disconnect_clients)
+    add_routes(app)
+    if STATIC_DIR.is_dir():
+        app.router.add_static("/static/", STATIC_DIR, show_index=False)
+    return app
+
+
+__all__ = ["create_app"]

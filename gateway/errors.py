@@ -1,0 +1,42 @@
+"""Errors that reach clients, each with a stable machine-readable code (docs/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """A refusal the client caused; never a server fault."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def invalid_payload(message: str) -> ApiError:
+    return ApiError(400, "invalid_payload", message)
+
+
+def invalid_token(message: str = "missing or invalid token") -> ApiError:
+    return ApiError(401, "invalid_token", message)
+
+
+def forbidden(message: str = "not allowed") -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
+def not_found(message: str = "not found") -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+def rate_limited(message: str = "too many requests") -> ApiError:
+    return ApiError(429, "rate_limited", message)
+
+
+def store_unavailable(message: str = "the store is unreachable; try again") -> ApiError:
+    return ApiError(503, "store_unavailable", message)

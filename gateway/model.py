@@ -1,0 +1,171 @@
+"""The domain model: sites, branches, agents, devices and aggregated presence.
+
+Plain frozen dataclasses and enums, no I/O. Times are POSIX seconds (float); the wire
+codec turns them into ISO 8601 at the edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, time
+from enum import StrEnum
+
+
+class DeviceKind(StrEnum):
+    DESKTOP = "desktop"
+    IM = "im"
+    MOBILE = "mobile"
+
+
+class DeviceState(StrEnum):
+    AVAILABLE = "available"
+    AWAY = "away"
+    BUSY = "busy"
+    DND = "dnd"
+    OFFLINE = "offline"
+
+
+class PresenceStatus(StrEnum):
+    AVAILABLE = "available"
+    ON_CALL = "on_call"
+    BUSY = "busy"
+    AWAY = "away"
+    DND = "dnd"
+    OFFLINE = "offline"
+
+
+class Channel(StrEnum):
+    WEBRTC = "webrtc"
+    PSTN = "pstn"
+
+
+class Role(StrEnum):
+    AGENT = "agent"
+    SUPERVISOR = "supervisor"
+    VISITOR = "visitor"
+
+
+# Which channels a device of each kind can take a call on. An IM client only reports presence.
+CHANNELS_BY_KIND: dict[DeviceKind, tuple[Channel, ...]] = {
+    DeviceKind.DESKTOP: (Channel.WEBRTC,),
+    DeviceKind.MOBILE: (Channel.PSTN,),
+    DeviceKind.IM: (),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OpeningSpan:
+    """One span of opening time on a weekday, in the branch's local time."""
+
+    opens: time
+    closes: time
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    branch_id: str
+    name: str
+    timezone: str
+    lat: float | None = None
+    lon: float | None = None
+    languages: tuple[str, ...] = ()
+    # Monday is 0, as in datetime.weekday(); a missing weekday is closed all day.
+    hours: dict[int, tuple[OpeningSpan, ...]] = field(default_factory=dict)
+    holidays: frozenset[date] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    agent_id: str
+    site: str
+    name: str
+    branch: str | None = None
+    languages: tuple[str, ...] = ()
+    skills: tuple[str, ...] = ()
+    mobile: str | None = None  # E.164
+    role: Role = Role.AGENT
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackPolicy:
+    """Limits on outbound PSTN callbacks; a site may only tighten the defaults."""
+
+    allowed_countries: tuple[str, ...] = ("US", "CA", "GB", "IE", "DE", "FR", "NL", "ES", "IT")
+    blocked_number_types: tuple[str, ...] = (
+        "PREMIUM_RATE",
+        "SHARED_COST",
+        "UAN",
+        "VOICEMAIL",
+        "PAGER",
+        "PERSONAL_NUMBER",
+    )
+    per_number_15min: int = 7
+    per_number_hour: int = 9
+    per_number_day: int = 15
+    numbers_per_visitor_hour: int = 3
+    per_ip_hour: int = 20
+    per_site_hour: int = 500
+    max_concurrent_calls: int = 20
+    daily_spend_cap_usd: float = 50.0
+    retries: int = 2
+    retry_interval_s: int = 120
+    quiet_hours_start: time = time(21, 0)
+    quiet_hours_end: time = time(8, 0)
+    agent_first: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    site_id: str
+    name: str
+    allowed_origins: tuple[str, ...]
+    branches: dict[str, Branch]
+    agents: dict[str, Agent]
+    caller_ids: tuple[str, ...] = ()
+    callback_policy: CallbackPolicy = field(default_factory=CallbackPolicy)
+    ring_timeout_s: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One of an agent's endpoints, like an XMPP resource."""
+
+    device_id: str
+    kind: DeviceKind
+    state: DeviceState
+    priority: int
+    last_seen: float
+    # When the device goes offline unless it is heard from again (heartbeat TTL).
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceRecord:
+    """What the store keeps for one agent: raw devices plus the facts aggregation needs."""
+
+    devices: tuple[Device, ...] = ()
+    active_call: str | None = None
+    status: PresenceStatus = PresenceStatus.OFFLINE
+    since: float = 0.0
+    # When the agent last ended a call or came available: the "longest idle" routing key.
+    idle_since: float = 0.0
+    # Bumped by every change to the devices or the call, so that nodes can drop a presence
+    # event that arrives after a newer one.
+    rev: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """An agent's one aggregated status and the channels they can be reached on now."""
+
+    agent_id: str
+    site: str
+    name: str
+    branch: str | None
+    status: PresenceStatus
+    channels: tuple[Channel, ...]
+    devices: tuple[Device, ...]
+    since: float
+    idle_since: float = 0.0
+    active_call: str | None = None
+    rev: int = 0

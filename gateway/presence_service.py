@@ -1,0 +1,260 @@
+"""Presence across nodes: writes devices through the store, aggregates with the pure core,
+publishes every change to all nodes, and keeps each node's cache of every agent's presence.
+
+Transport code (REST, socket.io) calls this; it calls no transport. Listeners registered by
+the edges turn a presence change into emits to this node's own clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gateway.codec import DeviceUpdate, Json, presence_to_wire
+from gateway.errors import forbidden, not_found
+from gateway.model import (
+    Agent,
+    Channel,
+    Device,
+    DeviceKind,
+    DeviceState,
+    Presence,
+    PresenceRecord,
+    PresenceStatus,
+    Site,
+)
+from gateway.presence import aggregate, status_changed
+from gateway.settings import PresenceSettings
+from gateway.store.base import DeviceRef, Store
+
+log = logging.getLogger(__name__)
+
+PRESENCE_EVENT = "presence"
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    presence: Presence
+    wire: Json
+    """The v1 wire shape, encoded once per change on each node and shared by all emits."""
+
+
+PresenceListener = Callable[[PresenceChange], Awaitable[None]]
+
+
+def presence_event(presence: Presence) -> Json:
+    """The node-to-node form: the wire shape plus what routing needs, times as floats."""
+    return {
+        "type": PRESENCE_EVENT,
+        "site": presence.site,
+        "agent_id": presence.agent_id,
+        "status": presence.status.value,
+        "channels": [c.value for c in presence.channels],
+        "devices": [
+            [d.device_id, d.kind.value, d.state.value, d.priority, d.last_seen, d.expires_at]
+            for d in presence.devices
+        ],
+        "since": presence.since,
+        "idle_since": presence.idle_since,
+        "active_call": presence.active_call,
+        "rev": presence.rev,
+    }
+
+
+def presence_from_event(event: Json, agent: Agent) -> Presence:
+    return Presence(
+        agent_id=agent.agent_id,
+        site=agent.site,
+        name=agent.name,
+        branch=agent.branch,
+        status=PresenceStatus(event["status"]),
+        channels=tuple(Channel(c) for c in event["channels"]),
+        devices=tuple(
+            Device(i, DeviceKind(k), DeviceState(s), int(p), float(ls), float(ex))
+            for i, k, s, p, ls, ex in event["devices"]
+        ),
+        since=float(event["since"]),
+        idle_since=float(event["idle_since"]),
+        active_call=event["active_call"],
+        rev=int(event["rev"]),
+    )
+
+
+class PresenceService:
+    def __init__(
+        self,
+        sites: dict[str, Site],
+        store: Store,
+        settings: PresenceSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sites = sites
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        self._cache: dict[str, dict[str, Presence]] = {s: {} for s in sites}
+        self._listeners: list[PresenceListener] = []
+        self._socket_devices: dict[str, DeviceRef] = {}
+
+    # --- directory ---------------------------------------------------------------------------
+
+    def site(self, site_id: str) -> Site:
+        site = self._sites.get(site_id)
+        if site is None:
+            raise not_found(f"no site {site_id!r}")
+        return site
+
+    def agent(self, site_id: str, agent_id: str) -> Agent:
+        agent = self.site(site_id).agents.get(agent_id)
+        if agent is None:
+            raise forbidden(f"{agent_id!r} is not an agent of site {site_id!r}")
+        return agent
+
+    def add_listener(self, listener: PresenceListener) -> None:
+        self._listeners.append(listener)
+
+    # --- reads (this node's cache, kept current by events) -----------------------------------
+
+    def cached(self, site_id: str, agent_id: str) -> Presence:
+        found = self._cache.get(site_id, {}).get(agent_id)
+        if found is not None:
+            return found
+        return aggregate(self.agent(site_id, agent_id), PresenceRecord(), self._clock())
+
+    def site_presence(self, site_id: str) -> list[Presence]:
+        return [self.cached(site_id, a) for a in self.site(site_id).agents]
+
+    async def fetch(self, site_id: str, agent_id: str) -> Presence:
+        """Read through to the store: for answers that must not lag behind events."""
+        agent = self.agent(site_id, agent_id)
+        record = await self._store.get_presence(site_id, agent_id)
+        return aggregate(agent, record, self._clock())
+
+    async def resync(self) -> None:
+        """Reload every agent from the store: at start and after missing events."""
+        now = self._clock()
+        for site_id, site in self._sites.items():
+            records = await self._store.get_site_presence(site_id, list(site.agents))
+            for agent_id, record in records.items():
+                presence = aggregate(site.agents[agent_id], record, now)
+                previous = self._cache[site_id].get(agent_id)
+                self._cache[site_id][agent_id] = presence
+                if previous is not None and previous != presence:
+                    await self._notify(presence)
+
+    # --- writes --------------------------------------------------------------------------------
+
+    async def set_device(
+        self, site_id: str, agent_id: str, update: DeviceUpdate, ttl_s: float | None = None
+    ) -> Presence:
+        agent = self.agent(site_id, agent_id)
+        now = self._clock()
+        ttl = self._settings.device_ttl_s if ttl_s is None else ttl_s
+        device = Device(
+            update.device_id, update.kind, update.state, update.priority, now, now + ttl
+        )
+        record = await self._store.put_device(site_id, agent_id, device)
+        return await self._commit(agent, record, now)
+
+    async def remove_device(self, site_id: str, agent_id: str, device_id: str) -> Presence:
+        agent = self.agent(site_id, agent_id)
+        record = await self._store.remove_device(site_id, agent_id, device_id)
+        return await self._commit(agent, record, self._clock())
+
+    async def heartbeat(self, site_id: str, agent_id: str, device_id: str) -> Presence:
+        agent = self.agent(site_id, agent_id)
+        now = self._clock()
+        record = await self._store.get_presence(site_id, agent_id)
+        device = next((d for d in record.devices if d.device_id == device_id), None)
+        if device is None or device.expires_at <= now:
+            raise not_found(f"no live device {device_id!r}; PUT it first")
+        ttl = self._settings.device_ttl_s
+        renewed = Device(
+            device.device_id, device.kind, device.state, device.priority, now, now + ttl
+        )
+        record = await self._store.put_device(site_id, agent_id, renewed)
+        return await self._commit(agent, record, now)
+
+    async def set_active_call(self, site_id: str, agent_id: str, call_id: str | None) -> Presence:
+        agent = self.agent(site_id, agent_id)
+        record = await self._store.set_active_call(site_id, agent_id, call_id)
+        return await self._commit(agent, record, self._clock())
+
+    async def _commit(self, agent: Agent, record: PresenceRecord, now: float) -> Presence:
+        presence = aggregate(agent, record, now)
+        if status_changed(record, presence):
+            await self._store.save_status(
+                agent.site, agent.agent_id, presence.status, presence.since, presence.idle_since
+            )
+        await self._store.publish(presence_event(presence))
+        return presence
+
+    # --- events from any node (this one included) ---------------------------------------------
+
+    async def on_event(self, event: Json) -> None:
+        site = self._sites.get(event.get("site", ""))
+        agent = site.agents.get(event.get("agent_id", "")) if site else None
+        if agent is None:
+            return  # a node with another config; not ours to show
+        presence = presence_from_event(event, agent)
+        previous = self._cache[agent.site].get(agent.agent_id)
+        if previous is not None and previous.rev > presence.rev:
+            return  # an older change that arrived late
+        self._cache[agent.site][agent.agent_id] = presence
+        await self._notify(presence)
+
+    async def _notify(self, presence: Presence) -> None:
+        change = PresenceChange(presence, presence_to_wire(presence))
+        for listener in self._listeners:
+            try:
+                await listener(change)
+            except Exception:
+                log.exception("presence listener failed")
+
+    # --- leases --------------------------------------------------------------------------------
+
+    def hold_socket_device(self, sid: str, ref: DeviceRef) -> None:
+        self._socket_devices[sid] = ref
+
+    def release_socket_device(self, sid: str) -> DeviceRef | None:
+        return self._socket_devices.pop(sid, None)
+
+    async def sweep(self) -> int:
+        """Report devices whose lease lapsed (on any node) as offline; returns agents changed."""
+        now = self._clock()
+        lapsed = await self._store.claim_lapsed(now)
+        for site_id, agent_id in lapsed:
+            site = self._sites.get(site_id)
+            if site is None or agent_id not in site.agents:
+                continue
+            record = await self._store.get_presence(site_id, agent_id)
+            await self._commit(site.agents[agent_id], record, now)
+        return len(lapsed)
+
+    async def renew_socket_leases(self) -> None:
+        now = self._clock()
+        refs = list(self._socket_devices.values())
+        await self._store.touch_devices(refs, now, now + self._settings.socket_ttl_s)
+
+    async def run_sweeper(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("presence sweep failed: %r", e)
+            await asyncio.sleep(self._settings.sweep_interval_s)
+
+    async def run_lease_renewal(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.socket_ttl_s / 3)
+            try:
+                await self.renew_socket_leases()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("renewing socket leases failed: %r", e)

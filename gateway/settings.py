@@ -1,0 +1,410 @@
+"""Typed settings, loaded from a TOML file and ``MEMBRANE_*`` environment variables.
+
+A bad value stops start-up with one line naming the key (``ConfigError``). Secrets may come
+from the environment so that the config file can be committed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+
+from gateway.codec import ID_PATTERN
+from gateway.model import Agent, Branch, CallbackPolicy, OpeningSpan, Role, Site
+
+ENV_PREFIX = "MEMBRANE_"
+PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "please-change"})
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_SPAN = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
+
+
+class ConfigError(Exception):
+    """A config value that cannot work; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config error: {key}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """A key that tokens from an outside issuer (an IdP) may be signed with."""
+
+    kid: str
+    algorithm: str
+    """Pinned algorithm: RS256 or ES256. A token claiming another one is refused."""
+    public_key_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    issuer: str = "membrane"
+    """The ``iss`` claim Membrane puts in the tokens it mints and demands of all tokens."""
+    algorithm: str = "HS256"
+    """Algorithm of Membrane's own signing key: HS256 (shared secret) or RS256/ES256."""
+    secret: str = ""
+    """HS256 shared secret (``MEMBRANE_JWT_SECRET``); at least 32 characters."""
+    private_key_pem: str = ""
+    """PEM private key when ``algorithm`` is RS256 or ES256."""
+    extra_keys: tuple[VerifyKey, ...] = ()
+    """Public keys of outside issuers, matched by the token's ``kid``."""
+    jwks_url: str = ""
+    """A JWKS document of an outside issuer, fetched and cached (RS256/ES256 only)."""
+    leeway_s: int = 30
+    """Clock skew tolerated on ``exp``/``iat``/``nbf``; bounded to at most 120 s."""
+    visitor_token_ttl_s: int = 900
+    agent_token_ttl_s: int = 12 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSettings:
+    device_ttl_s: float = 60.0
+    """A REST device (IM bridge, mobile app) goes offline unless it heartbeats within this."""
+    socket_ttl_s: float = 15.0
+    """A desktop socket's device lease; its node renews it, so a dead node's agents lapse."""
+    sweep_interval_s: float = 0.25
+    """How often each node looks for lapsed devices (lapses are reported within TTL + this)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = "http://127.0.0.1:8080"
+    """The URL clients and Twilio reach this gateway at (behind a proxy, the proxy's)."""
+    data_dir: Path = Path("data")
+    """Where the embedded store keeps its SQLite file (and a generated dev secret)."""
+    redis_url: str = ""
+    """Empty: one node on the embedded store. Set: many nodes sharing this Redis."""
+    node_id: str = ""
+    """Names this node in logs and metrics; random when empty."""
+    max_body_bytes: int = 64 * 1024
+    """Largest REST body or socket.io message accepted."""
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    presence: PresenceSettings = field(default_factory=PresenceSettings)
+    sites: Mapping[str, Site] = field(default_factory=dict)
+
+
+def _get(table: Mapping[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
+    value = table.get(key, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}{key}", f"must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _str_list(table: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{path}{key}", "must be a list of strings")
+    return tuple(value)
+
+
+def _ident(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise ConfigError(key, f"must be an id of letters, digits or _.:- (got {value!r})")
+    return value
+
+
+def _e164(value: str, key: str) -> str:
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException:
+        raise ConfigError(key, f"{value!r} is not an E.164 phone number") from None
+    if not phonenumbers.is_valid_number(number):
+        raise ConfigError(key, f"{value!r} is not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _hours(table: Mapping[str, Any], path: str) -> dict[int, tuple[OpeningSpan, ...]]:
+    hours: dict[int, tuple[OpeningSpan, ...]] = {}
+    for day, spans in table.items():
+        if day not in WEEKDAYS:
+            raise ConfigError(f"{path}{day}", f"weekday must be one of {', '.join(WEEKDAYS)}")
+        if not isinstance(spans, list):
+            raise ConfigError(f"{path}{day}", 'must be a list like ["09:00-17:00"]')
+        parsed = []
+        for span in spans:
+            m = _SPAN.match(span) if isinstance(span, str) else None
+            try:
+                if m is None:
+                    raise ValueError
+                h1, m1, h2, m2 = (int(g) for g in m.groups())
+                parsed.append(OpeningSpan(time(h1, m1), time(h2 % 24, m2)))
+            except ValueError:
+                raise ConfigError(f"{path}{day}", f"bad span {span!r}, want HH:MM-HH:MM") from None
+        hours[WEEKDAYS.index(day)] = tuple(parsed)
+    return hours
+
+
+def _branch(raw: Any, path: str) -> Branch:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "must be a table")
+    tz = _get(raw, "timezone", f"{path}.", str, "UTC")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{path}.timezone", f"unknown time zone {tz!r}") from None
+    holidays = []
+    for i, day in enumerate(_str_list(raw, "holidays", f"{path}.")):
+        try:
+            holidays.append(date.fromisoformat(day))
+        except ValueError:
+            raise ConfigError(f"{path}.holidays[{i}]", f"{day!r} is not YYYY-MM-DD") from None
+    lat, lon = raw.get("lat"), raw.get("lon")
+    for key, val, bound in (("lat", lat, 90), ("lon", lon, 180)):
+        if val is not None and (not isinstance(val, int | float) or abs(val) > bound):
+            raise ConfigError(f"{path}.{key}", f"must be a number within ±{bound}")
+    hours_table = raw.get("hours", {})
+    if not isinstance(hours_table, dict):
+        raise ConfigError(f"{path}.hours", "must be a table of weekday = [spans]")
+    return Branch(
+        branch_id=_ident(raw.get("id"), f"{path}.id"),
+        name=_get(raw, "name", f"{path}.", str, raw.get("id")),
+        timezone=tz,
+        lat=float(lat) if lat is not None else None,
+        lon=float(lon) if lon is not None else None,
+        languages=_str_list(raw, "languages", f"{path}."),
+        hours=_hours(hours_table, f"{path}.hours."),
+        holidays=frozenset(holidays),
+    )
+
+
+def _agent(raw: Any, site_id: str, branches: Mapping[str, Branch], path: str) -> Agent:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "must be a table")
+    branch = raw.get("branch")
+    if branch is not None and branch not in branches:
+        raise ConfigError(f"{path}.branch", f"no branch {branch!r} in this site")
+    mobile = raw.get("mobile")
+    if mobile is not None:
+        mobile = _e164(_get(raw, "mobile", f"{path}.", str, ""), f"{path}.mobile")
+    role_name = _get(raw, "role", f"{path}.", str, "agent")
+    if role_name not in (Role.AGENT, Role.SUPERVISOR):
+        raise ConfigError(f"{path}.role", "must be agent or supervisor")
+    return Agent(
+        agent_id=_ident(raw.get("id"), f"{path}.id"),
+        site=site_id,
+        name=_get(raw, "name", f"{path}.", str, raw.get("id")),
+        branch=branch,
+        languages=_str_list(raw, "languages", f"{path}."),
+        skills=_str_list(raw, "skills", f"{path}."),
+        mobile=mobile,
+        role=Role(role_name),
+    )
+
+
+def _policy(raw: Any, path: str) -> CallbackPolicy:
+    if raw is None:
+        return CallbackPolicy()
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "must be a table")
+    base = CallbackPolicy()
+    changes: dict[str, Any] = {}
+    for key in raw:
+        if not hasattr(base, key):
+            raise ConfigError(f"{path}.{key}", "unknown callback policy key")
+        default = getattr(base, key)
+        if isinstance(default, tuple):
+            changes[key] = _str_list(raw, key, f"{path}.")
+        elif isinstance(default, bool):
+            changes[key] = _get(raw, key, f"{path}.", bool, default)
+        elif isinstance(default, time):
+            try:
+                changes[key] = time.fromisoformat(_get(raw, key, f"{path}.", str, ""))
+            except ValueError:
+                raise ConfigError(f"{path}.{key}", "must be HH:MM") from None
+        else:
+            changes[key] = _get(raw, key, f"{path}.", type(default), default)
+            # A site may tighten limits, never loosen them past the safe defaults.
+            if (
+                isinstance(default, int | float)
+                and changes[key] > default
+                and key not in ("retry_interval_s",)
+            ):
+                raise ConfigError(f"{path}.{key}", f"may not exceed the default {default}")
+    return replace(base, **changes)
+
+
+def _site(raw: Any, path: str) -> Site:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "must be a table")
+    site_id = _ident(raw.get("id"), f"{path}.id")
+    branches: dict[str, Branch] = {}
+    for i, b in enumerate(raw.get("branches", [])):
+        branch = _branch(b, f"{path}.branches[{i}]")
+        if branch.branch_id in branches:
+            raise ConfigError(f"{path}.branches[{i}].id", f"duplicate {branch.branch_id!r}")
+        branches[branch.branch_id] = branch
+    agents: dict[str, Agent] = {}
+    for i, a in enumerate(raw.get("agents", [])):
+        agent = _agent(a, site_id, branches, f"{path}.agents[{i}]")
+        if agent.agent_id in agents:
+            raise ConfigError(f"{path}.agents[{i}].id", f"duplicate {agent.agent_id!r}")
+        agents[agent.agent_id] = agent
+    origins = _str_list(raw, "origins", f"{path}.")
+    for i, origin in enumerate(origins):
+        if not re.match(r"^https?://[^/\s]+$", origin):
+            raise ConfigError(f"{path}.origins[{i}]", f"{origin!r} is not scheme://host[:port]")
+    ring_timeout = _get(raw, "ring_timeout_s", f"{path}.", float, 20.0)
+    if not 3 <= ring_timeout <= 120:
+        raise ConfigError(f"{path}.ring_timeout_s", "must be between 3 and 120 seconds")
+    return Site(
+        site_id=site_id,
+        name=_get(raw, "name", f"{path}.", str, site_id),
+        allowed_origins=origins,
+        branches=branches,
+        agents=agents,
+        caller_ids=tuple(
+            _e164(n, f"{path}.caller_ids[{i}]")
+            for i, n in enumerate(_str_list(raw, "caller_ids", f"{path}."))
+        ),
+        callback_policy=_policy(raw.get("callback_policy"), f"{path}.callback_policy"),
+        ring_timeout_s=ring_timeout,
+    )
+
+
+def _auth(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AuthSettings:
+    p = "auth."
+    algorithm = _get(raw, "algorithm", p, str, "HS256")
+    if algorithm not in ("HS256", "RS256", "ES256"):
+        raise ConfigError("auth.algorithm", "must be HS256, RS256 or ES256")
+    secret = env.get(f"{ENV_PREFIX}JWT_SECRET", _get(raw, "secret", p, str, ""))
+    private_key = ""
+    if algorithm != "HS256":
+        key_file = env.get(f"{ENV_PREFIX}JWT_PRIVATE_KEY_FILE", raw.get("private_key_file", ""))
+        if not key_file:
+            raise ConfigError("auth.private_key_file", f"is required with {algorithm}")
+        private_key = _read(base, key_file, "auth.private_key_file")
+    extra = []
+    for i, k in enumerate(raw.get("keys", [])):
+        kp = f"auth.keys[{i}]"
+        alg = _get(k, "algorithm", f"{kp}.", str, "")
+        if alg not in ("RS256", "ES256"):
+            raise ConfigError(f"{kp}.algorithm", "must be RS256 or ES256")
+        pem = _read(base, _get(k, "public_key_file", f"{kp}.", str, ""), f"{kp}.public_key_file")
+        extra.append(VerifyKey(_get(k, "kid", f"{kp}.", str, ""), alg, pem))
+    leeway = _get(raw, "leeway_s", p, int, 30)
+    if not 0 <= leeway <= 120:
+        raise ConfigError("auth.leeway_s", "must be between 0 and 120 seconds")
+    return AuthSettings(
+        issuer=env.get(f"{ENV_PREFIX}JWT_ISSUER", _get(raw, "issuer", p, str, "membrane")),
+        algorithm=algorithm,
+        secret=secret,
+        private_key_pem=private_key,
+        extra_keys=tuple(extra),
+        jwks_url=env.get(f"{ENV_PREFIX}JWKS_URL", _get(raw, "jwks_url", p, str, "")),
+        leeway_s=leeway,
+        visitor_token_ttl_s=_get(raw, "visitor_token_ttl_s", p, int, 900),
+        agent_token_ttl_s=_get(raw, "agent_token_ttl_s", p, int, 12 * 3600),
+    )
+
+
+def _read(base: Path, name: str, key: str) -> str:
+    try:
+        return (base / name).read_text()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {name}: {e.strerror}") from None
+
+
+def demo_config_text() -> str:
+    return resources.files("gateway").joinpath("demo.toml").read_text()
+
+
+def load_settings(
+    path: Path | None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Settings from ``path`` (the shipped demo config when None), the environment, overrides.
+
+    ``overrides`` are command-line values (host, port, redis_url, data_dir, public_url) and
+    win over both the file and the environment.
+    """
+    env = os.environ if env is None else env
+    try:
+        text = demo_config_text() if path is None else path.read_text()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path or "demo.toml"), f"not valid TOML: {e}") from None
+    base = path.parent if path is not None else Path.cwd()
+    server = raw.get("server", {})
+    p = "server."
+    redis_url = env.get(f"{ENV_PREFIX}REDIS_URL", _get(server, "redis_url", p, str, ""))
+    data_dir = Path(env.get(f"{ENV_PREFIX}DATA_DIR", _get(server, "data_dir", p, str, "data")))
+    sites: dict[str, Site] = {}
+    for i, s in enumerate(raw.get("sites", [])):
+        site = _site(s, f"sites[{i}]")
+        if site.site_id in sites:
+            raise ConfigError(f"sites[{i}].id", f"duplicate {site.site_id!r}")
+        sites[site.site_id] = site
+    presence_raw = raw.get("presence", {})
+    presence = PresenceSettings(
+        device_ttl_s=_get(presence_raw, "device_ttl_s", "presence.", float, 60.0),
+        socket_ttl_s=_get(presence_raw, "socket_ttl_s", "presence.", float, 15.0),
+        sweep_interval_s=_get(presence_raw, "sweep_interval_s", "presence.", float, 0.25),
+    )
+    if presence.device_ttl_s < 1 or presence.socket_ttl_s < 1:
+        raise ConfigError("presence", "TTLs must be at least 1 second")
+    if not 0.05 <= presence.sweep_interval_s <= 1.0:
+        raise ConfigError("presence.sweep_interval_s", "must be between 0.05 and 1.0 seconds")
+    settings = Settings(
+        host=env.get(f"{ENV_PREFIX}HOST", _get(server, "host", p, str, "127.0.0.1")),
+        port=int(env.get(f"{ENV_PREFIX}PORT", _get(server, "port", p, int, 8080))),
+        public_url=env.get(f"{ENV_PREFIX}PUBLIC_URL", _get(server, "public_url", p, str, "")),
+        data_dir=data_dir,
+        redis_url=redis_url,
+        node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
+        max_body_bytes=_get(server, "max_body_bytes", p, int, 64 * 1024),
+        auth=_auth(raw.get("auth", {}), env, base),
+        presence=presence,
+        sites=sites,
+    )
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if not settings.public_url:
+        settings = replace(settings, public_url=f"http://{settings.host}:{settings.port}")
+    if not settings.node_id:
+        settings = replace(settings, node_id=secrets.token_hex(4))
+    if not settings.sites:
+        raise ConfigError("sites", "at least one site is required")
+    return settings
+
+
+def with_dev_secret(settings: Settings) -> Settings:
+    """Fill an empty HS256 secret with one generated once and kept in the data directory.
+
+    This lets the demo run with no set-up while ``membrane token`` mints tokens the running
+    gateway accepts. A placeholder secret is refused: it would let anyone mint tokens.
+    """
+    auth = settings.auth
+    if auth.algorithm != "HS256":
+        return settings
+    if auth.secret:
+        if auth.secret.lower() in PLACEHOLDER_SECRETS or len(auth.secret) < 32:
+            raise ConfigError("auth.secret", "is a placeholder or shorter than 32 characters")
+        return settings
+    path = settings.data_dir / "dev-jwt-secret"
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret)
+    return replace(settings, auth=replace(auth, secret=secret))

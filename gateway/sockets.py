@@ -1,0 +1,235 @@
+"""socket.io edge: authentication at connect, a table of events per namespace, errors.
+
+Handlers are thin: validate with the codec, call a service, return an ack. Every failure
+becomes ``{"ok": false, "error": {code, message}}`` as the ack when the client asked for
+one, else an ``error`` event, as docs/PROTOCOL.md says. Nothing a client sends can raise
+out of a handler.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import socketio
+
+from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, Claims, TokenService
+from gateway.codec import (
+    Json,
+    as_object,
+    device_update_from_wire,
+    error_ack,
+    ok,
+    presence_to_wire,
+)
+from gateway.errors import ApiError, forbidden, invalid_payload
+from gateway.metrics import Metrics
+from gateway.model import DeviceKind, DeviceState, Role
+from gateway.presence_service import PresenceChange, PresenceService
+from gateway.ratelimit import TokenBucket
+from gateway.store.base import DeviceRef
+
+log = logging.getLogger(__name__)
+
+_ack_requested: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ack_requested", default=False
+)
+
+
+class MembraneServer(socketio.AsyncServer):  # type: ignore[misc]
+    """Records whether the client asked for an ack, so a refusal can go to the right place."""
+
+    async def _handle_event_internal(
+        self, server: Any, sid: str, eio_sid: str, data: Any, namespace: str, id: Any
+    ) -> None:
+        token = _ack_requested.set(id is not None)
+        try:
+            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        finally:
+            _ack_requested.reset(token)
+
+
+Handler = Callable[[str, Any], Awaitable[Json]]
+
+
+@dataclass
+class Session:
+    claims: Claims
+    device: DeviceRef | None
+    bucket: TokenBucket
+
+
+def agent_room(site: str, agent_id: str) -> str:
+    return f"agent:{site}:{agent_id}"
+
+
+def site_room(site: str) -> str:
+    return f"site:{site}"
+
+
+class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
+    """Dispatches events through ``self.events`` and turns every failure into an error."""
+
+    roles: frozenset[Role] = frozenset()
+    rate: tuple[float, float] = (20.0, 40.0)  # events per second, burst
+
+    def __init__(self, namespace: str, tokens: TokenService, metrics: Metrics) -> None:
+        super().__init__(namespace)
+        self.tokens = tokens
+        self.metrics = metrics
+        self.sessions: dict[str, Session] = {}
+        self.events: dict[str, Handler] = {}
+
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        if event == "connect":
+            sid, _environ = args[0], args[1]
+            auth = args[2] if len(args) > 2 else None
+            return await self._connect(sid, auth)
+        if event == "disconnect":
+            session = self.sessions.pop(args[0], None)
+            if session is not None:
+                self.metrics.sockets.labels(self.namespace).dec()
+                await self.on_leave(args[0], session)
+            return None
+        sid = args[0]
+        payload = args[1] if len(args) > 1 else None
+        try:
+            session = self.sessions.get(sid)
+            if session is None:
+                raise forbidden("not connected")
+            if not session.bucket.take(time.monotonic()):
+                raise ApiError(429, "rate_limited", "too many events; slow down")
+            handler = self.events.get(event)
+            if handler is None:
+                raise ApiError(400, "unknown_event", f"unknown event {event!r}")
+            return await handler(sid, payload)
+        except ApiError as e:
+            return await self._refuse(sid, e.code, e.message)
+        except Exception:
+            log.exception("handler for %s failed", event)
+            return await self._refuse(sid, "internal", "the gateway failed; try again")
+
+    async def _refuse(self, sid: str, code: str, message: str) -> Json | None:
+        self.metrics.errors.labels(code).inc()
+        body = error_ack(code, message)
+        if _ack_requested.get():
+            return body
+        await self.emit("error", body["error"], to=sid)
+        return None
+
+    async def _connect(self, sid: str, auth: object) -> bool:
+        try:
+            token = as_object(auth, "auth").get("token") if auth is not None else None
+            claims = await self.tokens.verify(token, self.roles)
+            device = await self.on_join(sid, claims, auth if isinstance(auth, dict) else {})
+        except ApiError as e:
+            self.metrics.errors.labels(e.code).inc()
+            raise socketio.exceptions.ConnectionRefusedError(
+                {"code": e.code, "message": e.message}
+            ) from None
+        self.sessions[sid] = Session(claims, device, TokenBucket(*self.rate))
+        self.metrics.sockets.labels(self.namespace).inc()
+        return True
+
+    async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
+        return None
+
+    async def on_leave(self, sid: str, session: Session) -> None:
+        return None
+
+
+class AgentNamespace(BaseNamespace):
+    """``/agent``: a connected socket is a live desktop device of the agent."""
+
+    roles = AGENT_ROLES
+
+    def __init__(
+        self, tokens: TokenService, metrics: Metrics, presence: PresenceService, socket_ttl_s: float
+    ) -> None:
+        super().__init__("/agent", tokens, metrics)
+        self.presence = presence
+        self.socket_ttl_s = socket_ttl_s
+        self.events = {"presence:set": self.presence_set}
+        presence.add_listener(self.on_presence)
+
+    async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
+        self.presence.agent(claims.site, claims.sub)  # refuses a token for an unknown agent
+        try:
+            state = DeviceState(auth.get("state", DeviceState.AVAILABLE.value))
+        except ValueError:
+            raise invalid_payload("auth.state must be a device state") from None
+        ref = DeviceRef(claims.site, claims.sub, f"desktop-{sid[:8]}")
+        await self.enter_room(sid, agent_room(claims.site, claims.sub))
+        update = device_update_from_wire(
+            {"kind": DeviceKind.DESKTOP.value, "state": state.value}, ref.device_id
+        )
+        self.presence.hold_socket_device(sid, ref)
+        await self.presence.set_device(claims.site, claims.sub, update, self.socket_ttl_s)
+        return ref
+
+    async def on_leave(self, sid: str, session: Session) -> None:
+        ref = self.presence.release_socket_device(sid)
+        if ref is not None:
+            try:
+                await self.presence.remove_device(ref.site, ref.agent_id, ref.device_id)
+            except Exception as e:  # the lease will lapse on its own
+                log.warning("could not remove device of %s: %r", sid, e)
+
+    async def presence_set(self, sid: str, payload: Any) -> Json:
+        session = self.sessions[sid]
+        own = session.device.device_id if session.device else None
+        obj = as_object(payload)
+        update = device_update_from_wire(obj, None if obj.get("device_id") else own)
+        ttl = None
+        if update.device_id == own:
+            if update.kind is not DeviceKind.DESKTOP:
+                raise invalid_payload("this socket is a desktop device")
+            ttl = self.socket_ttl_s
+        presence = await self.presence.set_device(
+            session.claims.site, session.claims.sub, update, ttl
+        )
+        return ok(presence=presence_to_wire(presence))
+
+    async def on_presence(self, change: PresenceChange) -> None:
+        p = change.presence
+        await self.server.emit(
+            "presence:update",
+            change.wire,
+            to=agent_room(p.site, p.agent_id),
+            namespace=self.namespace,
+            ignore_queue=True,
+        )
+
+
+class BoardNamespace(BaseNamespace):
+    """``/board``: a supervisor's live view of every agent of their own site."""
+
+    roles = SUPERVISOR_ROLES
+
+    def __init__(self, tokens: TokenService, metrics: Metrics, presence: PresenceService) -> None:
+        super().__init__("/board", tokens, metrics)
+        self.presence = presence
+        self.events = {"board:snapshot": self.snapshot}
+        presence.add_listener(self.on_presence)
+
+    async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
+        self.presence.agent(claims.site, claims.sub)
+        await self.enter_room(sid, site_room(claims.site))
+        return None
+
+    async def snapshot(self, sid: str, payload: Any) -> Json:
+        site = self.sessions[sid].claims.site
+        return ok(agents=[presence_to_wire(p) for p in self.presence.site_presence(site)])
+
+    async def on_presence(self, change: PresenceChange) -> None:
+        await self.server.emit(
+            "presence:update",
+            change.wire,
+            to=site_room(change.presence.site),
+            namespace=self.namespace,
+            ignore_queue=True,
+        )

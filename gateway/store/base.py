@@ -1,0 +1,146 @@
+"""The one storage seam. Two implementations pass the same behavioural suite
+(tests/test_store.py): ``EmbeddedStore`` (one node) and ``RedisStore`` (many nodes)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from gateway.model import Device, DeviceKind, DeviceState, PresenceRecord, PresenceStatus
+
+Json = dict[str, Any]
+EventHandler = Callable[[Json], Awaitable[None]]
+ResyncHandler = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    reachable: bool
+    """The store answers."""
+    persistent: bool
+    """Durable records survive a restart of the store itself."""
+    listening: bool
+    """This node receives other nodes' events (always true on one node)."""
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    site: str
+    agent_id: str
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallRow:
+    """A call as stored: indexable columns plus the serialized call (gateway.calls codec)."""
+
+    call_id: str
+    site: str
+    version: int
+    data: Json
+
+
+class Store(Protocol):
+    node_id: str
+
+    async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
+        """Connect and start delivering events; ``on_resync`` runs after any gap in events."""
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> StoreHealth: ...
+
+    # --- presence: short-lived, shared by all nodes ---------------------------------------
+    async def put_device(self, site: str, agent_id: str, device: Device) -> PresenceRecord: ...
+
+    async def remove_device(self, site: str, agent_id: str, device_id: str) -> PresenceRecord: ...
+
+    async def touch_devices(
+        self, refs: Sequence[DeviceRef], last_seen: float, expires_at: float
+    ) -> None:
+        """Extend existing devices' leases; a device removed meanwhile stays removed."""
+
+    async def get_presence(self, site: str, agent_id: str) -> PresenceRecord: ...
+
+    async def get_site_presence(
+        self, site: str, agent_ids: Sequence[str]
+    ) -> dict[str, PresenceRecord]: ...
+
+    async def save_status(
+        self, site: str, agent_id: str, status: PresenceStatus, since: float, idle_since: float
+    ) -> None: ...
+
+    async def set_active_call(
+        self, site: str, agent_id: str, call_id: str | None
+    ) -> PresenceRecord: ...
+
+    async def claim_lapsed(self, now: float) -> list[tuple[str, str]]:
+        """Remove devices whose lease ran out; each (site, agent) is returned by one node only."""
+
+    # --- events between nodes -------------------------------------------------------------
+    async def publish(self, event: Json) -> None:
+        """Deliver to this node's handler first, then to every other node's."""
+
+    # --- durable records ------------------------------------------------------------------
+    async def put_call(self, row: CallRow) -> bool:
+        """Insert version 1, or replace version n-1 with n; False if someone else won."""
+
+    async def get_call(self, call_id: str) -> CallRow | None: ...
+
+    async def list_calls(self, site: str, limit: int = 100) -> list[CallRow]: ...
+
+    async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None: ...
+
+    async def last_agent(self, site: str, visitor_id: str) -> str | None: ...
+
+
+# --- shared encoding of presence records (both stores keep devices as JSON) ----------------
+
+CALL_FIELD = "~call"
+STATUS_FIELD = "~status"
+REV_FIELD = "~rev"
+
+
+def encode_device(device: Device) -> str:
+    return json.dumps(asdict(device), separators=(",", ":"))
+
+
+def decode_device(raw: str | bytes) -> Device:
+    d = json.loads(raw)
+    return Device(
+        device_id=d["device_id"],
+        kind=DeviceKind(d["kind"]),
+        state=DeviceState(d["state"]),
+        priority=int(d["priority"]),
+        last_seen=float(d["last_seen"]),
+        expires_at=float(d["expires_at"]),
+    )
+
+
+def encode_status(status: PresenceStatus, since: float, idle_since: float) -> str:
+    return json.dumps([status.value, since, idle_since])
+
+
+def record_from_fields(fields: dict[str, str]) -> PresenceRecord:
+    """A presence record from a hash of device id -> device JSON plus bookkeeping fields."""
+    devices = tuple(
+        sorted(
+            (decode_device(v) for k, v in fields.items() if not k.startswith("~")),
+            key=lambda d: d.device_id,
+        )
+    )
+    status, since, idle_since = PresenceStatus.OFFLINE, 0.0, 0.0
+    if STATUS_FIELD in fields:
+        raw_status, since, idle_since = json.loads(fields[STATUS_FIELD])
+        status = PresenceStatus(raw_status)
+    return PresenceRecord(
+        devices=devices,
+        active_call=fields.get(CALL_FIELD) or None,
+        status=status,
+        since=since,
+        idle_since=idle_since,
+        rev=int(fields.get(REV_FIELD, 0)),
+    )

@@ -1,0 +1,245 @@
+"""The one-node store: presence in memory, durable records in a SQLite file.
+
+SQLite runs on one dedicated thread so the event loop never waits on the disk, and with
+``synchronous=FULL`` a call is on disk before the request that created it is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TypeVar
+
+from gateway.model import Device, PresenceRecord, PresenceStatus
+from gateway.store.base import CallRow, DeviceRef, EventHandler, Json, ResyncHandler, StoreHealth
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    call_id TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_by_site ON calls (site, updated_at);
+CREATE TABLE IF NOT EXISTS visits (
+    site TEXT NOT NULL,
+    visitor_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (site, visitor_id)
+);
+"""
+
+
+@dataclass
+class _Agent:
+    devices: dict[str, Device] = field(default_factory=dict)
+    record: PresenceRecord = field(default_factory=PresenceRecord)
+
+
+class EmbeddedStore:
+    def __init__(self, data_dir: Path, node_id: str = "embedded") -> None:
+        self.node_id = node_id
+        self._path = data_dir / "membrane.sqlite3"
+        self._data_dir = data_dir
+        self._agents: dict[tuple[str, str], _Agent] = {}
+        # (expires_at, site, agent, device); stale entries are skipped when popped.
+        self._lapses: list[tuple[float, str, str, str]] = []
+        self._on_event: EventHandler | None = None
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
+        self._on_event = on_event
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        assert self._executor is not None, "store not started"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        db = self._db
+        if db is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, db.close)
+        executor.shutdown(wait=True)
+
+    async def health(self) -> StoreHealth:
+        try:
+            await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
+        except (sqlite3.Error, AssertionError) as e:
+            return StoreHealth(False, True, True, f"sqlite: {e}")
+        return StoreHealth(True, True, True)
+
+    def _conn(self) -> sqlite3.Connection:
+        assert self._db is not None, "store not started"
+        return self._db
+
+    # --- presence --------------------------------------------------------------------------
+
+    def _agent(self, site: str, agent_id: str) -> _Agent:
+        return self._agents.setdefault((site, agent_id), _Agent())
+
+    def _record(self, entry: _Agent, bump: bool = True) -> PresenceRecord:
+        devices = tuple(sorted(entry.devices.values(), key=lambda d: d.device_id))
+        rev = entry.record.rev + 1 if bump else entry.record.rev
+        entry.record = replace(entry.record, devices=devices, rev=rev)
+        return entry.record
+
+    async def put_device(self, site: str, agent_id: str, device: Device) -> PresenceRecord:
+        entry = self._agent(site, agent_id)
+        entry.devices[device.device_id] = device
+        heapq.heappush(self._lapses, (device.expires_at, site, agent_id, device.device_id))
+        return self._record(entry)
+
+    async def remove_device(self, site: str, agent_id: str, device_id: str) -> PresenceRecord:
+        entry = self._agent(site, agent_id)
+        entry.devices.pop(device_id, None)
+        return self._record(entry)
+
+    async def touch_devices(
+        self, refs: Sequence[DeviceRef], last_seen: float, expires_at: float
+    ) -> None:
+        for ref in refs:
+            entry = self._agents.get((ref.site, ref.agent_id))
+            device = entry.devices.get(ref.device_id) if entry else None
+            if entry is None or device is None:
+                continue
+            entry.devices[ref.device_id] = replace(
+                device, last_seen=last_seen, expires_at=expires_at
+            )
+            heapq.heappush(self._lapses, (expires_at, ref.site, ref.agent_id, ref.device_id))
+            self._record(entry, bump=False)
+
+    async def get_presence(self, site: str, agent_id: str) -> PresenceRecord:
+        entry = self._agents.get((site, agent_id))
+        return entry.record if entry else PresenceRecord()
+
+    async def get_site_presence(
+        self, site: str, agent_ids: Sequence[str]
+    ) -> dict[str, PresenceRecord]:
+        return {a: await self.get_presence(site, a) for a in agent_ids}
+
+    async def save_status(
+        self, site: str, agent_id: str, status: PresenceStatus, since: float, idle_since: float
+    ) -> None:
+        entry = self._agent(site, agent_id)
+        entry.record = replace(entry.record, status=status, since=since, idle_since=idle_since)
+
+    async def set_active_call(
+        self, site: str, agent_id: str, call_id: str | None
+    ) -> PresenceRecord:
+        entry = self._agent(site, agent_id)
+        entry.record = replace(entry.record, active_call=call_id)
+        return self._record(entry)
+
+    async def claim_lapsed(self, now: float) -> list[tuple[str, str]]:
+        lapsed: list[tuple[str, str]] = []
+        while self._lapses and self._lapses[0][0] <= now:
+            expires_at, site, agent_id, device_id = heapq.heappop(self._lapses)
+            entry = self._agents.get((site, agent_id))
+            device = entry.devices.get(device_id) if entry else None
+            if entry is None or device is None or device.expires_at != expires_at:
+                continue  # removed or renewed since this entry was pushed
+            del entry.devices[device_id]
+            self._record(entry)
+            if (site, agent_id) not in lapsed:
+                lapsed.append((site, agent_id))
+        return lapsed
+
+    # --- events ------------------------------------------------------------------------------
+
+    async def publish(self, event: Json) -> None:
+        if self._on_event is not None:
+            await self._on_event(event)
+
+    # --- durable records ---------------------------------------------------------------------
+
+    async def put_call(self, row: CallRow) -> bool:
+        data = json.dumps(row.data, separators=(",", ":"))
+
+        def write() -> bool:
+            db = self._conn()
+            if row.version == 1:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO calls VALUES (?, ?, 1, ?, ?)",
+                    (row.call_id, row.site, data, time.time()),
+                )
+            else:
+                cur = db.execute(
+                    "UPDATE calls SET version = ?, data = ?, updated_at = ?"
+                    " WHERE call_id = ? AND version = ?",
+                    (row.version, data, time.time(), row.call_id, row.version - 1),
+                )
+            return cur.rowcount == 1
+
+        return await self._run(write)
+
+    async def get_call(self, call_id: str) -> CallRow | None:
+        def read() -> tuple[str, str, int, str] | None:
+            cursor = self._conn().execute(
+                "SELECT call_id, site, version, data FROM calls WHERE call_id = ?", (call_id,)
+            )
+            row: tuple[str, str, int, str] | None = cursor.fetchone()
+            return row
+
+        found = await self._run(read)
+        if found is None:
+            return None
+        return CallRow(found[0], found[1], found[2], json.loads(found[3]))
+
+    async def list_calls(self, site: str, limit: int = 100) -> list[CallRow]:
+        def read() -> list[tuple[str, str, int, str]]:
+            return (
+                self._conn()
+                .execute(
+                    "SELECT call_id, site, version, data FROM calls WHERE site = ?"
+                    " ORDER BY updated_at DESC LIMIT ?",
+                    (site, limit),
+                )
+                .fetchall()
+            )
+
+        return [CallRow(c, s, v, json.loads(d)) for c, s, v, d in await self._run(read)]
+
+    async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "INSERT OR REPLACE INTO visits VALUES (?, ?, ?, ?)",
+                (site, visitor_id, agent_id, time.time()),
+            )
+        )
+
+    async def last_agent(self, site: str, visitor_id: str) -> str | None:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT agent_id FROM visits WHERE site = ? AND visitor_id = ?",
+                    (site, visitor_id),
+                )
+                .fetchone()
+            )
+        )
+        return found[0] if found else None

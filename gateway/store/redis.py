@@ -1,0 +1,368 @@
+"""The many-node store: every node shares presence, calls and events through one Redis.
+
+Layout (all keys under ``m:``):
+- ``m:dev:{site}:{agent}`` hash: device id -> device JSON, plus ``~status`` and ``~call``.
+- ``m:lapse`` sorted set: ``{site}\\n{agent}\\n{device}`` scored by lease expiry. Lapses are
+  claimed by a Lua script, so each is reported by exactly one node.
+- ``m:call:{id}`` hash ``{v, site, data}``, versioned by a compare-and-set script;
+  ``m:calls:{site}`` sorted set of call ids by update time.
+- ``m:visit:{site}:{visitor}``: the agent who last served a visitor (kept 400 days).
+- ``m:events`` pub/sub channel for node events, each tagged with its node id so the sender
+  skips its own echo (it handled the event before publishing, as python-socketio does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.model import Device, PresenceRecord, PresenceStatus
+from gateway.store.base import (
+    CALL_FIELD,
+    REV_FIELD,
+    STATUS_FIELD,
+    CallRow,
+    DeviceRef,
+    EventHandler,
+    Json,
+    ResyncHandler,
+    StoreHealth,
+    encode_device,
+    encode_status,
+    record_from_fields,
+)
+from gateway.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+EVENTS_CHANNEL = "m:events"
+LAPSE_KEY = "m:lapse"
+VISIT_TTL_S = 400 * 24 * 3600
+
+# KEYS: device hash, lapse zset. ARGV: device id, device json, expires_at, lapse member.
+_PUT_DEVICE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HINCRBY', KEYS[1], '~rev', 1)
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: device hash, lapse zset. ARGV: device id, lapse member.
+_REMOVE_DEVICE = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[1], '~rev', 1)
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# Renew a lease only if the device still exists, so a removal is never undone.
+# KEYS: device hash, lapse zset. ARGV: device id, last_seen, expires_at, lapse member.
+_TOUCH_DEVICE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local d = cjson.decode(raw)
+d['last_seen'] = tonumber(ARGV[2])
+d['expires_at'] = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(d))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+# KEYS: lapse zset. ARGV: now, batch size. Returns the "site\\nagent" pairs it removed.
+_CLAIM_LAPSED = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local out = {}
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  local site, agent, device = string.match(member, '^([^\\n]*)\\n([^\\n]*)\\n(.*)$')
+  if site then
+    redis.call('HDEL', 'm:dev:' .. site .. ':' .. agent, device)
+    redis.call('HINCRBY', 'm:dev:' .. site .. ':' .. agent, '~rev', 1)
+    table.insert(out, site .. '\\n' .. agent)
+  end
+end
+return out
+"""
+
+# KEYS: call hash, site index. ARGV: version, site, data, updated_at, call id.
+_PUT_CALL = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if current ~= tonumber(ARGV[1]) - 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'site', ARGV[2], 'data', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
+
+
+def _device_key(site: str, agent_id: str) -> str:
+    return f"m:dev:{site}:{agent_id}"
+
+
+def _lapse_member(site: str, agent_id: str, device_id: str) -> str:
+    return f"{site}\n{agent_id}\n{device_id}"
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+class RedisStore:
+    def __init__(self, url: str, node_id: str) -> None:
+        self.node_id = node_id
+        self._url = url
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=10,
+            retry_on_timeout=True,
+        )
+        self._put_device = self._redis.register_script(_PUT_DEVICE)
+        self._remove_device = self._redis.register_script(_REMOVE_DEVICE)
+        self._touch_device = self._redis.register_script(_TOUCH_DEVICE)
+        self._claim_lapsed = self._redis.register_script(_CLAIM_LAPSED)
+        self._put_call = self._redis.register_script(_PUT_CALL)
+        self._on_event: EventHandler | None = None
+        self._on_resync: ResyncHandler | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = False
+        self._subscribed = asyncio.Event()
+        self._listen_error = ""
+        self._persistent: bool | None = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._redis
+
+    async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
+        self._on_event, self._on_resync = on_event, on_resync
+        await self._redis.ping()
+        self._listener = asyncio.get_running_loop().create_task(
+            self._listen_forever(), name=f"redis-events:{self.node_id}"
+        )
+        await asyncio.wait_for(self._subscribed.wait(), timeout=10)
+        if not await self._check_persistence():
+            log.warning(
+                "Redis at %s has persistence turned off (no AOF, no RDB saves): a Redis restart"
+                " would lose pending callbacks. Enable appendonly (see deploy/redis.conf).",
+                self._url,
+            )
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._listener)
+        self._listener = None
+        await self._redis.aclose()
+
+    async def _check_persistence(self) -> bool:
+        try:
+            info = await self._redis.info("persistence")
+            aof = bool(info.get("aof_enabled"))
+            try:
+                save = str((await self._redis.config_get("save")).get("save") or "")
+            except RedisError:
+                save = ""  # CONFIG is often disabled on managed Redis; trust AOF alone
+            self._persistent = aof or bool(save.strip())
+        except RedisError:
+            self._persistent = None
+        return bool(self._persistent)
+
+    async def health(self) -> StoreHealth:
+        try:
+            await asyncio.wait_for(self._redis.ping(), timeout=1.0)
+        except (RedisError, OSError, TimeoutError) as e:
+            return StoreHealth(False, bool(self._persistent), self._listening, f"redis: {e}")
+        if self._persistent is None:
+            await self._check_persistence()
+        detail = "" if self._listening else f"event listener down: {self._listen_error}"
+        return StoreHealth(True, bool(self._persistent), self._listening, detail)
+
+    async def _listen_forever(self) -> None:
+        """Subscribe, deliver, and on any failure resubscribe with backoff; never die silently.
+
+        After every (re)subscription the node resyncs, since events sent while it was deaf
+        are gone for good (pub/sub does not queue).
+        """
+        backoff = 0.1
+        first = True
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(EVENTS_CHANNEL)
+                self._listening, self._listen_error, backoff = True, "", 0.1
+                self._subscribed.set()
+                if not first and self._on_resync is not None:
+                    await self._on_resync()
+                first = False
+                while True:
+                    message = await pubsub.get_message(timeout=5.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    await self._deliver(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # any failure: stay alive, report, resubscribe
+                self._listening, self._listen_error = False, repr(e)
+                log.warning("event listener lost Redis (%r); retrying in %.1fs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self._listening = False
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except Exception:
+                    pass
+
+    async def _deliver(self, raw: str) -> None:
+        try:
+            envelope = json.loads(raw)
+        except ValueError:
+            log.warning("dropped a malformed event")
+            return
+        if envelope.get("node") == self.node_id or self._on_event is None:
+            return
+        try:
+            await self._on_event(envelope["event"])
+        except Exception:
+            log.exception("event handler failed")
+
+    # --- presence ----------------------------------------------------------------------------
+
+    async def put_device(self, site: str, agent_id: str, device: Device) -> PresenceRecord:
+        flat = await self._put_device(
+            keys=[_device_key(site, agent_id), LAPSE_KEY],
+            args=[
+                device.device_id,
+                encode_device(device),
+                device.expires_at,
+                _lapse_member(site, agent_id, device.device_id),
+            ],
+        )
+        return record_from_fields(_pairs(flat))
+
+    async def remove_device(self, site: str, agent_id: str, device_id: str) -> PresenceRecord:
+        flat = await self._remove_device(
+            keys=[_device_key(site, agent_id), LAPSE_KEY],
+            args=[device_id, _lapse_member(site, agent_id, device_id)],
+        )
+        return record_from_fields(_pairs(flat))
+
+    async def touch_devices(
+        self, refs: Sequence[DeviceRef], last_seen: float, expires_at: float
+    ) -> None:
+        if not refs:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for ref in refs:
+                await self._touch_device(
+                    keys=[_device_key(ref.site, ref.agent_id), LAPSE_KEY],
+                    args=[
+                        ref.device_id,
+                        last_seen,
+                        expires_at,
+                        _lapse_member(ref.site, ref.agent_id, ref.device_id),
+                    ],
+                    client=pipe,
+                )
+            await pipe.execute()
+
+    async def get_presence(self, site: str, agent_id: str) -> PresenceRecord:
+        fields: dict[str, str] = await self._redis.hgetall(_device_key(site, agent_id))  # type: ignore[assignment]
+        return record_from_fields(fields)
+
+    async def get_site_presence(
+        self, site: str, agent_ids: Sequence[str]
+    ) -> dict[str, PresenceRecord]:
+        records: dict[str, PresenceRecord] = {}
+        batch = 1000
+        for start in range(0, len(agent_ids), batch):
+            chunk = agent_ids[start : start + batch]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for agent_id in chunk:
+                    pipe.hgetall(_device_key(site, agent_id))
+                results = await pipe.execute()
+            for agent_id, fields in zip(chunk, results, strict=True):
+                records[agent_id] = record_from_fields(fields)
+        return records
+
+    async def save_status(
+        self, site: str, agent_id: str, status: PresenceStatus, since: float, idle_since: float
+    ) -> None:
+        await self._redis.hset(
+            _device_key(site, agent_id), STATUS_FIELD, encode_status(status, since, idle_since)
+        )
+
+    async def set_active_call(
+        self, site: str, agent_id: str, call_id: str | None
+    ) -> PresenceRecord:
+        key = _device_key(site, agent_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if call_id is None:
+                pipe.hdel(key, CALL_FIELD)
+            else:
+                pipe.hset(key, CALL_FIELD, call_id)
+            pipe.hincrby(key, REV_FIELD, 1)
+            pipe.hgetall(key)
+            results = await pipe.execute()
+        return record_from_fields(results[-1])
+
+    async def claim_lapsed(self, now: float) -> list[tuple[str, str]]:
+        claimed: list[str] = await self._claim_lapsed(keys=[LAPSE_KEY], args=[now, 500])
+        pairs: list[tuple[str, str]] = []
+        for item in claimed:
+            site, agent_id = item.split("\n", 1)
+            if (site, agent_id) not in pairs:
+                pairs.append((site, agent_id))
+        return pairs
+
+    # --- events ------------------------------------------------------------------------------
+
+    async def publish(self, event: Json) -> None:
+        if self._on_event is not None:
+            await self._on_event(event)
+        envelope = {"node": self.node_id, "event": event}
+        await self._redis.publish(EVENTS_CHANNEL, json.dumps(envelope, separators=(",", ":")))
+
+    # --- durable records ---------------------------------------------------------------------
+
+    async def put_call(self, row: CallRow) -> bool:
+        ok = await self._put_call(
+            keys=[f"m:call:{row.call_id}", f"m:calls:{row.site}"],
+            args=[
+                row.version,
+                row.site,
+                json.dumps(row.data, separators=(",", ":")),
+                time.time(),
+                row.call_id,
+            ],
+        )
+        return bool(ok)
+
+    async def get_call(self, call_id: str) -> CallRow | None:
+        found: dict[str, str] = await self._redis.hgetall(f"m:call:{call_id}")  # type: ignore[assignment]
+        if not found:
+            return None
+        return CallRow(call_id, found["site"], int(found["v"]), json.loads(found["data"]))
+
+    async def list_calls(self, site: str, limit: int = 100) -> list[CallRow]:
+        ids: list[str] = await self._redis.zrevrange(f"m:calls:{site}", 0, limit - 1)  # type: ignore[assignment]
+        rows = []
+        for call_id in ids:
+            row = await self.get_call(call_id)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None:
+        await self._redis.set(f"m:visit:{site}:{visitor_id}", agent_id, ex=VISIT_TTL_S)
+
+    async def last_agent(self, site: str, visitor_id: str) -> str | None:
+        found: str | None = await self._redis.get(f"m:visit:{site}:{visitor_id}")  # type: ignore[assignment]
+        return found

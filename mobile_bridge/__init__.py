@@ -1,0 +1,1 @@
+"""Membrane's telephony edge: Twilio PSTN calls, webhooks, agents on mobile, the audio bridge."""

