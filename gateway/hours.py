@@ -44,6 +44,7 @@ __all__ = [
 # schedule plus a long holiday; a branch that stays shut longer is treated as "not opening".
 LOOKAHEAD_S = 14 * 86_400.0
 
+_NEXT_OPEN_WINDOW_S = 3 * 86_400.0
 _ONE_DAY = timedelta(days=1)
 _MIDNIGHT = time(0, 0)
 
@@ -133,9 +134,17 @@ def next_open_at(branch: Branch, now: float) -> float | None:
     wants the earliest moment it may promise a call needs no special case. Returns None when
     the branch does not open within `LOOKAHEAD_S`.
     """
-    for start, end in open_intervals(branch, now, now + LOOKAHEAD_S):
-        if end > now:
-            return max(start, now)
+    # Look a few days at a time: almost every branch opens within the first window, and
+    # routing asks this for every branch of a closed site.
+    limit = now + LOOKAHEAD_S
+    window_start = now
+    while window_start < limit:
+        window_end = min(window_start + _NEXT_OPEN_WINDOW_S, limit)
+        intervals = open_intervals(branch, window_start, window_end)
+        if intervals:
+            # The first interval overlapping this window; earlier windows had none.
+            return max(intervals[0][0], now)
+        window_start = window_end
     return None
 
 

@@ -12,10 +12,11 @@ small function returning its sort value and a human-readable reason, so every ru
 tested alone and a decision can always explain itself:
 
 1. sticky: the agent who last served this visitor first;
-2. branch: agents of an *open* branch before agents of a closed one (an available agent at a
-   closed branch is evidently working and stays eligible, but business hours still say who
-   should take the call first); within each, the visitor's requested branch first, then the
-   nearest branch to the visitor's location (great-circle distance);
+2. branch: agents of an *open* branch, then agents without a branch, then agents of a
+   closed branch (an available agent at a closed branch is evidently working and stays
+   eligible, but business hours still say who should take the call first); within each,
+   the visitor's requested branch first, then the nearest branch to the visitor's location
+   (great-circle distance);
 3. language: the requested language exactly, then the same primary language ("de" for
    "de-AT"), then the rest; an agent with no languages of their own speaks their branch's;
 4. skills: more of the requested skills first;
@@ -161,7 +162,7 @@ def reachable_channel(
         return None
     if agent.agent_id in reserved or presence is None:
         return None
-    if presence.site != request.site_id or presence.status is not PresenceStatus.AVAILABLE:
+    if presence.site != request.site_id or presence.status != PresenceStatus.AVAILABLE:
         return None
     for channel in request.reach:
         if channel in presence.channels:
@@ -175,7 +176,7 @@ def reachable_channel(
 class BranchKey(NamedTuple):
     """Sort value of the branch rule: smaller is better in each field, in order."""
 
-    closed: int  # 0: the agent's branch is open (or the agent has no branch hours at all)
+    hours: int  # 0: the agent's branch is open; 1: no branch, so no hours; 2: branch closed
     elsewhere: int  # 0: the agent is at the branch the visitor asked for
     distance_km: float  # to the visitor; infinity when unknown
 
@@ -263,16 +264,16 @@ def sticky_rank(agent: Agent, ctx: RankContext) -> tuple[int, str | None]:
 def branch_rank(agent: Agent, ctx: RankContext) -> tuple[BranchKey, str | None]:
     """Rule 2: open before closed; then the visitor's own branch; then the nearest one.
 
-    An agent without a (known) branch has no opening hours to hold against them, so they
-    rank with the open branches, after every branch with a known distance.
+    An agent without a (known) branch is not local to anyone but has no opening hours to
+    hold against them either, so they rank after open branches and before closed ones.
     """
     branch = ctx.branches.get(agent.branch) if agent.branch is not None else None
     if branch is None:
-        return BranchKey(0, 1, math.inf), None
+        return BranchKey(1, 1, math.inf), None
     is_open_now = ctx.branch_open.get(branch.branch_id, False)
     requested = ctx.request.branch == branch.branch_id
     distance = ctx.distance_km.get(branch.branch_id, math.inf)
-    key = BranchKey(0 if is_open_now else 1, 0 if requested else 1, distance)
+    key = BranchKey(0 if is_open_now else 2, 0 if requested else 1, distance)
 
     km = f", {distance:.0f} km" if math.isfinite(distance) else ""
     if requested:
@@ -375,7 +376,7 @@ def _no_route_reason(
             continue
         if presence.site != request.site_id:
             continue
-        if presence.status is PresenceStatus.AVAILABLE:
+        if presence.status == PresenceStatus.AVAILABLE:
             if agent.agent_id in request.exclude or agent.agent_id in snapshot.reserved:
                 working = True
             else:
@@ -507,11 +508,11 @@ def availability(
             if speaks(agent, home, language)[1] is None:
                 continue
         reserved = agent.agent_id in snapshot.reserved
-        if presence.status is PresenceStatus.ON_CALL or (
-            presence.status is PresenceStatus.AVAILABLE and reserved
+        if presence.status == PresenceStatus.ON_CALL or (
+            presence.status == PresenceStatus.AVAILABLE and reserved
         ):
             working += 1
-        elif presence.status is PresenceStatus.AVAILABLE and presence.channels:
+        elif presence.status == PresenceStatus.AVAILABLE and presence.channels:
             available += 1
             channels.update(presence.channels)
 
