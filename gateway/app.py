@@ -123,6 +123,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
             sio.manager_initialized = True
             manager.initialize()
         yield
+        await sio.eio.tasks.close()
         if manager is not None:
             await manager.close()
 

@@ -16,6 +16,7 @@ from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, Claims, bearer_token
 from gateway.codec import Json, check_id, device_update_from_wire, presence_to_wire
 from gateway.errors import ApiError, forbidden, invalid_payload, store_unavailable
 from gateway.ratelimit import TokenBucket
+from gateway.store.base import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ async def error_middleware(
         code = _STATUS_CODES.get(e.status, "bad_request")
         metrics.errors.labels(code).inc()
         response = error_response(e.status, code, e.reason)
-    except ConnectionError as e:
+    except UNAVAILABLE_ERRORS as e:
         log.warning("store unreachable during %s: %r", route, e)
         err = store_unavailable()
         response = error_response(err.status, err.code, err.message)

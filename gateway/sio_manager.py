@@ -9,6 +9,8 @@ from typing import Any
 
 import socketio
 
+from gateway.tasks import raise_if_cancelling
+
 
 class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     def __init__(self, url: str, channel: str) -> None:
@@ -18,7 +20,9 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
 
     async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
         # The stock loop, plus the ``listening`` flag; backoff capped at 5 s, not 60 s, so a
-        # node rejoins soon after Redis comes back.
+        # node rejoins soon after Redis comes back; and ``get_message`` with a timeout rather
+        # than ``listen()``, whose blocking read in redis-py can swallow a cancellation and
+        # hang shutdown.
         retry_sleep = 0.1
         subscribed = False
         while True:
@@ -28,8 +32,13 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     await self.pubsub.subscribe(self.channel)
                     subscribed, self.listening, self.last_error = True, True, ""
                     retry_sleep = 0.1
-                async for message in self.pubsub.listen():
-                    yield message
+                while True:
+                    message = await self.pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=1.0
+                    )
+                    raise_if_cancelling()
+                    if message is not None:
+                        yield message
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -40,12 +49,6 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 retry_sleep = min(retry_sleep * 2, 5.0)
 
     async def close(self) -> None:
-        thread = getattr(self, "thread", None)
-        if thread is not None and not thread.done():
-            thread.cancel()
-            try:
-                await thread
-            except asyncio.CancelledError:
-                pass
+        """Close the Redis connection; the listener task belongs to the server's TaskGroup."""
         if self.redis is not None:
             await self.redis.aclose()

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import engineio
 import socketio
 
 from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, Claims, TokenService
@@ -31,7 +32,8 @@ from gateway.metrics import Metrics
 from gateway.model import DeviceKind, DeviceState, Role
 from gateway.presence_service import PresenceChange, PresenceService
 from gateway.ratelimit import TokenBucket
-from gateway.store.base import DeviceRef
+from gateway.store.base import UNAVAILABLE_ERRORS, DeviceRef
+from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,24 @@ _ack_requested: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
+class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
+    """engine.io, with its background tasks (pings, the Redis listener) owned by a TaskGroup
+    that shutdown cancels and awaits, instead of loose ``ensure_future`` tasks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tasks = TaskGroup("engineio")
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.tasks.spawn(target(*args, **kwargs), getattr(target, "__name__", "task"))
+
+
 class MembraneServer(socketio.AsyncServer):  # type: ignore[misc]
-    """Records whether the client asked for an ack, so a refusal can go to the right place."""
+    """Records whether the client asked for an ack, so a refusal can go to the right place;
+    keeps every background task tracked (see ``TrackedEngineServer``)."""
+
+    def _engineio_server_class(self) -> type[TrackedEngineServer]:
+        return TrackedEngineServer
 
     async def _handle_event_internal(
         self, server: Any, sid: str, eio_sid: str, data: Any, namespace: str, id: Any
@@ -109,6 +127,8 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             return await handler(sid, payload)
         except ApiError as e:
             return await self._refuse(sid, e.code, e.message)
+        except UNAVAILABLE_ERRORS:
+            return await self._refuse(sid, "store_unavailable", "the store is unreachable; retry")
         except Exception:
             log.exception("handler for %s failed", event)
             return await self._refuse(sid, "internal", "the gateway failed; try again")
@@ -130,6 +150,10 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             self.metrics.errors.labels(e.code).inc()
             raise socketio.exceptions.ConnectionRefusedError(
                 {"code": e.code, "message": e.message}
+            ) from None
+        except UNAVAILABLE_ERRORS:
+            raise socketio.exceptions.ConnectionRefusedError(
+                {"code": "store_unavailable", "message": "the store is unreachable; retry"}
             ) from None
         self.sessions[sid] = Session(claims, device, TokenBucket(*self.rate))
         self.metrics.sockets.labels(self.namespace).inc()

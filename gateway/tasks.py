@@ -56,5 +56,16 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     try:
         await task
     except asyncio.CancelledError:
-        if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-            raise
+        raise_if_cancelling()
+
+
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation that a library swallowed.
+
+    When a cancel lands just as an ``asyncio.timeout`` inside a library read expires, the
+    read reports a plain timeout and the cancel is lost (CPython 3.11); a loop around such a
+    read would then never stop. ``Task.cancelling()`` still remembers the request.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -101,6 +101,19 @@ class RedisServer:
         client.close()
 
 
+async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Wait until an outside process (a server starting, Redis coming back) reaches a state.
+
+    Such processes cannot notify us, so this polls; in-process events are awaited instead.
+    """
+
+    async def poll() -> None:
+        while not await predicate():  # noqa: ASYNC110 - nothing to await but the poll
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with tempfile.TemporaryDirectory(prefix="membrane-redis-") as directory:
@@ -142,7 +155,16 @@ class Node:
         return self.app[keys.SETTINGS]
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.runner.cleanup()), 10)
+        except TimeoutError:
+            import io
+
+            for t in asyncio.all_tasks():
+                buf = io.StringIO()
+                t.print_stack(file=buf)
+                print("TASK", t.get_name(), buf.getvalue())
+            raise
 
 
 async def start_node(settings: Settings) -> Node:
@@ -173,7 +195,9 @@ async def nodes(tmp_path: Path) -> AsyncIterator[NodeFactory]:
         await node.stop()
 
 
-def mint(settings: Settings, sub: str, role: Role = Role.AGENT, site: str = "acme", ttl: int = 600) -> str:
+def mint(
+    settings: Settings, sub: str, role: Role = Role.AGENT, site: str = "acme", ttl: int = 600
+) -> str:
     token, _ = TokenService(settings.auth).mint(sub, site, role, ttl_s=ttl)
     return token
 
@@ -248,9 +272,7 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     current = asyncio.current_task()
     deadline = time.monotonic() + 2
     while True:
-        leaked = [
-            t for t in asyncio.all_tasks() - before if t is not current and not t.done()
-        ]
+        leaked = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
         if not leaked or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.01)  # letting cancelled tasks finish unwinding

@@ -8,11 +8,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from redis.exceptions import RedisError
+
 from gateway.model import Device, DeviceKind, DeviceState, PresenceRecord, PresenceStatus
 
 Json = dict[str, Any]
 EventHandler = Callable[[Json], Awaitable[None]]
 ResyncHandler = Callable[[], Awaitable[None]]
+
+
+# What a store raises while its backend is unreachable; the edges answer 503, not 500.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)

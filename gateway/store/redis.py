@@ -38,7 +38,7 @@ from gateway.store.base import (
     encode_status,
     record_from_fields,
 )
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,7 @@ class RedisStore:
                 first = False
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
+                    raise_if_cancelling()
                     if message is None or message.get("type") != "message":
                         continue
                     await self._deliver(message["data"])

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Shared by deploy/run-demo and tests/run: make .venv with Membrane installed.
+# Usage: source deploy/bootstrap.sh [extra]   (extra: "test" installs the test tools too)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+extra="${1:-}"
+
+apt_install() {
+  # Installs Debian packages when root (or with sudo); returns 1 if it cannot.
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    return 1
+  fi
+}
+
+if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+  echo "Membrane needs Python 3.11 or newer (python3 is $(python3 --version 2>&1))" >&2
+  exit 1
+fi
+if [ ! -x "$root/.venv/bin/python" ]; then
+  if ! python3 -m venv "$root/.venv" 2>/dev/null; then
+    rm -rf "$root/.venv"
+    apt_install python3-venv || { echo "install python3-venv first" >&2; exit 1; }
+    python3 -m venv "$root/.venv"
+  fi
+fi
+spec="."
+[ "$extra" = test ] && spec=".[test]"
+stamp="$root/.venv/.installed-$extra-$(cat "$root/pyproject.toml" | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  "$root/.venv/bin/python" -m pip install -q --upgrade pip
+  (cd "$root" && "$root/.venv/bin/python" -m pip install -q -e "$spec")
+  touch "$stamp"
+fi

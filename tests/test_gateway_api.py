@@ -1,0 +1,292 @@
+"""The REST and socket.io edges: auth, bad input, health, on one node of each store kind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+import socketio
+from conftest import (
+    Node,
+    NodeFactory,
+    RedisServer,
+    SocketClient,
+    eventually,
+    make_settings,
+    mint,
+)
+
+from gateway.model import Role
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def node(request: pytest.FixtureRequest, nodes: NodeFactory, tmp_path: Path) -> Node:
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    return await nodes(make_settings(tmp_path, redis_url=url))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def error_of(response: aiohttp.ClientResponse) -> tuple[int, str]:
+    body = await response.json()
+    return response.status, body["error"]["code"]
+
+
+async def test_health_ready_and_metrics(node: Node, http: aiohttp.ClientSession) -> None:
+    r = await http.get(f"{node.url}/healthz")
+    assert r.status == 200 and (await r.json())["status"] == "ok"
+    r = await http.get(f"{node.url}/readyz")
+    body = await r.json()
+    assert r.status == 200 and body["ready"] and body["store"]["persistent"]
+    await http.get(f"{node.url}/v1/agents/me")  # refused: counted
+    r = await http.get(f"{node.url}/metrics")
+    text = await r.text()
+    assert 'membrane_errors_total{code="invalid_token"} 1.0' in text
+    assert "membrane_http_requests_total" in text
+
+
+async def test_agent_sets_and_reads_own_devices(node: Node, http: aiohttp.ClientSession) -> None:
+    token = mint(node.settings, "ben")
+    r = await http.put(
+        f"{node.url}/v1/agents/me/devices/im-1",
+        json={"kind": "im", "state": "available"},
+        headers=bearer(token),
+    )
+    body = await r.json()
+    assert r.status == 200
+    assert body["status"] == "available" and body["channels"] == [], "IM is presence only"
+    r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(token))
+    me = await r.json()
+    assert set(me) == {
+        "agent_id",
+        "site",
+        "name",
+        "branch",
+        "status",
+        "channels",
+        "devices",
+        "since",
+    }
+    assert me["devices"][0]["device_id"] == "im-1"
+    r = await http.delete(f"{node.url}/v1/agents/me/devices/im-1", headers=bearer(token))
+    assert (await r.json())["status"] == "offline"
+    r = await http.post(f"{node.url}/v1/agents/me/devices/im-1/heartbeat", headers=bearer(token))
+    assert await error_of(r) == (404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "invalid_payload"),
+        (b"[1, 2]", "invalid_payload"),
+        (json.dumps({"kind": "fax", "state": "available"}).encode(), "invalid_payload"),
+        (json.dumps({"kind": "mobile", "state": 3}).encode(), "invalid_payload"),
+        (
+            json.dumps({"kind": "mobile", "state": "available", "priority": "9"}).encode(),
+            "invalid_payload",
+        ),
+        (
+            json.dumps({"kind": "mobile", "state": "available", "priority": True}).encode(),
+            "invalid_payload",
+        ),
+        (b"\xff\xfe", "invalid_payload"),
+    ],
+)
+async def test_bad_rest_bodies_get_a_400_with_a_code(
+    node: Node, http: aiohttp.ClientSession, body: bytes, code: str
+) -> None:
+    r = await http.put(
+        f"{node.url}/v1/agents/me/devices/d1",
+        data=body,
+        headers=bearer(mint(node.settings, "anna")),
+    )
+    assert await error_of(r) == (400, code)
+
+
+async def test_oversized_unknown_and_wrong_method_requests(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    token = mint(node.settings, "anna")
+    r = await http.put(
+        f"{node.url}/v1/agents/me/devices/d1", data=b"x" * 1_000_000, headers=bearer(token)
+    )
+    assert await error_of(r) == (413, "payload_too_large")
+    r = await http.get(f"{node.url}/v1/nothing-here")
+    assert await error_of(r) == (404, "not_found")
+    r = await http.post(f"{node.url}/v1/agents/me", headers=bearer(token))
+    assert await error_of(r) == (405, "method_not_allowed")
+    r = await http.put(
+        f"{node.url}/v1/agents/me/devices/bad%20id!",
+        json={"kind": "im", "state": "away"},
+        headers=bearer(token),
+    )
+    assert await error_of(r) == (400, "invalid_payload")
+
+
+async def test_tokens_are_checked(node: Node, http: aiohttp.ClientSession) -> None:
+    s = node.settings
+    now = int(time.time())
+    claims = {
+        "sub": "anna",
+        "site": "acme",
+        "role": "agent",
+        "aud": "membrane",
+        "iss": s.auth.issuer,
+        "iat": now,
+        "exp": now + 60,
+    }
+    forged = jwt.encode(claims, "another-secret-of-at-least-32-characters!!", algorithm="HS256")
+    expired = jwt.encode(
+        {**claims, "iat": now - 600, "exp": now - 300}, s.auth.secret, algorithm="HS256"
+    )
+    wrong_aud = jwt.encode({**claims, "aud": "other"}, s.auth.secret, algorithm="HS256")
+    unsigned = jwt.encode(claims, "", algorithm="none")
+    for token in ("", "garbage", forged, expired, wrong_aud, unsigned):
+        r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(token))
+        assert await error_of(r) == (401, "invalid_token"), token
+    r = await http.get(f"{node.url}/v1/agents/me")
+    assert await error_of(r) == (401, "invalid_token")
+    # Right signature, wrong role or someone unknown: forbidden.
+    visitor = mint(s, "v-1", Role.VISITOR)
+    r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(visitor))
+    assert await error_of(r) == (403, "forbidden")
+    stranger = mint(s, "mallory")
+    r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(stranger))
+    assert await error_of(r) == (403, "forbidden")
+    # The board list is for supervisors of that site only.
+    r = await http.get(f"{node.url}/v1/sites/acme/agents", headers=bearer(mint(s, "anna")))
+    assert await error_of(r) == (403, "forbidden")
+    r = await http.get(
+        f"{node.url}/v1/sites/other/agents", headers=bearer(mint(s, "sam", Role.SUPERVISOR))
+    )
+    assert await error_of(r) == (403, "forbidden")
+    r = await http.get(
+        f"{node.url}/v1/sites/acme/agents", headers=bearer(mint(s, "sam", Role.SUPERVISOR))
+    )
+    assert r.status == 200 and {p["agent_id"] for p in await r.json()} == {
+        "anna",
+        "ben",
+        "carla",
+        "sam",
+    }
+
+
+async def test_rest_is_rate_limited_per_agent(node: Node, http: aiohttp.ClientSession) -> None:
+    token = mint(node.settings, "carla")
+    statuses = [
+        (await http.get(f"{node.url}/v1/agents/me", headers=bearer(token))).status
+        for _ in range(60)
+    ]
+    assert 429 in statuses and statuses[0] == 200
+    other = await http.get(f"{node.url}/v1/agents/me", headers=bearer(mint(node.settings, "ben")))
+    assert other.status == 200, "one agent's flood does not limit another"
+
+
+async def test_socket_connect_is_authenticated(node: Node) -> None:
+    s = node.settings
+    cases = [
+        (None, "/agent"),
+        ({"token": "forged"}, "/agent"),
+        ({"token": mint(s, "v-1", Role.VISITOR)}, "/agent"),
+        ({"token": mint(s, "anna")}, "/board"),  # agents may not watch the board
+        ({"token": mint(s, "anna"), "state": "sleepy"}, "/agent"),
+    ]
+    for auth, namespace in cases:
+        client = socketio.AsyncClient(reconnection=False)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await client.connect(
+                node.url,
+                namespaces=[namespace],
+                auth=auth,
+                transports=["websocket"],
+                wait_timeout=5,
+            )
+        await client.disconnect()
+
+
+async def test_bad_socket_events_get_errors_and_disturb_no_one(
+    node: Node, clients: Callable[[], SocketClient]
+) -> None:
+    bystander = clients()
+    await bystander.connect(node.url, "/agent", {"token": mint(node.settings, "ben")})
+    await bystander.next("presence:update")
+    bad = clients()
+    await bad.connect(node.url, "/agent", {"token": mint(node.settings, "anna")})
+
+    ack = await bad.call("call:teleport", {}, "/agent")
+    assert ack == {
+        "ok": False,
+        "error": {"code": "unknown_event", "message": "unknown event 'call:teleport'"},
+    }
+    ack = await bad.call("presence:set", {"kind": "desktop", "state": ["available"]}, "/agent")
+    assert ack["error"]["code"] == "invalid_payload"
+    ack = await bad.call("presence:set", {"kind": "mobile", "state": "available"}, "/agent")
+    assert ack["error"]["code"] == "invalid_payload", "this socket is a desktop, not a mobile"
+    # Without an ack, the refusal arrives as an `error` event.
+    await bad.sio.emit("presence:set", "not an object", namespace="/agent")
+    assert (await bad.next("error"))["code"] == "invalid_payload"
+    await bad.sio.emit("presence:set", None, namespace="/agent")
+    assert (await bad.next("error"))["code"] == "invalid_payload"
+
+    # A 1 MB message closes only the sender's connection.
+    disconnected = asyncio.Event()
+    bad.sio.on("disconnect", lambda *a: disconnected.set(), namespace="/agent")
+    await bad.sio.emit("presence:set", {"blob": "x" * 1_000_000}, namespace="/agent")
+    await asyncio.wait_for(disconnected.wait(), 5)
+    ack = await bystander.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
+    assert ack["ok"] and ack["presence"]["status"] == "away"
+
+
+async def test_socket_events_are_rate_limited(
+    node: Node, clients: Callable[[], SocketClient]
+) -> None:
+    c = clients()
+    await c.connect(node.url, "/agent", {"token": mint(node.settings, "anna")})
+    acks = await asyncio.gather(
+        *(
+            c.call("presence:set", {"kind": "desktop", "state": "available"}, "/agent")
+            for _ in range(80)
+        )
+    )
+    codes = [a.get("error", {}).get("code") for a in acks]
+    assert "rate_limited" in codes and codes.count(None) >= 40
+
+
+async def test_readyz_is_503_while_redis_is_down(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    node = await nodes(make_settings(tmp_path, redis_url=redis_url))
+    redis_server.stop()
+    try:
+
+        async def status() -> int:
+            async with http.get(f"{node.url}/readyz") as r:
+                return r.status
+
+        async def is_503() -> bool:
+            return await status() == 503
+
+        async def is_200() -> bool:
+            return await status() == 200
+
+        await eventually(is_503)
+        r = await http.get(f"{node.url}/healthz")
+        assert r.status == 200, "alive, just not ready"
+        token = mint(node.settings, "anna")
+        r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(token))
+        assert await error_of(r) == (503, "store_unavailable")
+    finally:
+        redis_server.start()
+    await eventually(is_200, 15)

@@ -1,0 +1,163 @@
+"""Several gateway nodes sharing one Redis act as one: presence, board, lapses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from conftest import NodeFactory, SocketClient, eventually, free_port, make_settings, mint
+
+from gateway.model import Role
+from gateway.settings import PresenceSettings, demo_config_text
+
+
+def status_of(name: str, status: str) -> Callable[[Any], bool]:
+    return lambda p: p["agent_id"] == name and p["status"] == status
+
+
+def has_devices(name: str, ids: set[str]) -> Callable[[Any], bool]:
+    return lambda p: p["agent_id"] == name and {d["device_id"] for d in p["devices"]} == ids
+
+
+async def test_two_nodes_share_presence_board_and_lapses(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    ttl = 1.0
+    settings = make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        presence=PresenceSettings(device_ttl_s=ttl, socket_ttl_s=15.0, sweep_interval_s=0.25),
+    )
+    a = await nodes(replace(settings, node_id="node-a"))
+    b = await nodes(replace(settings, node_id="node-b"))
+    agent_token = mint(settings, "anna")
+    auth = {"Authorization": f"Bearer {agent_token}"}
+
+    board = clients()
+    await board.connect(b.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    desktop = clients()
+    await desktop.connect(a.url, "/agent", {"token": agent_token})
+
+    # The desktop connected on A: the board on B sees Anna available on webrtc.
+    seen = await board.next("presence:update", status_of("anna", "available"))
+    assert seen["channels"] == ["webrtc"] and seen["devices"][0]["kind"] == "desktop"
+    desk_id = seen["devices"][0]["device_id"]
+
+    # Her mobile goes available over REST on B: both her desktop (A) and the board (B) see it.
+    r = await http.put(
+        f"{b.url}/v1/agents/me/devices/mobile-1",
+        json={"kind": "mobile", "state": "available", "priority": 5},
+        headers=auth,
+    )
+    assert r.status == 200, await r.text()
+    assert (await r.json())["channels"] == ["pstn", "webrtc"], "higher priority device first"
+    both = {desk_id, "mobile-1"}
+    await board.next("presence:update", has_devices("anna", both))
+    await desktop.next("presence:update", has_devices("anna", both))
+
+    # DND on the desktop (A) wins over the available mobile, on every node.
+    ack = await desktop.call("presence:set", {"kind": "desktop", "state": "dnd"}, "/agent")
+    assert ack["ok"] and ack["presence"]["status"] == "dnd"
+    await board.next("presence:update", status_of("anna", "dnd"))
+    for node in (a, b):
+        r = await http.get(f"{node.url}/v1/agents/me", headers=auth)
+        assert (await r.json())["status"] == "dnd"
+
+    # The desktop socket drops: only the mobile is left, still available.
+    await desktop.close()
+    after_drop = await board.next("presence:update", has_devices("anna", {"mobile-1"}))
+    assert after_drop["status"] == "available" and after_drop["channels"] == ["pstn"]
+
+    # A heartbeat on A keeps the mobile alive; then it stops and the lease lapses.
+    r = await http.post(f"{a.url}/v1/agents/me/devices/mobile-1/heartbeat", headers=auth)
+    assert r.status == 200
+    expires = time.time() + ttl
+    offline = await board.next("presence:update", status_of("anna", "offline"), timeout=ttl + 5)
+    late = time.time() - expires
+    assert late < 2.0, f"lapse reported {late:.2f}s after the TTL"
+    assert offline["devices"] == [] and offline["channels"] == []
+    sup = {"Authorization": f"Bearer {mint(settings, 'sam', Role.SUPERVISOR)}"}
+    for node in (a, b):
+        r = await http.get(f"{node.url}/v1/sites/acme/agents", headers=sup)
+        anna = next(p for p in await r.json() if p["agent_id"] == "anna")
+        assert anna["status"] == "offline", node.url
+
+
+async def test_agent_on_a_killed_node_goes_offline_everywhere(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """A node that dies without a word (SIGKILL) cannot remove its sockets' devices: their
+    leases, no longer renewed, lapse and the surviving node reports the agent offline."""
+    config = tmp_path / "membrane.toml"
+    config.write_text(demo_config_text().replace("socket_ttl_s = 15", "socket_ttl_s = 2"))
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    port = free_port()
+    env = {
+        **os.environ,
+        "MEMBRANE_JWT_SECRET": settings.auth.secret,
+        "MEMBRANE_JWT_ISSUER": settings.auth.issuer,
+    }
+    log = (tmp_path / "doomed.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--redis-url",
+        redis_url,
+        "--data-dir",
+        str(tmp_path / "doomed"),
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        survivor = await nodes(replace(settings, node_id="survivor"))
+        doomed_url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"{doomed_url}/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await eventually(ready, 20)
+        board = clients()
+        await board.connect(
+            survivor.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)}
+        )
+        agent = clients()
+        await agent.connect(doomed_url, "/agent", {"token": mint(settings, "ben")})
+        await board.next("presence:update", status_of("ben", "available"))
+
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)
+        killed_at = time.time()
+        await board.next("presence:update", status_of("ben", "offline"), timeout=8)
+        assert time.time() - killed_at < 2 + 2.0, "lapsed within the socket TTL plus 2 s"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        log.close()
