@@ -8,6 +8,7 @@ names, so an ``alg: none`` or an HS256 token signed with a public key is refused
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import jwt
 from gateway.errors import ApiError, forbidden, invalid_token
 from gateway.model import Role
 from gateway.settings import AuthSettings
+
+log = logging.getLogger(__name__)
 
 AUDIENCE = "membrane"
 OWN_KID = "membrane"
@@ -126,6 +129,12 @@ class TokenService:
             signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
         except jwt.PyJWKClientError as e:
             raise invalid_token(f"unknown signing key: {e}") from None
+        except Exception as e:
+            # The JWKS is a remote document: a set with no usable keys (PyJWKSetError), a body
+            # that is not JSON (JSONDecodeError), a dropped connection (OSError) or anything
+            # else it can make pyjwt raise means this token cannot be verified: a 401, not 500.
+            log.warning("JWKS %s unusable: %s: %s", self._settings.jwks_url, type(e).__name__, e)
+            raise invalid_token("signing keys unavailable") from None
         algorithm = signing_key.algorithm_name
         if algorithm not in ("RS256", "ES256"):
             raise invalid_token("JWKS key algorithm not allowed")

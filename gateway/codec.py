@@ -12,13 +12,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from gateway.call import Call, CallChannel, CallRequest, CallState, TimelineEntry
 from gateway.errors import invalid_payload
-from gateway.model import Device, DeviceKind, DeviceState, Presence
+from gateway.model import Device, DeviceKind, DeviceState, Presence, Site
 
 Json = dict[str, Any]
 E = TypeVar("E", bound=StrEnum)
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# ``\Z``, not ``$``: ``$`` also matches before a trailing newline, so "abc\n" would pass.
+ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 MAX_PRIORITY = 127
 
 
@@ -70,7 +72,7 @@ def req_id(obj: Json, key: str) -> str:
 
 
 def check_id(value: str, what: str) -> str:
-    if not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise invalid_payload(f"{what} must be 1-64 letters, digits or _.:-")
     return value
 
@@ -146,3 +148,179 @@ def ok(**fields: Any) -> Json:
 
 def error_ack(code: str, message: str) -> Json:
     return {"ok": False, "error": {"code": code, "message": message}}
+
+
+# --- calls ---------------------------------------------------------------------------------
+
+
+def call_to_wire(call: Call, site: Site, internal: bool = False) -> Json:
+    """The Call shape of docs/PROTOCOL.md; ``internal`` adds what agents and supervisors see."""
+    agent = site.agents.get(call.agent_id) if call.agent_id else None
+    branch = site.branches.get(agent.branch) if agent and agent.branch else None
+    wire: Json = {
+        "call_id": call.call_id,
+        "site": call.site,
+        "channel": call.channel.value,
+        "state": call.state.value,
+        "agent": {"name": agent.name, "branch": branch.name if branch else None} if agent else None,
+        "position": None,
+        "eta_s": None,
+        "scheduled_at": None,
+        "timeline": [
+            {"at": iso(e.at), "event": e.event, "detail": e.detail}
+            for e in call.timeline
+            if internal or not e.internal
+        ],
+        "reason": call.reason,
+        "callback_offer": (
+            {"estimated_wait_s": call.callback_offer_wait_s}
+            if call.state is CallState.FAILED and call.callback_offer_wait_s is not None
+            else None
+        ),
+    }
+    if internal:
+        wire["visitor_id"] = call.visitor_id
+        wire["agent_id"] = call.agent_id
+        wire["attempt"] = call.attempt
+    return wire
+
+
+def call_to_record(call: Call) -> Json:
+    """The stored form: every field, round-trips through ``call_from_record``."""
+    r = call.request
+    return {
+        "call_id": call.call_id,
+        "site": call.site,
+        "visitor_id": call.visitor_id,
+        "channel": call.channel.value,
+        "state": call.state.value,
+        "created_at": call.created_at,
+        "request": {
+            "language": r.language,
+            "branch": r.branch,
+            "location": list(r.location) if r.location else None,
+            "page": r.page,
+            "skills": list(r.skills),
+        },
+        "agent_id": call.agent_id,
+        "agent_sid": call.agent_sid,
+        "visitor_sid": call.visitor_sid,
+        "attempt": call.attempt,
+        "ring_expires_at": call.ring_expires_at,
+        "tried": list(call.tried),
+        "reason": call.reason,
+        "callback_offer_wait_s": call.callback_offer_wait_s,
+        "connected_at": call.connected_at,
+        "ended_at": call.ended_at,
+        "timeline": [[e.at, e.event, e.detail, e.internal] for e in call.timeline],
+    }
+
+
+def call_from_record(data: Json, version: int) -> Call:
+    r = data["request"]
+    location = r.get("location")
+    return Call(
+        call_id=data["call_id"],
+        site=data["site"],
+        visitor_id=data["visitor_id"],
+        channel=CallChannel(data["channel"]),
+        state=CallState(data["state"]),
+        created_at=float(data["created_at"]),
+        request=CallRequest(
+            language=r.get("language"),
+            branch=r.get("branch"),
+            location=(float(location[0]), float(location[1])) if location else None,
+            page=r.get("page"),
+            skills=tuple(r.get("skills", ())),
+        ),
+        version=version,
+        agent_id=data.get("agent_id"),
+        agent_sid=data.get("agent_sid"),
+        visitor_sid=data.get("visitor_sid"),
+        attempt=int(data.get("attempt", 0)),
+        ring_expires_at=data.get("ring_expires_at"),
+        tried=tuple(data.get("tried", ())),
+        reason=data.get("reason"),
+        callback_offer_wait_s=data.get("callback_offer_wait_s"),
+        connected_at=data.get("connected_at"),
+        ended_at=data.get("ended_at"),
+        timeline=tuple(TimelineEntry(at, ev, de, bool(it)) for at, ev, de, it in data["timeline"]),
+    )
+
+
+LANGUAGE_PATTERN = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+
+
+def call_request_from_wire(payload: object) -> CallRequest:
+    obj = as_object(payload if payload is not None else {})
+    language = opt_str(obj, "language", 16)
+    if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
+        raise invalid_payload("language must be a language tag like en or de-AT")
+    branch = opt_str(obj, "branch", 64)
+    if branch is not None:
+        check_id(branch, "branch")
+    location = obj.get("location")
+    coords: tuple[float, float] | None = None
+    if location is not None:
+        loc = as_object(location, "location")
+        lat, lon = loc.get("lat"), loc.get("lon")
+        if (
+            not isinstance(lat, int | float)
+            or not isinstance(lon, int | float)
+            or isinstance(lat, bool)
+            or isinstance(lon, bool)
+            or not (-90 <= lat <= 90 and -180 <= lon <= 180)
+        ):
+            raise invalid_payload("location must be {lat, lon} in degrees")
+        coords = (float(lat), float(lon))
+    skills = obj.get("skills", [])
+    if (
+        not isinstance(skills, list)
+        or len(skills) > 8
+        or not all(isinstance(s, str) and 0 < len(s) <= 32 for s in skills)
+    ):
+        raise invalid_payload("skills must be a list of at most 8 short strings")
+    page = opt_str(obj, "page", 2048)
+    return CallRequest(language, branch, coords, page[:500] if page else None, tuple(skills))
+
+
+def call_id_from_wire(payload: object) -> str:
+    return check_id(req_str(as_object(payload), "call_id", 64), "call_id")
+
+
+SDP_TYPES = frozenset({"offer", "answer", "pranswer", "rollback"})
+
+
+def signal_from_wire(payload: object) -> tuple[str, Json]:
+    """A validated ``rtc:signal``: the call id and what to relay (description or candidate)."""
+    obj = as_object(payload)
+    call_id = call_id_from_wire(obj)
+    out: Json = {"call_id": call_id}
+    description = obj.get("description")
+    candidate = obj.get("candidate")
+    if (description is None) == (candidate is None):
+        raise invalid_payload("send exactly one of description or candidate")
+    if description is not None:
+        d = as_object(description, "description")
+        sdp_type = d.get("type")
+        sdp = d.get("sdp", "")
+        if sdp_type not in SDP_TYPES or not isinstance(sdp, str) or len(sdp) > 32_000:
+            raise invalid_payload("description must be {type, sdp} with a known type")
+        out["description"] = {"type": sdp_type, "sdp": sdp}
+    else:
+        c = as_object(candidate, "candidate")
+        text = c.get("candidate")
+        mid = c.get("sdpMid")
+        index = c.get("sdpMLineIndex")
+        if (
+            not isinstance(text, str)
+            or len(text) > 1024
+            or (mid is not None and (not isinstance(mid, str) or len(mid) > 64))
+            or (index is not None and (not isinstance(index, int) or isinstance(index, bool)))
+        ):
+            raise invalid_payload("candidate must be {candidate, sdpMid, sdpMLineIndex}")
+        out["candidate"] = {"candidate": text, "sdpMid": mid, "sdpMLineIndex": index}
+        ufrag = c.get("usernameFragment")
+        if isinstance(ufrag, str) and len(ufrag) <= 256:
+            out["candidate"]["usernameFragment"] = ufrag
+    return call_id, out

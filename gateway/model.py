@@ -6,6 +6,7 @@ codec turns them into ISO 8601 at the edge.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, time
 from enum import StrEnum
@@ -70,7 +71,7 @@ class Branch:
     lon: float | None = None
     languages: tuple[str, ...] = ()
     # Monday is 0, as in datetime.weekday(); a missing weekday is closed all day.
-    hours: dict[int, tuple[OpeningSpan, ...]] = field(default_factory=dict)
+    hours: Mapping[int, tuple[OpeningSpan, ...]] = field(default_factory=dict)
     holidays: frozenset[date] = frozenset()
 
 

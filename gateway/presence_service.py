@@ -124,6 +124,10 @@ class PresenceService:
             return found
         return aggregate(self.agent(site_id, agent_id), PresenceRecord(), self._clock())
 
+    def snapshot(self, site_id: str) -> dict[str, Presence]:
+        """Every agent of the site as this node knows them now (for routing)."""
+        return {a: self.cached(site_id, a) for a in self.site(site_id).agents}
+
     def site_presence(self, site_id: str) -> list[Presence]:
         return [self.cached(site_id, a) for a in self.site(site_id).agents]
 

@@ -6,9 +6,11 @@ from the environment so that the config file can be committed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -26,7 +28,10 @@ from gateway.model import Agent, Branch, CallbackPolicy, OpeningSpan, Role, Site
 ENV_PREFIX = "MEMBRANE_"
 PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "please-change"})
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_SPAN = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
+_SPAN = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
+_ORIGIN = re.compile(r"https?://[^/\s]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+MIN_DEV_SECRET_CHARS = 32
 
 
 class ConfigError(Exception):
@@ -105,6 +110,29 @@ def _get(table: Mapping[str, Any], key: str, path: str, kind: type, default: Any
     return value
 
 
+def _positive(table: Mapping[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
+    """``_get`` for a count, size or duration that must be above zero (and finite)."""
+    value = _get(table, key, path, kind, default)
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{path}{key}", f"must be greater than 0, got {value!r}")
+    return value
+
+
+def _table(table: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
+    """A sub-table (absent: empty); anything else names the key."""
+    value = table.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}{key}", "must be a table")
+    return value
+
+
+def _list(table: Mapping[str, Any], key: str, path: str) -> list[Any]:
+    value = table.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}{key}", "must be an array of tables")
+    return value
+
+
 def _str_list(table: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
     value = table.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -113,7 +141,7 @@ def _str_list(table: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
 
 
 def _ident(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise ConfigError(key, f"must be an id of letters, digits or _.:- (got {value!r})")
     return value
 
@@ -137,12 +165,14 @@ def _hours(table: Mapping[str, Any], path: str) -> dict[int, tuple[OpeningSpan, 
             raise ConfigError(f"{path}{day}", 'must be a list like ["09:00-17:00"]')
         parsed = []
         for span in spans:
-            m = _SPAN.match(span) if isinstance(span, str) else None
+            m = _SPAN.fullmatch(span) if isinstance(span, str) else None
             try:
                 if m is None:
                     raise ValueError
                 h1, m1, h2, m2 = (int(g) for g in m.groups())
-                parsed.append(OpeningSpan(time(h1, m1), time(h2 % 24, m2)))
+                # Only exactly 24:00 closes at midnight; time() refuses 24:30, 25:00 and :60.
+                closes = time(0, 0) if (h2, m2) == (24, 0) else time(h2, m2)
+                parsed.append(OpeningSpan(time(h1, m1), closes))
             except ValueError:
                 raise ConfigError(f"{path}{day}", f"bad span {span!r}, want HH:MM-HH:MM") from None
         hours[WEEKDAYS.index(day)] = tuple(parsed)
@@ -165,7 +195,9 @@ def _branch(raw: Any, path: str) -> Branch:
             raise ConfigError(f"{path}.holidays[{i}]", f"{day!r} is not YYYY-MM-DD") from None
     lat, lon = raw.get("lat"), raw.get("lon")
     for key, val, bound in (("lat", lat, 90), ("lon", lon, 180)):
-        if val is not None and (not isinstance(val, int | float) or abs(val) > bound):
+        if val is not None and (
+            not isinstance(val, int | float) or isinstance(val, bool) or not abs(val) <= bound
+        ):
             raise ConfigError(f"{path}.{key}", f"must be a number within ±{bound}")
     hours_table = raw.get("hours", {})
     if not isinstance(hours_table, dict):
@@ -186,6 +218,8 @@ def _agent(raw: Any, site_id: str, branches: Mapping[str, Branch], path: str) ->
     if not isinstance(raw, dict):
         raise ConfigError(path, "must be a table")
     branch = raw.get("branch")
+    if branch is not None:
+        branch = _get(raw, "branch", f"{path}.", str, None)
     if branch is not None and branch not in branches:
         raise ConfigError(f"{path}.branch", f"no branch {branch!r} in this site")
     mobile = raw.get("mobile")
@@ -206,7 +240,35 @@ def _agent(raw: Any, site_id: str, branches: Mapping[str, Branch], path: str) ->
     )
 
 
+_DAY_US = 86_400 * 1_000_000
+
+
+def _quiet_window(start: time, end: time) -> list[tuple[int, int]]:
+    """Quiet hours ``[start, end)`` as same-day intervals in microseconds since midnight.
+
+    A window whose end is not after its start runs past midnight, as opening spans do.
+    """
+
+    def us(t: time) -> int:
+        return ((t.hour * 60 + t.minute) * 60 + t.second) * 1_000_000 + t.microsecond
+
+    a, b = us(start), us(end)
+    return [(a, b)] if a < b else [(a, _DAY_US), (0, b)]
+
+
+def _covers(outer: list[tuple[int, int]], inner: list[tuple[int, int]]) -> bool:
+    # Each piece of ``inner`` lies on one side of midnight, so it must fit in one outer piece.
+    return all(any(o0 <= i0 and i1 <= o1 for o0, o1 in outer) for i0, i1 in inner if i0 < i1)
+
+
 def _policy(raw: Any, path: str) -> CallbackPolicy:
+    """A site's callback policy: the defaults, which a site may only tighten.
+
+    Limits may be lowered (but stay above 0; ``retries`` may be 0), ``retry_interval_s`` may
+    only grow, ``allowed_countries`` may only drop countries, ``blocked_number_types`` may
+    only add types, and quiet hours may only widen: the new window must contain the default
+    one (start == end is ambiguous, all day or never, and refused). Flags are free choices.
+    """
     if raw is None:
         return CallbackPolicy()
     if not isinstance(raw, dict):
@@ -218,7 +280,22 @@ def _policy(raw: Any, path: str) -> CallbackPolicy:
             raise ConfigError(f"{path}.{key}", "unknown callback policy key")
         default = getattr(base, key)
         if isinstance(default, tuple):
-            changes[key] = _str_list(raw, key, f"{path}.")
+            value = _str_list(raw, key, f"{path}.")
+            if key == "allowed_countries":
+                extra = [c for c in value if c not in default]
+                if extra:
+                    raise ConfigError(
+                        f"{path}.{key}",
+                        f"may only drop countries from the default list, not add {extra}",
+                    )
+            elif key == "blocked_number_types":
+                missing = [t for t in default if t not in value]
+                if missing:
+                    raise ConfigError(
+                        f"{path}.{key}",
+                        f"may only add to the default list, not unblock {missing}",
+                    )
+            changes[key] = value
         elif isinstance(default, bool):
             changes[key] = _get(raw, key, f"{path}.", bool, default)
         elif isinstance(default, time):
@@ -227,15 +304,34 @@ def _policy(raw: Any, path: str) -> CallbackPolicy:
             except ValueError:
                 raise ConfigError(f"{path}.{key}", "must be HH:MM") from None
         else:
-            changes[key] = _get(raw, key, f"{path}.", type(default), default)
-            # A site may tighten limits, never loosen them past the safe defaults.
-            if (
-                isinstance(default, int | float)
-                and changes[key] > default
-                and key not in ("retry_interval_s",)
-            ):
+            value = _get(raw, key, f"{path}.", type(default), default)
+            if key == "retry_interval_s":
+                # Waiting longer between retries is tighter; retrying sooner is not.
+                if not value >= default:
+                    raise ConfigError(f"{path}.{key}", f"may not be below the default {default}")
+            elif not value <= default:
                 raise ConfigError(f"{path}.{key}", f"may not exceed the default {default}")
-    return replace(base, **changes)
+            elif key == "retries":
+                if value < 0:
+                    raise ConfigError(f"{path}.{key}", "may not be negative")
+            elif not value > 0:
+                raise ConfigError(f"{path}.{key}", "must be greater than 0")
+            changes[key] = value
+    policy = replace(base, **changes)
+    quiet_key = next((k for k in ("quiet_hours_start", "quiet_hours_end") if k in raw), None)
+    if quiet_key is not None:
+        if policy.quiet_hours_start == policy.quiet_hours_end:
+            raise ConfigError(
+                f"{path}.{quiet_key}", "quiet hours may not start and end at the same time"
+            )
+        window = _quiet_window(policy.quiet_hours_start, policy.quiet_hours_end)
+        if not _covers(window, _quiet_window(base.quiet_hours_start, base.quiet_hours_end)):
+            raise ConfigError(
+                f"{path}.{quiet_key}",
+                "quiet hours may only widen the default "
+                f"{base.quiet_hours_start:%H:%M}-{base.quiet_hours_end:%H:%M}",
+            )
+    return policy
 
 
 def _site(raw: Any, path: str) -> Site:
@@ -243,20 +339,20 @@ def _site(raw: Any, path: str) -> Site:
         raise ConfigError(path, "must be a table")
     site_id = _ident(raw.get("id"), f"{path}.id")
     branches: dict[str, Branch] = {}
-    for i, b in enumerate(raw.get("branches", [])):
+    for i, b in enumerate(_list(raw, "branches", f"{path}.")):
         branch = _branch(b, f"{path}.branches[{i}]")
         if branch.branch_id in branches:
             raise ConfigError(f"{path}.branches[{i}].id", f"duplicate {branch.branch_id!r}")
         branches[branch.branch_id] = branch
     agents: dict[str, Agent] = {}
-    for i, a in enumerate(raw.get("agents", [])):
+    for i, a in enumerate(_list(raw, "agents", f"{path}.")):
         agent = _agent(a, site_id, branches, f"{path}.agents[{i}]")
         if agent.agent_id in agents:
             raise ConfigError(f"{path}.agents[{i}].id", f"duplicate {agent.agent_id!r}")
         agents[agent.agent_id] = agent
     origins = _str_list(raw, "origins", f"{path}.")
     for i, origin in enumerate(origins):
-        if not re.match(r"^https?://[^/\s]+$", origin):
+        if not _ORIGIN.fullmatch(origin):
             raise ConfigError(f"{path}.origins[{i}]", f"{origin!r} is not scheme://host[:port]")
     ring_timeout = _get(raw, "ring_timeout_s", f"{path}.", float, 20.0)
     if not 3 <= ring_timeout <= 120:
@@ -284,13 +380,17 @@ def _auth(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AuthSet
     secret = env.get(f"{ENV_PREFIX}JWT_SECRET", _get(raw, "secret", p, str, ""))
     private_key = ""
     if algorithm != "HS256":
-        key_file = env.get(f"{ENV_PREFIX}JWT_PRIVATE_KEY_FILE", raw.get("private_key_file", ""))
+        key_file = env.get(
+            f"{ENV_PREFIX}JWT_PRIVATE_KEY_FILE", _get(raw, "private_key_file", p, str, "")
+        )
         if not key_file:
             raise ConfigError("auth.private_key_file", f"is required with {algorithm}")
         private_key = _read(base, key_file, "auth.private_key_file")
     extra = []
-    for i, k in enumerate(raw.get("keys", [])):
+    for i, k in enumerate(_list(raw, "keys", p)):
         kp = f"auth.keys[{i}]"
+        if not isinstance(k, dict):
+            raise ConfigError(kp, "must be a table")
         alg = _get(k, "algorithm", f"{kp}.", str, "")
         if alg not in ("RS256", "ES256"):
             raise ConfigError(f"{kp}.algorithm", "must be RS256 or ES256")
@@ -307,16 +407,31 @@ def _auth(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AuthSet
         extra_keys=tuple(extra),
         jwks_url=env.get(f"{ENV_PREFIX}JWKS_URL", _get(raw, "jwks_url", p, str, "")),
         leeway_s=leeway,
-        visitor_token_ttl_s=_get(raw, "visitor_token_ttl_s", p, int, 900),
-        agent_token_ttl_s=_get(raw, "agent_token_ttl_s", p, int, 12 * 3600),
+        visitor_token_ttl_s=_positive(raw, "visitor_token_ttl_s", p, int, 900),
+        agent_token_ttl_s=_positive(raw, "agent_token_ttl_s", p, int, 12 * 3600),
     )
 
 
 def _read(base: Path, name: str, key: str) -> str:
+    if not name:
+        raise ConfigError(key, "is required")
     try:
         return (base / name).read_text()
     except OSError as e:
         raise ConfigError(key, f"cannot read {name}: {e.strerror}") from None
+
+
+def _port(server: Mapping[str, Any], env: Mapping[str, str]) -> int:
+    from_env = env.get(f"{ENV_PREFIX}PORT")
+    if from_env is None:
+        port: int = _get(server, "port", "server.", int, 8080)
+    elif _PORT.fullmatch(from_env):
+        port = int(from_env)
+    else:
+        raise ConfigError("server.port", f"{ENV_PREFIX}PORT={from_env!r} is not a port number")
+    if not 1 <= port <= 65535:
+        raise ConfigError("server.port", f"must be between 1 and 65535, got {port}")
+    return port
 
 
 def demo_config_text() -> str:
@@ -343,38 +458,50 @@ def load_settings(
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path or "demo.toml"), f"not valid TOML: {e}") from None
     base = path.parent if path is not None else Path.cwd()
-    server = raw.get("server", {})
+    server = _table(raw, "server", "")
     p = "server."
     redis_url = env.get(f"{ENV_PREFIX}REDIS_URL", _get(server, "redis_url", p, str, ""))
     data_dir = Path(env.get(f"{ENV_PREFIX}DATA_DIR", _get(server, "data_dir", p, str, "data")))
     sites: dict[str, Site] = {}
-    for i, s in enumerate(raw.get("sites", [])):
+    for i, s in enumerate(_list(raw, "sites", "")):
         site = _site(s, f"sites[{i}]")
         if site.site_id in sites:
             raise ConfigError(f"sites[{i}].id", f"duplicate {site.site_id!r}")
         sites[site.site_id] = site
-    presence_raw = raw.get("presence", {})
+    presence_raw = _table(raw, "presence", "")
     presence = PresenceSettings(
         device_ttl_s=_get(presence_raw, "device_ttl_s", "presence.", float, 60.0),
         socket_ttl_s=_get(presence_raw, "socket_ttl_s", "presence.", float, 15.0),
         sweep_interval_s=_get(presence_raw, "sweep_interval_s", "presence.", float, 0.25),
     )
-    if presence.device_ttl_s < 1 or presence.socket_ttl_s < 1:
-        raise ConfigError("presence", "TTLs must be at least 1 second")
+    for name, ttl in (
+        ("device_ttl_s", presence.device_ttl_s),
+        ("socket_ttl_s", presence.socket_ttl_s),
+    ):
+        if not (math.isfinite(ttl) and ttl >= 1):
+            raise ConfigError(f"presence.{name}", "must be at least 1 second")
     if not 0.05 <= presence.sweep_interval_s <= 1.0:
         raise ConfigError("presence.sweep_interval_s", "must be between 0.05 and 1.0 seconds")
     settings = Settings(
         host=env.get(f"{ENV_PREFIX}HOST", _get(server, "host", p, str, "127.0.0.1")),
-        port=int(env.get(f"{ENV_PREFIX}PORT", _get(server, "port", p, int, 8080))),
+        port=_port(server, env),
         public_url=env.get(f"{ENV_PREFIX}PUBLIC_URL", _get(server, "public_url", p, str, "")),
         data_dir=data_dir,
         redis_url=redis_url,
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
-        max_body_bytes=_get(server, "max_body_bytes", p, int, 64 * 1024),
-        auth=_auth(raw.get("auth", {}), env, base),
+        max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
+        auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
         sites=sites,
     )
+    port_override = overrides.get("port")
+    if port_override is not None and (
+        not isinstance(port_override, int)
+        or isinstance(port_override, bool)
+        or not 0 <= port_override <= 65535
+    ):
+        # 0 (any free port) is only for callers that bind and then read the port back.
+        raise ConfigError("server.port", f"must be between 0 and 65535, got {port_override!r}")
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     if not settings.public_url:
         settings = replace(settings, public_url=f"http://{settings.host}:{settings.port}")
@@ -400,11 +527,68 @@ def with_dev_secret(settings: Settings) -> Settings:
         return settings
     path = settings.data_dir / "dev-jwt-secret"
     try:
+        secret = _stored_dev_secret(path)
+        if secret is None:
+            secret = _store_dev_secret(path)
+    except OSError as e:
+        raise ConfigError("server.data_dir", f"cannot keep the dev secret in {path}: {e}") from None
+    return replace(settings, auth=replace(auth, secret=secret))
+
+
+def _stored_dev_secret(path: Path) -> str | None:
+    """The secret kept in ``path``, or None when there is none fit to sign with.
+
+    An empty or short file (left by a crash, or edited by hand) is never used: HS256 with an
+    empty key would let anyone mint tokens.
+    """
+    try:
         secret = path.read_text().strip()
     except FileNotFoundError:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_urlsafe(48)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
+        return None
+    return secret if len(secret) >= MIN_DEV_SECRET_CHARS else None
+
+
+def _store_dev_secret(path: Path) -> str:
+    """Generate a secret and put it in ``path`` atomically; return the secret now kept there.
+
+    The secret is written and fsynced to a temporary file beside ``path`` first, so ``path``
+    only ever holds a whole secret. It is linked in only if ``path`` is still absent, so a
+    node starting at the same moment that already stored one keeps it; an unusable file is
+    replaced.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w") as f:  # mkstemp creates it 0600
             f.write(secret)
-    return replace(settings, auth=replace(auth, secret=secret))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            existing = _stored_dev_secret(path)
+            if existing is not None:
+                return existing
+            os.replace(tmp, path)
+        except OSError:  # a file system without hard links
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return secret
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or link in ``directory`` durable (where the platform allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

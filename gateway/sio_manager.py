@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import redis.asyncio as aioredis
 import socketio
 
 from gateway.tasks import raise_if_cancelling
@@ -17,6 +18,16 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         super().__init__(url=url, channel=channel)
         self.listening = False
         self.last_error = ""
+
+    def _redis_connect(self) -> None:
+        # As the stock method, but on a bounded blocking pool (see store.redis.blocking_pool)
+        # and without decoding, which the manager does itself.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=32, timeout=5, socket_connect_timeout=2
+        )
+        self.redis = aioredis.Redis(connection_pool=pool)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
 
     async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
         # The stock loop, plus the ``listening`` flag; backoff capped at 5 s, not 60 s, so a

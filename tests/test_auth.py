@@ -553,14 +553,11 @@ async def test_jwks_unreachable_is_invalid_token() -> None:
     await refused(service, sign(claims(), key=rsa_pair(3).private, alg="RS256", kid="k"))
 
 
-JWKS_ERRORS_BUG = (
-    "gateway/auth.py:127 _jwks_key catches only jwt.PyJWKClientError, but PyJWKClient raises "
-    "jwt.PyJWKSetError for a set with no usable keys and json.JSONDecodeError for a body that "
-    "is not JSON; they escape verify() (REST answers 500 'internal', not 401 invalid_token)"
-)
+# PyJWKClient raises more than PyJWKClientError: PyJWKSetError for a set with no usable keys,
+# JSONDecodeError for a body that is not JSON, OSError from the network. Each must be a 401
+# invalid_token, never escape verify() (the REST edge would answer 500 'internal').
 
 
-@pytest.mark.xfail(strict=True, raises=jwt.PyJWKSetError, reason=JWKS_ERRORS_BUG)
 @pytest.mark.parametrize(
     "document",
     [
@@ -576,11 +573,25 @@ async def test_jwks_without_usable_keys_is_invalid_token(
     await refused(jwks_service(jwks), token)
 
 
-@pytest.mark.xfail(strict=True, raises=json.JSONDecodeError, reason=JWKS_ERRORS_BUG)
 async def test_jwks_not_json_is_invalid_token(jwks: JwksServer) -> None:
     jwks.raw = "<html>maintenance</html>"
     token = sign(claims(), key=rsa_pair(3).private, alg="RS256", kid="k")
     await refused(jwks_service(jwks), token)
+
+
+@pytest.mark.parametrize(
+    "error", [OSError("connection reset"), TimeoutError(), ValueError("bad key")]
+)
+async def test_jwks_other_failures_are_invalid_token(
+    jwks: JwksServer, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    service = jwks_service(jwks)
+
+    def fail(token: str) -> Any:
+        raise error
+
+    monkeypatch.setattr(service._jwks, "get_signing_key_from_jwt", fail)
+    await refused(service, sign(claims(), key=rsa_pair(3).private, alg="RS256", kid="k"))
 
 
 async def test_jwks_not_an_object_is_invalid_token(jwks: JwksServer) -> None:

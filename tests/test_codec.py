@@ -140,20 +140,15 @@ def test_bad_device_id_in_the_path(path_id: str) -> None:
     assert "device_id" in caught.value.message
 
 
-NEWLINE_BUG = (
-    "gateway/codec.py:21 ID_PATTERN ends in `$`, which also matches before a trailing newline, "
-    "so check_id accepts 'abc\\n' (use \\Z or fullmatch)"
-)
+# `$` also matches before a trailing newline: ids are matched whole (\Z / fullmatch).
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=NEWLINE_BUG)
 def test_device_id_with_trailing_newline_refused_in_body() -> None:
     with pytest.raises(ApiError) as caught:
         device_update_from_wire({**GOOD, "device_id": "abc\n"})
     assert caught.value.code == "invalid_payload"
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=NEWLINE_BUG)
 def test_device_id_with_trailing_newline_refused_in_path() -> None:
     with pytest.raises(ApiError) as caught:
         device_update_from_wire(GOOD, device_id="abc\n")

@@ -102,6 +102,25 @@ class Store(Protocol):
 
     async def last_agent(self, site: str, visitor_id: str) -> str | None: ...
 
+    # --- coordination between nodes -------------------------------------------------------
+    async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
+        """Atomically claim an agent for one call; False if another call holds them."""
+
+    async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
+        """Release the claim, only if ``call_id`` still holds it."""
+
+    async def schedule_timer(self, timer_id: str, due: float) -> None:
+        """A durable timer; scheduling an existing id moves it."""
+
+    async def claim_timers(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
+        """Due timers, each leased to the caller for ``lease_s``: a node that dies before
+        ``finish_timer`` lets the lease run out and another node gets the timer again."""
+
+    async def finish_timer(self, timer_id: str) -> None: ...
+
+    async def hit(self, key: str, window_s: int, limit: int, now: float) -> bool:
+        """Count one event in the fixed window containing ``now``; False past ``limit``."""
+
 
 # --- shared encoding of presence records (both stores keep devices as JSON) ----------------
 

@@ -31,6 +31,11 @@ CREATE TABLE IF NOT EXISTS calls (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_by_site ON calls (site, updated_at);
+CREATE TABLE IF NOT EXISTS timers (
+    timer_id TEXT PRIMARY KEY,
+    due REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS timers_by_due ON timers (due);
 CREATE TABLE IF NOT EXISTS visits (
     site TEXT NOT NULL,
     visitor_id TEXT NOT NULL,
@@ -55,6 +60,10 @@ class EmbeddedStore:
         self._agents: dict[tuple[str, str], _Agent] = {}
         # (expires_at, site, agent, device); stale entries are skipped when popped.
         self._lapses: list[tuple[float, str, str, str]] = []
+        self._reservations: dict[tuple[str, str], tuple[str, float]] = {}
+        self._windows: dict[str, tuple[int, int]] = {}
+        # The earliest due timer, so that polling touches SQLite only when one is due.
+        self._next_due = float("inf")
         self._on_event: EventHandler | None = None
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -64,6 +73,10 @@ class EmbeddedStore:
         self._data_dir.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         await self._run(self._open)
+        found = await self._run(
+            lambda: self._conn().execute("SELECT MIN(due) FROM timers").fetchone()
+        )
+        self._next_due = float(found[0]) if found and found[0] is not None else float("inf")
 
     def _open(self) -> None:
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
@@ -243,3 +256,69 @@ class EmbeddedStore:
             )
         )
         return found[0] if found else None
+
+    # --- coordination (one node: plain memory, timers in SQLite) ------------------------------
+
+    async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
+        now = time.time()
+        held = self._reservations.get((site, agent_id))
+        if held is not None and held[1] > now:
+            return False
+        self._reservations[(site, agent_id)] = (call_id, now + ttl_s)
+        return True
+
+    async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
+        held = self._reservations.get((site, agent_id))
+        if held is not None and held[0] == call_id:
+            del self._reservations[(site, agent_id)]
+
+    async def schedule_timer(self, timer_id: str, due: float) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "INSERT OR REPLACE INTO timers VALUES (?, ?)", (timer_id, due)
+            )
+        )
+        self._next_due = min(self._next_due, due)
+
+    async def claim_timers(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
+        if now < self._next_due:
+            return []
+
+        def claim() -> tuple[list[str], float]:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                ids = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT timer_id FROM timers WHERE due <= ? ORDER BY due LIMIT ?",
+                        (now, limit),
+                    )
+                ]
+                db.executemany(
+                    "UPDATE timers SET due = ? WHERE timer_id = ?",
+                    [(now + lease_s, i) for i in ids],
+                )
+                nxt = db.execute("SELECT MIN(due) FROM timers").fetchone()[0]
+            return ids, float(nxt) if nxt is not None else float("inf")
+
+        ids, self._next_due = await self._run(claim)
+        return ids
+
+    async def finish_timer(self, timer_id: str) -> None:
+        await self._run(
+            lambda: self._conn().execute("DELETE FROM timers WHERE timer_id = ?", (timer_id,))
+        )
+
+    async def hit(self, key: str, window_s: int, limit: int, now: float) -> bool:
+        window = int(now // window_s)
+        full_key = f"{key}:{window_s}"
+        held_window, count = self._windows.get(full_key, (window, 0))
+        if held_window != window:
+            count = 0
+        count += 1
+        self._windows[full_key] = (window, count)
+        if len(self._windows) > 100_000:  # drop stale windows now and then
+            current = {k: v for k, v in self._windows.items() if v[0] >= window - 1}
+            self._windows = current
+        return count <= limit

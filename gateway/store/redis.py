@@ -101,6 +101,45 @@ return 1
 """
 
 
+# KEYS: reservation. ARGV: call id.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: timers zset. ARGV: now, lease until, limit.
+_CLAIM_TIMERS = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
+return due
+"""
+
+# KEYS: counter. ARGV: ttl ms, limit.
+_HIT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if n > tonumber(ARGV[2]) then return 0 end
+return 1
+"""
+
+TIMERS_KEY = "m:timers"
+
+
+def blocking_pool(url: str, max_connections: int = 64) -> aioredis.BlockingConnectionPool:
+    """A bounded pool that makes a burst wait for a connection instead of failing (redis-py's
+    default pool raises past 100 connections in use)."""
+    return aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=5,
+        decode_responses=True,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+        retry_on_timeout=True,
+    )
+
+
 def _device_key(site: str, agent_id: str) -> str:
     return f"m:dev:{site}:{agent_id}"
 
@@ -117,19 +156,15 @@ class RedisStore:
     def __init__(self, url: str, node_id: str) -> None:
         self.node_id = node_id
         self._url = url
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=5,
-            socket_connect_timeout=2,
-            health_check_interval=10,
-            retry_on_timeout=True,
-        )
+        self._redis: aioredis.Redis = aioredis.Redis(connection_pool=blocking_pool(url))
         self._put_device = self._redis.register_script(_PUT_DEVICE)
         self._remove_device = self._redis.register_script(_REMOVE_DEVICE)
         self._touch_device = self._redis.register_script(_TOUCH_DEVICE)
         self._claim_lapsed = self._redis.register_script(_CLAIM_LAPSED)
         self._put_call = self._redis.register_script(_PUT_CALL)
+        self._release = self._redis.register_script(_RELEASE)
+        self._claim_timers = self._redis.register_script(_CLAIM_TIMERS)
+        self._hit = self._redis.register_script(_HIT)
         self._on_event: EventHandler | None = None
         self._on_resync: ResyncHandler | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -367,3 +402,33 @@ class RedisStore:
     async def last_agent(self, site: str, visitor_id: str) -> str | None:
         found: str | None = await self._redis.get(f"m:visit:{site}:{visitor_id}")  # type: ignore[assignment]
         return found
+
+    # --- coordination ------------------------------------------------------------------------
+
+    async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
+        done = await self._redis.set(
+            f"m:resv:{site}:{agent_id}", call_id, nx=True, px=max(1, int(ttl_s * 1000))
+        )
+        return bool(done)
+
+    async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
+        await self._release(keys=[f"m:resv:{site}:{agent_id}"], args=[call_id])
+
+    async def schedule_timer(self, timer_id: str, due: float) -> None:
+        await self._redis.zadd(TIMERS_KEY, {timer_id: due})
+
+    async def claim_timers(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
+        claimed: list[str] = await self._claim_timers(
+            keys=[TIMERS_KEY], args=[now, now + lease_s, limit]
+        )
+        return claimed
+
+    async def finish_timer(self, timer_id: str) -> None:
+        await self._redis.zrem(TIMERS_KEY, timer_id)
+
+    async def hit(self, key: str, window_s: int, limit: int, now: float) -> bool:
+        window = int(now // window_s)
+        allowed = await self._hit(
+            keys=[f"m:rl:{key}:{window_s}:{window}"], args=[window_s * 1000 + 1000, limit]
+        )
+        return bool(allowed)

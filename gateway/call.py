@@ -1,0 +1,214 @@
+"""The call: the customer's live ticket, and the state machine every node applies to it.
+
+Pure: each transition takes a ``Call`` and returns the next one (with a timeline entry), or
+raises ``CallError`` with a stable code. Nodes apply transitions with compare-and-set on the
+stored version, so any node may move any call and a race has exactly one winner.
+
+States (docs/ARCHITECTURE.md, "Calls")::
+
+    queued --ring--> ringing --accept--> connected --hangup--> completed
+       ^               | decline / ring timeout (back to queued, agent excluded)
+       +---------------+
+    queued --no agent--> failed (with a callback offer)
+    any open state --cancel--> canceled (or completed, once connected)
+    scheduled / dialing: PSTN callbacks (see mobile_bridge)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from gateway.model import Channel
+
+
+class CallState(StrEnum):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    RINGING = "ringing"
+    DIALING = "dialing"
+    CONNECTED = "connected"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class CallChannel(StrEnum):
+    WEBRTC = "webrtc"
+    CALLBACK = "callback"
+
+
+FINAL_STATES = frozenset({CallState.COMPLETED, CallState.FAILED, CallState.CANCELED})
+
+
+class CallError(Exception):
+    """A transition that is not allowed now; ``code`` is the client-facing error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEntry:
+    at: float
+    event: str
+    detail: str
+    internal: bool = False
+    """Shown to agents and supervisors (routing reasons), never to the visitor."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """What the visitor asked for: the routing hints of ``call:start``."""
+
+    language: str | None = None
+    branch: str | None = None
+    location: tuple[float, float] | None = None
+    page: str | None = None
+    skills: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    call_id: str
+    site: str
+    visitor_id: str
+    channel: CallChannel
+    state: CallState
+    created_at: float
+    request: CallRequest = field(default_factory=CallRequest)
+    version: int = 0
+    agent_id: str | None = None
+    """The agent ringing (state ringing) or talking (connected) or who talked (ended)."""
+    agent_sid: str | None = None
+    """The socket of the agent's device that accepted: the only one signals go to."""
+    visitor_sid: str | None = None
+    attempt: int = 0
+    ring_expires_at: float | None = None
+    tried: tuple[str, ...] = ()
+    reason: str | None = None
+    callback_offer_wait_s: int | None = None
+    connected_at: float | None = None
+    ended_at: float | None = None
+    timeline: tuple[TimelineEntry, ...] = ()
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def media_channel(self) -> Channel:
+        return Channel.WEBRTC if self.channel is CallChannel.WEBRTC else Channel.PSTN
+
+
+def _log(
+    call: Call, now: float, event: str, detail: str, internal: bool = False
+) -> tuple[TimelineEntry, ...]:
+    return (*call.timeline, TimelineEntry(now, event, detail, internal))
+
+
+def new_call(
+    call_id: str,
+    site: str,
+    visitor_id: str,
+    channel: CallChannel,
+    request: CallRequest,
+    now: float,
+    visitor_sid: str | None = None,
+) -> Call:
+    call = Call(
+        call_id, site, visitor_id, channel, CallState.QUEUED, now, request, visitor_sid=visitor_sid
+    )
+    return replace(call, timeline=_log(call, now, "requested", "Looking for someone to talk to"))
+
+
+def ring(
+    call: Call,
+    agent_id: str,
+    who: str,
+    reasons: tuple[str, ...],
+    now: float,
+    ring_timeout_s: float,
+) -> Call:
+    """Ring an agent, reserved beforehand; ``who`` is shown to the visitor ("Anna in Dublin")."""
+    if call.state is not CallState.QUEUED:
+        raise CallError("invalid_state", f"cannot ring a {call.state} call")
+    timeline = _log(call, now, "routed", f"{agent_id}: " + "; ".join(reasons), internal=True)
+    call = replace(call, timeline=timeline)
+    return replace(
+        call,
+        state=CallState.RINGING,
+        agent_id=agent_id,
+        attempt=call.attempt + 1,
+        ring_expires_at=now + ring_timeout_s,
+        timeline=_log(call, now, "ringing", f"Ringing {who}"),
+    )
+
+
+def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
+    if call.state is not CallState.RINGING or call.agent_id != agent_id:
+        raise CallError("not_ringing", "this call is not ringing for you")
+    return replace(
+        call,
+        state=CallState.CONNECTED,
+        agent_sid=agent_sid,
+        ring_expires_at=None,
+        connected_at=now,
+        timeline=_log(call, now, "connected", "Connected"),
+    )
+
+
+def _back_to_queue(call: Call, now: float, event: str, detail: str) -> Call:
+    assert call.agent_id is not None
+    return replace(
+        call,
+        state=CallState.QUEUED,
+        agent_id=None,
+        ring_expires_at=None,
+        tried=(*call.tried, call.agent_id),
+        timeline=_log(call, now, event, detail),
+    )
+
+
+def decline(call: Call, agent_id: str, now: float) -> Call:
+    if call.state is not CallState.RINGING or call.agent_id != agent_id:
+        raise CallError("not_ringing", "this call is not ringing for you")
+    return _back_to_queue(call, now, "declined", "They could not take it; trying someone else")
+
+
+def ring_timeout(call: Call, attempt: int, now: float) -> Call:
+    """The ring of ``attempt`` ran out; a stale timer (the call moved on) is a CallError."""
+    if call.state is not CallState.RINGING or call.attempt != attempt:
+        raise CallError("stale", "the ring already ended")
+    return _back_to_queue(call, now, "no_answer", "No answer; trying someone else")
+
+
+def no_agent(call: Call, reason: str, detail: str, wait_s: int | None, now: float) -> Call:
+    """Nobody left to ring: end the browser call, offering a callback instead of a dead end."""
+    if call.state is not CallState.QUEUED:
+        raise CallError("invalid_state", f"cannot fail a {call.state} call")
+    return replace(
+        call,
+        state=CallState.FAILED,
+        reason=reason,
+        callback_offer_wait_s=wait_s,
+        ended_at=now,
+        timeline=_log(call, now, "no_agent", detail),
+    )
+
+
+def end(call: Call, reason: str, detail: str, now: float) -> Call:
+    """Hang-up, cancel or a party leaving: completed once connected, canceled before."""
+    if call.final:
+        raise CallError("call_ended", "the call has already ended")
+    state = CallState.COMPLETED if call.state is CallState.CONNECTED else CallState.CANCELED
+    return replace(
+        call,
+        state=state,
+        reason=reason,
+        ring_expires_at=None,
+        ended_at=now,
+        timeline=_log(call, now, state.value, detail),
+    )

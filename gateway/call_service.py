@@ -1,0 +1,295 @@
+"""Browser calls across nodes: route, reserve, ring, accept, hang up, relay signals.
+
+Every change to a call is a pure transition (gateway.call) applied with compare-and-set on
+the stored version, so any node may move any call: the agent's node applies the accept, the
+visitor's node the cancel, whichever node claims a ring timer applies the timeout. Agents are
+reserved atomically in the store before they ring, so no agent rings for two visitors.
+Notifications go through ``CallNotifier``, which the socket.io edge implements.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Protocol
+
+from gateway import call as calls
+from gateway.call import Call, CallChannel, CallError, CallRequest, CallState
+from gateway.codec import Json, call_from_record, call_to_record, iso
+from gateway.errors import ApiError, forbidden, not_found
+from gateway.model import Site
+from gateway.presence_service import PresenceService
+from gateway.routing import RouteRequest, RoutingSnapshot, availability, route
+from gateway.store.base import CallRow, Store
+
+log = logging.getLogger(__name__)
+
+RING_TIMER = "ring"
+# A reservation outlives its ring a little, so that a node that died mid-ring still frees
+# the agent, but never before the ring timer has had its chance.
+RESERVATION_GRACE_S = 10.0
+NO_AGENT_DETAIL = {
+    "no_agents_online": "Nobody is online right now",
+    "all_busy": "Everyone is busy right now",
+    "closed": "We are closed right now",
+    "no_agent_for_channel": "Nobody can take a browser call right now",
+    "no_agent_answered": "Nobody could answer right now",
+}
+
+
+class CallNotifier(Protocol):
+    async def call_update(self, call: Call) -> None: ...
+
+    async def ring(self, call: Call, payload: Json) -> None: ...
+
+    async def ring_stop(self, call: Call, agent_id: str, reason: str) -> None: ...
+
+    async def signal(self, call: Call, to_agent: bool, payload: Json) -> None: ...
+
+
+def ring_timer_id(call: Call) -> str:
+    return f"{RING_TIMER}:{call.call_id}:{call.attempt}"
+
+
+class CallService:
+    def __init__(
+        self,
+        sites: dict[str, Site],
+        store: Store,
+        presence: PresenceService,
+        notifier: CallNotifier,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sites = sites
+        self._store = store
+        self._presence = presence
+        self._notify = notifier
+        self._clock = clock
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def get(self, call_id: str) -> Call:
+        row = await self._store.get_call(call_id)
+        if row is None:
+            raise not_found(f"no call {call_id!r}")
+        return call_from_record(row.data, row.version)
+
+    async def _update(self, call_id: str, transition: Callable[[Call], Call]) -> tuple[Call, Call]:
+        """Apply ``transition`` with compare-and-set, retrying when another node got there
+        first; the transition sees the newest call each time and may refuse (CallError)."""
+        for _ in range(8):
+            before = await self.get(call_id)
+            after = replace(transition(before), version=before.version + 1)
+            row = CallRow(call_id, after.site, after.version, call_to_record(after))
+            if await self._store.put_call(row):
+                return before, after
+        raise ApiError(409, "conflict", "the call is changing too fast; try again")
+
+    # --- the visitor -----------------------------------------------------------------------------
+
+    async def start(
+        self, site_id: str, visitor_id: str, visitor_sid: str, request: CallRequest
+    ) -> Call:
+        site = self._presence.site(site_id)
+        if request.branch is not None and request.branch not in site.branches:
+            raise ApiError(400, "invalid_payload", f"no branch {request.branch!r}")
+        call = calls.new_call(
+            f"c_{uuid.uuid4().hex}",
+            site_id,
+            visitor_id,
+            CallChannel.WEBRTC,
+            request,
+            self._clock(),
+            visitor_sid,
+        )
+        call = replace(call, version=1)
+        # Persisted before anything is promised to the visitor.
+        await self._store.put_call(CallRow(call.call_id, site_id, 1, call_to_record(call)))
+        return await self._route(call)
+
+    async def cancel(self, site_id: str, visitor_id: str, call_id: str, reason: str) -> Call:
+        call = await self.get(call_id)
+        if call.site != site_id or call.visitor_id != visitor_id:
+            raise not_found(f"no call {call_id!r}")
+        detail = "You ended the call" if reason == "visitor_hung_up" else "The visitor left"
+        return await self._end(call_id, reason, detail)
+
+    # --- the agent -------------------------------------------------------------------------------
+
+    async def accept(self, site_id: str, agent_id: str, agent_sid: str, call_id: str) -> Call:
+        self._own(await self.get(call_id), site_id)
+        try:
+            _, call = await self._update(
+                call_id, lambda c: calls.accept(c, agent_id, agent_sid, self._clock())
+            )
+        except CallError as e:
+            raise ApiError(409, e.code, e.message) from None
+        await self._presence.set_active_call(site_id, agent_id, call_id)
+        await self._store.release_agent(site_id, agent_id, call_id)
+        await self._store.finish_timer(f"{RING_TIMER}:{call_id}:{call.attempt}")
+        await self._notify.ring_stop(call, agent_id, "answered")
+        await self._notify.call_update(call)
+        return call
+
+    async def decline(self, site_id: str, agent_id: str, call_id: str) -> Call:
+        self._own(await self.get(call_id), site_id)
+        try:
+            before, call = await self._update(
+                call_id, lambda c: calls.decline(c, agent_id, self._clock())
+            )
+        except CallError as e:
+            raise ApiError(409, e.code, e.message) from None
+        await self._after_ring(before, call, agent_id, "declined")
+        return await self._route(call)
+
+    async def hangup(self, site_id: str, agent_id: str, call_id: str) -> Call:
+        call = self._own(await self.get(call_id), site_id)
+        if call.agent_id != agent_id:
+            raise forbidden("this is not your call")
+        return await self._end(call_id, "agent_hung_up", "The agent ended the call")
+
+    async def agent_left(self, site_id: str, agent_id: str, call_ids: set[str]) -> None:
+        """An agent's socket closed: end the calls it was talking on."""
+        for call_id in call_ids:
+            try:
+                await self._end(call_id, "agent_left", "The agent's connection dropped")
+            except ApiError:
+                pass  # already ended
+
+    # --- signaling -------------------------------------------------------------------------------
+
+    async def relay_signal(
+        self, site_id: str, sender_id: str, sender_sid: str, from_agent: bool, payload: Json
+    ) -> None:
+        """Pass an SDP or ICE message to the other party of a connected call, and to no one
+        else: the sender must be that call's visitor, or its agent on the accepting socket."""
+        call = await self.get(payload["call_id"])
+        if call.site != site_id:
+            raise not_found(f"no call {call.call_id!r}")
+        if from_agent:
+            allowed = call.agent_id == sender_id and call.agent_sid == sender_sid
+        else:
+            allowed = call.visitor_id == sender_id
+        if not allowed:
+            raise forbidden("not a party to this call")
+        if call.state is not CallState.CONNECTED:
+            raise ApiError(409, "not_connected", "signals flow only in a connected call")
+        await self._notify.signal(call, to_agent=not from_agent, payload=payload)
+
+    # --- timers ----------------------------------------------------------------------------------
+
+    async def on_ring_timeout(self, call_id: str, attempt: int) -> None:
+        now = self._clock()
+        try:
+            before, call = await self._update(
+                call_id, lambda c: calls.ring_timeout(c, attempt, now)
+            )
+        except (CallError, ApiError):
+            return  # the call moved on (answered, declined, ended) or is gone
+        assert before.agent_id is not None
+        await self._after_ring(before, call, before.agent_id, "no_answer")
+        await self._route(call)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _own(self, call: Call, site_id: str) -> Call:
+        if call.site != site_id:
+            raise not_found(f"no call {call.call_id!r}")
+        return call
+
+    async def _after_ring(self, before: Call, call: Call, agent_id: str, reason: str) -> None:
+        await self._store.release_agent(call.site, agent_id, call.call_id)
+        await self._store.finish_timer(ring_timer_id(before))
+        await self._notify.ring_stop(call, agent_id, reason)
+        await self._notify.call_update(call)
+
+    async def _end(self, call_id: str, reason: str, detail: str) -> Call:
+        try:
+            before, call = await self._update(
+                call_id, lambda c: calls.end(c, reason, detail, self._clock())
+            )
+        except CallError as e:
+            raise ApiError(409, e.code, e.message) from None
+        if before.agent_id is not None:
+            if before.state is CallState.RINGING:
+                await self._after_ring(before, call, before.agent_id, reason)
+                return call
+            if before.state is CallState.CONNECTED:
+                await self._presence.set_active_call(call.site, before.agent_id, None)
+                await self._store.record_served(call.site, call.visitor_id, before.agent_id)
+        await self._notify.call_update(call)
+        return call
+
+    async def _route(self, call: Call) -> Call:
+        """Ring the best free agent, reserving them first; with no one left, end the browser
+        call and offer a callback with an honest wait."""
+        site = self._sites[call.site]
+        now = self._clock()
+        last_agent = await self._store.last_agent(call.site, call.visitor_id)
+        snapshot = RoutingSnapshot(
+            site=site, presence=self._presence.snapshot(call.site), last_agent=last_agent
+        )
+        r = call.request
+        request = RouteRequest(
+            site_id=call.site,
+            visitor_id=call.visitor_id,
+            channel=call.media_channel,
+            language=r.language,
+            branch=r.branch,
+            location=r.location,
+            skills=r.skills,
+            exclude=frozenset(call.tried),
+        )
+        decision = route(snapshot, request, now)
+        for candidate in decision.candidates:
+            agent = site.agents[candidate.agent_id]
+            ttl = site.ring_timeout_s + RESERVATION_GRACE_S
+            if not await self._store.reserve_agent(call.site, agent.agent_id, call.call_id, ttl):
+                continue  # ringing for someone else (another node got there first)
+            branch = site.branches.get(agent.branch) if agent.branch else None
+            who = f"{agent.name} in {branch.name}" if branch else agent.name
+            try:
+                _, ringing = await self._update(
+                    call.call_id,
+                    lambda c, a=agent.agent_id, w=who, why=candidate.reasons: calls.ring(
+                        c, a, w, why, now, site.ring_timeout_s
+                    ),
+                )
+            except (CallError, ApiError):
+                await self._store.release_agent(call.site, agent.agent_id, call.call_id)
+                return await self.get(call.call_id)  # canceled meanwhile
+            assert ringing.ring_expires_at is not None
+            await self._store.schedule_timer(ring_timer_id(ringing), ringing.ring_expires_at)
+            last = site.agents.get(last_agent) if last_agent else None
+            await self._notify.ring(
+                ringing,
+                {
+                    "call_id": ringing.call_id,
+                    "channel": ringing.channel.value,
+                    "visitor": {
+                        "id": ringing.visitor_id,
+                        "language": r.language,
+                        "page": r.page,
+                        "returning": last_agent is not None,
+                        "last_agent": last.name if last else None,
+                    },
+                    "expires_at": iso(ringing.ring_expires_at),
+                    "reasons": list(candidate.reasons),
+                },
+            )
+            await self._notify.call_update(ringing)
+            return ringing
+        reason = "no_agent_answered" if call.tried else (decision.reason or "all_busy")
+        wait = availability(snapshot, now, language=r.language).estimated_wait_s
+        try:
+            _, failed = await self._update(
+                call.call_id,
+                lambda c: calls.no_agent(c, reason, NO_AGENT_DETAIL.get(reason, reason), wait, now),
+            )
+        except (CallError, ApiError):
+            return await self.get(call.call_id)
+        await self._notify.call_update(failed)
+        return failed
