@@ -5,27 +5,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from aiohttp import web
 
 from gateway import appkeys as keys
+from gateway import http_api, visitor_api, web_static
 from gateway.auth import TokenService
+from gateway.availability_feed import AvailabilityFeed
+from gateway.call_service import RING_TIMER, CallService
 from gateway.events import EventRouter
-from gateway.http_api import add_routes, error_middleware
+from gateway.http_api import error_middleware
 from gateway.metrics import Metrics
 from gateway.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.settings import Settings
 from gateway.sio_manager import ObservedRedisManager
-from gateway.sockets import AgentNamespace, BoardNamespace, MembraneServer
+from gateway.sockets import (
+    AgentNamespace,
+    BoardNamespace,
+    MembraneServer,
+    SocketCallNotifier,
+    VisitorNamespace,
+)
 from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
 from gateway.tasks import TaskGroup
+from gateway.timers import TimerLoop
 
 log = logging.getLogger(__name__)
-
-STATIC_DIR = Path(__file__).resolve().parent.parent / "web_client"
 
 
 class ObservedHealth:
@@ -88,10 +95,20 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         ping_interval=25,
         ping_timeout=20,
     )
-    sio.register_namespace(
-        AgentNamespace(tokens, metrics, presence, settings.presence.socket_ttl_s)
+    calls = CallService(
+        dict(settings.sites), store, presence, SocketCallNotifier(sio, settings.sites)
     )
+    feed = AvailabilityFeed(presence)
+    timers = TimerLoop(store)
+
+    async def ring_timeout(rest: str) -> None:
+        call_id, _, attempt = rest.rpartition(":")
+        await calls.on_ring_timeout(call_id, int(attempt))
+
+    timers.on(RING_TIMER, ring_timeout)
+    sio.register_namespace(AgentNamespace(tokens, metrics, presence, calls, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
+    sio.register_namespace(VisitorNamespace(tokens, metrics, presence, calls))
     sio.attach(app)
 
     app[keys.SETTINGS] = settings
@@ -103,6 +120,8 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[keys.TASKS] = TaskGroup(f"node-{settings.node_id}")
     app[keys.REST_BUCKETS] = {}
     app[keys.HEALTH] = ObservedHealth(store, manager)
+    app[keys.CALLS] = calls
+    app[keys.AVAILABILITY] = feed
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:
         await store.start(events, presence.resync)
@@ -115,7 +134,10 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         tasks = app[keys.TASKS]
         tasks.spawn(presence.run_sweeper(), "presence-sweeper")
         tasks.spawn(presence.run_lease_renewal(), "socket-leases")
+        tasks.spawn(timers.run(), "timers")
+        tasks.spawn(feed.run_keepalive(), "availability-keepalive")
         yield
+        await feed.close()
         await tasks.close()
 
     async def run_socketio(app: web.Application) -> AsyncIterator[None]:
@@ -135,9 +157,9 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app.cleanup_ctx.append(run_presence)
     app.cleanup_ctx.append(run_socketio)
     app.on_shutdown.append(disconnect_clients)
-    add_routes(app)
-    if STATIC_DIR.is_dir():
-        app.router.add_static("/static/", STATIC_DIR, show_index=False)
+    http_api.add_routes(app)
+    visitor_api.add_routes(app)
+    web_static.add_routes(app)
     return app
 
 

@@ -8,6 +8,8 @@ import socketio
 from aiohttp import web
 
 from gateway.auth import TokenService
+from gateway.availability_feed import AvailabilityFeed
+from gateway.call_service import CallService
 from gateway.metrics import Metrics
 from gateway.presence_service import PresenceService
 from gateway.ratelimit import TokenBucket
@@ -29,3 +31,5 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 TASKS = web.AppKey("tasks", TaskGroup)
 REST_BUCKETS = web.AppKey("rest_buckets", dict[str, TokenBucket])
 HEALTH = web.AppKey("health", HealthSource)
+AVAILABILITY = web.AppKey("availability", AvailabilityFeed)
+CALLS = web.AppKey("calls", CallService)

@@ -50,6 +50,10 @@ class TokenService:
             jwt.PyJWKClient(settings.jwks_url, cache_keys=True) if settings.jwks_url else None
         )
 
+    @property
+    def leeway_s(self) -> int:
+        return self._settings.leeway_s
+
     def mint(
         self,
         sub: str,

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Protocol
 
 from gateway import call as calls
@@ -109,6 +110,10 @@ class CallService:
         # Persisted before anything is promised to the visitor.
         await self._store.put_call(CallRow(call.call_id, site_id, 1, call_to_record(call)))
         return await self._route(call)
+
+    async def allow_start(self, site_id: str, visitor_id: str, per_minute: int) -> bool:
+        """Across nodes: a visitor may start only a few calls a minute."""
+        return await self._store.hit(f"start:{site_id}:{visitor_id}", 60, per_minute, self._clock())
 
     async def cancel(self, site_id: str, visitor_id: str, call_id: str, reason: str) -> Call:
         call = await self.get(call_id)
@@ -254,8 +259,13 @@ class CallService:
             try:
                 _, ringing = await self._update(
                     call.call_id,
-                    lambda c, a=agent.agent_id, w=who, why=candidate.reasons: calls.ring(
-                        c, a, w, why, now, site.ring_timeout_s
+                    partial(
+                        calls.ring,
+                        agent_id=agent.agent_id,
+                        who=who,
+                        reasons=candidate.reasons,
+                        now=now,
+                        ring_timeout_s=site.ring_timeout_s,
                     ),
                 )
             except (CallError, ApiError):

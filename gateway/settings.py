@@ -83,6 +83,18 @@ class PresenceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebRTCSettings:
+    stun_urls: tuple[str, ...] = ()
+    """STUN servers handed to browsers, e.g. ``stun:stun.example.com:3478``."""
+    turn_urls: tuple[str, ...] = ()
+    """TURN servers (coturn with ``use-auth-secret``); credentials are minted per session."""
+    turn_secret: str = ""
+    """coturn's ``static-auth-secret`` (``MEMBRANE_TURN_SECRET``)."""
+    turn_ttl_s: int = 3600
+    """How long minted TURN credentials stay valid."""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -98,6 +110,7 @@ class Settings:
     """Largest REST body or socket.io message accepted."""
     auth: AuthSettings = field(default_factory=AuthSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
+    webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     sites: Mapping[str, Site] = field(default_factory=dict)
 
 
@@ -482,6 +495,23 @@ def load_settings(
             raise ConfigError(f"presence.{name}", "must be at least 1 second")
     if not 0.05 <= presence.sweep_interval_s <= 1.0:
         raise ConfigError("presence.sweep_interval_s", "must be between 0.05 and 1.0 seconds")
+    webrtc_raw = _table(raw, "webrtc", "")
+    webrtc = WebRTCSettings(
+        stun_urls=_str_list(webrtc_raw, "stun_urls", "webrtc."),
+        turn_urls=_str_list(webrtc_raw, "turn_urls", "webrtc."),
+        turn_secret=env.get(
+            f"{ENV_PREFIX}TURN_SECRET", _get(webrtc_raw, "turn_secret", "webrtc.", str, "")
+        ),
+        turn_ttl_s=_positive(webrtc_raw, "turn_ttl_s", "webrtc.", int, 3600),
+    )
+    for i, url in enumerate(webrtc.stun_urls):
+        if not url.startswith(("stun:", "stuns:")):
+            raise ConfigError(f"webrtc.stun_urls[{i}]", f"{url!r} is not a stun: URL")
+    for i, url in enumerate(webrtc.turn_urls):
+        if not url.startswith(("turn:", "turns:")):
+            raise ConfigError(f"webrtc.turn_urls[{i}]", f"{url!r} is not a turn: URL")
+    if webrtc.turn_urls and len(webrtc.turn_secret) < 16:
+        raise ConfigError("webrtc.turn_secret", "is required (16+ characters) with turn_urls")
     settings = Settings(
         host=env.get(f"{ENV_PREFIX}HOST", _get(server, "host", p, str, "127.0.0.1")),
         port=_port(server, env),
@@ -492,6 +522,7 @@ def load_settings(
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
+        webrtc=webrtc,
         sites=sites,
     )
     port_override = overrides.get("port")

@@ -11,27 +11,35 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import engineio
 import socketio
 
-from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, Claims, TokenService
+from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, VISITOR_ROLES, Claims, TokenService
+from gateway.call import Call
+from gateway.call_service import CallService
 from gateway.codec import (
     Json,
     as_object,
+    call_id_from_wire,
+    call_request_from_wire,
+    call_to_wire,
     device_update_from_wire,
     error_ack,
     ok,
     presence_to_wire,
+    signal_from_wire,
 )
 from gateway.errors import ApiError, forbidden, invalid_payload
+from gateway.ice import ice_servers
 from gateway.metrics import Metrics
-from gateway.model import DeviceKind, DeviceState, Role
+from gateway.model import DeviceKind, DeviceState, Role, Site
 from gateway.presence_service import PresenceChange, PresenceService
 from gateway.ratelimit import TokenBucket
+from gateway.settings import Settings
 from gateway.store.base import UNAVAILABLE_ERRORS, DeviceRef
 from gateway.tasks import TaskGroup
 
@@ -79,6 +87,8 @@ class Session:
     claims: Claims
     device: DeviceRef | None
     bucket: TokenBucket
+    calls: set[str] = field(default_factory=set)
+    """Calls this socket takes part in: ended if the socket goes away."""
 
 
 def agent_room(site: str, agent_id: str) -> str:
@@ -87,6 +97,10 @@ def agent_room(site: str, agent_id: str) -> str:
 
 def site_room(site: str) -> str:
     return f"site:{site}"
+
+
+def visitor_room(site: str, visitor_id: str) -> str:
+    return f"visitor:{site}:{visitor_id}"
 
 
 class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
@@ -119,6 +133,8 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             session = self.sessions.get(sid)
             if session is None:
                 raise forbidden("not connected")
+            if session.claims.exp + self.tokens.leeway_s < time.time():
+                raise ApiError(401, "invalid_token", "token expired; reconnect with a new one")
             if not session.bucket.take(time.monotonic()):
                 raise ApiError(429, "rate_limited", "too many events; slow down")
             handler = self.events.get(event)
@@ -172,12 +188,25 @@ class AgentNamespace(BaseNamespace):
     roles = AGENT_ROLES
 
     def __init__(
-        self, tokens: TokenService, metrics: Metrics, presence: PresenceService, socket_ttl_s: float
+        self,
+        tokens: TokenService,
+        metrics: Metrics,
+        presence: PresenceService,
+        calls: CallService,
+        settings: Settings,
     ) -> None:
         super().__init__("/agent", tokens, metrics)
         self.presence = presence
-        self.socket_ttl_s = socket_ttl_s
-        self.events = {"presence:set": self.presence_set}
+        self.calls = calls
+        self.settings = settings
+        self.socket_ttl_s = settings.presence.socket_ttl_s
+        self.events = {
+            "presence:set": self.presence_set,
+            "call:accept": self.call_accept,
+            "call:decline": self.call_decline,
+            "call:hangup": self.call_hangup,
+            "rtc:signal": self.rtc_signal,
+        }
         presence.add_listener(self.on_presence)
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
@@ -196,6 +225,8 @@ class AgentNamespace(BaseNamespace):
         return ref
 
     async def on_leave(self, sid: str, session: Session) -> None:
+        if session.calls:
+            await self.calls.agent_left(session.claims.site, session.claims.sub, session.calls)
         ref = self.presence.release_socket_device(sid)
         if ref is not None:
             try:
@@ -217,6 +248,34 @@ class AgentNamespace(BaseNamespace):
             session.claims.site, session.claims.sub, update, ttl
         )
         return ok(presence=presence_to_wire(presence))
+
+    async def call_accept(self, sid: str, payload: Any) -> Json:
+        claims = self.sessions[sid].claims
+        call = await self.calls.accept(claims.site, claims.sub, sid, call_id_from_wire(payload))
+        self.sessions[sid].calls.add(call.call_id)
+        site = self.presence.site(claims.site)
+        return ok(
+            call=call_to_wire(call, site, internal=True),
+            ice_servers=ice_servers(self.settings.webrtc, claims.sub, time.time()),
+        )
+
+    async def call_decline(self, sid: str, payload: Any) -> Json:
+        claims = self.sessions[sid].claims
+        call = await self.calls.decline(claims.site, claims.sub, call_id_from_wire(payload))
+        return ok(call=call_to_wire(call, self.presence.site(claims.site), internal=True))
+
+    async def call_hangup(self, sid: str, payload: Any) -> Json:
+        session = self.sessions[sid]
+        claims = session.claims
+        call = await self.calls.hangup(claims.site, claims.sub, call_id_from_wire(payload))
+        session.calls.discard(call.call_id)
+        return ok(call=call_to_wire(call, self.presence.site(claims.site), internal=True))
+
+    async def rtc_signal(self, sid: str, payload: Any) -> Json:
+        claims = self.sessions[sid].claims
+        _, signal = signal_from_wire(payload)
+        await self.calls.relay_signal(claims.site, claims.sub, sid, True, signal)
+        return ok()
 
     async def on_presence(self, change: PresenceChange) -> None:
         p = change.presence
@@ -257,3 +316,114 @@ class BoardNamespace(BaseNamespace):
             namespace=self.namespace,
             ignore_queue=True,
         )
+
+
+class VisitorNamespace(BaseNamespace):
+    """``/visitor``: a visitor in a browser call (idle watchers use the availability feed)."""
+
+    roles = VISITOR_ROLES
+    rate = (5.0, 10.0)
+    starts_per_minute = 5
+
+    def __init__(
+        self, tokens: TokenService, metrics: Metrics, presence: PresenceService, calls: CallService
+    ) -> None:
+        super().__init__("/visitor", tokens, metrics)
+        self.presence = presence
+        self.calls = calls
+        self.events = {
+            "call:start": self.call_start,
+            "call:cancel": self.call_cancel,
+            "rtc:signal": self.rtc_signal,
+        }
+
+    async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
+        self.presence.site(claims.site)
+        await self.enter_room(sid, visitor_room(claims.site, claims.sub))
+        return None
+
+    async def on_leave(self, sid: str, session: Session) -> None:
+        claims = session.claims
+        for call_id in session.calls:
+            try:
+                await self.calls.cancel(claims.site, claims.sub, call_id, "visitor_left")
+            except ApiError:
+                pass  # already over
+
+    async def call_start(self, sid: str, payload: Any) -> Json:
+        session = self.sessions[sid]
+        claims = session.claims
+        request = call_request_from_wire(payload)
+        store_ok = await self.calls.allow_start(claims.site, claims.sub, self.starts_per_minute)
+        if not store_ok:
+            raise ApiError(429, "rate_limited", "too many calls started; wait a minute")
+        for call_id in list(session.calls):
+            current = await self.calls.get(call_id)
+            if not current.final:
+                raise ApiError(409, "call_in_progress", "you already have a call going")
+            session.calls.discard(call_id)
+        call = await self.calls.start(claims.site, claims.sub, sid, request)
+        session.calls.add(call.call_id)
+        return ok(call=call_to_wire(call, self.presence.site(claims.site)))
+
+    async def call_cancel(self, sid: str, payload: Any) -> Json:
+        claims = self.sessions[sid].claims
+        call = await self.calls.cancel(
+            claims.site, claims.sub, call_id_from_wire(payload), "visitor_hung_up"
+        )
+        return ok(call=call_to_wire(call, self.presence.site(claims.site)))
+
+    async def rtc_signal(self, sid: str, payload: Any) -> Json:
+        claims = self.sessions[sid].claims
+        _, signal = signal_from_wire(payload)
+        await self.calls.relay_signal(claims.site, claims.sub, sid, False, signal)
+        return ok()
+
+
+class SocketCallNotifier:
+    """Delivers call events to the parties' sockets on whichever node they are connected:
+    socket.io's Redis manager carries each emit to the other nodes."""
+
+    def __init__(self, server: socketio.AsyncServer, sites: Mapping[str, Site]) -> None:
+        self.server = server
+        self.sites = sites
+
+    async def call_update(self, call: Call) -> None:
+        site = self.sites[call.site]
+        await self.server.emit(
+            "call:update",
+            call_to_wire(call, site),
+            to=visitor_room(call.site, call.visitor_id),
+            namespace="/visitor",
+        )
+        internal = call_to_wire(call, site, internal=True)
+        if call.agent_id is not None:
+            await self.server.emit(
+                "call:update", internal, to=agent_room(call.site, call.agent_id), namespace="/agent"
+            )
+        await self.server.emit("call:update", internal, to=site_room(call.site), namespace="/board")
+
+    async def ring(self, call: Call, payload: Json) -> None:
+        assert call.agent_id is not None
+        await self.server.emit(
+            "call:ring", payload, to=agent_room(call.site, call.agent_id), namespace="/agent"
+        )
+
+    async def ring_stop(self, call: Call, agent_id: str, reason: str) -> None:
+        await self.server.emit(
+            "call:ring_stop",
+            {"call_id": call.call_id, "reason": reason},
+            to=agent_room(call.site, agent_id),
+            namespace="/agent",
+        )
+
+    async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
+        if to_agent:
+            await self.server.emit("rtc:signal", payload, to=call.agent_sid, namespace="/agent")
+        else:
+            await self.server.emit(
+                "rtc:signal",
+                payload,
+                to=visitor_room(call.site, call.visitor_id),
+                namespace="/visitor",
+            )

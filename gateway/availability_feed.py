@@ -1,0 +1,187 @@
+"""What the website button may promise, pushed to every idle page view watching a site.
+
+The many idle widgets are not socket.io clients: each is one Server-Sent Events response
+held open inside its connection's own request handler, with no task, queue or timer of its
+own. A presence change marks the site dirty; shortly after (coalescing bursts) the node
+computes the availability once per watched filter, encodes it once, and writes the same
+bytes to every watcher, yielding to the event loop every few hundred writes so a broadcast
+never stalls the node. A watcher whose socket cannot keep up is dropped, not buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.codec import Json, iso
+from gateway.presence_service import PresenceChange, PresenceService
+from gateway.routing import RoutingSnapshot, availability
+from gateway.tasks import TaskGroup
+
+log = logging.getLogger(__name__)
+
+# (site, language, branch): each distinct filter a widget asked for is computed once.
+FeedKey = tuple[str, str | None, str | None]
+
+WRITES_PER_SLICE = 256
+MAX_BUFFERED_BYTES = 64 * 1024
+
+
+@dataclass(eq=False, slots=True)
+class Watcher:
+    response: web.StreamResponse
+    transport: asyncio.Transport
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def close(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def availability_json(presence: PresenceService, key: FeedKey, now: float) -> Json:
+    site_id, language, branch = key
+    site = presence.site(site_id)
+    snap = RoutingSnapshot(site=site, presence=presence.snapshot(site_id))
+    a = availability(snap, now, language=language, branch=branch)
+    return {
+        "available": a.available,
+        "channels": [c.value for c in a.channels],
+        "agents_available": a.agents_available,
+        "estimated_wait_s": a.estimated_wait_s,
+        "open": a.open,
+        "next_open_at": iso(a.next_open_at),
+    }
+
+
+def sse_frame(data: Json) -> bytes:
+    return (
+        b"event: availability\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    )
+
+
+class AvailabilityFeed:
+    def __init__(
+        self,
+        presence: PresenceService,
+        clock: Callable[[], float] = time.time,
+        coalesce_s: float = 0.05,
+        keepalive_s: float = 20.0,
+        max_watchers: int = 50_000,
+    ) -> None:
+        self._presence = presence
+        self._clock = clock
+        self._coalesce_s = coalesce_s
+        self._keepalive_s = keepalive_s
+        self.max_watchers = max_watchers
+        self._watchers: dict[FeedKey, set[Watcher]] = {}
+        self._last: dict[FeedKey, bytes] = {}
+        self._dirty: set[str] = set()
+        self._tasks = TaskGroup("availability")
+        self.broadcast_seconds: list[float] = []  # for metrics and benchmarks
+        presence.add_listener(self._on_presence)
+
+    @property
+    def watcher_count(self) -> int:
+        return sum(len(w) for w in self._watchers.values())
+
+    def current(self, key: FeedKey) -> Json:
+        return availability_json(self._presence, key, self._clock())
+
+    # --- watchers ------------------------------------------------------------------------------
+
+    async def watch(
+        self, request: web.Request, key: FeedKey, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Serve one watcher until it goes away; runs in the connection's own handler."""
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # tell nginx not to buffer the stream
+                **headers,
+            }
+        )
+        await response.prepare(request)
+        frame = self._last.get(key) or sse_frame(self.current(key))
+        self._last[key] = frame
+        await response.write(b"retry: 5000\n" + frame)
+        transport = request.transport
+        if transport is None:
+            return response
+        watcher = Watcher(response, transport)
+        self._watchers.setdefault(key, set()).add(watcher)
+        try:
+            await watcher.done
+        finally:
+            group = self._watchers.get(key)
+            if group is not None:
+                group.discard(watcher)
+                if not group:
+                    del self._watchers[key]
+        return response
+
+    # --- changes -------------------------------------------------------------------------------
+
+    async def _on_presence(self, change: PresenceChange) -> None:
+        site = change.presence.site
+        if site in self._dirty or not any(k[0] == site for k in self._watchers):
+            return
+        self._dirty.add(site)
+        self._tasks.spawn(self._flush_later(site), f"flush-{site}")
+
+    async def _flush_later(self, site: str) -> None:
+        await asyncio.sleep(self._coalesce_s)  # one broadcast for a burst of changes
+        self._dirty.discard(site)
+        await self.flush(site)
+
+    async def flush(self, site: str | None = None, keepalive: bool = False) -> None:
+        now = self._clock()
+        for key in [k for k in self._watchers if site is None or k[0] == site]:
+            frame = sse_frame(availability_json(self._presence, key, now))
+            if frame == self._last.get(key):
+                if not keepalive:
+                    continue
+                frame = b": keepalive\n\n"
+            else:
+                self._last[key] = frame
+            await self._broadcast(key, frame)
+
+    async def _broadcast(self, key: FeedKey, frame: bytes) -> None:
+        started = time.perf_counter()
+        watchers = list(self._watchers.get(key, ()))
+        for i, watcher in enumerate(watchers):
+            transport = watcher.transport
+            if transport.is_closing() or transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
+                watcher.close()  # gone, or too slow to keep: it reconnects by itself
+                continue
+            try:
+                await watcher.response.write(frame)
+            except (ConnectionError, RuntimeError):
+                watcher.close()
+            if i % WRITES_PER_SLICE == WRITES_PER_SLICE - 1:
+                await asyncio.sleep(0)  # let the node breathe between slices
+        self.broadcast_seconds.append(time.perf_counter() - started)
+        del self.broadcast_seconds[:-100]
+
+    async def run_keepalive(self) -> None:
+        """Proxies close silent streams; this also catches branches opening or closing."""
+        while True:
+            await asyncio.sleep(self._keepalive_s)
+            try:
+                await self.flush(keepalive=True)
+            except Exception:
+                log.exception("availability keepalive failed")
+
+    async def close(self) -> None:
+        for group in list(self._watchers.values()):
+            for watcher in list(group):
+                watcher.close()
+        await self._tasks.close()

@@ -1,0 +1,66 @@
+"""Runs durable timers (ring timeouts, and later callbacks) on whichever node claims them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from gateway.store.base import Store
+
+log = logging.getLogger(__name__)
+
+TimerHandler = Callable[[str], Awaitable[None]]
+
+
+class TimerLoop:
+    """Polls the store for due timers; each is leased, handled, then finished. A node that
+    dies mid-handler lets the lease lapse and another node handles the timer again, so
+    handlers must be idempotent (the call transitions are: a stale one is refused)."""
+
+    def __init__(
+        self,
+        store: Store,
+        interval_s: float = 0.1,
+        lease_s: float = 15.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._interval_s = interval_s
+        self._lease_s = lease_s
+        self._clock = clock
+        self._handlers: dict[str, TimerHandler] = {}
+
+    def on(self, kind: str, handler: TimerHandler) -> None:
+        """``handler`` gets the timer id without its ``kind:`` prefix."""
+        self._handlers[kind] = handler
+
+    async def run_once(self) -> int:
+        due = await self._store.claim_timers(self._clock(), self._lease_s)
+        for timer_id in due:
+            kind, _, rest = timer_id.partition(":")
+            handler = self._handlers.get(kind)
+            if handler is None:
+                log.error("no handler for timer %s; dropping it", timer_id)
+                await self._store.finish_timer(timer_id)
+                continue
+            try:
+                await handler(rest)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timer %s failed; it will run again after its lease", timer_id)
+                continue
+            await self._store.finish_timer(timer_id)
+        return len(due)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("claiming timers failed: %r", e)
+            await asyncio.sleep(self._interval_s)
