@@ -31,6 +31,7 @@ from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
 from gateway.tasks import TaskGroup
 from gateway.timers import TimerLoop
+from gateway.visitor_api import cors_middleware
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ def allowed_origins(settings: Settings) -> list[str]:
 
 
 def create_app(settings: Settings, store: Store | None = None) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[error_middleware, cors_middleware]
+    )
     store = store or build_store(settings)
     metrics = Metrics()
     tokens = TokenService(settings.auth)
@@ -150,7 +153,9 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
             await manager.close()
 
     async def disconnect_clients(app: web.Application) -> None:
-        # Before aiohttp closes connections: sockets leave cleanly while the store is open.
+        # Before aiohttp waits for open requests: sockets leave while the store is open,
+        # and availability streams end.
+        await feed.close_watchers()
         await sio.shutdown()
 
     app.cleanup_ctx.append(open_store)

@@ -180,8 +180,12 @@ class AvailabilityFeed:
             except Exception:
                 log.exception("availability keepalive failed")
 
-    async def close(self) -> None:
+    async def close_watchers(self) -> None:
+        """End every stream, so that a shutting-down server is not held open by them."""
         for group in list(self._watchers.values()):
             for watcher in list(group):
                 watcher.close()
+
+    async def close(self) -> None:
+        await self.close_watchers()
         await self._tasks.close()

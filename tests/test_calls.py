@@ -1,0 +1,380 @@
+"""Browser calls with real socket.io clients: routing, ringing, accept, decline, timeout,
+signaling, hang-up, abuse; on one node of each store and across two nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+import socketio
+
+from conftest import Node, NodeFactory, SocketClient, make_settings, mint
+from gateway.settings import Settings
+
+ORIGIN = {"Origin": "http://127.0.0.1:8080"}
+
+
+def fast_ring(settings: Settings, ring_timeout_s: float = 3.0) -> Settings:
+    sites = {k: replace(s, ring_timeout_s=ring_timeout_s) for k, s in settings.sites.items()}
+    return replace(settings, sites=sites)
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def node(request: pytest.FixtureRequest, nodes: NodeFactory, tmp_path: Path) -> Node:
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    return await nodes(fast_ring(make_settings(tmp_path, redis_url=url)))
+
+
+async def session(
+    http: aiohttp.ClientSession, node: Node, visitor_id: str | None = None
+) -> dict[str, Any]:
+    body = {"visitor_id": visitor_id} if visitor_id else {}
+    r = await http.post(f"{node.url}/v1/sites/acme/sessions", json=body, headers=ORIGIN)
+    assert r.status == 201, await r.text()
+    data: dict[str, Any] = await r.json()
+    return data
+
+
+async def agent(
+    clients: Callable[[], SocketClient], node: Node, name: str, state: str = "available"
+) -> SocketClient:
+    c = clients()
+    await c.connect(node.url, "/agent", {"token": mint(node.settings, name), "state": state})
+    await c.next("presence:update", lambda p: p["agent_id"] == name)
+    return c
+
+
+async def visitor(clients: Callable[[], SocketClient], node: Node, token: str) -> SocketClient:
+    c = clients()
+    await c.connect(node.url, "/visitor", {"token": token})
+    return c
+
+
+def state_is(state: str) -> Callable[[Any], bool]:
+    return lambda call: call["state"] == state
+
+
+async def test_a_visitor_reaches_the_best_agent_talks_and_hangs_up(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    # Ben speaks German; Anna doesn't. A German-speaking visitor rings Ben first.
+    anna = await agent(clients, node, "anna")
+    ben = await agent(clients, node, "ben")
+    s = await session(http, node)
+    assert s["visitor_id"].startswith("v_") and s["ice_servers"] == []
+    v = await visitor(clients, node, s["token"])
+
+    ack = await v.call(
+        "call:start", {"language": "de", "page": "https://acme.example/plans"}, "/visitor"
+    )
+    assert ack["ok"] and ack["call"]["state"] == "ringing"
+    assert ack["call"]["agent"] == {"name": "Ben", "branch": "Berlin"}
+    assert all(not e["event"] == "routed" for e in ack["call"]["timeline"]), "reasons are internal"
+    ring = await ben.next("call:ring")
+    assert ring["visitor"] == {
+        "id": s["visitor_id"],
+        "language": "de",
+        "page": "https://acme.example/plans",
+        "returning": False,
+        "last_agent": None,
+    }
+    assert "speaks de" in ring["reasons"]
+    assert anna.queue("call:ring").empty(), "one agent rings at a time"
+    call_id = ring["call_id"]
+
+    accepted = await ben.call("call:accept", {"call_id": call_id}, "/agent")
+    assert accepted["ok"] and accepted["call"]["state"] == "connected"
+    assert any(e["event"] == "routed" for e in accepted["call"]["timeline"]), "agents see reasons"
+    update = await v.next("call:update", state_is("connected"))
+    assert update["agent"]["name"] == "Ben"
+    on_call = await ben.next("presence:update", lambda p: p["status"] == "on_call")
+    assert on_call["channels"] == []
+
+    # Signals pass between the two parties only.
+    offer = {"call_id": call_id, "description": {"type": "offer", "sdp": "v=0\r\n"}}
+    assert (await v.call("rtc:signal", offer, "/visitor"))["ok"]
+    assert await ben.next("rtc:signal") == offer
+    answer = {"call_id": call_id, "description": {"type": "answer", "sdp": "v=0\r\n"}}
+    assert (await ben.call("rtc:signal", answer, "/agent"))["ok"]
+    assert await v.next("rtc:signal") == answer
+    cand = {
+        "call_id": call_id,
+        "candidate": {
+            "candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host",
+            "sdpMid": "0",
+            "sdpMLineIndex": 0,
+        },
+    }
+    assert (await ben.call("rtc:signal", cand, "/agent"))["ok"]
+    assert (await v.next("rtc:signal"))["candidate"]["sdpMid"] == "0"
+    denied = await anna.call("rtc:signal", answer, "/agent")
+    assert denied["error"]["code"] == "forbidden"
+    other = await visitor(clients, node, (await session(http, node))["token"])
+    denied = await other.call("rtc:signal", offer, "/visitor")
+    assert denied["error"]["code"] == "forbidden"
+    assert ben.queue("rtc:signal").empty()
+
+    done = await ben.call("call:hangup", {"call_id": call_id}, "/agent")
+    assert done["call"]["state"] == "completed" and done["call"]["reason"] == "agent_hung_up"
+    assert (await v.next("call:update", state_is("completed")))["reason"] == "agent_hung_up"
+    await ben.next("presence:update", lambda p: p["status"] == "available")
+
+    # The same visitor comes back: Ben again (sticky), and he sees they are returning.
+    s2 = await session(http, node, s["visitor_id"])
+    assert s2["visitor_id"] == s["visitor_id"]
+    v2 = await visitor(clients, node, s2["token"])
+    again = await v2.call("call:start", {"language": "en"}, "/visitor")
+    assert again["call"]["agent"]["name"] == "Ben"
+    ring2 = await ben.next("call:ring")
+    assert ring2["visitor"]["returning"] and ring2["visitor"]["last_agent"] == "Ben"
+    assert "served this visitor before" in ring2["reasons"]
+
+
+async def test_decline_and_timeout_ring_the_next_agent_then_a_callback_is_offered(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    anna = await agent(clients, node, "anna")
+    carla = await agent(clients, node, "carla")
+    v = await visitor(clients, node, (await session(http, node))["token"])
+    ack = await v.call("call:start", {}, "/visitor")
+    first_name = ack["call"]["agent"]["name"]
+    first, second = (anna, carla) if first_name == "Anna" else (carla, anna)
+    ring = await first.next("call:ring")
+    declined = await first.call("call:decline", {"call_id": ring["call_id"]}, "/agent")
+    assert declined["ok"]
+    await first.next("call:ring_stop", lambda m: m["reason"] == "declined")
+    ring2 = await second.next("call:ring")
+    assert ring2["call_id"] == ring["call_id"]
+    ringing_second = await v.next(
+        "call:update", lambda c: c["state"] == "ringing" and c["agent"]["name"] != first_name
+    )
+    assert ringing_second["agent"]["name"] != first_name
+    # The second agent lets it ring out (3 s); nobody is left: a callback offer, no dead end.
+    started = time.monotonic()
+    failed = await v.next("call:update", state_is("failed"), timeout=10)
+    assert 2.5 < time.monotonic() - started < 6
+    assert failed["reason"] == "no_agent_answered"
+    assert failed["callback_offer"] is not None
+    await second.next("call:ring_stop", lambda m: m["reason"] == "no_answer")
+    assert [e["event"] for e in failed["timeline"]] == [
+        "requested",
+        "ringing",
+        "declined",
+        "ringing",
+        "no_answer",
+        "no_agent",
+    ]
+    # A declined agent can still accept nothing: the call is over.
+    late = await first.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+    assert late["error"]["code"] == "not_ringing"
+
+
+async def test_nobody_free_means_a_callback_offer_at_once(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    await agent(clients, node, "anna", state="busy")
+    v = await visitor(clients, node, (await session(http, node))["token"])
+    ack = await v.call("call:start", {}, "/visitor")
+    assert ack["call"]["state"] == "failed" and ack["call"]["reason"] == "all_busy"
+    assert ack["call"]["callback_offer"] is not None
+
+
+async def test_visitor_leaving_while_ringing_frees_the_agent(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    anna = await agent(clients, node, "anna")
+    v = await visitor(clients, node, (await session(http, node))["token"])
+    await v.call("call:start", {}, "/visitor")
+    ring = await anna.next("call:ring")
+    await v.sio.disconnect()
+    assert (await anna.next("call:ring_stop"))["call_id"] == ring["call_id"]
+    # Anna is free again at once (her reservation is released), so the next visitor rings her.
+    v2 = await visitor(clients, node, (await session(http, node))["token"])
+    ack = await v2.call("call:start", {}, "/visitor")
+    assert ack["call"]["state"] == "ringing"
+
+
+async def test_agent_dropping_mid_call_ends_it(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    anna = await agent(clients, node, "anna")
+    v = await visitor(clients, node, (await session(http, node))["token"])
+    await v.call("call:start", {}, "/visitor")
+    ring = await anna.next("call:ring")
+    await anna.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+    await anna.sio.disconnect()
+    ended = await v.next("call:update", state_is("completed"))
+    assert ended["reason"] == "agent_left"
+
+
+async def test_visitor_abuse_is_refused(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    s = node.settings
+    r = await http.post(
+        f"{node.url}/v1/sites/acme/sessions", json={}, headers={"Origin": "https://evil.example"}
+    )
+    assert r.status == 403 and (await r.json())["error"]["code"] == "origin_not_allowed"
+    r = await http.post(f"{node.url}/v1/sites/acme/sessions", json={})
+    assert r.status == 403, "no Origin, no session"
+    r = await http.post(f"{node.url}/v1/sites/nope/sessions", json={}, headers=ORIGIN)
+    assert r.status == 404
+    # An expired visitor token is refused at connect.
+    now = int(time.time())
+    expired = jwt.encode(
+        {
+            "sub": "v_x",
+            "site": "acme",
+            "role": "visitor",
+            "aud": "membrane",
+            "iss": s.auth.issuer,
+            "iat": now - 3600,
+            "exp": now - 600,
+        },
+        s.auth.secret,
+        algorithm="HS256",
+    )
+    c = socketio.AsyncClient(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await c.connect(
+            node.url, namespaces=["/visitor"], auth={"token": expired}, transports=["websocket"]
+        )
+    await c.disconnect()
+    # An agent token is not a visitor token.
+    c = socketio.AsyncClient(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await c.connect(
+            node.url,
+            namespaces=["/visitor"],
+            auth={"token": mint(s, "anna")},
+            transports=["websocket"],
+        )
+    await c.disconnect()
+
+    await agent(clients, node, "anna", state="away")
+    v = await visitor(clients, node, (await session(http, node))["token"])
+    bad = await v.call("call:start", {"language": 42}, "/visitor")
+    assert bad["error"]["code"] == "invalid_payload"
+    bad = await v.call("call:start", {"location": {"lat": 200, "lon": 0}}, "/visitor")
+    assert bad["error"]["code"] == "invalid_payload"
+    bad = await v.call(
+        "rtc:signal",
+        {"call_id": "c_nope", "description": {"type": "offer", "sdp": "x"}},
+        "/visitor",
+    )
+    assert bad["error"]["code"] == "not_found"
+    bad = await v.call("rtc:signal", {"call_id": "c_x"}, "/visitor")
+    assert bad["error"]["code"] == "invalid_payload"
+    # A flood of call:start from one visitor is cut off.
+    codes = []
+    for _ in range(8):
+        ack = await v.call("call:start", {}, "/visitor")
+        codes.append(ack["ok"] or ack["error"]["code"])
+    assert "rate_limited" in codes
+    assert codes[:5] == [True] * 5, (
+        "nobody free: each ends at once with an offer, so not in progress"
+    )
+
+
+async def test_one_agent_never_rings_for_two_visitors(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Ten visitors on two nodes press the button at the same instant; one agent is free."""
+    settings = fast_ring(make_settings(tmp_path, redis_url=redis_url))
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    anna = await agent(clients, a, "anna")
+    visitors = []
+    for i in range(10):
+        n = a if i % 2 else b
+        visitors.append(await visitor(clients, n, (await session(http, n))["token"]))
+    acks = await asyncio.gather(*(v.call("call:start", {}, "/visitor") for v in visitors))
+    states = sorted(ack["call"]["state"] for ack in acks)
+    assert states.count("ringing") == 1 and states.count("failed") == 9, states
+    ring = await anna.next("call:ring")
+    with pytest.raises(TimeoutError):
+        await anna.next("call:ring", timeout=0.5)
+    assert ring["call_id"] in {ack["call"]["call_id"] for ack in acks}
+
+
+async def test_a_call_across_two_nodes(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    settings = fast_ring(make_settings(tmp_path, redis_url=redis_url))
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    anna = await agent(clients, b, "anna")
+    board = clients()
+    from gateway.model import Role
+
+    await board.connect(a.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    v = await visitor(clients, a, (await session(http, a))["token"])
+    ack = await v.call("call:start", {}, "/visitor")
+    assert ack["call"]["state"] == "ringing"
+    ring = await anna.next("call:ring")
+    await anna.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+    await v.next("call:update", state_is("connected"))
+    await board.next("call:update", state_is("connected"))
+    await board.next(
+        "presence:update", lambda p: p["agent_id"] == "anna" and p["status"] == "on_call"
+    )
+    offer = {"call_id": ring["call_id"], "description": {"type": "offer", "sdp": "v=0\r\n"}}
+    await v.call("rtc:signal", offer, "/visitor")
+    assert await anna.next("rtc:signal") == offer
+    await v.call("call:cancel", {"call_id": ring["call_id"]}, "/visitor")
+    ended = await anna.next("call:update", state_is("completed"))
+    assert ended["reason"] == "visitor_hung_up"
+    await board.next(
+        "presence:update", lambda p: p["agent_id"] == "anna" and p["status"] == "available"
+    )
+
+
+async def test_availability_json_and_live_stream(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    r = await http.get(f"{node.url}/v1/sites/acme/availability", headers=ORIGIN)
+    assert r.headers["Access-Control-Allow-Origin"] == ORIGIN["Origin"]
+    body = await r.json()
+    assert body["available"] is False and body["agents_available"] == 0 and body["open"] is True
+    r = await http.get(
+        f"{node.url}/v1/sites/acme/availability", headers={"Origin": "https://evil.example"}
+    )
+    assert "Access-Control-Allow-Origin" not in r.headers
+    r = await http.get(f"{node.url}/v1/sites/acme/availability?branch=nowhere")
+    assert r.status == 400
+
+    async with http.get(f"{node.url}/v1/sites/acme/availability/stream?language=de") as stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+
+        async def next_event() -> dict[str, Any]:
+            import json
+
+            while True:
+                line = (await stream.content.readline()).decode()
+                if line.startswith("data: "):
+                    data: dict[str, Any] = json.loads(line[6:])
+                    return data
+
+        first = await asyncio.wait_for(next_event(), 5)
+        assert first["available"] is False
+        ben = await agent(clients, node, "ben")
+        now_free = await asyncio.wait_for(next_event(), 5)
+        assert now_free["available"] is True and now_free["channels"] == ["webrtc"]
+        await ben.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
+        gone = await asyncio.wait_for(next_event(), 5)
+        assert gone["available"] is False
