@@ -79,10 +79,10 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     events = EventRouter()
     events.on(PRESENCE_EVENT, presence.on_event)
 
-    async def count_presence_change(event: object) -> None:
+    async def count_presence_change(change: object) -> None:
         metrics.presence_changes.inc()
 
-    events.on(PRESENCE_EVENT, count_presence_change)
+    presence.add_listener(count_presence_change)
 
     manager = (
         ObservedRedisManager(settings.redis_url, channel="m:sio") if settings.redis_url else None

@@ -6,6 +6,7 @@ docs/PROTOCOL.md live in one module and bad input becomes one ``invalid_payload`
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,12 @@ MAX_PRIORITY = 127
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
+    return _iso(ts)
+
+
+@functools.lru_cache(maxsize=65536)
+def _iso(ts: float) -> str:
+    # The same device times are encoded again on every presence change of their agent.
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 

@@ -193,21 +193,25 @@ class PresenceService:
             await self._store.save_status(
                 agent.site, agent.agent_id, presence.status, presence.since, presence.idle_since
             )
+        await self._apply(presence)
         await self._store.publish(presence_event(presence))
         return presence
 
-    # --- events from any node (this one included) ---------------------------------------------
+    # --- changes, this node's own and other nodes' ---------------------------------------------
 
     async def on_event(self, event: Json) -> None:
+        """A change made on another node."""
         site = self._sites.get(event.get("site", ""))
         agent = site.agents.get(event.get("agent_id", "")) if site else None
         if agent is None:
             return  # a node with another config; not ours to show
-        presence = presence_from_event(event, agent)
-        previous = self._cache[agent.site].get(agent.agent_id)
+        await self._apply(presence_from_event(event, agent))
+
+    async def _apply(self, presence: Presence) -> None:
+        previous = self._cache[presence.site].get(presence.agent_id)
         if previous is not None and previous.rev > presence.rev:
             return  # an older change that arrived late
-        self._cache[agent.site][agent.agent_id] = presence
+        self._cache[presence.site][presence.agent_id] = presence
         await self._notify(presence)
 
     async def _notify(self, presence: Presence) -> None:

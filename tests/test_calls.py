@@ -14,8 +14,8 @@ import aiohttp
 import jwt
 import pytest
 import socketio
-
 from conftest import Node, NodeFactory, SocketClient, make_settings, mint
+
 from gateway.settings import Settings
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
@@ -88,7 +88,8 @@ class Store(Protocol):
 
     # --- events between nodes -------------------------------------------------------------
     async def publish(self, event: Json) -> None:
-        """Deliver to this node's handler first, then to every other node's."""
+        """Deliver to every other node's handler (never back to this one: the sender handles
+        its own change first, with the typed object in hand, as python-socketio does)."""
 
     # --- durable records ------------------------------------------------------------------
     async def put_call(self, row: CallRow) -> bool:
@@ -130,7 +131,17 @@ REV_FIELD = "~rev"
 
 
 def encode_device(device: Device) -> str:
-    return json.dumps(asdict(device), separators=(",", ":"))
+    return json.dumps(
+        {
+            "device_id": device.device_id,
+            "kind": device.kind.value,
+            "state": device.state.value,
+            "priority": device.priority,
+            "last_seen": device.last_seen,
+            "expires_at": device.expires_at,
+        },
+        separators=(",", ":"),
+    )
 
 
 def decode_device(raw: str | bytes) -> Device:

@@ -184,8 +184,7 @@ class EmbeddedStore:
     # --- events ------------------------------------------------------------------------------
 
     async def publish(self, event: Json) -> None:
-        if self._on_event is not None:
-            await self._on_event(event)
+        return None  # there are no other nodes
 
     # --- durable records ---------------------------------------------------------------------
 

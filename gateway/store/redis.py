@@ -361,8 +361,6 @@ class RedisStore:
     # --- events ------------------------------------------------------------------------------
 
     async def publish(self, event: Json) -> None:
-        if self._on_event is not None:
-            await self._on_event(event)
         envelope = {"node": self.node_id, "event": event}
         await self._redis.publish(EVENTS_CHANNEL, json.dumps(envelope, separators=(",", ":")))
 
