@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.codec import DeviceUpdate, Json, presence_to_wire
 from gateway.errors import forbidden, not_found
@@ -26,9 +26,9 @@ from gateway.model import (
     PresenceStatus,
     Site,
 )
-from gateway.presence import aggregate, status_changed
+from gateway.presence import aggregate, effective_device, is_live, status_changed
 from gateway.settings import PresenceSettings
-from gateway.store.base import DeviceRef, Store
+from gateway.store.base import DeviceRef, Expectation, Store
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,42 @@ class PresenceService:
         device = Device(
             update.device_id, update.kind, update.state, update.priority, now, now + ttl
         )
-        record = await self._store.put_device(site_id, agent_id, device)
-        return await self._commit(agent, record, now)
+        cached = self._cache[site_id].get(agent_id)
+        if cached is None:
+            record = await self._store.put_device(site_id, agent_id, device)
+            return await self._commit(agent, record, now)
+        # Predict the new record from this node's cache; the store checks the prediction
+        # and, when it holds (nearly always), saves and publishes in the same round trip.
+        predicted = PresenceRecord(
+            devices=(*(d for d in cached.devices if d.device_id != device.device_id), device),
+            active_call=cached.active_call,
+            status=cached.status,
+            since=cached.since,
+            idle_since=cached.idle_since,
+            rev=cached.rev + 1,
+        )
+        presence = aggregate(agent, predicted, now)
+        expect = Expectation(
+            rev=predicted.rev,
+            live=tuple(sorted(d.device_id for d in predicted.devices if is_live(d, now))),
+            now=now,
+            status=(presence.status, presence.since, presence.idle_since)
+            if status_changed(predicted, presence)
+            else None,
+            event={
+                k: v for k, v in presence_event(presence).items() if k not in ("devices", "rev")
+            },
+        )
+        done, record = await self._store.put_device_if(site_id, agent_id, device, expect)
+        if not done:
+            return await self._commit(agent, record, now)
+        presence = replace(
+            presence,
+            devices=tuple(effective_device(d, now) for d in record.devices),
+            rev=record.rev,
+        )
+        await self._apply(presence)
+        return presence
 
     async def remove_device(self, site_id: str, agent_id: str, device_id: str) -> Presence:
         agent = self.agent(site_id, agent_id)

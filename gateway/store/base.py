@@ -40,6 +40,20 @@ class DeviceRef:
 
 
 @dataclass(frozen=True, slots=True)
+class Expectation:
+    """What a node predicted an agent's record to be after its write (see put_device_if)."""
+
+    rev: int
+    live: tuple[str, ...]
+    """Ids of the devices live at ``now``, sorted."""
+    now: float
+    status: tuple[PresenceStatus, float, float] | None
+    """Status, since and idle_since to save, when the status bookkeeping changed."""
+    event: Json
+    """The presence event without ``devices`` and ``rev``."""
+
+
+@dataclass(frozen=True, slots=True)
 class CallRow:
     """A call as stored: indexable columns plus the serialized call (gateway.calls codec)."""
 
@@ -61,6 +75,15 @@ class Store(Protocol):
 
     # --- presence: short-lived, shared by all nodes ---------------------------------------
     async def put_device(self, site: str, agent_id: str, device: Device) -> PresenceRecord: ...
+
+    async def put_device_if(
+        self, site: str, agent_id: str, device: Device, expect: Expectation
+    ) -> tuple[bool, PresenceRecord]:
+        """Write the device and, in the same atomic step, if the agent is then at
+        ``expect.rev`` with exactly ``expect.live`` devices live, save ``expect.status`` and
+        publish ``expect.event`` (the store adds the devices and revision): the common case
+        of a presence change in one round trip. Otherwise only the device is written and
+        the caller aggregates the returned record itself."""
 
     async def remove_device(self, site: str, agent_id: str, device_id: str) -> PresenceRecord: ...
 

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.model import Device, PresenceRecord, PresenceStatus
-from gateway.store.base import CallRow, DeviceRef, EventHandler, Json, ResyncHandler, StoreHealth
+from gateway.presence import is_live
+from gateway.store.base import (
+    CallRow,
+    DeviceRef,
+    EventHandler,
+    Expectation,
+    Json,
+    ResyncHandler,
+    StoreHealth,
+)
 
 T = TypeVar("T")
 
@@ -125,6 +134,18 @@ class EmbeddedStore:
         entry.devices[device.device_id] = device
         heapq.heappush(self._lapses, (device.expires_at, site, agent_id, device.device_id))
         return self._record(entry)
+
+    async def put_device_if(
+        self, site: str, agent_id: str, device: Device, expect: Expectation
+    ) -> tuple[bool, PresenceRecord]:
+        record = await self.put_device(site, agent_id, device)
+        live = tuple(sorted(d.device_id for d in record.devices if is_live(d, expect.now)))
+        if record.rev != expect.rev or live != expect.live:
+            return False, record
+        if expect.status is not None:
+            await self.save_status(site, agent_id, *expect.status)
+            record = self._agents[(site, agent_id)].record
+        return True, record
 
     async def remove_device(self, site: str, agent_id: str, device_id: str) -> PresenceRecord:
         entry = self._agent(site, agent_id)

