@@ -165,11 +165,12 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         except ApiError as e:
             self.metrics.errors.labels(e.code).inc()
             raise socketio.exceptions.ConnectionRefusedError(
-                {"code": e.code, "message": e.message}
+                e.message, {"code": e.code, "message": e.message}
             ) from None
         except UNAVAILABLE_ERRORS:
+            message = "the store is unreachable; retry"
             raise socketio.exceptions.ConnectionRefusedError(
-                {"code": "store_unavailable", "message": "the store is unreachable; retry"}
+                message, {"code": "store_unavailable", "message": message}
             ) from None
         self.sessions[sid] = Session(claims, device, TokenBucket(*self.rate))
         self.metrics.sockets.labels(self.namespace).inc()

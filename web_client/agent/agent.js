@@ -1,0 +1,655 @@
+/* Membrane agent app: presence, ringing, browser calls (the agent answers), supervisor board.
+ * Talks to the gateway over socket.io namespaces /agent and /board; see web_client/README.md. */
+(() => {
+  "use strict";
+  const $ = (id) => document.getElementById(id);
+  const TOKEN_KEY = "membrane.agent.token"; // sessionStorage: gone when the tab closes
+  const STATE_KEY = "membrane.agent.state."; // + agent id, localStorage: the last state chosen here
+  const STATES = ["available", "away", "busy", "dnd"];
+  const FINAL = ["completed", "failed", "canceled"];
+  const STATUS_ORDER = ["available", "on_call", "busy", "away", "dnd", "offline"];
+  const CHANNEL_NAMES = { webrtc: "browser", pstn: "phone" };
+  const STATE_NAMES = { available: "Available", away: "Away", busy: "Busy", dnd: "Do not disturb", offline: "Offline" };
+
+  /** Exposed for tests and debugging. */
+  const MA = (window.MembraneAgent = { pc: null, socket: null, board: null, presence: null, call: null });
+
+  let token = null;
+  let claims = null; // decoded for display only; the gateway checks the signature
+  let socket = null;
+  let presence = null;
+  let presenceSeen = false; // a presence:update arrived since connecting
+  const rings = new Map(); // call_id -> {data, el, timer}
+  const early = new Map(); // call_id -> rtc:signal that came before our accept was acknowledged
+  let current = null; // {id, ring, call, pc, mic, media, signals, connectedAt}
+
+  // ---- helpers ------------------------------------------------------------------------------
+  function h(name, props, ...kids) {
+    const el = document.createElement(name);
+    for (const [k, v] of Object.entries(props || {})) {
+      if (v == null || v === false) continue;
+      if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+      else if (k === "text") el.textContent = v;
+      else el.setAttribute(k === "testid" ? "data-testid" : k, v === true ? "" : v);
+    }
+    el.append(...kids.filter((x) => x != null));
+    return el;
+  }
+  const time = (iso) => {
+    const d = new Date(iso);
+    return isNaN(d) ? "" : d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  };
+  function ago(iso) {
+    const t = Date.parse(iso);
+    if (isNaN(t)) return "";
+    const s = Math.max(0, Math.round((Date.now() - t) / 1000));
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min`;
+    return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  }
+  const clock = (ms) => {
+    const s = Math.max(0, Math.floor(ms / 1000));
+    return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+  };
+  const human = (status) => String(status || "").replace(/_/g, " ");
+  const errorText = (e) =>
+    e ? `${e.message || "Something went wrong"}${e.code ? ` (${e.code})` : ""}` : "Something went wrong";
+
+  function decodeJwt(t) {
+    try {
+      const part = t.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const json = decodeURIComponent(
+        [...atob(part)].map((c) => `%${c.charCodeAt(0).toString(16).padStart(2, "0")}`).join(""),
+      );
+      const payload = JSON.parse(json);
+      return payload && typeof payload === "object" ? payload : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /** The {code, message} of a refused connection: err.data, or parsed from a server that put
+   * it only in the message; null for network trouble, which socket.io retries by itself. */
+  function refusal(err) {
+    if (err && err.data && err.data.code) return err.data;
+    const text = (err && err.message) || "";
+    const code = /["']code["']: ["'](\w+)["']/.exec(text);
+    if (!code) return null;
+    const message = /["']message["']: ["']([^"']*)["']/.exec(text);
+    return { code: code[1], message: message ? message[1] : text };
+  }
+
+  /** emit with an acknowledgement; resolves to the ack, or {ok:false} on timeout. */
+  async function ask(sock, event, payload) {
+    try {
+      return (await sock.timeout(10000).emitWithAck(event, payload)) || { ok: false };
+    } catch {
+      return { ok: false, error: { code: "timeout", message: "The gateway did not answer" } };
+    }
+  }
+
+  function showError(e) {
+    const el = $("error");
+    el.textContent = typeof e === "string" ? e : errorText(e);
+    el.hidden = false;
+  }
+  const clearError = () => { $("error").hidden = true; $("error").textContent = ""; };
+  const banner = (text) => { $("conn").textContent = text || ""; $("conn").hidden = !text; };
+  const announce = (text) => { $("announce").textContent = text; };
+  const storage = (s) => ({
+    get: (k) => { try { return s.getItem(k); } catch { return null; } },
+    set: (k, v) => { try { v == null ? s.removeItem(k) : s.setItem(k, v); } catch { /* blocked */ } },
+  });
+  const session = storage(window.sessionStorage);
+  const local = storage(window.localStorage);
+  const stateKey = () => STATE_KEY + ((claims && claims.sub) || "");
+  const chosenState = () => (STATES.includes(local.get(stateKey())) ? local.get(stateKey()) : "available");
+
+  // ---- ringing sound (WebAudio; needs one user gesture first) --------------------------------
+  const ringer = {
+    ctx: null,
+    out: null,
+    timer: 0,
+    unlock() {
+      try {
+        const AC = window.AudioContext || window.webkitAudioContext;
+        if (!this.ctx && AC) this.ctx = new AC();
+        if (this.ctx && this.ctx.state === "suspended") this.ctx.resume();
+      } catch { /* no audio: the ring card still shows */ }
+    },
+    beep(at, seconds) {
+      const ctx = this.ctx;
+      const t = ctx.currentTime + at;
+      for (const f of [440, 480]) {
+        const osc = ctx.createOscillator();
+        const gain = ctx.createGain();
+        osc.frequency.value = f;
+        gain.gain.setValueAtTime(0, t);
+        gain.gain.linearRampToValueAtTime(0.12, t + 0.02);
+        gain.gain.setValueAtTime(0.12, t + seconds - 0.03);
+        gain.gain.linearRampToValueAtTime(0, t + seconds);
+        osc.connect(gain).connect(this.out);
+        osc.start(t);
+        osc.stop(t + seconds);
+      }
+    },
+    start() {
+      if (this.timer || !this.ctx) return;
+      this.out = this.ctx.createGain();
+      this.out.connect(this.ctx.destination);
+      const pattern = () => { this.beep(0, 0.4); this.beep(0.6, 0.4); };
+      pattern();
+      this.timer = setInterval(pattern, 3000);
+    },
+    stop() {
+      clearInterval(this.timer);
+      this.timer = 0;
+      if (this.out) this.out.disconnect(); // cuts a beep that is playing now
+      this.out = null;
+    },
+  };
+  document.addEventListener("pointerdown", () => ringer.unlock(), { once: true });
+  document.addEventListener("keydown", () => ringer.unlock(), { once: true });
+
+  // ---- sign in and out ----------------------------------------------------------------------
+  function showSignIn(error) {
+    $("signin-view").hidden = false;
+    $("app-view").hidden = true;
+    $("who").hidden = true;
+    banner("");
+    if (error) showError(error);
+    $("token").focus();
+  }
+
+  function signIn(t) {
+    t = (t || "").trim();
+    const c = decodeJwt(t);
+    if (!c) return showSignIn("That does not look like a Membrane token (a JWT with three parts).");
+    if (c.exp && c.exp * 1000 < Date.now() - 60000) {
+      session.set(TOKEN_KEY, null);
+      return showSignIn("This token has expired. Mint a new one with membrane token --agent <id>.");
+    }
+    if (typeof window.io !== "function") return showSignIn("The socket.io client did not load.");
+    clearError();
+    token = t;
+    claims = c;
+    session.set(TOKEN_KEY, t);
+    ringer.unlock();
+    banner("Connecting…");
+    $("state").value = chosenState();
+    disconnectAll();
+    presenceSeen = false;
+    const s = window.io(`${location.origin}/agent`, {
+      auth: (cb) => cb({ token, state: chosenState() }),
+      transports: ["websocket"],
+    });
+    socket = MA.socket = s;
+    s.on("connect", () => {
+      banner("");
+      clearError();
+      showApp();
+      presenceSeen = false;
+      loadPresence();
+    });
+    s.on("connect_error", (err) => {
+      const why = refusal(err);
+      if (why || !s.active) {
+        disconnectAll();
+        if (!why || ["invalid_token", "forbidden", "unknown_agent"].includes(why.code)) session.set(TOKEN_KEY, null);
+        showSignIn(why || { code: "network", message: "Could not reach the gateway" });
+      } else {
+        banner("Can't reach the gateway. Retrying…");
+      }
+    });
+    s.on("disconnect", (reason) => {
+      if (reason === "io client disconnect") return;
+      if (reason === "io server disconnect") {
+        disconnectAll();
+        showSignIn("The gateway closed the connection. Sign in again.");
+      } else {
+        banner("Connection lost. Reconnecting…");
+      }
+    });
+    s.on("presence:update", (p) => {
+      if (!p || (claims && p.agent_id && p.agent_id !== claims.sub)) return;
+      presenceSeen = true;
+      renderPresence(p);
+    });
+    s.on("call:ring", addRing);
+    s.on("call:ring_stop", (m) => m && removeRing(m.call_id, m.reason));
+    s.on("call:update", onCallUpdate);
+    s.on("rtc:signal", onSignal);
+    s.on("error", (e) => showError(e));
+  }
+
+  /** The presence as it is now, in case no presence:update comes right after connecting. */
+  async function loadPresence() {
+    try {
+      const r = await fetch("/v1/agents/me", { headers: { Authorization: `Bearer ${token}` } });
+      if (r.ok && !presenceSeen) renderPresence(await r.json());
+    } catch { /* the socket's updates are enough */ }
+  }
+
+  function showApp() {
+    $("signin-view").hidden = true;
+    $("app-view").hidden = false;
+    $("who").hidden = false;
+    $("who-name").textContent = `${claims.sub}${claims.role === "supervisor" ? " · supervisor" : ""} · ${claims.site || ""}`;
+    $("tab-board").hidden = claims.role !== "supervisor";
+    document.querySelector('[role="tablist"]').hidden = claims.role !== "supervisor";
+    if (claims.role !== "supervisor") selectTab("me");
+  }
+
+  function disconnectAll() {
+    if (socket) socket.disconnect();
+    socket = MA.socket = null;
+    if (boardSock) boardSock.disconnect();
+    boardSock = MA.board = null;
+    for (const id of [...rings.keys()]) removeRing(id);
+    if (current) endMedia();
+  }
+
+  function signOut() {
+    if (current && !isFinal(current.call) && !confirm("You are in a call. Hang up and sign out?")) return;
+    if (current && !isFinal(current.call) && socket) socket.emit("call:hangup", { call_id: current.id });
+    disconnectAll();
+    current = null;
+    $("call").hidden = true;
+    session.set(TOKEN_KEY, null);
+    token = claims = null;
+    $("token").value = "";
+    clearError();
+    showSignIn();
+  }
+
+  // ---- presence -----------------------------------------------------------------------------
+  function ownDeviceId() {
+    return socket && socket.id ? `desktop-${socket.id.slice(0, 8)}` : null;
+  }
+
+  function renderPresence(p) {
+    presence = MA.presence = p;
+    $("me-name").textContent = p.name || p.agent_id;
+    $("me-branch").textContent = p.branch ? `· ${p.branch}` : "";
+    const st = $("status");
+    st.textContent = human(p.status);
+    st.dataset.status = p.status;
+    const ch = p.channels || [];
+    $("channels").textContent = ch.length ? ch.map((c) => CHANNEL_NAMES[c] || c).join(", ") : "nothing right now";
+    const own = ownDeviceId();
+    const mine = (p.devices || []).find((d) => d.device_id === own);
+    if (mine && STATES.includes(mine.state)) $("state").value = mine.state;
+    $("devices").replaceChildren(...(p.devices || []).map((d) => deviceRow(d, d.device_id === own)));
+    if (!(p.devices || []).length) $("devices").append(h("li", { class: "muted" }, "No devices online."));
+  }
+
+  function deviceRow(d, isOwn) {
+    const label = `${d.kind}${isOwn ? " (this browser)" : ""}`;
+    let control = null;
+    if (d.kind === "mobile") {
+      const id = `dev-${d.device_id}`;
+      const sel = h("select", { id, "data-device": d.device_id, onchange: () => setMobile(d.device_id, sel) },
+        ...[...STATES, "offline"].map((s) => h("option", { value: s }, STATE_NAMES[s])));
+      sel.value = d.state;
+      control = h("span", {}, h("label", { for: id, class: "sr-only" }, `State of ${d.device_id}`), sel);
+    }
+    return h("li", { class: "device" },
+      h("span", { class: "device-name" }, h("strong", {}, label), h("span", { class: "muted" }, ` ${d.device_id}`)),
+      h("span", { class: "pill small", "data-status": d.state }, human(d.state)),
+      control,
+      h("span", { class: "muted small", title: d.last_seen || "" }, d.last_seen ? `seen ${ago(d.last_seen)} ago` : ""));
+  }
+
+  async function setOwnState() {
+    const state = $("state").value;
+    local.set(stateKey(), state);
+    if (!socket || !socket.connected) return; // sent with the next connect
+    const res = await ask(socket, "presence:set", { kind: "desktop", state });
+    if (res.ok) {
+      clearError();
+      if (res.presence) renderPresence(res.presence);
+    } else {
+      showError(res.error);
+    }
+  }
+
+  async function setMobile(deviceId, select) {
+    if (!socket) return;
+    const res = await ask(socket, "presence:set", { device_id: deviceId, kind: "mobile", state: select.value });
+    if (res.ok && res.presence) renderPresence(res.presence);
+    else if (!res.ok) showError(res.error);
+  }
+
+  // ---- ringing ------------------------------------------------------------------------------
+  function addRing(r) {
+    if (!r || !r.call_id || rings.has(r.call_id)) return;
+    const v = r.visitor || {};
+    const pageOk = /^https?:\/\//i.test(v.page || "");
+    const who = v.last_agent ? `Spoke with ${v.last_agent} before` : v.returning ? "Returning visitor" : "New visitor";
+    const countdown = h("span", { class: "countdown" });
+    const acceptBtn = h("button", { type: "button", class: "primary", testid: "agent-accept", onclick: () => accept(r.call_id) }, "Accept");
+    const declineBtn = h("button", { type: "button", testid: "agent-decline", onclick: () => decline(r.call_id) }, "Decline");
+    if (current && !isFinal(current.call)) acceptBtn.disabled = true;
+    const el = h("section", { class: "card ring", testid: "agent-ring", "aria-label": "Incoming call", "data-call-id": r.call_id },
+      h("div", { class: "card-head" }, h("h2", {}, r.channel === "callback" ? "Callback request" : "Incoming call"), countdown),
+      h("dl", { class: "facts" },
+        h("dt", {}, "Visitor"), h("dd", {}, who),
+        h("dt", {}, "Language"), h("dd", {}, v.language || "unknown"),
+        h("dt", {}, "Page"), h("dd", {}, pageOk
+          ? h("a", { href: v.page, target: "_blank", rel: "noopener noreferrer" }, v.page)
+          : v.page || "unknown"),
+        r.reasons && r.reasons.length ? h("dt", {}, "Why you") : null,
+        r.reasons && r.reasons.length ? h("dd", {}, h("ul", { class: "reasons" }, ...r.reasons.map((x) => h("li", {}, x)))) : null),
+      h("div", { class: "row" }, acceptBtn, declineBtn));
+    const entry = { data: r, el, timer: 0 };
+    const expires = Date.parse(r.expires_at);
+    const tick = () => {
+      if (isNaN(expires)) return;
+      const left = Math.ceil((expires - Date.now()) / 1000);
+      countdown.textContent = left > 0 ? `${left} s to answer` : "Missed";
+      if (left <= -2) removeRing(r.call_id, "timeout"); // the gateway normally says so first
+    };
+    tick();
+    entry.timer = setInterval(tick, 500);
+    rings.set(r.call_id, entry);
+    $("rings").append(el);
+    selectTab("me");
+    ringer.start();
+    document.title = "☎ Incoming call · Membrane";
+    announce(`Incoming call. ${who}. Language ${v.language || "unknown"}.`);
+  }
+
+  function removeRing(id, reason) {
+    const entry = rings.get(id);
+    if (!entry) return;
+    clearInterval(entry.timer);
+    entry.el.remove();
+    rings.delete(id);
+    if (reason && reason !== "accepted" && !(current && current.id === id)) {
+      announce(`The call was ${reason === "answered_elsewhere" ? "answered elsewhere" : "withdrawn"}.`);
+    }
+    if (!rings.size) {
+      ringer.stop();
+      document.title = "Membrane · Agent";
+    }
+  }
+
+  async function accept(id) {
+    const entry = rings.get(id);
+    if (!entry || !socket) return;
+    ringer.stop();
+    entry.el.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+    early.set(id, []);
+    const res = await ask(socket, "call:accept", { call_id: id });
+    removeRing(id, "accepted");
+    if (!res.ok) {
+      early.delete(id);
+      return showError(res.error);
+    }
+    clearError();
+    startCall(entry.data, res.call || { call_id: id, state: "connected" }, res.ice_servers || []);
+  }
+
+  async function decline(id) {
+    const entry = rings.get(id);
+    if (!entry || !socket) return;
+    entry.el.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+    const res = await ask(socket, "call:decline", { call_id: id });
+    removeRing(id, "declined");
+    if (!res.ok && res.error && res.error.code !== "not_found") showError(res.error);
+  }
+
+  // ---- the call (the agent answers the visitor's offer) -------------------------------------
+  const isFinal = (c) => !!c && FINAL.includes(c.state);
+
+  function startCall(ring, call, iceServers) {
+    if (current) endMedia();
+    const pc = new RTCPeerConnection({ iceServers });
+    current = { id: call.call_id, ring, call, pc, mic: null, signals: Promise.resolve(), connectedAt: 0 };
+    MA.pc = pc;
+    MA.call = call;
+    const id = call.call_id;
+    pc.onicecandidate = (e) => {
+      if (e.candidate && socket) socket.emit("rtc:signal", { call_id: id, candidate: e.candidate.toJSON() });
+    };
+    pc.ontrack = (e) => {
+      const audio = $("remote-audio");
+      audio.srcObject = e.streams[0] || new MediaStream([e.track]);
+      audio.play().catch(() => { /* allowed after the click on Accept */ });
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === "failed" && current && current.pc === pc) {
+        showError("The audio connection failed (no network path to the visitor).");
+      }
+    };
+    const cur = current;
+    cur.media = navigator.mediaDevices
+      .getUserMedia({ audio: true })
+      .then((stream) => {
+        if (current !== cur || pc.signalingState === "closed") return stream.getTracks().forEach((t) => t.stop());
+        cur.mic = stream;
+        for (const t of stream.getTracks()) pc.addTrack(t, stream);
+      })
+      .catch((e) => showError(`Microphone unavailable: ${e.message || e.name}. The visitor will not hear you.`));
+    $("mute").setAttribute("aria-pressed", "false");
+    $("mute").textContent = "Mute";
+    renderCall(call);
+    $("call").hidden = false;
+    $("hangup").focus();
+    for (const m of early.get(id) || []) onSignal(m);
+    early.delete(id);
+  }
+
+  function onSignal(m) {
+    if (!m || !m.call_id) return;
+    if (!current || current.id !== m.call_id) {
+      if (early.has(m.call_id)) early.get(m.call_id).push(m);
+      return;
+    }
+    const cur = current;
+    const pc = cur.pc;
+    cur.signals = cur.signals
+      .then(async () => {
+        if (m.description) {
+          await pc.setRemoteDescription(m.description);
+          if (m.description.type === "offer") {
+            await cur.media;
+            await pc.setLocalDescription(await pc.createAnswer());
+            const d = pc.localDescription;
+            if (socket) socket.emit("rtc:signal", { call_id: cur.id, description: { type: d.type, sdp: d.sdp } });
+          }
+        } else if (m.candidate) {
+          await pc.addIceCandidate(m.candidate);
+        }
+      })
+      .catch((e) => console.warn("rtc:signal failed", e));
+  }
+
+  function onCallUpdate(c) {
+    if (!c || !c.call_id) return;
+    if (current && current.id === c.call_id) {
+      current.call = MA.call = c;
+      renderCall(c);
+      if (isFinal(c)) endMedia();
+    } else if (isFinal(c)) {
+      removeRing(c.call_id, c.state);
+    }
+  }
+
+  function renderCall(c) {
+    const st = $("call-state");
+    st.textContent = c.state;
+    st.dataset.status = c.state;
+    if (c.state === "connected" && !current.connectedAt) {
+      const t = (c.timeline || []).find((x) => x.event === "connected");
+      current.connectedAt = Math.min(Date.now(), (t && Date.parse(t.at)) || Date.now());
+    }
+    const v = (current.ring && current.ring.visitor) || {};
+    const facts = [
+      ["Visitor", v.last_agent ? `Spoke with ${v.last_agent} before` : v.returning ? "Returning visitor" : "New visitor"],
+      ["Language", v.language || "unknown"],
+      ["Page", v.page || "unknown"],
+      ["Channel", c.channel || (current.ring && current.ring.channel) || ""],
+    ];
+    $("call-visitor").replaceChildren(...facts.flatMap(([k, val]) => [h("dt", {}, k), h("dd", {}, val)]));
+    $("timeline").replaceChildren(...(c.timeline || []).map((e) =>
+      h("li", {}, h("time", { datetime: e.at || "" }, time(e.at)), " ", h("strong", {}, human(e.event)),
+        e.detail ? h("span", { class: "muted" }, ` · ${e.detail}`) : null)));
+    const done = isFinal(c);
+    $("mute").hidden = done || c.state !== "connected";
+    $("hangup").hidden = done;
+    $("dismiss").hidden = !done;
+    if (done && document.activeElement === $("hangup")) $("dismiss").focus();
+    tickTimer();
+  }
+
+  function tickTimer() {
+    if (!current) return;
+    const live = current.call && current.call.state === "connected";
+    if (current.connectedAt && live) current.endedAt = 0;
+    else if (current.connectedAt && !current.endedAt) current.endedAt = Date.now();
+    $("call-timer").textContent = current.connectedAt ? clock((current.endedAt || Date.now()) - current.connectedAt) : "";
+  }
+
+  function endMedia() {
+    if (!current) return;
+    if (current.pc) current.pc.close();
+    if (current.mic) current.mic.getTracks().forEach((t) => t.stop());
+    current.mic = null;
+    $("remote-audio").srcObject = null;
+  }
+
+  async function hangup() {
+    if (!current || !socket) return;
+    $("hangup").disabled = true;
+    const res = await ask(socket, "call:hangup", { call_id: current.id });
+    $("hangup").disabled = false;
+    if (res.ok && res.call) onCallUpdate(res.call);
+    else if (!res.ok) showError(res.error);
+    if (current && !isFinal(current.call)) {
+      endMedia();
+      current.call = { ...current.call, state: "completed" };
+      renderCall(current.call);
+    }
+  }
+
+  function toggleMute() {
+    if (!current || !current.mic) return;
+    const muted = $("mute").getAttribute("aria-pressed") !== "true";
+    for (const t of current.mic.getAudioTracks()) t.enabled = !muted;
+    $("mute").setAttribute("aria-pressed", String(muted));
+    $("mute").textContent = muted ? "Unmute" : "Mute";
+  }
+
+  function dismiss() {
+    current = null;
+    $("call").hidden = true;
+    $("state").focus();
+  }
+
+  // ---- supervisor board ---------------------------------------------------------------------
+  let boardSock = null;
+  const boardAgents = new Map();
+  const boardCalls = new Map();
+
+  function openBoard() {
+    if (boardSock || !token) return;
+    const s = window.io(`${location.origin}/board`, { auth: { token }, transports: ["websocket"] });
+    boardSock = MA.board = s;
+    $("board-conn").textContent = "connecting…";
+    s.on("connect", async () => {
+      $("board-conn").textContent = "live";
+      const res = await ask(s, "board:snapshot", {});
+      if (!res.ok) return showError(res.error);
+      boardAgents.clear();
+      for (const p of res.agents || []) boardAgents.set(p.agent_id, p);
+      for (const c of res.calls || []) boardCalls.set(c.call_id, c);
+      renderBoard();
+    });
+    s.on("connect_error", (err) => {
+      const why = refusal(err);
+      $("board-conn").textContent = why ? "refused" : "reconnecting…";
+      if (why) showError(why);
+    });
+    s.on("disconnect", () => { $("board-conn").textContent = "reconnecting…"; });
+    s.on("presence:update", (p) => {
+      if (p && p.agent_id) { boardAgents.set(p.agent_id, p); renderBoard(); }
+    });
+    s.on("call:update", (c) => {
+      if (c && c.call_id) { c._seen = Date.now(); boardCalls.set(c.call_id, c); renderBoard(); }
+    });
+  }
+
+  function renderBoard() {
+    const rank = (p) => { const i = STATUS_ORDER.indexOf(p.status); return i < 0 ? 99 : i; };
+    const agents = [...boardAgents.values()].sort((a, b) => rank(a) - rank(b) || String(a.name).localeCompare(b.name));
+    $("board-table").tBodies[0].replaceChildren(...agents.map((p) => h("tr", { "data-agent": p.agent_id },
+      h("td", {}, p.name || p.agent_id),
+      h("td", {}, p.branch || ""),
+      h("td", {}, h("span", { class: "pill small", "data-status": p.status }, human(p.status))),
+      h("td", {}, (p.channels || []).map((c) => CHANNEL_NAMES[c] || c).join(", ") || "—"),
+      h("td", { title: p.since || "" }, p.since ? ago(p.since) : ""))));
+    const cutoff = Date.now() - 120000; // finished calls stay on the board for two minutes
+    for (const [id, c] of boardCalls) if (isFinal(c) && (c._seen || 0) < cutoff) boardCalls.delete(id);
+    const calls = [...boardCalls.values()].reverse();
+    $("calls-table").tBodies[0].replaceChildren(...calls.map((c) => h("tr", {},
+      h("td", { title: c.call_id }, String(c.call_id).slice(0, 8)),
+      h("td", {}, c.channel || ""),
+      h("td", {}, h("span", { class: "pill small", "data-status": c.state }, human(c.state))),
+      h("td", {}, c.agent ? `${c.agent.name}${c.agent.branch ? `, ${c.agent.branch}` : ""}` : "—"),
+      h("td", {}, c._seen ? `${ago(new Date(c._seen).toISOString())} ago` : ""))));
+    $("calls-empty").hidden = calls.length > 0;
+  }
+
+  // ---- tabs ---------------------------------------------------------------------------------
+  function selectTab(name) {
+    for (const [tab, panel] of [["me", "me-panel"], ["board", "board-panel"]]) {
+      const on = tab === name;
+      $(`tab-${tab}`).setAttribute("aria-selected", String(on));
+      $(`tab-${tab}`).tabIndex = on ? 0 : -1;
+      $(panel).hidden = !on;
+    }
+    if (name === "board") openBoard();
+  }
+
+  // ---- wiring -------------------------------------------------------------------------------
+  $("signin-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    signIn($("token").value);
+  });
+  $("token").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); signIn($("token").value); }
+  });
+  $("signout").addEventListener("click", signOut);
+  $("state").addEventListener("change", setOwnState);
+  $("mute").addEventListener("click", toggleMute);
+  $("hangup").addEventListener("click", hangup);
+  $("dismiss").addEventListener("click", dismiss);
+  $("tab-me").addEventListener("click", () => selectTab("me"));
+  $("tab-board").addEventListener("click", () => selectTab("board"));
+  document.querySelector('[role="tablist"]').addEventListener("keydown", (e) => {
+    if (e.key !== "ArrowLeft" && e.key !== "ArrowRight") return;
+    if ($("tab-board").hidden) return;
+    const next = $("tab-me").getAttribute("aria-selected") === "true" ? "board" : "me";
+    selectTab(next);
+    $(`tab-${next}`).focus();
+  });
+  setInterval(tickTimer, 1000);
+  setInterval(() => { // refresh the "since" and "seen … ago" texts
+    if (!$("board-panel").hidden) renderBoard();
+    if (presence && !$("devices").contains(document.activeElement)) renderPresence(presence);
+  }, 15000);
+  window.addEventListener("beforeunload", (e) => {
+    if (current && !isFinal(current.call)) e.preventDefault();
+  });
+
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromHash) history.replaceState(null, "", location.pathname + location.search); // keep it out of history
+  const saved = fromHash || session.get(TOKEN_KEY);
+  if (saved) {
+    $("token").value = saved;
+    signIn(saved);
+  } else {
+    showSignIn();
+  }
+})();

@@ -1,0 +1,792 @@
+/*! Membrane click-to-call widget | Apache-2.0
+ * Embed: <script src="https://gateway.example/widget.js" data-site="acme" async></script>
+ * Options on the tag: data-language, data-branch, data-position (bottom-right | bottom-left |
+ * top-right | top-left), data-button="none" (API and panels only).
+ * API: window.Membrane.{onAvailabilityChange, call, callback, hangup, state}. See web_client/README.md.
+ */
+(() => {
+  "use strict";
+  const tag =
+    document.currentScript || document.querySelector('script[src*="widget.js"][data-site]');
+  if (!tag || !tag.dataset.site || (window.Membrane && window.Membrane.version)) return;
+
+  // ---- configuration ------------------------------------------------------------------------
+  const cfg = tag.dataset;
+  const site = cfg.site;
+  const gw = new URL(tag.src, location.href).origin;
+  const siteUrl = `${gw}/v1/sites/${encodeURIComponent(site)}`;
+  const query = new URLSearchParams();
+  if (cfg.language) query.set("language", cfg.language);
+  if (cfg.branch) query.set("branch", cfg.branch);
+  const qs = query.toString() ? `?${query}` : "";
+  const FINAL = ["completed", "failed", "canceled"];
+  const isFinal = (c) => !!c && FINAL.includes(c.state);
+  const VISITOR_KEY = "membrane.visitor_id";
+  const TICKET_KEY = "membrane.ticket";
+  const COUNTRIES = [
+    ["IE", "+353"], ["GB", "+44"], ["US", "+1"], ["DE", "+49"], ["FR", "+33"],
+    ["ES", "+34"], ["NL", "+31"], ["IT", "+39"], ["CA", "+1"],
+  ];
+  const MESSAGES = {
+    network: "We couldn't reach our phone system. Check your connection and try again.",
+    rate_limited: "Too many requests. Please wait a minute and try again.",
+    invalid_token: "Your session expired. Please try again.",
+    invalid_phone: "That doesn't look like a phone number. Check it and try again.",
+    number_not_allowed: "Sorry, we can't call that number. Try a number in a country we serve.",
+    not_found: "This request no longer exists.",
+    no_microphone: "We need your microphone to talk in the browser. Allow it, or let us call you back.",
+    unsupported: "Your browser can't make calls. We can call you back instead.",
+  };
+  const friendly = (e) =>
+    MESSAGES[e && e.code] || (e && e.message) || "Something went wrong. Please try again.";
+  /** The {code, message} of a refused socket.io connection (err.data, or a server that sent
+   * only a message); null for a network failure, which socket.io retries by itself. */
+  const refusal = (e) => {
+    if (e && e.data && e.data.code) return e.data;
+    const m = /["']code["']: ["'](\w+)["']/.exec((e && e.message) || "");
+    return m ? { code: m[1] } : null;
+  };
+
+  // ---- small helpers ------------------------------------------------------------------------
+  const raw = {
+    get: (k) => { try { return localStorage.getItem(k); } catch { return null; } },
+    set: (k, v) => {
+      try { v == null ? localStorage.removeItem(k) : localStorage.setItem(k, v); } catch { /* private mode */ }
+    },
+  };
+  const minutes = (s) => Math.max(1, Math.round(s / 60));
+  const hhmm = (d) => d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  /** "14:30" today, "Tue 14:30" on another day, in the visitor's own time zone. */
+  const when = (iso) => {
+    const d = new Date(iso);
+    if (isNaN(d)) return "";
+    const today = d.toDateString() === new Date().toDateString();
+    return today ? hhmm(d) : `${d.toLocaleDateString([], { weekday: "short" })} ${hhmm(d)}`;
+  };
+  /** "We open at 09:00" today, "We open Mon at 09:00" on another day. */
+  const opens = (iso) => {
+    const d = new Date(iso);
+    if (isNaN(d)) return "Schedule a call";
+    const day = d.toDateString() === new Date().toDateString() ? "" : `${d.toLocaleDateString([], { weekday: "short" })} `;
+    return `We open ${day}at ${hhmm(d)}`;
+  };
+  const clock = (ms) => {
+    const s = Math.max(0, Math.floor(ms / 1000));
+    return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+  };
+
+  function h(name, props, ...kids) {
+    const el = document.createElement(name);
+    for (const [k, v] of Object.entries(props || {})) {
+      if (v == null || v === false) continue;
+      if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+      else if (k === "text") el.textContent = v;
+      else el.setAttribute(k === "testid" ? "data-testid" : k, v === true ? "" : v);
+    }
+    el.append(...kids.filter((x) => x != null));
+    return el;
+  }
+
+  async function api(method, url, body, token) {
+    const headers = {};
+    if (body) headers["Content-Type"] = "application/json";
+    if (token) headers.Authorization = `Bearer ${token}`;
+    let r;
+    try {
+      r = await fetch(url, { method, headers, body: body ? JSON.stringify(body) : undefined });
+    } catch {
+      throw { code: "network", status: 0 };
+    }
+    let data = null;
+    try { data = await r.json(); } catch { /* empty body */ }
+    if (!r.ok) throw { status: r.status, ...((data && data.error) || { code: `http_${r.status}` }) };
+    return data;
+  }
+
+  // ---- state --------------------------------------------------------------------------------
+  let avail = null; // latest availability object
+  const listeners = new Set();
+  let session = null; // {token, visitor_id, expires_at, ice_servers}
+  let sock = null; // socket.io socket on /visitor, only while a browser call is live
+  let pc = null;
+  let mic = null; // local MediaStream
+  let call = null; // the live browser Call
+  let calling = 0; // generation of the browser call: bumped to abandon one still being set up
+  let busy = false; // a browser call is being set up or is live
+  let connectedAt = 0;
+  let signals = Promise.resolve(); // incoming rtc:signal, applied in order
+  let ticket = null; // {call_id, status_token, call}
+  let pollTimer = 0;
+  let slots = null; // callback slots (ISO strings), null = not loaded / unavailable
+  let prevFocus = null;
+
+  async function getSession() {
+    if (session && Date.parse(session.expires_at) - Date.now() > 30000) return session;
+    const body = {};
+    const known = raw.get(VISITOR_KEY);
+    if (known) body.visitor_id = known;
+    session = await api("POST", `${siteUrl}/sessions`, body);
+    raw.set(VISITOR_KEY, session.visitor_id);
+    return session;
+  }
+
+  // ---- DOM (Shadow DOM, so the host page's CSS cannot reach in) ------------------------------
+  const CSS = `
+:host{all:initial}
+*{box-sizing:border-box}
+.root{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f1f1f}
+button,input,select{font:inherit;color:inherit}
+[hidden]{display:none!important}
+:focus-visible{outline:3px solid #174ea6;outline-offset:2px;box-shadow:0 0 0 2px #fff}
+.fab,.panel{position:fixed;z-index:2147483000;right:20px;bottom:20px}
+.pos-left .fab,.pos-left .panel{right:auto;left:20px}
+.pos-top .fab{bottom:auto;top:20px}
+.fab{display:flex;align-items:center;gap:8px;padding:12px 20px;border:0;border-radius:999px;
+ background:#0b57d0;color:#fff;font-weight:600;cursor:pointer;box-shadow:0 4px 16px rgba(0,0,0,.28)}
+.fab:hover{background:#0842a0}
+.dot{width:10px;height:10px;border-radius:50%;background:#34c759;box-shadow:0 0 0 2px #fff}
+.sub{font-weight:400}
+.panel{bottom:84px;width:min(360px,calc(100vw - 24px));max-height:calc(100vh - 108px);overflow:auto;
+ background:#fff;border-radius:14px;padding:16px 18px 18px;box-shadow:0 10px 40px rgba(0,0,0,.32)}
+.pos-top .panel{bottom:auto;top:84px}
+.nobutton .panel{bottom:20px}
+.pos-top.nobutton .panel{top:20px}
+@media (max-width:420px){.fab{right:12px;bottom:12px}.pos-left .fab{left:12px}.pos-top .fab{top:12px}
+ .panel,.pos-left .panel{left:12px;right:12px;width:auto;bottom:72px}.pos-top .panel{top:72px}}
+.head{display:flex;align-items:center;justify-content:space-between;gap:8px;margin-bottom:6px}
+h2{margin:0;font-size:17px;font-weight:650;color:#1f1f1f}
+h2:focus{outline:none}
+.x{border:0;background:none;font-size:22px;line-height:1;width:36px;height:36px;border-radius:50%;cursor:pointer;color:#444}
+.x:hover{background:#eef}
+.status{margin:4px 0 2px;font-size:16px;font-weight:600}
+.muted{margin:2px 0;color:#4a4a4a;font-size:14px}
+.timer{font-variant-numeric:tabular-nums}
+.row{display:flex;gap:8px;flex-wrap:wrap;margin-top:12px}
+.btn{flex:1;min-height:42px;padding:8px 14px;border-radius:10px;border:1px solid #747775;background:#fff;cursor:pointer;font-weight:600}
+.btn:hover{background:#f2f2f2}
+.btn.primary{background:#0b57d0;border-color:#0b57d0;color:#fff}
+.btn.primary:hover{background:#0842a0}
+.btn.danger{background:#b3261e;border-color:#b3261e;color:#fff}
+.btn.danger:hover{background:#8c1d18}
+.btn[aria-pressed=true]{background:#1f1f1f;color:#fff}
+.btn:disabled{opacity:.6;cursor:default}
+label,legend{display:block;font-size:14px;font-weight:600;margin:12px 0 4px;padding:0}
+fieldset{border:0;margin:0;padding:0}
+.choice{display:flex;align-items:center;gap:6px;font-weight:400;margin:4px 0}
+.phone{display:flex;gap:6px}
+.phone select{flex:0 0 auto}
+input[type=tel],select{min-height:42px;padding:6px 8px;border:1px solid #747775;border-radius:8px;background:#fff;width:100%}
+.phone select{width:auto}
+input[aria-invalid=true]{border-color:#b3261e}
+.err{color:#b3261e;font-size:14px;margin:6px 0 0}
+ol{margin:10px 0 0;padding:0 0 0 18px;color:#4a4a4a;font-size:13px}
+li{margin:2px 0}
+`;
+  const pos = (cfg.position || "bottom-right").split("-");
+  const showButton = cfg.button !== "none";
+  const host = h("membrane-widget", {});
+  const shadow = host.attachShadow({ mode: "open" });
+  const root = h("div", {
+    class: `root${pos[0] === "top" ? " pos-top" : ""}${pos[1] === "left" ? " pos-left" : ""}${
+      showButton ? "" : " nobutton"}`,
+  });
+  shadow.append(h("style", { text: CSS }), root);
+
+  const btnDot = h("span", { class: "dot", "aria-hidden": "true", hidden: true });
+  const btnLabel = h("span", {});
+  const btnSub = h("span", { class: "sub" });
+  const button = h("button", {
+    type: "button", class: "fab", testid: "membrane-button", hidden: true,
+    "aria-haspopup": "dialog", "aria-expanded": "false", onclick: primaryAction,
+  }, btnDot, btnLabel, btnSub);
+
+  const title = h("h2", { id: "membrane-title", tabindex: "-1" });
+  const status = h("p", { class: "status", role: "status", "aria-live": "polite", testid: "membrane-status" });
+  const closeX = h("button", { type: "button", class: "x", "aria-label": "Close", onclick: () => closePanel() }, "×");
+
+  // the browser call
+  const detail = h("p", { class: "muted" });
+  const timer = h("p", { class: "muted timer", hidden: true });
+  const audio = h("audio", { autoplay: true });
+  const muteBtn = h("button", {
+    type: "button", class: "btn", testid: "membrane-mute", "aria-pressed": "false", onclick: toggleMute,
+  }, "Mute");
+  const hangupBtn = h("button", { type: "button", class: "btn danger", testid: "membrane-hangup", onclick: () => hangup() }, "Hang up");
+  const offerBtn = h("button", { type: "button", class: "btn primary", onclick: () => openForm("now") }, "Call me back");
+  const doneBtn = h("button", { type: "button", class: "btn", onclick: () => closePanel() }, "Close");
+  const callView = h("div", {}, detail, timer, audio, h("div", { class: "row" }, muteBtn, hangupBtn, offerBtn, doneBtn));
+
+  // the callback form
+  const country = h("select", { id: "membrane-country", testid: "membrane-country", "aria-label": "Country code" },
+    ...COUNTRIES.map(([c, code]) => h("option", { value: c }, `${c} ${code}`)));
+  const phoneErr = h("p", { id: "membrane-phone-error", class: "err", role: "alert", hidden: true });
+  const phone = h("input", {
+    id: "membrane-phone", type: "tel", autocomplete: "tel", inputmode: "tel", required: true,
+    testid: "membrane-phone", "aria-describedby": "membrane-phone-error", placeholder: "87 123 4567",
+  });
+  const nowLabel = h("span", {}, "Call me now");
+  const whenNow = h("input", { type: "radio", name: "when", value: "now", checked: true });
+  const whenAt = h("input", { type: "radio", name: "when", value: "at" });
+  const slotSelect = h("select", { id: "membrane-slot" });
+  const atChoice = h("label", { class: "choice", hidden: true }, whenAt, "At a time");
+  const slotRow = h("div", { hidden: true }, h("label", { for: "membrane-slot" }, "Time"), slotSelect);
+  const submitBtn = h("button", { type: "submit", class: "btn primary", testid: "membrane-submit" }, "Call me");
+  const form = h("form", { testid: "membrane-callback-form", novalidate: true, onsubmit: submitCallback },
+    h("label", { for: "membrane-phone" }, "Your phone number"),
+    h("div", { class: "phone" }, country, phone),
+    phoneErr,
+    h("fieldset", {}, h("legend", {}, "When should we call?"),
+      h("label", { class: "choice" }, whenNow, nowLabel), atChoice),
+    slotRow,
+    h("div", { class: "row" }, submitBtn));
+  form.addEventListener("change", () => { slotRow.hidden = !whenAt.checked; });
+
+  // the callback ticket
+  const eta = h("p", { class: "status", role: "status", "aria-live": "polite" });
+  const ticketInfo = h("p", { class: "muted" });
+  const timeline = h("ol", { "aria-label": "What happened so far" });
+  const cancelBtn = h("button", { type: "button", class: "btn", onclick: cancelCallback }, "Cancel my callback");
+  const ticketView = h("div", { testid: "membrane-ticket" }, eta, ticketInfo, timeline,
+    h("div", { class: "row" }, cancelBtn, h("button", { type: "button", class: "btn", onclick: () => closePanel() }, "Close")));
+
+  const views = { call: callView, form, ticket: ticketView };
+  const panel = h("div", {
+    class: "panel", role: "dialog", "aria-modal": "false", "aria-labelledby": "membrane-title",
+    testid: "membrane-panel", hidden: true,
+  }, h("div", { class: "head" }, title, closeX), status, callView, form, ticketView);
+  root.append(button, panel);
+  root.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && !panel.hidden) { e.stopPropagation(); closePanel(); }
+  });
+
+  // ---- panel --------------------------------------------------------------------------------
+  let view = null;
+  function openPanel(name, { focus = true } = {}) {
+    if (panel.hidden) prevFocus = shadow.activeElement || document.activeElement;
+    if (view !== name) say("");
+    view = name;
+    for (const [k, el] of Object.entries(views)) el.hidden = k !== name;
+    title.textContent = { call: "Talk to us", form: "We'll call you back", ticket: "Your callback" }[name];
+    panel.hidden = false;
+    button.setAttribute("aria-expanded", "true");
+    if (focus) (name === "form" ? phone : title).focus();
+  }
+  function closePanel() {
+    if (panel.hidden) return;
+    panel.hidden = true;
+    button.setAttribute("aria-expanded", "false");
+    const back = prevFocus && prevFocus !== document.body && prevFocus.isConnected ? prevFocus : button;
+    if (back && back.focus && !back.hidden) back.focus();
+    renderButton();
+  }
+  const say = (text) => { status.textContent = text; };
+
+  // ---- availability -------------------------------------------------------------------------
+  const canTalk = () =>
+    !!avail && avail.available && (avail.channels || []).includes("webrtc") && !!window.RTCPeerConnection;
+
+  function setAvailability(a) {
+    if (!a || typeof a !== "object" || JSON.stringify(a) === JSON.stringify(avail)) return;
+    avail = a;
+    renderButton();
+    for (const fn of listeners) notify(fn);
+  }
+  function notify(fn) {
+    try { fn({ ...avail }); } catch (e) { console.error("[membrane] availability listener failed", e); }
+  }
+
+  function renderButton() {
+    let label = "", sub = "", dot = false;
+    if (call && !isFinal(call)) {
+      label = call.state === "connected" ? "Back to your call" : "Your call";
+    } else if (ticket && !isFinal(ticket.call)) {
+      label = "Your callback";
+      sub = shortEta(ticket.call);
+    } else if (avail) {
+      if (canTalk()) {
+        label = "Talk to us now";
+        dot = true;
+      } else if (avail.open || avail.available) {
+        label = "Call me back";
+        if (avail.estimated_wait_s > 0) sub = `~${minutes(avail.estimated_wait_s)} min`;
+      } else {
+        label = avail.next_open_at ? opens(avail.next_open_at) : "Schedule a call";
+      }
+    }
+    btnLabel.textContent = label;
+    btnSub.textContent = sub;
+    btnSub.hidden = !sub;
+    btnDot.hidden = !dot;
+    button.hidden = !showButton || !label;
+  }
+
+  function primaryAction() {
+    const live = call && !isFinal(call) ? "call" : ticket && !isFinal(ticket.call) ? "ticket" : null;
+    const target = live || (canTalk() ? "call" : "form");
+    if (!panel.hidden && view === target && (live || target === "form")) return closePanel();
+    if (live) return openPanel(live);
+    if (canTalk()) return startCall();
+    return openForm(avail && !avail.open && !avail.available ? "at" : "now");
+  }
+
+  async function watchAvailability() {
+    try {
+      const r = await fetch(`${siteUrl}/availability${qs}`);
+      if (r.status === 404) return console.warn(`[membrane] unknown site "${site}"`);
+      if (r.ok) setAvailability(await r.json());
+    } catch { /* the stream below retries */ }
+    openStream();
+  }
+  let streamRetry = 0;
+  function openStream() {
+    if (!window.EventSource) return;
+    const es = new EventSource(`${siteUrl}/availability/stream${qs}`);
+    es.addEventListener("availability", (e) => {
+      streamRetry = 0;
+      try { setAvailability(JSON.parse(e.data)); } catch { /* ignore a bad frame */ }
+    });
+    // EventSource retries by itself after a dropped connection; it gives up only on an HTTP
+    // error, and then we try again later. Either way the last known state stays on screen.
+    es.onerror = () => {
+      if (es.readyState !== 2) return;
+      streamRetry = Math.min(streamRetry ? streamRetry * 2 : 5000, 300000);
+      setTimeout(openStream, streamRetry);
+    };
+  }
+
+  // ---- browser call (socket.io + WebRTC, the visitor offers) --------------------------------
+  let ioLoading = null;
+  function loadIo() {
+    if (!ioLoading) {
+      ioLoading = new Promise((resolve, reject) => {
+        const prev = window.io; // a host page's own socket.io stays untouched
+        const s = document.createElement("script");
+        s.src = `${gw}/static/vendor/socket.io.min.js`;
+        s.async = true;
+        s.onload = () => {
+          const io = window.io;
+          if (prev) window.io = prev;
+          io ? resolve(io) : reject({ code: "network" });
+        };
+        s.onerror = () => { ioLoading = null; reject({ code: "network" }); };
+        document.head.append(s);
+      });
+    }
+    return ioLoading;
+  }
+
+  function resetCallView() {
+    call = null;
+    connectedAt = 0;
+    detail.textContent = "";
+    timer.hidden = true;
+    muteBtn.setAttribute("aria-pressed", "false");
+    muteBtn.textContent = "Mute";
+    showControls({ live: true });
+  }
+  function showControls({ live = false, offer = false }) {
+    muteBtn.hidden = !(live && call && call.state === "connected");
+    hangupBtn.hidden = !live;
+    offerBtn.hidden = !offer;
+    doneBtn.hidden = live;
+  }
+
+  async function startCall() {
+    if (busy || (call && !isFinal(call))) return openPanel("call");
+    resetCallView();
+    openPanel("call");
+    say("Connecting…");
+    if (!window.RTCPeerConnection || !navigator.mediaDevices) return callError({ code: "unsupported" }, true);
+    busy = true;
+    const attempt = ++calling;
+    try {
+      await getSession();
+      const io = await loadIo();
+      if (attempt !== calling) return; // hung up while loading
+      const s = io(`${gw}/visitor`, {
+        auth: (cb) => getSession().then((x) => cb({ token: x.token }), () => cb({})),
+        transports: ["websocket"],
+      });
+      sock = s;
+      let started = false;
+      s.on("connect", () => {
+        if (started) return; // a reconnect: the gateway knows our call by the visitor id
+        started = true;
+        const payload = { page: location.href.slice(0, 500) };
+        if (cfg.language) payload.language = cfg.language;
+        if (cfg.branch) payload.branch = cfg.branch;
+        s.timeout(15000).emit("call:start", payload, (err, res) => {
+          if (err) return callError({ code: "network" });
+          if (res && res.ok) applyCall(res.call);
+          else callError(res && res.error);
+        });
+      });
+      s.on("connect_error", (e) => {
+        const why = refusal(e);
+        if (s.active && !why) return say("Reconnecting…");
+        if (why && why.code === "invalid_token") session = null;
+        callError(why || { code: "network" });
+      });
+      s.on("disconnect", (reason) => {
+        if (sock === s && call && !isFinal(call) && reason !== "io client disconnect") say("Reconnecting…");
+      });
+      s.on("call:update", (c) => { if (c && (!call || c.call_id === call.call_id)) applyCall(c); });
+      s.on("availability", setAvailability);
+      s.on("rtc:signal", (m) => { signals = signals.then(() => onSignal(m)).catch(rtcError); });
+      s.on("error", (e) => console.warn("[membrane]", e));
+    } catch (e) {
+      if (attempt === calling) callError(e);
+    }
+  }
+
+  function callError(e, offerCallback) {
+    endCall();
+    if (call && !isFinal(call)) call = { ...call, state: "failed" };
+    say(friendly(e));
+    detail.textContent = "";
+    showControls({ offer: !!offerCallback });
+    renderButton();
+  }
+
+  function applyCall(c) {
+    if (!c || !c.state) return;
+    call = c;
+    const agent = c.agent && c.agent.name;
+    const where = c.agent && c.agent.branch ? ` in ${c.agent.branch}` : "";
+    let text = "", more = "";
+    switch (c.state) {
+      case "queued":
+        text = "Finding someone for you…";
+        if (c.position) more = `You're number ${c.position} in line`;
+        if (c.eta_s) more += `${more ? " · " : ""}about ${minutes(c.eta_s)} min`;
+        break;
+      case "scheduled": text = c.scheduled_at ? `We'll call you at ${when(c.scheduled_at)}` : "Scheduled"; break;
+      case "ringing": text = agent ? `Ringing ${agent}${where}…` : "Ringing…"; break;
+      case "dialing": text = agent ? `Calling ${agent}${where}…` : "Calling…"; break;
+      case "connected":
+        text = agent ? `Connected with ${agent}` : "Connected";
+        if (!connectedAt) {
+          const t = (c.timeline || []).find((x) => x.event === "connected");
+          connectedAt = Math.min(Date.now(), (t && Date.parse(t.at)) || Date.now());
+        }
+        break;
+      case "completed": text = "Call ended"; more = c.reason || ""; break;
+      case "canceled": text = "Call canceled"; more = c.reason || ""; break;
+      case "failed":
+        text = c.callback_offer ? "Nobody could answer right now" : "The call could not be connected";
+        more = c.callback_offer
+          ? `We can call you back in about ${minutes(c.callback_offer.estimated_wait_s || 60)} min.`
+          : c.reason || "";
+        break;
+      default: text = c.state;
+    }
+    if (status.textContent !== text) say(text);
+    detail.textContent = more;
+    timer.hidden = !connectedAt;
+    if (isFinal(c)) {
+      endCall();
+      showControls({ offer: c.state === "failed" && !!c.callback_offer });
+    } else {
+      showControls({ live: true });
+      if (c.state === "connected" && !pc) startRtc().catch(rtcError);
+    }
+    renderButton();
+  }
+
+  function tick() {
+    if (connectedAt && call && call.state === "connected") timer.textContent = clock(Date.now() - connectedAt);
+  }
+  setInterval(tick, 1000);
+
+  async function startRtc() {
+    const callId = call.call_id;
+    pc = new RTCPeerConnection({ iceServers: (session && session.ice_servers) || [] });
+    Membrane._pc = pc;
+    const thisPc = pc;
+    pc.onicecandidate = (e) => {
+      if (e.candidate && sock) sock.emit("rtc:signal", { call_id: callId, candidate: e.candidate.toJSON() });
+    };
+    pc.ontrack = (e) => {
+      audio.srcObject = e.streams[0] || new MediaStream([e.track]);
+      audio.play().catch(() => { /* autoplay: the click on the button normally allows it */ });
+    };
+    pc.onconnectionstatechange = () => {
+      if (thisPc.connectionState === "failed" && call && !isFinal(call)) {
+        detail.textContent = "The audio connection failed. Hang up and try again, or ask us to call you.";
+      }
+    };
+    try {
+      mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch {
+      if (sock) sock.emit("call:cancel", { call_id: callId }); // sent before the socket closes
+      return callError({ code: "no_microphone" }, true);
+    }
+    if (pc !== thisPc) return mic.getTracks().forEach((t) => t.stop()); // ended meanwhile
+    for (const t of mic.getTracks()) pc.addTrack(t, mic);
+    await pc.setLocalDescription(await pc.createOffer());
+    const d = pc.localDescription;
+    sock.emit("rtc:signal", { call_id: callId, description: { type: d.type, sdp: d.sdp } });
+  }
+
+  async function onSignal(m) {
+    if (!m || !pc || !call || m.call_id !== call.call_id) return;
+    if (m.description) await pc.setRemoteDescription(m.description);
+    else if (m.candidate) await pc.addIceCandidate(m.candidate);
+  }
+  const rtcError = (e) => console.warn("[membrane] WebRTC:", e);
+
+  function toggleMute() {
+    if (!mic) return;
+    const muted = muteBtn.getAttribute("aria-pressed") !== "true";
+    for (const t of mic.getAudioTracks()) t.enabled = !muted;
+    muteBtn.setAttribute("aria-pressed", String(muted));
+    muteBtn.textContent = muted ? "Unmute" : "Mute";
+  }
+
+  /** Close the media and the socket: the call is over (or never started). */
+  function endCall() {
+    busy = false;
+    calling++;
+    if (pc) pc.close();
+    pc = null;
+    if (mic) mic.getTracks().forEach((t) => t.stop());
+    mic = null;
+    audio.srcObject = null;
+    if (sock) sock.disconnect();
+    sock = null;
+  }
+
+  /** Cancel or end the browser call, in any state that is not final. */
+  function hangup() {
+    return new Promise((resolve) => {
+      if (!call || !sock) { // still setting up: just stop
+        if (busy) {
+          endCall();
+          say("Call canceled");
+          showControls({});
+        }
+        renderButton();
+        return resolve(Membrane.state());
+      }
+      if (isFinal(call)) return resolve(Membrane.state());
+      hangupBtn.disabled = true;
+      sock.timeout(5000).emit("call:cancel", { call_id: call.call_id }, (err, res) => {
+        hangupBtn.disabled = false;
+        if (!err && res && res.ok && res.call) applyCall(res.call);
+        if (!isFinal(call)) applyCall({ ...call, state: "canceled" });
+        resolve(Membrane.state());
+      });
+    });
+  }
+
+  // ---- callback form and ticket (REST only) -------------------------------------------------
+  function guessCountry() {
+    const langs = navigator.languages || [navigator.language || ""];
+    for (const l of langs) {
+      const region = (l.split("-")[1] || "").toUpperCase();
+      if (COUNTRIES.some(([c]) => c === region)) return region;
+    }
+    const byLang = { ga: "IE", de: "DE", fr: "FR", es: "ES", nl: "NL", it: "IT", en: "US" };
+    return byLang[(langs[0] || "").split("-")[0]] || "IE";
+  }
+  country.value = guessCountry();
+
+  /** E.164 from what the visitor typed: "+…" and "00…" as given, else the country code
+   * with the national trunk 0 dropped (Italy keeps it). The gateway validates the result. */
+  function toE164(input, cc) {
+    let n = input.replace(/[\s().\-/]/g, "");
+    if (n.startsWith("00")) n = `+${n.slice(2)}`;
+    if (n.startsWith("+")) return n;
+    if (cc !== "IT") n = n.replace(/^0/, "");
+    return COUNTRIES.find(([c]) => c === cc)[1] + n;
+  }
+
+  async function loadSlots() {
+    try {
+      const data = await api("GET", `${siteUrl}/callback-slots${qs}`);
+      slots = Array.isArray(data && data.slots) ? data.slots : [];
+    } catch {
+      slots = [];
+    }
+    slotSelect.replaceChildren(...slots.map((s) => h("option", { value: s }, when(s))));
+    atChoice.hidden = !slots.length;
+    if (!slots.length && whenAt.checked) whenNow.checked = true;
+    slotRow.hidden = !whenAt.checked;
+  }
+
+  function openForm(mode) {
+    closedMessage();
+    phoneErr.hidden = true;
+    phone.removeAttribute("aria-invalid");
+    (mode === "at" && slots && slots.length ? whenAt : whenNow).checked = true;
+    slotRow.hidden = !whenAt.checked;
+    openPanel("form");
+    const wait = avail && avail.open && avail.estimated_wait_s > 0;
+    say(wait ? `About ${minutes(avail.estimated_wait_s)} min wait right now.` : "");
+    loadSlots().then(() => {
+      if (mode === "at" && slots.length) { whenAt.checked = true; slotRow.hidden = false; }
+    });
+  }
+  function closedMessage() {
+    nowLabel.textContent = avail && !avail.open && !avail.available ? "As soon as we open" : "Call me now";
+  }
+
+  function fieldError(e) {
+    phoneErr.textContent = friendly(e);
+    phoneErr.hidden = false;
+    if (e && (e.code === "invalid_phone" || e.code === "number_not_allowed" || e.code === "invalid_payload")) {
+      phone.setAttribute("aria-invalid", "true");
+      phone.focus();
+    }
+  }
+
+  async function submitCallback(ev) {
+    ev.preventDefault();
+    phoneErr.hidden = true;
+    phone.removeAttribute("aria-invalid");
+    if (!phone.value.trim()) return fieldError({ code: "invalid_phone", message: "" });
+    const body = { phone: toE164(phone.value.trim(), country.value) };
+    if (whenAt.checked && slotSelect.value) body.at = slotSelect.value;
+    if (cfg.language) body.language = cfg.language;
+    if (cfg.branch) body.branch = cfg.branch;
+    submitBtn.disabled = true;
+    say("Sending…");
+    try {
+      const s = await getSession();
+      const res = await api("POST", `${siteUrl}/callbacks`, body, s.token);
+      setTicket({ call_id: res.call_id, status_token: res.status_token, call: res.call });
+      openPanel("ticket");
+    } catch (e) {
+      if (e.code === "invalid_token") session = null;
+      say("");
+      fieldError(e);
+    } finally {
+      submitBtn.disabled = false;
+    }
+  }
+
+  function setTicket(t) {
+    ticket = t;
+    raw.set(TICKET_KEY, t && !isFinal(t.call)
+      ? JSON.stringify({ site, call_id: t.call_id, status_token: t.status_token }) : null);
+    renderTicket();
+    clearTimeout(pollTimer);
+    if (t && !isFinal(t.call)) pollTimer = setTimeout(poll, 5000);
+  }
+
+  async function poll() {
+    if (!ticket) return;
+    if (document.hidden) { pollTimer = setTimeout(poll, 5000); return; }
+    const t = ticket;
+    try {
+      const c = await api("GET", ticketUrl(t));
+      if (ticket === t) setTicket({ ...t, call: c });
+    } catch (e) {
+      if (ticket !== t) return;
+      if ([401, 403, 404].includes(e.status)) {
+        raw.set(TICKET_KEY, null);
+        ticket = null;
+        renderButton();
+        if (view === "ticket" && !panel.hidden) say(friendly({ code: "not_found" }));
+      } else {
+        pollTimer = setTimeout(poll, 5000);
+      }
+    }
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && ticket && !isFinal(ticket.call)) { clearTimeout(pollTimer); poll(); }
+  });
+  const ticketUrl = (t) => `${gw}/v1/calls/${encodeURIComponent(t.call_id)}?token=${encodeURIComponent(t.status_token)}`;
+
+  function shortEta(c) {
+    if (!c) return "";
+    if (c.state === "scheduled" && c.scheduled_at) return when(c.scheduled_at);
+    if (c.state === "queued" && c.eta_s) return `~${minutes(c.eta_s)} min`;
+    return "";
+  }
+
+  function renderTicket() {
+    renderButton();
+    if (!ticket) return;
+    const c = ticket.call || {};
+    const agent = c.agent && c.agent.name;
+    const texts = {
+      queued: c.eta_s ? `We'll call you in about ${minutes(c.eta_s)} min` : "We'll call you shortly",
+      scheduled: c.scheduled_at ? `We'll call you at ${when(c.scheduled_at)}` : "Your call is scheduled",
+      ringing: agent ? `${agent} will call you in a moment` : "We'll call you in a moment",
+      dialing: "We're calling you now",
+      connected: agent ? `You're on the phone with ${agent}` : "You're on the phone with us",
+      completed: "Done. Thanks for talking to us!",
+      failed: "We couldn't reach you",
+      canceled: "Your callback was canceled",
+    };
+    const text = texts[c.state] || c.state || "";
+    if (eta.textContent !== text) eta.textContent = text;
+    ticketInfo.textContent = c.reason || (c.position ? `You're number ${c.position} in line.` : "");
+    timeline.replaceChildren(...(c.timeline || []).slice(-8).map((e) =>
+      h("li", {}, `${e.at && !isNaN(new Date(e.at)) ? `${hhmm(new Date(e.at))} ` : ""}${e.detail || e.event}`)));
+    cancelBtn.hidden = isFinal(c) || c.state === "connected";
+  }
+
+  async function cancelCallback() {
+    if (!ticket) return;
+    cancelBtn.disabled = true;
+    try {
+      const c = await api("DELETE", ticketUrl(ticket));
+      setTicket({ ...ticket, call: c && c.state ? c : { ...ticket.call, state: "canceled" } });
+    } catch (e) {
+      say(friendly(e));
+    } finally {
+      cancelBtn.disabled = false;
+    }
+  }
+
+  async function restoreTicket() {
+    let saved = null;
+    try { saved = JSON.parse(raw.get(TICKET_KEY)); } catch { /* none */ }
+    if (!saved || saved.site !== site || !saved.call_id || !saved.status_token) return;
+    try {
+      const c = await api("GET", ticketUrl(saved));
+      setTicket({ call_id: saved.call_id, status_token: saved.status_token, call: c });
+      if (!isFinal(c)) openPanel("ticket", { focus: false });
+    } catch (e) {
+      if (e.status >= 400 && e.status < 500) raw.set(TICKET_KEY, null);
+    }
+  }
+
+  // ---- public API ---------------------------------------------------------------------------
+  const Membrane = {
+    version: "1",
+    _pc: null, // the RTCPeerConnection of the current or last browser call (for tests)
+    onAvailabilityChange(fn) {
+      if (typeof fn !== "function") throw new TypeError("onAvailabilityChange needs a function");
+      listeners.add(fn);
+      if (avail) notify(fn);
+      return () => { listeners.delete(fn); };
+    },
+    call: () => startCall(),
+    callback() {
+      if (ticket && !isFinal(ticket.call)) return openPanel("ticket");
+      openForm(avail && !avail.open && !avail.available ? "at" : "now");
+    },
+    hangup,
+    state: () => ({
+      availability: avail ? { ...avail } : null,
+      call: call ? { ...call } : null,
+      callback: ticket ? { call_id: ticket.call_id, ...ticket.call } : null,
+    }),
+  };
+  // A page may queue calls before this async script runs: window.Membrane = {q: [["call"]]}.
+  const queued = window.Membrane && Array.isArray(window.Membrane.q) ? window.Membrane.q : [];
+  window.Membrane = Membrane;
+
+  function mount() {
+    document.body.append(host);
+    watchAvailability();
+    restoreTicket();
+    for (const [name, ...args] of queued) if (typeof Membrane[name] === "function") Membrane[name](...args);
+    window.dispatchEvent(new CustomEvent("membrane:ready"));
+  }
+  if (document.body) mount();
+  else document.addEventListener("DOMContentLoaded", mount);
+})();
