@@ -99,7 +99,9 @@ def demo_site_config(
         'origins = ["http://127.0.0.1:8080"]',
         'caller_ids = ["+15005550006"]',
     ]
-    hours = ", ".join(f'{d} = ["00:00-24:00"]' for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun"))
+    hours = ", ".join(
+        f'{d} = ["00:00-24:00"]' for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+    )
     for b in branches:
         lines += [
             "[[sites.branches]]",
@@ -258,7 +260,7 @@ class RawSocketIO:
             if data == "2":
                 await self._ws.send_str("3")
             elif self.on_event is not None and data.startswith(prefix):
-                event, payload = json.loads(data[len(prefix):])[:2]
+                event, payload = json.loads(data[len(prefix) :])[:2]
                 self.on_event(event, payload)
 
     async def emit(self, event: str, payload: Any) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis.asyncio as aioredis  # noqa: E402
-import aiohttp  # noqa: E402
+import aiohttp
+import redis.asyncio as aioredis
 
-from bench.harness import (  # noqa: E402
+from bench.harness import (
     RawSocketIO,
     demo_site_config,
     redis_server,
@@ -34,8 +34,8 @@ from bench.harness import (  # noqa: E402
     token,
     write_json,
 )
-from gateway.model import Device, DeviceKind, DeviceState  # noqa: E402
-from gateway.store.redis import RedisStore  # noqa: E402
+from gateway.model import Device, DeviceKind, DeviceState
+from gateway.store.redis import RedisStore
 
 
 async def seed(redis_url: str, agents: int) -> None:
@@ -108,7 +108,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await stop_node(node_b)
 
 
-async def measure(args: argparse.Namespace, url_a: str, url_b: str, redis_url: str) -> dict[str, Any]:
+async def measure(
+    args: argparse.Namespace, url_a: str, url_b: str, redis_url: str
+) -> dict[str, Any]:
     sent: dict[tuple[str, int], float] = {}
     latencies: list[float] = []
 
@@ -197,7 +199,9 @@ async def measure(args: argparse.Namespace, url_a: str, url_b: str, redis_url: s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--agents", type=int, default=10_000)
     parser.add_argument("--senders", type=int, default=200, help="agent sockets on node A")
     parser.add_argument("--rate", type=float, default=1000.0, help="presence changes per second")
