@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,28 +112,40 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 async def measure(
     args: argparse.Namespace, url_a: str, url_b: str, redis_url: str
 ) -> dict[str, Any]:
-    sent: dict[tuple[str, int], float] = {}
-    latencies: list[float] = []
+    """Agents on both nodes change presence; each node has a supervisor's board. A change
+    counts when it reaches the board on the *other* node, the path through Redis."""
+    sent: dict[tuple[str, int], tuple[float, str]] = {}
+    latencies: dict[str, list[float]] = {"a_to_b": [], "b_to_a": []}
 
-    def on_update(event: str, p: dict[str, Any]) -> None:
-        if event != "presence:update":
-            return
-        received = time.perf_counter()
-        for d in p["devices"]:
-            if d["device_id"] == "mob":
-                started = sent.pop((p["agent_id"], d["priority"]), None)
-                if started is not None:
-                    latencies.append(received - started)
+    def board_handler(node: str) -> Callable[[str, Any], None]:
+        def on_update(event: str, p: dict[str, Any]) -> None:
+            if event != "presence:update":
+                return
+            received = time.perf_counter()
+            for d in p["devices"]:
+                if d["device_id"] != "mob":
+                    continue
+                key = (p["agent_id"], d["priority"])
+                origin = sent.get(key)
+                if origin is not None and origin[1] != node:
+                    del sent[key]
+                    latencies[f"{origin[1]}_to_{node}"].append(received - origin[0])
+
+        return on_update
 
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    board = RawSocketIO(http, url_b, "/board")
-    board.on_event = on_update
-    await board.connect({"token": token("sup", "supervisor")})
-    senders: list[tuple[str, RawSocketIO]] = []
+    boards = []
+    for node, url in (("a", url_a), ("b", url_b)):
+        board = RawSocketIO(http, url, "/board")
+        board.on_event = board_handler(node)
+        await board.connect({"token": token("sup", "supervisor")})
+        boards.append(board)
+    senders: list[tuple[str, str, RawSocketIO]] = []
     for i in range(args.senders):
-        client = RawSocketIO(http, url_a, "/agent")
+        node, url = ("a", url_a) if i % 2 == 0 else ("b", url_b)
+        client = RawSocketIO(http, url, "/agent")
         await client.connect({"token": token(f"a{i}")})
-        senders.append((f"a{i}", client))
+        senders.append((f"a{i}", node, client))
     await asyncio.sleep(1.0)  # let the connect-time presence changes drain before measuring
 
     print(f"measuring for {args.duration:.0f} s", file=sys.stderr, flush=True)
@@ -140,8 +153,7 @@ async def measure(
     floor_task = asyncio.create_task(floor_probe(redis_url, stop, args.floor_rate))
     seq = [0] * len(senders)
     total = int(args.rate * args.duration)
-    tick = 0.01
-    per_tick = args.rate * tick
+    per_tick = args.rate * 0.01
     started = time.perf_counter()
     issued = 0
     lag_max = 0.0
@@ -154,10 +166,10 @@ async def measure(
         batch = min(total - issued, max(1, int(per_tick)))
         for _ in range(batch):
             k = issued % len(senders)
-            agent, client = senders[k]
+            agent, node, client = senders[k]
             seq[k] = (seq[k] + 1) % 200
             priority = seq[k] - 100
-            sent[(agent, priority)] = time.perf_counter()
+            sent[(agent, priority)] = (time.perf_counter(), node)
             await client.emit(
                 "presence:set",
                 {"device_id": "mob", "kind": "mobile", "state": "available", "priority": priority},
@@ -165,16 +177,18 @@ async def measure(
             issued += 1
     elapsed = time.perf_counter() - started
     deadline = time.perf_counter() + 5
-    while sent and time.perf_counter() < deadline:
-        await asyncio.sleep(0.05)  # stragglers
+    while sent and time.perf_counter() < deadline:  # noqa: ASYNC110 - stragglers, bounded
+        await asyncio.sleep(0.05)
     stop.set()
     floor = await floor_task
-    for _, client in senders:
+    for _, _, client in senders:
         await client.close()
-    await board.close()
+    for board in boards:
+        await board.close()
     await http.close()
 
-    end_to_end = summary_ms(latencies)
+    both = latencies["a_to_b"] + latencies["b_to_a"]
+    end_to_end = summary_ms(both)
     floor_summary = summary_ms(floor)
     ratio_p50 = end_to_end["p50_ms"] / floor_summary["p50_ms"] if floor else float("nan")
     ratio_p99 = end_to_end["p99_ms"] / floor_summary["p99_ms"] if floor else float("nan")
@@ -190,6 +204,8 @@ async def measure(
         "lost": len(sent),
         "driver_max_lag_ms": round(lag_max * 1000, 2),
         "set_to_update_ms": end_to_end,
+        "set_on_a_to_update_on_b_ms": summary_ms(latencies["a_to_b"]),
+        "set_on_b_to_update_on_a_ms": summary_ms(latencies["b_to_a"]),
         "redis_floor_ms": floor_summary,
         "ratio_p50": round(ratio_p50, 2),
         "ratio_p99": round(ratio_p99, 2),
@@ -203,7 +219,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--agents", type=int, default=10_000)
-    parser.add_argument("--senders", type=int, default=200, help="agent sockets on node A")
+    parser.add_argument("--senders", type=int, default=200, help="agent sockets, half per node")
     parser.add_argument("--rate", type=float, default=1000.0, help="presence changes per second")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds")
     parser.add_argument("--floor-rate", type=float, default=100.0, help="Redis probes per second")
