@@ -95,6 +95,20 @@ class WebRTCSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TwilioSettings:
+    account_sid: str = ""
+    """``MEMBRANE_TWILIO_ACCOUNT_SID``; empty means no PSTN calls (browser calls only)."""
+    auth_token: str = ""
+    """``MEMBRANE_TWILIO_AUTH_TOKEN``; also the key that webhook signatures are checked with."""
+    api_base_url: str = ""
+    """Only to point the SDK at a local Twilio simulator in tests; empty for Twilio itself."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.account_sid and self.auth_token)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -111,6 +125,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
+    twilio: TwilioSettings = field(default_factory=TwilioSettings)
     sites: Mapping[str, Site] = field(default_factory=dict)
 
 
@@ -512,6 +527,20 @@ def load_settings(
             raise ConfigError(f"webrtc.turn_urls[{i}]", f"{url!r} is not a turn: URL")
     if webrtc.turn_urls and len(webrtc.turn_secret) < 16:
         raise ConfigError("webrtc.turn_secret", "is required (16+ characters) with turn_urls")
+    twilio_raw = _table(raw, "twilio", "")
+    twilio = TwilioSettings(
+        account_sid=env.get(
+            f"{ENV_PREFIX}TWILIO_ACCOUNT_SID", _get(twilio_raw, "account_sid", "twilio.", str, "")
+        ),
+        auth_token=env.get(
+            f"{ENV_PREFIX}TWILIO_AUTH_TOKEN", _get(twilio_raw, "auth_token", "twilio.", str, "")
+        ),
+        api_base_url=_get(twilio_raw, "api_base_url", "twilio.", str, ""),
+    )
+    if twilio.account_sid and not re.fullmatch(r"AC[0-9a-f]{32}", twilio.account_sid):
+        raise ConfigError("twilio.account_sid", "must be AC followed by 32 hex digits")
+    if bool(twilio.account_sid) != bool(twilio.auth_token):
+        raise ConfigError("twilio.auth_token", "account_sid and auth_token go together")
     settings = Settings(
         host=env.get(f"{ENV_PREFIX}HOST", _get(server, "host", p, str, "127.0.0.1")),
         port=_port(server, env),
@@ -523,6 +552,7 @@ def load_settings(
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
         webrtc=webrtc,
+        twilio=twilio,
         sites=sites,
     )
     port_override = overrides.get("port")

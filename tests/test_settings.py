@@ -1054,3 +1054,18 @@ def test_cli_token_for_a_second_site(tmp_path: Path) -> None:
     missing = run_cli(tmp_path, "token", "--agent", "gil", *common)
     assert missing.returncode == 2
     assert missing.stderr.splitlines() == ["no agent 'gil' in site 'acme' (agents: anna, ben)"]
+
+
+def test_twilio_credentials_come_from_the_environment() -> None:
+    from gateway.settings import load_settings as load
+
+    sid = "AC" + "0" * 32
+    s = load(None, env={"MEMBRANE_TWILIO_ACCOUNT_SID": sid, "MEMBRANE_TWILIO_AUTH_TOKEN": "t" * 32})
+    assert s.twilio.enabled and s.twilio.account_sid == sid
+    assert not load(None, env={}).twilio.enabled
+    with pytest.raises(ConfigError) as e:
+        load(None, env={"MEMBRANE_TWILIO_ACCOUNT_SID": "nope", "MEMBRANE_TWILIO_AUTH_TOKEN": "t"})
+    assert e.value.key == "twilio.account_sid"
+    with pytest.raises(ConfigError) as e:
+        load(None, env={"MEMBRANE_TWILIO_ACCOUNT_SID": sid})
+    assert e.value.key == "twilio.auth_token"
