@@ -12,7 +12,7 @@ from gateway import appkeys as keys
 from gateway import http_api, visitor_api, web_static
 from gateway.auth import TokenService
 from gateway.availability_feed import AvailabilityFeed
-from gateway.call_service import RING_TIMER, CallService
+from gateway.call_service import RING_TIMER, VISITOR_GONE_TIMER, CallService
 from gateway.events import EventRouter
 from gateway.http_api import error_middleware
 from gateway.metrics import Metrics
@@ -108,7 +108,12 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         call_id, _, attempt = rest.rpartition(":")
         await calls.on_ring_timeout(call_id, int(attempt))
 
+    async def visitor_gone(rest: str) -> None:
+        call_id, _, sid = rest.partition(":")
+        await calls.on_visitor_gone(call_id, sid)
+
     timers.on(RING_TIMER, ring_timeout)
+    timers.on(VISITOR_GONE_TIMER, visitor_gone)
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, calls, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     sio.register_namespace(VisitorNamespace(tokens, metrics, presence, calls))

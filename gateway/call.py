@@ -160,6 +160,13 @@ def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
     )
 
 
+def reattach(call: Call, visitor_sid: str) -> Call:
+    """The visitor's socket came back (a network blip): signals go to the new one."""
+    if call.final:
+        raise CallError("call_ended", "the call has already ended")
+    return replace(call, visitor_sid=visitor_sid)
+
+
 def _back_to_queue(call: Call, now: float, event: str, detail: str) -> Call:
     assert call.agent_id is not None
     return replace(

@@ -29,6 +29,10 @@ from gateway.store.base import CallRow, Store
 log = logging.getLogger(__name__)
 
 RING_TIMER = "ring"
+VISITOR_GONE_TIMER = "visitor_gone"
+# A connected call survives its visitor's socket dropping for this long: the audio flows
+# peer to peer, and the widget reconnects and picks the call up again.
+VISITOR_GRACE_S = 10.0
 # A reservation outlives its ring a little, so that a node that died mid-ring still frees
 # the agent, but never before the ring timer has had its chance.
 RESERVATION_GRACE_S = 10.0
@@ -69,6 +73,7 @@ class CallService:
         self._presence = presence
         self._notify = notifier
         self._clock = clock
+        self.visitor_grace_s = VISITOR_GRACE_S
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -109,7 +114,52 @@ class CallService:
         call = replace(call, version=1)
         # Persisted before anything is promised to the visitor.
         await self._store.put_call(CallRow(call.call_id, site_id, 1, call_to_record(call)))
+        await self._store.set_open_call(site_id, visitor_id, call.call_id)
         return await self._route(call)
+
+    async def resume(self, site_id: str, visitor_id: str, visitor_sid: str) -> Call | None:
+        """A visitor's new socket takes over their live call, if they have one."""
+        call_id = await self._store.open_call(site_id, visitor_id)
+        if call_id is None:
+            return None
+        try:
+            _, call = await self._update(call_id, lambda c: calls.reattach(c, visitor_sid))
+        except (CallError, ApiError):
+            return None
+        return call
+
+    async def visitor_left(
+        self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str
+    ) -> None:
+        """End a waiting call at once (an agent must not ring for nobody); give a connected
+        one a grace period to come back on a new socket."""
+        try:
+            call = await self.get(call_id)
+        except ApiError:
+            return
+        if call.final or call.visitor_id != visitor_id:
+            return
+        if call.state is CallState.CONNECTED:
+            due = self._clock() + self.visitor_grace_s
+            await self._store.schedule_timer(f"{VISITOR_GONE_TIMER}:{call_id}:{visitor_sid}", due)
+            return
+        try:
+            await self.cancel(site_id, visitor_id, call_id, "visitor_left")
+        except ApiError:
+            pass
+
+    async def on_visitor_gone(self, call_id: str, visitor_sid: str) -> None:
+        """The grace period ran out: end the call unless a new socket took it over."""
+        try:
+            call = await self.get(call_id)
+        except ApiError:
+            return
+        if call.final or call.visitor_sid != visitor_sid:
+            return
+        try:
+            await self._end(call_id, "visitor_left", "The visitor's connection dropped")
+        except ApiError:
+            pass
 
     async def allow_start(self, site_id: str, visitor_id: str, per_minute: int) -> bool:
         """Across nodes: a visitor may start only a few calls a minute."""

@@ -172,11 +172,17 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             raise socketio.exceptions.ConnectionRefusedError(
                 message, {"code": "store_unavailable", "message": message}
             ) from None
-        self.sessions[sid] = Session(claims, device, TokenBucket(*self.rate))
+        session = Session(claims, device, TokenBucket(*self.rate))
+        self.sessions[sid] = session
         self.metrics.sockets.labels(self.namespace).inc()
+        # After the CONNECT packet has gone out: an emit before it would be dropped.
+        self.server.start_background_task(self.on_joined, sid, session)
         return True
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
+        return None
+
+    async def on_joined(self, sid: str, session: Session) -> None:
         return None
 
     async def on_leave(self, sid: str, session: Session) -> None:
@@ -343,13 +349,17 @@ class VisitorNamespace(BaseNamespace):
         await self.enter_room(sid, visitor_room(claims.site, claims.sub))
         return None
 
+    async def on_joined(self, sid: str, session: Session) -> None:
+        call = await self.calls.resume(session.claims.site, session.claims.sub, sid)
+        if call is not None:
+            session.calls.add(call.call_id)
+            site = self.presence.site(session.claims.site)
+            await self.emit("call:update", call_to_wire(call, site), to=sid)
+
     async def on_leave(self, sid: str, session: Session) -> None:
         claims = session.claims
         for call_id in session.calls:
-            try:
-                await self.calls.cancel(claims.site, claims.sub, call_id, "visitor_left")
-            except ApiError:
-                pass  # already over
+            await self.calls.visitor_left(claims.site, claims.sub, sid, call_id)
 
     async def call_start(self, sid: str, payload: Any) -> Json:
         session = self.sessions[sid]

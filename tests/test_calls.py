@@ -378,3 +378,34 @@ async def test_availability_json_and_live_stream(
         await ben.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
         gone = await asyncio.wait_for(next_event(), 5)
         assert gone["available"] is False
+
+
+async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    from gateway import appkeys
+
+    node.app[appkeys.CALLS].visitor_grace_s = 1.0
+    anna = await agent(clients, node, "anna")
+    s = await session(http, node)
+    v = await visitor(clients, node, s["token"])
+    ack = await v.call("call:start", {}, "/visitor")
+    call_id = ack["call"]["call_id"]
+    await anna.call("call:accept", {"call_id": (await anna.next("call:ring"))["call_id"]}, "/agent")
+
+    # The socket drops and comes back with the same session: the call carries on.
+    await v.sio.disconnect()
+    back = await visitor(clients, node, s["token"])
+    resumed = await back.next("call:update")
+    assert resumed["call_id"] == call_id and resumed["state"] == "connected"
+    answer = {"call_id": call_id, "description": {"type": "answer", "sdp": "v=0\r\n"}}
+    assert (await anna.call("rtc:signal", answer, "/agent"))["ok"]
+    assert await back.next("rtc:signal") == answer
+    with pytest.raises(TimeoutError):  # the grace timer of the old socket changes nothing
+        await anna.next("call:update", state_is("completed"), timeout=2.0)
+
+    # Now the visitor really leaves: after the grace period the call ends.
+    await back.sio.disconnect()
+    ended = await anna.next("call:update", state_is("completed"), timeout=5)
+    assert ended["reason"] == "visitor_left"
+    await anna.next("presence:update", lambda p: p["status"] == "available")

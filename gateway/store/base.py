@@ -126,6 +126,11 @@ class Store(Protocol):
 
     async def last_agent(self, site: str, visitor_id: str) -> str | None: ...
 
+    async def set_open_call(self, site: str, visitor_id: str, call_id: str) -> None:
+        """Remember the visitor's live call, so a reconnecting socket can pick it up again."""
+
+    async def open_call(self, site: str, visitor_id: str) -> str | None: ...
+
     # --- coordination between nodes -------------------------------------------------------
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
         """Atomically claim an agent for one call; False if another call holds them."""

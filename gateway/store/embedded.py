@@ -71,6 +71,7 @@ class EmbeddedStore:
         self._lapses: list[tuple[float, str, str, str]] = []
         self._reservations: dict[tuple[str, str], tuple[str, float]] = {}
         self._windows: dict[str, tuple[int, int]] = {}
+        self._open_calls: dict[tuple[str, str], str] = {}
         # The earliest due timer, so that polling touches SQLite only when one is due.
         self._next_due = float("inf")
         self._on_event: EventHandler | None = None
@@ -263,6 +264,12 @@ class EmbeddedStore:
                 (site, visitor_id, agent_id, time.time()),
             )
         )
+
+    async def set_open_call(self, site: str, visitor_id: str, call_id: str) -> None:
+        self._open_calls[(site, visitor_id)] = call_id
+
+    async def open_call(self, site: str, visitor_id: str) -> str | None:
+        return self._open_calls.get((site, visitor_id))
 
     async def last_agent(self, site: str, visitor_id: str) -> str | None:
         found = await self._run(

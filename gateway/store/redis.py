@@ -459,6 +459,13 @@ class RedisStore:
     async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None:
         await self._redis.set(f"m:visit:{site}:{visitor_id}", agent_id, ex=VISIT_TTL_S)
 
+    async def set_open_call(self, site: str, visitor_id: str, call_id: str) -> None:
+        await self._redis.set(f"m:open:{site}:{visitor_id}", call_id, ex=24 * 3600)
+
+    async def open_call(self, site: str, visitor_id: str) -> str | None:
+        found: str | None = await self._redis.get(f"m:open:{site}:{visitor_id}")  # type: ignore[assignment]
+        return found
+
     async def last_agent(self, site: str, visitor_id: str) -> str | None:
         found: str | None = await self._redis.get(f"m:visit:{site}:{visitor_id}")  # type: ignore[assignment]
         return found
