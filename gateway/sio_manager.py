@@ -20,10 +20,11 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.last_error = ""
 
     def _redis_connect(self) -> None:
-        # As the stock method, but on a bounded blocking pool (see store.redis.blocking_pool)
-        # and without decoding, which the manager does itself.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.redis_url, max_connections=32, timeout=5, socket_connect_timeout=2
+        # As the stock method, but with the pool cap of store.redis.connection_pool (redis-py's
+        # default cap of 100 connections in use is reachable under load) and no decoding,
+        # which the manager does itself.
+        pool = aioredis.ConnectionPool.from_url(
+            self.redis_url, max_connections=1024, socket_connect_timeout=2
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
