@@ -49,16 +49,6 @@ class TaskGroup:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    if task is None or task.done():
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        raise_if_cancelling()
-
-
 def raise_if_cancelling() -> None:
     """Re-raise a cancellation that a library swallowed.
 

@@ -39,7 +39,7 @@ from gateway.store.base import (
     encode_status,
     record_from_fields,
 )
-from gateway.tasks import cancel_and_wait, raise_if_cancelling
+from gateway.tasks import TaskGroup, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class RedisStore:
         self._hit = self._redis.register_script(_HIT)
         self._on_event: EventHandler | None = None
         self._on_resync: ResyncHandler | None = None
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks = TaskGroup(f"redis-store-{node_id}")
         self._listening = False
         self._subscribed = asyncio.Event()
         self._listen_error = ""
@@ -220,9 +220,7 @@ class RedisStore:
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         self._on_event, self._on_resync = on_event, on_resync
         await self._redis.ping()
-        self._listener = asyncio.get_running_loop().create_task(
-            self._listen_forever(), name=f"redis-events:{self.node_id}"
-        )
+        self._tasks.spawn(self._listen_forever(), "events")
         await asyncio.wait_for(self._subscribed.wait(), timeout=10)
         if not await self._check_persistence():
             log.warning(
@@ -232,8 +230,7 @@ class RedisStore:
             )
 
     async def close(self) -> None:
-        await cancel_and_wait(self._listener)
-        self._listener = None
+        await self._tasks.close()
         await self._redis.aclose()
 
     async def _check_persistence(self) -> bool:
