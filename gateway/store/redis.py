@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.model import Device, PresenceRecord, PresenceStatus
@@ -39,11 +40,13 @@ from gateway.store.base import (
     encode_status,
     record_from_fields,
 )
-from gateway.tasks import TaskGroup, raise_if_cancelling
+from gateway.store.redis_lane import RedisLane, RedisSubscription
+from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
 EVENTS_CHANNEL = "m:events"
+PING_INTERVAL_S = 5.0
 LAPSE_KEY = "m:lapse"
 VISIT_TTL_S = 400 * 24 * 3600
 
@@ -197,7 +200,6 @@ class RedisStore:
         self._url = url
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=connection_pool(url))
         self._put_device = self._redis.register_script(_PUT_DEVICE)
-        self._put_device_if = self._redis.register_script(_PUT_DEVICE_IF)
         self._remove_device = self._redis.register_script(_REMOVE_DEVICE)
         self._touch_device = self._redis.register_script(_TOUCH_DEVICE)
         self._claim_lapsed = self._redis.register_script(_CLAIM_LAPSED)
@@ -208,6 +210,8 @@ class RedisStore:
         self._on_event: EventHandler | None = None
         self._on_resync: ResyncHandler | None = None
         self._tasks = TaskGroup(f"redis-store-{node_id}")
+        self._lane = RedisLane(url)
+        self._inbox: asyncio.Queue[str] = asyncio.Queue()
         self._listening = False
         self._subscribed = asyncio.Event()
         self._listen_error = ""
@@ -220,6 +224,7 @@ class RedisStore:
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         self._on_event, self._on_resync = on_event, on_resync
         await self._redis.ping()
+        self._tasks.spawn(self._deliver_forever(), "deliver")
         self._tasks.spawn(self._listen_forever(), "events")
         await asyncio.wait_for(self._subscribed.wait(), timeout=10)
         if not await self._check_persistence():
@@ -231,6 +236,7 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._tasks.close()
+        await self._lane.close()
         await self._redis.aclose()
 
     async def _check_persistence(self) -> bool:
@@ -257,28 +263,27 @@ class RedisStore:
         return StoreHealth(True, bool(self._persistent), self._listening, detail)
 
     async def _listen_forever(self) -> None:
-        """Subscribe, deliver, and on any failure resubscribe with backoff; never die silently.
-
-        After every (re)subscription the node resyncs, since events sent while it was deaf
-        are gone for good (pub/sub does not queue).
-        """
+        """Subscribe, and on any failure (a lost connection, unanswered pings) resubscribe
+        with backoff; never die silently. After every resubscription the node resyncs, since
+        events sent while it was deaf are gone for good (pub/sub does not queue)."""
         backoff = 0.1
         first = True
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            subscription = RedisSubscription(self._inbox.put_nowait)
             try:
-                await pubsub.subscribe(EVENTS_CHANNEL)
+                await subscription.open(self._url, EVENTS_CHANNEL)
+                assert subscription.closed is not None
                 self._listening, self._listen_error, backoff = True, "", 0.1
                 self._subscribed.set()
                 if not first and self._on_resync is not None:
                     await self._on_resync()
                 first = False
                 while True:
-                    message = await pubsub.get_message(timeout=5.0)
-                    raise_if_cancelling()
-                    if message is None or message.get("type") != "message":
-                        continue
-                    await self._deliver(message["data"])
+                    await asyncio.wait({subscription.closed}, timeout=PING_INTERVAL_S)
+                    if subscription.closed.done():
+                        raise RedisConnectionError("subscription connection lost")
+                    if not await subscription.ping(PING_INTERVAL_S):
+                        raise RedisConnectionError("subscription stopped answering pings")
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # any failure: stay alive, report, resubscribe
@@ -288,10 +293,12 @@ class RedisStore:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 self._listening = False
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except Exception:
-                    pass
+                subscription.close()
+
+    async def _deliver_forever(self) -> None:
+        """Hands received events to the node one at a time, in the order they came."""
+        while True:
+            await self._deliver(await self._inbox.get())
 
     async def _deliver(self, raw: str) -> None:
         try:
@@ -325,9 +332,10 @@ class RedisStore:
     ) -> tuple[bool, PresenceRecord]:
         envelope = json.dumps({"node": self.node_id, "event": expect.event}, separators=(",", ":"))
         status = encode_status(*expect.status) if expect.status is not None else ""
-        done, flat = await self._put_device_if(
-            keys=[_device_key(site, agent_id), LAPSE_KEY],
-            args=[
+        done, flat = await self._lane.run_script(
+            _PUT_DEVICE_IF,
+            [_device_key(site, agent_id), LAPSE_KEY],
+            [
                 device.device_id,
                 encode_device(device),
                 device.expires_at,
