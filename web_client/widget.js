@@ -416,6 +416,9 @@ li{margin:2px 0}
         if (cfg.language) payload.language = cfg.language;
         if (cfg.branch) payload.branch = cfg.branch;
         s.timeout(15000).emit("call:start", payload, (err, res) => {
+          // A final call:update can come before this ack: the call is over and endCall()
+          // closed the socket, which fails this ack with "socket has been disconnected".
+          if (attempt !== calling) return;
           if (err) return callError({ code: "network" });
           if (res && res.ok) applyCall(res.call);
           else callError(res && res.error);
