@@ -19,6 +19,13 @@
   if (cfg.language) query.set("language", cfg.language);
   if (cfg.branch) query.set("branch", cfg.branch);
   const qs = query.toString() ? `?${query}` : "";
+  // Routing prefers someone who speaks the visitor's language (a preference, not a filter).
+  const browserLanguage = () => {
+    const tag = (navigator.languages && navigator.languages[0]) || navigator.language || "";
+    if (!/^[a-z]{2,3}(-[a-z0-9]{2,8})?$/i.test(tag)) return undefined;
+    return tag.replace(/^[a-z]+/i, (primary) => primary.toLowerCase());
+  };
+  const callLanguage = () => cfg.language || browserLanguage();
   const FINAL = ["completed", "failed", "canceled"];
   const isFinal = (c) => !!c && FINAL.includes(c.state);
   const VISITOR_KEY = "membrane.visitor_id";
@@ -413,7 +420,8 @@ li{margin:2px 0}
         if (started) return; // a reconnect: the gateway knows our call by the visitor id
         started = true;
         const payload = { page: location.href.slice(0, 500) };
-        if (cfg.language) payload.language = cfg.language;
+        const language = callLanguage();
+        if (language) payload.language = language;
         if (cfg.branch) payload.branch = cfg.branch;
         s.timeout(15000).emit("call:start", payload, (err, res) => {
           // A final call:update can come before this ack: the call is over and endCall()
@@ -650,7 +658,8 @@ li{margin:2px 0}
     if (!phone.value.trim()) return fieldError({ code: "invalid_phone", message: "" });
     const body = { phone: toE164(phone.value.trim(), country.value) };
     if (whenAt.checked && slotSelect.value) body.at = slotSelect.value;
-    if (cfg.language) body.language = cfg.language;
+    const language = callLanguage();
+    if (language) body.language = language;
     if (cfg.branch) body.branch = cfg.branch;
     submitBtn.disabled = true;
     say("Sending…");
