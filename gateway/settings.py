@@ -586,6 +586,11 @@ def with_dev_secret(settings: Settings) -> Settings:
         if auth.secret.lower() in PLACEHOLDER_SECRETS or len(auth.secret) < 32:
             raise ConfigError("auth.secret", "is a placeholder or shorter than 32 characters")
         return settings
+    if settings.redis_url:
+        # Each node would make its own secret and refuse the others' tokens.
+        raise ConfigError(
+            "auth.secret", "is required when nodes share Redis (set MEMBRANE_JWT_SECRET)"
+        )
     path = settings.data_dir / "dev-jwt-secret"
     try:
         secret = _stored_dev_secret(path)

@@ -32,11 +32,14 @@ def site_of(request: web.Request) -> Site:
 
 
 def allowed_origins(request: web.Request) -> frozenset[str]:
+    """The site's configured origins, plus the gateway's own (its /demo/ page); nobody but
+    the operator can put a page on the gateway's origin."""
     settings = request.app[keys.SETTINGS]
+    own = settings.public_url.rstrip("/")
     site_id = request.match_info.get("site")
     if site_id is not None and site_id in settings.sites:
-        return frozenset(settings.sites[site_id].allowed_origins)
-    return frozenset(o for s in settings.sites.values() for o in s.allowed_origins)
+        return frozenset((*settings.sites[site_id].allowed_origins, own))
+    return frozenset((*(o for s in settings.sites.values() for o in s.allowed_origins), own))
 
 
 def is_visitor_path(path: str) -> bool:
@@ -86,7 +89,7 @@ def client_ip(request: web.Request) -> str:
 async def create_session(request: web.Request) -> web.Response:
     site = site_of(request)
     origin = request.headers.get("Origin")
-    if origin is None or origin not in site.allowed_origins:
+    if origin is None or origin not in allowed_origins(request):
         raise ApiError(403, "origin_not_allowed", "this page's origin may not open sessions")
     store = request.app[keys.STORE]
     now = time.time()

@@ -409,3 +409,11 @@ async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
     ended = await anna.next("call:update", state_is("completed"), timeout=5)
     assert ended["reason"] == "visitor_left"
     await anna.next("presence:update", lambda p: p["status"] == "available")
+
+
+async def test_the_gateways_own_demo_page_may_open_sessions(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    own = {"Origin": node.settings.public_url}
+    r = await http.post(f"{node.url}/v1/sites/acme/sessions", json={}, headers=own)
+    assert r.status == 201

@@ -1069,3 +1069,17 @@ def test_twilio_credentials_come_from_the_environment() -> None:
     with pytest.raises(ConfigError) as e:
         load(None, env={"MEMBRANE_TWILIO_ACCOUNT_SID": sid})
     assert e.value.key == "twilio.auth_token"
+
+
+def test_nodes_sharing_redis_need_one_configured_secret(tmp_path: Path) -> None:
+    from dataclasses import replace as dc_replace
+
+    from gateway.settings import load_settings as load
+    from gateway.settings import with_dev_secret as dev_secret
+
+    settings = load(None, env={}, data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0")
+    with pytest.raises(ConfigError) as e:
+        dev_secret(settings)
+    assert e.value.key == "auth.secret"
+    configured = dc_replace(settings, auth=dc_replace(settings.auth, secret="s" * 40))
+    assert dev_secret(configured).auth.secret == "s" * 40
