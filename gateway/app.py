@@ -101,6 +101,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     calls = CallService(
         dict(settings.sites), store, presence, SocketCallNotifier(sio, settings.sites)
     )
+    presence.add_lapse_listener(calls.agent_devices_lapsed)
     feed = AvailabilityFeed(presence)
     timers = TimerLoop(store)
 

@@ -21,8 +21,8 @@ from gateway import call as calls
 from gateway.call import Call, CallChannel, CallError, CallRequest, CallState
 from gateway.codec import Json, call_from_record, call_to_record, iso
 from gateway.errors import ApiError, forbidden, not_found
-from gateway.model import Site
-from gateway.presence_service import PresenceService
+from gateway.model import PresenceRecord, Site
+from gateway.presence_service import PresenceService, socket_device_id
 from gateway.routing import RouteRequest, RoutingSnapshot, availability, route
 from gateway.store.base import CallRow, Store
 
@@ -205,6 +205,24 @@ class CallService:
         if call.agent_id != agent_id:
             raise forbidden("this is not your call")
         return await self._end(call_id, "agent_hung_up", "The agent ended the call")
+
+    async def agent_devices_lapsed(
+        self, site_id: str, agent_id: str, record: PresenceRecord
+    ) -> None:
+        """The agent's node died mid-call (its socket's lease lapsed, so no disconnect handler
+        ran): end the call, or the agent would stay on_call and never be routed again."""
+        if record.active_call is None:
+            return
+        try:
+            call = await self.get(record.active_call)
+        except ApiError:
+            await self._presence.set_active_call(site_id, agent_id, None)
+            return
+        live = {d.device_id for d in record.devices}
+        if call.final:
+            await self._presence.set_active_call(site_id, agent_id, None)
+        elif call.agent_sid is not None and socket_device_id(call.agent_sid) not in live:
+            await self.agent_left(site_id, agent_id, {call.call_id})
 
     async def agent_left(self, site_id: str, agent_id: str, call_ids: set[str]) -> None:
         """An agent's socket closed: end the calls it was talking on."""

@@ -43,6 +43,13 @@ class PresenceChange:
 
 
 PresenceListener = Callable[[PresenceChange], Awaitable[None]]
+# Called with (site, agent, record) after an agent's devices lapsed and were removed.
+LapseListener = Callable[[str, str, PresenceRecord], Awaitable[None]]
+
+
+def socket_device_id(sid: str) -> str:
+    """The desktop device a connected /agent socket is."""
+    return f"desktop-{sid[:8]}"
 
 
 def presence_event(presence: Presence) -> Json:
@@ -97,6 +104,7 @@ class PresenceService:
         self._clock = clock
         self._cache: dict[str, dict[str, Presence]] = {s: {} for s in sites}
         self._listeners: list[PresenceListener] = []
+        self._lapse_listeners: list[LapseListener] = []
         self._socket_devices: dict[str, DeviceRef] = {}
 
     # --- directory ---------------------------------------------------------------------------
@@ -115,6 +123,9 @@ class PresenceService:
 
     def add_listener(self, listener: PresenceListener) -> None:
         self._listeners.append(listener)
+
+    def add_lapse_listener(self, listener: LapseListener) -> None:
+        self._lapse_listeners.append(listener)
 
     # --- reads (this node's cache, kept current by events) -----------------------------------
 
@@ -274,6 +285,11 @@ class PresenceService:
                 continue
             record = await self._store.get_presence(site_id, agent_id)
             await self._commit(site.agents[agent_id], record, now)
+            for listener in self._lapse_listeners:
+                try:
+                    await listener(site_id, agent_id, record)
+                except Exception:
+                    log.exception("lapse listener failed")
         return len(lapsed)
 
     async def renew_socket_leases(self) -> None:

@@ -37,7 +37,7 @@ from gateway.errors import ApiError, forbidden, invalid_payload
 from gateway.ice import ice_servers
 from gateway.metrics import Metrics
 from gateway.model import DeviceKind, DeviceState, Role, Site
-from gateway.presence_service import PresenceChange, PresenceService
+from gateway.presence_service import PresenceChange, PresenceService, socket_device_id
 from gateway.ratelimit import TokenBucket
 from gateway.settings import Settings
 from gateway.store.base import UNAVAILABLE_ERRORS, DeviceRef
@@ -222,7 +222,7 @@ class AgentNamespace(BaseNamespace):
             state = DeviceState(auth.get("state", DeviceState.AVAILABLE.value))
         except ValueError:
             raise invalid_payload("auth.state must be a device state") from None
-        ref = DeviceRef(claims.site, claims.sub, f"desktop-{sid[:8]}")
+        ref = DeviceRef(claims.site, claims.sub, socket_device_id(sid))
         await self.enter_room(sid, agent_room(claims.site, claims.sub))
         update = device_update_from_wire(
             {"kind": DeviceKind.DESKTOP.value, "state": state.value}, ref.device_id

@@ -7,7 +7,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import aiohttp
 from conftest import NodeFactory, SocketClient, eventually, free_port, make_settings, mint
 
 from gateway.model import Role
-from gateway.settings import PresenceSettings, demo_config_text
+from gateway.settings import PresenceSettings, Settings, demo_config_text
 
 
 def status_of(name: str, status: str) -> Callable[[Any], bool]:
@@ -95,17 +96,13 @@ async def test_two_nodes_share_presence_board_and_lapses(
         assert anna["status"] == "offline", node.url
 
 
-async def test_agent_on_a_killed_node_goes_offline_everywhere(
-    nodes: NodeFactory,
-    redis_url: str,
-    tmp_path: Path,
-    clients: Callable[[], SocketClient],
-) -> None:
-    """A node that dies without a word (SIGKILL) cannot remove its sockets' devices: their
-    leases, no longer renewed, lapse and the surviving node reports the agent offline."""
+@asynccontextmanager
+async def doomed_node(
+    tmp_path: Path, settings: Settings, redis_url: str
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """A gateway node in its own process (so it can be SIGKILLed), socket TTL 2 s."""
     config = tmp_path / "membrane.toml"
     config.write_text(demo_config_text().replace("socket_ttl_s = 15", "socket_ttl_s = 2"))
-    settings = make_settings(tmp_path, redis_url=redis_url)
     port = free_port()
     env = {
         **os.environ,
@@ -114,35 +111,47 @@ async def test_agent_on_a_killed_node_goes_offline_everywhere(
     }
     log = (tmp_path / "doomed.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--redis-url",
-        redis_url,
-        "--data-dir",
-        str(tmp_path / "doomed"),
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        "--redis-url", redis_url, "--data-dir", str(tmp_path / "doomed"),
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
     try:
-        survivor = await nodes(replace(settings, node_id="survivor"))
-        doomed_url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
 
             async def ready() -> bool:
                 try:
-                    async with http.get(f"{doomed_url}/readyz") as r:
+                    async with http.get(f"{url}/readyz") as r:
                         return r.status == 200
                 except aiohttp.ClientConnectionError:
                     return False
 
             await eventually(ready, 20)
+        yield url, proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        log.close()
+
+
+async def kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL: no shutdown, no disconnects, nothing cleaned up."""
+    proc.send_signal(signal.SIGKILL)
+    await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_agent_on_a_killed_node_goes_offline_everywhere(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """A node that dies without a word (SIGKILL) cannot remove its sockets' devices: their
+    leases, no longer renewed, lapse and the surviving node reports the agent offline."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    async with doomed_node(tmp_path, settings, redis_url) as (doomed_url, proc):
+        survivor = await nodes(replace(settings, node_id="survivor"))
         board = clients()
         await board.connect(
             survivor.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)}
@@ -151,13 +160,54 @@ async def test_agent_on_a_killed_node_goes_offline_everywhere(
         await agent.connect(doomed_url, "/agent", {"token": mint(settings, "ben")})
         await board.next("presence:update", status_of("ben", "available"))
 
-        proc.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(proc.wait(), 10)
+        await kill(proc)
         killed_at = time.time()
         await board.next("presence:update", status_of("ben", "offline"), timeout=8)
         assert time.time() - killed_at < 2 + 2.0, "lapsed within the socket TTL plus 2 s"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        log.close()
+
+
+async def test_a_call_whose_agent_node_dies_ends_and_frees_the_agent(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    async with doomed_node(tmp_path, settings, redis_url) as (doomed_url, proc):
+        survivor = await nodes(replace(settings, node_id="survivor"))
+        board = clients()
+        await board.connect(
+            survivor.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)}
+        )
+        agent = clients()
+        await agent.connect(doomed_url, "/agent", {"token": mint(settings, "carla")})
+        await board.next("presence:update", status_of("carla", "available"))
+        r = await http.post(
+            f"{survivor.url}/v1/sites/acme/sessions",
+            json={},
+            headers={"Origin": "http://127.0.0.1:8080"},
+        )
+        visitor = clients()
+        await visitor.connect(survivor.url, "/visitor", {"token": (await r.json())["token"]})
+        await visitor.call("call:start", {}, "/visitor")
+        ring = await agent.next("call:ring")
+        await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+        await visitor.next("call:update", lambda c: c["state"] == "connected")
+        await board.next("presence:update", status_of("carla", "on_call"))
+
+        await kill(proc)
+        ended = await visitor.next("call:update", lambda c: c["state"] == "completed", timeout=8)
+        assert ended["reason"] == "agent_left"
+        gone = await board.next(
+            "presence:update",
+            lambda p: p["agent_id"] == "carla" and p["status"] == "offline",
+            timeout=5,
+        )
+        assert gone["channels"] == []
+        r = await http.get(
+            f"{survivor.url}/v1/sites/acme/agents",
+            headers={"Authorization": f"Bearer {mint(settings, 'sam', Role.SUPERVISOR)}"},
+        )
+        carla = next(p for p in await r.json() if p["agent_id"] == "carla")
+        assert carla["status"] == "offline", "not stuck on a call that no longer exists"
