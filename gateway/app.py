@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway import http_api, visitor_api, web_static
+from gateway import fastjson, http_api, visitor_api, web_static
 from gateway.auth import TokenService
 from gateway.availability_feed import AvailabilityFeed
 from gateway.call_service import RING_TIMER, VISITOR_GONE_TIMER, CallService
@@ -97,6 +97,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         async_handlers=False,
         ping_interval=25,
         ping_timeout=20,
+        json=fastjson,
     )
     calls = CallService(
         dict(settings.sites), store, presence, SocketCallNotifier(sio, settings.sites)

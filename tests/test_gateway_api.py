@@ -290,3 +290,17 @@ async def test_readyz_is_503_while_redis_is_down(
     finally:
         redis_server.start()
     await eventually(is_200, 15)
+
+
+async def test_a_huge_number_is_refused_cheaply(
+    node: Node, clients: Callable[[], SocketClient]
+) -> None:
+    """A number of thousands of digits would make a naive parser work quadratically."""
+    c = clients()
+    await c.connect(node.url, "/agent", {"token": mint(node.settings, "anna")})
+    await c.next("presence:update")
+    huge = "9" * 5000
+    # Raw socket.io EVENT packet: the client's own encoder would refuse to build it.
+    await c.sio.eio.send('2/agent,["presence:set",{"kind":"desktop","priority":' + huge + "}]")
+    ack = await c.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
+    assert ack["ok"], "the connection survives and keeps working"

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -302,8 +303,8 @@ class RedisStore:
 
     async def _deliver(self, raw: str) -> None:
         try:
-            envelope = json.loads(raw)
-        except ValueError:
+            envelope = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             log.warning("dropped a malformed event")
             return
         if envelope.get("node") == self.node_id or self._on_event is None:
