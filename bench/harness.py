@@ -273,3 +273,66 @@ class RawSocketIO:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+# --- process figures for load benchmarks ---------------------------------------------------
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file soft limit to the hard limit; children inherit it.
+    Returns the new soft limit."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def vm_rss_mb(pid: int) -> float:
+    """VmRSS: the resident set of a process now."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def sched(pid: int) -> tuple[float, float]:
+    """Seconds a process's main thread ran, and waited runnable for a CPU (schedstat)."""
+    try:
+        ran, waited, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
+def cpu_report(
+    pids: dict[str, int], before: dict[str, tuple[float, float]], elapsed: float
+) -> dict[str, Any]:
+    """Per process since ``before``: CPU cores its main thread used, and the share of the
+    time it was runnable but waiting for a core (the machine is shared: a high share means
+    other processes took the CPU and the figures are noisy). Plus the 1-minute load."""
+    out: dict[str, Any] = {}
+    for name, pid in pids.items():
+        ran, waited = sched(pid)
+        out[name] = {
+            "cpu_cores": round((ran - before[name][0]) / elapsed, 2),
+            "runqueue_wait_share": round((waited - before[name][1]) / elapsed, 2),
+        }
+    out["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def log_problems(logs: Sequence[Path], limit: int = 8) -> dict[str, Any]:
+    """Counts of ERROR/WARNING/Traceback lines in each node log, and the first few."""
+    out: dict[str, Any] = {}
+    for log in logs:
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        bad = [ln for ln in lines if " ERROR " in ln or " WARNING " in ln or "Traceback" in ln]
+        out[log.stem] = {"count": len(bad), "first": [ln[:300] for ln in bad[:limit]]}
+    return out
