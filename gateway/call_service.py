@@ -36,6 +36,9 @@ VISITOR_GRACE_S = 10.0
 # A reservation outlives its ring a little, so that a node that died mid-ring still frees
 # the agent, but never before the ring timer has had its chance.
 RESERVATION_GRACE_S = 10.0
+# Once connected, the agent stays reserved until the call ends: presence says on_call too,
+# but another node's copy of presence may lag, and only the reservation is atomic.
+CALL_HOLD_S = 4 * 3600.0
 NO_AGENT_DETAIL = {
     "no_agents_online": "Nobody is online right now",
     "all_busy": "Everyone is busy right now",
@@ -182,8 +185,8 @@ class CallService:
             )
         except CallError as e:
             raise ApiError(409, e.code, e.message) from None
+        await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S)
         await self._presence.set_active_call(site_id, agent_id, call_id)
-        await self._store.release_agent(site_id, agent_id, call_id)
         await self._store.finish_timer(f"{RING_TIMER}:{call_id}:{call.attempt}")
         await self._notify.ring_stop(call, agent_id, "answered")
         await self._notify.call_update(call)
@@ -291,6 +294,7 @@ class CallService:
                 await self._after_ring(before, call, before.agent_id, reason)
                 return call
             if before.state is CallState.CONNECTED:
+                await self._store.release_agent(call.site, before.agent_id, call.call_id)
                 await self._presence.set_active_call(call.site, before.agent_id, None)
                 await self._store.record_served(call.site, call.visitor_id, before.agent_id)
         await self._notify.call_update(call)

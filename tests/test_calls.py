@@ -417,3 +417,32 @@ async def test_the_gateways_own_demo_page_may_open_sessions(
     own = {"Origin": node.settings.public_url}
     r = await http.post(f"{node.url}/v1/sites/acme/sessions", json={}, headers=own)
     assert r.status == 201
+
+
+async def test_an_agent_on_a_call_is_never_rung_even_by_a_node_that_lags(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Presence reaches other nodes a moment later; the reservation must hold meanwhile."""
+    from gateway import appkeys
+
+    settings = fast_ring(make_settings(tmp_path, redis_url=redis_url))
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    anna = await agent(clients, a, "anna")
+    b_presence = b.app[appkeys.PRESENCE]
+    free = b_presence.cached("acme", "anna")
+    assert free.status.value == "available"
+    v1 = await visitor(clients, a, (await session(http, a))["token"])
+    await v1.call("call:start", {}, "/visitor")
+    await anna.call("call:accept", {"call_id": (await anna.next("call:ring"))["call_id"]}, "/agent")
+    # Node B has not heard yet: its copy of Anna still says available.
+    b_presence._cache["acme"]["anna"] = free
+    v2 = await visitor(clients, b, (await session(http, b))["token"])
+    ack = await v2.call("call:start", {}, "/visitor")
+    assert ack["call"]["state"] == "failed", "Anna is talking; nobody else is online"
+    with pytest.raises(TimeoutError):
+        await anna.next("call:ring", timeout=0.5)

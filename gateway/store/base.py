@@ -135,6 +135,11 @@ class Store(Protocol):
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
         """Atomically claim an agent for one call; False if another call holds them."""
 
+    async def extend_reservation(
+        self, site: str, agent_id: str, call_id: str, ttl_s: float
+    ) -> bool:
+        """Keep the claim for ``ttl_s`` more, only if ``call_id`` still holds it."""
+
     async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
         """Release the claim, only if ``call_id`` still holds it."""
 

@@ -294,6 +294,15 @@ class EmbeddedStore:
         self._reservations[(site, agent_id)] = (call_id, now + ttl_s)
         return True
 
+    async def extend_reservation(
+        self, site: str, agent_id: str, call_id: str, ttl_s: float
+    ) -> bool:
+        held = self._reservations.get((site, agent_id))
+        if held is None or held[0] != call_id or held[1] <= time.time():
+            return False
+        self._reservations[(site, agent_id)] = (call_id, time.time() + ttl_s)
+        return True
+
     async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
         held = self._reservations.get((site, agent_id))
         if held is not None and held[0] == call_id:

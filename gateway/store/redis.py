@@ -150,6 +150,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: reservation. ARGV: call id, ttl ms.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 # KEYS: timers zset. ARGV: now, lease until, limit.
 _CLAIM_TIMERS = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
@@ -206,6 +212,7 @@ class RedisStore:
         self._claim_lapsed = self._redis.register_script(_CLAIM_LAPSED)
         self._put_call = self._redis.register_script(_PUT_CALL)
         self._release = self._redis.register_script(_RELEASE)
+        self._extend = self._redis.register_script(_EXTEND)
         self._claim_timers = self._redis.register_script(_CLAIM_TIMERS)
         self._hit = self._redis.register_script(_HIT)
         self._on_event: EventHandler | None = None
@@ -481,6 +488,14 @@ class RedisStore:
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
         done = await self._redis.set(
             f"m:resv:{site}:{agent_id}", call_id, nx=True, px=max(1, int(ttl_s * 1000))
+        )
+        return bool(done)
+
+    async def extend_reservation(
+        self, site: str, agent_id: str, call_id: str, ttl_s: float
+    ) -> bool:
+        done = await self._extend(
+            keys=[f"m:resv:{site}:{agent_id}"], args=[call_id, max(1, int(ttl_s * 1000))]
         )
         return bool(done)
 
