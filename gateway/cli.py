@@ -41,6 +41,10 @@ def serve(args: argparse.Namespace) -> int:
         # collector's generations shortens full collections under many connections.
         gc.collect()
         gc.freeze()
+        # Thousands of long-lived connections make each full collection long (a second at
+        # 10,000 sockets, measured), and the default thresholds run them often; collect the
+        # young generation less often too, as allocation-heavy broadcasts would trigger it.
+        gc.set_threshold(20_000, 20, 50)
 
     app.on_startup.append(freeze_heap)
     store = (

@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import socketio
 
+from gateway.store.redis import DRIVER_OPTIONS
 from gateway.tasks import raise_if_cancelling
 
 
@@ -24,7 +25,7 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         # default cap of 100 connections in use is reachable under load) and no decoding,
         # which the manager does itself.
         pool = aioredis.ConnectionPool.from_url(
-            self.redis_url, max_connections=1024, socket_connect_timeout=2
+            self.redis_url, max_connections=1024, socket_connect_timeout=2, **DRIVER_OPTIONS
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)

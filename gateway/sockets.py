@@ -331,6 +331,10 @@ class VisitorNamespace(BaseNamespace):
     roles = VISITOR_ROLES
     rate = (5.0, 10.0)
     starts_per_minute = 5
+    # Calls being started at once on this node. Past it a start is refused at once
+    # (503 overloaded) rather than queued: piling up handlers exhausts Redis connections and
+    # starves the node's own lease renewal, which would take every agent on it offline.
+    max_starting = 64
 
     def __init__(
         self, tokens: TokenService, metrics: Metrics, presence: PresenceService, calls: CallService
@@ -338,6 +342,7 @@ class VisitorNamespace(BaseNamespace):
         super().__init__("/visitor", tokens, metrics)
         self.presence = presence
         self.calls = calls
+        self.starting = 0
         self.events = {
             "call:start": self.call_start,
             "call:cancel": self.call_cancel,
@@ -373,7 +378,13 @@ class VisitorNamespace(BaseNamespace):
             if not current.final:
                 raise ApiError(409, "call_in_progress", "you already have a call going")
             session.calls.discard(call_id)
-        call = await self.calls.start(claims.site, claims.sub, sid, request)
+        if self.starting >= self.max_starting:
+            raise ApiError(503, "overloaded", "the gateway is busy; try again in a moment")
+        self.starting += 1
+        try:
+            call = await self.calls.start(claims.site, claims.sub, sid, request)
+        finally:
+            self.starting -= 1
         session.calls.add(call.call_id)
         return ok(call=call_to_wire(call, self.presence.site(claims.site)))
 
