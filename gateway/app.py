@@ -22,6 +22,7 @@ from gateway.sio_manager import ObservedRedisManager
 from gateway.sockets import (
     AgentNamespace,
     BoardNamespace,
+    JsonPacket,
     MembraneServer,
     SocketCallNotifier,
     VisitorNamespace,
@@ -97,6 +98,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         async_handlers=False,
         ping_interval=25,
         ping_timeout=20,
+        serializer=JsonPacket,
         json=fastjson,
     )
     calls = CallService(

@@ -50,6 +50,16 @@ _ack_requested: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
+class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
+    """socket.io packets as Membrane sends them: JSON only, never binary attachments, so the
+    recursive search for bytes that python-socketio runs on every outgoing payload (about
+    8% of a node's CPU under presence load, measured) can be skipped."""
+
+    @classmethod
+    def data_is_binary(cls, data: Any) -> bool:
+        return False
+
+
 class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
     """engine.io, with its background tasks (pings, the Redis listener) owned by a TaskGroup
     that shutdown cancels and awaits, instead of loose ``ensure_future`` tasks."""
