@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
@@ -23,7 +23,15 @@ from gateway.codec import Json, call_from_record, call_to_record, iso
 from gateway.errors import ApiError, forbidden, not_found
 from gateway.model import PresenceRecord, Site
 from gateway.presence_service import PresenceService, socket_device_id
-from gateway.routing import RouteRequest, RoutingSnapshot, availability, route
+from gateway.routing import (
+    Candidate,
+    RankingCache,
+    RouteDecision,
+    RouteRequest,
+    RoutingSnapshot,
+    availability,
+    route,
+)
 from gateway.store.base import CallRow, Store
 
 log = logging.getLogger(__name__)
@@ -77,6 +85,7 @@ class CallService:
         self._notify = notifier
         self._clock = clock
         self.visitor_grace_s = VISITOR_GRACE_S
+        self._ranking = RankingCache()
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -300,6 +309,18 @@ class CallService:
         await self._notify.call_update(call)
         return call
 
+    def _candidates(
+        self, decision: RouteDecision, snapshot: RoutingSnapshot, request: RouteRequest, now: float
+    ) -> Iterator[Candidate]:
+        """The quick candidates; if concurrent calls took every one of them before this call
+        could reserve, the rest in full rank order rather than giving up."""
+        yield from decision.candidates
+        if len(decision.candidates) >= self._ranking.limit:
+            tried = {c.agent_id for c in decision.candidates}
+            for candidate in route(snapshot, request, now).candidates:
+                if candidate.agent_id not in tried:
+                    yield candidate
+
     async def _route(self, call: Call) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
         call and offer a callback with an honest wait."""
@@ -320,8 +341,8 @@ class CallService:
             skills=r.skills,
             exclude=frozenset(call.tried),
         )
-        decision = route(snapshot, request, now)
-        for candidate in decision.candidates:
+        decision = self._ranking.route(snapshot, request, now)
+        for candidate in self._candidates(decision, snapshot, request, now):
             agent = site.agents[candidate.agent_id]
             ttl = site.ring_timeout_s + RESERVATION_GRACE_S
             if not await self._store.reserve_agent(call.site, agent.agent_id, call.call_id, ttl):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -528,3 +528,80 @@ def availability(
         open=is_open_now,
         next_open_at=None if is_open_now else _earliest_opening(scope, now),
     )
+
+
+# --- the hot path ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Ranking:
+    at: float
+    order: tuple[tuple[str, tuple[str, ...]], ...]
+    """(agent id, reasons), best first, for every agent with presence; no sticky rule."""
+
+
+class RankingCache:
+    """`route` for many calls a second: ranking every agent of a large site for every call
+    costs ~20 µs an agent (100 ms at 5,000 agents). This ranks all agents once per request
+    shape and `ttl_s`, then for each call walks that order and keeps the agents eligible
+    *now* (presence, reservation, exclusions), with the visitor's last agent moved to the
+    front, since stickiness is the first rule. Idle times and opening hours may be up to
+    `ttl_s` old; who is free never is. With nobody eligible it falls back to `route`, which
+    also explains why. Plain data and time passed in, like the rest of this module.
+    """
+
+    def __init__(self, ttl_s: float = 1.0, limit: int = 16, max_entries: int = 1024) -> None:
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self.max_entries = max_entries
+        self._entries: dict[tuple[object, ...], _Ranking] = {}
+
+    @staticmethod
+    def _shape(request: RouteRequest) -> tuple[object, ...]:
+        location = request.location
+        rounded = None if location is None else (round(location[0], 1), round(location[1], 1))
+        return (request.site_id, request.reach, request.language, request.branch, rounded,
+                request.skills)  # fmt: skip
+
+    def _rank_all(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> _Ranking:
+        plain = replace(snapshot, last_agent=None, reserved=frozenset())
+        agents = [a for a in snapshot.site.agents.values() if a.agent_id in snapshot.presence]
+        ctx = rank_context(plain, replace(request, exclude=frozenset()), now, agents)
+        ranked = sorted(
+            (rank(agent, snapshot.presence[agent.agent_id], ctx) for agent in agents),
+            key=lambda item: item[0],
+        )
+        return _Ranking(now, tuple((key.agent_id, reasons) for key, reasons in ranked))
+
+    def route(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> RouteDecision:
+        shape = self._shape(request)
+        ranking = self._entries.get(shape)
+        if ranking is None or not 0 <= now - ranking.at <= self.ttl_s:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            ranking = self._entries[shape] = self._rank_all(snapshot, request, now)
+        site = snapshot.site
+        candidates: list[Candidate] = []
+        sticky = snapshot.last_agent
+        if sticky is not None and sticky in site.agents:
+            channel = reachable_channel(
+                site.agents[sticky], snapshot.presence.get(sticky), request, snapshot.reserved
+            )
+            if channel is not None:
+                reasons = next((r for a, r in ranking.order if a == sticky), ())
+                candidates.append(
+                    Candidate(sticky, channel, ("served this visitor before", *reasons))
+                )
+        for agent_id, reasons in ranking.order:
+            if len(candidates) >= self.limit:
+                break
+            if agent_id == sticky:
+                continue
+            channel = reachable_channel(
+                site.agents[agent_id], snapshot.presence.get(agent_id), request, snapshot.reserved
+            )
+            if channel is not None:
+                candidates.append(Candidate(agent_id, channel, reasons))
+        if not candidates:
+            return route(snapshot, request, now)
+        return RouteDecision(candidates=tuple(candidates))

@@ -24,6 +24,7 @@ from gateway.routing import (
     BranchKey,
     Candidate,
     NoRouteReason,
+    RankingCache,
     RouteDecision,
     RouteRequest,
     RoutingSnapshot,
@@ -855,3 +856,59 @@ def test_route_does_not_depend_on_dict_order(
     reversed_presence = dict(reversed(list(snap.presence.items())))
     shuffled = replace(snap, site=reversed_site, presence=reversed_presence)
     assert route(shuffled, req, now) == route(snap, req, now)
+
+
+# --- the ranking cache ------------------------------------------------------------------------
+
+
+def _mixed_agents() -> list[Agent]:
+    return [
+        agent("ann", "dub", ("en",), ("billing",)),
+        agent("bob", "cork", ("de", "en")),
+        agent("cid", "ny", ("es",), ("billing", "sepa")),
+        agent("dee", None, ("de",)),
+        agent("eve", "dub", ("de",), ("sepa",)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        {},
+        {"language": "de"},
+        {"location": NEAR_CORK},
+        {"branch": "ny", "skills": ("billing",)},
+        {"language": "es", "exclude": frozenset({"cid"})},
+    ],
+)
+def test_ranking_cache_orders_like_route(req: dict[str, Any]) -> None:
+    presences = [presence("bob", idle_s=500), presence("dee", idle_s=50)]
+    snap = snapshot(_mixed_agents(), presences, reserved=["eve"], last_agent="dee")
+    expected = route(snap, request(**req), NOW)
+    got = RankingCache().route(snap, request(**req), NOW)
+    assert order(got) == order(expected)
+    assert [c.channel for c in got.candidates] == [c.channel for c in expected.candidates]
+    assert got.candidates[0].reasons[0] == expected.candidates[0].reasons[0]
+
+
+def test_ranking_cache_sees_who_is_free_now_and_reranks_after_its_ttl() -> None:
+    cache = RankingCache(ttl_s=1.0)
+    agents = _mixed_agents()
+    first = cache.route(snapshot(agents), request(language="de"), NOW)
+    best = first.candidates[0].agent_id
+    # Half a second later the best agent is on a call: skipped without re-ranking.
+    busy = snapshot(agents, [presence(best, status=PresenceStatus.ON_CALL, channels=())])
+    later = cache.route(busy, request(language="de"), NOW + 0.5)
+    assert best not in order(later) and order(later) == order(first)[1:]
+    # An agent who only just came online is not in the cached order, but found after the TTL.
+    newcomer = agent("fay", "dub", ("de",))
+    grown = snapshot([*agents, newcomer], [presence("fay", idle_s=10_000)])
+    assert "fay" not in order(cache.route(grown, request(language="de"), NOW + 0.9))
+    assert order(cache.route(grown, request(language="de"), NOW + 1.5))[0] == "fay"
+
+
+def test_ranking_cache_falls_back_to_route_for_the_reason_nobody_is_free() -> None:
+    agents = _mixed_agents()
+    everyone_busy = [presence(a.agent_id, status=PresenceStatus.BUSY, channels=()) for a in agents]
+    decision = RankingCache().route(snapshot(agents, everyone_busy), request(), NOW)
+    assert decision.candidates == () and decision.reason is NoRouteReason.ALL_BUSY
