@@ -188,13 +188,19 @@ class CallService:
 
     async def accept(self, site_id: str, agent_id: str, agent_sid: str, call_id: str) -> Call:
         self._own(await self.get(call_id), site_id)
+        # The agent must still be reserved for this call: a ring answered after its
+        # reservation lapsed (a node far behind) may have been given to another call.
+        if not await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S):
+            raise ApiError(409, "not_ringing", "this ring has expired")
         try:
             _, call = await self._update(
                 call_id, lambda c: calls.accept(c, agent_id, agent_sid, self._clock())
             )
-        except CallError as e:
-            raise ApiError(409, e.code, e.message) from None
-        await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S)
+        except (CallError, ApiError) as e:
+            await self._store.release_agent(site_id, agent_id, call_id)
+            if isinstance(e, CallError):
+                raise ApiError(409, e.code, e.message) from None
+            raise
         await self._presence.set_active_call(site_id, agent_id, call_id)
         await self._store.finish_timer(f"{RING_TIMER}:{call_id}:{call.attempt}")
         await self._notify.ring_stop(call, agent_id, "answered")

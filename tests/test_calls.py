@@ -460,3 +460,21 @@ async def test_call_starts_beyond_capacity_are_shed_at_once(
     assert ack["error"]["code"] == "overloaded"
     namespace.max_starting = 64
     assert (await v.call("call:start", {}, "/visitor"))["ok"]
+
+
+async def test_a_ring_answered_after_its_reservation_lapsed_is_refused(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """A node far behind may deliver an accept after the reservation expired and the agent
+    was reserved for another call: taking it would book the agent twice."""
+    from gateway import appkeys
+
+    anna = await agent(clients, node, "anna")
+    v = await visitor(clients, node, (await session(http, node))["token"])
+    await v.call("call:start", {}, "/visitor")
+    ring = await anna.next("call:ring")
+    store = node.app[appkeys.STORE]
+    await store.release_agent("acme", "anna", ring["call_id"])  # as if it expired
+    assert await store.reserve_agent("acme", "anna", "c_other", 30)
+    late = await anna.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+    assert late["error"]["code"] == "not_ringing"
