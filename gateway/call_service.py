@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
@@ -24,9 +24,7 @@ from gateway.errors import ApiError, forbidden, not_found
 from gateway.model import PresenceRecord, Site
 from gateway.presence_service import PresenceService, socket_device_id
 from gateway.routing import (
-    Candidate,
     RankingCache,
-    RouteDecision,
     RouteRequest,
     RoutingSnapshot,
     availability,
@@ -86,6 +84,10 @@ class CallService:
         self._clock = clock
         self.visitor_grace_s = VISITOR_GRACE_S
         self._ranking = RankingCache()
+        # Agents this node reserved for a ring, until when: routing skips them without a
+        # Redis round trip. Entries expire by themselves, so a release made on another
+        # node can never leave one stale; the store's reservation stays the authority.
+        self._ringing_here: dict[tuple[str, str], float] = {}
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -202,6 +204,7 @@ class CallService:
                 raise ApiError(409, e.code, e.message) from None
             raise
         await self._presence.set_active_call(site_id, agent_id, call_id)
+        self._ringing_here.pop((site_id, agent_id), None)  # on_call from now on
         await self._store.finish_timer(f"{RING_TIMER}:{call_id}:{call.attempt}")
         await self._notify.ring_stop(call, agent_id, "answered")
         await self._notify.call_update(call)
@@ -292,6 +295,7 @@ class CallService:
         return call
 
     async def _after_ring(self, before: Call, call: Call, agent_id: str, reason: str) -> None:
+        self._ringing_here.pop((call.site, agent_id), None)
         await self._store.release_agent(call.site, agent_id, call.call_id)
         await self._store.finish_timer(ring_timer_id(before))
         await self._notify.ring_stop(call, agent_id, reason)
@@ -315,26 +319,22 @@ class CallService:
         await self._notify.call_update(call)
         return call
 
-    def _candidates(
-        self, decision: RouteDecision, snapshot: RoutingSnapshot, request: RouteRequest, now: float
-    ) -> Iterator[Candidate]:
-        """The quick candidates; if concurrent calls took every one of them before this call
-        could reserve, the rest in full rank order rather than giving up."""
-        yield from decision.candidates
-        if len(decision.candidates) >= self._ranking.limit:
-            tried = {c.agent_id for c in decision.candidates}
-            for candidate in route(snapshot, request, now).candidates:
-                if candidate.agent_id not in tried:
-                    yield candidate
-
     async def _route(self, call: Call) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
         call and offer a callback with an honest wait."""
         site = self._sites[call.site]
         now = self._clock()
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
+        busy_here = frozenset(
+            agent
+            for (s, agent), until in self._ringing_here.items()
+            if s == call.site and until > now
+        )
         snapshot = RoutingSnapshot(
-            site=site, presence=self._presence.snapshot(call.site), last_agent=last_agent
+            site=site,
+            presence=self._presence.snapshot(call.site),
+            reserved=busy_here,
+            last_agent=last_agent,
         )
         r = call.request
         request = RouteRequest(
@@ -347,12 +347,14 @@ class CallService:
             skills=r.skills,
             exclude=frozenset(call.tried),
         )
-        decision = self._ranking.route(snapshot, request, now)
-        for candidate in self._candidates(decision, snapshot, request, now):
+        for candidate in self._ranking.candidates(snapshot, request, now):
             agent = site.agents[candidate.agent_id]
             ttl = site.ring_timeout_s + RESERVATION_GRACE_S
             if not await self._store.reserve_agent(call.site, agent.agent_id, call.call_id, ttl):
                 continue  # ringing for someone else (another node got there first)
+            if len(self._ringing_here) > 10_000:
+                self._ringing_here = {k: t for k, t in self._ringing_here.items() if t > now}
+            self._ringing_here[(call.site, agent.agent_id)] = now + ttl
             branch = site.branches.get(agent.branch) if agent.branch else None
             who = f"{agent.name} in {branch.name}" if branch else agent.name
             try:
@@ -391,6 +393,8 @@ class CallService:
             )
             await self._notify.call_update(ringing)
             return ringing
+        # Nobody could be reserved: the full ranking says why (closed, nobody online, ...).
+        decision = route(snapshot, request, now)
         reason = "no_agent_answered" if call.tried else (decision.reason or "all_busy")
         wait = availability(snapshot, now, language=r.language).estimated_wait_s
         try:

@@ -30,8 +30,9 @@ so the edge can always offer something true ("call me back at 09:00") instead of
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import NamedTuple
@@ -574,6 +575,17 @@ class RankingCache:
         return _Ranking(now, tuple((key.agent_id, reasons) for key, reasons in ranked))
 
     def route(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> RouteDecision:
+        """The first `limit` candidates, or `route`'s answer when nobody is eligible."""
+        candidates = tuple(itertools.islice(self.candidates(snapshot, request, now), self.limit))
+        if not candidates:
+            return route(snapshot, request, now)
+        return RouteDecision(candidates=candidates)
+
+    def candidates(
+        self, snapshot: RoutingSnapshot, request: RouteRequest, now: float
+    ) -> Iterator[Candidate]:
+        """Eligible agents best first, found lazily: a caller whose first choices were taken
+        by concurrent calls walks on down the same order instead of ranking again."""
         shape = self._shape(request)
         ranking = self._entries.get(shape)
         if ranking is None or not 0 <= now - ranking.at <= self.ttl_s:
@@ -581,7 +593,6 @@ class RankingCache:
                 self._entries.clear()
             ranking = self._entries[shape] = self._rank_all(snapshot, request, now)
         site = snapshot.site
-        candidates: list[Candidate] = []
         sticky = snapshot.last_agent
         if sticky is not None and sticky in site.agents:
             channel = reachable_channel(
@@ -589,19 +600,12 @@ class RankingCache:
             )
             if channel is not None:
                 reasons = next((r for a, r in ranking.order if a == sticky), ())
-                candidates.append(
-                    Candidate(sticky, channel, ("served this visitor before", *reasons))
-                )
+                yield Candidate(sticky, channel, ("served this visitor before", *reasons))
         for agent_id, reasons in ranking.order:
-            if len(candidates) >= self.limit:
-                break
             if agent_id == sticky:
                 continue
             channel = reachable_channel(
                 site.agents[agent_id], snapshot.presence.get(agent_id), request, snapshot.reserved
             )
             if channel is not None:
-                candidates.append(Candidate(agent_id, channel, reasons))
-        if not candidates:
-            return route(snapshot, request, now)
-        return RouteDecision(candidates=tuple(candidates))
+                yield Candidate(agent_id, channel, reasons)
