@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 RING_TIMER = "ring"
 VISITOR_GONE_TIMER = "visitor_gone"
+# A visitor may start this many calls a minute (across nodes); one may be open at a time.
+STARTS_PER_MINUTE = 5
 # A connected call survives its visitor's socket dropping for this long: the audio flows
 # peer to peer, and the widget reconnects and picks the call up again.
 VISITOR_GRACE_S = 10.0
@@ -116,6 +118,14 @@ class CallService:
         site = self._presence.site(site_id)
         if request.branch is not None and request.branch not in site.branches:
             raise ApiError(400, "invalid_payload", f"no branch {request.branch!r}")
+        current = await self._store.open_call(site_id, visitor_id)
+        if current is not None:
+            row = await self._store.get_call(current)
+            if row is not None and not call_from_record(row.data, row.version).final:
+                raise ApiError(409, "call_in_progress", "you already have a call going")
+        now = self._clock()
+        if not await self._store.hit(f"start:{site_id}:{visitor_id}", 60, STARTS_PER_MINUTE, now):
+            raise ApiError(429, "rate_limited", "too many calls started; wait a minute")
         call = calls.new_call(
             f"c_{uuid.uuid4().hex}",
             site_id,
@@ -174,10 +184,6 @@ class CallService:
             await self._end(call_id, "visitor_left", "The visitor's connection dropped")
         except ApiError:
             pass
-
-    async def allow_start(self, site_id: str, visitor_id: str, per_minute: int) -> bool:
-        """Across nodes: a visitor may start only a few calls a minute."""
-        return await self._store.hit(f"start:{site_id}:{visitor_id}", 60, per_minute, self._clock())
 
     async def cancel(self, site_id: str, visitor_id: str, call_id: str, reason: str) -> Call:
         call = await self.get(call_id)

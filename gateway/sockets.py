@@ -340,7 +340,6 @@ class VisitorNamespace(BaseNamespace):
 
     roles = VISITOR_ROLES
     rate = (5.0, 10.0)
-    starts_per_minute = 5
     # Calls being started at once on this node. Past it a start is refused at once
     # (503 overloaded) rather than queued: piling up handlers exhausts Redis connections and
     # starves the node's own lease renewal, which would take every agent on it offline.
@@ -380,14 +379,6 @@ class VisitorNamespace(BaseNamespace):
         session = self.sessions[sid]
         claims = session.claims
         request = call_request_from_wire(payload)
-        store_ok = await self.calls.allow_start(claims.site, claims.sub, self.starts_per_minute)
-        if not store_ok:
-            raise ApiError(429, "rate_limited", "too many calls started; wait a minute")
-        for call_id in list(session.calls):
-            current = await self.calls.get(call_id)
-            if not current.final:
-                raise ApiError(409, "call_in_progress", "you already have a call going")
-            session.calls.discard(call_id)
         if self.starting >= self.max_starting:
             raise ApiError(503, "overloaded", "the gateway is busy; try again in a moment")
         self.starting += 1
@@ -395,7 +386,7 @@ class VisitorNamespace(BaseNamespace):
             call = await self.calls.start(claims.site, claims.sub, sid, request)
         finally:
             self.starting -= 1
-        session.calls.add(call.call_id)
+        session.calls = {call.call_id}
         return ok(call=call_to_wire(call, self.presence.site(claims.site)))
 
     async def call_cancel(self, sid: str, payload: Any) -> Json:
