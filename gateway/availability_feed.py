@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # (site, language, branch): each distinct filter a widget asked for is computed once.
 FeedKey = tuple[str, str | None, str | None]
 
-WRITES_PER_SLICE = 256
+WRITES_PER_SLICE = 512
 MAX_BUFFERED_BYTES = 64 * 1024
 
 
@@ -37,6 +37,8 @@ MAX_BUFFERED_BYTES = 64 * 1024
 class Watcher:
     response: web.StreamResponse
     transport: asyncio.Transport
+    chunked: bool
+    """HTTP/1.1 streams are chunked; an HTTP/1.0 one gets the bare bytes."""
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -72,7 +74,7 @@ class AvailabilityFeed:
         self,
         presence: PresenceService,
         clock: Callable[[], float] = time.time,
-        coalesce_s: float = 0.05,
+        coalesce_s: float = 0.02,
         keepalive_s: float = 20.0,
         max_watchers: int = 50_000,
     ) -> None:
@@ -109,6 +111,9 @@ class AvailabilityFeed:
                 **headers,
             }
         )
+        chunked = request.version >= (1, 1)
+        if chunked:
+            response.enable_chunked_encoding()  # explicit, so broadcasts can pre-frame chunks
         await response.prepare(request)
         frame = self._last.get(key) or sse_frame(self.current(key))
         self._last[key] = frame
@@ -116,7 +121,7 @@ class AvailabilityFeed:
         transport = request.transport
         if transport is None:
             return response
-        watcher = Watcher(response, transport)
+        watcher = Watcher(response, transport, chunked)
         self._watchers.setdefault(key, set()).add(watcher)
         try:
             await watcher.done
@@ -156,16 +161,17 @@ class AvailabilityFeed:
 
     async def _broadcast(self, key: FeedKey, frame: bytes) -> None:
         started = time.perf_counter()
+        # The same bytes for everyone, HTTP chunk framing included, written straight to each
+        # socket: no per-watcher await, so one slow reader can neither hold up nor reorder
+        # a broadcast (it is dropped once its unsent bytes pile up instead).
+        chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
         watchers = list(self._watchers.get(key, ()))
         for i, watcher in enumerate(watchers):
             transport = watcher.transport
             if transport.is_closing() or transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
                 watcher.close()  # gone, or too slow to keep: it reconnects by itself
                 continue
-            try:
-                await watcher.response.write(frame)
-            except (ConnectionError, RuntimeError):
-                watcher.close()
+            transport.write(chunk if watcher.chunked else frame)
             if i % WRITES_PER_SLICE == WRITES_PER_SLICE - 1:
                 await asyncio.sleep(0)  # let the node breathe between slices
         self.broadcast_seconds.append(time.perf_counter() - started)
