@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # (site, language, branch): each distinct filter a widget asked for is computed once.
 FeedKey = tuple[str, str | None, str | None]
 
-WRITES_PER_SLICE = 512
+WRITES_PER_SLICE = 256
 MAX_BUFFERED_BYTES = 64 * 1024
 
 
