@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 from gateway.codec import DeviceUpdate, Json, presence_to_wire
 from gateway.errors import forbidden, not_found
@@ -135,9 +136,12 @@ class PresenceService:
             return found
         return aggregate(self.agent(site_id, agent_id), PresenceRecord(), self._clock())
 
-    def snapshot(self, site_id: str) -> dict[str, Presence]:
-        """Every agent of the site as this node knows them now (for routing)."""
-        return {a: self.cached(site_id, a) for a in self.site(site_id).agents}
+    def snapshot(self, site_id: str) -> Mapping[str, Presence]:
+        """Every agent of the site this node has presence for, as it knows them now (for
+        routing: an agent missing here has never been seen, so is offline). A read-only view,
+        not a copy: routing reads it once per call, at thousands of agents."""
+        self.site(site_id)
+        return MappingProxyType(self._cache[site_id])
 
     def site_presence(self, site_id: str) -> list[Presence]:
         return [self.cached(site_id, a) for a in self.site(site_id).agents]
