@@ -87,7 +87,6 @@ class AvailabilityFeed:
         self._last: dict[FeedKey, bytes] = {}
         self._dirty: set[str] = set()
         self._tasks = TaskGroup("availability")
-        self.broadcast_seconds: list[float] = []  # for metrics and benchmarks
         presence.add_listener(self._on_presence)
 
     @property
@@ -160,7 +159,6 @@ class AvailabilityFeed:
             await self._broadcast(key, frame)
 
     async def _broadcast(self, key: FeedKey, frame: bytes) -> None:
-        started = time.perf_counter()
         # The same bytes for everyone, HTTP chunk framing included, written straight to each
         # socket: no per-watcher await, so one slow reader can neither hold up nor reorder
         # a broadcast (it is dropped once its unsent bytes pile up instead).
@@ -174,8 +172,6 @@ class AvailabilityFeed:
             transport.write(chunk if watcher.chunked else frame)
             if i % WRITES_PER_SLICE == WRITES_PER_SLICE - 1:
                 await asyncio.sleep(0)  # let the node breathe between slices
-        self.broadcast_seconds.append(time.perf_counter() - started)
-        del self.broadcast_seconds[:-100]
 
     async def run_keepalive(self) -> None:
         """Proxies close silent streams; this also catches branches opening or closing."""

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway.codec import check_id, iso
+from gateway.codec import LANGUAGE_PATTERN, check_id, iso
 from gateway.errors import ApiError, invalid_payload
 from gateway.http_api import read_json
 from gateway.ice import ice_servers
@@ -117,7 +117,7 @@ async def create_session(request: web.Request) -> web.Response:
 def _filters(request: web.Request, site: Site) -> tuple[str | None, str | None]:
     language = request.query.get("language") or None
     branch = request.query.get("branch") or None
-    if language is not None and not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?", language):
+    if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
         raise invalid_payload("language must be a language tag like en or de-AT")
     if branch is not None and check_id(branch, "branch") not in site.branches:
         raise invalid_payload(f"no branch {branch!r}")
