@@ -1,0 +1,147 @@
+"""The seam between callbacks and the phone network.
+
+The gateway never imports a telephony provider. ``mobile_bridge`` implements ``Telephony``
+with Twilio and registers itself under the ``membrane.telephony`` entry point; the app
+factory loads it when Twilio is configured (or a test passes one in). The provider's edge
+turns its webhooks into ``LegEvent``s and asks ``CallbackEvents`` what an answered leg should
+do; what comes back is plain data (``Bridge`` or ``HangUp``) that the edge renders (TwiML).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.settings import Settings
+
+ENTRY_POINT_GROUP = "membrane.telephony"
+
+
+class LegStatus(StrEnum):
+    """What became of one outbound phone leg (Twilio's CallStatus, provider-neutral)."""
+
+    INITIATED = "initiated"
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    COMPLETED = "completed"
+    BUSY = "busy"
+    NO_ANSWER = "no_answer"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class AnsweredBy(StrEnum):
+    HUMAN = "human"
+    MACHINE = "machine"
+    """An answering machine, voicemail or fax: never connect an agent to it."""
+    UNKNOWN = "unknown"
+
+
+class TelephonyError(Exception):
+    """The provider refused or could not be reached; ``code`` is stable."""
+
+    def __init__(self, code: str, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class DialRequest:
+    """One outbound leg to the visitor: attempt ``attempt`` of callback ``call_id``."""
+
+    call_id: str
+    attempt: int
+    to: str
+    """E.164."""
+    caller_id: str
+    """E.164, one of the site's ``caller_ids``."""
+    timeout_s: int = 30
+    """How long the visitor's phone may ring before it counts as no answer."""
+    machine_detection: bool = True
+    """Ask the provider to tell a human from an answering machine before the leg answers."""
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.call_id}:{self.attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class LegEvent:
+    """A provider webhook about one leg, translated."""
+
+    call_id: str
+    attempt: int
+    provider_id: str
+    status: LegStatus
+    answered_by: AnsweredBy | None = None
+    duration_s: int | None = None
+    """Seconds the leg was answered for, on ``COMPLETED``."""
+    sequence: int | None = None
+    """The provider's per-leg order of events, when it gives one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bridge:
+    """Greet the visitor and connect them to the agent's phone."""
+
+    say: str
+    number: str
+    """The agent's phone, E.164."""
+    caller_id: str
+    timeout_s: int = 30
+    language: str = "en-US"
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """End the leg, optionally saying something first."""
+
+    say: str | None = None
+    language: str = "en-US"
+
+
+Instruction = Bridge | HangUp
+
+
+class CallbackEvents(Protocol):
+    """What a telephony edge calls into (the gateway's callback service implements it)."""
+
+    async def on_leg_event(self, event: LegEvent) -> None: ...
+
+    async def on_answer(
+        self, call_id: str, attempt: int, provider_id: str, answered_by: AnsweredBy
+    ) -> Instruction:
+        """The visitor's phone answered: what should happen on the line."""
+
+    async def on_bridge_result(
+        self, call_id: str, attempt: int, provider_id: str, agent_answered: bool
+    ) -> Instruction:
+        """The bridge to the agent's phone ended (or never connected)."""
+
+
+class Telephony(Protocol):
+    async def start(self) -> None:
+        """Open clients; called inside the running loop before the first dial."""
+
+    async def close(self) -> None: ...
+
+    async def dial(self, request: DialRequest) -> str:
+        """Place the leg and return the provider's id for it. Raises ``TelephonyError``."""
+
+    async def find_leg(self, request: DialRequest, since: float) -> str | None:
+        """A leg to ``request.to`` placed since ``since`` (POSIX seconds), if any: lets a node
+        that takes over a half-done dial find out whether the dial already happened."""
+
+    async def hang_up(self, provider_id: str) -> None:
+        """End the leg (cancel it if it has not answered); no error if it already ended."""
+
+
+TelephonyInstaller = Callable[["web.Application", "Settings", CallbackEvents], Telephony]
+"""Registers the provider's webhook routes on the app and returns its ``Telephony``."""
