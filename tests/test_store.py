@@ -12,7 +12,7 @@ import pytest
 from conftest import RedisServer, eventually
 
 from gateway.model import Device, DeviceKind, DeviceState, PresenceStatus
-from gateway.store.base import CallRow, DeviceRef, Json, Store
+from gateway.store.base import HANDLE_TIMES_KEPT, CallRow, DeviceRef, Json, Quota, Store
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
 
@@ -31,6 +31,28 @@ class Recorder:
         self.resyncs.set()
 
 
+class FakeClock:
+    """The wall clock of expiries that take no ``now`` (claims, counters)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def let_time_pass(store: Store, clock: FakeClock, redis_key: str, seconds: float) -> None:
+    """Let ``seconds`` pass for an expiry: the embedded store's clock moves on; in Redis the
+    key's time to live shrinks by as much (the key expires when none is left)."""
+    clock.now += seconds
+    if isinstance(store, RedisStore):
+        left = await store.redis.pttl(redis_key) - int(seconds * 1000)
+        if left > 0:
+            await store.redis.pexpire(redis_key, left)
+        else:
+            await store.redis.delete(redis_key)
+
+
 @pytest.fixture(params=["embedded", "redis"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -44,12 +66,14 @@ async def open_store(
     opened: list[Store] = []
     url = request.getfixturevalue("redis_url") if backend == "redis" else ""
 
-    async def factory(node_id: str = "n1", recorder: Recorder | None = None) -> Store:
+    async def factory(
+        node_id: str = "n1", recorder: Recorder | None = None, clock: FakeClock | None = None
+    ) -> Store:
         store: Store
         if backend == "redis":
             store = RedisStore(url, node_id)
         else:
-            store = EmbeddedStore(tmp_path / "data", node_id)
+            store = EmbeddedStore(tmp_path / "data", node_id, clock=clock or time.time)
         rec = recorder or Recorder()
         await store.start(rec.on_event, rec.on_resync)
         opened.append(store)
@@ -177,6 +201,194 @@ async def test_health(open_store: Any) -> None:
     assert health.reachable and health.listening and health.persistent
 
 
+# --- durable coordination: quotas, slots, counters, claims, the queue ------------------------
+
+
+async def test_quotas_count_events_in_a_sliding_window(open_store: Any) -> None:
+    store: Store = await open_store()
+    per_minute = Quota("dial:+15005550006", window_s=60, limit=2)
+    assert await store.take_quotas([per_minute], "e1", 1000.0) is None
+    assert await store.take_quotas([per_minute], "e2", 1030.0) is None
+    assert await store.take_quotas([per_minute], "e3", 1059.0) == 0, "full"
+    assert await store.take_quotas([per_minute], "e3", 1060.0) == 0, "e1 is exactly 60 s old"
+    assert await store.take_quotas([per_minute], "e3", 1060.5) is None, "e1 slid out"
+    assert await store.take_quotas([per_minute], "e4", 1089.0) == 0, "e2 and e3 still count"
+    assert await store.take_quotas([per_minute], "e4", 1090.5) is None, "a sliding window"
+    assert await store.take_quotas([per_minute], "e4", 1090.6) is None, "a retry is not recounted"
+    assert await store.take_quotas([], "e5", 1091.0) is None, "no quota, no limit"
+
+
+async def test_quotas_are_taken_all_or_nothing(open_store: Any) -> None:
+    store: Store = await open_store()
+    site = Quota("site:acme", window_s=3600, limit=10)
+    number = Quota("number:+15005550006", window_s=3600, limit=1)
+    assert await store.take_quotas([site, number], "e1", 1000.0) is None
+    assert await store.take_quotas([site, number], "e2", 1001.0) == 1, "the number is full"
+    other = Quota("number:+15005550007", window_s=3600, limit=1)
+    full = Quota("site:full", window_s=3600, limit=0)
+    assert await store.take_quotas([site, other, full], "e3", 1002.0) == 2
+    # Nothing of e2 or e3 was recorded: the site has 9 more, the other number has room.
+    for i in range(9):
+        assert await store.take_quotas([site], f"s{i}", 1003.0) is None
+    assert await store.take_quotas([site], "s9", 1004.0) == 0
+    assert await store.take_quotas([other], "e4", 1005.0) is None
+    assert await store.take_quotas([other, site], "e5", 1006.0) == 0, "the first full one"
+
+
+async def test_distinct_quotas_count_members(open_store: Any) -> None:
+    store: Store = await open_store()
+
+    def numbers(member: str) -> Quota:
+        return Quota("numbers:visitor-1", window_s=100, limit=2, member=member)
+
+    assert await store.take_quotas([numbers("+1500")], "e1", 1000.0) is None
+    assert await store.take_quotas([numbers("+1500")], "e2", 1010.0) is None, "same member"
+    assert await store.take_quotas([numbers("+1501")], "e3", 1020.0) is None
+    assert await store.take_quotas([numbers("+1502")], "e4", 1030.0) == 0, "a third number"
+    assert await store.take_quotas([numbers("+1500")], "e5", 1105.0) is None, "present, refreshed"
+    # At 1121 +1501 (1020) has slid out but +1500 was refreshed at 1105: room for one more.
+    assert await store.take_quotas([numbers("+1502")], "e6", 1121.0) is None
+    assert await store.take_quotas([numbers("+1503")], "e7", 1122.0) == 0
+    # A full distinct quota blocks the counting quota beside it from recording anything.
+    calls = Quota("calls:visitor-1", window_s=100, limit=1)
+    assert await store.take_quotas([calls, numbers("+1504")], "e8", 1123.0) == 1
+    assert await store.take_quotas([calls, numbers("+1502")], "e9", 1124.0) is None
+
+
+async def test_slots_limit_concurrent_holders_with_leases(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.acquire_slot("pstn:acme", "c1", 2, 30.0, 1000.0)
+    assert await store.acquire_slot("pstn:acme", "c2", 2, 30.0, 1001.0)
+    assert not await store.acquire_slot("pstn:acme", "c3", 2, 30.0, 1002.0), "both slots held"
+    assert await store.acquire_slot("pstn:acme", "c1", 2, 30.0, 1020.0), "a holder renews"
+    assert await store.acquire_slot("pstn:other", "c3", 2, 30.0, 1020.0), "keys are separate"
+    # At 1031 c2's lease (to 1031) has ended while c1's renewal runs to 1050.
+    assert await store.acquire_slot("pstn:acme", "c3", 2, 30.0, 1031.0)
+    assert not await store.acquire_slot("pstn:acme", "c4", 2, 30.0, 1040.0)
+    await store.release_slot("pstn:acme", "c1")
+    await store.release_slot("pstn:acme", "nobody")
+    assert await store.acquire_slot("pstn:acme", "c4", 2, 30.0, 1041.0), "released"
+    assert not await store.acquire_slot("pstn:acme", "c5", 0, 30.0, 1041.0), "limit 0"
+
+
+async def test_counters_add_read_and_expire(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.add_to_counter("spend:acme:2025-01-01", 0, 86400) == 0, "read"
+    assert await store.add_to_counter("spend:acme:2025-01-01", 250_000, 86400) == 250_000
+    assert await store.add_to_counter("spend:acme:2025-01-01", 100_000, 86400) == 350_000
+    assert await store.add_to_counter("spend:acme:2025-01-01", -50_000, 86400) == 300_000
+    assert await store.add_to_counter("spend:acme:2025-01-01", 0, 86400) == 300_000
+    assert await store.add_to_counter("spend:acme:2025-01-02", 0, 86400) == 0
+
+
+async def test_a_counter_expires_ttl_after_it_was_created(open_store: Any) -> None:
+    clock = FakeClock()
+    store: Store = await open_store(clock=clock)
+    assert await store.add_to_counter("spend:acme:day", 5, 10) == 5
+    await let_time_pass(store, clock, "m:count:spend:acme:day", 6)
+    assert await store.add_to_counter("spend:acme:day", 5, 10) == 10, "a write keeps the expiry"
+    await let_time_pass(store, clock, "m:count:spend:acme:day", 5)
+    assert await store.add_to_counter("spend:acme:day", 0, 10) == 0, "expired 10 s after creation"
+    assert await store.add_to_counter("spend:acme:day", 3, 10) == 3
+
+
+async def test_claim_once_wins_once(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.claim_once("dial:c1:1", 60.0)
+    assert not await store.claim_once("dial:c1:1", 60.0)
+    assert await store.claim_once("dial:c1:2", 60.0), "another attempt is another key"
+
+
+async def test_a_claim_is_free_again_after_its_ttl(open_store: Any) -> None:
+    clock = FakeClock()
+    store: Store = await open_store(clock=clock)
+    assert await store.claim_once("dial:c1:1", 10.0)
+    await let_time_pass(store, clock, "m:once:dial:c1:1", 9)
+    assert not await store.claim_once("dial:c1:1", 10.0)
+    await let_time_pass(store, clock, "m:once:dial:c1:1", 2)
+    assert await store.claim_once("dial:c1:1", 10.0)
+
+
+async def test_concurrent_callers_win_exactly_as_often_as_allowed(open_store: Any) -> None:
+    store: Store = await open_store()
+    claims = await asyncio.gather(*(store.claim_once("dial:c9:1", 60.0) for _ in range(20)))
+    assert claims.count(True) == 1
+    slots = await asyncio.gather(
+        *(store.acquire_slot("pstn:acme", f"c{i}", 3, 30.0, 1000.0) for i in range(20))
+    )
+    assert slots.count(True) == 3
+    quota = Quota("site:acme", window_s=60, limit=5)
+    taken = await asyncio.gather(
+        *(store.take_quotas([quota], f"e{i}", 1000.0 + i / 100) for i in range(20))
+    )
+    assert taken.count(None) == 5 and taken.count(0) == 15
+    totals = await asyncio.gather(*(store.add_to_counter("spend:x", 7, 60) for _ in range(20)))
+    assert sorted(totals) == [7 * n for n in range(1, 21)], "no lost update"
+
+
+async def test_the_queue_ranks_calls_by_score_then_call_id(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.queue_size("acme") == 0
+    assert await store.queue_rank("acme", "c1") is None
+    await store.queue_put("acme", "c3", 1000.0)
+    await store.queue_put("acme", "c1", 1002.0)
+    await store.queue_put("acme", "c2", 1000.0)
+    await store.queue_put("other", "c0", 1.0)
+    ranks = [await store.queue_rank("acme", c) for c in ("c1", "c2", "c3")]
+    assert ranks == [2, 0, 1], "equal scores go in call id order"
+    assert await store.queue_size("acme") == 3 and await store.queue_size("other") == 1
+    await store.queue_put("acme", "c1", 999.0)
+    assert await store.queue_rank("acme", "c1") == 0, "moved up"
+    assert await store.queue_size("acme") == 3, "moved, not added"
+    await store.queue_remove("acme", "c2")
+    await store.queue_remove("acme", "missing")
+    assert await store.queue_rank("acme", "c2") is None
+    assert [await store.queue_rank("acme", c) for c in ("c1", "c3")] == [0, 1]
+    assert await store.queue_size("acme") == 2
+
+
+async def test_handle_times_keep_the_newest(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.handle_times("acme") == []
+    for i in range(HANDLE_TIMES_KEPT + 10):
+        await store.record_handle_time("acme", 10.0 + i / 4)
+    await store.record_handle_time("other", 1.5)
+    kept = await store.handle_times("acme")
+    assert kept == [10.0 + i / 4 for i in reversed(range(10, HANDLE_TIMES_KEPT + 10))]
+    assert await store.handle_times("other") == [1.5]
+
+
+async def test_a_restart_keeps_quotas_slots_counters_claims_queue_and_handle_times(
+    open_store: Any,
+) -> None:
+    store: Store = await open_store()
+    quota = Quota("number:+15005550006", window_s=3600, limit=1)
+    distinct = Quota("numbers:visitor-1", window_s=3600, limit=1, member="+1500")
+    assert await store.take_quotas([quota, distinct], "e1", 1000.0) is None
+    assert await store.acquire_slot("pstn:acme", "c1", 1, 60.0, 1000.0)
+    assert await store.add_to_counter("spend:acme:day", 42, 86400) == 42
+    assert await store.claim_once("dial:c1:1", 60.0)
+    await store.queue_put("acme", "c2", 1001.0)
+    await store.queue_put("acme", "c1", 1000.0)
+    await store.record_handle_time("acme", 12.5)
+    await store.record_handle_time("acme", 30.0)
+    await store.close()
+
+    reopened: Store = await open_store()
+    assert await reopened.take_quotas([quota], "e2", 1001.0) == 0, "the limit survived"
+    other = Quota("numbers:visitor-1", window_s=3600, limit=1, member="+1501")
+    assert await reopened.take_quotas([other], "e2", 1001.0) == 0
+    assert await reopened.take_quotas([distinct], "e2", 1001.0) is None, "the member is kept"
+    assert not await reopened.acquire_slot("pstn:acme", "c2", 1, 60.0, 1001.0)
+    assert await reopened.acquire_slot("pstn:acme", "c1", 1, 60.0, 1001.0), "still its holder"
+    assert await reopened.add_to_counter("spend:acme:day", 0, 86400) == 42
+    assert not await reopened.claim_once("dial:c1:1", 60.0), "no second dial"
+    assert await reopened.queue_rank("acme", "c1") == 0
+    assert await reopened.queue_rank("acme", "c2") == 1
+    assert await reopened.queue_size("acme") == 2
+    assert await reopened.handle_times("acme") == [30.0, 12.5]
+
+
 # --- Redis only: what many nodes add -----------------------------------------------------------
 
 
@@ -199,6 +411,30 @@ async def test_concurrent_nodes_claim_each_lapse_exactly_once(redis_url: str) ->
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_redis_coordination_keys_expire_but_the_queue_does_not(redis_url: str) -> None:
+    store = RedisStore(redis_url, "n")
+    await store.start(Recorder().on_event, Recorder().on_resync)
+    try:
+        now = time.time()
+        quota = Quota("number:+15005550006", window_s=60, limit=5)
+        assert await store.take_quotas([quota], "e1", now) is None
+        assert await store.acquire_slot("pstn:acme", "c1", 1, 30.0, now)
+        assert await store.add_to_counter("spend:acme:day", 1, 86400) == 1
+        assert await store.claim_once("dial:c1:1", 120.0)
+        await store.queue_put("acme", "c1", now)
+        await store.record_handle_time("acme", 3.0)
+        r = store.redis
+        assert 60_000 <= await r.pttl("m:q:number:+15005550006") <= 61_000
+        assert 30_000 <= await r.pttl("m:slots:pstn:acme") <= 31_000
+        assert 86_000_000 <= await r.pttl("m:count:spend:acme:day") <= 86_400_000
+        assert 119_000 <= await r.pttl("m:once:dial:c1:1") <= 120_000
+        assert await r.pttl("m:queue:acme") == -1 and await r.pttl("m:handle:acme") == -1
+        assert await store.add_to_counter("spend:acme:none", 0, 60) == 0
+        assert not await r.exists("m:count:spend:acme:none"), "a read creates nothing"
+    finally:
+        await store.close()
 
 
 async def test_listener_recovers_after_redis_restarts_and_resyncs(

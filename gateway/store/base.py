@@ -63,6 +63,22 @@ class CallRow:
     data: Json
 
 
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One sliding-window limit. Counting mode (member None): at most `limit` events in the
+    last `window_s` seconds. Distinct mode (member set): at most `limit` distinct members in
+    the window; a member already counted in the window always passes (and is refreshed)."""
+
+    key: str
+    window_s: int
+    limit: int
+    member: str | None = None
+
+
+HANDLE_TIMES_KEPT = 50
+"""How many of a site's most recent handling times the store keeps."""
+
+
 class Store(Protocol):
     node_id: str
 
@@ -154,6 +170,51 @@ class Store(Protocol):
 
     async def hit(self, key: str, window_s: int, limit: int, now: float) -> bool:
         """Count one event in the fixed window containing ``now``; False past ``limit``."""
+
+    # --- durable coordination (PSTN callbacks: toll-fraud limits, scheduling, queueing) ----
+    # Each survives a restart of the store: a restart must not reset a limit, lose the queue
+    # or allow a second dial.
+
+    async def take_quotas(self, quotas: Sequence[Quota], event_id: str, now: float) -> int | None:
+        """Atomically across all quotas: if every one has room at ``now``, record the event in
+        each (counting mode: member ``event_id``; distinct mode: ``quota.member``; score
+        ``now``) and return None; otherwise record nothing and return the index of the first
+        full quota. An entry older than ``now - window_s`` no longer counts (and is purged).
+        A member already in a quota's window passes it, in either mode, so retrying the same
+        ``event_id`` is not counted twice."""
+
+    async def acquire_slot(
+        self, key: str, holder: str, limit: int, ttl_s: float, now: float
+    ) -> bool:
+        """A counting semaphore with leases: drop leases ended by ``now``; a holder that has a
+        slot renews it to ``now + ttl_s`` (True); a new holder gets one while fewer than
+        ``limit`` are held (True); otherwise False."""
+
+    async def release_slot(self, key: str, holder: str) -> None: ...
+
+    async def add_to_counter(self, key: str, delta: int, ttl_s: int) -> int:
+        """Add ``delta`` (0 reads, creating nothing) and return the new value; the counter
+        expires ``ttl_s`` after it was created, then starts again from 0."""
+
+    async def claim_once(self, key: str, ttl_s: float) -> bool:
+        """True for the first caller only, until ``ttl_s`` has passed (an idempotency key)."""
+
+    async def queue_put(self, site: str, call_id: str, score: float) -> None:
+        """Add or move a call in the site's callback queue; lower scores go first, equal
+        scores in call id order."""
+
+    async def queue_remove(self, site: str, call_id: str) -> None: ...
+
+    async def queue_rank(self, site: str, call_id: str) -> int | None:
+        """The call's 0-based place in the queue; None when it is not queued."""
+
+    async def queue_size(self, site: str) -> int: ...
+
+    async def record_handle_time(self, site: str, seconds: float) -> None:
+        """Keep the site's ``HANDLE_TIMES_KEPT`` most recent handling times."""
+
+    async def handle_times(self, site: str) -> list[float]:
+        """The kept handling times, newest first."""
 
 
 # --- shared encoding of presence records (both stores keep devices as JSON) ----------------

@@ -20,11 +20,13 @@ from typing import TypeVar
 from gateway.model import Device, PresenceRecord, PresenceStatus
 from gateway.presence import is_live
 from gateway.store.base import (
+    HANDLE_TIMES_KEPT,
     CallRow,
     DeviceRef,
     EventHandler,
     Expectation,
     Json,
+    Quota,
     ResyncHandler,
     StoreHealth,
 )
@@ -52,6 +54,47 @@ CREATE TABLE IF NOT EXISTS visits (
     at REAL NOT NULL,
     PRIMARY KEY (site, visitor_id)
 );
+-- Sliding-window quotas: one row per (quota key, member), scored by the event time.
+-- expires_at (wall clock) lets rows of keys no longer used be swept, as Redis expires keys.
+CREATE TABLE IF NOT EXISTS quota_entries (
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    score REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key, member)
+);
+CREATE INDEX IF NOT EXISTS quota_entries_by_score ON quota_entries (key, score);
+CREATE INDEX IF NOT EXISTS quota_entries_by_expiry ON quota_entries (expires_at);
+CREATE TABLE IF NOT EXISTS slots (
+    key TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key, holder)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS counters_by_expiry ON counters (expires_at);
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (expires_at);
+CREATE TABLE IF NOT EXISTS queue (
+    site TEXT NOT NULL,
+    call_id TEXT NOT NULL,
+    score REAL NOT NULL,
+    PRIMARY KEY (site, call_id)
+);
+CREATE INDEX IF NOT EXISTS queue_by_place ON queue (site, score, call_id);
+CREATE TABLE IF NOT EXISTS handle_times (
+    id INTEGER PRIMARY KEY,
+    site TEXT NOT NULL,
+    seconds REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS handle_times_by_site ON handle_times (site, id);
 """
 
 
@@ -62,8 +105,13 @@ class _Agent:
 
 
 class EmbeddedStore:
-    def __init__(self, data_dir: Path, node_id: str = "embedded") -> None:
+    def __init__(
+        self, data_dir: Path, node_id: str = "embedded", clock: Callable[[], float] = time.time
+    ) -> None:
         self.node_id = node_id
+        # The wall clock behind expiries that take no ``now`` (claims, counters), as Redis
+        # expires keys by its own clock; a test passes a fake one instead of sleeping.
+        self._clock = clock
         self._path = data_dir / "membrane.sqlite3"
         self._data_dir = data_dir
         self._agents: dict[tuple[str, str], _Agent] = {}
@@ -358,3 +406,172 @@ class EmbeddedStore:
             current = {k: v for k, v in self._windows.items() if v[0] >= window - 1}
             self._windows = current
         return count <= limit
+
+    # --- durable coordination (all in SQLite: a restart resets no limit) --------------------
+    # Every method is one function on the SQLite thread, so each is atomic with respect to
+    # the others; writes run in one transaction, so a crash leaves all or nothing.
+
+    async def take_quotas(self, quotas: Sequence[Quota], event_id: str, now: float) -> int | None:
+        rows = [
+            (q.key, q.member if q.member is not None else event_id, now - q.window_s, q)
+            for q in quotas
+        ]
+
+        def take() -> int | None:
+            db = self._conn()
+            wall = self._clock()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM quota_entries WHERE expires_at <= ?", (wall,))
+                for index, (key, member, cutoff, quota) in enumerate(rows):
+                    db.execute(
+                        "DELETE FROM quota_entries WHERE key = ? AND score < ?", (key, cutoff)
+                    )
+                    present = db.execute(
+                        "SELECT 1 FROM quota_entries WHERE key = ? AND member = ?", (key, member)
+                    ).fetchone()
+                    if present is not None:
+                        continue
+                    (count,) = db.execute(
+                        "SELECT COUNT(*) FROM quota_entries WHERE key = ?", (key,)
+                    ).fetchone()
+                    if count >= quota.limit:
+                        return index
+                db.executemany(
+                    "INSERT OR REPLACE INTO quota_entries VALUES (?, ?, ?, ?)",
+                    [(key, member, now, wall + q.window_s + 1) for key, member, _, q in rows],
+                )
+            return None
+
+        return await self._run(take)
+
+    async def acquire_slot(
+        self, key: str, holder: str, limit: int, ttl_s: float, now: float
+    ) -> bool:
+        def acquire() -> bool:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM slots WHERE key = ? AND expires_at <= ?", (key, now))
+                held = db.execute(
+                    "SELECT 1 FROM slots WHERE key = ? AND holder = ?", (key, holder)
+                ).fetchone()
+                if held is None:
+                    (count,) = db.execute(
+                        "SELECT COUNT(*) FROM slots WHERE key = ?", (key,)
+                    ).fetchone()
+                    if count >= limit:
+                        return False
+                db.execute(
+                    "INSERT OR REPLACE INTO slots VALUES (?, ?, ?)", (key, holder, now + ttl_s)
+                )
+            return True
+
+        return await self._run(acquire)
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "DELETE FROM slots WHERE key = ? AND holder = ?", (key, holder)
+            )
+        )
+
+    async def add_to_counter(self, key: str, delta: int, ttl_s: int) -> int:
+        def add() -> int:
+            db = self._conn()
+            wall = self._clock()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM counters WHERE expires_at <= ?", (wall,))
+                if delta != 0:
+                    db.execute(
+                        "INSERT INTO counters VALUES (?, ?, ?)"
+                        " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                        (key, delta, wall + ttl_s),
+                    )
+                found = db.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
+            return int(found[0]) if found else 0
+
+        return await self._run(add)
+
+    async def claim_once(self, key: str, ttl_s: float) -> bool:
+        def claim() -> bool:
+            db = self._conn()
+            wall = self._clock()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM claims WHERE expires_at <= ?", (wall,))
+                cur = db.execute("INSERT OR IGNORE INTO claims VALUES (?, ?)", (key, wall + ttl_s))
+            return cur.rowcount == 1
+
+        return await self._run(claim)
+
+    async def queue_put(self, site: str, call_id: str, score: float) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "INSERT OR REPLACE INTO queue VALUES (?, ?, ?)", (site, call_id, score)
+            )
+        )
+
+    async def queue_remove(self, site: str, call_id: str) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "DELETE FROM queue WHERE site = ? AND call_id = ?", (site, call_id)
+            )
+        )
+
+    async def queue_rank(self, site: str, call_id: str) -> int | None:
+        def rank() -> int | None:
+            db = self._conn()
+            found = db.execute(
+                "SELECT score FROM queue WHERE site = ? AND call_id = ?", (site, call_id)
+            ).fetchone()
+            if found is None:
+                return None
+            (ahead,) = db.execute(
+                "SELECT COUNT(*) FROM queue WHERE site = ?"
+                " AND (score < ? OR (score = ? AND call_id < ?))",
+                (site, found[0], found[0], call_id),
+            ).fetchone()
+            return int(ahead)
+
+        return await self._run(rank)
+
+    async def queue_size(self, site: str) -> int:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute("SELECT COUNT(*) FROM queue WHERE site = ?", (site,))
+                .fetchone()
+            )
+        )
+        return int(found[0])
+
+    async def record_handle_time(self, site: str, seconds: float) -> None:
+        def record() -> None:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "INSERT INTO handle_times (site, seconds) VALUES (?, ?)", (site, seconds)
+                )
+                db.execute(
+                    "DELETE FROM handle_times WHERE site = ? AND id NOT IN"
+                    " (SELECT id FROM handle_times WHERE site = ? ORDER BY id DESC LIMIT ?)",
+                    (site, site, HANDLE_TIMES_KEPT),
+                )
+
+        await self._run(record)
+
+    async def handle_times(self, site: str) -> list[float]:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT seconds FROM handle_times WHERE site = ? ORDER BY id DESC LIMIT ?",
+                    (site, HANDLE_TIMES_KEPT),
+                )
+                .fetchall()
+            )
+        )
+        return [float(r[0]) for r in found]

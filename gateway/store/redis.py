@@ -7,6 +7,9 @@ Layout (all keys under ``m:``):
 - ``m:call:{id}`` hash ``{v, site, data}``, versioned by a compare-and-set script;
   ``m:calls:{site}`` sorted set of call ids by update time.
 - ``m:visit:{site}:{visitor}``: the agent who last served a visitor (kept 400 days).
+- ``m:q:{key}``, ``m:slots:{key}`` sorted sets (sliding-window quotas, leased slots),
+  ``m:count:{key}``, ``m:once:{key}``, ``m:queue:{site}`` and ``m:handle:{site}``: the
+  durable coordination of PSTN callbacks (docs/ARCHITECTURE.md section 3).
 - ``m:events`` pub/sub channel for node events, each tagged with its node id so the sender
   skips its own echo (it handled the event before publishing, as python-socketio does).
 """
@@ -28,6 +31,7 @@ from redis.exceptions import RedisError
 from gateway.model import Device, PresenceRecord, PresenceStatus
 from gateway.store.base import (
     CALL_FIELD,
+    HANDLE_TIMES_KEPT,
     REV_FIELD,
     STATUS_FIELD,
     CallRow,
@@ -35,6 +39,7 @@ from gateway.store.base import (
     EventHandler,
     Expectation,
     Json,
+    Quota,
     ResyncHandler,
     StoreHealth,
     encode_device,
@@ -171,6 +176,50 @@ if n > tonumber(ARGV[2]) then return 0 end
 return 1
 """
 
+# Sliding-window quotas, all or nothing (Store.take_quotas). KEYS: one zset per quota.
+# ARGV: now, then per quota: cutoff (exclusive, "(" prefixed), limit, member, key ttl ms.
+_TAKE_QUOTAS = """
+for i = 1, #KEYS do
+  local a = 1 + (i - 1) * 4
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[a + 1])
+  if not redis.call('ZSCORE', KEYS[i], ARGV[a + 3])
+      and redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[a + 2]) then
+    return i - 1
+  end
+end
+for i = 1, #KEYS do
+  local a = 1 + (i - 1) * 4
+  redis.call('ZADD', KEYS[i], ARGV[1], ARGV[a + 3])
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[a + 4]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[a + 4])
+  end
+end
+return -1
+"""
+
+# KEYS: slots zset. ARGV: holder, limit, now, lease end, key ttl ms.
+_ACQUIRE_SLOT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1])
+    and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[5]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+return 1
+"""
+
+# KEYS: counter. ARGV: delta, ttl ms. A read (delta 0) creates nothing; the first write
+# starts the expiry, later ones keep it.
+_ADD_TO_COUNTER = """
+if ARGV[1] == '0' then return redis.call('GET', KEYS[1]) or '0' end
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return n
+"""
+
 TIMERS_KEY = "m:timers"
 
 
@@ -229,6 +278,9 @@ class RedisStore:
         self._extend = self._redis.register_script(_EXTEND)
         self._claim_timers = self._redis.register_script(_CLAIM_TIMERS)
         self._hit = self._redis.register_script(_HIT)
+        self._take_quotas = self._redis.register_script(_TAKE_QUOTAS)
+        self._acquire_slot = self._redis.register_script(_ACQUIRE_SLOT)
+        self._add_to_counter = self._redis.register_script(_ADD_TO_COUNTER)
         self._on_event: EventHandler | None = None
         self._on_resync: ResyncHandler | None = None
         self._tasks = TaskGroup(f"redis-store-{node_id}")
@@ -534,3 +586,61 @@ class RedisStore:
             keys=[f"m:rl:{key}:{window_s}:{window}"], args=[window_s * 1000 + 1000, limit]
         )
         return bool(allowed)
+
+    # --- durable coordination ----------------------------------------------------------------
+
+    async def take_quotas(self, quotas: Sequence[Quota], event_id: str, now: float) -> int | None:
+        if not quotas:
+            return None
+        args: list[str | float | int] = [now]
+        for q in quotas:
+            member = q.member if q.member is not None else event_id
+            args += [f"({now - q.window_s!r}", q.limit, member, q.window_s * 1000 + 1000]
+        full = int(await self._take_quotas(keys=[f"m:q:{q.key}" for q in quotas], args=args))
+        return None if full < 0 else full
+
+    async def acquire_slot(
+        self, key: str, holder: str, limit: int, ttl_s: float, now: float
+    ) -> bool:
+        ttl_ms = max(1, int(ttl_s * 1000)) + 1000
+        done = await self._acquire_slot(
+            keys=[f"m:slots:{key}"], args=[holder, limit, now, now + ttl_s, ttl_ms]
+        )
+        return bool(done)
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        await self._redis.zrem(f"m:slots:{key}", holder)
+
+    async def add_to_counter(self, key: str, delta: int, ttl_s: int) -> int:
+        value = await self._add_to_counter(keys=[f"m:count:{key}"], args=[delta, ttl_s * 1000])
+        return int(value)
+
+    async def claim_once(self, key: str, ttl_s: float) -> bool:
+        done = await self._redis.set(f"m:once:{key}", "1", nx=True, px=max(1, int(ttl_s * 1000)))
+        return bool(done)
+
+    async def queue_put(self, site: str, call_id: str, score: float) -> None:
+        await self._redis.zadd(f"m:queue:{site}", {call_id: score})
+
+    async def queue_remove(self, site: str, call_id: str) -> None:
+        await self._redis.zrem(f"m:queue:{site}", call_id)
+
+    async def queue_rank(self, site: str, call_id: str) -> int | None:
+        # Equal scores sort by member, byte by byte: the call id breaks ties.
+        rank: int | None = await self._redis.zrank(f"m:queue:{site}", call_id)  # type: ignore[assignment]
+        return rank
+
+    async def queue_size(self, site: str) -> int:
+        size: int = await self._redis.zcard(f"m:queue:{site}")  # type: ignore[assignment]
+        return size
+
+    async def record_handle_time(self, site: str, seconds: float) -> None:
+        key = f"m:handle:{site}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, repr(float(seconds)))
+            pipe.ltrim(key, 0, HANDLE_TIMES_KEPT - 1)
+            await pipe.execute()
+
+    async def handle_times(self, site: str) -> list[float]:
+        found: list[str] = await self._redis.lrange(f"m:handle:{site}", 0, HANDLE_TIMES_KEPT - 1)  # type: ignore[assignment]
+        return [float(x) for x in found]
