@@ -1,4 +1,4 @@
-"""Runs durable timers (ring timeouts, and later callbacks) on whichever node claims them."""
+"""Runs durable timers (ring timeouts, callbacks) on whichever node claims them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from gateway.store.base import Store
 
 log = logging.getLogger(__name__)
 
-TimerHandler = Callable[[str], Awaitable[None]]
+# A handler returns None when the timer is done, or when it should run again (a callback
+# waiting for a free agent polls this way; the timer keeps its id and stays durable).
+TimerHandler = Callable[[str], Awaitable[float | None]]
 
 
 class TimerLoop:
@@ -38,22 +40,34 @@ class TimerLoop:
 
     async def run_once(self) -> int:
         due = await self._store.claim_timers(self._clock(), self._lease_s)
-        for timer_id in due:
-            kind, _, rest = timer_id.partition(":")
-            handler = self._handlers.get(kind)
-            if handler is None:
-                log.error("no handler for timer %s; dropping it", timer_id)
-                await self._store.finish_timer(timer_id)
-                continue
-            try:
-                await handler(rest)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("timer %s failed; it will run again after its lease", timer_id)
-                continue
-            await self._store.finish_timer(timer_id)
+        # One batch runs concurrently: a slow handler (a dial waiting on the provider) must
+        # not hold up the callbacks due with it.
+        results = await asyncio.gather(
+            *(self._run_timer(timer_id) for timer_id in due), return_exceptions=True
+        )
+        for timer_id, result in zip(due, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("timer %s: %r; it will run again after its lease", timer_id, result)
         return len(due)
+
+    async def _run_timer(self, timer_id: str) -> None:
+        kind, _, rest = timer_id.partition(":")
+        handler = self._handlers.get(kind)
+        if handler is None:
+            log.error("no handler for timer %s; dropping it", timer_id)
+            await self._store.finish_timer(timer_id)
+            return
+        try:
+            again = await handler(rest)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("timer %s failed; it will run again after its lease", timer_id)
+            return
+        if again is None:
+            await self._store.finish_timer(timer_id)
+        else:
+            await self._store.schedule_timer(timer_id, again)
 
     async def run(self) -> None:
         while True:
