@@ -1,0 +1,312 @@
+"""Twilio's webhooks for callback legs, translated to and from ``gateway.telephony``.
+
+Three routes per leg, keyed by the callback's ``call_id`` and ``attempt`` in the path:
+- ``voice``: the visitor answered; Twilio asks for TwiML (with ``AnsweredBy`` when AMD is on).
+- ``status``: call progress (initiated, ringing, answered, completed and the failure endings).
+- ``bridge``: the ``<Dial action>``, posted when the bridge to the agent's phone ends.
+
+Every request must carry a valid ``X-Twilio-Signature`` over the public URL Twilio called;
+nothing reaches ``CallbackEvents`` otherwise. Twilio must never see a 500: when the gateway
+fails, the leg is hung up (voice, bridge) or the callback acknowledged (status).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+from multidict import MultiDict, MultiMapping
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import VoiceResponse
+
+from gateway.errors import ApiError, invalid_payload
+from gateway.settings import Settings
+from gateway.telephony import (
+    AnsweredBy,
+    Bridge,
+    CallbackEvents,
+    HangUp,
+    Instruction,
+    LegEvent,
+    LegStatus,
+)
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER: Final = "X-Twilio-Signature"
+
+VOICE_ROUTE: Final = "/v1/twilio/voice/{call_id}/{attempt}"
+STATUS_ROUTE: Final = "/v1/twilio/status/{call_id}/{attempt}"
+BRIDGE_ROUTE: Final = "/v1/twilio/bridge/{call_id}/{attempt}"
+
+CALL_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+"""Also safe in a URL path segment as it is, so webhook URLs need no quoting."""
+MAX_ATTEMPT: Final = 1000
+_DIGITS: Final = re.compile(r"[0-9]{1,9}")
+"""ASCII digits only: ``str.isdigit`` also accepts characters ``int`` refuses (such as "²")."""
+
+LEG_STATUSES: Final[Mapping[str, LegStatus]] = {
+    "queued": LegStatus.INITIATED,
+    "initiated": LegStatus.INITIATED,
+    "ringing": LegStatus.RINGING,
+    "in-progress": LegStatus.ANSWERED,
+    "completed": LegStatus.COMPLETED,
+    "busy": LegStatus.BUSY,
+    "no-answer": LegStatus.NO_ANSWER,
+    "failed": LegStatus.FAILED,
+    "canceled": LegStatus.CANCELED,
+}
+"""Twilio's ``CallStatus`` values (WEBHOOKS.md section 1)."""
+
+MACHINE_ANSWERS: Final = frozenset(
+    {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
+)
+
+AGENT_ANSWERED_DIAL_STATUSES: Final = frozenset({"completed", "answered"})
+"""``DialCallStatus`` values that mean the dialled agent picked up (TWIML.md, ``<Dial>``)."""
+
+
+# --- translation: pure functions ---------------------------------------------------------------
+
+
+def valid_leg_key(call_id: str, attempt: int) -> bool:
+    """Whether ``call_id`` and ``attempt`` can name a leg in a webhook path."""
+    return CALL_ID_PATTERN.fullmatch(call_id) is not None and 1 <= attempt <= MAX_ATTEMPT
+
+
+def answered_by_from(value: str | None) -> AnsweredBy:
+    if value == "human":
+        return AnsweredBy.HUMAN
+    if value in MACHINE_ANSWERS:
+        return AnsweredBy.MACHINE
+    # "unknown", absent (AMD off) or a value Twilio adds later: the gateway decides what to risk.
+    return AnsweredBy.UNKNOWN
+
+
+def agent_answered(dial_call_status: str) -> bool:
+    return dial_call_status in AGENT_ANSWERED_DIAL_STATUSES
+
+
+def _required(params: MultiMapping[str], name: str) -> str:
+    value = params.get(name)
+    if not value:
+        raise invalid_payload(f"{name} is required")
+    return value
+
+
+def _optional_int(params: MultiMapping[str], name: str) -> int | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if _DIGITS.fullmatch(value) is None:
+        raise invalid_payload(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def leg_event_from(call_id: str, attempt: int, params: MultiMapping[str]) -> LegEvent:
+    """A status callback's form, translated; raises ``invalid_payload``."""
+    call_status = _required(params, "CallStatus")
+    status = LEG_STATUSES.get(call_status)
+    if status is None:
+        raise invalid_payload(f"unknown CallStatus {call_status!r}")
+    answered_by = params.get("AnsweredBy")
+    return LegEvent(
+        call_id=call_id,
+        attempt=attempt,
+        provider_id=_required(params, "CallSid"),
+        status=status,
+        answered_by=answered_by_from(answered_by) if answered_by else None,
+        duration_s=_optional_int(params, "CallDuration"),
+        sequence=_optional_int(params, "SequenceNumber"),
+    )
+
+
+def render(instruction: Instruction, bridge_action_url: str) -> str:
+    """The TwiML document for ``instruction``; a ``Bridge`` reports back to the action URL."""
+    response = VoiceResponse()
+    if isinstance(instruction, Bridge):
+        if instruction.say:
+            response.say(instruction.say, language=instruction.language)
+        dial = response.dial(
+            caller_id=instruction.caller_id,
+            timeout=instruction.timeout_s,
+            action=bridge_action_url,
+            method="POST",
+        )
+        dial.number(instruction.number)
+    else:
+        if instruction.say:
+            response.say(instruction.say, language=instruction.language)
+        response.hangup()
+    return str(response)
+
+
+HANG_UP_TWIML: Final = render(HangUp(), "")
+
+
+# --- URLs and signatures -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookUrls:
+    """The absolute URLs Twilio is given for one leg, all under the public URL."""
+
+    base: str
+    """``Settings.public_url`` without a trailing slash."""
+
+    @classmethod
+    def from_public_url(cls, public_url: str) -> WebhookUrls:
+        return cls(public_url.rstrip("/"))
+
+    def voice(self, call_id: str, attempt: int) -> str:
+        return self.base + VOICE_ROUTE.format(call_id=call_id, attempt=attempt)
+
+    def status(self, call_id: str, attempt: int) -> str:
+        return self.base + STATUS_ROUTE.format(call_id=call_id, attempt=attempt)
+
+    def bridge(self, call_id: str, attempt: int) -> str:
+        return self.base + BRIDGE_ROUTE.format(call_id=call_id, attempt=attempt)
+
+
+class WebhookSignatures:
+    """Checks ``X-Twilio-Signature`` against the URL Twilio called, rebuilt from the public
+    URL: behind a proxy ``request.url`` names this host, not the one Twilio signed."""
+
+    def __init__(self, auth_token: str, public_url: str) -> None:
+        if not auth_token:
+            # An empty key would accept signatures anyone can compute.
+            raise ValueError("the Twilio auth token is required to verify webhooks")
+        self._validator = RequestValidator(auth_token)
+        self._base = public_url.rstrip("/")
+
+    def url_for(self, path_qs: str) -> str:
+        """``path_qs``: the request's raw path and query, exactly as received."""
+        return self._base + path_qs
+
+    def valid(self, path_qs: str, params: MultiMapping[str], signature: str | None) -> bool:
+        if not signature:
+            return False
+        # The SDK sorts names, appends every (deduplicated) value of a repeated field, compares
+        # in constant time, and accepts the URL with and without an explicit default port.
+        return bool(self._validator.validate(self.url_for(path_qs), params, signature))
+
+
+# --- the aiohttp edge --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A request whose signature was verified and whose path named a valid leg."""
+
+    call_id: str
+    attempt: int
+    params: MultiDict[str]
+
+
+def error_response(error: ApiError) -> web.Response:
+    return web.json_response(error.body(), status=error.status)
+
+
+def twiml_response(document: str) -> web.Response:
+    return web.Response(text=document, content_type="text/xml")
+
+
+class TwilioWebhooks:
+    """The three webhook handlers; ``add_routes`` registers them on the gateway's app."""
+
+    def __init__(self, settings: Settings, events: CallbackEvents) -> None:
+        self._signatures = WebhookSignatures(settings.twilio.auth_token, settings.public_url)
+        self._urls = WebhookUrls.from_public_url(settings.public_url)
+        self._events = events
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post(VOICE_ROUTE, self.voice)
+        app.router.add_post(STATUS_ROUTE, self.status)
+        app.router.add_post(BRIDGE_ROUTE, self.bridge)
+
+    async def voice(self, request: web.Request) -> web.Response:
+        try:
+            hook = await self._verified(request)
+            call_sid = _required(hook.params, "CallSid")
+        except ApiError as e:
+            return error_response(e)
+        answered_by = answered_by_from(hook.params.get("AnsweredBy"))
+        try:
+            instruction = await self._events.on_answer(
+                hook.call_id, hook.attempt, call_sid, answered_by
+            )
+        except Exception as e:
+            _log_failure("on_answer", hook, e)
+            return twiml_response(HANG_UP_TWIML)
+        return twiml_response(render(instruction, self._urls.bridge(hook.call_id, hook.attempt)))
+
+    async def status(self, request: web.Request) -> web.Response:
+        try:
+            hook = await self._verified(request)
+            event = leg_event_from(hook.call_id, hook.attempt, hook.params)
+        except ApiError as e:
+            return error_response(e)
+        try:
+            await self._events.on_leg_event(event)
+        except Exception as e:
+            # Twilio does not retry status callbacks: acknowledge, the failure is ours to log.
+            _log_failure("on_leg_event", hook, e)
+        return web.Response(status=200)
+
+    async def bridge(self, request: web.Request) -> web.Response:
+        try:
+            hook = await self._verified(request)
+            call_sid = _required(hook.params, "CallSid")
+            answered = agent_answered(_required(hook.params, "DialCallStatus"))
+        except ApiError as e:
+            return error_response(e)
+        try:
+            instruction = await self._events.on_bridge_result(
+                hook.call_id, hook.attempt, call_sid, answered
+            )
+        except Exception as e:
+            _log_failure("on_bridge_result", hook, e)
+            return twiml_response(HANG_UP_TWIML)
+        return twiml_response(render(instruction, self._urls.bridge(hook.call_id, hook.attempt)))
+
+    async def _verified(self, request: web.Request) -> Webhook:
+        """The signed form and the leg it is about; raises ``ApiError`` (403, 400)."""
+        params: MultiDict[str] = MultiDict()
+        for name, value in (await request.post()).items():
+            if isinstance(value, str):  # Twilio never uploads files; ignore any that come
+                params.add(name, value)
+        signature = request.headers.get(SIGNATURE_HEADER)
+        # raw_path is the request target as sent (path and query, still percent-encoded),
+        # which is what Twilio signed after the public base URL.
+        if not self._signatures.valid(request.raw_path, params, signature):
+            message = (
+                f"missing {SIGNATURE_HEADER}"
+                if not signature
+                else f"{SIGNATURE_HEADER} does not match this request"
+            )
+            log.warning("rejected Twilio webhook %s: %s", request.path, message)
+            raise ApiError(403, "invalid_signature", message)
+        call_id = request.match_info["call_id"]
+        raw_attempt = request.match_info["attempt"]
+        attempt = int(raw_attempt) if _DIGITS.fullmatch(raw_attempt) else 0
+        if not valid_leg_key(call_id, attempt):
+            raise invalid_payload("the webhook path does not name a callback leg")
+        return Webhook(call_id, attempt, params)
+
+
+def _log_failure(what: str, hook: Webhook, error: Exception) -> None:
+    if isinstance(error, ApiError):
+        log.warning(
+            "%s refused for %s:%s: %s %s",
+            what,
+            hook.call_id,
+            hook.attempt,
+            error.code,
+            error.message,
+        )
+    else:
+        log.error("%s failed for %s:%s", what, hook.call_id, hook.attempt, exc_info=error)
