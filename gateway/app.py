@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from importlib.metadata import entry_points
 
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway import fastjson, http_api, visitor_api, web_static
+from gateway import callback_api, fastjson, http_api, visitor_api, web_static
 from gateway.auth import TokenService
 from gateway.availability_feed import AvailabilityFeed
 from gateway.call_service import RING_TIMER, VISITOR_GONE_TIMER, CallService
+from gateway.callback_service import DIAL_TIMER, DUE_TIMER, WATCH_TIMER, CallbackService
 from gateway.events import EventRouter
 from gateway.http_api import error_middleware
 from gateway.metrics import Metrics
@@ -31,6 +33,7 @@ from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
 from gateway.tasks import TaskGroup
+from gateway.telephony import ENTRY_POINT_GROUP, TelephonyInstaller
 from gateway.timers import TimerLoop
 from gateway.visitor_api import cors_middleware
 
@@ -69,7 +72,25 @@ def allowed_origins(settings: Settings) -> list[str]:
     return sorted(origins)
 
 
-def create_app(settings: Settings, store: Store | None = None) -> web.Application:
+def load_telephony(settings: Settings) -> TelephonyInstaller | None:
+    """The installed provider (mobile_bridge registers Twilio), when one is configured: the
+    gateway never imports it, so it runs without one (browser calls only)."""
+    if not settings.twilio.enabled:
+        return None
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name="twilio"):
+        installer: TelephonyInstaller = entry.load()
+        return installer
+    log.warning("Twilio is configured but no telephony provider is installed")
+    return None
+
+
+def create_app(
+    settings: Settings,
+    store: Store | None = None,
+    telephony: TelephonyInstaller | None = None,
+) -> web.Application:
+    """A node. ``telephony`` installs a phone provider (tests pass one); by default the one
+    registered for Twilio is used when Twilio is configured."""
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[error_middleware, cors_middleware]
     )
@@ -101,10 +122,13 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         serializer=JsonPacket,
         json=fastjson,
     )
-    calls = CallService(
-        dict(settings.sites), store, presence, SocketCallNotifier(sio, settings.sites)
-    )
+    calls_notifier = SocketCallNotifier(sio, settings.sites)
+    calls = CallService(dict(settings.sites), store, presence, calls_notifier)
     presence.add_lapse_listener(calls.agent_devices_lapsed)
+    callbacks = CallbackService(
+        dict(settings.sites), store, presence, calls, calls_notifier, metrics
+    )
+    calls.callbacks = callbacks
     feed = AvailabilityFeed(presence)
     timers = TimerLoop(store)
 
@@ -118,6 +142,12 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
 
     timers.on(RING_TIMER, ring_timeout)
     timers.on(VISITOR_GONE_TIMER, visitor_gone)
+    timers.on(DUE_TIMER, callbacks.on_due)
+    timers.on(DIAL_TIMER, callbacks.on_dial)
+    timers.on(WATCH_TIMER, callbacks.on_watch)
+    installer = telephony or load_telephony(settings)
+    phones = installer(app, settings, callbacks) if installer is not None else None
+    callbacks.telephony = phones
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, calls, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     sio.register_namespace(VisitorNamespace(tokens, metrics, presence, calls))
@@ -133,6 +163,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[keys.REST_BUCKETS] = {}
     app[keys.HEALTH] = ObservedHealth(store, manager)
     app[keys.CALLS] = calls
+    app[keys.CALLBACKS] = callbacks
     app[keys.AVAILABILITY] = feed
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:
@@ -140,6 +171,13 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         log.info("node %s: store %s ready", settings.node_id, type(store).__name__)
         yield
         await store.close()
+
+    async def run_telephony(app: web.Application) -> AsyncIterator[None]:
+        if phones is not None:
+            await phones.start()
+        yield
+        if phones is not None:
+            await phones.close()
 
     async def run_presence(app: web.Application) -> AsyncIterator[None]:
         await presence.resync()
@@ -168,11 +206,13 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         await sio.shutdown()
 
     app.cleanup_ctx.append(open_store)
+    app.cleanup_ctx.append(run_telephony)
     app.cleanup_ctx.append(run_presence)
     app.cleanup_ctx.append(run_socketio)
     app.on_shutdown.append(disconnect_clients)
     http_api.add_routes(app)
     visitor_api.add_routes(app)
+    callback_api.add_routes(app)
     web_static.add_routes(app)
     return app
 

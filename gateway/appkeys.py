@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.auth import TokenService
 from gateway.availability_feed import AvailabilityFeed
 from gateway.call_service import CallService
+from gateway.callback_service import CallbackService
 from gateway.metrics import Metrics
 from gateway.presence_service import PresenceService
 from gateway.ratelimit import TokenBucket
@@ -33,3 +34,4 @@ REST_BUCKETS = web.AppKey("rest_buckets", dict[str, TokenBucket])
 HEALTH = web.AppKey("health", HealthSource)
 AVAILABILITY = web.AppKey("availability", AvailabilityFeed)
 CALLS = web.AppKey("calls", CallService)
+CALLBACKS = web.AppKey("callbacks", CallbackService)

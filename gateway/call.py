@@ -11,7 +11,12 @@ States (docs/ARCHITECTURE.md, "Calls")::
        +---------------+
     queued --no agent--> failed (with a callback offer)
     any open state --cancel--> canceled (or completed, once connected)
-    scheduled / dialing: PSTN callbacks (see mobile_bridge)
+
+PSTN callbacks (gateway.callback) add ``scheduled`` (waiting for their time or a retry) and
+``dialing`` (the agent accepted; the visitor's phone is being called)::
+
+    scheduled --due--> queued --ring--> ringing --accept--> dialing --answer--> connected
+    dialing / connected --busy, no answer, voicemail--> scheduled (retry) or failed
 """
 
 from __future__ import annotations
@@ -93,6 +98,23 @@ class Call:
     connected_at: float | None = None
     ended_at: float | None = None
     timeline: tuple[TimelineEntry, ...] = ()
+    # --- PSTN callbacks only (gateway.callback) ---
+    phone: str | None = None
+    """The visitor's number, E.164."""
+    token_hash: str | None = None
+    """SHA-256 of the visitor's status token: the token itself is never stored."""
+    scheduled_at: float | None = None
+    """When the next attempt is due (state scheduled)."""
+    place_at: float | None = None
+    """The visitor's place in the queue: when they first asked (kept across retries and
+    from a browser call that nobody could answer)."""
+    dials: int = 0
+    """Dial attempts started; the current one is ``dials``."""
+    dial_started_at: float | None = None
+    provider_id: str | None = None
+    """The telephony provider's id of the current attempt's leg."""
+    answered_by: str | None = None
+    """Who answered the current attempt's leg: human, machine or unknown."""
 
     @property
     def final(self) -> bool:
@@ -150,6 +172,9 @@ def ring(
 def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
     if call.state is not CallState.RINGING or call.agent_id != agent_id:
         raise CallError("not_ringing", "this call is not ringing for you")
+    if call.channel is CallChannel.CALLBACK:
+        # Agent first: only now that someone is ready is the visitor's phone called.
+        return start_dial(call, now)
     return replace(
         call,
         state=CallState.CONNECTED,
@@ -203,6 +228,23 @@ def no_agent(call: Call, reason: str, detail: str, wait_s: int | None, now: floa
         callback_offer_wait_s=wait_s,
         ended_at=now,
         timeline=_log(call, now, "no_agent", detail),
+    )
+
+
+def start_dial(call: Call, now: float) -> Call:
+    """Attempt ``dials + 1`` of a callback: the visitor's phone is about to be called."""
+    if call.channel is not CallChannel.CALLBACK or call.final:
+        raise CallError("invalid_state", f"cannot dial a {call.state} {call.channel} call")
+    return replace(
+        call,
+        state=CallState.DIALING,
+        ring_expires_at=None,
+        dials=call.dials + 1,
+        dial_started_at=now,
+        provider_id=None,
+        answered_by=None,
+        scheduled_at=None,
+        timeline=_log(call, now, "dialing", "We're calling you now"),
     )
 
 

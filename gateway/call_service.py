@@ -56,6 +56,16 @@ NO_AGENT_DETAIL = {
 }
 
 
+class CallbackHooks(Protocol):
+    """What the call service hands over to the callback service (gateway.callback_service)."""
+
+    async def after_accept(self, call: Call) -> None: ...
+
+    async def requeue(self, call: Call) -> Call: ...
+
+    async def after_end(self, before: Call, after: Call) -> None: ...
+
+
 class CallNotifier(Protocol):
     async def call_update(self, call: Call) -> None: ...
 
@@ -90,6 +100,8 @@ class CallService:
         # Redis round trip. Entries expire by themselves, so a release made on another
         # node can never leave one stale; the store's reservation stays the authority.
         self._ringing_here: dict[tuple[str, str], float] = {}
+        self.callbacks: CallbackHooks | None = None
+        """Set by the app: PSTN callbacks share ringing and accepting with browser calls."""
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -99,7 +111,7 @@ class CallService:
             raise not_found(f"no call {call_id!r}")
         return call_from_record(row.data, row.version)
 
-    async def _update(self, call_id: str, transition: Callable[[Call], Call]) -> tuple[Call, Call]:
+    async def update(self, call_id: str, transition: Callable[[Call], Call]) -> tuple[Call, Call]:
         """Apply ``transition`` with compare-and-set, retrying when another node got there
         first; the transition sees the newest call each time and may refuse (CallError)."""
         for _ in range(8):
@@ -147,7 +159,7 @@ class CallService:
         if call_id is None:
             return None
         try:
-            _, call = await self._update(call_id, lambda c: calls.reattach(c, visitor_sid))
+            _, call = await self.update(call_id, lambda c: calls.reattach(c, visitor_sid))
         except (CallError, ApiError):
             return None
         return call
@@ -201,7 +213,7 @@ class CallService:
         if not await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S):
             raise ApiError(409, "not_ringing", "this ring has expired")
         try:
-            _, call = await self._update(
+            _, call = await self.update(
                 call_id, lambda c: calls.accept(c, agent_id, agent_sid, self._clock())
             )
         except (CallError, ApiError) as e:
@@ -213,19 +225,22 @@ class CallService:
         self._ringing_here.pop((site_id, agent_id), None)  # on_call from now on
         await self._store.finish_timer(f"{RING_TIMER}:{call_id}:{call.attempt}")
         await self._notify.ring_stop(call, agent_id, "answered")
-        await self._notify.call_update(call)
+        if call.channel is CallChannel.CALLBACK and self.callbacks is not None:
+            await self.callbacks.after_accept(call)
+        else:
+            await self._notify.call_update(call)
         return call
 
     async def decline(self, site_id: str, agent_id: str, call_id: str) -> Call:
         self._own(await self.get(call_id), site_id)
         try:
-            before, call = await self._update(
+            before, call = await self.update(
                 call_id, lambda c: calls.decline(c, agent_id, self._clock())
             )
         except CallError as e:
             raise ApiError(409, e.code, e.message) from None
         await self._after_ring(before, call, agent_id, "declined")
-        return await self._route(call)
+        return await self._next(call)
 
     async def hangup(self, site_id: str, agent_id: str, call_id: str) -> Call:
         call = self._own(await self.get(call_id), site_id)
@@ -252,9 +267,12 @@ class CallService:
             await self.agent_left(site_id, agent_id, {call.call_id})
 
     async def agent_left(self, site_id: str, agent_id: str, call_ids: set[str]) -> None:
-        """An agent's socket closed: end the calls it was talking on."""
+        """An agent's socket closed: end the browser calls it was talking on (a callback's
+        audio is on the agent's phone, which does not care about the tab)."""
         for call_id in call_ids:
             try:
+                if (await self.get(call_id)).channel is CallChannel.CALLBACK:
+                    continue
                 await self._end(call_id, "agent_left", "The agent's connection dropped")
             except ApiError:
                 pass  # already ended
@@ -284,14 +302,12 @@ class CallService:
     async def on_ring_timeout(self, call_id: str, attempt: int) -> None:
         now = self._clock()
         try:
-            before, call = await self._update(
-                call_id, lambda c: calls.ring_timeout(c, attempt, now)
-            )
+            before, call = await self.update(call_id, lambda c: calls.ring_timeout(c, attempt, now))
         except (CallError, ApiError):
             return  # the call moved on (answered, declined, ended) or is gone
         assert before.agent_id is not None
         await self._after_ring(before, call, before.agent_id, "no_answer")
-        await self._route(call)
+        await self._next(call)
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -307,13 +323,30 @@ class CallService:
         await self._notify.ring_stop(call, agent_id, reason)
         await self._notify.call_update(call)
 
+    async def _next(self, call: Call) -> Call:
+        """After a decline or a ring timeout: ring the next agent (a browser call) or go back
+        in line (a callback, which waits for someone instead of failing)."""
+        if call.channel is CallChannel.CALLBACK and self.callbacks is not None:
+            return await self.callbacks.requeue(call)
+        return await self._route(call)
+
+    async def end_call(self, call_id: str, reason: str, detail: str) -> Call:
+        return await self._end(call_id, reason, detail)
+
     async def _end(self, call_id: str, reason: str, detail: str) -> Call:
         try:
-            before, call = await self._update(
+            before, call = await self.update(
                 call_id, lambda c: calls.end(c, reason, detail, self._clock())
             )
         except CallError as e:
             raise ApiError(409, e.code, e.message) from None
+        if call.channel is CallChannel.CALLBACK and self.callbacks is not None:
+            if before.agent_id is not None and before.state is CallState.RINGING:
+                await self._after_ring(before, call, before.agent_id, reason)
+            else:
+                await self._notify.call_update(call)
+            await self.callbacks.after_end(before, call)
+            return call
         if before.agent_id is not None:
             if before.state is CallState.RINGING:
                 await self._after_ring(before, call, before.agent_id, reason)
@@ -364,7 +397,7 @@ class CallService:
             branch = site.branches.get(agent.branch) if agent.branch else None
             who = f"{agent.name} in {branch.name}" if branch else agent.name
             try:
-                _, ringing = await self._update(
+                _, ringing = await self.update(
                     call.call_id,
                     partial(
                         calls.ring,
@@ -404,7 +437,7 @@ class CallService:
         reason = "no_agent_answered" if call.tried else (decision.reason or "all_busy")
         wait = availability(snapshot, now, language=r.language).estimated_wait_s
         try:
-            _, failed = await self._update(
+            _, failed = await self.update(
                 call.call_id,
                 lambda c: calls.no_agent(c, reason, NO_AGENT_DETAIL.get(reason, reason), wait, now),
             )

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from gateway.call import Call, CallChannel, CallRequest, CallState, TimelineEntry
-from gateway.errors import invalid_payload
+from gateway.errors import ApiError, invalid_payload
 from gateway.model import Device, DeviceKind, DeviceState, Presence, Site
 
 Json = dict[str, Any]
@@ -160,8 +160,15 @@ def error_ack(code: str, message: str) -> Json:
 # --- calls ---------------------------------------------------------------------------------
 
 
-def call_to_wire(call: Call, site: Site, internal: bool = False) -> Json:
-    """The Call shape of docs/PROTOCOL.md; ``internal`` adds what agents and supervisors see."""
+def call_to_wire(
+    call: Call,
+    site: Site,
+    internal: bool = False,
+    position: int | None = None,
+    eta_s: int | None = None,
+) -> Json:
+    """The Call shape of docs/PROTOCOL.md; ``internal`` adds what agents and supervisors see.
+    ``position`` (1 = next) and ``eta_s`` are computed by the caller from the live queue."""
     agent = site.agents.get(call.agent_id) if call.agent_id else None
     branch = site.branches.get(agent.branch) if agent and agent.branch else None
     wire: Json = {
@@ -170,9 +177,9 @@ def call_to_wire(call: Call, site: Site, internal: bool = False) -> Json:
         "channel": call.channel.value,
         "state": call.state.value,
         "agent": {"name": agent.name, "branch": branch.name if branch else None} if agent else None,
-        "position": None,
-        "eta_s": None,
-        "scheduled_at": None,
+        "position": position,
+        "eta_s": eta_s,
+        "scheduled_at": iso(call.scheduled_at) if call.state is CallState.SCHEDULED else None,
         "timeline": [
             {"at": iso(e.at), "event": e.event, "detail": e.detail}
             for e in call.timeline
@@ -189,6 +196,9 @@ def call_to_wire(call: Call, site: Site, internal: bool = False) -> Json:
         wire["visitor_id"] = call.visitor_id
         wire["agent_id"] = call.agent_id
         wire["attempt"] = call.attempt
+        if call.channel is CallChannel.CALLBACK:
+            wire["phone"] = call.phone
+            wire["dials"] = call.dials
     return wire
 
 
@@ -220,6 +230,14 @@ def call_to_record(call: Call) -> Json:
         "connected_at": call.connected_at,
         "ended_at": call.ended_at,
         "timeline": [[e.at, e.event, e.detail, e.internal] for e in call.timeline],
+        "phone": call.phone,
+        "token_hash": call.token_hash,
+        "scheduled_at": call.scheduled_at,
+        "place_at": call.place_at,
+        "dials": call.dials,
+        "dial_started_at": call.dial_started_at,
+        "provider_id": call.provider_id,
+        "answered_by": call.answered_by,
     }
 
 
@@ -252,6 +270,14 @@ def call_from_record(data: Json, version: int) -> Call:
         connected_at=data.get("connected_at"),
         ended_at=data.get("ended_at"),
         timeline=tuple(TimelineEntry(at, ev, de, bool(it)) for at, ev, de, it in data["timeline"]),
+        phone=data.get("phone"),
+        token_hash=data.get("token_hash"),
+        scheduled_at=data.get("scheduled_at"),
+        place_at=data.get("place_at"),
+        dials=int(data.get("dials", 0)),
+        dial_started_at=data.get("dial_started_at"),
+        provider_id=data.get("provider_id"),
+        answered_by=data.get("answered_by"),
     )
 
 
@@ -331,3 +357,37 @@ def signal_from_wire(payload: object) -> tuple[str, Json]:
         if isinstance(ufrag, str) and len(ufrag) <= 256:
             out["candidate"]["usernameFragment"] = ufrag
     return call_id, out
+
+
+# The routing hints a callback request shares with ``call:start``.
+HINT_KEYS = frozenset({"language", "branch", "location", "page", "skills"})
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackIn:
+    """A validated ``POST /v1/sites/{site}/callbacks`` body (the number is checked later,
+    against the site's policy)."""
+
+    phone: str
+    at: float | None
+    request: CallRequest
+    after_call: str | None
+    """The visitor's browser call that nobody could answer: the callback keeps its place."""
+
+
+def callback_from_wire(payload: object) -> CallbackIn:
+    obj = as_object(payload)
+    phone = obj.get("phone")
+    if not isinstance(phone, str) or not phone.strip():
+        raise ApiError(400, "invalid_phone", "phone is required, in international form (+...)")
+    if len(phone) > 32:
+        raise ApiError(400, "invalid_phone", "phone is too long")
+    at_raw = opt_str(obj, "at", 64)
+    after = opt_str(obj, "after_call", 64)
+    hints = {k: v for k, v in obj.items() if k in HINT_KEYS}
+    return CallbackIn(
+        phone=phone,
+        at=parse_iso(at_raw, "at") if at_raw else None,
+        request=call_request_from_wire(hints),
+        after_call=check_id(after, "after_call") if after else None,
+    )

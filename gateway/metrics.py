@@ -42,3 +42,21 @@ class Metrics:
             "1 while the store answers and this node hears other nodes' events.",
             registry=self.registry,
         )
+        self.callback_refusals = Counter(
+            "membrane_callback_refusals_total",
+            "Callback requests and dials refused by the abuse rules, by error code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.callbacks = Counter(
+            "membrane_callbacks_total",
+            "Callbacks by what became of them (requested, completed, failed, canceled).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.dials = Counter(
+            "membrane_callback_dials_total",
+            "Outbound dial attempts by result (placed, busy, no_answer, voicemail, ...).",
+            ["result"],
+            registry=self.registry,
+        )

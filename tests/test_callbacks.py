@@ -1,0 +1,375 @@
+"""PSTN callbacks end to end: real gateway nodes, real socket.io agents, the Twilio simulator
+driven through the real ``twilio`` SDK, signed webhooks, on both stores and across nodes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from datetime import time as clock_time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import pytest
+from conftest import Node, NodeFactory, SocketClient, eventually, free_port, make_settings, mint
+from twilio_sim import CallRecord, TwilioSim
+
+from gateway import appkeys as keys
+from gateway.model import OpeningSpan
+from gateway.settings import Settings, TwilioSettings
+
+ORIGIN = {"Origin": "http://127.0.0.1:8080"}
+ANNA_PHONE = "+353871234567"
+BEN_PHONE = "+4915112345678"
+VISITOR_PHONE = "+353861110001"
+OPENING = OpeningSpan(clock_time(9, 0), clock_time(17, 0))
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[TwilioSim]:
+    sim = TwilioSim(time_scale=0.05)
+    await sim.start()
+    yield sim
+    await sim.close()
+    assert sim.contract_violations == []
+
+
+def phone_settings(tmp_path: Path, sim: TwilioSim, redis_url: str = "", **policy: Any) -> Settings:
+    """A node that calls phones through the simulator, with a policy a test can wait for:
+    retries a second apart and quiet hours far from now (a site may not loosen these in its
+    config; tests build the site directly)."""
+    port = free_port()
+    base = make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        twilio=TwilioSettings(sim.account_sid, sim.auth_token, sim.base_url),
+    )
+    quiet = (datetime.now(UTC) + timedelta(hours=12)).time().replace(second=0, microsecond=0)
+    quiet_end = (datetime.combine(datetime.now(UTC).date(), quiet) + timedelta(minutes=1)).time()
+    sites = {}
+    for site_id, site in base.sites.items():
+        p = replace(
+            site.callback_policy,
+            retry_interval_s=1,
+            quiet_hours_start=quiet,
+            quiet_hours_end=quiet_end,
+            **policy,
+        )
+        sites[site_id] = replace(site, callback_policy=p, ring_timeout_s=3.0)
+    return replace(base, sites=sites)
+
+
+def with_site(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, sites={"acme": replace(settings.sites["acme"], **changes)})
+
+
+def with_policy(settings: Settings, **changes: Any) -> Settings:
+    policy = replace(settings.sites["acme"].callback_policy, **changes)
+    return with_site(settings, callback_policy=policy)
+
+
+async def phone_node(nodes: NodeFactory, settings: Settings) -> Node:
+    node = await nodes(settings)
+    node.app[keys.CALLBACKS].min_lead_s = 1.0
+    return node
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("redis_url")) if request.param == "redis" else ""
+
+
+@pytest.fixture
+async def node(nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, store_url: str) -> Node:
+    return await phone_node(nodes, phone_settings(tmp_path, sim, store_url))
+
+
+async def visitor_token(http: aiohttp.ClientSession, node: Node) -> str:
+    r = await http.post(f"{node.url}/v1/sites/acme/sessions", json={}, headers=ORIGIN)
+    assert r.status == 201, await r.text()
+    token: str = (await r.json())["token"]
+    return token
+
+
+async def request_callback(
+    http: aiohttp.ClientSession, node: Node, body: dict[str, Any], token: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    token = token or await visitor_token(http, node)
+    r = await http.post(
+        f"{node.url}/v1/sites/acme/callbacks",
+        json=body,
+        headers={**ORIGIN, "Authorization": f"Bearer {token}"},
+    )
+    data: dict[str, Any] = await r.json()
+    return r.status, data
+
+
+async def ticket(http: aiohttp.ClientSession, node: Node, created: dict[str, Any]) -> Any:
+    r = await http.get(
+        f"{node.url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
+    )
+    assert r.status == 200, await r.text()
+    return await r.json()
+
+
+async def ticket_state(
+    http: aiohttp.ClientSession,
+    node: Node,
+    created: dict[str, Any],
+    state: str,
+    timeout: float = 10,
+) -> Any:
+    seen: list[Any] = []
+
+    async def reached() -> bool:
+        seen.append(await ticket(http, node, created))
+        return bool(seen[-1]["state"] == state)
+
+    try:
+        await eventually(reached, timeout)
+    except TimeoutError:
+        raise AssertionError(f"never {state}: {seen[-1] if seen else None}") from None
+    return seen[-1]
+
+
+async def agent(
+    clients: Callable[[], SocketClient], node: Node, name: str, state: str = "available"
+) -> SocketClient:
+    c = clients()
+    await c.connect(node.url, "/agent", {"token": mint(node.settings, name), "state": state})
+    await c.next("presence:update", lambda p: p["agent_id"] == name)
+    return c
+
+
+def visitor_calls(sim: TwilioSim, number: str) -> list[CallRecord]:
+    return [c for c in sim.calls if c.to == number and c.parent_sid is None]
+
+
+async def test_call_me_now_rings_the_agent_first_then_dials_and_bridges(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=40)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, node, "anna")
+    status, created = await request_callback(
+        http, node, {"phone": "+353 86 111 0001", "language": "en", "page": "https://x.test/p"}
+    )
+    assert status == 201, created
+    assert created["call"]["channel"] == "callback"
+    assert created["call"]["state"] in ("queued", "ringing")
+    assert len(created["status_token"]) >= 32
+
+    ring = await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"])
+    assert ring["channel"] == "callback" and ring["visitor"]["phone"] == VISITOR_PHONE
+    # Agent first: nobody dials the visitor before the agent accepts.
+    assert visitor_calls(sim, VISITOR_PHONE) == []
+    ringing = await ticket(http, node, created)
+    assert ringing["state"] == "ringing" and ringing["agent"]["name"] == "Anna"
+
+    ack = await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent")
+    assert ack["ok"], ack
+    assert ack["call"]["state"] == "dialing"
+    leg = await sim.wait_for_call(to=VISITOR_PHONE, status="in-progress", timeout=10)
+    assert leg.params["From"] == ["+15005550006"]
+    assert leg.params["MachineDetection"] == ["Enable"]
+    bridge = await sim.wait_for_call(to=ANNA_PHONE, status="in-progress", timeout=10)
+    assert bridge.parent_sid == leg.sid
+    assert any("Connecting you to Anna" in s for s in leg.said)
+    connected = await ticket_state(http, node, created, "connected")
+    assert connected["agent"]["name"] == "Anna"
+    me = await http.get(
+        f"{node.url}/v1/agents/me",
+        headers={"Authorization": f"Bearer {mint(node.settings, 'anna')}"},
+    )
+    assert (await me.json())["status"] == "on_call"
+
+    sim.hangup(leg.sid)  # the visitor hangs up
+    done = await ticket_state(http, node, created, "completed")
+    events = [e["event"] for e in done["timeline"]]
+    assert events[0] == "requested" and "dialing" in events and events[-1] == "completed"
+    assert all("routed" != e for e in events), "routing reasons are not shown to the visitor"
+    await anna.next("presence:update", lambda p: p["status"] == "available", timeout=10)
+    assert len(visitor_calls(sim, VISITOR_PHONE)) == 1
+
+
+async def test_a_scheduled_callback_fires_on_time(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    store_url: str,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Customer first (a site's choice): the visitor's phone rings at the time they chose."""
+    settings = with_policy(phone_settings(tmp_path, sim, store_url), agent_first=False)
+    node = await phone_node(nodes, settings)
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=10)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    await agent(clients, node, "anna")
+    at = time.time() + 3
+    status, created = await request_callback(
+        http, node, {"phone": VISITOR_PHONE, "at": datetime.fromtimestamp(at, UTC).isoformat()}
+    )
+    assert status == 201, created
+    assert created["call"]["state"] == "scheduled"
+    assert created["call"]["scheduled_at"] is not None
+    assert 0 < created["call"]["eta_s"] <= 4
+    await sim.wait_for_call(to=VISITOR_PHONE, timeout=10)
+    dialled = time.time()
+    assert at - 0.05 <= dialled <= at + 1.0, f"dialled {dialled - at:+.2f}s from its time"
+    await ticket_state(http, node, created, "completed", timeout=15)
+
+
+async def test_busy_then_retry_then_answered(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    sim.phone(VISITOR_PHONE, busy=True)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, node, "anna")
+    status, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    assert status == 201, created
+    await anna.next("call:ring")
+    assert (await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    await sim.wait_for_call(to=VISITOR_PHONE, status="busy", timeout=10)
+    retry = await ticket_state(http, node, created, "scheduled")
+    assert "Your line was busy; we'll try again" in [e["detail"] for e in retry["timeline"]]
+    # The line is free now; the retry rings the agent again, then dials once more.
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=10)
+    await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"], timeout=10)
+    assert (await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    done = await ticket_state(http, node, created, "completed", timeout=15)
+    assert [e["event"] for e in done["timeline"]].count("dialing") == 2
+    assert [c.status for c in visitor_calls(sim, VISITOR_PHONE)] == ["busy", "completed"]
+
+
+async def test_voicemail_ends_the_attempt_and_no_agent_is_connected(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    node = await phone_node(nodes, phone_settings(tmp_path, sim, retries=0))
+    sim.phone(VISITOR_PHONE, voicemail=True)
+    anna = await agent(clients, node, "anna")
+    _, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    await anna.next("call:ring")
+    assert (await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    failed = await ticket_state(http, node, created, "failed", timeout=15)
+    assert failed["reason"] == "voicemail"
+    assert [c.to for c in sim.calls] == [VISITOR_PHONE], "the agent's phone never rang"
+    await anna.next("presence:update", lambda p: p["status"] == "available", timeout=10)
+
+
+async def test_the_visitor_cancels_while_the_agent_rings_and_while_dialing(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    anna = await agent(clients, node, "anna")
+    _, first = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    await anna.next("call:ring")
+    r = await http.delete(
+        f"{node.url}/v1/calls/{first['call_id']}", params={"token": first["status_token"]}
+    )
+    assert r.status == 200 and (await r.json())["state"] == "canceled"
+    stop = await anna.next("call:ring_stop", lambda m: m["call_id"] == first["call_id"])
+    assert stop["reason"] == "visitor_canceled"
+
+    sim.phone(VISITOR_PHONE, answer_after=30)  # rings and rings
+    _, second = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    await anna.next("call:ring", lambda m: m["call_id"] == second["call_id"])
+    assert (await anna.call("call:accept", {"call_id": second["call_id"]}, "/agent"))["ok"]
+    await sim.wait_for_call(to=VISITOR_PHONE, status="ringing", timeout=10)
+    r = await http.delete(
+        f"{node.url}/v1/calls/{second['call_id']}", params={"token": second["status_token"]}
+    )
+    assert (await r.json())["state"] == "canceled"
+    await sim.wait_for_call(to=VISITOR_PHONE, status="canceled", timeout=10)
+    await anna.next("presence:update", lambda p: p["status"] == "available", timeout=10)
+    # A wrong token sees nothing, and cannot cancel.
+    r = await http.get(f"{node.url}/v1/calls/{second['call_id']}", params={"token": "x" * 32})
+    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_agent_declines_and_the_next_agent_takes_it(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=10)
+    sim.phone(BEN_PHONE, answer_after=1)
+    anna = await agent(clients, node, "anna")
+    _, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    await anna.next("call:ring")
+    ben = await agent(clients, node, "ben")
+    assert (await anna.call("call:decline", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    await ben.next("call:ring", lambda r: r["call_id"] == created["call_id"], timeout=10)
+    assert (await ben.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    await sim.wait_for_call(to=BEN_PHONE, status="in-progress", timeout=10)
+    done = await ticket_state(http, node, created, "completed", timeout=15)
+    assert done["agent"]["name"] == "Ben"
+    assert ANNA_PHONE not in [c.to for c in sim.calls]
+
+
+async def test_a_callback_for_a_closed_branch_waits_for_its_opening(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    settings = phone_settings(tmp_path, sim)
+    site = settings.sites["acme"]
+    # Closed all week but the day after tomorrow, 09:00-17:00 (Dublin time).
+    open_day = (datetime.now(ZoneInfo("Europe/Dublin")).weekday() + 2) % 7
+    dublin = replace(site.branches["dublin"], hours={open_day: (OPENING,)}, holidays=frozenset())
+    node = await phone_node(
+        nodes, with_site(settings, branches={**site.branches, "dublin": dublin})
+    )
+    await agent(clients, node, "anna")
+    status, created = await request_callback(
+        http, node, {"phone": VISITOR_PHONE, "branch": "dublin"}
+    )
+    assert status == 201, created
+    call = created["call"]
+    assert call["state"] == "scheduled" and call["scheduled_at"] is not None
+    opens = datetime.fromisoformat(call["scheduled_at"]).astimezone(ZoneInfo("Europe/Dublin"))
+    assert (opens.weekday(), opens.hour) == (open_day, 9)
+    assert sim.calls == []
+
+
+async def test_nobody_free_keeps_the_visitor_in_line_with_an_honest_eta(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    status, first = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    assert status == 201
+    status, second = await request_callback(http, node, {"phone": "+353861110002"})
+    assert status == 201
+    one = await ticket(http, node, first)
+    two = await ticket(http, node, second)
+    assert (one["state"], one["position"]) == ("queued", 1)
+    assert (two["state"], two["position"]) == ("queued", 2)
+    assert one["eta_s"] is not None and two["eta_s"] > one["eta_s"]
+    # An agent comes online: the first in line is rung first.
+    anna = await agent(clients, node, "anna")
+    ring = await anna.next("call:ring", timeout=10)
+    assert ring["call_id"] == first["call_id"]
+
+
+async def test_forged_webhooks_change_nothing(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    sim.phone(VISITOR_PHONE, answer_after=20)
+    anna = await agent(clients, node, "anna")
+    _, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    await anna.next("call:ring")
+    assert (await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    leg = await sim.wait_for_call(to=VISITOR_PHONE, status="ringing", timeout=10)
+    url = f"{node.url}/v1/twilio/status/{created['call_id']}/1"
+    form = {"CallSid": leg.sid, "CallStatus": "completed", "AccountSid": sim.account_sid}
+    for headers in ({}, {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}):
+        r = await http.post(url, data=form, headers=headers)
+        assert r.status == 403 and (await r.json())["error"]["code"] == "invalid_signature"
+    assert (await ticket(http, node, created))["state"] == "dialing"
