@@ -40,6 +40,18 @@
     invalid_token: "Your session expired. Please try again.",
     invalid_phone: "That doesn't look like a phone number. Check it and try again.",
     number_not_allowed: "Sorry, we can't call that number. Try a number in a country we serve.",
+    country_not_allowed: "Sorry, we can't call numbers in that country. Try another number.",
+    number_type_not_allowed: "Sorry, we can't call that kind of number. Try a mobile or landline.",
+    number_rate_limited: "We've called that number a lot recently. Please try again later.",
+    too_many_numbers: "You've asked us to call several numbers. Please try again later.",
+    ip_rate_limited: "Too many callback requests. Please try again later.",
+    site_rate_limited: "We're very busy right now. Please try again later.",
+    callback_in_progress: "You already have a callback booked.",
+    number_has_callback: "That number already has a callback booked.",
+    quiet_hours: "That's night time where your phone is. Please pick another time.",
+    slot_unavailable: "We can't call at that time. Please pick another one.",
+    spend_cap_reached: "We can't take more callbacks today. Please try again tomorrow.",
+    callbacks_unavailable: "Callbacks aren't available right now.",
     not_found: "This request no longer exists.",
     no_microphone: "We need your microphone to talk in the browser. Allow it, or let us call you back.",
     unsupported: "Your browser can't make calls. We can call you back instead.",
@@ -645,7 +657,7 @@ li{margin:2px 0}
   function fieldError(e) {
     phoneErr.textContent = friendly(e);
     phoneErr.hidden = false;
-    if (e && (e.code === "invalid_phone" || e.code === "number_not_allowed" || e.code === "invalid_payload")) {
+    if (e && /^(invalid_phone|invalid_payload|number_not_allowed|country_not_allowed|number_type_not_allowed)$/.test(e.code)) {
       phone.setAttribute("aria-invalid", "true");
       phone.focus();
     }
@@ -656,11 +668,13 @@ li{margin:2px 0}
     phoneErr.hidden = true;
     phone.removeAttribute("aria-invalid");
     if (!phone.value.trim()) return fieldError({ code: "invalid_phone", message: "" });
-    const body = { phone: toE164(phone.value.trim(), country.value) };
+    const body = { phone: toE164(phone.value.trim(), country.value), page: location.href.slice(0, 500) };
     if (whenAt.checked && slotSelect.value) body.at = slotSelect.value;
     const language = callLanguage();
     if (language) body.language = language;
     if (cfg.branch) body.branch = cfg.branch;
+    // Keep-my-place: a browser call nobody could answer lends its place in line.
+    if (call && call.state === "failed" && call.callback_offer) body.after_call = call.call_id;
     submitBtn.disabled = true;
     say("Sending…");
     try {

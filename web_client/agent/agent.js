@@ -335,6 +335,7 @@
       h("dl", { class: "facts" },
         h("dt", {}, "Visitor"), h("dd", {}, who),
         h("dt", {}, "Language"), h("dd", {}, v.language || "unknown"),
+        v.phone ? h("dt", {}, "Calls back") : null, v.phone ? h("dd", {}, v.phone) : null,
         h("dt", {}, "Page"), h("dd", {}, pageOk
           ? h("a", { href: v.page, target: "_blank", rel: "noopener noreferrer" }, v.page)
           : v.page || "unknown"),
@@ -387,7 +388,20 @@
       return showError(res.error);
     }
     clearError();
-    startCall(entry.data, res.call || { call_id: id, state: "connected" }, res.ice_servers || []);
+    if (entry.data.channel === "callback") startCallback(entry.data, res.call || { call_id: id, state: "dialing" });
+    else startCall(entry.data, res.call || { call_id: id, state: "connected" }, res.ice_servers || []);
+  }
+
+  // A callback: the gateway dials the customer, then bridges them to the agent's own phone.
+  function startCallback(ring, call) {
+    if (current) endMedia();
+    current = { id: call.call_id, ring, call, pc: null, mic: null, signals: Promise.resolve(), connectedAt: 0 };
+    MA.pc = null;
+    MA.call = call;
+    renderCall(call);
+    $("call").hidden = false;
+    $("hangup").focus();
+    announce(ring.your_phone ? `Calling the customer. Your phone ${ring.your_phone} rings when they answer.` : "Calling the customer.");
   }
 
   async function decline(id) {
@@ -491,12 +505,14 @@
       ["Page", v.page || "unknown"],
       ["Channel", c.channel || (current.ring && current.ring.channel) || ""],
     ];
+    if (v.phone) facts.push(["Phone", v.phone]);
+    if (current.ring && current.ring.your_phone) facts.push(["Your phone", current.ring.your_phone]);
     $("call-visitor").replaceChildren(...facts.flatMap(([k, val]) => [h("dt", {}, k), h("dd", {}, val)]));
     $("timeline").replaceChildren(...(c.timeline || []).map((e) =>
       h("li", {}, h("time", { datetime: e.at || "" }, time(e.at)), " ", h("strong", {}, human(e.event)),
         e.detail ? h("span", { class: "muted" }, ` · ${e.detail}`) : null)));
     const done = isFinal(c);
-    $("mute").hidden = done || c.state !== "connected";
+    $("mute").hidden = done || c.state !== "connected" || !current.pc;
     $("hangup").hidden = done;
     $("dismiss").hidden = !done;
     if (done && document.activeElement === $("hangup")) $("dismiss").focus();
