@@ -30,9 +30,11 @@ ATTEMPT_DETAIL = {
     "dial_error": "Our phone line had a problem",
     "agent_unreachable": "We could not connect you to our agent",
     "no_status": "We lost track of the call",
+    "number_rate_limited": "We have called your number too often today",
+    "spend_cap_reached": "We cannot make more calls today",
 }
 # Outcomes that no retry can fix.
-FINAL_OUTCOMES = frozenset({"number_refused", "spend_cap_reached"})
+FINAL_OUTCOMES = frozenset({"number_refused", "spend_cap_reached", "number_rate_limited"})
 
 
 def _log(call: Call, now: float, event: str, detail: str) -> tuple[TimelineEntry, ...]:

@@ -566,6 +566,17 @@ class CallbackService:
             timeout_s=DIAL_TIMEOUT_S,
             machine_detection=True,
         )
+        # The per-number limits bound dials too, across sites: retries of many requests
+        # must not add up to bombing one phone. The attempt's key counts once per attempt.
+        dial_quotas = (
+            Quota(f"cb:d15:{call.phone}", 900, policy.per_number_15min),
+            Quota(f"cb:dh:{call.phone}", 3600, policy.per_number_hour),
+            Quota(f"cb:dd:{call.phone}", 86400, policy.per_number_day),
+        )
+        if await self._store.take_quotas(dial_quotas, request.idempotency_key, now) is not None:
+            self._metrics.callback_refusals.labels("number_rate_limited").inc()
+            await self._fail_attempt(call, "number_rate_limited", retryable=False)
+            return None
         if not await self._store.claim_once(f"dial:{request.idempotency_key}", 2 * 86400):
             # Someone claimed this attempt and did not finish (its node died). Did the leg
             # get placed? The provider knows; dial only if it does not.
