@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway import appkeys as keys
 from gateway.auth import VISITOR_ROLES, bearer_token
 from gateway.codec import callback_from_wire, check_id, iso
-from gateway.errors import invalid_token
+from gateway.errors import ApiError, invalid_token
 from gateway.http_api import read_json
 from gateway.visitor_api import client_ip, site_of
 
@@ -27,7 +27,12 @@ async def create_callback(request: web.Request) -> web.Response:
     )
     if claims.site != site.site_id:
         raise invalid_token("this session is for another site")
-    body = callback_from_wire(await read_json(request))
+    try:
+        body = callback_from_wire(await read_json(request))
+    except ApiError as e:
+        if e.code == "invalid_phone":  # an abuse rule like the others: counted
+            request.app[keys.METRICS].callback_refusals.labels(e.code).inc()
+        raise
     callbacks = request.app[keys.CALLBACKS]
     call, token = await callbacks.request(site.site_id, claims.sub, client_ip(request), body)
     return web.json_response(

@@ -101,9 +101,13 @@ MAX_AHEAD_S = 14 * 86400.0
 OPEN_HOLD_S = MAX_AHEAD_S + 86400.0
 # A browser call nobody answered gives its place to the callback asked for within this time.
 KEEP_PLACE_S = 1800.0
-# Spend is estimated, not billed: this much per started minute of a call (US$ millionths),
-# and one minute is reserved when a dial starts so that a burst cannot overshoot the cap.
+# Spend is estimated, not billed: this much per started minute of a phone leg (US$
+# millionths). A callback is two legs (the visitor's, and the bridge to the agent's phone).
+# A minute of both is reserved atomically when a dial starts, so a burst cannot overshoot.
 MICRO_USD_PER_MINUTE = 30_000
+LEGS_PER_CALL = 2
+DIAL_RESERVE = MICRO_USD_PER_MINUTE * LEGS_PER_CALL
+SPEND_TTL_S = 2 * 86400
 QUOTA_CODES = (
     "number_rate_limited",
     "number_rate_limited",
@@ -186,8 +190,11 @@ class CallbackService:
                 raise self._refuse(422, "slot_unavailable", "we are closed at that time")
             elif in_quiet_hours(number, policy, at):
                 raise self._refuse(422, "quiet_hours", "that is night time at your number")
-        spent = await self._store.add_to_counter(spend_key(site_id, now), 0, 2 * 86400)
-        if spent >= policy.daily_spend_cap_usd * 1_000_000:
+        if at is None and in_quiet_hours(number, policy, now):
+            # Nobody's phone rings at night because a web form said so: pick a time instead.
+            raise self._refuse(422, "quiet_hours", "it is night time at your number; pick a time")
+        spent = await self._store.add_to_counter(spend_key(site_id, now), 0, SPEND_TTL_S)
+        if spent + DIAL_RESERVE > policy.daily_spend_cap_usd * 1_000_000:
             raise self._refuse(503, "spend_cap_reached", "no more callbacks today; sorry")
         call_id = f"c_{uuid.uuid4().hex}"
         visitor_slot = f"cbopen:{site_id}:v:{visitor_id}"
@@ -285,8 +292,12 @@ class CallbackService:
         return starts[:MAX_SLOTS]
 
     async def ticket(self, call_id: str, token: str) -> Call:
-        """The visitor's callback, for the holder of its status token only."""
-        call = await self._calls.get(call_id)
+        """The visitor's callback, for the holder of its status token only; an unknown call
+        and a wrong token look the same, so call ids cannot be probed."""
+        try:
+            call = await self._calls.get(call_id)
+        except ApiError:
+            raise not_found(f"no callback {call_id!r}") from None
         if (
             call.channel is not CallChannel.CALLBACK
             or call.token_hash is None
@@ -378,27 +389,33 @@ class CallbackService:
         now = self._clock()
         site = self._sites[call.site]
         policy = site.callback_policy
+        if (
+            call.state is CallState.SCHEDULED
+            and call.scheduled_at is not None
+            and call.scheduled_at > now + 0.05
+        ):
+            return call.scheduled_at
+        try:
+            number = check_number(call.phone or "", policy)
+        except PhoneRefused as e:
+            await self._refused(call, "number_refused", e.message)
+            return None
+        until = self._callable_at(number, site, now)
+        if until > now:
+            # Also a callback that waited in line into the night: it waits for the morning.
+            await self._store.queue_remove(call.site, call.call_id)
+            await self._move(
+                call,
+                partial(
+                    cb.postpone,
+                    until=until,
+                    event="quiet_hours",
+                    detail="It is night at your number; we'll call in the morning",
+                    now=now,
+                ),
+            )
+            return until
         if call.state is CallState.SCHEDULED:
-            if call.scheduled_at is not None and call.scheduled_at > now + 0.05:
-                return call.scheduled_at
-            try:
-                number = check_number(call.phone or "", policy)
-            except PhoneRefused as e:
-                await self._refused(call, "number_refused", e.message)
-                return None
-            if in_quiet_hours(number, policy, now):
-                until = self._callable_at(number, site, now)
-                await self._move(
-                    call,
-                    partial(
-                        cb.postpone,
-                        until=until,
-                        event="quiet_hours",
-                        detail="It is night at your number; we'll call in the morning",
-                        now=now,
-                    ),
-                )
-                return until
             call = await self._move(call, partial(cb.due, now=now))
             await self._store.queue_put(call.site, call.call_id, call.place_at or now)
         if not self._open_at(site, call.request.branch, now):
@@ -546,11 +563,6 @@ class CallbackService:
         if self.telephony is None or not site.caller_ids:
             await self._fail_attempt(call, "dial_error", retryable=False)
             return None
-        spent = await self._store.add_to_counter(spend_key(call.site, now), 0, 2 * 86400)
-        if spent + MICRO_USD_PER_MINUTE > policy.daily_spend_cap_usd * 1_000_000:
-            self._metrics.callback_refusals.labels("spend_cap_reached").inc()
-            await self._fail_attempt(call, "spend_cap_reached", retryable=False)
-            return None
         line = f"out:{call.site}"
         if not await self._store.acquire_slot(
             line, call.call_id, policy.max_concurrent_calls, LINE_HOLD_S, now
@@ -585,7 +597,14 @@ class CallbackService:
             if found is not None:
                 await self._leg_placed(call, attempt, found)
                 return None
-        await self._store.add_to_counter(spend_key(call.site, now), MICRO_USD_PER_MINUTE, 2 * 86400)
+        # Reserve first, then check: one atomic add, so two dials racing cannot both fit.
+        key = spend_key(call.site, now)
+        spent = await self._store.add_to_counter(key, DIAL_RESERVE, SPEND_TTL_S)
+        if spent > policy.daily_spend_cap_usd * 1_000_000:
+            await self._store.add_to_counter(key, -DIAL_RESERVE, SPEND_TTL_S)
+            self._metrics.callback_refusals.labels("spend_cap_reached").inc()
+            await self._fail_attempt(call, "spend_cap_reached", retryable=False)
+            return None
         try:
             provider_id = await self.telephony.dial(request)
         except TelephonyError as e:
@@ -719,10 +738,10 @@ class CallbackService:
             await self._store.record_served(done.site, done.visitor_id, before.agent_id)
         await self._store.record_handle_time(done.site, float(max(duration_s, 1)))
         minutes = max(1, math.ceil(duration_s / 60))
-        # One minute was reserved when the dial started.
-        extra = (minutes - 1) * MICRO_USD_PER_MINUTE
+        # One minute of each leg was reserved when the dial started.
+        extra = (minutes - 1) * DIAL_RESERVE
         if extra:
-            await self._store.add_to_counter(spend_key(done.site, now), extra, 2 * 86400)
+            await self._store.add_to_counter(spend_key(done.site, now), extra, SPEND_TTL_S)
         self._metrics.callbacks.labels("completed").inc()
         await self._notify.call_update(done)
 
