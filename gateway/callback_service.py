@@ -41,7 +41,7 @@ from gateway.codec import CallbackIn, Json, call_from_record, call_to_record, ca
 from gateway.errors import ApiError, not_found
 from gateway.hours import is_open, next_open_at, slot_starts
 from gateway.metrics import Metrics
-from gateway.model import Channel, Site
+from gateway.model import Branch, Channel, Site
 from gateway.phone_policy import (
     CheckedNumber,
     PhoneRefused,
@@ -272,19 +272,23 @@ class CallbackService:
         await self._store.release_slot(f"cbopen:{site_id}:v:{visitor_id}", call_id)
         await self._store.release_slot(f"cbopen:{site_id}:n:{e164}", call_id)
 
+    @staticmethod
+    def _scope(site: Site, branch: str | None) -> list[Branch]:
+        return [site.branches[branch]] if branch else list(site.branches.values())
+
     def _open_at(self, site: Site, branch: str | None, at: float) -> bool:
-        scope = [site.branches[branch]] if branch else list(site.branches.values())
+        scope = self._scope(site, branch)
         return not scope or any(is_open(b, at) for b in scope)
 
     def _next_opening(self, site: Site, branch: str | None, now: float) -> float | None:
-        scope = [site.branches[branch]] if branch else list(site.branches.values())
+        scope = self._scope(site, branch)
         times = [t for b in scope if (t := next_open_at(b, now)) is not None]
         return min(times) if times else None
 
     def slots(self, site_id: str, branch: str | None, now: float) -> list[float]:
         """Bookable times: within some branch's opening hours (the requested one's)."""
         site = self._presence.site(site_id)
-        scope = [site.branches[branch]] if branch else list(site.branches.values())
+        scope = self._scope(site, branch)
         start = now + SLOT_LEAD_S
         starts = sorted(
             {s for b in scope for s in slot_starts(b, start, SLOT_HORIZON_S, SLOT_STEP_S)}
@@ -545,18 +549,24 @@ class CallbackService:
 
     # --- dialing ---------------------------------------------------------------------------
 
-    async def on_dial(self, rest: str) -> float | None:
-        """Timer ``cbdial``: place dial attempt ``attempt`` exactly once."""
-        call_id, _, attempt_raw = rest.rpartition(":")
-        attempt = int(attempt_raw)
+    async def _dialing(self, rest: str) -> Call | None:
+        """The callback of a ``{call_id}:{attempt}`` timer, if it is still dialing that
+        attempt (else the timer is stale: the attempt ended or the callback moved on)."""
+        call_id, _, attempt = rest.rpartition(":")
         try:
             call = await self._calls.get(call_id)
         except ApiError:
             return None
-        if call.final or call.state is not CallState.DIALING or call.dials != attempt:
+        if call.final or call.state is not CallState.DIALING or str(call.dials) != attempt:
             return None
-        if call.provider_id is not None:
+        return call
+
+    async def on_dial(self, rest: str) -> float | None:
+        """Timer ``cbdial``: place dial attempt ``attempt`` exactly once."""
+        call = await self._dialing(rest)
+        if call is None or call.provider_id is not None:
             return None
+        call_id, attempt = call.call_id, call.dials
         now = self._clock()
         site = self._sites[call.site]
         policy = site.callback_policy
@@ -629,13 +639,8 @@ class CallbackService:
 
     async def on_watch(self, rest: str) -> float | None:
         """Timer ``cbwatch``: the leg never said how it ended; end the attempt."""
-        call_id, _, attempt_raw = rest.rpartition(":")
-        attempt = int(attempt_raw)
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
-            return None
-        if call.final or call.dials != attempt or call.state is not CallState.DIALING:
+        call = await self._dialing(rest)
+        if call is None:
             return None
         if call.provider_id is not None and self.telephony is not None:
             await self.telephony.hang_up(call.provider_id)
