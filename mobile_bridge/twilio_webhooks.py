@@ -261,9 +261,14 @@ class TwilioWebhooks:
         try:
             hook = await self._verified(request)
             call_sid = _required(hook.params, "CallSid")
-            answered = agent_answered(_required(hook.params, "DialCallStatus"))
+            dial_status = _required(hook.params, "DialCallStatus")
         except ApiError as e:
             return error_response(e)
+        if dial_status == "canceled":
+            # The visitor hung up while the agent's phone rang: their own leg's completed
+            # status ends the callback; this is not the agent failing to answer.
+            return twiml_response(HANG_UP_TWIML)
+        answered = agent_answered(dial_status)
         try:
             instruction = await self._events.on_bridge_result(
                 hook.call_id, hook.attempt, call_sid, answered
