@@ -174,7 +174,7 @@ def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
         raise CallError("not_ringing", "this call is not ringing for you")
     if call.channel is CallChannel.CALLBACK:
         # Agent first: only now that someone is ready is the visitor's phone called.
-        return start_dial(call, now)
+        return start_dial(replace(call, agent_sid=agent_sid), now)
     return replace(
         call,
         state=CallState.CONNECTED,

@@ -67,7 +67,9 @@ class CallbackHooks(Protocol):
 
 
 class CallNotifier(Protocol):
-    async def call_update(self, call: Call) -> None: ...
+    async def call_update(self, call: Call, former_agent: str | None = None) -> None:
+        """To the visitor, the call's agent (and ``former_agent``, whom the call just left)
+        and the site's board."""
 
     async def ring(self, call: Call, payload: Json) -> None: ...
 
@@ -295,6 +297,8 @@ class CallService:
             raise forbidden("not a party to this call")
         if call.state is not CallState.CONNECTED:
             raise ApiError(409, "not_connected", "signals flow only in a connected call")
+        if call.channel is not CallChannel.WEBRTC:
+            raise ApiError(409, "not_connected", "this call's audio is on the phone network")
         await self._notify.signal(call, to_agent=not from_agent, payload=payload)
 
     # --- timers ----------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from gateway.phone_policy import (
 from gateway.presence_service import PresenceService
 from gateway.routing import (
     DEFAULT_MEAN_HANDLE_S,
+    Candidate,
     RankingCache,
     RouteRequest,
     RoutingSnapshot,
@@ -80,6 +81,8 @@ DIAL_TIMER = "cbdial"
 WATCH_TIMER = "cbwatch"
 # A callback waiting for a free agent looks again this often.
 POLL_S = 1.0
+# How many callbacks ahead in line a waiting one looks at, beyond its free agents.
+AHEAD_SCAN = 32
 # A dial waiting for a free outbound line (the site's concurrency cap) looks again this often.
 LINE_POLL_S = 2.0
 # How long the visitor's phone rings before it counts as no answer.
@@ -447,16 +450,13 @@ class CallbackService:
 
     async def _try_route(self, call: Call, now: float) -> float | None:
         site = self._sites[call.site]
-        rank = await self._store.queue_rank(call.site, call.call_id)
-        if rank is None:
-            await self._store.queue_put(call.site, call.call_id, call.place_at or now)
-            rank = await self._store.queue_rank(call.site, call.call_id) or 0
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
         snapshot = self._snapshot(call, last_agent)
         request = self._route_request(call)
         candidates = list(self._ranking.candidates(snapshot, request, now))
-        # Keep-my-place: the free agents go to the first callbacks in line.
-        if rank >= len(candidates):
+        if not candidates:
+            return now + POLL_S
+        if await self._waits_its_turn(call, candidates, now):
             return now + POLL_S
         agent_first = site.callback_policy.agent_first
         for candidate in candidates:
@@ -475,6 +475,29 @@ class CallbackService:
             await self._store.queue_remove(call.site, call.call_id)
             return None
         return now + POLL_S
+
+    async def _waits_its_turn(self, call: Call, candidates: list[Candidate], now: float) -> bool:
+        """Keep-my-place: the free agents go to the first callbacks in line. A callback waits
+        while at least as many callbacks ahead of it could take one of its candidates (one
+        ahead that every candidate already declined does not hold it up)."""
+        ahead = await self._store.queue_ahead(call.site, call.call_id, len(candidates) + AHEAD_SCAN)
+        if ahead is None:
+            await self._store.queue_put(call.site, call.call_id, call.place_at or now)
+            ahead = await self._store.queue_ahead(
+                call.site, call.call_id, len(candidates) + AHEAD_SCAN
+            )
+        mine = {c.agent_id for c in candidates}
+        blocking = 0
+        for other_id in ahead or ():
+            row = await self._store.get_call(other_id)
+            if row is None:
+                continue
+            other = call_from_record(row.data, row.version)
+            if other.state is CallState.QUEUED and mine - set(other.tried):
+                blocking += 1
+                if blocking >= len(candidates):
+                    return True
+        return False
 
     async def _ring(self, call: Call, agent_id: str, reasons: tuple[str, ...], now: float) -> None:
         site = self._sites[call.site]
@@ -577,7 +600,8 @@ class CallbackService:
         if not await self._store.acquire_slot(
             line, call.call_id, policy.max_concurrent_calls, LINE_HOLD_S, now
         ):
-            self._metrics.callback_refusals.labels("concurrency_cap").inc()
+            # Not a refusal: the dial waits for a line. Counted once per look.
+            self._metrics.dials.labels("waiting_for_line").inc()
             return now + LINE_POLL_S
         assert call.phone is not None
         request = DialRequest(
@@ -605,6 +629,7 @@ class CallbackService:
             since = (call.dial_started_at or now) - 5
             found = await self.telephony.find_leg(request, since)
             if found is not None:
+                await self._watch(call_id, attempt, now)
                 await self._leg_placed(call, attempt, found)
                 return None
         # Reserve first, then check: one atomic add, so two dials racing cannot both fit.
@@ -619,13 +644,15 @@ class CallbackService:
             provider_id = await self.telephony.dial(request)
         except TelephonyError as e:
             log.warning("dial %s failed: %s %s", request.idempotency_key, e.code, e.message)
-            self._metrics.dials.labels("error").inc()
             await self._fail_attempt(call, "dial_error", retryable=e.retryable)
             return None
         self._metrics.dials.labels("placed").inc()
-        await self._store.schedule_timer(f"{WATCH_TIMER}:{call_id}:{attempt}", now + LEG_SILENCE_S)
+        await self._watch(call_id, attempt, now)
         await self._leg_placed(call, attempt, provider_id)
         return None
+
+    async def _watch(self, call_id: str, attempt: int, now: float) -> None:
+        await self._store.schedule_timer(f"{WATCH_TIMER}:{call_id}:{attempt}", now + LEG_SILENCE_S)
 
     async def _leg_placed(self, call: Call, attempt: int, provider_id: str) -> None:
         try:
@@ -689,25 +716,30 @@ class CallbackService:
     async def on_answer(
         self, call_id: str, attempt: int, provider_id: str, answered_by: AnsweredBy
     ) -> Instruction:
+        gone = HangUp("Sorry, this call is no longer needed. Goodbye.")
         try:
             call = await self._calls.get(call_id)
         except ApiError:
-            return HangUp("Sorry, this call is no longer needed. Goodbye.")
+            return gone
         site = self._sites[call.site]
         now = self._clock()
-        try:
-            _, after = await self._calls.update(
-                call_id,
-                partial(cb.leg_answered, attempt=attempt, answered_by=answered_by.value, now=now),
-            )
-        except (CallError, ApiError):
-            return HangUp("Sorry, this call is no longer needed. Goodbye.")
+        answered = partial(cb.leg_answered, attempt=attempt, answered_by=answered_by.value, now=now)
         if answered_by is AnsweredBy.MACHINE:
-            self._metrics.dials.labels("voicemail").inc()
+            # Never an agent for a machine; its completed status ends the attempt (voicemail).
+            try:
+                await self._calls.update(call_id, answered)
+            except (CallError, ApiError):
+                pass
             return HangUp()
-        agent = site.agents.get(after.agent_id or "")
+        agent = site.agents.get(call.agent_id or "")
         if agent is None or not agent.mobile:
+            # Routing picks only agents with a phone: the config changed under a live call.
+            await self._fail_attempt(call, "agent_unreachable", retryable=True)
             return HangUp("Sorry, we cannot connect you right now. We will call you back.")
+        try:
+            _, after = await self._calls.update(call_id, answered)
+        except (CallError, ApiError):
+            return gone
         await self._notify.call_update(after)
         return Bridge(
             say=f"Hello, this is {site.name}. Connecting you to {agent.name} now.",
@@ -780,7 +812,8 @@ class CallbackService:
             await self._store.schedule_timer(due_timer_id(after), retry_at or now)
         else:
             self._metrics.callbacks.labels("failed").inc()
-        await self._notify.call_update(after)
+        # The agent is let go (a retry is routed afresh): their app must hear of it too.
+        await self._notify.call_update(after, former_agent=before.agent_id)
 
     async def _refused(self, call: Call, reason: str, detail: str) -> None:
         now = self._clock()
@@ -791,7 +824,7 @@ class CallbackService:
         except (CallError, ApiError):
             return
         await self._release_call(before, after)
-        await self._notify.call_update(after)
+        await self._notify.call_update(after, former_agent=before.agent_id)
 
     async def _release_call(self, before: Call, after: Call) -> None:
         """Free what the attempt (and, once final, the callback) held."""

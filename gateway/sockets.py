@@ -411,7 +411,7 @@ class SocketCallNotifier:
         self.server = server
         self.sites = sites
 
-    async def call_update(self, call: Call) -> None:
+    async def call_update(self, call: Call, former_agent: str | None = None) -> None:
         site = self.sites[call.site]
         await self.server.emit(
             "call:update",
@@ -420,9 +420,9 @@ class SocketCallNotifier:
             namespace="/visitor",
         )
         internal = call_to_wire(call, site, internal=True)
-        if call.agent_id is not None:
+        for agent_id in {a for a in (call.agent_id, former_agent) if a is not None}:
             await self.server.emit(
-                "call:update", internal, to=agent_room(call.site, call.agent_id), namespace="/agent"
+                "call:update", internal, to=agent_room(call.site, agent_id), namespace="/agent"
             )
         await self.server.emit("call:update", internal, to=site_room(call.site), namespace="/board")
 
@@ -442,6 +442,8 @@ class SocketCallNotifier:
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
         if to_agent:
+            if call.agent_sid is None:
+                return  # never `to=None`: python-socketio would broadcast to every agent
             await self.server.emit("rtc:signal", payload, to=call.agent_sid, namespace="/agent")
         else:
             await self.server.emit(

@@ -373,3 +373,44 @@ async def test_forged_webhooks_change_nothing(
         r = await http.post(url, data=form, headers=headers)
         assert r.status == 403 and (await r.json())["error"]["code"] == "invalid_signature"
     assert (await ticket(http, node, created))["state"] == "dialing"
+
+
+async def test_a_callback_its_only_agent_declined_does_not_hold_up_the_line(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    _, first = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    _, second = await request_callback(http, node, {"phone": "+353861110002"})
+    anna = await agent(clients, node, "anna")
+    await anna.next("call:ring", lambda r: r["call_id"] == first["call_id"], timeout=10)
+    assert (await anna.call("call:decline", {"call_id": first["call_id"]}, "/agent"))["ok"]
+    # The first waits for someone else; Anna takes the next in line meanwhile.
+    await anna.next("call:ring", lambda r: r["call_id"] == second["call_id"], timeout=10)
+    still = await ticket(http, node, first)
+    assert (still["state"], still["position"]) == ("queued", 1)
+
+
+async def test_a_callback_carries_no_browser_signals(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """A callback's audio is on the phone network: neither party may send WebRTC signals
+    for it (and nothing is ever broadcast to other agents)."""
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=30)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, node, "anna")
+    ben = await agent(clients, node, "ben", state="away")
+    token = await visitor_token(http, node)
+    _, created = await request_callback(http, node, {"phone": VISITOR_PHONE}, token)
+    await anna.next("call:ring")
+    assert (await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    await ticket_state(http, node, created, "connected")
+    visitor = clients()
+    await visitor.connect(node.url, "/visitor", {"token": token})
+    offer = {"call_id": created["call_id"], "description": {"type": "offer", "sdp": "v=0"}}
+    ack = await visitor.call("rtc:signal", offer, "/visitor")
+    assert ack == {
+        "ok": False,
+        "error": {"code": "not_connected", "message": ack["error"]["message"]},
+    }
+    ack = await anna.call("rtc:signal", offer, "/agent")
+    assert not ack["ok"] and ack["error"]["code"] == "not_connected"
+    assert ben.queue("rtc:signal").empty() and anna.queue("rtc:signal").empty()

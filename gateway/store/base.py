@@ -208,6 +208,10 @@ class Store(Protocol):
     async def queue_rank(self, site: str, call_id: str) -> int | None:
         """The call's 0-based place in the queue; None when it is not queued."""
 
+    async def queue_ahead(self, site: str, call_id: str, limit: int) -> list[str] | None:
+        """The first ``limit`` calls ahead of ``call_id`` in the queue, in order; None when
+        it is not queued."""
+
     async def queue_size(self, site: str) -> int: ...
 
     async def record_handle_time(self, site: str, seconds: float) -> None:

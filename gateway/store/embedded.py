@@ -537,6 +537,24 @@ class EmbeddedStore:
 
         return await self._run(rank)
 
+    async def queue_ahead(self, site: str, call_id: str, limit: int) -> list[str] | None:
+        def ahead() -> list[str] | None:
+            db = self._conn()
+            found = db.execute(
+                "SELECT score FROM queue WHERE site = ? AND call_id = ?", (site, call_id)
+            ).fetchone()
+            if found is None:
+                return None
+            rows = db.execute(
+                "SELECT call_id FROM queue WHERE site = ?"
+                " AND (score < ? OR (score = ? AND call_id < ?))"
+                " ORDER BY score, call_id LIMIT ?",
+                (site, found[0], found[0], call_id, max(0, limit)),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._run(ahead)
+
     async def queue_size(self, site: str) -> int:
         found = await self._run(
             lambda: (

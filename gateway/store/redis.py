@@ -630,6 +630,15 @@ class RedisStore:
         rank: int | None = await self._redis.zrank(f"m:queue:{site}", call_id)  # type: ignore[assignment]
         return rank
 
+    async def queue_ahead(self, site: str, call_id: str, limit: int) -> list[str] | None:
+        rank = await self.queue_rank(site, call_id)
+        if rank is None:
+            return None
+        if rank == 0 or limit <= 0:
+            return []
+        ahead: list[str] = await self._redis.zrange(f"m:queue:{site}", 0, min(rank, limit) - 1)  # type: ignore[assignment]
+        return [a for a in ahead if a != call_id]
+
     async def queue_size(self, site: str) -> int:
         size: int = await self._redis.zcard(f"m:queue:{site}")  # type: ignore[assignment]
         return size

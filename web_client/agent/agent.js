@@ -511,7 +511,8 @@
     $("timeline").replaceChildren(...(c.timeline || []).map((e) =>
       h("li", {}, h("time", { datetime: e.at || "" }, time(e.at)), " ", h("strong", {}, human(e.event)),
         e.detail ? h("span", { class: "muted" }, ` · ${e.detail}`) : null)));
-    const done = isFinal(c);
+    // A callback whose attempt ended (busy, no answer) goes back in line: done for this agent.
+    const done = isFinal(c) || c.state === "scheduled" || c.state === "queued";
     $("mute").hidden = done || c.state !== "connected" || !current.pc;
     $("hangup").hidden = done;
     $("dismiss").hidden = !done;
