@@ -13,8 +13,8 @@ progress stay under half of each site's 20 lines (a dial finding every line take
 (127.0.x.y, 10 visitors each), which keeps the per-address limits (30 sessions a minute,
 20 callbacks an hour) honestly. The simulated visitor answers after 1 s, hears the
 greeting, is bridged to the agent's mobile, and hangs up ``--hold-s`` (simulated) after
-answering: long enough to always reach the agent (hanging up before the bridge makes the
-gateway schedule a retry), short enough at ``--time-scale`` to free the line quickly.
+answering: long enough to always reach the agent, short enough at ``--time-scale`` to free
+the line quickly.
 
 All callbacks are requested ahead of time, due spread uniformly over ``--spread-s`` from
 ``--lead-s`` after set-up (the gateway takes an ``at`` within 60 s as "now"). Visitor
