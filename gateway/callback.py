@@ -51,8 +51,10 @@ def new_callback(
     now: float,
     at: float | None,
     place_at: float,
+    detail: str | None = None,
 ) -> Call:
-    """A callback request: ``at`` None means as soon as someone is free (``queued``)."""
+    """A callback request: ``at`` None means as soon as someone is free (``queued``);
+    ``detail`` says to the visitor why it waits for ``at``."""
     state = CallState.SCHEDULED if at is not None else CallState.QUEUED
     call = Call(
         call_id,
@@ -67,8 +69,8 @@ def new_callback(
         scheduled_at=at,
         place_at=place_at,
     )
-    detail = "We'll call you at the time you chose" if at else "We'll call you back"
-    return replace(call, timeline=_log(call, now, "requested", detail))
+    said = detail or ("We'll call you at the time you chose" if at else "We'll call you back")
+    return replace(call, timeline=_log(call, now, "requested", said))
 
 
 def _open(call: Call) -> None:

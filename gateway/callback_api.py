@@ -45,7 +45,7 @@ async def callback_slots(request: web.Request) -> web.Response:
     site = site_of(request)
     branch = request.query.get("branch") or None
     if branch is not None and check_id(branch, "branch") not in site.branches:
-        return web.json_response({"slots": []})
+        return web.json_response({"slots": []}, headers={"Cache-Control": "no-store"})
     slots = request.app[keys.CALLBACKS].slots(site.site_id, branch, time.time())
     return web.json_response(
         {"slots": [iso(s) for s in slots]}, headers={"Cache-Control": "no-store"}

@@ -193,6 +193,12 @@ class CallbackService:
                 raise self._refuse(422, "slot_unavailable", "we are closed at that time")
             elif in_quiet_hours(number, policy, at):
                 raise self._refuse(422, "quiet_hours", "that is night time at your number")
+        detail = "We'll call you at the time you chose" if at is not None else None
+        if at is None and not self._open_at(site, r.branch, now):
+            opening = self._next_opening(site, r.branch, now)
+            if opening is not None:
+                at = self._callable_at(number, site, opening)
+                detail = "We're closed now; we'll call you when we open"
         if at is None and in_quiet_hours(number, policy, now):
             # Nobody's phone rings at night because a web form said so: pick a time instead.
             raise self._refuse(422, "quiet_hours", "it is night time at your number; pick a time")
@@ -225,13 +231,18 @@ class CallbackService:
             await self._release_open(site_id, visitor_id, number.e164, call_id)
             raise self._refuse(429, QUOTA_CODES[full], "too many callbacks; try again later")
         place_at = await self._kept_place(site_id, visitor_id, body.after_call, now)
-        if at is None and not self._open_at(site, r.branch, now):
-            opening = self._next_opening(site, r.branch, now)
-            if opening is not None:
-                at = self._callable_at(number, site, opening)
         token = secrets.token_urlsafe(24)
         call = cb.new_callback(
-            call_id, site_id, visitor_id, number.e164, hash_token(token), r, now, at, place_at
+            call_id,
+            site_id,
+            visitor_id,
+            number.e164,
+            hash_token(token),
+            r,
+            now,
+            at,
+            place_at,
+            detail,
         )
         call = replace(call, version=1)
         # Persisted before anything is promised; then its timer, then the answer.
