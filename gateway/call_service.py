@@ -9,6 +9,7 @@ Notifications go through ``CallNotifier``, which the socket.io edge implements.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -47,6 +48,8 @@ RESERVATION_GRACE_S = 10.0
 # Once connected, the agent stays reserved until the call ends: presence says on_call too,
 # but another node's copy of presence may lag, and only the reservation is atomic.
 CALL_HOLD_S = 4 * 3600.0
+# Candidates offered to the store per reservation round trip (Store.reserve_first).
+RESERVE_BATCH = 16
 NO_AGENT_DETAIL = {
     "no_agents_online": "Nobody is online right now",
     "all_busy": "Everyone is busy right now",
@@ -113,12 +116,25 @@ class CallService:
             raise not_found(f"no call {call_id!r}")
         return call_from_record(row.data, row.version)
 
-    async def update(self, call_id: str, transition: Callable[[Call], Call]) -> tuple[Call, Call]:
+    async def update(
+        self, call_id: str, transition: Callable[[Call], Call], current: Call | None = None
+    ) -> tuple[Call, Call]:
         """Apply ``transition`` with compare-and-set, retrying when another node got there
-        first; the transition sees the newest call each time and may refuse (CallError)."""
+        first; the transition sees the newest call each time and may refuse (CallError).
+
+        ``current``, the call as this node just read or wrote it, saves the first read: if it
+        is no longer the newest the write fails and the call is read again, and a refusal of
+        it is checked against a fresh read, so the outcome is as if it had been read here."""
         for _ in range(8):
-            before = await self.get(call_id)
-            after = replace(transition(before), version=before.version + 1)
+            if current is not None:
+                before, current = current, None
+                try:
+                    after = replace(transition(before), version=before.version + 1)
+                except CallError:
+                    continue  # maybe stale: decide on the stored call
+            else:
+                before = await self.get(call_id)
+                after = replace(transition(before), version=before.version + 1)
             row = CallRow(call_id, after.site, after.version, call_to_record(after))
             if await self._store.put_call(row):
                 return before, after
@@ -204,19 +220,19 @@ class CallService:
         if call.site != site_id or call.visitor_id != visitor_id:
             raise not_found(f"no call {call_id!r}")
         detail = "You ended the call" if reason == "visitor_hung_up" else "The visitor left"
-        return await self._end(call_id, reason, detail)
+        return await self._end(call_id, reason, detail, call)
 
     # --- the agent -------------------------------------------------------------------------------
 
     async def accept(self, site_id: str, agent_id: str, agent_sid: str, call_id: str) -> Call:
-        self._own(await self.get(call_id), site_id)
+        seen = self._own(await self.get(call_id), site_id)
         # The agent must still be reserved for this call: a ring answered after its
         # reservation lapsed (a node far behind) may have been given to another call.
         if not await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S):
             raise ApiError(409, "not_ringing", "this ring has expired")
         try:
             _, call = await self.update(
-                call_id, lambda c: calls.accept(c, agent_id, agent_sid, self._clock())
+                call_id, lambda c: calls.accept(c, agent_id, agent_sid, self._clock()), seen
             )
         except (CallError, ApiError) as e:
             await self._store.release_agent(site_id, agent_id, call_id)
@@ -248,7 +264,7 @@ class CallService:
         call = self._own(await self.get(call_id), site_id)
         if call.agent_id != agent_id:
             raise forbidden("this is not your call")
-        return await self._end(call_id, "agent_hung_up", "The agent ended the call")
+        return await self._end(call_id, "agent_hung_up", "The agent ended the call", call)
 
     async def agent_devices_lapsed(
         self, site_id: str, agent_id: str, record: PresenceRecord
@@ -337,10 +353,12 @@ class CallService:
     async def end_call(self, call_id: str, reason: str, detail: str) -> Call:
         return await self._end(call_id, reason, detail)
 
-    async def _end(self, call_id: str, reason: str, detail: str) -> Call:
+    async def _end(
+        self, call_id: str, reason: str, detail: str, current: Call | None = None
+    ) -> Call:
         try:
             before, call = await self.update(
-                call_id, lambda c: calls.end(c, reason, detail, self._clock())
+                call_id, lambda c: calls.end(c, reason, detail, self._clock()), current
             )
         except CallError as e:
             raise ApiError(409, e.code, e.message) from None
@@ -390,11 +408,18 @@ class CallService:
             skills=r.skills,
             exclude=frozenset(call.tried),
         )
-        for candidate in self._ranking.candidates(snapshot, request, now):
+        ttl = site.ring_timeout_s + RESERVATION_GRACE_S
+        ranked = self._ranking.candidates(snapshot, request, now)
+        # The candidates are tried in order, a batch per round trip: the first one free is
+        # reserved; the others are ringing for someone else (another node got there first).
+        while batch := list(itertools.islice(ranked, RESERVE_BATCH)):
+            chosen = await self._store.reserve_first(
+                call.site, [c.agent_id for c in batch], call.call_id, ttl
+            )
+            if chosen is None:
+                continue
+            candidate = next(c for c in batch if c.agent_id == chosen)
             agent = site.agents[candidate.agent_id]
-            ttl = site.ring_timeout_s + RESERVATION_GRACE_S
-            if not await self._store.reserve_agent(call.site, agent.agent_id, call.call_id, ttl):
-                continue  # ringing for someone else (another node got there first)
             if len(self._ringing_here) > 10_000:
                 self._ringing_here = {k: t for k, t in self._ringing_here.items() if t > now}
             self._ringing_here[(call.site, agent.agent_id)] = now + ttl
@@ -411,6 +436,7 @@ class CallService:
                         now=now,
                         ring_timeout_s=site.ring_timeout_s,
                     ),
+                    call,
                 )
             except (CallError, ApiError):
                 await self._store.release_agent(call.site, agent.agent_id, call.call_id)

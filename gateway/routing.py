@@ -534,6 +534,11 @@ def availability(
 # --- the hot path ----------------------------------------------------------------------------
 
 
+# The rules that read only an agent's configuration: branch, language and skills rank, each
+# with its reason.
+_FixedRules = tuple[BranchKey, str | None, int, str | None, int, str | None]
+
+
 @dataclass(frozen=True, slots=True)
 class _Ranking:
     at: float
@@ -568,10 +573,26 @@ class RankingCache:
         plain = replace(snapshot, last_agent=None, reserved=frozenset())
         agents = [a for a in snapshot.site.agents.values() if a.agent_id in snapshot.presence]
         ctx = rank_context(plain, replace(request, exclude=frozenset()), now, agents)
-        ranked = sorted(
-            (rank(agent, snapshot.presence[agent.agent_id], ctx) for agent in agents),
-            key=lambda item: item[0],
-        )
+        # As `rank` for each agent, with the rules that read only the agent's configuration
+        # (branch, languages, skills) worked out once per distinct configuration: a large
+        # site has a few hundred at most, and this runs on the event loop.
+        rules: dict[tuple[str | None, tuple[str, ...], tuple[str, ...]], _FixedRules] = {}
+        ranked = []
+        for agent in agents:
+            sticky, r1 = sticky_rank(agent, ctx)
+            config = (agent.branch, agent.languages, agent.skills)
+            fixed = rules.get(config)
+            if fixed is None:
+                fixed = rules[config] = (
+                    *branch_rank(agent, ctx),
+                    *language_rank(agent, ctx),
+                    *skills_rank(agent, ctx),
+                )
+            branch, r2, language, r3, skills, r4 = fixed
+            idle, r5 = idle_rank(snapshot.presence[agent.agent_id], ctx)
+            key = RankKey(sticky, branch, language, skills, idle, agent.agent_id)
+            ranked.append((key, tuple(r for r in (r1, r2, r3, r4, r5) if r is not None)))
+        ranked.sort(key=lambda item: item[0])
         return _Ranking(now, tuple((key.agent_id, reasons) for key, reasons in ranked))
 
     def route(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> RouteDecision:

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -43,9 +44,20 @@ async def error_of(response: aiohttp.ClientResponse) -> tuple[int, str]:
 async def test_health_ready_and_metrics(node: Node, http: aiohttp.ClientSession) -> None:
     r = await http.get(f"{node.url}/healthz")
     assert r.status == 200 and (await r.json())["status"] == "ok"
-    r = await http.get(f"{node.url}/readyz")
-    body = await r.json()
-    assert r.status == 200 and body["ready"] and body["store"]["persistent"]
+    # Ready once its listeners have subscribed, a moment after start under load.
+    seen: list[tuple[int, Any]] = []
+
+    async def ready() -> bool:
+        r = await http.get(f"{node.url}/readyz")
+        seen.append((r.status, await r.json()))
+        return r.status == 200
+
+    try:
+        await eventually(ready, 5)
+    except TimeoutError:
+        raise AssertionError(f"never ready: {seen[-1]}") from None
+    body = seen[-1][1]
+    assert body["ready"] and body["store"]["persistent"]
     await http.get(f"{node.url}/v1/agents/me")  # refused: counted
     r = await http.get(f"{node.url}/metrics")
     text = await r.text()

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from conftest import RedisServer, eventually
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.store.redis_lane import RedisLane, RedisSubscription, pack
 
@@ -31,6 +32,30 @@ async def test_pipelined_replies_reach_the_right_callers(redis_url: str) -> None
         with pytest.raises(ResponseError):
             await lane.execute("INCRBY", "k0", "not-a-number")
         assert await lane.execute("GET", "k1") == str(totals[1]), "still in step after an error"
+    finally:
+        await lane.close()
+
+
+async def test_sent_commands_go_out_in_order_without_waiting(redis_url: str) -> None:
+    lane = RedisLane(redis_url)
+    try:
+        assert lane.send("PING") is None, "not connected yet: the caller must execute"
+        assert await lane.execute("DEL", "order") == 0
+        sent = [lane.send("RPUSH", "order", i) for i in range(20)]
+        assert all(f is not None for f in sent)
+        assert await lane.execute("LRANGE", "order", 0, -1) == [str(i) for i in range(20)]
+        assert [await f for f in sent if f is not None] == list(range(1, 21))
+    finally:
+        await lane.close()
+
+
+async def test_an_unanswered_command_times_out_and_the_lane_starts_over(redis_url: str) -> None:
+    lane = RedisLane(redis_url, timeout_s=0.3)
+    try:
+        assert await lane.execute("DEL", "empty") == 0
+        with pytest.raises(RedisTimeoutError):
+            await lane.execute("BLPOP", "empty", 5)  # Redis holds the reply back
+        assert await lane.execute("PING") == "PONG", "reconnected on a fresh connection"
     finally:
         await lane.close()
 

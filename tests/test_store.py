@@ -164,6 +164,27 @@ async def test_calls_are_versioned(open_store: Any) -> None:
     assert [r.call_id for r in await store.list_calls("acme")] == ["c1"]
 
 
+async def test_reserve_first_reserves_the_first_free_agent_in_order(open_store: Any) -> None:
+    a: Store = await open_store("n1")
+    # Two nodes share reservations through Redis; the embedded store is one node.
+    b: Store = await open_store("n2") if isinstance(a, RedisStore) else a
+    assert await a.reserve_agent("acme", "anna", "c_other", 30)
+    assert await b.reserve_first("acme", ["anna", "ben", "cleo"], "c1", 30) == "ben"
+    assert await a.reserve_first("acme", ["anna", "ben"], "c2", 30) is None, "both held"
+    assert await b.reserve_first("acme", [], "c2", 30) is None
+    assert await a.reserve_first("acme", ["cleo", "dora"], "c2", 30) == "cleo"
+    assert not await b.reserve_agent("acme", "cleo", "c3", 30), "cleo is held by c2 now"
+    assert await b.reserve_agent("acme", "dora", "c3", 30), "dora was never touched"
+    await a.release_agent("acme", "ben", "c1")
+    assert await a.reserve_first("acme", ["anna", "ben"], "c4", 30) == "ben", "released"
+    assert await b.extend_reservation("acme", "ben", "c4", 60), "a normal reservation"
+
+    results = await asyncio.gather(
+        *(s.reserve_first("acme", ["eve", "fay"], f"r{i}", 30) for i, s in enumerate([a, b] * 4))
+    )
+    assert sorted(r for r in results if r is not None) == ["eve", "fay"], "each one call only"
+
+
 async def test_a_restart_loses_no_call_or_visitor_history(open_store: Any) -> None:
     store: Store = await open_store()
     for i in range(20):

@@ -151,6 +151,12 @@ class Store(Protocol):
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
         """Atomically claim an agent for one call; False if another call holds them."""
 
+    async def reserve_first(
+        self, site: str, agent_ids: Sequence[str], call_id: str, ttl_s: float
+    ) -> str | None:
+        """``reserve_agent`` for each of ``agent_ids`` in order, in one step, stopping at the
+        first that succeeds: that agent's id, or None if every one is held by another call."""
+
     async def extend_reservation(
         self, site: str, agent_id: str, call_id: str, ttl_s: float
     ) -> bool:

@@ -342,6 +342,14 @@ class EmbeddedStore:
         self._reservations[(site, agent_id)] = (call_id, now + ttl_s)
         return True
 
+    async def reserve_first(
+        self, site: str, agent_ids: Sequence[str], call_id: str, ttl_s: float
+    ) -> str | None:
+        for agent_id in agent_ids:
+            if await self.reserve_agent(site, agent_id, call_id, ttl_s):
+                return agent_id
+        return None
+
     async def extend_reservation(
         self, site: str, agent_id: str, call_id: str, ttl_s: float
     ) -> bool:

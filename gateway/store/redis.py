@@ -149,6 +149,26 @@ return 1
 """
 
 
+# The first free agent of a list, reserved (Store.reserve_first).
+# KEYS: one reservation per candidate, best first. ARGV: call id, ttl ms.
+_RESERVE_FIRST = """
+for i = 1, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then return i - 1 end
+end
+return -1
+"""
+
+# KEYS: device hash. ARGV: call field, rev field, call id or "" to clear it.
+_SET_ACTIVE_CALL = """
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+return redis.call('HGETALL', KEYS[1])
+"""
+
 # KEYS: reservation. ARGV: call id.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -270,14 +290,8 @@ class RedisStore:
         self._url = url
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=connection_pool(url))
         self._put_device = self._redis.register_script(_PUT_DEVICE)
-        self._remove_device = self._redis.register_script(_REMOVE_DEVICE)
         self._touch_device = self._redis.register_script(_TOUCH_DEVICE)
         self._claim_lapsed = self._redis.register_script(_CLAIM_LAPSED)
-        self._put_call = self._redis.register_script(_PUT_CALL)
-        self._release = self._redis.register_script(_RELEASE)
-        self._extend = self._redis.register_script(_EXTEND)
-        self._claim_timers = self._redis.register_script(_CLAIM_TIMERS)
-        self._hit = self._redis.register_script(_HIT)
         self._take_quotas = self._redis.register_script(_TAKE_QUOTAS)
         self._acquire_slot = self._redis.register_script(_ACQUIRE_SLOT)
         self._add_to_counter = self._redis.register_script(_ADD_TO_COUNTER)
@@ -425,9 +439,10 @@ class RedisStore:
         return bool(done), record_from_fields(_pairs(flat))
 
     async def remove_device(self, site: str, agent_id: str, device_id: str) -> PresenceRecord:
-        flat = await self._remove_device(
-            keys=[_device_key(site, agent_id), LAPSE_KEY],
-            args=[device_id, _lapse_member(site, agent_id, device_id)],
+        flat = await self._lane.run_script(
+            _REMOVE_DEVICE,
+            [_device_key(site, agent_id), LAPSE_KEY],
+            [device_id, _lapse_member(site, agent_id, device_id)],
         )
         return record_from_fields(_pairs(flat))
 
@@ -472,23 +487,20 @@ class RedisStore:
     async def save_status(
         self, site: str, agent_id: str, status: PresenceStatus, since: float, idle_since: float
     ) -> None:
-        await self._redis.hset(
-            _device_key(site, agent_id), STATUS_FIELD, encode_status(status, since, idle_since)
+        await self._lane.execute(
+            "HSET",
+            _device_key(site, agent_id),
+            STATUS_FIELD,
+            encode_status(status, since, idle_since),
         )
 
     async def set_active_call(
         self, site: str, agent_id: str, call_id: str | None
     ) -> PresenceRecord:
-        key = _device_key(site, agent_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if call_id is None:
-                pipe.hdel(key, CALL_FIELD)
-            else:
-                pipe.hset(key, CALL_FIELD, call_id)
-            pipe.hincrby(key, REV_FIELD, 1)
-            pipe.hgetall(key)
-            results = await pipe.execute()
-        return record_from_fields(results[-1])
+        flat = await self._lane.run_script(
+            _SET_ACTIVE_CALL, [_device_key(site, agent_id)], [CALL_FIELD, REV_FIELD, call_id or ""]
+        )
+        return record_from_fields(_pairs(flat))
 
     async def claim_lapsed(self, now: float) -> list[tuple[str, str]]:
         claimed: list[str] = await self._claim_lapsed(keys=[LAPSE_KEY], args=[now, 500])
@@ -503,14 +515,15 @@ class RedisStore:
 
     async def publish(self, event: Json) -> None:
         envelope = {"node": self.node_id, "event": event}
-        await self._redis.publish(EVENTS_CHANNEL, json.dumps(envelope, separators=(",", ":")))
+        await self._lane.execute("PUBLISH", EVENTS_CHANNEL, orjson.dumps(envelope))
 
     # --- durable records ---------------------------------------------------------------------
 
     async def put_call(self, row: CallRow) -> bool:
-        ok = await self._put_call(
-            keys=[f"m:call:{row.call_id}", f"m:calls:{row.site}"],
-            args=[
+        ok = await self._lane.run_script(
+            _PUT_CALL,
+            [f"m:call:{row.call_id}", f"m:calls:{row.site}"],
+            [
                 row.version,
                 row.site,
                 json.dumps(row.data, separators=(",", ":")),
@@ -521,7 +534,7 @@ class RedisStore:
         return bool(ok)
 
     async def get_call(self, call_id: str) -> CallRow | None:
-        found: dict[str, str] = await self._redis.hgetall(f"m:call:{call_id}")  # type: ignore[assignment]
+        found = _pairs(await self._lane.execute("HGETALL", f"m:call:{call_id}"))
         if not found:
             return None
         return CallRow(call_id, found["site"], int(found["v"]), json.loads(found["data"]))
@@ -536,54 +549,66 @@ class RedisStore:
         return rows
 
     async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None:
-        await self._redis.set(f"m:visit:{site}:{visitor_id}", agent_id, ex=VISIT_TTL_S)
+        await self._lane.execute("SET", f"m:visit:{site}:{visitor_id}", agent_id, "EX", VISIT_TTL_S)
 
     async def set_open_call(self, site: str, visitor_id: str, call_id: str) -> None:
-        await self._redis.set(f"m:open:{site}:{visitor_id}", call_id, ex=24 * 3600)
+        await self._lane.execute("SET", f"m:open:{site}:{visitor_id}", call_id, "EX", 24 * 3600)
 
     async def open_call(self, site: str, visitor_id: str) -> str | None:
-        found: str | None = await self._redis.get(f"m:open:{site}:{visitor_id}")  # type: ignore[assignment]
+        found: str | None = await self._lane.execute("GET", f"m:open:{site}:{visitor_id}")
         return found
 
     async def last_agent(self, site: str, visitor_id: str) -> str | None:
-        found: str | None = await self._redis.get(f"m:visit:{site}:{visitor_id}")  # type: ignore[assignment]
+        found: str | None = await self._lane.execute("GET", f"m:visit:{site}:{visitor_id}")
         return found
 
     # --- coordination ------------------------------------------------------------------------
 
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
-        done = await self._redis.set(
-            f"m:resv:{site}:{agent_id}", call_id, nx=True, px=max(1, int(ttl_s * 1000))
+        done = await self._lane.execute(
+            "SET", f"m:resv:{site}:{agent_id}", call_id, "NX", "PX", max(1, int(ttl_s * 1000))
         )
         return bool(done)
+
+    async def reserve_first(
+        self, site: str, agent_ids: Sequence[str], call_id: str, ttl_s: float
+    ) -> str | None:
+        if not agent_ids:
+            return None
+        index = await self._lane.run_script(
+            _RESERVE_FIRST,
+            [f"m:resv:{site}:{agent_id}" for agent_id in agent_ids],
+            [call_id, max(1, int(ttl_s * 1000))],
+        )
+        return None if index < 0 else agent_ids[index]
 
     async def extend_reservation(
         self, site: str, agent_id: str, call_id: str, ttl_s: float
     ) -> bool:
-        done = await self._extend(
-            keys=[f"m:resv:{site}:{agent_id}"], args=[call_id, max(1, int(ttl_s * 1000))]
+        done = await self._lane.run_script(
+            _EXTEND, [f"m:resv:{site}:{agent_id}"], [call_id, max(1, int(ttl_s * 1000))]
         )
         return bool(done)
 
     async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
-        await self._release(keys=[f"m:resv:{site}:{agent_id}"], args=[call_id])
+        await self._lane.run_script(_RELEASE, [f"m:resv:{site}:{agent_id}"], [call_id])
 
     async def schedule_timer(self, timer_id: str, due: float) -> None:
-        await self._redis.zadd(TIMERS_KEY, {timer_id: due})
+        await self._lane.execute("ZADD", TIMERS_KEY, repr(float(due)), timer_id)
 
     async def claim_timers(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
-        claimed: list[str] = await self._claim_timers(
-            keys=[TIMERS_KEY], args=[now, now + lease_s, limit]
+        claimed: list[str] = await self._lane.run_script(
+            _CLAIM_TIMERS, [TIMERS_KEY], [now, now + lease_s, limit]
         )
         return claimed
 
     async def finish_timer(self, timer_id: str) -> None:
-        await self._redis.zrem(TIMERS_KEY, timer_id)
+        await self._lane.execute("ZREM", TIMERS_KEY, timer_id)
 
     async def hit(self, key: str, window_s: int, limit: int, now: float) -> bool:
         window = int(now // window_s)
-        allowed = await self._hit(
-            keys=[f"m:rl:{key}:{window_s}:{window}"], args=[window_s * 1000 + 1000, limit]
+        allowed = await self._lane.run_script(
+            _HIT, [f"m:rl:{key}:{window_s}:{window}"], [window_s * 1000 + 1000, limit]
         )
         return bool(allowed)
 

@@ -73,13 +73,21 @@ class _Protocol(asyncio.Protocol):
 
 
 class RedisLane:
-    """Pipelined commands over one connection, reconnecting lazily after a failure."""
+    """Pipelined commands over one connection, reconnecting lazily after a failure.
+
+    Commands issued in the same turn of the event loop go out in one write (one system call
+    instead of one each), and one watchdog timer, not one per command, fails the oldest
+    command unanswered after ``timeout_s``."""
 
     def __init__(self, url: str, timeout_s: float = 5.0) -> None:
         self._url = url
         self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
-        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # Each waiter with the loop time by which its reply is due, in the order sent.
+        self._waiters: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._outgoing: list[bytes] = []
+        self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Lock | None = None
         self._scripts: dict[str, str] = {}
 
@@ -94,21 +102,28 @@ class RedisLane:
                 loop = asyncio.get_running_loop()
                 try:
                     _, protocol = await asyncio.wait_for(
-                        loop.create_connection(
-                            lambda: _Protocol(self._reply, self._lost), host, port
-                        ),
-                        self._timeout_s,
+                        loop.create_connection(self._new_protocol, host, port), self._timeout_s
                     )
                 except (OSError, TimeoutError) as e:
                     raise RedisConnectionError(f"cannot reach Redis: {e!r}") from None
                 self._protocol = protocol
-                for command in setup:  # AUTH / SELECT, answered before anything else
-                    await self._send(protocol, command)
+                # AUTH / SELECT, queued before anything else can be (no await in between).
+                answers = [self._queue(protocol, command) for command in setup]
+                for answer in answers:
+                    await answer
         return self._protocol
+
+    def _new_protocol(self) -> _Protocol:
+        def lost() -> None:
+            if self._protocol is protocol:  # not a connection given up already
+                self._lost()
+
+        protocol = _Protocol(self._reply, lost)
+        return protocol
 
     def _reply(self, reply: Any) -> None:
         if self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 if isinstance(reply, hiredis.ReplyError):
                     waiter.set_exception(ResponseError(str(reply)))
@@ -117,33 +132,66 @@ class RedisLane:
 
     def _lost(self) -> None:
         self._protocol = None
+        self._outgoing.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         waiters, self._waiters = self._waiters, collections.deque()
-        for waiter in waiters:
+        for waiter, _ in waiters:
             if not waiter.done():
                 waiter.set_exception(RedisConnectionError("connection to Redis lost"))
 
-    def _expire(self, waiter: asyncio.Future[Any], protocol: _Protocol) -> None:
-        if waiter.done():
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        protocol = self._protocol
+        if not self._outgoing or protocol is None or protocol.transport is None:
             return
-        waiter.set_exception(RedisTimeoutError("Redis did not answer in time"))
-        # A reply may still come and would be matched to the wrong waiter: start over.
-        if protocol.transport is not None:
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        protocol.transport.write(data)
+
+    def _watch(self) -> None:
+        """The oldest command unanswered past its time fails, and the connection is dropped:
+        a reply may still come and would be matched to the wrong waiter, so start over."""
+        self._watchdog = None
+        if not self._waiters:
+            return
+        loop = asyncio.get_running_loop()
+        waiter, due = self._waiters[0]
+        if due > loop.time():
+            self._watchdog = loop.call_at(due, self._watch)
+            return
+        if not waiter.done():
+            waiter.set_exception(RedisTimeoutError("Redis did not answer in time"))
+        protocol = self._protocol
+        self._lost()  # the next command starts on a new connection
+        if protocol is not None and protocol.transport is not None:
             protocol.transport.abort()
 
-    async def _send(self, protocol: _Protocol, command: bytes) -> Any:
+    def _queue(self, protocol: _Protocol, command: bytes) -> asyncio.Future[Any]:
         assert protocol.transport is not None
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
-        self._waiters.append(waiter)
-        protocol.transport.write(command)
-        timer = loop.call_later(self._timeout_s, self._expire, waiter, protocol)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
+        self._waiters.append((waiter, loop.time() + self._timeout_s))
+        self._outgoing.append(command)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._timeout_s, self._watch)
+        return waiter
+
+    def send(self, *args: str | bytes | int | float) -> asyncio.Future[Any] | None:
+        """Queue a command without waiting: its reply's future, or None while not connected
+        (``execute`` connects)."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None:
+            return None
+        return self._queue(protocol, pack(*args))
 
     async def execute(self, *args: str | bytes | int | float) -> Any:
-        return await self._send(await self._connection(), pack(*args))
+        protocol = self._protocol or await self._connection()
+        return await self._queue(protocol, pack(*args))
 
     async def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, loading the script the first time or after Redis forgot it."""
