@@ -534,16 +534,28 @@ def availability(
 # --- the hot path ----------------------------------------------------------------------------
 
 
-# The rules that read only an agent's configuration: branch, language and skills rank, each
-# with its reason.
-_FixedRules = tuple[BranchKey, str | None, int, str | None, int, str | None]
+# The rules that read only an agent's configuration (branch, languages, skills): their sort
+# values and their reasons.
+_FixedRules = tuple[tuple[BranchKey, int, int], tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
 class _Ranking:
     at: float
-    order: tuple[tuple[str, tuple[str, ...]], ...]
-    """(agent id, reasons), best first, for every agent with presence; no sticky rule."""
+    order: list[str]
+    """Agent ids, best first, of every agent with presence; no sticky rule."""
+    fixed_reasons: dict[str, tuple[str, ...]]
+    """Each agent's reasons from the configuration rules (shared by equal configurations)."""
+    idle_since: dict[str, float]
+    """Each agent's `Presence.idle_since` when ranked: the idle rule's reason says it."""
+
+    def reasons(self, agent_id: str) -> tuple[str, ...]:
+        """As `rank`'s reasons for the agent at `at`, but built only for agents handed out."""
+        fixed = self.fixed_reasons[agent_id]
+        since = self.idle_since[agent_id]
+        if since <= 0:
+            return fixed
+        return (*fixed, f"idle {max(0, int(self.at - since))} s")
 
 
 class RankingCache:
@@ -570,30 +582,40 @@ class RankingCache:
                 request.skills)  # fmt: skip
 
     def _rank_all(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> _Ranking:
+        """The order `rank` gives every agent with presence (all tie on the sticky rule).
+
+        The rules that read only an agent's configuration (branch, languages, skills) are
+        worked out once per distinct configuration (a large site has a few hundred at most)
+        and each configuration gets its place among them; then three stable sorts, by agent
+        id, by idle time and by that place, give `RankKey`'s lexicographic order without a
+        key object per agent. This runs on the event loop every `ttl_s`: thousands of keys
+        and reasons kept alive for a second were most of what made the collector's young
+        generation fill up, and each collection then had to walk them (measured).
+        """
+        presence = snapshot.presence
         plain = replace(snapshot, last_agent=None, reserved=frozenset())
-        agents = [a for a in snapshot.site.agents.values() if a.agent_id in snapshot.presence]
+        agents = [a for a in snapshot.site.agents.values() if a.agent_id in presence]
         ctx = rank_context(plain, replace(request, exclude=frozenset()), now, agents)
-        # As `rank` for each agent, with the rules that read only the agent's configuration
-        # (branch, languages, skills) worked out once per distinct configuration: a large
-        # site has a few hundred at most, and this runs on the event loop.
         rules: dict[tuple[str | None, tuple[str, ...], tuple[str, ...]], _FixedRules] = {}
-        ranked = []
+        configs: dict[str, _FixedRules] = {}
         for agent in agents:
-            sticky, r1 = sticky_rank(agent, ctx)
             config = (agent.branch, agent.languages, agent.skills)
             fixed = rules.get(config)
             if fixed is None:
-                fixed = rules[config] = (
-                    *branch_rank(agent, ctx),
-                    *language_rank(agent, ctx),
-                    *skills_rank(agent, ctx),
-                )
-            branch, r2, language, r3, skills, r4 = fixed
-            idle, r5 = idle_rank(snapshot.presence[agent.agent_id], ctx)
-            key = RankKey(sticky, branch, language, skills, idle, agent.agent_id)
-            ranked.append((key, tuple(r for r in (r1, r2, r3, r4, r5) if r is not None)))
-        ranked.sort(key=lambda item: item[0])
-        return _Ranking(now, tuple((key.agent_id, reasons) for key, reasons in ranked))
+                branch, r2 = branch_rank(agent, ctx)
+                language, r3 = language_rank(agent, ctx)
+                skills, r4 = skills_rank(agent, ctx)
+                reasons = tuple(r for r in (r2, r3, r4) if r is not None)
+                fixed = rules[config] = ((branch, language, skills), reasons)
+            configs[agent.agent_id] = fixed
+        place = {key: i for i, key in enumerate(sorted({key for key, _ in rules.values()}))}
+        group = {agent_id: place[key] for agent_id, (key, _) in configs.items()}
+        idle_since = {a.agent_id: presence[a.agent_id].idle_since for a in agents}
+        order = sorted(idle_since)
+        order.sort(key=idle_since.__getitem__)
+        order.sort(key=group.__getitem__)
+        fixed_reasons = {agent_id: reasons for agent_id, (_, reasons) in configs.items()}
+        return _Ranking(now, order, fixed_reasons, idle_since)
 
     def route(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> RouteDecision:
         """The first `limit` candidates, or `route`'s answer when nobody is eligible."""
@@ -620,13 +642,13 @@ class RankingCache:
                 site.agents[sticky], snapshot.presence.get(sticky), request, snapshot.reserved
             )
             if channel is not None:
-                reasons = next((r for a, r in ranking.order if a == sticky), ())
+                reasons = ranking.reasons(sticky) if sticky in ranking.idle_since else ()
                 yield Candidate(sticky, channel, ("served this visitor before", *reasons))
-        for agent_id, reasons in ranking.order:
+        for agent_id in ranking.order:
             if agent_id == sticky:
                 continue
             channel = reachable_channel(
                 site.agents[agent_id], snapshot.presence.get(agent_id), request, snapshot.reserved
             )
             if channel is not None:
-                yield Candidate(agent_id, channel, reasons)
+                yield Candidate(agent_id, channel, ranking.reasons(agent_id))

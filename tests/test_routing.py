@@ -912,3 +912,20 @@ def test_ranking_cache_falls_back_to_route_for_the_reason_nobody_is_free() -> No
     everyone_busy = [presence(a.agent_id, status=PresenceStatus.BUSY, channels=()) for a in agents]
     decision = RankingCache().route(snapshot(agents, everyone_busy), request(), NOW)
     assert decision.candidates == () and decision.reason is NoRouteReason.ALL_BUSY
+
+
+@settings(max_examples=300, deadline=None)
+@given(routing_cases())
+def test_ranking_cache_orders_like_route_for_any_site(
+    case: tuple[RoutingSnapshot, RouteRequest, float],
+) -> None:
+    snap, req, now = case
+    expected = route(snap, req, now)
+    got = RankingCache(limit=len(AGENT_IDS)).route(snap, req, now)
+    assert order(got) == order(expected)
+    assert [c.channel for c in got.candidates] == [c.channel for c in expected.candidates]
+    # The idle rule speaks the same in both, from the same instant.
+    for mine, theirs in zip(got.candidates, expected.candidates, strict=True):
+        assert [r for r in mine.reasons if r.startswith("idle")] == [
+            r for r in theirs.reasons if r.startswith("idle")
+        ]

@@ -1,0 +1,198 @@
+"""engine.io sockets as Membrane runs them (``LeanSocket``): the same behaviour as
+python-engineio's own socket, without a Task per wait.
+
+A real aiohttp server with short ping intervals and a raw websocket client, so pings,
+pongs, timeouts and closes go over the wire exactly as a browser would see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import engineio
+import pytest
+from aiohttp import web
+from conftest import free_port
+
+from gateway.sockets import LeanSocket, MembraneServer, TrackedEngineServer
+
+PING_INTERVAL = 0.4
+PING_TIMEOUT = 0.4
+
+
+class Harness:
+    def __init__(self, sio: MembraneServer, url: str) -> None:
+        self.sio = sio
+        self.url = url
+        self.connected: list[str] = []
+        self.disconnected: dict[str, tuple[float, Any]] = {}
+        self.received: list[tuple[str, Any]] = []
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Harness]:
+    sio = MembraneServer(
+        async_mode="aiohttp",
+        async_handlers=False,
+        ping_interval=PING_INTERVAL,
+        ping_timeout=PING_TIMEOUT,
+    )
+    app = web.Application()
+    sio.attach(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    h = Harness(sio, f"http://127.0.0.1:{port}")
+
+    async def connect(sid: str, environ: Any, auth: Any = None) -> None:
+        h.connected.append(sid)
+
+    async def disconnect(sid: str, reason: Any = None) -> None:
+        h.disconnected[sid] = (time.monotonic(), reason)
+
+    async def hello(sid: str, data: Any) -> Any:
+        h.received.append((sid, data))
+        return {"echo": data}
+
+    for event, handler in (("connect", connect), ("disconnect", disconnect), ("hello", hello)):
+        sio.on(event, handler=handler, namespace="/t")
+
+    try:
+        yield h
+    finally:
+        await sio.eio.tasks.close()
+        await runner.cleanup()
+
+
+async def open_socket(
+    http: aiohttp.ClientSession, url: str
+) -> tuple[aiohttp.ClientWebSocketResponse, float]:
+    """Connect to namespace /t; returns the websocket and when the connection was opened."""
+    ws = await http.ws_connect(
+        url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket"
+    )
+    opened_at = time.monotonic()
+    assert (await ws.receive_str()).startswith("0")
+    await ws.send_str("40/t,{}")
+    assert (await ws.receive_str()).startswith("40/t,")
+    return ws, opened_at
+
+
+async def test_server_sockets_are_lean(server: Harness) -> None:
+    assert isinstance(server.sio.eio, TrackedEngineServer)
+    async with aiohttp.ClientSession() as http:
+        ws, _ = await open_socket(http, server.url)
+        (socket,) = server.sio.eio.sockets.values()
+        assert type(socket) is LeanSocket
+        await ws.close()
+
+
+async def test_a_client_that_answers_pings_stays_and_talks(server: Harness) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws, opened_at = await open_socket(http, server.url)
+        pings: list[float] = []
+        # Three ping cycles: well past ping_interval + ping_timeout since the connect.
+        deadline = opened_at + 3 * (PING_INTERVAL + PING_TIMEOUT)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                data = await ws.receive_str(timeout=left)
+            except TimeoutError:
+                break
+            if data == "2":
+                pings.append(time.monotonic() - opened_at)
+                await ws.send_str("3")
+        assert len(pings) >= 4, pings
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert all(PING_INTERVAL * 0.8 < g < PING_INTERVAL * 2 for g in gaps), gaps
+        assert server.disconnected == {}
+
+        # Events still flow both ways, an ack included.
+        await ws.send_str('42/t,7["hello",{"n":1}]')
+        assert await ws.receive_str(timeout=2) == '43/t,7[{"echo":{"n":1}}]'
+        (sid,) = server.connected
+        await server.sio.emit("note", {"x": 2}, to=sid, namespace="/t")
+        assert await ws.receive_str(timeout=2) == '42/t,["note",{"x":2}]'
+
+        await ws.close()
+        for _ in range(100):
+            if sid in server.disconnected:
+                break
+            await asyncio.sleep(0.02)
+        assert sid in server.disconnected
+
+
+async def test_a_client_that_never_pongs_is_dropped_after_interval_plus_timeout(
+    server: Harness,
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws, opened_at = await open_socket(http, server.url)
+        (sid,) = server.connected
+        got: list[str] = []
+        closed_at = None
+        while time.monotonic() - opened_at < 4 * (PING_INTERVAL + PING_TIMEOUT):
+            msg = await ws.receive(timeout=4 * (PING_INTERVAL + PING_TIMEOUT))
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                closed_at = time.monotonic() - opened_at
+                break
+            got.append(msg.data)
+        assert closed_at is not None, got
+        assert got[0] == "2" and "3" not in got  # pinged once, never again without a pong
+        limit = PING_INTERVAL + PING_TIMEOUT
+        assert limit * 0.9 < closed_at < limit + 1.0, closed_at
+        for _ in range(100):
+            if sid in server.disconnected and not server.sio.eio.sockets:
+                break
+            await asyncio.sleep(0.02)
+        assert sid in server.disconnected
+        assert not server.sio.eio.sockets
+
+
+class _FakeServer:
+    ping_interval = 0.1
+    ping_timeout = 0.1
+    logger = engineio.AsyncServer(async_mode="aiohttp").logger
+
+    def create_queue(self) -> asyncio.Queue[Any]:
+        return asyncio.Queue()
+
+
+async def test_poll_batches_stops_at_the_close_marker_and_times_out() -> None:
+    s = LeanSocket(_FakeServer(), "sid")
+    for item in ("a", "b", None, "c"):
+        s.queue.put_nowait(item)
+    assert await s.poll() == ["a", "b"]
+    assert await s.poll() == ["c"]  # the close marker went back behind what followed it
+    assert await s.poll() == []
+    assert s.queue.empty()
+
+    # A packet arriving while the poll waits is returned with what came along with it.
+    async def later() -> None:
+        await asyncio.sleep(0.02)
+        s.queue.put_nowait("x")
+        s.queue.put_nowait("y")
+
+    feeder = asyncio.create_task(later())
+    assert await s.poll() == ["x", "y"]
+    await feeder
+
+    started = time.monotonic()
+    with pytest.raises(engineio.exceptions.QueueEmpty):
+        await s.poll()
+    waited = time.monotonic() - started
+    assert 0.18 < waited < 0.5, waited  # ping_interval + ping_timeout
+
+    # A cancelled poll ends the same way as upstream's: QueueEmpty, nothing left behind.
+    task = asyncio.create_task(s.poll())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(engineio.exceptions.QueueEmpty):
+        await task
+    s.queue.put_nowait("z")
+    assert await s.poll() == ["z"]
+    assert s.queue._unfinished_tasks == 0  # every get matched by task_done
