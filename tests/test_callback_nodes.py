@@ -36,6 +36,7 @@ from test_callbacks import (
     ORIGIN,
     VISITOR_PHONE,
     phone_settings,
+    ticket_at,
     visitor_calls,
     with_site,
 )
@@ -420,14 +421,6 @@ async def ask_callback(
     created: dict[str, Any] = await r.json()
     assert r.status == 201, created
     return created
-
-
-async def ticket_at(http: aiohttp.ClientSession, url: str, created: dict[str, Any]) -> Any:
-    r = await http.get(
-        f"{url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
-    )
-    assert r.status == 200, await r.text()
-    return await r.json()
 
 
 async def all_reach(

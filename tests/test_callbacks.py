@@ -109,12 +109,17 @@ async def request_callback(
     return r.status, data
 
 
-async def ticket(http: aiohttp.ClientSession, node: Node, created: dict[str, Any]) -> Any:
+async def ticket_at(http: aiohttp.ClientSession, url: str, created: dict[str, Any]) -> Any:
+    """The visitor's ticket, read from the node (or balancer) at ``url``."""
     r = await http.get(
-        f"{node.url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
+        f"{url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
     )
     assert r.status == 200, await r.text()
     return await r.json()
+
+
+async def ticket(http: aiohttp.ClientSession, node: Node, created: dict[str, Any]) -> Any:
+    return await ticket_at(http, node.url, created)
 
 
 async def ticket_state(
