@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
@@ -22,7 +22,7 @@ from gateway import call as calls
 from gateway.call import Call, CallChannel, CallError, CallRequest, CallState
 from gateway.codec import Json, call_from_record, call_to_record, iso
 from gateway.errors import ApiError, forbidden, not_found
-from gateway.model import PresenceRecord, Site
+from gateway.model import Presence, PresenceRecord, Site
 from gateway.presence_service import PresenceService, socket_device_id
 from gateway.routing import (
     RankingCache,
@@ -101,10 +101,12 @@ class CallService:
         self._clock = clock
         self.visitor_grace_s = VISITOR_GRACE_S
         self._ranking = RankingCache()
-        # Agents this node reserved for a ring, until when: routing skips them without a
-        # Redis round trip. Entries expire by themselves, so a release made on another
-        # node can never leave one stale; the store's reservation stays the authority.
-        self._ringing_here: dict[tuple[str, str], float] = {}
+        # Per site, agents this node reserved for a ring: until when, and their presence
+        # revision then. Routing skips them without a Redis round trip. An entry lapses by
+        # itself, or once the agent's presence changes (an accept on another node makes
+        # them on_call there), so a release made elsewhere never leaves one stale; the
+        # store's reservation stays the authority.
+        self._ringing_here: dict[str, dict[str, tuple[float, int]]] = {}
         self.callbacks: CallbackHooks | None = None
         """Set by the app: PSTN callbacks share ringing and accepting with browser calls."""
 
@@ -240,7 +242,7 @@ class CallService:
                 raise ApiError(409, e.code, e.message) from None
             raise
         await self._presence.set_active_call(site_id, agent_id, call_id)
-        self._ringing_here.pop((site_id, agent_id), None)  # on_call from now on
+        self._ringing_here.get(site_id, {}).pop(agent_id, None)  # on_call from now on
         await self._store.finish_timer(f"{RING_TIMER}:{call_id}:{call.attempt}")
         await self._notify.ring_stop(call, agent_id, "answered")
         if call.channel is CallChannel.CALLBACK and self.callbacks is not None:
@@ -336,8 +338,23 @@ class CallService:
             raise not_found(f"no call {call.call_id!r}")
         return call
 
+    def _ringing_agents(
+        self, site_id: str, presence: Mapping[str, Presence], now: float
+    ) -> frozenset[str]:
+        ringing = self._ringing_here.get(site_id)
+        if not ringing:
+            return frozenset()
+        live = {
+            agent_id: entry
+            for agent_id, entry in ringing.items()
+            if entry[0] > now and (p := presence.get(agent_id)) is not None and p.rev == entry[1]
+        }
+        if len(live) != len(ringing):
+            self._ringing_here[site_id] = live
+        return frozenset(live)
+
     async def _after_ring(self, before: Call, call: Call, agent_id: str, reason: str) -> None:
-        self._ringing_here.pop((call.site, agent_id), None)
+        self._ringing_here.get(call.site, {}).pop(agent_id, None)
         await self._store.release_agent(call.site, agent_id, call.call_id)
         await self._store.finish_timer(ring_timer_id(before))
         await self._notify.ring_stop(call, agent_id, reason)
@@ -386,15 +403,11 @@ class CallService:
         site = self._sites[call.site]
         now = self._clock()
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
-        busy_here = frozenset(
-            agent
-            for (s, agent), until in self._ringing_here.items()
-            if s == call.site and until > now
-        )
+        presence = self._presence.snapshot(call.site)
         snapshot = RoutingSnapshot(
             site=site,
-            presence=self._presence.snapshot(call.site),
-            reserved=busy_here,
+            presence=presence,
+            reserved=self._ringing_agents(call.site, presence, now),
             last_agent=last_agent,
         )
         r = call.request
@@ -420,9 +433,11 @@ class CallService:
                 continue
             candidate = next(c for c in batch if c.agent_id == chosen)
             agent = site.agents[candidate.agent_id]
-            if len(self._ringing_here) > 10_000:
-                self._ringing_here = {k: t for k, t in self._ringing_here.items() if t > now}
-            self._ringing_here[(call.site, agent.agent_id)] = now + ttl
+            seen = presence.get(agent.agent_id)
+            self._ringing_here.setdefault(call.site, {})[agent.agent_id] = (
+                now + ttl,
+                seen.rev if seen is not None else -1,
+            )
             branch = site.branches.get(agent.branch) if agent.branch else None
             who = f"{agent.name} in {branch.name}" if branch else agent.name
             try:

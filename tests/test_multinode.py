@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import NodeFactory, SocketClient, eventually, free_port, make_settings, mint
+from conftest import (
+    NodeFactory,
+    RedisServer,
+    SocketClient,
+    eventually,
+    free_port,
+    make_settings,
+    mint,
+)
 
 from gateway.model import Role
 from gateway.settings import PresenceSettings, Settings, demo_config_text
@@ -211,3 +219,77 @@ async def test_a_call_whose_agent_node_dies_ends_and_frees_the_agent(
         )
         carla = next(p for p in await r.json() if p["agent_id"] == "carla")
         assert carla["status"] == "offline", "not stuck on a call that no longer exists"
+
+
+async def test_nodes_hear_each_others_emits_again_after_redis_restarts(
+    nodes: NodeFactory,
+    redis_server: RedisServer,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """socket.io's listener resubscribes: a ring from node A still reaches an agent on B."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    redis_server.stop()
+    redis_server.start()
+
+    async def ready(url: str) -> bool:
+        async with http.get(f"{url}/readyz") as r:
+            return r.status == 200
+
+    await eventually(lambda: ready(a.url), 15)
+    await eventually(lambda: ready(b.url), 15)
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+    r = await http.post(
+        f"{a.url}/v1/sites/acme/sessions", json={}, headers={"Origin": "http://127.0.0.1:8080"}
+    )
+    visitor = clients()
+    await visitor.connect(a.url, "/visitor", {"token": (await r.json())["token"]})
+    await visitor.call("call:start", {}, "/visitor")
+    ring = await agent.next("call:ring")
+    await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+    connected = await visitor.next("call:update", lambda c: c["state"] == "connected")
+    assert connected["call_id"] == ring["call_id"]
+
+
+async def test_an_agent_freed_on_another_node_is_rung_again_at_once(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Node A routed the first call to Carla on B; B saw her accept and hang up. A's own
+    note that she was ringing must not keep her from A's next caller."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+
+    async def visitor_call() -> tuple[SocketClient, Any]:
+        r = await http.post(
+            f"{a.url}/v1/sites/acme/sessions", json={}, headers={"Origin": "http://127.0.0.1:8080"}
+        )
+        visitor = clients()
+        await visitor.connect(a.url, "/visitor", {"token": (await r.json())["token"]})
+        return visitor, await visitor.call("call:start", {}, "/visitor")
+
+    first, _ = await visitor_call()
+    ring = await agent.next("call:ring")
+    await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+    await first.next("call:update", lambda c: c["state"] == "connected")
+    await agent.call("call:hangup", {"call_id": ring["call_id"]}, "/agent")
+    await first.next("call:update", lambda c: c["state"] == "completed")
+    await agent.next("presence:update", status_of("carla", "available"))
+
+    _, ack = await visitor_call()
+    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+    again = await agent.next("call:ring")
+    assert again["call_id"] == ack["call"]["call_id"]
