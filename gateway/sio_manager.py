@@ -4,16 +4,16 @@ node stopped hearing other nodes' emits, which the stock manager only logs."""
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-import redis.asyncio as aioredis
 import socketio
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.store.redis import DRIVER_OPTIONS
-from gateway.store.redis_lane import RedisLane
-from gateway.tasks import raise_if_cancelling
+from gateway.store.redis import PING_INTERVAL_S
+from gateway.store.redis_lane import RedisLane, RedisSubscription
 
 
 class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -24,17 +24,6 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         # Emits are published over a pipelined connection of their own (see
         # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
         self._lane = RedisLane(url)
-
-    def _redis_connect(self) -> None:
-        # As the stock method, but with the pool cap of store.redis.connection_pool (redis-py's
-        # default cap of 100 connections in use is reachable under load) and no decoding,
-        # which the manager does itself.
-        pool = aioredis.ConnectionPool.from_url(
-            self.redis_url, max_connections=1024, socket_connect_timeout=2, **DRIVER_OPTIONS
-        )
-        self.redis = aioredis.Redis(connection_pool=pool)
-        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        self.connected = True
 
     async def _publish(self, data: Any) -> Any:
         """As the stock method (two attempts, then log and give up), over the lane, and
@@ -64,38 +53,52 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     self._get_logger().error("Cannot publish to redis... giving up: %r", exc)
         return None
 
-    async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
-        # The stock loop, plus the ``listening`` flag; backoff capped at 5 s, not 60 s, so a
-        # node rejoins soon after Redis comes back; and ``get_message`` with a timeout rather
-        # than ``listen()``, whose blocking read in redis-py can swallow a cancellation and
-        # hang shutdown.
+    async def _listen(self) -> AsyncIterator[str]:
+        """Other nodes' emits, over a hiredis subscription (store.redis_lane) rather than
+        redis-py's PubSub, whose per-message parsing cost several times more CPU. On a lost
+        or silent connection: resubscribe with backoff capped at 5 s, so a node rejoins soon
+        after Redis comes back."""
         retry_sleep = 0.1
-        subscribed = False
         while True:
+            inbox: collections.deque[str | None] = collections.deque()
+            arrived = asyncio.Event()
+
+            def deliver(message: str | None, inbox: Any = inbox, arrived: Any = arrived) -> None:
+                inbox.append(message)
+                arrived.set()
+
+            subscription = RedisSubscription(deliver)
             try:
-                if not subscribed:
-                    self._redis_connect()
-                    await self.pubsub.subscribe(self.channel)
-                    subscribed, self.listening, self.last_error = True, True, ""
-                    retry_sleep = 0.1
+                await subscription.open(self.redis_url, self.channel)
+                assert subscription.closed is not None
+                subscription.closed.add_done_callback(lambda _: deliver(None))
+                self.listening, self.last_error = True, ""
+                retry_sleep = 0.1
                 while True:
-                    message = await self.pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=1.0
-                    )
-                    raise_if_cancelling()
-                    if message is not None:
+                    while inbox:
+                        message = inbox.popleft()
+                        if message is None:
+                            raise RedisConnectionError("subscription connection lost")
                         yield message
+                    arrived.clear()
+                    try:
+                        async with asyncio.timeout(PING_INTERVAL_S):
+                            await arrived.wait()
+                    except TimeoutError:
+                        if not await subscription.ping(PING_INTERVAL_S):
+                            raise RedisConnectionError(
+                                "subscription stopped answering pings"
+                            ) from None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.listening, self.last_error = False, repr(exc)
                 self._get_logger().warning("socket.io Redis listener lost: %r", exc)
-                subscribed = False
                 await asyncio.sleep(retry_sleep)
                 retry_sleep = min(retry_sleep * 2, 5.0)
+            finally:
+                subscription.close()
 
     async def close(self) -> None:
         """Close the Redis connection; the listener task belongs to the server's TaskGroup."""
         await self._lane.close()
-        if self.redis is not None:
-            await self.redis.aclose()
