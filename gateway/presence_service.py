@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from gateway.store.base import DeviceRef, Expectation, Store
 log = logging.getLogger(__name__)
 
 PRESENCE_EVENT = "presence"
+LEASE_SLICE = 250  # socket leases renewed per store command
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,11 +314,19 @@ class PresenceService:
             await asyncio.sleep(self._settings.sweep_interval_s)
 
     async def run_lease_renewal(self) -> None:
+        """Every socket lease renewed each third of its TTL, in slices spread over that
+        interval: renewing thousands at once stalled this node's calls and Redis's."""
+        interval = self._settings.socket_ttl_s / 3
         while True:
-            await asyncio.sleep(self._settings.socket_ttl_s / 3)
-            try:
-                await self.renew_socket_leases()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("renewing socket leases failed: %r", e)
+            refs = list(self._socket_devices.values())
+            slices = max(1, math.ceil(len(refs) / LEASE_SLICE))
+            for i in range(slices):
+                await asyncio.sleep(interval / slices)
+                now = self._clock()
+                chunk = refs[i * LEASE_SLICE : (i + 1) * LEASE_SLICE]
+                try:
+                    await self._store.touch_devices(chunk, now, now + self._settings.socket_ttl_s)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("renewing socket leases failed: %r", e)

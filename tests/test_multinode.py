@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from conftest import (
     NodeFactory,
     RedisServer,
@@ -293,3 +294,28 @@ async def test_an_agent_freed_on_another_node_is_rung_again_at_once(
     assert ack["ok"] and ack["call"]["state"] == "ringing", ack
     again = await agent.next("call:ring")
     assert again["call_id"] == ack["call"]["call_id"]
+
+
+async def test_a_connected_agent_outlives_many_socket_leases(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Leases are renewed in slices spread over a third of their TTL: none lapses."""
+    settings = make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        presence=PresenceSettings(device_ttl_s=60.0, socket_ttl_s=1.0, sweep_interval_s=0.1),
+    )
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    board = clients()
+    await board.connect(b.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    for name in ("anna", "ben", "carla"):
+        agent = clients()
+        await agent.connect(a.url, "/agent", {"token": mint(settings, name)})
+        await board.next("presence:update", status_of(name, "available"))
+    with pytest.raises(TimeoutError):
+        gone = await board.next("presence:update", lambda p: p["status"] != "available", 4.0)
+        pytest.fail(f"a lease lapsed while connected: {gone}")

@@ -506,3 +506,17 @@ async def test_redis_without_persistence_is_reported(tmp_path: Path) -> None:
         assert health.reachable and not health.persistent
     finally:
         server.stop()
+
+
+async def test_touch_renews_every_lease_of_a_large_batch(open_store: Any) -> None:
+    store: Store = await open_store()
+    now = time.time()
+    refs = [DeviceRef("acme", f"agent{i}", "desk") for i in range(1_100)]
+    for ref in refs:
+        await store.put_device("acme", ref.agent_id, device("desk", now, 1))
+    await store.touch_devices(refs, now + 0.5, now + 10)
+    assert await store.claim_lapsed(now + 5) == []
+    lapsed: list[tuple[str, str]] = []
+    while batch := await store.claim_lapsed(now + 11):  # claimed a batch at a time
+        lapsed += batch
+    assert len(lapsed) == 1_100
