@@ -544,18 +544,21 @@ class _Ranking:
     at: float
     order: list[str]
     """Agent ids, best first, of every agent with presence; no sticky rule."""
+    groups: list[int]
+    """For each of `order`, the place of its configuration rules (non-decreasing)."""
+    population: int
+    """How many agents had presence when ranked: one more means a newcomer to rank."""
     fixed_reasons: dict[str, tuple[str, ...]]
     """Each agent's reasons from the configuration rules (shared by equal configurations)."""
     idle_since: dict[str, float]
-    """Each agent's `Presence.idle_since` when ranked: the idle rule's reason says it."""
+    """Each agent's `Presence.idle_since` when ranked."""
 
-    def reasons(self, agent_id: str) -> tuple[str, ...]:
-        """As `rank`'s reasons for the agent at `at`, but built only for agents handed out."""
+    def reasons(self, agent_id: str, since: float, now: float) -> tuple[str, ...]:
+        """As `rank`'s reasons for the agent at `now`, but built only for agents handed out."""
         fixed = self.fixed_reasons[agent_id]
-        since = self.idle_since[agent_id]
         if since <= 0:
             return fixed
-        return (*fixed, f"idle {max(0, int(self.at - since))} s")
+        return (*fixed, f"idle {max(0, int(now - since))} s")
 
 
 class RankingCache:
@@ -615,7 +618,8 @@ class RankingCache:
         order.sort(key=idle_since.__getitem__)
         order.sort(key=group.__getitem__)
         fixed_reasons = {agent_id: reasons for agent_id, (_, reasons) in configs.items()}
-        return _Ranking(now, order, fixed_reasons, idle_since)
+        groups = [group[agent_id] for agent_id in order]
+        return _Ranking(now, order, groups, len(presence), fixed_reasons, idle_since)
 
     def route(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> RouteDecision:
         """The first `limit` candidates, or `route`'s answer when nobody is eligible."""
@@ -628,27 +632,68 @@ class RankingCache:
         self, snapshot: RoutingSnapshot, request: RouteRequest, now: float
     ) -> Iterator[Candidate]:
         """Eligible agents best first, found lazily: a caller whose first choices were taken
-        by concurrent calls walks on down the same order instead of ranking again."""
+        by concurrent calls walks on down the same order instead of ranking again.
+
+        An agent whose idle time changed since the ranking (a call ended, they came back)
+        became idle after everyone ranked, so belongs last of their configuration's group:
+        the walk moves them there, which keeps the order exact between re-rankings."""
         shape = self._shape(request)
         ranking = self._entries.get(shape)
-        if ranking is None or not 0 <= now - ranking.at <= self.ttl_s:
+        presence = snapshot.presence
+        if (
+            ranking is None
+            or not 0 <= now - ranking.at <= self.ttl_s
+            or ranking.population != len(presence)
+        ):
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
             ranking = self._entries[shape] = self._rank_all(snapshot, request, now)
         site = snapshot.site
         sticky = snapshot.last_agent
         if sticky is not None and sticky in site.agents:
-            channel = reachable_channel(
-                site.agents[sticky], snapshot.presence.get(sticky), request, snapshot.reserved
-            )
+            p = presence.get(sticky)
+            channel = reachable_channel(site.agents[sticky], p, request, snapshot.reserved)
             if channel is not None:
-                reasons = ranking.reasons(sticky) if sticky in ranking.idle_since else ()
+                reasons = (
+                    ranking.reasons(sticky, p.idle_since if p else 0.0, now)
+                    if sticky in ranking.idle_since
+                    else ()
+                )
                 yield Candidate(sticky, channel, ("served this visitor before", *reasons))
-        for agent_id in ranking.order:
+        ranked_since = ranking.idle_since
+        moved: list[tuple[float, str]] = []
+        group = -1
+        for agent_id, agent_group in zip(ranking.order, ranking.groups, strict=True):
+            if agent_group != group:
+                if moved:
+                    yield from self._eligible(ranking, snapshot, request, sorted(moved), now)
+                    moved = []
+                group = agent_group
             if agent_id == sticky:
                 continue
-            channel = reachable_channel(
-                site.agents[agent_id], snapshot.presence.get(agent_id), request, snapshot.reserved
-            )
+            p = presence.get(agent_id)
+            if p is not None and p.idle_since != ranked_since[agent_id]:
+                moved.append((p.idle_since, agent_id))
+                continue
+            channel = reachable_channel(site.agents[agent_id], p, request, snapshot.reserved)
             if channel is not None:
-                yield Candidate(agent_id, channel, ranking.reasons(agent_id))
+                yield Candidate(
+                    agent_id, channel, ranking.reasons(agent_id, ranked_since[agent_id], now)
+                )
+        if moved:
+            yield from self._eligible(ranking, snapshot, request, sorted(moved), now)
+
+    @staticmethod
+    def _eligible(
+        ranking: _Ranking,
+        snapshot: RoutingSnapshot,
+        request: RouteRequest,
+        agents: list[tuple[float, str]],
+        now: float,
+    ) -> Iterator[Candidate]:
+        for since, agent_id in agents:
+            agent = snapshot.site.agents[agent_id]
+            p = snapshot.presence.get(agent_id)
+            channel = reachable_channel(agent, p, request, snapshot.reserved)
+            if channel is not None:
+                yield Candidate(agent_id, channel, ranking.reasons(agent_id, since, now))

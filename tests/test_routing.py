@@ -891,8 +891,8 @@ def test_ranking_cache_orders_like_route(req: dict[str, Any]) -> None:
     assert got.candidates[0].reasons[0] == expected.candidates[0].reasons[0]
 
 
-def test_ranking_cache_sees_who_is_free_now_and_reranks_after_its_ttl() -> None:
-    cache = RankingCache(ttl_s=1.0)
+def test_ranking_cache_sees_who_is_free_now_and_who_just_came_online() -> None:
+    cache = RankingCache(ttl_s=10.0)
     agents = _mixed_agents()
     first = cache.route(snapshot(agents), request(language="de"), NOW)
     best = first.candidates[0].agent_id
@@ -900,11 +900,15 @@ def test_ranking_cache_sees_who_is_free_now_and_reranks_after_its_ttl() -> None:
     busy = snapshot(agents, [presence(best, status=PresenceStatus.ON_CALL, channels=())])
     later = cache.route(busy, request(language="de"), NOW + 0.5)
     assert best not in order(later) and order(later) == order(first)[1:]
-    # An agent who only just came online is not in the cached order, but found after the TTL.
+    # Free again, they are the most recently idle: last of their group, not first.
+    freed = snapshot(agents, [presence(best, idle_s=-0.5)])
+    again = cache.route(freed, request(language="de"), NOW + 0.6)
+    assert order(again) == order(route(freed, request(language="de"), NOW + 0.6))
+    assert order(again)[0] != best
+    # An agent who only just came online is ranked at once.
     newcomer = agent("fay", "dub", ("de",))
     grown = snapshot([*agents, newcomer], [presence("fay", idle_s=10_000)])
-    assert "fay" not in order(cache.route(grown, request(language="de"), NOW + 0.9))
-    assert order(cache.route(grown, request(language="de"), NOW + 1.5))[0] == "fay"
+    assert order(cache.route(grown, request(language="de"), NOW + 0.9))[0] == "fay"
 
 
 def test_ranking_cache_falls_back_to_route_for_the_reason_nobody_is_free() -> None:
@@ -925,6 +929,34 @@ def test_ranking_cache_orders_like_route_for_any_site(
     assert order(got) == order(expected)
     assert [c.channel for c in got.candidates] == [c.channel for c in expected.candidates]
     # The idle rule speaks the same in both, from the same instant.
+    for mine, theirs in zip(got.candidates, expected.candidates, strict=True):
+        assert [r for r in mine.reasons if r.startswith("idle")] == [
+            r for r in theirs.reasons if r.startswith("idle")
+        ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(routing_cases(), st.data())
+def test_ranking_cache_stays_exact_as_agents_become_idle_after_it_ranked(
+    case: tuple[RoutingSnapshot, RouteRequest, float], data: st.DataObject
+) -> None:
+    """Agents whose calls end (or who come back) after the ranking are placed by the walk
+    where a fresh ranking would put them."""
+    snap, req, now = case
+    cache = RankingCache(limit=len(AGENT_IDS))
+    cache.route(snap, req, now)
+    later = max([now, *(p.idle_since for p in snap.presence.values())]) + 1.0
+    changed = data.draw(st.frozensets(st.sampled_from(sorted(snap.presence) or ["none"])))
+    presence = {
+        agent_id: replace(p, status=data.draw(_STATUSES), idle_since=later)
+        if agent_id in changed
+        else p
+        for agent_id, p in snap.presence.items()
+    }
+    moved = replace(snap, presence=presence)
+    expected = route(moved, req, now)
+    got = cache.route(moved, req, now)
+    assert order(got) == order(expected)
     for mine, theirs in zip(got.candidates, expected.candidates, strict=True):
         assert [r for r in mine.reasons if r.startswith("idle")] == [
             r for r in theirs.reasons if r.startswith("idle")
