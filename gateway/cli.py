@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.auth import TokenService
+from gateway.gc_pacer import CollectorPacer
 from gateway.settings import ConfigError, Settings, load_settings, with_dev_secret
 
 
@@ -37,17 +38,23 @@ def serve(args: argparse.Namespace) -> int:
     )
     app = create_app(settings)
 
+    pacer = CollectorPacer()
+
     async def freeze_heap(app: web.Application) -> None:
         # Everything allocated at start-up lives for the whole run; keeping it out of the
         # collector's generations shortens full collections under many connections.
         gc.collect()
         gc.freeze()
-        # Thousands of long-lived connections make each full collection long (a second at
-        # 10,000 sockets, measured), and the default thresholds run them often; collect the
-        # young generation less often too, as allocation-heavy broadcasts would trigger it.
+        # From here collections run on a clock, in short pieces (gateway.gc_pacer); the
+        # thresholds stay high, only a safety net for allocation bursts.
         gc.set_threshold(20_000, 20, 50)
+        pacer.start()
+
+    async def stop_pacer(app: web.Application) -> None:
+        pacer.stop()
 
     app.on_startup.append(freeze_heap)
+    app.on_cleanup.append(stop_pacer)
     store = (
         f"Redis {settings.redis_url}" if settings.redis_url else f"embedded ({settings.data_dir})"
     )
