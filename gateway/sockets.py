@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -107,13 +108,25 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             packets.append(pkt)
         return packets
 
+    _pinged_before = False
+
     def schedule_ping(self) -> None:
         """As ``AsyncSocket.schedule_ping``, with the wait a timer rather than a Task
-        sleeping: one object per socket every ping interval instead of about eight."""
+        sleeping: one object per socket every ping interval instead of about eight.
+
+        The first ping comes at a random point of the interval. Sockets that connected
+        together (thousands after a node restart or a deploy) would otherwise be pinged
+        together every interval for as long as they stay: 8,000 pings and pongs within a
+        few seconds doubled ring latency while they lasted (bench/click_to_ring.py). A client
+        may be pinged early: it only expects a ping within interval + timeout."""
         # only schedule a new ping if the previous ping wait cycle completed
         if self.last_ping:
             self.last_ping = None
-            asyncio.get_running_loop().call_later(self.server.ping_interval, self._ping_due)
+            delay = self.server.ping_interval
+            if not self._pinged_before:
+                self._pinged_before = True
+                delay *= random.uniform(0.25, 1.0)
+            asyncio.get_running_loop().call_later(delay, self._ping_due)
 
     def _ping_due(self) -> None:
         """``AsyncSocket._send_ping`` after its sleep: ``send`` would find the ping timeout

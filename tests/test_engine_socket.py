@@ -144,13 +144,34 @@ async def test_a_client_that_never_pongs_is_dropped_after_interval_plus_timeout(
         assert closed_at is not None, got
         assert got[0] == "2" and "3" not in got  # pinged once, never again without a pong
         limit = PING_INTERVAL + PING_TIMEOUT
-        assert limit * 0.9 < closed_at < limit + 1.0, closed_at
+        # Dropped once the ping went unanswered for ping_timeout (the first ping comes at a
+        # random point of the interval), and never later than interval + timeout.
+        assert PING_INTERVAL * 0.25 + PING_TIMEOUT * 0.9 < closed_at < limit + 1.0, closed_at
         for _ in range(100):
             if sid in server.disconnected and not server.sio.eio.sockets:
                 break
             await asyncio.sleep(0.02)
         assert sid in server.disconnected
         assert not server.sio.eio.sockets
+
+
+async def test_sockets_that_connect_together_are_not_pinged_together(server: Harness) -> None:
+    """After a mass reconnect the first pings spread over the interval, so the sockets do
+    not go on being pinged all at once every interval."""
+    async with aiohttp.ClientSession() as http:
+        sockets = await asyncio.gather(*(open_socket(http, server.url) for _ in range(30)))
+
+        async def first_ping(ws: aiohttp.ClientWebSocketResponse) -> float:
+            assert await ws.receive_str(timeout=PING_INTERVAL * 3) == "2"
+            await ws.send_str("3")
+            return time.monotonic()
+
+        pinged = await asyncio.gather(*(first_ping(ws) for ws, _ in sockets))
+        opened = [at for _, at in sockets]
+        assert all(p - o < PING_INTERVAL * 1.5 for p, o in zip(pinged, opened, strict=True))
+        assert max(pinged) - min(pinged) > PING_INTERVAL * 0.3, "spread over the interval"
+        for ws, _ in sockets:
+            await ws.close()
 
 
 class _FakeServer:
