@@ -9,6 +9,7 @@ Notifications go through ``CallNotifier``, which the socket.io edge implements.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -36,6 +37,13 @@ from gateway.store.base import CallRow, Store
 log = logging.getLogger(__name__)
 
 RING_TIMER = "ring"
+
+
+class _Unread:
+    """Marks a value the caller has not read (None is a value: no last agent)."""
+
+
+UNREAD = _Unread()
 VISITOR_GONE_TIMER = "visitor_gone"
 # A visitor may start this many calls a minute (across nodes); one may be open at a time.
 STARTS_PER_MINUTE = 5
@@ -150,7 +158,12 @@ class CallService:
         site = self._presence.site(site_id)
         if request.branch is not None and request.branch not in site.branches:
             raise ApiError(400, "invalid_payload", f"no branch {request.branch!r}")
-        current = await self._store.open_call(site_id, visitor_id)
+        # Independent reads in one round trip: each sequential one waits a turn of a busy
+        # event loop, and they add up in the time until the agent's phone rings.
+        current, last_agent = await asyncio.gather(
+            self._store.open_call(site_id, visitor_id),
+            self._store.last_agent(site_id, visitor_id),
+        )
         if current is not None:
             row = await self._store.get_call(current)
             if row is not None and not call_from_record(row.data, row.version).final:
@@ -169,9 +182,11 @@ class CallService:
         )
         call = replace(call, version=1)
         # Persisted before anything is promised to the visitor.
-        await self._store.put_call(CallRow(call.call_id, site_id, 1, call_to_record(call)))
-        await self._store.set_open_call(site_id, visitor_id, call.call_id)
-        return await self._route(call)
+        await asyncio.gather(
+            self._store.put_call(CallRow(call.call_id, site_id, 1, call_to_record(call))),
+            self._store.set_open_call(site_id, visitor_id, call.call_id),
+        )
+        return await self._route(call, last_agent)
 
     async def resume(self, site_id: str, visitor_id: str, visitor_sid: str) -> Call | None:
         """A visitor's new socket takes over their live call, if they have one."""
@@ -397,12 +412,14 @@ class CallService:
         await self._notify.call_update(call)
         return call
 
-    async def _route(self, call: Call) -> Call:
+    async def _route(self, call: Call, last_agent: str | _Unread | None = UNREAD) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
-        call and offer a callback with an honest wait."""
+        call and offer a callback with an honest wait. ``last_agent``: the visitor's, if the
+        caller has read it already."""
         site = self._sites[call.site]
         now = self._clock()
-        last_agent = await self._store.last_agent(call.site, call.visitor_id)
+        if isinstance(last_agent, _Unread):
+            last_agent = await self._store.last_agent(call.site, call.visitor_id)
         presence = self._presence.snapshot(call.site)
         snapshot = RoutingSnapshot(
             site=site,
@@ -457,7 +474,6 @@ class CallService:
                 await self._store.release_agent(call.site, agent.agent_id, call.call_id)
                 return await self.get(call.call_id)  # canceled meanwhile
             assert ringing.ring_expires_at is not None
-            await self._store.schedule_timer(ring_timer_id(ringing), ringing.ring_expires_at)
             last = site.agents.get(last_agent) if last_agent else None
             await self._notify.ring(
                 ringing,
@@ -475,7 +491,13 @@ class CallService:
                     "reasons": list(candidate.reasons),
                 },
             )
-            await self._notify.call_update(ringing)
+            # The ring goes out before its timeout is stored, a round trip sooner. Should the
+            # node die in between, the reservation lapses as it would have a moment later; a
+            # timer stored after an accept finds the call answered and does nothing.
+            await asyncio.gather(
+                self._store.schedule_timer(ring_timer_id(ringing), ringing.ring_expires_at),
+                self._notify.call_update(ringing),
+            )
             return ringing
         # Nobody could be reserved: the full ranking says why (closed, nobody online, ...).
         decision = route(snapshot, request, now)
