@@ -53,6 +53,7 @@ from bench.harness import (
     token,
     write_json,
 )
+from gateway.gc_pacer import CollectorPacer
 
 FINAL = frozenset({"completed", "failed", "canceled"})
 
@@ -188,6 +189,7 @@ async def measure(
     window = {"start": math.inf, "end": math.inf}
     clients: list[RawSocketIO] = []
     workers: list[asyncio.Task[None]] = []
+    pacer: CollectorPacer | None = None
 
     def agent_handler(agent: SimAgent) -> Callable[[str, Any], None]:
         def on_event(event: str, p: Any) -> None:
@@ -331,6 +333,8 @@ async def measure(
         # connected so far lives for the whole run, so keep it out of the collector.
         gc.collect()
         gc.freeze()
+        pacer = CollectorPacer()  # and its sockets' waits collected in short pieces, as a node's
+        pacer.start()
 
         stop = asyncio.Event()
         workers += [asyncio.create_task(accept_worker()), asyncio.create_task(hangup_worker(stop))]
@@ -376,6 +380,8 @@ async def measure(
         still_open = sum(1 for v in visitors.values() if v.busy)
         agents_still_on_call = sum(1 for a in agents.values() if a.open_calls)
     finally:
+        if pacer is not None:
+            pacer.stop()
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
