@@ -25,6 +25,40 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
         self._lane = RedisLane(url)
 
+    async def emit(
+        self,
+        event: str,
+        data: Any,
+        namespace: str | None = None,
+        room: str | None = None,
+        skip_sid: Any = None,
+        callback: Any = None,
+        to: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As the stock emit, without its search of every payload for binary parts, which
+        cost ~5% of a node's CPU under call load (Membrane never sends binary)."""
+        room = to or room
+        if kwargs.get("ignore_queue") or callback is not None:
+            return await super().emit(
+                event, data, namespace=namespace, room=room, skip_sid=skip_sid,
+                callback=callback, **kwargs,
+            )  # fmt: skip
+        message = {
+            "method": "emit",
+            "event": event,
+            "data": list(data) if isinstance(data, tuple) else [data],
+            "binary": False,
+            "namespace": namespace or "/",
+            "room": room,
+            "skip_sid": skip_sid,
+            "callback": None,
+            "host_id": self.host_id,
+        }
+        await self._handle_emit(message)  # this node's sockets
+        await self._publish(message)  # the other nodes'
+        return None
+
     async def _publish(self, data: Any) -> Any:
         """As the stock method (two attempts, then log and give up), over the lane, and
         without waiting for Redis to confirm: emits still go out in order, one write for all

@@ -525,7 +525,7 @@ class RedisStore:
             [
                 row.version,
                 row.site,
-                json.dumps(row.data, separators=(",", ":")),
+                orjson.dumps(row.data),
                 time.time(),
                 row.call_id,
             ],
@@ -536,7 +536,7 @@ class RedisStore:
         found = _pairs(await self._lane.execute("HGETALL", f"m:call:{call_id}"))
         if not found:
             return None
-        return CallRow(call_id, found["site"], int(found["v"]), json.loads(found["data"]))
+        return CallRow(call_id, found["site"], int(found["v"]), orjson.loads(found["data"]))
 
     async def list_calls(self, site: str, limit: int = 100) -> list[CallRow]:
         ids: list[str] = await self._redis.zrevrange(f"m:calls:{site}", 0, limit - 1)  # type: ignore[assignment]
