@@ -160,16 +160,17 @@ class CallService:
             raise ApiError(400, "invalid_payload", f"no branch {request.branch!r}")
         # Independent reads in one round trip: each sequential one waits a turn of a busy
         # event loop, and they add up in the time until the agent's phone rings.
-        current, last_agent = await asyncio.gather(
+        # A refused start counts against the visitor's starts too: a flood is a flood.
+        current, last_agent, allowed = await asyncio.gather(
             self._store.open_call(site_id, visitor_id),
             self._store.last_agent(site_id, visitor_id),
+            self._store.hit(f"start:{site_id}:{visitor_id}", 60, STARTS_PER_MINUTE, self._clock()),
         )
         if current is not None:
             row = await self._store.get_call(current)
             if row is not None and not call_from_record(row.data, row.version).final:
                 raise ApiError(409, "call_in_progress", "you already have a call going")
-        now = self._clock()
-        if not await self._store.hit(f"start:{site_id}:{visitor_id}", 60, STARTS_PER_MINUTE, now):
+        if not allowed:
             raise ApiError(429, "rate_limited", "too many calls started; wait a minute")
         call = calls.new_call(
             f"c_{uuid.uuid4().hex}",

@@ -478,3 +478,23 @@ async def test_a_ring_answered_after_its_reservation_lapsed_is_refused(
     assert await store.reserve_agent("acme", "anna", "c_other", 30)
     late = await anna.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
     assert late["error"]["code"] == "not_ringing"
+
+
+async def test_a_visitor_with_a_call_going_cannot_start_another(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    anna = await agent(clients, node, "anna")
+    s = await session(http, node)
+    first = await visitor(clients, node, s["token"])
+    started = await first.call("call:start", {}, "/visitor")
+    assert started["ok"] and started["call"]["state"] == "ringing"
+    # A second tab of the same visitor: refused, not queued nor offered a callback.
+    second = await visitor(clients, node, s["token"])
+    again = await second.call("call:start", {}, "/visitor")
+    assert again["error"]["code"] == "call_in_progress"
+    ring = await anna.next("call:ring")
+    assert ring["call_id"] == started["call"]["call_id"]
+    await first.call("call:cancel", {"call_id": ring["call_id"]}, "/visitor")
+    await first.next("call:update", lambda c: c["state"] == "canceled")
+    after = await second.call("call:start", {}, "/visitor")
+    assert after["ok"], "once the first call ended the visitor may call again"
