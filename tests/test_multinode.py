@@ -33,6 +33,19 @@ def status_of(name: str, status: str) -> Callable[[Any], bool]:
     return lambda p: p["agent_id"] == name and p["status"] == status
 
 
+async def visitor_calls(
+    http: aiohttp.ClientSession, clients: Callable[[], SocketClient], url: str
+) -> tuple[SocketClient, Any]:
+    """A new visitor on the demo page, connected to the node at ``url``, presses the button:
+    their socket and the start's ack."""
+    r = await http.post(
+        f"{url}/v1/sites/acme/sessions", json={}, headers={"Origin": "http://127.0.0.1:8080"}
+    )
+    visitor = clients()
+    await visitor.connect(url, "/visitor", {"token": (await r.json())["token"]})
+    return visitor, await visitor.call("call:start", {}, "/visitor")
+
+
 def has_devices(name: str, ids: set[str]) -> Callable[[Any], bool]:
     return lambda p: p["agent_id"] == name and {d["device_id"] for d in p["devices"]} == ids
 
@@ -192,14 +205,7 @@ async def test_a_call_whose_agent_node_dies_ends_and_frees_the_agent(
         agent = clients()
         await agent.connect(doomed_url, "/agent", {"token": mint(settings, "carla")})
         await board.next("presence:update", status_of("carla", "available"))
-        r = await http.post(
-            f"{survivor.url}/v1/sites/acme/sessions",
-            json={},
-            headers={"Origin": "http://127.0.0.1:8080"},
-        )
-        visitor = clients()
-        await visitor.connect(survivor.url, "/visitor", {"token": (await r.json())["token"]})
-        await visitor.call("call:start", {}, "/visitor")
+        visitor, _ = await visitor_calls(http, clients, survivor.url)
         ring = await agent.next("call:ring")
         await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
         await visitor.next("call:update", lambda c: c["state"] == "connected")
@@ -246,12 +252,7 @@ async def test_nodes_hear_each_others_emits_again_after_redis_restarts(
     agent = clients()
     await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
     await agent.next("presence:update", status_of("carla", "available"))
-    r = await http.post(
-        f"{a.url}/v1/sites/acme/sessions", json={}, headers={"Origin": "http://127.0.0.1:8080"}
-    )
-    visitor = clients()
-    await visitor.connect(a.url, "/visitor", {"token": (await r.json())["token"]})
-    await visitor.call("call:start", {}, "/visitor")
+    visitor, _ = await visitor_calls(http, clients, a.url)
     ring = await agent.next("call:ring")
     await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
     connected = await visitor.next("call:update", lambda c: c["state"] == "connected")
@@ -274,15 +275,7 @@ async def test_an_agent_freed_on_another_node_is_rung_again_at_once(
     await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
     await agent.next("presence:update", status_of("carla", "available"))
 
-    async def visitor_call() -> tuple[SocketClient, Any]:
-        r = await http.post(
-            f"{a.url}/v1/sites/acme/sessions", json={}, headers={"Origin": "http://127.0.0.1:8080"}
-        )
-        visitor = clients()
-        await visitor.connect(a.url, "/visitor", {"token": (await r.json())["token"]})
-        return visitor, await visitor.call("call:start", {}, "/visitor")
-
-    first, _ = await visitor_call()
+    first, _ = await visitor_calls(http, clients, a.url)
     ring = await agent.next("call:ring")
     await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
     await first.next("call:update", lambda c: c["state"] == "connected")
@@ -290,7 +283,7 @@ async def test_an_agent_freed_on_another_node_is_rung_again_at_once(
     await first.next("call:update", lambda c: c["state"] == "completed")
     await agent.next("presence:update", status_of("carla", "available"))
 
-    _, ack = await visitor_call()
+    _, ack = await visitor_calls(http, clients, a.url)
     assert ack["ok"] and ack["call"]["state"] == "ringing", ack
     again = await agent.next("call:ring")
     assert again["call_id"] == ack["call"]["call_id"]
