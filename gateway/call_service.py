@@ -37,13 +37,6 @@ from gateway.store.base import CallRow, Store
 log = logging.getLogger(__name__)
 
 RING_TIMER = "ring"
-
-
-class _Unread:
-    """Marks a value the caller has not read (None is a value: no last agent)."""
-
-
-UNREAD = _Unread()
 VISITOR_GONE_TIMER = "visitor_gone"
 # A visitor may start this many calls a minute (across nodes); one may be open at a time.
 STARTS_PER_MINUTE = 5
@@ -65,6 +58,13 @@ NO_AGENT_DETAIL = {
     "no_agent_for_channel": "Nobody can take a browser call right now",
     "no_agent_answered": "Nobody could answer right now",
 }
+
+
+class _Unread:
+    """Marks a value the caller has not read (None is a value: no last agent)."""
+
+
+UNREAD = _Unread()
 
 
 class CallbackHooks(Protocol):

@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.store.redis import PING_INTERVAL_S
 from gateway.store.redis_lane import RedisLane, RedisSubscription
+from gateway.tasks import raise_if_cancelling
 
 
 class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -119,6 +120,7 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                         async with asyncio.timeout(PING_INTERVAL_S):
                             await arrived.wait()
                     except TimeoutError:
+                        raise_if_cancelling()  # a cancel that met the timeout (3.11)
                         if not await subscription.ping(PING_INTERVAL_S):
                             raise RedisConnectionError(
                                 "subscription stopped answering pings"
