@@ -45,6 +45,7 @@ from gateway.model import DeviceKind, DeviceState, Role, Site
 from gateway.presence_service import PresenceChange, PresenceService, socket_device_id
 from gateway.ratelimit import TokenBucket
 from gateway.settings import Settings
+from gateway.sio_manager import ObservedRedisManager
 from gateway.store.base import UNAVAILABLE_ERRORS, DeviceRef
 from gateway.tasks import TaskGroup
 
@@ -644,18 +645,26 @@ class SocketCallNotifier:
 
     async def call_update(self, call: Call, former_agent: str | None = None) -> None:
         site = self.sites[call.site]
-        await self.server.emit(
-            "call:update",
-            call_to_wire(call, site),
-            to=visitor_room(call.site, call.visitor_id),
-            namespace="/visitor",
-        )
         internal = call_to_wire(call, site, internal=True)
-        for agent_id in {a for a in (call.agent_id, former_agent) if a is not None}:
-            await self.server.emit(
-                "call:update", internal, to=agent_room(call.site, agent_id), namespace="/agent"
+        emits = [
+            (
+                "call:update",
+                call_to_wire(call, site),
+                "/visitor",
+                visitor_room(call.site, call.visitor_id),
             )
-        await self.server.emit("call:update", internal, to=site_room(call.site), namespace="/board")
+        ]
+        emits += [
+            ("call:update", internal, "/agent", agent_room(call.site, agent_id))
+            for agent_id in {a for a in (call.agent_id, former_agent) if a is not None}
+        ]
+        emits.append(("call:update", internal, "/board", site_room(call.site)))
+        manager = self.server.manager
+        if isinstance(manager, ObservedRedisManager):
+            await manager.emit_batch(emits)
+            return
+        for event, data, namespace, room in emits:
+            await self.server.emit(event, data, to=room, namespace=namespace)
 
     async def ring(self, call: Call, payload: Json) -> None:
         assert call.agent_id is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -312,3 +313,14 @@ async def test_a_connected_agent_outlives_many_socket_leases(
     with pytest.raises(TimeoutError):
         gone = await board.next("presence:update", lambda p: p["status"] != "available", 4.0)
         pytest.fail(f"a lease lapsed while connected: {gone}")
+
+
+def test_a_malformed_emit_batch_is_dropped_whole() -> None:
+    from gateway.sio_manager import BATCH, ObservedRedisManager
+
+    manager = ObservedRedisManager("redis://127.0.0.1:1/0", channel="m:sio")
+    good = {"method": "emit", "event": "call:update", "host_id": "x"}
+    batch = json.dumps({"method": BATCH, "emits": [good, 7]})
+    assert manager._unbatch(batch) == [good], "non-objects inside are skipped"
+    for bad in (batch[:30], json.dumps({"method": BATCH, "emits": 3})):
+        assert manager._unbatch(bad) == []
