@@ -31,8 +31,9 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     async def emit_batch(self, emits: list[tuple[str, Any, str, str]]) -> None:
         """Several ``(event, data, namespace, room)`` emits, delivered here, and to the other
         nodes in one message: a call update goes to the visitor, the agent and the board,
-        and one publish instead of three costs each node a third of the decoding. A node
-        without ``_listen``'s unpacking ignores the message (an unknown method)."""
+        and one publish instead of three saves each node two messages to send or receive.
+        A node without ``_listen``'s unpacking (mid-upgrade) ignores the message, an unknown
+        method, rather than mis-delivering it."""
         messages = [
             self._emit_message(event, data, namespace, room)
             for event, data, namespace, room in emits
