@@ -60,13 +60,6 @@ NO_AGENT_DETAIL = {
 }
 
 
-class _Unread:
-    """Marks a value the caller has not read (None is a value: no last agent)."""
-
-
-UNREAD = _Unread()
-
-
 class CallbackHooks(Protocol):
     """What the call service hands over to the callback service (gateway.callback_service)."""
 
@@ -381,7 +374,7 @@ class CallService:
         in line (a callback, which waits for someone instead of failing)."""
         if call.channel is CallChannel.CALLBACK and self.callbacks is not None:
             return await self.callbacks.requeue(call)
-        return await self._route(call)
+        return await self._route(call, await self._store.last_agent(call.site, call.visitor_id))
 
     async def end_call(self, call_id: str, reason: str, detail: str) -> Call:
         return await self._end(call_id, reason, detail)
@@ -413,14 +406,12 @@ class CallService:
         await self._notify.call_update(call)
         return call
 
-    async def _route(self, call: Call, last_agent: str | _Unread | None = UNREAD) -> Call:
+    async def _route(self, call: Call, last_agent: str | None) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
-        call and offer a callback with an honest wait. ``last_agent``: the visitor's, if the
-        caller has read it already."""
+        call and offer a callback with an honest wait. ``last_agent``: the visitor's (the
+        caller reads it, alongside its own reads)."""
         site = self._sites[call.site]
         now = self._clock()
-        if isinstance(last_agent, _Unread):
-            last_agent = await self._store.last_agent(call.site, call.visitor_id)
         presence = self._presence.snapshot(call.site)
         snapshot = RoutingSnapshot(
             site=site,

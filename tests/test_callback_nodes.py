@@ -423,6 +423,23 @@ async def ask_callback(
     return created
 
 
+async def accepted_callback(
+    clients: Callable[[], SocketClient],
+    http: aiohttp.ClientSession,
+    url: str,
+    settings: Settings,
+    phone: str,
+) -> dict[str, Any]:
+    """Anna, on the node at ``url``, accepts the callback ``phone`` asks for there."""
+    anna = await agent_on(clients, url, settings, "anna")
+    created = await ask_callback(http, url, {"phone": phone})
+    call_id = created["call_id"]
+    await anna.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
+    ack = await anna.call("call:accept", {"call_id": call_id}, "/agent")
+    assert ack["ok"], ack
+    return created
+
+
 async def all_reach(
     http: aiohttp.ClientSession,
     url: str,
@@ -609,12 +626,8 @@ async def test_a_node_killed_before_its_dial_reached_twilio_is_taken_over_once(
         process_node(tmp_path, "doomed", base, redis_url, hole.url, balancer.url) as doomed,
     ):
         balancer.backends[:] = [doomed.url]
-        anna_d = await agent_on(clients, doomed.url, base, "anna")
-        created = await ask_callback(http, doomed.url, {"phone": visitor})
+        created = await accepted_callback(clients, http, doomed.url, base, visitor)
         call_id = created["call_id"]
-        await anna_d.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
-        ack = await anna_d.call("call:accept", {"call_id": call_id}, "/agent")
-        assert ack["ok"], ack
 
         await asyncio.wait_for(hole.got_request.wait(), 10)
         assert b"/Calls.json" in hole.received
@@ -668,11 +681,8 @@ async def test_a_node_killed_after_twilio_placed_its_leg_is_not_dialled_again(
         process_node(tmp_path, "doomed", base, redis_url, tap_d.url, balancer.url) as doomed,
     ):
         balancer.backends[:] = [doomed.url]
-        anna_d = await agent_on(clients, doomed.url, base, "anna")
-        created = await ask_callback(http, doomed.url, {"phone": visitor})
+        created = await accepted_callback(clients, http, doomed.url, base, visitor)
         call_id = created["call_id"]
-        await anna_d.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
-        assert (await anna_d.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
         await asyncio.wait_for(tap_d.dial_arrived.wait(), 10)
         assert await rdb.exists(f"m:once:dial:{call_id}:1")
 
@@ -731,11 +741,8 @@ async def test_a_leg_whose_webhooks_were_lost_in_a_full_outage_does_not_stay_stu
         process_node(tmp_path, "doomed", base, redis_url, tap_d.url, balancer.url) as doomed,
     ):
         balancer.backends[:] = [doomed.url]
-        anna_d = await agent_on(clients, doomed.url, base, "anna")
-        created = await ask_callback(http, doomed.url, {"phone": visitor})
+        created = await accepted_callback(clients, http, doomed.url, base, visitor)
         call_id = created["call_id"]
-        await anna_d.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
-        assert (await anna_d.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
         await asyncio.wait_for(tap_d.dial_arrived.wait(), 10)
         balancer.backends.clear()  # the doomed node fails its health checks: nobody is left
         tap_d.forward.set()

@@ -528,18 +528,22 @@ class EmbeddedStore:
             )
         )
 
+    def _queue_score(self, db: sqlite3.Connection, site: str, call_id: str) -> float | None:
+        found = db.execute(
+            "SELECT score FROM queue WHERE site = ? AND call_id = ?", (site, call_id)
+        ).fetchone()
+        return None if found is None else float(found[0])
+
     async def queue_rank(self, site: str, call_id: str) -> int | None:
         def rank() -> int | None:
             db = self._conn()
-            found = db.execute(
-                "SELECT score FROM queue WHERE site = ? AND call_id = ?", (site, call_id)
-            ).fetchone()
-            if found is None:
+            score = self._queue_score(db, site, call_id)
+            if score is None:
                 return None
             (ahead,) = db.execute(
                 "SELECT COUNT(*) FROM queue WHERE site = ?"
                 " AND (score < ? OR (score = ? AND call_id < ?))",
-                (site, found[0], found[0], call_id),
+                (site, score, score, call_id),
             ).fetchone()
             return int(ahead)
 
@@ -548,16 +552,14 @@ class EmbeddedStore:
     async def queue_ahead(self, site: str, call_id: str, limit: int) -> list[str] | None:
         def ahead() -> list[str] | None:
             db = self._conn()
-            found = db.execute(
-                "SELECT score FROM queue WHERE site = ? AND call_id = ?", (site, call_id)
-            ).fetchone()
-            if found is None:
+            score = self._queue_score(db, site, call_id)
+            if score is None:
                 return None
             rows = db.execute(
                 "SELECT call_id FROM queue WHERE site = ?"
                 " AND (score < ? OR (score = ? AND call_id < ?))"
                 " ORDER BY score, call_id LIMIT ?",
-                (site, found[0], found[0], call_id, max(0, limit)),
+                (site, score, score, call_id, max(0, limit)),
             ).fetchall()
             return [r[0] for r in rows]
 
