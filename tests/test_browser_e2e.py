@@ -232,7 +232,11 @@ def shot(request: pytest.FixtureRequest) -> Shot:
     prefix = request.node.name.removeprefix("test_")
 
     async def take(page: Page, state: str) -> None:
-        await page.screenshot(path=str(SCREENSHOTS / f"{prefix}--{state}.png"))
+        # Finite animations (the ring card sliding in) are finished first, so a screenshot
+        # shows the state as a person sees it, not a half-faded frame.
+        await page.screenshot(
+            path=str(SCREENSHOTS / f"{prefix}--{state}.png"), animations="disabled"
+        )
 
     return take
 
