@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import gc
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
+from gateway import appkeys as keys
 from gateway.auth import TokenService
 from gateway.gc_pacer import CollectorPacer
 from gateway.settings import ConfigError, Settings, load_settings, with_dev_secret
@@ -38,19 +40,25 @@ def serve(args: argparse.Namespace) -> int:
     )
     app = create_app(settings)
 
-    pacer = CollectorPacer()
+    pacer = CollectorPacer(observer=app[keys.METRICS].observe_gc)
 
     async def freeze_heap(app: web.Application) -> None:
-        # Everything allocated at start-up lives for the whole run; keeping it out of the
-        # collector's generations shortens full collections under many connections.
+        # Everything allocated at start-up lives for the whole run: out of the collector's
+        # generations from the start.
         gc.collect()
         gc.freeze()
-        # From here collections run on a clock, in short pieces (gateway.gc_pacer); the
-        # thresholds stay high, only a safety net for allocation bursts.
+        # From here collections run on a clock, in short pieces, and what survives them is
+        # frozen too (gateway.gc_pacer); the thresholds stay high, only a safety net for
+        # allocation bursts.
         gc.set_threshold(20_000, 20, 50)
         pacer.start()
+        if hasattr(signal, "SIGUSR1"):
+            # For an operator looking into memory: collect everything now and log it.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, pacer.collect_everything)
 
     async def stop_pacer(app: web.Application) -> None:
+        if hasattr(signal, "SIGUSR1"):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         pacer.stop()
 
     app.on_startup.append(freeze_heap)

@@ -54,9 +54,27 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.gc_pauses = Histogram(
+            "membrane_gc_pause_seconds",
+            "Garbage collector pauses of this node's process, by generation (2: everything).",
+            ["generation"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        self.gc_collected = Counter(
+            "membrane_gc_collected_objects_total",
+            "Objects the garbage collector found unreachable (reference cycles), by generation.",
+            ["generation"],
+            registry=self.registry,
+        )
         self.dials = Counter(
             "membrane_callback_dials_total",
             "Outbound dial attempts by result (placed, busy, no_answer, voicemail, ...).",
             ["result"],
             registry=self.registry,
         )
+
+    def observe_gc(self, generation: int, pause_s: float, collected: int) -> None:
+        self.gc_pauses.labels(str(generation)).observe(pause_s)
+        if collected:
+            self.gc_collected.labels(str(generation)).inc(collected)

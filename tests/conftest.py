@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -200,6 +203,46 @@ def mint(
 ) -> str:
     token, _ = TokenService(settings.auth).mint(sub, site, role, ttl_s=ttl)
     return token
+
+
+@asynccontextmanager
+async def node_process(
+    tmp_path: Path, settings: Settings, redis_url: str, config_text: str, name: str
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """``membrane serve`` in its own process, so a test can SIGKILL or signal it: its URL
+    once ready, and the process. It logs to ``tmp_path / f"{name}.log"``."""
+    config = tmp_path / f"{name}.toml"
+    config.write_text(config_text)
+    port = free_port()
+    env = {
+        **os.environ,
+        "MEMBRANE_JWT_SECRET": settings.auth.secret,
+        "MEMBRANE_JWT_ISSUER": settings.auth.issuer,
+    }
+    log = (tmp_path / f"{name}.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+        "--redis-url", redis_url, "--data-dir", str(tmp_path / name),
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"{url}/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await eventually(ready, 20)
+        yield url, proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        log.close()
 
 
 @pytest.fixture

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,9 @@ from conftest import (
     RedisServer,
     SocketClient,
     eventually,
-    free_port,
     make_settings,
     mint,
+    node_process,
 )
 
 from gateway.model import Role
@@ -119,43 +117,12 @@ async def test_two_nodes_share_presence_board_and_lapses(
         assert anna["status"] == "offline", node.url
 
 
-@asynccontextmanager
-async def doomed_node(
+def doomed_node(
     tmp_path: Path, settings: Settings, redis_url: str
-) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+) -> AbstractAsyncContextManager[tuple[str, asyncio.subprocess.Process]]:
     """A gateway node in its own process (so it can be SIGKILLed), socket TTL 2 s."""
-    config = tmp_path / "membrane.toml"
-    config.write_text(demo_config_text().replace("socket_ttl_s = 15", "socket_ttl_s = 2"))
-    port = free_port()
-    env = {
-        **os.environ,
-        "MEMBRANE_JWT_SECRET": settings.auth.secret,
-        "MEMBRANE_JWT_ISSUER": settings.auth.issuer,
-    }
-    log = (tmp_path / "doomed.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        "--redis-url", redis_url, "--data-dir", str(tmp_path / "doomed"),
-        env=env, stdout=log, stderr=log,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                try:
-                    async with http.get(f"{url}/readyz") as r:
-                        return r.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await eventually(ready, 20)
-        yield url, proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-        log.close()
+    config = demo_config_text().replace("socket_ttl_s = 15", "socket_ttl_s = 2")
+    return node_process(tmp_path, settings, redis_url, config, "doomed")
 
 
 async def kill(proc: asyncio.subprocess.Process) -> None:
