@@ -40,6 +40,8 @@ from bench.harness import (
     RawSocketIO,
     cpu_report,
     demo_site_config,
+    gc_pause_report,
+    gc_pauses,
     log_problems,
     raise_fd_limit,
     redis_server,
@@ -309,6 +311,7 @@ async def measure(args: argparse.Namespace, node: NodeProcess) -> dict[str, Any]
 
         pids = {"node": pid, "driver": os.getpid()}
         pids |= {f"watchers_{i}": p.pid for i, p in enumerate(procs)}
+        gc_before = await gc_pauses(http, node.url)
         before = {name: sched(p) for name, p in pids.items()}
         stop = asyncio.Event()
         probe_task = asyncio.create_task(probe(node.url, stop, args.probe_interval))
@@ -323,6 +326,7 @@ async def measure(args: argparse.Namespace, node: NodeProcess) -> dict[str, Any]
             await asyncio.sleep(args.interval)
         elapsed = time.perf_counter() - run_started
         cpu = cpu_report(pids, before, elapsed)
+        gc_report = gc_pause_report(gc_before, await gc_pauses(http, node.url))
         await asyncio.sleep(args.tail_s)  # the last change's stragglers
         stop.set()
         run_probe = await probe_task
@@ -387,6 +391,7 @@ async def measure(args: argparse.Namespace, node: NodeProcess) -> dict[str, Any]
         },
         "kb_per_idle_watcher": round(per_watcher_kb, 2),
         "cpu_during_changes": cpu,
+        "gc_pauses_during_changes": gc_report,
         "targets": {
             "last_watcher_p99_le_250_ms": last_summary.get("p99_ms", math.inf) <= 250,
             "no_stall_over_50_ms": stall.get("max_ms", math.inf) <= 50,

@@ -44,6 +44,8 @@ from bench.harness import (
     RawSocketIO,
     cpu_report,
     demo_site_config,
+    gc_pause_report,
+    gc_pauses,
     log_problems,
     redis_server,
     sched,
@@ -341,6 +343,7 @@ async def measure(
         print(f"calling at {args.rate}/s for {args.duration:.0f} s", file=sys.stderr, flush=True)
         total = int(args.rate * args.duration)
         per_tick = max(1, int(args.rate * 0.01))
+        gc_before = {n.log.stem: await gc_pauses(http, n.url) for n in nodes}
         before = {name: sched(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         window["start"], window["end"] = started, started + args.duration
@@ -366,6 +369,10 @@ async def measure(
                 sent += 1
         elapsed = time.perf_counter() - started
         cpu = cpu_report(pids, before, elapsed)
+        gc_report = {
+            n.log.stem: gc_pause_report(gc_before[n.log.stem], await gc_pauses(http, n.url))
+            for n in nodes
+        }
 
         # Drain: every call answered and hung up, bounded.
         deadline = time.perf_counter() + args.hold_s + args.drain_s
@@ -430,6 +437,7 @@ async def measure(
         "agent_errors": dict(stats.agent_errors),
         "driver_max_lag_ms": round(lag_max * 1000, 2),
         "cpu_while_calling": cpu,
+        "gc_pauses_while_calling": gc_report,
         "target": "start-to-ring p99 <= 25 ms, 0 double bookings",
         "meets_target": p99 <= 25 and stats.double_bookings == 0 and stats.first_rings > 0,
     }

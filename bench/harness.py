@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -276,6 +277,50 @@ class RawSocketIO:
 
 
 # --- process figures for load benchmarks ---------------------------------------------------
+
+
+GcPauses = dict[str, dict[str, float]]
+
+
+async def gc_pauses(http: aiohttp.ClientSession, url: str) -> GcPauses:
+    """A node's garbage collector pauses so far, by generation, from ``/metrics``
+    (``membrane_gc_pause_seconds``): the histogram's count, sum and cumulative buckets."""
+    async with http.get(f"{url}/metrics") as r:
+        text = await r.text()
+    out: GcPauses = {}
+    for line in text.splitlines():
+        if not line.startswith("membrane_gc_pause_seconds"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', series))
+        figures = out.setdefault(labels["generation"], {})
+        if series.startswith("membrane_gc_pause_seconds_bucket"):
+            figures[f"le_{labels['le']}"] = float(value)
+        elif series.startswith("membrane_gc_pause_seconds_count"):
+            figures["count"] = float(value)
+        elif series.startswith("membrane_gc_pause_seconds_sum"):
+            figures["sum"] = float(value)
+    return out
+
+
+def gc_pause_report(before: GcPauses, after: GcPauses) -> dict[str, dict[str, float]]:
+    """Pauses between two ``gc_pauses`` readings, by generation: how many, their total in
+    ms, and how many lasted over 10, 50 and 100 ms."""
+    report = {}
+    for generation, now in sorted(after.items()):
+        then = before.get(generation, {})
+
+        def delta(key: str, now: dict[str, float] = now, then: dict[str, float] = then) -> float:
+            return now.get(key, 0.0) - then.get(key, 0.0)
+
+        report[generation] = {
+            "pauses": delta("count"),
+            "total_ms": round(delta("sum") * 1000, 1),
+            "over_10_ms": delta("count") - delta("le_0.01"),
+            "over_50_ms": delta("count") - delta("le_0.05"),
+            "over_100_ms": delta("count") - delta("le_0.1"),
+        }
+    return report
 
 
 def raise_fd_limit() -> int:
