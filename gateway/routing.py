@@ -542,10 +542,14 @@ _FixedRules = tuple[tuple[BranchKey, int, int], tuple[str, ...]]
 @dataclass(frozen=True, slots=True)
 class _Ranking:
     at: float
-    order: list[str]
-    """Agent ids, best first, of every agent with presence; no sticky rule."""
-    groups: list[int]
-    """For each of `order`, the place of its configuration rules (non-decreasing)."""
+    groups: list[list[str]]
+    """For each configuration place, best first, the agents who were available when ranked
+    (by idle time, then id); no sticky rule."""
+    gone: list[list[str]]
+    """For each group, agents who cannot be rung at their place in it while this ranking
+    lasts: unavailable when ranked, or found so since by a walk (see `first`)."""
+    first: list[int]
+    """For each group, where walks start: every agent before it is in `gone`."""
     population: int
     """How many agents had presence when ranked: one more means a newcomer to rank."""
     fixed_reasons: dict[str, tuple[str, ...]]
@@ -616,10 +620,15 @@ class RankingCache:
         idle_since = {a.agent_id: presence[a.agent_id].idle_since for a in agents}
         order = sorted(idle_since)
         order.sort(key=idle_since.__getitem__)
-        order.sort(key=group.__getitem__)
+        groups: list[list[str]] = [[] for _ in place]
+        gone: list[list[str]] = [[] for _ in place]
+        for agent_id in order:
+            available = presence[agent_id].status is PresenceStatus.AVAILABLE
+            (groups if available else gone)[group[agent_id]].append(agent_id)
         fixed_reasons = {agent_id: reasons for agent_id, (_, reasons) in configs.items()}
-        groups = [group[agent_id] for agent_id in order]
-        return _Ranking(now, order, groups, len(presence), fixed_reasons, idle_since)
+        return _Ranking(
+            now, groups, gone, [0] * len(groups), len(presence), fixed_reasons, idle_since
+        )
 
     def route(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> RouteDecision:
         """The first `limit` candidates, or `route`'s answer when nobody is eligible."""
@@ -660,15 +669,46 @@ class RankingCache:
                     else ()
                 )
                 yield Candidate(sticky, channel, ("served this visitor before", *reasons))
+        for g, ids in enumerate(ranking.groups):
+            yield from self._walk_group(ranking, g, ids, snapshot, request, now)
+
+    def _walk_group(
+        self,
+        ranking: _Ranking,
+        g: int,
+        ids: list[str],
+        snapshot: RoutingSnapshot,
+        request: RouteRequest,
+        now: float,
+    ) -> Iterator[Candidate]:
+        """One group's eligible agents in order: those at their ranked place, then those
+        whose idle time changed since the ranking, by their new idle time.
+
+        An agent's idle time is reset whenever they become available (gateway.presence), so
+        one who is unavailable, or whose idle time changed, will never again be rung at
+        their ranked place while this ranking lasts. Walks therefore move such agents at the
+        front of the group to `gone` once, for good, instead of every walk stepping over the
+        hundreds on a call (a tenth of a node's CPU under load, measured); `gone` is read
+        only by a walk that reaches the group's end."""
+        presence = snapshot.presence
         ranked_since = ranking.idle_since
+        gone = ranking.gone[g]
+        i = ranking.first[g]
+        while i < len(ids):
+            p = presence.get(ids[i])
+            if p is not None and (
+                p.status is PresenceStatus.AVAILABLE and p.idle_since == ranked_since[ids[i]]
+            ):
+                break
+            gone.append(ids[i])
+            i += 1
+        ranking.first[g] = i
+        # Later walks may add to `gone` while this one is paused: only agents before `i`.
+        gone_before = len(gone)
+        site = snapshot.site
+        sticky = snapshot.last_agent
         moved: list[tuple[float, str]] = []
-        group = -1
-        for agent_id, agent_group in zip(ranking.order, ranking.groups, strict=True):
-            if agent_group != group:
-                if moved:
-                    yield from self._eligible(ranking, snapshot, request, sorted(moved), now)
-                    moved = []
-                group = agent_group
+        for agent_id in itertools.islice(ids, i, None):
             if agent_id == sticky:
                 continue
             p = presence.get(agent_id)
@@ -680,6 +720,10 @@ class RankingCache:
                 yield Candidate(
                     agent_id, channel, ranking.reasons(agent_id, ranked_since[agent_id], now)
                 )
+        for agent_id in itertools.islice(gone, gone_before):
+            p = presence.get(agent_id)
+            if p is not None and p.status is PresenceStatus.AVAILABLE and agent_id != sticky:
+                moved.append((p.idle_since, agent_id))
         if moved:
             yield from self._eligible(ranking, snapshot, request, sorted(moved), now)
 

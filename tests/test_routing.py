@@ -7,6 +7,7 @@ The fixed instant NOW is Wednesday 4 June 2025 10:00 UTC: 11:00 in Dublin and Co
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -961,3 +962,36 @@ def test_ranking_cache_stays_exact_as_agents_become_idle_after_it_ranked(
         assert [r for r in mine.reasons if r.startswith("idle")] == [
             r for r in theirs.reasons if r.startswith("idle")
         ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(routing_cases(), st.data())
+def test_ranking_cache_stays_exact_over_many_walks_as_agents_come_and_go(
+    case: tuple[RoutingSnapshot, RouteRequest, float], data: st.DataObject
+) -> None:
+    """Walks remember who left the front of the ranking (on a call, away, or idle anew)
+    for the rest of the ranking's life. Over several steps of agents changing status, as
+    presence does it (whoever becomes available gets a new idle time), every walk still
+    ranks like `route`, and a walk left half done while others go on repeats nobody."""
+    snap, req, now = case
+    cache = RankingCache(ttl_s=3600.0, limit=len(AGENT_IDS))
+    paused = cache.candidates(snap, req, now)
+    seen = [c.agent_id for c in itertools.islice(paused, data.draw(st.integers(0, 3)))]
+    clock = max([now, *(p.idle_since for p in snap.presence.values())])
+    for _ in range(data.draw(st.integers(1, 4))):
+        clock += 1.0
+        presence = dict(snap.presence)
+        ids = sorted(presence)
+        for agent_id in data.draw(st.frozensets(st.sampled_from(ids))) if ids else ():
+            before = presence[agent_id]
+            status = data.draw(_STATUSES)
+            became_available = status is AVAILABLE and before.status is not AVAILABLE
+            presence[agent_id] = replace(
+                before, status=status, idle_since=clock if became_available else before.idle_since
+            )
+        snap = replace(snap, presence=presence)
+        if data.draw(st.booleans()):
+            next(cache.candidates(snap, req, now), None)  # a walk that stops at its first
+        assert order(cache.route(snap, req, now)) == order(route(snap, req, now))
+    seen += [c.agent_id for c in paused]
+    assert len(seen) == len(set(seen))
