@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import appkeys as keys
+from gateway import openapi
 from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, Claims, bearer_token
 from gateway.codec import Json, check_id, device_update_from_wire, presence_to_wire
 from gateway.errors import ApiError, forbidden, invalid_payload, store_unavailable
@@ -118,6 +119,14 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    # Public and secret-free: any page or tool may read it.
+    return web.json_response(
+        openapi.document(request.app[keys.SETTINGS].public_url),
+        headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "public, max-age=300"},
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     payload = generate_latest(request.app[keys.METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -167,6 +176,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi_document)
     app.router.add_get("/v1/agents/me", get_me)
     app.router.add_put("/v1/agents/me/devices/{device_id}", put_device)
     app.router.add_delete("/v1/agents/me/devices/{device_id}", delete_device)

@@ -1,0 +1,214 @@
+"""``GET /v1/openapi.json``: a valid OpenAPI 3.1 document that names every REST route the
+app has and no other, and whose schemas a node's real answers, successes and refusals alike,
+satisfy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import test_callbacks
+from conftest import Node, SocketClient, mint
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+from test_callbacks import ORIGIN, VISITOR_PHONE, agent, visitor_token
+
+from gateway.model import Role
+
+# The fixtures of tests/test_callbacks.py: a node that places calls through the simulator,
+# on each store.
+sim = test_callbacks.sim
+store_url = test_callbacks.store_url
+node = test_callbacks.node
+
+METHODS = {"get", "put", "post", "delete", "patch"}
+DOC = "urn:membrane:openapi"
+
+
+def rest_routes(node: Node) -> set[tuple[str, str]]:
+    """(method, path) of every REST operation the app registers: health, metrics and /v1/,
+    without static files, socket.io and Twilio's webhooks."""
+    routes = set()
+    for route in node.app.router.routes():
+        path = route.resource.canonical if route.resource else ""
+        method = route.method.lower()
+        if method not in METHODS:
+            continue
+        if path in ("/healthz", "/readyz", "/metrics") or (
+            path.startswith("/v1/") and not path.startswith("/v1/twilio/")
+        ):
+            routes.add((method, path))
+    return routes
+
+
+class Contract:
+    """Checks answers against the schema the document declares for them."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+        resource = Resource.from_contents(document, default_specification=DRAFT202012)
+        self.registry: Registry[Any] = Registry().with_resource(DOC, resource)
+        self.checked: set[tuple[str, str, int]] = set()
+
+    def response(self, method: str, path: str, status: int) -> tuple[dict[str, Any], str]:
+        """The response the document declares for this status, and where it is in it (a
+        JSON pointer: an operation's own, or a shared one of components/responses)."""
+        declared = self.document["paths"][path][method]["responses"]
+        assert str(status) in declared, f"{method} {path} answered {status}, not declared"
+        found: dict[str, Any] = declared[str(status)]
+        if "$ref" in found:
+            pointer = found["$ref"].removeprefix("#/")
+            name = pointer.rsplit("/", 1)[1]
+            return self.document["components"]["responses"][name], pointer
+        parts = ("paths", path, method, "responses", str(status))
+        return found, "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+    async def check(self, r: aiohttp.ClientResponse, method: str, path: str) -> Any:
+        """The answer's body, after checking it against its declared schema."""
+        declared, pointer = self.response(method, path, r.status)
+        media = r.headers["Content-Type"].split(";")[0]
+        assert media in declared["content"], f"{method} {path}: {media} not declared"
+        self.checked.add((method, path, r.status))
+        if media != "application/json":
+            return await r.text()
+        body = await r.json()
+        validator = Draft202012Validator(
+            {"$ref": f"{DOC}#/{pointer}/content/application~1json/schema"},
+            registry=self.registry,
+            format_checker=Draft202012Validator.FORMAT_CHECKER,
+        )
+        errors = [e.message for e in validator.iter_errors(body)]
+        assert not errors, f"{method} {path} {r.status}: {errors} in {body}"
+        return body
+
+
+async def test_the_document_is_valid_openapi_served_to_anyone(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    r = await http.get(f"{node.url}/v1/openapi.json", headers={"Origin": "https://tools.example"})
+    assert r.status == 200
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    document = await r.json()
+    validate(document)  # raises, naming the first problem, if this is not OpenAPI 3.1
+    assert document["servers"] == [{"url": node.settings.public_url.rstrip("/")}]
+
+
+async def test_the_document_names_every_rest_route_and_no_other(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    document = await (await http.get(f"{node.url}/v1/openapi.json")).json()
+    documented = {(method, path) for path, item in document["paths"].items() for method in item} & {
+        (m, p) for m in METHODS for p in document["paths"]
+    }
+    assert documented == rest_routes(node)
+
+
+async def test_answers_match_the_document(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    url = node.url
+    contract = Contract(await (await http.get(f"{url}/v1/openapi.json")).json())
+
+    async def call(method: str, path: str, route: str | None = None, **kwargs: Any) -> Any:
+        r = await http.request(method.upper(), f"{url}{path}", **kwargs)
+        return r.status, await contract.check(r, method, route or path)
+
+    assert (await call("get", "/healthz"))[0] == 200
+    assert (await call("get", "/readyz"))[0] == 200
+    assert (await call("get", "/metrics"))[0] == 200
+    assert (await call("get", "/v1/openapi.json"))[0] == 200
+
+    # Agents.
+    anna = {"Authorization": f"Bearer {mint(node.settings, 'anna')}"}
+    sam = {"Authorization": f"Bearer {mint(node.settings, 'sam', Role.SUPERVISOR)}"}
+    device = "/v1/agents/me/devices/{device_id}"
+    await agent(clients, node, "anna")
+    assert (await call("get", "/v1/agents/me", headers=anna))[0] == 200
+    assert (await call("get", "/v1/agents/me"))[0] == 401
+    body = {"kind": "mobile", "state": "available", "priority": 2}
+    status, presence = await call(
+        "put", "/v1/agents/me/devices/phone", device, json=body, headers=anna
+    )
+    assert status == 200 and any(d["device_id"] == "phone" for d in presence["devices"])
+    bad = {"kind": "fax", "state": "available"}
+    assert (await call("put", "/v1/agents/me/devices/phone", device, json=bad, headers=anna))[
+        0
+    ] == 400
+    beat = device + "/heartbeat"
+    assert (await call("post", "/v1/agents/me/devices/phone/heartbeat", beat, headers=anna))[
+        0
+    ] == 200
+    assert (await call("post", "/v1/agents/me/devices/gone/heartbeat", beat, headers=anna))[
+        0
+    ] == 404
+    assert (await call("delete", "/v1/agents/me/devices/phone", device, headers=anna))[0] == 200
+    agents = "/v1/sites/{site}/agents"
+    assert (await call("get", "/v1/sites/acme/agents", agents, headers=sam))[0] == 200
+    assert (await call("get", "/v1/sites/acme/agents", agents, headers=anna))[0] == 403
+
+    # Visitors.
+    sessions = "/v1/sites/{site}/sessions"
+    assert (await call("post", "/v1/sites/acme/sessions", sessions, json={}, headers=ORIGIN))[
+        0
+    ] == 201
+    foreign = {"Origin": "https://evil.example"}
+    assert (await call("post", "/v1/sites/acme/sessions", sessions, json={}, headers=foreign))[
+        0
+    ] == 403
+    assert (await call("post", "/v1/sites/nope/sessions", sessions, json={}, headers=ORIGIN))[
+        0
+    ] == 404
+    availability = "/v1/sites/{site}/availability"
+    status, now = await call("get", "/v1/sites/acme/availability", availability)
+    assert status == 200 and now["available"] is True
+    assert (await call("get", "/v1/sites/acme/availability?language=English", availability))[
+        0
+    ] == 400
+    slots = "/v1/sites/{site}/callback-slots"
+    assert (await call("get", "/v1/sites/acme/callback-slots", slots))[0] == 200
+    stream = await http.get(f"{url}/v1/sites/acme/availability/stream")
+    assert stream.status == 200
+    assert stream.headers["Content-Type"].startswith("text/event-stream")
+    contract.response("get", "/v1/sites/{site}/availability/stream", 200)
+    stream.close()
+
+    # Callbacks and their ticket.
+    callbacks = "/v1/sites/{site}/callbacks"
+    visitor = {**ORIGIN, "Authorization": f"Bearer {await visitor_token(http, node)}"}
+    status, created = await call(
+        "post",
+        "/v1/sites/acme/callbacks",
+        callbacks,
+        json={"phone": VISITOR_PHONE},
+        headers=visitor,
+    )
+    assert status == 201
+    again = await call(
+        "post",
+        "/v1/sites/acme/callbacks",
+        callbacks,
+        json={"phone": VISITOR_PHONE},
+        headers=visitor,
+    )
+    assert again[0] == 409
+    junk = {"phone": "call me maybe"}
+    assert (await call("post", "/v1/sites/acme/callbacks", callbacks, json=junk, headers=visitor))[
+        0
+    ] == 400
+    assert (await call("post", "/v1/sites/acme/callbacks", callbacks, json=junk, headers=ORIGIN))[
+        0
+    ] == 401
+    ticket = "/v1/calls/{call_id}"
+    path = f"/v1/calls/{created['call_id']}"
+    token = {"token": created["status_token"]}
+    assert (await call("get", path, ticket, params=token))[0] == 200
+    assert (await call("get", path, ticket))[0] == 401
+    assert (await call("get", path, ticket, params={"token": "wrong"}))[0] == 404
+    status, ended = await call("delete", path, ticket, params=token)
+    assert status == 200 and ended["state"] == "canceled"
+
+    exercised = {(m, p) for m, p, _ in contract.checked} | {("get", availability + "/stream")}
+    assert exercised == rest_routes(node), "every operation answered at least once"
