@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -207,36 +207,47 @@ def mint(
 
 @asynccontextmanager
 async def node_process(
-    tmp_path: Path, settings: Settings, redis_url: str, config_text: str, name: str
+    tmp_path: Path,
+    settings: Settings,
+    redis_url: str,
+    config_text: str,
+    name: str,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """``membrane serve`` in its own process, so a test can SIGKILL or signal it: its URL
-    once ready, and the process. It logs to ``tmp_path / f"{name}.log"``."""
+    once ready, and the process. It shares ``settings``' token secret, takes ``env`` and
+    ``args`` besides, and logs to ``tmp_path / f"{name}.log"``."""
     config = tmp_path / f"{name}.toml"
     config.write_text(config_text)
     port = free_port()
-    env = {
+    environment = {
         **os.environ,
         "MEMBRANE_JWT_SECRET": settings.auth.secret,
         "MEMBRANE_JWT_ISSUER": settings.auth.issuer,
+        **(env or {}),
     }
-    log = (tmp_path / f"{name}.log").open("wb")
+    log_path = tmp_path / f"{name}.log"
+    log = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-        "--redis-url", redis_url, "--data-dir", str(tmp_path / name),
-        env=env, stdout=log, stderr=log,
+        "--redis-url", redis_url, "--data-dir", str(tmp_path / name), *args,
+        env=environment, stdout=log, stderr=log,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
 
             async def ready() -> bool:
+                if proc.returncode is not None:
+                    raise AssertionError(f"{name} exited: {log_path.read_text()}")
                 try:
                     async with http.get(f"{url}/readyz") as r:
                         return r.status == 200
                 except aiohttp.ClientConnectionError:
                     return False
 
-            await eventually(ready, 20)
+            await eventually(ready, 30)
         yield url, proc
     finally:
         if proc.returncode is None:

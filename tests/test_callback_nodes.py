@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -28,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Node, SocketClient, eventually, free_port, mint, start_node
+from conftest import Node, SocketClient, eventually, mint, node_process, start_node
 from redis import asyncio as aioredis
 from test_callbacks import (
     ANNA_PHONE,
@@ -305,45 +303,14 @@ async def process_node(
         config += "\n  [sites.callback_policy]\n"
         config += "".join(f"  {k} = {toml_value(v)}\n" for k, v in policy.items())
     config += f'\n[twilio]\napi_base_url = "{api_base_url}"\n'
-    path = tmp_path / f"{name}.toml"
-    path.write_text(config)
-    port = free_port()
     env = {
-        **os.environ,
-        "MEMBRANE_JWT_SECRET": settings.auth.secret,
-        "MEMBRANE_JWT_ISSUER": settings.auth.issuer,
         "MEMBRANE_TWILIO_ACCOUNT_SID": settings.twilio.account_sid,
         "MEMBRANE_TWILIO_AUTH_TOKEN": settings.twilio.auth_token,
         "MEMBRANE_NODE_ID": name,
     }
-    log_path = tmp_path / f"{name}.log"
-    log = log_path.open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port),
-        "--redis-url", redis_url, "--data-dir", str(tmp_path / name),
-        "--public-url", public_url,
-        env=env, stdout=log, stderr=log,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                if proc.returncode is not None:
-                    raise AssertionError(f"{name} exited: {log_path.read_text()}")
-                try:
-                    async with http.get(f"{url}/readyz") as r:
-                        return r.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await eventually(ready, 30)
-        yield ProcessNode(url, proc, log_path, settings)
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-        log.close()
+    args = ("--public-url", public_url)
+    async with node_process(tmp_path, settings, redis_url, config, name, env, args) as (url, proc):
+        yield ProcessNode(url, proc, tmp_path / f"{name}.log", settings)
 
 
 async def kill(node: ProcessNode) -> None:
