@@ -22,6 +22,8 @@ E = TypeVar("E", bound=StrEnum)
 
 # ``\Z``, not ``$``: ``$`` also matches before a trailing newline, so "abc\n" would pass.
 ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
+# What the gateway issues as visitor ids (POST .../sessions reuses only these).
+VISITOR_ID_PATTERN = re.compile(r"v_[A-Za-z0-9_-]{16,48}")
 MAX_PRIORITY = 127
 
 

@@ -10,17 +10,31 @@ calls an integrator makes (docs/PROTOCOL.md sections 5 and 6).
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from gateway.call import CallChannel, CallState
-from gateway.codec import MAX_PRIORITY, Json
+from gateway.codec import (
+    ID_PATTERN,
+    LANGUAGE_PATTERN,
+    MAX_PRIORITY,
+    VISITOR_ID_PATTERN,
+    Json,
+)
 from gateway.model import Channel, DeviceKind, DeviceState, PresenceStatus
 
-ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"}
+
+def _pattern(compiled: re.Pattern[str]) -> Json:
+    """The codec's own pattern, as JSON Schema writes a whole-string match."""
+    body = compiled.pattern.removeprefix("\\A").removesuffix("\\Z")
+    return {"type": "string", "pattern": f"^{body}$"}
+
+
+ID = _pattern(ID_PATTERN)
+LANGUAGE = _pattern(LANGUAGE_PATTERN)
 TIME = {"type": "string", "format": "date-time"}
-LANGUAGE = {"type": "string", "pattern": "^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$"}
 
 
 def _ref(name: str) -> Json:
@@ -154,7 +168,7 @@ def _schemas() -> dict[str, Json]:
         "Session": _object(
             {
                 "token": {"type": "string", "description": "Visitor JWT for /visitor."},
-                "visitor_id": {"type": "string", "pattern": "^v_[A-Za-z0-9_-]{16,48}$"},
+                "visitor_id": _pattern(VISITOR_ID_PATTERN),
                 "expires_at": TIME,
                 "ice_servers": {"type": "array", "items": _ref("IceServer")},
             }

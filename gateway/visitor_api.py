@@ -7,7 +7,6 @@ session token guards.
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -15,13 +14,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway.codec import LANGUAGE_PATTERN, check_id, iso
+from gateway.codec import LANGUAGE_PATTERN, VISITOR_ID_PATTERN, check_id, iso
 from gateway.errors import ApiError, invalid_payload
 from gateway.http_api import read_json
 from gateway.ice import ice_servers
 from gateway.model import Role, Site
 
-VISITOR_ID = re.compile(r"v_[A-Za-z0-9_-]{16,48}")
 SESSIONS_PER_IP_MINUTE = 30
 CORS_HEADERS = "Authorization, Content-Type"
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
@@ -99,7 +97,7 @@ async def create_session(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise invalid_payload("body must be a JSON object")
     visitor_id = body.get("visitor_id")
-    if not (isinstance(visitor_id, str) and VISITOR_ID.fullmatch(visitor_id)):
+    if not (isinstance(visitor_id, str) and VISITOR_ID_PATTERN.fullmatch(visitor_id)):
         visitor_id = "v_" + secrets.token_urlsafe(18)
     settings = request.app[keys.SETTINGS]
     token, expires_at = request.app[keys.TOKENS].mint(visitor_id, site.site_id, Role.VISITOR)
