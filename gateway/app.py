@@ -15,10 +15,12 @@ from gateway.auth import TokenService
 from gateway.availability_feed import AvailabilityFeed
 from gateway.call_service import RING_TIMER, VISITOR_GONE_TIMER, CallService
 from gateway.callback_service import DIAL_TIMER, DUE_TIMER, WATCH_TIMER, CallbackService
+from gateway.codec import Json
 from gateway.events import EventRouter
 from gateway.http_api import error_middleware
 from gateway.metrics import Metrics
 from gateway.presence_service import PRESENCE_EVENT, PresenceService
+from gateway.ringing import RING_EVENT, RING_OVER_EVENT
 from gateway.settings import Settings
 from gateway.sio_manager import ObservedRedisManager
 from gateway.sockets import (
@@ -129,7 +131,13 @@ def create_app(
         dict(settings.sites), store, presence, calls, calls_notifier, metrics
     )
     calls.callbacks = callbacks
-    feed = AvailabilityFeed(presence)
+    feed = AvailabilityFeed(presence, calls.ringing)
+
+    async def ring_event(event: Json) -> None:
+        calls.ringing.apply(event)
+
+    events.on(RING_EVENT, ring_event)
+    events.on(RING_OVER_EVENT, ring_event)
     timers = TimerLoop(store)
 
     async def ring_timeout(rest: str) -> None:

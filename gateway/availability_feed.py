@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.codec import Json, iso
 from gateway.presence_service import PresenceChange, PresenceService
+from gateway.ringing import RingingAgents
 from gateway.routing import RoutingSnapshot, availability
 from gateway.tasks import TaskGroup
 
@@ -48,10 +49,16 @@ class Watcher:
             self.done.set_result(None)
 
 
-def availability_json(presence: PresenceService, key: FeedKey, now: float) -> Json:
+def availability_json(
+    presence: PresenceService, ringing: RingingAgents, key: FeedKey, now: float
+) -> Json:
     site_id, language, branch = key
     site = presence.site(site_id)
-    snap = RoutingSnapshot(site=site, presence=presence.snapshot(site_id))
+    agents = presence.snapshot(site_id)
+    # An agent ringing for another visitor is not free: counted as working, not promised.
+    snap = RoutingSnapshot(
+        site=site, presence=agents, reserved=ringing.current(site_id, agents, now)
+    )
     a = availability(snap, now, language=language, branch=branch)
     return {
         "available": a.available,
@@ -73,12 +80,14 @@ class AvailabilityFeed:
     def __init__(
         self,
         presence: PresenceService,
+        ringing: RingingAgents,
         clock: Callable[[], float] = time.time,
         coalesce_s: float = 0.02,
         keepalive_s: float = 20.0,
         max_watchers: int = 50_000,
     ) -> None:
         self._presence = presence
+        self._ringing = ringing
         self._clock = clock
         self._coalesce_s = coalesce_s
         self._keepalive_s = keepalive_s
@@ -88,13 +97,14 @@ class AvailabilityFeed:
         self._dirty: set[str] = set()
         self._tasks = TaskGroup("availability")
         presence.add_listener(self._on_presence)
+        ringing.add_listener(self._site_changed)
 
     @property
     def watcher_count(self) -> int:
         return sum(len(w) for w in self._watchers.values())
 
     def current(self, key: FeedKey) -> Json:
-        return availability_json(self._presence, key, self._clock())
+        return availability_json(self._presence, self._ringing, key, self._clock())
 
     # --- watchers ------------------------------------------------------------------------------
 
@@ -135,7 +145,10 @@ class AvailabilityFeed:
     # --- changes -------------------------------------------------------------------------------
 
     async def _on_presence(self, change: PresenceChange) -> None:
-        site = change.presence.site
+        self._site_changed(change.presence.site)
+
+    def _site_changed(self, site: str) -> None:
+        """Presence or a ring changed: the site's answer may have too."""
         if site in self._dirty or not any(k[0] == site for k in self._watchers):
             return
         self._dirty.add(site)
@@ -149,7 +162,7 @@ class AvailabilityFeed:
     async def flush(self, site: str | None = None, keepalive: bool = False) -> None:
         now = self._clock()
         for key in [k for k in self._watchers if site is None or k[0] == site]:
-            frame = sse_frame(availability_json(self._presence, key, now))
+            frame = sse_frame(availability_json(self._presence, self._ringing, key, now))
             if frame == self._last.get(key):
                 if not keepalive:
                     continue

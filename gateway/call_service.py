@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
@@ -23,8 +23,9 @@ from gateway import call as calls
 from gateway.call import Call, CallChannel, CallError, CallRequest, CallState
 from gateway.codec import Json, call_from_record, call_to_record, iso
 from gateway.errors import ApiError, forbidden, not_found
-from gateway.model import Presence, PresenceRecord, Site
+from gateway.model import PresenceRecord, Site
 from gateway.presence_service import PresenceService, socket_device_id
+from gateway.ringing import RingingAgents, RingNote, ring_event, ring_over_event
 from gateway.routing import (
     RankingCache,
     RouteRequest,
@@ -102,12 +103,9 @@ class CallService:
         self._clock = clock
         self.visitor_grace_s = VISITOR_GRACE_S
         self._ranking = RankingCache()
-        # Per site, agents this node reserved for a ring: until when, and their presence
-        # revision then. Routing skips them without a Redis round trip. An entry lapses by
-        # itself, or once the agent's presence changes (an accept on another node makes
-        # them on_call there), so a release made elsewhere never leaves one stale; the
-        # store's reservation stays the authority.
-        self._ringing_here: dict[str, dict[str, tuple[float, int]]] = {}
+        self.ringing = RingingAgents()
+        """Who rings for a call anywhere (gateway.ringing): routing skips them without a
+        store round trip, and the button does not promise them."""
         self.callbacks: CallbackHooks | None = None
         """Set by the app: PSTN callbacks share ringing and accepting with browser calls."""
 
@@ -251,7 +249,8 @@ class CallService:
                 raise ApiError(409, e.code, e.message) from None
             raise
         await self._presence.set_active_call(site_id, agent_id, call_id)
-        self._ringing_here.get(site_id, {}).pop(agent_id, None)  # on_call from now on
+        # Other nodes' notes lapse as they see the agent go on_call: no event needed.
+        self.ringing.end(site_id, agent_id, call_id)
         await self._store.finish_timer(f"{RING_TIMER}:{call_id}:{call.attempt}")
         await self._notify.ring_stop(call, agent_id, "answered")
         if call.channel is CallChannel.CALLBACK and self.callbacks is not None:
@@ -347,24 +346,24 @@ class CallService:
             raise not_found(f"no call {call.call_id!r}")
         return call
 
-    def _ringing_agents(
-        self, site_id: str, presence: Mapping[str, Presence], now: float
-    ) -> frozenset[str]:
-        ringing = self._ringing_here.get(site_id)
-        if not ringing:
-            return frozenset()
-        live = {
-            agent_id: entry
-            for agent_id, entry in ringing.items()
-            if entry[0] > now and (p := presence.get(agent_id)) is not None and p.rev == entry[1]
-        }
-        if len(live) != len(ringing):
-            self._ringing_here[site_id] = live
-        return frozenset(live)
+    def note_ring(self, site_id: str, agent_id: str, call_id: str, until: float) -> RingNote:
+        """The agent rings for ``call_id`` until ``until`` at the latest: noted on this node at
+        once, so that a concurrent route here skips them; ``announce_ring`` tells the rest."""
+        seen = self._presence.snapshot(site_id).get(agent_id)
+        note = RingNote(call_id, until, seen.rev if seen is not None else -1)
+        self.ringing.start(site_id, agent_id, note)
+        return note
+
+    async def announce_ring(self, site_id: str, agent_id: str, note: RingNote) -> None:
+        await self._store.publish(ring_event(site_id, agent_id, note))
 
     async def _after_ring(self, before: Call, call: Call, agent_id: str, reason: str) -> None:
-        self._ringing_here.get(call.site, {}).pop(agent_id, None)
-        await self._store.release_agent(call.site, agent_id, call.call_id)
+        self.ringing.end(call.site, agent_id, call.call_id)
+        # One lane, in order: the reservation is gone before other nodes hear the ring is.
+        await asyncio.gather(
+            self._store.release_agent(call.site, agent_id, call.call_id),
+            self._store.publish(ring_over_event(call.site, agent_id, call.call_id)),
+        )
         await self._store.finish_timer(ring_timer_id(before))
         await self._notify.ring_stop(call, agent_id, reason)
         await self._notify.call_update(call)
@@ -416,7 +415,7 @@ class CallService:
         snapshot = RoutingSnapshot(
             site=site,
             presence=presence,
-            reserved=self._ringing_agents(call.site, presence, now),
+            reserved=self.ringing.current(call.site, presence, now),
             last_agent=last_agent,
         )
         r = call.request
@@ -442,11 +441,7 @@ class CallService:
                 continue
             candidate = next(c for c in batch if c.agent_id == chosen)
             agent = site.agents[candidate.agent_id]
-            seen = presence.get(agent.agent_id)
-            self._ringing_here.setdefault(call.site, {})[agent.agent_id] = (
-                now + ttl,
-                seen.rev if seen is not None else -1,
-            )
+            note = self.note_ring(call.site, agent.agent_id, call.call_id, now + ttl)
             branch = site.branches.get(agent.branch) if agent.branch else None
             who = f"{agent.name} in {branch.name}" if branch else agent.name
             try:
@@ -463,6 +458,7 @@ class CallService:
                     call,
                 )
             except (CallError, ApiError):
+                self.ringing.end(call.site, agent.agent_id, call.call_id)
                 await self._store.release_agent(call.site, agent.agent_id, call.call_id)
                 return await self.get(call.call_id)  # canceled meanwhile
             assert ringing.ring_expires_at is not None
@@ -489,6 +485,7 @@ class CallService:
             await asyncio.gather(
                 self._store.schedule_timer(ring_timer_id(ringing), ringing.ring_expires_at),
                 self._notify.call_update(ringing),
+                self.announce_ring(call.site, agent.agent_id, note),
             )
             return ringing
         # Nobody could be reserved: the full ranking says why (closed, nobody online, ...).

@@ -19,6 +19,7 @@ the provider sits behind gateway.telephony.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -377,8 +378,12 @@ class CallbackService:
 
     def _snapshot(self, call: Call, last_agent: str | None) -> RoutingSnapshot:
         site = self._sites[call.site]
+        presence = self._presence.snapshot(call.site)
         return RoutingSnapshot(
-            site=site, presence=self._presence.snapshot(call.site), last_agent=last_agent
+            site=site,
+            presence=presence,
+            reserved=self._calls.ringing.current(call.site, presence, self._clock()),
+            last_agent=last_agent,
         )
 
     def _agent_counts(self, call: Call) -> tuple[int, int]:
@@ -527,7 +532,12 @@ class CallbackService:
             ),
         )
         assert ringing.ring_expires_at is not None
-        await self._store.schedule_timer(ring_timer_id(ringing), ringing.ring_expires_at)
+        until = now + site.ring_timeout_s + RESERVATION_GRACE_S  # the reservation's own expiry
+        note = self._calls.note_ring(call.site, agent_id, call.call_id, until)
+        await asyncio.gather(
+            self._store.schedule_timer(ring_timer_id(ringing), ringing.ring_expires_at),
+            self._calls.announce_ring(call.site, agent_id, note),
+        )
         r = ringing.request
         await self._notify.ring(
             ringing,

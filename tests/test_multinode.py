@@ -257,6 +257,75 @@ async def test_an_agent_freed_on_another_node_is_rung_again_at_once(
     assert again["call_id"] == ack["call"]["call_id"]
 
 
+async def test_an_agent_who_declined_on_another_node_is_rung_again_at_once(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Node A rang Carla on B; she declined there (no presence change: she stayed
+    available). A's note that she was ringing must end with the ring, not 30 s later."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+
+    first, _ = await visitor_calls(http, clients, a.url)
+    ring = await agent.next("call:ring")
+    await agent.call("call:decline", {"call_id": ring["call_id"]}, "/agent")
+    failed = await first.next("call:update", lambda c: c["state"] == "failed")
+    assert failed["reason"] == "no_agent_answered"
+
+    async def free_on_a() -> bool:
+        async with http.get(f"{a.url}/v1/sites/acme/availability") as r:
+            return bool((await r.json())["agents_available"] == 1)
+
+    await eventually(free_on_a, 5)
+    _, ack = await visitor_calls(http, clients, a.url)
+    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+    again = await agent.next("call:ring")
+    assert again["call_id"] == ack["call"]["call_id"]
+
+
+async def test_no_node_promises_an_agent_who_rings_for_someone_else(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Anna, on B, rings for a visitor of B: an idle widget watching A stops promising her
+    at once, and promises her again when she declines."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "anna")})
+    await agent.next("presence:update", status_of("anna", "available"))
+    stream = await http.get(
+        f"{a.url}/v1/sites/acme/availability/stream", headers={"Origin": "http://127.0.0.1:8080"}
+    )
+
+    async def next_available() -> bool:
+        while True:
+            line = await asyncio.wait_for(stream.content.readline(), 5)
+            if line.startswith(b"data: "):
+                return bool(json.loads(line[6:])["available"])
+
+    assert await next_available() is True
+    _, ack = await visitor_calls(http, clients, b.url)
+    assert ack["call"]["state"] == "ringing"
+    assert await next_available() is False
+    r = await http.get(f"{a.url}/v1/sites/acme/availability")
+    assert (await r.json())["agents_available"] == 0
+    await agent.call("call:decline", {"call_id": ack["call"]["call_id"]}, "/agent")
+    assert await next_available() is True
+    stream.close()
+
+
 async def test_a_connected_agent_outlives_many_socket_leases(
     nodes: NodeFactory,
     redis_url: str,
