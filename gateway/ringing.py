@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from gateway.codec import Json
 from gateway.model import Presence
+
+# A node event as it travels between nodes (the store's envelope holds it).
+Event = dict[str, Any]
 
 RING_EVENT = "ring"
 RING_OVER_EVENT = "ring_over"
@@ -68,7 +71,7 @@ class RingingAgents:
             self._notes[site] = live
         return frozenset(live)
 
-    def apply(self, event: Json) -> None:
+    def apply(self, event: Event) -> None:
         """A ``ring`` or ``ring_over`` event from another node; malformed ones are ignored."""
         try:
             site, agent_id, call_id = str(event["site"]), str(event["agent_id"]), event["call_id"]
@@ -85,7 +88,7 @@ class RingingAgents:
             listener(site)
 
 
-def ring_event(site: str, agent_id: str, note: RingNote) -> Json:
+def ring_event(site: str, agent_id: str, note: RingNote) -> Event:
     return {
         "type": RING_EVENT,
         "site": site,
@@ -96,5 +99,5 @@ def ring_event(site: str, agent_id: str, note: RingNote) -> Json:
     }
 
 
-def ring_over_event(site: str, agent_id: str, call_id: str) -> Json:
+def ring_over_event(site: str, agent_id: str, call_id: str) -> Event:
     return {"type": RING_OVER_EVENT, "site": site, "agent_id": agent_id, "call_id": call_id}
