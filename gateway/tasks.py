@@ -9,6 +9,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+RECANCEL_AFTER_S = 0.25
+
 
 class TaskGroup:
     """Keeps every task it spawns alive until done, logs crashes, and cancels all on close.
@@ -40,13 +42,18 @@ class TaskGroup:
         return len(self._tasks)
 
     async def close(self) -> None:
-        """Cancel every task and wait until each has exited."""
+        """Cancel every task and wait until each has exited.
+
+        A task still running a moment after its cancel is cancelled again: a library can
+        swallow a cancel (see ``raise_if_cancelling``), and a loop that then logs a plain
+        error and goes back to waiting would otherwise hold shutdown up for good."""
         self._closed = True
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            _, pending = await asyncio.wait(tasks, timeout=RECANCEL_AFTER_S)
+            tasks = list(pending)
 
 
 def raise_if_cancelling() -> None:
