@@ -124,22 +124,27 @@ class AvailabilityFeed:
         if chunked:
             response.enable_chunked_encoding()  # explicit, so broadcasts can pre-frame chunks
         await response.prepare(request)
-        frame = self._last.get(key) or sse_frame(self.current(key))
-        self._last[key] = frame
-        await response.write(b"retry: 5000\n" + frame)
         transport = request.transport
         if transport is None:
             return response
+        # The last frame sent for the key is current while someone watches it (every change
+        # is flushed to them); with nobody watching, it is forgotten (below) and worked out
+        # anew. The watcher joins before its first write, so no broadcast falls in between.
+        frame = self._last.get(key) or sse_frame(self.current(key))
+        self._last[key] = frame
         watcher = Watcher(response, transport, chunked)
         self._watchers.setdefault(key, set()).add(watcher)
         try:
+            await response.write(b"retry: 5000\n" + frame)
             await watcher.done
         finally:
             group = self._watchers.get(key)
             if group is not None:
                 group.discard(watcher)
                 if not group:
+                    # Changes while nobody watches are not flushed: the frame would go stale.
                     del self._watchers[key]
+                    self._last.pop(key, None)
         return response
 
     # --- changes -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import aiohttp
 import jwt
 import pytest
 import socketio
-from conftest import Node, NodeFactory, SocketClient, make_settings, mint
+from conftest import Node, NodeFactory, SocketClient, eventually, make_settings, mint
 
 from gateway.settings import Settings
 
@@ -378,6 +378,38 @@ async def test_availability_json_and_live_stream(
         await ben.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
         gone = await asyncio.wait_for(next_event(), 5)
         assert gone["available"] is False
+
+
+async def test_a_new_watcher_is_told_the_truth_about_changes_nobody_watched(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """A widget opened after the last one closed, with changes in between, must not be
+    told the state of when the last one watched: that would stand until the next change,
+    or the 20 s keepalive (seen in the demo: the button said nobody was free while Anna
+    was)."""
+    import json
+
+    from gateway import appkeys
+
+    feed = node.app[appkeys.AVAILABILITY]
+
+    async def first_frame() -> dict[str, Any]:
+        async with http.get(f"{node.url}/v1/sites/acme/availability/stream") as stream:
+            while True:
+                line = (await asyncio.wait_for(stream.content.readline(), 5)).decode()
+                if line.startswith("data: "):
+                    data: dict[str, Any] = json.loads(line[6:])
+                    return data
+
+    assert (await first_frame())["available"] is False
+    ben = await agent(clients, node, "ben")  # the broadcast of this drops the closed stream
+
+    async def nobody_watches() -> bool:
+        return feed.watcher_count == 0
+
+    await eventually(nobody_watches, 5)
+    await ben.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
+    assert (await first_frame())["available"] is False, "Ben is away"
 
 
 async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
