@@ -359,11 +359,9 @@ class CallService:
 
     async def _after_ring(self, before: Call, call: Call, agent_id: str, reason: str) -> None:
         self.ringing.end(call.site, agent_id, call.call_id)
-        # One lane, in order: the reservation is gone before other nodes hear the ring is.
-        await asyncio.gather(
-            self._store.release_agent(call.site, agent_id, call.call_id),
-            self._store.publish(ring_over_event(call.site, agent_id, call.call_id)),
-        )
+        # The reservation is gone before other nodes hear the ring is, and route to her.
+        await self._store.release_agent(call.site, agent_id, call.call_id)
+        await self._store.publish(ring_over_event(call.site, agent_id, call.call_id))
         await self._store.finish_timer(ring_timer_id(before))
         await self._notify.ring_stop(call, agent_id, reason)
         await self._notify.call_update(call)
