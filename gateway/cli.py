@@ -70,11 +70,23 @@ def serve(args: argparse.Namespace) -> int:
         f"Membrane node {settings.node_id} on http://{settings.host}:{settings.port}"
         f" (store: {store})\n"
         f"  demo site:  {settings.public_url}/demo/\n"
-        f"  agent app:  {settings.public_url}/agent/  (token: membrane token --agent <id>)",
+        f"  agent app:  {settings.public_url}/agent/  (token: {_token_command()} --agent <id>)",
         flush=True,
     )
     web.run_app(app, host=settings.host, port=settings.port, print=None, loop=_new_event_loop())
     return 0
+
+
+def _token_command() -> str:
+    """How to run ``membrane token`` from where the node was started: the script beside this
+    interpreter (``.venv/bin/membrane`` after ``./deploy/run-demo``), which is on no PATH."""
+    script = Path(sys.executable).parent / "membrane"
+    if not script.exists():
+        return "membrane token"
+    try:
+        return f"{script.relative_to(Path.cwd())} token"
+    except ValueError:
+        return f"{script} token"
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

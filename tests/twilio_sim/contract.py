@@ -1,4 +1,5 @@
-"""The Twilio Calls contract, loaded from ``shared/contracts/twilio/twilio_api_v2010_calls.json``.
+"""The Twilio Calls contract, loaded from ``spec/twilio_api_v2010_calls.json`` beside this module
+(Twilio's published contract, copied into the repository; ``spec/SOURCE.md`` gives its source).
 
 Everything the simulator validates is read from the OpenAPI document where the document says it:
 parameter names, types, ``enum`` lists, ``pattern``/``minLength``/``maxLength``, ``required``,
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-CONTRACT_DIR = Path(__file__).resolve().parents[3] / "shared" / "contracts" / "twilio"
+CONTRACT_DIR = Path(__file__).resolve().parent / "spec"
 SPEC_FILE = "twilio_api_v2010_calls.json"
 
 CALLS_PATH = "/2010-04-01/Accounts/{AccountSid}/Calls.json"
@@ -157,8 +158,7 @@ class Contract:
         path = self.directory / SPEC_FILE
         if not path.is_file():
             raise FileNotFoundError(
-                f"Twilio contract not found at {path}: the repository must be checked out "
-                "beside shared/ (see tests/twilio_sim/README.md)"
+                f"Twilio contract not found at {path} (see tests/twilio_sim/README.md)"
             )
         self.spec: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         paths = self.spec["paths"]

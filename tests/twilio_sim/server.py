@@ -1,7 +1,7 @@
 """A local stand-in for Twilio Programmable Voice: the Calls REST API, call progress,
 signed webhooks, TwiML execution, simulated phones and bidirectional Media Streams.
 
-See README.md in this directory for how each behaviour maps to shared/contracts/twilio/.
+See README.md in this directory for how each behaviour maps to tests/twilio_sim/spec/.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``X-Twilio-Signature`` (shared/contracts/twilio/WEBHOOKS.md section 2).
+"""``X-Twilio-Signature`` (tests/twilio_sim/spec/WEBHOOKS.md section 2).
 
 The simulator signs with the real SDK (:func:`sdk_signature`); :func:`twilio_signature` is an
 independent stdlib implementation used to cross-check the SDK against the known-answer vectors.

@@ -1,4 +1,4 @@
-"""TwiML parsing (shared/contracts/twilio/TWIML.md).
+"""TwiML parsing (tests/twilio_sim/spec/TWIML.md).
 
 A document is ``<Response>`` with verbs as children.  Parsing produces plain :class:`Node` trees;
 the simulator's executor (server.py) interprets them.

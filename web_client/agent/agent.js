@@ -167,7 +167,7 @@
     if (!c) return showSignIn("That does not look like a Membrane token (a JWT with three parts).");
     if (c.exp && c.exp * 1000 < Date.now() - 60000) {
       session.set(TOKEN_KEY, null);
-      return showSignIn("This token has expired. Mint a new one with membrane token --agent <id>.");
+      return showSignIn("This token has expired. Mint a new one with .venv/bin/membrane token --agent <id>.");
     }
     if (typeof window.io !== "function") return showSignIn("The socket.io client did not load.");
     clearError();
