@@ -38,6 +38,7 @@ from gateway.tasks import TaskGroup
 from gateway.telephony import ENTRY_POINT_GROUP, TelephonyInstaller
 from gateway.timers import TimerLoop
 from gateway.visitor_api import cors_middleware
+from gateway.visitor_identity import VisitorIdentity
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ def create_app(
     app[keys.SETTINGS] = settings
     app[keys.STORE] = store
     app[keys.TOKENS] = tokens
+    app[keys.VISITORS] = VisitorIdentity.from_auth(settings.auth)
     app[keys.METRICS] = metrics
     app[keys.PRESENCE] = presence
     app[keys.SIO] = sio

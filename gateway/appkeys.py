@@ -17,6 +17,7 @@ from gateway.ratelimit import TokenBucket
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 from gateway.tasks import TaskGroup
+from gateway.visitor_identity import VisitorIdentity
 
 
 class HealthSource(Protocol):
@@ -26,6 +27,7 @@ class HealthSource(Protocol):
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 TOKENS = web.AppKey("tokens", TokenService)
+VISITORS = web.AppKey("visitors", VisitorIdentity)
 METRICS = web.AppKey("metrics", Metrics)
 PRESENCE = web.AppKey("presence", PresenceService)
 SIO = web.AppKey("sio", socketio.AsyncServer)

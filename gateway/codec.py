@@ -24,6 +24,8 @@ E = TypeVar("E", bound=StrEnum)
 ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 # What the gateway issues as visitor ids (POST .../sessions reuses only these).
 VISITOR_ID_PATTERN = re.compile(r"v_[A-Za-z0-9_-]{16,48}")
+# What the gateway issues as visitor secrets (gateway.visitor_identity): 32 bytes, base64url.
+VISITOR_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 MAX_PRIORITY = 127
 
 
@@ -157,6 +159,47 @@ def ok(**fields: Any) -> Json:
 
 def error_ack(code: str, message: str) -> Json:
     return {"ok": False, "error": {"code": code, "message": message}}
+
+
+# --- visitor sessions ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRequest:
+    """A visitor's claim to be someone the gateway met before: both parts, or neither."""
+
+    visitor_id: str | None
+    visitor_secret: str | None
+
+
+def session_request_from_wire(payload: object) -> SessionRequest:
+    """The body of ``POST .../sessions``. An id or secret
+    the gateway cannot have issued (stale storage, another gateway's) is no claim: the
+    visitor is simply new, as they would be with a wrong secret."""
+    obj = as_object(payload, "body")
+    visitor_id = obj.get("visitor_id")
+    secret = obj.get("visitor_secret")
+    if not (isinstance(visitor_id, str) and VISITOR_ID_PATTERN.fullmatch(visitor_id)):
+        return SessionRequest(None, None)
+    if not (isinstance(secret, str) and VISITOR_SECRET_PATTERN.fullmatch(secret)):
+        return SessionRequest(None, None)
+    return SessionRequest(visitor_id, secret)
+
+
+def session_to_wire(
+    token: str,
+    visitor_id: str,
+    visitor_secret: str,
+    expires_at: float,
+    ice_servers: list[Json],
+) -> Json:
+    return {
+        "token": token,
+        "visitor_id": visitor_id,
+        "visitor_secret": visitor_secret,
+        "expires_at": iso(expires_at),
+        "ice_servers": ice_servers,
+    }
 
 
 # --- calls ---------------------------------------------------------------------------------

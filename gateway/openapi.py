@@ -21,6 +21,7 @@ from gateway.codec import (
     LANGUAGE_PATTERN,
     MAX_PRIORITY,
     VISITOR_ID_PATTERN,
+    VISITOR_SECRET_PATTERN,
     Json,
 )
 from gateway.model import Channel, DeviceKind, DeviceState, PresenceStatus
@@ -160,15 +161,24 @@ def _schemas() -> dict[str, Json]:
             {
                 "visitor_id": {
                     "type": "string",
-                    "description": "Reused if it looks like one the gateway issued "
-                    "(v_ and 16 to 48 URL-safe characters); otherwise a new one is made.",
-                }
+                    "description": "The id of an earlier session: kept only together with "
+                    "its visitor_secret; without it, or with a wrong one, a new id is made.",
+                },
+                "visitor_secret": {
+                    "type": "string",
+                    "description": "The visitor_secret that came with visitor_id.",
+                },
             },
         ),
         "Session": _object(
             {
                 "token": {"type": "string", "description": "Visitor JWT for /visitor."},
                 "visitor_id": _pattern(VISITOR_ID_PATTERN),
+                "visitor_secret": {
+                    **_pattern(VISITOR_SECRET_PATTERN),
+                    "description": "Proves visitor_id in later session requests: whoever "
+                    "holds it is this visitor, so the client keeps it to itself.",
+                },
                 "expires_at": TIME,
                 "ice_servers": {"type": "array", "items": _ref("IceServer")},
             }

@@ -7,18 +7,18 @@ session token guards.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway.codec import LANGUAGE_PATTERN, VISITOR_ID_PATTERN, check_id, iso
+from gateway.codec import LANGUAGE_PATTERN, check_id, session_request_from_wire, session_to_wire
 from gateway.errors import ApiError, invalid_payload
 from gateway.http_api import read_json
 from gateway.ice import ice_servers
 from gateway.model import Role, Site
+from gateway.visitor_identity import new_visitor_id
 
 SESSIONS_PER_IP_MINUTE = 30
 CORS_HEADERS = "Authorization, Content-Type"
@@ -93,21 +93,24 @@ async def create_session(request: web.Request) -> web.Response:
     now = time.time()
     if not await store.hit(f"sessions:{client_ip(request)}", 60, SESSIONS_PER_IP_MINUTE, now):
         raise ApiError(429, "rate_limited", "too many sessions from this address")
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise invalid_payload("body must be a JSON object")
-    visitor_id = body.get("visitor_id")
-    if not (isinstance(visitor_id, str) and VISITOR_ID_PATTERN.fullmatch(visitor_id)):
-        visitor_id = "v_" + secrets.token_urlsafe(18)
+    claim = session_request_from_wire(await read_json(request))
+    # Only the secret the gateway gave a visitor keeps their id: the id alone is seen by
+    # agents, and a token for it would take over the visitor's live call.
+    identity = request.app[keys.VISITORS]
+    visitor_id = identity.identify(site.site_id, claim.visitor_id, claim.visitor_secret)
+    if visitor_id is None:
+        visitor_id = new_visitor_id()
     settings = request.app[keys.SETTINGS]
     token, expires_at = request.app[keys.TOKENS].mint(visitor_id, site.site_id, Role.VISITOR)
+    turn_name = identity.turn_name(site.site_id, visitor_id)
     return web.json_response(
-        {
-            "token": token,
-            "visitor_id": visitor_id,
-            "expires_at": iso(expires_at),
-            "ice_servers": ice_servers(settings.webrtc, visitor_id, now),
-        },
+        session_to_wire(
+            token,
+            visitor_id,
+            identity.secret(site.site_id, visitor_id),
+            expires_at,
+            ice_servers(settings.webrtc, turn_name, now),
+        ),
         status=201,
     )
 

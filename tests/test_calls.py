@@ -33,9 +33,10 @@ async def node(request: pytest.FixtureRequest, nodes: NodeFactory, tmp_path: Pat
 
 
 async def session(
-    http: aiohttp.ClientSession, node: Node, visitor_id: str | None = None
+    http: aiohttp.ClientSession, node: Node, returning: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    body = {"visitor_id": visitor_id} if visitor_id else {}
+    """A new visitor's session, or with ``returning`` (an earlier session) theirs again."""
+    body = {k: returning[k] for k in ("visitor_id", "visitor_secret")} if returning else {}
     r = await http.post(f"{node.url}/v1/sites/acme/sessions", json=body, headers=ORIGIN)
     assert r.status == 201, await r.text()
     data: dict[str, Any] = await r.json()
@@ -127,7 +128,7 @@ async def test_a_visitor_reaches_the_best_agent_talks_and_hangs_up(
     await ben.next("presence:update", lambda p: p["status"] == "available")
 
     # The same visitor comes back: Ben again (sticky), and he sees they are returning.
-    s2 = await session(http, node, s["visitor_id"])
+    s2 = await session(http, node, s)
     assert s2["visitor_id"] == s["visitor_id"]
     v2 = await visitor(clients, node, s2["token"])
     again = await v2.call("call:start", {"language": "en"}, "/visitor")

@@ -151,9 +151,13 @@ async def test_answers_match_the_document(
 
     # Visitors.
     sessions = "/v1/sites/{site}/sessions"
-    assert (await call("post", "/v1/sites/acme/sessions", sessions, json={}, headers=ORIGIN))[
-        0
-    ] == 201
+    status, first = await call("post", "/v1/sites/acme/sessions", sessions, json={}, headers=ORIGIN)
+    assert status == 201
+    proof = {k: first[k] for k in ("visitor_id", "visitor_secret")}
+    status, again = await call(
+        "post", "/v1/sites/acme/sessions", sessions, json=proof, headers=ORIGIN
+    )
+    assert status == 201 and again["visitor_id"] == first["visitor_id"]
     foreign = {"Origin": "https://evil.example"}
     assert (await call("post", "/v1/sites/acme/sessions", sessions, json={}, headers=foreign))[
         0
