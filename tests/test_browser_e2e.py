@@ -323,6 +323,15 @@ async def test_a_visitor_calls_anna_in_the_browser_talks_and_hangs_up(
     await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
     await shot(visitor, "widget-ended")
     await shot(anna, "agent-call-ended")
+
+    # Back on the site later (a new page load): the widget proves who the visitor is with the
+    # secret it kept, so Anna rings again and sees she spoke with them before.
+    await visitor.reload()
+    await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
+    await button.click()
+    await expect(ring).to_contain_text("Spoke with Anna before", timeout=WAIT_MS)
+    await visitor.get_by_test_id("membrane-hangup").click()
+    await expect(ring).to_have_count(0, timeout=WAIT_MS)
     no_errors(browsers)
 
 

@@ -28,7 +28,9 @@
   const callLanguage = () => cfg.language || browserLanguage();
   const FINAL = ["completed", "failed", "canceled"];
   const isFinal = (c) => !!c && FINAL.includes(c.state);
-  const VISITOR_KEY = "membrane.visitor_id";
+  // {visitor_id, visitor_secret} in one value, so two tabs cannot mix one's id with another's
+  // secret. The secret is what proves the id (the id alone is not enough); share it with no one.
+  const VISITOR_KEY = "membrane.visitor";
   const TICKET_KEY = "membrane.ticket";
   const COUNTRIES = [
     ["IE", "+353"], ["GB", "+44"], ["US", "+1"], ["DE", "+49"], ["FR", "+33"],
@@ -125,7 +127,7 @@
   // ---- state --------------------------------------------------------------------------------
   let avail = null; // latest availability object
   const listeners = new Set();
-  let session = null; // {token, visitor_id, expires_at, ice_servers}
+  let session = null; // {token, visitor_id, visitor_secret, expires_at, ice_servers}
   let sock = null; // socket.io socket on /visitor, only while a browser call is live
   let pc = null;
   let mic = null; // local MediaStream
@@ -141,11 +143,15 @@
 
   async function getSession() {
     if (session && Date.parse(session.expires_at) - Date.now() > 30000) return session;
-    const body = {};
-    const known = raw.get(VISITOR_KEY);
-    if (known) body.visitor_id = known;
-    session = await api("POST", `${siteUrl}/sessions`, body);
-    raw.set(VISITOR_KEY, session.visitor_id);
+    let body = {};
+    try { body = JSON.parse(raw.get(VISITOR_KEY)) || {}; } catch { /* none yet */ }
+    session = await api("POST", `${siteUrl}/sessions`, {
+      visitor_id: body.visitor_id, visitor_secret: body.visitor_secret,
+    });
+    raw.set(VISITOR_KEY, JSON.stringify({
+      visitor_id: session.visitor_id, visitor_secret: session.visitor_secret,
+    }));
+    raw.set("membrane.visitor_id", null); // the bare id of older versions proves nothing
     return session;
   }
 
