@@ -185,8 +185,11 @@ def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
     )
 
 
-def reattach(call: Call, visitor_sid: str) -> Call:
-    """The visitor's socket came back (a network blip): signals go to the new one."""
+def reattach(call: Call, site: str, visitor_id: str, visitor_sid: str) -> Call:
+    """The visitor's socket came back (a network blip): signals go to the new one. Only the
+    call's own visitor may: a new socket takes the call over on nothing but its token."""
+    if call.site != site or call.visitor_id != visitor_id:
+        raise CallError("not_found", "this call is not yours")
     if call.final:
         raise CallError("call_ended", "the call has already ended")
     return replace(call, visitor_sid=visitor_sid)

@@ -186,7 +186,9 @@ class CallService:
         if call_id is None:
             return None
         try:
-            _, call = await self.update(call_id, lambda c: calls.reattach(c, visitor_sid))
+            _, call = await self.update(
+                call_id, lambda c: calls.reattach(c, site_id, visitor_id, visitor_sid)
+            )
         except (CallError, ApiError):
             return None
         return call

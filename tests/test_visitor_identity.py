@@ -21,11 +21,13 @@ import pytest
 from conftest import Node, NodeFactory, SocketClient, make_settings, mint
 
 from gateway import appkeys
+from gateway.call import CallChannel, CallError, CallRequest, new_call, reattach
 from gateway.codec import (
     VISITOR_ID_PATTERN,
     VISITOR_SECRET_PATTERN,
     SessionRequest,
     session_request_from_wire,
+    session_to_wire,
 )
 from gateway.errors import ApiError
 from gateway.settings import AuthSettings, Settings, WebRTCSettings
@@ -162,6 +164,24 @@ def test_a_session_request_is_both_parts_or_no_claim() -> None:
     with pytest.raises(ApiError) as e:
         session_request_from_wire([vid, secret])
     assert e.value.code == "invalid_payload"
+
+
+def test_a_session_round_trips_into_the_next_request() -> None:
+    keys = VisitorIdentity(KEY)
+    vid = new_visitor_id()
+    wire = session_to_wire("t", vid, keys.secret("acme", vid), 1.0e9, [])
+    assert set(wire) == {"token", "visitor_id", "visitor_secret", "expires_at", "ice_servers"}
+    claim = session_request_from_wire(wire)
+    assert keys.identify("acme", claim.visitor_id, claim.visitor_secret) == vid
+
+
+def test_only_the_calls_own_visitor_reattaches() -> None:
+    call = new_call("c1", "acme", "v_victim_0123456789ab", CallChannel.WEBRTC, CallRequest(), 0.0)
+    assert reattach(call, "acme", call.visitor_id, "sid-2").visitor_sid == "sid-2"
+    for site, visitor_id in (("acme", "v_attacker_0123456789"), ("globex", call.visitor_id)):
+        with pytest.raises(CallError) as e:
+            reattach(call, site, visitor_id, "sid-3")
+        assert e.value.code == "not_found"
 
 
 # --- the attack, on real nodes -------------------------------------------------------------
