@@ -29,8 +29,8 @@
   const FINAL = ["completed", "failed", "canceled"];
   const isFinal = (c) => !!c && FINAL.includes(c.state);
   // {visitor_id, visitor_secret} in one value, so two tabs cannot mix one's id with another's
-  // secret. The secret is what proves the id (the id alone is not enough); share it with no one.
-  const VISITOR_KEY = "membrane.visitor";
+  // secret; per site, as a secret proves its id on one site only. Share it with no one.
+  const VISITOR_KEY = `membrane.visitor.${site}`;
   const TICKET_KEY = "membrane.ticket";
   const COUNTRIES = [
     ["IE", "+353"], ["GB", "+44"], ["US", "+1"], ["DE", "+49"], ["FR", "+33"],
