@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 # site for as long as it answers pings. A burst of a few hundred changes (a resync of a
 # large site) fits; the availability feed drops its watchers at 64 KiB the same way.
 MAX_PENDING_BYTES = 256 * 1024
-# Namespace CONNECT packets per engine.io connection: a second a second on average, bursts
-# of 10. Each connect and disconnect of /agent adds and removes a device (a presence change
+# Namespace CONNECT packets per engine.io connection: one every 2 s on average, bursts of
+# 10. Each connect and disconnect of /agent adds and removes a device (a presence change
 # for every node and board); the shipped clients connect each namespace once.
 NAMESPACE_CONNECTS = (0.5, 10.0)
 # How long a connection's writer may take to flush and close after its reader ended,
@@ -439,8 +439,8 @@ async def _refuse_body(request: web.Request) -> web.StreamResponse:
                 pass
     except TimeoutError:
         pass
-    except OSError:
-        pass  # the client went away
+    except Exception as e:  # the client went away, or broke its body off
+        log.debug("refused body ended early: %r", e)
     request.protocol.force_close()
     return response
 
