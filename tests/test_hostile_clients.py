@@ -21,7 +21,7 @@ from conftest import Node, eventually, make_settings, mint, start_node
 from gateway import appkeys as keys
 from gateway.codec import device_update_from_wire
 from gateway.model import Role
-from gateway.sockets import MAX_PENDING_BYTES, NAMESPACE_CONNECTS, LeanSocket
+from gateway.sockets import MAX_PENDING_BYTES, NAMESPACE_CONNECTS, WRITER_GRACE_S, LeanSocket
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
 WAIT_S = 5.0
@@ -89,7 +89,7 @@ async def closed(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
         return ws.close_code, ""  # CLOSED or ERROR: the transport went away
 
 
-async def no_sockets_left(node: Node) -> None:
+async def no_sockets_left(node: Node, timeout: float = WAIT_S) -> None:
     """The node let go of every engine.io connection and namespace session (its own
     cleanup after a close runs in the connection's task, which nothing outside can await)."""
     sio = node.app[keys.SIO]
@@ -98,7 +98,7 @@ async def no_sockets_left(node: Node) -> None:
         sessions = [s for ns in sio.namespace_handlers.values() for s in ns.sessions]
         return not engine_sockets(node) and not sessions
 
-    await eventually(gone, WAIT_S)
+    await eventually(gone, timeout)
 
 
 # --- 1. HTTP long-polling and request bodies --------------------------------------------------
@@ -260,6 +260,33 @@ async def test_a_board_that_never_reads_is_dropped_with_its_queue_bounded(node: 
             "membrane_sockets", {"namespace": "/board"}
         )
         assert sockets == 0
+
+
+async def test_a_client_that_stops_reading_cannot_hold_its_connection_open(node: Node) -> None:
+    """A client that stops reading, then ends its side (here: a malformed packet): its
+    writer waits on it for good, and before, so did the connection's handler, its socket.io
+    disconnect (the agent's device stayed) and the node's shutdown. It is cut after
+    WRITER_GRACE_S."""
+    connector = aiohttp.TCPConnector(socket_factory=tiny_receive_buffer)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        ws = await open_engine(http, node)
+        await join(ws, "/board", {"token": mint(node.settings, "sam", Role.SUPERVISOR)})
+        (lean,) = engine_sockets(node).values()
+        connection = ws._response.connection if ws._response is not None else None
+        assert connection is not None and connection.transport is not None
+        connection.transport.pause_reading()
+        presence = node.app[keys.PRESENCE]
+        states = ("available", "away")
+        changes = 0
+        # Until the writer is stuck on the client: what is sent to it piles up.
+        while lean.queue.qsize() < 20:
+            update = device_update_from_wire({"kind": "mobile", "state": states[changes % 2]}, "m1")
+            await presence.set_device("acme", "anna", update)
+            changes += 1
+            assert changes < 60_000, "the writer never waited on the client"
+        await ws.send_str("42[]")
+        await no_sockets_left(node, timeout=WRITER_GRACE_S + WAIT_S)
+        assert lean.dropped == "malformed_packet"
 
 
 # --- 4. Reserved event names and namespace connect cycles ---------------------------------
