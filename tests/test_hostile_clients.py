@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,11 +17,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Node, eventually, make_settings, mint, start_node
+from conftest import Node, eventually, make_settings, mint, node_process, start_node
 
 from gateway import appkeys as keys
 from gateway.codec import device_update_from_wire
 from gateway.model import Role
+from gateway.settings import demo_config_text
 from gateway.sockets import MAX_PENDING_BYTES, NAMESPACE_CONNECTS, WRITER_GRACE_S, LeanSocket
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
@@ -153,6 +155,41 @@ async def test_polling_is_refused_and_an_oversized_post_is_answered_413_at_once(
     finally:
         for writer in writers:
             writer.close()
+
+
+async def test_a_node_with_oversized_posts_in_flight_stops_on_sigterm(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The reported hang: after such POSTs, a SIGTERM did not stop the node."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    async with node_process(tmp_path, settings, redis_url, demo_config_text(), "node") as (
+        url,
+        proc,
+    ):
+        host, port = url.removeprefix("http://").split(":")
+        # The attack as reported, on a sid from a polling GET while a node still gave one.
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as r:
+                opened = await r.text()
+        sid = json.loads(opened[1:])["sid"] if r.status == 200 else "A" * 20
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writers.append(writer)
+                writer.write(
+                    b"POST /socket.io/?EIO=4&transport=polling&sid=%s HTTP/1.1\r\nHost: %s\r\n"
+                    b"Content-Length: 10000000\r\n\r\n"
+                    % (sid.encode(), host.encode())
+                    + b"4" * 70_000
+                )
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+                assert head.startswith(b"HTTP/1.1 413"), head
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+        finally:
+            for writer in writers:
+                writer.close()
 
 
 # --- 2. Binary packets and message size ---------------------------------------------------
