@@ -116,7 +116,12 @@ def create_app(
         async_mode="aiohttp",
         client_manager=manager,
         cors_allowed_origins=allowed_origins(settings),
+        # WebSocket only, as every shipped client connects: long-polling adds per-session
+        # HTTP bodies, queues and timers for no client, and a GET asking for it gets a 400.
+        transports=["websocket"],
+        # Bounds every inbound websocket message (aiohttp's max_msg_size) and HTTP body.
         max_http_buffer_size=settings.max_body_bytes,
+        metrics=metrics,
         # Handle a client's events in order, on its own connection's task: no task per
         # event, and presence changes from one device can never overtake each other.
         async_handlers=False,

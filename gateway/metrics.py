@@ -22,7 +22,7 @@ class Metrics:
         )
         self.errors = Counter(
             "membrane_errors_total",
-            "Requests and socket events refused, by error code.",
+            "Requests, socket events and socket connections refused, by error code.",
             ["code"],
             registry=self.registry,
         )

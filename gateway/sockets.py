@@ -22,6 +22,7 @@ import engineio.async_socket
 import engineio.exceptions
 import engineio.packet
 import socketio
+from aiohttp import web
 
 from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, VISITOR_ROLES, Claims, TokenService
 from gateway.call import Call
@@ -51,6 +52,29 @@ from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
+# Bytes queued for one connection and not yet handed to its transport (which holds at most
+# its own 64 KiB high-water mark on top). A client that falls this far behind is dropped,
+# not buffered: a board that never reads would otherwise hold every presence change of its
+# site for as long as it answers pings. A burst of a few hundred changes (a resync of a
+# large site) fits; the availability feed drops its watchers at 64 KiB the same way.
+MAX_PENDING_BYTES = 256 * 1024
+# Namespace CONNECT packets per engine.io connection: one every 2 s on average, bursts of
+# 10. Each connect and disconnect of /agent adds and removes a device (a presence change
+# for every node and board); the shipped clients connect each namespace once.
+NAMESPACE_CONNECTS = (0.5, 10.0)
+# How long a connection's writer may take to flush and close after its reader ended,
+# before the transport is cut: a client that stopped reading would otherwise hold the
+# handler (and the socket.io disconnect, and a node's shutdown) for ever.
+WRITER_GRACE_S = 5.0
+# How long an HTTP body refused as too large is still read (and thrown away) after the 413.
+BODY_LINGER_S = 1.0
+
+# WebSocket close codes (RFC 6455) for a connection the gateway drops; the close reason is
+# the error code.
+WS_PROTOCOL_ERROR = 1002
+WS_UNSUPPORTED_DATA = 1003
+WS_POLICY_VIOLATION = 1008
+
 _ack_requested: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "ack_requested", default=False
 )
@@ -67,7 +91,8 @@ class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
 
 
 class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
-    """engine.io's socket with the same behaviour and fewer objects per message.
+    """engine.io's socket with the same behaviour and fewer objects per message, and with
+    what a hostile client can make it hold bounded.
 
     The stock socket waits for every outgoing batch and every incoming message through
     ``asyncio.wait_for``, which (CPython 3.11) wraps the wait in a new Task and adds a waiter
@@ -78,10 +103,65 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     task under ``asyncio.timeout``: the same deadline (``ping_interval + ping_timeout``), the
     same outcome on a timeout or a cancel, no Task. A packet already queued is taken without
     arming a timer at all.
+
+    The outgoing queue is bounded in bytes (``MAX_PENDING_BYTES``), a client that abuses the
+    protocol is dropped with a reason (``drop``), and a writer stuck on a client that stopped
+    reading cannot hold the connection open once its reader has ended.
     """
 
     last_ping: float | None
     connected: bool
+    closing: bool
+    closed: bool
+    queue: asyncio.Queue[Any]
+
+    _pinged_before = False
+    pending_bytes = 0
+    """Bytes queued for the client and not yet taken by the writer (or a polling GET)."""
+    dropped: str | None = None
+    """The error code this connection was dropped for, once it was."""
+    _close_code: int | None = None
+    _transport: asyncio.Transport | None = None
+
+    def __init__(self, server: Any, sid: str) -> None:
+        super().__init__(server, sid)
+        self.connects = TokenBucket(*NAMESPACE_CONNECTS)
+
+    async def send(self, pkt: Any) -> None:
+        """As ``AsyncSocket.send``, onto a queue bounded in bytes: past the bound the client
+        is too slow to keep, and is dropped rather than buffered."""
+        if self.dropped is not None or not await self.check_ping_timeout():
+            return
+        self._put(pkt)
+
+    def _put(self, pkt: Any) -> None:
+        size = _packet_size(pkt)
+        if self.pending_bytes + size > MAX_PENDING_BYTES:
+            self.drop("slow_consumer", None)
+            return
+        self.pending_bytes += size
+        self.queue.put_nowait(pkt)
+
+    def _taken(self, pkt: Any) -> Any:
+        self.queue.task_done()
+        self.pending_bytes -= _packet_size(pkt)
+        return pkt
+
+    def drop(self, code: str, ws_code: int | None) -> None:
+        """End the connection for abusing the protocol, with one short log line and a count
+        under ``code``. With ``ws_code`` the reader stops after the packet at hand and the
+        client gets a close frame with that code and ``code`` as its reason; without (a client
+        that does not read, which would never see one) the transport is cut at once."""
+        if self.dropped is not None:
+            return
+        self.dropped = code
+        self._close_code = ws_code
+        log.warning("engine.io connection %s dropped: %s", self.sid, code)
+        count = getattr(self.server, "count_refusal", None)
+        if count is not None:
+            count(code)
+        if ws_code is None and self._transport is not None:
+            self._transport.abort()
 
     async def poll(self) -> list[Any]:
         """Wait for packets to send to the client (as ``AsyncSocket.poll``)."""
@@ -91,25 +171,21 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             # its traceback and a frame alive for as long as the wait lasts.)
             try:
                 async with asyncio.timeout(self.server.ping_interval + self.server.ping_timeout):
-                    pkt = await queue.get()
+                    pkt = self._taken(await queue.get())
             except (TimeoutError, asyncio.CancelledError):
                 raise engineio.exceptions.QueueEmpty() from None
         else:
-            pkt = queue.get_nowait()
-        queue.task_done()
+            pkt = self._taken(queue.get_nowait())
         if pkt is None:
             return []
         packets = [pkt]
         while not queue.empty():
-            pkt = queue.get_nowait()
-            queue.task_done()
+            pkt = self._taken(queue.get_nowait())
             if pkt is None:
                 queue.put_nowait(None)
                 break
             packets.append(pkt)
         return packets
-
-    _pinged_before = False
 
     def schedule_ping(self) -> None:
         """As ``AsyncSocket.schedule_ping``, with the wait a timer rather than a Task
@@ -131,18 +207,21 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
 
     def _ping_due(self) -> None:
         """``AsyncSocket._send_ping`` after its sleep: ``send`` would find the ping timeout
-        not passed (``last_ping`` was just set) and put the packet on the unbounded queue."""
-        if not self.closing and not self.closed:
+        not passed (``last_ping`` was just set) and queue the packet."""
+        if not self.closing and not self.closed and self.dropped is None:
             self.last_ping = time.time()
-            self.queue.put_nowait(engineio.packet.Packet(engineio.packet.PING))
+            self._put(engineio.packet.Packet(engineio.packet.PING))
             self.server.logger.info("%s: Sending packet PING data None", self.sid)
 
     async def _websocket_handler(self, ws: Any) -> None:
         """The websocket transport (as ``AsyncSocket._websocket_handler``), with the reader
-        waiting in this task under ``asyncio.timeout`` instead of a Task per message."""
+        waiting in this task under ``asyncio.timeout`` instead of a Task per message, and
+        stopping at the first packet that gets the connection dropped."""
         server = self.server
         packet = engineio.packet
         max_size = server.max_http_buffer_size
+        request = ws.environ.get("aiohttp.request")
+        self._transport = request.transport if request is not None else None
 
         async def websocket_wait() -> Any:
             data = await ws.wait()
@@ -163,7 +242,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 self.upgrading = False
                 return
             await ws.send(packet.Packet(packet.PONG, data="probe").encode())
-            await self.queue.put(packet.Packet(packet.NOOP))  # end poll
+            self._put(packet.Packet(packet.NOOP))  # end poll
             try:
                 pkt = await websocket_wait()
             except OSError:  # pragma: no cover
@@ -199,14 +278,19 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                         await ws.send(pkt.encode())
                 except BaseException:
                     break
-            await ws.close()
+            if self._close_code is not None and self.dropped is not None:
+                # The engine.io wrapper's ``close`` takes no code: the close frame tells a
+                # client that reads why it was dropped.
+                await ws._sock.close(code=self._close_code, message=self.dropped.encode())
+            else:
+                await ws.close()
 
         # Owned by this handler, which awaits it below before it returns (as upstream).
         writer_task = asyncio.ensure_future(writer())
         server.logger.info("%s: Upgrade to websocket successful", self.sid)
 
         timeout_s = server.ping_interval + server.ping_timeout
-        while True:
+        while self.dropped is None:
             try:
                 async with asyncio.timeout(timeout_s):
                     p = await ws.wait()  # websocket_wait, one coroutine fewer per message
@@ -217,22 +301,32 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             if p is None:
                 # connection closed by client
                 break
-            pkt = packet.Packet(encoded_packet=p)
             try:
+                pkt = packet.Packet(encoded_packet=p)
                 await self.receive(pkt)
-            except engineio.exceptions.UnknownPacketError:  # pragma: no cover
-                pass
             except engineio.exceptions.SocketIsClosedError:  # pragma: no cover
                 server.logger.info("Receive error -- socket is closed")
                 break
+            except (ValueError, TypeError, IndexError, engineio.exceptions.UnknownPacketError):
+                # Not an engine.io packet, or one a client may not send (OPEN, NOOP, ...).
+                self.drop("malformed_packet", WS_PROTOCOL_ERROR)
             except Exception:  # pragma: no cover
                 # if we get an unexpected exception we log the error and exit
                 # the connection properly
                 server.logger.exception("Unknown receive error")
 
-        await self.queue.put(None)  # unlock the writer task so it can exit
+        self.queue.put_nowait(None)  # unlock the writer task so it can exit
+        _, pending = await asyncio.wait([writer_task], timeout=WRITER_GRACE_S)
+        if pending and self._transport is not None:
+            self._transport.abort()  # the client stopped reading: its writer waits on it
         await writer_task
         await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+
+
+def _packet_size(pkt: Any) -> int:
+    """What a queued engine.io packet will cost on the wire (``encode`` caches its result,
+    so the writer does not encode it again); the writer's wake-up marker ``None`` is free."""
+    return 0 if pkt is None else len(pkt.encode())
 
 
 class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
@@ -243,6 +337,10 @@ class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
     socket_class: type[engineio.async_socket.AsyncSocket] = LeanSocket
     start_service_task: bool
     service_task_handle: Any
+    sockets: dict[str, Any]
+    max_http_buffer_size: int
+    metrics: Metrics | None = None
+    """Where refusals are counted (``membrane_errors_total``), when the node has metrics."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -250,6 +348,24 @@ class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
         return self.tasks.spawn(target(*args, **kwargs), getattr(target, "__name__", "task"))
+
+    def count_refusal(self, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.errors.labels(code).inc()
+
+    async def handle_request(self, request: web.Request) -> web.StreamResponse:
+        """As ``AsyncServer.handle_request``, with a body over ``max_http_buffer_size``
+        refused at once (413) before engine.io sees it: upstream reads a polling POST's body
+        whole whatever its declared length, and when the length is over the limit closes
+        the session and waits for its queue to drain, which without a poller never happens;
+        the request then hung, holding its buffers, and held up the node's shutdown."""
+        if request.body_exists and (
+            request.content_length is None or request.content_length > self.max_http_buffer_size
+        ):
+            self.count_refusal("payload_too_large")
+            return await _refuse_body(request)
+        result: web.StreamResponse = await super().handle_request(request)
+        return result
 
     async def _handle_connect(self, environ: Any, transport: str, jsonp_index: Any = None) -> Any:
         """As ``AsyncServer._handle_connect``, which names its socket class outright."""
@@ -304,21 +420,136 @@ class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
             return self._bad_request()
 
 
+async def _refuse_body(request: web.Request) -> web.StreamResponse:
+    """A 413 for a body the gateway will not read, then the connection closed within
+    ``BODY_LINGER_S``. Meanwhile what the client still sends is read and discarded, so that
+    closing with unread bytes (which resets the connection) does not destroy the answer
+    before the client reads it; aiohttp's own lingering would wait 10 s, holding up a
+    shutdown as long."""
+    response = web.json_response(
+        {"error": {"code": "payload_too_large", "message": "request body too large"}},
+        status=413,
+    )
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    try:
+        async with asyncio.timeout(BODY_LINGER_S):
+            while await request.content.readany():
+                pass
+    except TimeoutError:
+        pass
+    except Exception as e:  # the client went away, or broke its body off
+        log.debug("refused body ended early: %r", e)
+    request.protocol.force_close()
+    return response
+
+
 class MembraneServer(socketio.AsyncServer):  # type: ignore[misc]
-    """Records whether the client asked for an ack, so a refusal can go to the right place;
-    keeps every background task tracked (see ``TrackedEngineServer``)."""
+    """python-socketio's server at the packet layer, for JSON clients only: a packet that is
+    not a well-formed socket.io packet, a binary one, or one CONNECT too many gets its
+    engine.io connection dropped with a reason (``LeanSocket.drop``) instead of a traceback
+    or a buffer; client events reach a namespace as client events only; records whether the
+    client asked for an ack, so a refusal can go to the right place; keeps every background
+    task tracked (see ``TrackedEngineServer``).
+
+    Upstream's private methods replaced here: ``AsyncServer._handle_eio_message`` and
+    ``AsyncServer._handle_event_internal``.
+    """
+
+    eio: TrackedEngineServer
+    not_handled: Any
+    reason: Any
+    namespace_handlers: dict[str, Any]
+
+    def __init__(self, *args: Any, metrics: Metrics | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eio.metrics = metrics
 
     def _engineio_server_class(self) -> type[TrackedEngineServer]:
         return TrackedEngineServer
 
+    def _drop(self, eio_sid: str, code: str, ws_code: int) -> None:
+        socket = self.eio.sockets.get(eio_sid)
+        if isinstance(socket, LeanSocket):
+            socket.drop(code, ws_code)
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        """As ``AsyncServer._handle_eio_message``, without binary attachments and with each
+        packet checked before it is dispatched.
+
+        Upstream keeps a binary packet's attachments until as many as it declares (up to ten
+        digits' worth) have arrived, and lets a packet it cannot use (``42[]``, ``42{}``, JSON
+        nested past the parser's limit) raise into engine.io, which logs a traceback and
+        keeps the connection. Membrane's clients send neither."""
+        if isinstance(data, bytes | bytearray):
+            return self._drop(eio_sid, "binary_unsupported", WS_UNSUPPORTED_DATA)
+        try:
+            if not isinstance(data, str):
+                raise ValueError("not a socket.io packet")  # engine.io decoded it as JSON
+            pkt = self.packet_class(encoded_packet=data)
+        except (ValueError, TypeError, RecursionError):  # orjson's errors are ValueErrors
+            return self._drop(eio_sid, "malformed_packet", WS_PROTOCOL_ERROR)
+        kind, namespace, payload = pkt.packet_type, pkt.namespace, pkt.data
+        if kind == socketio.packet.CONNECT:
+            socket = self.eio.sockets.get(eio_sid)
+            if isinstance(socket, LeanSocket) and not socket.connects.take(time.monotonic()):
+                message = "too many namespace connects on this connection"
+                error = {"message": message, "data": {"code": "rate_limited", "message": message}}
+                await self._send_packet(
+                    eio_sid,
+                    self.packet_class(socketio.packet.CONNECT_ERROR, error, namespace=namespace),
+                )
+                return socket.drop("rate_limited", WS_POLICY_VIOLATION)
+            await self._handle_connect(eio_sid, namespace, payload)
+        elif kind == socketio.packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind == socketio.packet.EVENT and _is_event(payload):
+            await self._handle_event(eio_sid, namespace, pkt.id, payload)
+        elif kind == socketio.packet.ACK and pkt.id is not None and isinstance(payload, list):
+            await self._handle_ack(eio_sid, namespace, pkt.id, payload)
+        elif kind in (socketio.packet.BINARY_EVENT, socketio.packet.BINARY_ACK):
+            self._drop(eio_sid, "binary_unsupported", WS_UNSUPPORTED_DATA)
+        else:  # CONNECT_ERROR (server to client only), unknown types, events without a name
+            self._drop(eio_sid, "malformed_packet", WS_PROTOCOL_ERROR)
+
     async def _handle_event_internal(
         self, server: Any, sid: str, eio_sid: str, data: Any, namespace: str, id: Any
     ) -> None:
+        """As ``AsyncServer._handle_event_internal``, with the event handed to a Membrane
+        namespace as a client event (``BaseNamespace.client_event``). Upstream dispatches by
+        name through the same entry as the namespace's own connect and disconnect, so an
+        event a client named "disconnect" ran the disconnect handler on a live socket."""
         token = _ack_requested.set(id is not None)
         try:
-            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+            handler = self.namespace_handlers.get(namespace)
+            if isinstance(handler, BaseNamespace):
+                payload = data[1] if len(data) > 1 else None
+                r = await handler.client_event(sid, data[0], payload)
+            elif data[0] in self.reserved_events:
+                r = self.not_handled
+            else:
+                r = await server._trigger_event(data[0], namespace, sid, *data[1:])
         finally:
             _ack_requested.reset(token)
+        if r is not self.not_handled and id is not None:
+            # send ACK packet with the response returned by the handler
+            # tuples are expanded as multiple arguments
+            if r is None:
+                ack = []
+            elif isinstance(r, tuple):
+                ack = list(r)
+            else:
+                ack = [r]
+            await server._send_packet(
+                eio_sid,
+                self.packet_class(socketio.packet.ACK, namespace=namespace, id=id, data=ack),
+            )
+
+
+def _is_event(payload: Any) -> bool:
+    """An EVENT's payload is ``[name, *args]`` with a string name."""
+    return isinstance(payload, list) and len(payload) > 0 and isinstance(payload[0], str)
 
 
 Handler = Callable[[str, Any], Awaitable[Json]]
@@ -359,6 +590,9 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self.events: dict[str, Handler] = {}
 
     async def trigger_event(self, event: str, *args: Any) -> Any:
+        """The namespace's own connect and disconnect, from python-socketio. Client events
+        come through ``client_event`` (``MembraneServer._handle_event_internal``), so one a
+        client names "connect" or "disconnect" is an unknown event, never these."""
         if event == "connect":
             sid, _environ = args[0], args[1]
             auth = args[2] if len(args) > 2 else None
@@ -369,8 +603,9 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 self.metrics.sockets.labels(self.namespace).dec()
                 await self.on_leave(args[0], session)
             return None
-        sid = args[0]
-        payload = args[1] if len(args) > 1 else None
+        return await self.client_event(args[0], event, args[1] if len(args) > 1 else None)
+
+    async def client_event(self, sid: str, event: str, payload: Any) -> Any:
         try:
             session = self.sessions.get(sid)
             if session is None:

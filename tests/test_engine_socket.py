@@ -183,23 +183,33 @@ class _FakeServer:
         return asyncio.Queue()
 
 
+def message(data: str) -> engineio.packet.Packet:
+    return engineio.packet.Packet(engineio.packet.MESSAGE, data=data)
+
+
+def datas(packets: list[Any]) -> list[Any]:
+    return [p.data for p in packets]
+
+
 async def test_poll_batches_stops_at_the_close_marker_and_times_out() -> None:
     s = LeanSocket(_FakeServer(), "sid")
-    for item in ("a", "b", None, "c"):
-        s.queue.put_nowait(item)
-    assert await s.poll() == ["a", "b"]
-    assert await s.poll() == ["c"]  # the close marker went back behind what followed it
+    for item in (message("a"), message("b"), None, message("c")):
+        s._put(item)
+    assert s.pending_bytes == 6  # "4a", "4b", "4c"
+    assert datas(await s.poll()) == ["a", "b"]
+    assert datas(await s.poll()) == ["c"]  # the close marker went back behind what followed it
     assert await s.poll() == []
     assert s.queue.empty()
+    assert s.pending_bytes == 0
 
     # A packet arriving while the poll waits is returned with what came along with it.
     async def later() -> None:
         await asyncio.sleep(0.02)
-        s.queue.put_nowait("x")
-        s.queue.put_nowait("y")
+        s._put(message("x"))
+        s._put(message("y"))
 
     feeder = asyncio.create_task(later())
-    assert await s.poll() == ["x", "y"]
+    assert datas(await s.poll()) == ["x", "y"]
     await feeder
 
     started = time.monotonic()
@@ -214,6 +224,8 @@ async def test_poll_batches_stops_at_the_close_marker_and_times_out() -> None:
     task.cancel()
     with pytest.raises(engineio.exceptions.QueueEmpty):
         await task
-    s.queue.put_nowait("z")
-    assert await s.poll() == ["z"]
-    assert s.queue._unfinished_tasks == 0  # every get matched by task_done
+    s._put(message("z"))
+    assert datas(await s.poll()) == ["z"]
+    assert s.pending_bytes == 0
+    unfinished: int = getattr(s.queue, "_unfinished_tasks")  # noqa: B009 - asyncio's own count
+    assert unfinished == 0  # every get matched by task_done

@@ -23,6 +23,7 @@ from conftest import (
     mint,
 )
 
+from gateway import appkeys as keys
 from gateway.model import Role
 
 
@@ -307,12 +308,21 @@ async def test_readyz_is_503_while_redis_is_down(
 async def test_a_huge_number_is_refused_cheaply(
     node: Node, clients: Callable[[], SocketClient]
 ) -> None:
-    """A number of thousands of digits would make a naive parser work quadratically."""
+    """A number of thousands of digits would make a naive parser work quadratically: the
+    JSON parser refuses it at once, and the packet is malformed (the connection is dropped,
+    see test_hostile_clients); the node goes on working."""
     c = clients()
     await c.connect(node.url, "/agent", {"token": mint(node.settings, "anna")})
     await c.next("presence:update")
     huge = "9" * 5000
     # Raw socket.io EVENT packet: the client's own encoder would refuse to build it.
     await c.sio.eio.send('2/agent,["presence:set",{"kind":"desktop","priority":' + huge + "}]")
-    ack = await c.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
-    assert ack["ok"], "the connection survives and keeps working"
+    await asyncio.wait_for(c.sio.wait(), 5)  # until the node dropped the connection
+    errors = node.app[keys.METRICS].registry.get_sample_value(
+        "membrane_errors_total", {"code": "malformed_packet"}
+    )
+    assert errors == 1
+    again = clients()
+    await again.connect(node.url, "/agent", {"token": mint(node.settings, "anna")})
+    ack = await again.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
+    assert ack["ok"], "the node keeps working"
