@@ -11,7 +11,7 @@ import time
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway.auth import VISITOR_ROLES, bearer_token
+from gateway.auth import VISITOR_ROLES, bearer_token, check_configured_role
 from gateway.codec import callback_from_wire, check_id, iso
 from gateway.errors import ApiError, invalid_token
 from gateway.http_api import read_json
@@ -27,6 +27,7 @@ async def create_callback(request: web.Request) -> web.Response:
     )
     if claims.site != site.site_id:
         raise invalid_token("this session is for another site")
+    check_configured_role(claims, site)
     try:
         body = callback_from_wire(await read_json(request))
     except ApiError as e:

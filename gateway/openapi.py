@@ -497,7 +497,10 @@ def _components() -> Json:
         "responses": {
             "InvalidPayload": _error("invalid_payload (or another 400 code of the operation)."),
             "InvalidToken": _error("invalid_token: missing, malformed, expired or foreign."),
-            "Forbidden": _error("forbidden: the token's role or site may not do this."),
+            "Forbidden": _error(
+                "forbidden: the token's role or site may not do this; role_mismatch: the"
+                " configuration gives the token's sub another role."
+            ),
             "NotFound": _error("not_found: unknown site, call or device."),
             "RateLimited": _error("rate_limited: slow down."),
             "Unavailable": _error("store_unavailable: the store is unreachable; retry."),

@@ -23,7 +23,14 @@ import engineio.exceptions
 import engineio.packet
 import socketio
 
-from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, VISITOR_ROLES, Claims, TokenService
+from gateway.auth import (
+    AGENT_ROLES,
+    SUPERVISOR_ROLES,
+    VISITOR_ROLES,
+    Claims,
+    TokenService,
+    check_configured_role,
+)
 from gateway.call import Call
 from gateway.call_service import CallService
 from gateway.codec import (
@@ -459,7 +466,7 @@ class AgentNamespace(BaseNamespace):
         presence.add_listener(self.on_presence)
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
-        self.presence.agent(claims.site, claims.sub)  # refuses a token for an unknown agent
+        check_configured_role(claims, self.presence.site(claims.site))
         try:
             state = DeviceState(auth.get("state", DeviceState.AVAILABLE.value))
         except ValueError:
@@ -549,7 +556,7 @@ class BoardNamespace(BaseNamespace):
         presence.add_listener(self.on_presence)
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
-        self.presence.agent(claims.site, claims.sub)
+        check_configured_role(claims, self.presence.site(claims.site))
         await self.enter_room(sid, site_room(claims.site))
         return None
 
@@ -591,7 +598,7 @@ class VisitorNamespace(BaseNamespace):
         }
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
-        self.presence.site(claims.site)
+        check_configured_role(claims, self.presence.site(claims.site))
         await self.enter_room(sid, visitor_room(claims.site, claims.sub))
         return None
 

@@ -316,3 +316,70 @@ async def test_a_huge_number_is_refused_cheaply(
     await c.sio.eio.send('2/agent,["presence:set",{"kind":"desktop","priority":' + huge + "}]")
     ack = await c.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
     assert ack["ok"], "the connection survives and keeps working"
+
+
+async def connect_refusal(url: str, namespace: str, auth: dict[str, Any]) -> Any:
+    """The `connect_error` data of a refused socket.io connection."""
+    client = socketio.AsyncClient(reconnection=False)
+    refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    client.on("connect_error", refused.set_result, namespace=namespace)
+    try:
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await client.connect(
+                url, namespaces=[namespace], auth=auth, transports=["websocket"], wait_timeout=5
+            )
+        return await asyncio.wait_for(refused, 5)
+    finally:
+        await client.disconnect()
+
+
+async def test_roles_come_from_the_configuration_not_the_token(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    """A token signed with the right key but a role the site's configuration contradicts (an
+    agent calling herself supervisor, a supervisor or agent passed off as a visitor) is
+    refused everywhere with `role_mismatch`, and each refusal is counted."""
+    s = node.settings
+    anna_as_supervisor = mint(s, "anna", Role.SUPERVISOR)
+    sam_as_agent = mint(s, "sam", Role.AGENT)
+    anna_as_visitor = mint(s, "anna", Role.VISITOR)
+    refusals = 0
+    for path, token in (
+        ("/v1/sites/acme/agents", anna_as_supervisor),
+        ("/v1/agents/me", anna_as_supervisor),
+        ("/v1/agents/me", sam_as_agent),
+    ):
+        r = await http.get(f"{node.url}{path}", headers=bearer(token))
+        assert await error_of(r) == (403, "role_mismatch"), path
+        refusals += 1
+    r = await http.put(
+        f"{node.url}/v1/agents/me/devices/phone",
+        json={"kind": "mobile", "state": "available"},
+        headers=bearer(sam_as_agent),
+    )
+    assert await error_of(r) == (403, "role_mismatch")
+    r = await http.post(
+        f"{node.url}/v1/sites/acme/callbacks",
+        json={"phone": "+353871234567"},
+        headers=bearer(anna_as_visitor),
+    )
+    assert await error_of(r) == (403, "role_mismatch")
+    refusals += 2
+    for namespace, token in (
+        ("/board", anna_as_supervisor),
+        ("/agent", anna_as_supervisor),
+        ("/agent", sam_as_agent),
+        ("/visitor", anna_as_visitor),
+    ):
+        data = await connect_refusal(node.url, namespace, {"token": token})
+        assert data["data"]["code"] == "role_mismatch", namespace
+        refusals += 1
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert f'membrane_errors_total{{code="role_mismatch"}} {refusals}.0' in text
+    # The configured roles still get in.
+    r = await http.get(
+        f"{node.url}/v1/sites/acme/agents", headers=bearer(mint(s, "sam", Role.SUPERVISOR))
+    )
+    assert r.status == 200
+    r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(mint(s, "anna")))
+    assert r.status == 200
