@@ -15,7 +15,7 @@ from gateway.auth import VISITOR_ROLES, bearer_token, check_configured_role
 from gateway.codec import callback_from_wire, check_id, iso
 from gateway.errors import ApiError, invalid_token
 from gateway.http_api import read_json
-from gateway.visitor_api import client_ip, site_of
+from gateway.visitor_api import TICKET_SITE, client_ip, site_of
 
 MAX_STATUS_TOKEN = 128
 
@@ -64,6 +64,7 @@ async def get_ticket(request: web.Request) -> web.Response:
     call_id = check_id(request.match_info["call_id"], "call_id")
     callbacks = request.app[keys.CALLBACKS]
     call = await callbacks.ticket(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
     return web.json_response(await callbacks.view(call), headers={"Cache-Control": "no-store"})
 
 
@@ -71,6 +72,7 @@ async def cancel_ticket(request: web.Request) -> web.Response:
     call_id = check_id(request.match_info["call_id"], "call_id")
     callbacks = request.app[keys.CALLBACKS]
     call = await callbacks.cancel(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
     return web.json_response(await callbacks.view(call))
 
 

@@ -22,6 +22,7 @@ from gateway.model import OpeningSpan
 from gateway.settings import Settings, TwilioSettings
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
+GLOBEX = "https://globex.example"
 ANNA_PHONE = "+353871234567"
 BEN_PHONE = "+4915112345678"
 VISITOR_PHONE = "+353861110001"
@@ -419,3 +420,79 @@ async def test_a_callback_carries_no_browser_signals(
     ack = await anna.call("rtc:signal", offer, "/agent")
     assert not ack["ok"] and ack["error"]["code"] == "not_connected"
     assert ben.queue("rtc:signal").empty() and anna.queue("rtc:signal").empty()
+
+
+async def test_cors_answers_each_site_for_its_own_origins_only(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession
+) -> None:
+    """Two sites on one node: a page of site B is never let in on site A's routes (nor A's
+    on B's), refusals carry the headers a page needs to read them, and a ticket's answer
+    goes to its own site's pages only."""
+    base = phone_settings(tmp_path, sim)
+    acme = base.sites["acme"]
+    globex = replace(acme, site_id="globex", name="Globex", allowed_origins=(GLOBEX,), agents={})
+    node = await phone_node(nodes, replace(base, sites={"acme": acme, "globex": globex}))
+    a, b, own = ORIGIN["Origin"], GLOBEX, node.settings.public_url.rstrip("/")
+
+    async def preflight(path: str, origin: str, method: str = "POST") -> aiohttp.ClientResponse:
+        return await http.options(
+            f"{node.url}{path}",
+            headers={"Origin": origin, "Access-Control-Request-Method": method},
+        )
+
+    refused = 0
+    for path, allowed, foreign in (
+        ("/v1/sites/acme/callbacks", (a, own), (b,)),
+        ("/v1/sites/acme/sessions", (a, own), (b,)),
+        ("/v1/sites/acme/availability", (a, own), (b,)),
+        ("/v1/sites/globex/sessions", (b, own), (a,)),
+        ("/v1/sites/nowhere/sessions", (own,), (a, b)),
+    ):
+        for origin in allowed:
+            r = await preflight(path, origin)
+            assert r.status == 204, (path, origin)
+            assert r.headers["Access-Control-Allow-Origin"] == origin
+            assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+            assert r.headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type"
+        for origin in foreign:
+            r = await preflight(path, origin)
+            assert r.status == 403, (path, origin)
+            assert (await r.json())["error"]["code"] == "origin_not_allowed"
+            assert "Access-Control-Allow-Origin" not in r.headers
+            refused += 1
+    r = await http.get(f"{node.url}/v1/sites/acme/availability", headers={"Origin": b})
+    assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+    r = await http.get(f"{node.url}/v1/sites/acme/availability", headers={"Origin": a})
+    assert r.headers["Access-Control-Allow-Origin"] == a
+
+    # A refusal is readable by the page that caused it (else it sees a network error).
+    token = await visitor_token(http, node)
+    r = await http.post(
+        f"{node.url}/v1/sites/acme/callbacks",
+        json={"phone": "call me maybe"},
+        headers={**ORIGIN, "Authorization": f"Bearer {token}"},
+    )
+    assert r.status == 400 and r.headers["Access-Control-Allow-Origin"] == a
+
+    # A ticket path names no site: its preflight admits the sites' pages for what a ticket
+    # needs (GET, DELETE, no headers); its answer goes to the call's own site only.
+    status, created = await request_callback(http, node, {"phone": VISITOR_PHONE}, token)
+    assert status == 201, created
+    path = f"/v1/calls/{created['call_id']}"
+    r = await preflight(path, a, "DELETE")
+    assert r.status == 204 and r.headers["Access-Control-Allow-Methods"] == "GET, DELETE, OPTIONS"
+    assert "Access-Control-Allow-Headers" not in r.headers
+    r = await preflight(path, "https://evil.example", "DELETE")
+    assert r.status == 403
+    refused += 1
+    query = {"token": created["status_token"]}
+    r = await http.get(f"{node.url}{path}", params=query, headers={"Origin": b})
+    assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+    r = await http.get(f"{node.url}{path}", params=query, headers={"Origin": a})
+    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == a
+    # A wrong token's 404 tells nothing about the call: any site's page may read it.
+    r = await http.get(f"{node.url}{path}", params={"token": "wrong"}, headers={"Origin": b})
+    assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == b
+
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert f'membrane_errors_total{{code="origin_not_allowed"}} {refused}.0' in text
