@@ -240,6 +240,7 @@ def call_to_record(call: Call) -> Json:
         "dial_started_at": call.dial_started_at,
         "provider_id": call.provider_id,
         "answered_by": call.answered_by,
+        "legs_heard": [[leg, progress] for leg, progress in call.legs_heard],
     }
 
 
@@ -280,6 +281,7 @@ def call_from_record(data: Json, version: int) -> Call:
         dial_started_at=data.get("dial_started_at"),
         provider_id=data.get("provider_id"),
         answered_by=data.get("answered_by"),
+        legs_heard=tuple((str(leg), int(n)) for leg, n in data.get("legs_heard", ())),
     )
 
 

@@ -15,7 +15,8 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 from conftest import Node, NodeFactory, SocketClient, eventually, free_port, make_settings, mint
-from twilio_sim import CallRecord, TwilioSim
+from twilio_sim import CallRecord, TwilioSim, WebhookRecord
+from yarl import URL
 
 from gateway import appkeys as keys
 from gateway.model import OpeningSpan
@@ -496,3 +497,99 @@ async def test_cors_answers_each_site_for_its_own_origins_only(
 
     text = await (await http.get(f"{node.url}/metrics")).text()
     assert f'membrane_errors_total{{code="origin_not_allowed"}} {refused}.0' in text
+
+
+def rest_requests(sim: TwilioSim) -> int:
+    """Every REST request the simulated Twilio API got: calls created and calls updated."""
+    return len(sim.calls) + sum(len(c.rest_updates) for c in sim.calls)
+
+
+async def replay(http: aiohttp.ClientSession, node: Node, hook: WebhookRecord) -> int:
+    """Post a webhook the simulator sent once more, byte for byte (still validly signed)."""
+    url = URL(hook.url)
+    r = await http.post(
+        f"{node.url}{url.raw_path_qs}",
+        data=hook.params,
+        headers={"X-Twilio-Signature": hook.signature},
+    )
+    return r.status
+
+
+async def test_replayed_status_webhooks_change_nothing_and_call_twilio_no_more(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """Twilio's status callbacks, replayed (a retry through a proxy, an attacker holding
+    one): each is validly signed, and none may act twice, neither on the live call nor after
+    it ended, when a replayed `ringing` or `in-progress` used to hang up the gone leg again."""
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=40)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, node, "anna")
+    status, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    assert status == 201, created
+    await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"])
+    assert (await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    leg = await sim.wait_for_call(to=VISITOR_PHONE, status="in-progress", timeout=10)
+    live = await ticket_state(http, node, created, "connected")
+
+    def statuses() -> list[WebhookRecord]:
+        return [h for h in sim.call(leg.sid).webhooks if h.kind == "status"]
+
+    sent = statuses()
+    assert [h.param("CallStatus") for h in sent] == ["initiated", "ringing", "in-progress"]
+    before = rest_requests(sim)
+    for hook in sent:
+        assert await replay(http, node, hook) == 200
+    assert rest_requests(sim) == before
+    assert await ticket(http, node, created) == live
+
+    sim.hangup(leg.sid)
+    await sim.wait_for_call(sid=leg.sid, status="ended", timeout=10)
+    done = await ticket_state(http, node, created, "completed")
+    await anna.next("presence:update", lambda p: p["status"] == "available", timeout=10)
+    before = rest_requests(sim)
+    for hook in statuses():
+        assert await replay(http, node, hook) == 200, hook.param("CallStatus")
+        assert rest_requests(sim) == before, f"a replayed {hook.param('CallStatus')} called Twilio"
+    assert await ticket(http, node, created) == done
+    me = await http.get(
+        f"{node.url}/v1/agents/me",
+        headers={"Authorization": f"Bearer {mint(node.settings, 'anna')}"},
+    )
+    assert (await me.json())["status"] == "available"
+
+
+@pytest.mark.parametrize(
+    ("heard", "status", "accepted"),
+    [
+        ((), "initiated", True),
+        ((), "completed", True),
+        ((("CA1", 0),), "ringing", True),
+        ((("CA1", 1),), "answered", True),
+        ((("CA1", 2),), "completed", True),
+        ((("CA1", 2),), "busy", True),
+        ((("CA1", 0),), "initiated", False),
+        ((("CA1", 1),), "ringing", False),
+        ((("CA1", 2),), "answered", False),
+        ((("CA1", 2),), "ringing", False),
+        ((("CA1", 3),), "completed", False),
+        ((("CA1", 3),), "answered", False),
+        ((("CA1", 3),), "no_answer", False),
+        ((("CA0", 3),), "ringing", True),  # another leg: its own progress
+    ],
+)
+def test_a_leg_status_no_further_than_heard_is_refused(
+    heard: tuple[tuple[str, int], ...], status: str, accepted: bool
+) -> None:
+    from gateway import callback as cb
+    from gateway.call import Call, CallChannel, CallError, CallState
+
+    call = Call("c1", "acme", "v", CallChannel.CALLBACK, CallState.COMPLETED, 0.0, legs_heard=heard)
+    if accepted:
+        after = cb.leg_heard(call, "CA1", status)
+        assert dict(after.legs_heard)["CA1"] == cb.LEG_PROGRESS.get(status, cb.LEG_ENDED)
+        with pytest.raises(CallError):
+            cb.leg_heard(after, "CA1", status)  # the same report again: old news
+    else:
+        with pytest.raises(CallError) as refused:
+            cb.leg_heard(call, "CA1", status)
+        assert refused.value.code == "old_status"
