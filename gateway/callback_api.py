@@ -12,7 +12,7 @@ from aiohttp import web
 
 from gateway import appkeys as keys
 from gateway.auth import VISITOR_ROLES, bearer_token, check_configured_role
-from gateway.codec import callback_from_wire, check_id, iso
+from gateway.codec import branch_from_query, callback_from_wire, check_id, iso
 from gateway.errors import ApiError, invalid_token
 from gateway.http_api import read_json
 from gateway.visitor_api import TICKET_SITE, client_ip, site_of
@@ -44,8 +44,8 @@ async def create_callback(request: web.Request) -> web.Response:
 
 async def callback_slots(request: web.Request) -> web.Response:
     site = site_of(request)
-    branch = request.query.get("branch") or None
-    if branch is not None and check_id(branch, "branch") not in site.branches:
+    branch = branch_from_query(request.query)
+    if branch is not None and branch not in site.branches:
         return web.json_response({"slots": []}, headers={"Cache-Control": "no-store"})
     slots = request.app[keys.CALLBACKS].slots(site.site_id, branch, time.time())
     return web.json_response(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -286,6 +287,31 @@ def call_from_record(data: Json, version: int) -> Call:
 
 
 LANGUAGE_PATTERN = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+
+
+def opt_query(query: Mapping[str, str], key: str) -> str | None:
+    """A query parameter: absent is None, but present and empty is refused, not read as
+    absent: ``?language=`` is a page's bug (an unset variable), and answering it as if no
+    filter were asked for would hide that bug behind a plausible answer."""
+    value = query.get(key)
+    if value is None:
+        return None
+    if not value:
+        raise invalid_payload(f"{key} must not be empty; leave it out to ask for any")
+    return value
+
+
+def branch_from_query(query: Mapping[str, str]) -> str | None:
+    branch = opt_query(query, "branch")
+    return check_id(branch, "branch") if branch is not None else None
+
+
+def filters_from_query(query: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The ``language`` and ``branch`` filters of the availability queries."""
+    language = opt_query(query, "language")
+    if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
+        raise invalid_payload("language must be a language tag like en or de-AT")
+    return language, branch_from_query(query)
 
 
 def call_request_from_wire(payload: object) -> CallRequest:

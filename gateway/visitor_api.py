@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway.codec import LANGUAGE_PATTERN, VISITOR_ID_PATTERN, check_id, iso
+from gateway.codec import VISITOR_ID_PATTERN, filters_from_query, iso
 from gateway.errors import ApiError, invalid_payload
 from gateway.http_api import error_response, read_json
 from gateway.ice import ice_servers
@@ -163,11 +163,8 @@ async def create_session(request: web.Request) -> web.Response:
 
 
 def _filters(request: web.Request, site: Site) -> tuple[str | None, str | None]:
-    language = request.query.get("language") or None
-    branch = request.query.get("branch") or None
-    if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
-        raise invalid_payload("language must be a language tag like en or de-AT")
-    if branch is not None and check_id(branch, "branch") not in site.branches:
+    language, branch = filters_from_query(request.query)
+    if branch is not None and branch not in site.branches:
         raise invalid_payload(f"no branch {branch!r}")
     return language, branch
 

@@ -383,3 +383,48 @@ async def test_roles_come_from_the_configuration_not_the_token(
     assert r.status == 200
     r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(mint(s, "anna")))
     assert r.status == 200
+
+
+async def test_an_empty_language_or_branch_is_refused_not_read_as_absent(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """`?language=` is a page's bug (an unset variable): answering it as if no filter were
+    asked for would hide the bug behind a plausible answer."""
+    origin = {"Origin": "http://127.0.0.1:8080"}
+    r = await http.post(f"{node.url}/v1/sites/acme/sessions", json={}, headers=origin)
+    visitor = (await r.json())["token"]
+    refused = 0
+    for path in (
+        "/v1/sites/acme/availability?language=",
+        "/v1/sites/acme/availability?branch=",
+        "/v1/sites/acme/availability?language=en&branch=",
+        "/v1/sites/acme/availability/stream?language=",
+        "/v1/sites/acme/availability/stream?branch=",
+        "/v1/sites/acme/callback-slots?branch=",
+    ):
+        r = await http.get(f"{node.url}{path}")
+        assert await error_of(r) == (400, "invalid_payload"), path
+        refused += 1
+    for hint in ({"language": ""}, {"branch": ""}):
+        r = await http.post(
+            f"{node.url}/v1/sites/acme/callbacks",
+            json={"phone": "+353861110001", **hint},
+            headers={**origin, **bearer(visitor)},
+        )
+        assert await error_of(r) == (400, "invalid_payload"), hint
+        refused += 1
+    v = clients()
+    await v.connect(node.url, "/visitor", {"token": visitor})
+    for hint in ({"language": ""}, {"branch": ""}):
+        ack = await v.call("call:start", hint, "/visitor")
+        assert ack["error"]["code"] == "invalid_payload", hint
+        refused += 1
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert f'membrane_errors_total{{code="invalid_payload"}} {refused}.0' in text
+    # Left out, or set, they still work.
+    for path in (
+        "/v1/sites/acme/availability",
+        "/v1/sites/acme/availability?language=de&branch=berlin",
+        "/v1/sites/acme/callback-slots?branch=berlin",
+    ):
+        assert (await http.get(f"{node.url}{path}")).status == 200, path
