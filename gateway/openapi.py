@@ -33,6 +33,7 @@ def _pattern(compiled: re.Pattern[str]) -> Json:
 
 
 ID = _pattern(ID_PATTERN)
+PHONE_SHAPE = r"^\s*\+[0-9 ().-]*[0-9().-]\s*$"
 LANGUAGE = _pattern(LANGUAGE_PATTERN)
 TIME = {"type": "string", "format": "date-time"}
 
@@ -125,8 +126,14 @@ def _schemas() -> dict[str, Json]:
         "DeviceUpdate": _object(
             device_fields,
             {
-                "priority": {**priority, "default": 0},
-                "device_id": {**ID, "description": "Ignored: the id in the path wins."},
+                # As the codec reads it: null is the default, like leaving it out.
+                "priority": {
+                    **_nullable(priority),
+                    "default": 0,
+                    "description": "Absent or null: 0. Written as an integer: 1.0 is refused, "
+                    "though JSON Schema counts it as one.",
+                },
+                "device_id": {"description": "Ignored, whatever it is: the path's id wins."},
             },
         ),
         "Presence": _object(
@@ -200,8 +207,12 @@ def _schemas() -> dict[str, Json]:
                 "phone": {
                     "type": "string",
                     "maxLength": 32,
+                    # phone_policy.RAW_SHAPE once surrounding white space is stripped: a
+                    # blank or empty phone is refused (invalid_phone), as is a bare "+".
+                    "pattern": PHONE_SHAPE,
                     "description": "International form: + then digits; spaces and ().- "
-                    "are allowed and dropped.",
+                    "are allowed and dropped. It must also be a valid number (not "
+                    "expressible here): else 400 invalid_phone.",
                 }
             },
             {
