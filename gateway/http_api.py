@@ -65,9 +65,11 @@ async def error_middleware(
     except UNAVAILABLE_ERRORS as e:
         log.warning("store unreachable during %s: %r", route, e)
         err = store_unavailable()
+        metrics.errors.labels(err.code).inc()
         response = error_response(err.status, err.code, err.message)
     except Exception:
         log.exception("unhandled error in %s", route)
+        metrics.errors.labels("internal").inc()
         response = error_response(500, "internal", "the gateway failed; try again")
     metrics.requests.labels(route, str(response.status)).inc()
     metrics.latency.labels(route).observe(time.perf_counter() - started)

@@ -417,6 +417,7 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 e.message, {"code": e.code, "message": e.message}
             ) from None
         except UNAVAILABLE_ERRORS:
+            self.metrics.errors.labels("store_unavailable").inc()
             message = "the store is unreachable; retry"
             raise socketio.exceptions.ConnectionRefusedError(
                 message, {"code": "store_unavailable", "message": message}

@@ -593,3 +593,16 @@ def test_a_leg_status_no_further_than_heard_is_refused(
         with pytest.raises(CallError) as refused:
             cb.leg_heard(call, "CA1", status)
         assert refused.value.code == "old_status"
+
+
+async def test_refused_twilio_webhooks_are_counted(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession
+) -> None:
+    """A forged or unsigned webhook is worth an alert: it shows in the error metrics."""
+    node = await phone_node(nodes, phone_settings(tmp_path, sim))
+    form = {"CallSid": "CA" + "0" * 32, "CallStatus": "ringing"}
+    for headers in ({}, {"X-Twilio-Signature": "Zm9yZ2Vk"}):
+        r = await http.post(f"{node.url}/v1/twilio/status/c1/1", data=form, headers=headers)
+        assert r.status == 403 and (await r.json())["error"]["code"] == "invalid_signature"
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert 'membrane_errors_total{code="invalid_signature"} 2.0' in text

@@ -299,6 +299,11 @@ async def test_readyz_is_503_while_redis_is_down(
         token = mint(node.settings, "anna")
         r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(token))
         assert await error_of(r) == (503, "store_unavailable")
+        refused = await connect_refusal(node.url, "/agent", {"token": token})
+        assert refused["data"]["code"] == "store_unavailable"
+        # Each refusal is counted under its code, like every other.
+        text = await (await http.get(f"{node.url}/metrics")).text()
+        assert 'membrane_errors_total{code="store_unavailable"} 2.0' in text
     finally:
         redis_server.start()
     await eventually(is_200, 15)
