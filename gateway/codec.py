@@ -417,7 +417,8 @@ def callback_from_wire(payload: object) -> CallbackIn:
     hints = {k: v for k, v in obj.items() if k in HINT_KEYS}
     return CallbackIn(
         phone=phone,
-        at=parse_iso(at_raw, "at") if at_raw else None,
+        # Present but empty is refused, as ?language= is (opt_query); null is absent.
+        at=parse_iso(at_raw, "at") if at_raw is not None else None,
         request=call_request_from_wire(hints),
-        after_call=check_id(after, "after_call") if after else None,
+        after_call=check_id(after, "after_call") if after is not None else None,
     )

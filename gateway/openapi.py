@@ -66,16 +66,19 @@ def _schemas() -> dict[str, Json]:
         "state": _enum(DeviceState),
     }
     priority = {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY}
+    # As the codec reads them: null is the same as leaving a hint out (but not for skills).
     hints: dict[str, Json] = {
-        "language": LANGUAGE,
-        "branch": ID,
-        "location": _object(
-            {
-                "lat": {"type": "number", "minimum": -90, "maximum": 90},
-                "lon": {"type": "number", "minimum": -180, "maximum": 180},
-            }
+        "language": _nullable(LANGUAGE),
+        "branch": _nullable(ID),
+        "location": _nullable(
+            _object(
+                {
+                    "lat": {"type": "number", "minimum": -90, "maximum": 90},
+                    "lon": {"type": "number", "minimum": -180, "maximum": 180},
+                }
+            )
         ),
-        "page": {"type": "string", "maxLength": 2048},
+        "page": _nullable({"type": "string", "maxLength": 2048}),
         "skills": {
             "type": "array",
             "maxItems": 8,
@@ -216,9 +219,12 @@ def _schemas() -> dict[str, Json]:
                 }
             },
             {
-                "at": {**TIME, "description": "When to call; absent: as soon as possible."},
+                "at": {
+                    **_nullable(TIME),
+                    "description": "When to call; absent or null: as soon as possible.",
+                },
                 "after_call": {
-                    **ID,
+                    **_nullable(ID),
                     "description": "Keep my place: the visitor's own browser call that "
                     "failed at most 30 minutes ago.",
                 },

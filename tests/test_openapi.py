@@ -281,7 +281,22 @@ async def test_the_document_and_the_server_agree_on_edge_requests(
         r = await http.post(f"{url}/v1/sites/acme/callbacks", json=body, headers=visitor)
         if request_verdict(contract, callback, body) != (r.status != 400):
             disagreements.append(("phone", phone, r.status))
-    for hint in ({"language": ""}, {"branch": ""}, {"language": "de"}):
+    hint_edges: tuple[dict[str, Any], ...] = (
+        {"language": ""},
+        {"branch": ""},
+        {"at": ""},
+        {"after_call": ""},
+        {"language": None},
+        {"branch": None},
+        {"at": None},
+        {"after_call": None},
+        {"location": None},
+        {"page": None},
+        {"skills": None},
+        {"language": "de"},
+        {"skills": []},
+    )
+    for hint in hint_edges:
         body = {"phone": VISITOR_PHONE, **hint}
         r = await http.post(f"{url}/v1/sites/acme/callbacks", json=body, headers=visitor)
         if request_verdict(contract, callback, body) != (r.status != 400):
