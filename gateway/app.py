@@ -95,7 +95,7 @@ def create_app(
     """A node. ``telephony`` installs a phone provider (tests pass one); by default the one
     registered for Twilio is used when Twilio is configured."""
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[error_middleware, cors_middleware]
+        client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware]
     )
     store = store or build_store(settings)
     metrics = Metrics()

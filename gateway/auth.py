@@ -17,7 +17,7 @@ from typing import Any
 import jwt
 
 from gateway.errors import ApiError, forbidden, invalid_token
-from gateway.model import Role
+from gateway.model import Agent, Role, Site
 from gateway.settings import AuthSettings
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,35 @@ def bearer_token(header: str | None) -> str:
     return header[len("Bearer ") :].strip()
 
 
+def check_configured_role(claims: Claims, site: Site) -> Agent | None:
+    """Refuse a token whose role the site's configuration contradicts.
+
+    Roles come from the configuration: a token is only a claim, and whoever can mint one
+    (an outside issuer by ``kid``, a leaked signing tool) must not promote an agent to
+    supervisor, nor pass a configured agent or supervisor off as a visitor. Returns the
+    configured agent, or None for a visitor. An agent token naming nobody the site
+    configured stays ``forbidden``.
+    """
+    agent = site.agents.get(claims.sub)
+    if claims.role is Role.VISITOR:
+        if agent is not None:
+            raise role_mismatch(claims.sub, agent.role, claims.role)
+        return None
+    if agent is None:
+        raise forbidden(f"{claims.sub!r} is not an agent of site {site.site_id!r}")
+    if agent.role is not claims.role:
+        raise role_mismatch(claims.sub, agent.role, claims.role)
+    return agent
+
+
+def role_mismatch(sub: str, configured: Role, claimed: Role) -> ApiError:
+    return ApiError(
+        403,
+        "role_mismatch",
+        f"{sub!r} is configured as {configured.value}, but the token says {claimed.value}",
+    )
+
+
 AGENT_ROLES = frozenset({Role.AGENT, Role.SUPERVISOR})
 SUPERVISOR_ROLES = frozenset({Role.SUPERVISOR})
 VISITOR_ROLES = frozenset({Role.VISITOR})
@@ -163,4 +192,5 @@ __all__ = [
     "Claims",
     "TokenService",
     "bearer_token",
+    "check_configured_role",
 ]

@@ -115,6 +115,9 @@ class Call:
     """The telephony provider's id of the current attempt's leg."""
     answered_by: str | None = None
     """Who answered the current attempt's leg: human, machine or unknown."""
+    legs_heard: tuple[tuple[str, int], ...] = ()
+    """How far each phone leg of every attempt has been reported to get, by provider id
+    (``gateway.callback.LEG_PROGRESS``): a status no further than that is old news."""
 
     @property
     def final(self) -> bool:

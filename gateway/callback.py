@@ -37,6 +37,12 @@ ATTEMPT_DETAIL = {
 FINAL_OUTCOMES = frozenset({"number_refused", "spend_cap_reached", "number_rate_limited"})
 
 
+# How far a phone leg has got, by its status; every other status (completed, busy, no
+# answer, failed, canceled) ends the leg: LEG_ENDED.
+LEG_PROGRESS = {"initiated": 0, "ringing": 1, "answered": 2}
+LEG_ENDED = 3
+
+
 def _log(call: Call, now: float, event: str, detail: str) -> tuple[TimelineEntry, ...]:
     return (*call.timeline, TimelineEntry(now, event, detail))
 
@@ -112,6 +118,25 @@ def _current_leg(call: Call, attempt: int) -> None:
     _open(call)
     if call.dials != attempt or call.state not in (CallState.DIALING, CallState.CONNECTED):
         raise CallError("stale", "that attempt is over")
+
+
+def leg_heard(call: Call, provider_id: str, status: str) -> Call:
+    """Note a status report about one of the callback's phone legs, before acting on it.
+
+    A report no further than what was already heard about that leg (the same webhook
+    replayed, or one overtaken by a later one) is refused with ``old_status``: acting on it
+    again would repeat what the first did, and a replayed ``ringing`` after the attempt ended
+    would hang up the long-gone leg once more. Allowed on an ended callback too: that is
+    where replays land, and the first report of a leg nobody wants still has to hang it up.
+    """
+    if call.channel is not CallChannel.CALLBACK:
+        raise CallError("invalid_state", "not a callback")
+    progress = LEG_PROGRESS.get(status, LEG_ENDED)
+    heard = dict(call.legs_heard)
+    if heard.get(provider_id, -1) >= progress:
+        raise CallError("old_status", f"leg {provider_id} was already reported past {status}")
+    heard[provider_id] = progress
+    return replace(call, legs_heard=tuple(heard.items()))
 
 
 def leg_placed(call: Call, attempt: int, provider_id: str) -> Call:

@@ -11,11 +11,11 @@ import time
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway.auth import VISITOR_ROLES, bearer_token
-from gateway.codec import callback_from_wire, check_id, iso
+from gateway.auth import VISITOR_ROLES, bearer_token, check_configured_role
+from gateway.codec import branch_from_query, callback_from_wire, check_id, iso
 from gateway.errors import ApiError, invalid_token
 from gateway.http_api import read_json
-from gateway.visitor_api import client_ip, site_of
+from gateway.visitor_api import TICKET_SITE, client_ip, site_of
 
 MAX_STATUS_TOKEN = 128
 
@@ -27,6 +27,7 @@ async def create_callback(request: web.Request) -> web.Response:
     )
     if claims.site != site.site_id:
         raise invalid_token("this session is for another site")
+    check_configured_role(claims, site)
     try:
         body = callback_from_wire(await read_json(request))
     except ApiError as e:
@@ -43,8 +44,8 @@ async def create_callback(request: web.Request) -> web.Response:
 
 async def callback_slots(request: web.Request) -> web.Response:
     site = site_of(request)
-    branch = request.query.get("branch") or None
-    if branch is not None and check_id(branch, "branch") not in site.branches:
+    branch = branch_from_query(request.query)
+    if branch is not None and branch not in site.branches:
         return web.json_response({"slots": []}, headers={"Cache-Control": "no-store"})
     slots = request.app[keys.CALLBACKS].slots(site.site_id, branch, time.time())
     return web.json_response(
@@ -63,6 +64,7 @@ async def get_ticket(request: web.Request) -> web.Response:
     call_id = check_id(request.match_info["call_id"], "call_id")
     callbacks = request.app[keys.CALLBACKS]
     call = await callbacks.ticket(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
     return web.json_response(await callbacks.view(call), headers={"Cache-Control": "no-store"})
 
 
@@ -70,6 +72,7 @@ async def cancel_ticket(request: web.Request) -> web.Response:
     call_id = check_id(request.match_info["call_id"], "call_id")
     callbacks = request.app[keys.CALLBACKS]
     call = await callbacks.cancel(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
     return web.json_response(await callbacks.view(call))
 
 

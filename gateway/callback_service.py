@@ -704,6 +704,14 @@ class CallbackService:
             return
         if call.channel is not CallChannel.CALLBACK:
             return
+        try:
+            _, call = await self._calls.update(
+                call.call_id,
+                partial(cb.leg_heard, provider_id=event.provider_id, status=event.status.value),
+                current=call,
+            )
+        except CallError:
+            return  # a replay, or overtaken by a later status: acted on already
         stale = call.final or call.dials != event.attempt
         if stale or call.state not in (CallState.DIALING, CallState.CONNECTED):
             if event.status in (LegStatus.RINGING, LegStatus.ANSWERED) and self.telephony:

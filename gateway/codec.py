@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -283,6 +284,7 @@ def call_to_record(call: Call) -> Json:
         "dial_started_at": call.dial_started_at,
         "provider_id": call.provider_id,
         "answered_by": call.answered_by,
+        "legs_heard": [[leg, progress] for leg, progress in call.legs_heard],
     }
 
 
@@ -323,10 +325,36 @@ def call_from_record(data: Json, version: int) -> Call:
         dial_started_at=data.get("dial_started_at"),
         provider_id=data.get("provider_id"),
         answered_by=data.get("answered_by"),
+        legs_heard=tuple((str(leg), int(n)) for leg, n in data.get("legs_heard", ())),
     )
 
 
 LANGUAGE_PATTERN = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+
+
+def opt_query(query: Mapping[str, str], key: str) -> str | None:
+    """A query parameter: absent is None, but present and empty is refused, not read as
+    absent: ``?language=`` is a page's bug (an unset variable), and answering it as if no
+    filter were asked for would hide that bug behind a plausible answer."""
+    value = query.get(key)
+    if value is None:
+        return None
+    if not value:
+        raise invalid_payload(f"{key} must not be empty; leave it out to ask for any")
+    return value
+
+
+def branch_from_query(query: Mapping[str, str]) -> str | None:
+    branch = opt_query(query, "branch")
+    return check_id(branch, "branch") if branch is not None else None
+
+
+def filters_from_query(query: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The ``language`` and ``branch`` filters of the availability queries."""
+    language = opt_query(query, "language")
+    if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
+        raise invalid_payload("language must be a language tag like en or de-AT")
+    return language, branch_from_query(query)
 
 
 def call_request_from_wire(payload: object) -> CallRequest:
@@ -432,7 +460,8 @@ def callback_from_wire(payload: object) -> CallbackIn:
     hints = {k: v for k, v in obj.items() if k in HINT_KEYS}
     return CallbackIn(
         phone=phone,
-        at=parse_iso(at_raw, "at") if at_raw else None,
+        # Present but empty is refused, as ?language= is (opt_query); null is absent.
+        at=parse_iso(at_raw, "at") if at_raw is not None else None,
         request=call_request_from_wire(hints),
-        after_call=check_id(after, "after_call") if after else None,
+        after_call=check_id(after, "after_call") if after is not None else None,
     )

@@ -13,7 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import appkeys as keys
 from gateway import openapi
-from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, Claims, bearer_token
+from gateway.auth import (
+    AGENT_ROLES,
+    SUPERVISOR_ROLES,
+    Claims,
+    bearer_token,
+    check_configured_role,
+)
 from gateway.codec import Json, check_id, device_update_from_wire, presence_to_wire
 from gateway.errors import ApiError, forbidden, invalid_payload, store_unavailable
 from gateway.ratelimit import TokenBucket
@@ -59,9 +65,11 @@ async def error_middleware(
     except UNAVAILABLE_ERRORS as e:
         log.warning("store unreachable during %s: %r", route, e)
         err = store_unavailable()
+        metrics.errors.labels(err.code).inc()
         response = error_response(err.status, err.code, err.message)
     except Exception:
         log.exception("unhandled error in %s", route)
+        metrics.errors.labels("internal").inc()
         response = error_response(500, "internal", "the gateway failed; try again")
     metrics.requests.labels(route, str(response.status)).inc()
     metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -88,7 +96,7 @@ async def agent_claims(request: web.Request, supervisor: bool = False) -> Claims
     bucket = buckets.setdefault(f"{claims.site}:{claims.sub}", TokenBucket(10.0, 30.0))
     if not bucket.take(time.monotonic()):
         raise ApiError(429, "rate_limited", "too many requests; slow down")
-    request.app[keys.PRESENCE].agent(claims.site, claims.sub)
+    check_configured_role(claims, request.app[keys.PRESENCE].site(claims.site))
     return claims
 
 

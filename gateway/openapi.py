@@ -34,6 +34,7 @@ def _pattern(compiled: re.Pattern[str]) -> Json:
 
 
 ID = _pattern(ID_PATTERN)
+PHONE_SHAPE = r"^\s*\+[0-9 ().-]*[0-9().-]\s*$"
 LANGUAGE = _pattern(LANGUAGE_PATTERN)
 TIME = {"type": "string", "format": "date-time"}
 
@@ -66,16 +67,19 @@ def _schemas() -> dict[str, Json]:
         "state": _enum(DeviceState),
     }
     priority = {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY}
+    # As the codec reads them: null is the same as leaving a hint out (but not for skills).
     hints: dict[str, Json] = {
-        "language": LANGUAGE,
-        "branch": ID,
-        "location": _object(
-            {
-                "lat": {"type": "number", "minimum": -90, "maximum": 90},
-                "lon": {"type": "number", "minimum": -180, "maximum": 180},
-            }
+        "language": _nullable(LANGUAGE),
+        "branch": _nullable(ID),
+        "location": _nullable(
+            _object(
+                {
+                    "lat": {"type": "number", "minimum": -90, "maximum": 90},
+                    "lon": {"type": "number", "minimum": -180, "maximum": 180},
+                }
+            )
         ),
-        "page": {"type": "string", "maxLength": 2048},
+        "page": _nullable({"type": "string", "maxLength": 2048}),
         "skills": {
             "type": "array",
             "maxItems": 8,
@@ -126,8 +130,14 @@ def _schemas() -> dict[str, Json]:
         "DeviceUpdate": _object(
             device_fields,
             {
-                "priority": {**priority, "default": 0},
-                "device_id": {**ID, "description": "Ignored: the id in the path wins."},
+                # As the codec reads it: null is the default, like leaving it out.
+                "priority": {
+                    **_nullable(priority),
+                    "default": 0,
+                    "description": "Absent or null: 0. Written as an integer: 1.0 is refused, "
+                    "though JSON Schema counts it as one.",
+                },
+                "device_id": {"description": "Ignored, whatever it is: the path's id wins."},
             },
         ),
         "Presence": _object(
@@ -210,14 +220,21 @@ def _schemas() -> dict[str, Json]:
                 "phone": {
                     "type": "string",
                     "maxLength": 32,
+                    # phone_policy.RAW_SHAPE once surrounding white space is stripped: a
+                    # blank or empty phone is refused (invalid_phone), as is a bare "+".
+                    "pattern": PHONE_SHAPE,
                     "description": "International form: + then digits; spaces and ().- "
-                    "are allowed and dropped.",
+                    "are allowed and dropped. It must also be a valid number (not "
+                    "expressible here): else 400 invalid_phone.",
                 }
             },
             {
-                "at": {**TIME, "description": "When to call; absent: as soon as possible."},
+                "at": {
+                    **_nullable(TIME),
+                    "description": "When to call; absent or null: as soon as possible.",
+                },
                 "after_call": {
-                    **ID,
+                    **_nullable(ID),
                     "description": "Keep my place: the visitor's own browser call that "
                     "failed at most 30 minutes ago.",
                 },
@@ -507,7 +524,10 @@ def _components() -> Json:
         "responses": {
             "InvalidPayload": _error("invalid_payload (or another 400 code of the operation)."),
             "InvalidToken": _error("invalid_token: missing, malformed, expired or foreign."),
-            "Forbidden": _error("forbidden: the token's role or site may not do this."),
+            "Forbidden": _error(
+                "forbidden: the token's role or site may not do this; role_mismatch: the"
+                " configuration gives the token's sub another role."
+            ),
             "NotFound": _error("not_found: unknown site, call or device."),
             "RateLimited": _error("rate_limited: slow down."),
             "Unavailable": _error("store_unavailable: the store is unreachable; retry."),

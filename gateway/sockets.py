@@ -24,7 +24,14 @@ import engineio.packet
 import socketio
 from aiohttp import web
 
-from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, VISITOR_ROLES, Claims, TokenService
+from gateway.auth import (
+    AGENT_ROLES,
+    SUPERVISOR_ROLES,
+    VISITOR_ROLES,
+    Claims,
+    TokenService,
+    check_configured_role,
+)
 from gateway.call import Call
 from gateway.call_service import CallService
 from gateway.codec import (
@@ -645,6 +652,7 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 e.message, {"code": e.code, "message": e.message}
             ) from None
         except UNAVAILABLE_ERRORS:
+            self.metrics.errors.labels("store_unavailable").inc()
             message = "the store is unreachable; retry"
             raise socketio.exceptions.ConnectionRefusedError(
                 message, {"code": "store_unavailable", "message": message}
@@ -694,7 +702,7 @@ class AgentNamespace(BaseNamespace):
         presence.add_listener(self.on_presence)
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
-        self.presence.agent(claims.site, claims.sub)  # refuses a token for an unknown agent
+        check_configured_role(claims, self.presence.site(claims.site))
         try:
             state = DeviceState(auth.get("state", DeviceState.AVAILABLE.value))
         except ValueError:
@@ -784,7 +792,7 @@ class BoardNamespace(BaseNamespace):
         presence.add_listener(self.on_presence)
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
-        self.presence.agent(claims.site, claims.sub)
+        check_configured_role(claims, self.presence.site(claims.site))
         await self.enter_room(sid, site_room(claims.site))
         return None
 
@@ -826,7 +834,7 @@ class VisitorNamespace(BaseNamespace):
         }
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
-        self.presence.site(claims.site)
+        check_configured_role(claims, self.presence.site(claims.site))
         await self.enter_room(sid, visitor_room(claims.site, claims.sub))
         return None
 

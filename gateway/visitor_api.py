@@ -13,60 +13,110 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway import appkeys as keys
-from gateway.codec import LANGUAGE_PATTERN, check_id, session_request_from_wire, session_to_wire
+from gateway.codec import filters_from_query, session_request_from_wire, session_to_wire
 from gateway.errors import ApiError, invalid_payload
-from gateway.http_api import read_json
+from gateway.http_api import error_response, read_json
 from gateway.ice import ice_servers
 from gateway.model import Role, Site
+from gateway.settings import Settings
 from gateway.visitor_identity import new_visitor_id
 
 SESSIONS_PER_IP_MINUTE = 30
-CORS_HEADERS = "Authorization, Content-Type"
-CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+# What a cross-origin page needs, and no more: the widget opens sessions and callbacks (POST
+# with a bearer token and a JSON body) and reads availability and slots (GET) under its site;
+# it reads and cancels its ticket with the status token in the query (GET, DELETE, no header).
+SITE_METHODS = "GET, POST, OPTIONS"
+SITE_HEADERS = "Authorization, Content-Type"
+TICKET_METHODS = "GET, DELETE, OPTIONS"
+TICKET_SITE = web.RequestKey("ticket_site", str)
+"""The site of the call a ticket request has proven it may read (set by the handler)."""
 
 
 def site_of(request: web.Request) -> Site:
     return request.app[keys.PRESENCE].site(request.match_info["site"])
 
 
-def allowed_origins(request: web.Request) -> frozenset[str]:
-    """The site's configured origins, plus the gateway's own (its /demo/ page); nobody but
-    the operator can put a page on the gateway's origin."""
-    settings = request.app[keys.SETTINGS]
+def path_site(path: str) -> str | None:
+    """The site a ``/v1/sites/{site}/...`` path names. Read from the path, not the route's
+    match: a preflight matches no route, so its match info is empty."""
+    parts = path.split("/", 4)
+    if len(parts) >= 4 and parts[1] == "v1" and parts[2] == "sites" and parts[3]:
+        return parts[3]
+    return None
+
+
+def site_origins(settings: Settings, site_id: str | None) -> frozenset[str]:
+    """One site's configured origins, plus the gateway's own (its /demo/ page); nobody but
+    the operator can put a page on the gateway's origin. No site (or an unknown one): only
+    the gateway's own."""
     own = settings.public_url.rstrip("/")
-    site_id = request.match_info.get("site")
-    if site_id is not None and site_id in settings.sites:
-        return frozenset((*settings.sites[site_id].allowed_origins, own))
+    site = settings.sites.get(site_id) if site_id is not None else None
+    return frozenset((*(site.allowed_origins if site else ()), own))
+
+
+def ticket_origins(settings: Settings) -> frozenset[str]:
+    """Who may ask about a ticket before it is known whose it is: a ticket path names no
+    site, and looking the call up here would tell a stranger which call ids exist. Only the
+    status token grants anything; the answer itself goes to the call's own site only."""
+    own = settings.public_url.rstrip("/")
     return frozenset((*(o for s in settings.sites.values() for o in s.allowed_origins), own))
+
+
+def allowed_origins(request: web.Request) -> frozenset[str]:
+    return site_origins(request.app[keys.SETTINGS], path_site(request.path))
 
 
 def is_visitor_path(path: str) -> bool:
     return path.startswith(("/v1/sites/", "/v1/calls/")) and not path.endswith("/agents")
 
 
+def _preflight(request: web.Request, origin: str) -> web.Response:
+    settings = request.app[keys.SETTINGS]
+    if request.path.startswith("/v1/calls/"):
+        allowed, headers = (
+            ticket_origins(settings),
+            {"Access-Control-Allow-Methods": TICKET_METHODS},
+        )
+    else:
+        allowed = site_origins(settings, path_site(request.path))
+        headers = {
+            "Access-Control-Allow-Methods": SITE_METHODS,
+            "Access-Control-Allow-Headers": SITE_HEADERS,
+        }
+    if origin not in allowed:
+        request.app[keys.METRICS].errors.labels("origin_not_allowed").inc()
+        return error_response(403, "origin_not_allowed", f"origin {origin} is not allowed")
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            **headers,
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
+
+
 @web.middleware
 async def cors_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """Outside the error middleware, so refusals carry the headers too: a page must be able
+    to read why its request was refused (an invalid phone number, a canceled ticket)."""
     origin = request.headers.get("Origin")
     if origin is None or not is_visitor_path(request.path):
         return await handler(request)
-    allowed = origin in allowed_origins(request)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        if not allowed:
-            raise ApiError(403, "origin_not_allowed", f"origin {origin} is not allowed")
-        return web.Response(
-            status=204,
-            headers={
-                "Access-Control-Allow-Origin": origin,
-                "Access-Control-Allow-Methods": CORS_METHODS,
-                "Access-Control-Allow-Headers": CORS_HEADERS,
-                "Access-Control-Max-Age": "600",
-                "Vary": "Origin",
-            },
-        )
+        return _preflight(request, origin)
     response = await handler(request)
-    if allowed and not response.prepared:
+    settings = request.app[keys.SETTINGS]
+    if not request.path.startswith("/v1/calls/"):
+        allowed = site_origins(settings, path_site(request.path))
+    elif TICKET_SITE in request:
+        allowed = site_origins(settings, request[TICKET_SITE])
+    else:  # refused before the call was known: its error says nothing about any call
+        allowed = ticket_origins(settings)
+    if origin in allowed and not response.prepared:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
     return response
@@ -116,11 +166,8 @@ async def create_session(request: web.Request) -> web.Response:
 
 
 def _filters(request: web.Request, site: Site) -> tuple[str | None, str | None]:
-    language = request.query.get("language") or None
-    branch = request.query.get("branch") or None
-    if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
-        raise invalid_payload("language must be a language tag like en or de-AT")
-    if branch is not None and check_id(branch, "branch") not in site.branches:
+    language, branch = filters_from_query(request.query)
+    if branch is not None and branch not in site.branches:
         raise invalid_payload(f"no branch {branch!r}")
     return language, branch
 

@@ -23,6 +23,7 @@ from multidict import MultiDict, MultiMapping
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
+from gateway import appkeys as keys
 from gateway.errors import ApiError, invalid_payload
 from gateway.settings import Settings
 from gateway.telephony import (
@@ -207,7 +208,12 @@ class Webhook:
     params: MultiDict[str]
 
 
-def error_response(error: ApiError) -> web.Response:
+def error_response(error: ApiError, request: web.Request) -> web.Response:
+    """The refusal, counted under its code when the app keeps the gateway's metrics (a
+    forged signature is worth an alert)."""
+    metrics = request.app.get(keys.METRICS)
+    if metrics is not None:
+        metrics.errors.labels(error.code).inc()
     return web.json_response(error.body(), status=error.status)
 
 
@@ -233,7 +239,7 @@ class TwilioWebhooks:
             hook = await self._verified(request)
             call_sid = _required(hook.params, "CallSid")
         except ApiError as e:
-            return error_response(e)
+            return error_response(e, request)
         answered_by = answered_by_from(hook.params.get("AnsweredBy"))
         try:
             instruction = await self._events.on_answer(
@@ -249,7 +255,7 @@ class TwilioWebhooks:
             hook = await self._verified(request)
             event = leg_event_from(hook.call_id, hook.attempt, hook.params)
         except ApiError as e:
-            return error_response(e)
+            return error_response(e, request)
         try:
             await self._events.on_leg_event(event)
         except Exception as e:
@@ -263,7 +269,7 @@ class TwilioWebhooks:
             call_sid = _required(hook.params, "CallSid")
             dial_status = _required(hook.params, "DialCallStatus")
         except ApiError as e:
-            return error_response(e)
+            return error_response(e, request)
         if dial_status == "canceled":
             # The visitor hung up while the agent's phone rang: their own leg's completed
             # status ends the callback; this is not the agent failing to answer.

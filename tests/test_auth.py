@@ -31,11 +31,13 @@ from gateway.auth import (
     OWN_KID,
     SUPERVISOR_ROLES,
     VISITOR_ROLES,
+    Claims,
     TokenService,
     bearer_token,
+    check_configured_role,
 )
 from gateway.errors import ApiError
-from gateway.model import Role
+from gateway.model import Agent, Role, Site
 from gateway.settings import AuthSettings, load_settings
 
 SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -227,6 +229,43 @@ async def test_roles(role: Role, roles: frozenset[Role], allowed: bool) -> None:
     else:
         error = await refused(service, token, roles, code="forbidden")
         assert role.value in error.message
+
+
+ACME = Site(
+    site_id="acme",
+    name="Acme",
+    allowed_origins=(),
+    branches={},
+    agents={
+        "anna": Agent("anna", "acme", "Anna"),
+        "sam": Agent("sam", "acme", "Sam", role=Role.SUPERVISOR),
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("sub", "role", "code"),
+    [
+        ("anna", Role.AGENT, None),
+        ("sam", Role.SUPERVISOR, None),
+        ("v_visitor", Role.VISITOR, None),
+        ("anna", Role.SUPERVISOR, "role_mismatch"),
+        ("sam", Role.AGENT, "role_mismatch"),
+        ("anna", Role.VISITOR, "role_mismatch"),
+        ("sam", Role.VISITOR, "role_mismatch"),
+        ("mallory", Role.AGENT, "forbidden"),
+        ("mallory", Role.SUPERVISOR, "forbidden"),
+    ],
+)
+def test_the_configuration_decides_the_role(sub: str, role: Role, code: str | None) -> None:
+    claims = Claims(sub=sub, site="acme", role=role, exp=0.0)
+    if code is None:
+        agent = check_configured_role(claims, ACME)
+        assert (agent.role if agent else Role.VISITOR) is role
+    else:
+        with pytest.raises(ApiError) as refused_:
+            check_configured_role(claims, ACME)
+        assert (refused_.value.status, refused_.value.code) == (403, code)
 
 
 async def test_bad_token_is_invalid_before_role_is_checked() -> None:

@@ -278,6 +278,11 @@ async def test_every_invalid_phone_is_counted_as_a_refusal(
         b'{"phone": "+353861110001", "at": ["2030-01-01T10:00:00+00:00"]}',
         b'{"phone": "+353861110001", "branch": "atlantis"}',
         b'{"phone": "+353861110001", "after_call": "../../etc/passwd"}',
+        # Present but empty is not "absent" (null is).
+        b'{"phone": "+353861110001", "at": ""}',
+        b'{"phone": "+353861110001", "after_call": ""}',
+        b'{"phone": "+353861110001", "language": ""}',
+        b'{"phone": "+353861110001", "branch": ""}',
     ],
 )
 async def test_a_malformed_body_is_invalid_payload(

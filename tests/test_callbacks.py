@@ -15,13 +15,15 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 from conftest import Node, NodeFactory, SocketClient, eventually, free_port, make_settings, mint
-from twilio_sim import CallRecord, TwilioSim
+from twilio_sim import CallRecord, TwilioSim, WebhookRecord
+from yarl import URL
 
 from gateway import appkeys as keys
 from gateway.model import OpeningSpan
 from gateway.settings import Settings, TwilioSettings
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
+GLOBEX = "https://globex.example"
 ANNA_PHONE = "+353871234567"
 BEN_PHONE = "+4915112345678"
 VISITOR_PHONE = "+353861110001"
@@ -419,3 +421,188 @@ async def test_a_callback_carries_no_browser_signals(
     ack = await anna.call("rtc:signal", offer, "/agent")
     assert not ack["ok"] and ack["error"]["code"] == "not_connected"
     assert ben.queue("rtc:signal").empty() and anna.queue("rtc:signal").empty()
+
+
+async def test_cors_answers_each_site_for_its_own_origins_only(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession
+) -> None:
+    """Two sites on one node: a page of site B is never let in on site A's routes (nor A's
+    on B's), refusals carry the headers a page needs to read them, and a ticket's answer
+    goes to its own site's pages only."""
+    base = phone_settings(tmp_path, sim)
+    acme = base.sites["acme"]
+    globex = replace(acme, site_id="globex", name="Globex", allowed_origins=(GLOBEX,), agents={})
+    node = await phone_node(nodes, replace(base, sites={"acme": acme, "globex": globex}))
+    a, b, own = ORIGIN["Origin"], GLOBEX, node.settings.public_url.rstrip("/")
+
+    async def preflight(path: str, origin: str, method: str = "POST") -> aiohttp.ClientResponse:
+        return await http.options(
+            f"{node.url}{path}",
+            headers={"Origin": origin, "Access-Control-Request-Method": method},
+        )
+
+    refused = 0
+    for path, allowed, foreign in (
+        ("/v1/sites/acme/callbacks", (a, own), (b,)),
+        ("/v1/sites/acme/sessions", (a, own), (b,)),
+        ("/v1/sites/acme/availability", (a, own), (b,)),
+        ("/v1/sites/globex/sessions", (b, own), (a,)),
+        ("/v1/sites/nowhere/sessions", (own,), (a, b)),
+    ):
+        for origin in allowed:
+            r = await preflight(path, origin)
+            assert r.status == 204, (path, origin)
+            assert r.headers["Access-Control-Allow-Origin"] == origin
+            assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+            assert r.headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type"
+        for origin in foreign:
+            r = await preflight(path, origin)
+            assert r.status == 403, (path, origin)
+            assert (await r.json())["error"]["code"] == "origin_not_allowed"
+            assert "Access-Control-Allow-Origin" not in r.headers
+            refused += 1
+    r = await http.get(f"{node.url}/v1/sites/acme/availability", headers={"Origin": b})
+    assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+    r = await http.get(f"{node.url}/v1/sites/acme/availability", headers={"Origin": a})
+    assert r.headers["Access-Control-Allow-Origin"] == a
+
+    # A refusal is readable by the page that caused it (else it sees a network error).
+    token = await visitor_token(http, node)
+    r = await http.post(
+        f"{node.url}/v1/sites/acme/callbacks",
+        json={"phone": "call me maybe"},
+        headers={**ORIGIN, "Authorization": f"Bearer {token}"},
+    )
+    assert r.status == 400 and r.headers["Access-Control-Allow-Origin"] == a
+
+    # A ticket path names no site: its preflight admits the sites' pages for what a ticket
+    # needs (GET, DELETE, no headers); its answer goes to the call's own site only.
+    status, created = await request_callback(http, node, {"phone": VISITOR_PHONE}, token)
+    assert status == 201, created
+    path = f"/v1/calls/{created['call_id']}"
+    r = await preflight(path, a, "DELETE")
+    assert r.status == 204 and r.headers["Access-Control-Allow-Methods"] == "GET, DELETE, OPTIONS"
+    assert "Access-Control-Allow-Headers" not in r.headers
+    r = await preflight(path, "https://evil.example", "DELETE")
+    assert r.status == 403
+    refused += 1
+    query = {"token": created["status_token"]}
+    r = await http.get(f"{node.url}{path}", params=query, headers={"Origin": b})
+    assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+    r = await http.get(f"{node.url}{path}", params=query, headers={"Origin": a})
+    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == a
+    # A wrong token's 404 tells nothing about the call: any site's page may read it.
+    r = await http.get(f"{node.url}{path}", params={"token": "wrong"}, headers={"Origin": b})
+    assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == b
+
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert f'membrane_errors_total{{code="origin_not_allowed"}} {refused}.0' in text
+
+
+def rest_requests(sim: TwilioSim) -> int:
+    """Every REST request the simulated Twilio API got: calls created and calls updated."""
+    return len(sim.calls) + sum(len(c.rest_updates) for c in sim.calls)
+
+
+async def replay(http: aiohttp.ClientSession, node: Node, hook: WebhookRecord) -> int:
+    """Post a webhook the simulator sent once more, byte for byte (still validly signed)."""
+    url = URL(hook.url)
+    r = await http.post(
+        f"{node.url}{url.raw_path_qs}",
+        data=hook.params,
+        headers={"X-Twilio-Signature": hook.signature},
+    )
+    return r.status
+
+
+async def test_replayed_status_webhooks_change_nothing_and_call_twilio_no_more(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """Twilio's status callbacks, replayed (a retry through a proxy, an attacker holding
+    one): each is validly signed, and none may act twice, neither on the live call nor after
+    it ended, when a replayed `ringing` or `in-progress` used to hang up the gone leg again."""
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=40)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, node, "anna")
+    status, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    assert status == 201, created
+    await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"])
+    assert (await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    leg = await sim.wait_for_call(to=VISITOR_PHONE, status="in-progress", timeout=10)
+    live = await ticket_state(http, node, created, "connected")
+
+    def statuses() -> list[WebhookRecord]:
+        return [h for h in sim.call(leg.sid).webhooks if h.kind == "status"]
+
+    sent = statuses()
+    assert [h.param("CallStatus") for h in sent] == ["initiated", "ringing", "in-progress"]
+    before = rest_requests(sim)
+    for hook in sent:
+        assert await replay(http, node, hook) == 200
+    assert rest_requests(sim) == before
+    assert await ticket(http, node, created) == live
+
+    sim.hangup(leg.sid)
+    await sim.wait_for_call(sid=leg.sid, status="ended", timeout=10)
+    done = await ticket_state(http, node, created, "completed")
+    await anna.next("presence:update", lambda p: p["status"] == "available", timeout=10)
+    before = rest_requests(sim)
+    for hook in statuses():
+        assert await replay(http, node, hook) == 200, hook.param("CallStatus")
+        assert rest_requests(sim) == before, f"a replayed {hook.param('CallStatus')} called Twilio"
+    assert await ticket(http, node, created) == done
+    me = await http.get(
+        f"{node.url}/v1/agents/me",
+        headers={"Authorization": f"Bearer {mint(node.settings, 'anna')}"},
+    )
+    assert (await me.json())["status"] == "available"
+
+
+@pytest.mark.parametrize(
+    ("heard", "status", "accepted"),
+    [
+        ((), "initiated", True),
+        ((), "completed", True),
+        ((("CA1", 0),), "ringing", True),
+        ((("CA1", 1),), "answered", True),
+        ((("CA1", 2),), "completed", True),
+        ((("CA1", 2),), "busy", True),
+        ((("CA1", 0),), "initiated", False),
+        ((("CA1", 1),), "ringing", False),
+        ((("CA1", 2),), "answered", False),
+        ((("CA1", 2),), "ringing", False),
+        ((("CA1", 3),), "completed", False),
+        ((("CA1", 3),), "answered", False),
+        ((("CA1", 3),), "no_answer", False),
+        ((("CA0", 3),), "ringing", True),  # another leg: its own progress
+    ],
+)
+def test_a_leg_status_no_further_than_heard_is_refused(
+    heard: tuple[tuple[str, int], ...], status: str, accepted: bool
+) -> None:
+    from gateway import callback as cb
+    from gateway.call import Call, CallChannel, CallError, CallState
+
+    call = Call("c1", "acme", "v", CallChannel.CALLBACK, CallState.COMPLETED, 0.0, legs_heard=heard)
+    if accepted:
+        after = cb.leg_heard(call, "CA1", status)
+        assert dict(after.legs_heard)["CA1"] == cb.LEG_PROGRESS.get(status, cb.LEG_ENDED)
+        with pytest.raises(CallError):
+            cb.leg_heard(after, "CA1", status)  # the same report again: old news
+    else:
+        with pytest.raises(CallError) as refused:
+            cb.leg_heard(call, "CA1", status)
+        assert refused.value.code == "old_status"
+
+
+async def test_refused_twilio_webhooks_are_counted(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession
+) -> None:
+    """A forged or unsigned webhook is worth an alert: it shows in the error metrics."""
+    node = await phone_node(nodes, phone_settings(tmp_path, sim))
+    form = {"CallSid": "CA" + "0" * 32, "CallStatus": "ringing"}
+    for headers in ({}, {"X-Twilio-Signature": "Zm9yZ2Vk"}):
+        r = await http.post(f"{node.url}/v1/twilio/status/c1/1", data=form, headers=headers)
+        assert r.status == 403 and (await r.json())["error"]["code"] == "invalid_signature"
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert 'membrane_errors_total{code="invalid_signature"} 2.0' in text

@@ -14,6 +14,7 @@ from gateway.codec import (
     MAX_PRIORITY,
     DeviceUpdate,
     device_update_from_wire,
+    filters_from_query,
     iso,
     parse_iso,
     presence_to_wire,
@@ -363,3 +364,26 @@ def test_bucket_never_exceeds_rate_times_time_plus_burst(
     assert allowed <= burst + rate * (now - 1000.0) + 1e-6
     # Having drained, nothing more is allowed at the same instant.
     assert not bucket.take(now)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({}, (None, None)),
+        ({"language": "de-AT", "branch": "berlin"}, ("de-AT", "berlin")),
+        ({"language": ""}, None),
+        ({"branch": ""}, None),
+        ({"language": "en", "branch": ""}, None),
+        ({"language": "English"}, None),
+        ({"branch": "no spaces"}, None),
+    ],
+)
+def test_query_filters_refuse_empty_values(
+    query: dict[str, str], expected: tuple[str | None, str | None] | None
+) -> None:
+    if expected is None:
+        with pytest.raises(ApiError) as refused:
+            filters_from_query(query)
+        assert refused.value.code == "invalid_payload"
+    else:
+        assert filters_from_query(query) == expected

@@ -300,6 +300,11 @@ async def test_readyz_is_503_while_redis_is_down(
         token = mint(node.settings, "anna")
         r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(token))
         assert await error_of(r) == (503, "store_unavailable")
+        refused = await connect_refusal(node.url, "/agent", {"token": token})
+        assert refused["data"]["code"] == "store_unavailable"
+        # Each refusal is counted under its code, like every other.
+        text = await (await http.get(f"{node.url}/metrics")).text()
+        assert 'membrane_errors_total{code="store_unavailable"} 2.0' in text
     finally:
         redis_server.start()
     await eventually(is_200, 15)
@@ -326,3 +331,115 @@ async def test_a_huge_number_is_refused_cheaply(
     await again.connect(node.url, "/agent", {"token": mint(node.settings, "anna")})
     ack = await again.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
     assert ack["ok"], "the node keeps working"
+
+
+async def connect_refusal(url: str, namespace: str, auth: dict[str, Any]) -> Any:
+    """The `connect_error` data of a refused socket.io connection."""
+    client = socketio.AsyncClient(reconnection=False)
+    refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    client.on("connect_error", refused.set_result, namespace=namespace)
+    try:
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await client.connect(
+                url, namespaces=[namespace], auth=auth, transports=["websocket"], wait_timeout=5
+            )
+        return await asyncio.wait_for(refused, 5)
+    finally:
+        await client.disconnect()
+
+
+async def test_roles_come_from_the_configuration_not_the_token(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    """A token signed with the right key but a role the site's configuration contradicts (an
+    agent calling herself supervisor, a supervisor or agent passed off as a visitor) is
+    refused everywhere with `role_mismatch`, and each refusal is counted."""
+    s = node.settings
+    anna_as_supervisor = mint(s, "anna", Role.SUPERVISOR)
+    sam_as_agent = mint(s, "sam", Role.AGENT)
+    anna_as_visitor = mint(s, "anna", Role.VISITOR)
+    refusals = 0
+    for path, token in (
+        ("/v1/sites/acme/agents", anna_as_supervisor),
+        ("/v1/agents/me", anna_as_supervisor),
+        ("/v1/agents/me", sam_as_agent),
+    ):
+        r = await http.get(f"{node.url}{path}", headers=bearer(token))
+        assert await error_of(r) == (403, "role_mismatch"), path
+        refusals += 1
+    r = await http.put(
+        f"{node.url}/v1/agents/me/devices/phone",
+        json={"kind": "mobile", "state": "available"},
+        headers=bearer(sam_as_agent),
+    )
+    assert await error_of(r) == (403, "role_mismatch")
+    r = await http.post(
+        f"{node.url}/v1/sites/acme/callbacks",
+        json={"phone": "+353871234567"},
+        headers=bearer(anna_as_visitor),
+    )
+    assert await error_of(r) == (403, "role_mismatch")
+    refusals += 2
+    for namespace, token in (
+        ("/board", anna_as_supervisor),
+        ("/agent", anna_as_supervisor),
+        ("/agent", sam_as_agent),
+        ("/visitor", anna_as_visitor),
+    ):
+        data = await connect_refusal(node.url, namespace, {"token": token})
+        assert data["data"]["code"] == "role_mismatch", namespace
+        refusals += 1
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert f'membrane_errors_total{{code="role_mismatch"}} {refusals}.0' in text
+    # The configured roles still get in.
+    r = await http.get(
+        f"{node.url}/v1/sites/acme/agents", headers=bearer(mint(s, "sam", Role.SUPERVISOR))
+    )
+    assert r.status == 200
+    r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(mint(s, "anna")))
+    assert r.status == 200
+
+
+async def test_an_empty_language_or_branch_is_refused_not_read_as_absent(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """`?language=` is a page's bug (an unset variable): answering it as if no filter were
+    asked for would hide the bug behind a plausible answer."""
+    origin = {"Origin": "http://127.0.0.1:8080"}
+    r = await http.post(f"{node.url}/v1/sites/acme/sessions", json={}, headers=origin)
+    visitor = (await r.json())["token"]
+    refused = 0
+    for path in (
+        "/v1/sites/acme/availability?language=",
+        "/v1/sites/acme/availability?branch=",
+        "/v1/sites/acme/availability?language=en&branch=",
+        "/v1/sites/acme/availability/stream?language=",
+        "/v1/sites/acme/availability/stream?branch=",
+        "/v1/sites/acme/callback-slots?branch=",
+    ):
+        r = await http.get(f"{node.url}{path}")
+        assert await error_of(r) == (400, "invalid_payload"), path
+        refused += 1
+    for hint in ({"language": ""}, {"branch": ""}):
+        r = await http.post(
+            f"{node.url}/v1/sites/acme/callbacks",
+            json={"phone": "+353861110001", **hint},
+            headers={**origin, **bearer(visitor)},
+        )
+        assert await error_of(r) == (400, "invalid_payload"), hint
+        refused += 1
+    v = clients()
+    await v.connect(node.url, "/visitor", {"token": visitor})
+    for hint in ({"language": ""}, {"branch": ""}):
+        ack = await v.call("call:start", hint, "/visitor")
+        assert ack["error"]["code"] == "invalid_payload", hint
+        refused += 1
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert f'membrane_errors_total{{code="invalid_payload"}} {refused}.0' in text
+    # Left out, or set, they still work.
+    for path in (
+        "/v1/sites/acme/availability",
+        "/v1/sites/acme/availability?language=de&branch=berlin",
+        "/v1/sites/acme/callback-slots?branch=berlin",
+    ):
+        assert (await http.get(f"{node.url}{path}")).status == 200, path

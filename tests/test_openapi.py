@@ -216,3 +216,107 @@ async def test_answers_match_the_document(
 
     exercised = {(m, p) for m, p, _ in contract.checked} | {("get", availability + "/stream")}
     assert exercised == rest_routes(node), "every operation answered at least once"
+
+
+def request_verdict(contract: Contract, schema: dict[str, Any], value: Any) -> bool:
+    """Whether the document accepts ``value`` under ``schema`` (refs resolved in it)."""
+    validator = Draft202012Validator(
+        schema, registry=contract.registry, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+    return bool(validator.is_valid(value))
+
+
+async def test_the_document_and_the_server_agree_on_edge_requests(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    """Requests the document calls invalid are the ones the server refuses with a 400, and
+    the other way round, for the values at the edges: an empty or blank phone, priorities
+    at and past their bounds or null, empty filters."""
+    url = node.url
+    document = await (await http.get(f"{url}/v1/openapi.json")).json()
+    contract = Contract(document)
+
+    def body_schema(method: str, path: str) -> dict[str, Any]:
+        body = document["paths"][path][method]["requestBody"]["content"]["application/json"]
+        return {"$ref": f"{DOC}{body['schema']['$ref']}"}
+
+    disagreements: list[tuple[Any, ...]] = []
+
+    # Devices: priority at, inside and past its bounds, null, and not an integer.
+    anna = {"Authorization": f"Bearer {mint(node.settings, 'anna')}"}
+    device = body_schema("put", "/v1/agents/me/devices/{device_id}")
+    base = {"kind": "mobile", "state": "available"}
+    priorities: tuple[Any, ...] = (0, 127, -127, 128, -128, None, 0.5, "1", True, [], {})
+    for priority in priorities:
+        body = {**base, "priority": priority}
+        r = await http.put(f"{url}/v1/agents/me/devices/phone", json=body, headers=anna)
+        assert r.status in (200, 400), (body, r.status)
+        if request_verdict(contract, device, body) != (r.status == 200):
+            disagreements.append(("priority", priority, r.status))
+    assert request_verdict(contract, device, base)
+    assert (await http.put(f"{url}/v1/agents/me/devices/p2", json=base, headers=anna)).status == 200
+    # The one JSON Schema cannot say (1.0 is an integer to it); the document says it in words.
+    r = await http.put(
+        f"{url}/v1/agents/me/devices/phone", json={**base, "priority": 1.0}, headers=anna
+    )
+    assert r.status == 400
+    described = document["components"]["schemas"]["DeviceUpdate"]["properties"]["priority"]
+    assert "1.0 is refused" in described["description"]
+
+    # Callbacks: the phone's edges (a valid shape is also checked as a number; these are not).
+    callback = body_schema("post", "/v1/sites/{site}/callbacks")
+    visitor = {**ORIGIN, "Authorization": f"Bearer {await visitor_token(http, node)}"}
+    for phone in (
+        "",
+        " ",
+        "\t",
+        "+",
+        "+ ",
+        "abc",
+        "0861110001",
+        "+" + "3" * 32,
+        5,
+        None,
+        VISITOR_PHONE,
+        f"  {VISITOR_PHONE} ",
+        "+353 (86) 111-0001",
+    ):
+        body = {"phone": phone}
+        r = await http.post(f"{url}/v1/sites/acme/callbacks", json=body, headers=visitor)
+        if request_verdict(contract, callback, body) != (r.status != 400):
+            disagreements.append(("phone", phone, r.status))
+    hint_edges: tuple[dict[str, Any], ...] = (
+        {"language": ""},
+        {"branch": ""},
+        {"at": ""},
+        {"after_call": ""},
+        {"language": None},
+        {"branch": None},
+        {"at": None},
+        {"after_call": None},
+        {"location": None},
+        {"page": None},
+        {"skills": None},
+        {"language": "de"},
+        {"skills": []},
+    )
+    for hint in hint_edges:
+        body = {"phone": VISITOR_PHONE, **hint}
+        r = await http.post(f"{url}/v1/sites/acme/callbacks", json=body, headers=visitor)
+        if request_verdict(contract, callback, body) != (r.status != 400):
+            disagreements.append(("hint", hint, r.status))
+
+    # Query filters: present but empty, or malformed.
+    parameters = document["components"]["parameters"]
+    for path in ("/v1/sites/acme/availability", "/v1/sites/acme/callback-slots"):
+        edges = {"language": ("", "de", "de-AT", "English"), "branch": ("", "berlin", "no way")}
+        if path.endswith("callback-slots"):
+            del edges["language"]  # not a parameter of slots
+        for name, values in edges.items():
+            for value in values:
+                r = await http.get(f"{url}{path}", params={name: value})
+                schema = {"$ref": f"{DOC}#/components/parameters/{name}/schema"}
+                assert parameters[name]["in"] == "query"
+                if request_verdict(contract, schema, value) != (r.status == 200):
+                    disagreements.append((path, name, value, r.status))
+    assert disagreements == []
