@@ -1,0 +1,224 @@
+"""A node told to stop (SIGTERM) drains: it goes out of rotation, takes no new work, sends its
+sockets to another node and exits within its grace; calls carry on through the other node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as redis_async
+import socketio
+from conftest import NodeFactory, SocketClient, eventually, make_settings, mint, node_process
+
+from gateway.model import Role
+from gateway.settings import demo_config_text
+
+ORIGIN = {"Origin": "http://127.0.0.1:8080"}
+GRACE_S = 4.0
+# Beyond the grace: the interpreter's own start-up and exit, on a busy machine.
+EXIT_MARGIN_S = 3.0
+
+
+def state_is(state: str) -> Callable[[Any], bool]:
+    return lambda call: call["state"] == state
+
+
+def config(ring_timeout_s: int = 20) -> str:
+    return demo_config_text().replace("ring_timeout_s = 20", f"ring_timeout_s = {ring_timeout_s}")
+
+
+async def new_session(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    r = await http.post(f"{url}/v1/sites/acme/sessions", json={}, headers=ORIGIN)
+    assert r.status == 201, await r.text()
+    data: dict[str, Any] = await r.json()
+    return data
+
+
+def carla_is(status: str) -> Callable[[Any], bool]:
+    return lambda p: p["agent_id"] == "carla" and p["status"] == status
+
+
+async def stored_call(redis_url: str, call_id: str) -> dict[str, Any]:
+    client = redis_async.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        raw = await client.hget(f"m:call:{call_id}", "data")
+        assert isinstance(raw, str)
+        data: dict[str, Any] = json.loads(raw)
+        return data
+    finally:
+        await client.aclose()
+
+
+async def timers_left(redis_url: str, call_id: str) -> list[str]:
+    client = redis_async.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return [str(t) for t in await client.zrange("m:timers", 0, -1) if call_id in str(t)]
+    finally:
+        await client.aclose()
+
+
+async def test_a_connected_call_survives_its_nodes_drain(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    b = await nodes(replace(settings, node_id="b"))
+    env = {"MEMBRANE_DRAIN_GRACE_S": str(GRACE_S)}
+    async with node_process(tmp_path, settings, redis_url, config(), "a", env) as (a_url, proc):
+        board = clients()
+        await board.connect(b.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+        carla_token = mint(settings, "carla")
+        agent = clients()
+        await agent.connect(a_url, "/agent", {"token": carla_token})
+        await board.next("presence:update", lambda p: p["agent_id"] == "carla")
+        session = await new_session(http, a_url)
+        visitor = clients()
+        await visitor.connect(a_url, "/visitor", {"token": session["token"]})
+        ack = await visitor.call("call:start", {}, "/visitor")
+        call_id = ack["call"]["call_id"]
+        ring = await agent.next("call:ring")
+        await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+        await visitor.next("call:update", state_is("connected"))
+        await board.next("presence:update", carla_is("on_call"))
+
+        proc.send_signal(signal.SIGTERM)
+        # Both sockets are told to go elsewhere, and their connections close.
+        assert (await agent.next("server:draining"))["retry_after_s"] >= 1
+        await visitor.next("server:draining")
+
+        # Out of rotation, and no new work, while the node is still up.
+        r = await http.get(f"{a_url}/readyz")
+        assert r.status == 503 and (await r.json())["draining"] is True
+        r = await http.post(f"{a_url}/v1/sites/acme/sessions", json={}, headers=ORIGIN)
+        assert r.status == 503 and (await r.json())["error"]["code"] == "draining"
+        assert int(r.headers["Retry-After"]) >= 1
+        refused = clients()
+        why: asyncio.Queue[Any] = asyncio.Queue()
+        refused.sio.on("connect_error", why.put_nowait, namespace="/agent")
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await refused.connect(a_url, "/agent", {"token": carla_token})
+        assert (await asyncio.wait_for(why.get(), 5))["data"]["code"] == "draining"
+
+        # Both reconnect (behind a load balancer, to the same URL) to node B and take the
+        # call over: the visitor by their session, the agent app by naming its call.
+        visitor_b = clients()
+        await visitor_b.connect(b.url, "/visitor", {"token": session["token"]})
+        resumed = await visitor_b.next("call:update")
+        assert resumed["call_id"] == call_id and resumed["state"] == "connected"
+        agent_b = clients()
+        await agent_b.connect(b.url, "/agent", {"token": carla_token, "call_id": call_id})
+        resumed = await agent_b.next("call:update")
+        assert resumed["call_id"] == call_id and resumed["state"] == "connected"
+
+        # Signaling carries on through B, both ways.
+        offer = {"call_id": call_id, "description": {"type": "offer", "sdp": "v=0\r\n"}}
+        assert (await visitor_b.call("rtc:signal", offer, "/visitor"))["ok"]
+        assert await agent_b.next("rtc:signal") == offer
+        candidate = {
+            "call_id": call_id,
+            "candidate": {"candidate": "candidate:1 1 udp 1 1.2.3.4 5 typ host"},
+        }
+        assert (await agent_b.call("rtc:signal", candidate, "/agent"))["ok"]
+        assert (await visitor_b.next("rtc:signal"))["call_id"] == call_id
+
+        # The node exits within its grace.
+        await asyncio.wait_for(proc.wait(), GRACE_S + EXIT_MARGIN_S)
+        assert proc.returncode == 0
+
+    # The grace timers of the old sockets run out and change nothing: the call stays
+    # connected and Carla on it (the board never saw her otherwise).
+    async def grace_timers_done() -> bool:
+        return not await timers_left(redis_url, call_id)
+
+    await eventually(grace_timers_done, 20)
+    assert (await stored_call(redis_url, call_id))["state"] == "connected"
+    r = await http.get(
+        f"{b.url}/v1/sites/acme/agents",
+        headers={"Authorization": f"Bearer {mint(settings, 'sam', Role.SUPERVISOR)}"},
+    )
+    carla = next(p for p in await r.json() if p["agent_id"] == "carla")
+    assert carla["status"] == "on_call"
+    while not board.queue("presence:update").empty():
+        seen = board.queue("presence:update").get_nowait()
+        assert seen["agent_id"] != "carla" or seen["status"] == "on_call", seen
+
+    # Hanging up ends the call normally and frees Carla.
+    ack = await agent_b.call("call:hangup", {"call_id": call_id}, "/agent")
+    assert ack["ok"] and ack["call"]["state"] == "completed"
+    ended = await visitor_b.next("call:update", state_is("completed"))
+    assert ended["reason"] == "agent_hung_up"
+    await board.next("presence:update", carla_is("available"))
+
+
+@pytest.mark.parametrize("ending", ["answered on the other node", "rings out"])
+async def test_a_ringing_call_on_a_draining_node_still_rings_and_times_out(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    ending: str,
+) -> None:
+    """The call rings Carla, visitor and agent both on node A, when A drains. The drain does
+    not cancel it (its visitor did not leave): the agent app, back on B, is rung again and
+    can answer there; unanswered, B times the ring out as A would have."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    b = await nodes(replace(settings, node_id="b"))
+    env = {"MEMBRANE_DRAIN_GRACE_S": str(GRACE_S)}
+    ring_timeout_s = 4
+    async with node_process(tmp_path, settings, redis_url, config(ring_timeout_s), "a", env) as (
+        a_url,
+        proc,
+    ):
+        carla_token = mint(settings, "carla")
+        agent = clients()
+        await agent.connect(a_url, "/agent", {"token": carla_token})
+        await agent.next("presence:update", carla_is("available"))
+        session = await new_session(http, a_url)
+        visitor = clients()
+        await visitor.connect(a_url, "/visitor", {"token": session["token"]})
+        ack = await visitor.call("call:start", {}, "/visitor")
+        assert ack["call"]["state"] == "ringing"
+        call_id = ack["call"]["call_id"]
+        first_ring = await agent.next("call:ring")
+
+        proc.send_signal(signal.SIGTERM)
+        await agent.next("server:draining")
+        await visitor.next("server:draining")
+        r = await http.post(f"{a_url}/v1/sites/acme/callbacks", json={}, headers=ORIGIN)
+        assert r.status == 503 and (await r.json())["error"]["code"] == "draining"
+
+        visitor_b = clients()
+        await visitor_b.connect(b.url, "/visitor", {"token": session["token"]})
+        resumed = await visitor_b.next("call:update")
+        assert resumed["call_id"] == call_id and resumed["state"] == "ringing"
+        agent_b = clients()
+        await agent_b.connect(b.url, "/agent", {"token": carla_token})
+        again = await agent_b.next("call:ring")
+        assert again == first_ring, "the same ring, with its deadline and reasons"
+
+        if ending == "answered on the other node":
+            ack = await agent_b.call("call:accept", {"call_id": call_id}, "/agent")
+            assert ack["ok"] and ack["call"]["state"] == "connected"
+            await visitor_b.next("call:update", state_is("connected"))
+        else:
+            # A no longer runs timers: B times the ring out, and with nobody else to ring
+            # the call fails with a callback offer (not canceled as if the visitor left).
+            failed = await visitor_b.next("call:update", state_is("failed"), ring_timeout_s + 5)
+            assert failed["reason"] == "no_agent_answered"
+            stop = await agent_b.next("call:ring_stop")
+            assert stop == {"call_id": call_id, "reason": "no_answer"}
+        await asyncio.wait_for(proc.wait(), GRACE_S + EXIT_MARGIN_S)
+        assert proc.returncode == 0
+    call = await stored_call(redis_url, call_id)
+    assert call["state"] == ("connected" if ending.startswith("answered") else "failed")
