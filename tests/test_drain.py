@@ -222,3 +222,166 @@ async def test_a_ringing_call_on_a_draining_node_still_rings_and_times_out(
         assert proc.returncode == 0
     call = await stored_call(redis_url, call_id)
     assert call["state"] == ("connected" if ending.startswith("answered") else "failed")
+
+
+# --- the shipped clients, in a real browser, behind a load balancer ------------------------------
+
+
+class TcpBalancer:
+    """A layer-4 load balancer: each new connection goes to the first backend in the list,
+    and bytes pass both ways untouched (WebSockets too). A test takes a node out of the list
+    as a real balancer would once its ``/readyz`` says 503."""
+
+    def __init__(self) -> None:
+        self.backends: list[int] = []  # ports on 127.0.0.1
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.backends[0])
+        except OSError:
+            writer.close()
+        else:
+            self._writers.add(up_writer)
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self._tasks.discard(task)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, RuntimeError):
+            pass  # the other side went away
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def test_the_shipped_clients_keep_their_call_through_a_drain(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The demo page's widget and the agent app, both reaching node A through a load
+    balancer, talk; A drains. Both reconnect to the same URL, which now leads to node B, and
+    take the call over there: the audio never stops, and hanging up ends the call."""
+    from playwright.async_api import async_playwright, expect
+    from test_browser_e2e import (
+        AGENT_PC,
+        CHROMIUM,
+        CHROMIUM_ARGS,
+        HAVE_CHROMIUM,
+        WAIT_MS,
+        WIDGET_PC,
+        Browsers,
+        agent_signed_in,
+        audio_flows,
+        membrane_state,
+        widget_says,
+    )
+
+    if not HAVE_CHROMIUM:
+        pytest.skip(f"needs Debian's Chromium at {CHROMIUM}")
+    balancer = TcpBalancer()
+    await balancer.start()
+    try:
+        settings = make_settings(tmp_path, redis_url=redis_url)
+        acme = settings.sites["acme"]
+        acme = replace(acme, allowed_origins=(*acme.allowed_origins, balancer.url))
+        b = await nodes(replace(settings, node_id="b", sites={**settings.sites, "acme": acme}))
+        text = config().replace(
+            'origins = ["http://127.0.0.1:8080"',
+            f'origins = ["{balancer.url}", "http://127.0.0.1:8080"',
+        )
+        env = {"MEMBRANE_DRAIN_GRACE_S": str(GRACE_S)}
+        async with (
+            node_process(tmp_path, settings, redis_url, text, "a", env) as (a_url, proc),
+            async_playwright() as p,
+        ):
+            balancer.backends[:] = [int(a_url.rsplit(":", 1)[1])]
+            browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            browsers = Browsers(browser)
+            try:
+                token = mint(settings, "anna")
+                anna = await browsers.open("anna", f"{balancer.url}/agent/#token={token}")
+                await agent_signed_in(anna)
+                visitor = await browsers.open("visitor", f"{balancer.url}/demo/")
+                await visitor.get_by_test_id("membrane-button").click()
+                await expect(anna.get_by_test_id("agent-ring")).to_be_visible(timeout=WAIT_MS)
+                await anna.get_by_test_id("agent-accept").click()
+                await widget_says(visitor, "Connected with Anna")
+                await audio_flows(visitor, WIDGET_PC)
+                await audio_flows(anna, AGENT_PC)
+                call_id = (await membrane_state(visitor))["call"]["call_id"]
+
+                proc.send_signal(signal.SIGTERM)
+
+                async def a_unready() -> bool:
+                    async with http.get(f"{a_url}/readyz") as r:
+                        return r.status == 503
+
+                await eventually(a_unready, 5)
+                balancer.backends[:] = [int(b.url.rsplit(":", 1)[1])]  # the balancer noticed
+                await asyncio.wait_for(proc.wait(), GRACE_S + EXIT_MARGIN_S)
+
+                # Both apps are back, on B: the widget's socket took the call over, and the
+                # agent app's named it. The audio never stopped.
+                await eventually(lambda: agent_socket_on(b, "anna"), 10)
+                await eventually(lambda: visitor_socket_on(b), 10)
+                await audio_flows(visitor, WIDGET_PC)
+                await audio_flows(anna, AGENT_PC)
+                await widget_says(visitor, "Connected with Anna")
+                await expect(anna.get_by_test_id("agent-call-state")).to_have_text("connected")
+                stored = await stored_call(redis_url, call_id)
+                assert stored["state"] == "connected"
+
+                # The agent hangs up, through B: the call ends normally on both sides.
+                await anna.get_by_test_id("agent-hangup").click()
+                await widget_says(visitor, "Call ended")
+                ended = (await membrane_state(visitor))["call"]
+                assert ended["state"] == "completed" and ended["reason"] == "agent_hung_up"
+                await agent_signed_in(anna, "available")
+                unexpected = [e for e in browsers.errors if "HTTP 503" not in e]
+                assert not unexpected, "\n".join(unexpected)
+            finally:
+                await browsers.close()
+    finally:
+        await balancer.close()
+
+
+async def agent_socket_on(node: Any, agent_id: str) -> bool:
+    from gateway import appkeys
+
+    namespace = node.app[appkeys.SIO].namespace_handlers["/agent"]
+    return any(s.claims.sub == agent_id and s.calls for s in namespace.sessions.values())
+
+
+async def visitor_socket_on(node: Any) -> bool:
+    from gateway import appkeys
+
+    namespace = node.app[appkeys.SIO].namespace_handlers["/visitor"]
+    return any(s.calls for s in namespace.sessions.values())
