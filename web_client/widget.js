@@ -449,6 +449,8 @@ li{margin:2px 0}
           // A final call:update can come before this ack: the call is over and endCall()
           // closed the socket, which fails this ack with "socket has been disconnected".
           if (attempt !== calling) return;
+          // No answer, but the call came anyway: a socket that reconnected took it over.
+          if (err && call && !isFinal(call)) return;
           if (err) return callError({ code: "network" });
           if (res && res.ok) return applyCall(res.call);
           if (res && res.error && res.error.code === "draining") { // start it on another node
