@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -388,3 +389,69 @@ async def visitor_socket_on(node: Any) -> bool:
 
     namespace = node.app[appkeys.SIO].namespace_handlers["/visitor"]
     return any(s.calls for s in namespace.sessions.values())
+
+
+async def test_a_draining_node_hands_its_running_timers_over(redis_url: str) -> None:
+    """Node A is running two timers when it drains: a ring timeout that finishes before the
+    drain's deadline, and a callback step whose request to the phone network hangs. The first
+    is done and gone; the second is cut off at the deadline and made due at once, so node B
+    runs it now, not after A's 15 s lease."""
+    from gateway.codec import Json
+    from gateway.store.redis import RedisStore
+    from gateway.tasks import TaskGroup
+    from gateway.timers import TimerLoop
+
+    async def no_event(event: Json) -> None:
+        return None
+
+    async def no_resync() -> None:
+        return None
+
+    stores = [RedisStore(redis_url, "a"), RedisStore(redis_url, "b")]
+    tasks = TaskGroup("test")
+    try:
+        for store in stores:
+            await store.start(no_event, no_resync)
+        a, b = (TimerLoop(store, interval_s=0.05) for store in stores)
+        running: asyncio.Queue[str] = asyncio.Queue()
+        ring_may_end = asyncio.Event()
+        on_b: asyncio.Queue[str] = asyncio.Queue()
+
+        async def ring_on_a(rest: str) -> None:
+            running.put_nowait(rest)
+            await ring_may_end.wait()
+
+        async def dial_on_a(rest: str) -> None:
+            running.put_nowait(rest)
+            await asyncio.Event().wait()  # the provider never answers
+
+        async def on_b_any(rest: str) -> None:
+            on_b.put_nowait(rest)
+
+        a.on("ring", ring_on_a)
+        a.on("cbdial", dial_on_a)
+        b.on("ring", on_b_any)
+        b.on("cbdial", on_b_any)
+        now = time.time()
+        await stores[0].schedule_timer("ring:c_1:1", now)
+        await stores[0].schedule_timer("cbdial:c_2:1", now)
+        a_task = tasks.spawn(a.run(), "a")
+        claimed = {await asyncio.wait_for(running.get(), 5) for _ in range(2)}
+        assert claimed == {"c_1:1", "c_2:1"}
+        tasks.spawn(b.run(), "b")  # B starts once A holds both leases
+
+        drain = tasks.spawn(a.hand_over(a_task, time.monotonic() + 0.5), "hand-over")
+        ring_may_end.set()
+        await asyncio.wait_for(drain, 5)
+        assert a_task.done(), "A claims no more timers"
+        assert await asyncio.wait_for(on_b.get(), 5) == "c_2:1", "handed over, not left to lapse"
+
+        async def all_done() -> bool:
+            return not await timers_left(redis_url, "c_")
+
+        await eventually(all_done, 5)
+        assert on_b.empty(), "the finished ring timeout did not run again"
+    finally:
+        await tasks.close()
+        for store in stores:
+            await store.close()
