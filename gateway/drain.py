@@ -35,8 +35,6 @@ class Drain:
         self._clock = clock
         self.started_at: float | None = None
         self._steps: list[tuple[str, DrainStep]] = []
-        self.drained = asyncio.Event()
-        """Set once every step has run: the node may stop."""
 
     @property
     def draining(self) -> bool:
@@ -75,5 +73,4 @@ class Drain:
             except Exception:
                 # The rest of the drain still helps; what this step held lapses on its own.
                 log.exception("drain step %s failed", name)
-        self.drained.set()
         log.info("drained in %.2f s", self._clock() - self.started_at)
