@@ -94,7 +94,9 @@ async def drain_on_signals(app: web.Application) -> None:
     After SIGTERM (an orchestrator, a deploy) the node stays up until the end of its grace,
     less the shutdown's reserve: a load balancer that checks ``/readyz`` every few seconds sees
     the 503, rather than a closed port, and a client that it still sends here is told
-    ``draining`` and when to retry. SIGINT (someone at a terminal) drains and stops at once.
+    ``draining`` and when to retry. SIGINT (someone at a terminal) drains and stops at once,
+    and so does a single node (the embedded store): there is no other node to send anyone to,
+    and its clients come back sooner to the restarted node.
 
     aiohttp's own handlers stopped the node at once, and left its sockets to time out (45 s
     with a call connected) and their calls to end as if a party had left."""
@@ -128,7 +130,8 @@ async def drain_on_signals(app: web.Application) -> None:
         except RuntimeError:  # shutting down already
             stop_now()
 
-    loop.add_signal_handler(signal.SIGTERM, on_signal, True)
+    many_nodes = bool(app[keys.SETTINGS].redis_url)
+    loop.add_signal_handler(signal.SIGTERM, on_signal, many_nodes)
     loop.add_signal_handler(signal.SIGINT, on_signal, False)
 
 
