@@ -756,10 +756,13 @@ async def send_sockets_elsewhere(server: MembraneServer) -> None:
     eio = server.eio
     sockets = list(eio.sockets.items())
     for start in range(0, len(sockets), _CLOSE_BATCH):
-        await asyncio.gather(
-            *(_drop(eio, sid, s) for sid, s in sockets[start : start + _CLOSE_BATCH]),
-            return_exceptions=True,
+        batch = sockets[start : start + _CLOSE_BATCH]
+        results = await asyncio.gather(
+            *(_drop(eio, sid, s) for sid, s in batch), return_exceptions=True
         )
+        for (sid, _), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("draining: closing socket %s failed: %r", sid, result)
 
 
 async def _drop(eio: TrackedEngineServer, sid: str, socket: LeanSocket) -> None:
