@@ -455,3 +455,38 @@ async def test_a_draining_node_hands_its_running_timers_over(redis_url: str) -> 
         await tasks.close()
         for store in stores:
             await store.close()
+
+
+def test_only_the_calls_agent_takes_over_only_a_connected_browser_call() -> None:
+    from gateway import call as calls
+    from gateway.call import CallChannel, CallError, CallRequest
+
+    new = calls.new_call("c_1", "acme", "v_1", CallChannel.WEBRTC, CallRequest(), 0.0, "vs")
+    ringing = calls.ring(new, "anna", "Anna", ("idle",), 1.0, 20.0)
+    connected = calls.accept(ringing, "anna", "old-sid", 2.0)
+    moved = calls.reattach_agent(connected, "anna", "new-sid")
+    assert moved.agent_sid == "new-sid" and moved.state is connected.state
+    assert moved.timeline == connected.timeline, "nothing happened that anyone sees"
+    ended = calls.end(connected, "agent_hung_up", "done", 3.0)
+    callback = calls.accept(
+        calls.ring(
+            calls.new_call("c_2", "acme", "v_1", CallChannel.CALLBACK, CallRequest(), 0.0),
+            "anna",
+            "Anna",
+            (),
+            1.0,
+            20.0,
+        ),
+        "anna",
+        "old-sid",
+        2.0,
+    )
+    for call, agent, code in (
+        (connected, "ben", "invalid_state"),  # someone else's call
+        (ringing, "anna", "invalid_state"),  # not answered yet
+        (callback, "anna", "invalid_state"),  # its audio is on the phones
+        (ended, "anna", "call_ended"),
+    ):
+        with pytest.raises(CallError) as refused:
+            calls.reattach_agent(call, agent, "new-sid")
+        assert refused.value.code == code
