@@ -13,9 +13,10 @@ from gateway import appkeys as keys
 from gateway import callback_api, fastjson, http_api, visitor_api, web_static
 from gateway.auth import TokenService
 from gateway.availability_feed import AvailabilityFeed
-from gateway.call_service import RING_TIMER, VISITOR_GONE_TIMER, CallService
+from gateway.call_service import AGENT_GONE_TIMER, RING_TIMER, VISITOR_GONE_TIMER, CallService
 from gateway.callback_service import DIAL_TIMER, DUE_TIMER, WATCH_TIMER, CallbackService
 from gateway.codec import Json
+from gateway.drain import Drain
 from gateway.events import EventRouter
 from gateway.http_api import error_middleware
 from gateway.metrics import Metrics
@@ -30,6 +31,7 @@ from gateway.sockets import (
     MembraneServer,
     SocketCallNotifier,
     VisitorNamespace,
+    send_sockets_elsewhere,
 )
 from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
@@ -156,6 +158,12 @@ def create_app(
 
     timers.on(RING_TIMER, ring_timeout)
     timers.on(VISITOR_GONE_TIMER, visitor_gone)
+
+    async def agent_gone(rest: str) -> None:
+        call_id, _, sid = rest.partition(":")
+        await calls.on_agent_gone(call_id, sid)
+
+    timers.on(AGENT_GONE_TIMER, agent_gone)
     timers.on(DUE_TIMER, callbacks.on_due)
     timers.on(DIAL_TIMER, callbacks.on_dial)
     timers.on(WATCH_TIMER, callbacks.on_watch)
@@ -166,6 +174,8 @@ def create_app(
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     sio.register_namespace(VisitorNamespace(tokens, metrics, presence, calls))
     sio.attach(app)
+    drain = Drain(settings.drain_grace_s)
+    sio.drain = drain
 
     app[keys.SETTINGS] = settings
     app[keys.STORE] = store
@@ -180,6 +190,7 @@ def create_app(
     app[keys.CALLS] = calls
     app[keys.CALLBACKS] = callbacks
     app[keys.AVAILABILITY] = feed
+    app[keys.DRAIN] = drain
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:
         await store.start(events, presence.resync)
@@ -199,7 +210,12 @@ def create_app(
         tasks = app[keys.TASKS]
         tasks.spawn(presence.run_sweeper(), "presence-sweeper")
         tasks.spawn(presence.run_lease_renewal(), "socket-leases")
-        tasks.spawn(timers.run(), "timers")
+        timer_task = tasks.spawn(timers.run(), "timers")
+
+        async def hand_over_timers(deadline: float) -> None:
+            await timers.hand_over(timer_task, deadline)
+
+        drain.on_drain("timers", hand_over_timers)
         tasks.spawn(feed.run_keepalive(), "availability-keepalive")
         yield
         await feed.close()
@@ -214,10 +230,20 @@ def create_app(
         if manager is not None:
             await manager.close()
 
+    async def end_streams(deadline: float) -> None:
+        await feed.close_watchers()  # EventSource reconnects by itself
+
+    async def move_sockets(deadline: float) -> None:
+        await send_sockets_elsewhere(sio)
+
+    drain.on_drain("streams", end_streams)
+    drain.on_drain("sockets", move_sockets)
+
     async def disconnect_clients(app: web.Application) -> None:
         # Before aiohttp waits for open requests: sockets leave while the store is open,
-        # and availability streams end.
-        await feed.close_watchers()
+        # availability streams end, running timers are handed over. A node told to stop
+        # (SIGTERM) has drained already; the steps then find nothing left to do.
+        await drain.run()
         await sio.shutdown()
 
     app.cleanup_ctx.append(open_store)

@@ -11,6 +11,7 @@ from gateway.auth import TokenService
 from gateway.availability_feed import AvailabilityFeed
 from gateway.call_service import CallService
 from gateway.callback_service import CallbackService
+from gateway.drain import Drain
 from gateway.metrics import Metrics
 from gateway.presence_service import PresenceService
 from gateway.ratelimit import TokenBucket
@@ -37,3 +38,4 @@ HEALTH = web.AppKey("health", HealthSource)
 AVAILABILITY = web.AppKey("availability", AvailabilityFeed)
 CALLS = web.AppKey("calls", CallService)
 CALLBACKS = web.AppKey("callbacks", CallbackService)
+DRAIN = web.AppKey("drain", Drain)

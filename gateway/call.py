@@ -198,6 +198,20 @@ def reattach(call: Call, site: str, visitor_id: str, visitor_sid: str) -> Call:
     return replace(call, visitor_sid=visitor_sid)
 
 
+def reattach_agent(call: Call, agent_id: str, agent_sid: str) -> Call:
+    """The agent's accepting socket came back (a network blip, or its node drained): signals
+    go to the new one. Only for the agent talking in a connected browser call."""
+    if call.final:
+        raise CallError("call_ended", "the call has already ended")
+    if (
+        call.state is not CallState.CONNECTED
+        or call.channel is not CallChannel.WEBRTC
+        or call.agent_id != agent_id
+    ):
+        raise CallError("invalid_state", "not your connected browser call")
+    return replace(call, agent_sid=agent_sid)
+
+
 def _back_to_queue(call: Call, now: float, event: str, detail: str) -> Call:
     assert call.agent_id is not None
     return replace(

@@ -39,11 +39,14 @@ log = logging.getLogger(__name__)
 
 RING_TIMER = "ring"
 VISITOR_GONE_TIMER = "visitor_gone"
+AGENT_GONE_TIMER = "agent_gone"
 # A visitor may start this many calls a minute (across nodes); one may be open at a time.
 STARTS_PER_MINUTE = 5
 # A connected call survives its visitor's socket dropping for this long: the audio flows
 # peer to peer, and the widget reconnects and picks the call up again.
 VISITOR_GRACE_S = 10.0
+# The same for the agent's accepting socket: the agent app reconnects and resumes the call.
+AGENT_GRACE_S = 10.0
 # A reservation outlives its ring a little, so that a node that died mid-ring still frees
 # the agent, but never before the ring timer has had its chance.
 RESERVATION_GRACE_S = 10.0
@@ -87,6 +90,39 @@ def ring_timer_id(call: Call) -> str:
     return f"{RING_TIMER}:{call.call_id}:{call.attempt}"
 
 
+def ring_payload(
+    ringing: Call, site: Site, reasons: tuple[str, ...], last_agent: str | None = None
+) -> Json:
+    """``call:ring`` for a call ringing its agent; ``last_agent``: who served the visitor
+    last (browser calls)."""
+    assert ringing.ring_expires_at is not None and ringing.agent_id is not None
+    r = ringing.request
+    visitor: Json = {"id": ringing.visitor_id, "language": r.language, "page": r.page}
+    payload: Json = {
+        "call_id": ringing.call_id,
+        "channel": ringing.channel.value,
+        "visitor": visitor,
+        "expires_at": iso(ringing.ring_expires_at),
+        "reasons": list(reasons),
+    }
+    if ringing.channel is CallChannel.CALLBACK:
+        visitor.update(returning=False, phone=ringing.phone)
+        payload["your_phone"] = site.agents[ringing.agent_id].mobile
+    else:
+        last = site.agents.get(last_agent) if last_agent else None
+        visitor.update(returning=last_agent is not None, last_agent=last.name if last else None)
+    return payload
+
+
+def ring_reasons(call: Call) -> tuple[str, ...]:
+    """The routing reasons of the call's current ring, from its timeline (``calls.ring``)."""
+    prefix = f"{call.agent_id}: "
+    for entry in reversed(call.timeline):
+        if entry.event == "routed" and entry.detail.startswith(prefix):
+            return tuple(entry.detail[len(prefix) :].split("; "))
+    return ()
+
+
 class CallService:
     def __init__(
         self,
@@ -102,6 +138,7 @@ class CallService:
         self._notify = notifier
         self._clock = clock
         self.visitor_grace_s = VISITOR_GRACE_S
+        self.agent_grace_s = AGENT_GRACE_S
         self._ranking = RankingCache()
         self.ringing = RingingAgents()
         """Who rings for a call anywhere (gateway.ringing): routing skips them without a
@@ -194,17 +231,18 @@ class CallService:
         return call
 
     async def visitor_left(
-        self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str
+        self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str, keep: bool = False
     ) -> None:
         """End a waiting call at once (an agent must not ring for nobody); give a connected
-        one a grace period to come back on a new socket."""
+        one a grace period to come back on a new socket. ``keep``: the socket was closed by
+        its node draining, not by the visitor, so a waiting call gets the grace period too."""
         try:
             call = await self.get(call_id)
         except ApiError:
             return
         if call.final or call.visitor_id != visitor_id:
             return
-        if call.state is CallState.CONNECTED:
+        if call.state is CallState.CONNECTED or keep:
             due = self._clock() + self.visitor_grace_s
             await self._store.schedule_timer(f"{VISITOR_GONE_TIMER}:{call_id}:{visitor_sid}", due)
             return
@@ -278,6 +316,42 @@ class CallService:
             raise forbidden("this is not your call")
         return await self._end(call_id, "agent_hung_up", "The agent ended the call", call)
 
+    async def resume_agent(
+        self, site_id: str, agent_id: str, agent_sid: str, call_id: str
+    ) -> Call | None:
+        """An agent's new socket takes over the connected browser call it names (its old
+        socket dropped, or that socket's node drained), if the call is still this agent's."""
+        try:
+            call = self._own(await self.get(call_id), site_id)
+            _, call = await self.update(
+                call_id, lambda c: calls.reattach_agent(c, agent_id, agent_sid), call
+            )
+        except (CallError, ApiError):
+            return None
+        return call
+
+    async def missed_ring(self, site_id: str, agent_id: str) -> Json | None:
+        """The ``call:ring`` of a call ringing the agent now, for a socket that connected
+        after it went out (the agent app reconnecting, e.g. from a draining node)."""
+        call_id = self.ringing.ringing_for(site_id, agent_id)
+        if call_id is None:
+            return None
+        try:
+            call = await self.get(call_id)
+        except ApiError:
+            return None
+        if (
+            call.state is not CallState.RINGING
+            or call.agent_id != agent_id
+            or call.ring_expires_at is None
+            or call.ring_expires_at <= self._clock()
+        ):
+            return None
+        last_agent = None
+        if call.channel is CallChannel.WEBRTC:
+            last_agent = await self._store.last_agent(site_id, call.visitor_id)
+        return ring_payload(call, self._sites[site_id], ring_reasons(call), last_agent)
+
     async def agent_devices_lapsed(
         self, site_id: str, agent_id: str, record: PresenceRecord
     ) -> None:
@@ -294,18 +368,39 @@ class CallService:
         if call.final:
             await self._presence.set_active_call(site_id, agent_id, None)
         elif call.agent_sid is not None and socket_device_id(call.agent_sid) not in live:
-            await self.agent_left(site_id, agent_id, {call.call_id})
+            # The socket has been gone for a whole lease, longer than the grace period.
+            await self.on_agent_gone(call.call_id, call.agent_sid)
 
-    async def agent_left(self, site_id: str, agent_id: str, call_ids: set[str]) -> None:
-        """An agent's socket closed: end the browser calls it was talking on (a callback's
-        audio is on the agent's phone, which does not care about the tab)."""
+    async def agent_left(
+        self, site_id: str, agent_id: str, agent_sid: str, call_ids: set[str]
+    ) -> None:
+        """An agent's socket closed: the browser calls it was talking on get a grace period
+        to be taken over by a new socket (``resume_agent``), as a visitor's do, and end when
+        it runs out. A callback's audio is on the agent's phone, which does not care about
+        the tab."""
+        due = self._clock() + self.agent_grace_s
         for call_id in call_ids:
             try:
-                if (await self.get(call_id)).channel is CallChannel.CALLBACK:
-                    continue
-                await self._end(call_id, "agent_left", "The agent's connection dropped")
+                call = await self.get(call_id)
             except ApiError:
-                pass  # already ended
+                continue
+            if call.final or call.channel is CallChannel.CALLBACK or call.agent_sid != agent_sid:
+                continue
+            await self._store.schedule_timer(f"{AGENT_GONE_TIMER}:{call_id}:{agent_sid}", due)
+
+    async def on_agent_gone(self, call_id: str, agent_sid: str) -> None:
+        """The grace period ran out: end the call unless a new socket took it over (or it is
+        a callback, whose audio is on the agent's phone)."""
+        try:
+            call = await self.get(call_id)
+        except ApiError:
+            return
+        if call.final or call.channel is CallChannel.CALLBACK or call.agent_sid != agent_sid:
+            return
+        try:
+            await self._end(call_id, "agent_left", "The agent's connection dropped", call)
+        except ApiError:
+            pass  # ended meanwhile
 
     # --- signaling -------------------------------------------------------------------------------
 
@@ -462,22 +557,8 @@ class CallService:
                 await self._store.release_agent(call.site, agent.agent_id, call.call_id)
                 return await self.get(call.call_id)  # canceled meanwhile
             assert ringing.ring_expires_at is not None
-            last = site.agents.get(last_agent) if last_agent else None
             await self._notify.ring(
-                ringing,
-                {
-                    "call_id": ringing.call_id,
-                    "channel": ringing.channel.value,
-                    "visitor": {
-                        "id": ringing.visitor_id,
-                        "language": r.language,
-                        "page": r.page,
-                        "returning": last_agent is not None,
-                        "last_agent": last.name if last else None,
-                    },
-                    "expires_at": iso(ringing.ring_expires_at),
-                    "reasons": list(candidate.reasons),
-                },
+                ringing, ring_payload(ringing, site, candidate.reasons, last_agent)
             )
             # The ring goes out before its timeout is stored, a round trip sooner. Should the
             # node die in between, the reservation lapses as it would have a moment later; a

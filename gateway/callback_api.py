@@ -22,6 +22,7 @@ MAX_STATUS_TOKEN = 128
 
 async def create_callback(request: web.Request) -> web.Response:
     site = site_of(request)
+    request.app[keys.DRAIN].refuse_new_work()
     claims = await request.app[keys.TOKENS].verify(
         bearer_token(request.headers.get("Authorization")), VISITOR_ROLES
     )

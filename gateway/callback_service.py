@@ -37,8 +37,14 @@ from typing import TYPE_CHECKING
 from gateway import call as calls
 from gateway import callback as cb
 from gateway.call import Call, CallChannel, CallError, CallState
-from gateway.call_service import CALL_HOLD_S, RESERVATION_GRACE_S, CallNotifier, ring_timer_id
-from gateway.codec import CallbackIn, Json, call_from_record, call_to_record, call_to_wire, iso
+from gateway.call_service import (
+    CALL_HOLD_S,
+    RESERVATION_GRACE_S,
+    CallNotifier,
+    ring_payload,
+    ring_timer_id,
+)
+from gateway.codec import CallbackIn, Json, call_from_record, call_to_record, call_to_wire
 from gateway.errors import ApiError, not_found
 from gateway.hours import is_open, next_open_at, slot_starts
 from gateway.metrics import Metrics
@@ -538,24 +544,7 @@ class CallbackService:
             self._store.schedule_timer(ring_timer_id(ringing), ringing.ring_expires_at),
             self._calls.announce_ring(call.site, agent_id, note),
         )
-        r = ringing.request
-        await self._notify.ring(
-            ringing,
-            {
-                "call_id": ringing.call_id,
-                "channel": ringing.channel.value,
-                "visitor": {
-                    "id": ringing.visitor_id,
-                    "language": r.language,
-                    "page": r.page,
-                    "returning": False,
-                    "phone": ringing.phone,
-                },
-                "expires_at": iso(ringing.ring_expires_at),
-                "reasons": list(reasons),
-                "your_phone": agent.mobile,
-            },
-        )
+        await self._notify.ring(ringing, ring_payload(ringing, site, reasons))
         await self._notify.call_update(ringing)
 
     async def _dial_customer_first(

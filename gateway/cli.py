@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -63,6 +65,7 @@ def serve(args: argparse.Namespace) -> int:
 
     app.on_startup.append(freeze_heap)
     app.on_cleanup.append(stop_pacer)
+    app.on_startup.append(drain_on_signals)
     store = (
         f"Redis {settings.redis_url}" if settings.redis_url else f"embedded ({settings.data_dir})"
     )
@@ -73,8 +76,63 @@ def serve(args: argparse.Namespace) -> int:
         f"  agent app:  {settings.public_url}/agent/  (token: {_token_command()} --agent <id>)",
         flush=True,
     )
-    web.run_app(app, host=settings.host, port=settings.port, print=None, loop=_new_event_loop())
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        loop=_new_event_loop(),
+        # Requests still open after the drain get this long before their connections close.
+        shutdown_timeout=app[keys.DRAIN].reserve_s / 2,
+    )
     return 0
+
+
+async def drain_on_signals(app: web.Application) -> None:
+    """SIGTERM drains the node, then stops it; a second signal stops it at once.
+
+    After SIGTERM (an orchestrator, a deploy) the node stays up until the end of its grace,
+    less the shutdown's reserve: a load balancer that checks ``/readyz`` every few seconds sees
+    the 503, rather than a closed port, and a client that it still sends here is told
+    ``draining`` and when to retry. SIGINT (someone at a terminal) drains and stops at once,
+    and so does a single node (the embedded store): there is no other node to send anyone to,
+    and its clients come back sooner to the restarted node.
+
+    aiohttp's own handlers stopped the node at once, and left its sockets to time out (45 s
+    with a call connected) and their calls to end as if a party had left."""
+    loop = asyncio.get_running_loop()
+    drain = app[keys.DRAIN]
+    stopping = False
+
+    def stop_now() -> None:
+        raise web.GracefulExit()
+
+    def overdue() -> None:
+        # The grace is a promise to whoever sent SIGTERM (an orchestrator kills the node
+        # soon after anyway): keep it even if something hangs.
+        logging.getLogger(__name__).error("not stopped within the drain grace; exiting now")
+        os._exit(1)
+
+    async def drain_then_stop(linger: bool) -> None:
+        await drain.run()
+        if linger:
+            await asyncio.sleep(max(0.0, drain.deadline() - time.monotonic()))
+        loop.call_soon(stop_now)
+
+    def on_signal(linger: bool) -> None:
+        nonlocal stopping
+        if stopping:
+            stop_now()
+        stopping = True
+        loop.call_later(drain.grace_s, overdue)
+        try:
+            app[keys.TASKS].spawn(drain_then_stop(linger), "drain")
+        except RuntimeError:  # shutting down already
+            stop_now()
+
+    many_nodes = bool(app[keys.SETTINGS].redis_url)
+    loop.add_signal_handler(signal.SIGTERM, on_signal, many_nodes)
+    loop.add_signal_handler(signal.SIGINT, on_signal, False)
 
 
 def _token_command() -> str:

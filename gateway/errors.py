@@ -8,11 +8,15 @@ from typing import Any
 class ApiError(Exception):
     """A refusal the client caused; never a server fault."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
+        """Sent as ``Retry-After`` on REST answers."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message}}
@@ -40,3 +44,7 @@ def rate_limited(message: str = "too many requests") -> ApiError:
 
 def store_unavailable(message: str = "the store is unreachable; try again") -> ApiError:
     return ApiError(503, "store_unavailable", message)
+
+
+def draining(retry_after_s: int) -> ApiError:
+    return ApiError(503, "draining", "this node is shutting down; retry (elsewhere)", retry_after_s)

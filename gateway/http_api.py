@@ -38,8 +38,13 @@ _STATUS_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error_response(
+    status: int, code: str, message: str, retry_after_s: int | None = None
+) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
 
 
 @web.middleware
@@ -55,7 +60,7 @@ async def error_middleware(
         response = await handler(request)
     except ApiError as e:
         metrics.errors.labels(e.code).inc()
-        response = error_response(e.status, e.code, e.message)
+        response = error_response(e.status, e.code, e.message, e.retry_after_s)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -109,10 +114,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     health = await request.app[keys.HEALTH].health()
-    ready = health.reachable and health.listening
-    request.app[keys.METRICS].store_up.set(1 if ready else 0)
+    draining = request.app[keys.DRAIN].draining
+    request.app[keys.METRICS].store_up.set(1 if health.reachable and health.listening else 0)
+    # Draining: out of the load balancer's rotation at once, while the node hands over.
+    ready = health.reachable and health.listening and not draining
     body: Json = {
         "ready": ready,
+        "draining": draining,
         "node": request.app[keys.SETTINGS].node_id,
         "store": {
             "reachable": health.reachable,

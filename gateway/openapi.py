@@ -35,6 +35,10 @@ def _pattern(compiled: re.Pattern[str]) -> Json:
 
 ID = _pattern(ID_PATTERN)
 PHONE_SHAPE = r"^\s*\+[0-9 ().-]*[0-9().-]\s*$"
+DRAINING_OR_STORE = (
+    "store_unavailable: the store is unreachable; retry. draining: this node is shutting "
+    "down; retry after Retry-After (behind a load balancer, another node answers)."
+)
 LANGUAGE = _pattern(LANGUAGE_PATTERN)
 TIME = {"type": "string", "format": "date-time"}
 
@@ -106,6 +110,10 @@ def _schemas() -> dict[str, Json]:
         "Readiness": _object(
             {
                 "ready": {"type": "boolean"},
+                "draining": {
+                    "type": "boolean",
+                    "description": "Shutting down (SIGTERM): not ready, whatever the store says.",
+                },
                 "node": {"type": "string"},
                 "store": _object(
                     {
@@ -320,7 +328,8 @@ def _paths() -> dict[str, Json]:
                     "200": _json(_ref("Readiness"), "Ready."),
                     "503": _json(
                         _ref("Readiness"),
-                        "The store is unreachable or this node stopped hearing other nodes.",
+                        "The store is unreachable, this node stopped hearing other nodes, or "
+                        "it is draining.",
                     ),
                 },
                 security=[],
@@ -409,7 +418,8 @@ def _paths() -> dict[str, Json]:
                 {
                     "201": _json(_ref("Session"), "A visitor token and ICE servers."),
                     "403": _error("origin_not_allowed: no Origin, or not one of the site's."),
-                    **_errors("InvalidPayload", "NotFound", "RateLimited", "Unavailable"),
+                    "503": _error(DRAINING_OR_STORE),
+                    **_errors("InvalidPayload", "NotFound", "RateLimited"),
                 },
                 security=[],
                 tags=["visitors"],
@@ -450,7 +460,10 @@ def _paths() -> dict[str, Json]:
                         "every 20 s.",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    "503": _error("too_many_watchers: this node is full; use another."),
+                    "503": _error(
+                        "too_many_watchers: this node is full; use another. draining: this "
+                        "node is shutting down; retry after Retry-After (elsewhere)."
+                    ),
                     **_errors("InvalidPayload", "NotFound"),
                 },
                 security=[],
@@ -473,7 +486,11 @@ def _paths() -> dict[str, Json]:
                         "number_rate_limited, too_many_numbers, ip_rate_limited or "
                         "site_rate_limited."
                     ),
-                    "503": _error("callbacks_unavailable, spend_cap_reached or store_unavailable."),
+                    "503": _error(
+                        "callbacks_unavailable, spend_cap_reached or store_unavailable; "
+                        "draining: this node is shutting down, retry after Retry-After "
+                        "(elsewhere)."
+                    ),
                     **_errors("InvalidPayload", "InvalidToken", "Forbidden", "NotFound"),
                 },
                 security=VISITOR,

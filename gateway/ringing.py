@@ -57,6 +57,11 @@ class RingingAgents:
             del notes[agent_id]
             self._changed(site)
 
+    def ringing_for(self, site: str, agent_id: str) -> str | None:
+        """The call the agent was last noted ringing for, if any (it may have lapsed)."""
+        note = self._notes.get(site, {}).get(agent_id)
+        return note.call_id if note is not None else None
+
     def current(self, site: str, presence: Mapping[str, Presence], now: float) -> frozenset[str]:
         """The site's agents ringing now; lapsed notes are dropped on the way."""
         notes = self._notes.get(site)

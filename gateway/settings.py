@@ -122,6 +122,9 @@ class Settings:
     """Names this node in logs and metrics; random when empty."""
     max_body_bytes: int = 64 * 1024
     """Largest REST body or socket.io message accepted."""
+    drain_grace_s: float = 10.0
+    """On SIGTERM the node drains (unready, refuses new work, sends its sockets elsewhere,
+    hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""
     auth: AuthSettings = field(default_factory=AuthSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
@@ -462,6 +465,24 @@ def _port(server: Mapping[str, Any], env: Mapping[str, str]) -> int:
     return port
 
 
+def _drain_grace(server: Mapping[str, Any], env: Mapping[str, str]) -> float:
+    from_env = env.get(f"{ENV_PREFIX}DRAIN_GRACE_S")
+    if from_env is None:
+        grace: float = _get(server, "drain_grace_s", "server.", float, 10.0)
+    else:
+        try:
+            grace = float(from_env)
+        except ValueError:
+            raise ConfigError(
+                "server.drain_grace_s", f"{ENV_PREFIX}DRAIN_GRACE_S={from_env!r} is not a number"
+            ) from None
+    # Under a second leaves no time to hand anything over; a load balancer or orchestrator
+    # (Kubernetes' default is 30 s) kills a node that takes much longer.
+    if not (math.isfinite(grace) and 1 <= grace <= 300):
+        raise ConfigError("server.drain_grace_s", f"must be between 1 and 300 seconds, got {grace}")
+    return grace
+
+
 def demo_config_text() -> str:
     return resources.files("gateway").joinpath("demo.toml").read_text()
 
@@ -549,6 +570,7 @@ def load_settings(
         redis_url=redis_url,
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
+        drain_grace_s=_drain_grace(server, env),
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
         webrtc=webrtc,

@@ -46,6 +46,7 @@ from gateway.codec import (
     presence_to_wire,
     signal_from_wire,
 )
+from gateway.drain import RETRY_AFTER_S, Drain
 from gateway.errors import ApiError, forbidden, invalid_payload
 from gateway.ice import ice_servers
 from gateway.metrics import Metrics
@@ -473,6 +474,9 @@ class MembraneServer(socketio.AsyncServer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.eio.metrics = metrics
 
+    drain: Drain | None = None
+    """The node's drain (set by the app): its namespaces refuse new work once it began."""
+
     def _engineio_server_class(self) -> type[TrackedEngineServer]:
         return TrackedEngineServer
 
@@ -641,8 +645,19 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         await self.emit("error", body["error"], to=sid)
         return None
 
+    @property
+    def draining(self) -> bool:
+        drain: Drain | None = self.server.drain
+        return drain is not None and drain.draining
+
+    def refuse_if_draining(self) -> None:
+        drain: Drain | None = self.server.drain
+        if drain is not None:
+            drain.refuse_new_work()
+
     async def _connect(self, sid: str, auth: object) -> bool:
         try:
+            self.refuse_if_draining()
             token = as_object(auth, "auth").get("token") if auth is not None else None
             claims = await self.tokens.verify(token, self.roles)
             device = await self.on_join(sid, claims, auth if isinstance(auth, dict) else {})
@@ -692,6 +707,8 @@ class AgentNamespace(BaseNamespace):
         self.calls = calls
         self.settings = settings
         self.socket_ttl_s = settings.presence.socket_ttl_s
+        self.resuming: dict[str, str] = {}
+        """Socket id -> the call its agent app asked to take over at connect (``call_id``)."""
         self.events = {
             "presence:set": self.presence_set,
             "call:accept": self.call_accept,
@@ -707,6 +724,7 @@ class AgentNamespace(BaseNamespace):
             state = DeviceState(auth.get("state", DeviceState.AVAILABLE.value))
         except ValueError:
             raise invalid_payload("auth.state must be a device state") from None
+        resume = call_id_from_wire(auth) if auth.get("call_id") is not None else None
         ref = DeviceRef(claims.site, claims.sub, socket_device_id(sid))
         await self.enter_room(sid, agent_room(claims.site, claims.sub))
         update = device_update_from_wire(
@@ -714,11 +732,29 @@ class AgentNamespace(BaseNamespace):
         )
         self.presence.hold_socket_device(sid, ref)
         await self.presence.set_device(claims.site, claims.sub, update, self.socket_ttl_s)
+        if resume is not None:
+            self.resuming[sid] = resume
         return ref
 
+    async def on_joined(self, sid: str, session: Session) -> None:
+        claims = session.claims
+        call_id = self.resuming.pop(sid, None)
+        if call_id is not None:
+            call = await self.calls.resume_agent(claims.site, claims.sub, sid, call_id)
+            if call is not None and sid in self.sessions:
+                session.calls.add(call.call_id)
+                site = self.presence.site(claims.site)
+                await self.emit("call:update", call_to_wire(call, site, internal=True), to=sid)
+        # A ring that went out while this app was away (reconnecting from a draining node).
+        ring = await self.calls.missed_ring(claims.site, claims.sub)
+        if ring is not None:
+            await self.emit("call:ring", ring, to=sid)
+
     async def on_leave(self, sid: str, session: Session) -> None:
+        self.resuming.pop(sid, None)
         if session.calls:
-            await self.calls.agent_left(session.claims.site, session.claims.sub, session.calls)
+            claims = session.claims
+            await self.calls.agent_left(claims.site, claims.sub, sid, session.calls)
         ref = self.presence.release_socket_device(sid)
         if ref is not None:
             try:
@@ -847,10 +883,14 @@ class VisitorNamespace(BaseNamespace):
 
     async def on_leave(self, sid: str, session: Session) -> None:
         claims = session.claims
+        # A socket closed by its node's drain will reconnect elsewhere: its visitor did not
+        # leave, so even a call still ringing waits for them.
+        keep = self.draining
         for call_id in session.calls:
-            await self.calls.visitor_left(claims.site, claims.sub, sid, call_id)
+            await self.calls.visitor_left(claims.site, claims.sub, sid, call_id, keep)
 
     async def call_start(self, sid: str, payload: Any) -> Json:
+        self.refuse_if_draining()
         session = self.sessions[sid]
         claims = session.claims
         request = call_request_from_wire(payload)
@@ -935,3 +975,46 @@ class SocketCallNotifier:
                 to=visitor_room(call.site, call.visitor_id),
                 namespace="/visitor",
             )
+
+
+DRAINING_EVENT = "server:draining"
+_NAMESPACES = ("/agent", "/board", "/visitor")
+# Sockets closed at once during a drain: each runs its disconnect handler (store writes).
+_CLOSE_BATCH = 200
+
+
+async def send_sockets_elsewhere(server: MembraneServer) -> None:
+    """For a drain: tell every socket on this node to reconnect (``server:draining``), then
+    close each connection the way a network drop does. socket.io clients reconnect by
+    themselves after a dropped transport (not after a server's disconnect), to the same URL:
+    behind a load balancer, another node. The disconnect handlers run here, while the node
+    drains, so they know the party did not leave."""
+    for namespace in _NAMESPACES:
+        await server.emit(
+            DRAINING_EVENT,
+            {"retry_after_s": RETRY_AFTER_S},
+            namespace=namespace,
+            ignore_queue=True,  # this node's sockets only
+        )
+    eio = server.eio
+    sockets = list(eio.sockets.items())
+    for start in range(0, len(sockets), _CLOSE_BATCH):
+        batch = sockets[start : start + _CLOSE_BATCH]
+        results = await asyncio.gather(
+            *(_drop(eio, sid, s) for sid, s in batch), return_exceptions=True
+        )
+        for (sid, _), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("draining: closing socket %s failed: %r", sid, result)
+
+
+async def _drop(eio: TrackedEngineServer, sid: str, socket: LeanSocket) -> None:
+    try:
+        # Runs socket.io's disconnect handlers. No engine.io CLOSE packet: that is a server's
+        # goodbye, which a client does not follow by reconnecting.
+        await socket.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
+    finally:
+        # Ends the writer, which closes the WebSocket (else it stays open until the ping
+        # timeout): to the client, the network dropped.
+        socket.queue.put_nowait(None)
+        eio.sockets.pop(sid, None)

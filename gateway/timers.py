@@ -33,6 +33,9 @@ class TimerLoop:
         self._lease_s = lease_s
         self._clock = clock
         self._handlers: dict[str, TimerHandler] = {}
+        self._stopping = False
+        self._in_flight: set[str] = set()
+        """Timers claimed by this node whose handler has not finished."""
 
     def on(self, kind: str, handler: TimerHandler) -> None:
         """``handler`` gets the timer id without its ``kind:`` prefix."""
@@ -51,6 +54,13 @@ class TimerLoop:
         return len(due)
 
     async def _run_timer(self, timer_id: str) -> None:
+        self._in_flight.add(timer_id)
+        await self._handle(timer_id)
+        # Not on a cancel: a handler cut off by a drain keeps its place in ``_in_flight``, and
+        # ``hand_over`` gives its lease back.
+        self._in_flight.discard(timer_id)
+
+    async def _handle(self, timer_id: str) -> None:
         kind, _, rest = timer_id.partition(":")
         handler = self._handlers.get(kind)
         if handler is None:
@@ -70,7 +80,7 @@ class TimerLoop:
             await self._store.schedule_timer(timer_id, again)
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.run_once()
             except asyncio.CancelledError:
@@ -78,3 +88,22 @@ class TimerLoop:
             except Exception as e:
                 log.warning("claiming timers failed: %r", e)
             await asyncio.sleep(self._interval_s)
+
+    async def hand_over(self, running: asyncio.Task[None], deadline: float) -> None:
+        """For a drain: claim no more timers, let the handlers running in ``running`` (the task
+        of ``run``) finish until ``deadline`` (``time.monotonic``), then cut off those still
+        running and make their timers due now, so another node runs them at once instead of
+        after their lease (15 s)."""
+        self._stopping = True
+        if not running.done():
+            await asyncio.wait({running}, timeout=max(0.0, deadline - time.monotonic()))
+        if not running.done():
+            running.cancel()
+            await asyncio.wait({running}, timeout=1.0)
+        if not self._in_flight:
+            return
+        now = self._clock()
+        for timer_id in sorted(self._in_flight):
+            await self._store.schedule_timer(timer_id, now)
+        log.info("handed over %d running timers", len(self._in_flight))
+        self._in_flight.clear()

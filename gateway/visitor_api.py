@@ -136,6 +136,7 @@ def client_ip(request: web.Request) -> str:
 
 async def create_session(request: web.Request) -> web.Response:
     site = site_of(request)
+    request.app[keys.DRAIN].refuse_new_work()
     origin = request.headers.get("Origin")
     if origin is None or origin not in allowed_origins(request):
         raise ApiError(403, "origin_not_allowed", "this page's origin may not open sessions")
@@ -185,6 +186,7 @@ async def stream_availability(request: web.Request) -> web.StreamResponse:
     site = site_of(request)
     language, branch = _filters(request, site)
     feed = request.app[keys.AVAILABILITY]
+    request.app[keys.DRAIN].refuse_new_work()  # its streams were ended: none may start
     if feed.watcher_count >= feed.max_watchers:
         raise ApiError(503, "too_many_watchers", "this node is full; retry on another")
     response: web.StreamResponse = await feed.watch(

@@ -202,16 +202,40 @@ async def test_visitor_leaving_while_ringing_frees_the_agent(
     assert ack["call"]["state"] == "ringing"
 
 
-async def test_agent_dropping_mid_call_ends_it(
+async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
     node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
 ) -> None:
+    from gateway import appkeys
+
+    node.app[appkeys.CALLS].agent_grace_s = 1.0
     anna = await agent(clients, node, "anna")
     v = await visitor(clients, node, (await session(http, node))["token"])
     await v.call("call:start", {}, "/visitor")
     ring = await anna.next("call:ring")
-    await anna.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+    call_id = ring["call_id"]
+    await anna.call("call:accept", {"call_id": call_id}, "/agent")
+
+    # The agent app's socket drops and comes back naming its call: the call carries on, and
+    # signals go to the new socket.
     await anna.sio.disconnect()
-    ended = await v.next("call:update", state_is("completed"))
+    back = clients()
+    token = mint(node.settings, "anna")
+    await back.connect(node.url, "/agent", {"token": token, "call_id": call_id})
+    resumed = await back.next("call:update")
+    assert resumed["call_id"] == call_id and resumed["state"] == "connected"
+    offer = {"call_id": call_id, "description": {"type": "offer", "sdp": "v=0\r\n"}}
+    assert (await v.call("rtc:signal", offer, "/visitor"))["ok"]
+    assert await back.next("rtc:signal") == offer
+    with pytest.raises(TimeoutError):  # the grace timer of the old socket changes nothing
+        await v.next("call:update", state_is("completed"), timeout=2.0)
+
+    # Another socket of hers cannot take the call over unless it names it.
+    other = await agent(clients, node, "anna")
+    assert (await other.call("rtc:signal", offer, "/agent"))["error"]["code"] == "forbidden"
+
+    # Now she really leaves: after the grace period the call ends.
+    await back.sio.disconnect()
+    ended = await v.next("call:update", state_is("completed"), timeout=5)
     assert ended["reason"] == "agent_left"
 
 

@@ -129,6 +129,7 @@ def test_demo_config_loads() -> None:
     assert settings.redis_url == ""
     assert len(settings.node_id) == 8 and int(settings.node_id, 16) >= 0
     assert settings.max_body_bytes == 64 * 1024
+    assert settings.drain_grace_s == 10.0
     assert settings.auth == AuthSettings(issuer="membrane-demo", algorithm="HS256", secret="")
     assert settings.presence == PresenceSettings(60.0, 15.0, 0.25)
 
@@ -473,6 +474,10 @@ BAD: list[tuple[str, tuple[tuple[Path_, Any], ...], str]] = [
     ("port negative", ((("server",), {"port": -1}),), "server.port"),
     ("max body zero", ((("server",), {"max_body_bytes": 0}),), "server.max_body_bytes"),
     ("max body negative", ((("server",), {"max_body_bytes": -1}),), "server.max_body_bytes"),
+    ("drain grace a string", ((("server",), {"drain_grace_s": "10"}),), "server.drain_grace_s"),
+    ("drain grace too short", ((("server",), {"drain_grace_s": 0.5}),), "server.drain_grace_s"),
+    ("drain grace too long", ((("server",), {"drain_grace_s": 301}),), "server.drain_grace_s"),
+    ("drain grace nan", ((("server",), {"drain_grace_s": float("nan")}),), "server.drain_grace_s"),
     # minor ones
     ("latitude a bool", (((*B, 0, "lat"), True),), "sites[0].branches[0].lat"),
     ("longitude a bool", (((*B, 0, "lon"), False),), "sites[0].branches[0].lon"),
@@ -611,6 +616,15 @@ def test_closing_hour_past_24_00_refused(tmp_path: Path, span: str) -> None:
 def test_env_port_not_a_number(tmp_path: Path) -> None:
     error = config_error(tmp_path, BASE, env={"MEMBRANE_PORT": "80a"})
     assert "PORT" in error.key.upper()
+
+
+def test_drain_grace_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    from_file = changed(BASE, (("server",), {"drain_grace_s": 25}))
+    assert load(tmp_path, from_file).drain_grace_s == 25.0
+    assert load(tmp_path, from_file, env={"MEMBRANE_DRAIN_GRACE_S": "4.5"}).drain_grace_s == 4.5
+    for bad in ("ten", "0", "inf", ""):
+        error = config_error(tmp_path, BASE, env={"MEMBRANE_DRAIN_GRACE_S": bad})
+        assert error.key == "server.drain_grace_s"
 
 
 def test_agent_branch_a_list(tmp_path: Path) -> None:

@@ -143,11 +143,20 @@
 
   async function getSession() {
     if (session && Date.parse(session.expires_at) - Date.now() > 30000) return session;
-    let body = {};
-    try { body = JSON.parse(raw.get(VISITOR_KEY)) || {}; } catch { /* none yet */ }
-    session = await api("POST", `${siteUrl}/sessions`, {
-      visitor_id: body.visitor_id, visitor_secret: body.visitor_secret,
-    });
+    let known = {};
+    try { known = JSON.parse(raw.get(VISITOR_KEY)) || {}; } catch { /* none yet */ }
+    const body = { visitor_id: known.visitor_id, visitor_secret: known.visitor_secret };
+    for (let tries = 1; ; tries++) {
+      try {
+        session = await api("POST", `${siteUrl}/sessions`, body);
+        break;
+      } catch (e) {
+        // A node shutting down answers 503 draining (unreadable across origins: a network
+        // error here); the load balancer sends the retry to another node.
+        if (tries >= 3 || !(e.code === "draining" || e.code === "network")) throw e;
+        await new Promise((resolve) => setTimeout(resolve, 1000 * tries));
+      }
+    }
     raw.set(VISITOR_KEY, JSON.stringify({
       visitor_id: session.visitor_id, visitor_secret: session.visitor_secret,
     }));
@@ -445,13 +454,27 @@ li{margin:2px 0}
           // A final call:update can come before this ack: the call is over and endCall()
           // closed the socket, which fails this ack with "socket has been disconnected".
           if (attempt !== calling) return;
+          // No answer, but the call came anyway: a socket that reconnected took it over.
+          if (err && call && !isFinal(call)) return;
           if (err) return callError({ code: "network" });
-          if (res && res.ok) applyCall(res.call);
-          else callError(res && res.error);
+          if (res && res.ok) return applyCall(res.call);
+          if (res && res.error && res.error.code === "draining") { // start it on another node
+            started = false;
+            return reconnectElsewhere(s);
+          }
+          callError(res && res.error);
         });
+      });
+      // The node is shutting down and closes this connection next; socket.io reconnects by
+      // itself (to the same URL: behind a load balancer, another node), and the call, whose
+      // audio flows between the browsers, carries on: the gateway sends it again.
+      s.on("server:draining", (m) => {
+        if (m && m.retry_after_s > 0) retryMs = Math.min(m.retry_after_s * 1000, 30000);
+        if (call && !isFinal(call)) say("Reconnecting…");
       });
       s.on("connect_error", (e) => {
         const why = refusal(e);
+        if (why && why.code === "draining") return reconnectElsewhere(s); // reached it anyway
         if (s.active && !why) return say("Reconnecting…");
         if (why && why.code === "invalid_token") session = null;
         callError(why || { code: "network" });
@@ -466,6 +489,14 @@ li{margin:2px 0}
     } catch (e) {
       if (attempt === calling) callError(e);
     }
+  }
+
+  let retryMs = 1000;
+  /** Reconnect on a new connection after a while: a load balancer sends it to another node. */
+  function reconnectElsewhere(s) {
+    if (call && !isFinal(call)) say("Reconnecting…");
+    s.disconnect();
+    setTimeout(() => { if (sock === s) s.connect(); }, retryMs * (0.5 + Math.random()));
   }
 
   function callError(e, offerCallback) {

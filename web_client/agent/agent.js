@@ -180,7 +180,9 @@
     disconnectAll();
     presenceSeen = false;
     const s = window.io(`${location.origin}/agent`, {
-      auth: (cb) => cb({ token, state: chosenState() }),
+      // call_id: a reconnecting app takes its browser call over (after a network blip, or
+      // from a node that shut down), keeping the audio, which flows between the browsers.
+      auth: (cb) => cb({ token, state: chosenState(), ...(liveCallId() ? { call_id: liveCallId() } : {}) }),
       transports: ["websocket"],
     });
     socket = MA.socket = s;
@@ -191,8 +193,15 @@
       presenceSeen = false;
       loadPresence();
     });
+    s.on("server:draining", (m) => {
+      // The node is shutting down and closes this connection next; socket.io reconnects by
+      // itself, to the same URL: behind a load balancer, another node.
+      if (m && m.retry_after_s > 0) retryMs = Math.min(m.retry_after_s * 1000, 30000);
+      banner("Moving to another server…");
+    });
     s.on("connect_error", (err) => {
       const why = refusal(err);
+      if (why && why.code === "draining") return reconnectElsewhere(s, () => socket === s);
       if (why || !s.active) {
         disconnectAll();
         if (!why || ["invalid_token", "forbidden", "unknown_agent"].includes(why.code)) session.set(TOKEN_KEY, null);
@@ -220,6 +229,21 @@
     s.on("call:update", onCallUpdate);
     s.on("rtc:signal", onSignal);
     s.on("error", (e) => showError(e));
+  }
+
+  let retryMs = 1000;
+  /** A node that is shutting down refused us: reconnect on a new connection after a while,
+   * which a load balancer sends to another node. */
+  function reconnectElsewhere(s, stillWanted) {
+    banner("Moving to another server…");
+    s.disconnect();
+    setTimeout(() => { if (stillWanted()) s.connect(); }, retryMs * (0.5 + Math.random()));
+  }
+
+  /** The browser call this app is talking in, if any. */
+  function liveCallId() {
+    const c = current && current.call;
+    return c && c.state === "connected" && c.channel !== "callback" && current.pc ? current.id : null;
   }
 
   /** The presence as it is now, in case no presence:update comes right after connecting. */
@@ -585,6 +609,7 @@
     });
     s.on("connect_error", (err) => {
       const why = refusal(err);
+      if (why && why.code === "draining") return reconnectElsewhere(s, () => boardSock === s);
       $("board-conn").textContent = why ? "refused" : "reconnecting…";
       if (why) showError(why);
     });
