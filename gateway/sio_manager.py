@@ -19,6 +19,18 @@ from gateway.tasks import raise_if_cancelling
 BATCH = "membrane_emit_batch"
 
 
+def _deliver(inbox: collections.deque[str | None], arrived: asyncio.Event, message: str) -> None:
+    inbox.append(message)
+    arrived.set()
+
+
+def _lost(
+    inbox: collections.deque[str | None], arrived: asyncio.Event, _: asyncio.Future[None]
+) -> None:
+    inbox.append(None)  # the subscription is gone: resubscribe
+    arrived.set()
+
+
 class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     def __init__(self, url: str, channel: str) -> None:
         super().__init__(url=url, channel=channel)
@@ -118,16 +130,14 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         while True:
             inbox: collections.deque[str | None] = collections.deque()
             arrived = asyncio.Event()
-
-            def deliver(message: str | None, inbox: Any = inbox, arrived: Any = arrived) -> None:
-                inbox.append(message)
-                arrived.set()
-
-            subscription = RedisSubscription(deliver)
+            # Bound now, to this subscription's own inbox: a closure over the loop's
+            # variables would let each closing subscription wake the next one with its
+            # "lost" (None), which then gave up at once, for good (seen after a Redis pause).
+            subscription = RedisSubscription(partial(_deliver, inbox, arrived))
             try:
                 await subscription.open(self.redis_url, self.channel)
                 assert subscription.closed is not None
-                subscription.closed.add_done_callback(lambda _: deliver(None))
+                subscription.closed.add_done_callback(partial(_lost, inbox, arrived))
                 self.listening, self.last_error = True, ""
                 retry_sleep = 0.1
                 while True:

@@ -1,0 +1,138 @@
+"""Two nodes through a Redis that stops answering for a while (SIGSTOP, then SIGCONT): they
+say so on ``/readyz``, and afterwards are ready again, hear each other again, and finish
+what a client did while Redis was away.
+
+Each test runs its own redis-server: the session's is shared, and these pause theirs."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import (
+    Node,
+    NodeFactory,
+    RedisServer,
+    SocketClient,
+    eventually,
+    free_port,
+    make_settings,
+    mint,
+)
+
+from gateway.model import Role
+from gateway.settings import PresenceSettings, Settings
+
+ORIGIN = {"Origin": "http://127.0.0.1:8080"}
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server for this test alone. Listed before ``nodes`` in a test's arguments, so
+    the nodes stop first."""
+    with tempfile.TemporaryDirectory(prefix="membrane-redis-pause-") as directory:
+        server = RedisServer(free_port(), Path(directory))
+        server.start()
+        try:
+            yield server
+        finally:
+            if server.process is not None:
+                server.process.send_signal(signal.SIGCONT)  # a stopped one ignores SIGTERM
+            server.stop()
+
+
+def pause(server: RedisServer) -> None:
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+
+
+def resume(server: RedisServer) -> None:
+    assert server.process is not None
+    server.process.send_signal(signal.SIGCONT)
+
+
+def status_of(name: str, status: str) -> Callable[[Any], bool]:
+    return lambda p: p["agent_id"] == name and p["status"] == status
+
+
+def patient(settings: Settings) -> Settings:
+    """Socket leases long enough to outlive the pause: these tests are about events and
+    readiness, not about leases lapsing while Redis is away."""
+    return replace(
+        settings,
+        presence=PresenceSettings(device_ttl_s=60.0, socket_ttl_s=60.0, sweep_interval_s=0.1),
+    )
+
+
+async def answers(http: aiohttp.ClientSession, node: Node, status: int, detail: str = "") -> bool:
+    """``/readyz`` answers ``status``, its detail saying ``detail``."""
+    async with http.get(f"{node.url}/readyz") as r:
+        body = await r.json()
+        return r.status == status and detail in str(body["store"]["detail"])
+
+
+async def start_call(
+    http: aiohttp.ClientSession, clients: Callable[[], SocketClient], node: Node
+) -> tuple[SocketClient, Any]:
+    r = await http.post(f"{node.url}/v1/sites/acme/sessions", json={}, headers=ORIGIN)
+    visitor = clients()
+    await visitor.connect(node.url, "/visitor", {"token": (await r.json())["token"]})
+    return visitor, await visitor.call("call:start", {}, "/visitor")
+
+
+async def test_nodes_are_ready_and_hear_each_other_again_after_redis_pauses(
+    own_redis: RedisServer,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Redis stops for longer than the lane's 5 s watchdog and the listeners' ping: both
+    nodes answer 503 meanwhile and 200 soon after it resumes, and node B's emits reach a
+    client on node A again (they never did: the socket.io listener resubscribed five times
+    a second, each closing subscription waking the next one, and stayed down)."""
+    settings = patient(make_settings(tmp_path, redis_url=own_redis.url))
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    board = clients()
+    await board.connect(a.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "anna")})
+    await board.next("presence:update", status_of("anna", "available"))
+
+    pause(own_redis)
+    try:
+        for node in (a, b):
+            await eventually(partial(answers, http, node, 503), 5)
+        # A change while Redis is away is refused once the lane's watchdog gives up on it.
+        ack = await agent.call("presence:set", {"kind": "desktop", "state": "dnd"}, "/agent", 15)
+        assert ack["error"]["code"] == "store_unavailable", ack
+        # Both nodes' socket.io listeners noticed that their subscription went silent.
+        for node in (a, b):
+            await eventually(partial(answers, http, node, 503, "socket.io listener down"), 15)
+    finally:
+        resume(own_redis)
+
+    for node in (a, b):
+        await eventually(partial(answers, http, node, 200), 10)
+    # B's change reaches A's board (the store's event channel) ...
+    ack = await agent.call("presence:set", {"kind": "desktop", "state": "dnd"}, "/agent")
+    assert ack["ok"], ack
+    await board.next("presence:update", status_of("anna", "dnd"))
+    ack = await agent.call("presence:set", {"kind": "desktop", "state": "available"}, "/agent")
+    await board.next("presence:update", status_of("anna", "available"))
+    # ... and socket.io emits cross both ways: A rings Anna on B, her accept on B
+    # connects the visitor on A.
+    visitor, started = await start_call(http, clients, a)
+    assert started["call"]["state"] == "ringing", started
+    ring = await agent.next("call:ring")
+    assert ring["call_id"] == started["call"]["call_id"]
+    await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
+    await visitor.next("call:update", lambda c: c["state"] == "connected")
