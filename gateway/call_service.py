@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
@@ -33,7 +33,8 @@ from gateway.routing import (
     availability,
     route,
 )
-from gateway.store.base import CallRow, Store
+from gateway.store.base import UNAVAILABLE_ERRORS, CallRow, Store
+from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ RESERVATION_GRACE_S = 10.0
 # Once connected, the agent stays reserved until the call ends: presence says on_call too,
 # but another node's copy of presence may lag, and only the reservation is atomic.
 CALL_HOLD_S = 4 * 3600.0
+# What a store outage interrupted (a visitor left, a ring to stop) is tried again, at most
+# this far apart once the outage is long, and for this long before it is given up.
+RETRY_MAX_DELAY_S = 2.0
+RETRY_FOR_S = 3600.0
 # Candidates offered to the store per reservation round trip (Store.reserve_first).
 RESERVE_BATCH = 16
 NO_AGENT_DETAIL = {
@@ -94,9 +99,11 @@ class CallService:
         store: Store,
         presence: PresenceService,
         notifier: CallNotifier,
+        tasks: TaskGroup,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._sites = sites
+        self._tasks = tasks
         self._store = store
         self._presence = presence
         self._notify = notifier
@@ -195,7 +202,17 @@ class CallService:
         self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str
     ) -> None:
         """End a waiting call at once (an agent must not ring for nobody); give a connected
-        one a grace period to come back on a new socket."""
+        one a grace period to come back on a new socket. Nothing else would ever do it (the
+        socket is gone), so a store outage only delays it: it is tried until the store is
+        back."""
+        await self.until_stored(
+            partial(self._visitor_left, site_id, visitor_id, visitor_sid, call_id),
+            f"visitor-left:{call_id}",
+        )
+
+    async def _visitor_left(
+        self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str
+    ) -> None:
         try:
             call = await self.get(call_id)
         except ApiError:
@@ -296,14 +313,46 @@ class CallService:
 
     async def agent_left(self, site_id: str, agent_id: str, call_ids: set[str]) -> None:
         """An agent's socket closed: end the browser calls it was talking on (a callback's
-        audio is on the agent's phone, which does not care about the tab)."""
+        audio is on the agent's phone, which does not care about the tab). As for a visitor,
+        a store outage only delays it."""
         for call_id in call_ids:
+            await self.until_stored(partial(self._agent_left, call_id), f"agent-left:{call_id}")
+
+    async def _agent_left(self, call_id: str) -> None:
+        try:
+            if (await self.get(call_id)).channel is CallChannel.CALLBACK:
+                return
+            await self._end(call_id, "agent_left", "The agent's connection dropped")
+        except ApiError:
+            pass  # already ended
+
+    async def until_stored(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``step``, which must be idempotent; while the store is unreachable, run it
+        again in the background with backoff, instead of losing it with the error."""
+        try:
+            await step()
+        except UNAVAILABLE_ERRORS as e:
+            log.warning("%s: store unreachable (%r); retrying until it is back", name, e)
             try:
-                if (await self.get(call_id)).channel is CallChannel.CALLBACK:
-                    continue
-                await self._end(call_id, "agent_left", "The agent's connection dropped")
-            except ApiError:
-                pass  # already ended
+                self._tasks.spawn(self._retry(step, name), name)
+            except RuntimeError:
+                log.error("%s: lost, the node is shutting down", name)
+
+    async def _retry(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        delay = 0.25
+        give_up_at = self._clock() + RETRY_FOR_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await step()
+            except UNAVAILABLE_ERRORS as e:
+                if self._clock() > give_up_at:
+                    log.error("%s: store unreachable for too long (%r); giving up", name, e)
+                    return
+                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+            else:
+                log.info("%s: done now that the store is back", name)
+                return
 
     # --- signaling -------------------------------------------------------------------------------
 
@@ -394,7 +443,12 @@ class CallService:
             return call
         if before.agent_id is not None:
             if before.state is CallState.RINGING:
-                await self._after_ring(before, call, before.agent_id, reason)
+                # The call has ended: the agent's ring must stop and her reservation go, even
+                # when the store fails right after (each step can be done twice).
+                await self.until_stored(
+                    partial(self._after_ring, before, call, before.agent_id, reason),
+                    f"ring-over:{call_id}",
+                )
                 return call
             if before.state is CallState.CONNECTED:
                 await self._store.release_agent(call.site, before.agent_id, call.call_id)

@@ -136,3 +136,55 @@ async def test_nodes_are_ready_and_hear_each_other_again_after_redis_pauses(
     assert ring["call_id"] == started["call"]["call_id"]
     await agent.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
     await visitor.next("call:update", lambda c: c["state"] == "connected")
+
+
+def slow_ring(settings: Settings) -> Settings:
+    """Rings that outlast the test: a ring that stops did so because the visitor left, not
+    because it timed out."""
+    sites = {k: replace(s, ring_timeout_s=90.0) for k, s in settings.sites.items()}
+    return replace(settings, sites=sites)
+
+
+async def test_a_visitor_who_leaves_while_redis_is_paused_stops_the_ring_once_it_is_back(
+    own_redis: RedisServer,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """The visitor's node cannot cancel their call while Redis is stopped; it must not give up
+    (it did: the disconnect handler failed and the agent rang on, then the next one)."""
+    settings = slow_ring(patient(make_settings(tmp_path, redis_url=own_redis.url)))
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    board = clients()
+    await board.connect(a.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    anna = clients()
+    await anna.connect(b.url, "/agent", {"token": mint(settings, "anna")})
+    await board.next("presence:update", status_of("anna", "available"))
+    ben = clients()  # on the visitor's node: his requests queue behind the visitor's cancel
+    await ben.connect(a.url, "/agent", {"token": mint(settings, "ben"), "state": "away"})
+    await board.next("presence:update", status_of("ben", "away"))
+    visitor, started = await start_call(http, clients, a)
+    call_id = started["call"]["call_id"]
+    assert (await anna.next("call:ring"))["call_id"] == call_id
+
+    pause(own_redis)
+    try:
+        await visitor.close()
+        # Node A's commands to Redis go out in order: Ben's fails after the visitor's.
+        ack = await ben.call("presence:set", {"kind": "desktop", "state": "dnd"}, "/agent", 15)
+        assert ack["error"]["code"] == "store_unavailable", ack
+        for node in (a, b):
+            await eventually(partial(answers, http, node, 503), 5)
+    finally:
+        resume(own_redis)
+
+    stop = await anna.next("call:ring_stop", timeout=10)
+    assert stop == {"call_id": call_id, "reason": "visitor_left"}
+    ended = await board.next("call:update", lambda c: c["state"] == "canceled", timeout=5)
+    assert ended["call_id"] == call_id and ended["reason"] == "visitor_left"
+    # Anna is free again on both nodes: the next visitor, on B this time, rings her at once.
+    _, again = await start_call(http, clients, b)
+    assert again["call"]["state"] == "ringing", again
+    assert (await anna.next("call:ring"))["call_id"] == again["call"]["call_id"]
