@@ -128,6 +128,8 @@ def create_app(
     node_tasks = TaskGroup(f"node-{settings.node_id}")
     calls = CallService(dict(settings.sites), store, presence, calls_notifier, node_tasks)
     presence.add_lapse_listener(calls.agent_devices_lapsed)
+    if manager is not None:
+        manager.on_rejoin = calls.replay_since
     callbacks = CallbackService(
         dict(settings.sites), store, presence, calls, calls_notifier, metrics
     )

@@ -55,6 +55,9 @@ CALL_HOLD_S = 4 * 3600.0
 # this far apart once the outage is long, and for this long before it is given up.
 RETRY_MAX_DELAY_S = 2.0
 RETRY_FOR_S = 3600.0
+# After a node missed other nodes' emits, it replays at most this many of each site's most
+# recently changed calls to its sockets (CallService.replay_since).
+REPLAY_LIMIT = 200
 # Candidates offered to the store per reservation round trip (Store.reserve_first).
 RESERVE_BATCH = 16
 NO_AGENT_DETAIL = {
@@ -86,6 +89,12 @@ class CallNotifier(Protocol):
     async def ring_stop(self, call: Call, agent_id: str, reason: str) -> None: ...
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None: ...
+
+    async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
+        """The call's current state to this node's own sockets only: ``call:ring_stop`` to
+        each agent in ``rings_over`` (with its reason), ``call:ring`` to the agent when
+        ``ring`` is given, and ``call:update`` to the visitor, the call's agent and the board.
+        Each repeats what a socket may already have had, which clients take as no change."""
 
 
 def ring_timer_id(call: Call) -> str:
@@ -457,6 +466,41 @@ class CallService:
         await self._notify.call_update(call)
         return call
 
+    def _ring_payload(self, call: Call, last_agent: str | None, reasons: tuple[str, ...]) -> Json:
+        """``call:ring`` of a browser call."""
+        assert call.ring_expires_at is not None
+        last = self._sites[call.site].agents.get(last_agent) if last_agent else None
+        return {
+            "call_id": call.call_id,
+            "channel": call.channel.value,
+            "visitor": {
+                "id": call.visitor_id,
+                "language": call.request.language,
+                "page": call.request.page,
+                "returning": last_agent is not None,
+                "last_agent": last.name if last else None,
+            },
+            "expires_at": iso(call.ring_expires_at),
+            "reasons": list(reasons),
+        }
+
+    async def replay_since(self, since: float) -> None:
+        """This node heard no other node's emits from about ``since`` (its socket.io listener
+        lost Redis): tell its own sockets where each call that changed since then stands, as
+        the emits they missed would have (pub/sub does not keep them)."""
+        for site_id in self._sites:
+            # Oldest first, as the emits would have come.
+            for row in reversed(await self._store.list_calls(site_id, REPLAY_LIMIT)):
+                call = call_from_record(row.data, row.version)
+                if calls.last_changed(call) < since:
+                    continue
+                ring = None
+                if call.channel is CallChannel.WEBRTC and call.state is CallState.RINGING:
+                    last_agent = await self._store.last_agent(call.site, call.visitor_id)
+                    ring = self._ring_payload(call, last_agent, calls.ring_reasons(call))
+                over = calls.rings_over(call) if call.channel is CallChannel.WEBRTC else {}
+                await self._notify.replay(call, ring, over)
+
     async def _route(self, call: Call, last_agent: str | None) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
         call and offer a callback with an honest wait. ``last_agent``: the visitor's (the
@@ -513,24 +557,10 @@ class CallService:
                 self.ringing.end(call.site, agent.agent_id, call.call_id)
                 await self._store.release_agent(call.site, agent.agent_id, call.call_id)
                 return await self.get(call.call_id)  # canceled meanwhile
-            assert ringing.ring_expires_at is not None
-            last = site.agents.get(last_agent) if last_agent else None
             await self._notify.ring(
-                ringing,
-                {
-                    "call_id": ringing.call_id,
-                    "channel": ringing.channel.value,
-                    "visitor": {
-                        "id": ringing.visitor_id,
-                        "language": r.language,
-                        "page": r.page,
-                        "returning": last_agent is not None,
-                        "last_agent": last.name if last else None,
-                    },
-                    "expires_at": iso(ringing.ring_expires_at),
-                    "reasons": list(candidate.reasons),
-                },
+                ringing, self._ring_payload(ringing, last_agent, candidate.reasons)
             )
+            assert ringing.ring_expires_at is not None
             # The ring goes out before its timeout is stored, a round trip sooner. Should the
             # node die in between, the reservation lapses as it would have a moment later; a
             # timer stored after an accept finds the call answered and does nothing.

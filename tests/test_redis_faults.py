@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis as redis_sync
 from conftest import (
     Node,
     NodeFactory,
@@ -56,6 +57,10 @@ def pause(server: RedisServer) -> None:
 def resume(server: RedisServer) -> None:
     assert server.process is not None
     server.process.send_signal(signal.SIGCONT)
+
+
+def acl_setuser(admin: redis_sync.Redis, *rules: str) -> None:
+    admin.execute_command("ACL", "SETUSER", "node-a", *rules)  # type: ignore[no-untyped-call]
 
 
 def status_of(name: str, status: str) -> Callable[[Any], bool]:
@@ -188,3 +193,80 @@ async def test_a_visitor_who_leaves_while_redis_is_paused_stops_the_ring_once_it
     _, again = await start_call(http, clients, b)
     assert again["call"]["state"] == "ringing", again
     assert (await anna.next("call:ring"))["call_id"] == again["call"]["call_id"]
+
+
+async def test_a_node_that_missed_emits_tells_its_sockets_where_calls_stand(
+    own_redis: RedisServer,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Node A cannot hear node B's emits for a while (Redis refuses it the socket.io
+    channel: a real fault, aimed at one node) while B ends one of Anna's rings and starts
+    another. Pub/sub keeps nothing, so once A hears again it must replay those calls to
+    its own sockets: Anna's first ring card would stay up for good, the second ring never
+    show, and A's board would show both calls as they were."""
+    admin = redis_sync.Redis(port=own_redis.port)
+    acl_setuser(admin, "on", ">a-password", "~*", "&*", "+@all")
+    settings = patient(slow_ring(make_settings(tmp_path, redis_url=own_redis.url)))
+    url_a = f"redis://node-a:a-password@127.0.0.1:{own_redis.port}/0"
+    a = await nodes(replace(settings, node_id="a", redis_url=url_a))
+    b = await nodes(replace(settings, node_id="b"))
+    board = clients()
+    await board.connect(a.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    anna = clients()
+    await anna.connect(a.url, "/agent", {"token": mint(settings, "anna")})
+    await board.next("presence:update", status_of("anna", "available"))
+    first_visitor, first = await start_call(http, clients, b)
+    first_id = first["call"]["call_id"]
+    assert (await anna.next("call:ring"))["call_id"] == first_id
+
+    # A may use the store's event channel, not socket.io's: Redis drops its subscription.
+    acl_setuser(admin, "resetchannels", "&m:events")
+    try:
+        await eventually(partial(answers, http, a, 503, "socket.io listener down"), 10)
+        stopped = await first_visitor.call("call:cancel", {"call_id": first_id}, "/visitor")
+        assert stopped["call"]["state"] == "canceled", stopped
+        _, second = await start_call(http, clients, b)
+        second_id = second["call"]["call_id"]
+        assert second["call"]["state"] == "ringing", second
+        assert anna.queue("call:ring_stop").empty() and anna.queue("call:ring").empty()
+    finally:
+        acl_setuser(admin, "allchannels")
+
+    await eventually(partial(answers, http, a, 200), 10)
+    assert await anna.next("call:ring_stop") == {"call_id": first_id, "reason": "visitor_hung_up"}
+    assert (await anna.next("call:ring"))["call_id"] == second_id
+    await board.next("call:update", lambda c: c["call_id"] == first_id and c["state"] == "canceled")
+    await board.next("call:update", lambda c: c["call_id"] == second_id and c["state"] == "ringing")
+    ack = await anna.call("call:accept", {"call_id": second_id}, "/agent")
+    assert ack["call"]["state"] == "connected", ack
+    admin.close()
+
+
+def test_rings_over_says_why_each_agent_stopped_ringing() -> None:
+    """What a replay sends each agent the call rang (the pure part of replay_since)."""
+    from gateway import call as calls
+    from gateway.call import CallChannel, CallRequest
+
+    def ring(c: calls.Call, agent: str, now: float) -> calls.Call:
+        return calls.ring(c, agent, agent, ("same language", "idle longest"), now, 20.0)
+
+    c = calls.new_call("c1", "acme", "v1", CallChannel.WEBRTC, CallRequest(), 0.0, "sid")
+    assert calls.rings_over(c) == {} and calls.ring_reasons(c) == ()
+    c = ring(c, "anna", 1.0)
+    assert calls.rings_over(c) == {}
+    assert calls.ring_reasons(c) == ("same language", "idle longest")
+    c = ring(calls.decline(c, "anna", 2.0), "ben", 2.0)
+    c = ring(calls.ring_timeout(c, c.attempt, 3.0), "carla", 3.0)
+    assert calls.rings_over(c) == {"anna": "declined", "ben": "no_answer"}
+    assert calls.last_changed(c) == 3.0
+    canceled = calls.end(c, "visitor_left", "The visitor left", 4.0)
+    assert calls.rings_over(canceled)["carla"] == "visitor_left"
+    answered = calls.end(calls.accept(c, "carla", "s2", 4.0), "agent_hung_up", "", 5.0)
+    assert calls.rings_over(answered) == {
+        "anna": "declined",
+        "ben": "no_answer",
+        "carla": "answered",
+    }
