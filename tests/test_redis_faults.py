@@ -270,3 +270,39 @@ def test_rings_over_says_why_each_agent_stopped_ringing() -> None:
         "ben": "no_answer",
         "carla": "answered",
     }
+
+
+async def test_a_ring_stop_the_store_interrupts_is_finished_once_it_answers(
+    own_redis: RedisServer,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """The visitor hangs up and the call is ended, but the store fails in the middle of
+    stopping Anna's ring (Redis refuses node A's ZREM): the rest of the stop is done once it
+    answers again. It was dropped with the error: the visitor's hang-up was answered
+    store_unavailable although the call had ended, and Anna's ring never stopped."""
+    admin = redis_sync.Redis(port=own_redis.port)
+    acl_setuser(admin, "on", ">a-password", "~*", "&*", "+@all")
+    settings = patient(slow_ring(make_settings(tmp_path, redis_url=own_redis.url)))
+    url_a = f"redis://node-a:a-password@127.0.0.1:{own_redis.port}/0"
+    a = await nodes(replace(settings, node_id="a", redis_url=url_a))
+    b = await nodes(replace(settings, node_id="b"))
+    anna = clients()
+    await anna.connect(b.url, "/agent", {"token": mint(settings, "anna")})
+    await anna.next("presence:update", status_of("anna", "available"))
+    visitor, started = await start_call(http, clients, a)
+    call_id = started["call"]["call_id"]
+    assert (await anna.next("call:ring"))["call_id"] == call_id
+
+    acl_setuser(admin, "-zrem")  # the ring timer's removal, after the call's end is stored
+    try:
+        ack = await visitor.call("call:cancel", {"call_id": call_id}, "/visitor")
+        assert ack["ok"] and ack["call"]["state"] == "canceled", ack
+    finally:
+        acl_setuser(admin, "+zrem")
+    stop = await anna.next("call:ring_stop", timeout=10)
+    assert stop == {"call_id": call_id, "reason": "visitor_hung_up"}
+    assert admin.zscore("m:timers", f"ring:{call_id}:1") is None
+    admin.close()
