@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
@@ -33,7 +33,8 @@ from gateway.routing import (
     availability,
     route,
 )
-from gateway.store.base import CallRow, Store
+from gateway.store.base import UNAVAILABLE_ERRORS, CallRow, Store
+from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ RESERVATION_GRACE_S = 10.0
 # Once connected, the agent stays reserved until the call ends: presence says on_call too,
 # but another node's copy of presence may lag, and only the reservation is atomic.
 CALL_HOLD_S = 4 * 3600.0
+# What a store outage interrupted (a visitor left, a ring to stop) is tried again, at most
+# this far apart once the outage is long, and for this long before it is given up.
+RETRY_MAX_DELAY_S = 2.0
+RETRY_FOR_S = 3600.0
+# After a node missed other nodes' emits, it replays at most this many of each site's most
+# recently changed calls to its sockets (CallService.replay_since).
+REPLAY_LIMIT = 200
 # Candidates offered to the store per reservation round trip (Store.reserve_first).
 RESERVE_BATCH = 16
 NO_AGENT_DETAIL = {
@@ -85,6 +93,12 @@ class CallNotifier(Protocol):
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None: ...
 
+    async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
+        """The call's current state to this node's own sockets only: ``call:ring_stop`` to
+        each agent in ``rings_over`` (with its reason), ``call:ring`` to the agent when
+        ``ring`` is given, and ``call:update`` to the visitor, the call's agent and the board.
+        Each repeats what a socket may already have had, which clients take as no change."""
+
 
 def ring_timer_id(call: Call) -> str:
     return f"{RING_TIMER}:{call.call_id}:{call.attempt}"
@@ -114,15 +128,6 @@ def ring_payload(
     return payload
 
 
-def ring_reasons(call: Call) -> tuple[str, ...]:
-    """The routing reasons of the call's current ring, from its timeline (``calls.ring``)."""
-    prefix = f"{call.agent_id}: "
-    for entry in reversed(call.timeline):
-        if entry.event == "routed" and entry.detail.startswith(prefix):
-            return tuple(entry.detail[len(prefix) :].split("; "))
-    return ()
-
-
 class CallService:
     def __init__(
         self,
@@ -130,9 +135,11 @@ class CallService:
         store: Store,
         presence: PresenceService,
         notifier: CallNotifier,
+        tasks: TaskGroup,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._sites = sites
+        self._tasks = tasks
         self._store = store
         self._presence = presence
         self._notify = notifier
@@ -235,7 +242,17 @@ class CallService:
     ) -> None:
         """End a waiting call at once (an agent must not ring for nobody); give a connected
         one a grace period to come back on a new socket. ``keep``: the socket was closed by
-        its node draining, not by the visitor, so a waiting call gets the grace period too."""
+        its node draining, not by the visitor, so a waiting call gets the grace period too.
+        Nothing else would ever do it (the socket is gone), so a store outage only delays it:
+        it is tried until the store is back."""
+        await self.until_stored(
+            partial(self._visitor_left, site_id, visitor_id, visitor_sid, call_id, keep),
+            f"visitor-left:{call_id}",
+        )
+
+    async def _visitor_left(
+        self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str, keep: bool
+    ) -> None:
         try:
             call = await self.get(call_id)
         except ApiError:
@@ -350,7 +367,7 @@ class CallService:
         last_agent = None
         if call.channel is CallChannel.WEBRTC:
             last_agent = await self._store.last_agent(site_id, call.visitor_id)
-        return ring_payload(call, self._sites[site_id], ring_reasons(call), last_agent)
+        return ring_payload(call, self._sites[site_id], calls.ring_reasons(call), last_agent)
 
     async def agent_devices_lapsed(
         self, site_id: str, agent_id: str, record: PresenceRecord
@@ -377,16 +394,21 @@ class CallService:
         """An agent's socket closed: the browser calls it was talking on get a grace period
         to be taken over by a new socket (``resume_agent``), as a visitor's do, and end when
         it runs out. A callback's audio is on the agent's phone, which does not care about
-        the tab."""
+        the tab. As for a visitor, a store outage only delays it."""
         due = self._clock() + self.agent_grace_s
         for call_id in call_ids:
-            try:
-                call = await self.get(call_id)
-            except ApiError:
-                continue
-            if call.final or call.channel is CallChannel.CALLBACK or call.agent_sid != agent_sid:
-                continue
-            await self._store.schedule_timer(f"{AGENT_GONE_TIMER}:{call_id}:{agent_sid}", due)
+            await self.until_stored(
+                partial(self._agent_left, agent_sid, call_id, due), f"agent-left:{call_id}"
+            )
+
+    async def _agent_left(self, agent_sid: str, call_id: str, due: float) -> None:
+        try:
+            call = await self.get(call_id)
+        except ApiError:
+            return
+        if call.final or call.channel is CallChannel.CALLBACK or call.agent_sid != agent_sid:
+            return
+        await self._store.schedule_timer(f"{AGENT_GONE_TIMER}:{call_id}:{agent_sid}", due)
 
     async def on_agent_gone(self, call_id: str, agent_sid: str) -> None:
         """The grace period ran out: end the call unless a new socket took it over (or it is
@@ -401,6 +423,34 @@ class CallService:
             await self._end(call_id, "agent_left", "The agent's connection dropped", call)
         except ApiError:
             pass  # ended meanwhile
+
+    async def until_stored(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``step``, which must be idempotent; while the store is unreachable, run it
+        again in the background with backoff, instead of losing it with the error."""
+        try:
+            await step()
+        except UNAVAILABLE_ERRORS as e:
+            log.warning("%s: store unreachable (%r); retrying until it is back", name, e)
+            try:
+                self._tasks.spawn(self._retry(step, name), name)
+            except RuntimeError:
+                log.error("%s: lost, the node is shutting down", name)
+
+    async def _retry(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        delay = 0.25
+        give_up_at = self._clock() + RETRY_FOR_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await step()
+            except UNAVAILABLE_ERRORS as e:
+                if self._clock() > give_up_at:
+                    log.error("%s: store unreachable for too long (%r); giving up", name, e)
+                    return
+                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+            else:
+                log.info("%s: done now that the store is back", name)
+                return
 
     # --- signaling -------------------------------------------------------------------------------
 
@@ -491,7 +541,12 @@ class CallService:
             return call
         if before.agent_id is not None:
             if before.state is CallState.RINGING:
-                await self._after_ring(before, call, before.agent_id, reason)
+                # The call has ended: the agent's ring must stop and her reservation go, even
+                # when the store fails right after (each step can be done twice).
+                await self.until_stored(
+                    partial(self._after_ring, before, call, before.agent_id, reason),
+                    f"ring-over:{call_id}",
+                )
                 return call
             if before.state is CallState.CONNECTED:
                 await self._store.release_agent(call.site, before.agent_id, call.call_id)
@@ -499,6 +554,25 @@ class CallService:
                 await self._store.record_served(call.site, call.visitor_id, before.agent_id)
         await self._notify.call_update(call)
         return call
+
+    async def replay_since(self, since: float) -> None:
+        """This node heard no other node's emits from about ``since`` (its socket.io listener
+        lost Redis): tell its own sockets where each call that changed since then stands, as
+        the emits they missed would have (pub/sub does not keep them)."""
+        for site_id in self._sites:
+            # Oldest first, as the emits would have come.
+            for row in reversed(await self._store.list_calls(site_id, REPLAY_LIMIT)):
+                call = call_from_record(row.data, row.version)
+                if calls.last_changed(call) < since:
+                    continue
+                ring = None
+                if call.channel is CallChannel.WEBRTC and call.state is CallState.RINGING:
+                    last_agent = await self._store.last_agent(call.site, call.visitor_id)
+                    ring = ring_payload(
+                        call, self._sites[site_id], calls.ring_reasons(call), last_agent
+                    )
+                over = calls.rings_over(call) if call.channel is CallChannel.WEBRTC else {}
+                await self._notify.replay(call, ring, over)
 
     async def _route(self, call: Call, last_agent: str | None) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
@@ -560,6 +634,7 @@ class CallService:
             await self._notify.ring(
                 ringing, ring_payload(ringing, site, candidate.reasons, last_agent)
             )
+            assert ringing.ring_expires_at is not None
             # The ring goes out before its timeout is stored, a round trip sooner. Should the
             # node die in between, the reservation lapses as it would have a moment later; a
             # timer stored after an accept finds the call answered and does nothing.
