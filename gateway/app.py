@@ -18,6 +18,7 @@ from gateway.callback_service import DIAL_TIMER, DUE_TIMER, WATCH_TIMER, Callbac
 from gateway.codec import Json
 from gateway.events import EventRouter
 from gateway.http_api import error_middleware
+from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.ringing import RING_EVENT, RING_OVER_EVENT
@@ -158,7 +159,12 @@ def create_app(
     callbacks.telephony = phones
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, calls, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
-    sio.register_namespace(VisitorNamespace(tokens, metrics, presence, calls))
+    load = LoadMonitor()
+    if manager is not None:
+        load.emit_backlog = lambda: manager.backlog
+    if isinstance(store, RedisStore):
+        load.store_in_flight = lambda: store.in_flight + (manager.publishing if manager else 0)
+    sio.register_namespace(VisitorNamespace(tokens, metrics, presence, calls, load))
     sio.attach(app)
 
     app[keys.SETTINGS] = settings
@@ -202,7 +208,9 @@ def create_app(
         if manager is not None:
             sio.manager_initialized = True
             manager.initialize()
+        load.start()
         yield
+        load.stop()
         await sio.eio.tasks.close()
         if manager is not None:
             await manager.close()

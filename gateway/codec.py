@@ -155,8 +155,8 @@ def ok(**fields: Any) -> Json:
     return {"ok": True, **fields}
 
 
-def error_ack(code: str, message: str) -> Json:
-    return {"ok": False, "error": {"code": code, "message": message}}
+def error_ack(code: str, message: str, **extra: Any) -> Json:
+    return {"ok": False, "error": {"code": code, "message": message, **extra}}
 
 
 # --- calls ---------------------------------------------------------------------------------

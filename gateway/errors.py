@@ -8,14 +8,16 @@ from typing import Any
 class ApiError(Exception):
     """A refusal the client caused; never a server fault."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.extra = extra
+        """More fields of the error object, e.g. ``retry_after_ms``."""
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message}}
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
 
 
 def invalid_payload(message: str) -> ApiError:
@@ -40,3 +42,12 @@ def rate_limited(message: str = "too many requests") -> ApiError:
 
 def store_unavailable(message: str = "the store is unreachable; try again") -> ApiError:
     return ApiError(503, "store_unavailable", message)
+
+
+def overloaded(retry_after_ms: int) -> ApiError:
+    return ApiError(
+        503,
+        "overloaded",
+        "the gateway is busy; try again in a moment",
+        retry_after_ms=retry_after_ms,
+    )

@@ -74,6 +74,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.starts_shed = Counter(
+            "membrane_starts_shed_total",
+            "Call starts refused as overloaded, by the signal past its limit.",
+            ["signal"],
+            registry=self.registry,
+        )
+        self.rings_dropped = Counter(
+            "membrane_rings_dropped_total",
+            "Rings not delivered to an agent's socket: expired on the way, or already over.",
+            ["reason"],
+            registry=self.registry,
+        )
+
     def observe_gc(self, generation: int, pause_s: float, collected: int) -> None:
         self.gc_pauses.labels(str(generation)).observe(pause_s)
         if collected:

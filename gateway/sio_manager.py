@@ -27,6 +27,17 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         # Emits are published over a pipelined connection of their own (see
         # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
         self._lane = RedisLane(url)
+        self._inbox: collections.deque[str | None] = collections.deque()
+
+    @property
+    def backlog(self) -> int:
+        """Other nodes' messages received and not yet delivered here (a batch counts once)."""
+        return len(self._inbox)
+
+    @property
+    def publishing(self) -> int:
+        """Emits handed to Redis and not confirmed yet."""
+        return self._lane.in_flight
 
     async def emit_batch(self, emits: list[tuple[str, Any, str, str]]) -> None:
         """Several ``(event, data, namespace, room)`` emits, delivered here, and to the other
@@ -117,6 +128,7 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         retry_sleep = 0.1
         while True:
             inbox: collections.deque[str | None] = collections.deque()
+            self._inbox = inbox
             arrived = asyncio.Event()
 
             def deliver(message: str | None, inbox: Any = inbox, arrived: Any = arrived) -> None:

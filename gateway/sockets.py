@@ -23,6 +23,7 @@ import engineio.exceptions
 import engineio.packet
 import socketio
 
+from gateway.admission import AdmissionLimits, admit_start
 from gateway.auth import AGENT_ROLES, SUPERVISOR_ROLES, VISITOR_ROLES, Claims, TokenService
 from gateway.call import Call
 from gateway.call_service import CallService
@@ -38,8 +39,9 @@ from gateway.codec import (
     presence_to_wire,
     signal_from_wire,
 )
-from gateway.errors import ApiError, forbidden, invalid_payload
+from gateway.errors import ApiError, forbidden, invalid_payload, overloaded
 from gateway.ice import ice_servers
+from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.model import DeviceKind, DeviceState, Role, Site
 from gateway.presence_service import PresenceChange, PresenceService, socket_device_id
@@ -384,16 +386,18 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 raise ApiError(400, "unknown_event", f"unknown event {event!r}")
             return await handler(sid, payload)
         except ApiError as e:
-            return await self._refuse(sid, e.code, e.message)
+            return await self._refuse(sid, e.code, e.message, e.extra)
         except UNAVAILABLE_ERRORS:
             return await self._refuse(sid, "store_unavailable", "the store is unreachable; retry")
         except Exception:
             log.exception("handler for %s failed", event)
             return await self._refuse(sid, "internal", "the gateway failed; try again")
 
-    async def _refuse(self, sid: str, code: str, message: str) -> Json | None:
+    async def _refuse(
+        self, sid: str, code: str, message: str, extra: Mapping[str, Any] | None = None
+    ) -> Json | None:
         self.metrics.errors.labels(code).inc()
-        body = error_ack(code, message)
+        body = error_ack(code, message, **(extra or {}))
         if _ack_requested.get():
             return body
         await self.emit("error", body["error"], to=sid)
@@ -572,18 +576,21 @@ class VisitorNamespace(BaseNamespace):
 
     roles = VISITOR_ROLES
     rate = (5.0, 10.0)
-    # Calls being started at once on this node. Past it a start is refused at once
-    # (503 overloaded) rather than queued: piling up handlers exhausts Redis connections and
-    # starves the node's own lease renewal, which would take every agent on it offline.
-    max_starting = 64
 
     def __init__(
-        self, tokens: TokenService, metrics: Metrics, presence: PresenceService, calls: CallService
+        self,
+        tokens: TokenService,
+        metrics: Metrics,
+        presence: PresenceService,
+        calls: CallService,
+        load: LoadMonitor,
     ) -> None:
         super().__init__("/visitor", tokens, metrics)
         self.presence = presence
         self.calls = calls
-        self.starting = 0
+        self.load = load
+        self.limits = AdmissionLimits()
+        """When a start is refused as ``overloaded`` (gateway.admission)."""
         self.events = {
             "call:start": self.call_start,
             "call:cancel": self.call_cancel,
@@ -611,13 +618,17 @@ class VisitorNamespace(BaseNamespace):
         session = self.sessions[sid]
         claims = session.claims
         request = call_request_from_wire(payload)
-        if self.starting >= self.max_starting:
-            raise ApiError(503, "overloaded", "the gateway is busy; try again in a moment")
-        self.starting += 1
+        # Refused at once rather than queued: a start queued behind others would ring late,
+        # and piled-up handlers starve the node's own lease renewal (gateway.admission).
+        admission = admit_start(self.load.sample(), self.limits)
+        if not admission.admit:
+            self.metrics.starts_shed.labels(admission.signal).inc()
+            raise overloaded(admission.retry_after_ms)
+        self.load.starts_in_flight += 1
         try:
             call = await self.calls.start(claims.site, claims.sub, sid, request)
         finally:
-            self.starting -= 1
+            self.load.starts_in_flight -= 1
         session.calls = {call.call_id}
         return ok(call=call_to_wire(call, self.presence.site(claims.site)))
 
