@@ -23,7 +23,7 @@ from gateway.metrics import Metrics
 from gateway.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.ringing import RING_EVENT, RING_OVER_EVENT
 from gateway.settings import Settings
-from gateway.sio_manager import ObservedRedisManager
+from gateway.sio_manager import LocalManager, ObservedRedisManager, RingDelivery
 from gateway.sockets import (
     AgentNamespace,
     BoardNamespace,
@@ -109,12 +109,15 @@ def create_app(
 
     presence.add_listener(count_presence_change)
 
+    rings = RingDelivery(metrics)
     manager = (
-        ObservedRedisManager(settings.redis_url, channel="m:sio") if settings.redis_url else None
+        ObservedRedisManager(settings.redis_url, channel="m:sio", rings=rings)
+        if settings.redis_url
+        else None
     )
     sio = MembraneServer(
         async_mode="aiohttp",
-        client_manager=manager,
+        client_manager=manager or LocalManager(rings),
         cors_allowed_origins=allowed_origins(settings),
         max_http_buffer_size=settings.max_body_bytes,
         # Handle a client's events in order, on its own connection's task: no task per
@@ -164,7 +167,9 @@ def create_app(
         load.emit_backlog = lambda: manager.backlog
     if isinstance(store, RedisStore):
         load.store_in_flight = lambda: store.in_flight + (manager.publishing if manager else 0)
-    sio.register_namespace(VisitorNamespace(tokens, metrics, presence, calls, load))
+    sio.register_namespace(
+        VisitorNamespace(tokens, metrics, presence, calls, load, settings.admission)
+    )
     sio.attach(app)
 
     app[keys.SETTINGS] = settings

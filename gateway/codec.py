@@ -162,6 +162,13 @@ def error_ack(code: str, message: str, **extra: Any) -> Json:
 # --- calls ---------------------------------------------------------------------------------
 
 
+def ring_validity(call: Call) -> Json:
+    """What every ``call:ring`` carries to be checked on its way: which ring of the call it
+    is, and when it ends (ms since the epoch)."""
+    assert call.ring_expires_at is not None
+    return {"attempt": call.attempt, "ring_expires_at": round(call.ring_expires_at * 1000)}
+
+
 def call_to_wire(
     call: Call,
     site: Site,

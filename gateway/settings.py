@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
+from gateway.admission import AdmissionLimits
 from gateway.codec import ID_PATTERN
 from gateway.model import Agent, Branch, CallbackPolicy, OpeningSpan, Role, Site
 
@@ -122,6 +123,9 @@ class Settings:
     """Names this node in logs and metrics; random when empty."""
     max_body_bytes: int = 64 * 1024
     """Largest REST body or socket.io message accepted."""
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    """When new calls are shed as ``overloaded`` (``server.max_loop_lag_ms``,
+    ``server.max_starting_calls``; docs/ARCHITECTURE.md, "Load shedding")."""
     auth: AuthSettings = field(default_factory=AuthSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
@@ -549,6 +553,10 @@ def load_settings(
         redis_url=redis_url,
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
+        admission=AdmissionLimits(
+            max_loop_lag_s=_positive(server, "max_loop_lag_ms", p, float, 15.0) / 1000,
+            max_starts_in_flight=_positive(server, "max_starting_calls", p, int, 16),
+        ),
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
         webrtc=webrtc,

@@ -37,6 +37,7 @@ from gateway.codec import (
     error_ack,
     ok,
     presence_to_wire,
+    ring_validity,
     signal_from_wire,
 )
 from gateway.errors import ApiError, forbidden, invalid_payload, overloaded
@@ -584,12 +585,13 @@ class VisitorNamespace(BaseNamespace):
         presence: PresenceService,
         calls: CallService,
         load: LoadMonitor,
+        limits: AdmissionLimits,
     ) -> None:
         super().__init__("/visitor", tokens, metrics)
         self.presence = presence
         self.calls = calls
         self.load = load
-        self.limits = AdmissionLimits()
+        self.limits = limits
         """When a start is refused as ``overloaded`` (gateway.admission)."""
         self.events = {
             "call:start": self.call_start,
@@ -650,9 +652,15 @@ class SocketCallNotifier:
     """Delivers call events to the parties' sockets on whichever node they are connected:
     socket.io's Redis manager carries each emit to the other nodes."""
 
-    def __init__(self, server: socketio.AsyncServer, sites: Mapping[str, Site]) -> None:
+    def __init__(
+        self,
+        server: socketio.AsyncServer,
+        sites: Mapping[str, Site],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.server = server
         self.sites = sites
+        self.clock = clock
 
     async def call_update(self, call: Call, former_agent: str | None = None) -> None:
         site = self.sites[call.site]
@@ -678,18 +686,28 @@ class SocketCallNotifier:
             await self.server.emit(event, data, to=room, namespace=namespace)
 
     async def ring(self, call: Call, payload: Json) -> None:
-        assert call.agent_id is not None
+        assert call.agent_id is not None and call.ring_expires_at is not None
+        if self.clock() >= call.ring_expires_at:
+            return  # over before it could be sent (a node far behind): its timer ends it
         await self.server.emit(
-            "call:ring", payload, to=agent_room(call.site, call.agent_id), namespace="/agent"
+            "call:ring",
+            payload | ring_validity(call),
+            to=agent_room(call.site, call.agent_id),
+            namespace="/agent",
         )
 
     async def ring_stop(self, call: Call, agent_id: str, reason: str) -> None:
         await self.server.emit(
             "call:ring_stop",
-            {"call_id": call.call_id, "reason": reason},
+            {"call_id": call.call_id, "attempt": call.attempt, "reason": reason},
             to=agent_room(call.site, agent_id),
             namespace="/agent",
         )
+
+    async def sent(self) -> None:
+        manager = self.server.manager
+        if isinstance(manager, ObservedRedisManager):
+            await manager.sent()
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
         if to_agent:

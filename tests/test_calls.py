@@ -131,6 +131,7 @@ async def test_a_visitor_reaches_the_best_agent_talks_and_hangs_up(
     assert s2["visitor_id"] == s["visitor_id"]
     v2 = await visitor(clients, node, s2["token"])
     again = await v2.call("call:start", {"language": "en"}, "/visitor")
+    assert "call" in again, again
     assert again["call"]["agent"]["name"] == "Ben"
     ring2 = await ben.next("call:ring")
     assert ring2["visitor"]["returning"] and ring2["visitor"]["last_agent"] == "Ben"
@@ -495,7 +496,7 @@ async def test_a_ring_answered_after_its_reservation_lapsed_is_refused(
     await store.release_agent("acme", "anna", ring["call_id"])  # as if it expired
     assert await store.reserve_agent("acme", "anna", "c_other", 30)
     late = await anna.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
-    assert late["error"]["code"] == "not_ringing"
+    assert late["error"]["code"] == "ring_expired"
 
 
 async def test_a_visitor_with_a_call_going_cannot_start_another(
