@@ -23,6 +23,7 @@ from typing import Any
 import jwt
 import pytest
 
+from gateway.admission import AdmissionLimits
 from gateway.auth import AUDIENCE, TokenService
 from gateway.errors import ApiError
 from gateway.model import CallbackPolicy, OpeningSpan, Role
@@ -129,6 +130,7 @@ def test_demo_config_loads() -> None:
     assert settings.redis_url == ""
     assert len(settings.node_id) == 8 and int(settings.node_id, 16) >= 0
     assert settings.max_body_bytes == 64 * 1024
+    assert settings.admission == AdmissionLimits(max_loop_lag_s=0.015, max_starts_in_flight=16)
     assert settings.auth == AuthSettings(issuer="membrane-demo", algorithm="HS256", secret="")
     assert settings.presence == PresenceSettings(60.0, 15.0, 0.25)
 
@@ -473,6 +475,13 @@ BAD: list[tuple[str, tuple[tuple[Path_, Any], ...], str]] = [
     ("port negative", ((("server",), {"port": -1}),), "server.port"),
     ("max body zero", ((("server",), {"max_body_bytes": 0}),), "server.max_body_bytes"),
     ("max body negative", ((("server",), {"max_body_bytes": -1}),), "server.max_body_bytes"),
+    ("loop lag zero", ((("server",), {"max_loop_lag_ms": 0}),), "server.max_loop_lag_ms"),
+    ("loop lag a string", ((("server",), {"max_loop_lag_ms": "15"}),), "server.max_loop_lag_ms"),
+    (
+        "starting calls a float",
+        ((("server",), {"max_starting_calls": 1.5}),),
+        "server.max_starting_calls",
+    ),
     # minor ones
     ("latitude a bool", (((*B, 0, "lat"), True),), "sites[0].branches[0].lat"),
     ("longitude a bool", (((*B, 0, "lon"), False),), "sites[0].branches[0].lon"),
