@@ -283,7 +283,10 @@ class Driver:
         if v.busy:
             v.busy = False
             v.call_id = None
-            self.free.append(v)
+            if v.next_ok:
+                self.free.append(v)  # in about the order they may press again
+            else:
+                self.free.appendleft(v)  # may press again at once (a shed start)
 
     def visitor_handler(self, v: SimVisitor) -> Callable[[str, Any], None]:
         def on_event(event: str, p: Any) -> None:
