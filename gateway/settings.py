@@ -554,8 +554,8 @@ def load_settings(
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
         admission=AdmissionLimits(
-            max_loop_lag_s=_positive(server, "max_loop_lag_ms", p, float, 15.0) / 1000,
-            max_starts_in_flight=_positive(server, "max_starting_calls", p, int, 16),
+            max_loop_lag_s=_positive(server, "max_loop_lag_ms", p, float, 10.0) / 1000,
+            max_starts_in_flight=_positive(server, "max_starting_calls", p, int, 12),
         ),
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
