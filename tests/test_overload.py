@@ -101,12 +101,13 @@ async def test_starts_past_the_in_flight_limit_are_shed(
     node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
 ) -> None:
     namespace = visitors_of(node)
-    namespace.limits = AdmissionLimits(max_starts_in_flight=0)  # as if the node were full
+    limits = namespace.limits
+    namespace.limits = replace(limits, max_starts_in_flight=0)  # as if the node were full
     v = await visitor(clients, node, (await session(http, node))["token"])
     refused: Any = await v.call("call:start", {}, "/visitor")
     assert refused["error"]["code"] == "overloaded"
     assert refused["error"]["retry_after_ms"] > 0
-    namespace.limits = AdmissionLimits()
+    namespace.limits = limits
     assert (await v.call("call:start", {}, "/visitor"))["ok"]
 
 
