@@ -202,7 +202,8 @@ class Driver:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self.agents: dict[str, SimAgent] = {}
         self.visitors: dict[str, SimVisitor] = {}
-        self.free: deque[SimVisitor] = deque()
+        self.free: deque[SimVisitor] = deque()  # in about the order they may press again
+        self.ready: deque[SimVisitor] = deque()  # may press again at once (a start shed)
         self.accepts: asyncio.Queue[tuple[SimAgent, str] | None] = asyncio.Queue()
         self.hangups: deque[tuple[float, SimAgent, str]] = deque()
         self.window = {"start": math.inf, "end": math.inf}
@@ -283,10 +284,7 @@ class Driver:
         if v.busy:
             v.busy = False
             v.call_id = None
-            if v.next_ok:
-                self.free.append(v)  # in about the order they may press again
-            else:
-                self.free.appendleft(v)  # may press again at once (a shed start)
+            (self.free if v.next_ok else self.ready).append(v)
 
     def visitor_handler(self, v: SimVisitor) -> Callable[[str, Any], None]:
         def on_event(event: str, p: Any) -> None:
@@ -429,10 +427,13 @@ class Driver:
             for _ in range(min(total - issued, per_tick)):
                 issued += 1
                 now = time.perf_counter()
-                if not self.free or self.free[0].next_ok > now:
+                if self.ready:
+                    v = self.ready.popleft()
+                elif self.free and self.free[0].next_ok <= now:
+                    v = self.free.popleft()
+                else:
                     skipped += 1  # no visitor may start a call now: the pool is too small
                     continue
-                v = self.free.popleft()
                 v.busy, v.rung, v.call_id = True, False, None
                 v.sent_at = now
                 v.next_ok = now + self.args.reuse_s
