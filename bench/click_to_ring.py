@@ -134,6 +134,7 @@ class Stats:
         self.ack_states: Counter[str] = Counter()
         self.failed_reasons: Counter[str] = Counter()
         self.visitor_errors: Counter[str] = Counter()
+        self.error_messages: dict[str, str] = {}  # one message per code, for the report
         self.agent_errors: Counter[str] = Counter()
         self.rings = 0  # every call:ring (a re-ring after a timeout counts again)
         self.rings_arrived_expired = 0
@@ -306,6 +307,7 @@ class Driver:
                 error = ack["error"]
                 stats.ack_states["error"] += 1
                 stats.visitor_errors[error["code"]] += 1
+                stats.error_messages.setdefault(error["code"], error.get("message", ""))
                 if error["code"] == "overloaded":
                     # Shed before anything was stored: the start did not count against the
                     # visitor's limit, who may press again at once.
@@ -382,7 +384,7 @@ class Driver:
             client = AckSocketIO(self.http, urls[i % len(urls)], "/visitor")
             v = SimVisitor(f"v_bench{i:011d}", client)
             self.visitors[v.visitor_id] = v
-            self.free.append(v)
+            self.ready.append(v)
             client.on_event = self.visitor_handler(v)
             return client, {"token": token(v.visitor_id, "visitor")}
 
