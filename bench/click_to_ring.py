@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from bench.harness import (
     NodeProcess,
     RawSocketIO,
+    counter_values,
     cpu_report,
     demo_site_config,
     gc_pause_report,
@@ -415,6 +416,7 @@ class Driver:
         total = int(rate * duration)
         per_tick = max(1, int(rate * 0.01))
         gc_before = {n.log.stem: await gc_pauses(self.http, n.url) for n in self.nodes}
+        counts_before = await self.node_counters()
         before = {name: sched(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         self.window["start"], self.window["end"] = started, started + duration
@@ -450,7 +452,16 @@ class Driver:
             for n in self.nodes
         }
         drained = await self.drain()
+        counts = await self.node_counters()
         return {
+            "node_counters": {
+                name: {
+                    key: value - counts_before[name].get(key, 0.0)
+                    for key, value in sorted(figures.items())
+                    if value - counts_before[name].get(key, 0.0)
+                }
+                for name, figures in counts.items()
+            },
             "elapsed_s": elapsed,
             "sent": sent,
             "skipped": skipped,
@@ -459,6 +470,20 @@ class Driver:
             "cpu": cpu,
             "gc": gc_report,
         }
+
+    async def node_counters(self) -> dict[str, dict[str, float]]:
+        """Per node, its counts of starts shed by signal and rings dropped by reason."""
+        out: dict[str, dict[str, float]] = {}
+        for node in self.nodes:
+            figures: dict[str, float] = {}
+            for name, short in (
+                ("membrane_starts_shed", "shed"),
+                ("membrane_rings_dropped", "rings_dropped"),
+            ):
+                for label, value in (await counter_values(self.http, node.url, name)).items():
+                    figures[f"{short}:{label}"] = value
+            out[node.log.stem] = figures
+        return out
 
     async def drain(self) -> float:
         """Until every call is answered and hung up (bounded); returns seconds waited."""

@@ -162,7 +162,7 @@ def create_app(
     callbacks.telephony = phones
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, calls, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
-    load = LoadMonitor()
+    load = LoadMonitor(gauge=metrics.loop_lag)
     if manager is not None:
         load.emit_backlog = lambda: manager.backlog
     if isinstance(store, RedisStore):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from prometheus_client import Gauge
+
 from gateway.admission import Load
 
 # Weight of each new tick's lateness in the average: about the last 4 ticks (40 ms) count.
@@ -19,8 +21,9 @@ SMOOTHING = 0.25
 
 
 class LoadMonitor:
-    def __init__(self, tick_s: float = 0.01) -> None:
+    def __init__(self, tick_s: float = 0.01, gauge: Gauge | None = None) -> None:
         self.tick_s = tick_s
+        self._gauge = gauge
         self.lag_s = 0.0
         """Smoothed lateness of the ticks so far."""
         self.starts_in_flight = 0
@@ -47,6 +50,8 @@ class LoadMonitor:
         now = loop.time()
         late = max(0.0, now - self._due)
         self.lag_s += SMOOTHING * (late - self.lag_s)
+        if self._gauge is not None:
+            self._gauge.set(self.lag_s)
         self._due = now + self.tick_s
         self._handle = loop.call_at(self._due, self._tick)
 

@@ -80,6 +80,11 @@ class Metrics:
             ["signal"],
             registry=self.registry,
         )
+        self.loop_lag = Gauge(
+            "membrane_event_loop_lag_seconds",
+            "How late the node's event loop runs a timer (smoothed; admission control).",
+            registry=self.registry,
+        )
         self.rings_dropped = Counter(
             "membrane_rings_dropped_total",
             "Rings not delivered to an agent's socket: expired on the way, or already over.",
