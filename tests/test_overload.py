@@ -4,6 +4,7 @@ it. Real nodes and socket.io clients; the admission rule itself as a table."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -325,3 +326,46 @@ def test_a_ring_cannot_be_answered_once_it_ran_out() -> None:
         calls.accept(ringing, "anna", "sid", now=21.0)
     assert refused.value.code == "ring_expired"
     assert not calls.ring_over(ringing, "ben", now=99.0), "it never rang Ben"
+
+
+async def test_a_node_behind_on_other_nodes_emits_sheds_starts(
+    two_nodes: tuple[Node, Node], http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """Node A stops getting through node B's emits (its listener is stuck on one): they pile
+    up unread, and A sheds new starts until it has caught up."""
+    a, b = two_nodes
+    manager = a.app[appkeys.SIO].manager
+    assert isinstance(manager, ObservedRedisManager)
+    namespace = visitors_of(a)
+    namespace.limits = replace(namespace.limits, max_emit_backlog=3)
+    stuck = asyncio.Event()
+    deliver = manager._handle_emit
+
+    async def slow(message: dict[str, Any]) -> None:
+        if message.get("host_id") != manager.host_id:
+            await stuck.wait()
+        await deliver(message)
+
+    manager._handle_emit = slow  # type: ignore[method-assign]
+    sio_b = b.app[appkeys.SIO]
+    for i in range(6):
+        await sio_b.emit("presence:update", {"n": i}, to="site:nobody", namespace="/board")
+
+    async def behind() -> bool:  # B's emits reach A through Redis
+        return manager.backlog >= 4
+
+    await eventually(behind, 5)
+    v = await visitor(clients, a, (await session(http, a))["token"])
+    refused = await v.call("call:start", {}, "/visitor")
+    assert refused["error"]["code"] == "overloaded"
+    assert a.app[appkeys.METRICS].starts_shed.labels("emit_backlog")._value.get() == 1
+
+    stuck.set()
+
+    async def caught_up() -> bool:
+        return manager.backlog == 0
+
+    await eventually(caught_up, 5)
+    manager._handle_emit = deliver  # type: ignore[method-assign]
+    await agent(clients, a, "anna")
+    assert (await v.call("call:start", {}, "/visitor"))["ok"]
