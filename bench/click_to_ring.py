@@ -59,6 +59,9 @@ from bench.harness import (
 from gateway.gc_pacer import CollectorPacer
 
 FINAL = frozenset({"completed", "failed", "canceled"})
+# A visitor whose start was shed presses again no sooner than this: a visitor socket may
+# send 5 events a second (the gateway's per-socket limit).
+MIN_PRESS_GAP_S = 0.25
 
 
 class AckSocketIO(RawSocketIO):
@@ -431,7 +434,7 @@ class Driver:
             for _ in range(min(total - issued, per_tick)):
                 issued += 1
                 now = time.perf_counter()
-                if self.ready:
+                if self.ready and now - self.ready[0].sent_at >= MIN_PRESS_GAP_S:
                     v = self.ready.popleft()
                 elif self.free and self.free[0].next_ok <= now:
                     v = self.free.popleft()

@@ -17,9 +17,11 @@ Targets: 0 double bookings at every rate; the accepted starts' p99 at most 50 ms
 (the rest shed at once); at 200 a second, p99 at most 25 ms.
 
 A visitor may start 5 calls a minute; a shed start does not count, so a visitor whose start
-was shed presses again at once. The pool holds ``--visitors`` sockets (default: enough for
-the first rate's ``rate * reuse_s``, at most 4,000); a start due when no visitor may press
-is counted as skipped.
+was shed presses again in turn (no sooner than 0.25 s later: a socket may send 5 events a
+second). A visitor whose start was accepted waits ``--reuse-s`` (15 s), so the pool of
+``--visitors`` sockets (6,000) must hold the calls accepted in 15 s (about 4,500 at the
+nodes' capacity) and enough more to press at the offered rate; a start due when no visitor
+may press is counted as skipped.
 
     .venv/bin/python bench/overload.py --out bench/results/overload.json
 
@@ -93,7 +95,7 @@ async def measure(
     driver = Driver(args, nodes)
     rates: list[dict[str, Any]] = []
     try:
-        pool = args.visitors or min(4_000, math.ceil(args.rates[0] * args.reuse_s))
+        pool = args.visitors
         await driver.connect(pool)
         for i, rate in enumerate(args.rates):
             if i:
@@ -151,7 +153,7 @@ def main() -> None:
     )
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of calling a rate")
     parser.add_argument("--pause-s", type=float, default=5.0, help="quiet between rates")
-    parser.add_argument("--visitors", type=int, default=0, help="visitor sockets (0: auto)")
+    parser.add_argument("--visitors", type=int, default=6_000, help="visitor sockets")
     common_args(parser)
     args = parser.parse_args()
     write_json(args.out, asyncio.run(run(args)))
