@@ -25,7 +25,7 @@ may press is counted as skipped.
 
     .venv/bin/python bench/overload.py --out bench/results/overload.json
 
-A quick check (10 s a rate): ``--agents 2000 --duration 10``.
+A quick check (10 s a rate): ``--agents 2000 --visitors 4000 --duration 10``.
 """
 
 from __future__ import annotations
