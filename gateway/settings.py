@@ -150,6 +150,21 @@ def _positive(table: Mapping[str, Any], key: str, path: str, kind: type, default
     return value
 
 
+def _env_number(
+    table: Mapping[str, Any], env: Mapping[str, str], key: str, name: str
+) -> Mapping[str, Any]:
+    """``table`` with ``key`` taken from ``MEMBRANE_{name}`` when that is set (a number; else
+    the value stays a string and fails as the key's)."""
+    raw = env.get(f"{ENV_PREFIX}{name}")
+    if raw is None:
+        return table
+    try:
+        value: Any = float(raw)
+    except ValueError:
+        value = raw
+    return {**table, key: value}
+
+
 def _table(table: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
     """A sub-table (absent: empty); anything else names the key."""
     value = table.get(key, {})
@@ -554,7 +569,14 @@ def load_settings(
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
         admission=AdmissionLimits(
-            max_loop_lag_s=_positive(server, "max_loop_lag_ms", p, float, 10.0) / 1000,
+            max_loop_lag_s=_positive(
+                _env_number(server, env, "max_loop_lag_ms", "MAX_LOOP_LAG_MS"),
+                "max_loop_lag_ms",
+                p,
+                float,
+                10.0,
+            )
+            / 1000,
             max_starts_in_flight=_positive(server, "max_starting_calls", p, int, 12),
         ),
         auth=_auth(_table(raw, "auth", ""), env, base),

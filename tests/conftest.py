@@ -226,6 +226,8 @@ async def node_process(
     port = free_port()
     environment = {
         **os.environ,
+        # The machine running the tests is shared: let a moment without CPU not shed starts.
+        "MEMBRANE_MAX_LOOP_LAG_MS": "500",
         "MEMBRANE_JWT_SECRET": settings.auth.secret,
         "MEMBRANE_JWT_ISSUER": settings.auth.issuer,
         **(env or {}),

@@ -476,6 +476,7 @@ BAD: list[tuple[str, tuple[tuple[Path_, Any], ...], str]] = [
     ("max body zero", ((("server",), {"max_body_bytes": 0}),), "server.max_body_bytes"),
     ("max body negative", ((("server",), {"max_body_bytes": -1}),), "server.max_body_bytes"),
     ("loop lag zero", ((("server",), {"max_loop_lag_ms": 0}),), "server.max_loop_lag_ms"),
+    ("loop lag negative", ((("server",), {"max_loop_lag_ms": -5}),), "server.max_loop_lag_ms"),
     ("loop lag a string", ((("server",), {"max_loop_lag_ms": "15"}),), "server.max_loop_lag_ms"),
     (
         "starting calls a float",
@@ -620,6 +621,19 @@ def test_closing_hour_past_24_00_refused(tmp_path: Path, span: str) -> None:
 def test_env_port_not_a_number(tmp_path: Path) -> None:
     error = config_error(tmp_path, BASE, env={"MEMBRANE_PORT": "80a"})
     assert "PORT" in error.key.upper()
+
+
+def test_the_loop_lag_limit_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    doc = changed(BASE, (("server",), {"max_loop_lag_ms": 25, "max_starting_calls": 4}))
+    from_file = load(tmp_path, doc).admission
+    assert (from_file.max_loop_lag_s, from_file.max_starts_in_flight) == (0.025, 4)
+    assert load(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "7.5"}).admission == replace(
+        from_file, max_loop_lag_s=0.0075
+    )
+    error = config_error(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "fast"})
+    assert error.key == "server.max_loop_lag_ms"
+    error = config_error(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "0"})
+    assert error.key == "server.max_loop_lag_ms"
 
 
 def test_agent_branch_a_list(tmp_path: Path) -> None:
