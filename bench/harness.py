@@ -303,6 +303,21 @@ async def gc_pauses(http: aiohttp.ClientSession, url: str) -> GcPauses:
     return out
 
 
+async def counter_values(http: aiohttp.ClientSession, url: str, name: str) -> dict[str, float]:
+    """A node's counter ``name`` (without ``_total``) from ``/metrics``, by its one label's
+    value (``""`` when it has none)."""
+    async with http.get(f"{url}/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(f"{name}_total"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        labels = re.findall(r'="([^"]*)"', series)
+        out[labels[0] if labels else ""] = float(value)
+    return out
+
+
 def gc_pause_report(before: GcPauses, after: GcPauses) -> dict[str, dict[str, float]]:
     """Pauses between two ``gc_pauses`` readings, by generation: how many, their total in
     ms, and how many lasted over 10, 50 and 100 ms."""

@@ -19,11 +19,12 @@ from gateway.codec import Json
 from gateway.drain import Drain
 from gateway.events import EventRouter
 from gateway.http_api import error_middleware
+from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.ringing import RING_EVENT, RING_OVER_EVENT
 from gateway.settings import Settings
-from gateway.sio_manager import ObservedRedisManager
+from gateway.sio_manager import LocalManager, ObservedRedisManager, RingDelivery
 from gateway.sockets import (
     AgentNamespace,
     BoardNamespace,
@@ -111,12 +112,15 @@ def create_app(
 
     presence.add_listener(count_presence_change)
 
+    rings = RingDelivery(metrics)
     manager = (
-        ObservedRedisManager(settings.redis_url, channel="m:sio") if settings.redis_url else None
+        ObservedRedisManager(settings.redis_url, channel="m:sio", rings=rings)
+        if settings.redis_url
+        else None
     )
     sio = MembraneServer(
         async_mode="aiohttp",
-        client_manager=manager,
+        client_manager=manager or LocalManager(rings),
         cors_allowed_origins=allowed_origins(settings),
         # WebSocket only, as every shipped client connects: long-polling adds per-session
         # HTTP bodies, queues and timers for no client, and a GET asking for it gets a 400.
@@ -175,7 +179,14 @@ def create_app(
     callbacks.telephony = phones
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, calls, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
-    sio.register_namespace(VisitorNamespace(tokens, metrics, presence, calls))
+    load = LoadMonitor(gauge=metrics.loop_lag)
+    if manager is not None:
+        load.emit_backlog = lambda: manager.backlog
+    if isinstance(store, RedisStore):
+        load.store_in_flight = lambda: store.in_flight + (manager.publishing if manager else 0)
+    sio.register_namespace(
+        VisitorNamespace(tokens, metrics, presence, calls, load, settings.admission)
+    )
     sio.attach(app)
     drain = Drain(settings.drain_grace_s)
     sio.drain = drain
@@ -228,7 +239,9 @@ def create_app(
         if manager is not None:
             sio.manager_initialized = True
             manager.initialize()
+        load.start()
         yield
+        load.stop()
         await sio.eio.tasks.close()
         if manager is not None:
             await manager.close()

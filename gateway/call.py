@@ -172,9 +172,22 @@ def ring(
     )
 
 
+def ring_over(call: Call, agent_id: str, now: float) -> bool:
+    """The call rang ``agent_id`` and that ring has run out, though its timer may not have
+    fired yet: too late to answer."""
+    return (
+        call.state is CallState.RINGING
+        and call.agent_id == agent_id
+        and call.ring_expires_at is not None
+        and now >= call.ring_expires_at
+    )
+
+
 def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
     if call.state is not CallState.RINGING or call.agent_id != agent_id:
         raise CallError("not_ringing", "this call is not ringing for you")
+    if ring_over(call, agent_id, now):
+        raise CallError("ring_expired", "this ring has ended")
     if call.channel is CallChannel.CALLBACK:
         # Agent first: only now that someone is ready is the visitor's phone called.
         return start_dial(replace(call, agent_sid=agent_sid), now)

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from gateway import call as calls
 from gateway.call import Call, CallChannel, CallError, CallRequest, CallState
-from gateway.codec import Json, call_from_record, call_to_record, iso
+from gateway.codec import Json, call_from_record, call_to_record, iso, ring_validity
 from gateway.errors import ApiError, forbidden, not_found
 from gateway.model import PresenceRecord, Site
 from gateway.presence_service import PresenceService, socket_device_id
@@ -91,6 +91,10 @@ class CallNotifier(Protocol):
 
     async def ring_stop(self, call: Call, agent_id: str, reason: str) -> None: ...
 
+    async def sent(self) -> None:
+        """Returns once everything notified so far is on its way to every node: an agent
+        released after it has heard her ring or call end before any new ring."""
+
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None: ...
 
     async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
@@ -118,6 +122,7 @@ def ring_payload(
         "visitor": visitor,
         "expires_at": iso(ringing.ring_expires_at),
         "reasons": list(reasons),
+        **ring_validity(ringing),
     }
     if ringing.channel is CallChannel.CALLBACK:
         visitor.update(returning=False, phone=ringing.phone)
@@ -292,10 +297,18 @@ class CallService:
 
     async def accept(self, site_id: str, agent_id: str, agent_sid: str, call_id: str) -> Call:
         seen = self._own(await self.get(call_id), site_id)
+        now = self._clock()
+        if seen.state is not CallState.RINGING or seen.agent_id != agent_id:
+            raise ApiError(409, "not_ringing", "this call is not ringing for you")
+        if calls.ring_over(seen, agent_id, now):
+            # Answered after its end (it reached the agent late, or the timer runs behind):
+            # end the ring now rather than when the timer gets to it.
+            await self.on_ring_timeout(call_id, seen.attempt)
+            raise ApiError(409, "ring_expired", "this ring has ended")
         # The agent must still be reserved for this call: a ring answered after its
         # reservation lapsed (a node far behind) may have been given to another call.
         if not await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S):
-            raise ApiError(409, "not_ringing", "this ring has expired")
+            raise ApiError(409, "ring_expired", "this ring has ended")
         try:
             _, call = await self.update(
                 call_id, lambda c: calls.accept(c, agent_id, agent_sid, self._clock()), seen
@@ -506,12 +519,15 @@ class CallService:
 
     async def _after_ring(self, before: Call, call: Call, agent_id: str, reason: str) -> None:
         self.ringing.end(call.site, agent_id, call.call_id)
+        # The agent's sockets are told the ring is over before she is released: a new ring,
+        # which needs her reservation, then reaches every node after the stop, never before.
+        await self._notify.ring_stop(call, agent_id, reason)
+        await self._notify.call_update(call)
+        await self._notify.sent()
         # The reservation is gone before other nodes hear the ring is, and route to her.
         await self._store.release_agent(call.site, agent_id, call.call_id)
         await self._store.publish(ring_over_event(call.site, agent_id, call.call_id))
         await self._store.finish_timer(ring_timer_id(before))
-        await self._notify.ring_stop(call, agent_id, reason)
-        await self._notify.call_update(call)
 
     async def _next(self, call: Call) -> Call:
         """After a decline or a ring timeout: ring the next agent (a browser call) or go back
@@ -549,9 +565,13 @@ class CallService:
                 )
                 return call
             if before.state is CallState.CONNECTED:
+                # As for a ring: the agent hears the call ended before anyone may ring her.
+                await self._notify.call_update(call)
+                await self._notify.sent()
                 await self._store.release_agent(call.site, before.agent_id, call.call_id)
                 await self._presence.set_active_call(call.site, before.agent_id, None)
                 await self._store.record_served(call.site, call.visitor_id, before.agent_id)
+                return call
         await self._notify.call_update(call)
         return call
 

@@ -158,8 +158,8 @@ def ok(**fields: Any) -> Json:
     return {"ok": True, **fields}
 
 
-def error_ack(code: str, message: str) -> Json:
-    return {"ok": False, "error": {"code": code, "message": message}}
+def error_ack(code: str, message: str, **extra: Any) -> Json:
+    return {"ok": False, "error": {"code": code, "message": message, **extra}}
 
 
 # --- visitor sessions ----------------------------------------------------------------------
@@ -204,6 +204,13 @@ def session_to_wire(
 
 
 # --- calls ---------------------------------------------------------------------------------
+
+
+def ring_validity(call: Call) -> Json:
+    """What every ``call:ring`` carries to be checked on its way: which ring of the call it
+    is, and when it ends (ms since the epoch)."""
+    assert call.ring_expires_at is not None
+    return {"attempt": call.attempt, "ring_expires_at": round(call.ring_expires_at * 1000)}
 
 
 def call_to_wire(

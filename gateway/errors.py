@@ -9,7 +9,12 @@ class ApiError(Exception):
     """A refusal the client caused; never a server fault."""
 
     def __init__(
-        self, status: int, code: str, message: str, retry_after_s: int | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after_s: int | None = None,
+        **extra: Any,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -17,9 +22,11 @@ class ApiError(Exception):
         self.message = message
         self.retry_after_s = retry_after_s
         """Sent as ``Retry-After`` on REST answers."""
+        self.extra = extra
+        """More fields of the error object, e.g. ``retry_after_ms``."""
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message}}
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
 
 
 def invalid_payload(message: str) -> ApiError:
@@ -48,3 +55,12 @@ def store_unavailable(message: str = "the store is unreachable; try again") -> A
 
 def draining(retry_after_s: int) -> ApiError:
     return ApiError(503, "draining", "this node is shutting down; retry (elsewhere)", retry_after_s)
+
+
+def overloaded(retry_after_ms: int) -> ApiError:
+    return ApiError(
+        503,
+        "overloaded",
+        "the gateway is busy; try again in a moment",
+        retry_after_ms=retry_after_ms,
+    )

@@ -74,6 +74,24 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.starts_shed = Counter(
+            "membrane_starts_shed_total",
+            "Call starts refused as overloaded, by the signal past its limit.",
+            ["signal"],
+            registry=self.registry,
+        )
+        self.loop_lag = Gauge(
+            "membrane_event_loop_lag_seconds",
+            "How late the node's event loop runs a timer (smoothed; admission control).",
+            registry=self.registry,
+        )
+        self.rings_dropped = Counter(
+            "membrane_rings_dropped_total",
+            "Rings not delivered to an agent's socket: expired on the way, or already over.",
+            ["reason"],
+            registry=self.registry,
+        )
+
     def observe_gc(self, generation: int, pause_s: float, collected: int) -> None:
         self.gc_pauses.labels(str(generation)).observe(pause_s)
         if collected:

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
+from gateway.admission import AdmissionLimits
 from gateway.codec import ID_PATTERN
 from gateway.model import Agent, Branch, CallbackPolicy, OpeningSpan, Role, Site
 
@@ -125,6 +126,9 @@ class Settings:
     drain_grace_s: float = 10.0
     """On SIGTERM the node drains (unready, refuses new work, sends its sockets elsewhere,
     hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    """When new calls are shed as ``overloaded`` (``server.max_loop_lag_ms``,
+    ``server.max_starting_calls``; docs/ARCHITECTURE.md, "Load shedding")."""
     auth: AuthSettings = field(default_factory=AuthSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
@@ -147,6 +151,21 @@ def _positive(table: Mapping[str, Any], key: str, path: str, kind: type, default
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{path}{key}", f"must be greater than 0, got {value!r}")
     return value
+
+
+def _env_number(
+    table: Mapping[str, Any], env: Mapping[str, str], key: str, name: str
+) -> Mapping[str, Any]:
+    """``table`` with ``key`` taken from ``MEMBRANE_{name}`` when that is set (a number; else
+    the value stays a string and fails as the key's)."""
+    raw = env.get(f"{ENV_PREFIX}{name}")
+    if raw is None:
+        return table
+    try:
+        value: Any = float(raw)
+    except ValueError:
+        value = raw
+    return {**table, key: value}
 
 
 def _table(table: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
@@ -571,6 +590,17 @@ def load_settings(
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
         drain_grace_s=_drain_grace(server, env),
+        admission=AdmissionLimits(
+            max_loop_lag_s=_positive(
+                _env_number(server, env, "max_loop_lag_ms", "MAX_LOOP_LAG_MS"),
+                "max_loop_lag_ms",
+                p,
+                float,
+                10.0,
+            )
+            / 1000,
+            max_starts_in_flight=_positive(server, "max_starting_calls", p, int, 12),
+        ),
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
         webrtc=webrtc,

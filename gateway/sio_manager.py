@@ -1,5 +1,6 @@
-"""python-socketio's Redis client manager, made observable: ``/readyz`` must say when the
-node stopped hearing other nodes' emits, which the stock manager only logs."""
+"""python-socketio's client managers: the Redis one made observable (``/readyz`` must say
+when the node stopped hearing other nodes' emits, which the stock manager only logs), and
+both passing rings through a ``RingGate`` as they reach this node's agent sockets."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 import socketio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.metrics import Metrics
+from gateway.ringing import Offer, RingGate
 from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.store.redis import PING_INTERVAL_S
 from gateway.store.redis_lane import RedisLane, RedisSubscription
@@ -36,9 +39,91 @@ def _lost(
     arrived.set()
 
 
+RING = "call:ring"
+RING_STOP = "call:ring_stop"
+AGENT_NAMESPACE = "/agent"
+
+Emit = tuple[str, Any]
+
+
+class RingDelivery:
+    """Applies gateway.ringing's ``RingGate`` to the ``call:ring`` and ``call:ring_stop``
+    emits that reach this node's agent sockets, from this node or another: at the moment
+    they are handed to the sockets, not when they were sent."""
+
+    def __init__(
+        self, metrics: Metrics | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.gate = RingGate()
+        self._metrics = metrics
+        self._clock = clock
+
+    def applies(self, event: str, namespace: str | None) -> bool:
+        return namespace == AGENT_NAMESPACE and event in (RING, RING_STOP)
+
+    def admit(self, event: str, payload: Any, room: str | None) -> list[Emit]:
+        """What to send the room instead of ``event``: nothing, the event, or a stop of an
+        older ring and then the event. Payloads not in Membrane's shape pass unchanged."""
+        if room is None or not isinstance(payload, dict):
+            return [(event, payload)]
+        call_id = payload.get("call_id")
+        now = self._clock()
+        if event == RING_STOP:
+            if isinstance(call_id, str):
+                attempt = payload.get("attempt")
+                self.gate.ring_stop(
+                    room, call_id, attempt if isinstance(attempt, int) else None, now
+                )
+            return [(event, payload)]
+        expires_ms = payload.get("ring_expires_at")
+        if not isinstance(call_id, str) or not isinstance(expires_ms, int | float):
+            return [(event, payload)]
+        offer = Offer(call_id, int(payload.get("attempt") or 0), expires_ms / 1000)
+        delivery = self.gate.ring(room, offer, now)
+        if not delivery.deliver:
+            if self._metrics is not None:
+                self._metrics.rings_dropped.labels(delivery.dropped or "?").inc()
+            return []
+        if delivery.stop_first is None:
+            return [(event, payload)]
+        older = delivery.stop_first
+        stop = {"call_id": older.call_id, "attempt": older.attempt, "reason": "superseded"}
+        return [(RING_STOP, stop), (event, payload)]
+
+
+class LocalManager(socketio.AsyncManager):  # type: ignore[misc]
+    """The manager of a node without Redis: every emit is delivered here, rings through
+    the gate."""
+
+    def __init__(self, rings: RingDelivery) -> None:
+        super().__init__()
+        self.rings = rings
+
+    async def emit(
+        self,
+        event: str,
+        data: Any,
+        namespace: str,
+        room: str | None = None,
+        skip_sid: Any = None,
+        callback: Any = None,
+        to: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        room = to or room
+        if callback is not None or not self.rings.applies(event, namespace):
+            return await super().emit(
+                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs
+            )
+        for gated_event, payload in self.rings.admit(event, data, room):
+            await super().emit(gated_event, payload, namespace, room=room, skip_sid=skip_sid)
+        return None
+
+
 class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
-    def __init__(self, url: str, channel: str) -> None:
+    def __init__(self, url: str, channel: str, rings: RingDelivery | None = None) -> None:
         super().__init__(url=url, channel=channel)
+        self.rings = rings or RingDelivery()
         self.listening = False
         self.last_error = ""
         self.on_rejoin: Callable[[float], Awaitable[None]] | None = None
@@ -47,6 +132,46 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         # Emits are published over a pipelined connection of their own (see
         # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
         self._lane = RedisLane(url)
+        self._inbox: collections.deque[str | None] = collections.deque()
+
+    @property
+    def backlog(self) -> int:
+        """Other nodes' messages received and not yet delivered here (a batch counts once)."""
+        return len(self._inbox)
+
+    @property
+    def publishing(self) -> int:
+        """Emits handed to Redis and not confirmed yet."""
+        return self._lane.in_flight
+
+    async def sent(self) -> None:
+        """Returns once Redis has taken every emit published so far: whatever this node
+        does next (releasing an agent) happens after other nodes were sent them. If Redis
+        does not answer, returns anyway: what follows must still happen (the emits that
+        failed are logged), and the ring gate on the agent's node still keeps her rings
+        apart."""
+        try:
+            await self._lane.execute("PING")
+        except Exception as exc:
+            self._get_logger().warning("could not confirm emits were published: %r", exc)
+
+    async def _handle_emit(self, message: dict[str, Any]) -> None:
+        """An emit reaching this node's sockets (its own or another node's), rings gated."""
+        event, namespace, data = message.get("event"), message.get("namespace"), message["data"]
+        if (
+            not isinstance(event, str)
+            or not self.rings.applies(event, namespace)
+            or not isinstance(data, list)
+            or len(data) != 1
+        ):
+            await super()._handle_emit(message)
+            return
+        for gated_event, payload in self.rings.admit(event, data[0], message.get("room")):
+            await super()._handle_emit(message | {"event": gated_event, "data": [payload]})
+
+    async def deliver_here(self, event: str, data: Any, namespace: str, room: str) -> None:
+        """An emit for this node's sockets only (rings gated), published to no other node."""
+        await self._handle_emit(self._emit_message(event, data, namespace, room))
 
     async def emit_batch(self, emits: list[tuple[str, Any, str, str]]) -> None:
         """Several ``(event, data, namespace, room)`` emits, delivered here, and to the other
@@ -140,6 +265,7 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         deaf_since: float | None = None
         while True:
             inbox: collections.deque[str | None] = collections.deque()
+            self._inbox = inbox
             arrived = asyncio.Event()
             # Bound now, to this subscription's own inbox: a closure over the loop's
             # variables would let each closing subscription wake the next one with its

@@ -24,6 +24,7 @@ import engineio.packet
 import socketio
 from aiohttp import web
 
+from gateway.admission import AdmissionLimits, admit_start
 from gateway.auth import (
     AGENT_ROLES,
     SUPERVISOR_ROLES,
@@ -47,8 +48,9 @@ from gateway.codec import (
     signal_from_wire,
 )
 from gateway.drain import RETRY_AFTER_S, Drain
-from gateway.errors import ApiError, forbidden, invalid_payload
+from gateway.errors import ApiError, forbidden, invalid_payload, overloaded
 from gateway.ice import ice_servers
+from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.model import DeviceKind, DeviceState, Role, Site
 from gateway.presence_service import PresenceChange, PresenceService, socket_device_id
@@ -630,16 +632,18 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 raise ApiError(400, "unknown_event", f"unknown event {event!r}")
             return await handler(sid, payload)
         except ApiError as e:
-            return await self._refuse(sid, e.code, e.message)
+            return await self._refuse(sid, e.code, e.message, e.extra)
         except UNAVAILABLE_ERRORS:
             return await self._refuse(sid, "store_unavailable", "the store is unreachable; retry")
         except Exception:
             log.exception("handler for %s failed", event)
             return await self._refuse(sid, "internal", "the gateway failed; try again")
 
-    async def _refuse(self, sid: str, code: str, message: str) -> Json | None:
+    async def _refuse(
+        self, sid: str, code: str, message: str, extra: Mapping[str, Any] | None = None
+    ) -> Json | None:
         self.metrics.errors.labels(code).inc()
-        body = error_ack(code, message)
+        body = error_ack(code, message, **(extra or {}))
         if _ack_requested.get():
             return body
         await self.emit("error", body["error"], to=sid)
@@ -851,18 +855,22 @@ class VisitorNamespace(BaseNamespace):
 
     roles = VISITOR_ROLES
     rate = (5.0, 10.0)
-    # Calls being started at once on this node. Past it a start is refused at once
-    # (503 overloaded) rather than queued: piling up handlers exhausts Redis connections and
-    # starves the node's own lease renewal, which would take every agent on it offline.
-    max_starting = 64
 
     def __init__(
-        self, tokens: TokenService, metrics: Metrics, presence: PresenceService, calls: CallService
+        self,
+        tokens: TokenService,
+        metrics: Metrics,
+        presence: PresenceService,
+        calls: CallService,
+        load: LoadMonitor,
+        limits: AdmissionLimits,
     ) -> None:
         super().__init__("/visitor", tokens, metrics)
         self.presence = presence
         self.calls = calls
-        self.starting = 0
+        self.load = load
+        self.limits = limits
+        """When a start is refused as ``overloaded`` (gateway.admission)."""
         self.events = {
             "call:start": self.call_start,
             "call:cancel": self.call_cancel,
@@ -894,13 +902,17 @@ class VisitorNamespace(BaseNamespace):
         session = self.sessions[sid]
         claims = session.claims
         request = call_request_from_wire(payload)
-        if self.starting >= self.max_starting:
-            raise ApiError(503, "overloaded", "the gateway is busy; try again in a moment")
-        self.starting += 1
+        # Refused at once rather than queued: a start queued behind others would ring late,
+        # and piled-up handlers starve the node's own lease renewal (gateway.admission).
+        admission = admit_start(self.load.sample(), self.limits)
+        if not admission.admit:
+            self.metrics.starts_shed.labels(admission.signal).inc()
+            raise overloaded(admission.retry_after_ms)
+        self.load.starts_in_flight += 1
         try:
             call = await self.calls.start(claims.site, claims.sub, sid, request)
         finally:
-            self.starting -= 1
+            self.load.starts_in_flight -= 1
         session.calls = {call.call_id}
         return ok(call=call_to_wire(call, self.presence.site(claims.site)))
 
@@ -922,9 +934,15 @@ class SocketCallNotifier:
     """Delivers call events to the parties' sockets on whichever node they are connected:
     socket.io's Redis manager carries each emit to the other nodes."""
 
-    def __init__(self, server: socketio.AsyncServer, sites: Mapping[str, Site]) -> None:
+    def __init__(
+        self,
+        server: socketio.AsyncServer,
+        sites: Mapping[str, Site],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.server = server
         self.sites = sites
+        self.clock = clock
 
     async def call_update(self, call: Call, former_agent: str | None = None) -> None:
         site = self.sites[call.site]
@@ -950,15 +968,20 @@ class SocketCallNotifier:
             await self.server.emit(event, data, to=room, namespace=namespace)
 
     async def ring(self, call: Call, payload: Json) -> None:
-        assert call.agent_id is not None
+        assert call.agent_id is not None and call.ring_expires_at is not None
+        if self.clock() >= call.ring_expires_at:
+            return  # over before it could be sent (a node far behind): its timer ends it
         await self.server.emit(
-            "call:ring", payload, to=agent_room(call.site, call.agent_id), namespace="/agent"
+            "call:ring",
+            payload,
+            to=agent_room(call.site, call.agent_id),
+            namespace="/agent",
         )
 
     async def ring_stop(self, call: Call, agent_id: str, reason: str) -> None:
         await self.server.emit(
             "call:ring_stop",
-            {"call_id": call.call_id, "reason": reason},
+            {"call_id": call.call_id, "attempt": call.attempt, "reason": reason},
             to=agent_room(call.site, agent_id),
             namespace="/agent",
         )
@@ -969,7 +992,7 @@ class SocketCallNotifier:
         emits: list[tuple[str, Json, str, str]] = [
             (
                 "call:ring_stop",
-                {"call_id": call.call_id, "reason": reason},
+                {"call_id": call.call_id, "attempt": call.attempt, "reason": reason},
                 "/agent",
                 agent_room(call.site, agent_id),
             )
@@ -988,9 +1011,19 @@ class SocketCallNotifier:
         if call.agent_id is not None:
             emits.append(("call:update", internal, "/agent", agent_room(call.site, call.agent_id)))
         emits.append(("call:update", internal, "/board", site_room(call.site)))
+        manager = self.server.manager
         for event, data, namespace, room in emits:
-            # Each node replays to its own sockets: published, every node's would get it.
-            await self.server.emit(event, data, to=room, namespace=namespace, ignore_queue=True)
+            # Each node replays to its own sockets (published, every node's would get it),
+            # rings through the ring gate as any other.
+            if isinstance(manager, ObservedRedisManager):
+                await manager.deliver_here(event, data, namespace, room)
+            else:
+                await self.server.emit(event, data, to=room, namespace=namespace)
+
+    async def sent(self) -> None:
+        manager = self.server.manager
+        if isinstance(manager, ObservedRedisManager):
+            await manager.sent()
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
         if to_agent:

@@ -218,7 +218,7 @@ async def test_a_ringing_call_on_a_draining_node_still_rings_and_times_out(
             failed = await visitor_b.next("call:update", state_is("failed"), ring_timeout_s + 5)
             assert failed["reason"] == "no_agent_answered"
             stop = await agent_b.next("call:ring_stop")
-            assert stop == {"call_id": call_id, "reason": "no_answer"}
+            assert stop == {"call_id": call_id, "attempt": 1, "reason": "no_answer"}
         await asyncio.wait_for(proc.wait(), GRACE_S + EXIT_MARGIN_S)
         assert proc.returncode == 0
     call = await stored_call(redis_url, call_id)

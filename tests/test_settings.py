@@ -23,6 +23,7 @@ from typing import Any
 import jwt
 import pytest
 
+from gateway.admission import AdmissionLimits
 from gateway.auth import AUDIENCE, TokenService
 from gateway.errors import ApiError
 from gateway.model import CallbackPolicy, OpeningSpan, Role
@@ -130,6 +131,7 @@ def test_demo_config_loads() -> None:
     assert len(settings.node_id) == 8 and int(settings.node_id, 16) >= 0
     assert settings.max_body_bytes == 64 * 1024
     assert settings.drain_grace_s == 10.0
+    assert settings.admission == AdmissionLimits(max_loop_lag_s=0.010, max_starts_in_flight=12)
     assert settings.auth == AuthSettings(issuer="membrane-demo", algorithm="HS256", secret="")
     assert settings.presence == PresenceSettings(60.0, 15.0, 0.25)
 
@@ -478,6 +480,14 @@ BAD: list[tuple[str, tuple[tuple[Path_, Any], ...], str]] = [
     ("drain grace too short", ((("server",), {"drain_grace_s": 0.5}),), "server.drain_grace_s"),
     ("drain grace too long", ((("server",), {"drain_grace_s": 301}),), "server.drain_grace_s"),
     ("drain grace nan", ((("server",), {"drain_grace_s": float("nan")}),), "server.drain_grace_s"),
+    ("loop lag zero", ((("server",), {"max_loop_lag_ms": 0}),), "server.max_loop_lag_ms"),
+    ("loop lag negative", ((("server",), {"max_loop_lag_ms": -5}),), "server.max_loop_lag_ms"),
+    ("loop lag a string", ((("server",), {"max_loop_lag_ms": "15"}),), "server.max_loop_lag_ms"),
+    (
+        "starting calls a float",
+        ((("server",), {"max_starting_calls": 1.5}),),
+        "server.max_starting_calls",
+    ),
     # minor ones
     ("latitude a bool", (((*B, 0, "lat"), True),), "sites[0].branches[0].lat"),
     ("longitude a bool", (((*B, 0, "lon"), False),), "sites[0].branches[0].lon"),
@@ -625,6 +635,19 @@ def test_drain_grace_from_the_file_or_the_environment(tmp_path: Path) -> None:
     for bad in ("ten", "0", "inf", ""):
         error = config_error(tmp_path, BASE, env={"MEMBRANE_DRAIN_GRACE_S": bad})
         assert error.key == "server.drain_grace_s"
+
+
+def test_the_loop_lag_limit_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    doc = changed(BASE, (("server",), {"max_loop_lag_ms": 25, "max_starting_calls": 4}))
+    from_file = load(tmp_path, doc).admission
+    assert (from_file.max_loop_lag_s, from_file.max_starts_in_flight) == (0.025, 4)
+    assert load(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "7.5"}).admission == replace(
+        from_file, max_loop_lag_s=0.0075
+    )
+    error = config_error(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "fast"})
+    assert error.key == "server.max_loop_lag_ms"
+    error = config_error(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "0"})
+    assert error.key == "server.max_loop_lag_ms"
 
 
 def test_agent_branch_a_list(tmp_path: Path) -> None:

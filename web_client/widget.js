@@ -48,6 +48,7 @@
     too_many_numbers: "You've asked us to call several numbers. Please try again later.",
     ip_rate_limited: "Too many callback requests. Please try again later.",
     site_rate_limited: "We're very busy right now. Please try again later.",
+    overloaded: "We're very busy right now. Please try again in a moment.",
     callback_in_progress: "You already have a callback booked.",
     number_has_callback: "That number already has a callback booked.",
     quiet_hours: "That's night time where your phone is. Please pick another time.",
@@ -450,7 +451,7 @@ li{margin:2px 0}
         const language = callLanguage();
         if (language) payload.language = language;
         if (cfg.branch) payload.branch = cfg.branch;
-        s.timeout(15000).emit("call:start", payload, (err, res) => {
+        const send = (tries) => s.timeout(15000).emit("call:start", payload, (err, res) => {
           // A final call:update can come before this ack: the call is over and endCall()
           // closed the socket, which fails this ack with "socket has been disconnected".
           if (attempt !== calling) return;
@@ -458,12 +459,21 @@ li{margin:2px 0}
           if (err && call && !isFinal(call)) return;
           if (err) return callError({ code: "network" });
           if (res && res.ok) return applyCall(res.call);
-          if (res && res.error && res.error.code === "draining") { // start it on another node
+          const e = res && res.error;
+          if (e && e.code === "draining") { // start it on another node
             started = false;
             return reconnectElsewhere(s);
           }
-          callError(res && res.error);
+          // A busy gateway sheds starts at once and says when to come back: try again a
+          // few times, a little later than asked so that visitors do not come back together.
+          if (e && e.code === "overloaded" && tries < 3) {
+            say("Connecting…");
+            const wait = (Number(e.retry_after_ms) || 1000) * (1 + Math.random() * 0.5);
+            return setTimeout(() => { if (attempt === calling) send(tries + 1); }, wait);
+          }
+          callError(e, e && e.code === "overloaded");
         });
+        send(0);
       });
       // The node is shutting down and closes this connection next; socket.io reconnects by
       // itself (to the same URL: behind a load balancer, another node), and the call, whose

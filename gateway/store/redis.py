@@ -329,6 +329,11 @@ class RedisStore:
                 self._url,
             )
 
+    @property
+    def in_flight(self) -> int:
+        """Commands on the hot-path connection not answered yet (admission control)."""
+        return self._lane.in_flight
+
     async def close(self) -> None:
         await self._tasks.close()
         await self._lane.close()

@@ -188,6 +188,12 @@ class RedisLane:
             self._watchdog = loop.call_later(self._timeout_s, self._watch)
         return waiter
 
+    @property
+    def in_flight(self) -> int:
+        """Commands sent and not answered yet: how far behind Redis (or this node's reading
+        of its replies) is."""
+        return len(self._waiters)
+
     def send(self, *args: str | bytes | int | float) -> asyncio.Future[Any] | None:
         """Queue a command without waiting: its reply's future, or None while not connected
         (``execute`` connects)."""

@@ -20,6 +20,7 @@
   let presence = null;
   let presenceSeen = false; // a presence:update arrived since connecting
   const rings = new Map(); // call_id -> {data, el, timer}
+  const stopped = new Map(); // call_id -> last attempt whose ring ended (a late ring of it is ignored)
   const early = new Map(); // call_id -> rtc:signal that came before our accept was acknowledged
   let current = null; // {id, ring, call, pc, mic, media, signals, connectedAt}
 
@@ -225,7 +226,14 @@
       renderPresence(p);
     });
     s.on("call:ring", addRing);
-    s.on("call:ring_stop", (m) => m && removeRing(m.call_id, m.reason));
+    s.on("call:ring_stop", (m) => {
+      if (!m) return;
+      const entry = rings.get(m.call_id);
+      const attempt = m.attempt ?? (entry ? entry.data.attempt : 0) ?? 0;
+      stopped.set(m.call_id, Math.max(attempt, stopped.get(m.call_id) ?? 0));
+      if (stopped.size > 200) stopped.delete(stopped.keys().next().value);
+      removeRing(m.call_id, m.reason);
+    });
     s.on("call:update", onCallUpdate);
     s.on("rtc:signal", onSignal);
     s.on("error", (e) => showError(e));
@@ -347,6 +355,12 @@
   // ---- ringing ------------------------------------------------------------------------------
   function addRing(r) {
     if (!r || !r.call_id || rings.has(r.call_id)) return;
+    // A ring that arrives after its end, or after its stop, is over: it is never shown.
+    if (typeof r.ring_expires_at === "number" && Date.now() >= r.ring_expires_at) return;
+    if (stopped.has(r.call_id) && (r.attempt ?? 0) <= stopped.get(r.call_id)) return;
+    // One call offered at a time: the gateway rings an agent again only once her last ring
+    // ended, so a ring still shown here is over (its stop is on its way).
+    for (const id of [...rings.keys()]) removeRing(id, "superseded");
     const v = r.visitor || {};
     const pageOk = /^https?:\/\//i.test(v.page || "");
     const who = v.last_agent ? `Spoke with ${v.last_agent} before` : v.returning ? "Returning visitor" : "New visitor";
@@ -367,7 +381,7 @@
         r.reasons && r.reasons.length ? h("dd", {}, h("ul", { class: "reasons" }, ...r.reasons.map((x) => h("li", {}, x)))) : null),
       h("div", { class: "row" }, acceptBtn, declineBtn));
     const entry = { data: r, el, timer: 0 };
-    const expires = Date.parse(r.expires_at);
+    const expires = typeof r.ring_expires_at === "number" ? r.ring_expires_at : Date.parse(r.expires_at);
     const tick = () => {
       if (isNaN(expires)) return;
       const left = Math.ceil((expires - Date.now()) / 1000);
@@ -390,7 +404,7 @@
     clearInterval(entry.timer);
     entry.el.remove();
     rings.delete(id);
-    if (reason && reason !== "accepted" && !(current && current.id === id)) {
+    if (reason && reason !== "accepted" && reason !== "superseded" && !(current && current.id === id)) {
       announce(`The call was ${reason === "answered_elsewhere" ? "answered elsewhere" : "withdrawn"}.`);
     }
     if (!rings.size) {
