@@ -196,6 +196,7 @@ def create_app(
         tasks.spawn(presence.run_lease_renewal(), "socket-leases")
         tasks.spawn(timers.run(), "timers")
         tasks.spawn(feed.run_keepalive(), "availability-keepalive")
+        tasks.spawn(metrics.watch_loop_lag(), "loop-lag")
         yield
         await feed.close()
         await tasks.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -67,6 +70,12 @@ class Metrics:
             ["generation"],
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "membrane_event_loop_lag_seconds",
+            "How late a timer of the node's event loop fired (a stall delays every connection).",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.dials = Counter(
             "membrane_callback_dials_total",
             "Outbound dial attempts by result (placed, busy, no_answer, voicemail, ...).",
@@ -78,3 +87,11 @@ class Metrics:
         self.gc_pauses.labels(str(generation)).observe(pause_s)
         if collected:
             self.gc_collected.labels(str(generation)).inc(collected)
+
+    async def watch_loop_lag(self, interval_s: float = 0.1) -> None:
+        """Sleep ``interval_s`` again and again and observe how late each wake-up came: what
+        any callback waiting then (a socket's read, a timer) waited on top of its own time."""
+        while True:
+            due = time.perf_counter() + interval_s
+            await asyncio.sleep(interval_s)
+            self.loop_lag.observe(max(0.0, time.perf_counter() - due))
