@@ -75,9 +75,10 @@ def availability_json(
 
 def cut(transport: asyncio.Transport) -> None:
     """Drop a watcher too slow to keep: reset, not ended. Ending the response would wait for
-    the client to read its backlog first, so one that never reads held its connection, its
-    request handler and the node's shutdown for good; and a plain close leaves the backlog
-    in the kernel until it gives up on the client, minutes later."""
+    the client to read its backlog first, so one that never reads held its connection and
+    its request handler for good, and a shutdown for aiohttp's whole shutdown timeout; and a
+    plain close leaves the backlog in the kernel until it gives up on the client, minutes
+    later."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):

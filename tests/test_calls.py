@@ -418,8 +418,8 @@ async def test_a_widget_that_never_reads_is_cut_off_not_held(
 ) -> None:
     """The feed stops writing to a stream once 64 KiB wait for it. A graceful end of that
     response would wait for the client to read the backlog first: one that never reads
-    held its connection, its request handler and the node's shutdown for good (found by
-    bench/soak.py)."""
+    held its connection and its request handler for good, and a shutdown for aiohttp's
+    shutdown timeout (found by bench/soak.py)."""
     import socket
 
     from gateway import appkeys
