@@ -19,6 +19,10 @@ One node (on a private Redis; ``--embedded`` for the embedded store) holds:
   cut them otherwise), so only the node's outgoing-buffer limit can drop them. Their fate is
   watched from both ends: the driver's socket state (TCP_INFO) and the node's side in
   ``/proc/net/tcp``. A never-reader counts as dropped once either is no longer ESTABLISHED.
+  Even so the node's kernel takes in ~200 KB per never-reader before the node sees any
+  backpressure (``node_send_queues_kb``; not in its RSS): at 1 change a second an SSE
+  never-reader gets ~220 bytes a second and is not cut within 10 minutes, a board one (every
+  heartbeat is an update too) in a few. ``--change-rate 20`` cuts all within ~2 minutes.
 
 Every ``--sample-every`` seconds: the node's VmRSS, open descriptors, established
 connections and kernel send queues, its ``membrane_event_loop_lag_seconds`` (how late a
