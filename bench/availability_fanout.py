@@ -46,11 +46,11 @@ from bench.harness import (
     raise_fd_limit,
     redis_server,
     sched,
+    settle_rss,
     start_node,
     stop_node,
     summary_ms,
     token,
-    vm_rss_mb,
     write_json,
 )
 
@@ -174,19 +174,6 @@ async def child(args: argparse.Namespace) -> None:
 
 
 # --- the parent: node, agent, probe, figures -------------------------------------------------
-
-
-async def settle_rss(pid: int, max_s: float = 20.0) -> float:
-    """VmRSS once it stops moving (< 0.5% over a second), or after ``max_s``."""
-    deadline = time.monotonic() + max_s
-    last = vm_rss_mb(pid)
-    while time.monotonic() < deadline:
-        await asyncio.sleep(1.0)
-        now = vm_rss_mb(pid)
-        if abs(now - last) <= 0.005 * last:
-            return now
-        last = now
-    return last
 
 
 async def probe(url: str, stop: asyncio.Event, interval_s: float) -> list[float]:

@@ -359,6 +359,19 @@ def vm_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+async def settle_rss(pid: int, max_s: float = 20.0) -> float:
+    """VmRSS once it stops moving (< 0.5% over a second), or after ``max_s``."""
+    deadline = time.monotonic() + max_s
+    last = vm_rss_mb(pid)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        now = vm_rss_mb(pid)
+        if abs(now - last) <= 0.005 * last:
+            return now
+        last = now
+    return last
+
+
 def sched(pid: int) -> tuple[float, float]:
     """Seconds a process's main thread ran, and waited runnable for a CPU (schedstat)."""
     try:

@@ -179,7 +179,7 @@ def create_app(
     callbacks.telephony = phones
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, calls, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
-    load = LoadMonitor(gauge=metrics.loop_lag)
+    load = LoadMonitor(gauge=metrics.loop_lag_smoothed, histogram=metrics.loop_lag)
     if manager is not None:
         load.emit_backlog = lambda: manager.backlog
     if isinstance(store, RedisStore):

@@ -11,8 +11,11 @@ never stalls the node. A watcher whose socket cannot keep up is dropped, not buf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +71,19 @@ def availability_json(
         "open": a.open,
         "next_open_at": iso(a.next_open_at),
     }
+
+
+def cut(transport: asyncio.Transport) -> None:
+    """Drop a watcher too slow to keep: reset, not ended. Ending the response would wait for
+    the client to read its backlog first, so one that never reads held its connection and
+    its request handler for good, and a shutdown for aiohttp's whole shutdown timeout; and a
+    plain close leaves the backlog in the kernel until it gives up on the client, minutes
+    later."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def sse_frame(data: Json) -> bytes:
@@ -184,8 +200,12 @@ class AvailabilityFeed:
         watchers = list(self._watchers.get(key, ()))
         for i, watcher in enumerate(watchers):
             transport = watcher.transport
-            if transport.is_closing() or transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
-                watcher.close()  # gone, or too slow to keep: it reconnects by itself
+            if transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
+                cut(transport)
+                watcher.close()  # it reconnects by itself
+                continue
+            if transport.is_closing():
+                watcher.close()  # gone
                 continue
             transport.write(chunk if watcher.chunked else frame)
             if i % WRITES_PER_SLICE == WRITES_PER_SLICE - 1:

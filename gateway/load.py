@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from prometheus_client import Gauge
+from prometheus_client import Gauge, Histogram
 
 from gateway.admission import Load
 
@@ -21,9 +21,15 @@ SMOOTHING = 0.25
 
 
 class LoadMonitor:
-    def __init__(self, tick_s: float = 0.01, gauge: Gauge | None = None) -> None:
+    def __init__(
+        self,
+        tick_s: float = 0.01,
+        gauge: Gauge | None = None,
+        histogram: Histogram | None = None,
+    ) -> None:
         self.tick_s = tick_s
         self._gauge = gauge
+        self._histogram = histogram
         self.lag_s = 0.0
         """Smoothed lateness of the ticks so far."""
         self.starts_in_flight = 0
@@ -52,6 +58,8 @@ class LoadMonitor:
         self.lag_s += SMOOTHING * (late - self.lag_s)
         if self._gauge is not None:
             self._gauge.set(self.lag_s)
+        if self._histogram is not None:
+            self._histogram.observe(late)
         self._due = now + self.tick_s
         self._handle = loop.call_at(self._due, self._tick)
 

@@ -67,6 +67,13 @@ class Metrics:
             ["generation"],
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "membrane_event_loop_lag_seconds",
+            "How late each 10 ms tick of the node's event loop ran (a stall delays every "
+            "connection).",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.dials = Counter(
             "membrane_callback_dials_total",
             "Outbound dial attempts by result (placed, busy, no_answer, voicemail, ...).",
@@ -80,9 +87,10 @@ class Metrics:
             ["signal"],
             registry=self.registry,
         )
-        self.loop_lag = Gauge(
-            "membrane_event_loop_lag_seconds",
-            "How late the node's event loop runs a timer (smoothed; admission control).",
+        self.loop_lag_smoothed = Gauge(
+            "membrane_event_loop_lag_smoothed_seconds",
+            "How late the node's event loop runs its ticks, smoothed: what admission control "
+            "compares with server.max_loop_lag_ms.",
             registry=self.registry,
         )
         self.rings_dropped = Counter(

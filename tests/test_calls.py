@@ -437,6 +437,61 @@ async def test_a_new_watcher_is_told_the_truth_about_changes_nobody_watched(
     assert (await first_frame())["available"] is False, "Ben is away"
 
 
+async def test_a_widget_that_never_reads_is_cut_off_not_held(
+    nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """The feed stops writing to a stream once 64 KiB wait for it. A graceful end of that
+    response would wait for the client to read the backlog first: one that never reads
+    held its connection and its request handler for good, and a shutdown for aiohttp's
+    shutdown timeout (found by bench/soak.py)."""
+    import socket
+
+    from gateway import appkeys
+    from gateway.codec import device_update_from_wire
+
+    node = await nodes(make_settings(tmp_path))
+    feed = node.app[appkeys.AVAILABILITY]
+    presence = node.app[appkeys.PRESENCE]
+    loop = asyncio.get_running_loop()
+    host, port = node.url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.socket()
+    # A small window and the MSS of an internet path, so the node's kernel takes in tens of
+    # KiB, not the megabytes of loopback's 64 KiB segments, before the node sees it.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, (host, int(port)))
+        await loop.sock_sendall(
+            sock,
+            f"GET /v1/sites/acme/availability/stream HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(),
+        )
+        head = b""
+        while b"data: " not in head:
+            head += await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+        assert feed.watcher_count == 1
+        # From here on the client reads nothing. Each change is one more frame for it.
+        for i in range(20_000):
+            state = "available" if i % 2 else "away"
+            update = device_update_from_wire({"kind": "desktop", "state": state}, "desk")
+            await presence.set_device("acme", "anna", update, 600)
+            await feed.flush("acme")
+            await asyncio.sleep(0.001)  # paced like real changes: the node's kernel fills
+            if feed.watcher_count == 0:
+                break
+        assert feed.watcher_count == 0, "the feed stopped writing to it"
+
+        async def let_go() -> bool:
+            return not node.runner.server.connections  # type: ignore[union-attr]
+
+        await eventually(let_go, 5)
+        # Reset: the backlog is not left in the node's kernel, waiting for the client.
+        tcp_close = 7
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == tcp_close
+    finally:
+        sock.close()
+
+
 async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
     node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
 ) -> None:
