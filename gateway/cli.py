@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway import appkeys as keys
 from gateway.auth import TokenService
 from gateway.gc_pacer import CollectorPacer
 from gateway.settings import ConfigError, Settings, load_settings, with_dev_secret
+from gateway.store.redis_url import parse_redis_url
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -67,7 +69,9 @@ def serve(args: argparse.Namespace) -> int:
     app.on_cleanup.append(stop_pacer)
     app.on_startup.append(drain_on_signals)
     store = (
-        f"Redis {settings.redis_url}" if settings.redis_url else f"embedded ({settings.data_dir})"
+        f"Redis {parse_redis_url(settings.redis_url)}"
+        if settings.redis_url
+        else f"embedded ({settings.data_dir})"
     )
     print(
         f"Membrane node {settings.node_id} on http://{settings.host}:{settings.port}"
@@ -76,15 +80,19 @@ def serve(args: argparse.Namespace) -> int:
         f"  agent app:  {settings.public_url}/agent/  (token: {_token_command()} --agent <id>)",
         flush=True,
     )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        loop=_new_event_loop(),
-        # Requests still open after the drain get this long before their connections close.
-        shutdown_timeout=app[keys.DRAIN].reserve_s / 2,
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            loop=_new_event_loop(),
+            # Requests still open after the drain get this long before their connections close.
+            shutdown_timeout=app[keys.DRAIN].reserve_s / 2,
+        )
+    except RedisError as e:  # at start-up: Redis unreachable, or refusing the password
+        print(f"cannot start: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

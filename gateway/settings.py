@@ -25,6 +25,7 @@ import phonenumbers
 from gateway.admission import AdmissionLimits
 from gateway.codec import ID_PATTERN
 from gateway.model import Agent, Branch, CallbackPolicy, OpeningSpan, Role, Site
+from gateway.store.redis_url import RedisUrlError, check_redis_url
 
 ENV_PREFIX = "MEMBRANE_"
 PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "please-change"})
@@ -616,6 +617,11 @@ def load_settings(
         # 0 (any free port) is only for callers that bind and then read the port back.
         raise ConfigError("server.port", f"must be between 0 and 65535, got {port_override!r}")
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if settings.redis_url:
+        try:
+            check_redis_url(settings.redis_url)
+        except RedisUrlError as e:
+            raise ConfigError("server.redis_url", str(e)) from None
     if not settings.public_url:
         settings = replace(settings, public_url=f"http://{settings.host}:{settings.port}")
     if not settings.node_id:

@@ -19,6 +19,7 @@ from gateway.ringing import Offer, RingGate
 from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.store.redis import PING_INTERVAL_S
 from gateway.store.redis_lane import RedisLane, RedisSubscription
+from gateway.store.redis_url import RedisTarget, redis_target
 from gateway.tasks import raise_if_cancelling
 
 BATCH = "membrane_emit_batch"
@@ -121,8 +122,15 @@ class LocalManager(socketio.AsyncManager):  # type: ignore[misc]
 
 
 class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
-    def __init__(self, url: str, channel: str, rings: RingDelivery | None = None) -> None:
-        super().__init__(url=url, channel=channel)
+    """Connects only through the lane and ``RedisSubscription`` (``_publish`` and ``_listen``
+    are both replaced), so to the same target, TLS or unix socket, as the store: the stock
+    manager's own redis-py client is never made."""
+
+    def __init__(
+        self, url: str | RedisTarget, channel: str, rings: RingDelivery | None = None
+    ) -> None:
+        self._target = redis_target(url)
+        super().__init__(url=str(self._target), channel=channel)
         self.rings = rings or RingDelivery()
         self.listening = False
         self.last_error = ""
@@ -131,7 +139,7 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         emits from about then on (CallService.replay_since)."""
         # Emits are published over a pipelined connection of their own (see
         # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
-        self._lane = RedisLane(url)
+        self._lane = RedisLane(self._target)
         self._inbox: collections.deque[str | None] = collections.deque()
 
     @property
@@ -272,7 +280,7 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             # "lost" (None), which then gave up at once, for good (seen after a Redis pause).
             subscription = RedisSubscription(partial(_deliver, inbox, arrived))
             try:
-                await subscription.open(self.redis_url, self.channel)
+                await subscription.open(self._target, self.channel)
                 assert subscription.closed is not None
                 subscription.closed.add_done_callback(partial(_lost, inbox, arrived))
                 if deaf_since is not None:

@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from gateway.model import Device, PresenceRecord, PresenceStatus
 from gateway.store.base import (
@@ -47,6 +47,7 @@ from gateway.store.base import (
     record_from_fields,
 )
 from gateway.store.redis_lane import RedisLane, RedisSubscription
+from gateway.store.redis_url import RedisTarget, redis_target
 from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -264,12 +265,13 @@ def driver_options() -> dict[str, Any]:
 DRIVER_OPTIONS = driver_options()
 
 
-def connection_pool(url: str, max_connections: int = 1024) -> aioredis.ConnectionPool:
+def connection_pool(url: str | RedisTarget, max_connections: int = 1024) -> aioredis.ConnectionPool:
     """redis-py's plain pool with a high cap: its default cap of 100 connections in use is
     reachable under load, and the blocking pool costs ~10% more CPU per command (a Condition
-    and a timeout per checkout). Past the cap, a command fails as store_unavailable (503)."""
-    return aioredis.ConnectionPool.from_url(
-        url,
+    and a timeout per checkout). Past the cap, a command fails as store_unavailable (503).
+    Made from the parsed target, not ``from_url``, so that it connects where the lane does."""
+    return aioredis.ConnectionPool(
+        **redis_target(url).pool_options(),
         max_connections=max_connections,
         decode_responses=True,
         socket_timeout=5,
@@ -293,10 +295,10 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
 
 
 class RedisStore:
-    def __init__(self, url: str, node_id: str) -> None:
+    def __init__(self, url: str | RedisTarget, node_id: str) -> None:
         self.node_id = node_id
-        self._url = url
-        self._redis: aioredis.Redis = aioredis.Redis(connection_pool=connection_pool(url))
+        self._target = redis_target(url)
+        self._redis: aioredis.Redis = aioredis.Redis(connection_pool=connection_pool(self._target))
         self._put_device = self._redis.register_script(_PUT_DEVICE)
         self._claim_lapsed = self._redis.register_script(_CLAIM_LAPSED)
         self._take_quotas = self._redis.register_script(_TAKE_QUOTAS)
@@ -305,10 +307,12 @@ class RedisStore:
         self._on_event: EventHandler | None = None
         self._on_resync: ResyncHandler | None = None
         self._tasks = TaskGroup(f"redis-store-{node_id}")
-        self._lane = RedisLane(url)
+        self._lane = RedisLane(self._target)
         self._inbox: asyncio.Queue[str] = asyncio.Queue()
         self._listening = False
         self._subscribed = asyncio.Event()
+        self._settled = asyncio.Event()  # subscribed, or refused at the first try
+        self._first_error = "no answer"
         self._listen_error = ""
         self._persistent: bool | None = None
 
@@ -318,15 +322,30 @@ class RedisStore:
 
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         self._on_event, self._on_resync = on_event, on_resync
-        await self._redis.ping()
+        try:
+            await self._redis.ping()
+        except AuthenticationError as e:
+            raise AuthenticationError(f"Redis at {self._target} refused: {e}") from None
+        except (RedisError, OSError) as e:
+            raise RedisConnectionError(f"cannot reach Redis at {self._target}: {e}") from None
         self._tasks.spawn(self._deliver_forever(), "deliver")
         self._tasks.spawn(self._listen_forever(), "events")
-        await asyncio.wait_for(self._subscribed.wait(), timeout=10)
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout=10)
+        except TimeoutError:
+            pass
+        if not self._subscribed.is_set():
+            # Refused (an ACL user without access to the channel: Redis 7's default for new
+            # users) or never answered: the node cannot hear the others, so it does not start.
+            await self._tasks.close()
+            raise RedisConnectionError(
+                f"cannot subscribe at Redis {self._target}: {self._first_error}"
+            )
         if not await self._check_persistence():
             log.warning(
                 "Redis at %s has persistence turned off (no AOF, no RDB saves): a Redis restart"
                 " would lose pending callbacks. Enable appendonly (see deploy/redis.conf).",
-                self._url,
+                self._target,
             )
 
     @property
@@ -371,10 +390,11 @@ class RedisStore:
         while True:
             subscription = RedisSubscription(self._inbox.put_nowait)
             try:
-                await subscription.open(self._url, EVENTS_CHANNEL)
+                await subscription.open(self._target, EVENTS_CHANNEL)
                 assert subscription.closed is not None
                 self._listening, self._listen_error, backoff = True, "", 0.1
                 self._subscribed.set()
+                self._settled.set()
                 if not first and self._on_resync is not None:
                     await self._on_resync()
                 first = False
@@ -388,6 +408,10 @@ class RedisStore:
                 raise
             except Exception as e:  # any failure: stay alive, report, resubscribe
                 self._listening, self._listen_error = False, repr(e)
+                if first:
+                    self._first_error = f"{type(e).__name__}: {e}"  # its repr hides the reason
+                    if isinstance(e, AuthenticationError):
+                        self._settled.set()
                 log.warning("event listener lost Redis (%r); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

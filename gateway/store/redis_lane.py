@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.store.redis_url import RedisTarget, redis_target
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,35 @@ def pack(*args: str | bytes | int | float) -> bytes:
     return b"".join(out)
 
 
-def _connect_commands(url: str) -> tuple[str, int, list[bytes]]:
-    options = parse_url(url)
-    host = str(options.get("host", "127.0.0.1"))
-    port = int(options.get("port", 6379))
+def _setup_commands(target: RedisTarget) -> list[bytes]:
+    """AUTH and SELECT, as redis-py sends them on each new connection."""
     commands = []
-    if options.get("password"):
-        if options.get("username"):
-            commands.append(pack("AUTH", options["username"], options["password"]))
+    if target.password:
+        if target.username:
+            commands.append(pack("AUTH", target.username, target.password))
         else:
-            commands.append(pack("AUTH", options["password"]))
-    if int(options.get("db", 0)):
-        commands.append(pack("SELECT", int(options["db"])))
-    return host, port, commands
+            commands.append(pack("AUTH", target.password))
+    if target.db:
+        commands.append(pack("SELECT", target.db))
+    return commands
+
+
+async def _open(
+    target: RedisTarget, factory: Callable[[], _Protocol], timeout_s: float
+) -> _Protocol:
+    """A connection to ``target``, over TLS or a unix socket when it says so."""
+    loop = asyncio.get_running_loop()
+    try:
+        if target.path:
+            connecting = loop.create_unix_connection(factory, target.path)
+        else:
+            connecting = loop.create_connection(
+                factory, target.host, target.port, ssl=target.ssl_context()
+            )
+        _, protocol = await asyncio.wait_for(connecting, timeout_s)
+    except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+        raise RedisConnectionError(f"cannot reach Redis at {target}: {e!r}") from None
+    return protocol
 
 
 class _Protocol(asyncio.Protocol):
@@ -81,8 +98,8 @@ class RedisLane:
     instead of one each), and one watchdog timer, not one per command, fails the oldest
     command unanswered after ``timeout_s``."""
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
-        self._url = url
+    def __init__(self, url: str | RedisTarget, timeout_s: float = 5.0) -> None:
+        self._target = redis_target(url)
         self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         # Each waiter with the loop time by which its reply is due, in the order sent.
@@ -100,14 +117,7 @@ class RedisLane:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._protocol is None:
-                host, port, setup = _connect_commands(self._url)
-                loop = asyncio.get_running_loop()
-                try:
-                    _, protocol = await asyncio.wait_for(
-                        loop.create_connection(self._new_protocol, host, port), self._timeout_s
-                    )
-                except (OSError, TimeoutError) as e:
-                    raise RedisConnectionError(f"cannot reach Redis: {e!r}") from None
+                protocol = await _open(self._target, self._new_protocol, self._timeout_s)
                 if protocol.gone:
                     # Closed before it was ours (Redis shutting down as we connected): its
                     # loss was ignored, and kept, it would hold every command until the
@@ -115,9 +125,15 @@ class RedisLane:
                     raise RedisConnectionError("Redis closed the connection at once")
                 self._protocol = protocol
                 # AUTH / SELECT, queued before anything else can be (no await in between).
+                setup = _setup_commands(self._target)
                 answers = [self._queue(protocol, command) for command in setup]
-                for answer in answers:
-                    await answer
+                try:
+                    for answer in answers:
+                        await answer
+                except ResponseError as e:
+                    # A wrong password or db: every command after would fail the same way.
+                    self._drop(protocol)
+                    raise AuthenticationError(f"Redis at {self._target} refused: {e}") from None
         return self._protocol
 
     def _new_protocol(self) -> _Protocol:
@@ -170,8 +186,10 @@ class RedisLane:
             return
         if not waiter.done():
             waiter.set_exception(RedisTimeoutError("Redis did not answer in time"))
-        protocol = self._protocol
-        self._lost()  # the next command starts on a new connection
+        self._drop(self._protocol)  # the next command starts on a new connection
+
+    def _drop(self, protocol: _Protocol | None) -> None:
+        self._lost()
         if protocol is not None and protocol.transport is not None:
             protocol.transport.abort()
 
@@ -235,27 +253,23 @@ class RedisSubscription:
         self.closed: asyncio.Future[None] | None = None
         self._pong = asyncio.Event()
         self._subscribed = asyncio.Event()
+        self._refused = ""
 
-    async def open(self, url: str, channel: str, timeout_s: float = 5.0) -> None:
-        loop = asyncio.get_running_loop()
-        self.closed = loop.create_future()
-        host, port, setup = _connect_commands(url)
-        try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self._reply, self._lost), host, port),
-                timeout_s,
-            )
-        except (OSError, TimeoutError) as e:
-            raise RedisConnectionError(f"cannot reach Redis: {e!r}") from None
+    async def open(self, url: str | RedisTarget, channel: str, timeout_s: float = 5.0) -> None:
+        target = redis_target(url)
+        self.closed = asyncio.get_running_loop().create_future()
+        protocol = await _open(target, lambda: _Protocol(self._reply, self._lost), timeout_s)
         self._protocol = protocol
         assert protocol.transport is not None
-        protocol.transport.write(b"".join(setup) + pack("SUBSCRIBE", channel))
+        protocol.transport.write(b"".join(_setup_commands(target)) + pack("SUBSCRIBE", channel))
         try:
             await asyncio.wait_for(self._subscribed.wait(), timeout_s)
         except TimeoutError:
             self.close()
             raise RedisTimeoutError("SUBSCRIBE was not confirmed") from None
         if self.closed.done():
+            if self._refused:
+                raise AuthenticationError(f"Redis at {target} refused: {self._refused}")
             raise RedisConnectionError("SUBSCRIBE was refused or the connection lost")
 
     def _reply(self, reply: Any) -> None:
@@ -269,6 +283,8 @@ class RedisSubscription:
                 self._pong.set()
         elif isinstance(reply, hiredis.ReplyError):
             log.warning("Redis subscription error: %s", reply)
+            # The first: a refused AUTH makes SUBSCRIBE's NOAUTH follow in the same read.
+            self._refused = self._refused or str(reply)
             self.close()
 
     def _lost(self) -> None:
