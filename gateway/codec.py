@@ -93,7 +93,10 @@ def opt_int(obj: Json, key: str, lo: int, hi: int) -> int | None:
     value = obj.get(key)
     if value is None:
         return None
-    # bool is an int in Python but never a valid number on the wire.
+    # JSON has one kind of number: 1.0 is the integer 1, as JSON Schema (and so the OpenAPI
+    # document) counts it. bool is an int in Python but never a number on the wire.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise invalid_payload(f"{key} must be an integer from {lo} to {hi}")
     return value

@@ -67,6 +67,8 @@ async def error_middleware(
         code = _STATUS_CODES.get(e.status, "bad_request")
         metrics.errors.labels(code).inc()
         response = error_response(e.status, code, e.reason)
+        if "Allow" in e.headers:  # a 405 names the methods the resource has (RFC 9110)
+            response.headers["Allow"] = e.headers["Allow"]
     except UNAVAILABLE_ERRORS as e:
         log.warning("store unreachable during %s: %r", route, e)
         err = store_unavailable()

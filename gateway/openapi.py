@@ -142,8 +142,7 @@ def _schemas() -> dict[str, Json]:
                 "priority": {
                     **_nullable(priority),
                     "default": 0,
-                    "description": "Absent or null: 0. Written as an integer: 1.0 is refused, "
-                    "though JSON Schema counts it as one.",
+                    "description": "Absent or null: 0. 1.0 is the integer 1, as in JSON.",
                 },
                 "device_id": {"description": "Ignored, whatever it is: the path's id wins."},
             },
