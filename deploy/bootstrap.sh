@@ -33,11 +33,13 @@ lock="$root/requirements.lock"
 [ "$extra" = test ] && lock="$root/requirements-test.lock"
 stamp="$root/.venv/.installed-$extra-$(cat "$root/pyproject.toml" "$lock" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  "$root/.venv/bin/python" -m pip install -q --upgrade pip
-  "$root/.venv/bin/python" -m pip install -q --require-hashes -r "$lock"
-  (cd "$root" && "$root/.venv/bin/python" -m pip install -q --no-deps -e .)
+  # (Each step exits on failure itself: errexit is off when the caller sources this in a
+  # condition, and the stamp must not be written then.)
+  "$root/.venv/bin/python" -m pip install -q --upgrade pip || exit 1
+  "$root/.venv/bin/python" -m pip install -q --require-hashes -r "$lock" || exit 1
+  (cd "$root" && "$root/.venv/bin/python" -m pip install -q --no-deps -e .) || exit 1
   # A requirement added to pyproject.toml but not to the lock fails here, not in a test.
-  "$root/.venv/bin/python" - "$extra" "$(basename "$lock")" <<'PY'
+  "$root/.venv/bin/python" - "$extra" "$(basename "$lock")" <<'PY' || exit 1
 import sys
 from importlib.metadata import PackageNotFoundError, requires, version
 
