@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -67,6 +69,17 @@ class Metrics:
             ["generation"],
             registry=self.registry,
         )
+        self.gc_pacer = Gauge(
+            "membrane_gc_pacer",
+            "1 while the collector pacer runs in this node's process (gateway/gc_pacer.py).",
+            registry=self.registry,
+        )
+        self.gc_frozen = Gauge(
+            "membrane_gc_frozen_objects",
+            "Objects the collector no longer walks (gc.freeze): start-up's and the pacer's.",
+            registry=self.registry,
+        )
+        self.gc_frozen.set_function(gc.get_freeze_count)
         self.dials = Counter(
             "membrane_callback_dials_total",
             "Outbound dial attempts by result (placed, busy, no_answer, voicemail, ...).",

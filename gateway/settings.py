@@ -125,6 +125,9 @@ class Settings:
     drain_grace_s: float = 10.0
     """On SIGTERM the node drains (unready, refuses new work, sends its sockets elsewhere,
     hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""
+    gc_pacer: bool = True
+    """Garbage collection on a clock, survivors frozen (gateway/gc_pacer.py), on the Python
+    versions it was measured on; ``MEMBRANE_GC_PACER=false`` leaves CPython's own schedule."""
     auth: AuthSettings = field(default_factory=AuthSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
@@ -487,6 +490,18 @@ def demo_config_text() -> str:
     return resources.files("gateway").joinpath("demo.toml").read_text()
 
 
+def _gc_pacer(server: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    from_env = env.get(f"{ENV_PREFIX}GC_PACER")
+    if from_env is None:
+        on: bool = _get(server, "gc_pacer", "server.", bool, True)
+        return on
+    if from_env.strip().lower() in ("true", "1"):
+        return True
+    if from_env.strip().lower() in ("false", "0"):
+        return False
+    raise ConfigError("server.gc_pacer", f"{ENV_PREFIX}GC_PACER={from_env!r} is not true or false")
+
+
 def load_settings(
     path: Path | None,
     env: Mapping[str, str] | None = None,
@@ -571,6 +586,7 @@ def load_settings(
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
         drain_grace_s=_drain_grace(server, env),
+        gc_pacer=_gc_pacer(server, env),
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
         webrtc=webrtc,
