@@ -63,12 +63,6 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
-        self.gc_collected = Counter(
-            "membrane_gc_collected_objects_total",
-            "Objects the garbage collector found unreachable (reference cycles), by generation.",
-            ["generation"],
-            registry=self.registry,
-        )
         self.gc_pacer = Gauge(
             "membrane_gc_pacer",
             "1 while the collector pacer runs in this node's process (gateway/gc_pacer.py).",
@@ -80,6 +74,12 @@ class Metrics:
             registry=self.registry,
         )
         self.gc_frozen.set_function(gc.get_freeze_count)
+        self.gc_collected = Counter(
+            "membrane_gc_collected_objects_total",
+            "Objects the garbage collector found unreachable (reference cycles), by generation.",
+            ["generation"],
+            registry=self.registry,
+        )
         self.dials = Counter(
             "membrane_callback_dials_total",
             "Outbound dial attempts by result (placed, busy, no_answer, voicemail, ...).",

@@ -120,14 +120,14 @@ class Settings:
     """Empty: one node on the embedded store. Set: many nodes sharing this Redis."""
     node_id: str = ""
     """Names this node in logs and metrics; random when empty."""
+    gc_pacer: bool = True
+    """Garbage collection on a clock, survivors frozen (gateway/gc_pacer.py), on the Python
+    versions it was measured on; ``MEMBRANE_GC_PACER=false`` leaves CPython's own schedule."""
     max_body_bytes: int = 64 * 1024
     """Largest REST body or socket.io message accepted."""
     drain_grace_s: float = 10.0
     """On SIGTERM the node drains (unready, refuses new work, sends its sockets elsewhere,
     hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""
-    gc_pacer: bool = True
-    """Garbage collection on a clock, survivors frozen (gateway/gc_pacer.py), on the Python
-    versions it was measured on; ``MEMBRANE_GC_PACER=false`` leaves CPython's own schedule."""
     auth: AuthSettings = field(default_factory=AuthSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
@@ -584,9 +584,9 @@ def load_settings(
         data_dir=data_dir,
         redis_url=redis_url,
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
+        gc_pacer=_gc_pacer(server, env),
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
         drain_grace_s=_drain_grace(server, env),
-        gc_pacer=_gc_pacer(server, env),
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,
         webrtc=webrtc,
