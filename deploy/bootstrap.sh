@@ -27,11 +27,40 @@ if [ ! -x "$root/.venv/bin/python" ]; then
     python3 -m venv "$root/.venv"
   fi
 fi
-spec="."
-[ "$extra" = test ] && spec=".[test]"
-stamp="$root/.venv/.installed-$extra-$(cat "$root/pyproject.toml" | sha1sum | cut -c1-12)"
+# Every version comes from a lock (deploy/lock makes them from pyproject.toml), so a fresh
+# .venv runs exactly what the suite passed with; Membrane itself goes on top without deps.
+lock="$root/requirements.lock"
+[ "$extra" = test ] && lock="$root/requirements-test.lock"
+stamp="$root/.venv/.installed-$extra-$(cat "$root/pyproject.toml" "$lock" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  "$root/.venv/bin/python" -m pip install -q --upgrade pip
-  (cd "$root" && "$root/.venv/bin/python" -m pip install -q -e "$spec")
+  # (Each step exits on failure itself: errexit is off when the caller sources this in a
+  # condition, and the stamp must not be written then.)
+  "$root/.venv/bin/python" -m pip install -q --upgrade pip || exit 1
+  "$root/.venv/bin/python" -m pip install -q --require-hashes -r "$lock" || exit 1
+  (cd "$root" && "$root/.venv/bin/python" -m pip install -q --no-deps -e .) || exit 1
+  # A requirement added to pyproject.toml but not to the lock fails here, not in a test.
+  "$root/.venv/bin/python" - "$extra" "$(basename "$lock")" <<'PY' || exit 1
+import sys
+from importlib.metadata import PackageNotFoundError, requires, version
+
+from pip._vendor.packaging.requirements import Requirement
+
+unmet = []
+for line in requires("membrane") or []:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": sys.argv[1]}):
+        continue
+    try:
+        installed = version(req.name)
+    except PackageNotFoundError:
+        unmet.append(f"{req} (not in the lock)")
+        continue
+    if not req.specifier.contains(installed, prereleases=True):
+        unmet.append(f"{req} (locked {installed})")
+if unmet:
+    print(f"{sys.argv[2]} does not satisfy pyproject.toml; run deploy/lock:", *unmet,
+          sep="\n  ", file=sys.stderr)
+    sys.exit(1)
+PY
   touch "$stamp"
 fi

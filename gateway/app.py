@@ -18,6 +18,7 @@ from gateway.callback_service import DIAL_TIMER, DUE_TIMER, WATCH_TIMER, Callbac
 from gateway.codec import Json
 from gateway.drain import Drain
 from gateway.events import EventRouter
+from gateway.gc_pacer import PROCESS_PACER, SharedPacer
 from gateway.http_api import error_middleware
 from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
@@ -94,9 +95,11 @@ def create_app(
     settings: Settings,
     store: Store | None = None,
     telephony: TelephonyInstaller | None = None,
+    pacer: SharedPacer | None = None,
 ) -> web.Application:
     """A node. ``telephony`` installs a phone provider (tests pass one); by default the one
-    registered for Twilio is used when Twilio is configured."""
+    registered for Twilio is used when Twilio is configured. ``pacer`` is the process's
+    collector pacer (``gc_pacer.PROCESS_PACER`` unless a test passes its own)."""
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware]
     )
@@ -206,6 +209,15 @@ def create_app(
     app[keys.AVAILABILITY] = feed
     app[keys.DRAIN] = drain
 
+    async def pace_collector(app: web.Application) -> AsyncIterator[None]:
+        shared = pacer or PROCESS_PACER
+        running = settings.gc_pacer and shared.acquire(metrics.observe_gc)
+        metrics.gc_pacer.set(1 if running else 0)
+        yield
+        if running:
+            shared.release(metrics.observe_gc)
+        metrics.gc_pacer.set(0)
+
     async def open_store(app: web.Application) -> AsyncIterator[None]:
         await store.start(events, presence.resync)
         log.info("node %s: store %s ready", settings.node_id, type(store).__name__)
@@ -262,6 +274,7 @@ def create_app(
         await drain.run()
         await sio.shutdown()
 
+    app.cleanup_ctx.append(pace_collector)
     app.cleanup_ctx.append(open_store)
     app.cleanup_ctx.append(run_telephony)
     app.cleanup_ctx.append(run_presence)

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from gateway import appkeys as keys
 from gateway.auth import TokenService
-from gateway.gc_pacer import CollectorPacer
+from gateway.gc_pacer import PROCESS_PACER
 from gateway.settings import ConfigError, Settings, load_settings, with_dev_secret
 from gateway.store.redis_url import parse_redis_url
 
@@ -44,29 +44,25 @@ def serve(args: argparse.Namespace) -> int:
     )
     app = create_app(settings)
 
-    pacer = CollectorPacer(observer=app[keys.METRICS].observe_gc)
-
     async def freeze_heap(app: web.Application) -> None:
-        # Everything allocated at start-up lives for the whole run: out of the collector's
-        # generations from the start.
-        gc.collect()
-        gc.freeze()
-        # From here collections run on a clock, in short pieces, and what survives them is
-        # frozen too (gateway.gc_pacer); the thresholds stay high, only a safety net for
-        # allocation bursts.
-        gc.set_threshold(20_000, 20, 50)
-        pacer.start()
+        # (After the app's cleanup contexts: the pacer, gateway.gc_pacer, runs by now if it
+        # is on.) Everything allocated at start-up lives for the whole run: out of the
+        # collector's generations from the start, as what survives the pacer's collections.
+        if PROCESS_PACER.pacer is not None:
+            gc.collect()
+            gc.freeze()
         if hasattr(signal, "SIGUSR1"):
             # For an operator looking into memory: collect everything now and log it.
-            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, pacer.collect_everything)
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGUSR1, PROCESS_PACER.collect_everything
+            )
 
-    async def stop_pacer(app: web.Application) -> None:
+    async def stop_signals(app: web.Application) -> None:
         if hasattr(signal, "SIGUSR1"):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
-        pacer.stop()
 
     app.on_startup.append(freeze_heap)
-    app.on_cleanup.append(stop_pacer)
+    app.on_cleanup.append(stop_signals)
     app.on_startup.append(drain_on_signals)
     store = (
         f"Redis {parse_redis_url(settings.redis_url)}"

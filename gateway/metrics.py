@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -61,6 +63,17 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
+        self.gc_pacer = Gauge(
+            "membrane_gc_pacer",
+            "1 while the collector pacer runs in this node's process (gateway/gc_pacer.py).",
+            registry=self.registry,
+        )
+        self.gc_frozen = Gauge(
+            "membrane_gc_frozen_objects",
+            "Objects the collector no longer walks (gc.freeze): start-up's and the pacer's.",
+            registry=self.registry,
+        )
+        self.gc_frozen.set_function(gc.get_freeze_count)
         self.gc_collected = Counter(
             "membrane_gc_collected_objects_total",
             "Objects the garbage collector found unreachable (reference cycles), by generation.",

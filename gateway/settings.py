@@ -122,6 +122,9 @@ class Settings:
     """Empty: one node on the embedded store. Set: many nodes sharing this Redis."""
     node_id: str = ""
     """Names this node in logs and metrics; random when empty."""
+    gc_pacer: bool = True
+    """Garbage collection on a clock, survivors frozen (gateway/gc_pacer.py), on the Python
+    versions it was measured on; ``MEMBRANE_GC_PACER=false`` leaves CPython's own schedule."""
     max_body_bytes: int = 64 * 1024
     """Largest REST body or socket.io message accepted."""
     drain_grace_s: float = 10.0
@@ -507,6 +510,18 @@ def demo_config_text() -> str:
     return resources.files("gateway").joinpath("demo.toml").read_text()
 
 
+def _gc_pacer(server: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    from_env = env.get(f"{ENV_PREFIX}GC_PACER")
+    if from_env is None:
+        on: bool = _get(server, "gc_pacer", "server.", bool, True)
+        return on
+    if from_env.strip().lower() in ("true", "1"):
+        return True
+    if from_env.strip().lower() in ("false", "0"):
+        return False
+    raise ConfigError("server.gc_pacer", f"{ENV_PREFIX}GC_PACER={from_env!r} is not true or false")
+
+
 def load_settings(
     path: Path | None,
     env: Mapping[str, str] | None = None,
@@ -589,6 +604,7 @@ def load_settings(
         data_dir=data_dir,
         redis_url=redis_url,
         node_id=env.get(f"{ENV_PREFIX}NODE_ID", _get(server, "node_id", p, str, "")),
+        gc_pacer=_gc_pacer(server, env),
         max_body_bytes=_positive(server, "max_body_bytes", p, int, 64 * 1024),
         drain_grace_s=_drain_grace(server, env),
         admission=AdmissionLimits(

@@ -111,6 +111,7 @@ class LocalManager(socketio.AsyncManager):  # type: ignore[misc]
         to: str | None = None,
         **kwargs: Any,
     ) -> Any:
+        """As ``AsyncManager.emit``, rings through the gate."""
         room = to or room
         if callback is not None or not self.rings.applies(event, namespace):
             return await super().emit(
@@ -164,7 +165,8 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             self._get_logger().warning("could not confirm emits were published: %r", exc)
 
     async def _handle_emit(self, message: dict[str, Any]) -> None:
-        """An emit reaching this node's sockets (its own or another node's), rings gated."""
+        """An emit reaching this node's sockets (its own or another node's), rings gated,
+        through ``AsyncPubSubManager._handle_emit``."""
         event, namespace, data = message.get("event"), message.get("namespace"), message["data"]
         if (
             not isinstance(event, str)
@@ -198,6 +200,8 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     def _emit_message(
         self, event: str, data: Any, namespace: str | None, room: str | None, skip_sid: Any = None
     ) -> dict[str, Any]:
+        """The message ``AsyncPubSubManager.emit`` publishes, as ``AsyncPubSubManager._handle_emit``
+        takes it."""
         return {
             "method": "emit",
             "event": event,
@@ -221,8 +225,8 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         to: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        """As the stock emit, without its search of every payload for binary parts, which
-        cost ~5% of a node's CPU under call load (Membrane never sends binary)."""
+        """As ``AsyncPubSubManager.emit``, without its search of every payload for binary
+        parts, which cost ~5% of a node's CPU under call load (Membrane never sends binary)."""
         room = to or room
         if kwargs.get("ignore_queue") or callback is not None:
             return await super().emit(
@@ -235,9 +239,10 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         return None
 
     async def _publish(self, data: Any) -> Any:
-        """As the stock method (two attempts, then log and give up), over the lane, and
-        without waiting for Redis to confirm: emits still go out in order, one write for all
-        those of a turn of the event loop, and a failure is retried once in the background."""
+        """As ``AsyncRedisManager._publish`` (two attempts, then log and give up), over the
+        lane, and without waiting for Redis to confirm: emits still go out in order, one write
+        for all those of a turn of the event loop, and a failure is retried once in the
+        background."""
         message = self.json.dumps(data)
         sent = self._lane.send("PUBLISH", self.channel, message)
         if sent is None:
@@ -263,8 +268,9 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         return None
 
     async def _listen(self) -> AsyncIterator[str]:
-        """Other nodes' emits, over a hiredis subscription (store.redis_lane) rather than
-        redis-py's PubSub, whose per-message parsing cost several times more CPU. On a lost
+        """Other nodes' emits, for ``AsyncPubSubManager._thread`` (replaces
+        ``AsyncRedisManager._listen``): over a hiredis subscription (store.redis_lane) rather
+        than redis-py's PubSub, whose per-message parsing cost several times more CPU. On a lost
         or silent connection: resubscribe with backoff capped at 5 s, so a node rejoins soon
         after Redis comes back, and have the calls changed meanwhile replayed (``on_rejoin``),
         since the emits published while it was away are gone."""
@@ -336,7 +342,7 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             self._get_logger().exception("replaying calls after rejoining failed")
 
     def _unbatch(self, message: str) -> list[Any]:
-        """A batch's emits, each as the stock listener takes a decoded message."""
+        """A batch's emits, each as ``AsyncPubSubManager._thread`` takes a decoded message."""
         try:
             batch = self.json.loads(message)
             emits = batch["emits"]

@@ -97,6 +97,7 @@ class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
 
     @classmethod
     def data_is_binary(cls, data: Any) -> bool:
+        """Replaces ``Packet.data_is_binary``."""
         return False
 
 
@@ -357,6 +358,7 @@ class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         self.tasks = TaskGroup("engineio")
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        """Replaces ``AsyncServer.start_background_task`` (a loose ``ensure_future``)."""
         return self.tasks.spawn(target(*args, **kwargs), getattr(target, "__name__", "task"))
 
     def count_refusal(self, code: str) -> None:
@@ -480,6 +482,7 @@ class MembraneServer(socketio.AsyncServer):  # type: ignore[misc]
     """The node's drain (set by the app): its namespaces refuse new work once it began."""
 
     def _engineio_server_class(self) -> type[TrackedEngineServer]:
+        """Replaces ``AsyncServer._engineio_server_class``."""
         return TrackedEngineServer
 
     def _drop(self, eio_sid: str, code: str, ws_code: int) -> None:
@@ -603,7 +606,8 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self.events: dict[str, Handler] = {}
 
     async def trigger_event(self, event: str, *args: Any) -> Any:
-        """The namespace's own connect and disconnect, from python-socketio. Client events
+        """The namespace's own connect and disconnect, from python-socketio (replaces
+        ``AsyncNamespace.trigger_event``, which dispatches by name to ``on_*``). Client events
         come through ``client_event`` (``MembraneServer._handle_event_internal``), so one a
         client names "connect" or "disconnect" is an unknown event, never these."""
         if event == "connect":

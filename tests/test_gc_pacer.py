@@ -1,5 +1,7 @@
 """The collector pacer: short collections on a clock, survivors frozen, and what a node
-freezes freed by reference counting once its connections and calls end."""
+freezes freed by reference counting once its connections and calls end; one per process,
+started by the first app and stopped by the last, off when the settings or the Python
+version say so."""
 
 from __future__ import annotations
 
@@ -13,11 +15,21 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import SocketClient, eventually, make_settings, mint, node_process
+from aiohttp import web
+from conftest import (
+    NodeFactory,
+    SocketClient,
+    eventually,
+    make_settings,
+    mint,
+    node_process,
+    start_node,
+)
 
-from gateway.gc_pacer import CollectorPacer
+from gateway.app import create_app
+from gateway.gc_pacer import MEASURED, PACED_THRESHOLDS, PROCESS_PACER, CollectorPacer, SharedPacer
 from gateway.model import Role
-from gateway.settings import demo_config_text
+from gateway.settings import ConfigError, demo_config_text, load_settings
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
 
@@ -148,3 +160,166 @@ def pause_count(metrics: str, generation: str) -> float:
     pattern = rf'membrane_gc_pause_seconds_count\{{generation="{generation}"\}} (\S+)'
     found = re.search(pattern, metrics)
     return float(found.group(1)) if found else 0.0
+
+
+def gauge(metrics: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    assert found is not None, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(f"{url}/metrics") as r:
+        return await r.text()
+
+
+async def test_a_node_that_tests_build_runs_the_pacer_and_shows_what_it_froze(
+    nodes: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    before = gc.get_threshold()
+    node = await nodes()
+    assert PROCESS_PACER.users == 1 and PROCESS_PACER.pacer is not None
+    assert gc.get_threshold() == PACED_THRESHOLDS
+
+    async def froze_something() -> bool:
+        metrics = await scrape(http, node.url)
+        return gauge(metrics, "membrane_gc_frozen_objects") > 0
+
+    await eventually(froze_something)  # a middle collection every 250 ms freezes survivors
+    metrics = await scrape(http, node.url)
+    assert gauge(metrics, "membrane_gc_pacer") == 1
+    assert pause_count(metrics, "0") > 0 and pause_count(metrics, "1") > 0
+
+    await node.stop()
+    assert PROCESS_PACER.pacer is None and PROCESS_PACER.users == 0
+    assert gc.get_freeze_count() == 0, "the last app to stop gives the frozen objects back"
+    assert gc.get_threshold() == before
+
+
+async def test_nodes_in_one_process_share_one_pacer_until_the_last_one_stops(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The collector is the interpreter's: a second node does not start another pacer, and
+    the first node to stop does not stop the one the other still runs on."""
+    first = await start_node(make_settings(tmp_path, node_id="first"))
+    second = await start_node(make_settings(tmp_path, node_id="second"))
+    running = [first, second]
+    try:
+        pacer = PROCESS_PACER.pacer
+        assert pacer is not None and PROCESS_PACER.users == 2
+        await running.pop(0).stop()
+        assert PROCESS_PACER.pacer is pacer and PROCESS_PACER.users == 1
+        assert gc.get_threshold() == PACED_THRESHOLDS
+        # Still pacing, and still reporting its pauses to the node that is left.
+        paused = pause_count(await scrape(http, second.url), "1")
+
+        async def paced() -> bool:
+            return pause_count(await scrape(http, second.url), "1") > paused
+
+        await eventually(paced)
+        assert gauge(await scrape(http, second.url), "membrane_gc_pacer") == 1
+    finally:
+        for node in running:
+            await node.stop()
+    assert PROCESS_PACER.pacer is None and PROCESS_PACER.users == 0
+
+
+async def test_the_pacer_stays_off_when_the_settings_say_so(
+    nodes: NodeFactory, http: aiohttp.ClientSession
+) -> None:
+    callbacks = list(gc.callbacks)
+    node = await nodes(gc_pacer=False)
+    assert PROCESS_PACER.pacer is None and PROCESS_PACER.users == 0
+    assert gc.callbacks == callbacks
+    assert gauge(await scrape(http, node.url), "membrane_gc_pacer") == 0
+
+
+@pytest.mark.parametrize("python", [(3, 10), (3, 14), (3, 15)])
+async def test_the_pacer_turns_itself_off_on_a_python_it_was_not_measured_on(
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    python: tuple[int, int],
+) -> None:
+    unmeasured = SharedPacer(python=python)
+    callbacks, thresholds = list(gc.callbacks), gc.get_threshold()
+    runners = []
+    try:
+        for name in ("a", "b"):
+            app = create_app(make_settings(tmp_path, node_id=name), pacer=unmeasured)
+            runner = web.AppRunner(app, handle_signals=False)
+            runners.append(runner)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            metrics = await scrape(http, f"http://127.0.0.1:{port}")
+            assert gauge(metrics, "membrane_gc_pacer") == 0
+        assert unmeasured.pacer is None and unmeasured.users == 0
+        assert (gc.callbacks, gc.get_threshold()) == (callbacks, thresholds)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    said = [r.getMessage() for r in caplog.records if "collector pacer off" in r.getMessage()]
+    assert said == [
+        f"collector pacer off: measured on CPython 3.11-3.13, running {python[0]}.{python[1]}"
+    ], "one line for the process, not one per node"
+
+
+def test_the_measured_versions_are_the_ones_the_pacer_runs_on() -> None:
+    assert MEASURED == ((3, 11), (3, 13))
+    assert [SharedPacer(python=v).supported for v in ((3, 11), (3, 12), (3, 13))] == [True] * 3
+    assert not SharedPacer(python=(3, 14)).supported
+    assert not SharedPacer(python=(4, 0)).supported
+
+
+def test_a_pacer_whose_loop_ended_without_its_release_starts_afresh_on_the_next() -> None:
+    """A test that crashed before its nodes' cleanup must not leave the process without a
+    pacer (its timers were on a loop that is gone) nor with one counted for ever."""
+    shared = SharedPacer(python=(3, 11))
+
+    async def acquire() -> CollectorPacer | None:
+        assert shared.acquire()
+        return shared.pacer
+
+    thresholds = gc.get_threshold()
+    try:
+        abandoned = asyncio.run(acquire())
+        fresh = asyncio.run(acquire())
+        assert fresh is not None and fresh is not abandoned and shared.users == 1
+    finally:
+        shared.release()
+    assert shared.pacer is None and gc.get_threshold() == thresholds
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("true", True), ("TRUE", True), ("1", True), ("false", False), ("0", False)]
+)
+def test_the_pacer_setting_comes_from_the_environment(tmp_path: Path, value: str, on: bool) -> None:
+    assert load_settings(None, env={"MEMBRANE_GC_PACER": value}).gc_pacer is on
+
+
+def test_the_pacer_setting_comes_from_the_config_file_and_is_on_by_default(
+    tmp_path: Path,
+) -> None:
+    assert load_settings(None, env={}).gc_pacer is True
+    config = tmp_path / "membrane.toml"
+    config.write_text(demo_config_text().replace("[server]", "[server]\ngc_pacer = false", 1))
+    assert load_settings(config, env={}).gc_pacer is False
+    assert load_settings(config, env={"MEMBRANE_GC_PACER": "true"}).gc_pacer is True
+
+
+@pytest.mark.parametrize(
+    ("file_value", "env"),
+    [('"false"', {}), ("0", {}), ("true", {"MEMBRANE_GC_PACER": "off-ish"})],
+)
+def test_a_pacer_setting_that_is_not_a_boolean_is_refused(
+    tmp_path: Path, file_value: str, env: dict[str, str]
+) -> None:
+    config = tmp_path / "membrane.toml"
+    config.write_text(
+        demo_config_text().replace("[server]", f"[server]\ngc_pacer = {file_value}", 1)
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config, env=env)
+    assert refused.value.key == "server.gc_pacer"
