@@ -27,6 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from yarl import URL
 
 from gateway.model import Device, PresenceRecord, PresenceStatus
 from gateway.store.base import (
@@ -276,6 +277,15 @@ def connection_pool(url: str, max_connections: int = 1024) -> aioredis.Connectio
     )
 
 
+MAX_START_RETRY_S = 2.0
+
+
+def _where(url: str) -> str:
+    """Host, port and database of a Redis URL, without the password it may carry."""
+    parsed = URL(url)
+    return str(parsed.with_user(None).with_password(None))
+
+
 def _device_key(site: str, agent_id: str) -> str:
     return f"m:dev:{site}:{agent_id}"
 
@@ -314,7 +324,7 @@ class RedisStore:
 
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         self._on_event, self._on_resync = on_event, on_resync
-        await self._redis.ping()
+        await self._wait_for_redis()
         self._tasks.spawn(self._deliver_forever(), "deliver")
         self._tasks.spawn(self._listen_forever(), "events")
         await asyncio.wait_for(self._subscribed.wait(), timeout=10)
@@ -322,8 +332,29 @@ class RedisStore:
             log.warning(
                 "Redis at %s has persistence turned off (no AOF, no RDB saves): a Redis restart"
                 " would lose pending callbacks. Enable appendonly (see deploy/redis.conf).",
-                self._url,
+                _where(self._url),
             )
+
+    async def _wait_for_redis(self) -> None:
+        """A node started while Redis is down (both restarted after a power cut, Redis still
+        loading its AOF) waits for it rather than exiting with a traceback: one warning,
+        then quiet retries, capped at 2 s apart. It listens for nothing meanwhile, so a
+        load balancer sees it as not ready."""
+        delay = 0.1
+        warned = False
+        while True:
+            try:
+                await asyncio.wait_for(self._redis.ping(), timeout=2.0)
+                return
+            except (RedisError, OSError, TimeoutError) as e:
+                if not warned:
+                    log.warning(
+                        "Redis at %s is unreachable (%s); waiting for it, retrying every %.0f s",
+                        _where(self._url), e, MAX_START_RETRY_S,
+                    )  # fmt: skip
+                    warned = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_START_RETRY_S)
 
     async def close(self) -> None:
         await self._tasks.close()
