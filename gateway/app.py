@@ -126,8 +126,11 @@ def create_app(
         json=fastjson,
     )
     calls_notifier = SocketCallNotifier(sio, settings.sites)
-    calls = CallService(dict(settings.sites), store, presence, calls_notifier)
+    node_tasks = TaskGroup(f"node-{settings.node_id}")
+    calls = CallService(dict(settings.sites), store, presence, calls_notifier, node_tasks)
     presence.add_lapse_listener(calls.agent_devices_lapsed)
+    if manager is not None:
+        manager.on_rejoin = calls.replay_since
     callbacks = CallbackService(
         dict(settings.sites), store, presence, calls, calls_notifier, metrics
     )
@@ -169,7 +172,7 @@ def create_app(
     app[keys.METRICS] = metrics
     app[keys.PRESENCE] = presence
     app[keys.SIO] = sio
-    app[keys.TASKS] = TaskGroup(f"node-{settings.node_id}")
+    app[keys.TASKS] = node_tasks
     app[keys.REST_BUCKETS] = {}
     app[keys.HEALTH] = ObservedHealth(store, manager)
     app[keys.CALLS] = calls

@@ -264,3 +264,35 @@ def end(call: Call, reason: str, detail: str, now: float) -> Call:
         ended_at=now,
         timeline=_log(call, now, state.value, detail),
     )
+
+
+# --- reading a call back ---------------------------------------------------------------------
+
+
+def last_changed(call: Call) -> float:
+    """When the call last changed in a way its parties were told (its latest timeline entry)."""
+    return call.timeline[-1].at if call.timeline else call.created_at
+
+
+def ring_reasons(call: Call) -> tuple[str, ...]:
+    """The routing reasons of the current ring (``call:ring``'s ``reasons``), from its log."""
+    prefix = f"{call.agent_id}: "
+    for entry in reversed(call.timeline):
+        if entry.event == "routed":
+            if entry.detail.startswith(prefix):
+                return tuple(r for r in entry.detail[len(prefix) :].split("; ") if r)
+            return ()
+    return ()
+
+
+def rings_over(call: Call) -> dict[str, str]:
+    """Each agent whose ring for this browser call is over, with the ``call:ring_stop``
+    reason they were sent: the agents tried (declined or no answer, in the order of the
+    timeline), then the last agent once the call stopped ringing for them."""
+    ends = [e.event for e in call.timeline if e.event in ("declined", "no_answer")]
+    over = dict(zip(call.tried, ends, strict=False))
+    agent = call.agent_id
+    if agent is not None and call.state is not CallState.RINGING and agent not in over:
+        answered = call.connected_at is not None or call.state is CallState.CONNECTED
+        over[agent] = "answered" if answered else (call.reason or "no_answer")
+    return over

@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
@@ -33,7 +33,8 @@ from gateway.routing import (
     availability,
     route,
 )
-from gateway.store.base import CallRow, Store
+from gateway.store.base import UNAVAILABLE_ERRORS, CallRow, Store
+from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,13 @@ RESERVATION_GRACE_S = 10.0
 # Once connected, the agent stays reserved until the call ends: presence says on_call too,
 # but another node's copy of presence may lag, and only the reservation is atomic.
 CALL_HOLD_S = 4 * 3600.0
+# What a store outage interrupted (a visitor left, a ring to stop) is tried again, at most
+# this far apart once the outage is long, and for this long before it is given up.
+RETRY_MAX_DELAY_S = 2.0
+RETRY_FOR_S = 3600.0
+# After a node missed other nodes' emits, it replays at most this many of each site's most
+# recently changed calls to its sockets (CallService.replay_since).
+REPLAY_LIMIT = 200
 # Candidates offered to the store per reservation round trip (Store.reserve_first).
 RESERVE_BATCH = 16
 NO_AGENT_DETAIL = {
@@ -82,6 +90,12 @@ class CallNotifier(Protocol):
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None: ...
 
+    async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
+        """The call's current state to this node's own sockets only: ``call:ring_stop`` to
+        each agent in ``rings_over`` (with its reason), ``call:ring`` to the agent when
+        ``ring`` is given, and ``call:update`` to the visitor, the call's agent and the board.
+        Each repeats what a socket may already have had, which clients take as no change."""
+
 
 def ring_timer_id(call: Call) -> str:
     return f"{RING_TIMER}:{call.call_id}:{call.attempt}"
@@ -94,9 +108,11 @@ class CallService:
         store: Store,
         presence: PresenceService,
         notifier: CallNotifier,
+        tasks: TaskGroup,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._sites = sites
+        self._tasks = tasks
         self._store = store
         self._presence = presence
         self._notify = notifier
@@ -197,7 +213,17 @@ class CallService:
         self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str
     ) -> None:
         """End a waiting call at once (an agent must not ring for nobody); give a connected
-        one a grace period to come back on a new socket."""
+        one a grace period to come back on a new socket. Nothing else would ever do it (the
+        socket is gone), so a store outage only delays it: it is tried until the store is
+        back."""
+        await self.until_stored(
+            partial(self._visitor_left, site_id, visitor_id, visitor_sid, call_id),
+            f"visitor-left:{call_id}",
+        )
+
+    async def _visitor_left(
+        self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str
+    ) -> None:
         try:
             call = await self.get(call_id)
         except ApiError:
@@ -298,14 +324,46 @@ class CallService:
 
     async def agent_left(self, site_id: str, agent_id: str, call_ids: set[str]) -> None:
         """An agent's socket closed: end the browser calls it was talking on (a callback's
-        audio is on the agent's phone, which does not care about the tab)."""
+        audio is on the agent's phone, which does not care about the tab). As for a visitor,
+        a store outage only delays it."""
         for call_id in call_ids:
+            await self.until_stored(partial(self._agent_left, call_id), f"agent-left:{call_id}")
+
+    async def _agent_left(self, call_id: str) -> None:
+        try:
+            if (await self.get(call_id)).channel is CallChannel.CALLBACK:
+                return
+            await self._end(call_id, "agent_left", "The agent's connection dropped")
+        except ApiError:
+            pass  # already ended
+
+    async def until_stored(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``step``, which must be idempotent; while the store is unreachable, run it
+        again in the background with backoff, instead of losing it with the error."""
+        try:
+            await step()
+        except UNAVAILABLE_ERRORS as e:
+            log.warning("%s: store unreachable (%r); retrying until it is back", name, e)
             try:
-                if (await self.get(call_id)).channel is CallChannel.CALLBACK:
-                    continue
-                await self._end(call_id, "agent_left", "The agent's connection dropped")
-            except ApiError:
-                pass  # already ended
+                self._tasks.spawn(self._retry(step, name), name)
+            except RuntimeError:
+                log.error("%s: lost, the node is shutting down", name)
+
+    async def _retry(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        delay = 0.25
+        give_up_at = self._clock() + RETRY_FOR_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await step()
+            except UNAVAILABLE_ERRORS as e:
+                if self._clock() > give_up_at:
+                    log.error("%s: store unreachable for too long (%r); giving up", name, e)
+                    return
+                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+            else:
+                log.info("%s: done now that the store is back", name)
+                return
 
     # --- signaling -------------------------------------------------------------------------------
 
@@ -396,7 +454,12 @@ class CallService:
             return call
         if before.agent_id is not None:
             if before.state is CallState.RINGING:
-                await self._after_ring(before, call, before.agent_id, reason)
+                # The call has ended: the agent's ring must stop and her reservation go, even
+                # when the store fails right after (each step can be done twice).
+                await self.until_stored(
+                    partial(self._after_ring, before, call, before.agent_id, reason),
+                    f"ring-over:{call_id}",
+                )
                 return call
             if before.state is CallState.CONNECTED:
                 await self._store.release_agent(call.site, before.agent_id, call.call_id)
@@ -404,6 +467,41 @@ class CallService:
                 await self._store.record_served(call.site, call.visitor_id, before.agent_id)
         await self._notify.call_update(call)
         return call
+
+    def _ring_payload(self, call: Call, last_agent: str | None, reasons: tuple[str, ...]) -> Json:
+        """``call:ring`` of a browser call."""
+        assert call.ring_expires_at is not None
+        last = self._sites[call.site].agents.get(last_agent) if last_agent else None
+        return {
+            "call_id": call.call_id,
+            "channel": call.channel.value,
+            "visitor": {
+                "id": call.visitor_id,
+                "language": call.request.language,
+                "page": call.request.page,
+                "returning": last_agent is not None,
+                "last_agent": last.name if last else None,
+            },
+            "expires_at": iso(call.ring_expires_at),
+            "reasons": list(reasons),
+        }
+
+    async def replay_since(self, since: float) -> None:
+        """This node heard no other node's emits from about ``since`` (its socket.io listener
+        lost Redis): tell its own sockets where each call that changed since then stands, as
+        the emits they missed would have (pub/sub does not keep them)."""
+        for site_id in self._sites:
+            # Oldest first, as the emits would have come.
+            for row in reversed(await self._store.list_calls(site_id, REPLAY_LIMIT)):
+                call = call_from_record(row.data, row.version)
+                if calls.last_changed(call) < since:
+                    continue
+                ring = None
+                if call.channel is CallChannel.WEBRTC and call.state is CallState.RINGING:
+                    last_agent = await self._store.last_agent(call.site, call.visitor_id)
+                    ring = self._ring_payload(call, last_agent, calls.ring_reasons(call))
+                over = calls.rings_over(call) if call.channel is CallChannel.WEBRTC else {}
+                await self._notify.replay(call, ring, over)
 
     async def _route(self, call: Call, last_agent: str | None) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
@@ -461,24 +559,10 @@ class CallService:
                 self.ringing.end(call.site, agent.agent_id, call.call_id)
                 await self._store.release_agent(call.site, agent.agent_id, call.call_id)
                 return await self.get(call.call_id)  # canceled meanwhile
-            assert ringing.ring_expires_at is not None
-            last = site.agents.get(last_agent) if last_agent else None
             await self._notify.ring(
-                ringing,
-                {
-                    "call_id": ringing.call_id,
-                    "channel": ringing.channel.value,
-                    "visitor": {
-                        "id": ringing.visitor_id,
-                        "language": r.language,
-                        "page": r.page,
-                        "returning": last_agent is not None,
-                        "last_agent": last.name if last else None,
-                    },
-                    "expires_at": iso(ringing.ring_expires_at),
-                    "reasons": list(candidate.reasons),
-                },
+                ringing, self._ring_payload(ringing, last_agent, candidate.reasons)
             )
+            assert ringing.ring_expires_at is not None
             # The ring goes out before its timeout is stored, a round trip sooner. Should the
             # node die in between, the reservation lapses as it would have a moment later; a
             # timer stored after an accept finds the call answered and does nothing.

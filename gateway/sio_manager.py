@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -17,6 +18,21 @@ from gateway.store.redis_lane import RedisLane, RedisSubscription
 from gateway.tasks import raise_if_cancelling
 
 BATCH = "membrane_emit_batch"
+# A rejoining listener replays the calls changed since it last heard Redis, less this much:
+# another node's clock may be a little behind, and its emit a little late.
+REPLAY_MARGIN_S = 2.0
+
+
+def _deliver(inbox: collections.deque[str | None], arrived: asyncio.Event, message: str) -> None:
+    inbox.append(message)
+    arrived.set()
+
+
+def _lost(
+    inbox: collections.deque[str | None], arrived: asyncio.Event, _: asyncio.Future[None]
+) -> None:
+    inbox.append(None)  # the subscription is gone: resubscribe
+    arrived.set()
 
 
 class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -24,6 +40,9 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         super().__init__(url=url, channel=channel)
         self.listening = False
         self.last_error = ""
+        self.on_rejoin: Callable[[float], Awaitable[None]] | None = None
+        """Called with a wall-clock time when the listener subscribed again after missing
+        emits from about then on (CallService.replay_since)."""
         # Emits are published over a pipelined connection of their own (see
         # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
         self._lane = RedisLane(url)
@@ -113,23 +132,28 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         """Other nodes' emits, over a hiredis subscription (store.redis_lane) rather than
         redis-py's PubSub, whose per-message parsing cost several times more CPU. On a lost
         or silent connection: resubscribe with backoff capped at 5 s, so a node rejoins soon
-        after Redis comes back."""
+        after Redis comes back, and have the calls changed meanwhile replayed (``on_rejoin``),
+        since the emits published while it was away are gone."""
         retry_sleep = 0.1
+        heard_at: float | None = None  # when it last knew it was subscribed (wall clock)
+        deaf_since: float | None = None
         while True:
             inbox: collections.deque[str | None] = collections.deque()
             arrived = asyncio.Event()
-
-            def deliver(message: str | None, inbox: Any = inbox, arrived: Any = arrived) -> None:
-                inbox.append(message)
-                arrived.set()
-
-            subscription = RedisSubscription(deliver)
+            # Bound now, to this subscription's own inbox: a closure over the loop's
+            # variables would let each closing subscription wake the next one with its
+            # "lost" (None), which then gave up at once, for good (seen after a Redis pause).
+            subscription = RedisSubscription(partial(_deliver, inbox, arrived))
             try:
                 await subscription.open(self.redis_url, self.channel)
                 assert subscription.closed is not None
-                subscription.closed.add_done_callback(lambda _: deliver(None))
+                subscription.closed.add_done_callback(partial(_lost, inbox, arrived))
+                if deaf_since is not None:
+                    await self._rejoined(deaf_since)
+                    deaf_since = None
                 self.listening, self.last_error = True, ""
                 retry_sleep = 0.1
+                heard_at = time.time()
                 while True:
                     while inbox:
                         message = inbox.popleft()
@@ -150,15 +174,26 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                             raise RedisConnectionError(
                                 "subscription stopped answering pings"
                             ) from None
+                    heard_at = time.time()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if deaf_since is None and heard_at is not None:
+                    deaf_since = heard_at - REPLAY_MARGIN_S
                 self.listening, self.last_error = False, repr(exc)
                 self._get_logger().warning("socket.io Redis listener lost: %r", exc)
                 await asyncio.sleep(retry_sleep)
                 retry_sleep = min(retry_sleep * 2, 5.0)
             finally:
                 subscription.close()
+
+    async def _rejoined(self, since: float) -> None:
+        if self.on_rejoin is None:
+            return
+        try:
+            await self.on_rejoin(since)
+        except Exception as exc:  # Redis failing again: the listener will notice on its own
+            self._get_logger().warning("replaying calls after rejoining failed: %r", exc)
 
     def _unbatch(self, message: str) -> list[Any]:
         """A batch's emits, each as the stock listener takes a decoded message."""

@@ -680,6 +680,35 @@ class SocketCallNotifier:
             namespace="/agent",
         )
 
+    async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
+        site = self.sites[call.site]
+        internal = call_to_wire(call, site, internal=True)
+        emits: list[tuple[str, Json, str, str]] = [
+            (
+                "call:ring_stop",
+                {"call_id": call.call_id, "reason": reason},
+                "/agent",
+                agent_room(call.site, agent_id),
+            )
+            for agent_id, reason in rings_over.items()
+        ]
+        if ring is not None and call.agent_id is not None:
+            emits.append(("call:ring", ring, "/agent", agent_room(call.site, call.agent_id)))
+        emits.append(
+            (
+                "call:update",
+                call_to_wire(call, site),
+                "/visitor",
+                visitor_room(call.site, call.visitor_id),
+            )
+        )
+        if call.agent_id is not None:
+            emits.append(("call:update", internal, "/agent", agent_room(call.site, call.agent_id)))
+        emits.append(("call:update", internal, "/board", site_room(call.site)))
+        for event, data, namespace, room in emits:
+            # Each node replays to its own sockets: published, every node's would get it.
+            await self.server.emit(event, data, to=room, namespace=namespace, ignore_queue=True)
+
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
         if to_agent:
             if call.agent_sid is None:

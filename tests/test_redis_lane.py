@@ -125,3 +125,28 @@ async def test_subscription_delivers_in_order_and_notices_a_dead_server(
     finally:
         sub.close()
         await lane.close()
+
+
+async def test_a_connection_closed_as_it_opens_fails_at_once_not_after_the_timeout() -> None:
+    """A server that hangs up straight away (Redis shutting down as the lane connects): the
+    lane kept the closed connection as its own, and every command waited for the watchdog
+    (seen as a node answering /readyz 200 after a Redis restart but refusing agents)."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lane = RedisLane(f"redis://127.0.0.1:{port}/0", timeout_s=2.0)
+    subscription = RedisSubscription(lambda _: None)
+    try:
+        for _ in range(10):
+            with pytest.raises(RedisConnectionError):
+                await asyncio.wait_for(lane.execute("PING"), 1.0)
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(subscription.open(f"redis://127.0.0.1:{port}/0", "c"), 1.0)
+    finally:
+        subscription.close()
+        await lane.close()
+        server.close()
+        await server.wait_closed()

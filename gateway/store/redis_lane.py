@@ -58,6 +58,7 @@ class _Protocol(asyncio.Protocol):
         self._on_reply = on_reply
         self._on_lost = on_lost
         self.transport: asyncio.Transport | None = None
+        self.gone = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only duck-typed alike.
@@ -69,6 +70,7 @@ class _Protocol(asyncio.Protocol):
             self._on_reply(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
         self._on_lost()
 
 
@@ -106,6 +108,11 @@ class RedisLane:
                     )
                 except (OSError, TimeoutError) as e:
                     raise RedisConnectionError(f"cannot reach Redis: {e!r}") from None
+                if protocol.gone:
+                    # Closed before it was ours (Redis shutting down as we connected): its
+                    # loss was ignored, and kept, it would hold every command until the
+                    # watchdog.
+                    raise RedisConnectionError("Redis closed the connection at once")
                 self._protocol = protocol
                 # AUTH / SELECT, queued before anything else can be (no await in between).
                 answers = [self._queue(protocol, command) for command in setup]
@@ -242,6 +249,8 @@ class RedisSubscription:
         except TimeoutError:
             self.close()
             raise RedisTimeoutError("SUBSCRIBE was not confirmed") from None
+        if self.closed.done():
+            raise RedisConnectionError("SUBSCRIBE was refused or the connection lost")
 
     def _reply(self, reply: Any) -> None:
         if isinstance(reply, list) and reply:
@@ -259,6 +268,7 @@ class RedisSubscription:
     def _lost(self) -> None:
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
+        self._subscribed.set()  # an open() still waiting fails now, not after its timeout
 
     async def ping(self, timeout_s: float) -> bool:
         """A subscribed connection answers PING too; no answer means a dead link."""
