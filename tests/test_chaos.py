@@ -667,7 +667,15 @@ async def test_chaos_loses_no_request_and_books_no_agent_twice(
             async def agents_free() -> bool:
                 return all(not a.open_holds() and a.status == "available" for a in agents)
 
-            await eventually(agents_free, 30)
+            try:
+                await eventually(agents_free, 30)
+            except TimeoutError:
+                raise AssertionError(
+                    "agents not free 30s after the load: "
+                    + "; ".join(
+                        f"{a.name} {a.status} on {a.node}: {a.open_holds()}" for a in agents
+                    )
+                ) from None
 
             # Presence: every node's board tells the truth within 5 s, also of changes made now.
             await boards_agree(http, cluster, dict.fromkeys(AGENTS, "available"))
