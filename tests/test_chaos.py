@@ -226,6 +226,23 @@ async def poll_readiness(cluster: Cluster, samples: list[Sample]) -> None:
             await asyncio.sleep(0.25)  # the polling period of a load balancer's health check
 
 
+def recoveries(cluster: Cluster, samples: list[Sample]) -> list[str]:
+    """For each outage: how long after Redis was back each node first answered 200, and how
+    long after it stopped each first answered 503."""
+    found = []
+    for start, end in cluster.outages:
+        up = {s.node: s.sent - end for s in reversed(samples) if s.sent >= end and s.status == 200}
+        down = {
+            s.node: s.sent - start
+            for s in reversed(samples)
+            if start <= s.sent < end and s.status == 503
+        }
+        found.append(
+            f"down {max(down.values(), default=-1):.1f}s / up {max(up.values(), default=-1):.1f}s"
+        )
+    return found
+
+
 def untruthful(cluster: Cluster, samples: list[Sample]) -> list[str]:
     """Answers that were wrong by more than the detection delay."""
     wrong = []
@@ -782,6 +799,12 @@ async def test_chaos_loses_no_request_and_books_no_agent_twice(
         connected = sum(1 for c in stored.values() if c.state is CallState.COMPLETED)
         assert connected >= 20, f"only {connected} calls completed: the load did not run"
 
+        print(  # shown when the test fails: what the load did
+            f"browser calls accepted {len(load.started)}, completed {connected};"
+            f" callbacks accepted {len(load.callbacks)}; refused {load.refused};"
+            f" /readyz answers {len(samples)}, 503s {sum(s.status == 503 for s in samples)};"
+            f" ready again after {recoveries(cluster, samples)}"
+        )
         # /readyz told the truth throughout.
         assert untruthful(cluster, samples) == []
 
