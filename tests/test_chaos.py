@@ -26,7 +26,7 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,16 @@ import aiohttp
 import orjson
 import pytest
 import socketio
-from conftest import RedisServer, eventually, free_port, make_settings, mint, node_process
+from conftest import (
+    NodeFactory,
+    RedisServer,
+    SocketClient,
+    eventually,
+    free_port,
+    make_settings,
+    mint,
+    node_process,
+)
 from redis import asyncio as aioredis
 from test_callback_nodes import (
     HANG_UP_AFTER,
@@ -50,10 +59,11 @@ from test_callback_nodes import (
 from test_callbacks import ANNA_PHONE, BEN_PHONE, ORIGIN, phone_settings, visitor_calls
 from twilio_sim import TwilioSim
 
+from gateway import appkeys as keys
 from gateway.call import FINAL_STATES, Call, CallState
 from gateway.codec import call_from_record
 from gateway.model import Role
-from gateway.settings import Settings, demo_config_text
+from gateway.settings import PresenceSettings, Settings, demo_config_text
 from gateway.tasks import TaskGroup
 
 CALLS_PER_S = 3.0
@@ -839,3 +849,54 @@ async def test_a_node_started_while_redis_is_down_waits_for_it(
         assert_waited_quietly(log.read_text())
         async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as r:
             assert r.status == 200
+
+
+async def test_a_visitor_back_while_redis_is_down_takes_their_call_over_once_it_is_back(
+    own_redis: RedisServer,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """The visitor's socket blips during a Redis outage (seen in the chaos test: the takeover
+    on connect failed with a traceback). The widget does not start the call again, so the
+    new socket must take the call over once Redis is back, before the grace timer of the
+    socket that left ends the call as visitor_left."""
+    presence = PresenceSettings(device_ttl_s=60.0, socket_ttl_s=60.0, sweep_interval_s=0.1)
+    node = await nodes(make_settings(tmp_path, redis_url=own_redis.url, presence=presence))
+    agent = clients()
+    await agent.connect(node.url, "/agent", {"token": mint(node.settings, "carla")})
+    r = await http.post(f"{node.url}/v1/sites/acme/sessions", json={}, headers=ORIGIN)
+    token = (await r.json())["token"]
+    first = clients()
+    await first.connect(node.url, "/visitor", {"token": token})
+    ack = await first.call("call:start", {}, "/visitor")
+    call_id = ack["call"]["call_id"]
+    await agent.next("call:ring")
+    assert (await agent.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
+    await first.next("call:update", lambda c: c["state"] == "connected")
+
+    await first.close()  # its grace timer starts: 10 s
+    own_redis.stop()
+    again = clients()
+    await again.connect(node.url, "/visitor", {"token": token})
+    # Its takeover was tried (and failed) on connect; the widget sends nothing before it
+    # hears of its call: a start from a confused client is refused, not a second call.
+    refused = await again.call("call:start", {}, "/visitor")
+    assert refused["error"]["code"] == "store_unavailable", refused
+    own_redis.start()
+    taken = await again.next("call:update", lambda c: c["call_id"] == call_id, timeout=8)
+    assert taken["state"] == "connected"
+    # Taken over: the call is this socket's now, so the grace timer of the one that left
+    # will not end it (a replay of the call to the visitor's room alone would not do that).
+    sid = again.sio.get_sid("/visitor")
+
+    async def taken_over() -> bool:
+        row = await node.app[keys.STORE].get_call(call_id)
+        return row is not None and row.data["visitor_sid"] == sid
+
+    await eventually(taken_over, 5)
+    # Signals go to the new socket: the call is this socket's now.
+    offer = {"call_id": call_id, "description": {"type": "offer", "sdp": "v=0"}}
+    assert (await again.call("rtc:signal", offer, "/visitor"))["ok"]
+    assert (await agent.next("rtc:signal"))["description"]["type"] == "offer"
