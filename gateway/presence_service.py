@@ -109,9 +109,6 @@ class PresenceService:
         self._listeners: list[PresenceListener] = []
         self._lapse_listeners: list[LapseListener] = []
         self._socket_devices: dict[str, DeviceRef] = {}
-        # Each held socket device's last update: what to put back if its lease lapses while
-        # its socket is still here (see _restore).
-        self._socket_states: dict[DeviceRef, DeviceUpdate] = {}
 
     # --- directory ---------------------------------------------------------------------------
 
@@ -177,9 +174,6 @@ class PresenceService:
         agent = self.agent(site_id, agent_id)
         now = self._clock()
         ttl = self._settings.device_ttl_s if ttl_s is None else ttl_s
-        ref = DeviceRef(site_id, agent_id, update.device_id)
-        if ref in self._socket_states:
-            self._socket_states[ref] = update
         device = Device(
             update.device_id, update.kind, update.state, update.priority, now, now + ttl
         )
@@ -281,35 +275,11 @@ class PresenceService:
 
     # --- leases --------------------------------------------------------------------------------
 
-    def hold_socket_device(self, sid: str, ref: DeviceRef, update: DeviceUpdate) -> None:
+    def hold_socket_device(self, sid: str, ref: DeviceRef) -> None:
         self._socket_devices[sid] = ref
-        self._socket_states[ref] = update
 
     def release_socket_device(self, sid: str) -> DeviceRef | None:
-        ref = self._socket_devices.pop(sid, None)
-        if ref is not None:
-            self._socket_states.pop(ref, None)
-        return ref
-
-    async def _renew(self, refs: list[DeviceRef], now: float) -> None:
-        ttl = self._settings.socket_ttl_s
-        for ref in await self._store.touch_devices(refs, now, now + ttl):
-            await self._restore(ref)
-
-    async def _restore(self, ref: DeviceRef) -> None:
-        """A socket device gone from the store while its socket is still here: its lease
-        lapsed because Redis did not answer for longer than the lease (a pause, a failover),
-        and a sweeper reported the agent offline. The socket is the device, so it is put
-        back as it was; renewal alone never revives a device, or a connected agent would
-        stay offline until they reconnected. A socket that left is no longer held (released
-        before its device is removed), so nothing it removed comes back."""
-        update = self._socket_states.get(ref)
-        if update is None:
-            return
-        log.info(
-            "socket device %s of %s lapsed while connected; put back", ref.device_id, ref.agent_id
-        )
-        await self.set_device(ref.site, ref.agent_id, update, self._settings.socket_ttl_s)
+        return self._socket_devices.pop(sid, None)
 
     async def sweep(self) -> int:
         """Report devices whose lease lapsed (on any node) as offline; returns agents changed."""
@@ -329,7 +299,9 @@ class PresenceService:
         return len(lapsed)
 
     async def renew_socket_leases(self) -> None:
-        await self._renew(list(self._socket_devices.values()), self._clock())
+        now = self._clock()
+        refs = list(self._socket_devices.values())
+        await self._store.touch_devices(refs, now, now + self._settings.socket_ttl_s)
 
     async def run_sweeper(self) -> None:
         while True:
@@ -350,9 +322,10 @@ class PresenceService:
             slices = max(1, math.ceil(len(refs) / LEASE_SLICE))
             for i in range(slices):
                 await asyncio.sleep(interval / slices)
+                now = self._clock()
                 chunk = refs[i * LEASE_SLICE : (i + 1) * LEASE_SLICE]
                 try:
-                    await self._renew(chunk, self._clock())
+                    await self._store.touch_devices(chunk, now, now + self._settings.socket_ttl_s)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:

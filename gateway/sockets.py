@@ -470,7 +470,7 @@ class AgentNamespace(BaseNamespace):
         update = device_update_from_wire(
             {"kind": DeviceKind.DESKTOP.value, "state": state.value}, ref.device_id
         )
-        self.presence.hold_socket_device(sid, ref, update)
+        self.presence.hold_socket_device(sid, ref)
         await self.presence.set_device(claims.site, claims.sub, update, self.socket_ttl_s)
         return ref
 

@@ -23,9 +23,7 @@ from conftest import (
     mint,
 )
 
-from gateway import appkeys as keys
 from gateway.model import Role
-from gateway.settings import PresenceSettings
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -318,39 +316,3 @@ async def test_a_huge_number_is_refused_cheaply(
     await c.sio.eio.send('2/agent,["presence:set",{"kind":"desktop","priority":' + huge + "}]")
     ack = await c.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent")
     assert ack["ok"], "the connection survives and keeps working"
-
-
-@pytest.mark.parametrize("store_kind", ["embedded", "redis"])
-async def test_a_connected_agent_whose_lease_lapsed_is_put_back(
-    request: pytest.FixtureRequest,
-    store_kind: str,
-    nodes: NodeFactory,
-    tmp_path: Path,
-    http: aiohttp.ClientSession,
-    clients: Callable[[], SocketClient],
-) -> None:
-    """Redis did not answer for longer than a socket's lease (a pause, a failover), so a
-    sweeper claimed the lapse and reported the agent offline while her socket stayed
-    connected. Her node puts the socket's device back as it last was, instead of leaving a
-    connected agent offline until she reconnects (seen in tests/test_chaos.py)."""
-    url = request.getfixturevalue("redis_url") if store_kind == "redis" else ""
-    presence = PresenceSettings(device_ttl_s=60.0, socket_ttl_s=1.5, sweep_interval_s=0.1)
-    node = await nodes(make_settings(tmp_path, redis_url=url, presence=presence))
-    agent = clients()
-    await agent.connect(node.url, "/agent", {"token": mint(node.settings, "anna")})
-    ack = await agent.call("presence:set", {"kind": "desktop", "state": "busy"}, "/agent")
-    assert ack["presence"]["status"] == "busy"
-    # As the first sweeper to run once Redis answers again would:
-    assert await node.app[keys.STORE].claim_lapsed(time.time() + 3600) == [("acme", "anna")]
-    seen: list[Any] = []
-
-    async def put_back() -> bool:
-        r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(mint(node.settings, "anna")))
-        seen.append(await r.json())
-        return bool(seen[-1]["status"] == "busy")
-
-    try:
-        await eventually(put_back, 3.0)  # renewals run every 0.5 s
-    except TimeoutError:
-        raise AssertionError(f"still {seen[-1]}") from None
-    assert [d["state"] for d in seen[-1]["devices"]] == ["busy"]

@@ -144,7 +144,7 @@ async def test_touch_renews_a_lease_but_never_revives_a_removed_device(open_stor
     await store.put_device("acme", "ben", device("desk", now, ttl=1))
     await store.remove_device("acme", "ben", "desk")
     refs = [DeviceRef("acme", "anna", "desk"), DeviceRef("acme", "ben", "desk")]
-    assert await store.touch_devices(refs, now + 0.5, now + 10) == refs[1:], "ben's is missing"
+    await store.touch_devices(refs, now + 0.5, now + 10)
     assert await store.claim_lapsed(now + 5) == []
     anna = (await store.get_presence("acme", "anna")).devices[0]
     assert anna.expires_at == pytest.approx(now + 10) and anna.last_seen == pytest.approx(now + 0.5)

@@ -105,9 +105,8 @@ class Store(Protocol):
 
     async def touch_devices(
         self, refs: Sequence[DeviceRef], last_seen: float, expires_at: float
-    ) -> list[DeviceRef]:
-        """Extend existing devices' leases; a device removed meanwhile stays removed.
-        Returns the refs it found no device for (removed, or lapsed and claimed)."""
+    ) -> None:
+        """Extend existing devices' leases; a device removed meanwhile stays removed."""
 
     async def get_presence(self, site: str, agent_id: str) -> PresenceRecord: ...
 

@@ -115,7 +115,6 @@ return redis.call('HGETALL', KEYS[1])
 # KEYS: lapse zset. ARGV: last_seen, expires_at, then per device: hash key, device id, member.
 _TOUCH_DEVICES = """
 local last_seen, expires_at = tonumber(ARGV[1]), tonumber(ARGV[2])
-local missing = {}
 for i = 3, #ARGV, 3 do
   local raw = redis.call('HGET', ARGV[i], ARGV[i + 1])
   if raw then
@@ -124,11 +123,9 @@ for i = 3, #ARGV, 3 do
     d['expires_at'] = expires_at
     redis.call('HSET', ARGV[i], ARGV[i + 1], cjson.encode(d))
     redis.call('ZADD', KEYS[1], expires_at, ARGV[i + 2])
-  else
-    table.insert(missing, (i - 3) / 3)
   end
 end
-return missing
+return 0
 """
 
 # KEYS: lapse zset. ARGV: now, batch size. Returns the "site\\nagent" pairs it removed.
@@ -485,22 +482,18 @@ class RedisStore:
 
     async def touch_devices(
         self, refs: Sequence[DeviceRef], last_seen: float, expires_at: float
-    ) -> list[DeviceRef]:
+    ) -> None:
         # One script for many devices: a node renews thousands of leases, and one command
         # each cost the node and Redis far more than the renewals themselves.
-        missing: list[DeviceRef] = []
         for start in range(0, len(refs), 500):
-            chunk = refs[start : start + 500]
             args: list[str | float] = [last_seen, expires_at]
-            for ref in chunk:
+            for ref in refs[start : start + 500]:
                 args += (
                     _device_key(ref.site, ref.agent_id),
                     ref.device_id,
                     _lapse_member(ref.site, ref.agent_id, ref.device_id),
                 )
-            found = await self._lane.run_script(_TOUCH_DEVICES, [LAPSE_KEY], args)
-            missing += (chunk[int(i)] for i in found)
-        return missing
+            await self._lane.run_script(_TOUCH_DEVICES, [LAPSE_KEY], args)
 
     async def get_presence(self, site: str, agent_id: str) -> PresenceRecord:
         fields: dict[str, str] = await self._redis.hgetall(_device_key(site, agent_id))  # type: ignore[assignment]
