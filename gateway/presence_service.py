@@ -109,6 +109,9 @@ class PresenceService:
         self._listeners: list[PresenceListener] = []
         self._lapse_listeners: list[LapseListener] = []
         self._socket_devices: dict[str, DeviceRef] = {}
+        # What each socket device held here last said about itself, to put it back should
+        # its lease lapse while the socket is still connected (see _restore).
+        self._socket_updates: dict[DeviceRef, DeviceUpdate | None] = {}
 
     # --- directory ---------------------------------------------------------------------------
 
@@ -170,6 +173,15 @@ class PresenceService:
 
     async def set_device(
         self, site_id: str, agent_id: str, update: DeviceUpdate, ttl_s: float | None = None
+    ) -> Presence:
+        presence = await self._set_device(site_id, agent_id, update, ttl_s)
+        ref = DeviceRef(site_id, agent_id, update.device_id)
+        if ref in self._socket_updates:
+            self._socket_updates[ref] = update
+        return presence
+
+    async def _set_device(
+        self, site_id: str, agent_id: str, update: DeviceUpdate, ttl_s: float | None
     ) -> Presence:
         agent = self.agent(site_id, agent_id)
         now = self._clock()
@@ -277,9 +289,24 @@ class PresenceService:
 
     def hold_socket_device(self, sid: str, ref: DeviceRef) -> None:
         self._socket_devices[sid] = ref
+        self._socket_updates[ref] = None
 
     def release_socket_device(self, sid: str) -> DeviceRef | None:
-        return self._socket_devices.pop(sid, None)
+        ref = self._socket_devices.pop(sid, None)
+        if ref is not None:
+            self._socket_updates.pop(ref, None)
+        return ref
+
+    async def _restore(self, gone: list[DeviceRef]) -> None:
+        """Devices of sockets still connected here whose leases lapsed anyway: this node
+        could not renew them while the store did not answer (a Redis pause longer than a
+        lease's slack), and a sweeper claimed them once it answered again. Renewal never
+        revives a removed device, so without this the agent stayed offline while connected."""
+        for ref in gone:
+            update = self._socket_updates.get(ref)
+            if update is not None:
+                log.info("restoring %s of %s: lapsed while connected", ref.device_id, ref.agent_id)
+                await self.set_device(ref.site, ref.agent_id, update, self._settings.socket_ttl_s)
 
     async def sweep(self) -> int:
         """Report devices whose lease lapsed (on any node) as offline; returns agents changed."""
@@ -301,7 +328,9 @@ class PresenceService:
     async def renew_socket_leases(self) -> None:
         now = self._clock()
         refs = list(self._socket_devices.values())
-        await self._store.touch_devices(refs, now, now + self._settings.socket_ttl_s)
+        await self._restore(
+            await self._store.touch_devices(refs, now, now + self._settings.socket_ttl_s)
+        )
 
     async def run_sweeper(self) -> None:
         while True:
@@ -325,7 +354,11 @@ class PresenceService:
                 now = self._clock()
                 chunk = refs[i * LEASE_SLICE : (i + 1) * LEASE_SLICE]
                 try:
-                    await self._store.touch_devices(chunk, now, now + self._settings.socket_ttl_s)
+                    await self._restore(
+                        await self._store.touch_devices(
+                            chunk, now, now + self._settings.socket_ttl_s
+                        )
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:

@@ -13,6 +13,7 @@ from typing import Any
 import socketio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.store.redis import PING_INTERVAL_S
 from gateway.store.redis_lane import RedisLane, RedisSubscription
 from gateway.tasks import raise_if_cancelling
@@ -188,12 +189,17 @@ class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 subscription.close()
 
     async def _rejoined(self, since: float) -> None:
+        """Replay what was missed. The store failing again fails the listener too, so that it
+        replays from the same time once it is back; any other failure is logged and passed
+        over, or a bug in one call's record would keep the node unready for good."""
         if self.on_rejoin is None:
             return
         try:
             await self.on_rejoin(since)
-        except Exception as exc:  # Redis failing again: the listener will notice on its own
-            self._get_logger().warning("replaying calls after rejoining failed: %r", exc)
+        except UNAVAILABLE_ERRORS:
+            raise
+        except Exception:
+            self._get_logger().exception("replaying calls after rejoining failed")
 
     def _unbatch(self, message: str) -> list[Any]:
         """A batch's emits, each as the stock listener takes a decoded message."""

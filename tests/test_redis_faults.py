@@ -116,8 +116,9 @@ async def test_nodes_are_ready_and_hear_each_other_again_after_redis_pauses(
     try:
         for node in (a, b):
             await eventually(partial(answers, http, node, 503), 5)
-        # A change while Redis is away is refused once the lane's watchdog gives up on it.
-        ack = await agent.call("presence:set", {"kind": "desktop", "state": "dnd"}, "/agent", 15)
+        # A change while Redis is away is refused once the lane's watchdog gives up on it
+        # (Redis may still apply it when it resumes: "away" is not what is awaited below).
+        ack = await agent.call("presence:set", {"kind": "desktop", "state": "away"}, "/agent", 15)
         assert ack["error"]["code"] == "store_unavailable", ack
         # Both nodes' socket.io listeners noticed that their subscription went silent.
         for node in (a, b):
@@ -306,3 +307,45 @@ async def test_a_ring_stop_the_store_interrupts_is_finished_once_it_answers(
     assert stop == {"call_id": call_id, "reason": "visitor_hung_up"}
     assert admin.zscore("m:timers", f"ring:{call_id}:1") is None
     admin.close()
+
+
+async def test_agents_whose_leases_lapse_in_a_pause_come_back_while_connected(
+    own_redis: RedisServer,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """A pause longer than a socket lease's slack: the node could not renew it, and once
+    Redis answers a sweeper reports the agent offline. Her socket is still connected, so
+    her node puts her device back (renewal never revives a removed device: she stayed
+    offline until she reconnected)."""
+    settings = replace(
+        make_settings(tmp_path, redis_url=own_redis.url),
+        presence=PresenceSettings(device_ttl_s=60.0, socket_ttl_s=3.0, sweep_interval_s=0.1),
+    )
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    board = clients()
+    await board.connect(a.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    anna = clients()
+    await anna.connect(b.url, "/agent", {"token": mint(settings, "anna"), "state": "dnd"})
+    await board.next("presence:update", status_of("anna", "dnd"))
+
+    pause(own_redis)
+    try:
+        # Longer than the 3 s lease: the lane gives up on this after 5 s.
+        ack = await anna.call("presence:set", {"kind": "desktop", "state": "dnd"}, "/agent", 15)
+        assert ack["error"]["code"] == "store_unavailable", ack
+    finally:
+        resume(own_redis)
+
+    await board.next("presence:update", status_of("anna", "offline"), timeout=10)
+    back = await board.next("presence:update", status_of("anna", "dnd"), timeout=5)
+    assert back["devices"][0]["kind"] == "desktop", "as her socket last said: dnd"
+    await eventually(partial(answers, http, b, 200), 10)
+    r = await http.get(
+        f"{b.url}/v1/sites/acme/agents",
+        headers={"Authorization": f"Bearer {mint(settings, 'sam', Role.SUPERVISOR)}"},
+    )
+    assert next(p for p in await r.json() if p["agent_id"] == "anna")["status"] == "dnd"

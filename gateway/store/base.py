@@ -105,8 +105,9 @@ class Store(Protocol):
 
     async def touch_devices(
         self, refs: Sequence[DeviceRef], last_seen: float, expires_at: float
-    ) -> None:
-        """Extend existing devices' leases; a device removed meanwhile stays removed."""
+    ) -> list[DeviceRef]:
+        """Extend existing devices' leases; a device removed meanwhile stays removed. Returns
+        the refs whose device was gone."""
 
     async def get_presence(self, site: str, agent_id: str) -> PresenceRecord: ...
 

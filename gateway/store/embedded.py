@@ -203,17 +203,20 @@ class EmbeddedStore:
 
     async def touch_devices(
         self, refs: Sequence[DeviceRef], last_seen: float, expires_at: float
-    ) -> None:
+    ) -> list[DeviceRef]:
+        gone = []
         for ref in refs:
             entry = self._agents.get((ref.site, ref.agent_id))
             device = entry.devices.get(ref.device_id) if entry else None
             if entry is None or device is None:
+                gone.append(ref)
                 continue
             entry.devices[ref.device_id] = replace(
                 device, last_seen=last_seen, expires_at=expires_at
             )
             heapq.heappush(self._lapses, (expires_at, ref.site, ref.agent_id, ref.device_id))
             self._record(entry, bump=False)
+        return gone
 
     async def get_presence(self, site: str, agent_id: str) -> PresenceRecord:
         entry = self._agents.get((site, agent_id))

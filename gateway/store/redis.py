@@ -113,8 +113,10 @@ return redis.call('HGETALL', KEYS[1])
 
 # Renew leases, each only if its device still exists, so a removal is never undone.
 # KEYS: lapse zset. ARGV: last_seen, expires_at, then per device: hash key, device id, member.
+# Returns the (0-based) positions of the devices that were gone.
 _TOUCH_DEVICES = """
 local last_seen, expires_at = tonumber(ARGV[1]), tonumber(ARGV[2])
+local gone = {}
 for i = 3, #ARGV, 3 do
   local raw = redis.call('HGET', ARGV[i], ARGV[i + 1])
   if raw then
@@ -123,9 +125,11 @@ for i = 3, #ARGV, 3 do
     d['expires_at'] = expires_at
     redis.call('HSET', ARGV[i], ARGV[i + 1], cjson.encode(d))
     redis.call('ZADD', KEYS[1], expires_at, ARGV[i + 2])
+  else
+    table.insert(gone, (i - 3) / 3)
   end
 end
-return 0
+return gone
 """
 
 # KEYS: lapse zset. ARGV: now, batch size. Returns the "site\\nagent" pairs it removed.
@@ -482,9 +486,10 @@ class RedisStore:
 
     async def touch_devices(
         self, refs: Sequence[DeviceRef], last_seen: float, expires_at: float
-    ) -> None:
+    ) -> list[DeviceRef]:
         # One script for many devices: a node renews thousands of leases, and one command
         # each cost the node and Redis far more than the renewals themselves.
+        gone: list[DeviceRef] = []
         for start in range(0, len(refs), 500):
             args: list[str | float] = [last_seen, expires_at]
             for ref in refs[start : start + 500]:
@@ -493,7 +498,9 @@ class RedisStore:
                     ref.device_id,
                     _lapse_member(ref.site, ref.agent_id, ref.device_id),
                 )
-            await self._lane.run_script(_TOUCH_DEVICES, [LAPSE_KEY], args)
+            missing = await self._lane.run_script(_TOUCH_DEVICES, [LAPSE_KEY], args)
+            gone += (refs[start + int(i)] for i in missing)
+        return gone
 
     async def get_presence(self, site: str, agent_id: str) -> PresenceRecord:
         fields: dict[str, str] = await self._redis.hgetall(_device_key(site, agent_id))  # type: ignore[assignment]
