@@ -66,7 +66,7 @@ from gateway.model import Role
 from gateway.settings import PresenceSettings, Settings, demo_config_text
 from gateway.tasks import TaskGroup
 
-CALLS_PER_S = 3.0
+CALLS_PER_S = 5.0
 """Browser calls started per second, over all nodes."""
 CALLBACK_EVERY_S = 2.0
 HOLD_S = 0.3
