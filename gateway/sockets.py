@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import engineio
@@ -887,6 +888,14 @@ class VisitorNamespace(BaseNamespace):
         return None
 
     async def on_joined(self, sid: str, session: Session) -> None:
+        # A visitor back while the store is unreachable (a blip during a Redis outage) takes
+        # their call over once it answers: the widget does not start the call again, and the
+        # grace timer of the socket that left would otherwise end it while they are here.
+        await self.calls.until_stored(partial(self._take_over, sid, session), f"takeover:{sid}")
+
+    async def _take_over(self, sid: str, session: Session) -> None:
+        if sid not in self.sessions:
+            return  # gone again before the store answered
         call = await self.calls.resume(session.claims.site, session.claims.sub, sid)
         if call is not None:
             session.calls.add(call.call_id)

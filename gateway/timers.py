@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from gateway.store.base import Store
+from gateway.store.base import UNAVAILABLE_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ class TimerLoop:
             again = await handler(rest)
         except asyncio.CancelledError:
             raise
+        except UNAVAILABLE_ERRORS as e:
+            # An outage, not a bug: no traceback (one per timer due while Redis is away).
+            log.warning(
+                "timer %s: store unreachable (%r); it will run again after its lease", timer_id, e
+            )
+            return
         except Exception:
             log.exception("timer %s failed; it will run again after its lease", timer_id)
             return

@@ -26,6 +26,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from gateway import appkeys as keys
 from gateway.errors import ApiError, invalid_payload
 from gateway.settings import Settings
+from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.telephony import (
     AnsweredBy,
     Bridge,
@@ -318,6 +319,11 @@ def _log_failure(what: str, hook: Webhook, error: Exception) -> None:
             hook.attempt,
             error.code,
             error.message,
+        )
+    elif isinstance(error, UNAVAILABLE_ERRORS):
+        # An outage, not a bug: no traceback (one per webhook while Redis is away).
+        log.warning(
+            "%s failed for %s:%s: store unreachable (%r)", what, hook.call_id, hook.attempt, error
         )
     else:
         log.error("%s failed for %s:%s", what, hook.call_id, hook.attempt, exc_info=error)

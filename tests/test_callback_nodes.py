@@ -295,10 +295,15 @@ async def process_node(
     api_base_url: str,
     public_url: str,
     policy: Mapping[str, bool | int] | None = None,
+    edits: Mapping[str, str] | None = None,
 ) -> AsyncIterator[ProcessNode]:
     """The shipped demo config (a site may only tighten its callback policy in a config
-    file: ``policy`` adds such keys), Twilio at ``api_base_url``, socket TTL 2 s."""
+    file: ``policy`` adds such keys), Twilio at ``api_base_url``, socket TTL 2 s; ``edits``
+    replace lines of that config (``{"ring_timeout_s = 20": "ring_timeout_s = 5"}``)."""
     config = demo_config_text().replace("socket_ttl_s = 15", "socket_ttl_s = 2")
+    for old, new in (edits or {}).items():
+        assert old in config, old
+        config = config.replace(old, new)
     if policy:
         config += "\n  [sites.callback_policy]\n"
         config += "".join(f"  {k} = {toml_value(v)}\n" for k, v in policy.items())

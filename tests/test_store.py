@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -10,11 +11,13 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, eventually
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.model import Device, DeviceKind, DeviceState, PresenceStatus
 from gateway.store.base import HANDLE_TIMES_KEPT, CallRow, DeviceRef, Json, Quota, Store
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
+from gateway.timers import TimerLoop
 
 StoreFactory = Callable[[str], Awaitable[Store]]
 
@@ -521,3 +524,33 @@ async def test_touch_renews_every_lease_of_a_large_batch(open_store: Any) -> Non
     while batch := await store.claim_lapsed(now + 11):  # claimed a batch at a time
         lapsed += batch
     assert len(lapsed) == 1_099
+
+
+async def test_a_timer_that_finds_the_store_unreachable_runs_again_after_its_lease(
+    open_store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its handler met a Redis outage: a warning without a traceback, as the REST edge logs
+    one (the chaos test's Redis restart logged an error with a traceback), and the timer
+    runs again once its lease is over."""
+    store: Store = await open_store()
+    now = [time.time()]
+    timers = TimerLoop(store, lease_s=15.0, clock=lambda: now[0])
+    runs: list[str] = []
+
+    async def handler(rest: str) -> None:
+        runs.append(rest)
+        if len(runs) == 1:
+            raise RedisConnectionError("cannot reach Redis")
+
+    timers.on("t", handler)
+    await store.schedule_timer("t:x", now[0] - 1)
+    with caplog.at_level(logging.INFO, logger="gateway.timers"):
+        assert await timers.run_once() == 1
+    logged = [r for r in caplog.records if r.name == "gateway.timers"]
+    assert [r.levelname for r in logged] == ["WARNING"], logged
+    assert logged[0].exc_info is None and "store unreachable" in logged[0].getMessage()
+    assert await timers.run_once() == 0, "leased"
+    now[0] += 16
+    assert await timers.run_once() == 1 and runs == ["x", "x"]
+    now[0] += 16
+    assert await timers.run_once() == 0, "done"

@@ -3,6 +3,7 @@ real aiohttp server on loopback (see tests/twilio_sim/README.md)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import MultiDict
+from redis.exceptions import ConnectionError as RedisConnectionError
 from twilio_sim import CallRecord, TwilioSim, twilio_signature
 from yarl import URL
 
@@ -762,6 +764,27 @@ async def test_gateway_failures_hang_up_instead_of_erroring(
     else:
         assert content_type == "text/xml"
         assert body == '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup /></Response>'
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_a_store_outage_during_a_webhook_is_one_warning_not_a_traceback(
+    bare: Gateway,
+    events: RecordingEvents,
+    http: aiohttp.ClientSession,
+    route: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis unreachable (seen in tests/test_chaos.py) is an outage, not a bug: a warning
+    without a traceback, as the REST edge logs it; Twilio still gets its answer."""
+    events.fail_with = RedisConnectionError("cannot reach Redis")
+    url = f"{bare.public_url}/v1/twilio/{route}/cb-1/1"
+    form = FORMS[route]
+    with caplog.at_level(logging.INFO, logger="mobile_bridge"):
+        status, _, _ = await post(http, url, form, sign(url, form))
+    assert status == 200
+    logged = [r for r in caplog.records if r.name.startswith("mobile_bridge")]
+    assert [r.levelname for r in logged] == ["WARNING"], logged
+    assert logged[0].exc_info is None and "store unreachable" in logged[0].getMessage()
 
 
 async def test_voice_and_bridge_render_the_instruction(

@@ -282,6 +282,9 @@ def connection_pool(url: str | RedisTarget, max_connections: int = 1024) -> aior
     )
 
 
+MAX_START_RETRY_S = 2.0
+
+
 def _device_key(site: str, agent_id: str) -> str:
     return f"m:dev:{site}:{agent_id}"
 
@@ -322,12 +325,7 @@ class RedisStore:
 
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         self._on_event, self._on_resync = on_event, on_resync
-        try:
-            await self._redis.ping()
-        except AuthenticationError as e:
-            raise AuthenticationError(f"Redis at {self._target} refused: {e}") from None
-        except (RedisError, OSError) as e:
-            raise RedisConnectionError(f"cannot reach Redis at {self._target}: {e}") from None
+        await self._wait_for_redis()
         self._tasks.spawn(self._deliver_forever(), "deliver")
         self._tasks.spawn(self._listen_forever(), "events")
         try:
@@ -352,6 +350,29 @@ class RedisStore:
     def in_flight(self) -> int:
         """Commands on the hot-path connection not answered yet (admission control)."""
         return self._lane.in_flight
+
+    async def _wait_for_redis(self) -> None:
+        """A node started while Redis is down (both restarted after a power cut, Redis still
+        loading its AOF) waits for it rather than exiting with a traceback: one warning,
+        then quiet retries, capped at 2 s apart. It listens for nothing meanwhile, so a
+        load balancer sees it as not ready. A refused password is no outage: it fails now."""
+        delay = 0.1
+        warned = False
+        while True:
+            try:
+                await asyncio.wait_for(self._redis.ping(), timeout=2.0)
+                return
+            except AuthenticationError as e:
+                raise AuthenticationError(f"Redis at {self._target} refused: {e}") from None
+            except (RedisError, OSError, TimeoutError) as e:
+                if not warned:
+                    log.warning(
+                        "Redis at %s is unreachable (%s); waiting for it, retrying every %.0f s",
+                        self._target, e, MAX_START_RETRY_S,
+                    )  # fmt: skip
+                    warned = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_START_RETRY_S)
 
     async def close(self) -> None:
         await self._tasks.close()
