@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -285,6 +286,16 @@ def connection_pool(url: str | RedisTarget, max_connections: int = 1024) -> aior
 MAX_START_RETRY_S = 2.0
 
 
+def _tls_refused(error: BaseException) -> bool:
+    """Whether a connection failed in its TLS handshake (redis-py wraps the ssl error)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(error)
+
+
 def _device_key(site: str, agent_id: str) -> str:
     return f"m:dev:{site}:{agent_id}"
 
@@ -365,6 +376,8 @@ class RedisStore:
             except AuthenticationError as e:
                 raise AuthenticationError(f"Redis at {self._target} refused: {e}") from None
             except (RedisError, OSError, TimeoutError) as e:
+                if _tls_refused(e):  # a certificate that does not verify is no outage either
+                    raise
                 if not warned:
                     log.warning(
                         "Redis at %s is unreachable (%s); waiting for it, retrying every %.0f s",
