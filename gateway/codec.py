@@ -36,9 +36,11 @@ def iso(ts: float | None) -> str | None:
     return _iso(ts)
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=4096)
 def _iso(ts: float) -> str:
-    # The same device times are encoded again on every presence change of their agent.
+    # The same device times are encoded again on every presence change of their agent, within
+    # moments. Kept small: 65,536 entries grew a node by 13 MB over its first ten minutes
+    # (bench/soak.py's heartbeats make a new time each), which looked like a leak.
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
