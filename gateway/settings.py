@@ -165,10 +165,13 @@ def _env_number(
     raw = env.get(f"{ENV_PREFIX}{name}")
     if raw is None:
         return table
-    try:
-        value: Any = float(raw)
-    except ValueError:
-        value = raw
+    value: Any = raw
+    for kind in (int, float):  # "12" is a count, "7.5" a duration
+        try:
+            value = kind(raw)
+            break
+        except ValueError:
+            pass
     return {**table, key: value}
 
 
@@ -616,7 +619,13 @@ def load_settings(
                 10.0,
             )
             / 1000,
-            max_starts_in_flight=_positive(server, "max_starting_calls", p, int, 12),
+            max_starts_in_flight=_positive(
+                _env_number(server, env, "max_starting_calls", "MAX_STARTING_CALLS"),
+                "max_starting_calls",
+                p,
+                int,
+                12,
+            ),
         ),
         auth=_auth(_table(raw, "auth", ""), env, base),
         presence=presence,

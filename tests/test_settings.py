@@ -644,6 +644,11 @@ def test_the_loop_lag_limit_from_the_file_or_the_environment(tmp_path: Path) -> 
     assert load(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "7.5"}).admission == replace(
         from_file, max_loop_lag_s=0.0075
     )
+    starting = load(tmp_path, doc, env={"MEMBRANE_MAX_STARTING_CALLS": "6"}).admission
+    assert starting.max_starts_in_flight == 6
+    for bad in ("1.5", "six", "0"):
+        error = config_error(tmp_path, doc, env={"MEMBRANE_MAX_STARTING_CALLS": bad})
+        assert error.key == "server.max_starting_calls"
     error = config_error(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "fast"})
     assert error.key == "server.max_loop_lag_ms"
     error = config_error(tmp_path, doc, env={"MEMBRANE_MAX_LOOP_LAG_MS": "0"})
