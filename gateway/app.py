@@ -106,7 +106,8 @@ def create_app(
     store = store or build_store(settings)
     metrics = Metrics()
     tokens = TokenService(settings.auth)
-    presence = PresenceService(dict(settings.sites), store, settings.presence)
+    node_tasks = TaskGroup(f"node-{settings.node_id}")
+    presence = PresenceService(dict(settings.sites), store, settings.presence, node_tasks)
     events = EventRouter()
     events.on(PRESENCE_EVENT, presence.on_event)
 
@@ -140,7 +141,6 @@ def create_app(
         json=fastjson,
     )
     calls_notifier = SocketCallNotifier(sio, settings.sites)
-    node_tasks = TaskGroup(f"node-{settings.node_id}")
     calls = CallService(dict(settings.sites), store, presence, calls_notifier, node_tasks)
     presence.add_lapse_listener(calls.agent_devices_lapsed)
     if manager is not None:

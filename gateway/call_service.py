@@ -33,7 +33,8 @@ from gateway.routing import (
     availability,
     route,
 )
-from gateway.store.base import UNAVAILABLE_ERRORS, CallRow, Store
+from gateway.store.base import CallRow, Store
+from gateway.store_retry import UntilStored
 from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,6 @@ RESERVATION_GRACE_S = 10.0
 # Once connected, the agent stays reserved until the call ends: presence says on_call too,
 # but another node's copy of presence may lag, and only the reservation is atomic.
 CALL_HOLD_S = 4 * 3600.0
-# What a store outage interrupted (a visitor left, a ring to stop) is tried again, at most
-# this far apart once the outage is long, and for this long before it is given up.
-RETRY_MAX_DELAY_S = 2.0
-RETRY_FOR_S = 3600.0
 # After a node missed other nodes' emits, it replays at most this many of each site's most
 # recently changed calls to its sockets (CallService.replay_since).
 REPLAY_LIMIT = 200
@@ -144,7 +141,7 @@ class CallService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._sites = sites
-        self._tasks = tasks
+        self._until_stored = UntilStored(tasks, clock)
         self._store = store
         self._presence = presence
         self._notify = notifier
@@ -386,20 +383,35 @@ class CallService:
         self, site_id: str, agent_id: str, record: PresenceRecord
     ) -> None:
         """The agent's node died mid-call (its socket's lease lapsed, so no disconnect handler
-        ran): end the call, or the agent would stay on_call and never be routed again."""
+        ran): end the call, or the agent would stay on_call and never be routed again. This
+        node alone claimed the lapse, so nothing else would: a store outage only delays it."""
         if record.active_call is None:
             return
+        live = frozenset(d.device_id for d in record.devices)
+        await self.until_stored(
+            partial(self._agent_devices_lapsed, site_id, agent_id, record.active_call, live),
+            f"agent-lapsed:{record.active_call}",
+        )
+
+    async def _agent_devices_lapsed(
+        self, site_id: str, agent_id: str, call_id: str, live: frozenset[str]
+    ) -> None:
         try:
-            call = await self.get(record.active_call)
+            call: Call | None = await self.get(call_id)
         except ApiError:
-            await self._presence.set_active_call(site_id, agent_id, None)
+            call = None
+        if call is not None and not call.final:
+            if call.agent_sid is not None and socket_device_id(call.agent_sid) not in live:
+                # The socket has been gone for a whole lease, longer than the grace period.
+                await self.on_agent_gone(call.call_id, call.agent_sid)
             return
-        live = {d.device_id for d in record.devices}
-        if call.final:
+        # Ended (or gone) elsewhere, or by an earlier try of this step that the store cut
+        # short once the end was stored: the agent is freed as the end would have freed her.
+        # The reservation goes only while it names this call; the active call is read
+        # first, since a retry may come after she took another call on another node.
+        await self._store.release_agent(site_id, agent_id, call_id)
+        if (await self._store.get_presence(site_id, agent_id)).active_call == call_id:
             await self._presence.set_active_call(site_id, agent_id, None)
-        elif call.agent_sid is not None and socket_device_id(call.agent_sid) not in live:
-            # The socket has been gone for a whole lease, longer than the grace period.
-            await self.on_agent_gone(call.call_id, call.agent_sid)
 
     async def agent_left(
         self, site_id: str, agent_id: str, agent_sid: str, call_ids: set[str]
@@ -440,30 +452,7 @@ class CallService:
     async def until_stored(self, step: Callable[[], Awaitable[None]], name: str) -> None:
         """Run ``step``, which must be idempotent; while the store is unreachable, run it
         again in the background with backoff, instead of losing it with the error."""
-        try:
-            await step()
-        except UNAVAILABLE_ERRORS as e:
-            log.warning("%s: store unreachable (%r); retrying until it is back", name, e)
-            try:
-                self._tasks.spawn(self._retry(step, name), name)
-            except RuntimeError:
-                log.error("%s: lost, the node is shutting down", name)
-
-    async def _retry(self, step: Callable[[], Awaitable[None]], name: str) -> None:
-        delay = 0.25
-        give_up_at = self._clock() + RETRY_FOR_S
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await step()
-            except UNAVAILABLE_ERRORS as e:
-                if self._clock() > give_up_at:
-                    log.error("%s: store unreachable for too long (%r); giving up", name, e)
-                    return
-                delay = min(delay * 2, RETRY_MAX_DELAY_S)
-            else:
-                log.info("%s: done now that the store is back", name)
-                return
+        await self._until_stored(step, name)
 
     # --- signaling -------------------------------------------------------------------------------
 

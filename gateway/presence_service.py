@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from types import MappingProxyType
 
 from gateway.codec import DeviceUpdate, Json, presence_to_wire
@@ -31,6 +32,8 @@ from gateway.model import (
 from gateway.presence import aggregate, effective_device, is_live, status_changed
 from gateway.settings import PresenceSettings
 from gateway.store.base import DeviceRef, Expectation, Store
+from gateway.store_retry import UntilStored
+from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +102,14 @@ class PresenceService:
         sites: dict[str, Site],
         store: Store,
         settings: PresenceSettings,
+        tasks: TaskGroup,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._sites = sites
         self._store = store
         self._settings = settings
         self._clock = clock
+        self._until_stored = UntilStored(tasks, clock)
         self._cache: dict[str, dict[str, Presence]] = {s: {} for s in sites}
         self._listeners: list[PresenceListener] = []
         self._lapse_listeners: list[LapseListener] = []
@@ -310,20 +315,30 @@ class PresenceService:
 
     async def sweep(self) -> int:
         """Report devices whose lease lapsed (on any node) as offline; returns agents changed."""
-        now = self._clock()
-        lapsed = await self._store.claim_lapsed(now)
-        for site_id, agent_id in lapsed:
-            site = self._sites.get(site_id)
-            if site is None or agent_id not in site.agents:
-                continue
-            record = await self._store.get_presence(site_id, agent_id)
-            await self._commit(site.agents[agent_id], record, now)
+        lapsed = await self._store.claim_lapsed(self._clock())
+        agents = [
+            self._sites[site_id].agents[agent_id]
+            for site_id, agent_id in lapsed
+            if site_id in self._sites and agent_id in self._sites[site_id].agents
+        ]
+        if agents:
+            # Claimed here alone: a store outage must delay the reports, not lose them.
+            await self._until_stored(partial(self._report_lapses, agents), "lapses")
+        return len(lapsed)
+
+    async def _report_lapses(self, pending: list[Agent]) -> None:
+        """Aggregate each agent afresh, publish and tell the lapse listeners; an agent leaves
+        ``pending`` once done, so a try that the store cut short goes on where it stopped."""
+        while pending:
+            agent = pending[0]
+            record = await self._store.get_presence(agent.site, agent.agent_id)
+            await self._commit(agent, record, self._clock())
+            pending.pop(0)
             for listener in self._lapse_listeners:
                 try:
-                    await listener(site_id, agent_id, record)
+                    await listener(agent.site, agent.agent_id, record)
                 except Exception:
                     log.exception("lapse listener failed")
-        return len(lapsed)
 
     async def renew_socket_leases(self) -> None:
         now = self._clock()

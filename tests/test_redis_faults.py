@@ -26,10 +26,11 @@ from conftest import (
     free_port,
     make_settings,
     mint,
+    node_process,
 )
 
 from gateway.model import Role
-from gateway.settings import PresenceSettings, Settings
+from gateway.settings import PresenceSettings, Settings, demo_config_text
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
 
@@ -354,3 +355,91 @@ async def test_agents_whose_leases_lapse_in_a_pause_come_back_while_connected(
         headers={"Authorization": f"Bearer {mint(settings, 'sam', Role.SUPERVISOR)}"},
     )
     assert next(p for p in await r.json() if p["agent_id"] == "anna")["status"] == "dnd"
+
+
+# What Redis refuses node A while its sweeper handles Carla's lapse: the ACL rules, what
+# ACL LOG names as refused (a prefix of it), and the rules that allow it again. ACL key
+# patterns only allow, so "every key but m:call:*" is spelled in globs.
+LAPSE_REFUSALS = {
+    # The call's end, whose first step reads the call.
+    "the call": (
+        ("resetkeys", "~m:[^c]*", "~m:c[^a]*", "~m:ca[^l]*", "~m:cal[^l]*", "~m:call[^:]*"),
+        "m:call:",
+        ("~*",),
+    ),
+    # Carla's presence read, before her offline is published and the call service hears of
+    # the lapse (and the call's read too).
+    "every hash read": (("-hgetall",), "hgetall", ("+hgetall",)),
+    # Her reservation's release, after the call's end is stored: a try again must free her.
+    "her reservation": (
+        ("resetkeys", "~m:[^r]*", "~m:r[^e]*", "~m:re[^s]*", "~m:res[^v]*", "~m:resv[^:]*"),
+        "m:resv:",
+        ("~*",),
+    ),
+}
+
+
+@pytest.mark.parametrize("refused", list(LAPSE_REFUSALS))
+async def test_a_call_whose_agent_lapses_while_the_store_fails_the_sweeper_ends_once_it_answers(
+    own_redis: RedisServer,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    refused: str,
+) -> None:
+    """Carla's node dies (SIGKILL) in a connected call, so her socket's lease lapses and node
+    A's sweeper claims the lapse, exactly once, while Redis refuses A a step of its handling.
+    Once Redis allows it again the call ends (``agent_left``) and Carla is free again. The
+    failed step was dropped with its error: nothing else would ever report the lapse, so the
+    call stayed connected, or Carla stayed reserved for it, and was never rung again."""
+    rules, logged, allow = LAPSE_REFUSALS[refused]
+    admin = redis_sync.Redis(port=own_redis.port)
+    acl_setuser(admin, "on", ">a-password", "~*", "&*", "+@all")
+    settings = patient(make_settings(tmp_path, redis_url=own_redis.url))
+    url_a = f"redis://node-a:a-password@127.0.0.1:{own_redis.port}/0"
+    doomed_config = demo_config_text().replace("socket_ttl_s = 15", "socket_ttl_s = 2")
+    async with node_process(tmp_path, settings, own_redis.url, doomed_config, "doomed") as (
+        doomed_url,
+        doomed,
+    ):
+        a = await nodes(replace(settings, node_id="a", redis_url=url_a))
+        board = clients()
+        await board.connect(a.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+        carla = clients()
+        await carla.connect(doomed_url, "/agent", {"token": mint(settings, "carla")})
+        await board.next("presence:update", status_of("carla", "available"))
+        visitor, started = await start_call(http, clients, a)
+        call_id = started["call"]["call_id"]
+        assert (await carla.next("call:ring"))["call_id"] == call_id
+        ack = await carla.call("call:accept", {"call_id": call_id}, "/agent")
+        assert ack["call"]["state"] == "connected", ack
+        await board.next("presence:update", status_of("carla", "on_call"))
+
+        async def refused_to_a() -> bool:
+            return any(
+                e["username"] == "node-a" and str(e["object"]).startswith(logged)
+                for e in admin.acl_log()
+            )
+
+        acl_setuser(admin, *rules)
+        try:
+            doomed.send_signal(signal.SIGKILL)
+            await doomed.wait()
+            # Her 2 s lease lapses, and A's sweeper claims it and is refused.
+            await eventually(refused_to_a, 10)
+        finally:
+            acl_setuser(admin, *allow)
+
+    ended = await visitor.next("call:update", lambda c: c["state"] == "completed", timeout=10)
+    assert ended["call_id"] == call_id and ended["reason"] == "agent_left", ended
+    await board.next("presence:update", status_of("carla", "offline"), timeout=5)
+    # Free again on every node: back on a new node B, a visitor on A rings her at once.
+    b = await nodes(replace(settings, node_id="b"))
+    carla = clients()
+    await carla.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await board.next("presence:update", status_of("carla", "available"))
+    _, again = await start_call(http, clients, a)
+    assert again["call"]["state"] == "ringing", again
+    assert (await carla.next("call:ring"))["call_id"] == again["call"]["call_id"]
+    admin.close()
