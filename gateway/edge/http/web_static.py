@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client"
+WEB_CLIENT = Path(__file__).resolve().parents[3] / "web_client"
 
 
 def _file(path: Path, cache: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -14,13 +14,13 @@ from typing import Any
 import socketio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.metrics import Metrics
-from gateway.ringing import Offer, RingGate
+from gateway.core.ringing import Offer, RingGate
+from gateway.ops.metrics import Metrics
+from gateway.ops.tasks import raise_if_cancelling
 from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.store.redis import PING_INTERVAL_S
 from gateway.store.redis_lane import RedisLane, RedisSubscription
 from gateway.store.redis_url import RedisTarget, redis_target
-from gateway.tasks import raise_if_cancelling
 
 BATCH = "membrane_emit_batch"
 # A rejoining listener replays the calls changed since it last heard Redis, less this much:
@@ -48,7 +48,7 @@ Emit = tuple[str, Any]
 
 
 class RingDelivery:
-    """Applies gateway.ringing's ``RingGate`` to the ``call:ring`` and ``call:ring_stop``
+    """Applies gateway.core.ringing's ``RingGate`` to the ``call:ring`` and ``call:ring_stop``
     emits that reach this node's agent sockets, from this node or another: at the moment
     they are handed to the sockets, not when they were sent."""
 

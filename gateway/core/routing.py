@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import NamedTuple
 
-from gateway.hours import is_open, next_open_at
-from gateway.model import Agent, Branch, Channel, Presence, PresenceStatus, Site
+from gateway.core.hours import is_open, next_open_at
+from gateway.core.model import Agent, Branch, Channel, Presence, PresenceStatus, Site
 
 __all__ = [
     "DEFAULT_MEAN_HANDLE_S",
@@ -684,7 +684,7 @@ class RankingCache:
         """One group's eligible agents in order: those at their ranked place, then those
         whose idle time changed since the ranking, by their new idle time.
 
-        An agent's idle time is reset whenever they become available (gateway.presence), so
+        An agent's idle time is reset whenever they become available (gateway.core.presence), so
         one who is unavailable, or whose idle time changed, will never again be rung at
         their ranked place while this ranking lasts. Walks therefore move such agents at the
         front of the group to `gone` once, for good, instead of every walk stepping over the

@@ -1,4 +1,4 @@
-"""PSTN callbacks: the transitions of a callback's life, pure like gateway.call.
+"""PSTN callbacks: the transitions of a callback's life, pure like gateway.core.call.
 
 A callback is a ``Call`` with channel ``callback``. It waits ``scheduled`` until its time,
 ``queued`` (in the site's queue, keeping its place) until an agent is free, ``ringing`` while
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gateway.call import (
+from gateway.core.call import (
     Call,
     CallChannel,
     CallError,

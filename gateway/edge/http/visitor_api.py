@@ -12,14 +12,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import appkeys as keys
-from gateway.codec import filters_from_query, session_request_from_wire, session_to_wire
-from gateway.errors import ApiError, invalid_payload
-from gateway.http_api import error_response, read_json
-from gateway.ice import ice_servers
-from gateway.model import Role, Site
+from gateway.core.model import Role, Site
+from gateway.edge.http import appkeys as keys
+from gateway.edge.http.http_api import error_response, read_json
+from gateway.edge.ice import ice_servers
+from gateway.edge.visitor_identity import new_visitor_id
 from gateway.settings import Settings
-from gateway.visitor_identity import new_visitor_id
+from gateway.wire.codec import filters_from_query, session_request_from_wire, session_to_wire
+from gateway.wire.errors import ApiError, invalid_payload
 
 SESSIONS_PER_IP_MINUTE = 30
 # What a cross-origin page needs, and no more: the widget opens sessions and callbacks (POST

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.codec import Json, iso
-from gateway.presence_service import PresenceChange, PresenceService
-from gateway.ringing import RingingAgents
-from gateway.routing import RoutingSnapshot, availability
-from gateway.tasks import TaskGroup
+from gateway.core.ringing import RingingAgents
+from gateway.core.routing import RoutingSnapshot, availability
+from gateway.ops.tasks import TaskGroup
+from gateway.services.presence_service import PresenceChange, PresenceService
+from gateway.wire.codec import Json, iso
 
 log = logging.getLogger(__name__)
 

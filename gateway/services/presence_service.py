@@ -15,9 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from gateway.codec import DeviceUpdate, Json, presence_to_wire
-from gateway.errors import forbidden, not_found
-from gateway.model import (
+from gateway.core.model import (
     Agent,
     Channel,
     Device,
@@ -28,9 +26,11 @@ from gateway.model import (
     PresenceStatus,
     Site,
 )
-from gateway.presence import aggregate, effective_device, is_live, status_changed
+from gateway.core.presence import aggregate, effective_device, is_live, status_changed
 from gateway.settings import PresenceSettings
 from gateway.store.base import DeviceRef, Expectation, Store
+from gateway.wire.codec import DeviceUpdate, Json, presence_to_wire
+from gateway.wire.errors import forbidden, not_found
 
 log = logging.getLogger(__name__)
 

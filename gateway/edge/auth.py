@@ -16,9 +16,9 @@ from typing import Any
 
 import jwt
 
-from gateway.errors import ApiError, forbidden, invalid_token
-from gateway.model import Agent, Role, Site
+from gateway.core.model import Agent, Role, Site
 from gateway.settings import AuthSettings
+from gateway.wire.errors import ApiError, forbidden, invalid_token
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,19 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import appkeys as keys
-from gateway import openapi
-from gateway.auth import (
+from gateway.edge.auth import (
     AGENT_ROLES,
     SUPERVISOR_ROLES,
     Claims,
     bearer_token,
     check_configured_role,
 )
-from gateway.codec import Json, check_id, device_update_from_wire, presence_to_wire
-from gateway.errors import ApiError, forbidden, invalid_payload, store_unavailable
-from gateway.ratelimit import TokenBucket
+from gateway.edge.http import appkeys as keys
+from gateway.ops.ratelimit import TokenBucket
 from gateway.store.base import UNAVAILABLE_ERRORS
+from gateway.wire import openapi
+from gateway.wire.codec import Json, check_id, device_update_from_wire, presence_to_wire
+from gateway.wire.errors import ApiError, forbidden, invalid_payload, store_unavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What a node measures of its own load, for admission control (gateway.admission).
+"""What a node measures of its own load, for admission control (gateway.core.admission).
 
 The event loop's lag is read from a timer that is due every ``tick_s``: how late it runs is
 how long everything else waits for its turn. A lone late tick (the process descheduled for
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from prometheus_client import Gauge, Histogram
 
-from gateway.admission import Load
+from gateway.core.admission import Load
 
 # Weight of each new tick's lateness in the average: about the last 4 ticks (40 ms) count.
 SMOOTHING = 0.25

@@ -6,7 +6,7 @@ arrive late at everything downstream (rings reached agents after their ring had 
 the node's own lease renewal. So ``admit_start`` looks at how far behind the node already
 is (its event loop's lag, the starts it is still working on, other nodes' emits it has not
 delivered yet, commands waiting on the store) and refuses with a retry hint while any of
-them is past its limit. Pure: the measurements are passed in (gateway.load takes them).
+them is past its limit. Pure: the measurements are passed in (gateway.ops.load takes them).
 """
 
 from __future__ import annotations

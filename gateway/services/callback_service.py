@@ -13,8 +13,8 @@ any step and a node that dies mid-step leaves it to another:
 - ``cbwatch:{call_id}:{attempt}`` -- a leg that never reported an outcome is hung up and
   counted as a failed attempt, so no callback and no agent is left stuck.
 
-The transitions are pure (gateway.callback); the number rules are pure (gateway.phone_policy);
-the provider sits behind gateway.telephony.
+The transitions are pure (gateway.core.callback); the number rules are pure
+(gateway.core.phone_policy); the provider sits behind gateway.telephony.
 """
 
 from __future__ import annotations
@@ -34,30 +34,19 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 
-from gateway import call as calls
-from gateway import callback as cb
-from gateway.call import Call, CallChannel, CallError, CallState
-from gateway.call_service import (
-    CALL_HOLD_S,
-    RESERVATION_GRACE_S,
-    CallNotifier,
-    ring_payload,
-    ring_timer_id,
-)
-from gateway.codec import CallbackIn, Json, call_from_record, call_to_record, call_to_wire
-from gateway.errors import ApiError, not_found
-from gateway.hours import is_open, next_open_at, slot_starts
-from gateway.metrics import Metrics
-from gateway.model import Branch, Channel, Site
-from gateway.phone_policy import (
+from gateway.core import call as calls
+from gateway.core import callback as cb
+from gateway.core.call import Call, CallChannel, CallError, CallState
+from gateway.core.hours import is_open, next_open_at, slot_starts
+from gateway.core.model import Branch, Channel, Site
+from gateway.core.phone_policy import (
     CheckedNumber,
     PhoneRefused,
     check_number,
     in_quiet_hours,
     next_allowed_at,
 )
-from gateway.presence_service import PresenceService
-from gateway.routing import (
+from gateway.core.routing import (
     DEFAULT_MEAN_HANDLE_S,
     Candidate,
     RankingCache,
@@ -65,6 +54,15 @@ from gateway.routing import (
     RoutingSnapshot,
     estimate_wait_s,
 )
+from gateway.ops.metrics import Metrics
+from gateway.services.call_service import (
+    CALL_HOLD_S,
+    RESERVATION_GRACE_S,
+    CallNotifier,
+    ring_payload,
+    ring_timer_id,
+)
+from gateway.services.presence_service import PresenceService
 from gateway.store.base import CallRow, Quota, Store
 from gateway.telephony import (
     AnsweredBy,
@@ -77,9 +75,11 @@ from gateway.telephony import (
     Telephony,
     TelephonyError,
 )
+from gateway.wire.codec import CallbackIn, Json, call_from_record, call_to_record, call_to_wire
+from gateway.wire.errors import ApiError, not_found
 
 if TYPE_CHECKING:
-    from gateway.call_service import CallService
+    from gateway.services.call_service import CallService
 
 log = logging.getLogger(__name__)
 

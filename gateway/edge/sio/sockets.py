@@ -25,8 +25,10 @@ import engineio.packet
 import socketio
 from aiohttp import web
 
-from gateway.admission import AdmissionLimits, admit_start
-from gateway.auth import (
+from gateway.core.admission import AdmissionLimits, admit_start
+from gateway.core.call import Call
+from gateway.core.model import DeviceKind, DeviceState, Role, Site
+from gateway.edge.auth import (
     AGENT_ROLES,
     SUPERVISOR_ROLES,
     VISITOR_ROLES,
@@ -34,9 +36,18 @@ from gateway.auth import (
     TokenService,
     check_configured_role,
 )
-from gateway.call import Call
-from gateway.call_service import CallService
-from gateway.codec import (
+from gateway.edge.ice import ice_servers
+from gateway.edge.sio.sio_manager import ObservedRedisManager
+from gateway.ops.load import LoadMonitor
+from gateway.ops.metrics import Metrics
+from gateway.ops.ratelimit import TokenBucket
+from gateway.ops.tasks import TaskGroup
+from gateway.services.call_service import CallService
+from gateway.services.drain import RETRY_AFTER_S, Drain
+from gateway.services.presence_service import PresenceChange, PresenceService, socket_device_id
+from gateway.settings import Settings
+from gateway.store.base import UNAVAILABLE_ERRORS, DeviceRef
+from gateway.wire.codec import (
     Json,
     as_object,
     call_id_from_wire,
@@ -48,18 +59,7 @@ from gateway.codec import (
     presence_to_wire,
     signal_from_wire,
 )
-from gateway.drain import RETRY_AFTER_S, Drain
-from gateway.errors import ApiError, forbidden, invalid_payload, overloaded
-from gateway.ice import ice_servers
-from gateway.load import LoadMonitor
-from gateway.metrics import Metrics
-from gateway.model import DeviceKind, DeviceState, Role, Site
-from gateway.presence_service import PresenceChange, PresenceService, socket_device_id
-from gateway.ratelimit import TokenBucket
-from gateway.settings import Settings
-from gateway.sio_manager import ObservedRedisManager
-from gateway.store.base import UNAVAILABLE_ERRORS, DeviceRef
-from gateway.tasks import TaskGroup
+from gateway.wire.errors import ApiError, forbidden, invalid_payload, overloaded
 
 log = logging.getLogger(__name__)
 
@@ -875,7 +875,7 @@ class VisitorNamespace(BaseNamespace):
         self.calls = calls
         self.load = load
         self.limits = limits
-        """When a start is refused as ``overloaded`` (gateway.admission)."""
+        """When a start is refused as ``overloaded`` (gateway.core.admission)."""
         self.events = {
             "call:start": self.call_start,
             "call:cancel": self.call_cancel,
@@ -916,7 +916,7 @@ class VisitorNamespace(BaseNamespace):
         claims = session.claims
         request = call_request_from_wire(payload)
         # Refused at once rather than queued: a start queued behind others would ring late,
-        # and piled-up handlers starve the node's own lease renewal (gateway.admission).
+        # and piled-up handlers starve the node's own lease renewal (gateway.core.admission).
         admission = admit_start(self.load.sample(), self.limits)
         if not admission.admit:
             self.metrics.starts_shed.labels(admission.signal).inc()

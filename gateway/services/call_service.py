@@ -1,6 +1,6 @@
 """Browser calls across nodes: route, reserve, ring, accept, hang up, relay signals.
 
-Every change to a call is a pure transition (gateway.call) applied with compare-and-set on
+Every change to a call is a pure transition (gateway.core.call) applied with compare-and-set on
 the stored version, so any node may move any call: the agent's node applies the accept, the
 visitor's node the cancel, whichever node claims a ring timer applies the timeout. Agents are
 reserved atomically in the store before they ring, so no agent rings for two visitors.
@@ -19,22 +19,22 @@ from dataclasses import replace
 from functools import partial
 from typing import Protocol
 
-from gateway import call as calls
-from gateway.call import Call, CallChannel, CallError, CallRequest, CallState
-from gateway.codec import Json, call_from_record, call_to_record, iso, ring_validity
-from gateway.errors import ApiError, forbidden, not_found
-from gateway.model import PresenceRecord, Site
-from gateway.presence_service import PresenceService, socket_device_id
-from gateway.ringing import RingingAgents, RingNote, ring_event, ring_over_event
-from gateway.routing import (
+from gateway.core import call as calls
+from gateway.core.call import Call, CallChannel, CallError, CallRequest, CallState
+from gateway.core.model import PresenceRecord, Site
+from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
+from gateway.core.routing import (
     RankingCache,
     RouteRequest,
     RoutingSnapshot,
     availability,
     route,
 )
+from gateway.ops.tasks import TaskGroup
+from gateway.services.presence_service import PresenceService, socket_device_id
 from gateway.store.base import UNAVAILABLE_ERRORS, CallRow, Store
-from gateway.tasks import TaskGroup
+from gateway.wire.codec import Json, call_from_record, call_to_record, iso, ring_validity
+from gateway.wire.errors import ApiError, forbidden, not_found
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ NO_AGENT_DETAIL = {
 
 
 class CallbackHooks(Protocol):
-    """What the call service hands over to the callback service (gateway.callback_service)."""
+    """What the call service hands over to the callback service (services.callback_service)."""
 
     async def after_accept(self, call: Call) -> None: ...
 
@@ -153,7 +153,7 @@ class CallService:
         self.agent_grace_s = AGENT_GRACE_S
         self._ranking = RankingCache()
         self.ringing = RingingAgents()
-        """Who rings for a call anywhere (gateway.ringing): routing skips them without a
+        """Who rings for a call anywhere (gateway.core.ringing): routing skips them without a
         store round trip, and the button does not promise them."""
         self.callbacks: CallbackHooks | None = None
         """Set by the app: PSTN callbacks share ringing and accepting with browser calls."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gateway.model import (
+from gateway.core.model import (
     CHANNELS_BY_KIND,
     Agent,
     Channel,

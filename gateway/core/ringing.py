@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.model import Presence
+from gateway.core.model import Presence
 
 # A node event as it travels between nodes (the store's envelope holds it).
 Event = dict[str, Any]

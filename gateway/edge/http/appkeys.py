@@ -7,18 +7,18 @@ from typing import Protocol
 import socketio
 from aiohttp import web
 
-from gateway.auth import TokenService
-from gateway.availability_feed import AvailabilityFeed
-from gateway.call_service import CallService
-from gateway.callback_service import CallbackService
-from gateway.drain import Drain
-from gateway.metrics import Metrics
-from gateway.presence_service import PresenceService
-from gateway.ratelimit import TokenBucket
+from gateway.edge.auth import TokenService
+from gateway.edge.http.availability_feed import AvailabilityFeed
+from gateway.edge.visitor_identity import VisitorIdentity
+from gateway.ops.metrics import Metrics
+from gateway.ops.ratelimit import TokenBucket
+from gateway.ops.tasks import TaskGroup
+from gateway.services.call_service import CallService
+from gateway.services.callback_service import CallbackService
+from gateway.services.drain import Drain
+from gateway.services.presence_service import PresenceService
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
-from gateway.tasks import TaskGroup
-from gateway.visitor_identity import VisitorIdentity
 
 
 class HealthSource(Protocol):

@@ -15,8 +15,9 @@ from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from gateway.call import CallChannel, CallState
-from gateway.codec import (
+from gateway.core.call import CallChannel, CallState
+from gateway.core.model import Channel, DeviceKind, DeviceState, PresenceStatus
+from gateway.wire.codec import (
     ID_PATTERN,
     LANGUAGE_PATTERN,
     MAX_PRIORITY,
@@ -24,7 +25,6 @@ from gateway.codec import (
     VISITOR_SECRET_PATTERN,
     Json,
 )
-from gateway.model import Channel, DeviceKind, DeviceState, PresenceStatus
 
 
 def _pattern(compiled: re.Pattern[str]) -> Json:

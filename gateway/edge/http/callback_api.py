@@ -10,12 +10,12 @@ import time
 
 from aiohttp import web
 
-from gateway import appkeys as keys
-from gateway.auth import VISITOR_ROLES, bearer_token, check_configured_role
-from gateway.codec import branch_from_query, callback_from_wire, check_id, iso
-from gateway.errors import ApiError, invalid_token
-from gateway.http_api import read_json
-from gateway.visitor_api import TICKET_SITE, client_ip, site_of
+from gateway.edge.auth import VISITOR_ROLES, bearer_token, check_configured_role
+from gateway.edge.http import appkeys as keys
+from gateway.edge.http.http_api import read_json
+from gateway.edge.http.visitor_api import TICKET_SITE, client_ip, site_of
+from gateway.wire.codec import branch_from_query, callback_from_wire, check_id, iso
+from gateway.wire.errors import ApiError, invalid_token
 
 MAX_STATUS_TOKEN = 128
 

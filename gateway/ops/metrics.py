@@ -65,7 +65,7 @@ class Metrics:
         )
         self.gc_pacer = Gauge(
             "membrane_gc_pacer",
-            "1 while the collector pacer runs in this node's process (gateway/gc_pacer.py).",
+            "1 while the collector pacer runs in this node's process (gateway/ops/gc_pacer.py).",
             registry=self.registry,
         )
         self.gc_frozen = Gauge(

@@ -29,7 +29,7 @@ import math
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from gateway.model import Branch
+from gateway.core.model import Branch
 
 __all__ = [
     "LOOKAHEAD_S",

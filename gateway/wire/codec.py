@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from gateway.call import Call, CallChannel, CallRequest, CallState, TimelineEntry
-from gateway.errors import ApiError, invalid_payload
-from gateway.model import Device, DeviceKind, DeviceState, Presence, Site
+from gateway.core.call import Call, CallChannel, CallRequest, CallState, TimelineEntry
+from gateway.core.model import Device, DeviceKind, DeviceState, Presence, Site
+from gateway.wire.errors import ApiError, invalid_payload
 
 Json = dict[str, Any]
 E = TypeVar("E", bound=StrEnum)
@@ -25,7 +25,7 @@ E = TypeVar("E", bound=StrEnum)
 ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 # What the gateway issues as visitor ids (POST .../sessions reuses only these).
 VISITOR_ID_PATTERN = re.compile(r"v_[A-Za-z0-9_-]{16,48}")
-# What the gateway issues as visitor secrets (gateway.visitor_identity): 32 bytes, base64url.
+# What the gateway issues as visitor secrets (gateway.edge.visitor_identity): 32 bytes, base64url.
 VISITOR_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 MAX_PRIORITY = 127
 

@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 import phonenumbers
 from phonenumbers import timezone as pn_timezone
 
-from gateway.model import CallbackPolicy
+from gateway.core.model import CallbackPolicy
 
 __all__ = [
     "LOOKAHEAD_S",

@@ -12,7 +12,7 @@ States (docs/ARCHITECTURE.md, "Calls")::
     queued --no agent--> failed (with a callback offer)
     any open state --cancel--> canceled (or completed, once connected)
 
-PSTN callbacks (gateway.callback) add ``scheduled`` (waiting for their time or a retry) and
+PSTN callbacks (gateway.core.callback) add ``scheduled`` (waiting for their time or a retry) and
 ``dialing`` (the agent accepted; the visitor's phone is being called)::
 
     scheduled --due--> queued --ring--> ringing --accept--> dialing --answer--> connected
@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from gateway.model import Channel
+from gateway.core.model import Channel
 
 
 class CallState(StrEnum):
@@ -98,7 +98,7 @@ class Call:
     connected_at: float | None = None
     ended_at: float | None = None
     timeline: tuple[TimelineEntry, ...] = ()
-    # --- PSTN callbacks only (gateway.callback) ---
+    # --- PSTN callbacks only (gateway.core.callback) ---
     phone: str | None = None
     """The visitor's number, E.164."""
     token_hash: str | None = None
@@ -117,7 +117,7 @@ class Call:
     """Who answered the current attempt's leg: human, machine or unknown."""
     legs_heard: tuple[tuple[str, int], ...] = ()
     """How far each phone leg of every attempt has been reported to get, by provider id
-    (``gateway.callback.LEG_PROGRESS``): a status no further than that is old news."""
+    (``gateway.core.callback.LEG_PROGRESS``): a status no further than that is old news."""
 
     @property
     def final(self) -> bool:
