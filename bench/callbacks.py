@@ -76,8 +76,8 @@ from bench.harness import (
     token,
     write_json,
 )
-from gateway.model import CallbackPolicy
-from gateway.phone_policy import CheckedNumber, PhoneRefused, check_number, in_quiet_hours
+from gateway.core.model import CallbackPolicy
+from gateway.core.phone_policy import CheckedNumber, PhoneRefused, check_number, in_quiet_hours
 
 ORIGIN = "http://127.0.0.1:8080"
 POLICY = CallbackPolicy()  # every site keeps the defaults but for agent_first

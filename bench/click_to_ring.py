@@ -56,7 +56,7 @@ from bench.harness import (
     token,
     write_json,
 )
-from gateway.gc_pacer import CollectorPacer
+from gateway.ops.gc_pacer import CollectorPacer
 
 FINAL = frozenset({"completed", "failed", "canceled"})
 # A visitor whose start was shed presses again no sooner than this: a visitor socket may

@@ -184,8 +184,8 @@ async def stop_node(node: NodeProcess) -> None:
 
 
 def token(sub: str, role: str = "agent", site: str = "acme", ttl: int = 3600) -> str:
-    from gateway.auth import TokenService
-    from gateway.model import Role
+    from gateway.core.model import Role
+    from gateway.edge.auth import TokenService
     from gateway.settings import AuthSettings
 
     minted, _ = TokenService(AuthSettings(issuer=BENCH_ISSUER, secret=BENCH_SECRET)).mint(

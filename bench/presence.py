@@ -35,7 +35,7 @@ from bench.harness import (
     token,
     write_json,
 )
-from gateway.model import Device, DeviceKind, DeviceState
+from gateway.core.model import Device, DeviceKind, DeviceState
 from gateway.store.redis import RedisStore
 
 

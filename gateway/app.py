@@ -9,24 +9,15 @@ from importlib.metadata import entry_points
 
 from aiohttp import web
 
-from gateway import appkeys as keys
-from gateway import callback_api, fastjson, http_api, visitor_api, web_static
-from gateway.auth import TokenService
-from gateway.availability_feed import AvailabilityFeed
-from gateway.call_service import AGENT_GONE_TIMER, RING_TIMER, VISITOR_GONE_TIMER, CallService
-from gateway.callback_service import DIAL_TIMER, DUE_TIMER, WATCH_TIMER, CallbackService
-from gateway.codec import Json
-from gateway.drain import Drain
-from gateway.events import EventRouter
-from gateway.gc_pacer import PROCESS_PACER, SharedPacer
-from gateway.http_api import error_middleware
-from gateway.load import LoadMonitor
-from gateway.metrics import Metrics
-from gateway.presence_service import PRESENCE_EVENT, PresenceService
-from gateway.ringing import RING_EVENT, RING_OVER_EVENT
-from gateway.settings import Settings
-from gateway.sio_manager import LocalManager, ObservedRedisManager, RingDelivery
-from gateway.sockets import (
+from gateway.core.ringing import RING_EVENT, RING_OVER_EVENT
+from gateway.edge.auth import TokenService
+from gateway.edge.http import appkeys as keys
+from gateway.edge.http import callback_api, http_api, visitor_api, web_static
+from gateway.edge.http.availability_feed import AvailabilityFeed
+from gateway.edge.http.http_api import error_middleware
+from gateway.edge.http.visitor_api import cors_middleware
+from gateway.edge.sio.sio_manager import LocalManager, ObservedRedisManager, RingDelivery
+from gateway.edge.sio.sockets import (
     AgentNamespace,
     BoardNamespace,
     JsonPacket,
@@ -35,14 +26,29 @@ from gateway.sockets import (
     VisitorNamespace,
     send_sockets_elsewhere,
 )
+from gateway.edge.visitor_identity import VisitorIdentity
+from gateway.ops.gc_pacer import PROCESS_PACER, SharedPacer
+from gateway.ops.load import LoadMonitor
+from gateway.ops.metrics import Metrics
+from gateway.ops.tasks import TaskGroup
+from gateway.services.call_service import (
+    AGENT_GONE_TIMER,
+    RING_TIMER,
+    VISITOR_GONE_TIMER,
+    CallService,
+)
+from gateway.services.callback_service import DIAL_TIMER, DUE_TIMER, WATCH_TIMER, CallbackService
+from gateway.services.drain import Drain
+from gateway.services.events import EventRouter
+from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
+from gateway.services.timers import TimerLoop
+from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
-from gateway.tasks import TaskGroup
 from gateway.telephony import ENTRY_POINT_GROUP, TelephonyInstaller
-from gateway.timers import TimerLoop
-from gateway.visitor_api import cors_middleware
-from gateway.visitor_identity import VisitorIdentity
+from gateway.wire import fastjson
+from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import appkeys as keys
-from gateway.auth import TokenService
-from gateway.gc_pacer import PROCESS_PACER
+from gateway.edge.auth import TokenService
+from gateway.edge.http import appkeys as keys
+from gateway.ops.gc_pacer import PROCESS_PACER
 from gateway.settings import ConfigError, Settings, load_settings, with_dev_secret
 from gateway.store.redis_url import parse_redis_url
 
@@ -45,7 +45,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
 
     async def freeze_heap(app: web.Application) -> None:
-        # (After the app's cleanup contexts: the pacer, gateway.gc_pacer, runs by now if it
+        # (After the app's cleanup contexts: the pacer, gateway.ops.gc_pacer, runs by now if it
         # is on.) Everything allocated at start-up lives for the whole run: out of the
         # collector's generations from the start, as what survives the pacer's collections.
         if PROCESS_PACER.pacer is not None:

@@ -22,10 +22,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
-from gateway.admission import AdmissionLimits
-from gateway.codec import ID_PATTERN
-from gateway.model import Agent, Branch, CallbackPolicy, OpeningSpan, Role, Site
+from gateway.core.admission import AdmissionLimits
+from gateway.core.model import Agent, Branch, CallbackPolicy, OpeningSpan, Role, Site
 from gateway.store.redis_url import RedisUrlError, check_redis_url
+from gateway.wire.codec import ID_PATTERN
 
 ENV_PREFIX = "MEMBRANE_"
 PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "please-change"})
@@ -123,7 +123,7 @@ class Settings:
     node_id: str = ""
     """Names this node in logs and metrics; random when empty."""
     gc_pacer: bool = True
-    """Garbage collection on a clock, survivors frozen (gateway/gc_pacer.py), on the Python
+    """Garbage collection on a clock, survivors frozen (gateway/ops/gc_pacer.py), on the Python
     versions it was measured on; ``MEMBRANE_GC_PACER=false`` leaves CPython's own schedule."""
     max_body_bytes: int = 64 * 1024
     """Largest REST body or socket.io message accepted."""

@@ -23,8 +23,7 @@ from multidict import MultiDict, MultiMapping
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
-from gateway import appkeys as keys
-from gateway.errors import ApiError, invalid_payload
+from gateway.edge.http import appkeys as keys
 from gateway.settings import Settings
 from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.telephony import (
@@ -36,6 +35,7 @@ from gateway.telephony import (
     LegEvent,
     LegStatus,
 )
+from gateway.wire.errors import ApiError, invalid_payload
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import redis as redis_sync
 import socketio
 from aiohttp import web
 
-from gateway import appkeys as keys
 from gateway.app import create_app
-from gateway.auth import TokenService
-from gateway.model import Role
+from gateway.core.model import Role
+from gateway.edge.auth import TokenService
+from gateway.edge.http import appkeys as keys
 from gateway.settings import PresenceSettings, Settings, load_settings, with_dev_secret
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"

@@ -1,4 +1,4 @@
-"""JWT minting and verification (gateway/auth.py).
+"""JWT minting and verification (gateway/edge/auth.py).
 
 Keys are generated in the test with ``cryptography``; asymmetric own keys and outside-issuer
 keys are loaded the way an operator configures them, through ``load_settings`` and a TOML
@@ -24,7 +24,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import (
+from gateway.core.model import Agent, Role, Site
+from gateway.edge.auth import (
     AGENT_ROLES,
     AUDIENCE,
     MAX_TOKEN_CHARS,
@@ -36,9 +37,8 @@ from gateway.auth import (
     bearer_token,
     check_configured_role,
 )
-from gateway.errors import ApiError
-from gateway.model import Agent, Role, Site
 from gateway.settings import AuthSettings, load_settings
+from gateway.wire.errors import ApiError
 
 SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 OTHER_SECRET = "another-secret-0123456789-abcdefghijklmnopqrstu"

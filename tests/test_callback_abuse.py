@@ -47,16 +47,16 @@ from test_callbacks import (
 )
 from twilio_sim import TwilioSim
 
-from gateway import appkeys as keys
-from gateway.callback_service import (
+from gateway.core.hours import is_open, next_open_at
+from gateway.core.model import Role
+from gateway.edge.http import appkeys as keys
+from gateway.services.callback_service import (
     DIAL_RESERVE,
     LEGS_PER_CALL,
     MICRO_USD_PER_MINUTE,
     SPEND_TTL_S,
     spend_key,
 )
-from gateway.hours import is_open, next_open_at
-from gateway.model import Role
 
 # The fixtures of tests/test_callbacks.py: the simulator, the store parameter, a phone node.
 sim = test_callbacks.sim
@@ -229,7 +229,7 @@ async def test_invalid_phone_is_refused(
     await refused(http, enode, sim, {"phone": phone}, 400, "invalid_phone")
 
 
-# Refused by the body's shape check (gateway.codec.callback_from_wire) before the number
+# Refused by the body's shape check (gateway.wire.codec.callback_from_wire) before the number
 # rules run; an abuse rule all the same, so counted like check_number's invalid_phone.
 SHAPE_INVALID_PHONES: list[Any] = [
     "+" + "3" * 40,  # longer than any number anyone types

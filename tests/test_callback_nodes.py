@@ -41,13 +41,13 @@ from test_callbacks import (
 from twilio_sim import CallRecord, TwilioSim
 from yarl import URL
 
-from gateway import appkeys as keys
-from gateway import callback_service
-from gateway.model import Agent, CallbackPolicy
-from gateway.phone_policy import check_number, in_quiet_hours
+from gateway.core.model import Agent, CallbackPolicy
+from gateway.core.phone_policy import check_number, in_quiet_hours
+from gateway.edge.http import appkeys as keys
+from gateway.services import callback_service
 from gateway.settings import Settings, demo_config_text
 
-# The timer lease (gateway.timers.TimerLoop): a dead node's timer runs again after it.
+# The timer lease (gateway.services.timers.TimerLoop): a dead node's timer runs again after it.
 LEASE_S = 15.0
 # Simulated seconds (x0.05) a visitor stays on after answering: long enough, under load, for
 # the greeting and the bridge to the agent's phone (a visitor gone sooner is never bridged).

@@ -18,8 +18,8 @@ from conftest import Node, NodeFactory, SocketClient, eventually, free_port, mak
 from twilio_sim import CallRecord, TwilioSim, WebhookRecord
 from yarl import URL
 
-from gateway import appkeys as keys
-from gateway.model import OpeningSpan
+from gateway.core.model import OpeningSpan
+from gateway.edge.http import appkeys as keys
 from gateway.settings import Settings, TwilioSettings
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
@@ -580,8 +580,8 @@ async def test_replayed_status_webhooks_change_nothing_and_call_twilio_no_more(
 def test_a_leg_status_no_further_than_heard_is_refused(
     heard: tuple[tuple[str, int], ...], status: str, accepted: bool
 ) -> None:
-    from gateway import callback as cb
-    from gateway.call import Call, CallChannel, CallError, CallState
+    from gateway.core import callback as cb
+    from gateway.core.call import Call, CallChannel, CallError, CallState
 
     call = Call("c1", "acme", "v", CallChannel.CALLBACK, CallState.COMPLETED, 0.0, legs_heard=heard)
     if accepted:

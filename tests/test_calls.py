@@ -205,7 +205,7 @@ async def test_visitor_leaving_while_ringing_frees_the_agent(
 async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
     node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
 ) -> None:
-    from gateway import appkeys
+    from gateway.edge.http import appkeys
 
     node.app[appkeys.CALLS].agent_grace_s = 1.0
     anna = await agent(clients, node, "anna")
@@ -345,7 +345,7 @@ async def test_a_call_across_two_nodes(
     b = await nodes(replace(settings, node_id="b"))
     anna = await agent(clients, b, "anna")
     board = clients()
-    from gateway.model import Role
+    from gateway.core.model import Role
 
     await board.connect(a.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
     v = await visitor(clients, a, (await session(http, a))["token"])
@@ -414,7 +414,7 @@ async def test_a_new_watcher_is_told_the_truth_about_changes_nobody_watched(
     was)."""
     import json
 
-    from gateway import appkeys
+    from gateway.edge.http import appkeys
 
     feed = node.app[appkeys.AVAILABILITY]
 
@@ -446,8 +446,8 @@ async def test_a_widget_that_never_reads_is_cut_off_not_held(
     shutdown timeout (found by bench/soak.py)."""
     import socket
 
-    from gateway import appkeys
-    from gateway.codec import device_update_from_wire
+    from gateway.edge.http import appkeys
+    from gateway.wire.codec import device_update_from_wire
 
     node = await nodes(make_settings(tmp_path))
     feed = node.app[appkeys.AVAILABILITY]
@@ -495,7 +495,7 @@ async def test_a_widget_that_never_reads_is_cut_off_not_held(
 async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
     node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
 ) -> None:
-    from gateway import appkeys
+    from gateway.edge.http import appkeys
 
     node.app[appkeys.CALLS].visitor_grace_s = 1.0
     anna = await agent(clients, node, "anna")
@@ -539,7 +539,7 @@ async def test_an_agent_on_a_call_is_never_rung_even_by_a_node_that_lags(
     clients: Callable[[], SocketClient],
 ) -> None:
     """Presence reaches other nodes a moment later; the reservation must hold meanwhile."""
-    from gateway import appkeys
+    from gateway.edge.http import appkeys
 
     settings = fast_ring(make_settings(tmp_path, redis_url=redis_url))
     a = await nodes(replace(settings, node_id="a"))
@@ -565,7 +565,7 @@ async def test_a_ring_answered_after_its_reservation_lapsed_is_refused(
 ) -> None:
     """A node far behind may deliver an accept after the reservation expired and the agent
     was reserved for another call: taking it would book the agent twice."""
-    from gateway import appkeys
+    from gateway.edge.http import appkeys
 
     anna = await agent(clients, node, "anna")
     v = await visitor(clients, node, (await session(http, node))["token"])

@@ -59,12 +59,12 @@ from test_callback_nodes import (
 from test_callbacks import ANNA_PHONE, BEN_PHONE, ORIGIN, phone_settings, visitor_calls
 from twilio_sim import TwilioSim
 
-from gateway import appkeys as keys
-from gateway.call import FINAL_STATES, Call, CallState
-from gateway.codec import call_from_record
-from gateway.model import Role
+from gateway.core.call import FINAL_STATES, Call, CallState
+from gateway.core.model import Role
+from gateway.edge.http import appkeys as keys
+from gateway.ops.tasks import TaskGroup
 from gateway.settings import PresenceSettings, Settings, demo_config_text
-from gateway.tasks import TaskGroup
+from gateway.wire.codec import call_from_record
 
 CALLS_PER_S = 5.0
 """Browser calls started per second, over all nodes."""

@@ -1,4 +1,4 @@
-"""Wire codec (gateway/codec.py) and the per-connection token bucket (gateway/ratelimit.py)."""
+"""Wire codec (gateway/wire/codec.py), per-connection token bucket (gateway/ops/ratelimit.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.codec import (
+from gateway.core.model import (
+    Channel,
+    Device,
+    DeviceKind,
+    DeviceState,
+    Presence,
+    PresenceStatus,
+)
+from gateway.ops.ratelimit import TokenBucket
+from gateway.wire.codec import (
     MAX_PRIORITY,
     DeviceUpdate,
     device_update_from_wire,
@@ -19,16 +28,7 @@ from gateway.codec import (
     parse_iso,
     presence_to_wire,
 )
-from gateway.errors import ApiError
-from gateway.model import (
-    Channel,
-    Device,
-    DeviceKind,
-    DeviceState,
-    Presence,
-    PresenceStatus,
-)
-from gateway.ratelimit import TokenBucket
+from gateway.wire.errors import ApiError
 
 # --- device_update_from_wire ----------------------------------------------------------------
 

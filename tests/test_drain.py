@@ -18,7 +18,7 @@ import redis.asyncio as redis_async
 import socketio
 from conftest import NodeFactory, SocketClient, eventually, make_settings, mint, node_process
 
-from gateway.model import Role
+from gateway.core.model import Role
 from gateway.settings import demo_config_text
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
@@ -378,14 +378,14 @@ async def test_the_shipped_clients_keep_their_call_through_a_drain(
 
 
 async def agent_socket_on(node: Any, agent_id: str) -> bool:
-    from gateway import appkeys
+    from gateway.edge.http import appkeys
 
     namespace = node.app[appkeys.SIO].namespace_handlers["/agent"]
     return any(s.claims.sub == agent_id and s.calls for s in namespace.sessions.values())
 
 
 async def visitor_socket_on(node: Any) -> bool:
-    from gateway import appkeys
+    from gateway.edge.http import appkeys
 
     namespace = node.app[appkeys.SIO].namespace_handlers["/visitor"]
     return any(s.calls for s in namespace.sessions.values())
@@ -396,10 +396,10 @@ async def test_a_draining_node_hands_its_running_timers_over(redis_url: str) -> 
     drain's deadline, and a callback step whose request to the phone network hangs. The first
     is done and gone; the second is cut off at the deadline and made due at once, so node B
     runs it now, not after A's 15 s lease."""
-    from gateway.codec import Json
+    from gateway.ops.tasks import TaskGroup
+    from gateway.services.timers import TimerLoop
     from gateway.store.redis import RedisStore
-    from gateway.tasks import TaskGroup
-    from gateway.timers import TimerLoop
+    from gateway.wire.codec import Json
 
     async def no_event(event: Json) -> None:
         return None
@@ -458,8 +458,8 @@ async def test_a_draining_node_hands_its_running_timers_over(redis_url: str) -> 
 
 
 def test_only_the_calls_agent_takes_over_only_a_connected_browser_call() -> None:
-    from gateway import call as calls
-    from gateway.call import CallChannel, CallError, CallRequest
+    from gateway.core import call as calls
+    from gateway.core.call import CallChannel, CallError, CallRequest
 
     new = calls.new_call("c_1", "acme", "v_1", CallChannel.WEBRTC, CallRequest(), 0.0, "vs")
     ringing = calls.ring(new, "anna", "Anna", ("idle",), 1.0, 20.0)

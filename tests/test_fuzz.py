@@ -34,9 +34,9 @@ from conftest import (
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gateway import appkeys as keys
-from gateway import openapi
-from gateway.model import Role
+from gateway.core.model import Role
+from gateway.edge.http import appkeys as keys
+from gateway.wire import openapi
 
 ORIGIN = "http://127.0.0.1:8080"
 ISSUER = "membrane-test"

@@ -23,8 +23,8 @@ from conftest import (
     mint,
 )
 
-from gateway import appkeys as keys
-from gateway.model import Role
+from gateway.core.model import Role
+from gateway.edge.http import appkeys as keys
 
 
 @pytest.fixture(params=["embedded", "redis"])

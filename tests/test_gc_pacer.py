@@ -27,8 +27,14 @@ from conftest import (
 )
 
 from gateway.app import create_app
-from gateway.gc_pacer import MEASURED, PACED_THRESHOLDS, PROCESS_PACER, CollectorPacer, SharedPacer
-from gateway.model import Role
+from gateway.core.model import Role
+from gateway.ops.gc_pacer import (
+    MEASURED,
+    PACED_THRESHOLDS,
+    PROCESS_PACER,
+    CollectorPacer,
+    SharedPacer,
+)
 from gateway.settings import ConfigError, demo_config_text, load_settings
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}

@@ -20,11 +20,16 @@ import aiohttp
 import pytest
 from conftest import Node, eventually, make_settings, mint, node_process, start_node
 
-from gateway import appkeys as keys
-from gateway.codec import device_update_from_wire
-from gateway.model import Role
+from gateway.core.model import Role
+from gateway.edge.http import appkeys as keys
+from gateway.edge.sio.sockets import (
+    MAX_PENDING_BYTES,
+    NAMESPACE_CONNECTS,
+    WRITER_GRACE_S,
+    LeanSocket,
+)
 from gateway.settings import demo_config_text
-from gateway.sockets import MAX_PENDING_BYTES, NAMESPACE_CONNECTS, WRITER_GRACE_S, LeanSocket
+from gateway.wire.codec import device_update_from_wire
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
 WAIT_S = 5.0

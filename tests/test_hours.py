@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.hours import (
+from gateway.core.hours import (
     LOOKAHEAD_S,
     closes_at,
     is_open,
@@ -24,7 +24,7 @@ from gateway.hours import (
     open_intervals,
     slot_starts,
 )
-from gateway.model import Branch, OpeningSpan
+from gateway.core.model import Branch, OpeningSpan
 
 HOUR = 3600.0
 MINUTE = 60.0

@@ -24,7 +24,7 @@ from conftest import (
     node_process,
 )
 
-from gateway.model import Role
+from gateway.core.model import Role
 from gateway.settings import PresenceSettings, Settings, demo_config_text
 
 
@@ -337,7 +337,7 @@ async def test_a_connected_agent_outlives_many_socket_leases(
 
 
 def test_a_malformed_emit_batch_is_dropped_whole() -> None:
-    from gateway.sio_manager import BATCH, ObservedRedisManager
+    from gateway.edge.sio.sio_manager import BATCH, ObservedRedisManager
 
     manager = ObservedRedisManager("redis://127.0.0.1:1/0", channel="m:sio")
     good = {"method": "emit", "event": "call:update", "host_id": "x"}

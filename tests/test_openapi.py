@@ -16,7 +16,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from test_callbacks import ORIGIN, VISITOR_PHONE, agent, visitor_token
 
-from gateway.model import Role
+from gateway.core.model import Role
 
 # The fixtures of tests/test_callbacks.py: a node that places calls through the simulator,
 # on each store.

@@ -16,11 +16,11 @@ import pytest
 from conftest import Node, NodeFactory, SocketClient, eventually, make_settings
 from test_calls import agent, fast_ring, session, visitor
 
-from gateway import appkeys
-from gateway.admission import Admission, AdmissionLimits, Load, admit_start
-from gateway.ringing import Delivery, Offer, RingGate
-from gateway.sio_manager import ObservedRedisManager
-from gateway.sockets import VisitorNamespace
+from gateway.core.admission import Admission, AdmissionLimits, Load, admit_start
+from gateway.core.ringing import Delivery, Offer, RingGate
+from gateway.edge.http import appkeys
+from gateway.edge.sio.sio_manager import ObservedRedisManager
+from gateway.edge.sio.sockets import VisitorNamespace
 
 LIMITS = AdmissionLimits(
     max_loop_lag_s=0.02,
@@ -317,7 +317,7 @@ async def test_a_ring_held_up_on_its_way_never_overlaps_the_next(
 
 
 def test_a_ring_cannot_be_answered_once_it_ran_out() -> None:
-    from gateway import call as calls
+    from gateway.core import call as calls
 
     call = calls.new_call("c1", "acme", "v1", calls.CallChannel.WEBRTC, calls.CallRequest(), 0.0)
     ringing = calls.ring(call, "anna", "Anna", (), now=1.0, ring_timeout_s=20.0)

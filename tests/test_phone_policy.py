@@ -24,9 +24,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gateway import phone_policy
-from gateway.model import CallbackPolicy
-from gateway.phone_policy import (
+from gateway.core import phone_policy
+from gateway.core.model import CallbackPolicy
+from gateway.core.phone_policy import (
     LOOKAHEAD_S,
     MAX_RAW_LENGTH,
     CheckedNumber,

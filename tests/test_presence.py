@@ -1,4 +1,4 @@
-"""Presence aggregation (gateway/presence.py): the rule of the module docstring, as tables,
+"""Presence aggregation (gateway/core/presence.py): the rule of the module docstring, as tables,
 then properties over random devices and instants.
 
 Every instant is fixed; no wall clock is read.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.model import (
+from gateway.core.model import (
     CHANNELS_BY_KIND,
     Agent,
     Channel,
@@ -24,7 +24,7 @@ from gateway.model import (
     PresenceRecord,
     PresenceStatus,
 )
-from gateway.presence import (
+from gateway.core.presence import (
     aggregate,
     aggregate_status,
     effective_device,

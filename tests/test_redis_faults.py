@@ -29,7 +29,7 @@ from conftest import (
     node_process,
 )
 
-from gateway.model import Role
+from gateway.core.model import Role
 from gateway.settings import PresenceSettings, Settings, demo_config_text
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
@@ -250,8 +250,8 @@ async def test_a_node_that_missed_emits_tells_its_sockets_where_calls_stand(
 
 def test_rings_over_says_why_each_agent_stopped_ringing() -> None:
     """What a replay sends each agent the call rang (the pure part of replay_since)."""
-    from gateway import call as calls
-    from gateway.call import CallChannel, CallRequest
+    from gateway.core import call as calls
+    from gateway.core.call import CallChannel, CallRequest
 
     def ring(c: calls.Call, agent: str, now: float) -> calls.Call:
         return calls.ring(c, agent, agent, ("same language", "idle longest"), now, 20.0)

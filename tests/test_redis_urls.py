@@ -41,7 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from redis.exceptions import AuthenticationError
 from test_settings import BASE, config_error, run_cli, write_config
 
-from gateway.model import Role
+from gateway.core.model import Role
 from gateway.settings import ConfigError, Settings, demo_config_text, load_settings
 from gateway.store.redis_lane import RedisLane, RedisSubscription
 from gateway.store.redis_url import RedisTarget, parse_redis_url

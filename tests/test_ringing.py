@@ -1,4 +1,4 @@
-"""Who is ringing, as a node knows it (gateway.ringing): notes start and end with rings,
+"""Who is ringing, as a node knows it (gateway.core.ringing): notes start and end with rings,
 lapse on their own, and come from other nodes as events."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from test_routing import presence
 
-from gateway.ringing import RingingAgents, RingNote, ring_event, ring_over_event
+from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
 
 NOW = 1_000.0
 

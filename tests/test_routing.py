@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.hours import is_open
-from gateway.model import Agent, Branch, Channel, OpeningSpan, Presence, PresenceStatus, Site
-from gateway.routing import (
+from gateway.core.hours import is_open
+from gateway.core.model import Agent, Branch, Channel, OpeningSpan, Presence, PresenceStatus, Site
+from gateway.core.routing import (
     Availability,
     BranchKey,
     Candidate,

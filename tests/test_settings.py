@@ -23,10 +23,9 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.admission import AdmissionLimits
-from gateway.auth import AUDIENCE, TokenService
-from gateway.errors import ApiError
-from gateway.model import CallbackPolicy, OpeningSpan, Role
+from gateway.core.admission import AdmissionLimits
+from gateway.core.model import CallbackPolicy, OpeningSpan, Role
+from gateway.edge.auth import AUDIENCE, TokenService
 from gateway.settings import (
     AuthSettings,
     ConfigError,
@@ -36,6 +35,7 @@ from gateway.settings import (
     load_settings,
     with_dev_secret,
 )
+from gateway.wire.errors import ApiError
 
 REPO = Path(__file__).resolve().parents[1]
 STRONG = "s3cret-0123456789-abcdefghijklmnopqrstuvwxyz"

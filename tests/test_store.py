@@ -13,11 +13,11 @@ import pytest
 from conftest import RedisServer, eventually
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.model import Device, DeviceKind, DeviceState, PresenceStatus
+from gateway.core.model import Device, DeviceKind, DeviceState, PresenceStatus
+from gateway.services.timers import TimerLoop
 from gateway.store.base import HANDLE_TIMES_KEPT, CallRow, DeviceRef, Json, Quota, Store
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
-from gateway.timers import TimerLoop
 
 StoreFactory = Callable[[str], Awaitable[Store]]
 
@@ -544,9 +544,9 @@ async def test_a_timer_that_finds_the_store_unreachable_runs_again_after_its_lea
 
     timers.on("t", handler)
     await store.schedule_timer("t:x", now[0] - 1)
-    with caplog.at_level(logging.INFO, logger="gateway.timers"):
+    with caplog.at_level(logging.INFO, logger="gateway.services.timers"):
         assert await timers.run_once() == 1
-    logged = [r for r in caplog.records if r.name == "gateway.timers"]
+    logged = [r for r in caplog.records if r.name == "gateway.services.timers"]
     assert [r.levelname for r in logged] == ["WARNING"], logged
     assert logged[0].exc_info is None and "store unreachable" in logged[0].getMessage()
     assert await timers.run_once() == 0, "leased"

@@ -1,11 +1,11 @@
-"""The background task owner (gateway.tasks): a close that cannot be held up."""
+"""The background task owner (gateway.ops.tasks): a close that cannot be held up."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from gateway.tasks import TaskGroup
+from gateway.ops.tasks import TaskGroup
 
 
 async def test_close_ends_a_loop_that_swallowed_its_cancel() -> None:

@@ -18,7 +18,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from twilio_sim import CallRecord, TwilioSim, twilio_signature
 from yarl import URL
 
-from gateway.errors import ApiError
 from gateway.settings import Settings, TwilioSettings
 from gateway.telephony import (
     ENTRY_POINT_GROUP,
@@ -31,6 +30,7 @@ from gateway.telephony import (
     LegStatus,
     TelephonyError,
 )
+from gateway.wire.errors import ApiError
 from mobile_bridge.twilio_telephony import TwilioTelephony, install, refusal
 from mobile_bridge.twilio_webhooks import (
     SIGNATURE_HEADER,

@@ -1,11 +1,12 @@
 """The engine.io and socket.io code Membrane replaces or relies on, fingerprinted.
 
-gateway/sockets.py and gateway/sio_manager.py replace private methods of python-engineio and
-python-socketio with copies that bound what a client can make a node hold, or that cost
-fewer objects. An upgrade that changes one of those upstream functions may fix a bug the
-copy still has, or change a contract the copy keeps (a new argument, a new packet type):
-so the installed source of each is hashed and compared with the hash recorded below, and
-an upgrade that changes one fails here, naming the override to re-read against it.
+gateway/edge/sio/sockets.py and gateway/edge/sio/sio_manager.py replace private methods of
+python-engineio and python-socketio with copies that bound what a client can make a node
+hold, or that cost fewer objects. An upgrade that changes one of those upstream functions
+may fix a bug the copy still has, or change a contract the copy keeps (a new argument, a new
+packet type): so the installed source of each is hashed and compared with the hash recorded
+below, and an upgrade that changes one fails here, naming the override to re-read against
+it.
 
 After re-reading (and fixing) the override, record the new hash the failure shows.
 """
@@ -51,8 +52,8 @@ def _sio(module: str, qualname: str, override: str, sha: str) -> Upstream:
     return Upstream(f"socketio.{module}", qualname, override, sha)
 
 
-S = "gateway.sockets"
-M = "gateway.sio_manager"
+S = "gateway.edge.sio.sockets"
+M = "gateway.edge.sio.sio_manager"
 UPSTREAM = [
     # engine.io 4.15.1
     _eio("AsyncSocket.send", f"{S}:LeanSocket.send", "0d14cbe83d409f8b"),

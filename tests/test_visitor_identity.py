@@ -20,18 +20,18 @@ import aiohttp
 import pytest
 from conftest import Node, NodeFactory, SocketClient, make_settings, mint
 
-from gateway import appkeys
-from gateway.call import CallChannel, CallError, CallRequest, new_call, reattach
-from gateway.codec import (
+from gateway.core.call import CallChannel, CallError, CallRequest, new_call, reattach
+from gateway.edge.http import appkeys
+from gateway.edge.visitor_identity import VisitorIdentity, new_visitor_id
+from gateway.settings import AuthSettings, Settings, WebRTCSettings
+from gateway.wire.codec import (
     VISITOR_ID_PATTERN,
     VISITOR_SECRET_PATTERN,
     SessionRequest,
     session_request_from_wire,
     session_to_wire,
 )
-from gateway.errors import ApiError
-from gateway.settings import AuthSettings, Settings, WebRTCSettings
-from gateway.visitor_identity import VisitorIdentity, new_visitor_id
+from gateway.wire.errors import ApiError
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
 KEY = "k" * 48

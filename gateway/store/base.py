@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from gateway.model import Device, DeviceKind, DeviceState, PresenceRecord, PresenceStatus
+from gateway.core.model import Device, DeviceKind, DeviceState, PresenceRecord, PresenceStatus
 
 Json = dict[str, Any]
 EventHandler = Callable[[Json], Awaitable[None]]

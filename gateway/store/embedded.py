@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.model import Device, PresenceRecord, PresenceStatus
-from gateway.presence import is_live
+from gateway.core.model import Device, PresenceRecord, PresenceStatus
+from gateway.core.presence import is_live
 from gateway.store.base import (
     HANDLE_TIMES_KEPT,
     CallRow,

@@ -29,7 +29,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.model import Device, PresenceRecord, PresenceStatus
+from gateway.core.model import Device, PresenceRecord, PresenceStatus
+from gateway.ops.tasks import TaskGroup
 from gateway.store.base import (
     CALL_FIELD,
     HANDLE_TIMES_KEPT,
@@ -49,7 +50,6 @@ from gateway.store.base import (
 )
 from gateway.store.redis_lane import RedisLane, RedisSubscription
 from gateway.store.redis_url import RedisTarget, redis_target
-from gateway.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 

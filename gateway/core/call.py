@@ -1,0 +1,328 @@
+"""The call: the customer's live ticket, and the state machine every node applies to it.
+
+Pure: each transition takes a ``Call`` and returns the next one (with a timeline entry), or
+raises ``CallError`` with a stable code. Nodes apply transitions with compare-and-set on the
+stored version, so any node may move any call and a race has exactly one winner.
+
+States (docs/ARCHITECTURE.md, "Calls")::
+
+    queued --ring--> ringing --accept--> connected --hangup--> completed
+       ^               | decline / ring timeout (back to queued, agent excluded)
+       +---------------+
+    queued --no agent--> failed (with a callback offer)
+    any open state --cancel--> canceled (or completed, once connected)
+
+PSTN callbacks (gateway.core.callback) add ``scheduled`` (waiting for their time or a retry) and
+``dialing`` (the agent accepted; the visitor's phone is being called)::
+
+    scheduled --due--> queued --ring--> ringing --accept--> dialing --answer--> connected
+    dialing / connected --busy, no answer, voicemail--> scheduled (retry) or failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from gateway.core.model import Channel
+
+
+class CallState(StrEnum):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    RINGING = "ringing"
+    DIALING = "dialing"
+    CONNECTED = "connected"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class CallChannel(StrEnum):
+    WEBRTC = "webrtc"
+    CALLBACK = "callback"
+
+
+FINAL_STATES = frozenset({CallState.COMPLETED, CallState.FAILED, CallState.CANCELED})
+
+
+class CallError(Exception):
+    """A transition that is not allowed now; ``code`` is the client-facing error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEntry:
+    at: float
+    event: str
+    detail: str
+    internal: bool = False
+    """Shown to agents and supervisors (routing reasons), never to the visitor."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """What the visitor asked for: the routing hints of ``call:start``."""
+
+    language: str | None = None
+    branch: str | None = None
+    location: tuple[float, float] | None = None
+    page: str | None = None
+    skills: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    call_id: str
+    site: str
+    visitor_id: str
+    channel: CallChannel
+    state: CallState
+    created_at: float
+    request: CallRequest = field(default_factory=CallRequest)
+    version: int = 0
+    agent_id: str | None = None
+    """The agent ringing (state ringing) or talking (connected) or who talked (ended)."""
+    agent_sid: str | None = None
+    """The socket of the agent's device that accepted: the only one signals go to."""
+    visitor_sid: str | None = None
+    attempt: int = 0
+    ring_expires_at: float | None = None
+    tried: tuple[str, ...] = ()
+    reason: str | None = None
+    callback_offer_wait_s: int | None = None
+    connected_at: float | None = None
+    ended_at: float | None = None
+    timeline: tuple[TimelineEntry, ...] = ()
+    # --- PSTN callbacks only (gateway.core.callback) ---
+    phone: str | None = None
+    """The visitor's number, E.164."""
+    token_hash: str | None = None
+    """SHA-256 of the visitor's status token: the token itself is never stored."""
+    scheduled_at: float | None = None
+    """When the next attempt is due (state scheduled)."""
+    place_at: float | None = None
+    """The visitor's place in the queue: when they first asked (kept across retries and
+    from a browser call that nobody could answer)."""
+    dials: int = 0
+    """Dial attempts started; the current one is ``dials``."""
+    dial_started_at: float | None = None
+    provider_id: str | None = None
+    """The telephony provider's id of the current attempt's leg."""
+    answered_by: str | None = None
+    """Who answered the current attempt's leg: human, machine or unknown."""
+    legs_heard: tuple[tuple[str, int], ...] = ()
+    """How far each phone leg of every attempt has been reported to get, by provider id
+    (``gateway.core.callback.LEG_PROGRESS``): a status no further than that is old news."""
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def media_channel(self) -> Channel:
+        return Channel.WEBRTC if self.channel is CallChannel.WEBRTC else Channel.PSTN
+
+
+def _log(
+    call: Call, now: float, event: str, detail: str, internal: bool = False
+) -> tuple[TimelineEntry, ...]:
+    return (*call.timeline, TimelineEntry(now, event, detail, internal))
+
+
+def new_call(
+    call_id: str,
+    site: str,
+    visitor_id: str,
+    channel: CallChannel,
+    request: CallRequest,
+    now: float,
+    visitor_sid: str | None = None,
+) -> Call:
+    call = Call(
+        call_id, site, visitor_id, channel, CallState.QUEUED, now, request, visitor_sid=visitor_sid
+    )
+    return replace(call, timeline=_log(call, now, "requested", "Looking for someone to talk to"))
+
+
+def ring(
+    call: Call,
+    agent_id: str,
+    who: str,
+    reasons: tuple[str, ...],
+    now: float,
+    ring_timeout_s: float,
+) -> Call:
+    """Ring an agent, reserved beforehand; ``who`` is shown to the visitor ("Anna in Dublin")."""
+    if call.state is not CallState.QUEUED:
+        raise CallError("invalid_state", f"cannot ring a {call.state} call")
+    timeline = _log(call, now, "routed", f"{agent_id}: " + "; ".join(reasons), internal=True)
+    call = replace(call, timeline=timeline)
+    return replace(
+        call,
+        state=CallState.RINGING,
+        agent_id=agent_id,
+        attempt=call.attempt + 1,
+        ring_expires_at=now + ring_timeout_s,
+        timeline=_log(call, now, "ringing", f"Ringing {who}"),
+    )
+
+
+def ring_over(call: Call, agent_id: str, now: float) -> bool:
+    """The call rang ``agent_id`` and that ring has run out, though its timer may not have
+    fired yet: too late to answer."""
+    return (
+        call.state is CallState.RINGING
+        and call.agent_id == agent_id
+        and call.ring_expires_at is not None
+        and now >= call.ring_expires_at
+    )
+
+
+def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
+    if call.state is not CallState.RINGING or call.agent_id != agent_id:
+        raise CallError("not_ringing", "this call is not ringing for you")
+    if ring_over(call, agent_id, now):
+        raise CallError("ring_expired", "this ring has ended")
+    if call.channel is CallChannel.CALLBACK:
+        # Agent first: only now that someone is ready is the visitor's phone called.
+        return start_dial(replace(call, agent_sid=agent_sid), now)
+    return replace(
+        call,
+        state=CallState.CONNECTED,
+        agent_sid=agent_sid,
+        ring_expires_at=None,
+        connected_at=now,
+        timeline=_log(call, now, "connected", "Connected"),
+    )
+
+
+def reattach(call: Call, site: str, visitor_id: str, visitor_sid: str) -> Call:
+    """The visitor's socket came back (a network blip): signals go to the new one. Only the
+    call's own visitor may: a new socket takes the call over on nothing but its token."""
+    if call.site != site or call.visitor_id != visitor_id:
+        raise CallError("not_found", "this call is not yours")
+    if call.final:
+        raise CallError("call_ended", "the call has already ended")
+    return replace(call, visitor_sid=visitor_sid)
+
+
+def reattach_agent(call: Call, agent_id: str, agent_sid: str) -> Call:
+    """The agent's accepting socket came back (a network blip, or its node drained): signals
+    go to the new one. Only for the agent talking in a connected browser call."""
+    if call.final:
+        raise CallError("call_ended", "the call has already ended")
+    if (
+        call.state is not CallState.CONNECTED
+        or call.channel is not CallChannel.WEBRTC
+        or call.agent_id != agent_id
+    ):
+        raise CallError("invalid_state", "not your connected browser call")
+    return replace(call, agent_sid=agent_sid)
+
+
+def _back_to_queue(call: Call, now: float, event: str, detail: str) -> Call:
+    assert call.agent_id is not None
+    return replace(
+        call,
+        state=CallState.QUEUED,
+        agent_id=None,
+        ring_expires_at=None,
+        tried=(*call.tried, call.agent_id),
+        timeline=_log(call, now, event, detail),
+    )
+
+
+def decline(call: Call, agent_id: str, now: float) -> Call:
+    if call.state is not CallState.RINGING or call.agent_id != agent_id:
+        raise CallError("not_ringing", "this call is not ringing for you")
+    return _back_to_queue(call, now, "declined", "They could not take it; trying someone else")
+
+
+def ring_timeout(call: Call, attempt: int, now: float) -> Call:
+    """The ring of ``attempt`` ran out; a stale timer (the call moved on) is a CallError."""
+    if call.state is not CallState.RINGING or call.attempt != attempt:
+        raise CallError("stale", "the ring already ended")
+    return _back_to_queue(call, now, "no_answer", "No answer; trying someone else")
+
+
+def no_agent(call: Call, reason: str, detail: str, wait_s: int | None, now: float) -> Call:
+    """Nobody left to ring: end the browser call, offering a callback instead of a dead end."""
+    if call.state is not CallState.QUEUED:
+        raise CallError("invalid_state", f"cannot fail a {call.state} call")
+    return replace(
+        call,
+        state=CallState.FAILED,
+        reason=reason,
+        callback_offer_wait_s=wait_s,
+        ended_at=now,
+        timeline=_log(call, now, "no_agent", detail),
+    )
+
+
+def start_dial(call: Call, now: float) -> Call:
+    """Attempt ``dials + 1`` of a callback: the visitor's phone is about to be called."""
+    if call.channel is not CallChannel.CALLBACK or call.final:
+        raise CallError("invalid_state", f"cannot dial a {call.state} {call.channel} call")
+    return replace(
+        call,
+        state=CallState.DIALING,
+        ring_expires_at=None,
+        dials=call.dials + 1,
+        dial_started_at=now,
+        provider_id=None,
+        answered_by=None,
+        scheduled_at=None,
+        timeline=_log(call, now, "dialing", "We're calling you now"),
+    )
+
+
+def end(call: Call, reason: str, detail: str, now: float) -> Call:
+    """Hang-up, cancel or a party leaving: completed once connected, canceled before."""
+    if call.final:
+        raise CallError("call_ended", "the call has already ended")
+    state = CallState.COMPLETED if call.state is CallState.CONNECTED else CallState.CANCELED
+    return replace(
+        call,
+        state=state,
+        reason=reason,
+        ring_expires_at=None,
+        ended_at=now,
+        timeline=_log(call, now, state.value, detail),
+    )
+
+
+# --- reading a call back ---------------------------------------------------------------------
+
+
+def last_changed(call: Call) -> float:
+    """When the call last changed in a way its parties were told (its latest timeline entry)."""
+    return call.timeline[-1].at if call.timeline else call.created_at
+
+
+def ring_reasons(call: Call) -> tuple[str, ...]:
+    """The routing reasons of the current ring (``call:ring``'s ``reasons``), from its log."""
+    prefix = f"{call.agent_id}: "
+    for entry in reversed(call.timeline):
+        if entry.event == "routed":
+            if entry.detail.startswith(prefix):
+                return tuple(r for r in entry.detail[len(prefix) :].split("; ") if r)
+            return ()
+    return ()
+
+
+def rings_over(call: Call) -> dict[str, str]:
+    """Each agent whose ring for this browser call is over, with the ``call:ring_stop``
+    reason they were sent: the agents tried (declined or no answer, in the order of the
+    timeline), then the last agent once the call stopped ringing for them."""
+    ends = [e.event for e in call.timeline if e.event in ("declined", "no_answer")]
+    over = dict(zip(call.tried, ends, strict=False))
+    agent = call.agent_id
+    if agent is not None and call.state is not CallState.RINGING and agent not in over:
+        answered = call.connected_at is not None or call.state is CallState.CONNECTED
+        over[agent] = "answered" if answered else (call.reason or "no_answer")
+    return over

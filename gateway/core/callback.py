@@ -1,0 +1,225 @@
+"""PSTN callbacks: the transitions of a callback's life, pure like gateway.core.call.
+
+A callback is a ``Call`` with channel ``callback``. It waits ``scheduled`` until its time,
+``queued`` (in the site's queue, keeping its place) until an agent is free, ``ringing`` while
+that agent is asked in the agent app (agent first), ``dialing`` while the visitor's phone is
+called, ``connected`` once a human answered, and ends ``completed``, ``failed`` (retries used
+up, or a number that cannot be called) or ``canceled``. A busy line, no answer or an
+answering machine ends the *attempt*; the service decides when the next one is due.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gateway.core.call import (
+    Call,
+    CallChannel,
+    CallError,
+    CallRequest,
+    CallState,
+    TimelineEntry,
+)
+
+# Why an attempt ended without a conversation, as told to the visitor.
+ATTEMPT_DETAIL = {
+    "busy": "Your line was busy",
+    "no_answer": "You did not answer",
+    "voicemail": "Your voicemail answered, so we hung up",
+    "failed": "We could not get through to your number",
+    "dial_error": "Our phone line had a problem",
+    "agent_unreachable": "We could not connect you to our agent",
+    "no_status": "We lost track of the call",
+    "number_rate_limited": "We have called your number too often today",
+    "spend_cap_reached": "We cannot make more calls today",
+}
+# Outcomes that no retry can fix.
+FINAL_OUTCOMES = frozenset({"number_refused", "spend_cap_reached", "number_rate_limited"})
+
+
+# How far a phone leg has got, by its status; every other status (completed, busy, no
+# answer, failed, canceled) ends the leg: LEG_ENDED.
+LEG_PROGRESS = {"initiated": 0, "ringing": 1, "answered": 2}
+LEG_ENDED = 3
+
+
+def _log(call: Call, now: float, event: str, detail: str) -> tuple[TimelineEntry, ...]:
+    return (*call.timeline, TimelineEntry(now, event, detail))
+
+
+def new_callback(
+    call_id: str,
+    site: str,
+    visitor_id: str,
+    phone: str,
+    token_hash: str,
+    request: CallRequest,
+    now: float,
+    at: float | None,
+    place_at: float,
+    detail: str | None = None,
+) -> Call:
+    """A callback request: ``at`` None means as soon as someone is free (``queued``);
+    ``detail`` says to the visitor why it waits for ``at``."""
+    state = CallState.SCHEDULED if at is not None else CallState.QUEUED
+    call = Call(
+        call_id,
+        site,
+        visitor_id,
+        CallChannel.CALLBACK,
+        state,
+        now,
+        request,
+        phone=phone,
+        token_hash=token_hash,
+        scheduled_at=at,
+        place_at=place_at,
+    )
+    said = detail or ("We'll call you at the time you chose" if at else "We'll call you back")
+    return replace(call, timeline=_log(call, now, "requested", said))
+
+
+def _open(call: Call) -> None:
+    if call.channel is not CallChannel.CALLBACK:
+        raise CallError("invalid_state", "not a callback")
+    if call.final:
+        raise CallError("call_ended", "the callback has already ended")
+
+
+def due(call: Call, now: float) -> Call:
+    """A scheduled callback's time has come: it joins the queue (at its kept place)."""
+    _open(call)
+    if call.state is CallState.QUEUED:
+        return call
+    if call.state is not CallState.SCHEDULED:
+        raise CallError("stale", f"a {call.state} callback is not waiting for its time")
+    return replace(
+        call,
+        state=CallState.QUEUED,
+        scheduled_at=None,
+        timeline=_log(call, now, "queued", "Finding someone to call you"),
+    )
+
+
+def postpone(call: Call, until: float, event: str, detail: str, now: float) -> Call:
+    """Not now (closed, the visitor's night): wait until ``until``."""
+    _open(call)
+    if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
+        raise CallError("stale", f"cannot postpone a {call.state} callback")
+    return replace(
+        call,
+        state=CallState.SCHEDULED,
+        scheduled_at=until,
+        timeline=_log(call, now, event, detail),
+    )
+
+
+def _current_leg(call: Call, attempt: int) -> None:
+    _open(call)
+    if call.dials != attempt or call.state not in (CallState.DIALING, CallState.CONNECTED):
+        raise CallError("stale", "that attempt is over")
+
+
+def leg_heard(call: Call, provider_id: str, status: str) -> Call:
+    """Note a status report about one of the callback's phone legs, before acting on it.
+
+    A report no further than what was already heard about that leg (the same webhook
+    replayed, or one overtaken by a later one) is refused with ``old_status``: acting on it
+    again would repeat what the first did, and a replayed ``ringing`` after the attempt ended
+    would hang up the long-gone leg once more. Allowed on an ended callback too: that is
+    where replays land, and the first report of a leg nobody wants still has to hang it up.
+    """
+    if call.channel is not CallChannel.CALLBACK:
+        raise CallError("invalid_state", "not a callback")
+    progress = LEG_PROGRESS.get(status, LEG_ENDED)
+    heard = dict(call.legs_heard)
+    if heard.get(provider_id, -1) >= progress:
+        raise CallError("old_status", f"leg {provider_id} was already reported past {status}")
+    heard[provider_id] = progress
+    return replace(call, legs_heard=tuple(heard.items()))
+
+
+def leg_placed(call: Call, attempt: int, provider_id: str) -> Call:
+    _current_leg(call, attempt)
+    if call.provider_id == provider_id:
+        return call
+    return replace(call, provider_id=provider_id)
+
+
+def leg_ringing(call: Call, attempt: int, now: float) -> Call:
+    _current_leg(call, attempt)
+    if call.state is not CallState.DIALING or any(
+        e.event == "phone_ringing" and e.at >= (call.dial_started_at or 0) for e in call.timeline
+    ):
+        return call
+    return replace(call, timeline=_log(call, now, "phone_ringing", "Your phone is ringing"))
+
+
+def leg_answered(call: Call, attempt: int, answered_by: str, now: float) -> Call:
+    """The visitor's phone answered; a machine is noted (and hung up on), never connected."""
+    _current_leg(call, attempt)
+    if call.state is CallState.CONNECTED:
+        return call
+    if answered_by == "machine":
+        if call.answered_by == "machine":
+            return call
+        return replace(call, answered_by="machine")
+    return replace(
+        call,
+        state=CallState.CONNECTED,
+        answered_by=answered_by,
+        connected_at=now,
+        timeline=_log(call, now, "connected", "Connected"),
+    )
+
+
+def attempt_failed(
+    call: Call, attempt: int, outcome: str, retry_at: float | None, now: float
+) -> Call:
+    """The attempt ended without a conversation: try again at ``retry_at``, or give up."""
+    _current_leg(call, attempt)
+    detail = ATTEMPT_DETAIL.get(outcome, outcome)
+    cleared = replace(call, agent_id=None, agent_sid=None, provider_id=None, tried=())
+    if retry_at is None:
+        return replace(
+            cleared,
+            agent_id=call.agent_id,
+            state=CallState.FAILED,
+            reason=outcome,
+            ended_at=now,
+            timeline=_log(call, now, "failed", f"{detail}; we won't try again"),
+        )
+    return replace(
+        cleared,
+        state=CallState.SCHEDULED,
+        scheduled_at=retry_at,
+        timeline=_log(call, now, "retry", f"{detail}; we'll try again"),
+    )
+
+
+def refused(call: Call, reason: str, detail: str, now: float) -> Call:
+    """A callback that cannot be placed at all (spend cap reached, number refused)."""
+    _open(call)
+    if call.state is CallState.CONNECTED:
+        raise CallError("invalid_state", "the call is already connected")
+    return replace(
+        call,
+        state=CallState.FAILED,
+        reason=reason,
+        ended_at=now,
+        ring_expires_at=None,
+        timeline=_log(call, now, "failed", detail),
+    )
+
+
+def completed(call: Call, attempt: int, now: float) -> Call:
+    _current_leg(call, attempt)
+    if call.state is not CallState.CONNECTED:
+        raise CallError("stale", "the call never connected")
+    return replace(
+        call,
+        state=CallState.COMPLETED,
+        reason="completed",
+        ended_at=now,
+        timeline=_log(call, now, "completed", "The call ended"),
+    )

@@ -1,0 +1,41 @@
+"""Typed keys for what the app holds (aiohttp ``web.AppKey``)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import socketio
+from aiohttp import web
+
+from gateway.edge.auth import TokenService
+from gateway.edge.http.availability_feed import AvailabilityFeed
+from gateway.edge.visitor_identity import VisitorIdentity
+from gateway.ops.metrics import Metrics
+from gateway.ops.ratelimit import TokenBucket
+from gateway.ops.tasks import TaskGroup
+from gateway.services.call_service import CallService
+from gateway.services.callback_service import CallbackService
+from gateway.services.drain import Drain
+from gateway.services.presence_service import PresenceService
+from gateway.settings import Settings
+from gateway.store.base import Store, StoreHealth
+
+
+class HealthSource(Protocol):
+    async def health(self) -> StoreHealth: ...
+
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+TOKENS = web.AppKey("tokens", TokenService)
+VISITORS = web.AppKey("visitors", VisitorIdentity)
+METRICS = web.AppKey("metrics", Metrics)
+PRESENCE = web.AppKey("presence", PresenceService)
+SIO = web.AppKey("sio", socketio.AsyncServer)
+TASKS = web.AppKey("tasks", TaskGroup)
+REST_BUCKETS = web.AppKey("rest_buckets", dict[str, TokenBucket])
+HEALTH = web.AppKey("health", HealthSource)
+AVAILABILITY = web.AppKey("availability", AvailabilityFeed)
+CALLS = web.AppKey("calls", CallService)
+CALLBACKS = web.AppKey("callbacks", CallbackService)
+DRAIN = web.AppKey("drain", Drain)

@@ -1,0 +1,84 @@
+"""REST for PSTN callbacks: the request, bookable slots, and the visitor's live ticket.
+
+The request needs the visitor's session token; the ticket is read and canceled with the
+status token handed out once in the 201 (an unguessable secret, like a parcel tracking link).
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from gateway.edge.auth import VISITOR_ROLES, bearer_token, check_configured_role
+from gateway.edge.http import appkeys as keys
+from gateway.edge.http.http_api import read_json
+from gateway.edge.http.visitor_api import TICKET_SITE, client_ip, site_of
+from gateway.wire.codec import branch_from_query, callback_from_wire, check_id, iso
+from gateway.wire.errors import ApiError, invalid_token
+
+MAX_STATUS_TOKEN = 128
+
+
+async def create_callback(request: web.Request) -> web.Response:
+    site = site_of(request)
+    request.app[keys.DRAIN].refuse_new_work()
+    claims = await request.app[keys.TOKENS].verify(
+        bearer_token(request.headers.get("Authorization")), VISITOR_ROLES
+    )
+    if claims.site != site.site_id:
+        raise invalid_token("this session is for another site")
+    check_configured_role(claims, site)
+    try:
+        body = callback_from_wire(await read_json(request))
+    except ApiError as e:
+        if e.code == "invalid_phone":  # an abuse rule like the others: counted
+            request.app[keys.METRICS].callback_refusals.labels(e.code).inc()
+        raise
+    callbacks = request.app[keys.CALLBACKS]
+    call, token = await callbacks.request(site.site_id, claims.sub, client_ip(request), body)
+    return web.json_response(
+        {"call_id": call.call_id, "status_token": token, "call": await callbacks.view(call)},
+        status=201,
+    )
+
+
+async def callback_slots(request: web.Request) -> web.Response:
+    site = site_of(request)
+    branch = branch_from_query(request.query)
+    if branch is not None and branch not in site.branches:
+        return web.json_response({"slots": []}, headers={"Cache-Control": "no-store"})
+    slots = request.app[keys.CALLBACKS].slots(site.site_id, branch, time.time())
+    return web.json_response(
+        {"slots": [iso(s) for s in slots]}, headers={"Cache-Control": "no-store"}
+    )
+
+
+def _status_token(request: web.Request) -> str:
+    token = request.query.get("token", "")
+    if not token or len(token) > MAX_STATUS_TOKEN:
+        raise invalid_token("the status token is missing")
+    return token
+
+
+async def get_ticket(request: web.Request) -> web.Response:
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    callbacks = request.app[keys.CALLBACKS]
+    call = await callbacks.ticket(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
+    return web.json_response(await callbacks.view(call), headers={"Cache-Control": "no-store"})
+
+
+async def cancel_ticket(request: web.Request) -> web.Response:
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    callbacks = request.app[keys.CALLBACKS]
+    call = await callbacks.cancel(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
+    return web.json_response(await callbacks.view(call))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/sites/{site}/callbacks", create_callback)
+    app.router.add_get("/v1/sites/{site}/callback-slots", callback_slots)
+    app.router.add_get("/v1/calls/{call_id}", get_ticket)
+    app.router.add_delete("/v1/calls/{call_id}", cancel_ticket)

@@ -1,0 +1,202 @@
+"""REST edge: routes that authenticate, validate with the codec and call a service."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.edge.auth import (
+    AGENT_ROLES,
+    SUPERVISOR_ROLES,
+    Claims,
+    bearer_token,
+    check_configured_role,
+)
+from gateway.edge.http import appkeys as keys
+from gateway.ops.ratelimit import TokenBucket
+from gateway.store.base import UNAVAILABLE_ERRORS
+from gateway.wire import openapi
+from gateway.wire.codec import Json, check_id, device_update_from_wire, presence_to_wire
+from gateway.wire.errors import ApiError, forbidden, invalid_payload, store_unavailable
+
+log = logging.getLogger(__name__)
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "invalid_token",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, retry_after_s: int | None = None
+) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    metrics = request.app[keys.METRICS]
+    route = (
+        request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
+    )
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ApiError as e:
+        metrics.errors.labels(e.code).inc()
+        response = error_response(e.status, e.code, e.message, e.retry_after_s)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _STATUS_CODES.get(e.status, "bad_request")
+        metrics.errors.labels(code).inc()
+        response = error_response(e.status, code, e.reason)
+        if "Allow" in e.headers:  # a 405 names the methods the resource has (RFC 9110)
+            response.headers["Allow"] = e.headers["Allow"]
+    except UNAVAILABLE_ERRORS as e:
+        log.warning("store unreachable during %s: %r", route, e)
+        err = store_unavailable()
+        metrics.errors.labels(err.code).inc()
+        response = error_response(err.status, err.code, err.message)
+    except Exception:
+        log.exception("unhandled error in %s", route)
+        metrics.errors.labels("internal").inc()
+        response = error_response(500, "internal", "the gateway failed; try again")
+    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.latency.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+async def read_json(request: web.Request) -> Any:
+    body = await request.read()  # the app's client_max_size answers 413 past the limit
+    if not body:
+        return {}
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid_payload("body is not valid JSON") from None
+
+
+async def agent_claims(request: web.Request, supervisor: bool = False) -> Claims:
+    tokens = request.app[keys.TOKENS]
+    claims = await tokens.verify(
+        bearer_token(request.headers.get("Authorization")),
+        SUPERVISOR_ROLES if supervisor else AGENT_ROLES,
+    )
+    buckets = request.app[keys.REST_BUCKETS]
+    bucket = buckets.setdefault(f"{claims.site}:{claims.sub}", TokenBucket(10.0, 30.0))
+    if not bucket.take(time.monotonic()):
+        raise ApiError(429, "rate_limited", "too many requests; slow down")
+    check_configured_role(claims, request.app[keys.PRESENCE].site(claims.site))
+    return claims
+
+
+# --- operations --------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "node": request.app[keys.SETTINGS].node_id})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    health = await request.app[keys.HEALTH].health()
+    draining = request.app[keys.DRAIN].draining
+    request.app[keys.METRICS].store_up.set(1 if health.reachable and health.listening else 0)
+    # Draining: out of the load balancer's rotation at once, while the node hands over.
+    ready = health.reachable and health.listening and not draining
+    body: Json = {
+        "ready": ready,
+        "draining": draining,
+        "node": request.app[keys.SETTINGS].node_id,
+        "store": {
+            "reachable": health.reachable,
+            "listening": health.listening,
+            "persistent": health.persistent,
+            "detail": health.detail,
+        },
+        "warnings": []
+        if health.persistent
+        else ["store persistence is off: a store restart would lose pending callbacks"],
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    # Public and secret-free: any page or tool may read it.
+    return web.json_response(
+        openapi.document(request.app[keys.SETTINGS].public_url),
+        headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "public, max-age=300"},
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    payload = generate_latest(request.app[keys.METRICS].registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# --- agents --------------------------------------------------------------------------------------
+
+
+async def get_me(request: web.Request) -> web.Response:
+    claims = await agent_claims(request)
+    presence = await request.app[keys.PRESENCE].fetch(claims.site, claims.sub)
+    return web.json_response(presence_to_wire(presence))
+
+
+async def put_device(request: web.Request) -> web.Response:
+    claims = await agent_claims(request)
+    device_id = check_id(request.match_info["device_id"], "device_id")
+    update = device_update_from_wire(await read_json(request), device_id)
+    presence = await request.app[keys.PRESENCE].set_device(claims.site, claims.sub, update)
+    return web.json_response(presence_to_wire(presence))
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    claims = await agent_claims(request)
+    device_id = check_id(request.match_info["device_id"], "device_id")
+    presence = await request.app[keys.PRESENCE].remove_device(claims.site, claims.sub, device_id)
+    return web.json_response(presence_to_wire(presence))
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    claims = await agent_claims(request)
+    device_id = check_id(request.match_info["device_id"], "device_id")
+    presence = await request.app[keys.PRESENCE].heartbeat(claims.site, claims.sub, device_id)
+    return web.json_response(presence_to_wire(presence))
+
+
+async def site_agents(request: web.Request) -> web.Response:
+    claims = await agent_claims(request, supervisor=True)
+    site = request.match_info["site"]
+    if claims.site != site:
+        raise forbidden("a supervisor sees only their own site")
+    presences = request.app[keys.PRESENCE].site_presence(site)
+    return web.json_response([presence_to_wire(p) for p in presences])
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi_document)
+    app.router.add_get("/v1/agents/me", get_me)
+    app.router.add_put("/v1/agents/me/devices/{device_id}", put_device)
+    app.router.add_delete("/v1/agents/me/devices/{device_id}", delete_device)
+    app.router.add_post("/v1/agents/me/devices/{device_id}/heartbeat", heartbeat)
+    app.router.add_get("/v1/sites/{site}/agents", site_agents)

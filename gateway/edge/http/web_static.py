@@ -1,0 +1,40 @@
+"""The browser side, served by the gateway: the widget, the agent app, the demo site."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+WEB_CLIENT = Path(__file__).resolve().parents[3] / "web_client"
+
+
+def _file(path: Path, cache: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def serve(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(path, headers={"Cache-Control": cache})
+
+    return serve
+
+
+def add_routes(app: web.Application, root: Path = WEB_CLIENT) -> None:
+    if not root.is_dir():
+        return
+    # The embed line points at /widget.js forever; a short cache lets fixes reach every site.
+    app.router.add_get("/widget.js", _file(root / "widget.js", "public, max-age=300"))
+    app.router.add_get("/agent/", _file(root / "agent" / "index.html", "no-cache"))
+    app.router.add_get("/demo/", _file(root / "demo" / "index.html", "no-cache"))
+
+    async def redirect_agent(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/agent/")
+
+    async def redirect_demo(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/demo/")
+
+    async def home(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/demo/")
+
+    app.router.add_get("/agent", redirect_agent)
+    app.router.add_get("/demo", redirect_demo)
+    app.router.add_get("/", home)
+    app.router.add_static("/static/", root, show_index=False)

@@ -1,0 +1,2 @@
+"""The socket.io edge: the /agent, /visitor and /board namespaces and the manager that carries
+their emits between nodes."""

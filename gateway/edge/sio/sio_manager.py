@@ -1,0 +1,355 @@
+"""python-socketio's client managers: the Redis one made observable (``/readyz`` must say
+when the node stopped hearing other nodes' emits, which the stock manager only logs), and
+both passing rings through a ``RingGate`` as they reach this node's agent sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import socketio
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gateway.core.ringing import Offer, RingGate
+from gateway.ops.metrics import Metrics
+from gateway.ops.tasks import raise_if_cancelling
+from gateway.store.base import UNAVAILABLE_ERRORS
+from gateway.store.redis import PING_INTERVAL_S
+from gateway.store.redis_lane import RedisLane, RedisSubscription
+from gateway.store.redis_url import RedisTarget, redis_target
+
+BATCH = "membrane_emit_batch"
+# A rejoining listener replays the calls changed since it last heard Redis, less this much:
+# another node's clock may be a little behind, and its emit a little late.
+REPLAY_MARGIN_S = 2.0
+
+
+def _deliver(inbox: collections.deque[str | None], arrived: asyncio.Event, message: str) -> None:
+    inbox.append(message)
+    arrived.set()
+
+
+def _lost(
+    inbox: collections.deque[str | None], arrived: asyncio.Event, _: asyncio.Future[None]
+) -> None:
+    inbox.append(None)  # the subscription is gone: resubscribe
+    arrived.set()
+
+
+RING = "call:ring"
+RING_STOP = "call:ring_stop"
+AGENT_NAMESPACE = "/agent"
+
+Emit = tuple[str, Any]
+
+
+class RingDelivery:
+    """Applies gateway.core.ringing's ``RingGate`` to the ``call:ring`` and ``call:ring_stop``
+    emits that reach this node's agent sockets, from this node or another: at the moment
+    they are handed to the sockets, not when they were sent."""
+
+    def __init__(
+        self, metrics: Metrics | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.gate = RingGate()
+        self._metrics = metrics
+        self._clock = clock
+
+    def applies(self, event: str, namespace: str | None) -> bool:
+        return namespace == AGENT_NAMESPACE and event in (RING, RING_STOP)
+
+    def admit(self, event: str, payload: Any, room: str | None) -> list[Emit]:
+        """What to send the room instead of ``event``: nothing, the event, or a stop of an
+        older ring and then the event. Payloads not in Membrane's shape pass unchanged."""
+        if room is None or not isinstance(payload, dict):
+            return [(event, payload)]
+        call_id = payload.get("call_id")
+        now = self._clock()
+        if event == RING_STOP:
+            if isinstance(call_id, str):
+                attempt = payload.get("attempt")
+                self.gate.ring_stop(
+                    room, call_id, attempt if isinstance(attempt, int) else None, now
+                )
+            return [(event, payload)]
+        expires_ms = payload.get("ring_expires_at")
+        if not isinstance(call_id, str) or not isinstance(expires_ms, int | float):
+            return [(event, payload)]
+        offer = Offer(call_id, int(payload.get("attempt") or 0), expires_ms / 1000)
+        delivery = self.gate.ring(room, offer, now)
+        if not delivery.deliver:
+            if self._metrics is not None:
+                self._metrics.rings_dropped.labels(delivery.dropped or "?").inc()
+            return []
+        if delivery.stop_first is None:
+            return [(event, payload)]
+        older = delivery.stop_first
+        stop = {"call_id": older.call_id, "attempt": older.attempt, "reason": "superseded"}
+        return [(RING_STOP, stop), (event, payload)]
+
+
+class LocalManager(socketio.AsyncManager):  # type: ignore[misc]
+    """The manager of a node without Redis: every emit is delivered here, rings through
+    the gate."""
+
+    def __init__(self, rings: RingDelivery) -> None:
+        super().__init__()
+        self.rings = rings
+
+    async def emit(
+        self,
+        event: str,
+        data: Any,
+        namespace: str,
+        room: str | None = None,
+        skip_sid: Any = None,
+        callback: Any = None,
+        to: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As ``AsyncManager.emit``, rings through the gate."""
+        room = to or room
+        if callback is not None or not self.rings.applies(event, namespace):
+            return await super().emit(
+                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs
+            )
+        for gated_event, payload in self.rings.admit(event, data, room):
+            await super().emit(gated_event, payload, namespace, room=room, skip_sid=skip_sid)
+        return None
+
+
+class ObservedRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
+    """Connects only through the lane and ``RedisSubscription`` (``_publish`` and ``_listen``
+    are both replaced), so to the same target, TLS or unix socket, as the store: the stock
+    manager's own redis-py client is never made."""
+
+    def __init__(
+        self, url: str | RedisTarget, channel: str, rings: RingDelivery | None = None
+    ) -> None:
+        self._target = redis_target(url)
+        super().__init__(url=str(self._target), channel=channel)
+        self.rings = rings or RingDelivery()
+        self.listening = False
+        self.last_error = ""
+        self.on_rejoin: Callable[[float], Awaitable[None]] | None = None
+        """Called with a wall-clock time when the listener subscribed again after missing
+        emits from about then on (CallService.replay_since)."""
+        # Emits are published over a pipelined connection of their own (see
+        # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
+        self._lane = RedisLane(self._target)
+        self._inbox: collections.deque[str | None] = collections.deque()
+
+    @property
+    def backlog(self) -> int:
+        """Other nodes' messages received and not yet delivered here (a batch counts once)."""
+        return len(self._inbox)
+
+    @property
+    def publishing(self) -> int:
+        """Emits handed to Redis and not confirmed yet."""
+        return self._lane.in_flight
+
+    async def sent(self) -> None:
+        """Returns once Redis has taken every emit published so far: whatever this node
+        does next (releasing an agent) happens after other nodes were sent them. If Redis
+        does not answer, returns anyway: what follows must still happen (the emits that
+        failed are logged), and the ring gate on the agent's node still keeps her rings
+        apart."""
+        try:
+            await self._lane.execute("PING")
+        except Exception as exc:
+            self._get_logger().warning("could not confirm emits were published: %r", exc)
+
+    async def _handle_emit(self, message: dict[str, Any]) -> None:
+        """An emit reaching this node's sockets (its own or another node's), rings gated,
+        through ``AsyncPubSubManager._handle_emit``."""
+        event, namespace, data = message.get("event"), message.get("namespace"), message["data"]
+        if (
+            not isinstance(event, str)
+            or not self.rings.applies(event, namespace)
+            or not isinstance(data, list)
+            or len(data) != 1
+        ):
+            await super()._handle_emit(message)
+            return
+        for gated_event, payload in self.rings.admit(event, data[0], message.get("room")):
+            await super()._handle_emit(message | {"event": gated_event, "data": [payload]})
+
+    async def deliver_here(self, event: str, data: Any, namespace: str, room: str) -> None:
+        """An emit for this node's sockets only (rings gated), published to no other node."""
+        await self._handle_emit(self._emit_message(event, data, namespace, room))
+
+    async def emit_batch(self, emits: list[tuple[str, Any, str, str]]) -> None:
+        """Several ``(event, data, namespace, room)`` emits, delivered here, and to the other
+        nodes in one message: a call update goes to the visitor, the agent and the board,
+        and one publish instead of three saves each node two messages to send or receive.
+        A node without ``_listen``'s unpacking (mid-upgrade) ignores the message, an unknown
+        method, rather than mis-delivering it."""
+        messages = [
+            self._emit_message(event, data, namespace, room)
+            for event, data, namespace, room in emits
+        ]
+        for message in messages:
+            await self._handle_emit(message)
+        await self._publish({"method": BATCH, "emits": messages, "host_id": self.host_id})
+
+    def _emit_message(
+        self, event: str, data: Any, namespace: str | None, room: str | None, skip_sid: Any = None
+    ) -> dict[str, Any]:
+        """The message ``AsyncPubSubManager.emit`` publishes, as ``AsyncPubSubManager._handle_emit``
+        takes it."""
+        return {
+            "method": "emit",
+            "event": event,
+            "data": list(data) if isinstance(data, tuple) else [data],
+            "binary": False,
+            "namespace": namespace or "/",
+            "room": room,
+            "skip_sid": skip_sid,
+            "callback": None,
+            "host_id": self.host_id,
+        }
+
+    async def emit(
+        self,
+        event: str,
+        data: Any,
+        namespace: str | None = None,
+        room: str | None = None,
+        skip_sid: Any = None,
+        callback: Any = None,
+        to: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As ``AsyncPubSubManager.emit``, without its search of every payload for binary
+        parts, which cost ~5% of a node's CPU under call load (Membrane never sends binary)."""
+        room = to or room
+        if kwargs.get("ignore_queue") or callback is not None:
+            return await super().emit(
+                event, data, namespace=namespace, room=room, skip_sid=skip_sid,
+                callback=callback, **kwargs,
+            )  # fmt: skip
+        message = self._emit_message(event, data, namespace, room, skip_sid)
+        await self._handle_emit(message)  # this node's sockets
+        await self._publish(message)  # the other nodes'
+        return None
+
+    async def _publish(self, data: Any) -> Any:
+        """As ``AsyncRedisManager._publish`` (two attempts, then log and give up), over the
+        lane, and without waiting for Redis to confirm: emits still go out in order, one write
+        for all those of a turn of the event loop, and a failure is retried once in the
+        background."""
+        message = self.json.dumps(data)
+        sent = self._lane.send("PUBLISH", self.channel, message)
+        if sent is None:
+            return await self._publish_again(message)
+        sent.add_done_callback(partial(self._published, message))
+        return None
+
+    def _published(self, message: str, sent: asyncio.Future[Any]) -> None:
+        if sent.cancelled() or sent.exception() is None:
+            return
+        self._get_logger().error("Cannot publish to redis... retrying: %r", sent.exception())
+        self.server.start_background_task(self._publish_again, message, retrying=True)
+
+    async def _publish_again(self, message: str, retrying: bool = False) -> Any:
+        for retries_left in (0,) if retrying else (1, 0):
+            try:
+                return await self._lane.execute("PUBLISH", self.channel, message)
+            except Exception as exc:
+                if retries_left:
+                    self._get_logger().error("Cannot publish to redis... retrying: %r", exc)
+                else:
+                    self._get_logger().error("Cannot publish to redis... giving up: %r", exc)
+        return None
+
+    async def _listen(self) -> AsyncIterator[str]:
+        """Other nodes' emits, for ``AsyncPubSubManager._thread`` (replaces
+        ``AsyncRedisManager._listen``): over a hiredis subscription (store.redis_lane) rather
+        than redis-py's PubSub, whose per-message parsing cost several times more CPU. On a lost
+        or silent connection: resubscribe with backoff capped at 5 s, so a node rejoins soon
+        after Redis comes back, and have the calls changed meanwhile replayed (``on_rejoin``),
+        since the emits published while it was away are gone."""
+        retry_sleep = 0.1
+        heard_at: float | None = None  # when it last knew it was subscribed (wall clock)
+        deaf_since: float | None = None
+        while True:
+            inbox: collections.deque[str | None] = collections.deque()
+            self._inbox = inbox
+            arrived = asyncio.Event()
+            # Bound now, to this subscription's own inbox: a closure over the loop's
+            # variables would let each closing subscription wake the next one with its
+            # "lost" (None), which then gave up at once, for good (seen after a Redis pause).
+            subscription = RedisSubscription(partial(_deliver, inbox, arrived))
+            try:
+                await subscription.open(self._target, self.channel)
+                assert subscription.closed is not None
+                subscription.closed.add_done_callback(partial(_lost, inbox, arrived))
+                if deaf_since is not None:
+                    await self._rejoined(deaf_since)
+                    deaf_since = None
+                self.listening, self.last_error = True, ""
+                retry_sleep = 0.1
+                heard_at = time.time()
+                while True:
+                    while inbox:
+                        message = inbox.popleft()
+                        if message is None:
+                            raise RedisConnectionError("subscription connection lost")
+                        if BATCH in message[:40]:  # "method" is the first key
+                            for emit in self._unbatch(message):
+                                yield emit
+                        else:
+                            yield message
+                    arrived.clear()
+                    try:
+                        async with asyncio.timeout(PING_INTERVAL_S):
+                            await arrived.wait()
+                    except TimeoutError:
+                        raise_if_cancelling()  # a cancel that met the timeout (3.11)
+                        if not await subscription.ping(PING_INTERVAL_S):
+                            raise RedisConnectionError(
+                                "subscription stopped answering pings"
+                            ) from None
+                    heard_at = time.time()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if deaf_since is None and heard_at is not None:
+                    deaf_since = heard_at - REPLAY_MARGIN_S
+                self.listening, self.last_error = False, repr(exc)
+                self._get_logger().warning("socket.io Redis listener lost: %r", exc)
+                await asyncio.sleep(retry_sleep)
+                retry_sleep = min(retry_sleep * 2, 5.0)
+            finally:
+                subscription.close()
+
+    async def _rejoined(self, since: float) -> None:
+        """Replay what was missed. The store failing again fails the listener too, so that it
+        replays from the same time once it is back; any other failure is logged and passed
+        over, or a bug in one call's record would keep the node unready for good."""
+        if self.on_rejoin is None:
+            return
+        try:
+            await self.on_rejoin(since)
+        except UNAVAILABLE_ERRORS:
+            raise
+        except Exception:
+            self._get_logger().exception("replaying calls after rejoining failed")
+
+    def _unbatch(self, message: str) -> list[Any]:
+        """A batch's emits, each as ``AsyncPubSubManager._thread`` takes a decoded message."""
+        try:
+            batch = self.json.loads(message)
+            emits = batch["emits"]
+        except (ValueError, KeyError, TypeError):
+            return []
+        return [e for e in emits if isinstance(e, dict)] if isinstance(emits, list) else []
+
+    async def close(self) -> None:
+        """Close the Redis connection; the listener task belongs to the server's TaskGroup."""
+        await self._lane.close()

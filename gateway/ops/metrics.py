@@ -1,0 +1,119 @@
+"""Prometheus metrics, one registry per app so that several nodes can share a process."""
+
+from __future__ import annotations
+
+import gc
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "membrane_http_requests_total",
+            "HTTP requests answered, by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "membrane_http_request_seconds",
+            "HTTP request handling time.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "membrane_errors_total",
+            "Requests, socket events and socket connections refused, by error code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.sockets = Gauge(
+            "membrane_sockets",
+            "Connected socket.io clients on this node, by namespace.",
+            ["namespace"],
+            registry=self.registry,
+        )
+        self.presence_changes = Counter(
+            "membrane_presence_changes_total",
+            "Presence changes this node applied (its own and other nodes').",
+            registry=self.registry,
+        )
+        self.store_up = Gauge(
+            "membrane_store_up",
+            "1 while the store answers and this node hears other nodes' events.",
+            registry=self.registry,
+        )
+        self.callback_refusals = Counter(
+            "membrane_callback_refusals_total",
+            "Callback requests and dials refused by the abuse rules, by error code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.callbacks = Counter(
+            "membrane_callbacks_total",
+            "Callbacks by what became of them (requested, completed, failed, canceled).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.gc_pauses = Histogram(
+            "membrane_gc_pause_seconds",
+            "Garbage collector pauses of this node's process, by generation (2: everything).",
+            ["generation"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        self.gc_pacer = Gauge(
+            "membrane_gc_pacer",
+            "1 while the collector pacer runs in this node's process (gateway/ops/gc_pacer.py).",
+            registry=self.registry,
+        )
+        self.gc_frozen = Gauge(
+            "membrane_gc_frozen_objects",
+            "Objects the collector no longer walks (gc.freeze): start-up's and the pacer's.",
+            registry=self.registry,
+        )
+        self.gc_frozen.set_function(gc.get_freeze_count)
+        self.gc_collected = Counter(
+            "membrane_gc_collected_objects_total",
+            "Objects the garbage collector found unreachable (reference cycles), by generation.",
+            ["generation"],
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "membrane_event_loop_lag_seconds",
+            "How late each 10 ms tick of the node's event loop ran (a stall delays every "
+            "connection).",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        self.dials = Counter(
+            "membrane_callback_dials_total",
+            "Outbound dial attempts by result (placed, busy, no_answer, voicemail, ...).",
+            ["result"],
+            registry=self.registry,
+        )
+
+        self.starts_shed = Counter(
+            "membrane_starts_shed_total",
+            "Call starts refused as overloaded, by the signal past its limit.",
+            ["signal"],
+            registry=self.registry,
+        )
+        self.loop_lag_smoothed = Gauge(
+            "membrane_event_loop_lag_smoothed_seconds",
+            "How late the node's event loop runs its ticks, smoothed: what admission control "
+            "compares with server.max_loop_lag_ms.",
+            registry=self.registry,
+        )
+        self.rings_dropped = Counter(
+            "membrane_rings_dropped_total",
+            "Rings not delivered to an agent's socket: expired on the way, or already over.",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def observe_gc(self, generation: int, pause_s: float, collected: int) -> None:
+        self.gc_pauses.labels(str(generation)).observe(pause_s)
+        if collected:
+            self.gc_collected.labels(str(generation)).inc(collected)
