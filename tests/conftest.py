@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,11 +34,48 @@ from gateway.settings import PresenceSettings, Settings, load_settings, with_dev
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _port_slice() -> Iterator[int]:
+    """This process's ports, below the kernel's ephemeral range, cycled from a random start.
+
+    Every bind to port 0 (the in-process nodes, the Twilio simulator, every worker's and
+    other sessions') and every outgoing connection draws from the ephemeral range, so a port
+    from it may be taken between ``free_port()`` and the moment a child process binds it (or
+    between a test's stop and restart of a redis-server), more so with the suite's xdist
+    workers running beside each other. Below that range only ``free_port()`` hands ports out:
+    each worker gets a slice of its own and walks it, so none is handed out twice while in
+    use; the random start keeps two sessions on one machine apart.
+    """
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = (high - low) // max(count, 1)
+    start = low + worker * size
+    offset = random.randrange(size)
+    for i in itertools.count():
+        yield start + (offset + i) % size
+
+
+_ports = _port_slice()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port nobody listens on, for a server a test starts (now or in a child)."""
+    for port in _ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # something else on this machine listens there
+            return port
+    raise AssertionError("unreachable: the slice is cycled forever")
 
 
 def redis_binary() -> str:
@@ -102,6 +141,40 @@ class RedisServer:
         client = redis_sync.Redis(port=self.port)
         client.flushall()
         client.close()
+
+
+# --- xdist: which tests share a worker ----------------------------------------------------
+
+XDIST_GROUPS = {
+    # They kill, freeze and restart processes and judge timing (real audio, ring timeouts,
+    # readiness within a grace): one after another, never beside each other.
+    "test_chaos.py": "faults",
+    "test_redis_faults.py": "faults",
+    "test_drain.py": "faults",
+    "test_browser_e2e.py": "faults",
+    # Module-scoped fixtures (node processes; certificates and redis-servers), started once.
+    "test_fuzz.py": "fuzz",
+    "test_redis_urls.py": "redis_urls",
+}
+"""Test files whose tests run on one worker, in order, with ``--dist loadgroup`` (the
+default, pyproject.toml). xdist's own ``xdist_group`` mark relies on rewriting node ids,
+which pytest 9.2 no longer allows (pytest-dev/pytest-xdist#1386): the groups are kept here."""
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "loadgroup":
+        return None  # xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        """Each grouped file's tests are one unit of work; every other test is its own."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            group: str | None = XDIST_GROUPS.get(path.rsplit("/", 1)[-1])
+            return group or nodeid
+
+    return GroupScheduling(config, log)
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:

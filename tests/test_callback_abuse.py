@@ -773,7 +773,9 @@ async def test_a_spent_cap_refuses_the_next_request(
         agent_first=False,
     )
     node = await phone_node(nodes, settings)
-    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=5)
+    # Long enough (a second, real) for the bridge to Anna on a loaded machine: hanging up
+    # before it counts as not answering, and its retry would find the cap spent.
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=20)
     sim.phone(ANNA_PHONE, answer_after=1)
     await agent(clients, node, "anna")
     first = await created(http, node, {"phone": VISITOR_PHONE})

@@ -546,8 +546,12 @@ async def test_an_agent_on_a_call_is_never_rung_even_by_a_node_that_lags(
     b = await nodes(replace(settings, node_id="b"))
     anna = await agent(clients, a, "anna")
     b_presence = b.app[appkeys.PRESENCE]
+
+    async def b_sees_anna_free() -> bool:  # node B hears it from Redis, a moment later
+        return b_presence.cached("acme", "anna").status.value == "available"
+
+    await eventually(b_sees_anna_free, 5)
     free = b_presence.cached("acme", "anna")
-    assert free.status.value == "available"
     v1 = await visitor(clients, a, (await session(http, a))["token"])
     await v1.call("call:start", {}, "/visitor")
     await anna.call("call:accept", {"call_id": (await anna.next("call:ring"))["call_id"]}, "/agent")

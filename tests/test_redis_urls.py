@@ -27,6 +27,7 @@ import redis as redis_sync
 from conftest import (
     NodeFactory,
     SocketClient,
+    eventually,
     free_port,
     make_settings,
     mint,
@@ -429,8 +430,13 @@ async def test_acl_user_needs_the_channels(
         )  # fmt: skip
     allowed = f"redis://membrane:{PASSWORD_IN_URL}@127.0.0.1:{port}/0"
     node = await nodes(make_settings(tmp_path, redis_url=allowed))
-    async with aiohttp.ClientSession() as http, http.get(f"{node.url}/readyz") as r:
-        assert r.status == 200, await r.text()
+    async with aiohttp.ClientSession() as http:
+
+        async def ready() -> bool:  # its listener subscribes a moment after the start
+            async with http.get(f"{node.url}/readyz") as r:
+                return r.status == 200
+
+        await eventually(ready, 10)
     refused = f"redis://nochan:{PASSWORD_IN_URL}@127.0.0.1:{port}/0"
     with pytest.raises(redis_sync.ConnectionError, match=r"cannot subscribe.*NOPERM"):
         await asyncio.wait_for(start_node(make_settings(tmp_path, redis_url=refused)), 5)

@@ -4,7 +4,6 @@ real aiohttp server on loopback (see tests/twilio_sim/README.md)."""
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
@@ -13,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import free_port
 from multidict import MultiDict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from twilio_sim import CallRecord, TwilioSim, twilio_signature
@@ -48,13 +48,6 @@ TWILIO_NUMBER = "+15005550006"
 VISITOR = "+15551240001"
 AGENT = "+15551240002"
 TOKEN = "test-auth-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def dial_request(to: str = VISITOR, **changes: Any) -> DialRequest:
