@@ -616,7 +616,7 @@ def load_settings(
                 "max_loop_lag_ms",
                 p,
                 float,
-                10.0,
+                5.0,
             )
             / 1000,
             max_starts_in_flight=_positive(
@@ -624,7 +624,7 @@ def load_settings(
                 "max_starting_calls",
                 p,
                 int,
-                12,
+                3,
             ),
         ),
         auth=_auth(_table(raw, "auth", ""), env, base),

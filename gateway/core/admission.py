@@ -33,8 +33,8 @@ class AdmissionLimits:
     """Past any of these a node refuses new starts. The defaults keep a start's time to
     ring within tens of milliseconds on these machines (bench/overload.py)."""
 
-    max_loop_lag_s: float = 0.010
-    max_starts_in_flight: int = 12
+    max_loop_lag_s: float = 0.005
+    max_starts_in_flight: int = 3
     max_emit_backlog: int = 200
     max_store_in_flight: int = 256
     min_retry_after_ms: int = 250
