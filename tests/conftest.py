@@ -133,6 +133,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a test may have frozen it (SIGSTOP)
             self.process.terminate()
             self.process.wait(10)
             self.process = None
@@ -188,6 +189,19 @@ async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server for this test alone, for tests that freeze, restart or restrict it.
+    Listed before ``nodes`` in a test's arguments, so the nodes stop first."""
+    with tempfile.TemporaryDirectory(prefix="membrane-own-redis-") as directory:
+        server = RedisServer(free_port(), Path(directory))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

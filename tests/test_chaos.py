@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,6 @@ from conftest import (
     RedisServer,
     SocketClient,
     eventually,
-    free_port,
     make_settings,
     mint,
     node_process,
@@ -87,18 +84,6 @@ WAITING_LINE = "waiting for it"
 
 
 # --- the Redis of this test -----------------------------------------------------------------
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone (it is restarted and frozen), with AOF."""
-    with tempfile.TemporaryDirectory(prefix="membrane-chaos-redis-") as directory:
-        server = RedisServer(free_port(), Path(directory))
-        server.start()
-        yield server
-        if server.process is not None:
-            os.kill(server.process.pid, signal.SIGCONT)  # in case the test failed while frozen
-        server.stop()
 
 
 @pytest.fixture

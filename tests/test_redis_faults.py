@@ -7,8 +7,7 @@ Each test runs its own redis-server: the session's is shared, and these pause th
 from __future__ import annotations
 
 import signal
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,6 @@ from conftest import (
     RedisServer,
     SocketClient,
     eventually,
-    free_port,
     make_settings,
     mint,
     node_process,
@@ -33,21 +31,6 @@ from gateway.core.model import Role
 from gateway.settings import PresenceSettings, Settings, demo_config_text
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server for this test alone. Listed before ``nodes`` in a test's arguments, so
-    the nodes stop first."""
-    with tempfile.TemporaryDirectory(prefix="membrane-redis-pause-") as directory:
-        server = RedisServer(free_port(), Path(directory))
-        server.start()
-        try:
-            yield server
-        finally:
-            if server.process is not None:
-                server.process.send_signal(signal.SIGCONT)  # a stopped one ignores SIGTERM
-            server.stop()
 
 
 def pause(server: RedisServer) -> None:
