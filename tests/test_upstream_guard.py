@@ -122,6 +122,36 @@ UPSTREAM = [
         f"{M}:ObservedRedisManager._emit_message",
         "dd533f098d25ecde",
     ),
+    # Relied on: what upstream does with the pending lists (``SidSet``), and the room
+    # bookkeeping that ``IndexedRooms`` indexes.
+    _sio("base_manager", "BaseManager.pre_connect", f"{M}:SidSets.__setitem__", "8a6bc4d85e94bea4"),
+    _sio(
+        "base_manager", "BaseManager.pre_disconnect", f"{M}:SidSets.__setitem__", "4c65730b68bb09e5"
+    ),
+    _sio(
+        "base_manager", "BaseManager.is_connected", f"{M}:SidSet.__contains__", "5566816233425fad"
+    ),
+    _sio(
+        "base_manager",
+        "BaseManager.basic_enter_room",
+        f"{M}:IndexedRooms.basic_enter_room",
+        "705877858d9fa712",
+    ),
+    _sio(
+        "base_manager",
+        "BaseManager.basic_leave_room",
+        f"{M}:IndexedRooms.basic_leave_room",
+        "8c315192c6837321",
+    ),
+    _sio(
+        "base_manager",
+        "BaseManager.basic_disconnect",
+        f"{M}:IndexedRooms.basic_disconnect",
+        "f8030f78437464bd",
+    ),
+    _sio(
+        "base_manager", "BaseManager.get_rooms", f"{M}:IndexedRooms.get_rooms", "5ec8bc0630fab119"
+    ),
     _sio("async_manager", "AsyncManager.emit", f"{M}:LocalManager.emit", "733526e7a4683888"),
     _sio(
         "async_pubsub_manager",
