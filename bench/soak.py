@@ -69,6 +69,8 @@ import aiohttp
 from bench.harness import (
     NodeProcess,
     RawSocketIO,
+    add_runs_argument,
+    cpu_per_unit,
     cpu_report,
     demo_site_config,
     gc_pause_report,
@@ -76,6 +78,7 @@ from bench.harness import (
     log_problems,
     raise_fd_limit,
     redis_server,
+    repeat,
     sched,
     settle_rss,
     start_node,
@@ -893,6 +896,10 @@ async def measure(args: argparse.Namespace, node: NodeProcess) -> dict[str, Any]
         },
         "errors_by_code": errors,
         "cpu": cpu,
+        # Idle work: what each open connection costs the node per minute of keeping it.
+        "cpu_per_connection_minute": cpu_per_unit(
+            cpu, max(connections, 1) / 60, "connection-minute", ("node",)
+        ),
         "samples": samples,
         "targets": {
             "growth_within_noise": growth_ok,
@@ -943,6 +950,7 @@ def main() -> None:
     parser.add_argument("--device-ttl", type=float, default=60.0, help="REST device lease (s)")
     parser.add_argument("--embedded", action="store_true", help="embedded store, not Redis")
     parser.add_argument("--out", help="also write the figures to this JSON file")
+    add_runs_argument(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -953,7 +961,30 @@ def main() -> None:
         args.warmup = min(60.0, args.duration / 5)
     if args.agents < 1:
         parser.error("--agents must be at least 1")
-    write_json(args.out, asyncio.run(run(args)))
+    write_json(
+        args.out,
+        repeat(
+            args.runs,
+            lambda: asyncio.run(run(args)),
+            worst=lambda r: r["memory_growth"].get("projected_10_min_mb") or 0.0,
+            headline=headline,
+        ),
+    )
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    lag = result["event_loop_lag_ms"]["after_warmup"]
+    cpu = result["cpu_per_connection_minute"]
+    return {
+        "connections": result["connections_after_warmup"],
+        "rss_per_connection_kb": result["rss_per_connection_kb"],
+        "projected_growth_10_min_mb": result["memory_growth"].get("projected_10_min_mb"),
+        "growth": result["memory_growth"]["verdict"],
+        "lag_p99_ms": lag.get("p99_ms"),
+        "node_cpu_ms_per_connection_minute": cpu["node_cpu_ms_per_unit"],
+        "cpu_cores_by_process": cpu["cpu_cores_by_process"],
+        "never_readers_dropped": result["never_readers"]["dropped"],
+    }
 
 
 if __name__ == "__main__":
