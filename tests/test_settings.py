@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from datetime import date
 from datetime import time as clock
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import jwt
 import pytest
+from conftest import replace
 
 from gateway.core.admission import AdmissionLimits
 from gateway.core.model import CallbackPolicy, OpeningSpan, Role
@@ -1114,8 +1114,6 @@ def test_twilio_credentials_come_from_the_environment() -> None:
 
 
 def test_nodes_sharing_redis_need_one_configured_secret(tmp_path: Path) -> None:
-    from dataclasses import replace as dc_replace
-
     from gateway.settings import load_settings as load
     from gateway.settings import with_dev_secret as dev_secret
 
@@ -1123,5 +1121,5 @@ def test_nodes_sharing_redis_need_one_configured_secret(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         dev_secret(settings)
     assert e.value.key == "auth.secret"
-    configured = dc_replace(settings, auth=dc_replace(settings.auth, secret="s" * 40))
+    configured = replace(settings, auth=replace(settings.auth, secret="s" * 40))
     assert dev_secret(configured).auth.secret == "s" * 40
