@@ -208,10 +208,10 @@ class CallbackService:
         if spent + DIAL_RESERVE > policy.daily_spend_cap_usd * 1_000_000:
             raise self._refuse(503, "spend_cap_reached", "no more callbacks today; sorry")
         call_id = f"c_{uuid.uuid4().hex}"
-        open_slot = partial(self._store.acquire_open_callback_slot, site_id)
-        if not await open_slot("visitor", visitor_id, call_id, OPEN_HOLD_S, now):
+        open_slot = self._store.acquire_open_callback_slot
+        if not await open_slot(site_id, "visitor", visitor_id, call_id, OPEN_HOLD_S, now):
             raise self._refuse(409, "callback_in_progress", "you already have a callback booked")
-        if not await open_slot("number", number.e164, call_id, OPEN_HOLD_S, now):
+        if not await open_slot(site_id, "number", number.e164, call_id, OPEN_HOLD_S, now):
             await self._store.release_open_callback_slot(site_id, "visitor", visitor_id, call_id)
             raise self._refuse(409, "number_has_callback", "that number already has a callback")
         quotas = (
