@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import random
@@ -15,11 +16,12 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+import msgspec
 import pytest
 import redis as redis_sync
 import socketio
@@ -30,6 +32,17 @@ from gateway.core.model import Role
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
 from gateway.settings import PresenceSettings, Settings, load_settings, with_dev_secret
+
+_T = TypeVar("_T")
+
+
+def replace(obj: _T, /, **changes: Any) -> _T:
+    """A copy of ``obj`` with ``changes``: the settings are msgspec structs, the core's model
+    dataclasses, and tests change both."""
+    if isinstance(obj, msgspec.Struct):
+        return msgspec.structs.replace(obj, **changes)
+    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 

@@ -14,14 +14,14 @@ import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import Node, NodeFactory, free_port, make_settings, mint
+from conftest import Node, NodeFactory, free_port, make_settings, mint, replace
 from playwright.async_api import (
     Browser,
     BrowserContext,

@@ -55,7 +55,6 @@ from gateway.services.callback_service import (
     LEGS_PER_CALL,
     MICRO_USD_PER_MINUTE,
     SPEND_TTL_S,
-    spend_key,
 )
 
 # The fixtures of tests/test_callbacks.py: the simulator, the store parameter, a phone node.
@@ -692,7 +691,7 @@ async def test_slots_are_in_opening_hours_15_minutes_apart_and_ahead(
 
 async def spent_today(node: Node) -> int:
     """The site's estimated spend today, read from the store (adding 0 reads)."""
-    return await node.app[keys.STORE].add_to_counter(spend_key("acme", time.time()), 0, SPEND_TTL_S)
+    return await node.app[keys.STORE].add_spend("acme", time.time(), 0, SPEND_TTL_S)
 
 
 # One dial reserves a started minute of both legs: US$0.06.
@@ -741,10 +740,7 @@ async def test_a_cap_spent_after_the_request_fails_the_dial_without_dialing(
     node = await phone_node(nodes, settings)
     sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=5)
     data = await created(http, node, {"phone": VISITOR_PHONE})  # nobody free: it waits
-    assert (
-        await node.app[keys.STORE].add_to_counter(spend_key("acme", time.time()), 1, SPEND_TTL_S)
-        == 1
-    )
+    assert await node.app[keys.STORE].add_spend("acme", time.time(), 1, SPEND_TTL_S) == 1
     was = await refusals(http, node)
     await agent(clients, node, "anna")
     failed = await ticket_state(http, node, data, "failed")

@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Node, SocketClient, eventually, mint, node_process, start_node
+from conftest import Node, SocketClient, eventually, mint, node_process, replace, start_node
 from redis import asyncio as aioredis
 from test_callbacks import (
     ANNA_PHONE,

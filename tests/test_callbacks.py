@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
 from pathlib import Path
@@ -14,7 +13,16 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
-from conftest import Node, NodeFactory, SocketClient, eventually, free_port, make_settings, mint
+from conftest import (
+    Node,
+    NodeFactory,
+    SocketClient,
+    eventually,
+    free_port,
+    make_settings,
+    mint,
+    replace,
+)
 from twilio_sim import CallRecord, TwilioSim, WebhookRecord
 from yarl import URL
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import aiohttp
 import jwt
 import pytest
 import socketio
-from conftest import Node, NodeFactory, SocketClient, eventually, make_settings, mint
+from conftest import Node, NodeFactory, SocketClient, eventually, make_settings, mint, replace
 
 from gateway.settings import Settings
 

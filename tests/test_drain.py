@@ -8,7 +8,6 @@ import json
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,15 @@ import aiohttp
 import pytest
 import redis.asyncio as redis_async
 import socketio
-from conftest import NodeFactory, SocketClient, eventually, make_settings, mint, node_process
+from conftest import (
+    NodeFactory,
+    SocketClient,
+    eventually,
+    make_settings,
+    mint,
+    node_process,
+    replace,
+)
 
 from gateway.core.model import Role
 from gateway.settings import demo_config_text

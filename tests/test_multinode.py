@@ -8,7 +8,6 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from conftest import (
     make_settings,
     mint,
     node_process,
+    replace,
 )
 
 from gateway.core.model import Role

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Node, NodeFactory, SocketClient, eventually, make_settings
+from conftest import Node, NodeFactory, SocketClient, eventually, make_settings, replace
 from test_calls import agent, fast_ring, session, visitor
 
 from gateway.core.admission import Admission, AdmissionLimits, Load, admit_start

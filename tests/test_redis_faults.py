@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from conftest import (
     make_settings,
     mint,
     node_process,
+    replace,
 )
 
 from gateway.core.model import Role

@@ -1,6 +1,6 @@
-"""Settings (gateway/settings.py): the demo config, one table row per kind of bad config (each
-must name its exact key), environment overrides, the dev secret, and the ``membrane`` CLI run
-as a real process.
+"""Settings (gateway/settings/): the demo config, one table row per kind of bad config (each
+must name its exact key), environment overrides, the dev secret, the shipped configs held to
+the model's defaults, and the ``membrane`` CLI run as a real process.
 
 Configs are built as Python dicts and written as TOML (inline tables) into ``tmp_path``.
 """
@@ -10,27 +10,31 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 import time
-from dataclasses import replace
+import tomllib
 from datetime import date
 from datetime import time as clock
 from pathlib import Path
 from typing import Any
 
 import jwt
+import msgspec
 import pytest
+from conftest import replace
 
 from gateway.core.admission import AdmissionLimits
-from gateway.core.model import CallbackPolicy, OpeningSpan, Role
+from gateway.core.model import CallbackPolicy, OpeningSpan, Role, Site
 from gateway.edge.auth import AUDIENCE, TokenService
 from gateway.settings import (
     AuthSettings,
     ConfigError,
     PresenceSettings,
     Settings,
+    WebRTCSettings,
     demo_config_text,
     load_settings,
     with_dev_secret,
@@ -1114,8 +1118,6 @@ def test_twilio_credentials_come_from_the_environment() -> None:
 
 
 def test_nodes_sharing_redis_need_one_configured_secret(tmp_path: Path) -> None:
-    from dataclasses import replace as dc_replace
-
     from gateway.settings import load_settings as load
     from gateway.settings import with_dev_secret as dev_secret
 
@@ -1123,5 +1125,110 @@ def test_nodes_sharing_redis_need_one_configured_secret(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         dev_secret(settings)
     assert e.value.key == "auth.secret"
-    configured = dc_replace(settings, auth=dc_replace(settings.auth, secret="s" * 40))
+    configured = replace(settings, auth=replace(settings.auth, secret="s" * 40))
     assert dev_secret(configured).auth.secret == "s" * 40
+
+
+# --- the shipped configs agree with the model's defaults -----------------------------------
+
+# `key = value  # default X`: the example config's note that it shows a value of its own.
+_DEFAULT_NOTE = re.compile(r"\s*(\w+)\s*=.*#.*\bdefault (\"[^\"]*\"|\S+)")
+_HEADER = re.compile(r"\s*\[\[?([\w.]+)\]\]?")
+
+
+def model_defaults() -> dict[str, dict[str, Any]]:
+    """Each section's defaults as the file writes them (what a left-out key becomes)."""
+    sections: dict[str, msgspec.Struct] = {
+        "server": Settings(),
+        "auth": AuthSettings(),
+        "presence": PresenceSettings(),
+        "webrtc": WebRTCSettings(),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for name, model in sections.items():
+        out[name] = {
+            f.name: getattr(model, f.name)
+            for f in msgspec.structs.fields(model)
+            if f.default_factory is msgspec.NODEFAULT  # the sections of their own
+        }
+    limits = AdmissionLimits()
+    out["server"] |= {
+        "max_loop_lag_ms": limits.max_loop_lag_s * 1000,
+        "max_starting_calls": limits.max_starts_in_flight,
+    }
+    out["sites"] = {"ring_timeout_s": Site.__dataclass_fields__["ring_timeout_s"].default}
+    return out
+
+
+def as_written(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value) if isinstance(value, Path) else value
+
+
+def default_notes(text: str) -> dict[str, str]:
+    notes: dict[str, str] = {}
+    section = ""
+    for line in text.splitlines():
+        if header := _HEADER.match(line):
+            section = header.group(1)
+        elif note := _DEFAULT_NOTE.match(line):
+            notes[f"{section}.{note.group(1)}"] = note.group(2)
+    return notes
+
+
+def shown_defaults(text: str, chosen: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, what the file says the default is, the model's default) for every key the file
+    sets in a section with defaults; ``chosen`` names values that are the file's own."""
+    doc = tomllib.loads(text)
+    notes = default_notes(text)
+    defaults = model_defaults()
+    tables = {name: doc.get(name, {}) for name in defaults if name != "sites"}
+    tables["sites"] = doc["sites"][0]
+    rows = []
+    for section, table in tables.items():
+        for key, value in table.items():
+            if key in (
+                "id",
+                "name",
+                "origins",
+                "caller_ids",
+                "callback_policy",
+                "branches",
+                "agents",
+            ):
+                continue  # a site's own
+            name = f"{section}.{key}"
+            assert key in defaults[section], f"{name} is not a setting"
+            if name in chosen:
+                assert value == chosen[name], name
+                continue
+            claimed = value
+            if name in notes:
+                try:
+                    claimed = tomllib.loads(f"v = {notes[name]}")["v"]
+                except tomllib.TOMLDecodeError:
+                    continue  # a default worked out from others, e.g. http://{host}:{port}
+            rows.append((name, claimed, as_written(defaults[section][key])))
+    return rows
+
+
+def test_the_example_config_shows_the_defaults() -> None:
+    text = (REPO / "deploy" / "membrane.example.toml").read_text()
+    rows = shown_defaults(text, {})
+    assert len(rows) >= 15
+    for name, claimed, default in rows:
+        assert claimed == default, f"{name}: the example says {claimed!r}, the model {default!r}"
+    # Every setting is shown, set or commented out (the ones read from files have their own).
+    for section, defaults in model_defaults().items():
+        for key in defaults:
+            if (section, key) in (("auth", "private_key_pem"), ("auth", "extra_keys")):
+                continue
+            assert re.search(rf"^\s*#?\s*{key}\s*=", text, re.M), f"{section}.{key} not shown"
+
+
+def test_the_demo_config_keeps_the_defaults_but_its_issuer() -> None:
+    rows = shown_defaults(demo_config_text(), {"auth.issuer": "membrane-demo"})
+    assert len(rows) >= 6
+    for name, claimed, default in rows:
+        assert claimed == default, f"{name}: the demo says {claimed!r}, the model {default!r}"

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceStatus
 from gateway.services.timers import TimerLoop
-from gateway.store.base import HANDLE_TIMES_KEPT, CallRow, DeviceRef, Json, Quota, Store
+from gateway.store.base import (
+    HANDLE_TIMES_KEPT,
+    CallRow,
+    DeviceRef,
+    Expectation,
+    Json,
+    Quota,
+    Store,
+)
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
 
@@ -152,6 +161,39 @@ async def test_touch_renews_a_lease_but_never_revives_a_removed_device(open_stor
     anna = (await store.get_presence("acme", "anna")).devices[0]
     assert anna.expires_at == pytest.approx(now + 10) and anna.last_seen == pytest.approx(now + 0.5)
     assert (await store.get_presence("acme", "ben")).devices == ()
+
+
+async def test_put_device_if_saves_and_publishes_only_when_the_prediction_holds(
+    open_store: Any, backend: str
+) -> None:
+    here, there = Recorder(), Recorder()
+    store: Store = await open_store("n1", here)
+    other: Store | None = await open_store("n2", there) if backend == "redis" else None
+    now = time.time()
+    before = await store.put_device("acme", "anna", device("im", now, state=DeviceState.AWAY))
+    status = (PresenceStatus.AVAILABLE, now, now)
+    event: Json = {"type": "presence", "site": "acme", "agent": "anna"}
+    right = Expectation(before.rev + 1, ("im", "phone"), now, status, event)
+    done, record = await store.put_device_if("acme", "anna", device("phone", now), right)
+    assert done and record.rev == before.rev + 1
+    assert (record.status, record.since) == (PresenceStatus.AVAILABLE, now)
+    assert [d.device_id for d in record.devices] == ["im", "phone"]
+    if other is not None:
+        published = await asyncio.wait_for(there.events.get(), 5)
+        assert published["rev"] == record.rev and len(published["devices"]) == 2
+        assert {k: published[k] for k in event} == event
+    assert here.events.empty(), "never echoed to the writer"
+
+    stale = Expectation(record.rev, ("im", "phone"), now, (PresenceStatus.DND, now, now), event)
+    done, after = await store.put_device_if("acme", "anna", device("phone", now), stale)
+    assert not done and after.rev == record.rev + 1, "the device is written all the same"
+    assert after.status is PresenceStatus.AVAILABLE, "but nothing predicted is saved"
+    wrong_live = Expectation(after.rev + 1, ("phone",), now, (PresenceStatus.DND, now, now), event)
+    done, last = await store.put_device_if("acme", "anna", device("phone", now), wrong_live)
+    assert not done and last.status is PresenceStatus.AVAILABLE
+    if other is not None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(there.events.get(), 0.2)  # nothing published for those
 
 
 async def test_calls_are_versioned(open_store: Any) -> None:
@@ -411,6 +453,117 @@ async def test_a_restart_keeps_quotas_slots_counters_claims_queue_and_handle_tim
     assert await reopened.queue_rank("acme", "c2") == 1
     assert await reopened.queue_size("acme") == 2
     assert await reopened.handle_times("acme") == [30.0, 12.5]
+
+
+async def test_reservations_extend_and_release_only_for_their_holder(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.reserve_agent("acme", "anna", "c1", 30)
+    assert not await store.extend_reservation("acme", "anna", "c2", 30), "not c2's"
+    await store.release_agent("acme", "anna", "c2")
+    assert not await store.reserve_agent("acme", "anna", "c2", 30), "c1 still holds anna"
+    assert await store.extend_reservation("acme", "anna", "c1", 30)
+    await store.release_agent("acme", "anna", "c1")
+    assert not await store.extend_reservation("acme", "anna", "c1", 30), "released"
+    assert await store.reserve_agent("acme", "anna", "c2", 30)
+
+
+async def test_open_calls_are_remembered_per_visitor(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.open_call("acme", "visitor-1") is None
+    await store.set_open_call("acme", "visitor-1", "c1")
+    await store.set_open_call("acme", "visitor-2", "c2")
+    await store.set_open_call("acme", "visitor-1", "c3")
+    assert await store.open_call("acme", "visitor-1") == "c3"
+    assert await store.open_call("acme", "visitor-2") == "c2"
+    assert await store.open_call("other", "visitor-1") is None
+
+
+async def test_timers_are_leased_moved_and_finished(open_store: Any) -> None:
+    store: Store = await open_store()
+    await store.schedule_timer("t1", 100.0)
+    await store.schedule_timer("t2", 200.0)
+    assert await store.claim_timers(99.0, 10.0) == []
+    assert await store.claim_timers(150.0, 10.0) == ["t1"]
+    assert await store.claim_timers(155.0, 10.0) == [], "leased until 160"
+    assert await store.claim_timers(161.0, 10.0) == ["t1"], "its lease ran out"
+    await store.schedule_timer("t2", 50.0)  # moved, not added
+    assert await store.claim_timers(170.0, 10.0) == ["t2"], "t1 is leased until 171"
+    await store.finish_timer("t1")
+    await store.finish_timer("t2")
+    await store.finish_timer("missing")
+    assert await store.claim_timers(1000.0, 10.0) == []
+    for i in range(5):
+        await store.schedule_timer(f"u{i}", 300.0 + i)
+    assert await store.claim_timers(1000.0, 10.0, limit=3) == ["u0", "u1", "u2"], "due first"
+    assert await store.claim_timers(1000.0, 10.0, limit=3) == ["u3", "u4"]
+
+
+async def test_hits_count_in_fixed_windows(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.hit("k", 60, 2, 1200.0)
+    assert await store.hit("k", 60, 2, 1230.0)
+    assert not await store.hit("k", 60, 2, 1259.0), "the third in the window 1200-1260"
+    assert await store.hit("other", 60, 2, 1259.0), "keys are separate"
+    assert await store.hit("k", 60, 2, 1260.0), "a new window"
+    assert await store.hit("k", 10, 1, 1261.0), "another window length is another count"
+
+
+async def test_queue_ahead_lists_the_calls_before_one(open_store: Any) -> None:
+    store: Store = await open_store()
+    for call_id, score in (("c1", 1.0), ("c2", 2.0), ("c3", 3.0), ("c0", 2.0)):
+        await store.queue_put("acme", call_id, score)
+    assert await store.queue_ahead("acme", "missing", 5) is None
+    assert await store.queue_ahead("acme", "c1", 5) == []
+    assert await store.queue_ahead("acme", "c3", 5) == ["c1", "c0", "c2"]
+    assert await store.queue_ahead("acme", "c3", 2) == ["c1", "c0"]
+    assert await store.queue_ahead("acme", "c3", 0) == []
+
+
+async def test_named_coordination_keeps_each_use_apart(open_store: Any) -> None:
+    store: Store = await open_store()
+    now = datetime(2026, 1, 1, 12, tzinfo=UTC).timestamp()
+    assert await store.hit_start_limit("acme", "visitor-1", 60, 1, now)
+    assert not await store.hit_start_limit("acme", "visitor-1", 60, 1, now)
+    assert await store.hit_start_limit("acme", "visitor-2", 60, 1, now)
+    assert await store.hit_session_limit("visitor-1", 60, 1, now), "not the start count"
+    assert not await store.hit_session_limit("visitor-1", 60, 1, now)
+
+    slot = store.acquire_open_callback_slot
+    assert await slot("acme", "visitor", "visitor-1", "c1", 60.0, now)
+    assert not await slot("acme", "visitor", "visitor-1", "c2", 60.0, now), "one at a time"
+    assert await slot("acme", "number", "visitor-1", "c2", 60.0, now), "numbers apart"
+    assert await slot("other", "visitor", "visitor-1", "c3", 60.0, now), "sites apart"
+    await store.release_open_callback_slot("acme", "visitor", "visitor-1", "c1")
+    assert await slot("acme", "visitor", "visitor-1", "c2", 60.0, now)
+
+    assert await store.acquire_outbound_line("acme", "c1", 2, 60.0, now)
+    assert await store.acquire_outbound_line("acme", "c2", 2, 60.0, now)
+    assert not await store.acquire_outbound_line("acme", "c3", 2, 60.0, now)
+    await store.release_outbound_line("acme", "c1")
+    assert await store.acquire_outbound_line("acme", "c3", 2, 60.0, now)
+
+    assert await store.add_spend("acme", now, 60_000, 86400) == 60_000
+    assert await store.add_spend("acme", now + 3600, 0, 86400) == 60_000, "the same UTC day"
+    assert await store.add_spend("acme", now + 86400, 0, 86400) == 0, "the next day"
+    assert await store.add_spend("other", now, 0, 86400) == 0
+
+    assert await store.claim_dial_once("c1:1", 60.0)
+    assert not await store.claim_dial_once("c1:1", 60.0)
+    assert await store.claim_dial_once("c1:2", 60.0)
+
+    if isinstance(store, RedisStore):
+        # The stored keys are a running cluster's data: they must not change.
+        window = int(now // 60)
+        for key in (
+            f"m:rl:start:acme:visitor-1:60:{window}",
+            f"m:rl:sessions:visitor-1:60:{window}",
+            "m:slots:cbopen:acme:v:visitor-1",
+            "m:slots:cbopen:acme:n:visitor-1",
+            "m:slots:out:acme",
+            "m:count:spend:acme:2026-01-01",
+            "m:once:dial:c1:1",
+        ):
+            assert await store.redis.exists(key), key
 
 
 # --- Redis only: what many nodes add -----------------------------------------------------------

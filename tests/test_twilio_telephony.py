@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port
+from conftest import free_port, replace
 from multidict import MultiDict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from twilio_sim import CallRecord, TwilioSim, twilio_signature

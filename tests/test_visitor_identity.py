@@ -12,13 +12,12 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Node, NodeFactory, SocketClient, make_settings, mint
+from conftest import Node, NodeFactory, SocketClient, make_settings, mint, replace
 
 from gateway.core.call import CallChannel, CallError, CallRequest, new_call, reattach
 from gateway.edge.http import appkeys

@@ -201,7 +201,7 @@ class CallService:
         current, last_agent, allowed = await asyncio.gather(
             self._store.open_call(site_id, visitor_id),
             self._store.last_agent(site_id, visitor_id),
-            self._store.hit(f"start:{site_id}:{visitor_id}", 60, STARTS_PER_MINUTE, self._clock()),
+            self._store.hit_start_limit(site_id, visitor_id, 60, STARTS_PER_MINUTE, self._clock()),
         )
         if current is not None:
             row = await self._store.get_call(current)

@@ -30,7 +30,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -136,10 +135,6 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def spend_key(site_id: str, now: float) -> str:
-    return f"spend:{site_id}:{datetime.fromtimestamp(now, UTC):%Y-%m-%d}"
-
-
 class CallbackService:
     def __init__(
         self,
@@ -209,16 +204,15 @@ class CallbackService:
         if at is None and in_quiet_hours(number, policy, now):
             # Nobody's phone rings at night because a web form said so: pick a time instead.
             raise self._refuse(422, "quiet_hours", "it is night time at your number; pick a time")
-        spent = await self._store.add_to_counter(spend_key(site_id, now), 0, SPEND_TTL_S)
+        spent = await self._store.add_spend(site_id, now, 0, SPEND_TTL_S)
         if spent + DIAL_RESERVE > policy.daily_spend_cap_usd * 1_000_000:
             raise self._refuse(503, "spend_cap_reached", "no more callbacks today; sorry")
         call_id = f"c_{uuid.uuid4().hex}"
-        visitor_slot = f"cbopen:{site_id}:v:{visitor_id}"
-        number_slot = f"cbopen:{site_id}:n:{number.e164}"
-        if not await self._store.acquire_slot(visitor_slot, call_id, 1, OPEN_HOLD_S, now):
+        open_slot = self._store.acquire_open_callback_slot
+        if not await open_slot(site_id, "visitor", visitor_id, call_id, OPEN_HOLD_S, now):
             raise self._refuse(409, "callback_in_progress", "you already have a callback booked")
-        if not await self._store.acquire_slot(number_slot, call_id, 1, OPEN_HOLD_S, now):
-            await self._store.release_slot(visitor_slot, call_id)
+        if not await open_slot(site_id, "number", number.e164, call_id, OPEN_HOLD_S, now):
+            await self._store.release_open_callback_slot(site_id, "visitor", visitor_id, call_id)
             raise self._refuse(409, "number_has_callback", "that number already has a callback")
         quotas = (
             Quota(f"cb:n15:{site_id}:{number.e164}", 900, policy.per_number_15min),
@@ -290,8 +284,8 @@ class CallbackService:
         return now
 
     async def _release_open(self, site_id: str, visitor_id: str, e164: str, call_id: str) -> None:
-        await self._store.release_slot(f"cbopen:{site_id}:v:{visitor_id}", call_id)
-        await self._store.release_slot(f"cbopen:{site_id}:n:{e164}", call_id)
+        await self._store.release_open_callback_slot(site_id, "visitor", visitor_id, call_id)
+        await self._store.release_open_callback_slot(site_id, "number", e164, call_id)
 
     @staticmethod
     def _scope(site: Site, branch: str | None) -> list[Branch]:
@@ -606,9 +600,8 @@ class CallbackService:
         if self.telephony is None or not site.caller_ids:
             await self._fail_attempt(call, "dial_error", retryable=False)
             return None
-        line = f"out:{call.site}"
-        if not await self._store.acquire_slot(
-            line, call.call_id, policy.max_concurrent_calls, LINE_HOLD_S, now
+        if not await self._store.acquire_outbound_line(
+            call.site, call.call_id, policy.max_concurrent_calls, LINE_HOLD_S, now
         ):
             # Not a refusal: the dial waits for a line. Counted once per look.
             self._metrics.dials.labels("waiting_for_line").inc()
@@ -633,7 +626,7 @@ class CallbackService:
             self._metrics.callback_refusals.labels("number_rate_limited").inc()
             await self._fail_attempt(call, "number_rate_limited", retryable=False)
             return None
-        if not await self._store.claim_once(f"dial:{request.idempotency_key}", 2 * 86400):
+        if not await self._store.claim_dial_once(request.idempotency_key, 2 * 86400):
             # Someone claimed this attempt and did not finish (its node died). Did the leg
             # get placed? The provider knows; dial only if it does not.
             since = (call.dial_started_at or now) - 5
@@ -643,10 +636,9 @@ class CallbackService:
                 await self._leg_placed(call, attempt, found)
                 return None
         # Reserve first, then check: one atomic add, so two dials racing cannot both fit.
-        key = spend_key(call.site, now)
-        spent = await self._store.add_to_counter(key, DIAL_RESERVE, SPEND_TTL_S)
+        spent = await self._store.add_spend(call.site, now, DIAL_RESERVE, SPEND_TTL_S)
         if spent > policy.daily_spend_cap_usd * 1_000_000:
-            await self._store.add_to_counter(key, -DIAL_RESERVE, SPEND_TTL_S)
+            await self._store.add_spend(call.site, now, -DIAL_RESERVE, SPEND_TTL_S)
             self._metrics.callback_refusals.labels("spend_cap_reached").inc()
             await self._fail_attempt(call, "spend_cap_reached", retryable=False)
             return None
@@ -796,7 +788,7 @@ class CallbackService:
         # One minute of each leg was reserved when the dial started.
         extra = (minutes - 1) * DIAL_RESERVE
         if extra:
-            await self._store.add_to_counter(spend_key(done.site, now), extra, SPEND_TTL_S)
+            await self._store.add_spend(done.site, now, extra, SPEND_TTL_S)
         self._metrics.callbacks.labels("completed").inc()
         await self._notify.call_update(done)
 
@@ -846,7 +838,7 @@ class CallbackService:
 
     async def _release_call(self, before: Call, after: Call) -> None:
         """Free what the attempt (and, once final, the callback) held."""
-        await self._store.release_slot(f"out:{after.site}", after.call_id)
+        await self._store.release_outbound_line(after.site, after.call_id)
         await self._store.queue_remove(after.site, after.call_id)
         if before.agent_id is not None and before.state in (
             CallState.DIALING,

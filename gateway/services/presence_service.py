@@ -31,7 +31,7 @@ from gateway.core.presence import aggregate, effective_device, is_live, status_c
 from gateway.ops.tasks import TaskGroup
 from gateway.services.store_retry import UntilStored
 from gateway.settings import PresenceSettings
-from gateway.store.base import DeviceRef, Expectation, Store
+from gateway.store.base import DeviceRef, Expectation, PresenceAndEvents
 from gateway.wire.codec import DeviceUpdate, Json, presence_to_wire
 from gateway.wire.errors import forbidden, not_found
 
@@ -100,7 +100,7 @@ class PresenceService:
     def __init__(
         self,
         sites: dict[str, Site],
-        store: Store,
+        store: PresenceAndEvents,
         settings: PresenceSettings,
         tasks: TaskGroup,
         clock: Callable[[], float] = time.time,

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from gateway.store.base import UNAVAILABLE_ERRORS, Store
+from gateway.store.base import UNAVAILABLE_ERRORS, TimerStore
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class TimerLoop:
 
     def __init__(
         self,
-        store: Store,
+        store: TimerStore,
         interval_s: float = 0.1,
         lease_s: float = 15.0,
         clock: Callable[[], float] = time.time,

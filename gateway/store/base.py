@@ -1,12 +1,14 @@
-"""The one storage seam. Two implementations pass the same behavioural suite
-(tests/test_store.py): ``EmbeddedStore`` (one node) and ``RedisStore`` (many nodes)."""
+"""The storage seam, one protocol per role (presence, events, call records, timers, the
+callback queue, coordination); ``Store`` is all of them. Two implementations pass the same
+behavioural suite (tests/test_store.py): ``EmbeddedStore`` (one node) and ``RedisStore``
+(many nodes). Services take the narrowest role they use."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from redis.exceptions import RedisError
 
@@ -79,7 +81,7 @@ HANDLE_TIMES_KEPT = 50
 """How many of a site's most recent handling times the store keeps."""
 
 
-class Store(Protocol):
+class StoreLifecycle(Protocol):
     node_id: str
 
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
@@ -89,7 +91,10 @@ class Store(Protocol):
 
     async def health(self) -> StoreHealth: ...
 
-    # --- presence: short-lived, shared by all nodes ---------------------------------------
+
+class PresenceStore(Protocol):
+    """Agents' devices, leases and presence bookkeeping: short-lived, shared by all nodes."""
+
     async def put_device(self, site: str, agent_id: str, device: Device) -> PresenceRecord: ...
 
     async def put_device_if(
@@ -126,12 +131,18 @@ class Store(Protocol):
     async def claim_lapsed(self, now: float) -> list[tuple[str, str]]:
         """Remove devices whose lease ran out; each (site, agent) is returned by one node only."""
 
-    # --- events between nodes -------------------------------------------------------------
+
+class EventBus(Protocol):
+    """Events between nodes."""
+
     async def publish(self, event: Json) -> None:
         """Deliver to every other node's handler (never back to this one: the sender handles
         its own change first, with the typed object in hand, as python-socketio does)."""
 
-    # --- durable records ------------------------------------------------------------------
+
+class CallRecordStore(Protocol):
+    """Durable records of calls and of whom each visitor talked to."""
+
     async def put_call(self, row: CallRow) -> bool:
         """Insert version 1, or replace version n-1 with n; False if someone else won."""
 
@@ -148,7 +159,54 @@ class Store(Protocol):
 
     async def open_call(self, site: str, visitor_id: str) -> str | None: ...
 
-    # --- coordination between nodes -------------------------------------------------------
+    async def record_handle_time(self, site: str, seconds: float) -> None:
+        """Keep the site's ``HANDLE_TIMES_KEPT`` most recent handling times."""
+
+    async def handle_times(self, site: str) -> list[float]:
+        """The kept handling times, newest first."""
+
+
+class TimerStore(Protocol):
+    """Durable timers, leased to one node at a time."""
+
+    async def schedule_timer(self, timer_id: str, due: float) -> None:
+        """A durable timer; scheduling an existing id moves it."""
+
+    async def claim_timers(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
+        """Due timers, each leased to the caller for ``lease_s``: a node that dies before
+        ``finish_timer`` lets the lease run out and another node gets the timer again."""
+
+    async def finish_timer(self, timer_id: str) -> None: ...
+
+
+class CallbackQueueStore(Protocol):
+    """Each site's queue of PSTN callbacks waiting for an agent (durable)."""
+
+    async def queue_put(self, site: str, call_id: str, score: float) -> None:
+        """Add or move a call in the site's callback queue; lower scores go first, equal
+        scores in call id order."""
+
+    async def queue_remove(self, site: str, call_id: str) -> None: ...
+
+    async def queue_rank(self, site: str, call_id: str) -> int | None:
+        """The call's 0-based place in the queue; None when it is not queued."""
+
+    async def queue_ahead(self, site: str, call_id: str, limit: int) -> list[str] | None:
+        """The first ``limit`` calls ahead of ``call_id`` in the queue, in order; None when
+        it is not queued."""
+
+    async def queue_size(self, site: str) -> int: ...
+
+
+class CoordinationPrimitives(Protocol):
+    """Coordination between nodes, by key: agent reservations, rate-limit hits, quotas,
+    leased slots, counters and once-only claims. Callers outside gateway/store use the
+    named methods of ``CoordinationStore`` (gateway/store/coordination.py), which own the
+    key names; these primitives take keys and are what each backend implements.
+
+    Quotas, slots, counters and claims survive a restart of the store: a restart must not
+    reset a limit or allow a second dial."""
+
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
         """Atomically claim an agent for one call; False if another call holds them."""
 
@@ -166,21 +224,8 @@ class Store(Protocol):
     async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
         """Release the claim, only if ``call_id`` still holds it."""
 
-    async def schedule_timer(self, timer_id: str, due: float) -> None:
-        """A durable timer; scheduling an existing id moves it."""
-
-    async def claim_timers(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
-        """Due timers, each leased to the caller for ``lease_s``: a node that dies before
-        ``finish_timer`` lets the lease run out and another node gets the timer again."""
-
-    async def finish_timer(self, timer_id: str) -> None: ...
-
     async def hit(self, key: str, window_s: int, limit: int, now: float) -> bool:
         """Count one event in the fixed window containing ``now``; False past ``limit``."""
-
-    # --- durable coordination (PSTN callbacks: toll-fraud limits, scheduling, queueing) ----
-    # Each survives a restart of the store: a restart must not reset a limit, lose the queue
-    # or allow a second dial.
 
     async def take_quotas(self, quotas: Sequence[Quota], event_id: str, now: float) -> int | None:
         """Atomically across all quotas: if every one has room at ``now``, record the event in
@@ -206,26 +251,69 @@ class Store(Protocol):
     async def claim_once(self, key: str, ttl_s: float) -> bool:
         """True for the first caller only, until ``ttl_s`` has passed (an idempotency key)."""
 
-    async def queue_put(self, site: str, call_id: str, score: float) -> None:
-        """Add or move a call in the site's callback queue; lower scores go first, equal
-        scores in call id order."""
 
-    async def queue_remove(self, site: str, call_id: str) -> None: ...
+OpenCallbackKind = Literal["visitor", "number"]
 
-    async def queue_rank(self, site: str, call_id: str) -> int | None:
-        """The call's 0-based place in the queue; None when it is not queued."""
 
-    async def queue_ahead(self, site: str, call_id: str, limit: int) -> list[str] | None:
-        """The first ``limit`` calls ahead of ``call_id`` in the queue, in order; None when
-        it is not queued."""
+class CoordinationStore(CoordinationPrimitives, Protocol):
+    """The primitives plus one method per use, each naming its own keys (the stored key
+    strings are part of a running cluster's data: they never change)."""
 
-    async def queue_size(self, site: str) -> int: ...
+    async def hit_start_limit(
+        self, site: str, visitor_id: str, window_s: int, limit: int, now: float
+    ) -> bool:
+        """Count a visitor's call start (``hit``)."""
 
-    async def record_handle_time(self, site: str, seconds: float) -> None:
-        """Keep the site's ``HANDLE_TIMES_KEPT`` most recent handling times."""
+    async def hit_session_limit(
+        self, client_ip: str, window_s: int, limit: int, now: float
+    ) -> bool:
+        """Count a visitor session opened from an address (``hit``)."""
 
-    async def handle_times(self, site: str) -> list[float]:
-        """The kept handling times, newest first."""
+    async def acquire_open_callback_slot(
+        self,
+        site: str,
+        kind: OpenCallbackKind,
+        subject: str,
+        call_id: str,
+        ttl_s: float,
+        now: float,
+    ) -> bool:
+        """The one open callback a visitor (``subject`` a visitor id) or a number (an E.164
+        number) may have at a time, held by ``call_id``."""
+
+    async def release_open_callback_slot(
+        self, site: str, kind: OpenCallbackKind, subject: str, call_id: str
+    ) -> None: ...
+
+    async def acquire_outbound_line(
+        self, site: str, call_id: str, limit: int, ttl_s: float, now: float
+    ) -> bool:
+        """One of the site's ``limit`` concurrent outbound lines, held by ``call_id``."""
+
+    async def release_outbound_line(self, site: str, call_id: str) -> None: ...
+
+    async def add_spend(self, site: str, now: float, delta: int, ttl_s: int) -> int:
+        """Add ``delta`` (0 reads) to the site's spend of the UTC day containing ``now``."""
+
+    async def claim_dial_once(self, idempotency_key: str, ttl_s: float) -> bool:
+        """True for the first caller only: one dial per dial attempt's idempotency key."""
+
+
+class PresenceAndEvents(PresenceStore, EventBus, Protocol):
+    """What the presence service uses: devices, and events to publish their changes."""
+
+
+class Store(
+    StoreLifecycle,
+    PresenceStore,
+    EventBus,
+    CallRecordStore,
+    TimerStore,
+    CallbackQueueStore,
+    CoordinationStore,
+    Protocol,
+):
+    """Every role: what a backend implements (the embedded store and the Redis store)."""
 
 
 # --- shared encoding of presence records (both stores keep devices as JSON) ----------------

@@ -142,7 +142,7 @@ async def create_session(request: web.Request) -> web.Response:
         raise ApiError(403, "origin_not_allowed", "this page's origin may not open sessions")
     store = request.app[keys.STORE]
     now = time.time()
-    if not await store.hit(f"sessions:{client_ip(request)}", 60, SESSIONS_PER_IP_MINUTE, now):
+    if not await store.hit_session_limit(client_ip(request), 60, SESSIONS_PER_IP_MINUTE, now):
         raise ApiError(429, "rate_limited", "too many sessions from this address")
     claim = session_request_from_wire(await read_json(request))
     # Only the secret the gateway gave a visitor keeps their id: the id alone is seen by

@@ -1,0 +1,137 @@
+"""The settings model: one msgspec Struct per section, each default written once, here.
+
+``load_settings`` (gateway/settings/load.py) decodes the TOML tables straight into these
+structs, so a key left out of the file takes the default below; the example config
+(deploy/membrane.example.toml) and the demo (gateway/demo.toml) are held to them by
+tests/test_settings.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from gateway.core.admission import AdmissionLimits
+from gateway.core.model import Site
+
+
+class VerifyKey(msgspec.Struct, frozen=True):
+    """A key that tokens from an outside issuer (an IdP) may be signed with."""
+
+    kid: str
+    algorithm: str
+    """Pinned algorithm: RS256 or ES256. A token claiming another one is refused."""
+    public_key_pem: str
+
+
+class VerifyKeyFile(msgspec.Struct, frozen=True):
+    """An ``[[auth.keys]]`` entry as written: its key is read from ``public_key_file``."""
+
+    kid: str = ""
+    algorithm: str = ""
+    public_key_file: str = ""
+
+
+class AuthSettings(msgspec.Struct, frozen=True):
+    issuer: str = "membrane"
+    """The ``iss`` claim Membrane puts in the tokens it mints and demands of all tokens."""
+    algorithm: str = "HS256"
+    """Algorithm of Membrane's own signing key: HS256 (shared secret) or RS256/ES256."""
+    secret: str = ""
+    """HS256 shared secret (``MEMBRANE_JWT_SECRET``); at least 32 characters."""
+    private_key_pem: str = ""
+    """PEM private key when ``algorithm`` is RS256 or ES256 (read from ``private_key_file``)."""
+    extra_keys: tuple[VerifyKey, ...] = ()
+    """Public keys of outside issuers, matched by the token's ``kid`` (from ``keys``)."""
+    jwks_url: str = ""
+    """A JWKS document of an outside issuer, fetched and cached (RS256/ES256 only)."""
+    leeway_s: int = 30
+    """Clock skew tolerated on ``exp``/``iat``/``nbf``; bounded to at most 120 s."""
+    visitor_token_ttl_s: int = 900
+    agent_token_ttl_s: int = 12 * 3600
+
+
+class AuthFiles(msgspec.Struct, frozen=True):
+    """The ``[auth]`` keys that name files, read into ``AuthSettings`` when loading."""
+
+    private_key_file: str = ""
+    keys: tuple[VerifyKeyFile, ...] = ()
+
+
+class PresenceSettings(msgspec.Struct, frozen=True):
+    device_ttl_s: float = 60.0
+    """A REST device (IM bridge, mobile app) goes offline unless it heartbeats within this."""
+    socket_ttl_s: float = 15.0
+    """A desktop socket's device lease; its node renews it, so a dead node's agents lapse."""
+    sweep_interval_s: float = 0.25
+    """How often each node looks for lapsed devices (lapses are reported within TTL + this)."""
+
+
+class WebRTCSettings(msgspec.Struct, frozen=True):
+    stun_urls: tuple[str, ...] = ()
+    """STUN servers handed to browsers, e.g. ``stun:stun.example.com:3478``."""
+    turn_urls: tuple[str, ...] = ()
+    """TURN servers (coturn with ``use-auth-secret``); credentials are minted per session."""
+    turn_secret: str = ""
+    """coturn's ``static-auth-secret`` (``MEMBRANE_TURN_SECRET``)."""
+    turn_ttl_s: int = 3600
+    """How long minted TURN credentials stay valid."""
+
+
+class TwilioSettings(msgspec.Struct, frozen=True):
+    account_sid: str = ""
+    """``MEMBRANE_TWILIO_ACCOUNT_SID``; empty means no PSTN calls (browser calls only)."""
+    auth_token: str = ""
+    """``MEMBRANE_TWILIO_AUTH_TOKEN``; also the key that webhook signatures are checked with."""
+    api_base_url: str = ""
+    """Only to point the SDK at a local Twilio simulator in tests; empty for Twilio itself."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.account_sid and self.auth_token)
+
+
+class LoadLimits(msgspec.Struct, frozen=True):
+    """``[server]``'s load-shedding keys as written; absent ones keep ``AdmissionLimits``'
+    defaults (gateway/core/admission.py), where they are written."""
+
+    max_loop_lag_ms: float | None = None
+    max_starting_calls: int | None = None
+
+
+class Settings(msgspec.Struct, frozen=True):
+    """Everything a node is configured with. The scalar fields are the ``[server]`` table."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = "http://127.0.0.1:8080"
+    """The URL clients and Twilio reach this gateway at (behind a proxy, the proxy's). When
+    loading, empty or absent means ``http://{host}:{port}``."""
+    data_dir: Path = Path("data")
+    """Where the embedded store keeps its SQLite file (and a generated dev secret)."""
+    redis_url: str = ""
+    """Empty: one node on the embedded store. Set: many nodes sharing this Redis."""
+    node_id: str = ""
+    """Names this node in logs and metrics; random when empty."""
+    gc_pacer: bool = True
+    """Garbage collection on a clock, survivors frozen (gateway/ops/gc_pacer.py), on the Python
+    versions it was measured on; ``MEMBRANE_GC_PACER=false`` leaves CPython's own schedule."""
+    max_body_bytes: int = 64 * 1024
+    """Largest REST body or socket.io message accepted."""
+    drain_grace_s: float = 10.0
+    """On SIGTERM the node drains (unready, refuses new work, sends its sockets elsewhere,
+    hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""
+    admission: AdmissionLimits = msgspec.field(default_factory=AdmissionLimits)
+    """When new calls are shed as ``overloaded`` (``server.max_loop_lag_ms``,
+    ``server.max_starting_calls``; docs/ARCHITECTURE.md, "Load shedding")."""
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    presence: PresenceSettings = msgspec.field(default_factory=PresenceSettings)
+    webrtc: WebRTCSettings = msgspec.field(default_factory=WebRTCSettings)
+    twilio: TwilioSettings = msgspec.field(default_factory=TwilioSettings)
+    sites: Mapping[str, Site] = msgspec.field(default_factory=dict)
+
+
+SECTIONS = frozenset({"admission", "auth", "presence", "webrtc", "twilio", "sites"})
+"""``Settings`` fields that are not ``[server]`` keys."""

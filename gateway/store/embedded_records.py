@@ -1,0 +1,182 @@
+"""The embedded store's durable records (calls, visits, handling times, the callback queue)
+in SQLite; open calls in memory."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+from gateway.store.base import HANDLE_TIMES_KEPT, CallRow
+from gateway.store.embedded_common import EmbeddedParts
+
+
+class EmbeddedRecords(EmbeddedParts):
+    def _open_records(self) -> None:
+        self._open_calls: dict[tuple[str, str], str] = {}
+
+    async def put_call(self, row: CallRow) -> bool:
+        data = json.dumps(row.data, separators=(",", ":"))
+
+        def write() -> bool:
+            db = self._conn()
+            if row.version == 1:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO calls VALUES (?, ?, 1, ?, ?)",
+                    (row.call_id, row.site, data, time.time()),
+                )
+            else:
+                cur = db.execute(
+                    "UPDATE calls SET version = ?, data = ?, updated_at = ?"
+                    " WHERE call_id = ? AND version = ?",
+                    (row.version, data, time.time(), row.call_id, row.version - 1),
+                )
+            return cur.rowcount == 1
+
+        return await self._run(write)
+
+    async def get_call(self, call_id: str) -> CallRow | None:
+        def read() -> tuple[str, str, int, str] | None:
+            cursor = self._conn().execute(
+                "SELECT call_id, site, version, data FROM calls WHERE call_id = ?", (call_id,)
+            )
+            row: tuple[str, str, int, str] | None = cursor.fetchone()
+            return row
+
+        found = await self._run(read)
+        if found is None:
+            return None
+        return CallRow(found[0], found[1], found[2], json.loads(found[3]))
+
+    async def list_calls(self, site: str, limit: int = 100) -> list[CallRow]:
+        def read() -> list[tuple[str, str, int, str]]:
+            return (
+                self._conn()
+                .execute(
+                    "SELECT call_id, site, version, data FROM calls WHERE site = ?"
+                    " ORDER BY updated_at DESC LIMIT ?",
+                    (site, limit),
+                )
+                .fetchall()
+            )
+
+        return [CallRow(c, s, v, json.loads(d)) for c, s, v, d in await self._run(read)]
+
+    async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "INSERT OR REPLACE INTO visits VALUES (?, ?, ?, ?)",
+                (site, visitor_id, agent_id, time.time()),
+            )
+        )
+
+    async def set_open_call(self, site: str, visitor_id: str, call_id: str) -> None:
+        self._open_calls[(site, visitor_id)] = call_id
+
+    async def open_call(self, site: str, visitor_id: str) -> str | None:
+        return self._open_calls.get((site, visitor_id))
+
+    async def last_agent(self, site: str, visitor_id: str) -> str | None:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT agent_id FROM visits WHERE site = ? AND visitor_id = ?",
+                    (site, visitor_id),
+                )
+                .fetchone()
+            )
+        )
+        return found[0] if found else None
+
+    # --- the callback queue and handling times -------------------------------------------
+
+    async def queue_put(self, site: str, call_id: str, score: float) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "INSERT OR REPLACE INTO queue VALUES (?, ?, ?)", (site, call_id, score)
+            )
+        )
+
+    async def queue_remove(self, site: str, call_id: str) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "DELETE FROM queue WHERE site = ? AND call_id = ?", (site, call_id)
+            )
+        )
+
+    def _queue_score(self, db: sqlite3.Connection, site: str, call_id: str) -> float | None:
+        found = db.execute(
+            "SELECT score FROM queue WHERE site = ? AND call_id = ?", (site, call_id)
+        ).fetchone()
+        return None if found is None else float(found[0])
+
+    async def queue_rank(self, site: str, call_id: str) -> int | None:
+        def rank() -> int | None:
+            db = self._conn()
+            score = self._queue_score(db, site, call_id)
+            if score is None:
+                return None
+            (ahead,) = db.execute(
+                "SELECT COUNT(*) FROM queue WHERE site = ?"
+                " AND (score < ? OR (score = ? AND call_id < ?))",
+                (site, score, score, call_id),
+            ).fetchone()
+            return int(ahead)
+
+        return await self._run(rank)
+
+    async def queue_ahead(self, site: str, call_id: str, limit: int) -> list[str] | None:
+        def ahead() -> list[str] | None:
+            db = self._conn()
+            score = self._queue_score(db, site, call_id)
+            if score is None:
+                return None
+            rows = db.execute(
+                "SELECT call_id FROM queue WHERE site = ?"
+                " AND (score < ? OR (score = ? AND call_id < ?))"
+                " ORDER BY score, call_id LIMIT ?",
+                (site, score, score, call_id, max(0, limit)),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._run(ahead)
+
+    async def queue_size(self, site: str) -> int:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute("SELECT COUNT(*) FROM queue WHERE site = ?", (site,))
+                .fetchone()
+            )
+        )
+        return int(found[0])
+
+    async def record_handle_time(self, site: str, seconds: float) -> None:
+        def record() -> None:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "INSERT INTO handle_times (site, seconds) VALUES (?, ?)", (site, seconds)
+                )
+                db.execute(
+                    "DELETE FROM handle_times WHERE site = ? AND id NOT IN"
+                    " (SELECT id FROM handle_times WHERE site = ? ORDER BY id DESC LIMIT ?)",
+                    (site, site, HANDLE_TIMES_KEPT),
+                )
+
+        await self._run(record)
+
+    async def handle_times(self, site: str) -> list[float]:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT seconds FROM handle_times WHERE site = ? ORDER BY id DESC LIMIT ?",
+                    (site, HANDLE_TIMES_KEPT),
+                )
+                .fetchall()
+            )
+        )
+        return [float(r[0]) for r in found]

@@ -1,0 +1,112 @@
+"""The Redis store's durable records: calls, visits, open calls, handling times and the
+callback queue.
+
+- ``m:call:{id}`` hash ``{v, site, data}``, versioned by a compare-and-set script;
+  ``m:calls:{site}`` sorted set of call ids by update time.
+- ``m:visit:{site}:{visitor}``: the agent who last served a visitor (kept 400 days);
+  ``m:open:{site}:{visitor}``: the visitor's live call (kept a day).
+- ``m:queue:{site}`` sorted set (the callback queue) and ``m:handle:{site}`` list.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from gateway.store.base import HANDLE_TIMES_KEPT, CallRow
+from gateway.store.redis_common import RedisParts
+from gateway.store.redis_common import pairs as _pairs
+
+VISIT_TTL_S = 400 * 24 * 3600
+
+# KEYS: call hash, site index. ARGV: version, site, data, updated_at, call id.
+_PUT_CALL = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if current ~= tonumber(ARGV[1]) - 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'site', ARGV[2], 'data', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
+
+
+class RedisRecords(RedisParts):
+    async def put_call(self, row: CallRow) -> bool:
+        ok = await self._lane.run_script(
+            _PUT_CALL,
+            [f"m:call:{row.call_id}", f"m:calls:{row.site}"],
+            [
+                row.version,
+                row.site,
+                orjson.dumps(row.data),
+                time.time(),
+                row.call_id,
+            ],
+        )
+        return bool(ok)
+
+    async def get_call(self, call_id: str) -> CallRow | None:
+        found = _pairs(await self._lane.execute("HGETALL", f"m:call:{call_id}"))
+        if not found:
+            return None
+        return CallRow(call_id, found["site"], int(found["v"]), orjson.loads(found["data"]))
+
+    async def list_calls(self, site: str, limit: int = 100) -> list[CallRow]:
+        ids: list[str] = await self._redis.zrevrange(f"m:calls:{site}", 0, limit - 1)  # type: ignore[assignment]
+        rows = []
+        for call_id in ids:
+            row = await self.get_call(call_id)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None:
+        await self._lane.execute("SET", f"m:visit:{site}:{visitor_id}", agent_id, "EX", VISIT_TTL_S)
+
+    async def set_open_call(self, site: str, visitor_id: str, call_id: str) -> None:
+        await self._lane.execute("SET", f"m:open:{site}:{visitor_id}", call_id, "EX", 24 * 3600)
+
+    async def open_call(self, site: str, visitor_id: str) -> str | None:
+        found: str | None = await self._lane.execute("GET", f"m:open:{site}:{visitor_id}")
+        return found
+
+    async def last_agent(self, site: str, visitor_id: str) -> str | None:
+        found: str | None = await self._lane.execute("GET", f"m:visit:{site}:{visitor_id}")
+        return found
+
+    # --- the callback queue and handling times -------------------------------------------
+
+    async def queue_put(self, site: str, call_id: str, score: float) -> None:
+        await self._redis.zadd(f"m:queue:{site}", {call_id: score})
+
+    async def queue_remove(self, site: str, call_id: str) -> None:
+        await self._redis.zrem(f"m:queue:{site}", call_id)
+
+    async def queue_rank(self, site: str, call_id: str) -> int | None:
+        # Equal scores sort by member, byte by byte: the call id breaks ties.
+        rank: int | None = await self._redis.zrank(f"m:queue:{site}", call_id)  # type: ignore[assignment]
+        return rank
+
+    async def queue_ahead(self, site: str, call_id: str, limit: int) -> list[str] | None:
+        rank = await self.queue_rank(site, call_id)
+        if rank is None:
+            return None
+        if rank == 0 or limit <= 0:
+            return []
+        ahead: list[str] = await self._redis.zrange(f"m:queue:{site}", 0, min(rank, limit) - 1)  # type: ignore[assignment]
+        return [a for a in ahead if a != call_id]
+
+    async def queue_size(self, site: str) -> int:
+        size: int = await self._redis.zcard(f"m:queue:{site}")  # type: ignore[assignment]
+        return size
+
+    async def record_handle_time(self, site: str, seconds: float) -> None:
+        key = f"m:handle:{site}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, repr(float(seconds)))
+            pipe.ltrim(key, 0, HANDLE_TIMES_KEPT - 1)
+            await pipe.execute()
+
+    async def handle_times(self, site: str) -> list[float]:
+        found: list[str] = await self._redis.lrange(f"m:handle:{site}", 0, HANDLE_TIMES_KEPT - 1)  # type: ignore[assignment]
+        return [float(x) for x in found]
