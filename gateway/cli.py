@@ -17,12 +17,10 @@ from redis.exceptions import RedisError
 
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
-from gateway.ops.access_log import AccessLogMode, access_logger_class
+from gateway.ops.access_log import access_logger_class
 from gateway.ops.gc_pacer import PROCESS_PACER
 from gateway.settings import ConfigError, Settings, load_settings, with_dev_secret
 from gateway.store.redis_url import parse_redis_url
-
-ACCESS_LOG_SAMPLE_EVERY = 100
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -86,7 +84,9 @@ def serve(args: argparse.Namespace) -> int:
             port=settings.port,
             print=None,
             loop=_new_event_loop(),
-            access_log_class=access_logger_class(AccessLogMode.SAMPLED, ACCESS_LOG_SAMPLE_EVERY),
+            access_log_class=access_logger_class(
+                settings.access_log, settings.access_log_sample_every
+            ),
             # Requests still open after the drain get this long before their connections close.
             shutdown_timeout=app[keys.DRAIN].reserve_s / 2,
         )

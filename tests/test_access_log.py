@@ -7,9 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
+import pytest
 from conftest import eventually, make_settings, node_process
 
-from gateway.settings import demo_config_text
+from gateway.ops.access_log import AccessLogMode
+from gateway.settings import ConfigError, demo_config_text, load_settings
 
 
 def lines(log: Path, needle: str) -> int:
@@ -39,3 +41,18 @@ async def test_hot_paths_are_sampled_and_the_api_is_logged_whole(
         # Requests 1, 101 and 201 of the health checks; 1 and 101 of the made-up paths.
         assert lines(log, '"GET /healthz ') == 3
         assert lines(log, '"GET /wp-login-') == 2
+
+
+def test_the_mode_is_a_setting_and_its_variable_is_checked(tmp_path: Path) -> None:
+    assert load_settings(None, env={}).access_log is AccessLogMode.SAMPLED
+    assert load_settings(None, env={"MEMBRANE_ACCESS_LOG": "off"}).access_log is AccessLogMode.OFF
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, env={"MEMBRANE_ACCESS_LOG": "verbose"})
+    assert e.value.key == "server.access_log"
+    config = tmp_path / "m.toml"
+    config.write_text(
+        demo_config_text().replace("[server]", "[server]\naccess_log_sample_every = 0")
+    )
+    with pytest.raises(ConfigError) as e:
+        load_settings(config, env={})
+    assert e.value.key == "server.access_log_sample_every"

@@ -22,6 +22,7 @@ import msgspec
 from msgspec.structs import replace
 
 from gateway.core.model import Site
+from gateway.ops.access_log import AccessLogMode
 from gateway.settings.checks import ConfigError, decode, positive, table
 from gateway.settings.model import (
     AuthFiles,
@@ -172,17 +173,20 @@ def _server(server: dict[str, Any], env: Mapping[str, str]) -> Settings:
     port = _env(env, "PORT", "server.port", _port, "a port number")
     grace = _env(env, "DRAIN_GRACE_S", "server.drain_grace_s", float, "a number")
     gc_pacer = _env(env, "GC_PACER", "server.gc_pacer", _bool, "true or false")
+    access_log = _env(env, "ACCESS_LOG", "server.access_log", AccessLogMode, "sampled, all or off")
     data_dir = env.get(f"{ENV_PREFIX}DATA_DIR")
     changes: dict[str, Any] = {
         "port": port,
         "drain_grace_s": grace,
         "gc_pacer": gc_pacer,
+        "access_log": access_log,
         "data_dir": None if data_dir is None else Path(data_dir),
     }
     settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
     if not 1 <= settings.port <= 65535:
         raise ConfigError("server.port", f"must be between 1 and 65535, got {settings.port}")
     positive(settings.max_body_bytes, "server.max_body_bytes")
+    positive(settings.access_log_sample_every, "server.access_log_sample_every")
     # Under a second leaves no time to hand anything over; a load balancer or orchestrator
     # (Kubernetes' default is 30 s) kills a node that takes much longer.
     grace_s = settings.drain_grace_s

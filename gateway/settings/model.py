@@ -15,6 +15,7 @@ import msgspec
 
 from gateway.core.admission import AdmissionLimits
 from gateway.core.model import Site
+from gateway.ops.access_log import AccessLogMode
 
 
 class VerifyKey(msgspec.Struct, frozen=True):
@@ -120,6 +121,10 @@ class Settings(msgspec.Struct, frozen=True):
     versions it was measured on; ``MEMBRANE_GC_PACER=false`` leaves CPython's own schedule."""
     max_body_bytes: int = 64 * 1024
     """Largest REST body or socket.io message accepted."""
+    access_log: AccessLogMode = AccessLogMode.SAMPLED
+    """``sampled``: every API request, one in ``access_log_sample_every`` to the hot and
+    public paths (gateway/ops/access_log.py); ``all``; or ``off`` (server errors still are)."""
+    access_log_sample_every: int = 100
     drain_grace_s: float = 10.0
     """On SIGTERM the node drains (unready, refuses new work, sends its sockets elsewhere,
     hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""
