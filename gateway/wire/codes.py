@@ -62,6 +62,7 @@ class InternalCode(StrEnum):
 
     INVALID_STATE = "invalid_state"
     STALE = "stale"
+    OLD_STATUS = "old_status"
     NO_CALLABLE_HOURS = "no_callable_hours"
     TELEPHONY_AUTH_FAILED = "telephony_auth_failed"
     TELEPHONY_REFUSED = "telephony_refused"

@@ -124,7 +124,7 @@ Phone = Annotated[
     str,
     Meta(
         max_length=MAX_PHONE,
-        pattern=r"\S",  # not blank; the document states the whole shape
+        # Only stated here: the codec refuses a blank phone, the number rules the rest.
         extra_json_schema={"pattern": PHONE_SHAPE},
         description="International form: + then digits; spaces and ().- are allowed and "
         "dropped. It must also be a valid number (not expressible here): else 400 "
