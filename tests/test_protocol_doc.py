@@ -8,13 +8,16 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from conftest import make_settings
 
 from gateway.app import create_app
 from gateway.edge.http import appkeys as keys
 from gateway.edge.sio.sockets import BaseNamespace
+from gateway.wire import events, openapi
 from gateway.wire.codes import ErrorCode, InternalCode
 from gateway.wire.events import NAMESPACES
 
@@ -210,3 +213,110 @@ def test_the_edge_sends_only_declared_events() -> None:
     }
     declared = {e.name for ns in NAMESPACES for e in (*ns.incoming, *ns.outgoing)}
     assert named == declared - {"error"}
+
+
+# --- shapes --------------------------------------------------------------------------------
+
+
+def objects(cell: str) -> tuple[set[str], set[str]] | None:
+    """The keys of the JSON-like objects written in a table cell (``{"kind", "state",
+    "priority"?}``, ``{"ok": true, "call": Call}``): those every object has, and those only
+    some have or mark optional (``?``, or a cell that starts with "optional"). None when the
+    cell writes no object."""
+    shapes: list[tuple[set[str], set[str]]] = []
+    stack: list[str] = []
+    previous = ""
+    i = 0
+    while i < len(cell):
+        char = cell[i]
+        if char == '"':
+            end = cell.index('"', i + 1)
+            rest = cell[end + 1 :].lstrip()
+            if stack == ["{"] and previous in ("{", ","):
+                (shapes[-1][1] if rest.startswith("?") else shapes[-1][0]).add(cell[i + 1 : end])
+            previous, i = '"', end + 1
+            continue
+        if char in "{[":
+            if char == "{" and not stack:
+                shapes.append((set(), set()))
+            stack.append(char)
+        elif char in "}]" and stack:
+            stack.pop()
+        if not char.isspace():
+            previous = char
+        i += 1
+    if not shapes:
+        return None
+    required = set.intersection(*(r for r, _ in shapes))
+    every = set.union(*(r | o for r, o in shapes))
+    if cell.strip().startswith("optional"):
+        required = set()
+    return required, every - required
+
+
+def struct_shape(struct: type, incoming: bool) -> tuple[set[str], set[str]]:
+    """A struct's fields a message always has, and those it may leave out: in, every field
+    with a default; out, the fields left out when unset."""
+    required: set[str] = set()
+    optional: set[str] = set()
+    for f in msgspec.structs.fields(struct):
+        may_lack = not f.required if incoming else f.default is msgspec.UNSET
+        (optional if may_lack else required).add(f.encode_name)
+    return required, optional
+
+
+def rows(text: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("| ")
+    ]
+
+
+STRUCTS = {t.__name__: t for t in (*openapi.REST_STRUCTS, *events.structs())}
+
+
+def _struct_of(schema: dict[str, Any] | None) -> type | None:
+    ref = (schema or {}).get("$ref", "")
+    return STRUCTS.get(ref.rsplit("/", 1)[-1]) if ref else None
+
+
+def test_the_rest_tables_write_the_structs_shapes() -> None:
+    """Sections 4 and 5: each operation's request and answer object, as the table writes
+    it, has the fields of the struct the OpenAPI document declares for it."""
+    paths = openapi.document("http://x")["paths"]
+    checked = 0
+    for row in rows(section(PROTOCOL, "## 4.") + section(PROTOCOL, "## 5.")):
+        method, _, path = row[0].strip("`").partition(" ")
+        operation = paths.get(path, {}).get(method.lower())
+        if operation is None:
+            continue
+        body = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+        answers = [r for status, r in operation["responses"].items() if status.startswith("2")]
+        answer = answers[0].get("content", {}).get("application/json", {}) if answers else {}
+        for cell, schema, incoming in ((row[2], body, True), (row[3], answer, False)):
+            struct, written = _struct_of(schema.get("schema")), objects(cell)
+            if struct is not None and written is not None:
+                assert written == struct_shape(struct, incoming), (row[0], struct.__name__)
+                checked += 1
+    assert checked >= 7
+
+
+@pytest.mark.parametrize("namespace", [ns.path for ns in NAMESPACES])
+def test_the_event_tables_write_the_structs_shapes(namespace: str) -> None:
+    declared = next(ns for ns in NAMESPACES if ns.path == namespace)
+    text = section(PROTOCOL, f"### `{namespace}`")
+    auth = re.search(r"Connect: `auth: (\{[^`]*\})`", text)
+    assert auth is not None
+    assert objects(auth[1]) == struct_shape(declared.auth, True)
+    events_by_row = {("in", e.name): e for e in declared.incoming}
+    events_by_row |= {("out", e.name): e for e in declared.outgoing}
+    for row in rows(text):
+        event = events_by_row.get((row[0], row[1].strip("`")))
+        if event is None:
+            continue
+        written = objects(row[2])
+        if written is not None and isinstance(event.payload, type):
+            assert written == struct_shape(event.payload, row[0] == "in"), row[1]
+        if event.ack is not None:
+            assert objects(row[3]) == struct_shape(event.ack, False), row[1]
