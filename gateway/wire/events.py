@@ -128,9 +128,9 @@ def draining_to_wire(retry_after_s: int) -> Json:
 @dataclass(frozen=True, slots=True)
 class Event:
     name: str
-    payload: Any
-    """The payload's struct (``Any``: whatever it is, it is ignored)."""
-    ack: Any = None
+    payload: type[Struct] | None
+    """The payload's struct; None: whatever it is, it is ignored."""
+    ack: type[Struct] | None = None
     """In: the successful ack's struct (a refusal is ``ErrorAck``)."""
 
 
@@ -179,7 +179,7 @@ NAMESPACES = (
     Namespace(
         "/board",
         ConnectAuth,
-        incoming=(Event("board:snapshot", Any, SnapshotAck),),
+        incoming=(Event("board:snapshot", None, SnapshotAck),),
         outgoing=(
             Event("presence:update", Presence),
             Event("call:update", InternalCall),
@@ -190,11 +190,11 @@ NAMESPACES = (
 )
 
 
-def structs() -> list[Any]:
+def structs() -> list[type[Struct]]:
     """Every struct of the socket.io protocol, for the OpenAPI document's components."""
-    found: list[Any] = [ErrorAck]
+    found: list[type[Struct]] = [ErrorAck]
     for namespace in NAMESPACES:
         found.append(namespace.auth)
         for event in (*namespace.incoming, *namespace.outgoing):
-            found += [t for t in (event.payload, event.ack) if isinstance(t, type)]
+            found += [t for t in (event.payload, event.ack) if t is not None]
     return list(dict.fromkeys(found))

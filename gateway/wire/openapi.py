@@ -101,7 +101,7 @@ def _socketio() -> Json:
     acks, as references into the components (prose: docs/PROTOCOL.md section 6)."""
 
     def event(e: events.Event) -> Json:
-        out: Json = {"payload": _ref(e.payload.__name__) if isinstance(e.payload, type) else {}}
+        out: Json = {"payload": _ref(e.payload.__name__) if e.payload is not None else {}}
         if e.ack is not None:
             out["ack"] = {"oneOf": [_ref(e.ack.__name__), _ref("ErrorAck")]}
         return out
