@@ -17,7 +17,6 @@ from gateway.core.call import Call, CallChannel, CallRequest, CallState, Timelin
 from gateway.core.model import DeviceKind, DeviceState
 from gateway.wire.base import (
     ID_PATTERN,
-    LANGUAGE_PATTERN,
     MAX_PRIORITY,
     VISITOR_ID_PATTERN,
     VISITOR_SECRET_PATTERN,
@@ -30,15 +29,9 @@ from gateway.wire.base import (
 )
 from gateway.wire.calls import CallRef, CallStart, RtcSignal, call_to_wire
 from gateway.wire.errors import ApiError, invalid_payload
-from gateway.wire.events import AgentAuth, error_ack
-from gateway.wire.presence import (
-    DeviceUpdate as DeviceBody,
-)
-from gateway.wire.presence import (
-    PresenceSet,
-    device_to_wire,
-    presence_to_wire,
-)
+from gateway.wire.events import AgentAuth
+from gateway.wire.presence import DeviceUpdate as DeviceBody
+from gateway.wire.presence import PresenceSet, presence_to_wire
 from gateway.wire.rest import (
     MAX_PHONE,
     CallbackRequest,
@@ -46,20 +39,15 @@ from gateway.wire.rest import (
     session_to_wire,
 )
 
+# Also what the edges and services have always taken from here.
 __all__ = [
     "ID_PATTERN",
-    "LANGUAGE_PATTERN",
     "MAX_PRIORITY",
     "VISITOR_ID_PATTERN",
     "VISITOR_SECRET_PATTERN",
-    "CallbackIn",
-    "DeviceUpdate",
     "Json",
     "SessionRequest",
-    "as_object",
     "call_to_wire",
-    "device_to_wire",
-    "error_ack",
     "iso",
     "parse_iso",
     "presence_to_wire",
@@ -96,8 +84,9 @@ def device_update_from_wire(payload: object, device_id: str | None = None) -> De
     """A ``PUT .../devices/{device_id}`` body (``device_id``: the path's, which wins) or a
     ``presence:set`` (``device_id``: the socket's own device, when the payload names none)."""
     if device_id:
+        path_id = check_id(device_id, "device_id")
         body = decode(payload, DeviceBody)
-        return DeviceUpdate(check_id(device_id, "device_id"), body.kind, body.state, _int(body))
+        return DeviceUpdate(path_id, body.kind, body.state, _int(body))
     named = decode(payload, PresenceSet)
     if not named.device_id:
         raise invalid_payload("device_id is required")
@@ -131,13 +120,6 @@ def session_request_from_wire(payload: object) -> SessionRequest:
 
 
 # --- calls ---------------------------------------------------------------------------------
-
-
-def ring_validity(call: Call) -> Json:
-    """What every ``call:ring`` carries to be checked on its way: which ring of the call it
-    is, and when it ends (ms since the epoch)."""
-    assert call.ring_expires_at is not None
-    return {"attempt": call.attempt, "ring_expires_at": round(call.ring_expires_at * 1000)}
 
 
 def call_to_record(call: Call) -> Json:
