@@ -70,7 +70,7 @@ PriorityIn = Annotated[
         # JSON has one kind of number: 1.0 is the integer 1, as JSON Schema counts it; 0.5
         # is refused. (bool is never a number to msgspec.)
         multiple_of=1,
-        description="An integer; 1.0 is the integer 1, as in JSON.",
+        description="An integer (1.0 is the integer 1, as in JSON); absent or null: 0.",
     ),
 ]
 Count = Annotated[int, Meta(ge=0)]

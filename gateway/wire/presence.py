@@ -34,7 +34,6 @@ class DeviceUpdate(Struct):
     kind: DeviceKind
     state: DeviceState
     priority: PriorityIn | None = None
-    """Absent or null: 0."""
 
 
 OwnOrId = Annotated[

@@ -35,8 +35,9 @@ class StoreHealth(Struct):
 
 class Readiness(Struct):
     ready: bool
-    draining: bool
-    """Shutting down (SIGTERM): not ready, whatever the store says."""
+    draining: Annotated[
+        bool, Meta(description="Shutting down (SIGTERM): not ready, whatever the store says.")
+    ]
     node: str
     store: StoreHealth
     warnings: list[str]
