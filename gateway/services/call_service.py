@@ -34,7 +34,8 @@ from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceService, socket_device_id
 from gateway.services.store_retry import UntilStored
 from gateway.store.base import CallRow, Store
-from gateway.wire.codec import Json, call_from_record, call_to_record, iso, ring_validity
+from gateway.wire.calls import ring_to_wire
+from gateway.wire.codec import Json, call_from_record, call_to_record
 from gateway.wire.errors import ApiError, forbidden, not_found
 
 log = logging.getLogger(__name__)
@@ -110,24 +111,7 @@ def ring_payload(
 ) -> Json:
     """``call:ring`` for a call ringing its agent; ``last_agent``: who served the visitor
     last (browser calls)."""
-    assert ringing.ring_expires_at is not None and ringing.agent_id is not None
-    r = ringing.request
-    visitor: Json = {"id": ringing.visitor_id, "language": r.language, "page": r.page}
-    payload: Json = {
-        "call_id": ringing.call_id,
-        "channel": ringing.channel.value,
-        "visitor": visitor,
-        "expires_at": iso(ringing.ring_expires_at),
-        "reasons": list(reasons),
-        **ring_validity(ringing),
-    }
-    if ringing.channel is CallChannel.CALLBACK:
-        visitor.update(returning=False, phone=ringing.phone)
-        payload["your_phone"] = site.agents[ringing.agent_id].mobile
-    else:
-        last = site.agents.get(last_agent) if last_agent else None
-        visitor.update(returning=last_agent is not None, last_agent=last.name if last else None)
-    return payload
+    return ring_to_wire(ringing, site, reasons, last_agent)
 
 
 class CallService:

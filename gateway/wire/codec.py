@@ -1,60 +1,58 @@
-"""Wire formats: domain objects to JSON-ready dicts and validated payloads back.
+"""Wire formats: payloads in, validated against their structs (gateway/wire/presence.py,
+calls.py, rest.py, events.py) into what the services take, and the stored form of a call.
 
-Every REST body and socket.io payload passes through here, so the shapes of
-docs/PROTOCOL.md live in one module and bad input becomes one ``invalid_payload`` error.
+Every REST body and socket.io payload passes through here, and bad input becomes one
+``invalid_payload`` error naming the field (``invalid_phone`` for a callback's number).
 """
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
-from typing import Any, TypeVar
+
+import msgspec
+from msgspec import Struct
 
 from gateway.core.call import Call, CallChannel, CallRequest, CallState, TimelineEntry
-from gateway.core.model import Device, DeviceKind, DeviceState, Presence, Site
+from gateway.core.model import DeviceKind, DeviceState
+from gateway.wire.base import (
+    ID_PATTERN,
+    MAX_PRIORITY,
+    VISITOR_ID_PATTERN,
+    VISITOR_SECRET_PATTERN,
+    Id,
+    Json,
+    Language,
+    decode,
+    iso,
+    parse_iso,
+)
+from gateway.wire.calls import CallRef, CallStart, RtcSignal, call_to_wire
 from gateway.wire.errors import ApiError, invalid_payload
+from gateway.wire.events import AgentAuth
+from gateway.wire.presence import DeviceUpdate as DeviceBody
+from gateway.wire.presence import PresenceSet, presence_to_wire
+from gateway.wire.rest import (
+    MAX_PHONE,
+    CallbackRequest,
+    SessionRequest,
+    session_to_wire,
+)
 
-Json = dict[str, Any]
-E = TypeVar("E", bound=StrEnum)
-
-# ``\Z``, not ``$``: ``$`` also matches before a trailing newline, so "abc\n" would pass.
-ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
-# What the gateway issues as visitor ids (POST .../sessions reuses only these).
-VISITOR_ID_PATTERN = re.compile(r"v_[A-Za-z0-9_-]{16,48}")
-# What the gateway issues as visitor secrets (gateway.edge.visitor_identity): 32 bytes, base64url.
-VISITOR_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
-MAX_PRIORITY = 127
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return _iso(ts)
-
-
-@functools.lru_cache(maxsize=4096)
-def _iso(ts: float) -> str:
-    # The same device times are encoded again on every presence change of their agent, within
-    # moments. Kept small: 65,536 entries grew a node by 13 MB over its first ten minutes
-    # (bench/soak.py's heartbeats make a new time each), which looked like a leak.
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-
-
-def parse_iso(value: str, field: str) -> float:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise invalid_payload(f"{field} must be an ISO 8601 time") from None
-    if parsed.tzinfo is None:
-        raise invalid_payload(f"{field} must carry a UTC offset")
-    return parsed.timestamp()
-
-
-# --- validation of incoming payloads -------------------------------------------------------
+# Also what the edges and services have always taken from here.
+__all__ = [
+    "ID_PATTERN",
+    "MAX_PRIORITY",
+    "VISITOR_ID_PATTERN",
+    "VISITOR_SECRET_PATTERN",
+    "Json",
+    "SessionRequest",
+    "call_to_wire",
+    "iso",
+    "parse_iso",
+    "presence_to_wire",
+    "session_to_wire",
+]
 
 
 def as_object(payload: object, what: str = "payload") -> Json:
@@ -63,53 +61,10 @@ def as_object(payload: object, what: str = "payload") -> Json:
     return payload
 
 
-def opt_str(obj: Json, key: str, max_len: int = 256) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > max_len:
-        raise invalid_payload(f"{key} must be a string of at most {max_len} characters")
-    return value
-
-
-def req_str(obj: Json, key: str, max_len: int = 256) -> str:
-    value = opt_str(obj, key, max_len)
-    if value is None or not value:
-        raise invalid_payload(f"{key} is required")
-    return value
-
-
-def req_id(obj: Json, key: str) -> str:
-    value = req_str(obj, key, 64)
-    check_id(value, key)
-    return value
-
-
 def check_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise invalid_payload(f"{what} must be 1-64 letters, digits or _.:-")
     return value
-
-
-def opt_int(obj: Json, key: str, lo: int, hi: int) -> int | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    # JSON has one kind of number: 1.0 is the integer 1, as JSON Schema (and so the OpenAPI
-    # document) counts it. bool is an int in Python but never a number on the wire.
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise invalid_payload(f"{key} must be an integer from {lo} to {hi}")
-    return value
-
-
-def req_enum(obj: Json, key: str, enum: type[E]) -> E:
-    value = obj.get(key)
-    if isinstance(value, str) and value in enum._value2member_map_:
-        return enum(value)
-    allowed = ", ".join(m.value for m in enum)
-    raise invalid_payload(f"{key} must be one of: {allowed}")
 
 
 # --- presence ------------------------------------------------------------------------------
@@ -117,7 +72,7 @@ def req_enum(obj: Json, key: str, enum: type[E]) -> E:
 
 @dataclass(frozen=True, slots=True)
 class DeviceUpdate:
-    """What a client may say about one of its devices."""
+    """What a client said about one of its devices, for the presence service."""
 
     device_id: str
     kind: DeviceKind
@@ -126,138 +81,45 @@ class DeviceUpdate:
 
 
 def device_update_from_wire(payload: object, device_id: str | None = None) -> DeviceUpdate:
-    obj = as_object(payload)
-    return DeviceUpdate(
-        device_id=check_id(device_id, "device_id") if device_id else req_id(obj, "device_id"),
-        kind=req_enum(obj, "kind", DeviceKind),
-        state=req_enum(obj, "state", DeviceState),
-        priority=opt_int(obj, "priority", -MAX_PRIORITY, MAX_PRIORITY) or 0,
-    )
+    """A ``PUT .../devices/{device_id}`` body (``device_id``: the path's, which wins) or a
+    ``presence:set`` (``device_id``: the socket's own device, when the payload names none)."""
+    if device_id:
+        path_id = check_id(device_id, "device_id")
+        body = decode(payload, DeviceBody)
+        return DeviceUpdate(path_id, body.kind, body.state, _int(body))
+    named = decode(payload, PresenceSet)
+    if not named.device_id:
+        raise invalid_payload("device_id is required")
+    return DeviceUpdate(named.device_id, named.kind, named.state, _int(named))
 
 
-def device_to_wire(device: Device) -> Json:
-    return {
-        "device_id": device.device_id,
-        "kind": device.kind.value,
-        "state": device.state.value,
-        "priority": device.priority,
-        "last_seen": iso(device.last_seen),
-        "expires_at": iso(device.expires_at),
-    }
+def _int(body: DeviceBody | PresenceSet) -> int:
+    return 0 if body.priority is None else int(body.priority)
 
 
-def presence_to_wire(presence: Presence) -> Json:
-    return {
-        "agent_id": presence.agent_id,
-        "site": presence.site,
-        "name": presence.name,
-        "branch": presence.branch,
-        "status": presence.status.value,
-        "channels": [c.value for c in presence.channels],
-        "devices": [device_to_wire(d) for d in presence.devices],
-        "since": iso(presence.since),
-    }
-
-
-def ok(**fields: Any) -> Json:
-    return {"ok": True, **fields}
-
-
-def error_ack(code: str, message: str, **extra: Any) -> Json:
-    return {"ok": False, "error": {"code": code, "message": message, **extra}}
+def agent_auth_from_wire(auth: Json) -> AgentAuth:
+    """An ``/agent`` connect's ``auth``, its token already verified."""
+    return decode(auth, AgentAuth, "auth")
 
 
 # --- visitor sessions ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class SessionRequest:
-    """A visitor's claim to be someone the gateway met before: both parts, or neither."""
-
-    visitor_id: str | None
-    visitor_secret: str | None
-
-
 def session_request_from_wire(payload: object) -> SessionRequest:
-    """The body of ``POST .../sessions``. An id or secret
-    the gateway cannot have issued (stale storage, another gateway's) is no claim: the
-    visitor is simply new, as they would be with a wrong secret."""
+    """The body of ``POST .../sessions``. An id or secret the gateway cannot have issued
+    (stale storage, another gateway's) is no claim: the visitor is simply new, as they would
+    be with a wrong secret."""
     obj = as_object(payload, "body")
-    visitor_id = obj.get("visitor_id")
-    secret = obj.get("visitor_secret")
-    if not (isinstance(visitor_id, str) and VISITOR_ID_PATTERN.fullmatch(visitor_id)):
+    try:
+        claim = msgspec.convert(obj, SessionRequest)
+    except msgspec.ValidationError:
         return SessionRequest(None, None)
-    if not (isinstance(secret, str) and VISITOR_SECRET_PATTERN.fullmatch(secret)):
+    if claim.visitor_id is None or claim.visitor_secret is None:
         return SessionRequest(None, None)
-    return SessionRequest(visitor_id, secret)
-
-
-def session_to_wire(
-    token: str,
-    visitor_id: str,
-    visitor_secret: str,
-    expires_at: float,
-    ice_servers: list[Json],
-) -> Json:
-    return {
-        "token": token,
-        "visitor_id": visitor_id,
-        "visitor_secret": visitor_secret,
-        "expires_at": iso(expires_at),
-        "ice_servers": ice_servers,
-    }
+    return claim
 
 
 # --- calls ---------------------------------------------------------------------------------
-
-
-def ring_validity(call: Call) -> Json:
-    """What every ``call:ring`` carries to be checked on its way: which ring of the call it
-    is, and when it ends (ms since the epoch)."""
-    assert call.ring_expires_at is not None
-    return {"attempt": call.attempt, "ring_expires_at": round(call.ring_expires_at * 1000)}
-
-
-def call_to_wire(
-    call: Call,
-    site: Site,
-    internal: bool = False,
-    position: int | None = None,
-    eta_s: int | None = None,
-) -> Json:
-    """The Call shape of docs/PROTOCOL.md; ``internal`` adds what agents and supervisors see.
-    ``position`` (1 = next) and ``eta_s`` are computed by the caller from the live queue."""
-    agent = site.agents.get(call.agent_id) if call.agent_id else None
-    branch = site.branches.get(agent.branch) if agent and agent.branch else None
-    wire: Json = {
-        "call_id": call.call_id,
-        "site": call.site,
-        "channel": call.channel.value,
-        "state": call.state.value,
-        "agent": {"name": agent.name, "branch": branch.name if branch else None} if agent else None,
-        "position": position,
-        "eta_s": eta_s,
-        "scheduled_at": iso(call.scheduled_at) if call.state is CallState.SCHEDULED else None,
-        "timeline": [
-            {"at": iso(e.at), "event": e.event, "detail": e.detail}
-            for e in call.timeline
-            if internal or not e.internal
-        ],
-        "reason": call.reason,
-        "callback_offer": (
-            {"estimated_wait_s": call.callback_offer_wait_s}
-            if call.state is CallState.FAILED and call.callback_offer_wait_s is not None
-            else None
-        ),
-    }
-    if internal:
-        wire["visitor_id"] = call.visitor_id
-        wire["agent_id"] = call.agent_id
-        wire["attempt"] = call.attempt
-        if call.channel is CallChannel.CALLBACK:
-            wire["phone"] = call.phone
-            wire["dials"] = call.dials
-    return wire
 
 
 def call_to_record(call: Call) -> Json:
@@ -341,7 +203,11 @@ def call_from_record(data: Json, version: int) -> Call:
     )
 
 
-LANGUAGE_PATTERN = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+class Filters(Struct):
+    """The ``language`` and ``branch`` query parameters of the availability queries."""
+
+    language: Language | None = None
+    branch: Id | None = None
 
 
 def opt_query(query: Mapping[str, str], key: str) -> str | None:
@@ -357,95 +223,32 @@ def opt_query(query: Mapping[str, str], key: str) -> str | None:
 
 
 def branch_from_query(query: Mapping[str, str]) -> str | None:
-    branch = opt_query(query, "branch")
-    return check_id(branch, "branch") if branch is not None else None
+    return filters_from_query(query, ("branch",))[1]
 
 
-def filters_from_query(query: Mapping[str, str]) -> tuple[str | None, str | None]:
+def filters_from_query(
+    query: Mapping[str, str], keys: tuple[str, ...] = ("language", "branch")
+) -> tuple[str | None, str | None]:
     """The ``language`` and ``branch`` filters of the availability queries."""
-    language = opt_query(query, "language")
-    if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
-        raise invalid_payload("language must be a language tag like en or de-AT")
-    return language, branch_from_query(query)
+    given = {key: opt_query(query, key) for key in keys}
+    filters = decode(given, Filters, "query")
+    return filters.language, filters.branch
 
 
 def call_request_from_wire(payload: object) -> CallRequest:
-    obj = as_object(payload if payload is not None else {})
-    language = opt_str(obj, "language", 16)
-    if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
-        raise invalid_payload("language must be a language tag like en or de-AT")
-    branch = opt_str(obj, "branch", 64)
-    if branch is not None:
-        check_id(branch, "branch")
-    location = obj.get("location")
-    coords: tuple[float, float] | None = None
-    if location is not None:
-        loc = as_object(location, "location")
-        lat, lon = loc.get("lat"), loc.get("lon")
-        if (
-            not isinstance(lat, int | float)
-            or not isinstance(lon, int | float)
-            or isinstance(lat, bool)
-            or isinstance(lon, bool)
-            or not (-90 <= lat <= 90 and -180 <= lon <= 180)
-        ):
-            raise invalid_payload("location must be {lat, lon} in degrees")
-        coords = (float(lat), float(lon))
-    skills = obj.get("skills", [])
-    if (
-        not isinstance(skills, list)
-        or len(skills) > 8
-        or not all(isinstance(s, str) and 0 < len(s) <= 32 for s in skills)
-    ):
-        raise invalid_payload("skills must be a list of at most 8 short strings")
-    page = opt_str(obj, "page", 2048)
-    return CallRequest(language, branch, coords, page[:500] if page else None, tuple(skills))
+    """``call:start``: no payload at all asks for anyone."""
+    return decode(payload if payload is not None else {}, CallStart).request()
 
 
 def call_id_from_wire(payload: object) -> str:
-    return check_id(req_str(as_object(payload), "call_id", 64), "call_id")
-
-
-SDP_TYPES = frozenset({"offer", "answer", "pranswer", "rollback"})
+    return decode(payload, CallRef).call_id
 
 
 def signal_from_wire(payload: object) -> tuple[str, Json]:
-    """A validated ``rtc:signal``: the call id and what to relay (description or candidate)."""
-    obj = as_object(payload)
-    call_id = call_id_from_wire(obj)
-    out: Json = {"call_id": call_id}
-    description = obj.get("description")
-    candidate = obj.get("candidate")
-    if (description is None) == (candidate is None):
-        raise invalid_payload("send exactly one of description or candidate")
-    if description is not None:
-        d = as_object(description, "description")
-        sdp_type = d.get("type")
-        sdp = d.get("sdp", "")
-        if sdp_type not in SDP_TYPES or not isinstance(sdp, str) or len(sdp) > 32_000:
-            raise invalid_payload("description must be {type, sdp} with a known type")
-        out["description"] = {"type": sdp_type, "sdp": sdp}
-    else:
-        c = as_object(candidate, "candidate")
-        text = c.get("candidate")
-        mid = c.get("sdpMid")
-        index = c.get("sdpMLineIndex")
-        if (
-            not isinstance(text, str)
-            or len(text) > 1024
-            or (mid is not None and (not isinstance(mid, str) or len(mid) > 64))
-            or (index is not None and (not isinstance(index, int) or isinstance(index, bool)))
-        ):
-            raise invalid_payload("candidate must be {candidate, sdpMid, sdpMLineIndex}")
-        out["candidate"] = {"candidate": text, "sdpMid": mid, "sdpMLineIndex": index}
-        ufrag = c.get("usernameFragment")
-        if isinstance(ufrag, str) and len(ufrag) <= 256:
-            out["candidate"]["usernameFragment"] = ufrag
-    return call_id, out
-
-
-# The routing hints a callback request shares with ``call:start``.
-HINT_KEYS = frozenset({"language", "branch", "location", "page", "skills"})
+    """A validated ``rtc:signal``: the call id and what to relay (description or candidate),
+    normalised to the struct's fields."""
+    signal = decode(payload, RtcSignal)
+    return signal.call_id, msgspec.to_builtins(signal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,19 +264,20 @@ class CallbackIn:
 
 
 def callback_from_wire(payload: object) -> CallbackIn:
-    obj = as_object(payload)
-    phone = obj.get("phone")
-    if not isinstance(phone, str) or not phone.strip():
-        raise ApiError(400, "invalid_phone", "phone is required, in international form (+...)")
-    if len(phone) > 32:
-        raise ApiError(400, "invalid_phone", "phone is too long")
-    at_raw = opt_str(obj, "at", 64)
-    after = opt_str(obj, "after_call", 64)
-    hints = {k: v for k, v in obj.items() if k in HINT_KEYS}
+    # The phone first: its refusal is an abuse rule (invalid_phone, counted), whatever else
+    # is wrong with the body; the number rules (gateway.core.phone_policy) check the rest.
+    if isinstance(payload, dict):
+        phone = payload.get("phone")
+        if isinstance(phone, str) and len(phone) > MAX_PHONE:
+            raise ApiError(400, "invalid_phone", "phone is too long")
+        if not isinstance(phone, str) or not phone.strip():
+            message = "phone is required, in international form (+...)"
+            raise ApiError(400, "invalid_phone", message)
+    body = decode(payload, CallbackRequest)
     return CallbackIn(
-        phone=phone,
+        phone=body.phone,
         # Present but empty is refused, as ?language= is (opt_query); null is absent.
-        at=parse_iso(at_raw, "at") if at_raw is not None else None,
-        request=call_request_from_wire(hints),
-        after_call=check_id(after, "after_call") if after is not None else None,
+        at=parse_iso(body.at, "at") if body.at is not None else None,
+        request=body.request(),
+        after_call=body.after_call,
     )

@@ -1,264 +1,118 @@
 """The OpenAPI 3.1 document of Membrane's REST API, served at ``GET /v1/openapi.json``.
 
 docs/PROTOCOL.md is the contract in prose; this is its REST part for machines (client
-generators, API explorers, contract tests). It is built from the enums the code itself uses,
-so states, kinds and channels cannot drift from it, and tests/test_openapi.py holds it to the
-routes the app registers (both ways) and real answers of a node to the schemas it declares.
-The socket.io namespaces and Twilio's webhooks are not described here: they are not REST
-calls an integrator makes (docs/PROTOCOL.md sections 5 and 6).
+generators, API explorers, contract tests). Its schemas are generated from the structs the
+codec validates with and the services answer with (gateway/wire/presence.py, calls.py,
+rest.py, events.py), so a shape cannot drift from it; only the paths and their operations
+are declared here. tests/test_openapi.py holds it to the routes the app registers (both
+ways) and real answers of a node to the schemas it declares. The socket.io namespaces are
+no REST calls, but their structs are among the components and ``x-socketio`` lists each
+namespace's events with them (docs/PROTOCOL.md section 6); Twilio's webhooks are not
+described here (section 5).
 """
 
 from __future__ import annotations
 
-import re
-from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from gateway.core.call import CallChannel, CallState
-from gateway.core.model import Channel, DeviceKind, DeviceState, PresenceStatus
-from gateway.wire.codec import (
-    ID_PATTERN,
-    LANGUAGE_PATTERN,
-    MAX_PRIORITY,
-    VISITOR_ID_PATTERN,
-    VISITOR_SECRET_PATTERN,
-    Json,
+import msgspec
+
+from gateway.wire import events
+from gateway.wire.base import Id, Json
+from gateway.wire.calls import Call, TimelineEntry
+from gateway.wire.codec import Filters
+from gateway.wire.presence import Availability, Device, DeviceUpdate, Presence
+from gateway.wire.rest import (
+    CallbackCreated,
+    CallbackRequest,
+    CallbackSlots,
+    Error,
+    Health,
+    IceServer,
+    Readiness,
+    Session,
+    SessionRequest,
 )
 
-
-def _pattern(compiled: re.Pattern[str]) -> Json:
-    """The codec's own pattern, as JSON Schema writes a whole-string match."""
-    body = compiled.pattern.removeprefix("\\A").removesuffix("\\Z")
-    return {"type": "string", "pattern": f"^{body}$"}
-
-
-ID = _pattern(ID_PATTERN)
-PHONE_SHAPE = r"^\s*\+[0-9 ().-]*[0-9().-]\s*$"
 DRAINING_OR_STORE = (
     "store_unavailable: the store is unreachable; retry. draining: this node is shutting "
     "down; retry after Retry-After (behind a load balancer, another node answers)."
 )
-LANGUAGE = _pattern(LANGUAGE_PATTERN)
-TIME = {"type": "string", "format": "date-time"}
+REF = "#/components/schemas/{name}"
+# The REST bodies; the socket.io structs (gateway.wire.events) follow them.
+REST_STRUCTS: tuple[Any, ...] = (
+    Error,
+    Health,
+    Readiness,
+    Device,
+    DeviceUpdate,
+    Presence,
+    Availability,
+    IceServer,
+    SessionRequest,
+    Session,
+    TimelineEntry,
+    Call,
+    CallbackRequest,
+    CallbackCreated,
+    CallbackSlots,
+)
 
 
 def _ref(name: str) -> Json:
-    return {"$ref": f"#/components/schemas/{name}"}
+    return {"$ref": REF.format(name=name)}
 
 
-def _enum(values: type[StrEnum]) -> Json:
-    return {"type": "string", "enum": [v.value for v in values]}
-
-
-def _nullable(schema: Json) -> Json:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _object(required: dict[str, Json], optional: dict[str, Json] | None = None) -> Json:
-    """An object with these fields. Answers may gain fields without a version change, so
-    clients must ignore unknown ones (docs/PROTOCOL.md): additional properties are allowed."""
-    return {
-        "type": "object",
-        "required": list(required),
-        "properties": {**required, **(optional or {})},
-    }
+def _for_json_schema(schema: Any) -> Any:
+    """msgspec's schema as JSON Schema reads it: a whole-string pattern written ``\\A...\\Z``
+    (Python's, which the structs validate with) becomes ``^...$``, and descriptions taken from
+    docstrings lose their line breaks and reST quotes."""
+    if isinstance(schema, list):
+        return [_for_json_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _for_json_schema(value) for key, value in schema.items()}
+    pattern = out.get("pattern")
+    if isinstance(pattern, str) and pattern.startswith("\\A") and pattern.endswith("\\Z"):
+        out["pattern"] = f"^{pattern[2:-2]}$"
+    description = out.get("description")
+    if isinstance(description, str):
+        out["description"] = " ".join(description.replace("``", "`").split())
+    return out
 
 
 def _schemas() -> dict[str, Json]:
-    device_fields: dict[str, Json] = {
-        "kind": _enum(DeviceKind),
-        "state": _enum(DeviceState),
-    }
-    priority = {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY}
-    # As the codec reads them: null is the same as leaving a hint out (but not for skills).
-    hints: dict[str, Json] = {
-        "language": _nullable(LANGUAGE),
-        "branch": _nullable(ID),
-        "location": _nullable(
-            _object(
-                {
-                    "lat": {"type": "number", "minimum": -90, "maximum": 90},
-                    "lon": {"type": "number", "minimum": -180, "maximum": 180},
-                }
-            )
-        ),
-        "page": _nullable({"type": "string", "maxLength": 2048}),
-        "skills": {
-            "type": "array",
-            "maxItems": 8,
-            "items": {"type": "string", "minLength": 1, "maxLength": 32},
-        },
-    }
+    """Every struct on the wire, REST and socket.io, with the structs they hold."""
+    _, components = msgspec.json.schema_components(
+        (*REST_STRUCTS, *events.structs()), ref_template=REF
+    )
+    schemas: dict[str, Json] = _for_json_schema(components)
+    return schemas
+
+
+def _schema(t: Any) -> Json:
+    schema: Json = _for_json_schema(msgspec.json.schema(t))
+    return schema
+
+
+def _socketio() -> Json:
+    """``x-socketio``: each namespace's connect auth and events with their payloads and
+    acks, as references into the components (prose: docs/PROTOCOL.md section 6)."""
+
+    def event(e: events.Event) -> Json:
+        out: Json = {"payload": _ref(e.payload.__name__) if e.payload is not None else {}}
+        if e.ack is not None:
+            out["ack"] = {"oneOf": [_ref(e.ack.__name__), _ref("ErrorAck")]}
+        return out
+
     return {
-        "Error": _object(
-            {
-                "error": _object(
-                    {
-                        "code": {
-                            "type": "string",
-                            "pattern": "^[a-z][a-z0-9_]*$",
-                            "description": "Stable; every code is listed in "
-                            "docs/PROTOCOL.md section 2.",
-                        },
-                        "message": {"type": "string", "description": "Human text; may change."},
-                    }
-                )
-            }
-        ),
-        "Health": _object({"status": {"const": "ok"}, "node": {"type": "string"}}),
-        "Readiness": _object(
-            {
-                "ready": {"type": "boolean"},
-                "draining": {
-                    "type": "boolean",
-                    "description": "Shutting down (SIGTERM): not ready, whatever the store says.",
-                },
-                "node": {"type": "string"},
-                "store": _object(
-                    {
-                        "reachable": {"type": "boolean"},
-                        "listening": {"type": "boolean"},
-                        "persistent": {"type": "boolean"},
-                        "detail": {"type": "string"},
-                    }
-                ),
-                "warnings": {"type": "array", "items": {"type": "string"}},
-            }
-        ),
-        "Device": _object(
-            {
-                "device_id": ID,
-                **device_fields,
-                "priority": priority,
-                "last_seen": TIME,
-                "expires_at": TIME,
-            }
-        ),
-        "DeviceUpdate": _object(
-            device_fields,
-            {
-                # As the codec reads it: null is the default, like leaving it out.
-                "priority": {
-                    **_nullable(priority),
-                    "default": 0,
-                    "description": "Absent or null: 0. 1.0 is the integer 1, as in JSON.",
-                },
-                "device_id": {"description": "Ignored, whatever it is: the path's id wins."},
-            },
-        ),
-        "Presence": _object(
-            {
-                "agent_id": ID,
-                "site": ID,
-                "name": {"type": "string"},
-                "branch": _nullable(ID),
-                "status": _enum(PresenceStatus),
-                "channels": {"type": "array", "items": _enum(Channel)},
-                "devices": {"type": "array", "items": _ref("Device")},
-                "since": TIME,
-            }
-        ),
-        "Availability": _object(
-            {
-                "available": {"type": "boolean"},
-                "channels": {"type": "array", "items": _enum(Channel)},
-                "agents_available": {"type": "integer", "minimum": 0},
-                "estimated_wait_s": {"type": "integer", "minimum": 0},
-                "open": {"type": "boolean"},
-                "next_open_at": _nullable(TIME),
-            }
-        ),
-        "IceServer": _object(
-            {"urls": {"type": "array", "items": {"type": "string"}}},
-            {"username": {"type": "string"}, "credential": {"type": "string"}},
-        ),
-        "SessionRequest": _object(
-            {},
-            {
-                "visitor_id": {
-                    "type": "string",
-                    "description": "The id of an earlier session: kept only together with "
-                    "its visitor_secret; without it, or with a wrong one, a new id is made.",
-                },
-                "visitor_secret": {
-                    "type": "string",
-                    "description": "The visitor_secret that came with visitor_id.",
-                },
-            },
-        ),
-        "Session": _object(
-            {
-                "token": {"type": "string", "description": "Visitor JWT for /visitor."},
-                "visitor_id": _pattern(VISITOR_ID_PATTERN),
-                "visitor_secret": {
-                    **_pattern(VISITOR_SECRET_PATTERN),
-                    "description": "Proves visitor_id in later session requests: whoever "
-                    "holds it is this visitor, so the client keeps it to itself.",
-                },
-                "expires_at": TIME,
-                "ice_servers": {"type": "array", "items": _ref("IceServer")},
-            }
-        ),
-        "TimelineEntry": _object(
-            {"at": TIME, "event": {"type": "string"}, "detail": {"type": "string"}}
-        ),
-        "Call": _object(
-            {
-                "call_id": ID,
-                "site": ID,
-                "channel": _enum(CallChannel),
-                "state": _enum(CallState),
-                "agent": _nullable(
-                    _object({"name": {"type": "string"}, "branch": _nullable({"type": "string"})})
-                ),
-                "position": _nullable({"type": "integer", "minimum": 1}),
-                "eta_s": _nullable({"type": "integer", "minimum": 0}),
-                "scheduled_at": _nullable(TIME),
-                "timeline": {"type": "array", "items": _ref("TimelineEntry")},
-                "reason": _nullable({"type": "string"}),
-                "callback_offer": _nullable(
-                    _object({"estimated_wait_s": {"type": "integer", "minimum": 0}})
-                ),
-            }
-        ),
-        "CallbackRequest": _object(
-            {
-                "phone": {
-                    "type": "string",
-                    "maxLength": 32,
-                    # phone_policy.RAW_SHAPE once surrounding white space is stripped: a
-                    # blank or empty phone is refused (invalid_phone), as is a bare "+".
-                    "pattern": PHONE_SHAPE,
-                    "description": "International form: + then digits; spaces and ().- "
-                    "are allowed and dropped. It must also be a valid number (not "
-                    "expressible here): else 400 invalid_phone.",
-                }
-            },
-            {
-                "at": {
-                    **_nullable(TIME),
-                    "description": "When to call; absent or null: as soon as possible.",
-                },
-                "after_call": {
-                    **_nullable(ID),
-                    "description": "Keep my place: the visitor's own browser call that "
-                    "failed at most 30 minutes ago.",
-                },
-                **hints,
-            },
-        ),
-        "CallbackCreated": _object(
-            {
-                "call_id": ID,
-                "status_token": {
-                    "type": "string",
-                    "description": "Shown only here: reads and cancels this callback.",
-                },
-                "call": _ref("Call"),
-            }
-        ),
-        "CallbackSlots": _object({"slots": {"type": "array", "items": TIME}}),
+        ns.path: {
+            "auth": _ref(ns.auth.__name__),
+            "in": {e.name: event(e) for e in ns.incoming},
+            "out": {e.name: event(e) for e in ns.outgoing},
+        }
+        for ns in events.NAMESPACES
     }
 
 
@@ -535,6 +389,9 @@ def _paths() -> dict[str, Json]:
 def _components() -> Json:
     bearer = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     query = {"in": "query", "required": False}
+    id_schema = _schema(Id)
+    # The query filters as the codec reads them (absent: any; present and empty: refused).
+    filters = _schema(Filters)["$defs"]["Filters"]["properties"]
     return {
         "schemas": _schemas(),
         "responses": {
@@ -549,19 +406,19 @@ def _components() -> Json:
             "Unavailable": _error("store_unavailable: the store is unreachable; retry."),
         },
         "parameters": {
-            "site": {"name": "site", "in": "path", "required": True, "schema": ID},
-            "device_id": {"name": "device_id", "in": "path", "required": True, "schema": ID},
-            "call_id": {"name": "call_id", "in": "path", "required": True, "schema": ID},
+            "site": {"name": "site", "in": "path", "required": True, "schema": id_schema},
+            "device_id": {"name": "device_id", "in": "path", "required": True, "schema": id_schema},
+            "call_id": {"name": "call_id", "in": "path", "required": True, "schema": id_schema},
             "language": {
                 "name": "language",
                 **query,
-                "schema": LANGUAGE,
+                "schema": filters["language"]["anyOf"][0],
                 "description": "Only agents who speak it (exactly or by primary language).",
             },
             "branch": {
                 "name": "branch",
                 **query,
-                "schema": ID,
+                "schema": filters["branch"]["anyOf"][0],
                 "description": "Only this branch's agents and hours.",
             },
         },
@@ -607,4 +464,5 @@ def document(public_url: str) -> Json:
         ],
         "paths": _paths(),
         "components": _components(),
+        "x-socketio": _socketio(),
     }

@@ -26,7 +26,8 @@ from gateway.core.ringing import RingingAgents
 from gateway.core.routing import RoutingSnapshot, availability
 from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceChange, PresenceService
-from gateway.wire.codec import Json, iso
+from gateway.wire.codec import Json
+from gateway.wire.presence import availability_to_wire
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,9 @@ def availability_json(
         site=site, presence=agents, reserved=ringing.current(site_id, agents, now)
     )
     a = availability(snap, now, language=language, branch=branch)
-    return {
-        "available": a.available,
-        "channels": [c.value for c in a.channels],
-        "agents_available": a.agents_available,
-        "estimated_wait_s": a.estimated_wait_s,
-        "open": a.open,
-        "next_open_at": iso(a.next_open_at),
-    }
+    return availability_to_wire(
+        a.available, a.channels, a.agents_available, a.estimated_wait_s, a.open, a.next_open_at
+    )
 
 
 def cut(transport: asyncio.Transport) -> None:

@@ -14,8 +14,9 @@ from gateway.edge.auth import VISITOR_ROLES, bearer_token, check_configured_role
 from gateway.edge.http import appkeys as keys
 from gateway.edge.http.http_api import read_json
 from gateway.edge.http.visitor_api import TICKET_SITE, client_ip, site_of
-from gateway.wire.codec import branch_from_query, callback_from_wire, check_id, iso
+from gateway.wire.codec import branch_from_query, callback_from_wire, check_id
 from gateway.wire.errors import ApiError, invalid_token
+from gateway.wire.rest import callback_created_to_wire, slots_to_wire
 
 MAX_STATUS_TOKEN = 128
 
@@ -38,8 +39,7 @@ async def create_callback(request: web.Request) -> web.Response:
     callbacks = request.app[keys.CALLBACKS]
     call, token = await callbacks.request(site.site_id, claims.sub, client_ip(request), body)
     return web.json_response(
-        {"call_id": call.call_id, "status_token": token, "call": await callbacks.view(call)},
-        status=201,
+        callback_created_to_wire(call.call_id, token, await callbacks.view(call)), status=201
     )
 
 
@@ -47,11 +47,9 @@ async def callback_slots(request: web.Request) -> web.Response:
     site = site_of(request)
     branch = branch_from_query(request.query)
     if branch is not None and branch not in site.branches:
-        return web.json_response({"slots": []}, headers={"Cache-Control": "no-store"})
+        return web.json_response(slots_to_wire([]), headers={"Cache-Control": "no-store"})
     slots = request.app[keys.CALLBACKS].slots(site.site_id, branch, time.time())
-    return web.json_response(
-        {"slots": [iso(s) for s in slots]}, headers={"Cache-Control": "no-store"}
-    )
+    return web.json_response(slots_to_wire(slots), headers={"Cache-Control": "no-store"})
 
 
 def _status_token(request: web.Request) -> str:

@@ -22,8 +22,10 @@ from gateway.edge.http import appkeys as keys
 from gateway.ops.ratelimit import TokenBucket
 from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.wire import openapi
-from gateway.wire.codec import Json, check_id, device_update_from_wire, presence_to_wire
+from gateway.wire.base import to_wire
+from gateway.wire.codec import check_id, device_update_from_wire, presence_to_wire
 from gateway.wire.errors import ApiError, forbidden, invalid_payload, store_unavailable
+from gateway.wire.rest import Health, Readiness, StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ async def agent_claims(request: web.Request, supervisor: bool = False) -> Claims
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "node": request.app[keys.SETTINGS].node_id})
+    return web.json_response(to_wire(Health("ok", request.app[keys.SETTINGS].node_id)))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -120,21 +122,16 @@ async def readyz(request: web.Request) -> web.Response:
     request.app[keys.METRICS].store_up.set(1 if health.reachable and health.listening else 0)
     # Draining: out of the load balancer's rotation at once, while the node hands over.
     ready = health.reachable and health.listening and not draining
-    body: Json = {
-        "ready": ready,
-        "draining": draining,
-        "node": request.app[keys.SETTINGS].node_id,
-        "store": {
-            "reachable": health.reachable,
-            "listening": health.listening,
-            "persistent": health.persistent,
-            "detail": health.detail,
-        },
-        "warnings": []
+    body = Readiness(
+        ready=ready,
+        draining=draining,
+        node=request.app[keys.SETTINGS].node_id,
+        store=StoreHealth(health.reachable, health.listening, health.persistent, health.detail),
+        warnings=[]
         if health.persistent
         else ["store persistence is off: a store restart would lose pending callbacks"],
-    }
-    return web.json_response(body, status=200 if ready else 503)
+    )
+    return web.json_response(to_wire(body), status=200 if ready else 503)
 
 
 async def openapi_document(request: web.Request) -> web.Response:

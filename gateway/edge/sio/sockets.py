@@ -27,7 +27,7 @@ from aiohttp import web
 
 from gateway.core.admission import AdmissionLimits, admit_start
 from gateway.core.call import Call
-from gateway.core.model import DeviceKind, DeviceState, Role, Site
+from gateway.core.model import DeviceKind, Role, Site
 from gateway.edge.auth import (
     AGENT_ROLES,
     SUPERVISOR_ROLES,
@@ -47,19 +47,28 @@ from gateway.services.drain import RETRY_AFTER_S, Drain
 from gateway.services.presence_service import PresenceChange, PresenceService, socket_device_id
 from gateway.settings import Settings
 from gateway.store.base import UNAVAILABLE_ERRORS, DeviceRef
+from gateway.wire.calls import ring_stop_to_wire
 from gateway.wire.codec import (
+    DeviceUpdate,
     Json,
+    agent_auth_from_wire,
     as_object,
     call_id_from_wire,
     call_request_from_wire,
     call_to_wire,
     device_update_from_wire,
-    error_ack,
-    ok,
-    presence_to_wire,
     signal_from_wire,
 )
 from gateway.wire.errors import ApiError, forbidden, invalid_payload, overloaded
+from gateway.wire.events import (
+    accept_ack,
+    call_ack,
+    draining_to_wire,
+    error_ack,
+    ok_ack,
+    presence_ack,
+    snapshot_ack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -729,16 +738,11 @@ class AgentNamespace(BaseNamespace):
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
         check_configured_role(claims, self.presence.site(claims.site))
-        try:
-            state = DeviceState(auth.get("state", DeviceState.AVAILABLE.value))
-        except ValueError:
-            raise invalid_payload("auth.state must be a device state") from None
-        resume = call_id_from_wire(auth) if auth.get("call_id") is not None else None
+        agent_auth = agent_auth_from_wire(auth)
+        resume = agent_auth.call_id
         ref = DeviceRef(claims.site, claims.sub, socket_device_id(sid))
         await self.enter_room(sid, agent_room(claims.site, claims.sub))
-        update = device_update_from_wire(
-            {"kind": DeviceKind.DESKTOP.value, "state": state.value}, ref.device_id
-        )
+        update = DeviceUpdate(ref.device_id, DeviceKind.DESKTOP, agent_auth.state, 0)
         self.presence.hold_socket_device(sid, ref)
         await self.presence.set_device(claims.site, claims.sub, update, self.socket_ttl_s)
         if resume is not None:
@@ -784,35 +788,32 @@ class AgentNamespace(BaseNamespace):
         presence = await self.presence.set_device(
             session.claims.site, session.claims.sub, update, ttl
         )
-        return ok(presence=presence_to_wire(presence))
+        return presence_ack(presence)
 
     async def call_accept(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
         call = await self.calls.accept(claims.site, claims.sub, sid, call_id_from_wire(payload))
         self.sessions[sid].calls.add(call.call_id)
         site = self.presence.site(claims.site)
-        return ok(
-            call=call_to_wire(call, site, internal=True),
-            ice_servers=ice_servers(self.settings.webrtc, claims.sub, time.time()),
-        )
+        return accept_ack(call, site, ice_servers(self.settings.webrtc, claims.sub, time.time()))
 
     async def call_decline(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
         call = await self.calls.decline(claims.site, claims.sub, call_id_from_wire(payload))
-        return ok(call=call_to_wire(call, self.presence.site(claims.site), internal=True))
+        return call_ack(call, self.presence.site(claims.site), internal=True)
 
     async def call_hangup(self, sid: str, payload: Any) -> Json:
         session = self.sessions[sid]
         claims = session.claims
         call = await self.calls.hangup(claims.site, claims.sub, call_id_from_wire(payload))
         session.calls.discard(call.call_id)
-        return ok(call=call_to_wire(call, self.presence.site(claims.site), internal=True))
+        return call_ack(call, self.presence.site(claims.site), internal=True)
 
     async def rtc_signal(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
         _, signal = signal_from_wire(payload)
         await self.calls.relay_signal(claims.site, claims.sub, sid, True, signal)
-        return ok()
+        return ok_ack()
 
     async def on_presence(self, change: PresenceChange) -> None:
         p = change.presence
@@ -843,7 +844,7 @@ class BoardNamespace(BaseNamespace):
 
     async def snapshot(self, sid: str, payload: Any) -> Json:
         site = self.sessions[sid].claims.site
-        return ok(agents=[presence_to_wire(p) for p in self.presence.site_presence(site)])
+        return snapshot_ack(self.presence.site_presence(site))
 
     async def on_presence(self, change: PresenceChange) -> None:
         await self.server.emit(
@@ -927,20 +928,20 @@ class VisitorNamespace(BaseNamespace):
         finally:
             self.load.starts_in_flight -= 1
         session.calls = {call.call_id}
-        return ok(call=call_to_wire(call, self.presence.site(claims.site)))
+        return call_ack(call, self.presence.site(claims.site))
 
     async def call_cancel(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
         call = await self.calls.cancel(
             claims.site, claims.sub, call_id_from_wire(payload), "visitor_hung_up"
         )
-        return ok(call=call_to_wire(call, self.presence.site(claims.site)))
+        return call_ack(call, self.presence.site(claims.site))
 
     async def rtc_signal(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
         _, signal = signal_from_wire(payload)
         await self.calls.relay_signal(claims.site, claims.sub, sid, False, signal)
-        return ok()
+        return ok_ack()
 
 
 class SocketCallNotifier:
@@ -994,7 +995,7 @@ class SocketCallNotifier:
     async def ring_stop(self, call: Call, agent_id: str, reason: str) -> None:
         await self.server.emit(
             "call:ring_stop",
-            {"call_id": call.call_id, "attempt": call.attempt, "reason": reason},
+            ring_stop_to_wire(call, reason),
             to=agent_room(call.site, agent_id),
             namespace="/agent",
         )
@@ -1005,7 +1006,7 @@ class SocketCallNotifier:
         emits: list[tuple[str, Json, str, str]] = [
             (
                 "call:ring_stop",
-                {"call_id": call.call_id, "attempt": call.attempt, "reason": reason},
+                ring_stop_to_wire(call, reason),
                 "/agent",
                 agent_room(call.site, agent_id),
             )
@@ -1067,7 +1068,7 @@ async def send_sockets_elsewhere(server: MembraneServer) -> None:
     for namespace in _NAMESPACES:
         await server.emit(
             DRAINING_EVENT,
-            {"retry_after_s": RETRY_AFTER_S},
+            draining_to_wire(RETRY_AFTER_S),
             namespace=namespace,
             ignore_queue=True,  # this node's sockets only
         )

@@ -1,0 +1,256 @@
+"""Calls on the wire: what a visitor sends to start one, the ids the call events carry,
+WebRTC signals, the Call as each party sees it, and an agent's ring (docs/PROTOCOL.md
+sections 3 and 6)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from gateway.core.call import Call as CoreCall
+from gateway.core.call import CallChannel, CallRequest, CallState
+from gateway.core.model import Site
+from gateway.wire.base import Count, Id, Json, Language, Time, iso, to_wire
+
+# --- in ------------------------------------------------------------------------------------
+
+
+class Location(Struct):
+    """Where the visitor is, in degrees."""
+
+    lat: Annotated[float, Meta(ge=-90, le=90)]
+    lon: Annotated[float, Meta(ge=-180, le=180)]
+
+
+Skill = Annotated[str, Meta(min_length=1, max_length=32)]
+
+
+class CallStart(Struct):
+    """``call:start`` on ``/visitor``: the routing hints, every one optional. null is the same
+    as leaving a hint out (but not for ``skills``); an empty ``language`` or ``branch`` is
+    refused, not read as absent."""
+
+    language: Language | None = None
+    branch: Id | None = None
+    location: Location | None = None
+    page: Annotated[str, Meta(max_length=2048, description="Kept: the first 500.")] | None = None
+    skills: Annotated[list[Skill], Meta(max_length=8)] = []
+
+    def request(self) -> CallRequest:
+        location = (self.location.lat, self.location.lon) if self.location else None
+        page = self.page[:500] if self.page else None
+        return CallRequest(self.language, self.branch, location, page, tuple(self.skills))
+
+
+class CallRef(Struct):
+    """``call:accept``, ``call:decline``, ``call:hangup`` and ``call:cancel``: which call."""
+
+    call_id: Id
+
+
+class Description(Struct):
+    type: Literal["offer", "answer", "pranswer", "rollback"]
+    sdp: Annotated[str, Meta(max_length=32_000)] = ""
+
+
+class Candidate(Struct):
+    candidate: Annotated[str, Meta(max_length=1024)]
+    sdpMid: Annotated[str, Meta(max_length=64)] | None = None
+    sdpMLineIndex: int | None = None
+    usernameFragment: Annotated[
+        Any, Meta(description="Relayed if a string of at most 256 characters, else dropped.")
+    ] = UNSET
+
+    def __post_init__(self) -> None:
+        ufrag = self.usernameFragment
+        if not (isinstance(ufrag, str) and len(ufrag) <= 256):
+            self.usernameFragment = UNSET
+
+
+class RtcSignal(Struct, omit_defaults=True):
+    """``rtc:signal``, both ways: exactly one of ``description`` or ``candidate``. Relayed as
+    normalised here (only these fields)."""
+
+    call_id: Id
+    description: Description | None = None
+    candidate: Candidate | None = None
+
+    def __post_init__(self) -> None:
+        if (self.description is None) == (self.candidate is None):
+            raise ValueError("send exactly one of description or candidate")
+
+
+# --- out -----------------------------------------------------------------------------------
+
+
+class AgentRef(Struct):
+    name: str
+    branch: str | None
+    """The branch's display name."""
+
+
+class TimelineEntry(Struct):
+    at: Time
+    event: str
+    detail: str
+
+
+class CallbackOffer(Struct):
+    estimated_wait_s: Count
+
+
+class Call(Struct):
+    """A call as the visitor sees it (docs/PROTOCOL.md section 3)."""
+
+    call_id: Id
+    site: Id
+    channel: CallChannel
+    state: CallState
+    agent: AgentRef | None
+    position: Annotated[int, Meta(ge=1)] | None
+    eta_s: Count | None
+    scheduled_at: Time | None
+    timeline: list[TimelineEntry]
+    reason: str | None
+    callback_offer: CallbackOffer | None
+
+
+class InternalCall(Call):
+    """A call as agents and supervisors see it: the visitor's view and more."""
+
+    visitor_id: str
+    agent_id: str | None
+    attempt: int
+    phone: str | UnsetType | None = UNSET
+    """Callbacks only: the visitor's number."""
+    dials: int | UnsetType = UNSET
+    """Callbacks only: dial attempts started."""
+
+
+class RingVisitor(Struct):
+    id: str
+    language: str | None
+    page: str | None
+    returning: bool
+    last_agent: str | UnsetType | None = UNSET
+    """Browser calls only: the name of the agent who served the visitor last."""
+    phone: str | UnsetType | None = UNSET
+    """Callbacks only: the number that will be called."""
+
+
+class CallRing(Struct):
+    """``call:ring``: a call rings this agent until ``expires_at``."""
+
+    call_id: Id
+    channel: CallChannel
+    visitor: RingVisitor
+    expires_at: Time
+    reasons: list[str]
+    attempt: int
+    ring_expires_at: int
+    """``expires_at`` in milliseconds since the epoch."""
+    your_phone: str | UnsetType | None = UNSET
+    """Callbacks only: the agent's own mobile, which the visitor is put through to."""
+
+
+class RingStop(Struct):
+    """``call:ring_stop``: the ring ended."""
+
+    call_id: Id
+    attempt: int
+    reason: str
+
+
+def call_struct(
+    call: CoreCall,
+    site: Site,
+    internal: bool = False,
+    position: int | None = None,
+    eta_s: int | None = None,
+) -> Call:
+    """The Call of docs/PROTOCOL.md; ``internal`` adds what agents and supervisors see.
+    ``position`` (1 = next) and ``eta_s`` are computed by the caller from the live queue."""
+    agent = site.agents.get(call.agent_id) if call.agent_id else None
+    branch = site.branches.get(agent.branch) if agent and agent.branch else None
+    visible = (
+        AgentRef(agent.name, branch.name if branch else None) if agent else None,
+        position,
+        eta_s,
+        iso(call.scheduled_at) if call.state is CallState.SCHEDULED else None,
+        [
+            TimelineEntry(_time(e.at), e.event, e.detail)
+            for e in call.timeline
+            if internal or not e.internal
+        ],
+        call.reason,
+        (
+            CallbackOffer(call.callback_offer_wait_s)
+            if call.state is CallState.FAILED and call.callback_offer_wait_s is not None
+            else None
+        ),
+    )
+    if not internal:
+        return Call(call.call_id, call.site, call.channel, call.state, *visible)
+    callback = call.channel is CallChannel.CALLBACK
+    return InternalCall(
+        call.call_id,
+        call.site,
+        call.channel,
+        call.state,
+        *visible,
+        visitor_id=call.visitor_id,
+        agent_id=call.agent_id,
+        attempt=call.attempt,
+        phone=call.phone if callback else UNSET,
+        dials=call.dials if callback else UNSET,
+    )
+
+
+def call_to_wire(
+    call: CoreCall,
+    site: Site,
+    internal: bool = False,
+    position: int | None = None,
+    eta_s: int | None = None,
+) -> Json:
+    return to_wire(call_struct(call, site, internal, position, eta_s))
+
+
+def ring_to_wire(
+    ringing: CoreCall, site: Site, reasons: tuple[str, ...], last_agent: str | None = None
+) -> Json:
+    """``call:ring`` for a call ringing its agent; ``last_agent``: who served the visitor
+    last (browser calls)."""
+    assert ringing.ring_expires_at is not None and ringing.agent_id is not None
+    r = ringing.request
+    callback = ringing.channel is CallChannel.CALLBACK
+    last = site.agents.get(last_agent) if last_agent and not callback else None
+    visitor = RingVisitor(ringing.visitor_id, r.language, r.page, returning=False)
+    if callback:
+        visitor.phone = ringing.phone
+    else:
+        visitor.returning = last_agent is not None
+        visitor.last_agent = last.name if last else None
+    return to_wire(
+        CallRing(
+            call_id=ringing.call_id,
+            channel=ringing.channel,
+            visitor=visitor,
+            expires_at=_time(ringing.ring_expires_at),
+            reasons=list(reasons),
+            attempt=ringing.attempt,
+            ring_expires_at=round(ringing.ring_expires_at * 1000),
+            your_phone=site.agents[ringing.agent_id].mobile if callback else UNSET,
+        )
+    )
+
+
+def ring_stop_to_wire(call: CoreCall, reason: str) -> Json:
+    return to_wire(RingStop(call.call_id, call.attempt, reason))
+
+
+def _time(ts: float) -> str:
+    text = iso(ts)
+    assert text is not None
+    return text

@@ -1,0 +1,200 @@
+"""socket.io on the wire: each namespace's connect ``auth``, its events in and out with their
+payload structs, and the acks (docs/PROTOCOL.md section 6).
+
+``NAMESPACES`` is the one list of events: the socket.io edge registers a handler for each
+event in (tests/test_protocol_doc.py holds the two equal, and both to docs/PROTOCOL.md's
+tables), and the OpenAPI document carries every struct here among its components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from msgspec import Struct
+
+from gateway.core import model
+from gateway.core.call import Call as CoreCall
+from gateway.core.model import DeviceState, Site
+from gateway.wire.base import Id, Json, to_wire
+from gateway.wire.calls import (
+    Call,
+    CallRef,
+    CallRing,
+    CallStart,
+    InternalCall,
+    RingStop,
+    RtcSignal,
+    call_struct,
+)
+from gateway.wire.presence import Presence, PresenceSet, presence_struct
+from gateway.wire.rest import ErrorDetail, IceServer
+
+# --- connect -------------------------------------------------------------------------------
+
+
+class ConnectAuth(Struct):
+    """``auth`` of a namespace connect."""
+
+    token: str
+
+
+class AgentAuth(ConnectAuth):
+    """``auth`` of an ``/agent`` connect: the state of the socket's own desktop device, and
+    the connected call a reconnecting agent app takes over."""
+
+    state: DeviceState = DeviceState.AVAILABLE
+    call_id: Id | None = None
+
+
+# --- acks ----------------------------------------------------------------------------------
+
+
+class Ok(Struct):
+    ok: Literal[True] = True
+
+
+class PresenceAck(Struct, kw_only=True):
+    ok: Literal[True] = True
+    presence: Presence
+
+
+class CallAck(Struct, kw_only=True):
+    ok: Literal[True] = True
+    call: Call
+
+
+class AgentCallAck(Struct, kw_only=True):
+    ok: Literal[True] = True
+    call: InternalCall
+
+
+class AcceptAck(Struct, kw_only=True):
+    ok: Literal[True] = True
+    call: InternalCall
+    ice_servers: list[IceServer]
+
+
+class SnapshotAck(Struct, kw_only=True):
+    ok: Literal[True] = True
+    agents: list[Presence]
+
+
+class ErrorAck(Struct, kw_only=True):
+    ok: Literal[False] = False
+    error: ErrorDetail
+
+
+class Draining(Struct):
+    """``server:draining``: this node closes the connection next; reconnect."""
+
+    retry_after_s: int
+
+
+def ok_ack() -> Json:
+    return to_wire(Ok())
+
+
+def presence_ack(presence: model.Presence) -> Json:
+    return to_wire(PresenceAck(presence=presence_struct(presence)))
+
+
+def call_ack(call: CoreCall, site: Site, internal: bool = False) -> Json:
+    return to_wire(CallAck(call=call_struct(call, site, internal)))
+
+
+def accept_ack(call: CoreCall, site: Site, ice_servers: list[Json]) -> Json:
+    servers = [IceServer(**server) for server in ice_servers]
+    internal = call_struct(call, site, internal=True)
+    assert isinstance(internal, InternalCall)
+    return to_wire(AcceptAck(call=internal, ice_servers=servers))
+
+
+def snapshot_ack(presences: list[model.Presence]) -> Json:
+    return to_wire(SnapshotAck(agents=[presence_struct(p) for p in presences]))
+
+
+def error_ack(code: str, message: str, **extra: Any) -> Json:
+    return to_wire(ErrorAck(error=ErrorDetail(code, message, **extra)))
+
+
+def draining_to_wire(retry_after_s: int) -> Json:
+    return to_wire(Draining(retry_after_s))
+
+
+# --- the events of each namespace ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    name: str
+    payload: type[Struct] | None
+    """The payload's struct; None: whatever it is, it is ignored."""
+    ack: type[Struct] | None = None
+    """In: the successful ack's struct (a refusal is ``ErrorAck``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    path: str
+    auth: type[ConnectAuth]
+    incoming: tuple[Event, ...]
+    outgoing: tuple[Event, ...]
+
+
+ERROR = Event("error", ErrorDetail)
+DRAINING = Event("server:draining", Draining)
+
+NAMESPACES = (
+    Namespace(
+        "/agent",
+        AgentAuth,
+        incoming=(
+            Event("presence:set", PresenceSet, PresenceAck),
+            Event("call:accept", CallRef, AcceptAck),
+            Event("call:decline", CallRef, AgentCallAck),
+            Event("call:hangup", CallRef, AgentCallAck),
+            Event("rtc:signal", RtcSignal, Ok),
+        ),
+        outgoing=(
+            Event("presence:update", Presence),
+            Event("call:ring", CallRing),
+            Event("call:ring_stop", RingStop),
+            Event("call:update", InternalCall),
+            Event("rtc:signal", RtcSignal),
+            DRAINING,
+            ERROR,
+        ),
+    ),
+    Namespace(
+        "/visitor",
+        ConnectAuth,
+        incoming=(
+            Event("call:start", CallStart, CallAck),
+            Event("call:cancel", CallRef, CallAck),
+            Event("rtc:signal", RtcSignal, Ok),
+        ),
+        outgoing=(Event("call:update", Call), Event("rtc:signal", RtcSignal), DRAINING, ERROR),
+    ),
+    Namespace(
+        "/board",
+        ConnectAuth,
+        incoming=(Event("board:snapshot", None, SnapshotAck),),
+        outgoing=(
+            Event("presence:update", Presence),
+            Event("call:update", InternalCall),
+            DRAINING,
+            ERROR,
+        ),
+    ),
+)
+
+
+def structs() -> list[type[Struct]]:
+    """Every struct of the socket.io protocol, for the OpenAPI document's components."""
+    found: list[type[Struct]] = [ErrorAck]
+    for namespace in NAMESPACES:
+        found.append(namespace.auth)
+        for event in (*namespace.incoming, *namespace.outgoing):
+            found += [t for t in (event.payload, event.ack) if t is not None]
+    return list(dict.fromkeys(found))

@@ -1,0 +1,185 @@
+"""The REST-only bodies: health, errors, visitor sessions and callback requests
+(docs/PROTOCOL.md sections 2, 4 and 5). Presence and Call are in their own modules."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from gateway.wire.base import Id, Json, Time, VisitorId, VisitorSecret, iso, to_wire
+from gateway.wire.calls import Call, CallStart
+
+# phone_policy.RAW_SHAPE once surrounding white space is stripped: a blank or empty phone is
+# refused (invalid_phone), as is a bare "+". The codec checks only the length and that it is
+# not blank; the number rules (gateway.core.phone_policy) check the rest, after whether the
+# node can place callbacks at all (docs/PROTOCOL.md section 2 gives the order).
+PHONE_SHAPE = r"^\s*\+[0-9 ().-]*[0-9().-]\s*$"
+MAX_PHONE = 32
+
+# --- operations ----------------------------------------------------------------------------
+
+
+class Health(Struct):
+    status: Literal["ok"]
+    node: str
+
+
+class StoreHealth(Struct):
+    reachable: bool
+    listening: bool
+    persistent: bool
+    detail: str
+
+
+class Readiness(Struct):
+    ready: bool
+    draining: Annotated[
+        bool, Meta(description="Shutting down (SIGTERM): not ready, whatever the store says.")
+    ]
+    node: str
+    store: StoreHealth
+    warnings: list[str]
+
+
+class ErrorDetail(Struct):
+    code: Annotated[
+        str,
+        Meta(
+            pattern="^[a-z][a-z0-9_]*$",
+            description="Stable; every code is listed in docs/PROTOCOL.md section 2.",
+        ),
+    ]
+    message: Annotated[str, Meta(description="Human text; may change.")]
+    retry_after_ms: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
+    """``overloaded`` only: retry no sooner."""
+
+
+class Error(Struct):
+    """Every refusal: a stable code and a human message."""
+
+    error: ErrorDetail
+
+
+# --- visitor sessions ----------------------------------------------------------------------
+
+
+class IceServer(Struct):
+    urls: list[str]
+    username: str | UnsetType = UNSET
+    credential: str | UnsetType = UNSET
+
+
+class SessionRequest(Struct):
+    """A visitor's claim to be someone the gateway met before: both parts, or neither. An
+    id or secret the gateway cannot have issued is no claim (the visitor is new), not an
+    error."""
+
+    visitor_id: (
+        Annotated[
+            VisitorId,
+            Meta(
+                description="The id of an earlier session: kept only together with its "
+                "visitor_secret; without it, or with a wrong one, a new id is made."
+            ),
+        ]
+        | None
+    ) = None
+    visitor_secret: (
+        Annotated[VisitorSecret, Meta(description="The visitor_secret that came with visitor_id.")]
+        | None
+    ) = None
+
+
+class Session(Struct):
+    token: Annotated[str, Meta(description="Visitor JWT for /visitor.")]
+    visitor_id: VisitorId
+    visitor_secret: Annotated[
+        VisitorSecret,
+        Meta(
+            description="Proves visitor_id in later session requests: whoever holds it is "
+            "this visitor, so the client keeps it to itself."
+        ),
+    ]
+    expires_at: Time
+    ice_servers: list[IceServer]
+
+
+def session_to_wire(
+    token: str,
+    visitor_id: str,
+    visitor_secret: str,
+    expires_at: float,
+    ice_servers: list[Json],
+) -> Json:
+    expires = iso(expires_at)
+    assert expires is not None
+    servers = [IceServer(**server) for server in ice_servers]
+    return to_wire(Session(token, visitor_id, visitor_secret, expires, servers))
+
+
+# --- callbacks -----------------------------------------------------------------------------
+
+Phone = Annotated[
+    str,
+    Meta(
+        max_length=MAX_PHONE,
+        # Only stated here: the codec refuses a blank phone, the number rules the rest.
+        extra_json_schema={"pattern": PHONE_SHAPE},
+        description="International form: + then digits; spaces and ().- are allowed and "
+        "dropped. It must also be a valid number (not expressible here): else 400 "
+        "invalid_phone.",
+    ),
+]
+
+
+class CallbackRequest(CallStart, kw_only=True):
+    """``POST /v1/sites/{site}/callbacks``: a number to call, when, and the routing hints of
+    ``call:start``."""
+
+    phone: Phone
+    at: (
+        Annotated[
+            str,
+            Meta(
+                max_length=64,
+                extra_json_schema={"format": "date-time"},
+                description="When to call; absent or null: as soon as possible.",
+            ),
+        ]
+        | None
+    ) = None
+    after_call: (
+        Annotated[
+            Id,
+            Meta(
+                description="Keep my place: the visitor's own browser call that failed at most "
+                "30 minutes ago."
+            ),
+        ]
+        | None
+    ) = None
+
+
+class CallbackCreated(Struct):
+    call_id: Id
+    status_token: Annotated[
+        str, Meta(description="Shown only here: reads and cancels this callback.")
+    ]
+    call: Call
+
+
+class CallbackSlots(Struct):
+    slots: list[Time]
+    """Ascending."""
+
+
+def callback_created_to_wire(call_id: str, status_token: str, call: Json) -> Json:
+    """The 201 of ``POST .../callbacks``; ``call`` is the ticket's view, already on the wire
+    (and checked against its struct once more on the way: a callback is created rarely)."""
+    return to_wire(CallbackCreated(call_id, status_token, msgspec.convert(call, Call)))
+
+
+def slots_to_wire(slots: list[float]) -> Json:
+    return to_wire(CallbackSlots([t for t in (iso(s) for s in slots) if t is not None]))
