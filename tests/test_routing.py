@@ -18,20 +18,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.core.availability import Availability, availability, estimate_wait_s
 from gateway.core.hours import is_open
 from gateway.core.model import Agent, Branch, Channel, OpeningSpan, Presence, PresenceStatus, Site
+from gateway.core.ranking_cache import RankingCache
 from gateway.core.routing import (
-    Availability,
     BranchKey,
     Candidate,
     NoRouteReason,
-    RankingCache,
     RouteDecision,
     RouteRequest,
     RoutingSnapshot,
-    availability,
     branch_rank,
-    estimate_wait_s,
     haversine_km,
     idle_rank,
     language_rank,

@@ -20,16 +20,12 @@ from functools import partial
 from typing import Protocol
 
 from gateway.core import call as calls
+from gateway.core.availability import availability
 from gateway.core.call import Call, CallChannel, CallError, CallRequest, CallState
 from gateway.core.model import PresenceRecord, Site
+from gateway.core.ranking_cache import RankingCache
 from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
-from gateway.core.routing import (
-    RankingCache,
-    RouteRequest,
-    RoutingSnapshot,
-    availability,
-    route,
-)
+from gateway.core.routing import RouteRequest, RoutingSnapshot, route
 from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceService, socket_device_id
 from gateway.services.store_retry import UntilStored

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from gateway.core import call as calls
 from gateway.core import callback as cb
+from gateway.core.availability import DEFAULT_MEAN_HANDLE_S, estimate_wait_s
 from gateway.core.call import Call, CallChannel, CallError, CallState
 from gateway.core.hours import is_open, next_open_at, slot_starts
 from gateway.core.model import Branch, Channel, Site
@@ -45,14 +46,8 @@ from gateway.core.phone_policy import (
     in_quiet_hours,
     next_allowed_at,
 )
-from gateway.core.routing import (
-    DEFAULT_MEAN_HANDLE_S,
-    Candidate,
-    RankingCache,
-    RouteRequest,
-    RoutingSnapshot,
-    estimate_wait_s,
-)
+from gateway.core.ranking_cache import RankingCache
+from gateway.core.routing import Candidate, RouteRequest, RoutingSnapshot
 from gateway.ops.metrics import Metrics
 from gateway.services.call_service import (
     CALL_HOLD_S,

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.core.availability import availability
 from gateway.core.ringing import RingingAgents
-from gateway.core.routing import RoutingSnapshot, availability
+from gateway.core.routing import RoutingSnapshot
 from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceChange, PresenceService
 from gateway.wire.codec import Json
