@@ -222,12 +222,8 @@ class CallService:
 
     async def ring_payload(self, call: Call) -> Json:
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
-        return self._ring_payload(call, calls.ring_reasons(call), last_agent)
-
-    def _ring_payload(
-        self, ringing: Call, reasons: tuple[str, ...], last_agent: str | None
-    ) -> Json:
-        return self._records.ring_payload(ringing, reasons, self._returning(ringing, last_agent))
+        reasons = calls.ring_reasons(call)
+        return self._records.ring_payload(call, reasons, self._returning(call, last_agent))
 
     def _returning(self, call: Call, last_agent: str | None) -> Json:
         """``last_agent``: who served the visitor last."""

@@ -386,13 +386,9 @@ class CallbackService:
             if not await self._store.reserve_agent(call.site, agent.agent_id, call.call_id, ttl):
                 continue
             if agent_first:
+                visitor, extra = self._ring_details(call, agent.agent_id)
                 ringing = await self._records.ring(
-                    call,
-                    agent.agent_id,
-                    candidate.reasons,
-                    now,
-                    {"returning": False, "phone": call.phone},
-                    {"your_phone": agent.mobile},
+                    call, agent.agent_id, candidate.reasons, now, visitor, extra
                 )
                 if ringing is None:
                     return None  # canceled meanwhile
@@ -472,15 +468,16 @@ class CallbackService:
             await self._notify.call_update(after)
         await self.dialer.after_end(before, after)
 
+    def _ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json]:
+        """What a callback's ring adds: the visitor's number, and the agent's own phone,
+        which will ring once the visitor answers."""
+        agent = self._records.sites[call.site].agents[agent_id]
+        return {"returning": False, "phone": call.phone}, {"your_phone": agent.mobile}
+
     async def ring_payload(self, call: Call) -> Json:
         assert call.agent_id is not None
-        agent = self._records.sites[call.site].agents[call.agent_id]
-        return self._records.ring_payload(
-            call,
-            calls.ring_reasons(call),
-            {"returning": False, "phone": call.phone},
-            {"your_phone": agent.mobile},
-        )
+        visitor, extra = self._ring_details(call, call.agent_id)
+        return self._records.ring_payload(call, calls.ring_reasons(call), visitor, extra)
 
     async def replay(self, call: Call) -> tuple[Json | None, dict[str, str]]:
         return None, {}  # the ring of a callback is not repeated
