@@ -31,13 +31,10 @@ from gateway.ops.gc_pacer import PROCESS_PACER, SharedPacer
 from gateway.ops.load import LoadMonitor
 from gateway.ops.metrics import Metrics
 from gateway.ops.tasks import TaskGroup
-from gateway.services.call_service import (
-    AGENT_GONE_TIMER,
-    RING_TIMER,
-    VISITOR_GONE_TIMER,
-    CallService,
-)
-from gateway.services.callback_service import DIAL_TIMER, DUE_TIMER, WATCH_TIMER, CallbackService
+from gateway.services.call_desk import CallDesk
+from gateway.services.call_records import CallRecords
+from gateway.services.call_service import CallService
+from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
@@ -147,46 +144,31 @@ def create_app(
         json=fastjson,
     )
     calls_notifier = SocketCallNotifier(sio, settings.sites)
-    calls = CallService(dict(settings.sites), store, presence, calls_notifier, node_tasks)
-    presence.add_lapse_listener(calls.agent_devices_lapsed)
+    # One flow per channel over the shared call records; the paths every channel shares
+    # (accept, decline, ring timeouts, ends) reach a call's flow through this registry.
+    records = CallRecords(dict(settings.sites), store, presence, calls_notifier, node_tasks)
+    calls = CallService(records)
+    callbacks = CallbackService(records, metrics)
+    records.register(calls)
+    records.register(callbacks)
+    desk = CallDesk(records)
+    presence.add_lapse_listener(desk.agent_devices_lapsed)
     if manager is not None:
-        manager.on_rejoin = calls.replay_since
-    callbacks = CallbackService(
-        dict(settings.sites), store, presence, calls, calls_notifier, metrics
-    )
-    calls.callbacks = callbacks
-    feed = AvailabilityFeed(presence, calls.ringing)
+        manager.on_rejoin = desk.replay_since
+    feed = AvailabilityFeed(presence, records.ringing)
 
     async def ring_event(event: Json) -> None:
-        calls.ringing.apply(event)
+        records.ringing.apply(event)
 
     events.on(RING_EVENT, ring_event)
     events.on(RING_OVER_EVENT, ring_event)
     timers = TimerLoop(store)
-
-    async def ring_timeout(rest: str) -> None:
-        call_id, _, attempt = rest.rpartition(":")
-        await calls.on_ring_timeout(call_id, int(attempt))
-
-    async def visitor_gone(rest: str) -> None:
-        call_id, _, sid = rest.partition(":")
-        await calls.on_visitor_gone(call_id, sid)
-
-    timers.on(RING_TIMER, ring_timeout)
-    timers.on(VISITOR_GONE_TIMER, visitor_gone)
-
-    async def agent_gone(rest: str) -> None:
-        call_id, _, sid = rest.partition(":")
-        await calls.on_agent_gone(call_id, sid)
-
-    timers.on(AGENT_GONE_TIMER, agent_gone)
-    timers.on(DUE_TIMER, callbacks.on_due)
-    timers.on(DIAL_TIMER, callbacks.on_dial)
-    timers.on(WATCH_TIMER, callbacks.on_watch)
+    for kind, handler in records.timer_handlers().items():
+        timers.on(kind.value, handler)
     installer = telephony or load_telephony(settings)
-    phones = installer(app, settings, callbacks) if installer is not None else None
-    callbacks.telephony = phones
-    sio.register_namespace(AgentNamespace(tokens, metrics, presence, calls, settings))
+    phones = installer(app, settings, callbacks.dialer) if installer is not None else None
+    callbacks.dialer.telephony = phones
+    sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     load = LoadMonitor(gauge=metrics.loop_lag_smoothed, histogram=metrics.loop_lag)
     if manager is not None:

@@ -47,15 +47,11 @@ from test_callbacks import (
 )
 from twilio_sim import TwilioSim
 
+from gateway.core.callback_admission import DIAL_RESERVE, LEGS_PER_CALL, MICRO_USD_PER_MINUTE
 from gateway.core.hours import is_open, next_open_at
 from gateway.core.model import Role
 from gateway.edge.http import appkeys as keys
-from gateway.services.callback_service import (
-    DIAL_RESERVE,
-    LEGS_PER_CALL,
-    MICRO_USD_PER_MINUTE,
-    SPEND_TTL_S,
-)
+from gateway.services.callback_dialing import SPEND_TTL_S
 
 # The fixtures of tests/test_callbacks.py: the simulator, the store parameter, a phone node.
 sim = test_callbacks.sim

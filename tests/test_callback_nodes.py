@@ -44,7 +44,7 @@ from yarl import URL
 from gateway.core.model import Agent, CallbackPolicy
 from gateway.core.phone_policy import check_number, in_quiet_hours
 from gateway.edge.http import appkeys as keys
-from gateway.services import callback_service
+from gateway.services import callback_dialing
 from gateway.settings import Settings, demo_config_text
 
 # The timer lease (gateway.services.timers.TimerLoop): a dead node's timer runs again after it.
@@ -702,7 +702,7 @@ async def test_a_leg_whose_webhooks_were_lost_in_a_full_outage_does_not_stay_stu
     but nothing will ever report on that leg, so the callback must not wait for it forever
     (the watch timer, ``LEG_SILENCE_S``, shortened here, is what ends such an attempt)."""
     silence = 3.0
-    monkeypatch.setattr(callback_service, "LEG_SILENCE_S", silence)
+    monkeypatch.setattr(callback_dialing, "LEG_SILENCE_S", silence)
     visitor = daytime_phones(1)[0]  # the doomed node keeps the default quiet hours
     sim.phone(visitor, answer_after=1, hangup_after=HANG_UP_AFTER)
     sim.phone(ANNA_PHONE, answer_after=1)

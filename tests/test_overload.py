@@ -259,7 +259,7 @@ async def test_an_accept_after_the_ring_ran_out_is_refused_and_ends_the_ring(
     assert ring["attempt"] == 1
     assert ring["ring_expires_at"] == pytest.approx((time.time() + 3.0) * 1000, abs=1000)
     calls = node.app[appkeys.CALLS]
-    calls._clock = lambda: ring["ring_expires_at"] / 1000 + 0.001  # the ring just ran out
+    calls.records.clock = lambda: ring["ring_expires_at"] / 1000 + 0.001  # the ring just ran out
     late = await anna.call("call:accept", {"call_id": ring["call_id"]}, "/agent")
     assert late["error"]["code"] == "ring_expired"
     stop = await anna.next("call:ring_stop", timeout=1.0)

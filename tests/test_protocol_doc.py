@@ -83,6 +83,7 @@ CODE_TAKERS = frozenset(
     {
         "ApiError",
         "CallError",
+        "Refusal",
         "PhoneRefused",
         "TelephonyError",
         "error_response",

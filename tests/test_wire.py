@@ -88,7 +88,10 @@ def test_what_is_sent_is_what_the_structs_declare(channel: CallChannel) -> None:
     sent: list[tuple[Any, dict[str, Any]]] = [
         (calls.Call, calls.call_to_wire(call(channel), SITE)),
         (calls.InternalCall, calls.call_to_wire(call(channel), SITE, internal=True)),
-        (calls.CallRing, calls.ring_to_wire(call(channel), SITE, ("speaks de",), "anna")),
+        (
+            calls.CallRing,
+            calls.ring_to_wire(call(channel), ("speaks de",), returning=True, last_agent="Anna"),
+        ),
         (calls.RingStop, calls.ring_stop_to_wire(call(channel), "answered")),
         (events.CallAck, events.call_ack(call(channel), SITE)),
         (events.AgentCallAck, events.call_ack(call(channel), SITE, internal=True)),

@@ -1,97 +1,71 @@
-"""PSTN callbacks across nodes: accept a request, wait for its time and a free agent, ring the
-agent (agent first), dial the visitor once, retry by the site's policy, and keep the ticket.
+"""PSTN callbacks: accept a request, wait for its time and a free agent, ring the agent (agent
+first), have the visitor dialed once (gateway.services.callback_dialing), retry by the site's
+policy, and keep the visitor's ticket.
 
-Everything a callback waits for is a durable, leased timer in the store, so any node may run
-any step and a node that dies mid-step leaves it to another:
+A flow over ``CallRecords`` (gateway.services.call_records). Everything a callback waits for
+is a durable, leased timer in the store, so any node may run any step and a node that dies
+mid-step leaves it to another:
 
 - ``cbdue:{call_id}:{dials}:{rings}`` -- the callback should find an agent now (its time
   came, a retry is due, an agent declined). While nobody is free it polls by rescheduling
   itself. Only the first callbacks in the site's queue may take the free agents.
-- ``cbdial:{call_id}:{attempt}`` -- dial attempt ``attempt``. The store's ``claim_once``
-  makes the dial happen at most once per attempt; a node that finds the claim taken (the
-  claimer died) asks the provider whether the leg exists before dialing.
-- ``cbwatch:{call_id}:{attempt}`` -- a leg that never reported an outcome is hung up and
-  counted as a failed attempt, so no callback and no agent is left stuck.
+- ``cbdial`` and ``cbwatch``: the dial attempts (gateway.services.callback_dialing).
 
-The transitions are pure (gateway.core.callback); the number rules are pure
+Who may book a callback, and for when, is a pure function (gateway.core.callback_admission);
+the transitions are pure (gateway.core.callback); the number rules are pure
 (gateway.core.phone_policy); the provider sits behind gateway.telephony.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import logging
 import math
 import secrets
 import statistics
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING
 
 from gateway.core import call as calls
 from gateway.core import callback as cb
 from gateway.core.availability import DEFAULT_MEAN_HANDLE_S, estimate_wait_s
 from gateway.core.call import Call, CallChannel, CallError, CallState
-from gateway.core.hours import is_open, next_open_at, slot_starts
-from gateway.core.model import Branch, Channel, Site
-from gateway.core.phone_policy import (
-    CheckedNumber,
-    PhoneRefused,
-    check_number,
-    in_quiet_hours,
-    next_allowed_at,
+from gateway.core.callback_admission import (
+    MAX_AHEAD_S,
+    CallbackAsk,
+    Refusal,
+    Subject,
+    admit,
+    callable_at,
+    hours_scope,
+    next_opening,
+    open_at,
 )
+from gateway.core.hours import slot_starts
+from gateway.core.model import Channel
+from gateway.core.phone_policy import PhoneRefused, check_number
 from gateway.core.ranking_cache import RankingCache
 from gateway.core.routing import Candidate, RouteRequest, RoutingSnapshot
 from gateway.ops.metrics import Metrics
-from gateway.services.call_service import (
+from gateway.services.call_records import (
     CALL_HOLD_S,
     RESERVATION_GRACE_S,
-    CallNotifier,
-    ring_payload,
-    ring_timer_id,
+    CallRecords,
+    TimerHandler,
+    TimerId,
+    TimerKind,
 )
-from gateway.services.presence_service import PresenceService
-from gateway.store.base import CallRow, Quota, Store
-from gateway.telephony import (
-    AnsweredBy,
-    Bridge,
-    DialRequest,
-    HangUp,
-    Instruction,
-    LegEvent,
-    LegStatus,
-    Telephony,
-    TelephonyError,
-)
-from gateway.wire.codec import CallbackIn, Json, call_from_record, call_to_record, call_to_wire
+from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_timer
+from gateway.store.base import OpenCallbackKind
+from gateway.wire.codec import CallbackIn, Json, call_to_wire
 from gateway.wire.errors import ApiError, not_found
 
-if TYPE_CHECKING:
-    from gateway.services.call_service import CallService
-
-log = logging.getLogger(__name__)
-
-DUE_TIMER = "cbdue"
-DIAL_TIMER = "cbdial"
-WATCH_TIMER = "cbwatch"
 # A callback waiting for a free agent looks again this often.
 POLL_S = 1.0
 # How many callbacks ahead in line a waiting one looks at, beyond its free agents.
 AHEAD_SCAN = 32
-# A dial waiting for a free outbound line (the site's concurrency cap) looks again this often.
-LINE_POLL_S = 2.0
-# How long the visitor's phone rings before it counts as no answer.
-DIAL_TIMEOUT_S = 30
-# A leg that has said nothing this long after its dial (ring time included) is given up.
-LEG_SILENCE_S = DIAL_TIMEOUT_S + 90.0
-# The longest a phone call holds an outbound line and its agent.
-LINE_HOLD_S = 4 * 3600.0
 # Slots offered by the form: every 15 minutes for the next 3 days, from 15 minutes ahead.
 SLOT_STEP_S = 900.0
 SLOT_HORIZON_S = 3 * 86400.0
@@ -99,31 +73,24 @@ SLOT_LEAD_S = 900.0
 MAX_SLOTS = 96
 # A time closer than this is taken as "now".
 MIN_LEAD_S = 60.0
-# A scheduled callback may be at most this far ahead.
-MAX_AHEAD_S = 14 * 86400.0
 # The visitor's open callback (one per visitor, one per number) is remembered this long.
 OPEN_HOLD_S = MAX_AHEAD_S + 86400.0
+# The open-callback slots the admission names, as the store counts them.
+OPEN_KIND: dict[Subject, OpenCallbackKind] = {Subject.VISITOR: "visitor", Subject.NUMBER: "number"}
 # A browser call nobody answered gives its place to the callback asked for within this time.
 KEEP_PLACE_S = 1800.0
-# Spend is estimated, not billed: this much per started minute of a phone leg (US$
-# millionths). A callback is two legs (the visitor's, and the bridge to the agent's phone).
-# A minute of both is reserved atomically when a dial starts, so a burst cannot overshoot.
-MICRO_USD_PER_MINUTE = 30_000
-LEGS_PER_CALL = 2
-DIAL_RESERVE = MICRO_USD_PER_MINUTE * LEGS_PER_CALL
-SPEND_TTL_S = 2 * 86400
-QUOTA_CODES = (
-    "number_rate_limited",
-    "number_rate_limited",
-    "number_rate_limited",
-    "too_many_numbers",
-    "ip_rate_limited",
-    "site_rate_limited",
-)
-
-
-def due_timer_id(call: Call) -> str:
-    return f"{DUE_TIMER}:{call.call_id}:{call.dials}:{call.attempt}"
+# The HTTP status of each refusal of a request; any other (the number's rules, the time's) 422.
+REFUSAL_STATUS = {
+    "callbacks_unavailable": 503,
+    "invalid_phone": 400,
+    "spend_cap_reached": 503,
+    "callback_in_progress": 409,
+    "number_has_callback": 409,
+    "number_rate_limited": 429,
+    "too_many_numbers": 429,
+    "ip_rate_limited": 429,
+    "site_rate_limited": 429,
+}
 
 
 def hash_token(token: str) -> str:
@@ -131,132 +98,98 @@ def hash_token(token: str) -> str:
 
 
 class CallbackService:
-    def __init__(
-        self,
-        sites: dict[str, Site],
-        store: Store,
-        presence: PresenceService,
-        calls_service: CallService,
-        notifier: CallNotifier,
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._sites = sites
-        self._store = store
-        self._presence = presence
-        self._calls = calls_service
-        self._notify = notifier
+    channel = CallChannel.CALLBACK
+
+    def __init__(self, records: CallRecords, metrics: Metrics) -> None:
+        self._records = records
+        self._store = records.store
+        self._notify = records.notify
         self._metrics = metrics
-        self._clock = clock
         self._ranking = RankingCache()
-        self.telephony: Telephony | None = None
-        """Set by the app when a provider is configured; without one, callbacks are refused."""
+        self.dialer = CallbackDialer(records, metrics)
+        """The phone legs; the telephony edge calls into it (``CallbackEvents``)."""
         self.min_lead_s = MIN_LEAD_S
+
+    def timers(self) -> Mapping[TimerKind, TimerHandler]:
+        return {TimerKind.CALLBACK_DUE: self.on_due, **self.dialer.timers()}
 
     # --- the visitor -----------------------------------------------------------------------
 
-    def _refuse(self, status: int, code: str, message: str) -> ApiError:
-        self._metrics.callback_refusals.labels(code).inc()
-        return ApiError(status, code, message)
-
-    def _number(self, raw: str, site: Site) -> CheckedNumber:
-        try:
-            return check_number(raw, site.callback_policy)
-        except PhoneRefused as e:
-            status = 400 if e.code == "invalid_phone" else 422
-            raise self._refuse(status, e.code, e.message) from None
+    def _refuse(self, refusal: Refusal) -> ApiError:
+        self._metrics.callback_refusals.labels(refusal.code).inc()
+        return ApiError(REFUSAL_STATUS.get(refusal.code, 422), refusal.code, refusal.message)
 
     async def request(
         self, site_id: str, visitor_id: str, client_ip: str, body: CallbackIn
     ) -> tuple[Call, str]:
         """Accept a callback request, persisted before it is answered; returns the call and
         the visitor's status token (shown once, stored only as a hash)."""
-        site = self._presence.site(site_id)
-        if self.telephony is None or not site.caller_ids:
-            raise self._refuse(503, "callbacks_unavailable", "callbacks are not set up here")
-        policy = site.callback_policy
+        site = self._records.presence.site(site_id)
+        if self.dialer.telephony is None or not site.caller_ids:
+            raise self._refuse(Refusal("callbacks_unavailable", "callbacks are not set up here"))
         r = body.request
         if r.branch is not None and r.branch not in site.branches:
             raise ApiError(400, "invalid_payload", f"no branch {r.branch!r}")
-        number = self._number(body.phone, site)
-        now = self._clock()
-        at = body.at
-        if at is not None:
-            if at <= now + self.min_lead_s:
-                at = None  # "at a time" that is already here is "now"
-            elif at > now + MAX_AHEAD_S:
-                raise self._refuse(422, "slot_unavailable", "that time is too far ahead")
-            elif not self._open_at(site, r.branch, at):
-                raise self._refuse(422, "slot_unavailable", "we are closed at that time")
-            elif in_quiet_hours(number, policy, at):
-                raise self._refuse(422, "quiet_hours", "that is night time at your number")
-        detail = "We'll call you at the time you chose" if at is not None else None
-        if at is None and not self._open_at(site, r.branch, now):
-            opening = self._next_opening(site, r.branch, now)
-            if opening is not None:
-                at = self._callable_at(number, site, opening)
-                detail = "We're closed now; we'll call you when we open"
-        if at is None and in_quiet_hours(number, policy, now):
-            # Nobody's phone rings at night because a web form said so: pick a time instead.
-            raise self._refuse(422, "quiet_hours", "it is night time at your number; pick a time")
-        spent = await self._store.add_spend(site_id, now, 0, SPEND_TTL_S)
-        if spent + DIAL_RESERVE > policy.daily_spend_cap_usd * 1_000_000:
-            raise self._refuse(503, "spend_cap_reached", "no more callbacks today; sorry")
+        now = self._records.clock()
+        ask = CallbackAsk(body.phone, body.at, r.branch)
+        policy, hours = site.callback_policy, hours_scope(site, r.branch)
+        # Every rule on the request alone first: a bad number is a 400 even while the store
+        # (which knows the day's spend) is out.
+        admission = admit(ask, policy, hours, 0, now, self.min_lead_s)
+        if not isinstance(admission, Refusal):
+            spent = await self._store.add_spend(site_id, now, 0, SPEND_TTL_S)
+            admission = admit(ask, policy, hours, spent, now, self.min_lead_s)
+        if isinstance(admission, Refusal):
+            raise self._refuse(admission)
         call_id = f"c_{uuid.uuid4().hex}"
-        open_slot = self._store.acquire_open_callback_slot
-        if not await open_slot(site_id, "visitor", visitor_id, call_id, OPEN_HOLD_S, now):
-            raise self._refuse(409, "callback_in_progress", "you already have a callback booked")
-        if not await open_slot(site_id, "number", number.e164, call_id, OPEN_HOLD_S, now):
-            await self._store.release_open_callback_slot(site_id, "visitor", visitor_id, call_id)
-            raise self._refuse(409, "number_has_callback", "that number already has a callback")
-        quotas = (
-            Quota(f"cb:n15:{site_id}:{number.e164}", 900, policy.per_number_15min),
-            Quota(f"cb:nh:{site_id}:{number.e164}", 3600, policy.per_number_hour),
-            Quota(f"cb:nd:{site_id}:{number.e164}", 86400, policy.per_number_day),
-            Quota(
-                f"cb:vn:{site_id}:{visitor_id}",
-                3600,
-                policy.numbers_per_visitor_hour,
-                member=number.e164,
-            ),
-            Quota(f"cb:ip:{site_id}:{client_ip}", 3600, policy.per_ip_hour),
-            Quota(f"cb:site:{site_id}", 3600, policy.per_site_hour),
+        e164 = admission.number.e164
+        subjects = {
+            Subject.VISITOR: visitor_id,
+            Subject.NUMBER: e164,
+            Subject.IP: client_ip,
+            Subject.SITE: site_id,
+        }
+        held: list[tuple[OpenCallbackKind, str]] = []
+        for slot in admission.slots:
+            kind = OPEN_KIND[slot.per]
+            if not await self._store.acquire_open_callback_slot(
+                site_id, kind, subjects[slot.per], call_id, OPEN_HOLD_S, now
+            ):
+                for taken_kind, subject in held:
+                    await self._store.release_open_callback_slot(
+                        site_id, taken_kind, subject, call_id
+                    )
+                raise self._refuse(slot.refusal)
+            held.append((kind, subjects[slot.per]))
+        full = await self._store.take_callback_quotas(
+            admission.quotas, site_id, subjects, call_id, now
         )
-        full = await self._store.take_quotas(quotas, call_id, now)
         if full is not None:
-            await self._release_open(site_id, visitor_id, number.e164, call_id)
-            raise self._refuse(429, QUOTA_CODES[full], "too many callbacks; try again later")
+            await self.dialer.release_open(site_id, visitor_id, e164, call_id)
+            raise self._refuse(admission.quotas[full].refusal)
         place_at = await self._kept_place(site_id, visitor_id, body.after_call, now)
         token = secrets.token_urlsafe(24)
         call = cb.new_callback(
             call_id,
             site_id,
             visitor_id,
-            number.e164,
+            e164,
             hash_token(token),
             r,
             now,
-            at,
+            admission.at,
             place_at,
-            detail,
+            admission.detail,
         )
-        call = replace(call, version=1)
         # Persisted before anything is promised; then its timer, then the answer.
-        await self._store.put_call(CallRow(call_id, site_id, 1, call_to_record(call)))
+        call = await self._records.create(call)
         if call.state is CallState.QUEUED:
             await self._store.queue_put(site_id, call_id, place_at)
-        await self._store.schedule_timer(due_timer_id(call), at if at is not None else now)
+        at = admission.at
+        await self._records.schedule(due_timer(call), at if at is not None else now)
         self._metrics.callbacks.labels("requested").inc()
         await self._notify.call_update(call)
         return call, token
-
-    def _callable_at(self, number: CheckedNumber, site: Site, at: float) -> float:
-        """The first time from ``at`` that is not night at the number (a number whose zones
-        leave no such time within a week is called at ``at``: it asked to be called)."""
-        try:
-            return next_allowed_at(number, site.callback_policy, at)
-        except PhoneRefused:
-            return at
 
     async def _kept_place(
         self, site_id: str, visitor_id: str, after_call: str | None, now: float
@@ -265,12 +198,10 @@ class CallbackService:
         start time as the queue place."""
         if after_call is None:
             return now
-        row = await self._store.get_call(after_call)
-        if row is None:
-            return now
-        before = call_from_record(row.data, row.version)
+        before = await self._records.find(after_call)
         if (
-            before.site == site_id
+            before is not None
+            and before.site == site_id
             and before.visitor_id == visitor_id
             and before.state is CallState.FAILED
             and now - before.created_at <= KEEP_PLACE_S
@@ -278,27 +209,10 @@ class CallbackService:
             return before.created_at
         return now
 
-    async def _release_open(self, site_id: str, visitor_id: str, e164: str, call_id: str) -> None:
-        await self._store.release_open_callback_slot(site_id, "visitor", visitor_id, call_id)
-        await self._store.release_open_callback_slot(site_id, "number", e164, call_id)
-
-    @staticmethod
-    def _scope(site: Site, branch: str | None) -> list[Branch]:
-        return [site.branches[branch]] if branch else list(site.branches.values())
-
-    def _open_at(self, site: Site, branch: str | None, at: float) -> bool:
-        scope = self._scope(site, branch)
-        return not scope or any(is_open(b, at) for b in scope)
-
-    def _next_opening(self, site: Site, branch: str | None, now: float) -> float | None:
-        scope = self._scope(site, branch)
-        times = [t for b in scope if (t := next_open_at(b, now)) is not None]
-        return min(times) if times else None
-
     def slots(self, site_id: str, branch: str | None, now: float) -> list[float]:
         """Bookable times: within some branch's opening hours (the requested one's)."""
-        site = self._presence.site(site_id)
-        scope = self._scope(site, branch)
+        site = self._records.presence.site(site_id)
+        scope = hours_scope(site, branch)
         start = now + SLOT_LEAD_S
         starts = sorted(
             {s for b in scope for s in slot_starts(b, start, SLOT_HORIZON_S, SLOT_STEP_S)}
@@ -309,7 +223,7 @@ class CallbackService:
         """The visitor's callback, for the holder of its status token only; an unknown call
         and a wrong token look the same, so call ids cannot be probed."""
         try:
-            call = await self._calls.get(call_id)
+            call = await self._records.get(call_id)
         except ApiError:
             raise not_found(f"no callback {call_id!r}") from None
         if (
@@ -322,10 +236,10 @@ class CallbackService:
 
     async def view(self, call: Call, internal: bool = False) -> Json:
         """The Call shape with the live queue position and an honest ETA."""
-        site = self._sites[call.site]
+        site = self._records.sites[call.site]
         position: int | None = None
         eta: int | None = None
-        now = self._clock()
+        now = self._records.clock()
         if call.state is CallState.QUEUED:
             rank = await self._store.queue_rank(call.site, call.call_id)
             if rank is not None:
@@ -347,14 +261,14 @@ class CallbackService:
         if call.final:
             return call
         try:
-            return await self._calls.end_call(call_id, "visitor_canceled", "You canceled")
+            return await self._records.end(call_id, "visitor_canceled", "You canceled")
         except ApiError:
-            return await self._calls.get(call_id)
+            return await self._records.get(call_id)
 
     # --- routing ---------------------------------------------------------------------------
 
     def _route_request(self, call: Call) -> RouteRequest:
-        site = self._sites[call.site]
+        site = self._records.sites[call.site]
         # Until the audio bridge exists, the agent accepts in the app and talks on their own
         # phone: only agents with a mobile number can take a callback.
         no_phone = frozenset(a.agent_id for a in site.agents.values() if not a.mobile)
@@ -372,12 +286,12 @@ class CallbackService:
         )
 
     def _snapshot(self, call: Call, last_agent: str | None) -> RoutingSnapshot:
-        site = self._sites[call.site]
-        presence = self._presence.snapshot(call.site)
+        site = self._records.sites[call.site]
+        presence = self._records.presence.snapshot(call.site)
         return RoutingSnapshot(
             site=site,
             presence=presence,
-            reserved=self._calls.ringing.current(call.site, presence, self._clock()),
+            reserved=self._records.ringing.current(call.site, presence, self._records.clock()),
             last_agent=last_agent,
         )
 
@@ -385,7 +299,7 @@ class CallbackService:
         """Agents free for this callback now, and agents on a call who will be free."""
         request = self._route_request(call)
         snapshot = self._snapshot(call, None)
-        free = sum(1 for _ in self._ranking.candidates(snapshot, request, self._clock()))
+        free = sum(1 for _ in self._ranking.candidates(snapshot, request, self._records.clock()))
         working = sum(
             1
             for a, p in snapshot.presence.items()
@@ -393,19 +307,15 @@ class CallbackService:
         )
         return free, working
 
-    async def on_due(self, rest: str) -> float | None:
+    async def on_due(self, timer: TimerId) -> float | None:
         """Timer ``cbdue``: find an agent for the callback, or look again soon."""
-        call_id = rest.split(":", 1)[0]
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
-            return None
-        if call.channel is not CallChannel.CALLBACK or call.final:
+        call = await self._records.find(timer.call_id)
+        if call is None or call.channel is not CallChannel.CALLBACK or call.final:
             return None
         if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
             return None  # ringing or dialing already: another timer moved it on
-        now = self._clock()
-        site = self._sites[call.site]
+        now = self._records.clock()
+        site = self._records.sites[call.site]
         policy = site.callback_policy
         if (
             call.state is CallState.SCHEDULED
@@ -416,13 +326,13 @@ class CallbackService:
         try:
             number = check_number(call.phone or "", policy)
         except PhoneRefused as e:
-            await self._refused(call, "number_refused", e.message)
+            await self.dialer.refused(call, "number_refused", e.message)
             return None
-        until = self._callable_at(number, site, now)
+        until = callable_at(number, policy, now)
         if until > now:
             # Also a callback that waited in line into the night: it waits for the morning.
             await self._store.queue_remove(call.site, call.call_id)
-            await self._move(
+            await self._records.move(
                 call,
                 partial(
                     cb.postpone,
@@ -434,13 +344,14 @@ class CallbackService:
             )
             return until
         if call.state is CallState.SCHEDULED:
-            call = await self._move(call, partial(cb.due, now=now))
+            call = await self._records.move(call, partial(cb.due, now=now))
             await self._store.queue_put(call.site, call.call_id, call.place_at or now)
-        if not self._open_at(site, call.request.branch, now):
-            opening = self._next_opening(site, call.request.branch, now)
+        scope = hours_scope(site, call.request.branch)
+        if not open_at(scope, now):
+            opening = next_opening(scope, now)
             until = opening if opening is not None else now + 3600
             await self._store.queue_remove(call.site, call.call_id)
-            await self._move(
+            await self._records.move(
                 call,
                 partial(
                     cb.postpone,
@@ -453,14 +364,8 @@ class CallbackService:
             return until
         return await self._try_route(call, now)
 
-    async def _move(self, call: Call, transition: Callable[[Call], Call]) -> Call:
-        _, after = await self._calls.update(call.call_id, transition)
-        if after.version != call.version:
-            await self._notify.call_update(after)
-        return after
-
     async def _try_route(self, call: Call, now: float) -> float | None:
-        site = self._sites[call.site]
+        site = self._records.sites[call.site]
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
         snapshot = self._snapshot(call, last_agent)
         request = self._route_request(call)
@@ -475,14 +380,19 @@ class CallbackService:
             ttl = site.ring_timeout_s + RESERVATION_GRACE_S if agent_first else CALL_HOLD_S
             if not await self._store.reserve_agent(call.site, agent.agent_id, call.call_id, ttl):
                 continue
-            try:
-                if agent_first:
-                    await self._ring(call, agent.agent_id, candidate.reasons, now)
-                else:
+            if agent_first:
+                visitor, extra = self._ring_details(call, agent.agent_id)
+                ringing = await self._records.ring(
+                    call, agent.agent_id, candidate.reasons, now, visitor, extra
+                )
+                if ringing is None:
+                    return None  # canceled meanwhile
+            else:
+                try:
                     await self._dial_customer_first(call, agent.agent_id, candidate.reasons, now)
-            except (CallError, ApiError):
-                await self._store.release_agent(call.site, agent.agent_id, call.call_id)
-                return None  # canceled meanwhile
+                except (CallError, ApiError):
+                    await self._records.release_agent(call.site, agent.agent_id, call.call_id)
+                    return None  # canceled meanwhile
             await self._store.queue_remove(call.site, call.call_id)
             return None
         return now + POLL_S
@@ -500,41 +410,14 @@ class CallbackService:
         mine = {c.agent_id for c in candidates}
         blocking = 0
         for other_id in ahead or ():
-            row = await self._store.get_call(other_id)
-            if row is None:
+            other = await self._records.find(other_id)
+            if other is None:
                 continue
-            other = call_from_record(row.data, row.version)
             if other.state is CallState.QUEUED and mine - set(other.tried):
                 blocking += 1
                 if blocking >= len(candidates):
                     return True
         return False
-
-    async def _ring(self, call: Call, agent_id: str, reasons: tuple[str, ...], now: float) -> None:
-        site = self._sites[call.site]
-        agent = site.agents[agent_id]
-        branch = site.branches.get(agent.branch) if agent.branch else None
-        who = f"{agent.name} in {branch.name}" if branch else agent.name
-        _, ringing = await self._calls.update(
-            call.call_id,
-            partial(
-                calls.ring,
-                agent_id=agent_id,
-                who=who,
-                reasons=reasons,
-                now=now,
-                ring_timeout_s=site.ring_timeout_s,
-            ),
-        )
-        assert ringing.ring_expires_at is not None
-        until = now + site.ring_timeout_s + RESERVATION_GRACE_S  # the reservation's own expiry
-        note = self._calls.note_ring(call.site, agent_id, call.call_id, until)
-        await asyncio.gather(
-            self._store.schedule_timer(ring_timer_id(ringing), ringing.ring_expires_at),
-            self._calls.announce_ring(call.site, agent_id, note),
-        )
-        await self._notify.ring(ringing, ring_payload(ringing, site, reasons))
-        await self._notify.call_update(ringing)
 
     async def _dial_customer_first(
         self, call: Call, agent_id: str, reasons: tuple[str, ...], now: float
@@ -554,303 +437,51 @@ class CallbackService:
             )
             return calls.start_dial(routed, now)
 
-        _, dialing = await self._calls.update(call.call_id, assign)
-        await self._presence.set_active_call(call.site, agent_id, call.call_id)
-        await self.after_accept(dialing)
+        _, dialing = await self._records.update(call.call_id, assign)
+        await self._records.presence.set_active_call(call.site, agent_id, call.call_id)
+        await self.accepted(dialing)
 
-    async def after_accept(self, call: Call) -> None:
+    # --- the agent (CallFlow: asked by the shared paths) -----------------------------------
+
+    async def accepted(self, call: Call) -> None:
         """The agent is ready (or, customer first, chosen): dial the visitor now."""
-        await self._store.schedule_timer(f"{DIAL_TIMER}:{call.call_id}:{call.dials}", self._clock())
+        dial = TimerId(TimerKind.CALLBACK_DIAL, call.call_id, str(call.dials))
+        await self._records.schedule(dial, self._records.clock())
         await self._notify.call_update(call)
 
-    async def requeue(self, call: Call) -> Call:
-        """The agent declined or did not answer: back in line at the same place."""
+    async def ring_missed(self, call: Call) -> Call:
+        """The agent declined or did not answer: back in line at the same place, waiting for
+        someone rather than failing."""
         await self._store.queue_put(call.site, call.call_id, call.place_at or call.created_at)
-        await self._store.schedule_timer(due_timer_id(call), self._clock())
+        await self._records.schedule(due_timer(call), self._records.clock())
         return call
 
-    # --- dialing ---------------------------------------------------------------------------
-
-    async def _dialing(self, rest: str) -> Call | None:
-        """The callback of a ``{call_id}:{attempt}`` timer, if it is still dialing that
-        attempt (else the timer is stale: the attempt ended or the callback moved on)."""
-        call_id, _, attempt = rest.rpartition(":")
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
-            return None
-        if call.final or call.state is not CallState.DIALING or str(call.dials) != attempt:
-            return None
-        return call
-
-    async def on_dial(self, rest: str) -> float | None:
-        """Timer ``cbdial``: place dial attempt ``attempt`` exactly once."""
-        call = await self._dialing(rest)
-        if call is None or call.provider_id is not None:
-            return None
-        call_id, attempt = call.call_id, call.dials
-        now = self._clock()
-        site = self._sites[call.site]
-        policy = site.callback_policy
-        if self.telephony is None or not site.caller_ids:
-            await self._fail_attempt(call, "dial_error", retryable=False)
-            return None
-        if not await self._store.acquire_outbound_line(
-            call.site, call.call_id, policy.max_concurrent_calls, LINE_HOLD_S, now
-        ):
-            # Not a refusal: the dial waits for a line. Counted once per look.
-            self._metrics.dials.labels("waiting_for_line").inc()
-            return now + LINE_POLL_S
-        assert call.phone is not None
-        request = DialRequest(
-            call_id=call.call_id,
-            attempt=attempt,
-            to=call.phone,
-            caller_id=site.caller_ids[0],
-            timeout_s=DIAL_TIMEOUT_S,
-            machine_detection=True,
-        )
-        # The per-number limits bound dials too, across sites: retries of many requests
-        # must not add up to bombing one phone. The attempt's key counts once per attempt.
-        dial_quotas = (
-            Quota(f"cb:d15:{call.phone}", 900, policy.per_number_15min),
-            Quota(f"cb:dh:{call.phone}", 3600, policy.per_number_hour),
-            Quota(f"cb:dd:{call.phone}", 86400, policy.per_number_day),
-        )
-        if await self._store.take_quotas(dial_quotas, request.idempotency_key, now) is not None:
-            self._metrics.callback_refusals.labels("number_rate_limited").inc()
-            await self._fail_attempt(call, "number_rate_limited", retryable=False)
-            return None
-        if not await self._store.claim_dial_once(request.idempotency_key, 2 * 86400):
-            # Someone claimed this attempt and did not finish (its node died). Did the leg
-            # get placed? The provider knows; dial only if it does not.
-            since = (call.dial_started_at or now) - 5
-            found = await self.telephony.find_leg(request, since)
-            if found is not None:
-                await self._watch(call_id, attempt, now)
-                await self._leg_placed(call, attempt, found)
-                return None
-        # Reserve first, then check: one atomic add, so two dials racing cannot both fit.
-        spent = await self._store.add_spend(call.site, now, DIAL_RESERVE, SPEND_TTL_S)
-        if spent > policy.daily_spend_cap_usd * 1_000_000:
-            await self._store.add_spend(call.site, now, -DIAL_RESERVE, SPEND_TTL_S)
-            self._metrics.callback_refusals.labels("spend_cap_reached").inc()
-            await self._fail_attempt(call, "spend_cap_reached", retryable=False)
-            return None
-        try:
-            provider_id = await self.telephony.dial(request)
-        except TelephonyError as e:
-            log.warning("dial %s failed: %s %s", request.idempotency_key, e.code, e.message)
-            await self._fail_attempt(call, "dial_error", retryable=e.retryable)
-            return None
-        self._metrics.dials.labels("placed").inc()
-        await self._watch(call_id, attempt, now)
-        await self._leg_placed(call, attempt, provider_id)
-        return None
-
-    async def _watch(self, call_id: str, attempt: int, now: float) -> None:
-        await self._store.schedule_timer(f"{WATCH_TIMER}:{call_id}:{attempt}", now + LEG_SILENCE_S)
-
-    async def _leg_placed(self, call: Call, attempt: int, provider_id: str) -> None:
-        try:
-            await self._calls.update(
-                call.call_id, partial(cb.leg_placed, attempt=attempt, provider_id=provider_id)
-            )
-        except (CallError, ApiError):
-            # Canceled while the dial was on its way: the phone must not keep ringing.
-            if self.telephony is not None:
-                await self.telephony.hang_up(provider_id)
-
-    async def on_watch(self, rest: str) -> float | None:
-        """Timer ``cbwatch``: the leg never said how it ended; end the attempt."""
-        call = await self._dialing(rest)
-        if call is None:
-            return None
-        if call.provider_id is not None and self.telephony is not None:
-            await self.telephony.hang_up(call.provider_id)
-        await self._fail_attempt(call, "no_status", retryable=True)
-        return None
-
-    # --- what the phone network says (CallbackEvents) --------------------------------------
-
-    async def on_leg_event(self, event: LegEvent) -> None:
-        try:
-            call = await self._calls.get(event.call_id)
-        except ApiError:
-            return
-        if call.channel is not CallChannel.CALLBACK:
-            return
-        try:
-            _, call = await self._calls.update(
-                call.call_id,
-                partial(cb.leg_heard, provider_id=event.provider_id, status=event.status.value),
-                current=call,
-            )
-        except CallError:
-            return  # a replay, or overtaken by a later status: acted on already
-        stale = call.final or call.dials != event.attempt
-        if stale or call.state not in (CallState.DIALING, CallState.CONNECTED):
-            if event.status in (LegStatus.RINGING, LegStatus.ANSWERED) and self.telephony:
-                await self.telephony.hang_up(event.provider_id)  # nobody wants this leg now
-            return
-        now = self._clock()
-        status = event.status
-        if status in (LegStatus.INITIATED, LegStatus.ANSWERED):
-            await self._leg_placed(call, event.attempt, event.provider_id)
-        elif status is LegStatus.RINGING:
-            await self._leg_placed(call, event.attempt, event.provider_id)
-            await self._move(
-                await self._calls.get(call.call_id),
-                partial(cb.leg_ringing, attempt=event.attempt, now=now),
-            )
-        elif status is LegStatus.COMPLETED:
-            if call.state is CallState.CONNECTED:
-                await self._complete(call, event.duration_s or 0)
-            else:
-                outcome = "voicemail" if call.answered_by == "machine" else "no_answer"
-                await self._fail_attempt(call, outcome, retryable=True)
+    async def ended(self, before: Call, after: Call, reason: str) -> None:
+        if before.agent_id is not None and before.state is CallState.RINGING:
+            await self._records.ring_over(before, after, before.agent_id, reason)
         else:
-            outcome = {
-                LegStatus.BUSY: "busy",
-                LegStatus.NO_ANSWER: "no_answer",
-                LegStatus.FAILED: "failed",
-                LegStatus.CANCELED: "no_answer",
-            }[status]
-            await self._fail_attempt(call, outcome, retryable=True)
+            await self._notify.call_update(after)
+        await self.dialer.after_end(before, after)
 
-    async def on_answer(
-        self, call_id: str, attempt: int, provider_id: str, answered_by: AnsweredBy
-    ) -> Instruction:
-        gone = HangUp("Sorry, this call is no longer needed. Goodbye.")
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
-            return gone
-        site = self._sites[call.site]
-        now = self._clock()
-        answered = partial(cb.leg_answered, attempt=attempt, answered_by=answered_by.value, now=now)
-        if answered_by is AnsweredBy.MACHINE:
-            # Never an agent for a machine; its completed status ends the attempt (voicemail).
-            try:
-                await self._calls.update(call_id, answered)
-            except (CallError, ApiError):
-                pass
-            return HangUp()
-        agent = site.agents.get(call.agent_id or "")
-        if agent is None or not agent.mobile:
-            # Routing picks only agents with a phone: the config changed under a live call.
-            await self._fail_attempt(call, "agent_unreachable", retryable=True)
-            return HangUp("Sorry, we cannot connect you right now. We will call you back.")
-        try:
-            _, after = await self._calls.update(call_id, answered)
-        except (CallError, ApiError):
-            return gone
-        await self._notify.call_update(after)
-        return Bridge(
-            say=f"Hello, this is {site.name}. Connecting you to {agent.name} now.",
-            number=agent.mobile,
-            caller_id=site.caller_ids[0],
-        )
+    def _ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json]:
+        """What a callback's ring adds: the visitor's number, and the agent's own phone,
+        which will ring once the visitor answers."""
+        agent = self._records.sites[call.site].agents[agent_id]
+        return {"returning": False, "phone": call.phone}, {"your_phone": agent.mobile}
 
-    async def on_bridge_result(
-        self, call_id: str, attempt: int, provider_id: str, agent_answered: bool
-    ) -> Instruction:
-        if agent_answered:
-            return HangUp()
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
-            return HangUp()
-        if call.dials == attempt and call.state is CallState.CONNECTED:
-            await self._fail_attempt(call, "agent_unreachable", retryable=True)
-        return HangUp("Sorry, we could not connect you right now. We will call you back.")
+    async def ring_payload(self, call: Call) -> Json:
+        assert call.agent_id is not None
+        visitor, extra = self._ring_details(call, call.agent_id)
+        return self._records.ring_payload(call, calls.ring_reasons(call), visitor, extra)
 
-    # --- endings ---------------------------------------------------------------------------
+    async def replay(self, call: Call) -> tuple[Json | None, dict[str, str]]:
+        return None, {}  # the ring of a callback is not repeated
 
-    async def _complete(self, call: Call, duration_s: int) -> None:
-        now = self._clock()
-        try:
-            before, done = await self._calls.update(
-                call.call_id, partial(cb.completed, attempt=call.dials, now=now)
-            )
-        except (CallError, ApiError):
-            return
-        await self._release_call(before, done)
-        if before.agent_id is not None:
-            await self._store.record_served(done.site, done.visitor_id, before.agent_id)
-        await self._store.record_handle_time(done.site, float(max(duration_s, 1)))
-        minutes = max(1, math.ceil(duration_s / 60))
-        # One minute of each leg was reserved when the dial started.
-        extra = (minutes - 1) * DIAL_RESERVE
-        if extra:
-            await self._store.add_spend(done.site, now, extra, SPEND_TTL_S)
-        self._metrics.callbacks.labels("completed").inc()
-        await self._notify.call_update(done)
+    async def agent_left(self, call: Call, agent_sid: str, left_at: float) -> None:
+        """The audio is on the agent's phone, which does not care about the tab."""
 
-    async def _fail_attempt(self, call: Call, outcome: str, retryable: bool) -> None:
-        now = self._clock()
-        site = self._sites[call.site]
-        policy = site.callback_policy
-        retry_at: float | None = None
-        if retryable and outcome not in cb.FINAL_OUTCOMES and call.dials <= policy.retries:
-            try:
-                number = check_number(call.phone or "", policy)
-                retry_at = next_allowed_at(number, policy, now + policy.retry_interval_s)
-            except PhoneRefused:
-                retry_at = None  # no hour of the week is daytime at every one of its zones
-        try:
-            before, after = await self._calls.update(
-                call.call_id,
-                partial(
-                    cb.attempt_failed,
-                    attempt=call.dials,
-                    outcome=outcome,
-                    retry_at=retry_at,
-                    now=now,
-                ),
-            )
-        except (CallError, ApiError):
-            return  # the attempt already ended (a late or repeated webhook)
-        self._metrics.dials.labels(outcome).inc()
-        await self._release_call(before, after)
-        if after.state is CallState.SCHEDULED:
-            await self._store.schedule_timer(due_timer_id(after), retry_at or now)
-        else:
-            self._metrics.callbacks.labels("failed").inc()
-        # The agent is let go (a retry is routed afresh): their app must hear of it too.
-        await self._notify.call_update(after, former_agent=before.agent_id)
+    async def agent_gone(self, call_id: str, agent_sid: str) -> None:
+        """As for ``agent_left``: the call goes on on the phones."""
 
-    async def _refused(self, call: Call, reason: str, detail: str) -> None:
-        now = self._clock()
-        try:
-            before, after = await self._calls.update(
-                call.call_id, partial(cb.refused, reason=reason, detail=detail, now=now)
-            )
-        except (CallError, ApiError):
-            return
-        await self._release_call(before, after)
-        await self._notify.call_update(after, former_agent=before.agent_id)
-
-    async def _release_call(self, before: Call, after: Call) -> None:
-        """Free what the attempt (and, once final, the callback) held."""
-        await self._store.release_outbound_line(after.site, after.call_id)
-        await self._store.queue_remove(after.site, after.call_id)
-        if before.agent_id is not None and before.state in (
-            CallState.DIALING,
-            CallState.CONNECTED,
-        ):
-            await self._store.release_agent(after.site, before.agent_id, after.call_id)
-            await self._presence.set_active_call(after.site, before.agent_id, None)
-        if after.final:
-            await self._release_open(after.site, after.visitor_id, after.phone or "", after.call_id)
-
-    async def after_end(self, before: Call, after: Call) -> None:
-        """Called by the call service when a callback is ended from outside the phone network
-        (the visitor cancels, the agent hangs up): hang up the leg, free what it held."""
-        if before.provider_id is not None and self.telephony is not None:
-            try:
-                await self.telephony.hang_up(before.provider_id)
-            except TelephonyError as e:
-                log.warning("hang-up of %s failed: %s", before.provider_id, e.message)
-        await self._release_call(before, after)
-        self._metrics.callbacks.labels(after.state.value).inc()
+    async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
+        raise ApiError(409, "not_connected", "this call's audio is on the phone network")

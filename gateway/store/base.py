@@ -6,12 +6,13 @@ behavioural suite (tests/test_store.py): ``EmbeddedStore`` (one node) and ``Redi
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from redis.exceptions import RedisError
 
+from gateway.core.callback_admission import QuotaSpec, Subject
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceRecord, PresenceStatus
 
 Json = dict[str, Any]
@@ -294,6 +295,16 @@ class CoordinationStore(CoordinationPrimitives, Protocol):
 
     async def add_spend(self, site: str, now: float, delta: int, ttl_s: int) -> int:
         """Add ``delta`` (0 reads) to the site's spend of the UTC day containing ``now``."""
+
+    async def take_callback_quotas(
+        self,
+        specs: Sequence[QuotaSpec],
+        site: str,
+        subjects: Mapping[Subject, str],
+        event_id: str,
+        now: float,
+    ) -> int | None:
+        """``take_quotas`` for the callback quotas ``specs`` describe, their keys made here."""
 
     async def claim_dial_once(self, idempotency_key: str, ttl_s: float) -> bool:
         """True for the first caller only: one dial per dial attempt's idempotency key."""

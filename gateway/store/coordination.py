@@ -7,9 +7,11 @@ cluster's limits, slots and spend depend on them staying exactly as they are.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
-from gateway.store.base import CoordinationPrimitives, OpenCallbackKind
+from gateway.core.callback_admission import QuotaSpec, Subject
+from gateway.store.base import CoordinationPrimitives, OpenCallbackKind, Quota
 
 _OPEN_KIND = {"visitor": "v", "number": "n"}
 
@@ -36,6 +38,17 @@ def spend_key(site: str, now: float) -> str:
 
 def dial_claim_key(idempotency_key: str) -> str:
     return f"dial:{idempotency_key}"
+
+
+def callback_quota(spec: QuotaSpec, site: str, subjects: Mapping[Subject, str]) -> Quota:
+    """``subjects``: the value of each subject the quota may count per."""
+    parts = ["cb", spec.name]
+    if spec.per_site:
+        parts.append(site)
+    if spec.per is not Subject.SITE:
+        parts.append(subjects[spec.per])
+    member = subjects[spec.distinct] if spec.distinct is not None else None
+    return Quota(":".join(parts), spec.window_s, spec.limit, member=member)
 
 
 class NamedCoordination:
@@ -94,6 +107,19 @@ class NamedCoordination:
         self: CoordinationPrimitives, site: str, now: float, delta: int, ttl_s: int
     ) -> int:
         return await self.add_to_counter(spend_key(site, now), delta, ttl_s)
+
+    async def take_callback_quotas(
+        self: CoordinationPrimitives,
+        specs: Sequence[QuotaSpec],
+        site: str,
+        subjects: Mapping[Subject, str],
+        event_id: str,
+        now: float,
+    ) -> int | None:
+        """``take_quotas`` for the callback quotas ``specs`` describe (core.callback_admission):
+        the index of the first full one, or None when the event was counted in every one."""
+        quotas = [callback_quota(spec, site, subjects) for spec in specs]
+        return await self.take_quotas(quotas, event_id, now)
 
     async def claim_dial_once(
         self: CoordinationPrimitives, idempotency_key: str, ttl_s: float

@@ -218,20 +218,19 @@ def call_to_wire(
 
 
 def ring_to_wire(
-    ringing: CoreCall, site: Site, reasons: tuple[str, ...], last_agent: str | None = None
+    ringing: CoreCall,
+    reasons: tuple[str, ...],
+    *,
+    returning: bool,
+    last_agent: str | UnsetType | None = UNSET,
+    phone: str | UnsetType | None = UNSET,
+    your_phone: str | UnsetType | None = UNSET,
 ) -> Json:
-    """``call:ring`` for a call ringing its agent; ``last_agent``: who served the visitor
-    last (browser calls)."""
+    """``call:ring`` for a call ringing its agent. What each channel adds (who served the
+    visitor last, the number to call, the agent's own phone) its flow passes in."""
     assert ringing.ring_expires_at is not None and ringing.agent_id is not None
     r = ringing.request
-    callback = ringing.channel is CallChannel.CALLBACK
-    last = site.agents.get(last_agent) if last_agent and not callback else None
-    visitor = RingVisitor(ringing.visitor_id, r.language, r.page, returning=False)
-    if callback:
-        visitor.phone = ringing.phone
-    else:
-        visitor.returning = last_agent is not None
-        visitor.last_agent = last.name if last else None
+    visitor = RingVisitor(ringing.visitor_id, r.language, r.page, returning, last_agent, phone)
     return to_wire(
         CallRing(
             call_id=ringing.call_id,
@@ -241,7 +240,7 @@ def ring_to_wire(
             reasons=list(reasons),
             attempt=ringing.attempt,
             ring_expires_at=round(ringing.ring_expires_at * 1000),
-            your_phone=site.agents[ringing.agent_id].mobile if callback else UNSET,
+            your_phone=your_phone,
         )
     )
 

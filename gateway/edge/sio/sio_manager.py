@@ -222,7 +222,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         self.last_error = ""
         self.on_rejoin: Callable[[float], Awaitable[None]] | None = None
         """Called with a wall-clock time when the listener subscribed again after missing
-        emits from about then on (CallService.replay_since)."""
+        emits from about then on (CallDesk.replay_since)."""
         # Emits are published over a pipelined connection of their own (see
         # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
         self._lane = RedisLane(self._target)

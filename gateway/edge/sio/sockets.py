@@ -42,6 +42,7 @@ from gateway.ops.load import LoadMonitor
 from gateway.ops.metrics import Metrics
 from gateway.ops.ratelimit import TokenBucket
 from gateway.ops.tasks import TaskGroup
+from gateway.services.call_desk import CallDesk
 from gateway.services.call_service import CallService
 from gateway.services.drain import RETRY_AFTER_S, Drain
 from gateway.services.presence_service import PresenceChange, PresenceService, socket_device_id
@@ -717,7 +718,7 @@ class AgentNamespace(BaseNamespace):
         tokens: TokenService,
         metrics: Metrics,
         presence: PresenceService,
-        calls: CallService,
+        calls: CallDesk,
         settings: Settings,
     ) -> None:
         super().__init__("/agent", tokens, metrics)

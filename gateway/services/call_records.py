@@ -1,0 +1,388 @@
+"""The call records every flow stands on: read a call, apply a core transition with
+compare-and-set, reserve and release agents, typed durable timers, ring an agent (one ring
+payload for every channel), end a call, and the registry of flows by channel.
+
+Every change to a call is a pure transition (gateway.core.call, gateway.core.callback) applied
+with compare-and-set on the stored version, so any node may move any call: the agent's node
+applies the accept, the visitor's node the cancel, whichever node claims a ring timer applies
+the timeout. Agents are reserved atomically in the store before they ring, so no agent rings
+for two calls. Notifications go through ``CallNotifier``, which the socket.io edge implements.
+
+A flow (the browser call, the PSTN callback, ...) owns the calls of one ``CallChannel``. The
+paths every channel shares (a ring running out, an accept, a decline, an end, an agent's
+socket going away) reach the owning flow through ``flows``, which the app fills: adding a
+channel is adding a flow and registering it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from functools import partial
+from typing import Protocol
+
+from gateway.core import call as calls
+from gateway.core.call import Call, CallChannel, CallError, CallState
+from gateway.core.model import Site
+from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
+from gateway.ops.tasks import TaskGroup
+from gateway.services.presence_service import PresenceService
+from gateway.services.store_retry import UntilStored
+from gateway.store.base import CallRow, Store
+from gateway.wire.calls import ring_to_wire
+from gateway.wire.codec import Json, call_from_record, call_to_record
+from gateway.wire.errors import ApiError, forbidden, not_found
+
+# A reservation outlives its ring a little, so that a node that died mid-ring still frees
+# the agent, but never before the ring timer has had its chance.
+RESERVATION_GRACE_S = 10.0
+# Once connected, the agent stays reserved until the call ends: presence says on_call too,
+# but another node's copy of presence may lag, and only the reservation is atomic.
+CALL_HOLD_S = 4 * 3600.0
+
+
+class TimerKind(StrEnum):
+    """The durable timers of calls; the value is the id's prefix in the store."""
+
+    RING = "ring"
+    VISITOR_GONE = "visitor_gone"
+    AGENT_GONE = "agent_gone"
+    CALLBACK_DUE = "cbdue"
+    CALLBACK_DIAL = "cbdial"
+    CALLBACK_WATCH = "cbwatch"
+
+
+@dataclass(frozen=True, slots=True)
+class TimerId:
+    """``{kind}:{call_id}:{key}``; ``key`` makes the timer one of its call's (the ring's
+    attempt, the socket that left, the dial attempt, ...)."""
+
+    kind: TimerKind
+    call_id: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.call_id}:{self.key}"
+
+    @classmethod
+    def parse(cls, kind: TimerKind, rest: str) -> TimerId:
+        """The id the timer loop hands over without its ``kind:`` prefix (call ids have no
+        colon; a key may)."""
+        call_id, _, key = rest.partition(":")
+        return cls(kind, call_id, key)
+
+    @property
+    def attempt(self) -> int:
+        """The attempt a ring, dial or watch timer is for."""
+        return int(self.key)
+
+    @staticmethod
+    def ring(call: Call) -> TimerId:
+        return TimerId(TimerKind.RING, call.call_id, str(call.attempt))
+
+
+TimerHandler = Callable[[TimerId], Awaitable[float | None]]
+"""Returns None when the timer is done, or when to run it again (gateway.services.timers)."""
+
+
+class CallNotifier(Protocol):
+    async def call_update(self, call: Call, former_agent: str | None = None) -> None:
+        """To the visitor, the call's agent (and ``former_agent``, whom the call just left)
+        and the site's board."""
+
+    async def ring(self, call: Call, payload: Json) -> None: ...
+
+    async def ring_stop(self, call: Call, agent_id: str, reason: str) -> None: ...
+
+    async def sent(self) -> None:
+        """Returns once everything notified so far is on its way to every node: an agent
+        released after it has heard her ring or call end before any new ring."""
+
+    async def signal(self, call: Call, to_agent: bool, payload: Json) -> None: ...
+
+    async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
+        """The call's current state to this node's own sockets only: ``call:ring_stop`` to
+        each agent in ``rings_over`` (with its reason), ``call:ring`` to the agent when
+        ``ring`` is given, and ``call:update`` to the visitor, the call's agent and the board.
+        Each repeats what a socket may already have had, which clients take as no change."""
+
+
+class CallFlow(Protocol):
+    """What the shared paths ask of the flow that owns a call's channel."""
+
+    @property
+    def channel(self) -> CallChannel: ...
+
+    def timers(self) -> Mapping[TimerKind, TimerHandler]:
+        """The flow's own timers, registered with the node's timer loop."""
+
+    async def accepted(self, call: Call) -> None:
+        """Its agent accepted the ring (the ring is stopped, the agent held): go on."""
+
+    async def ring_missed(self, call: Call) -> Call:
+        """The agent declined or did not answer (the ring is over): the next step."""
+
+    async def ended(self, before: Call, after: Call, reason: str) -> None:
+        """The call was ended from outside the flow (a hang-up, a cancel): free what it held
+        and tell the parties."""
+
+    async def ring_payload(self, call: Call) -> Json:
+        """The ``call:ring`` of this call ringing its agent now."""
+
+    async def replay(self, call: Call) -> tuple[Json | None, dict[str, str]]:
+        """What ``CallNotifier.replay`` repeats of the call's rings: the current ring, if it
+        is repeated, and the rings over with their reasons."""
+
+    async def agent_left(self, call: Call, agent_sid: str, left_at: float) -> None:
+        """The agent's accepting socket closed at ``left_at``."""
+
+    async def agent_gone(self, call_id: str, agent_sid: str) -> None:
+        """The agent's accepting socket is gone for good (its node died)."""
+
+    async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
+        """Relay an SDP or ICE message between the parties of the connected call."""
+
+
+class CallRecords:
+    def __init__(
+        self,
+        sites: dict[str, Site],
+        store: Store,
+        presence: PresenceService,
+        notifier: CallNotifier,
+        tasks: TaskGroup,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sites = sites
+        self.store = store
+        self.presence = presence
+        self.notify = notifier
+        self.clock = clock
+        self._until_stored = UntilStored(tasks, clock)
+        self.ringing = RingingAgents()
+        """Who rings for a call anywhere (gateway.core.ringing): routing skips them without a
+        store round trip, and the button does not promise them."""
+        self.flows: dict[CallChannel, CallFlow] = {}
+        """The flow owning each channel's calls; filled by the app (``register``)."""
+
+    def register(self, flow: CallFlow) -> None:
+        self.flows[flow.channel] = flow
+
+    def flow(self, call: Call) -> CallFlow:
+        return self.flows[call.channel]
+
+    def timer_handlers(self) -> dict[TimerKind, Callable[[str], Awaitable[float | None]]]:
+        """Every call timer, by kind, for the timer loop (which hands over the id without its
+        kind): the ring timer, shared, and each flow's own. Ids are parsed here only."""
+        typed: dict[TimerKind, TimerHandler] = {TimerKind.RING: self._on_ring_timer}
+        for flow in self.flows.values():
+            typed.update(flow.timers())
+
+        def untyped(
+            kind: TimerKind, handler: TimerHandler
+        ) -> Callable[[str], Awaitable[float | None]]:
+            async def run(rest: str) -> float | None:
+                return await handler(TimerId.parse(kind, rest))
+
+            return run
+
+        return {kind: untyped(kind, handler) for kind, handler in typed.items()}
+
+    # --- records ---------------------------------------------------------------------------------
+
+    async def get(self, call_id: str) -> Call:
+        row = await self.store.get_call(call_id)
+        if row is None:
+            raise not_found(f"no call {call_id!r}")
+        return call_from_record(row.data, row.version)
+
+    async def find(self, call_id: str) -> Call | None:
+        row = await self.store.get_call(call_id)
+        return call_from_record(row.data, row.version) if row is not None else None
+
+    async def create(self, call: Call) -> Call:
+        """Store a new call (version 1)."""
+        call = replace(call, version=1)
+        await self.store.put_call(CallRow(call.call_id, call.site, 1, call_to_record(call)))
+        return call
+
+    async def update(
+        self, call_id: str, transition: Callable[[Call], Call], current: Call | None = None
+    ) -> tuple[Call, Call]:
+        """Apply ``transition`` with compare-and-set, retrying when another node got there
+        first; the transition sees the newest call each time and may refuse (CallError).
+
+        ``current``, the call as this node just read or wrote it, saves the first read: if it
+        is no longer the newest the write fails and the call is read again, and a refusal of
+        it is checked against a fresh read, so the outcome is as if it had been read here."""
+        for _ in range(8):
+            if current is not None:
+                before, current = current, None
+                try:
+                    after = replace(transition(before), version=before.version + 1)
+                except CallError:
+                    continue  # maybe stale: decide on the stored call
+            else:
+                before = await self.get(call_id)
+                after = replace(transition(before), version=before.version + 1)
+            row = CallRow(call_id, after.site, after.version, call_to_record(after))
+            if await self.store.put_call(row):
+                return before, after
+        raise ApiError(409, "conflict", "the call is changing too fast; try again")
+
+    async def move(self, call: Call, transition: Callable[[Call], Call]) -> Call:
+        """``update``, and tell the parties when it changed the call."""
+        _, after = await self.update(call.call_id, transition)
+        if after.version != call.version:
+            await self.notify.call_update(after)
+        return after
+
+    async def until_stored(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``step``, which must be idempotent; while the store is unreachable, run it
+        again in the background with backoff, instead of losing it with the error."""
+        await self._until_stored(step, name)
+
+    # --- agents and timers -----------------------------------------------------------------------
+
+    async def release_agent(self, site_id: str, agent_id: str, call_id: str) -> None:
+        """Let the agent go, if ``call_id`` still holds her."""
+        await self.store.release_agent(site_id, agent_id, call_id)
+
+    async def free_agent(self, site_id: str, agent_id: str, call_id: str) -> None:
+        """The agent's call is over: released, and no longer on a call."""
+        await self.store.release_agent(site_id, agent_id, call_id)
+        await self.presence.set_active_call(site_id, agent_id, None)
+
+    async def schedule(self, timer: TimerId, due: float) -> None:
+        await self.store.schedule_timer(str(timer), due)
+
+    async def finish(self, timer: TimerId) -> None:
+        await self.store.finish_timer(str(timer))
+
+    # --- rings -----------------------------------------------------------------------------------
+
+    def ring_payload(
+        self, ringing: Call, reasons: tuple[str, ...], visitor: Json, extra: Json | None = None
+    ) -> Json:
+        """``call:ring`` for a call ringing its agent; ``visitor`` and ``extra``: what the
+        call's flow adds about the visitor and to the ring (``gateway.wire.calls.ring_to_wire``
+        names the fields)."""
+        return ring_to_wire(ringing, reasons, **visitor, **(extra or {}))
+
+    def note_ring(self, site_id: str, agent_id: str, call_id: str, until: float) -> RingNote:
+        """The agent rings for ``call_id`` until ``until`` at the latest: noted on this node at
+        once, so that a concurrent route here skips them; the ring event tells the rest."""
+        seen = self.presence.snapshot(site_id).get(agent_id)
+        note = RingNote(call_id, until, seen.rev if seen is not None else -1)
+        self.ringing.start(site_id, agent_id, note)
+        return note
+
+    async def ring(
+        self,
+        call: Call,
+        agent_id: str,
+        reasons: tuple[str, ...],
+        now: float,
+        visitor: Json,
+        extra: Json | None = None,
+    ) -> Call | None:
+        """Ring ``agent_id``, whom ``call`` has reserved; None when the call moved on meanwhile
+        (canceled), the reservation then let go."""
+        site = self.sites[call.site]
+        agent = site.agents[agent_id]
+        # The reservation's own expiry.
+        note = self.note_ring(
+            call.site, agent_id, call.call_id, now + site.ring_timeout_s + RESERVATION_GRACE_S
+        )
+        branch = site.branches.get(agent.branch) if agent.branch else None
+        who = f"{agent.name} in {branch.name}" if branch else agent.name
+        try:
+            _, ringing = await self.update(
+                call.call_id,
+                partial(
+                    calls.ring,
+                    agent_id=agent_id,
+                    who=who,
+                    reasons=reasons,
+                    now=now,
+                    ring_timeout_s=site.ring_timeout_s,
+                ),
+                call,
+            )
+        except (CallError, ApiError):
+            self.ringing.end(call.site, agent_id, call.call_id)
+            await self.store.release_agent(call.site, agent_id, call.call_id)
+            return None
+        assert ringing.ring_expires_at is not None
+        await self.notify.ring(ringing, self.ring_payload(ringing, reasons, visitor, extra))
+        # The ring goes out before its timeout is stored, a round trip sooner. Should the
+        # node die in between, the reservation lapses as it would have a moment later; a
+        # timer stored after an accept finds the call answered and does nothing.
+        await asyncio.gather(
+            self.schedule(TimerId.ring(ringing), ringing.ring_expires_at),
+            self.notify.call_update(ringing),
+            self.store.publish(ring_event(call.site, agent_id, note)),
+        )
+        return ringing
+
+    async def ring_over(self, before: Call, call: Call, agent_id: str, reason: str) -> None:
+        """The ring of ``before`` for ``agent_id`` is over (``call`` is the call now)."""
+        self.ringing.end(call.site, agent_id, call.call_id)
+        # The agent's sockets are told the ring is over before she is released: a new ring,
+        # which needs her reservation, then reaches every node after the stop, never before.
+        await self.notify.ring_stop(call, agent_id, reason)
+        await self.notify.call_update(call)
+        await self.notify.sent()
+        # The reservation is gone before other nodes hear the ring is, and route to her.
+        await self.store.release_agent(call.site, agent_id, call.call_id)
+        await self.store.publish(ring_over_event(call.site, agent_id, call.call_id))
+        await self.finish(TimerId.ring(before))
+
+    async def _on_ring_timer(self, timer: TimerId) -> None:
+        await self.ring_timeout(timer.call_id, timer.attempt)
+
+    async def ring_timeout(self, call_id: str, attempt: int) -> None:
+        now = self.clock()
+        try:
+            before, call = await self.update(call_id, lambda c: calls.ring_timeout(c, attempt, now))
+        except (CallError, ApiError):
+            return  # the call moved on (answered, declined, ended) or is gone
+        assert before.agent_id is not None
+        await self.ring_over(before, call, before.agent_id, "no_answer")
+        await self.flow(call).ring_missed(call)
+
+    # --- shared by every flow --------------------------------------------------------------------
+
+    async def end(
+        self, call_id: str, reason: str, detail: str, current: Call | None = None
+    ) -> Call:
+        """End the call (a hang-up, a cancel); its flow frees what it held."""
+        try:
+            before, call = await self.update(
+                call_id, lambda c: calls.end(c, reason, detail, self.clock()), current
+            )
+        except CallError as e:
+            raise ApiError(409, e.code, e.message) from None
+        await self.flow(call).ended(before, call, reason)
+        return call
+
+    async def relay_signal(
+        self, site_id: str, sender_id: str, sender_sid: str, from_agent: bool, payload: Json
+    ) -> None:
+        """Pass an SDP or ICE message to the other party of a connected call, and to no one
+        else: the sender must be that call's visitor, or its agent on the accepting socket."""
+        call = await self.get(payload["call_id"])
+        if call.site != site_id:
+            raise not_found(f"no call {call.call_id!r}")
+        if from_agent:
+            allowed = call.agent_id == sender_id and call.agent_sid == sender_sid
+        else:
+            allowed = call.visitor_id == sender_id
+        if not allowed:
+            raise forbidden("not a party to this call")
+        if call.state is not CallState.CONNECTED:
+            raise ApiError(409, "not_connected", "signals flow only in a connected call")
+        await self.flow(call).signal(call, to_agent=not from_agent, payload=payload)
