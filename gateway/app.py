@@ -27,6 +27,7 @@ from gateway.edge.sio.sockets import (
     send_sockets_elsewhere,
 )
 from gateway.edge.visitor_identity import VisitorIdentity
+from gateway.ops.clock import SYSTEM_CLOCK, Clock
 from gateway.ops.gc_pacer import PROCESS_PACER, SharedPacer
 from gateway.ops.load import LoadMonitor
 from gateway.ops.metrics import Metrics
@@ -72,10 +73,10 @@ class ObservedHealth:
         return health
 
 
-def build_store(settings: Settings) -> Store:
+def build_store(settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Store:
     if settings.redis_url:
-        return RedisStore(settings.redis_url, settings.node_id)
-    return EmbeddedStore(settings.data_dir, settings.node_id)
+        return RedisStore(settings.redis_url, settings.node_id, clock.now)
+    return EmbeddedStore(settings.data_dir, settings.node_id, clock.now)
 
 
 def allowed_origins(settings: Settings) -> list[str]:
@@ -101,19 +102,23 @@ def create_app(
     settings: Settings,
     store: Store | None = None,
     telephony: TelephonyInstaller | None = None,
+    clock: Clock | None = None,
     pacer: SharedPacer | None = None,
 ) -> web.Application:
     """A node. ``telephony`` installs a phone provider (tests pass one); by default the one
-    registered for Twilio is used when Twilio is configured. ``pacer`` is the process's
-    collector pacer (``gc_pacer.PROCESS_PACER`` unless a test passes its own)."""
+    registered for Twilio is used when Twilio is configured. ``clock`` is where every due
+    time, lease and grace is read (``SYSTEM_CLOCK``; a test passes a ``ManualClock`` and
+    moves it on); a store passed in reads its own. ``pacer`` is the process's collector
+    pacer (``gc_pacer.PROCESS_PACER`` unless a test passes its own)."""
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware]
     )
-    store = store or build_store(settings)
+    clock = clock or SYSTEM_CLOCK
+    store = store or build_store(settings, clock)
     metrics = Metrics()
     tokens = TokenService(settings.auth)
     node_tasks = TaskGroup(f"node-{settings.node_id}")
-    presence = PresenceService(dict(settings.sites), store, settings.presence, node_tasks)
+    presence = PresenceService(dict(settings.sites), store, settings.presence, node_tasks, clock)
     events = EventRouter()
     events.on(PRESENCE_EVENT, presence.on_event)
 
@@ -122,9 +127,9 @@ def create_app(
 
     presence.add_listener(count_presence_change)
 
-    rings = RingDelivery(metrics)
+    rings = RingDelivery(metrics, clock.now)
     manager = (
-        ObservedRedisManager(settings.redis_url, channel="m:sio", rings=rings)
+        ObservedRedisManager(settings.redis_url, channel="m:sio", rings=rings, clock=clock.now)
         if settings.redis_url
         else None
     )
@@ -146,23 +151,25 @@ def create_app(
         serializer=JsonPacket,
         json=fastjson,
     )
-    calls_notifier = SocketCallNotifier(sio, settings.sites)
-    calls = CallService(dict(settings.sites), store, presence, calls_notifier, node_tasks)
+    calls_notifier = SocketCallNotifier(sio, settings.sites, clock.now)
+    calls = CallService(
+        dict(settings.sites), store, presence, calls_notifier, node_tasks, clock.now
+    )
     presence.add_lapse_listener(calls.agent_devices_lapsed)
     if manager is not None:
         manager.on_rejoin = calls.replay_since
     callbacks = CallbackService(
-        dict(settings.sites), store, presence, calls, calls_notifier, metrics
+        dict(settings.sites), store, presence, calls, calls_notifier, metrics, clock.now
     )
     calls.callbacks = callbacks
-    feed = AvailabilityFeed(presence, calls.ringing)
+    feed = AvailabilityFeed(presence, calls.ringing, clock.now)
 
     async def ring_event(event: Json) -> None:
         calls.ringing.apply(event)
 
     events.on(RING_EVENT, ring_event)
     events.on(RING_OVER_EVENT, ring_event)
-    timers = TimerLoop(store)
+    timers = TimerLoop(store, clock=clock)
 
     async def ring_timeout(rest: str) -> None:
         call_id, _, attempt = rest.rpartition(":")
@@ -197,10 +204,11 @@ def create_app(
         VisitorNamespace(tokens, metrics, presence, calls, load, settings.admission)
     )
     sio.attach(app)
-    drain = Drain(settings.drain_grace_s)
+    drain = Drain(settings.drain_grace_s, clock.monotonic)
     sio.drain = drain
 
     app[keys.SETTINGS] = settings
+    app[keys.CLOCK] = clock
     app[keys.STORE] = store
     app[keys.TOKENS] = tokens
     app[keys.VISITORS] = VisitorIdentity.from_auth(settings.auth)

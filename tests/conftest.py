@@ -29,6 +29,7 @@ from gateway.app import create_app
 from gateway.core.model import Role
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
+from gateway.ops.clock import Clock, ManualClock
 from gateway.settings import PresenceSettings, Settings, load_settings, with_dev_secret
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -248,6 +249,10 @@ class Node:
     def settings(self) -> Settings:
         return self.app[keys.SETTINGS]
 
+    @property
+    def clock(self) -> Clock:
+        return self.app[keys.CLOCK]
+
     async def stop(self) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(self.runner.cleanup()), 10)
@@ -261,8 +266,8 @@ class Node:
             raise
 
 
-async def start_node(settings: Settings) -> Node:
-    app = create_app(settings)
+async def start_node(settings: Settings, clock: Clock | None = None) -> Node:
+    app = create_app(settings, clock=clock)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", settings.port or 0)
@@ -279,14 +284,55 @@ NodeFactory = Callable[..., Awaitable[Node]]
 async def nodes(tmp_path: Path) -> AsyncIterator[NodeFactory]:
     started: list[Node] = []
 
-    async def factory(settings: Settings | None = None, **changes: Any) -> Node:
-        node = await start_node(settings or make_settings(tmp_path, **changes))
+    async def factory(
+        settings: Settings | None = None, clock: Clock | None = None, **changes: Any
+    ) -> Node:
+        """A node of ``settings`` (or the test settings with ``changes``); with ``clock`` (a
+        ``ManualClock``, which nodes of one test may share) its time moves only when the
+        test moves it on."""
+        node = await start_node(settings or make_settings(tmp_path, **changes), clock)
         started.append(node)
         return node
 
     yield factory
     for node in reversed(started):
         await node.stop()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Time for a test's nodes that stands still until the test moves it on
+    (``await clock.advance(s)``): ring timeouts, grace periods, leases and callbacks' due
+    times without waiting for them."""
+    return ManualClock()
+
+
+class TimerWatch:
+    """Each timer a node's store is asked to schedule, as it is scheduled: a test awaits the
+    grace timer a leave starts before it moves the clock past its due time, since the leave
+    is handled on the node's side of the socket, after the client has gone."""
+
+    def __init__(self, node: Node) -> None:
+        self.scheduled: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+        store = node.app[keys.STORE]
+        schedule = store.schedule_timer
+
+        async def watched(timer_id: str, due: float) -> None:
+            await schedule(timer_id, due)
+            self.scheduled.put_nowait((timer_id, due))
+
+        store.schedule_timer = watched  # type: ignore[method-assign]
+
+    async def next(self, prefix: str, timeout: float = 5.0) -> tuple[str, float]:
+        """The next timer scheduled whose id starts with ``prefix``: its id and due time."""
+
+        async def wait() -> tuple[str, float]:
+            while True:
+                timer = await self.scheduled.get()
+                if timer[0].startswith(prefix):
+                    return timer
+
+        return await asyncio.wait_for(wait(), timeout)
 
 
 def mint(
@@ -388,6 +434,12 @@ class SocketClient:
                     return item
 
         return await asyncio.wait_for(wait(), timeout)
+
+    def pending(self, event: str) -> list[Any]:
+        """Every ``event`` received and not yet taken by ``next``, taken now: after an ack,
+        all that the node sent this client before it."""
+        queue = self.queue(event)
+        return [queue.get_nowait() for _ in range(queue.qsize())]
 
     async def call(self, event: str, data: Any, namespace: str, timeout: float = 5.0) -> Any:
         return await self.sio.call(event, data, namespace=namespace, timeout=timeout)

@@ -269,13 +269,13 @@ class EmbeddedStore:
             if row.version == 1:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO calls VALUES (?, ?, 1, ?, ?)",
-                    (row.call_id, row.site, data, time.time()),
+                    (row.call_id, row.site, data, self._clock()),
                 )
             else:
                 cur = db.execute(
                     "UPDATE calls SET version = ?, data = ?, updated_at = ?"
                     " WHERE call_id = ? AND version = ?",
-                    (row.version, data, time.time(), row.call_id, row.version - 1),
+                    (row.version, data, self._clock(), row.call_id, row.version - 1),
                 )
             return cur.rowcount == 1
 
@@ -312,7 +312,7 @@ class EmbeddedStore:
         await self._run(
             lambda: self._conn().execute(
                 "INSERT OR REPLACE INTO visits VALUES (?, ?, ?, ?)",
-                (site, visitor_id, agent_id, time.time()),
+                (site, visitor_id, agent_id, self._clock()),
             )
         )
 
@@ -338,7 +338,7 @@ class EmbeddedStore:
     # --- coordination (one node: plain memory, timers in SQLite) ------------------------------
 
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
-        now = time.time()
+        now = self._clock()
         held = self._reservations.get((site, agent_id))
         if held is not None and held[1] > now:
             return False
@@ -357,9 +357,9 @@ class EmbeddedStore:
         self, site: str, agent_id: str, call_id: str, ttl_s: float
     ) -> bool:
         held = self._reservations.get((site, agent_id))
-        if held is None or held[0] != call_id or held[1] <= time.time():
+        if held is None or held[0] != call_id or held[1] <= self._clock():
             return False
-        self._reservations[(site, agent_id)] = (call_id, time.time() + ttl_s)
+        self._reservations[(site, agent_id)] = (call_id, self._clock() + ttl_s)
         return True
 
     async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:

@@ -21,7 +21,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -309,8 +309,11 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
 
 
 class RedisStore:
-    def __init__(self, url: str | RedisTarget, node_id: str) -> None:
+    def __init__(
+        self, url: str | RedisTarget, node_id: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self.node_id = node_id
+        self._clock = clock  # when a call row changed (replays); expiries are Redis's own
         self._target = redis_target(url)
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=connection_pool(self._target))
         self._put_device = self._redis.register_script(_PUT_DEVICE)
@@ -596,7 +599,7 @@ class RedisStore:
                 row.version,
                 row.site,
                 orjson.dumps(row.data),
-                time.time(),
+                self._clock(),
                 row.call_id,
             ],
         )
