@@ -307,32 +307,39 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-class TimerWatch:
-    """Each timer a node's store is asked to schedule, as it is scheduled: a test awaits the
-    grace timer a leave starts before it moves the clock past its due time, since the leave
-    is handled on the node's side of the socket, after the client has gone."""
+class Spy:
+    """Each call of an async method of a running node's part (its store, a service), once it
+    has returned: a test awaits what the node does on its side of a socket after the client
+    has gone (a leave, the grace timer it starts) before it moves the clock on."""
 
-    def __init__(self, node: Node) -> None:
-        self.scheduled: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
-        store = node.app[keys.STORE]
-        schedule = store.schedule_timer
+    def __init__(self, owner: object, method: str) -> None:
+        self.returned: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        original = getattr(owner, method)
 
-        async def watched(timer_id: str, due: float) -> None:
-            await schedule(timer_id, due)
-            self.scheduled.put_nowait((timer_id, due))
+        async def spied(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
+            self.returned.put_nowait(args)
+            return result
 
-        store.schedule_timer = watched  # type: ignore[method-assign]
+        setattr(owner, method, spied)
 
-    async def next(self, prefix: str, timeout: float = 5.0) -> tuple[str, float]:
-        """The next timer scheduled whose id starts with ``prefix``: its id and due time."""
+    async def next(
+        self, where: Callable[..., bool] = lambda *_: True, timeout: float = 5.0
+    ) -> tuple[Any, ...]:
+        """The arguments of the next call that returned and that ``where`` takes."""
 
-        async def wait() -> tuple[str, float]:
+        async def wait() -> tuple[Any, ...]:
             while True:
-                timer = await self.scheduled.get()
-                if timer[0].startswith(prefix):
-                    return timer
+                args = await self.returned.get()
+                if where(*args):
+                    return args
 
         return await asyncio.wait_for(wait(), timeout)
+
+
+def timers_of(kind: str) -> Callable[..., bool]:
+    """For ``Spy(store, "schedule_timer").next``: the timers of ``kind``."""
+    return lambda timer_id, due: str(timer_id).startswith(f"{kind}:")
 
 
 def mint(

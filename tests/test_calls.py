@@ -18,10 +18,11 @@ from conftest import (
     Node,
     NodeFactory,
     SocketClient,
-    TimerWatch,
+    Spy,
     eventually,
     make_settings,
     mint,
+    timers_of,
 )
 
 from gateway.core.call import CallState
@@ -229,7 +230,7 @@ async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
     clients: Callable[[], SocketClient],
 ) -> None:
     calls = node.app[appkeys.CALLS]
-    timers = TimerWatch(node)
+    scheduled = Spy(node.app[appkeys.STORE], "schedule_timer")
     anna = await agent(clients, node, "anna")
     v = await visitor(clients, node, (await session(http, node))["token"])
     await v.call("call:start", {}, "/visitor")
@@ -240,7 +241,7 @@ async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
     # The agent app's socket drops and comes back naming its call: the call carries on, and
     # signals go to the new socket.
     await anna.sio.disconnect()
-    await timers.next(AGENT_GONE_TIMER)  # the old socket's grace period runs
+    await scheduled.next(timers_of(AGENT_GONE_TIMER))  # the old socket's grace runs
     back = clients()
     token = mint(node.settings, "anna")
     await back.connect(node.url, "/agent", {"token": token, "call_id": call_id})
@@ -261,7 +262,7 @@ async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
 
     # Now she really leaves: after the grace period the call ends, not before.
     await back.sio.disconnect()
-    _, due = await timers.next(AGENT_GONE_TIMER)
+    _, due = await scheduled.next(timers_of(AGENT_GONE_TIMER))
     assert due == clock.now() + calls.agent_grace_s
     await clock.advance(calls.agent_grace_s - 0.1)
     assert (await calls.get(call_id)).state is CallState.CONNECTED
@@ -527,7 +528,7 @@ async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
     clients: Callable[[], SocketClient],
 ) -> None:
     calls = node.app[appkeys.CALLS]
-    timers = TimerWatch(node)
+    scheduled = Spy(node.app[appkeys.STORE], "schedule_timer")
     anna = await agent(clients, node, "anna")
     s = await session(http, node)
     v = await visitor(clients, node, s["token"])
@@ -537,7 +538,7 @@ async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
 
     # The socket drops and comes back with the same session: the call carries on.
     await v.sio.disconnect()
-    await timers.next(VISITOR_GONE_TIMER)  # the old socket's grace period runs
+    await scheduled.next(timers_of(VISITOR_GONE_TIMER))  # the old socket's grace runs
     back = await visitor(clients, node, s["token"])
     resumed = await back.next("call:update")
     assert resumed["call_id"] == call_id and resumed["state"] == "connected"
@@ -552,7 +553,7 @@ async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
 
     # Now the visitor really leaves: after the grace period the call ends, not before.
     await back.sio.disconnect()
-    _, due = await timers.next(VISITOR_GONE_TIMER)
+    _, due = await scheduled.next(timers_of(VISITOR_GONE_TIMER))
     assert due == clock.now() + calls.visitor_grace_s
     await clock.advance(calls.visitor_grace_s - 0.1)
     assert (await calls.get(call_id)).state is CallState.CONNECTED
