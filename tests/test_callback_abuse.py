@@ -55,6 +55,7 @@ from gateway.ops.clock import ManualClock
 from gateway.services.callback_service import (
     DIAL_RESERVE,
     LEGS_PER_CALL,
+    LINE_POLL_S,
     MICRO_USD_PER_MINUTE,
     POLL_S,
     SPEND_TTL_S,
@@ -800,11 +801,12 @@ async def test_the_concurrency_cap_dials_the_second_only_after_the_first_ends(
     sim: TwilioSim,
     http: aiohttp.ClientSession,
     clients: Callable[[], SocketClient],
+    clock: ManualClock,
 ) -> None:
     settings = with_policy(
         phone_settings(tmp_path, sim, store_url), max_concurrent_calls=1, agent_first=False
     )
-    node = await phone_node(nodes, settings)
+    node = await phone_node(nodes, settings, clock)
     one, two = ie_mobile(1), ie_mobile(2)
     for phone in (one, two):
         sim.phone(phone, answer_after=1, hangup_after=10)
@@ -815,6 +817,13 @@ async def test_the_concurrency_cap_dials_the_second_only_after_the_first_ends(
     was = (await scrape(http, node)).get("membrane_callback_dials_total", {})
     first = await created(http, node, {"phone": one})
     second = await created(http, node, {"phone": two})
+
+    async def one_completed() -> bool:
+        states = [(await ticket(http, node, c))["state"] for c in (first, second)]
+        return "completed" in states
+
+    await eventually(one_completed, 15)
+    await clock.advance(LINE_POLL_S)  # the other's next look for a line finds it free
     await ticket_state(http, node, first, "completed", timeout=15)
     await ticket_state(http, node, second, "completed", timeout=15)
 

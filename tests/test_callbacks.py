@@ -236,8 +236,16 @@ async def test_a_scheduled_callback_fires_on_time(
 
 
 async def test_busy_then_retry_then_answered(
-    node: Node, sim: TwilioSim, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+    nodes: NodeFactory,
+    tmp_path: Path,
+    store_url: str,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    clock: ManualClock,
 ) -> None:
+    settings = phone_settings(tmp_path, sim, store_url)
+    node = await phone_node(nodes, settings, clock)
     sim.phone(VISITOR_PHONE, busy=True)
     sim.phone(ANNA_PHONE, answer_after=1)
     anna = await agent(clients, node, "anna")
@@ -250,6 +258,7 @@ async def test_busy_then_retry_then_answered(
     assert "Your line was busy; we'll try again" in [e["detail"] for e in retry["timeline"]]
     # The line is free now; the retry rings the agent again, then dials once more.
     sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=10)
+    await clock.advance(settings.sites["acme"].callback_policy.retry_interval_s)
     await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"], timeout=10)
     assert (await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent"))["ok"]
     done = await ticket_state(http, node, created, "completed", timeout=15)
