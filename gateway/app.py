@@ -27,6 +27,7 @@ from gateway.edge.sio.sockets import (
     send_sockets_elsewhere,
 )
 from gateway.edge.visitor_identity import VisitorIdentity
+from gateway.ops.clock import SYSTEM_CLOCK, Clock
 from gateway.ops.gc_pacer import PROCESS_PACER, SharedPacer
 from gateway.ops.load import LoadMonitor
 from gateway.ops.metrics import Metrics
@@ -69,10 +70,10 @@ class ObservedHealth:
         return health
 
 
-def build_store(settings: Settings) -> Store:
+def build_store(settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Store:
     if settings.redis_url:
-        return RedisStore(settings.redis_url, settings.node_id)
-    return EmbeddedStore(settings.data_dir, settings.node_id)
+        return RedisStore(settings.redis_url, settings.node_id, clock.now)
+    return EmbeddedStore(settings.data_dir, settings.node_id, clock.now)
 
 
 def allowed_origins(settings: Settings) -> list[str]:
@@ -98,19 +99,23 @@ def create_app(
     settings: Settings,
     store: Store | None = None,
     telephony: TelephonyInstaller | None = None,
+    clock: Clock | None = None,
     pacer: SharedPacer | None = None,
 ) -> web.Application:
     """A node. ``telephony`` installs a phone provider (tests pass one); by default the one
-    registered for Twilio is used when Twilio is configured. ``pacer`` is the process's
-    collector pacer (``gc_pacer.PROCESS_PACER`` unless a test passes its own)."""
+    registered for Twilio is used when Twilio is configured. ``clock`` is where every due
+    time, lease and grace is read (``SYSTEM_CLOCK``; a test passes a ``ManualClock`` and
+    moves it on); a store passed in reads its own. ``pacer`` is the process's collector
+    pacer (``gc_pacer.PROCESS_PACER`` unless a test passes its own)."""
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware]
     )
-    store = store or build_store(settings)
+    clock = clock or SYSTEM_CLOCK
+    store = store or build_store(settings, clock)
     metrics = Metrics()
     tokens = TokenService(settings.auth)
     node_tasks = TaskGroup(f"node-{settings.node_id}")
-    presence = PresenceService(dict(settings.sites), store, settings.presence, node_tasks)
+    presence = PresenceService(dict(settings.sites), store, settings.presence, node_tasks, clock)
     events = EventRouter()
     events.on(PRESENCE_EVENT, presence.on_event)
 
@@ -119,9 +124,9 @@ def create_app(
 
     presence.add_listener(count_presence_change)
 
-    rings = RingDelivery(metrics)
+    rings = RingDelivery(metrics, clock.now)
     manager = (
-        ObservedRedisManager(settings.redis_url, channel="m:sio", rings=rings)
+        ObservedRedisManager(settings.redis_url, channel="m:sio", rings=rings, clock=clock.now)
         if settings.redis_url
         else None
     )
@@ -143,10 +148,12 @@ def create_app(
         serializer=JsonPacket,
         json=fastjson,
     )
-    calls_notifier = SocketCallNotifier(sio, settings.sites)
+    calls_notifier = SocketCallNotifier(sio, settings.sites, clock.now)
     # One flow per channel over the shared call records; the paths every channel shares
     # (accept, decline, ring timeouts, ends) reach a call's flow through this registry.
-    records = CallRecords(dict(settings.sites), store, presence, calls_notifier, node_tasks)
+    records = CallRecords(
+        dict(settings.sites), store, presence, calls_notifier, node_tasks, clock.now
+    )
     calls = CallService(records)
     callbacks = CallbackService(records, metrics)
     records.register(calls)
@@ -155,14 +162,14 @@ def create_app(
     presence.add_lapse_listener(desk.agent_devices_lapsed)
     if manager is not None:
         manager.on_rejoin = desk.replay_since
-    feed = AvailabilityFeed(presence, records.ringing)
+    feed = AvailabilityFeed(presence, records.ringing, clock.now)
 
     async def ring_event(event: Json) -> None:
         records.ringing.apply(event)
 
     events.on(RING_EVENT, ring_event)
     events.on(RING_OVER_EVENT, ring_event)
-    timers = TimerLoop(store)
+    timers = TimerLoop(store, clock=clock)
     for kind, handler in records.timer_handlers().items():
         timers.on(kind.value, handler)
     installer = telephony or load_telephony(settings)
@@ -179,10 +186,11 @@ def create_app(
         VisitorNamespace(tokens, metrics, presence, calls, load, settings.admission)
     )
     sio.attach(app)
-    drain = Drain(settings.drain_grace_s)
+    drain = Drain(settings.drain_grace_s, clock.monotonic)
     sio.drain = drain
 
     app[keys.SETTINGS] = settings
+    app[keys.CLOCK] = clock
     app[keys.STORE] = store
     app[keys.TOKENS] = tokens
     app[keys.VISITORS] = VisitorIdentity.from_auth(settings.auth)

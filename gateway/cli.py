@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from aiohttp import web
@@ -124,7 +123,7 @@ async def drain_on_signals(app: web.Application) -> None:
     async def drain_then_stop(linger: bool) -> None:
         await drain.run()
         if linger:
-            await asyncio.sleep(max(0.0, drain.deadline() - time.monotonic()))
+            await asyncio.sleep(max(0.0, drain.deadline() - app[keys.CLOCK].monotonic()))
         loop.call_soon(stop_now)
 
     def on_signal(linger: bool) -> None:

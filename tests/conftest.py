@@ -31,6 +31,7 @@ from gateway.app import create_app
 from gateway.core.model import Role
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
+from gateway.ops.clock import Clock, ManualClock
 from gateway.settings import PresenceSettings, Settings, load_settings, with_dev_secret
 
 _T = TypeVar("_T")
@@ -261,6 +262,10 @@ class Node:
     def settings(self) -> Settings:
         return self.app[keys.SETTINGS]
 
+    @property
+    def clock(self) -> Clock:
+        return self.app[keys.CLOCK]
+
     async def stop(self) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(self.runner.cleanup()), 10)
@@ -274,8 +279,8 @@ class Node:
             raise
 
 
-async def start_node(settings: Settings) -> Node:
-    app = create_app(settings)
+async def start_node(settings: Settings, clock: Clock | None = None) -> Node:
+    app = create_app(settings, clock=clock)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", settings.port or 0)
@@ -292,14 +297,62 @@ NodeFactory = Callable[..., Awaitable[Node]]
 async def nodes(tmp_path: Path) -> AsyncIterator[NodeFactory]:
     started: list[Node] = []
 
-    async def factory(settings: Settings | None = None, **changes: Any) -> Node:
-        node = await start_node(settings or make_settings(tmp_path, **changes))
+    async def factory(
+        settings: Settings | None = None, clock: Clock | None = None, **changes: Any
+    ) -> Node:
+        """A node of ``settings`` (or the test settings with ``changes``); with ``clock`` (a
+        ``ManualClock``, which nodes of one test may share) its time moves only when the
+        test moves it on."""
+        node = await start_node(settings or make_settings(tmp_path, **changes), clock)
         started.append(node)
         return node
 
     yield factory
     for node in reversed(started):
         await node.stop()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Time for a test's nodes that stands still until the test moves it on
+    (``await clock.advance(s)``): ring timeouts, grace periods, leases and callbacks' due
+    times without waiting for them."""
+    return ManualClock()
+
+
+class Spy:
+    """Each call of an async method of a running node's part (its store, a service), once it
+    has returned: a test awaits what the node does on its side of a socket after the client
+    has gone (a leave, the grace timer it starts) before it moves the clock on."""
+
+    def __init__(self, owner: object, method: str) -> None:
+        self.returned: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        original = getattr(owner, method)
+
+        async def spied(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
+            self.returned.put_nowait(args)
+            return result
+
+        setattr(owner, method, spied)
+
+    async def next(
+        self, where: Callable[..., bool] = lambda *_: True, timeout: float = 5.0
+    ) -> tuple[Any, ...]:
+        """The arguments of the next call that returned and that ``where`` takes."""
+
+        async def wait() -> tuple[Any, ...]:
+            while True:
+                args = await self.returned.get()
+                if where(*args):
+                    return args
+
+        return await asyncio.wait_for(wait(), timeout)
+
+
+def timers_of(kind: str) -> Callable[..., bool]:
+    """For ``Spy(store, "schedule_timer").next``: the timers of ``kind``."""
+    return lambda timer_id, due: str(timer_id).startswith(f"{kind}:")
 
 
 def mint(
@@ -401,6 +454,12 @@ class SocketClient:
                     return item
 
         return await asyncio.wait_for(wait(), timeout)
+
+    def pending(self, event: str) -> list[Any]:
+        """Every ``event`` received and not yet taken by ``next``, taken now: after an ack,
+        all that the node sent this client before it."""
+        queue = self.queue(event)
+        return [queue.get_nowait() for _ in range(queue.qsize())]
 
     async def call(self, event: str, data: Any, namespace: str, timeout: float = 5.0) -> Any:
         return await self.sio.call(event, data, namespace=namespace, timeout=timeout)

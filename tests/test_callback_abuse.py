@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -51,7 +52,9 @@ from gateway.core.callback_admission import DIAL_RESERVE, LEGS_PER_CALL, MICRO_U
 from gateway.core.hours import is_open, next_open_at
 from gateway.core.model import Role
 from gateway.edge.http import appkeys as keys
-from gateway.services.callback_dialing import SPEND_TTL_S
+from gateway.ops.clock import ManualClock
+from gateway.services.callback_dialing import LINE_POLL_S, SPEND_TTL_S
+from gateway.services.callback_service import POLL_S
 
 # The fixtures of tests/test_callbacks.py: the simulator, the store parameter, a phone node.
 sim = test_callbacks.sim
@@ -556,24 +559,29 @@ async def test_a_callback_waiting_in_line_into_the_numbers_night_waits_for_the_m
     sim: TwilioSim,
     http: aiohttp.ClientSession,
     clients: Callable[[], SocketClient],
+    clock: ManualClock,
 ) -> None:
     """Asked for in the day, nobody free; night falls at the number while it waits in line:
     it leaves the line, is scheduled for the night's end, and is not dialled meanwhile."""
     berlin = ZoneInfo("Europe/Berlin")
-    falls = time.time() + NIGHT_FALLS_IN_S
+    falls = float(math.ceil(clock.now() + NIGHT_FALLS_IN_S))  # on a whole second
     start = datetime.fromtimestamp(falls, berlin)
     end = start + timedelta(hours=1)
     night = {"quiet_hours_start": start.time(), "quiet_hours_end": end.time()}
     settings = with_policy(phone_settings(tmp_path, sim, store_url), agent_first=False, **night)
-    node = await phone_node(nodes, settings)
+    node = await phone_node(nodes, settings, clock)
     de = await created(http, node, {"phone": DE_MOBILE})
+    await clock.advance(0.01)  # the line is in the order asked: the second asked later
     ny = await created(http, node, {"phone": US_NUMBER})
-    assert time.time() < falls, "too slow: the night fell before the requests"
     assert (await ticket(http, node, de))["state"] == "queued"
     assert (await ticket(http, node, ny))["position"] == 2
 
-    waiting = await ticket_state(http, node, de, "scheduled", timeout=NIGHT_FALLS_IN_S + 10)
-    assert time.time() >= falls - 0.5, "postponed before the night fell"
+    # The evening passes a look at a time: still in line until the night falls.
+    while clock.now() + POLL_S < falls:
+        await clock.advance(POLL_S)
+        assert (await ticket(http, node, de))["state"] == "queued", "postponed before the night"
+    await clock.advance(falls - clock.now() + POLL_S)
+    waiting = await ticket_state(http, node, de, "scheduled")
     quiet = [e for e in waiting["timeline"] if e["event"] == "quiet_hours"]
     assert len(quiet) == 1, waiting["timeline"]
     assert quiet[0]["detail"], quiet
@@ -588,6 +596,7 @@ async def test_a_callback_waiting_in_line_into_the_numbers_night_waits_for_the_m
     sim.phone(US_NUMBER, answer_after=1, hangup_after=5)
     sim.phone(ANNA_PHONE, answer_after=1)
     await agent(clients, node, "anna")
+    await clock.advance(POLL_S)  # its next look finds her
     await ticket_state(http, node, ny, "completed", timeout=15)
     assert (await ticket(http, node, de))["state"] == "scheduled"
     assert visitor_calls(sim, DE_MOBILE) == []
@@ -783,11 +792,12 @@ async def test_the_concurrency_cap_dials_the_second_only_after_the_first_ends(
     sim: TwilioSim,
     http: aiohttp.ClientSession,
     clients: Callable[[], SocketClient],
+    clock: ManualClock,
 ) -> None:
     settings = with_policy(
         phone_settings(tmp_path, sim, store_url), max_concurrent_calls=1, agent_first=False
     )
-    node = await phone_node(nodes, settings)
+    node = await phone_node(nodes, settings, clock)
     one, two = ie_mobile(1), ie_mobile(2)
     for phone in (one, two):
         sim.phone(phone, answer_after=1, hangup_after=10)
@@ -798,6 +808,13 @@ async def test_the_concurrency_cap_dials_the_second_only_after_the_first_ends(
     was = (await scrape(http, node)).get("membrane_callback_dials_total", {})
     first = await created(http, node, {"phone": one})
     second = await created(http, node, {"phone": two})
+
+    async def one_completed() -> bool:
+        states = [(await ticket(http, node, c))["state"] for c in (first, second)]
+        return "completed" in states
+
+    await eventually(one_completed, 15)
+    await clock.advance(LINE_POLL_S)  # the other's next look for a line finds it free
     await ticket_state(http, node, first, "completed", timeout=15)
     await ticket_state(http, node, second, "completed", timeout=15)
 

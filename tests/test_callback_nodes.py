@@ -44,6 +44,7 @@ from yarl import URL
 from gateway.core.model import Agent, CallbackPolicy
 from gateway.core.phone_policy import check_number, in_quiet_hours
 from gateway.edge.http import appkeys as keys
+from gateway.ops.clock import Clock, ManualClock, SystemClock
 from gateway.services import callback_dialing
 from gateway.settings import Settings, demo_config_text
 
@@ -255,8 +256,10 @@ class Cluster:
     def __init__(self) -> None:
         self.running: list[Node] = []
 
-    async def start(self, settings: Settings, min_lead_s: float = 1.0) -> Node:
-        node = await start_node(settings)
+    async def start(
+        self, settings: Settings, min_lead_s: float = 1.0, clock: Clock | None = None
+    ) -> Node:
+        node = await start_node(settings, clock)
         node.app[keys.CALLBACKS].min_lead_s = min_lead_s
         self.running.append(node)
         return node
@@ -322,6 +325,24 @@ async def kill(node: ProcessNode) -> None:
     """SIGKILL: no shutdown, nothing finished, every lease left to lapse."""
     node.proc.send_signal(signal.SIGKILL)
     await asyncio.wait_for(node.proc.wait(), 10)
+
+
+class ClockAhead(SystemClock):
+    """The real clock, ``ahead_s`` on: nodes that start that long after an event."""
+
+    def __init__(self, ahead_s: float) -> None:
+        self.ahead_s = ahead_s
+
+    def now(self) -> float:
+        return super().now() + self.ahead_s
+
+
+async def leases_lapse(clock: Clock) -> None:
+    """Moves in-process nodes' clock past every timer lease a killed node held. That node
+    ran in its own process on the real clock (a process cannot share a test's clock), so
+    the clock is first brought up to the real time."""
+    assert isinstance(clock, ManualClock)
+    await clock.advance(max(0.0, time.time() - clock.now()) + LEASE_S)
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -606,14 +627,14 @@ async def test_a_node_killed_before_its_dial_reached_twilio_is_taken_over_once(
         assert await rdb.exists(f"m:once:dial:{call_id}:1"), "the doomed node claimed the dial"
         balancer.backends.remove(doomed.url)
         await kill(doomed)
-        killed_at = time.monotonic()
 
-        b = await cluster.start(behind(balancer, base, "survivor", api_base_url=tap_b.url))
+        survivor = behind(balancer, base, "survivor", api_base_url=tap_b.url)
+        b = await cluster.start(survivor, clock=ManualClock())
         balancer.backends.append(b.url)
         await agent_on(clients, b.url, b.settings, "anna")
-        leg = await sim.wait_for_call(to=visitor, timeout=LEASE_S + 10)
-        waited = time.monotonic() - killed_at
-        assert waited < LEASE_S + 3, f"taken over {waited:.1f}s after the kill"
+        assert tap_b.requests == [], "nothing taken over while the dead node's lease holds"
+        await leases_lapse(b.clock)
+        leg = await sim.wait_for_call(to=visitor, timeout=10)
         assert tap_b.lists() and tap_b.dials(), tap_b.requests
         first_list = tap_b.requests.index(("GET", tap_b.lists()[0]))
         assert first_list < tap_b.requests.index(("POST", tap_b.dials()[0])), (
@@ -660,7 +681,8 @@ async def test_a_node_killed_after_twilio_placed_its_leg_is_not_dialled_again(
 
         # The survivor joins (the doomed node holds the dial timer's lease, so it cannot
         # take the dial yet) and the balancer stops sending to the doomed node.
-        b = await cluster.start(behind(balancer, base, "survivor", api_base_url=tap_b.url))
+        survivor = behind(balancer, base, "survivor", api_base_url=tap_b.url)
+        b = await cluster.start(survivor, clock=ManualClock())
         balancer.backends[:] = [b.url]
         await agent_on(clients, b.url, b.settings, "anna")
         tap_d.forward.set()
@@ -674,6 +696,7 @@ async def test_a_node_killed_after_twilio_placed_its_leg_is_not_dialled_again(
         done = await reach(http, b.url, created, "completed", 20)
         assert dialings(done) == 1
         # The survivor's turn at the dial timer, after the lease: it must place nothing.
+        await leases_lapse(b.clock)
         await dial_timer_done(rdb, call_id)
         assert visitor_calls(sim, visitor) == [leg], "the visitor was called once"
         assert tap_b.dials() == [] and placed(b) == 0
@@ -723,22 +746,28 @@ async def test_a_leg_whose_webhooks_were_lost_in_a_full_outage_does_not_stay_stu
         leg = await sim.wait_for_call(sid=tap_d.sid, status="ended", timeout=10)
         assert leg.webhooks and all(w.status == 502 for w in leg.webhooks), leg.webhooks
 
-        b = await cluster.start(behind(balancer, base, "survivor", api_base_url=tap_b.url))
+        survivor = behind(balancer, base, "survivor", api_base_url=tap_b.url)
+        clock = ManualClock()
+        b = await cluster.start(survivor, clock=clock)
         balancer.backends[:] = [b.url]
         anna_b = await agent_on(clients, b.url, b.settings, "anna")
+        await leases_lapse(clock)
         await dial_timer_done(rdb, call_id)
         assert tap_b.lists() and tap_b.dials() == [], "found the leg with Twilio, no new dial"
         assert visitor_calls(sim, visitor) == [leg]
 
+        # The lost attempt ends (no status), and after the retry interval the retry rings
+        # Anna again.
+        await clock.advance(silence)
+        await clock.advance(b.settings.sites["acme"].callback_policy.retry_interval_s)
         try:
-            # The lost attempt ends (no status) and the retry rings Anna again.
-            ring = await anna_b.next("call:ring", lambda r: r["call_id"] == call_id, silence + 10)
+            ring = await anna_b.next("call:ring", lambda r: r["call_id"] == call_id, 10)
         except TimeoutError:
             stuck = await ticket_at(http, b.url, created)
             timers = await rdb.zrange("m:timers", 0, -1)
             anna = await agent_status(http, b.url, b.settings, "anna")
             raise StuckCallback(
-                f"{silence + 10:.0f}s after the takeover the callback is {stuck['state']!r}, "
+                f"after the silence and the retry the callback is {stuck['state']!r}, "
                 f"Anna is {anna!r}, and no timer is left for it: {timers}"
             ) from None
         assert ring["your_phone"] == ANNA_PHONE
@@ -789,8 +818,11 @@ async def test_a_restart_of_every_node_loses_no_pending_callback(
         await cluster.stop(a)
         await kill(doomed)
 
-    c1 = await cluster.start(behind(balancer, base, "fresh-1"))
-    c2 = await cluster.start(behind(balancer, base, "fresh-2"))
+    # The fresh nodes start once the killed node's timer leases have lapsed: their clock is
+    # the real one (the callbacks go on in real time with the simulator) moved that far on.
+    later = ClockAhead(LEASE_S)
+    c1 = await cluster.start(behind(balancer, base, "fresh-1"), clock=later)
+    c2 = await cluster.start(behind(balancer, base, "fresh-2"), clock=later)
     balancer.backends[:] = [c1.url, c2.url]
     pending = [await ticket_at(http, c1.url, c) for c in created]
     assert not any(t["state"] in ("completed", "failed", "canceled") for t in pending), pending
@@ -798,7 +830,7 @@ async def test_a_restart_of_every_node_loses_no_pending_callback(
     await agent_on(clients, c1.url, c1.settings, "anna")
     await agent_on(clients, c2.url, c2.settings, "ben")
 
-    done = await all_reach(http, c2.url, created, "completed", LEASE_S + 40)
+    done = await all_reach(http, c2.url, created, "completed", 40)
     assert all(dialings(t) == 1 for t in done), [t["timeline"] for t in done]
     for phone in (*queued_phones, *scheduled_phones):
         legs = visitor_calls(sim, phone)
@@ -819,19 +851,21 @@ async def test_the_embedded_store_keeps_a_scheduled_callback_across_a_restart(
     sim.phone(ANNA_PHONE, answer_after=1)
     # Embedded store in tmp_path/data, on a fixed port (the public URL stays the same).
     settings = phone_settings(tmp_path, sim, agent_first=False)
-    first = await cluster.start(settings)
-    at = time.time() + 6
+    clock = ManualClock()
+    first = await cluster.start(settings, clock=clock)
+    at = clock.now() + 6
     created = await ask_callback(http, first.url, {"phone": VISITOR_PHONE, "at": iso_at(at)})
     assert created["call"]["state"] == "scheduled"
     await cluster.stop(first)
 
-    again = await cluster.start(settings)
+    again = await cluster.start(settings, clock=clock)
     assert (await ticket_at(http, again.url, created))["state"] == "scheduled"
     await agent_on(clients, again.url, again.settings, "anna")
-    assert time.time() < at - 1, "the restart took too long to test the callback's time"
-    leg = await sim.wait_for_call(to=VISITOR_PHONE, timeout=15)
-    dialled = time.time()
-    assert at - 0.05 <= dialled <= at + 1.0, f"dialled {dialled - at:+.2f}s from its time"
+    await clock.advance(at - clock.now() - 0.1)
+    assert (await ticket_at(http, again.url, created))["state"] == "scheduled", "not before"
+    assert visitor_calls(sim, VISITOR_PHONE) == []
+    await clock.advance(0.2)
+    leg = await sim.wait_for_call(to=VISITOR_PHONE, timeout=10)
     done = await reach(http, again.url, created, "completed", 15)
     assert dialings(done) == 1 and done["agent"]["name"] == "Anna"
     await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
@@ -877,20 +911,21 @@ async def test_two_nodes_racing_for_twenty_due_callbacks_dial_each_once(
         sim.phone(a.mobile, answer_after=1)
     assert site.callback_policy.max_concurrent_calls >= count
     assert site.callback_policy.per_ip_hour >= count, "every visitor here is 127.0.0.1"
-    n1 = await cluster.start(behind(balancer, settings, "node-1"))
-    n2 = await cluster.start(behind(balancer, settings, "node-2"))
+    clock = ManualClock()  # both nodes' time: the callbacks fall due on both at once
+    n1 = await cluster.start(behind(balancer, settings, "node-1"), clock=clock)
+    n2 = await cluster.start(behind(balancer, settings, "node-2"), clock=clock)
     balancer.backends[:] = [n1.url, n2.url]
     for i, agent_id in enumerate(site.agents):
         node = (n1, n2)[i % 2]
         await agent_on(clients, node.url, node.settings, agent_id)
 
-    at = time.time() + 4
+    at = clock.now() + 4
     created = [
         await ask_callback(http, (n1, n2)[i % 2].url, {"phone": phone, "at": iso_at(at)})
         for i, phone in enumerate(phones)
     ]
     assert {c["call"]["state"] for c in created} == {"scheduled"}
-    assert time.time() < at, "the requests took too long for their time"
+    await clock.advance(4.1)  # just past their time (it went over the wire in microseconds)
 
     done = await all_reach(http, n1.url, created, "completed", 40)
     assert all(dialings(t) == 1 for t in done)

@@ -13,8 +13,22 @@ import aiohttp
 import jwt
 import pytest
 import socketio
-from conftest import Node, NodeFactory, SocketClient, eventually, make_settings, mint, replace
+from conftest import (
+    Node,
+    NodeFactory,
+    SocketClient,
+    Spy,
+    eventually,
+    make_settings,
+    mint,
+    replace,
+    timers_of,
+)
 
+from gateway.core.call import CallState
+from gateway.edge.http import appkeys
+from gateway.ops.clock import ManualClock
+from gateway.services.call_records import TimerKind
 from gateway.settings import Settings
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
@@ -26,9 +40,12 @@ def fast_ring(settings: Settings, ring_timeout_s: float = 3.0) -> Settings:
 
 
 @pytest.fixture(params=["embedded", "redis"])
-async def node(request: pytest.FixtureRequest, nodes: NodeFactory, tmp_path: Path) -> Node:
+async def node(
+    request: pytest.FixtureRequest, nodes: NodeFactory, tmp_path: Path, clock: ManualClock
+) -> Node:
+    """A node whose time moves only when a test moves ``clock`` on."""
     url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
-    return await nodes(fast_ring(make_settings(tmp_path, redis_url=url)))
+    return await nodes(fast_ring(make_settings(tmp_path, redis_url=url)), clock=clock)
 
 
 async def session(
@@ -138,8 +155,12 @@ async def test_a_visitor_reaches_the_best_agent_talks_and_hangs_up(
 
 
 async def test_decline_and_timeout_ring_the_next_agent_then_a_callback_is_offered(
-    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+    node: Node,
+    clock: ManualClock,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
 ) -> None:
+    calls = node.app[appkeys.CALLS]
     anna = await agent(clients, node, "anna")
     carla = await agent(clients, node, "carla")
     v = await visitor(clients, node, (await session(http, node))["token"])
@@ -157,9 +178,10 @@ async def test_decline_and_timeout_ring_the_next_agent_then_a_callback_is_offere
     )
     assert ringing_second["agent"]["name"] != first_name
     # The second agent lets it ring out (3 s); nobody is left: a callback offer, no dead end.
-    started = time.monotonic()
-    failed = await v.next("call:update", state_is("failed"), timeout=10)
-    assert 2.5 < time.monotonic() - started < 6
+    await clock.advance(2.9)
+    assert (await calls.get(ring["call_id"])).state is CallState.RINGING, "not before its time"
+    await clock.advance(0.2)
+    failed = await v.next("call:update", state_is("failed"))
     assert failed["reason"] == "no_agent_answered"
     assert failed["callback_offer"] is not None
     await second.next("call:ring_stop", lambda m: m["reason"] == "no_answer")
@@ -202,11 +224,13 @@ async def test_visitor_leaving_while_ringing_frees_the_agent(
 
 
 async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
-    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+    node: Node,
+    clock: ManualClock,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
 ) -> None:
-    from gateway.edge.http import appkeys
-
-    node.app[appkeys.CALLS].agent_grace_s = 1.0
+    calls = node.app[appkeys.CALLS]
+    scheduled = Spy(node.app[appkeys.STORE], "schedule_timer")
     anna = await agent(clients, node, "anna")
     v = await visitor(clients, node, (await session(http, node))["token"])
     await v.call("call:start", {}, "/visitor")
@@ -217,6 +241,7 @@ async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
     # The agent app's socket drops and comes back naming its call: the call carries on, and
     # signals go to the new socket.
     await anna.sio.disconnect()
+    await scheduled.next(timers_of(TimerKind.AGENT_GONE))  # the old socket's grace runs
     back = clients()
     token = mint(node.settings, "anna")
     await back.connect(node.url, "/agent", {"token": token, "call_id": call_id})
@@ -225,16 +250,24 @@ async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
     offer = {"call_id": call_id, "description": {"type": "offer", "sdp": "v=0\r\n"}}
     assert (await v.call("rtc:signal", offer, "/visitor"))["ok"]
     assert await back.next("rtc:signal") == offer
-    with pytest.raises(TimeoutError):  # the grace timer of the old socket changes nothing
-        await v.next("call:update", state_is("completed"), timeout=2.0)
+    # The grace timer of the old socket runs out and changes nothing.
+    await clock.advance(calls.agent_grace_s + 1)
+    assert (await calls.get(call_id)).state is CallState.CONNECTED
+    assert (await v.call("rtc:signal", offer, "/visitor"))["ok"]
+    assert not any(c["state"] == "completed" for c in v.pending("call:update"))
 
     # Another socket of hers cannot take the call over unless it names it.
     other = await agent(clients, node, "anna")
     assert (await other.call("rtc:signal", offer, "/agent"))["error"]["code"] == "forbidden"
 
-    # Now she really leaves: after the grace period the call ends.
+    # Now she really leaves: after the grace period the call ends, not before.
     await back.sio.disconnect()
-    ended = await v.next("call:update", state_is("completed"), timeout=5)
+    _, due = await scheduled.next(timers_of(TimerKind.AGENT_GONE))
+    assert due == clock.now() + calls.agent_grace_s
+    await clock.advance(calls.agent_grace_s - 0.1)
+    assert (await calls.get(call_id)).state is CallState.CONNECTED
+    await clock.advance(0.2)
+    ended = await v.next("call:update", state_is("completed"))
     assert ended["reason"] == "agent_left"
 
 
@@ -413,8 +446,6 @@ async def test_a_new_watcher_is_told_the_truth_about_changes_nobody_watched(
     was)."""
     import json
 
-    from gateway.edge.http import appkeys
-
     feed = node.app[appkeys.AVAILABILITY]
 
     async def first_frame() -> dict[str, Any]:
@@ -445,7 +476,6 @@ async def test_a_widget_that_never_reads_is_cut_off_not_held(
     shutdown timeout (found by bench/soak.py)."""
     import socket
 
-    from gateway.edge.http import appkeys
     from gateway.wire.codec import device_update_from_wire
 
     node = await nodes(make_settings(tmp_path))
@@ -492,11 +522,13 @@ async def test_a_widget_that_never_reads_is_cut_off_not_held(
 
 
 async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
-    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+    node: Node,
+    clock: ManualClock,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
 ) -> None:
-    from gateway.edge.http import appkeys
-
-    node.app[appkeys.CALLS].visitor_grace_s = 1.0
+    calls = node.app[appkeys.CALLS]
+    scheduled = Spy(node.app[appkeys.STORE], "schedule_timer")
     anna = await agent(clients, node, "anna")
     s = await session(http, node)
     v = await visitor(clients, node, s["token"])
@@ -506,18 +538,27 @@ async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
 
     # The socket drops and comes back with the same session: the call carries on.
     await v.sio.disconnect()
+    await scheduled.next(timers_of(TimerKind.VISITOR_GONE))  # the old socket's grace runs
     back = await visitor(clients, node, s["token"])
     resumed = await back.next("call:update")
     assert resumed["call_id"] == call_id and resumed["state"] == "connected"
     answer = {"call_id": call_id, "description": {"type": "answer", "sdp": "v=0\r\n"}}
     assert (await anna.call("rtc:signal", answer, "/agent"))["ok"]
     assert await back.next("rtc:signal") == answer
-    with pytest.raises(TimeoutError):  # the grace timer of the old socket changes nothing
-        await anna.next("call:update", state_is("completed"), timeout=2.0)
+    # The grace timer of the old socket runs out and changes nothing.
+    await clock.advance(calls.visitor_grace_s + 1)
+    assert (await calls.get(call_id)).state is CallState.CONNECTED
+    assert (await anna.call("rtc:signal", answer, "/agent"))["ok"]
+    assert not any(c["state"] == "completed" for c in anna.pending("call:update"))
 
-    # Now the visitor really leaves: after the grace period the call ends.
+    # Now the visitor really leaves: after the grace period the call ends, not before.
     await back.sio.disconnect()
-    ended = await anna.next("call:update", state_is("completed"), timeout=5)
+    _, due = await scheduled.next(timers_of(TimerKind.VISITOR_GONE))
+    assert due == clock.now() + calls.visitor_grace_s
+    await clock.advance(calls.visitor_grace_s - 0.1)
+    assert (await calls.get(call_id)).state is CallState.CONNECTED
+    await clock.advance(0.2)
+    ended = await anna.next("call:update", state_is("completed"))
     assert ended["reason"] == "visitor_left"
     await anna.next("presence:update", lambda p: p["status"] == "available")
 
@@ -538,8 +579,6 @@ async def test_an_agent_on_a_call_is_never_rung_even_by_a_node_that_lags(
     clients: Callable[[], SocketClient],
 ) -> None:
     """Presence reaches other nodes a moment later; the reservation must hold meanwhile."""
-    from gateway.edge.http import appkeys
-
     settings = fast_ring(make_settings(tmp_path, redis_url=redis_url))
     a = await nodes(replace(settings, node_id="a"))
     b = await nodes(replace(settings, node_id="b"))
@@ -568,8 +607,6 @@ async def test_a_ring_answered_after_its_reservation_lapsed_is_refused(
 ) -> None:
     """A node far behind may deliver an accept after the reservation expired and the agent
     was reserved for another call: taking it would book the agent twice."""
-    from gateway.edge.http import appkeys
-
     anna = await agent(clients, node, "anna")
     v = await visitor(clients, node, (await session(http, node))["token"])
     await v.call("call:start", {}, "/visitor")

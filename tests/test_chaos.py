@@ -15,6 +15,10 @@ Afterwards, with no exceptions:
   after Redis stops answering, ``UP_GRACE_S`` after it is back);
 - the node started while Redis was down waited, logged one line about it, and became ready
   once Redis was back; no node logged a traceback.
+
+Real time throughout, and the bounds above are wall-clock bounds on purpose: the nodes are
+processes of their own (killed, frozen with Redis, started again), which cannot share a
+test's clock, and how soon they recover is what is being measured.
 """
 
 from __future__ import annotations

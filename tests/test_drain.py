@@ -26,9 +26,13 @@ from conftest import (
 )
 
 from gateway.core.model import Role
+from gateway.edge.http import appkeys as keys
+from gateway.ops.clock import ManualClock
 from gateway.settings import demo_config_text
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
+# Real time for the draining node: it is a process of its own, told to stop with SIGTERM,
+# and a process cannot take a test's clock. Its grace is the real time it has to exit.
 GRACE_S = 4.0
 # Beyond the grace: the interpreter's own start-up and exit, on a busy machine.
 EXIT_MARGIN_S = 3.0
@@ -78,9 +82,10 @@ async def test_a_connected_call_survives_its_nodes_drain(
     tmp_path: Path,
     http: aiohttp.ClientSession,
     clients: Callable[[], SocketClient],
+    clock: ManualClock,
 ) -> None:
     settings = make_settings(tmp_path, redis_url=redis_url)
-    b = await nodes(replace(settings, node_id="b"))
+    b = await nodes(replace(settings, node_id="b"), clock=clock)
     env = {"MEMBRANE_DRAIN_GRACE_S": str(GRACE_S)}
     async with node_process(tmp_path, settings, redis_url, config(), "a", env) as (a_url, proc):
         board = clients()
@@ -144,11 +149,17 @@ async def test_a_connected_call_survives_its_nodes_drain(
         assert proc.returncode == 0
 
     # The grace timers of the old sockets run out and change nothing: the call stays
-    # connected and Carla on it (the board never saw her otherwise).
+    # connected and Carla on it (the board never saw her otherwise). A set them by the real
+    # clock, so B's is brought up to it first, then on past the grace.
+    calls_b = b.app[keys.CALLS]
+    await clock.advance(
+        time.time() - clock.now() + max(calls_b.visitor_grace_s, calls_b.agent_grace_s)
+    )
+
     async def grace_timers_done() -> bool:
         return not await timers_left(redis_url, call_id)
 
-    await eventually(grace_timers_done, 20)
+    await eventually(grace_timers_done, 5)
     assert (await stored_call(redis_url, call_id))["state"] == "connected"
     r = await http.get(
         f"{b.url}/v1/sites/acme/agents",
@@ -176,12 +187,13 @@ async def test_a_ringing_call_on_a_draining_node_still_rings_and_times_out(
     http: aiohttp.ClientSession,
     clients: Callable[[], SocketClient],
     ending: str,
+    clock: ManualClock,
 ) -> None:
     """The call rings Carla, visitor and agent both on node A, when A drains. The drain does
     not cancel it (its visitor did not leave): the agent app, back on B, is rung again and
     can answer there; unanswered, B times the ring out as A would have."""
     settings = make_settings(tmp_path, redis_url=redis_url)
-    b = await nodes(replace(settings, node_id="b"))
+    b = await nodes(replace(settings, node_id="b"), clock=clock)
     env = {"MEMBRANE_DRAIN_GRACE_S": str(GRACE_S)}
     ring_timeout_s = 4
     async with node_process(tmp_path, settings, redis_url, config(ring_timeout_s), "a", env) as (
@@ -222,7 +234,9 @@ async def test_a_ringing_call_on_a_draining_node_still_rings_and_times_out(
         else:
             # A no longer runs timers: B times the ring out, and with nobody else to ring
             # the call fails with a callback offer (not canceled as if the visitor left).
-            failed = await visitor_b.next("call:update", state_is("failed"), ring_timeout_s + 5)
+            # A rang by the real clock: B's is brought up to it, then past the ring's end.
+            await clock.advance(time.time() - clock.now() + ring_timeout_s)
+            failed = await visitor_b.next("call:update", state_is("failed"))
             assert failed["reason"] == "no_agent_answered"
             stop = await agent_b.next("call:ring_stop")
             assert stop == {"call_id": call_id, "attempt": 1, "reason": "no_answer"}

@@ -3,6 +3,10 @@ python-engineio's own socket, without a Task per wait.
 
 A real aiohttp server with short ping intervals and a raw websocket client, so pings,
 pongs, timeouts and closes go over the wire exactly as a browser would see them.
+
+Real time, with bounds on it: these are engine.io's own transport timers (ping interval and
+timeout, on the event loop's clock), which the node's Clock (gateway/ops/clock.py) leaves
+on real time on purpose, as a socket over a real connection runs.
 """
 
 from __future__ import annotations

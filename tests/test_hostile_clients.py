@@ -381,7 +381,8 @@ async def test_namespace_connect_cycles_are_rate_limited_per_connection(
             break
         await ws.send_str("41/agent,")
     assert reply.startswith("44/agent,"), "never limited"
-    # The burst, the tokens refilled meanwhile, and the refused one.
+    # The burst, the tokens refilled meanwhile, and the refused one. (Rate limits refill on
+    # real time, not the node's Clock: they bound what a client sends per real second.)
     refilled = (time.monotonic() - started) * NAMESPACE_CONNECTS[0]
     assert connects <= burst + refilled + 1, (connects, refilled)
     assert json.loads(reply.removeprefix("44/agent,"))["data"]["code"] == "rate_limited"

@@ -130,7 +130,8 @@ async def test_nodes_are_ready_and_hear_each_other_again_after_redis_pauses(
 
 def slow_ring(settings: Settings) -> Settings:
     """Rings that outlast the test: a ring that stops did so because the visitor left, not
-    because it timed out."""
+    because it timed out. (Real time in this file: Redis is paused and restarted as a process,
+    and what is tested is how the nodes come back from that in real time.)"""
     sites = {k: replace(s, ring_timeout_s=90.0) for k, s in settings.sites.items()}
     return replace(settings, sites=sites)
 

@@ -15,6 +15,7 @@ from conftest import RedisServer, eventually
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceStatus
+from gateway.ops.clock import ManualClock
 from gateway.services.timers import TimerLoop
 from gateway.store.base import (
     HANDLE_TIMES_KEPT,
@@ -686,8 +687,8 @@ async def test_a_timer_that_finds_the_store_unreachable_runs_again_after_its_lea
     one (the chaos test's Redis restart logged an error with a traceback), and the timer
     runs again once its lease is over."""
     store: Store = await open_store()
-    now = [time.time()]
-    timers = TimerLoop(store, lease_s=15.0, clock=lambda: now[0])
+    clock = ManualClock()
+    timers = TimerLoop(store, lease_s=15.0, clock=clock)
     runs: list[str] = []
 
     async def handler(rest: str) -> None:
@@ -696,14 +697,14 @@ async def test_a_timer_that_finds_the_store_unreachable_runs_again_after_its_lea
             raise RedisConnectionError("cannot reach Redis")
 
     timers.on("t", handler)
-    await store.schedule_timer("t:x", now[0] - 1)
+    await store.schedule_timer("t:x", clock.now() - 1)
     with caplog.at_level(logging.INFO, logger="gateway.services.timers"):
         assert await timers.run_once() == 1
     logged = [r for r in caplog.records if r.name == "gateway.services.timers"]
     assert [r.levelname for r in logged] == ["WARNING"], logged
     assert logged[0].exc_info is None and "store unreachable" in logged[0].getMessage()
     assert await timers.run_once() == 0, "leased"
-    now[0] += 16
+    await clock.advance(16)
     assert await timers.run_once() == 1 and runs == ["x", "x"]
-    now[0] += 16
+    await clock.advance(16)
     assert await timers.run_once() == 0, "done"

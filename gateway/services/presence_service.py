@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -28,6 +27,7 @@ from gateway.core.model import (
     Site,
 )
 from gateway.core.presence import aggregate, effective_device, is_live, status_changed
+from gateway.ops.clock import SYSTEM_CLOCK, Clock
 from gateway.ops.tasks import TaskGroup
 from gateway.services.store_retry import UntilStored
 from gateway.settings import PresenceSettings
@@ -103,13 +103,13 @@ class PresenceService:
         store: PresenceAndEvents,
         settings: PresenceSettings,
         tasks: TaskGroup,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._sites = sites
         self._store = store
         self._settings = settings
         self._clock = clock
-        self._until_stored = UntilStored(tasks, clock)
+        self._until_stored = UntilStored(tasks, clock.now)
         self._cache: dict[str, dict[str, Presence]] = {s: {} for s in sites}
         self._listeners: list[PresenceListener] = []
         self._lapse_listeners: list[LapseListener] = []
@@ -144,7 +144,7 @@ class PresenceService:
         found = self._cache.get(site_id, {}).get(agent_id)
         if found is not None:
             return found
-        return aggregate(self.agent(site_id, agent_id), PresenceRecord(), self._clock())
+        return aggregate(self.agent(site_id, agent_id), PresenceRecord(), self._clock.now())
 
     def snapshot(self, site_id: str) -> Mapping[str, Presence]:
         """Every agent of the site this node has presence for, as it knows them now (for
@@ -160,11 +160,11 @@ class PresenceService:
         """Read through to the store: for answers that must not lag behind events."""
         agent = self.agent(site_id, agent_id)
         record = await self._store.get_presence(site_id, agent_id)
-        return aggregate(agent, record, self._clock())
+        return aggregate(agent, record, self._clock.now())
 
     async def resync(self) -> None:
         """Reload every agent from the store: at start and after missing events."""
-        now = self._clock()
+        now = self._clock.now()
         for site_id, site in self._sites.items():
             records = await self._store.get_site_presence(site_id, list(site.agents))
             for agent_id, record in records.items():
@@ -189,7 +189,7 @@ class PresenceService:
         self, site_id: str, agent_id: str, update: DeviceUpdate, ttl_s: float | None
     ) -> Presence:
         agent = self.agent(site_id, agent_id)
-        now = self._clock()
+        now = self._clock.now()
         ttl = self._settings.device_ttl_s if ttl_s is None else ttl_s
         device = Device(
             update.device_id, update.kind, update.state, update.priority, now, now + ttl
@@ -234,11 +234,11 @@ class PresenceService:
     async def remove_device(self, site_id: str, agent_id: str, device_id: str) -> Presence:
         agent = self.agent(site_id, agent_id)
         record = await self._store.remove_device(site_id, agent_id, device_id)
-        return await self._commit(agent, record, self._clock())
+        return await self._commit(agent, record, self._clock.now())
 
     async def heartbeat(self, site_id: str, agent_id: str, device_id: str) -> Presence:
         agent = self.agent(site_id, agent_id)
-        now = self._clock()
+        now = self._clock.now()
         record = await self._store.get_presence(site_id, agent_id)
         device = next((d for d in record.devices if d.device_id == device_id), None)
         if device is None or device.expires_at <= now:
@@ -253,7 +253,7 @@ class PresenceService:
     async def set_active_call(self, site_id: str, agent_id: str, call_id: str | None) -> Presence:
         agent = self.agent(site_id, agent_id)
         record = await self._store.set_active_call(site_id, agent_id, call_id)
-        return await self._commit(agent, record, self._clock())
+        return await self._commit(agent, record, self._clock.now())
 
     async def _commit(self, agent: Agent, record: PresenceRecord, now: float) -> Presence:
         presence = aggregate(agent, record, now)
@@ -315,7 +315,7 @@ class PresenceService:
 
     async def sweep(self) -> int:
         """Report devices whose lease lapsed (on any node) as offline; returns agents changed."""
-        lapsed = await self._store.claim_lapsed(self._clock())
+        lapsed = await self._store.claim_lapsed(self._clock.now())
         agents = [
             self._sites[site_id].agents[agent_id]
             for site_id, agent_id in lapsed
@@ -332,7 +332,7 @@ class PresenceService:
         while pending:
             agent = pending[0]
             record = await self._store.get_presence(agent.site, agent.agent_id)
-            await self._commit(agent, record, self._clock())
+            await self._commit(agent, record, self._clock.now())
             pending.pop(0)
             for listener in self._lapse_listeners:
                 try:
@@ -341,7 +341,7 @@ class PresenceService:
                     log.exception("lapse listener failed")
 
     async def renew_socket_leases(self) -> None:
-        now = self._clock()
+        now = self._clock.now()
         refs = list(self._socket_devices.values())
         await self._restore(
             await self._store.touch_devices(refs, now, now + self._settings.socket_ttl_s)
@@ -355,7 +355,7 @@ class PresenceService:
                 raise
             except Exception as e:
                 log.warning("presence sweep failed: %r", e)
-            await asyncio.sleep(self._settings.sweep_interval_s)
+            await self._clock.pause(self._settings.sweep_interval_s)
 
     async def run_lease_renewal(self) -> None:
         """Every socket lease renewed each third of its TTL, in slices spread over that
@@ -365,8 +365,8 @@ class PresenceService:
             refs = list(self._socket_devices.values())
             slices = max(1, math.ceil(len(refs) / LEASE_SLICE))
             for i in range(slices):
-                await asyncio.sleep(interval / slices)
-                now = self._clock()
+                await self._clock.sleep(interval / slices)
+                now = self._clock.now()
                 chunk = refs[i * LEASE_SLICE : (i + 1) * LEASE_SLICE]
                 try:
                     await self._restore(

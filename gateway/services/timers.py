@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
+from gateway.ops.clock import SYSTEM_CLOCK, Clock
 from gateway.store.base import UNAVAILABLE_ERRORS, TimerStore
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class TimerLoop:
         store: TimerStore,
         interval_s: float = 0.1,
         lease_s: float = 15.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
         self._interval_s = interval_s
@@ -42,7 +42,7 @@ class TimerLoop:
         self._handlers[kind] = handler
 
     async def run_once(self) -> int:
-        due = await self._store.claim_timers(self._clock(), self._lease_s)
+        due = await self._store.claim_timers(self._clock.now(), self._lease_s)
         # One batch runs concurrently: a slow handler (a dial waiting on the provider) must
         # not hold up the callbacks due with it.
         results = await asyncio.gather(
@@ -93,22 +93,22 @@ class TimerLoop:
                 raise
             except Exception as e:
                 log.warning("claiming timers failed: %r", e)
-            await asyncio.sleep(self._interval_s)
+            await self._clock.pause(self._interval_s)
 
     async def hand_over(self, running: asyncio.Task[None], deadline: float) -> None:
         """For a drain: claim no more timers, let the handlers running in ``running`` (the task
-        of ``run``) finish until ``deadline`` (``time.monotonic``), then cut off those still
+        of ``run``) finish until ``deadline`` (the clock's ``monotonic``), then cut off those still
         running and make their timers due now, so another node runs them at once instead of
         after their lease (15 s)."""
         self._stopping = True
         if not running.done():
-            await asyncio.wait({running}, timeout=max(0.0, deadline - time.monotonic()))
+            await asyncio.wait({running}, timeout=max(0.0, deadline - self._clock.monotonic()))
         if not running.done():
             running.cancel()
             await asyncio.wait({running}, timeout=1.0)
         if not self._in_flight:
             return
-        now = self._clock()
+        now = self._clock.now()
         for timer_id in sorted(self._in_flight):
             await self._store.schedule_timer(timer_id, now)
         log.info("handed over %d running timers", len(self._in_flight))

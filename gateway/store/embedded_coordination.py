@@ -3,7 +3,6 @@ timers, quotas, slots, counters and claims in SQLite (a restart resets no limit)
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from gateway.store.base import Quota
@@ -21,7 +20,7 @@ class EmbeddedCoordination(EmbeddedParts, NamedCoordination):
     # --- coordination (one node: plain memory, timers in SQLite) ------------------------------
 
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
-        now = time.time()
+        now = self._clock()
         held = self._reservations.get((site, agent_id))
         if held is not None and held[1] > now:
             return False
@@ -40,9 +39,9 @@ class EmbeddedCoordination(EmbeddedParts, NamedCoordination):
         self, site: str, agent_id: str, call_id: str, ttl_s: float
     ) -> bool:
         held = self._reservations.get((site, agent_id))
-        if held is None or held[0] != call_id or held[1] <= time.time():
+        if held is None or held[0] != call_id or held[1] <= self._clock():
             return False
-        self._reservations[(site, agent_id)] = (call_id, time.time() + ttl_s)
+        self._reservations[(site, agent_id)] = (call_id, self._clock() + ttl_s)
         return True
 
     async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 
 from gateway.store.base import HANDLE_TIMES_KEPT, CallRow
 from gateway.store.embedded_common import EmbeddedParts
@@ -23,13 +22,13 @@ class EmbeddedRecords(EmbeddedParts):
             if row.version == 1:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO calls VALUES (?, ?, 1, ?, ?)",
-                    (row.call_id, row.site, data, time.time()),
+                    (row.call_id, row.site, data, self._clock()),
                 )
             else:
                 cur = db.execute(
                     "UPDATE calls SET version = ?, data = ?, updated_at = ?"
                     " WHERE call_id = ? AND version = ?",
-                    (row.version, data, time.time(), row.call_id, row.version - 1),
+                    (row.version, data, self._clock(), row.call_id, row.version - 1),
                 )
             return cur.rowcount == 1
 
@@ -66,7 +65,7 @@ class EmbeddedRecords(EmbeddedParts):
         await self._run(
             lambda: self._conn().execute(
                 "INSERT OR REPLACE INTO visits VALUES (?, ?, ?, ?)",
-                (site, visitor_id, agent_id, time.time()),
+                (site, visitor_id, agent_id, self._clock()),
             )
         )
 

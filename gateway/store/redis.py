@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -79,8 +81,11 @@ def _tls_refused(error: BaseException) -> bool:
 class RedisStore(RedisPresence, RedisRecords, RedisCoordination):
     """Every role of ``Store`` (its parts are mixed in, sharing the connections)."""
 
-    def __init__(self, url: str | RedisTarget, node_id: str) -> None:
+    def __init__(
+        self, url: str | RedisTarget, node_id: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self.node_id = node_id
+        self._clock = clock  # when a call row changed (replays); expiries are Redis's own
         self._target = redis_target(url)
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=connection_pool(self._target))
         self._on_event: EventHandler | None = None

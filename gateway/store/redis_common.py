@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,6 +23,7 @@ class RedisParts:
     for the hot path."""
 
     node_id: str
+    _clock: Callable[[], float]
     _redis: aioredis.Redis
     _lane: RedisLane
 

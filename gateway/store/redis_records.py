@@ -10,8 +10,6 @@ callback queue.
 
 from __future__ import annotations
 
-import time
-
 import orjson
 
 from gateway.store.base import HANDLE_TIMES_KEPT, CallRow
@@ -39,7 +37,7 @@ class RedisRecords(RedisParts):
                 row.version,
                 row.site,
                 orjson.dumps(row.data),
-                time.time(),
+                self._clock(),
                 row.call_id,
             ],
         )

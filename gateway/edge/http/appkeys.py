@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.edge.auth import TokenService
 from gateway.edge.http.availability_feed import AvailabilityFeed
 from gateway.edge.visitor_identity import VisitorIdentity
+from gateway.ops.clock import Clock
 from gateway.ops.metrics import Metrics
 from gateway.ops.ratelimit import TokenBucket
 from gateway.ops.tasks import TaskGroup
@@ -26,6 +27,7 @@ class HealthSource(Protocol):
 
 
 SETTINGS = web.AppKey("settings", Settings)
+CLOCK = web.AppKey("clock", Clock)
 STORE = web.AppKey("store", Store)
 TOKENS = web.AppKey("tokens", TokenService)
 VISITORS = web.AppKey("visitors", VisitorIdentity)

@@ -6,8 +6,6 @@ status token handed out once in the 201 (an unguessable secret, like a parcel tr
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 
 from gateway.edge.auth import VISITOR_ROLES, bearer_token, check_configured_role
@@ -48,7 +46,7 @@ async def callback_slots(request: web.Request) -> web.Response:
     branch = branch_from_query(request.query)
     if branch is not None and branch not in site.branches:
         return web.json_response(slots_to_wire([]), headers={"Cache-Control": "no-store"})
-    slots = request.app[keys.CALLBACKS].slots(site.site_id, branch, time.time())
+    slots = request.app[keys.CALLBACKS].slots(site.site_id, branch, request.app[keys.CLOCK].now())
     return web.json_response(slots_to_wire(slots), headers={"Cache-Control": "no-store"})
 
 

@@ -7,7 +7,6 @@ session token guards.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -141,7 +140,7 @@ async def create_session(request: web.Request) -> web.Response:
     if origin is None or origin not in allowed_origins(request):
         raise ApiError(403, "origin_not_allowed", "this page's origin may not open sessions")
     store = request.app[keys.STORE]
-    now = time.time()
+    now = request.app[keys.CLOCK].now()
     if not await store.hit_session_limit(client_ip(request), 60, SESSIONS_PER_IP_MINUTE, now):
         raise ApiError(429, "rate_limited", "too many sessions from this address")
     claim = session_request_from_wire(await read_json(request))

@@ -213,9 +213,14 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
     manager's own redis-py client is never made."""
 
     def __init__(
-        self, url: str | RedisTarget, channel: str, rings: RingDelivery | None = None
+        self,
+        url: str | RedisTarget,
+        channel: str,
+        rings: RingDelivery | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._target = redis_target(url)
+        self._clock = clock  # the time call rows are written in, for ``on_rejoin``
         super().__init__(url=str(self._target), channel=channel)
         self.rings = rings or RingDelivery()
         self.listening = False
@@ -379,7 +384,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
                     deaf_since = None
                 self.listening, self.last_error = True, ""
                 retry_sleep = 0.1
-                heard_at = time.time()
+                heard_at = self._clock()
                 while True:
                     while inbox:
                         message = inbox.popleft()
@@ -400,7 +405,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
                             raise RedisConnectionError(
                                 "subscription stopped answering pings"
                             ) from None
-                    heard_at = time.time()
+                    heard_at = self._clock()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
