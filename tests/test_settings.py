@@ -24,6 +24,7 @@ import jwt
 import pytest
 
 from gateway.core.admission import AdmissionLimits
+from gateway.core.errors import DomainError
 from gateway.core.model import CallbackPolicy, OpeningSpan, Role
 from gateway.edge.auth import AUDIENCE, TokenService
 from gateway.settings import (
@@ -35,7 +36,6 @@ from gateway.settings import (
     load_settings,
     with_dev_secret,
 )
-from gateway.wire.errors import ApiError
 
 REPO = Path(__file__).resolve().parents[1]
 STRONG = "s3cret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -890,7 +890,7 @@ async def test_dev_secret_tokens_verify(tmp_path: Path) -> None:
     token, _ = TokenService(with_dev_secret(demo(tmp_path)).auth).mint("anna", "acme", Role.AGENT)
     claims = await TokenService(with_dev_secret(demo(tmp_path)).auth).verify(token)
     assert claims.sub == "anna"
-    with pytest.raises(ApiError):
+    with pytest.raises(DomainError):
         await TokenService(with_dev_secret(demo(tmp_path / "elsewhere")).auth).verify(token)
 
 
@@ -1063,7 +1063,7 @@ async def test_cli_token_verifies_with_the_dev_secret(tmp_path: Path) -> None:
     # A token from another data directory was signed with another secret.
     third = run_cli(tmp_path, "token", "--agent", "anna", "--data-dir", str(tmp_path / "d2"))
     assert third.returncode == 0, third.stderr
-    with pytest.raises(ApiError):
+    with pytest.raises(DomainError):
         await service.verify(third.stdout.strip())
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, eventually
-from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.core.errors import StoreUnavailable
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceStatus
 from gateway.services.timers import TimerLoop
 from gateway.store.base import HANDLE_TIMES_KEPT, CallRow, DeviceRef, Json, Quota, Store
@@ -540,7 +540,7 @@ async def test_a_timer_that_finds_the_store_unreachable_runs_again_after_its_lea
     async def handler(rest: str) -> None:
         runs.append(rest)
         if len(runs) == 1:
-            raise RedisConnectionError("cannot reach Redis")
+            raise StoreUnavailable()  # what a store raises while Redis is away
 
     timers.on("t", handler)
     await store.schedule_timer("t:x", now[0] - 1)

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from gateway.core import call as calls
 from gateway.core.call import Call, CallChannel, CallError, CallRequest, CallState
+from gateway.core.errors import Conflict, Forbidden, Invalid, NotFound, RateLimited
 from gateway.core.model import PresenceRecord, Site
 from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
 from gateway.core.routing import (
@@ -35,7 +36,6 @@ from gateway.services.presence_service import PresenceService, socket_device_id
 from gateway.services.store_retry import UntilStored
 from gateway.store.base import CallRow, Store
 from gateway.wire.codec import Json, call_from_record, call_to_record, iso, ring_validity
-from gateway.wire.errors import ApiError, forbidden, not_found
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,14 @@ class CallService:
     # --- reads -----------------------------------------------------------------------------------
 
     async def get(self, call_id: str) -> Call:
+        call = await self.find(call_id)
+        if call is None:
+            raise NotFound(f"no call {call_id!r}")
+        return call
+
+    async def find(self, call_id: str) -> Call | None:
         row = await self._store.get_call(call_id)
-        if row is None:
-            raise not_found(f"no call {call_id!r}")
-        return call_from_record(row.data, row.version)
+        return None if row is None else call_from_record(row.data, row.version)
 
     async def update(
         self, call_id: str, transition: Callable[[Call], Call], current: Call | None = None
@@ -185,7 +189,7 @@ class CallService:
             row = CallRow(call_id, after.site, after.version, call_to_record(after))
             if await self._store.put_call(row):
                 return before, after
-        raise ApiError(409, "conflict", "the call is changing too fast; try again")
+        raise Conflict("the call is changing too fast; try again")
 
     # --- the visitor -----------------------------------------------------------------------------
 
@@ -194,7 +198,7 @@ class CallService:
     ) -> Call:
         site = self._presence.site(site_id)
         if request.branch is not None and request.branch not in site.branches:
-            raise ApiError(400, "invalid_payload", f"no branch {request.branch!r}")
+            raise Invalid(f"no branch {request.branch!r}")
         # Independent reads in one round trip: each sequential one waits a turn of a busy
         # event loop, and they add up in the time until the agent's phone rings.
         # A refused start counts against the visitor's starts too: a flood is a flood.
@@ -206,9 +210,9 @@ class CallService:
         if current is not None:
             row = await self._store.get_call(current)
             if row is not None and not call_from_record(row.data, row.version).final:
-                raise ApiError(409, "call_in_progress", "you already have a call going")
+                raise Conflict("you already have a call going", code="call_in_progress")
         if not allowed:
-            raise ApiError(429, "rate_limited", "too many calls started; wait a minute")
+            raise RateLimited("too many calls started; wait a minute")
         call = calls.new_call(
             f"c_{uuid.uuid4().hex}",
             site_id,
@@ -235,7 +239,7 @@ class CallService:
             _, call = await self.update(
                 call_id, lambda c: calls.reattach(c, site_id, visitor_id, visitor_sid)
             )
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             return None
         return call
 
@@ -255,11 +259,8 @@ class CallService:
     async def _visitor_left(
         self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str, keep: bool
     ) -> None:
-        try:
-            call = await self.get(call_id)
-        except ApiError:
-            return
-        if call.final or call.visitor_id != visitor_id:
+        call = await self.find(call_id)
+        if call is None or call.final or call.visitor_id != visitor_id:
             return
         if call.state is CallState.CONNECTED or keep:
             due = self._clock() + self.visitor_grace_s
@@ -267,26 +268,23 @@ class CallService:
             return
         try:
             await self.cancel(site_id, visitor_id, call_id, "visitor_left")
-        except ApiError:
-            pass
+        except Conflict:
+            pass  # ended meanwhile
 
     async def on_visitor_gone(self, call_id: str, visitor_sid: str) -> None:
         """The grace period ran out: end the call unless a new socket took it over."""
-        try:
-            call = await self.get(call_id)
-        except ApiError:
-            return
-        if call.final or call.visitor_sid != visitor_sid:
+        call = await self.find(call_id)
+        if call is None or call.final or call.visitor_sid != visitor_sid:
             return
         try:
             await self._end(call_id, "visitor_left", "The visitor's connection dropped")
-        except ApiError:
-            pass
+        except Conflict:
+            pass  # ended meanwhile
 
     async def cancel(self, site_id: str, visitor_id: str, call_id: str, reason: str) -> Call:
         call = await self.get(call_id)
         if call.site != site_id or call.visitor_id != visitor_id:
-            raise not_found(f"no call {call_id!r}")
+            raise NotFound(f"no call {call_id!r}")
         detail = "You ended the call" if reason == "visitor_hung_up" else "The visitor left"
         return await self._end(call_id, reason, detail, call)
 
@@ -296,24 +294,22 @@ class CallService:
         seen = self._own(await self.get(call_id), site_id)
         now = self._clock()
         if seen.state is not CallState.RINGING or seen.agent_id != agent_id:
-            raise ApiError(409, "not_ringing", "this call is not ringing for you")
+            raise Conflict("this call is not ringing for you", code="not_ringing")
         if calls.ring_over(seen, agent_id, now):
             # Answered after its end (it reached the agent late, or the timer runs behind):
             # end the ring now rather than when the timer gets to it.
             await self.on_ring_timeout(call_id, seen.attempt)
-            raise ApiError(409, "ring_expired", "this ring has ended")
+            raise Conflict("this ring has ended", code="ring_expired")
         # The agent must still be reserved for this call: a ring answered after its
         # reservation lapsed (a node far behind) may have been given to another call.
         if not await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S):
-            raise ApiError(409, "ring_expired", "this ring has ended")
+            raise Conflict("this ring has ended", code="ring_expired")
         try:
             _, call = await self.update(
                 call_id, lambda c: calls.accept(c, agent_id, agent_sid, self._clock()), seen
             )
-        except (CallError, ApiError) as e:
+        except (Conflict, NotFound):  # a CallError is a Conflict
             await self._store.release_agent(site_id, agent_id, call_id)
-            if isinstance(e, CallError):
-                raise ApiError(409, e.code, e.message) from None
             raise
         await self._presence.set_active_call(site_id, agent_id, call_id)
         # Other nodes' notes lapse as they see the agent go on_call: no event needed.
@@ -328,19 +324,16 @@ class CallService:
 
     async def decline(self, site_id: str, agent_id: str, call_id: str) -> Call:
         self._own(await self.get(call_id), site_id)
-        try:
-            before, call = await self.update(
-                call_id, lambda c: calls.decline(c, agent_id, self._clock())
-            )
-        except CallError as e:
-            raise ApiError(409, e.code, e.message) from None
+        before, call = await self.update(
+            call_id, lambda c: calls.decline(c, agent_id, self._clock())
+        )
         await self._after_ring(before, call, agent_id, "declined")
         return await self._next(call)
 
     async def hangup(self, site_id: str, agent_id: str, call_id: str) -> Call:
         call = self._own(await self.get(call_id), site_id)
         if call.agent_id != agent_id:
-            raise forbidden("this is not your call")
+            raise Forbidden("this is not your call")
         return await self._end(call_id, "agent_hung_up", "The agent ended the call", call)
 
     async def resume_agent(
@@ -353,7 +346,7 @@ class CallService:
             _, call = await self.update(
                 call_id, lambda c: calls.reattach_agent(c, agent_id, agent_sid), call
             )
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             return None
         return call
 
@@ -363,12 +356,10 @@ class CallService:
         call_id = self.ringing.ringing_for(site_id, agent_id)
         if call_id is None:
             return None
-        try:
-            call = await self.get(call_id)
-        except ApiError:
-            return None
+        call = await self.find(call_id)
         if (
-            call.state is not CallState.RINGING
+            call is None
+            or call.state is not CallState.RINGING
             or call.agent_id != agent_id
             or call.ring_expires_at is None
             or call.ring_expires_at <= self._clock()
@@ -396,10 +387,7 @@ class CallService:
     async def _agent_devices_lapsed(
         self, site_id: str, agent_id: str, call_id: str, live: frozenset[str]
     ) -> None:
-        try:
-            call: Call | None = await self.get(call_id)
-        except ApiError:
-            call = None
+        call = await self.find(call_id)
         if call is not None and not call.final:
             if call.agent_sid is not None and socket_device_id(call.agent_sid) not in live:
                 # The socket has been gone for a whole lease, longer than the grace period.
@@ -427,26 +415,24 @@ class CallService:
             )
 
     async def _agent_left(self, agent_sid: str, call_id: str, due: float) -> None:
-        try:
-            call = await self.get(call_id)
-        except ApiError:
+        call = await self.find(call_id)
+        if call is None or call.final or call.channel is CallChannel.CALLBACK:
             return
-        if call.final or call.channel is CallChannel.CALLBACK or call.agent_sid != agent_sid:
+        if call.agent_sid != agent_sid:
             return
         await self._store.schedule_timer(f"{AGENT_GONE_TIMER}:{call_id}:{agent_sid}", due)
 
     async def on_agent_gone(self, call_id: str, agent_sid: str) -> None:
         """The grace period ran out: end the call unless a new socket took it over (or it is
         a callback, whose audio is on the agent's phone)."""
-        try:
-            call = await self.get(call_id)
-        except ApiError:
+        call = await self.find(call_id)
+        if call is None or call.final or call.channel is CallChannel.CALLBACK:
             return
-        if call.final or call.channel is CallChannel.CALLBACK or call.agent_sid != agent_sid:
+        if call.agent_sid != agent_sid:
             return
         try:
             await self._end(call_id, "agent_left", "The agent's connection dropped", call)
-        except ApiError:
+        except Conflict:
             pass  # ended meanwhile
 
     async def until_stored(self, step: Callable[[], Awaitable[None]], name: str) -> None:
@@ -463,17 +449,17 @@ class CallService:
         else: the sender must be that call's visitor, or its agent on the accepting socket."""
         call = await self.get(payload["call_id"])
         if call.site != site_id:
-            raise not_found(f"no call {call.call_id!r}")
+            raise NotFound(f"no call {call.call_id!r}")
         if from_agent:
             allowed = call.agent_id == sender_id and call.agent_sid == sender_sid
         else:
             allowed = call.visitor_id == sender_id
         if not allowed:
-            raise forbidden("not a party to this call")
+            raise Forbidden("not a party to this call")
         if call.state is not CallState.CONNECTED:
-            raise ApiError(409, "not_connected", "signals flow only in a connected call")
+            raise Conflict("signals flow only in a connected call", code="not_connected")
         if call.channel is not CallChannel.WEBRTC:
-            raise ApiError(409, "not_connected", "this call's audio is on the phone network")
+            raise Conflict("this call's audio is on the phone network", code="not_connected")
         await self._notify.signal(call, to_agent=not from_agent, payload=payload)
 
     # --- timers ----------------------------------------------------------------------------------
@@ -482,7 +468,7 @@ class CallService:
         now = self._clock()
         try:
             before, call = await self.update(call_id, lambda c: calls.ring_timeout(c, attempt, now))
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             return  # the call moved on (answered, declined, ended) or is gone
         assert before.agent_id is not None
         await self._after_ring(before, call, before.agent_id, "no_answer")
@@ -492,7 +478,7 @@ class CallService:
 
     def _own(self, call: Call, site_id: str) -> Call:
         if call.site != site_id:
-            raise not_found(f"no call {call.call_id!r}")
+            raise NotFound(f"no call {call.call_id!r}")
         return call
 
     def note_ring(self, site_id: str, agent_id: str, call_id: str, until: float) -> RingNote:
@@ -531,12 +517,9 @@ class CallService:
     async def _end(
         self, call_id: str, reason: str, detail: str, current: Call | None = None
     ) -> Call:
-        try:
-            before, call = await self.update(
-                call_id, lambda c: calls.end(c, reason, detail, self._clock()), current
-            )
-        except CallError as e:
-            raise ApiError(409, e.code, e.message) from None
+        before, call = await self.update(
+            call_id, lambda c: calls.end(c, reason, detail, self._clock()), current
+        )
         if call.channel is CallChannel.CALLBACK and self.callbacks is not None:
             if before.agent_id is not None and before.state is CallState.RINGING:
                 await self._after_ring(before, call, before.agent_id, reason)
@@ -635,7 +618,7 @@ class CallService:
                     ),
                     call,
                 )
-            except (CallError, ApiError):
+            except (CallError, Conflict, NotFound):
                 self.ringing.end(call.site, agent.agent_id, call.call_id)
                 await self._store.release_agent(call.site, agent.agent_id, call.call_id)
                 return await self.get(call.call_id)  # canceled meanwhile
@@ -662,7 +645,7 @@ class CallService:
                 call.call_id,
                 lambda c: calls.no_agent(c, reason, NO_AGENT_DETAIL.get(reason, reason), wait, now),
             )
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             return await self.get(call.call_id)
         await self._notify.call_update(failed)
         return failed

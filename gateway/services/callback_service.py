@@ -32,11 +32,20 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from gateway.core import call as calls
 from gateway.core import callback as cb
 from gateway.core.call import Call, CallChannel, CallError, CallState
+from gateway.core.errors import (
+    Conflict,
+    DomainError,
+    Invalid,
+    NotFound,
+    RateLimited,
+    Refused,
+    Unavailable,
+)
 from gateway.core.hours import is_open, next_open_at, slot_starts
 from gateway.core.model import Branch, Channel, Site
 from gateway.core.phone_policy import (
@@ -76,12 +85,12 @@ from gateway.telephony import (
     TelephonyError,
 )
 from gateway.wire.codec import CallbackIn, Json, call_from_record, call_to_record, call_to_wire
-from gateway.wire.errors import ApiError, not_found
 
 if TYPE_CHECKING:
     from gateway.services.call_service import CallService
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", bound=DomainError)
 
 DUE_TIMER = "cbdue"
 DIAL_TIMER = "cbdial"
@@ -165,16 +174,17 @@ class CallbackService:
 
     # --- the visitor -----------------------------------------------------------------------
 
-    def _refuse(self, status: int, code: str, message: str) -> ApiError:
-        self._metrics.callback_refusals.labels(code).inc()
-        return ApiError(status, code, message)
+    def _refuse(self, error: E) -> E:
+        self._metrics.callback_refusals.labels(error.code).inc()
+        return error
 
     def _number(self, raw: str, site: Site) -> CheckedNumber:
         try:
             return check_number(raw, site.callback_policy)
         except PhoneRefused as e:
-            status = 400 if e.code == "invalid_phone" else 422
-            raise self._refuse(status, e.code, e.message) from None
+            if e.code == "invalid_phone":
+                raise self._refuse(Invalid(e.message, code=e.code)) from None
+            raise self._refuse(Refused(e.code, e.message)) from None
 
     async def request(
         self, site_id: str, visitor_id: str, client_ip: str, body: CallbackIn
@@ -183,11 +193,13 @@ class CallbackService:
         the visitor's status token (shown once, stored only as a hash)."""
         site = self._presence.site(site_id)
         if self.telephony is None or not site.caller_ids:
-            raise self._refuse(503, "callbacks_unavailable", "callbacks are not set up here")
+            raise self._refuse(
+                Unavailable("callbacks are not set up here", code="callbacks_unavailable")
+            )
         policy = site.callback_policy
         r = body.request
         if r.branch is not None and r.branch not in site.branches:
-            raise ApiError(400, "invalid_payload", f"no branch {r.branch!r}")
+            raise Invalid(f"no branch {r.branch!r}")
         number = self._number(body.phone, site)
         now = self._clock()
         at = body.at
@@ -195,11 +207,11 @@ class CallbackService:
             if at <= now + self.min_lead_s:
                 at = None  # "at a time" that is already here is "now"
             elif at > now + MAX_AHEAD_S:
-                raise self._refuse(422, "slot_unavailable", "that time is too far ahead")
+                raise self._refuse(Refused("slot_unavailable", "that time is too far ahead"))
             elif not self._open_at(site, r.branch, at):
-                raise self._refuse(422, "slot_unavailable", "we are closed at that time")
+                raise self._refuse(Refused("slot_unavailable", "we are closed at that time"))
             elif in_quiet_hours(number, policy, at):
-                raise self._refuse(422, "quiet_hours", "that is night time at your number")
+                raise self._refuse(Refused("quiet_hours", "that is night time at your number"))
         detail = "We'll call you at the time you chose" if at is not None else None
         if at is None and not self._open_at(site, r.branch, now):
             opening = self._next_opening(site, r.branch, now)
@@ -208,18 +220,26 @@ class CallbackService:
                 detail = "We're closed now; we'll call you when we open"
         if at is None and in_quiet_hours(number, policy, now):
             # Nobody's phone rings at night because a web form said so: pick a time instead.
-            raise self._refuse(422, "quiet_hours", "it is night time at your number; pick a time")
+            raise self._refuse(
+                Refused("quiet_hours", "it is night time at your number; pick a time")
+            )
         spent = await self._store.add_to_counter(spend_key(site_id, now), 0, SPEND_TTL_S)
         if spent + DIAL_RESERVE > policy.daily_spend_cap_usd * 1_000_000:
-            raise self._refuse(503, "spend_cap_reached", "no more callbacks today; sorry")
+            raise self._refuse(
+                Unavailable("no more callbacks today; sorry", code="spend_cap_reached")
+            )
         call_id = f"c_{uuid.uuid4().hex}"
         visitor_slot = f"cbopen:{site_id}:v:{visitor_id}"
         number_slot = f"cbopen:{site_id}:n:{number.e164}"
         if not await self._store.acquire_slot(visitor_slot, call_id, 1, OPEN_HOLD_S, now):
-            raise self._refuse(409, "callback_in_progress", "you already have a callback booked")
+            raise self._refuse(
+                Conflict("you already have a callback booked", code="callback_in_progress")
+            )
         if not await self._store.acquire_slot(number_slot, call_id, 1, OPEN_HOLD_S, now):
             await self._store.release_slot(visitor_slot, call_id)
-            raise self._refuse(409, "number_has_callback", "that number already has a callback")
+            raise self._refuse(
+                Conflict("that number already has a callback", code="number_has_callback")
+            )
         quotas = (
             Quota(f"cb:n15:{site_id}:{number.e164}", 900, policy.per_number_15min),
             Quota(f"cb:nh:{site_id}:{number.e164}", 3600, policy.per_number_hour),
@@ -236,7 +256,9 @@ class CallbackService:
         full = await self._store.take_quotas(quotas, call_id, now)
         if full is not None:
             await self._release_open(site_id, visitor_id, number.e164, call_id)
-            raise self._refuse(429, QUOTA_CODES[full], "too many callbacks; try again later")
+            raise self._refuse(
+                RateLimited("too many callbacks; try again later", code=QUOTA_CODES[full])
+            )
         place_at = await self._kept_place(site_id, visitor_id, body.after_call, now)
         token = secrets.token_urlsafe(24)
         call = cb.new_callback(
@@ -319,16 +341,15 @@ class CallbackService:
     async def ticket(self, call_id: str, token: str) -> Call:
         """The visitor's callback, for the holder of its status token only; an unknown call
         and a wrong token look the same, so call ids cannot be probed."""
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
-            raise not_found(f"no callback {call_id!r}") from None
+        call = await self._calls.find(call_id)
+        if call is None:
+            raise NotFound(f"no callback {call_id!r}")
         if (
             call.channel is not CallChannel.CALLBACK
             or call.token_hash is None
             or not hmac.compare_digest(call.token_hash, hash_token(token))
         ):
-            raise not_found(f"no callback {call_id!r}")
+            raise NotFound(f"no callback {call_id!r}")
         return call
 
     async def view(self, call: Call, internal: bool = False) -> Json:
@@ -359,7 +380,7 @@ class CallbackService:
             return call
         try:
             return await self._calls.end_call(call_id, "visitor_canceled", "You canceled")
-        except ApiError:
+        except Conflict:  # ended meanwhile
             return await self._calls.get(call_id)
 
     # --- routing ---------------------------------------------------------------------------
@@ -407,9 +428,8 @@ class CallbackService:
     async def on_due(self, rest: str) -> float | None:
         """Timer ``cbdue``: find an agent for the callback, or look again soon."""
         call_id = rest.split(":", 1)[0]
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
+        call = await self._calls.find(call_id)
+        if call is None:
             return None
         if call.channel is not CallChannel.CALLBACK or call.final:
             return None
@@ -491,7 +511,7 @@ class CallbackService:
                     await self._ring(call, agent.agent_id, candidate.reasons, now)
                 else:
                     await self._dial_customer_first(call, agent.agent_id, candidate.reasons, now)
-            except (CallError, ApiError):
+            except (CallError, Conflict, NotFound):
                 await self._store.release_agent(call.site, agent.agent_id, call.call_id)
                 return None  # canceled meanwhile
             await self._store.queue_remove(call.site, call.call_id)
@@ -586,9 +606,8 @@ class CallbackService:
         """The callback of a ``{call_id}:{attempt}`` timer, if it is still dialing that
         attempt (else the timer is stale: the attempt ended or the callback moved on)."""
         call_id, _, attempt = rest.rpartition(":")
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
+        call = await self._calls.find(call_id)
+        if call is None:
             return None
         if call.final or call.state is not CallState.DIALING or str(call.dials) != attempt:
             return None
@@ -669,7 +688,7 @@ class CallbackService:
             await self._calls.update(
                 call.call_id, partial(cb.leg_placed, attempt=attempt, provider_id=provider_id)
             )
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             # Canceled while the dial was on its way: the phone must not keep ringing.
             if self.telephony is not None:
                 await self.telephony.hang_up(provider_id)
@@ -687,9 +706,8 @@ class CallbackService:
     # --- what the phone network says (CallbackEvents) --------------------------------------
 
     async def on_leg_event(self, event: LegEvent) -> None:
-        try:
-            call = await self._calls.get(event.call_id)
-        except ApiError:
+        call = await self._calls.find(event.call_id)
+        if call is None:
             return
         if call.channel is not CallChannel.CALLBACK:
             return
@@ -735,9 +753,8 @@ class CallbackService:
         self, call_id: str, attempt: int, provider_id: str, answered_by: AnsweredBy
     ) -> Instruction:
         gone = HangUp("Sorry, this call is no longer needed. Goodbye.")
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
+        call = await self._calls.find(call_id)
+        if call is None:
             return gone
         site = self._sites[call.site]
         now = self._clock()
@@ -746,7 +763,7 @@ class CallbackService:
             # Never an agent for a machine; its completed status ends the attempt (voicemail).
             try:
                 await self._calls.update(call_id, answered)
-            except (CallError, ApiError):
+            except (CallError, Conflict, NotFound):
                 pass
             return HangUp()
         agent = site.agents.get(call.agent_id or "")
@@ -756,7 +773,7 @@ class CallbackService:
             return HangUp("Sorry, we cannot connect you right now. We will call you back.")
         try:
             _, after = await self._calls.update(call_id, answered)
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             return gone
         await self._notify.call_update(after)
         return Bridge(
@@ -770,9 +787,8 @@ class CallbackService:
     ) -> Instruction:
         if agent_answered:
             return HangUp()
-        try:
-            call = await self._calls.get(call_id)
-        except ApiError:
+        call = await self._calls.find(call_id)
+        if call is None:
             return HangUp()
         if call.dials == attempt and call.state is CallState.CONNECTED:
             await self._fail_attempt(call, "agent_unreachable", retryable=True)
@@ -786,7 +802,7 @@ class CallbackService:
             before, done = await self._calls.update(
                 call.call_id, partial(cb.completed, attempt=call.dials, now=now)
             )
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             return
         await self._release_call(before, done)
         if before.agent_id is not None:
@@ -822,7 +838,7 @@ class CallbackService:
                     now=now,
                 ),
             )
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             return  # the attempt already ended (a late or repeated webhook)
         self._metrics.dials.labels(outcome).inc()
         await self._release_call(before, after)
@@ -839,7 +855,7 @@ class CallbackService:
             before, after = await self._calls.update(
                 call.call_id, partial(cb.refused, reason=reason, detail=detail, now=now)
             )
-        except (CallError, ApiError):
+        except (CallError, Conflict, NotFound):
             return
         await self._release_call(before, after)
         await self._notify.call_update(after, former_agent=before.agent_id)

@@ -7,7 +7,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from gateway.store.base import UNAVAILABLE_ERRORS, Store
+from gateway.core.errors import StoreUnavailable
+from gateway.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TimerLoop:
             again = await handler(rest)
         except asyncio.CancelledError:
             raise
-        except UNAVAILABLE_ERRORS as e:
+        except StoreUnavailable as e:
             # An outage, not a bug: no traceback (one per timer due while Redis is away).
             log.warning(
                 "timer %s: store unreachable (%r); it will run again after its lease", timer_id, e

@@ -3,22 +3,55 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from redis.exceptions import RedisError
-
+from gateway.core.errors import StoreUnavailable
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceRecord, PresenceStatus
 
 Json = dict[str, Any]
 EventHandler = Callable[[Json], Awaitable[None]]
 ResyncHandler = Callable[[], Awaitable[None]]
+C = TypeVar("C", bound=type)
+
+# Opened and closed by the node, not by a request: a failure there is the node's, and keeps
+# its own type (the CLI explains a Redis refusing its password at start-up).
+_LIFECYCLE = frozenset({"start", "close"})
 
 
-# What a store raises while its backend is unreachable; the edges answer 503, not 500.
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+def failures_become_unavailable(
+    failures: tuple[type[BaseException], ...], exempt: tuple[type[BaseException], ...] = ()
+) -> Callable[[C], C]:
+    """Class decorator for a store backend: each public coroutine method raises
+    ``StoreUnavailable`` (the cause chained) when the backend fails with one of ``failures``
+    (and not one of ``exempt``, which are bugs rather than outages). Callers then see one
+    error for every backend: the edges answer it 503 with ``Retry-After``, never 500."""
+
+    def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(method)
+        async def translated(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            except exempt:
+                raise
+            except failures as e:
+                raise StoreUnavailable() from e
+
+        return translated
+
+    def decorate(cls: C) -> C:
+        for name, member in list(vars(cls).items()):
+            if name.startswith("_") or name in _LIFECYCLE:
+                continue
+            if inspect.iscoroutinefunction(member):
+                setattr(cls, name, wrap(member))
+        return cls
+
+    return decorate
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +113,10 @@ HANDLE_TIMES_KEPT = 50
 
 
 class Store(Protocol):
+    """Every method but ``start`` and ``close`` raises ``StoreUnavailable`` when the backend
+    fails (unreachable, timing out, locked, unreadable), never the backend's own error
+    (``failures_become_unavailable``)."""
+
     node_id: str
 
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:

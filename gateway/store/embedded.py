@@ -29,6 +29,7 @@ from gateway.store.base import (
     Quota,
     ResyncHandler,
     StoreHealth,
+    failures_become_unavailable,
 )
 
 T = TypeVar("T")
@@ -104,6 +105,11 @@ class _Agent:
     record: PresenceRecord = field(default_factory=PresenceRecord)
 
 
+# SQLite failing: the file locked past the busy timeout, unreadable or not a database, a disk
+# I/O error, the disk full. A constraint or a misused API is a bug, not an outage.
+@failures_become_unavailable(
+    (sqlite3.DatabaseError,), exempt=(sqlite3.IntegrityError, sqlite3.ProgrammingError)
+)
 class EmbeddedStore:
     def __init__(
         self, data_dir: Path, node_id: str = "embedded", clock: Callable[[], float] = time.time

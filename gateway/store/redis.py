@@ -46,6 +46,7 @@ from gateway.store.base import (
     StoreHealth,
     encode_device,
     encode_status,
+    failures_become_unavailable,
     record_from_fields,
 )
 from gateway.store.redis_lane import RedisLane, RedisSubscription
@@ -308,6 +309,9 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
 
+# Redis unreachable, loading, timing out, read-only after a failover, out of memory (every
+# RedisError), or the socket failing under it.
+@failures_become_unavailable((RedisError, OSError, TimeoutError))
 class RedisStore:
     def __init__(self, url: str | RedisTarget, node_id: str) -> None:
         self.node_id = node_id

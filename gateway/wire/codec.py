@@ -15,8 +15,8 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from gateway.core.call import Call, CallChannel, CallRequest, CallState, TimelineEntry
+from gateway.core.errors import Invalid
 from gateway.core.model import Device, DeviceKind, DeviceState, Presence, Site
-from gateway.wire.errors import ApiError, invalid_payload
 
 Json = dict[str, Any]
 E = TypeVar("E", bound=StrEnum)
@@ -48,9 +48,9 @@ def parse_iso(value: str, field: str) -> float:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise invalid_payload(f"{field} must be an ISO 8601 time") from None
+        raise Invalid(f"{field} must be an ISO 8601 time") from None
     if parsed.tzinfo is None:
-        raise invalid_payload(f"{field} must carry a UTC offset")
+        raise Invalid(f"{field} must carry a UTC offset")
     return parsed.timestamp()
 
 
@@ -59,7 +59,7 @@ def parse_iso(value: str, field: str) -> float:
 
 def as_object(payload: object, what: str = "payload") -> Json:
     if not isinstance(payload, dict):
-        raise invalid_payload(f"{what} must be a JSON object")
+        raise Invalid(f"{what} must be a JSON object")
     return payload
 
 
@@ -68,14 +68,14 @@ def opt_str(obj: Json, key: str, max_len: int = 256) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > max_len:
-        raise invalid_payload(f"{key} must be a string of at most {max_len} characters")
+        raise Invalid(f"{key} must be a string of at most {max_len} characters")
     return value
 
 
 def req_str(obj: Json, key: str, max_len: int = 256) -> str:
     value = opt_str(obj, key, max_len)
     if value is None or not value:
-        raise invalid_payload(f"{key} is required")
+        raise Invalid(f"{key} is required")
     return value
 
 
@@ -87,7 +87,7 @@ def req_id(obj: Json, key: str) -> str:
 
 def check_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise invalid_payload(f"{what} must be 1-64 letters, digits or _.:-")
+        raise Invalid(f"{what} must be 1-64 letters, digits or _.:-")
     return value
 
 
@@ -100,7 +100,7 @@ def opt_int(obj: Json, key: str, lo: int, hi: int) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise invalid_payload(f"{key} must be an integer from {lo} to {hi}")
+        raise Invalid(f"{key} must be an integer from {lo} to {hi}")
     return value
 
 
@@ -109,7 +109,7 @@ def req_enum(obj: Json, key: str, enum: type[E]) -> E:
     if isinstance(value, str) and value in enum._value2member_map_:
         return enum(value)
     allowed = ", ".join(m.value for m in enum)
-    raise invalid_payload(f"{key} must be one of: {allowed}")
+    raise Invalid(f"{key} must be one of: {allowed}")
 
 
 # --- presence ------------------------------------------------------------------------------
@@ -161,10 +161,6 @@ def presence_to_wire(presence: Presence) -> Json:
 
 def ok(**fields: Any) -> Json:
     return {"ok": True, **fields}
-
-
-def error_ack(code: str, message: str, **extra: Any) -> Json:
-    return {"ok": False, "error": {"code": code, "message": message, **extra}}
 
 
 # --- visitor sessions ----------------------------------------------------------------------
@@ -352,7 +348,7 @@ def opt_query(query: Mapping[str, str], key: str) -> str | None:
     if value is None:
         return None
     if not value:
-        raise invalid_payload(f"{key} must not be empty; leave it out to ask for any")
+        raise Invalid(f"{key} must not be empty; leave it out to ask for any")
     return value
 
 
@@ -365,7 +361,7 @@ def filters_from_query(query: Mapping[str, str]) -> tuple[str | None, str | None
     """The ``language`` and ``branch`` filters of the availability queries."""
     language = opt_query(query, "language")
     if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
-        raise invalid_payload("language must be a language tag like en or de-AT")
+        raise Invalid("language must be a language tag like en or de-AT")
     return language, branch_from_query(query)
 
 
@@ -373,7 +369,7 @@ def call_request_from_wire(payload: object) -> CallRequest:
     obj = as_object(payload if payload is not None else {})
     language = opt_str(obj, "language", 16)
     if language is not None and not LANGUAGE_PATTERN.fullmatch(language):
-        raise invalid_payload("language must be a language tag like en or de-AT")
+        raise Invalid("language must be a language tag like en or de-AT")
     branch = opt_str(obj, "branch", 64)
     if branch is not None:
         check_id(branch, "branch")
@@ -389,7 +385,7 @@ def call_request_from_wire(payload: object) -> CallRequest:
             or isinstance(lon, bool)
             or not (-90 <= lat <= 90 and -180 <= lon <= 180)
         ):
-            raise invalid_payload("location must be {lat, lon} in degrees")
+            raise Invalid("location must be {lat, lon} in degrees")
         coords = (float(lat), float(lon))
     skills = obj.get("skills", [])
     if (
@@ -397,7 +393,7 @@ def call_request_from_wire(payload: object) -> CallRequest:
         or len(skills) > 8
         or not all(isinstance(s, str) and 0 < len(s) <= 32 for s in skills)
     ):
-        raise invalid_payload("skills must be a list of at most 8 short strings")
+        raise Invalid("skills must be a list of at most 8 short strings")
     page = opt_str(obj, "page", 2048)
     return CallRequest(language, branch, coords, page[:500] if page else None, tuple(skills))
 
@@ -417,13 +413,13 @@ def signal_from_wire(payload: object) -> tuple[str, Json]:
     description = obj.get("description")
     candidate = obj.get("candidate")
     if (description is None) == (candidate is None):
-        raise invalid_payload("send exactly one of description or candidate")
+        raise Invalid("send exactly one of description or candidate")
     if description is not None:
         d = as_object(description, "description")
         sdp_type = d.get("type")
         sdp = d.get("sdp", "")
         if sdp_type not in SDP_TYPES or not isinstance(sdp, str) or len(sdp) > 32_000:
-            raise invalid_payload("description must be {type, sdp} with a known type")
+            raise Invalid("description must be {type, sdp} with a known type")
         out["description"] = {"type": sdp_type, "sdp": sdp}
     else:
         c = as_object(candidate, "candidate")
@@ -436,7 +432,7 @@ def signal_from_wire(payload: object) -> tuple[str, Json]:
             or (mid is not None and (not isinstance(mid, str) or len(mid) > 64))
             or (index is not None and (not isinstance(index, int) or isinstance(index, bool)))
         ):
-            raise invalid_payload("candidate must be {candidate, sdpMid, sdpMLineIndex}")
+            raise Invalid("candidate must be {candidate, sdpMid, sdpMLineIndex}")
         out["candidate"] = {"candidate": text, "sdpMid": mid, "sdpMLineIndex": index}
         ufrag = c.get("usernameFragment")
         if isinstance(ufrag, str) and len(ufrag) <= 256:
@@ -464,9 +460,9 @@ def callback_from_wire(payload: object) -> CallbackIn:
     obj = as_object(payload)
     phone = obj.get("phone")
     if not isinstance(phone, str) or not phone.strip():
-        raise ApiError(400, "invalid_phone", "phone is required, in international form (+...)")
+        raise Invalid("phone is required, in international form (+...)", code="invalid_phone")
     if len(phone) > 32:
-        raise ApiError(400, "invalid_phone", "phone is too long")
+        raise Invalid("phone is too long", code="invalid_phone")
     at_raw = opt_str(obj, "at", 64)
     after = opt_str(obj, "after_call", 64)
     hints = {k: v for k, v in obj.items() if k in HINT_KEYS}

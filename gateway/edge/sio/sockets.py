@@ -27,6 +27,14 @@ from aiohttp import web
 
 from gateway.core.admission import AdmissionLimits, admit_start
 from gateway.core.call import Call
+from gateway.core.errors import (
+    DomainError,
+    Forbidden,
+    Invalid,
+    RateLimited,
+    Unauthenticated,
+    overloaded,
+)
 from gateway.core.model import DeviceKind, DeviceState, Role, Site
 from gateway.edge.auth import (
     AGENT_ROLES,
@@ -35,6 +43,13 @@ from gateway.edge.auth import (
     Claims,
     TokenService,
     check_configured_role,
+)
+from gateway.edge.errors import (
+    INTERNAL_CODE,
+    INTERNAL_MESSAGE,
+    error_object,
+    error_of,
+    refused_ack,
 )
 from gateway.edge.ice import ice_servers
 from gateway.edge.sio.sio_manager import ObservedRedisManager
@@ -46,7 +61,7 @@ from gateway.services.call_service import CallService
 from gateway.services.drain import RETRY_AFTER_S, Drain
 from gateway.services.presence_service import PresenceChange, PresenceService, socket_device_id
 from gateway.settings import Settings
-from gateway.store.base import UNAVAILABLE_ERRORS, DeviceRef
+from gateway.store.base import DeviceRef
 from gateway.wire.codec import (
     Json,
     as_object,
@@ -54,12 +69,10 @@ from gateway.wire.codec import (
     call_request_from_wire,
     call_to_wire,
     device_update_from_wire,
-    error_ack,
     ok,
     presence_to_wire,
     signal_from_wire,
 )
-from gateway.wire.errors import ApiError, forbidden, invalid_payload, overloaded
 
 log = logging.getLogger(__name__)
 
@@ -627,31 +640,27 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         try:
             session = self.sessions.get(sid)
             if session is None:
-                raise forbidden("not connected")
+                raise Forbidden("not connected")
             if session.claims.exp + self.tokens.leeway_s < time.time():
-                raise ApiError(401, "invalid_token", "token expired; reconnect with a new one")
+                raise Unauthenticated("token expired; reconnect with a new one")
             if not session.bucket.take(time.monotonic()):
-                raise ApiError(429, "rate_limited", "too many events; slow down")
+                raise RateLimited("too many events; slow down")
             handler = self.events.get(event)
             if handler is None:
-                raise ApiError(400, "unknown_event", f"unknown event {event!r}")
+                raise Invalid(f"unknown event {event!r}", code="unknown_event")
             return await handler(sid, payload)
-        except ApiError as e:
-            return await self._refuse(sid, e.code, e.message, e.extra)
-        except UNAVAILABLE_ERRORS:
-            return await self._refuse(sid, "store_unavailable", "the store is unreachable; retry")
+        except DomainError as e:
+            return await self._refuse(sid, error_of(e))
         except Exception:
             log.exception("handler for %s failed", event)
-            return await self._refuse(sid, "internal", "the gateway failed; try again")
+            return await self._refuse(sid, error_object(INTERNAL_CODE, INTERNAL_MESSAGE))
 
-    async def _refuse(
-        self, sid: str, code: str, message: str, extra: Mapping[str, Any] | None = None
-    ) -> Json | None:
-        self.metrics.errors.labels(code).inc()
-        body = error_ack(code, message, **(extra or {}))
+    async def _refuse(self, sid: str, error: Json) -> Json | None:
+        """The error as the ack when the client asked for one, else an ``error`` event."""
+        self.metrics.errors.labels(error["code"]).inc()
         if _ack_requested.get():
-            return body
-        await self.emit("error", body["error"], to=sid)
+            return refused_ack(error)
+        await self.emit("error", error, to=sid)
         return None
 
     @property
@@ -670,17 +679,9 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             token = as_object(auth, "auth").get("token") if auth is not None else None
             claims = await self.tokens.verify(token, self.roles)
             device = await self.on_join(sid, claims, auth if isinstance(auth, dict) else {})
-        except ApiError as e:
+        except DomainError as e:
             self.metrics.errors.labels(e.code).inc()
-            raise socketio.exceptions.ConnectionRefusedError(
-                e.message, {"code": e.code, "message": e.message}
-            ) from None
-        except UNAVAILABLE_ERRORS:
-            self.metrics.errors.labels("store_unavailable").inc()
-            message = "the store is unreachable; retry"
-            raise socketio.exceptions.ConnectionRefusedError(
-                message, {"code": "store_unavailable", "message": message}
-            ) from None
+            raise socketio.exceptions.ConnectionRefusedError(e.message, error_of(e)) from None
         session = Session(claims, device, TokenBucket(*self.rate))
         self.sessions[sid] = session
         self.metrics.sockets.labels(self.namespace).inc()
@@ -732,7 +733,7 @@ class AgentNamespace(BaseNamespace):
         try:
             state = DeviceState(auth.get("state", DeviceState.AVAILABLE.value))
         except ValueError:
-            raise invalid_payload("auth.state must be a device state") from None
+            raise Invalid("auth.state must be a device state") from None
         resume = call_id_from_wire(auth) if auth.get("call_id") is not None else None
         ref = DeviceRef(claims.site, claims.sub, socket_device_id(sid))
         await self.enter_room(sid, agent_room(claims.site, claims.sub))
@@ -779,7 +780,7 @@ class AgentNamespace(BaseNamespace):
         ttl = None
         if update.device_id == own:
             if update.kind is not DeviceKind.DESKTOP:
-                raise invalid_payload("this socket is a desktop device")
+                raise Invalid("this socket is a desktop device")
             ttl = self.socket_ttl_s
         presence = await self.presence.set_device(
             session.claims.site, session.claims.sub, update, ttl
