@@ -164,7 +164,11 @@ class EmbeddedStore:
 
     async def health(self) -> StoreHealth:
         try:
-            await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
+            # Reads the file (its schema), which ``SELECT 1`` would not: a file that stopped
+            # being a database must make the node unready.
+            await self._run(
+                lambda: self._conn().execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            )
         except (sqlite3.Error, AssertionError) as e:
             return StoreHealth(False, True, True, f"sqlite: {e}")
         return StoreHealth(True, True, True)
