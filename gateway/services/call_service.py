@@ -308,7 +308,7 @@ class CallService:
             _, call = await self.update(
                 call_id, lambda c: calls.accept(c, agent_id, agent_sid, self._clock()), seen
             )
-        except (Conflict, NotFound):  # a CallError is a Conflict
+        except (CallError, Conflict, NotFound):
             await self._store.release_agent(site_id, agent_id, call_id)
             raise
         await self._presence.set_active_call(site_id, agent_id, call_id)
