@@ -268,7 +268,7 @@ class CallService:
             return
         try:
             await self.cancel(site_id, visitor_id, call_id, "visitor_left")
-        except Conflict:
+        except (Conflict, NotFound):
             pass  # ended meanwhile
 
     async def on_visitor_gone(self, call_id: str, visitor_sid: str) -> None:
@@ -278,7 +278,7 @@ class CallService:
             return
         try:
             await self._end(call_id, "visitor_left", "The visitor's connection dropped")
-        except Conflict:
+        except (Conflict, NotFound):
             pass  # ended meanwhile
 
     async def cancel(self, site_id: str, visitor_id: str, call_id: str, reason: str) -> Call:
@@ -432,7 +432,7 @@ class CallService:
             return
         try:
             await self._end(call_id, "agent_left", "The agent's connection dropped", call)
-        except Conflict:
+        except (Conflict, NotFound):
             pass  # ended meanwhile
 
     async def until_stored(self, step: Callable[[], Awaitable[None]], name: str) -> None:

@@ -380,7 +380,7 @@ class CallbackService:
             return call
         try:
             return await self._calls.end_call(call_id, "visitor_canceled", "You canceled")
-        except Conflict:  # ended meanwhile
+        except (Conflict, NotFound):  # ended meanwhile
             return await self._calls.get(call_id)
 
     # --- routing ---------------------------------------------------------------------------
