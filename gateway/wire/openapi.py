@@ -36,8 +36,8 @@ def _pattern(compiled: re.Pattern[str]) -> Json:
 ID = _pattern(ID_PATTERN)
 PHONE_SHAPE = r"^\s*\+[0-9 ().-]*[0-9().-]\s*$"
 DRAINING_OR_STORE = (
-    "store_unavailable: the store is unreachable; retry. draining: this node is shutting "
-    "down; retry after Retry-After (behind a load balancer, another node answers)."
+    "store_unavailable: the store is unreachable; retry after Retry-After. draining: this node "
+    "is shutting down; retry after Retry-After (behind a load balancer, another node answers)."
 )
 LANGUAGE = _pattern(LANGUAGE_PATTERN)
 TIME = {"type": "string", "format": "date-time"}
@@ -546,7 +546,9 @@ def _components() -> Json:
             ),
             "NotFound": _error("not_found: unknown site, call or device."),
             "RateLimited": _error("rate_limited: slow down."),
-            "Unavailable": _error("store_unavailable: the store is unreachable; retry."),
+            "Unavailable": _error(
+                "store_unavailable: the store is unreachable; retry after Retry-After."
+            ),
         },
         "parameters": {
             "site": {"name": "site", "in": "path", "required": True, "schema": ID},
