@@ -48,6 +48,7 @@ ANSWERS: dict[type[DomainError], Answer] = {
     RateLimited: Answer(429),
     Unavailable: Answer(503),
     StoreUnavailable: Answer(503, STORE_RETRY_AFTER_S),
+    DomainError: Answer(500),  # of no kind above: a bug
 }
 
 # Refusals raised by the HTTP layer itself (aiohttp's HTTPException), by status.
@@ -67,12 +68,9 @@ INTERNAL_MESSAGE = "the gateway failed; try again"
 
 
 def answer(error: DomainError) -> Answer:
-    """The row of ``error``'s class (or of the nearest class above it that has one)."""
-    for cls in type(error).__mro__:
-        found = ANSWERS.get(cls)
-        if found is not None:
-            return found
-    raise LookupError(f"{type(error).__name__} has no answer in gateway.edge.errors.ANSWERS")
+    """The row of ``error``'s class, or of the nearest class above it that has one (a
+    ``CallError`` is answered as the ``Conflict`` it is)."""
+    return next(ANSWERS[cls] for cls in type(error).__mro__ if cls in ANSWERS)
 
 
 def http_status(error: DomainError) -> int:
