@@ -16,16 +16,13 @@ from gateway.edge.http import callback_api, http_api, visitor_api, web_static
 from gateway.edge.http.availability_feed import AvailabilityFeed
 from gateway.edge.http.http_api import error_middleware
 from gateway.edge.http.visitor_api import cors_middleware
+from gateway.edge.sio.agent import AgentNamespace
+from gateway.edge.sio.board import BoardNamespace
+from gateway.edge.sio.handover import send_sockets_elsewhere
+from gateway.edge.sio.notifier import SocketCallNotifier
 from gateway.edge.sio.sio_manager import LocalManager, ObservedRedisManager, RingDelivery
-from gateway.edge.sio.sockets import (
-    AgentNamespace,
-    BoardNamespace,
-    JsonPacket,
-    MembraneServer,
-    SocketCallNotifier,
-    VisitorNamespace,
-    send_sockets_elsewhere,
-)
+from gateway.edge.sio.upstream import JsonPacket, MembraneServer
+from gateway.edge.sio.visitor import VisitorNamespace
 from gateway.edge.visitor_identity import VisitorIdentity
 from gateway.ops.clock import SYSTEM_CLOCK, Clock
 from gateway.ops.gc_pacer import PROCESS_PACER, SharedPacer

@@ -23,9 +23,10 @@ from multidict import MultiDict, MultiMapping
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
+from gateway.core.errors import DomainError, Forbidden, Invalid, StoreUnavailable
+from gateway.edge.errors import rest_response
 from gateway.edge.http import appkeys as keys
 from gateway.settings import Settings
-from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.telephony import (
     AnsweredBy,
     Bridge,
@@ -35,7 +36,6 @@ from gateway.telephony import (
     LegEvent,
     LegStatus,
 )
-from gateway.wire.errors import ApiError, invalid_payload
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def agent_answered(dial_call_status: str) -> bool:
 def _required(params: MultiMapping[str], name: str) -> str:
     value = params.get(name)
     if not value:
-        raise invalid_payload(f"{name} is required")
+        raise Invalid(f"{name} is required")
     return value
 
 
@@ -105,7 +105,7 @@ def _optional_int(params: MultiMapping[str], name: str) -> int | None:
     if value is None or value == "":
         return None
     if _DIGITS.fullmatch(value) is None:
-        raise invalid_payload(f"{name} must be a non-negative integer, got {value!r}")
+        raise Invalid(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
@@ -114,7 +114,7 @@ def leg_event_from(call_id: str, attempt: int, params: MultiMapping[str]) -> Leg
     call_status = _required(params, "CallStatus")
     status = LEG_STATUSES.get(call_status)
     if status is None:
-        raise invalid_payload(f"unknown CallStatus {call_status!r}")
+        raise Invalid(f"unknown CallStatus {call_status!r}")
     answered_by = params.get("AnsweredBy")
     return LegEvent(
         call_id=call_id,
@@ -209,13 +209,13 @@ class Webhook:
     params: MultiDict[str]
 
 
-def error_response(error: ApiError, request: web.Request) -> web.Response:
+def error_response(error: DomainError, request: web.Request) -> web.Response:
     """The refusal, counted under its code when the app keeps the gateway's metrics (a
     forged signature is worth an alert)."""
     metrics = request.app.get(keys.METRICS)
     if metrics is not None:
         metrics.errors.labels(error.code).inc()
-    return web.json_response(error.body(), status=error.status)
+    return rest_response(error)
 
 
 def twiml_response(document: str) -> web.Response:
@@ -239,7 +239,7 @@ class TwilioWebhooks:
         try:
             hook = await self._verified(request)
             call_sid = _required(hook.params, "CallSid")
-        except ApiError as e:
+        except DomainError as e:
             return error_response(e, request)
         answered_by = answered_by_from(hook.params.get("AnsweredBy"))
         try:
@@ -255,7 +255,7 @@ class TwilioWebhooks:
         try:
             hook = await self._verified(request)
             event = leg_event_from(hook.call_id, hook.attempt, hook.params)
-        except ApiError as e:
+        except DomainError as e:
             return error_response(e, request)
         try:
             await self._events.on_leg_event(event)
@@ -269,7 +269,7 @@ class TwilioWebhooks:
             hook = await self._verified(request)
             call_sid = _required(hook.params, "CallSid")
             dial_status = _required(hook.params, "DialCallStatus")
-        except ApiError as e:
+        except DomainError as e:
             return error_response(e, request)
         if dial_status == "canceled":
             # The visitor hung up while the agent's phone rang: their own leg's completed
@@ -286,7 +286,7 @@ class TwilioWebhooks:
         return twiml_response(render(instruction, self._urls.bridge(hook.call_id, hook.attempt)))
 
     async def _verified(self, request: web.Request) -> Webhook:
-        """The signed form and the leg it is about; raises ``ApiError`` (403, 400)."""
+        """The signed form and the leg it is about; raises ``Forbidden`` or ``Invalid``."""
         params: MultiDict[str] = MultiDict()
         for name, value in (await request.post()).items():
             if isinstance(value, str):  # Twilio never uploads files; ignore any that come
@@ -301,17 +301,22 @@ class TwilioWebhooks:
                 else f"{SIGNATURE_HEADER} does not match this request"
             )
             log.warning("rejected Twilio webhook %s: %s", request.path, message)
-            raise ApiError(403, "invalid_signature", message)
+            raise Forbidden(message, code="invalid_signature")
         call_id = request.match_info["call_id"]
         raw_attempt = request.match_info["attempt"]
         attempt = int(raw_attempt) if _DIGITS.fullmatch(raw_attempt) else 0
         if not valid_leg_key(call_id, attempt):
-            raise invalid_payload("the webhook path does not name a callback leg")
+            raise Invalid("the webhook path does not name a callback leg")
         return Webhook(call_id, attempt, params)
 
 
 def _log_failure(what: str, hook: Webhook, error: Exception) -> None:
-    if isinstance(error, ApiError):
+    if isinstance(error, StoreUnavailable):
+        # An outage, not a bug: no traceback (one per webhook while Redis is away).
+        log.warning(
+            "%s failed for %s:%s: store unreachable (%r)", what, hook.call_id, hook.attempt, error
+        )
+    elif isinstance(error, DomainError):
         log.warning(
             "%s refused for %s:%s: %s %s",
             what,
@@ -319,11 +324,6 @@ def _log_failure(what: str, hook: Webhook, error: Exception) -> None:
             hook.attempt,
             error.code,
             error.message,
-        )
-    elif isinstance(error, UNAVAILABLE_ERRORS):
-        # An outage, not a bug: no traceback (one per webhook while Redis is away).
-        log.warning(
-            "%s failed for %s:%s: store unreachable (%r)", what, hook.call_id, hook.attempt, error
         )
     else:
         log.error("%s failed for %s:%s", what, hook.call_id, hook.attempt, exc_info=error)

@@ -25,6 +25,7 @@ from conftest import replace
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gateway.core.errors import DomainError
 from gateway.core.model import Agent, Role, Site
 from gateway.edge.auth import (
     AGENT_ROLES,
@@ -38,8 +39,8 @@ from gateway.edge.auth import (
     bearer_token,
     check_configured_role,
 )
+from gateway.edge.errors import http_status
 from gateway.settings import AuthSettings, load_settings
-from gateway.wire.errors import ApiError
 
 SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 OTHER_SECRET = "another-secret-0123456789-abcdefghijklmnopqrstu"
@@ -125,11 +126,11 @@ async def refused(
     token: object,
     roles: frozenset[Role] | None = None,
     code: str = "invalid_token",
-) -> ApiError:
-    with pytest.raises(ApiError) as caught:
+) -> DomainError:
+    with pytest.raises(DomainError) as caught:
         await service.verify(token, roles)
     status = {"invalid_token": 401, "forbidden": 403}[code]
-    assert (caught.value.code, caught.value.status) == (code, status), caught.value.message
+    assert (caught.value.code, http_status(caught.value)) == (code, status), caught.value.message
     return caught.value
 
 
@@ -264,9 +265,9 @@ def test_the_configuration_decides_the_role(sub: str, role: Role, code: str | No
         agent = check_configured_role(claims, ACME)
         assert (agent.role if agent else Role.VISITOR) is role
     else:
-        with pytest.raises(ApiError) as refused_:
+        with pytest.raises(DomainError) as refused_:
             check_configured_role(claims, ACME)
-        assert (refused_.value.status, refused_.value.code) == (403, code)
+        assert (http_status(refused_.value), refused_.value.code) == (403, code)
 
 
 async def test_bad_token_is_invalid_before_role_is_checked() -> None:
@@ -710,6 +711,6 @@ def test_bearer_token() -> None:
     assert bearer_token("Bearer abc.def.ghi") == "abc.def.ghi"
     assert bearer_token("Bearer  abc.def.ghi  ") == "abc.def.ghi"
     for bad in (None, "", "abc.def.ghi", "Basic dXNlcjpwYXNz", "bearer abc", "Bearer"):
-        with pytest.raises(ApiError) as caught:
+        with pytest.raises(DomainError) as caught:
             bearer_token(bad)
-        assert (caught.value.code, caught.value.status) == ("invalid_token", 401)
+        assert (caught.value.code, http_status(caught.value)) == ("invalid_token", 401)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.core.errors import DomainError
 from gateway.core.model import (
     Channel,
     Device,
@@ -18,6 +19,7 @@ from gateway.core.model import (
     Presence,
     PresenceStatus,
 )
+from gateway.edge.errors import error_of, http_status
 from gateway.ops.ratelimit import TokenBucket
 from gateway.wire.codec import (
     MAX_PRIORITY,
@@ -28,7 +30,6 @@ from gateway.wire.codec import (
     parse_iso,
     presence_to_wire,
 )
-from gateway.wire.errors import ApiError
 
 # --- device_update_from_wire ----------------------------------------------------------------
 
@@ -127,18 +128,16 @@ BAD_PAYLOADS: list[tuple[str, object, str]] = [
     ("payload", "mentions"), [pytest.param(p, m, id=name) for name, p, m in BAD_PAYLOADS]
 )
 def test_bad_device_updates(payload: object, mentions: str) -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(DomainError) as caught:
         device_update_from_wire(payload)
-    assert (caught.value.code, caught.value.status) == ("invalid_payload", 400)
+    assert (caught.value.code, http_status(caught.value)) == ("invalid_payload", 400)
     assert mentions in caught.value.message
-    assert caught.value.body() == {
-        "error": {"code": "invalid_payload", "message": caught.value.message}
-    }
+    assert error_of(caught.value) == {"code": "invalid_payload", "message": caught.value.message}
 
 
 @pytest.mark.parametrize("path_id", ["has space", "a/b", "x" * 65, "-x"])
 def test_bad_device_id_in_the_path(path_id: str) -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(DomainError) as caught:
         device_update_from_wire(GOOD, device_id=path_id)
     assert caught.value.code == "invalid_payload"
     assert "device_id" in caught.value.message
@@ -148,13 +147,13 @@ def test_bad_device_id_in_the_path(path_id: str) -> None:
 
 
 def test_device_id_with_trailing_newline_refused_in_body() -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(DomainError) as caught:
         device_update_from_wire({**GOOD, "device_id": "abc\n"})
     assert caught.value.code == "invalid_payload"
 
 
 def test_device_id_with_trailing_newline_refused_in_path() -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(DomainError) as caught:
         device_update_from_wire(GOOD, device_id="abc\n")
     assert caught.value.code == "invalid_payload"
 
@@ -166,7 +165,7 @@ def test_priority_accepted_exactly_in_range(priority: int) -> None:
     if -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         assert device_update_from_wire(payload).priority == priority
     else:
-        with pytest.raises(ApiError):
+        with pytest.raises(DomainError):
             device_update_from_wire(payload)
 
 
@@ -288,7 +287,7 @@ def test_parse_iso() -> None:
     assert parse_iso("2026-01-01T01:00:00+01:00", "at") == T0
     assert parse_iso("2026-01-01T00:00:00Z", "at") == T0
     for bad in ("2026-01-01T00:00:00", "tomorrow", ""):
-        with pytest.raises(ApiError) as caught:
+        with pytest.raises(DomainError) as caught:
             parse_iso(bad, "at")
         assert caught.value.code == "invalid_payload" and "at" in caught.value.message
 
@@ -385,7 +384,7 @@ def test_query_filters_refuse_empty_values(
     query: dict[str, str], expected: tuple[str | None, str | None] | None
 ) -> None:
     if expected is None:
-        with pytest.raises(ApiError) as refused:
+        with pytest.raises(DomainError) as refused:
             filters_from_query(query)
         assert refused.value.code == "invalid_payload"
     else:

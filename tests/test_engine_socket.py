@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from conftest import free_port
 
-from gateway.edge.sio.sockets import LeanSocket, MembraneServer, TrackedEngineServer
+from gateway.edge.sio.upstream import LeanSocket, MembraneServer, TrackedEngineServer
 
 PING_INTERVAL = 0.4
 PING_TIMEOUT = 0.4

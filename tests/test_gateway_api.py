@@ -326,6 +326,7 @@ async def test_readyz_is_503_while_redis_is_down(
         token = mint(node.settings, "anna")
         r = await http.get(f"{node.url}/v1/agents/me", headers=bearer(token))
         assert await error_of(r) == (503, "store_unavailable")
+        assert r.headers["Retry-After"] == "1"
         refused = await connect_refusal(node.url, "/agent", {"token": token})
         assert refused["data"]["code"] == "store_unavailable"
         # Each refusal is counted under its code, like every other.
@@ -334,6 +335,49 @@ async def test_readyz_is_503_while_redis_is_down(
     finally:
         redis_server.start()
     await eventually(is_200, 15)
+
+
+async def test_a_failing_sqlite_store_is_a_503_not_a_500(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """The one-node store's SQLite file stops being a database under the running node (a
+    disk that returns garbage, a file overwritten): every read and write of it fails
+    (``sqlite3.DatabaseError``). That is an outage like Redis going away: 503 with
+    ``Retry-After`` and ``store_unavailable`` over REST, the same code over socket.io; it
+    was a 500 (``internal``) with a traceback."""
+    node = await nodes(make_settings(tmp_path))
+    r = await http.post(
+        f"{node.url}/v1/sites/acme/sessions", json={}, headers={"Origin": "http://127.0.0.1:8080"}
+    )
+    visitor = (await r.json())["token"]
+    v = clients()
+    await v.connect(node.url, "/visitor", {"token": visitor})
+    ticket = f"{node.url}/v1/calls/cb_missing?token=secret"
+    assert await error_of(await http.get(ticket)) == (404, "not_found"), "read from SQLite"
+
+    files = sorted((tmp_path / "data").glob("membrane.sqlite3*"))
+    assert {f.name for f in files} >= {"membrane.sqlite3", "membrane.sqlite3-wal"}, files
+    for f in files:  # the database, its write-ahead log and its index: all garbage
+        f.write_bytes(b"\xa5" * max(f.stat().st_size, 4096))
+
+    r = await http.get(ticket)
+    assert await error_of(r) == (503, "store_unavailable")
+    assert r.headers["Retry-After"] == "1"
+    ack = await v.call("call:start", {}, "/visitor")
+    assert ack == {
+        "ok": False,
+        "error": {"code": "store_unavailable", "message": "the store is unreachable; retry"},
+    }
+    await v.sio.emit("call:start", {}, namespace="/visitor")  # no ack: an error event
+    assert (await v.next("error"))["code"] == "store_unavailable"
+    health = await (await http.get(f"{node.url}/readyz")).json()
+    assert not health["store"]["reachable"] and "not a database" in health["store"]["detail"]
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    assert 'membrane_errors_total{code="store_unavailable"} 3.0' in text
+    assert 'membrane_errors_total{code="internal"}' not in text
 
 
 async def test_a_huge_number_is_refused_cheaply(

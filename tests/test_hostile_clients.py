@@ -22,12 +22,8 @@ from conftest import Node, eventually, make_settings, mint, node_process, start_
 
 from gateway.core.model import Role
 from gateway.edge.http import appkeys as keys
-from gateway.edge.sio.sockets import (
-    MAX_PENDING_BYTES,
-    NAMESPACE_CONNECTS,
-    WRITER_GRACE_S,
-    LeanSocket,
-)
+from gateway.edge.sio.limits import MAX_PENDING_BYTES, NAMESPACE_CONNECTS, WRITER_GRACE_S
+from gateway.edge.sio.upstream import LeanSocket
 from gateway.settings import demo_config_text
 from gateway.wire.codec import device_update_from_wire
 

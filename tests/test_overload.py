@@ -19,7 +19,7 @@ from gateway.core.admission import Admission, AdmissionLimits, Load, admit_start
 from gateway.core.ringing import Delivery, Offer, RingGate
 from gateway.edge.http import appkeys
 from gateway.edge.sio.sio_manager import ObservedRedisManager
-from gateway.edge.sio.sockets import VisitorNamespace
+from gateway.edge.sio.visitor import VisitorNamespace
 from gateway.ops.clock import ManualClock
 
 LIMITS = AdmissionLimits(

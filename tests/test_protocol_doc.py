@@ -16,7 +16,7 @@ from conftest import make_settings
 
 from gateway.app import create_app
 from gateway.edge.http import appkeys as keys
-from gateway.edge.sio.sockets import BaseNamespace
+from gateway.edge.sio.namespace import BaseNamespace
 from gateway.wire import events, openapi
 from gateway.wire.codes import ErrorCode, InternalCode
 from gateway.wire.events import NAMESPACES
@@ -152,12 +152,14 @@ def codes_in_source() -> dict[str, str]:
                     for s in _strings(v)
                 ]
             elif isinstance(node, ast.Assign | ast.AnnAssign):
-                # ``QUOTA_CODES = (...)``, ``code = "..."`` (an error class's own code)
+                # ``QUOTA_CODES = (...)``, ``INTERNAL_CODE = "..."``, ``code = "..."`` or
+                # ``default_code = "..."`` (an error class's own code)
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 names = [str(_name(t)) for t in targets]
                 constant = isinstance(node.value, ast.Constant)
                 if node.value is not None and any(
-                    n.endswith("_CODES") or (n == "code" and constant) for n in names
+                    n.endswith(("_CODES", "_CODE")) or (n in ("code", "default_code") and constant)
+                    for n in names
                 ):
                     strings = _strings(node.value)
             elif isinstance(node, ast.Attribute) and _name(node.value) in REGISTRY:

@@ -27,6 +27,7 @@ import pytest
 from conftest import replace
 
 from gateway.core.admission import AdmissionLimits
+from gateway.core.errors import DomainError
 from gateway.core.model import CallbackPolicy, OpeningSpan, Role, Site
 from gateway.edge.auth import AUDIENCE, TokenService
 from gateway.settings import (
@@ -39,7 +40,6 @@ from gateway.settings import (
     load_settings,
     with_dev_secret,
 )
-from gateway.wire.errors import ApiError
 
 REPO = Path(__file__).resolve().parents[1]
 STRONG = "s3cret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -894,7 +894,7 @@ async def test_dev_secret_tokens_verify(tmp_path: Path) -> None:
     token, _ = TokenService(with_dev_secret(demo(tmp_path)).auth).mint("anna", "acme", Role.AGENT)
     claims = await TokenService(with_dev_secret(demo(tmp_path)).auth).verify(token)
     assert claims.sub == "anna"
-    with pytest.raises(ApiError):
+    with pytest.raises(DomainError):
         await TokenService(with_dev_secret(demo(tmp_path / "elsewhere")).auth).verify(token)
 
 
@@ -1067,7 +1067,7 @@ async def test_cli_token_verifies_with_the_dev_secret(tmp_path: Path) -> None:
     # A token from another data directory was signed with another secret.
     third = run_cli(tmp_path, "token", "--agent", "anna", "--data-dir", str(tmp_path / "d2"))
     assert third.returncode == 0, third.stderr
-    with pytest.raises(ApiError):
+    with pytest.raises(DomainError):
         await service.verify(third.stdout.strip())
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, eventually
-from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.core.errors import StoreUnavailable
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceStatus
 from gateway.ops.clock import ManualClock
 from gateway.services.timers import TimerLoop
@@ -694,7 +694,7 @@ async def test_a_timer_that_finds_the_store_unreachable_runs_again_after_its_lea
     async def handler(rest: str) -> None:
         runs.append(rest)
         if len(runs) == 1:
-            raise RedisConnectionError("cannot reach Redis")
+            raise StoreUnavailable()  # what a store raises while Redis is away
 
     timers.on("t", handler)
     await store.schedule_timer("t:x", clock.now() - 1)
@@ -708,3 +708,32 @@ async def test_a_timer_that_finds_the_store_unreachable_runs_again_after_its_lea
     assert await timers.run_once() == 1 and runs == ["x", "x"]
     await clock.advance(16)
     assert await timers.run_once() == 0, "done"
+
+
+async def test_a_failing_backend_raises_store_unavailable(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Each backend turns its own failures into ``StoreUnavailable`` (its cause chained), so
+    that callers and edges know one outage error: Redis gone away, a SQLite file that is no
+    longer a database. A store's start and close keep their own errors."""
+    row = CallRow("c1", "acme", 1, {"x": 1})
+    redis = RedisStore(own_redis.url, "n1")
+    embedded = EmbeddedStore(tmp_path / "data", "n1")
+    for store in (redis, embedded):
+        await store.start(Recorder().on_event, Recorder().on_resync)
+    try:
+        own_redis.stop()
+        for sqlite_file in (tmp_path / "data").glob("membrane.sqlite3*"):
+            sqlite_file.write_bytes(b"\xa5" * max(sqlite_file.stat().st_size, 4096))
+        for store in (redis, embedded):
+            with pytest.raises(StoreUnavailable) as failed:
+                await store.put_call(row)
+            assert failed.value.code == "store_unavailable"
+            assert failed.value.__cause__ is not None, "what the backend said is kept"
+            with pytest.raises(StoreUnavailable):
+                await store.get_call("c1")
+            assert not (await store.health()).reachable
+    finally:
+        for store in (redis, embedded):
+            await store.close()
+        own_redis.start()

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from conftest import free_port, replace
 from multidict import MultiDict
-from redis.exceptions import ConnectionError as RedisConnectionError
 from twilio_sim import CallRecord, TwilioSim, twilio_signature
 from yarl import URL
 
+from gateway.core.errors import Conflict, DomainError, StoreUnavailable
 from gateway.settings import Settings, TwilioSettings
 from gateway.telephony import (
     ENTRY_POINT_GROUP,
@@ -30,7 +30,6 @@ from gateway.telephony import (
     LegStatus,
     TelephonyError,
 )
-from gateway.wire.errors import ApiError
 from mobile_bridge.twilio_telephony import TwilioTelephony, install, refusal
 from mobile_bridge.twilio_webhooks import (
     SIGNATURE_HEADER,
@@ -280,7 +279,7 @@ def test_status_callback_translation() -> None:
         [("CallSid", "CA1"), ("CallStatus", "exploded")],
         [("CallSid", "CA1"), ("CallStatus", "completed"), ("CallDuration", "²")],
     ):
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(DomainError) as err:
             leg_event_from("c", 2, MultiDict(bad))
         assert err.value.code == "invalid_payload"
 
@@ -738,7 +737,7 @@ async def test_invalid_path_is_refused(
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("error", [ApiError(409, "conflict", "stale"), RuntimeError("boom")])
+@pytest.mark.parametrize("error", [Conflict("stale"), RuntimeError("boom")])
 async def test_gateway_failures_hang_up_instead_of_erroring(
     bare: Gateway,
     events: RecordingEvents,
@@ -769,7 +768,7 @@ async def test_a_store_outage_during_a_webhook_is_one_warning_not_a_traceback(
 ) -> None:
     """Redis unreachable (seen in tests/test_chaos.py) is an outage, not a bug: a warning
     without a traceback, as the REST edge logs it; Twilio still gets its answer."""
-    events.fail_with = RedisConnectionError("cannot reach Redis")
+    events.fail_with = StoreUnavailable()
     url = f"{bare.public_url}/v1/twilio/{route}/cb-1/1"
     form = FORMS[route]
     with caplog.at_level(logging.INFO, logger="mobile_bridge"):

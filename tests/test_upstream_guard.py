@@ -1,6 +1,6 @@
 """The engine.io and socket.io code Membrane replaces or relies on, fingerprinted.
 
-gateway/edge/sio/sockets.py and gateway/edge/sio/sio_manager.py replace private methods of
+gateway/edge/sio/upstream.py and gateway/edge/sio/sio_manager.py replace private methods of
 python-engineio and python-socketio with copies that bound what a client can make a node
 hold, or that cost fewer objects. An upgrade that changes one of those upstream functions
 may fix a bug the copy still has, or change a contract the copy keeps (a new argument, a new
@@ -52,7 +52,7 @@ def _sio(module: str, qualname: str, override: str, sha: str) -> Upstream:
     return Upstream(f"socketio.{module}", qualname, override, sha)
 
 
-S = "gateway.edge.sio.sockets"
+S = "gateway.edge.sio.upstream"
 M = "gateway.edge.sio.sio_manager"
 UPSTREAM = [
     # engine.io 4.15.1
@@ -99,7 +99,7 @@ UPSTREAM = [
     _sio(
         "async_namespace",
         "AsyncNamespace.trigger_event",
-        f"{S}:BaseNamespace.trigger_event",
+        f"{S}:MembraneNamespace.trigger_event",
         "fdd419f42fff8f98",
     ),
     _sio(

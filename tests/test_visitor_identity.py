@@ -20,6 +20,7 @@ import pytest
 from conftest import Node, NodeFactory, SocketClient, Spy, make_settings, mint, replace
 
 from gateway.core.call import CallChannel, CallError, CallRequest, new_call, reattach
+from gateway.core.errors import DomainError
 from gateway.edge.http import appkeys
 from gateway.edge.visitor_identity import VisitorIdentity, new_visitor_id
 from gateway.ops.clock import ManualClock
@@ -31,7 +32,6 @@ from gateway.wire.codec import (
     session_request_from_wire,
     session_to_wire,
 )
-from gateway.wire.errors import ApiError
 
 ORIGIN = {"Origin": "http://127.0.0.1:8080"}
 KEY = "k" * 48
@@ -165,7 +165,7 @@ def test_a_session_request_is_both_parts_or_no_claim() -> None:
         {"visitor_secret": secret},
     ):
         assert session_request_from_wire(body) == SessionRequest(None, None), body
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(DomainError) as e:
         session_request_from_wire([vid, secret])
     assert e.value.code == "invalid_payload"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from gateway.core.errors import Conflict
 from gateway.core.model import Channel
 
 
@@ -46,13 +47,11 @@ class CallChannel(StrEnum):
 FINAL_STATES = frozenset({CallState.COMPLETED, CallState.FAILED, CallState.CANCELED})
 
 
-class CallError(Exception):
+class CallError(Conflict):
     """A transition that is not allowed now; ``code`` is the client-facing error code."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,9 @@ from typing import Any
 
 import jwt
 
+from gateway.core.errors import Forbidden, Unauthenticated
 from gateway.core.model import Agent, Role, Site
 from gateway.settings import AuthSettings
-from gateway.wire.errors import ApiError, forbidden, invalid_token
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,11 @@ class TokenService:
 
     async def verify(self, token: object, roles: frozenset[Role] | None = None) -> Claims:
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
-            raise invalid_token()
+            raise Unauthenticated()
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise invalid_token("malformed token") from None
+            raise Unauthenticated("malformed token") from None
         kid = header.get("kid")
         key: Any
         if kid in self._extra:
@@ -109,9 +109,9 @@ class TokenService:
                 options={"require": ["exp", "iat", "aud", "iss", "sub"]},
             )
         except jwt.ExpiredSignatureError:
-            raise invalid_token("token expired") from None
+            raise Unauthenticated("token expired") from None
         except jwt.PyJWTError as e:
-            raise invalid_token(f"invalid token: {e}") from None
+            raise Unauthenticated(f"invalid token: {e}") from None
         try:
             claims = Claims(
                 sub=str(raw["sub"]),
@@ -121,9 +121,9 @@ class TokenService:
                 jti=raw.get("jti"),
             )
         except (KeyError, ValueError):
-            raise invalid_token("token lacks site or role") from None
+            raise Unauthenticated("token lacks site or role") from None
         if roles is not None and claims.role not in roles:
-            raise forbidden(f"role {claims.role.value} may not do this")
+            raise Forbidden(f"role {claims.role.value} may not do this")
         return claims
 
     async def _jwks_key(self, token: str) -> tuple[Any, str]:
@@ -132,22 +132,22 @@ class TokenService:
             # PyJWKClient fetches with blocking urllib; keep it off the event loop.
             signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
         except jwt.PyJWKClientError as e:
-            raise invalid_token(f"unknown signing key: {e}") from None
+            raise Unauthenticated(f"unknown signing key: {e}") from None
         except Exception as e:
             # The JWKS is a remote document: a set with no usable keys (PyJWKSetError), a body
             # that is not JSON (JSONDecodeError), a dropped connection (OSError) or anything
             # else it can make pyjwt raise means this token cannot be verified: a 401, not 500.
             log.warning("JWKS %s unusable: %s: %s", self._settings.jwks_url, type(e).__name__, e)
-            raise invalid_token("signing keys unavailable") from None
+            raise Unauthenticated("signing keys unavailable") from None
         algorithm = signing_key.algorithm_name
         if algorithm not in ("RS256", "ES256"):
-            raise invalid_token("JWKS key algorithm not allowed")
+            raise Unauthenticated("JWKS key algorithm not allowed")
         return signing_key.key, algorithm
 
 
 def bearer_token(header: str | None) -> str:
     if not header or not header.startswith("Bearer "):
-        raise invalid_token("send Authorization: Bearer <token>")
+        raise Unauthenticated("send Authorization: Bearer <token>")
     return header[len("Bearer ") :].strip()
 
 
@@ -166,17 +166,16 @@ def check_configured_role(claims: Claims, site: Site) -> Agent | None:
             raise role_mismatch(claims.sub, agent.role, claims.role)
         return None
     if agent is None:
-        raise forbidden(f"{claims.sub!r} is not an agent of site {site.site_id!r}")
+        raise Forbidden(f"{claims.sub!r} is not an agent of site {site.site_id!r}")
     if agent.role is not claims.role:
         raise role_mismatch(claims.sub, agent.role, claims.role)
     return agent
 
 
-def role_mismatch(sub: str, configured: Role, claimed: Role) -> ApiError:
-    return ApiError(
-        403,
-        "role_mismatch",
+def role_mismatch(sub: str, configured: Role, claimed: Role) -> Forbidden:
+    return Forbidden(
         f"{sub!r} is configured as {configured.value}, but the token says {claimed.value}",
+        code="role_mismatch",
     )
 
 
@@ -188,7 +187,6 @@ __all__ = [
     "AGENT_ROLES",
     "SUPERVISOR_ROLES",
     "VISITOR_ROLES",
-    "ApiError",
     "Claims",
     "TokenService",
     "bearer_token",

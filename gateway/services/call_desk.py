@@ -9,12 +9,12 @@ import asyncio
 from functools import partial
 
 from gateway.core import call as calls
-from gateway.core.call import Call, CallError, CallState
+from gateway.core.call import Call, CallState
+from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import PresenceRecord
 from gateway.services.call_records import CALL_HOLD_S, CallRecords, TimerId
 from gateway.services.presence_service import socket_device_id
 from gateway.wire.codec import Json, call_from_record
-from gateway.wire.errors import ApiError, forbidden, not_found
 
 # After a node missed other nodes' emits, it replays at most this many of each site's most
 # recently changed calls to its sockets (CallDesk.replay_since).
@@ -29,7 +29,7 @@ class CallDesk:
 
     def _own(self, call: Call, site_id: str) -> Call:
         if call.site != site_id:
-            raise not_found(f"no call {call.call_id!r}")
+            raise NotFound(f"no call {call.call_id!r}")
         return call
 
     async def accept(self, site_id: str, agent_id: str, agent_sid: str, call_id: str) -> Call:
@@ -37,24 +37,22 @@ class CallDesk:
         seen = self._own(await records.get(call_id), site_id)
         now = records.clock()
         if seen.state is not CallState.RINGING or seen.agent_id != agent_id:
-            raise ApiError(409, "not_ringing", "this call is not ringing for you")
+            raise Conflict("this call is not ringing for you", code="not_ringing")
         if calls.ring_over(seen, agent_id, now):
             # Answered after its end (it reached the agent late, or the timer runs behind):
             # end the ring now rather than when the timer gets to it.
             await records.ring_timeout(call_id, seen.attempt)
-            raise ApiError(409, "ring_expired", "this ring has ended")
+            raise Conflict("this ring has ended", code="ring_expired")
         # The agent must still be reserved for this call: a ring answered after its
         # reservation lapsed (a node far behind) may have been given to another call.
         if not await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S):
-            raise ApiError(409, "ring_expired", "this ring has ended")
+            raise Conflict("this ring has ended", code="ring_expired")
         try:
             _, call = await records.update(
                 call_id, lambda c: calls.accept(c, agent_id, agent_sid, records.clock()), seen
             )
-        except (CallError, ApiError) as e:
+        except (Conflict, NotFound):
             await records.release_agent(site_id, agent_id, call_id)
-            if isinstance(e, CallError):
-                raise ApiError(409, e.code, e.message) from None
             raise
         # Other nodes' notes lapse as they see the agent go on_call: no event needed.
         records.ringing.end(site_id, agent_id, call_id)
@@ -71,19 +69,16 @@ class CallDesk:
     async def decline(self, site_id: str, agent_id: str, call_id: str) -> Call:
         records = self._records
         self._own(await records.get(call_id), site_id)
-        try:
-            before, call = await records.update(
-                call_id, lambda c: calls.decline(c, agent_id, records.clock())
-            )
-        except CallError as e:
-            raise ApiError(409, e.code, e.message) from None
+        before, call = await records.update(
+            call_id, lambda c: calls.decline(c, agent_id, records.clock())
+        )
         await records.ring_over(before, call, agent_id, "declined")
         return await records.flow(call).ring_missed(call)
 
     async def hangup(self, site_id: str, agent_id: str, call_id: str) -> Call:
         call = self._own(await self._records.get(call_id), site_id)
         if call.agent_id != agent_id:
-            raise forbidden("this is not your call")
+            raise Forbidden("this is not your call")
         return await self._records.end(call_id, "agent_hung_up", "The agent ended the call", call)
 
     async def relay_signal(
@@ -101,7 +96,7 @@ class CallDesk:
             _, call = await self._records.update(
                 call_id, lambda c: calls.reattach_agent(c, agent_id, agent_sid), call
             )
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             return None
         return call
 

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from gateway.core import call as calls
 from gateway.core.call import Call, CallChannel, CallError, CallState
+from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import Site
 from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
 from gateway.ops.tasks import TaskGroup
@@ -34,7 +35,6 @@ from gateway.services.store_retry import UntilStored
 from gateway.store.base import CallRow, Store
 from gateway.wire.calls import ring_to_wire
 from gateway.wire.codec import Json, call_from_record, call_to_record
-from gateway.wire.errors import ApiError, forbidden, not_found
 
 # A reservation outlives its ring a little, so that a node that died mid-ring still frees
 # the agent, but never before the ring timer has had its chance.
@@ -196,7 +196,7 @@ class CallRecords:
     async def get(self, call_id: str) -> Call:
         row = await self.store.get_call(call_id)
         if row is None:
-            raise not_found(f"no call {call_id!r}")
+            raise NotFound(f"no call {call_id!r}")
         return call_from_record(row.data, row.version)
 
     async def find(self, call_id: str) -> Call | None:
@@ -231,7 +231,7 @@ class CallRecords:
             row = CallRow(call_id, after.site, after.version, call_to_record(after))
             if await self.store.put_call(row):
                 return before, after
-        raise ApiError(409, "conflict", "the call is changing too fast; try again")
+        raise Conflict("the call is changing too fast; try again")
 
     async def move(self, call: Call, transition: Callable[[Call], Call]) -> Call:
         """``update``, and tell the parties when it changed the call."""
@@ -314,7 +314,7 @@ class CallRecords:
                 ),
                 call,
             )
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             self.ringing.end(call.site, agent_id, call.call_id)
             await self.store.release_agent(call.site, agent_id, call.call_id)
             return None
@@ -352,7 +352,7 @@ class CallRecords:
         now = self.clock()
         try:
             before, call = await self.update(call_id, lambda c: calls.ring_timeout(c, attempt, now))
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             return  # the call moved on (answered, declined, ended) or is gone
         assert before.agent_id is not None
         await self.ring_over(before, call, before.agent_id, "no_answer")
@@ -364,12 +364,9 @@ class CallRecords:
         self, call_id: str, reason: str, detail: str, current: Call | None = None
     ) -> Call:
         """End the call (a hang-up, a cancel); its flow frees what it held."""
-        try:
-            before, call = await self.update(
-                call_id, lambda c: calls.end(c, reason, detail, self.clock()), current
-            )
-        except CallError as e:
-            raise ApiError(409, e.code, e.message) from None
+        before, call = await self.update(
+            call_id, lambda c: calls.end(c, reason, detail, self.clock()), current
+        )
         await self.flow(call).ended(before, call, reason)
         return call
 
@@ -380,13 +377,13 @@ class CallRecords:
         else: the sender must be that call's visitor, or its agent on the accepting socket."""
         call = await self.get(payload["call_id"])
         if call.site != site_id:
-            raise not_found(f"no call {call.call_id!r}")
+            raise NotFound(f"no call {call.call_id!r}")
         if from_agent:
             allowed = call.agent_id == sender_id and call.agent_sid == sender_sid
         else:
             allowed = call.visitor_id == sender_id
         if not allowed:
-            raise forbidden("not a party to this call")
+            raise Forbidden("not a party to this call")
         if call.state is not CallState.CONNECTED:
-            raise ApiError(409, "not_connected", "signals flow only in a connected call")
+            raise Conflict("signals flow only in a connected call", code="not_connected")
         await self.flow(call).signal(call, to_agent=not from_agent, payload=payload)

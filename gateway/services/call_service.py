@@ -18,7 +18,8 @@ from functools import partial
 
 from gateway.core import call as calls
 from gateway.core.availability import availability
-from gateway.core.call import Call, CallChannel, CallError, CallRequest, CallState
+from gateway.core.call import Call, CallChannel, CallRequest, CallState
+from gateway.core.errors import Conflict, Invalid, NotFound, RateLimited
 from gateway.core.ranking_cache import RankingCache
 from gateway.core.ringing import RingingAgents
 from gateway.core.routing import RouteRequest, RoutingSnapshot, route
@@ -30,7 +31,6 @@ from gateway.services.call_records import (
     TimerKind,
 )
 from gateway.wire.codec import Json
-from gateway.wire.errors import ApiError, not_found
 
 # A visitor may start this many calls a minute (across nodes); one may be open at a time.
 STARTS_PER_MINUTE = 5
@@ -91,7 +91,7 @@ class CallService:
     ) -> Call:
         site = self._records.presence.site(site_id)
         if request.branch is not None and request.branch not in site.branches:
-            raise ApiError(400, "invalid_payload", f"no branch {request.branch!r}")
+            raise Invalid(f"no branch {request.branch!r}")
         # Independent reads in one round trip: each sequential one waits a turn of a busy
         # event loop, and they add up in the time until the agent's phone rings.
         # A refused start counts against the visitor's starts too: a flood is a flood.
@@ -104,9 +104,9 @@ class CallService:
         if current is not None:
             open_call = await self._records.find(current)
             if open_call is not None and not open_call.final:
-                raise ApiError(409, "call_in_progress", "you already have a call going")
+                raise Conflict("you already have a call going", code="call_in_progress")
         if not allowed:
-            raise ApiError(429, "rate_limited", "too many calls started; wait a minute")
+            raise RateLimited("too many calls started; wait a minute")
         call = calls.new_call(
             f"c_{uuid.uuid4().hex}",
             site_id,
@@ -137,7 +137,7 @@ class CallService:
             _, call = await self._records.update(
                 call_id, lambda c: calls.reattach(c, site_id, visitor_id, visitor_sid)
             )
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             return None
         return call
 
@@ -166,7 +166,7 @@ class CallService:
             return
         try:
             await self.cancel(site_id, visitor_id, call_id, "visitor_left")
-        except ApiError:
+        except (Conflict, NotFound):
             pass
 
     async def _on_visitor_gone_timer(self, timer: TimerId) -> None:
@@ -179,13 +179,13 @@ class CallService:
             return
         try:
             await self._records.end(call_id, "visitor_left", "The visitor's connection dropped")
-        except ApiError:
+        except (Conflict, NotFound):
             pass
 
     async def cancel(self, site_id: str, visitor_id: str, call_id: str, reason: str) -> Call:
         call = await self._records.get(call_id)
         if call.site != site_id or call.visitor_id != visitor_id:
-            raise not_found(f"no call {call_id!r}")
+            raise NotFound(f"no call {call_id!r}")
         detail = "You ended the call" if reason == "visitor_hung_up" else "The visitor left"
         return await self._records.end(call_id, reason, detail, call)
 
@@ -255,7 +255,7 @@ class CallService:
             return
         try:
             await self._records.end(call_id, "agent_left", "The agent's connection dropped", call)
-        except ApiError:
+        except (Conflict, NotFound):
             pass  # ended meanwhile
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
@@ -341,7 +341,7 @@ class CallService:
                 call.call_id,
                 lambda c: calls.no_agent(c, reason, NO_AGENT_DETAIL.get(reason, reason), wait, now),
             )
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             return await records.get(call.call_id)
         await self._notify.call_update(failed)
         return failed

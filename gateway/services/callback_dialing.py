@@ -26,6 +26,7 @@ from gateway.core.callback_admission import (
     dial_quotas,
     over_spend_cap,
 )
+from gateway.core.errors import Conflict, NotFound
 from gateway.core.phone_policy import PhoneRefused, check_number, next_allowed_at
 from gateway.ops.metrics import Metrics
 from gateway.services.call_records import CallRecords, TimerHandler, TimerId, TimerKind
@@ -40,7 +41,6 @@ from gateway.telephony import (
     Telephony,
     TelephonyError,
 )
-from gateway.wire.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class CallbackDialer:
             await self._records.update(
                 call.call_id, partial(cb.leg_placed, attempt=attempt, provider_id=provider_id)
             )
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             # Canceled while the dial was on its way: the phone must not keep ringing.
             if self.telephony is not None:
                 await self.telephony.hang_up(provider_id)
@@ -237,7 +237,7 @@ class CallbackDialer:
             # Never an agent for a machine; its completed status ends the attempt (voicemail).
             try:
                 await self._records.update(call_id, answered)
-            except (CallError, ApiError):
+            except (Conflict, NotFound):
                 pass
             return HangUp()
         agent = site.agents.get(call.agent_id or "")
@@ -247,7 +247,7 @@ class CallbackDialer:
             return HangUp("Sorry, we cannot connect you right now. We will call you back.")
         try:
             _, after = await self._records.update(call_id, answered)
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             return gone
         await self._notify.call_update(after)
         return Bridge(
@@ -276,7 +276,7 @@ class CallbackDialer:
             before, done = await self._records.update(
                 call.call_id, partial(cb.completed, attempt=call.dials, now=now)
             )
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             return
         await self._release_call(before, done)
         if before.agent_id is not None:
@@ -311,7 +311,7 @@ class CallbackDialer:
                     now=now,
                 ),
             )
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             return  # the attempt already ended (a late or repeated webhook)
         self._metrics.dials.labels(outcome).inc()
         await self._release_call(before, after)
@@ -328,7 +328,7 @@ class CallbackDialer:
             before, after = await self._records.update(
                 call.call_id, partial(cb.refused, reason=reason, detail=detail, now=now)
             )
-        except (CallError, ApiError):
+        except (Conflict, NotFound):
             return
         await self._release_call(before, after)
         await self._notify.call_update(after, former_agent=before.agent_id)

@@ -43,6 +43,15 @@ from gateway.core.callback_admission import (
     next_opening,
     open_at,
 )
+from gateway.core.errors import (
+    Conflict,
+    DomainError,
+    Invalid,
+    NotFound,
+    RateLimited,
+    Refused,
+    Unavailable,
+)
 from gateway.core.hours import slot_starts
 from gateway.core.model import Channel
 from gateway.core.phone_policy import PhoneRefused, check_number
@@ -60,7 +69,6 @@ from gateway.services.call_records import (
 from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_timer
 from gateway.store.base import OpenCallbackKind
 from gateway.wire.codec import CallbackIn, Json, call_to_wire
-from gateway.wire.errors import ApiError, not_found
 
 # A callback waiting for a free agent looks again this often.
 POLL_S = 1.0
@@ -80,17 +88,18 @@ OPEN_KIND: dict[Subject, OpenCallbackKind] = {Subject.VISITOR: "visitor", Subjec
 # A browser call nobody answered gives its place to the callback asked for within this time.
 KEEP_PLACE_S = 1800.0
 # The HTTP status of each refusal of a request; any other (the number's rules, the time's) 422.
-REFUSAL_STATUS = {
-    "callbacks_unavailable": 503,
-    "invalid_phone": 400,
-    "spend_cap_reached": 503,
-    "callback_in_progress": 409,
-    "number_has_callback": 409,
-    "number_rate_limited": 429,
-    "too_many_numbers": 429,
-    "ip_rate_limited": 429,
-    "site_rate_limited": 429,
+REFUSAL_KINDS: dict[str, type[DomainError]] = {
+    "callbacks_unavailable": Unavailable,
+    "invalid_phone": Invalid,
+    "spend_cap_reached": Unavailable,
+    "callback_in_progress": Conflict,
+    "number_has_callback": Conflict,
+    "number_rate_limited": RateLimited,
+    "too_many_numbers": RateLimited,
+    "ip_rate_limited": RateLimited,
+    "site_rate_limited": RateLimited,
 }
+"""The kind of each admission refusal whose kind is not ``Refused`` (a rule said no)."""
 
 
 def hash_token(token: str) -> str:
@@ -115,9 +124,12 @@ class CallbackService:
 
     # --- the visitor -----------------------------------------------------------------------
 
-    def _refuse(self, refusal: Refusal) -> ApiError:
+    def _refuse(self, refusal: Refusal) -> DomainError:
         self._metrics.callback_refusals.labels(refusal.code).inc()
-        return ApiError(REFUSAL_STATUS.get(refusal.code, 422), refusal.code, refusal.message)
+        kind = REFUSAL_KINDS.get(refusal.code)
+        if kind is None:
+            return Refused(refusal.code, refusal.message)
+        return kind(refusal.message, code=refusal.code)
 
     async def request(
         self, site_id: str, visitor_id: str, client_ip: str, body: CallbackIn
@@ -129,7 +141,7 @@ class CallbackService:
             raise self._refuse(Refusal("callbacks_unavailable", "callbacks are not set up here"))
         r = body.request
         if r.branch is not None and r.branch not in site.branches:
-            raise ApiError(400, "invalid_payload", f"no branch {r.branch!r}")
+            raise Invalid(f"no branch {r.branch!r}")
         now = self._records.clock()
         ask = CallbackAsk(body.phone, body.at, r.branch)
         policy, hours = site.callback_policy, hours_scope(site, r.branch)
@@ -222,16 +234,15 @@ class CallbackService:
     async def ticket(self, call_id: str, token: str) -> Call:
         """The visitor's callback, for the holder of its status token only; an unknown call
         and a wrong token look the same, so call ids cannot be probed."""
-        try:
-            call = await self._records.get(call_id)
-        except ApiError:
-            raise not_found(f"no callback {call_id!r}") from None
+        call = await self._records.find(call_id)
+        if call is None:
+            raise NotFound(f"no callback {call_id!r}")
         if (
             call.channel is not CallChannel.CALLBACK
             or call.token_hash is None
             or not hmac.compare_digest(call.token_hash, hash_token(token))
         ):
-            raise not_found(f"no callback {call_id!r}")
+            raise NotFound(f"no callback {call_id!r}")
         return call
 
     async def view(self, call: Call, internal: bool = False) -> Json:
@@ -262,7 +273,7 @@ class CallbackService:
             return call
         try:
             return await self._records.end(call_id, "visitor_canceled", "You canceled")
-        except ApiError:
+        except (Conflict, NotFound):
             return await self._records.get(call_id)
 
     # --- routing ---------------------------------------------------------------------------
@@ -390,7 +401,7 @@ class CallbackService:
             else:
                 try:
                     await self._dial_customer_first(call, agent.agent_id, candidate.reasons, now)
-                except (CallError, ApiError):
+                except (Conflict, NotFound):
                     await self._records.release_agent(call.site, agent.agent_id, call.call_id)
                     return None  # canceled meanwhile
             await self._store.queue_remove(call.site, call.call_id)
@@ -484,4 +495,4 @@ class CallbackService:
         """As for ``agent_left``: the call goes on on the phones."""
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
-        raise ApiError(409, "not_connected", "this call's audio is on the phone network")
+        raise Conflict("this call's audio is on the phone network", code="not_connected")

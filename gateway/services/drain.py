@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from gateway.wire.errors import draining
+from gateway.core.errors import draining
 
 log = logging.getLogger(__name__)
 

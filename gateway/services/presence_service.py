@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from types import MappingProxyType
 
+from gateway.core.errors import Forbidden, NotFound
 from gateway.core.model import (
     Agent,
     Channel,
@@ -33,7 +34,6 @@ from gateway.services.store_retry import UntilStored
 from gateway.settings import PresenceSettings
 from gateway.store.base import DeviceRef, Expectation, PresenceAndEvents
 from gateway.wire.codec import DeviceUpdate, Json, presence_to_wire
-from gateway.wire.errors import forbidden, not_found
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,13 @@ class PresenceService:
     def site(self, site_id: str) -> Site:
         site = self._sites.get(site_id)
         if site is None:
-            raise not_found(f"no site {site_id!r}")
+            raise NotFound(f"no site {site_id!r}")
         return site
 
     def agent(self, site_id: str, agent_id: str) -> Agent:
         agent = self.site(site_id).agents.get(agent_id)
         if agent is None:
-            raise forbidden(f"{agent_id!r} is not an agent of site {site_id!r}")
+            raise Forbidden(f"{agent_id!r} is not an agent of site {site_id!r}")
         return agent
 
     def add_listener(self, listener: PresenceListener) -> None:
@@ -242,7 +242,7 @@ class PresenceService:
         record = await self._store.get_presence(site_id, agent_id)
         device = next((d for d in record.devices if d.device_id == device_id), None)
         if device is None or device.expires_at <= now:
-            raise not_found(f"no live device {device_id!r}; PUT it first")
+            raise NotFound(f"no live device {device_id!r}; PUT it first")
         ttl = self._settings.device_ttl_s
         renewed = Device(
             device.device_id, device.kind, device.state, device.priority, now, now + ttl

@@ -8,8 +8,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from gateway.core.errors import StoreUnavailable
 from gateway.ops.tasks import TaskGroup
-from gateway.store.base import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class UntilStored:
         again in the background with backoff, instead of losing it with the error."""
         try:
             await step()
-        except UNAVAILABLE_ERRORS as e:
+        except StoreUnavailable as e:
             log.warning("%s: store unreachable (%r); retrying until it is back", name, e)
             try:
                 self._tasks.spawn(self._retry(step, name), name)
@@ -44,7 +44,7 @@ class UntilStored:
             await asyncio.sleep(delay)
             try:
                 await step()
-            except UNAVAILABLE_ERRORS as e:
+            except StoreUnavailable as e:
                 if self._clock() > give_up_at:
                     log.error("%s: store unreachable for too long (%r); giving up", name, e)
                     return

@@ -6,8 +6,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from gateway.core.errors import StoreUnavailable
 from gateway.ops.clock import SYSTEM_CLOCK, Clock
-from gateway.store.base import UNAVAILABLE_ERRORS, TimerStore
+from gateway.store.base import TimerStore
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TimerLoop:
             again = await handler(rest)
         except asyncio.CancelledError:
             raise
-        except UNAVAILABLE_ERRORS as e:
+        except StoreUnavailable as e:
             # An outage, not a bug: no traceback (one per timer due while Redis is away).
             log.warning(
                 "timer %s: store unreachable (%r); it will run again after its lease", timer_id, e

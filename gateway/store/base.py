@@ -5,14 +5,15 @@ behavioural suite (tests/test_store.py): ``EmbeddedStore`` (one node) and ``Redi
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
-
-from redis.exceptions import RedisError
+from typing import Any, Literal, Protocol, TypeVar
 
 from gateway.core.callback_admission import QuotaSpec, Subject
+from gateway.core.errors import StoreUnavailable
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceRecord, PresenceStatus
 
 Json = dict[str, Any]
@@ -20,8 +21,44 @@ EventHandler = Callable[[Json], Awaitable[None]]
 ResyncHandler = Callable[[], Awaitable[None]]
 
 
-# What a store raises while its backend is unreachable; the edges answer 503, not 500.
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+C = TypeVar("C", bound=type)
+
+# Opened and closed by the node, not by a request: a failure there is the node's, and keeps
+# its own type (the CLI explains a Redis refusing its password at start-up).
+_LIFECYCLE = frozenset({"start", "close"})
+
+
+def failures_become_unavailable(
+    failures: tuple[type[BaseException], ...], exempt: tuple[type[BaseException], ...] = ()
+) -> Callable[[C], C]:
+    """Class decorator for a store backend: each public coroutine method, its own or one of
+    the parts it is mixed from, raises ``StoreUnavailable`` (the cause chained) when the
+    backend fails with one of ``failures`` (and not one of ``exempt``, which are bugs rather
+    than outages). Callers then see one error for every backend: the edges answer it 503
+    with ``Retry-After``, never 500."""
+
+    def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(method)
+        async def translated(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            except exempt:
+                raise
+            except failures as e:
+                raise StoreUnavailable() from e
+
+        return translated
+
+    def decorate(cls: C) -> C:
+        for name in dir(cls):
+            if name.startswith("_") or name in _LIFECYCLE:
+                continue
+            member = inspect.getattr_static(cls, name)
+            if inspect.iscoroutinefunction(member):
+                setattr(cls, name, wrap(member))
+        return cls
+
+    return decorate
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +361,11 @@ class Store(
     CoordinationStore,
     Protocol,
 ):
-    """Every role: what a backend implements (the embedded store and the Redis store)."""
+    """Every role: what a backend implements (the embedded store and the Redis store).
+
+    Every method but ``start`` and ``close`` raises ``StoreUnavailable`` when the backend
+    fails (unreachable, timing out, locked, unreadable), never the backend's own error
+    (``failures_become_unavailable``)."""
 
 
 # --- shared encoding of presence records (both stores keep devices as JSON) ----------------

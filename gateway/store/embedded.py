@@ -14,7 +14,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gateway.store.base import EventHandler, Json, ResyncHandler, StoreHealth
+from gateway.store.base import (
+    EventHandler,
+    Json,
+    ResyncHandler,
+    StoreHealth,
+    failures_become_unavailable,
+)
 from gateway.store.embedded_coordination import EmbeddedCoordination
 from gateway.store.embedded_presence import EmbeddedPresence
 from gateway.store.embedded_records import EmbeddedRecords
@@ -84,6 +90,11 @@ CREATE INDEX IF NOT EXISTS handle_times_by_site ON handle_times (site, id);
 """
 
 
+# SQLite failing: the file locked past the busy timeout, unreadable or not a database, a disk
+# I/O error, the disk full. A constraint or a misused API is a bug, not an outage.
+@failures_become_unavailable(
+    (sqlite3.DatabaseError,), exempt=(sqlite3.IntegrityError, sqlite3.ProgrammingError)
+)
 class EmbeddedStore(EmbeddedPresence, EmbeddedRecords, EmbeddedCoordination):
     """Every role of ``Store`` (its parts are mixed in, sharing the connection)."""
 
@@ -129,7 +140,11 @@ class EmbeddedStore(EmbeddedPresence, EmbeddedRecords, EmbeddedCoordination):
 
     async def health(self) -> StoreHealth:
         try:
-            await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
+            # Reads the file (its schema), which ``SELECT 1`` would not: a file that stopped
+            # being a database must make the node unready.
+            await self._run(
+                lambda: self._conn().execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            )
         except (sqlite3.Error, AssertionError) as e:
             return StoreHealth(False, True, True, f"sqlite: {e}")
         return StoreHealth(True, True, True)

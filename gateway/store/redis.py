@@ -22,7 +22,13 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.ops.tasks import TaskGroup
-from gateway.store.base import EventHandler, Json, ResyncHandler, StoreHealth
+from gateway.store.base import (
+    EventHandler,
+    Json,
+    ResyncHandler,
+    StoreHealth,
+    failures_become_unavailable,
+)
 from gateway.store.redis_common import EVENTS_CHANNEL
 from gateway.store.redis_coordination import RedisCoordination
 from gateway.store.redis_lane import RedisLane, RedisSubscription
@@ -78,6 +84,9 @@ def _tls_refused(error: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in str(error)
 
 
+# Redis unreachable, loading, timing out, read-only after a failover, out of memory (every
+# RedisError), or the socket failing under it.
+@failures_become_unavailable((RedisError, OSError, TimeoutError))
 class RedisStore(RedisPresence, RedisRecords, RedisCoordination):
     """Every role of ``Store`` (its parts are mixed in, sharing the connections)."""
 

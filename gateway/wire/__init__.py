@@ -1,2 +1,2 @@
-"""What crosses the wire: the codec for every payload in and out, ApiError with its stable
-codes, the OpenAPI document, the JSON functions socket.io uses."""
+"""What crosses the wire: the codec for every payload in and out, the OpenAPI document, the
+JSON functions socket.io uses."""

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from msgspec import Meta
 
-from gateway.wire.errors import invalid_payload
+from gateway.core.errors import Invalid
 
 Json = dict[str, Any]
 T = TypeVar("T")
@@ -94,9 +94,9 @@ def parse_iso(value: str, field: str) -> float:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise invalid_payload(f"{field} must be an ISO 8601 time") from None
+        raise Invalid(f"{field} must be an ISO 8601 time") from None
     if parsed.tzinfo is None:
-        raise invalid_payload(f"{field} must carry a UTC offset")
+        raise Invalid(f"{field} must carry a UTC offset")
     return parsed.timestamp()
 
 
@@ -109,7 +109,7 @@ def decode(payload: object, into: type[T], what: str = "payload") -> T:
     try:
         return msgspec.convert(payload, into)
     except msgspec.ValidationError as e:
-        raise invalid_payload(explain(e, what)) from None
+        raise Invalid(explain(e, what)) from None
 
 
 _WHERE = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.S)

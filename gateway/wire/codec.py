@@ -14,6 +14,7 @@ import msgspec
 from msgspec import Struct
 
 from gateway.core.call import Call, CallChannel, CallRequest, CallState, TimelineEntry
+from gateway.core.errors import Invalid
 from gateway.core.model import DeviceKind, DeviceState
 from gateway.wire.base import (
     ID_PATTERN,
@@ -28,7 +29,6 @@ from gateway.wire.base import (
     parse_iso,
 )
 from gateway.wire.calls import CallRef, CallStart, RtcSignal, call_to_wire
-from gateway.wire.errors import ApiError, invalid_payload
 from gateway.wire.events import AgentAuth
 from gateway.wire.presence import DeviceUpdate as DeviceBody
 from gateway.wire.presence import PresenceSet, presence_to_wire
@@ -57,13 +57,13 @@ __all__ = [
 
 def as_object(payload: object, what: str = "payload") -> Json:
     if not isinstance(payload, dict):
-        raise invalid_payload(f"{what} must be a JSON object")
+        raise Invalid(f"{what} must be a JSON object")
     return payload
 
 
 def check_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise invalid_payload(f"{what} must be 1-64 letters, digits or _.:-")
+        raise Invalid(f"{what} must be 1-64 letters, digits or _.:-")
     return value
 
 
@@ -89,7 +89,7 @@ def device_update_from_wire(payload: object, device_id: str | None = None) -> De
         return DeviceUpdate(path_id, body.kind, body.state, _int(body))
     named = decode(payload, PresenceSet)
     if not named.device_id:
-        raise invalid_payload("device_id is required")
+        raise Invalid("device_id is required")
     return DeviceUpdate(named.device_id, named.kind, named.state, _int(named))
 
 
@@ -218,7 +218,7 @@ def opt_query(query: Mapping[str, str], key: str) -> str | None:
     if value is None:
         return None
     if not value:
-        raise invalid_payload(f"{key} must not be empty; leave it out to ask for any")
+        raise Invalid(f"{key} must not be empty; leave it out to ask for any")
     return value
 
 
@@ -269,10 +269,10 @@ def callback_from_wire(payload: object) -> CallbackIn:
     if isinstance(payload, dict):
         phone = payload.get("phone")
         if isinstance(phone, str) and len(phone) > MAX_PHONE:
-            raise ApiError(400, "invalid_phone", "phone is too long")
+            raise Invalid("phone is too long", code="invalid_phone")
         if not isinstance(phone, str) or not phone.strip():
             message = "phone is required, in international form (+...)"
-            raise ApiError(400, "invalid_phone", message)
+            raise Invalid(message, code="invalid_phone")
     body = decode(payload, CallbackRequest)
     return CallbackIn(
         phone=body.phone,

@@ -67,3 +67,4 @@ class InternalCode(StrEnum):
     TELEPHONY_AUTH_FAILED = "telephony_auth_failed"
     TELEPHONY_REFUSED = "telephony_refused"
     TELEPHONY_UNAVAILABLE = "telephony_unavailable"
+    UNAVAILABLE = "unavailable"

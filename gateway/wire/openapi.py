@@ -36,8 +36,8 @@ from gateway.wire.rest import (
 )
 
 DRAINING_OR_STORE = (
-    "store_unavailable: the store is unreachable; retry. draining: this node is shutting "
-    "down; retry after Retry-After (behind a load balancer, another node answers)."
+    "store_unavailable: the store is unreachable; retry after Retry-After. draining: this node "
+    "is shutting down; retry after Retry-After (behind a load balancer, another node answers)."
 )
 REF = "#/components/schemas/{name}"
 # The REST bodies; the socket.io structs (gateway.wire.events) follow them.
@@ -403,7 +403,9 @@ def _components() -> Json:
             ),
             "NotFound": _error("not_found: unknown site, call or device."),
             "RateLimited": _error("rate_limited: slow down."),
-            "Unavailable": _error("store_unavailable: the store is unreachable; retry."),
+            "Unavailable": _error(
+                "store_unavailable: the store is unreachable; retry after Retry-After."
+            ),
         },
         "parameters": {
             "site": {"name": "site", "in": "path", "required": True, "schema": id_schema},

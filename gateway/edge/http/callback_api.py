@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.core.errors import Invalid, Unauthenticated
 from gateway.edge.auth import VISITOR_ROLES, bearer_token, check_configured_role
 from gateway.edge.http import appkeys as keys
 from gateway.edge.http.http_api import read_json
 from gateway.edge.http.visitor_api import TICKET_SITE, client_ip, site_of
 from gateway.wire.codec import branch_from_query, callback_from_wire, check_id
-from gateway.wire.errors import ApiError, invalid_token
 from gateway.wire.rest import callback_created_to_wire, slots_to_wire
 
 MAX_STATUS_TOKEN = 128
@@ -26,11 +26,11 @@ async def create_callback(request: web.Request) -> web.Response:
         bearer_token(request.headers.get("Authorization")), VISITOR_ROLES
     )
     if claims.site != site.site_id:
-        raise invalid_token("this session is for another site")
+        raise Unauthenticated("this session is for another site")
     check_configured_role(claims, site)
     try:
         body = callback_from_wire(await read_json(request))
-    except ApiError as e:
+    except Invalid as e:
         if e.code == "invalid_phone":  # an abuse rule like the others: counted
             request.app[keys.METRICS].callback_refusals.labels(e.code).inc()
         raise
@@ -53,7 +53,7 @@ async def callback_slots(request: web.Request) -> web.Response:
 def _status_token(request: web.Request) -> str:
     token = request.query.get("token", "")
     if not token or len(token) > MAX_STATUS_TOKEN:
-        raise invalid_token("the status token is missing")
+        raise Unauthenticated("the status token is missing")
     return token
 
 

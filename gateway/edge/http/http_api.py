@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.core.errors import DomainError, Forbidden, Invalid, RateLimited, StoreUnavailable
 from gateway.edge.auth import (
     AGENT_ROLES,
     SUPERVISOR_ROLES,
@@ -18,35 +19,22 @@ from gateway.edge.auth import (
     bearer_token,
     check_configured_role,
 )
+from gateway.edge.errors import (
+    HTTP_LAYER_CODES,
+    INTERNAL_CODE,
+    error_object,
+    internal_response,
+    json_error,
+    rest_response,
+)
 from gateway.edge.http import appkeys as keys
 from gateway.ops.ratelimit import TokenBucket
-from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.wire import openapi
 from gateway.wire.base import to_wire
 from gateway.wire.codec import check_id, device_update_from_wire, presence_to_wire
-from gateway.wire.errors import ApiError, forbidden, invalid_payload, store_unavailable
 from gateway.wire.rest import Health, Readiness, StoreHealth
 
 log = logging.getLogger(__name__)
-
-_STATUS_CODES = {
-    400: "bad_request",
-    401: "invalid_token",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
-
-
-def error_response(
-    status: int, code: str, message: str, retry_after_s: int | None = None
-) -> web.Response:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers=headers
-    )
 
 
 @web.middleware
@@ -60,26 +48,25 @@ async def error_middleware(
     started = time.perf_counter()
     try:
         response = await handler(request)
-    except ApiError as e:
+    except StoreUnavailable as e:
+        log.warning("store unreachable during %s: %r", route, e)
         metrics.errors.labels(e.code).inc()
-        response = error_response(e.status, e.code, e.message, e.retry_after_s)
+        response = rest_response(e)
+    except DomainError as e:
+        metrics.errors.labels(e.code).inc()
+        response = rest_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        code = _STATUS_CODES.get(e.status, "bad_request")
+        code = HTTP_LAYER_CODES.get(e.status, "bad_request")
         metrics.errors.labels(code).inc()
-        response = error_response(e.status, code, e.reason)
+        response = json_error(e.status, error_object(code, e.reason))
         if "Allow" in e.headers:  # a 405 names the methods the resource has (RFC 9110)
             response.headers["Allow"] = e.headers["Allow"]
-    except UNAVAILABLE_ERRORS as e:
-        log.warning("store unreachable during %s: %r", route, e)
-        err = store_unavailable()
-        metrics.errors.labels(err.code).inc()
-        response = error_response(err.status, err.code, err.message)
     except Exception:
         log.exception("unhandled error in %s", route)
-        metrics.errors.labels("internal").inc()
-        response = error_response(500, "internal", "the gateway failed; try again")
+        metrics.errors.labels(INTERNAL_CODE).inc()
+        response = internal_response()
     metrics.requests.labels(route, str(response.status)).inc()
     metrics.latency.labels(route).observe(time.perf_counter() - started)
     return response
@@ -92,7 +79,7 @@ async def read_json(request: web.Request) -> Any:
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise invalid_payload("body is not valid JSON") from None
+        raise Invalid("body is not valid JSON") from None
 
 
 async def agent_claims(request: web.Request, supervisor: bool = False) -> Claims:
@@ -104,7 +91,7 @@ async def agent_claims(request: web.Request, supervisor: bool = False) -> Claims
     buckets = request.app[keys.REST_BUCKETS]
     bucket = buckets.setdefault(f"{claims.site}:{claims.sub}", TokenBucket(10.0, 30.0))
     if not bucket.take(time.monotonic()):
-        raise ApiError(429, "rate_limited", "too many requests; slow down")
+        raise RateLimited("too many requests; slow down")
     check_configured_role(claims, request.app[keys.PRESENCE].site(claims.site))
     return claims
 
@@ -182,7 +169,7 @@ async def site_agents(request: web.Request) -> web.Response:
     claims = await agent_claims(request, supervisor=True)
     site = request.match_info["site"]
     if claims.site != site:
-        raise forbidden("a supervisor sees only their own site")
+        raise Forbidden("a supervisor sees only their own site")
     presences = request.app[keys.PRESENCE].site_presence(site)
     return web.json_response([presence_to_wire(p) for p in presences])
 

@@ -11,14 +11,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.core.errors import Forbidden, Invalid, RateLimited, Unavailable
 from gateway.core.model import Role, Site
+from gateway.edge.errors import rest_response
 from gateway.edge.http import appkeys as keys
-from gateway.edge.http.http_api import error_response, read_json
+from gateway.edge.http.http_api import read_json
 from gateway.edge.ice import ice_servers
 from gateway.edge.visitor_identity import new_visitor_id
 from gateway.settings import Settings
 from gateway.wire.codec import filters_from_query, session_request_from_wire, session_to_wire
-from gateway.wire.errors import ApiError, invalid_payload
 
 SESSIONS_PER_IP_MINUTE = 30
 # What a cross-origin page needs, and no more: the widget opens sessions and callbacks (POST
@@ -84,7 +85,8 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
         }
     if origin not in allowed:
         request.app[keys.METRICS].errors.labels("origin_not_allowed").inc()
-        return error_response(403, "origin_not_allowed", f"origin {origin} is not allowed")
+        refusal = Forbidden(f"origin {origin} is not allowed", code="origin_not_allowed")
+        return rest_response(refusal)
     return web.Response(
         status=204,
         headers={
@@ -138,11 +140,11 @@ async def create_session(request: web.Request) -> web.Response:
     request.app[keys.DRAIN].refuse_new_work()
     origin = request.headers.get("Origin")
     if origin is None or origin not in allowed_origins(request):
-        raise ApiError(403, "origin_not_allowed", "this page's origin may not open sessions")
+        raise Forbidden("this page's origin may not open sessions", code="origin_not_allowed")
     store = request.app[keys.STORE]
     now = request.app[keys.CLOCK].now()
     if not await store.hit_session_limit(client_ip(request), 60, SESSIONS_PER_IP_MINUTE, now):
-        raise ApiError(429, "rate_limited", "too many sessions from this address")
+        raise RateLimited("too many sessions from this address")
     claim = session_request_from_wire(await read_json(request))
     # Only the secret the gateway gave a visitor keeps their id: the id alone is seen by
     # agents, and a token for it would take over the visitor's live call.
@@ -168,7 +170,7 @@ async def create_session(request: web.Request) -> web.Response:
 def _filters(request: web.Request, site: Site) -> tuple[str | None, str | None]:
     language, branch = filters_from_query(request.query)
     if branch is not None and branch not in site.branches:
-        raise invalid_payload(f"no branch {branch!r}")
+        raise Invalid(f"no branch {branch!r}")
     return language, branch
 
 
@@ -187,7 +189,7 @@ async def stream_availability(request: web.Request) -> web.StreamResponse:
     feed = request.app[keys.AVAILABILITY]
     request.app[keys.DRAIN].refuse_new_work()  # its streams were ended: none may start
     if feed.watcher_count >= feed.max_watchers:
-        raise ApiError(503, "too_many_watchers", "this node is full; retry on another")
+        raise Unavailable("this node is full; retry on another", code="too_many_watchers")
     response: web.StreamResponse = await feed.watch(
         request, (site.site_id, language, branch), cors_headers(request)
     )

@@ -14,10 +14,10 @@ from typing import Any
 import socketio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.core.errors import StoreUnavailable
 from gateway.core.ringing import Offer, RingGate
 from gateway.ops.metrics import Metrics
 from gateway.ops.tasks import raise_if_cancelling
-from gateway.store.base import UNAVAILABLE_ERRORS
 from gateway.store.redis import PING_INTERVAL_S
 from gateway.store.redis_lane import RedisLane, RedisSubscription
 from gateway.store.redis_url import RedisTarget, redis_target
@@ -426,7 +426,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
             return
         try:
             await self.on_rejoin(since)
-        except UNAVAILABLE_ERRORS:
+        except StoreUnavailable:
             raise
         except Exception:
             self._get_logger().exception("replaying calls after rejoining failed")

@@ -1,0 +1,499 @@
+"""The engine.io and socket.io code Membrane replaces, in one module: each override names
+the upstream function it replaces, which tests/test_upstream_guard.py fingerprints. The
+bounds they hold a client to are in ``gateway.edge.sio.limits``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import time
+from abc import abstractmethod
+from typing import Any
+
+import engineio
+import engineio.async_socket
+import engineio.exceptions
+import engineio.packet
+import socketio
+from aiohttp import web
+
+from gateway.edge.sio import limits
+from gateway.ops.metrics import Metrics
+from gateway.ops.ratelimit import TokenBucket
+from gateway.ops.tasks import TaskGroup
+from gateway.services.drain import Drain
+
+log = logging.getLogger(__name__)
+
+ACK_REQUESTED = contextvars.ContextVar("ack_requested", default=False)
+"""Whether the client event being handled asked for an ack."""
+
+
+class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
+    """socket.io packets as Membrane sends them: JSON only, never binary attachments, so the
+    recursive search for bytes that python-socketio runs on every outgoing payload (about
+    8% of a node's CPU under presence load, measured) can be skipped."""
+
+    @classmethod
+    def data_is_binary(cls, data: Any) -> bool:
+        """Replaces ``Packet.data_is_binary``."""
+        return False
+
+
+class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
+    """engine.io's socket with the same behaviour and fewer objects per message, and with
+    what a hostile client can make it hold bounded.
+
+    The stock socket waits for every outgoing batch and every incoming message through
+    ``asyncio.wait_for``, which (CPython 3.11) wraps the wait in a new Task and adds a waiter
+    future and a callback; the reader also spawns a Task per message. Thousands of sockets
+    each keep two such waits pending for seconds, so they outlive the young generation and
+    make the collector's older generations large and slow (a gen1 collection of ~300k
+    objects took ~200 ms at 8,000 sockets, measured). Here both waits run in the socket's own
+    task under ``asyncio.timeout``: the same deadline (``ping_interval + ping_timeout``), the
+    same outcome on a timeout or a cancel, no Task. A packet already queued is taken without
+    arming a timer at all.
+
+    The outgoing queue is bounded in bytes (``MAX_PENDING_BYTES``), a client that abuses the
+    protocol is dropped with a reason (``drop``), and a writer stuck on a client that stopped
+    reading cannot hold the connection open once its reader has ended.
+    """
+
+    last_ping: float | None
+    connected: bool
+    closing: bool
+    closed: bool
+    queue: asyncio.Queue[Any]
+
+    _pinged_before = False
+    pending_bytes = 0
+    """Bytes queued for the client and not yet taken by the writer (or a polling GET)."""
+    dropped: str | None = None
+    """The error code this connection was dropped for, once it was."""
+    _close_code: int | None = None
+    _transport: asyncio.Transport | None = None
+
+    def __init__(self, server: Any, sid: str) -> None:
+        super().__init__(server, sid)
+        self.connects = TokenBucket(*limits.NAMESPACE_CONNECTS)
+
+    async def send(self, pkt: Any) -> None:
+        """As ``AsyncSocket.send``, onto a queue bounded in bytes: past the bound the client
+        is too slow to keep, and is dropped rather than buffered."""
+        if self.dropped is not None or not await self.check_ping_timeout():
+            return
+        self._put(pkt)
+
+    def _put(self, pkt: Any) -> None:
+        size = limits.packet_size(pkt)
+        if self.pending_bytes + size > limits.MAX_PENDING_BYTES:
+            self.drop("slow_consumer", None)
+            return
+        self.pending_bytes += size
+        self.queue.put_nowait(pkt)
+
+    def _taken(self, pkt: Any) -> Any:
+        self.queue.task_done()
+        self.pending_bytes -= limits.packet_size(pkt)
+        return pkt
+
+    def drop(self, code: str, ws_code: int | None) -> None:
+        """End the connection for abusing the protocol, with one short log line and a count
+        under ``code``. With ``ws_code`` the reader stops after the packet at hand and the
+        client gets a close frame with that code and ``code`` as its reason; without (a client
+        that does not read, which would never see one) the transport is cut at once."""
+        if self.dropped is not None:
+            return
+        self.dropped = code
+        self._close_code = ws_code
+        log.warning("engine.io connection %s dropped: %s", self.sid, code)
+        count = getattr(self.server, "count_refusal", None)
+        if count is not None:
+            count(code)
+        if ws_code is None and self._transport is not None:
+            self._transport.abort()
+
+    async def poll(self) -> list[Any]:
+        """Wait for packets to send to the client (as ``AsyncSocket.poll``)."""
+        queue = self.queue
+        if queue.empty():
+            # (Not waiting inside an ``except QueueEmpty``: that would keep the exception,
+            # its traceback and a frame alive for as long as the wait lasts.)
+            try:
+                async with asyncio.timeout(self.server.ping_interval + self.server.ping_timeout):
+                    pkt = self._taken(await queue.get())
+            except (TimeoutError, asyncio.CancelledError):
+                raise engineio.exceptions.QueueEmpty() from None
+        else:
+            pkt = self._taken(queue.get_nowait())
+        if pkt is None:
+            return []
+        packets = [pkt]
+        while not queue.empty():
+            pkt = self._taken(queue.get_nowait())
+            if pkt is None:
+                queue.put_nowait(None)
+                break
+            packets.append(pkt)
+        return packets
+
+    def schedule_ping(self) -> None:
+        """As ``AsyncSocket.schedule_ping``, with the wait a timer rather than a Task
+        sleeping: one object per socket every ping interval instead of about eight.
+
+        The first ping comes at a random point of the interval. Sockets that connected
+        together (thousands after a node restart or a deploy) would otherwise be pinged
+        together every interval for as long as they stay: 8,000 pings and pongs within a
+        few seconds doubled ring latency while they lasted (bench/click_to_ring.py). A client
+        may be pinged early: it only expects a ping within interval + timeout."""
+        # only schedule a new ping if the previous ping wait cycle completed
+        if self.last_ping:
+            self.last_ping = None
+            delay = self.server.ping_interval
+            if not self._pinged_before:
+                self._pinged_before = True
+                delay *= random.uniform(0.25, 1.0)
+            asyncio.get_running_loop().call_later(delay, self._ping_due)
+
+    def _ping_due(self) -> None:
+        """``AsyncSocket._send_ping`` after its sleep: ``send`` would find the ping timeout
+        not passed (``last_ping`` was just set) and queue the packet."""
+        if not self.closing and not self.closed and self.dropped is None:
+            self.last_ping = time.time()
+            self._put(engineio.packet.Packet(engineio.packet.PING))
+            self.server.logger.info("%s: Sending packet PING data None", self.sid)
+
+    async def _websocket_handler(self, ws: Any) -> None:
+        """The websocket transport (as ``AsyncSocket._websocket_handler``), with the reader
+        waiting in this task under ``asyncio.timeout`` instead of a Task per message, and
+        stopping at the first packet that gets the connection dropped."""
+        server = self.server
+        packet = engineio.packet
+        max_size = server.max_http_buffer_size
+        request = ws.environ.get("aiohttp.request")
+        self._transport = request.transport if request is not None else None
+
+        async def websocket_wait() -> Any:
+            data = await ws.wait()
+            if data and len(data) > max_size:
+                raise ValueError("packet is too large")
+            return data
+
+        if self.connected:
+            # the socket was already connected, so this is an upgrade
+            self.upgrading = True  # hold packet sends during the upgrade
+            try:
+                pkt = await websocket_wait()
+            except OSError:  # pragma: no cover
+                return
+            decoded_pkt = packet.Packet(encoded_packet=pkt)
+            if decoded_pkt.packet_type != packet.PING or decoded_pkt.data != "probe":
+                server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
+                self.upgrading = False
+                return
+            await ws.send(packet.Packet(packet.PONG, data="probe").encode())
+            self._put(packet.Packet(packet.NOOP))  # end poll
+            try:
+                pkt = await websocket_wait()
+            except OSError:  # pragma: no cover
+                self.upgrading = False
+                return
+            decoded_pkt = packet.Packet(encoded_packet=pkt)
+            if decoded_pkt.packet_type != packet.UPGRADE:
+                self.upgraded = False
+                server.logger.info(
+                    "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
+                    self.sid,
+                    pkt,
+                )
+                self.upgrading = False
+                return
+            self.upgraded = True
+            self.upgrading = False
+        else:
+            self.connected = True
+            self.upgraded = True
+
+        async def writer() -> None:
+            while True:
+                try:
+                    packets = await self.poll()
+                except engineio.exceptions.QueueEmpty:
+                    break
+                if not packets:
+                    # empty packet list returned -> connection closed
+                    break
+                try:
+                    for pkt in packets:
+                        await ws.send(pkt.encode())
+                except BaseException:
+                    break
+            if self._close_code is not None and self.dropped is not None:
+                # The engine.io wrapper's ``close`` takes no code: the close frame tells a
+                # client that reads why it was dropped.
+                await ws._sock.close(code=self._close_code, message=self.dropped.encode())
+            else:
+                await ws.close()
+
+        # Owned by this handler, which awaits it below before it returns (as upstream).
+        writer_task = asyncio.ensure_future(writer())
+        server.logger.info("%s: Upgrade to websocket successful", self.sid)
+
+        timeout_s = server.ping_interval + server.ping_timeout
+        while self.dropped is None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    p = await ws.wait()  # websocket_wait, one coroutine fewer per message
+            except BaseException:  # a timeout, a cancel, or the connection failing
+                break
+            if p and len(p) > max_size:
+                break  # "packet is too large": the connection ends, as upstream's
+            if p is None:
+                # connection closed by client
+                break
+            try:
+                pkt = packet.Packet(encoded_packet=p)
+                await self.receive(pkt)
+            except engineio.exceptions.SocketIsClosedError:  # pragma: no cover
+                server.logger.info("Receive error -- socket is closed")
+                break
+            except (ValueError, TypeError, IndexError, engineio.exceptions.UnknownPacketError):
+                # Not an engine.io packet, or one a client may not send (OPEN, NOOP, ...).
+                self.drop("malformed_packet", limits.WS_PROTOCOL_ERROR)
+            except Exception:  # pragma: no cover
+                # if we get an unexpected exception we log the error and exit
+                # the connection properly
+                server.logger.exception("Unknown receive error")
+
+        self.queue.put_nowait(None)  # unlock the writer task so it can exit
+        _, pending = await asyncio.wait([writer_task], timeout=limits.WRITER_GRACE_S)
+        if pending and self._transport is not None:
+            self._transport.abort()  # the client stopped reading: its writer waits on it
+        await writer_task
+        await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+
+
+class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
+    """engine.io, with its background tasks (pings, the Redis listener) owned by a TaskGroup
+    that shutdown cancels and awaits, instead of loose ``ensure_future`` tasks; its sockets
+    are ``LeanSocket``."""
+
+    socket_class: type[engineio.async_socket.AsyncSocket] = LeanSocket
+    start_service_task: bool
+    service_task_handle: Any
+    sockets: dict[str, Any]
+    max_http_buffer_size: int
+    metrics: Metrics | None = None
+    """Where refusals are counted (``membrane_errors_total``), when the node has metrics."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tasks = TaskGroup("engineio")
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        """Replaces ``AsyncServer.start_background_task`` (a loose ``ensure_future``)."""
+        return self.tasks.spawn(target(*args, **kwargs), getattr(target, "__name__", "task"))
+
+    def count_refusal(self, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.errors.labels(code).inc()
+
+    async def handle_request(self, request: web.Request) -> web.StreamResponse:
+        """As ``AsyncServer.handle_request``, with a body over ``max_http_buffer_size``
+        refused at once (413) before engine.io sees it: upstream reads a polling POST's body
+        whole whatever its declared length, and when the length is over the limit closes
+        the session and waits for its queue to drain, which without a poller never happens;
+        the request then hung, holding its buffers, and held up the node's shutdown."""
+        if request.body_exists and (
+            request.content_length is None or request.content_length > self.max_http_buffer_size
+        ):
+            self.count_refusal("payload_too_large")
+            return await limits.refuse_body(request)
+        result: web.StreamResponse = await super().handle_request(request)
+        return result
+
+    async def _handle_connect(self, environ: Any, transport: str, jsonp_index: Any = None) -> Any:
+        """As ``AsyncServer._handle_connect``, which names its socket class outright."""
+        if self.start_service_task:
+            # start the service task to monitor connected clients
+            self.start_service_task = False
+            self.service_task_handle = self.start_background_task(self._service_task)
+
+        sid = self.generate_id()
+        s = self.socket_class(self, sid)
+        self.sockets[sid] = s
+
+        packet = engineio.packet
+        pkt = packet.Packet(
+            packet.OPEN,
+            {
+                "sid": sid,
+                "upgrades": self._upgrades(sid, transport),
+                "pingTimeout": int(self.ping_timeout * 1000),
+                "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
+                "maxPayload": self.max_http_buffer_size,
+            },
+        )
+        await s.send(pkt)
+
+        ret = await self._trigger_event("connect", sid, environ, run_async=False)
+        if ret is not None and ret is not True:
+            del self.sockets[sid]
+            self.logger.warning("Application rejected connection")
+            return self._unauthorized(ret or None)
+
+        s.schedule_ping()
+
+        if transport == "websocket":
+            ret = await s.handle_get_request(environ)
+            if s.closed and sid in self.sockets:
+                # websocket connection ended, so we are done
+                del self.sockets[sid]
+            return ret
+        s.connected = True
+        headers = None
+        if self.cookie:
+            cookie = (
+                self.cookie
+                if isinstance(self.cookie, dict)
+                else {"name": self.cookie, "path": "/", "SameSite": "Lax"}
+            )
+            headers = [("Set-Cookie", self._generate_sid_cookie(sid, cookie))]
+        try:
+            return self._ok(await s.poll(), headers=headers, jsonp_index=jsonp_index)
+        except engineio.exceptions.QueueEmpty:
+            return self._bad_request()
+
+
+class MembraneServer(socketio.AsyncServer):  # type: ignore[misc]
+    """python-socketio's server at the packet layer, for JSON clients only: a packet that is
+    not a well-formed socket.io packet, a binary one, or one CONNECT too many gets its
+    engine.io connection dropped with a reason (``LeanSocket.drop``) instead of a traceback
+    or a buffer; client events reach a namespace as client events only; records whether the
+    client asked for an ack, so a refusal can go to the right place; keeps every background
+    task tracked (see ``TrackedEngineServer``).
+
+    Upstream's private methods replaced here: ``AsyncServer._handle_eio_message`` and
+    ``AsyncServer._handle_event_internal``.
+    """
+
+    eio: TrackedEngineServer
+    not_handled: Any
+    reason: Any
+    namespace_handlers: dict[str, Any]
+
+    def __init__(self, *args: Any, metrics: Metrics | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eio.metrics = metrics
+
+    drain: Drain | None = None
+    """The node's drain (set by the app): its namespaces refuse new work once it began."""
+
+    def _engineio_server_class(self) -> type[TrackedEngineServer]:
+        """Replaces ``AsyncServer._engineio_server_class``."""
+        return TrackedEngineServer
+
+    def _drop(self, eio_sid: str, code: str, ws_code: int) -> None:
+        socket = self.eio.sockets.get(eio_sid)
+        if isinstance(socket, LeanSocket):
+            socket.drop(code, ws_code)
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        """As ``AsyncServer._handle_eio_message``, without binary attachments and with each
+        packet checked before it is dispatched.
+
+        Upstream keeps a binary packet's attachments until as many as it declares (up to ten
+        digits' worth) have arrived, and lets a packet it cannot use (``42[]``, ``42{}``, JSON
+        nested past the parser's limit) raise into engine.io, which logs a traceback and
+        keeps the connection. Membrane's clients send neither."""
+        if isinstance(data, bytes | bytearray):
+            return self._drop(eio_sid, "binary_unsupported", limits.WS_UNSUPPORTED_DATA)
+        try:
+            if not isinstance(data, str):
+                raise ValueError("not a socket.io packet")  # engine.io decoded it as JSON
+            pkt = self.packet_class(encoded_packet=data)
+        except (ValueError, TypeError, RecursionError):  # orjson's errors are ValueErrors
+            return self._drop(eio_sid, "malformed_packet", limits.WS_PROTOCOL_ERROR)
+        kind, namespace, payload = pkt.packet_type, pkt.namespace, pkt.data
+        if kind == socketio.packet.CONNECT:
+            socket = self.eio.sockets.get(eio_sid)
+            if isinstance(socket, LeanSocket) and not socket.connects.take(time.monotonic()):
+                message = "too many namespace connects on this connection"
+                error = {"message": message, "data": {"code": "rate_limited", "message": message}}
+                await self._send_packet(
+                    eio_sid,
+                    self.packet_class(socketio.packet.CONNECT_ERROR, error, namespace=namespace),
+                )
+                return socket.drop("rate_limited", limits.WS_POLICY_VIOLATION)
+            await self._handle_connect(eio_sid, namespace, payload)
+        elif kind == socketio.packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind == socketio.packet.EVENT and limits.is_event(payload):
+            await self._handle_event(eio_sid, namespace, pkt.id, payload)
+        elif kind == socketio.packet.ACK and pkt.id is not None and isinstance(payload, list):
+            await self._handle_ack(eio_sid, namespace, pkt.id, payload)
+        elif kind in (socketio.packet.BINARY_EVENT, socketio.packet.BINARY_ACK):
+            self._drop(eio_sid, "binary_unsupported", limits.WS_UNSUPPORTED_DATA)
+        else:  # CONNECT_ERROR (server to client only), unknown types, events without a name
+            self._drop(eio_sid, "malformed_packet", limits.WS_PROTOCOL_ERROR)
+
+    async def _handle_event_internal(
+        self, server: Any, sid: str, eio_sid: str, data: Any, namespace: str, id: Any
+    ) -> None:
+        """As ``AsyncServer._handle_event_internal``, with the event handed to a Membrane
+        namespace as a client event (``MembraneNamespace.client_event``). Upstream dispatches by
+        name through the same entry as the namespace's own connect and disconnect, so an
+        event a client named "disconnect" ran the disconnect handler on a live socket."""
+        token = ACK_REQUESTED.set(id is not None)
+        try:
+            handler = self.namespace_handlers.get(namespace)
+            if isinstance(handler, MembraneNamespace):
+                payload = data[1] if len(data) > 1 else None
+                r = await handler.client_event(sid, data[0], payload)
+            elif data[0] in self.reserved_events:
+                r = self.not_handled
+            else:
+                r = await server._trigger_event(data[0], namespace, sid, *data[1:])
+        finally:
+            ACK_REQUESTED.reset(token)
+        if r is not self.not_handled and id is not None:
+            # send ACK packet with the response returned by the handler
+            # tuples are expanded as multiple arguments
+            if r is None:
+                ack = []
+            elif isinstance(r, tuple):
+                ack = list(r)
+            else:
+                ack = [r]
+            await server._send_packet(
+                eio_sid,
+                self.packet_class(socketio.packet.ACK, namespace=namespace, id=id, data=ack),
+            )
+
+
+class MembraneNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
+    """A namespace whose connect, disconnect and client events each have a method."""
+
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        """The namespace's own connect and disconnect, from python-socketio (replaces
+        ``AsyncNamespace.trigger_event``, which dispatches by name to ``on_*``). Client events
+        come through ``client_event`` (``MembraneServer._handle_event_internal``), so one a
+        client names "connect" or "disconnect" is an unknown event, never these."""
+        if event == "connect":
+            sid, _environ = args[0], args[1]
+            auth = args[2] if len(args) > 2 else None
+            return await self._connect(sid, auth)
+        if event == "disconnect":
+            return await self._disconnect(args[0])
+        return await self.client_event(args[0], event, args[1] if len(args) > 1 else None)
+
+    @abstractmethod
+    async def _connect(self, sid: str, auth: object) -> bool: ...
+
+    @abstractmethod
+    async def _disconnect(self, sid: str) -> None: ...
+
+    @abstractmethod
+    async def client_event(self, sid: str, event: str, payload: Any) -> Any: ...
