@@ -245,3 +245,21 @@ async def test_poll_batches_stops_at_the_close_marker_and_times_out() -> None:
     assert s.pending_bytes == 0
     unfinished: int = getattr(s.queue, "_unfinished_tasks")  # noqa: B009 - asyncio's own count
     assert unfinished == 0  # every get matched by task_done
+
+
+async def test_a_browser_offering_deflate_gets_plain_frames(server: Harness) -> None:
+    """Browsers offer per-message deflate; the node declines it (``PlainWebSocket``), so no
+    socket keeps a compressor, and frames go out as they are."""
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(
+            server.url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket",
+            headers={"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"},
+        )
+        assert "Sec-WebSocket-Extensions" not in ws._response.headers
+        assert ws.compress == 0
+        assert (await ws.receive_str()).startswith("0")
+        await ws.send_str("40/t,{}")
+        assert (await ws.receive_str()).startswith("40/t,")
+        await ws.send_str('42/t,7["hello",{"n":1}]')
+        assert await next_message(ws) == '43/t,7[{"echo":{"n":1}}]'
+        await ws.close()

@@ -1,6 +1,6 @@
 """The engine.io and socket.io code Membrane replaces or relies on, fingerprinted.
 
-gateway/edge/sio/upstream.py and gateway/edge/sio/sio_manager.py replace private methods of
+gateway/edge/sio/upstream/ and gateway/edge/sio/sio_manager.py replace private methods of
 python-engineio and python-socketio with copies that bound what a client can make a node
 hold, or that cost fewer objects. An upgrade that changes one of those upstream functions
 may fix a bug the copy still has, or change a contract the copy keeps (a new argument, a new
@@ -52,29 +52,37 @@ def _sio(module: str, qualname: str, override: str, sha: str) -> Upstream:
     return Upstream(f"socketio.{module}", qualname, override, sha)
 
 
-S = "gateway.edge.sio.upstream"
+E = "gateway.edge.sio.upstream.engine"
+S = "gateway.edge.sio.upstream.server"
 M = "gateway.edge.sio.sio_manager"
 UPSTREAM = [
     # engine.io 4.15.1
-    _eio("AsyncSocket.send", f"{S}:LeanSocket.send", "0d14cbe83d409f8b"),
-    _eio("AsyncSocket.poll", f"{S}:LeanSocket.poll", "9e7733d7c32e158a"),
-    _eio("AsyncSocket.schedule_ping", f"{S}:LeanSocket.schedule_ping", "004bb5cd7ba28d22"),
-    _eio("AsyncSocket._send_ping", f"{S}:LeanSocket._ping_due", "797800de80607ae2"),
+    _eio("AsyncSocket.send", f"{E}:LeanSocket.send", "0d14cbe83d409f8b"),
+    _eio("AsyncSocket.poll", f"{E}:LeanSocket.poll", "9e7733d7c32e158a"),
+    _eio("AsyncSocket.schedule_ping", f"{E}:LeanSocket.schedule_ping", "004bb5cd7ba28d22"),
+    _eio("AsyncSocket._send_ping", f"{E}:LeanSocket._ping_due", "797800de80607ae2"),
     _eio(
-        "AsyncSocket._websocket_handler", f"{S}:LeanSocket._websocket_handler", "d9962c30bb287a40"
+        "AsyncSocket._websocket_handler", f"{E}:LeanSocket._websocket_handler", "d9962c30bb287a40"
     ),
     _eio(
-        "AsyncServer.handle_request", f"{S}:TrackedEngineServer.handle_request", "7251b38e63430fa8"
+        "AsyncServer.handle_request", f"{E}:TrackedEngineServer.handle_request", "7251b38e63430fa8"
     ),
     _eio(
         "AsyncServer._handle_connect",
-        f"{S}:TrackedEngineServer._handle_connect",
+        f"{E}:TrackedEngineServer._handle_connect",
         "b822f04393519502",
     ),
     _eio(
         "AsyncServer.start_background_task",
-        f"{S}:TrackedEngineServer.start_background_task",
+        f"{E}:TrackedEngineServer.start_background_task",
         "1f503841ab8b0ac3",
+    ),
+    # Not per-message deflate (``PlainWebSocket``): engine.io's aiohttp websocket.
+    Upstream(
+        "engineio.async_drivers.aiohttp",
+        "WebSocket.__call__",
+        f"{E}:PlainWebSocket.__call__",
+        "9cca8ec81726f395",
     ),
     # socket.io 5.18.1
     _sio("packet", "Packet.data_is_binary", f"{S}:JsonPacket.data_is_binary", "42af165d2e194b90"),
