@@ -312,6 +312,12 @@ async def nodes(tmp_path: Path) -> AsyncIterator[NodeFactory]:
         await node.stop()
 
 
+# A Wednesday at noon UTC: every branch of the demo config is open (Dublin 08:00-20:00,
+# Berlin 09:00-18:00 local). Routing ranks agents of open branches first, so a test whose
+# nodes read the real clock would pick another agent after 17:00 UTC or at a weekend.
+WEEKDAY_NOON_UTC = 1796212800.0  # 2026-12-02 12:00 UTC
+
+
 @pytest.fixture
 def clock() -> ManualClock:
     """Time for a test's nodes that stands still until the test moves it on

@@ -14,6 +14,7 @@ import jwt
 import pytest
 import socketio
 from conftest import (
+    WEEKDAY_NOON_UTC,
     Node,
     NodeFactory,
     SocketClient,
@@ -37,6 +38,13 @@ ORIGIN = {"Origin": "http://127.0.0.1:8080"}
 def fast_ring(settings: Settings, ring_timeout_s: float = 3.0) -> Settings:
     sites = {k: replace(s, ring_timeout_s=ring_timeout_s) for k, s in settings.sites.items()}
     return replace(settings, sites=sites)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """This module's nodes start on a weekday at noon, with every branch open: who is rung
+    first must not depend on the hour the suite runs at."""
+    return ManualClock(start=WEEKDAY_NOON_UTC)
 
 
 @pytest.fixture(params=["embedded", "redis"])

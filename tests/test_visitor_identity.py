@@ -17,7 +17,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Node, NodeFactory, SocketClient, Spy, make_settings, mint, replace
+from conftest import (
+    WEEKDAY_NOON_UTC,
+    Node,
+    NodeFactory,
+    SocketClient,
+    Spy,
+    make_settings,
+    mint,
+    replace,
+)
 
 from gateway.core.call import CallChannel, CallError, CallRequest, new_call, reattach
 from gateway.core.errors import DomainError
@@ -40,6 +49,13 @@ KEY = "k" * 48
 def fast(settings: Settings) -> Settings:
     sites = {k: replace(s, ring_timeout_s=3.0) for k, s in settings.sites.items()}
     return replace(settings, sites=sites)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """This module's nodes start on a weekday at noon, with every branch open: who is rung
+    first must not depend on the hour the suite runs at."""
+    return ManualClock(start=WEEKDAY_NOON_UTC)
 
 
 @pytest.fixture(params=["embedded", "redis"])
