@@ -5,7 +5,6 @@ for a node that missed other nodes' emits. What differs by channel is asked of t
 
 from __future__ import annotations
 
-import asyncio
 from functools import partial
 
 from gateway.core import call as calls
@@ -54,15 +53,11 @@ class CallDesk:
         except (Conflict, NotFound):
             await records.release_agent(site_id, agent_id, call_id)
             raise
+        await records.presence.set_active_call(site_id, agent_id, call_id)
         # Other nodes' notes lapse as they see the agent go on_call: no event needed.
         records.ringing.end(site_id, agent_id, call_id)
-        # Independent steps, in one round trip rather than three turns of a busy loop (the
-        # store keeps the order they are sent in: the ring stops before the call updates).
-        await asyncio.gather(
-            records.presence.set_active_call(site_id, agent_id, call_id),
-            records.finish(TimerId.ring(call)),
-            self._notify.ring_stop(call, agent_id, "answered"),
-        )
+        await records.finish(TimerId.ring(call))
+        await self._notify.ring_stop(call, agent_id, "answered")
         await records.flow(call).accepted(call)
         return call
 

@@ -253,8 +253,6 @@ class CallRecords:
 
     async def free_agent(self, site_id: str, agent_id: str, call_id: str) -> None:
         """The agent's call is over: released, and no longer on a call."""
-        # In this order: should the store fail between the two, her presence must not say she
-        # is free while her reservation still holds her (the step is retried until both are).
         await self.store.release_agent(site_id, agent_id, call_id)
         await self.presence.set_active_call(site_id, agent_id, None)
 
@@ -340,10 +338,8 @@ class CallRecords:
         await self.notify.sent()
         # The reservation is gone before other nodes hear the ring is, and route to her.
         await self.store.release_agent(call.site, agent_id, call.call_id)
-        await asyncio.gather(
-            self.store.publish(ring_over_event(call.site, agent_id, call.call_id)),
-            self.finish(TimerId.ring(before)),
-        )
+        await self.store.publish(ring_over_event(call.site, agent_id, call.call_id))
+        await self.finish(TimerId.ring(before))
 
     async def _on_ring_timer(self, timer: TimerId) -> None:
         await self.ring_timeout(timer.call_id, timer.attempt)
