@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from functools import partial
 
 from gateway.core import call as calls
@@ -116,17 +115,12 @@ class CallService:
             self._records.clock(),
             visitor_sid,
         )
-        call = replace(call, version=1)
-
-        async def store_it() -> None:
-            await asyncio.gather(
-                self._records.create(call),
-                self._store.set_open_call(site_id, visitor_id, call.call_id),
-            )
-
-        # Persisted before anything is promised to the visitor: stored alongside the first
-        # reservation, a round trip sooner than before it, and always before the ring.
-        return await self._route(call, last_agent, store_it)
+        # Persisted before anything is promised to the visitor.
+        call, _ = await asyncio.gather(
+            self._records.create(call),
+            self._store.set_open_call(site_id, visitor_id, call.call_id),
+        )
+        return await self._route(call, last_agent)
 
     async def resume(self, site_id: str, visitor_id: str, visitor_sid: str) -> Call | None:
         """A visitor's new socket takes over their live call, if they have one."""
@@ -261,30 +255,10 @@ class CallService:
 
     # --- routing ---------------------------------------------------------------------------------
 
-    async def _stored_with(
-        self, call: Call, store: Awaitable[None], reserve: Awaitable[str | None]
-    ) -> str | None:
-        """The agent ``reserve`` chose, once ``store`` is done too; if the store failed, the
-        reservation goes again and the failure is raised."""
-        stored, chosen = await asyncio.gather(store, reserve, return_exceptions=True)
-        if isinstance(stored, BaseException):
-            if isinstance(chosen, str):
-                await self._store.release_agent(call.site, chosen, call.call_id)
-            raise stored
-        if isinstance(chosen, BaseException):
-            raise chosen
-        return chosen
-
-    async def _route(
-        self,
-        call: Call,
-        last_agent: str | None,
-        store_it: Callable[[], Awaitable[None]] | None = None,
-    ) -> Call:
+    async def _route(self, call: Call, last_agent: str | None) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
         call and offer a callback with an honest wait. ``last_agent``: the visitor's (the
-        caller reads it, alongside its own reads). ``store_it``: a new call's first write,
-        done with the first reservation and before anything else."""
+        caller reads it, alongside its own reads)."""
         records = self._records
         site = records.sites[call.site]
         now = records.clock()
@@ -311,14 +285,9 @@ class CallService:
         # The candidates are tried in order, a batch per round trip: the first one free is
         # reserved; the others are ringing for someone else (another node got there first).
         while batch := list(itertools.islice(ranked, RESERVE_BATCH)):
-            reserve = self._store.reserve_first(
+            chosen = await self._store.reserve_first(
                 call.site, [c.agent_id for c in batch], call.call_id, ttl
             )
-            if store_it is None:
-                chosen = await reserve
-            else:
-                chosen = await self._stored_with(call, store_it(), reserve)
-                store_it = None
             if chosen is None:
                 continue
             candidate = next(c for c in batch if c.agent_id == chosen)
@@ -328,8 +297,6 @@ class CallService:
             if ringing is None:
                 return await records.get(call.call_id)  # canceled meanwhile
             return ringing
-        if store_it is not None:
-            await store_it()
         # Nobody could be reserved: the full ranking says why (closed, nobody online, ...).
         decision = route(snapshot, request, now)
         reason = "no_agent_answered" if call.tried else (decision.reason or "all_busy")
