@@ -26,6 +26,7 @@ from enum import StrEnum
 
 from gateway.core.errors import Conflict
 from gateway.core.model import Channel
+from gateway.core.routing import RouteRequest
 
 
 class CallState(StrEnum):
@@ -325,3 +326,25 @@ def rings_over(call: Call) -> dict[str, str]:
         answered = call.connected_at is not None or call.state is CallState.CONNECTED
         over[agent] = "answered" if answered else (call.reason or "no_answer")
     return over
+
+
+def route_request(
+    call: Call,
+    channel: Channel,
+    exclude: frozenset[str] = frozenset(),
+    agent_channels: tuple[Channel, ...] = (),
+) -> RouteRequest:
+    """What routing needs of ``call``: its visitor's request, on ``channel``, never ringing
+    the agents it tried already nor those in ``exclude``."""
+    r = call.request
+    return RouteRequest(
+        site_id=call.site,
+        visitor_id=call.visitor_id,
+        channel=channel,
+        language=r.language,
+        branch=r.branch,
+        location=r.location,
+        skills=r.skills,
+        exclude=frozenset(call.tried) | exclude,
+        agent_channels=agent_channels,
+    )

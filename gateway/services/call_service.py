@@ -21,7 +21,7 @@ from gateway.core.call import Call, CallChannel, CallRequest, CallState
 from gateway.core.errors import Conflict, Invalid, NotFound, RateLimited
 from gateway.core.ranking_cache import RankingCache
 from gateway.core.ringing import RingingAgents
-from gateway.core.routing import RouteRequest, RoutingSnapshot, route
+from gateway.core.routing import RoutingSnapshot, route
 from gateway.services.call_records import (
     RESERVATION_GRACE_S,
     CallRecords,
@@ -269,17 +269,7 @@ class CallService:
             reserved=records.ringing.current(call.site, presence, now),
             last_agent=last_agent,
         )
-        r = call.request
-        request = RouteRequest(
-            site_id=call.site,
-            visitor_id=call.visitor_id,
-            channel=call.media_channel,
-            language=r.language,
-            branch=r.branch,
-            location=r.location,
-            skills=r.skills,
-            exclude=frozenset(call.tried),
-        )
+        request = calls.route_request(call, call.media_channel)
         ttl = site.ring_timeout_s + RESERVATION_GRACE_S
         ranked = self._ranking.candidates(snapshot, request, now)
         # The candidates are tried in order, a batch per round trip: the first one free is
@@ -300,7 +290,7 @@ class CallService:
         # Nobody could be reserved: the full ranking says why (closed, nobody online, ...).
         decision = route(snapshot, request, now)
         reason = "no_agent_answered" if call.tried else (decision.reason or "all_busy")
-        wait = availability(snapshot, now, language=r.language).estimated_wait_s
+        wait = availability(snapshot, now, language=call.request.language).estimated_wait_s
         try:
             _, failed = await records.update(
                 call.call_id,

@@ -283,18 +283,7 @@ class CallbackService:
         # Until the audio bridge exists, the agent accepts in the app and talks on their own
         # phone: only agents with a mobile number can take a callback.
         no_phone = frozenset(a.agent_id for a in site.agents.values() if not a.mobile)
-        r = call.request
-        return RouteRequest(
-            site_id=call.site,
-            visitor_id=call.visitor_id,
-            channel=Channel.PSTN,
-            language=r.language,
-            branch=r.branch,
-            location=r.location,
-            skills=r.skills,
-            exclude=frozenset(call.tried) | no_phone,
-            agent_channels=(Channel.WEBRTC,),
-        )
+        return calls.route_request(call, Channel.PSTN, no_phone, (Channel.WEBRTC,))
 
     def _snapshot(self, call: Call, last_agent: str | None) -> RoutingSnapshot:
         site = self._records.sites[call.site]
