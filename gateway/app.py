@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 from aiohttp import web
 
+from gateway.core.admission import StartLimit
 from gateway.core.ringing import RING_EVENT, RING_OVER_EVENT
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
@@ -175,6 +176,7 @@ def create_app(
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     load = LoadMonitor(gauge=metrics.loop_lag_smoothed, histogram=metrics.loop_lag)
+    load.start_limit = StartLimit.of(settings.admission)
     if manager is not None:
         load.emit_backlog = lambda: manager.backlog
     if isinstance(store, RedisStore):

@@ -245,7 +245,9 @@ def make_settings(tmp_path: Path, redis_url: str = "", **changes: Any) -> Settin
         # The tests' clients run on their nodes' event loop, on a shared machine: its lag is
         # theirs too; and a test may press the button for ten visitors at once. The limits
         # are for a node under load: tests/test_overload.py sets them as it needs.
-        admission=replace(base.admission, max_loop_lag_s=0.5, max_starts_in_flight=64),
+        admission=replace(
+            base.admission, max_loop_lag_s=0.5, max_starts_in_flight=64, max_start_s=5.0
+        ),
     )
     return with_dev_secret(replace(settings, **changes))
 
@@ -389,6 +391,7 @@ async def node_process(
         # The machine running the tests is shared: let a moment without CPU not shed starts.
         "MEMBRANE_MAX_LOOP_LAG_MS": "500",
         "MEMBRANE_MAX_STARTING_CALLS": "64",
+        "MEMBRANE_MAX_START_MS": "5000",
         "MEMBRANE_JWT_SECRET": settings.auth.secret,
         "MEMBRANE_JWT_ISSUER": settings.auth.issuer,
         **(env or {}),

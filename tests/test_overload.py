@@ -15,7 +15,7 @@ import pytest
 from conftest import Node, NodeFactory, SocketClient, eventually, make_settings, replace
 from test_calls import agent, fast_ring, session, visitor
 
-from gateway.core.admission import Admission, AdmissionLimits, Load, admit_start
+from gateway.core.admission import Admission, AdmissionLimits, Load, StartLimit, admit_start
 from gateway.core.ringing import Delivery, Offer, RingGate
 from gateway.edge.http import appkeys
 from gateway.edge.sio.sio_manager import ObservedRedisManager
@@ -49,6 +49,35 @@ LIMITS = AdmissionLimits(
 )
 def test_admission_rule(load: Load, expected: Admission) -> None:
     assert admit_start(load, LIMITS) == expected
+
+
+def test_the_learnt_allowance_caps_starts_in_flight_below_the_configured_one() -> None:
+    assert admit_start(Load(starts_in_flight=1, starts_allowed=1), LIMITS) == Admission(
+        False, "starts_in_flight", 200
+    )
+    assert admit_start(Load(starts_in_flight=1, starts_allowed=2), LIMITS).admit
+    # Never above the configured maximum, whatever it learnt.
+    assert not admit_start(Load(starts_in_flight=4, starts_allowed=9), LIMITS).admit
+
+
+def test_slow_starts_lower_the_allowance_to_one_and_quick_ones_raise_it_back() -> None:
+    limit = StartLimit.of(replace(LIMITS, max_start_s=0.015))
+    assert limit.allowed == 4
+    limit.finished(0.010)
+    assert limit.allowed == 4, "quick starts keep the ceiling"
+    limit.finished(0.030)
+    assert limit.allowed == 3
+    for _ in range(20):
+        limit.finished(0.200)
+    assert limit.allowed == 1, "never below one: the node keeps routing and measuring"
+    quick = 0
+    while limit.allowed < 4:
+        limit.finished(0.005)
+        quick += 1
+    assert 40 <= quick <= 120, f"back to the ceiling after {quick} quick starts"
+    for _ in range(50):
+        limit.finished(0.001)
+    assert limit.allowed == 4
 
 
 def test_a_limit_of_zero_refuses_every_start() -> None:
@@ -112,6 +141,29 @@ async def test_starts_past_the_in_flight_limit_are_shed(
     assert refused["error"]["retry_after_ms"] > 0
     namespace.limits = limits
     assert (await v.call("call:start", {}, "/visitor"))["ok"]
+
+
+async def test_a_node_whose_starts_are_slow_lets_one_run_at_a_time(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    await agent(clients, node, "anna")
+    await agent(clients, node, "ben")
+    load = visitors_of(node).load
+    load.start_limit = StartLimit(ceiling=2, max_start_s=1e-9)  # every start is "slow"
+    first = await visitor(clients, node, (await session(http, node))["token"])
+    assert (await first.call("call:start", {}, "/visitor"))["ok"]
+    assert load.start_limit.allowed == 1
+
+    second = await visitor(clients, node, (await session(http, node))["token"])
+    load.starts_in_flight += 1  # as if another start were still running
+    try:
+        refused = await second.call("call:start", {}, "/visitor")
+    finally:
+        load.starts_in_flight -= 1
+    assert refused["error"]["code"] == "overloaded"
+    metrics = node.app[appkeys.METRICS]
+    assert metrics.starts_shed.labels("starts_in_flight")._value.get() == 1
+    assert (await second.call("call:start", {}, "/visitor"))["ok"], "alone, it runs"
 
 
 async def test_a_blocked_event_loop_shows_as_lag_at_once(node: Node) -> None:

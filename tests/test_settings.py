@@ -659,6 +659,18 @@ def test_the_loop_lag_limit_from_the_file_or_the_environment(tmp_path: Path) -> 
     assert error.key == "server.max_loop_lag_ms"
 
 
+def test_the_start_time_limit_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    assert load(tmp_path, BASE).admission.max_start_s == AdmissionLimits().max_start_s
+    doc = changed(BASE, (("server",), {"max_start_ms": 40}))
+    assert load(tmp_path, doc).admission.max_start_s == 0.04
+    assert load(tmp_path, doc, env={"MEMBRANE_MAX_START_MS": "12.5"}).admission.max_start_s == (
+        0.0125
+    )
+    for bad in ("slow", "0", "-3"):
+        error = config_error(tmp_path, doc, env={"MEMBRANE_MAX_START_MS": bad})
+        assert error.key == "server.max_start_ms"
+
+
 def test_agent_branch_a_list(tmp_path: Path) -> None:
     error = config_error(tmp_path, changed(BASE, ((*A, 0, "branch"), ["dublin"])))
     assert error.key == "sites[0].agents[0].branch"
@@ -1155,6 +1167,7 @@ def model_defaults() -> dict[str, dict[str, Any]]:
     out["server"] |= {
         "max_loop_lag_ms": limits.max_loop_lag_s * 1000,
         "max_starting_calls": limits.max_starts_in_flight,
+        "max_start_ms": limits.max_start_s * 1000,
     }
     out["sites"] = {"ring_timeout_s": Site.__dataclass_fields__["ring_timeout_s"].default}
     return out

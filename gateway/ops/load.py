@@ -10,11 +10,13 @@ as well, so a loop stuck behind a burst is seen before its tick has run.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import Gauge, Histogram
 
-from gateway.core.admission import Load
+from gateway.core.admission import Load, StartLimit
 
 # Weight of each new tick's lateness in the average: about the last 4 ticks (40 ms) count.
 SMOOTHING = 0.25
@@ -33,6 +35,8 @@ class LoadMonitor:
         self.lag_s = 0.0
         """Smoothed lateness of the ticks so far."""
         self.starts_in_flight = 0
+        self.start_limit: StartLimit | None = None
+        """Learns how many starts may run at once (None: the configured maximum always)."""
         self.emit_backlog: Callable[[], int] = lambda: 0
         self.store_in_flight: Callable[[], int] = lambda: 0
         self.extra_lag_s = 0.0
@@ -73,6 +77,19 @@ class LoadMonitor:
         return Load(
             loop_lag_s=self.loop_lag_s(),
             starts_in_flight=self.starts_in_flight,
+            starts_allowed=None if self.start_limit is None else self.start_limit.allowed,
             emit_backlog=self.emit_backlog(),
             store_in_flight=self.store_in_flight(),
         )
+
+    @contextlib.contextmanager
+    def start_running(self) -> Iterator[None]:
+        """Around one admitted start: counted in flight, and its time taught to the limit."""
+        self.starts_in_flight += 1
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.starts_in_flight -= 1
+            if self.start_limit is not None:
+                self.start_limit.finished(time.perf_counter() - began)

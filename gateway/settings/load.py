@@ -205,6 +205,11 @@ def _server(server: dict[str, Any], env: Mapping[str, str]) -> Settings:
     if starting is not None:
         positive(starting, "server.max_starting_calls")
         admission = replace_dataclass(admission, max_starts_in_flight=starting)
+    start_ms = _env(env, "MAX_START_MS", "server.max_start_ms", float, "a number")
+    start_ms = limits.max_start_ms if start_ms is None else start_ms
+    if start_ms is not None:
+        positive(start_ms, "server.max_start_ms")
+        admission = replace_dataclass(admission, max_start_s=start_ms / 1000)
     return replace(settings, admission=admission)
 
 

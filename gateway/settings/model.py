@@ -100,6 +100,7 @@ class LoadLimits(msgspec.Struct, frozen=True):
 
     max_loop_lag_ms: float | None = None
     max_starting_calls: int | None = None
+    max_start_ms: float | None = None
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -130,7 +131,8 @@ class Settings(msgspec.Struct, frozen=True):
     hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""
     admission: AdmissionLimits = msgspec.field(default_factory=AdmissionLimits)
     """When new calls are shed as ``overloaded`` (``server.max_loop_lag_ms``,
-    ``server.max_starting_calls``; docs/ARCHITECTURE.md, "Load shedding")."""
+    ``server.max_starting_calls``, ``server.max_start_ms``; docs/ARCHITECTURE.md, "Load
+    shedding")."""
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     presence: PresenceSettings = msgspec.field(default_factory=PresenceSettings)
     webrtc: WebRTCSettings = msgspec.field(default_factory=WebRTCSettings)

@@ -92,11 +92,8 @@ class VisitorNamespace(BaseNamespace):
         if not admission.admit:
             self.metrics.starts_shed.labels(admission.signal).inc()
             raise overloaded(admission.retry_after_ms)
-        self.load.starts_in_flight += 1
-        try:
+        with self.load.start_running():
             call = await self.calls.start(claims.site, claims.sub, sid, request)
-        finally:
-            self.load.starts_in_flight -= 1
         session.calls = {call.call_id}
         return call_ack(call, self.presence.site(claims.site))
 
