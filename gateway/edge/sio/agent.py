@@ -10,6 +10,7 @@ from gateway.core.errors import Invalid
 from gateway.core.model import DeviceKind
 from gateway.edge.auth import AGENT_ROLES, Claims, TokenService, check_configured_role
 from gateway.edge.ice import ice_servers
+from gateway.edge.sio import limits
 from gateway.edge.sio.namespace import BaseNamespace, Session
 from gateway.edge.sio.rooms import agent_room
 from gateway.ops.metrics import Metrics
@@ -70,6 +71,9 @@ class AgentNamespace(BaseNamespace):
         update = DeviceUpdate(ref.device_id, DeviceKind.DESKTOP, agent_auth.state, 0)
         self.presence.hold_socket_device(sid, ref)
         await self.presence.set_device(claims.site, claims.sub, update, self.socket_ttl_s)
+        # This socket is a device others route calls to: it must go as soon as its client
+        # falls silent, not when engine.io's long ping timeout notices.
+        self.server.watch(sid, self.namespace, *limits.agent_liveness(self.socket_ttl_s))
         if resume is not None:
             self.resuming[sid] = resume
         return ref

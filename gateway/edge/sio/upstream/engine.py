@@ -57,6 +57,13 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     """The error code this connection was dropped for, once it was."""
     _close_code: int | None = None
     _transport: asyncio.Transport | None = None
+    ping_every_s: float | None = None
+    """How often this connection is pinged, when not the server's ``ping_interval``
+    (``watch``)."""
+    silence_limit_s: float | None = None
+    """How long this connection's client may stay silent before it is cut, when watched
+    (``watch``); else the server's ``ping_interval + ping_timeout``."""
+    _ping_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, server: Any, sid: str) -> None:
         super().__init__(server, sid)
@@ -134,15 +141,33 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         # only schedule a new ping if the previous ping wait cycle completed
         if self.last_ping:
             self.last_ping = None
-            delay = self.server.ping_interval
+            delay = self.ping_every_s or self.server.ping_interval
             if not self._pinged_before:
                 self._pinged_before = True
                 delay *= random.uniform(0.25, 1.0)
-            asyncio.get_running_loop().call_later(delay, self._ping_due)
+            self._ping_timer = asyncio.get_running_loop().call_later(delay, self._ping_due)
+
+    def watch(self, ping_every_s: float, silence_limit_s: float) -> None:
+        """Ping this connection every ``ping_every_s`` and cut it once its client has been
+        silent (no packet at all, pongs included) for ``silence_limit_s``: for the few
+        connections whose liveness others rely on (an agent's, ``limits.agent_liveness``).
+        A frozen client keeps its TCP connection open and would otherwise hold it for the
+        server's ping interval plus timeout (45 s); the many idle visitors' connections
+        keep the server's long, cheap interval. Takes effect from the connection's next
+        wait for a packet, which begins as the packet at hand (the namespace CONNECT) has
+        been handled."""
+        self.ping_every_s = ping_every_s
+        self.silence_limit_s = silence_limit_s
+        timer = self._ping_timer
+        loop = asyncio.get_running_loop()
+        if timer is not None and timer.when() > loop.time() + ping_every_s:
+            timer.cancel()
+            self._ping_timer = loop.call_later(ping_every_s, self._ping_due)
 
     def _ping_due(self) -> None:
         """``AsyncSocket._send_ping`` after its sleep: ``send`` would find the ping timeout
         not passed (``last_ping`` was just set) and queue the packet."""
+        self._ping_timer = None
         if not self.closing and not self.closed and self.dropped is None:
             self.last_ping = time.time()
             self._put(engineio.packet.Packet(engineio.packet.PING))
@@ -227,9 +252,17 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         timeout_s = server.ping_interval + server.ping_timeout
         while self.dropped is None:
             try:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout(self.silence_limit_s or timeout_s):
                     p = await ws.wait()  # websocket_wait, one coroutine fewer per message
-            except BaseException:  # a timeout, a cancel, or the connection failing
+            except TimeoutError:
+                if self.silence_limit_s is not None and self._transport is not None:
+                    # A watched client fell silent: frozen or asleep, so it reads nothing
+                    # either. Cut it now rather than wait WRITER_GRACE_S for a close frame
+                    # it will not answer: its disconnect is what others are waiting for.
+                    log.info("engine.io connection %s silent, cut", self.sid)
+                    self._transport.abort()
+                break
+            except BaseException:  # a cancel, or the connection failing
                 break
             if p and len(p) > max_size:
                 break  # "packet is too large": the connection ends, as upstream's

@@ -61,6 +61,12 @@ class MembraneServer(socketio.AsyncServer):  # type: ignore[misc]
         """Replaces ``AsyncServer._engineio_server_class``."""
         return TrackedEngineServer
 
+    def watch(self, sid: str, namespace: str, ping_every_s: float, silence_limit_s: float) -> None:
+        """``LeanSocket.watch`` for the connection that carries socket ``sid``."""
+        socket = self.eio.sockets.get(self.manager.eio_sid_from_sid(sid, namespace))
+        if isinstance(socket, LeanSocket):
+            socket.watch(ping_every_s, silence_limit_s)
+
     def _drop(self, eio_sid: str, code: str, ws_code: int) -> None:
         socket = self.eio.sockets.get(eio_sid)
         if isinstance(socket, LeanSocket):
