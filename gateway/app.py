@@ -173,6 +173,7 @@ def create_app(
     installer = telephony or load_telephony(settings)
     phones = installer(app, settings, callbacks.dialer) if installer is not None else None
     callbacks.dialer.telephony = phones
+    feed.telephony = phones is not None
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     load = LoadMonitor(gauge=metrics.loop_lag_smoothed, histogram=metrics.loop_lag)

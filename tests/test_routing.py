@@ -25,11 +25,14 @@ from gateway.core.ranking_cache import RankingCache
 from gateway.core.routing import (
     BranchKey,
     Candidate,
+    Capabilities,
     NoRouteReason,
     RouteDecision,
     RouteRequest,
     RoutingSnapshot,
     branch_rank,
+    capabilities,
+    carries,
     haversine_km,
     idle_rank,
     language_rank,
@@ -38,9 +41,13 @@ from gateway.core.routing import (
     route,
     skills_rank,
     sticky_rank,
+    visitor_channels,
 )
 
 SITE_ID = "acme"
+MOBILE = "+353851234567"
+CALLBACKS = Capabilities(callbacks=True)
+BRIDGE = Capabilities(bridge=True)
 WEBRTC, PSTN = Channel.WEBRTC, Channel.PSTN
 AVAILABLE = PresenceStatus.AVAILABLE
 
@@ -70,8 +77,9 @@ def agent(
     languages: tuple[str, ...] = (),
     skills: tuple[str, ...] = (),
     site: str = SITE_ID,
+    mobile: str | None = None,
 ) -> Agent:
-    return Agent(agent_id, site, agent_id.title(), branch, languages, skills)
+    return Agent(agent_id, site, agent_id.title(), branch, languages, skills, mobile)
 
 
 def presence(
@@ -471,31 +479,84 @@ def test_nearest_open_branch_is_named_among_candidates_only() -> None:
         (agent("amy"), None, (), {}, None),
         (agent("amy"), presence("amy", channels=(PSTN,)), (), {}, None),
         (agent("amy"), presence("amy", channels=()), (), {}, None),
-        (agent("amy"), presence("amy", channels=(PSTN,)), (), {"channel": PSTN}, PSTN),
-        (agent("amy", site="other"), presence("amy"), (), {}, None),
-        (agent("amy"), presence("amy", site="other"), (), {}, None),
-        # A bridge-capable request reaches a phone-only agent on pstn ...
+        # A callback reaches an agent with a mobile number on their phone, where callbacks
+        # are set up; not without them, nor an agent without a number.
+        (
+            agent("amy", mobile=MOBILE),
+            presence("amy", channels=(PSTN,)),
+            (),
+            {"channel": PSTN, "can": CALLBACKS},
+            PSTN,
+        ),
+        (
+            agent("amy", mobile=MOBILE),
+            presence("amy", channels=(PSTN,)),
+            (),
+            {"channel": PSTN},
+            None,
+        ),
         (
             agent("amy"),
             presence("amy", channels=(PSTN,)),
             (),
-            {"agent_channels": (WEBRTC, PSTN)},
-            PSTN,
+            {"channel": PSTN, "can": CALLBACKS},
+            None,
         ),
-        # ... and prefers the agent's browser when they have both.
+        # ... and in the app, where they accept and then talk on their own phone.
         (
-            agent("amy"),
-            presence("amy", channels=(PSTN, WEBRTC)),
+            agent("amy", mobile=MOBILE),
+            presence("amy"),
             (),
-            {"agent_channels": (WEBRTC, PSTN)},
+            {"channel": PSTN, "agent_channels": (WEBRTC,), "can": CALLBACKS},
             WEBRTC,
         ),
         (
             agent("amy"),
+            presence("amy"),
+            (),
+            {"channel": PSTN, "agent_channels": (WEBRTC,), "can": CALLBACKS},
+            None,
+        ),
+        (agent("amy", site="other"), presence("amy"), (), {}, None),
+        (agent("amy"), presence("amy", site="other"), (), {}, None),
+        # A bridge-capable request reaches a phone-only agent on pstn, once the bridge is
+        # there ...
+        (
+            agent("amy", mobile=MOBILE),
+            presence("amy", channels=(PSTN,)),
+            (),
+            {"agent_channels": (WEBRTC, PSTN), "can": BRIDGE},
+            PSTN,
+        ),
+        (
+            agent("amy", mobile=MOBILE),
+            presence("amy", channels=(PSTN,)),
+            (),
+            {"agent_channels": (WEBRTC, PSTN), "can": CALLBACKS},
+            None,
+        ),
+        # ... and prefers the agent's browser when they have both.
+        (
+            agent("amy", mobile=MOBILE),
             presence("amy", channels=(PSTN, WEBRTC)),
             (),
-            {"agent_channels": (PSTN, WEBRTC)},
+            {"agent_channels": (WEBRTC, PSTN), "can": BRIDGE},
+            WEBRTC,
+        ),
+        (
+            agent("amy", mobile=MOBILE),
+            presence("amy", channels=(PSTN, WEBRTC)),
+            (),
+            {"agent_channels": (PSTN, WEBRTC), "can": BRIDGE},
             PSTN,
+        ),
+        # Without the bridge, a browser call never rings a phone.
+        (
+            agent("amy", mobile=MOBILE),
+            presence("amy", channels=(PSTN, WEBRTC)),
+            (),
+            {"agent_channels": (PSTN, WEBRTC), "can": CALLBACKS},
+            WEBRTC,
         ),
     ],
 )
@@ -506,9 +567,10 @@ def test_eligibility(
     req: dict[str, Any],
     expected: Channel | None,
 ) -> None:
+    can = req.pop("can", Capabilities())
     r = request(**req)
-    assert reachable_channel(who, p, r, frozenset(reserved)) is expected
-    snap = snapshot([who], [p] if p is not None else [], reserved)
+    assert reachable_channel(who, p, r, frozenset(reserved), can) is expected
+    snap = replace(snapshot([who], [p] if p is not None else [], reserved), can=can)
     if p is None:
         snap = replace(snap, presence={})
     decision = route(snap, r, NOW)
@@ -654,7 +716,7 @@ def test_estimate_wait_s_is_monotonic(ahead: int, free: int, working: int, mean:
 def test_availability_counts_what_route_could_ring() -> None:
     agents = [
         agent("amy", "dub", ("de",)),
-        agent("bob", "cork"),
+        agent("bob", "cork", mobile=MOBILE),
         agent("cid", "dub"),
         agent("dan", "dub"),
         agent("eve", "nyc"),
@@ -668,19 +730,92 @@ def test_availability_counts_what_route_could_ring() -> None:
         ],
         reserved=["dan"],
     )
+    snap = replace(snap, can=CALLBACKS)
     assert availability(snap, NOW) == Availability(
         available=True,
-        channels=(WEBRTC, PSTN),
+        channels=(WEBRTC, PSTN),  # amy in the app; bob on his mobile (and amy has no number)
         agents_available=2,  # amy, bob
         agents_working=2,  # cid on a call, dan ringing for someone else
         estimated_wait_s=0,
         open=True,
         next_open_at=None,
+        callbacks=True,
     )
     german = availability(snap, NOW, language="de")
     assert (german.agents_available, german.channels, german.agents_working) == (1, (WEBRTC,), 0)
     cork = availability(snap, NOW, branch="cork")
     assert (cork.agents_available, cork.channels) == (1, (PSTN,))
+
+
+def test_availability_without_callbacks_never_promises_a_phone() -> None:
+    # Bob is only on his mobile: without callbacks set up (no telephony, or no caller IDs)
+    # nothing can reach him, so he is not available; the button offers amy's browser call.
+    snap = snapshot(
+        [agent("amy", mobile=MOBILE), agent("bob", mobile=MOBILE)],
+        [presence("bob", channels=(PSTN,))],
+    )
+    result = availability(snap, NOW)
+    assert (result.available, result.channels, result.agents_available) == (True, (WEBRTC,), 1)
+    assert not result.callbacks
+    alone = availability(replace(snap, presence={"bob": snap.presence["bob"]}), NOW)
+    assert (alone.available, alone.channels, alone.agents_available) == (False, (), 0)
+    # A mobile-only agent is not available for a browser call, with callbacks or without.
+    with_callbacks = availability(
+        replace(snap, presence={"bob": snap.presence["bob"]}, can=CALLBACKS), NOW
+    )
+    assert (with_callbacks.channels, with_callbacks.agents_available) == ((PSTN,), 1)
+
+
+# What each kind of agent can be reached on by a visitor: (has a mobile number, device
+# channels of their available devices, what the gateway can carry) -> visitor channels.
+NO = Capabilities()
+
+
+@pytest.mark.parametrize(
+    ("mobile", "devices", "can", "expected"),
+    [
+        # In the agent app only.
+        (False, (WEBRTC,), NO, (WEBRTC,)),
+        (False, (WEBRTC,), CALLBACKS, (WEBRTC,)),  # no number: no callback
+        (True, (WEBRTC,), NO, (WEBRTC,)),  # no telephony: no callback
+        (True, (WEBRTC,), CALLBACKS, (WEBRTC, PSTN)),
+        # On a live mobile device only: callbacks, never a browser call without the bridge.
+        (True, (PSTN,), NO, ()),
+        (True, (PSTN,), CALLBACKS, (PSTN,)),
+        (False, (PSTN,), CALLBACKS, ()),
+        (True, (PSTN,), BRIDGE, (WEBRTC,)),
+        (True, (PSTN,), Capabilities(callbacks=True, bridge=True), (WEBRTC, PSTN)),
+        # Both devices.
+        (True, (PSTN, WEBRTC), CALLBACKS, (WEBRTC, PSTN)),
+        (True, (PSTN, WEBRTC), NO, (WEBRTC,)),
+        # With the bridge a callback reaches the app even without a number.
+        (False, (WEBRTC,), Capabilities(callbacks=True, bridge=True), (WEBRTC, PSTN)),
+        # No available device (IM only, or every device negative priority): nothing.
+        (True, (), Capabilities(callbacks=True, bridge=True), ()),
+    ],
+)
+def test_visitor_channels_table(
+    mobile: bool, devices: tuple[Channel, ...], can: Capabilities, expected: tuple[Channel, ...]
+) -> None:
+    who = agent("amy", mobile=MOBILE if mobile else None)
+    p = presence("amy", channels=devices)
+    assert visitor_channels(who, p, can) == expected
+    for status in (PresenceStatus.BUSY, PresenceStatus.ON_CALL, PresenceStatus.OFFLINE):
+        assert visitor_channels(who, replace(p, status=status), can) == ()
+    assert visitor_channels(who, None, can) == ()
+    # Routing rings for exactly these: a request of either channel that may reach any device.
+    for channel in Channel:
+        r = request(channel=channel, agent_channels=(WEBRTC, PSTN))
+        assert (reachable_channel(who, p, r, can=can) is not None) == (channel in expected)
+
+
+def test_capabilities_need_telephony_and_caller_ids() -> None:
+    site = snapshot([agent("amy")]).site
+    with_ids = replace(site, caller_ids=("+35312345678",))
+    assert capabilities(with_ids, telephony=True) == CALLBACKS
+    assert capabilities(with_ids, telephony=False) == NO
+    assert capabilities(site, telephony=True) == NO
+    assert not carries(PSTN, WEBRTC, agent("amy", mobile=MOBILE), NO)
 
 
 def test_availability_of_a_closed_branch_says_when_it_opens() -> None:
@@ -731,6 +866,7 @@ _CHANNEL_LISTS = st.lists(st.sampled_from(list(Channel)), unique=True).map(tuple
 _IDLE_SINCE = st.floats(0.0, NOW)
 _AGENT_SETS = st.frozensets(st.sampled_from(AGENT_IDS))
 _MAYBE_AGENT = st.none() | st.sampled_from(AGENT_IDS)
+_MAYBE_MOBILE = st.none() | st.just(MOBILE)
 _MAYBE_LANGUAGE = st.none() | st.sampled_from([*LANGUAGES, "de-CH"])
 _MAYBE_BRANCH = st.none() | st.sampled_from(["dub", "cork", "nyc", "gone"])
 _MAYBE_LOCATION = st.none() | st.tuples(st.floats(-90.0, 90.0), st.floats(-180.0, 180.0))
@@ -751,6 +887,7 @@ def routing_cases(draw: st.DrawFn) -> tuple[RoutingSnapshot, RouteRequest, float
                 branch=draw(_AGENT_BRANCHES),
                 languages=draw(_LANGUAGE_LISTS),
                 skills=draw(_SKILL_LISTS),
+                mobile=draw(_MAYBE_MOBILE),
             )
         )
         if draw(st.integers(0, 4)):  # most agents have a presence, some are unknown
@@ -771,6 +908,7 @@ def routing_cases(draw: st.DrawFn) -> tuple[RoutingSnapshot, RouteRequest, float
         presence=presences,
         reserved=draw(_AGENT_SETS),
         last_agent=draw(_MAYBE_AGENT),
+        can=Capabilities(callbacks=draw(st.booleans()), bridge=draw(st.booleans())),
     )
     req = RouteRequest(
         site_id=SITE_ID,
@@ -786,6 +924,15 @@ def routing_cases(draw: st.DrawFn) -> tuple[RoutingSnapshot, RouteRequest, float
     return snap, req, draw(_INSTANTS)
 
 
+def carried(visitor: Channel, device: Channel, a: Agent, can: Capabilities) -> bool:
+    """``carries`` written out as the docs say it, for the properties below."""
+    if visitor == WEBRTC:
+        return device == WEBRTC or (can.bridge and a.mobile is not None)
+    if not can.callbacks:
+        return False
+    return a.mobile is not None or (can.bridge and device == WEBRTC)
+
+
 def independently_eligible(snap: RoutingSnapshot, req: RouteRequest) -> set[str]:
     reach = req.agent_channels or (req.channel,)
     out = set()
@@ -798,7 +945,7 @@ def independently_eligible(snap: RoutingSnapshot, req: RouteRequest) -> set[str]
             and p.status == "available"
             and a.agent_id not in snap.reserved
             and a.agent_id not in req.exclude
-            and any(c in p.channels for c in reach)
+            and any(c in p.channels and carried(req.channel, c, a, snap.can) for c in reach)
         ):
             out.add(a.agent_id)
     return out
@@ -822,7 +969,12 @@ def test_every_candidate_is_eligible_and_every_eligible_agent_is_a_candidate(
         assert c.agent_id not in req.exclude
         assert c.channel in p.channels and c.channel in reach
         # The preferred reachable channel, not just any.
-        assert c.channel == next(ch for ch in reach if ch in p.channels)
+        a = snap.site.agents[c.agent_id]
+        assert c.channel == next(
+            ch for ch in reach if ch in p.channels and carried(req.channel, ch, a, snap.can)
+        )
+        # Routing rings only agents the button counts for the visitor's channel.
+        assert req.channel in visitor_channels(a, p, snap.can)
     assert (decision.reason is None) == bool(decision.candidates)
 
 

@@ -319,6 +319,8 @@ li{margin:2px 0}
   // ---- availability -------------------------------------------------------------------------
   const canTalk = () =>
     !!avail && avail.available && (avail.channels || []).includes("webrtc") && !!window.RTCPeerConnection;
+  // The gateway says whether the site takes callbacks at all (no telephony: never offer one).
+  const canCallBack = () => !avail || avail.callbacks !== false;
 
   function setAvailability(a) {
     if (!a || typeof a !== "object" || JSON.stringify(a) === JSON.stringify(avail)) return;
@@ -341,6 +343,8 @@ li{margin:2px 0}
       if (canTalk()) {
         label = "Talk to us now";
         dot = true;
+      } else if (!canCallBack()) {
+        label = ""; // nothing true to offer: no button
       } else if (avail.open || avail.available) {
         label = "Call me back";
         if (avail.estimated_wait_s > 0) sub = `~${minutes(avail.estimated_wait_s)} min`;
@@ -523,7 +527,7 @@ li{margin:2px 0}
     call = c;
     const agent = c.agent && c.agent.name;
     const where = c.agent && c.agent.branch ? ` in ${c.agent.branch}` : "";
-    let text = "", more = "";
+    let text = "", more = "", offer = false;
     switch (c.state) {
       case "queued":
         text = "Finding someone for you…";
@@ -543,8 +547,9 @@ li{margin:2px 0}
       case "completed": text = "Call ended"; more = c.reason || ""; break;
       case "canceled": text = "Call canceled"; more = c.reason || ""; break;
       case "failed":
-        text = c.callback_offer ? "Nobody could answer right now" : "The call could not be connected";
-        more = c.callback_offer
+        offer = !!c.callback_offer && canCallBack();
+        text = offer ? "Nobody could answer right now" : "The call could not be connected";
+        more = offer
           ? `We can call you back in about ${minutes(c.callback_offer.estimated_wait_s || 60)} min.`
           : c.reason || "";
         break;
@@ -555,7 +560,7 @@ li{margin:2px 0}
     timer.hidden = !connectedAt;
     if (isFinal(c)) {
       endCall();
-      showControls({ offer: c.state === "failed" && !!c.callback_offer });
+      showControls({ offer: c.state === "failed" && offer });
     } else {
       showControls({ live: true });
       if (c.state === "connected" && !pc) startRtc().catch(rtcError);
@@ -685,6 +690,7 @@ li{margin:2px 0}
   }
 
   function openForm(mode) {
+    if (!canCallBack()) return;
     closedMessage();
     phoneErr.hidden = true;
     phone.removeAttribute("aria-invalid");

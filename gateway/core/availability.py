@@ -1,6 +1,7 @@
 """What the website's button may truthfully promise: who is free, who will be soon, how long
 a visitor would wait, and whether the branches in scope are open. Counts the same agents
-`gateway.core.routing.route` could ring."""
+`gateway.core.routing.route` could ring, each only for the channels that can reach them now
+(`routing.visitor_channels`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 from gateway.core.hours import is_open
 from gateway.core.model import Channel, PresenceStatus
-from gateway.core.routing import RoutingSnapshot, earliest_opening, speaks
+from gateway.core.routing import RoutingSnapshot, earliest_opening, speaks, visitor_channels
 
 # Used for wait estimates until the site has measured its own mean call length.
 DEFAULT_MEAN_HANDLE_S = 240.0
@@ -49,7 +50,8 @@ class Availability:
 
     # Someone can take a call now.
     available: bool
-    # Channels the available agents can be reached on (webrtc, pstn), in enum order.
+    # Channels a visitor can reach the available agents on now (webrtc: a browser call;
+    # pstn: a callback), in enum order.
     channels: tuple[Channel, ...]
     agents_available: int
     # Agents on a call or ringing for one: they will be free again soon.
@@ -59,6 +61,9 @@ class Availability:
     open: bool
     # When the branches in scope next open; None while open, or if not within 14 days.
     next_open_at: float | None
+    # Callbacks can be asked for at all (for later, or while everyone is busy): telephony is
+    # set up for the site. Without it no channel is ever pstn.
+    callbacks: bool = False
 
 
 def availability(
@@ -73,8 +78,11 @@ def availability(
     """Summarise the site (or one branch, or one language's speakers) for the button.
 
     Counts the same agents `route` could ring: an available agent who is reserved for another
-    call is counted as working, not available. Filtering by language keeps the agents who
-    speak it (exactly or by primary language), so "Talk to someone in German now" is true.
+    call is counted as working, not available; an available one is counted only for the
+    channels that can reach them (`visitor_channels` under `snapshot.can`), and not at all
+    when none can (a mobile-only agent without callbacks). Filtering by language keeps the
+    agents who speak it (exactly or by primary language), so "Talk to someone in German now"
+    is true.
     `snapshot.last_agent` is ignored. Raises ValueError for an unknown `branch`: the edge
     should answer 400 rather than show "closed" for a typo.
     """
@@ -100,9 +108,9 @@ def availability(
             presence.status == PresenceStatus.AVAILABLE and reserved
         ):
             working += 1
-        elif presence.status == PresenceStatus.AVAILABLE and presence.channels:
+        elif reach := visitor_channels(agent, presence, snapshot.can):
             available += 1
-            channels.update(presence.channels)
+            channels.update(reach)
 
     scope = [site.branches[branch]] if branch is not None else list(site.branches.values())
     # A site without branches has no business hours to be closed by.
@@ -115,4 +123,5 @@ def availability(
         estimated_wait_s=estimate_wait_s(queue_ahead, available, working, mean_handle_s),
         open=is_open_now,
         next_open_at=None if is_open_now else earliest_opening(scope, now),
+        callbacks=snapshot.can.callbacks,
     )

@@ -149,7 +149,9 @@ class RankingCache:
         sticky = snapshot.last_agent
         if sticky is not None and sticky in site.agents:
             p = presence.get(sticky)
-            channel = reachable_channel(site.agents[sticky], p, request, snapshot.reserved)
+            channel = reachable_channel(
+                site.agents[sticky], p, request, snapshot.reserved, snapshot.can
+            )
             if channel is not None:
                 reasons = (
                     ranking.reasons(sticky, p.idle_since if p else 0.0, now)
@@ -203,7 +205,9 @@ class RankingCache:
             if p is not None and p.idle_since != ranked_since[agent_id]:
                 moved.append((p.idle_since, agent_id))
                 continue
-            channel = reachable_channel(site.agents[agent_id], p, request, snapshot.reserved)
+            channel = reachable_channel(
+                site.agents[agent_id], p, request, snapshot.reserved, snapshot.can
+            )
             if channel is not None:
                 yield Candidate(
                     agent_id, channel, ranking.reasons(agent_id, ranked_since[agent_id], now)
@@ -226,6 +230,6 @@ class RankingCache:
         for since, agent_id in agents:
             agent = snapshot.site.agents[agent_id]
             p = snapshot.presence.get(agent_id)
-            channel = reachable_channel(agent, p, request, snapshot.reserved)
+            channel = reachable_channel(agent, p, request, snapshot.reserved, snapshot.can)
             if channel is not None:
                 yield Candidate(agent_id, channel, ranking.reasons(agent_id, since, now))

@@ -43,6 +43,7 @@ __all__ = [
     "EARTH_RADIUS_KM",
     "BranchKey",
     "Candidate",
+    "Capabilities",
     "NoRouteReason",
     "RankContext",
     "RankKey",
@@ -50,6 +51,8 @@ __all__ = [
     "RouteRequest",
     "RoutingSnapshot",
     "branch_rank",
+    "capabilities",
+    "carries",
     "earliest_opening",
     "haversine_km",
     "idle_rank",
@@ -61,6 +64,7 @@ __all__ = [
     "skills_rank",
     "speaks",
     "sticky_rank",
+    "visitor_channels",
 ]
 
 # Mean radius of the Earth (IUGG); the error against the ellipsoid (< 0.5%) cannot change
@@ -110,6 +114,25 @@ class RouteRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What the gateway can carry for a site now, beyond a browser call to an agent's
+    browser: what decides whether a visitor's channel can reach an agent on a device's."""
+
+    # Callbacks can be placed: a telephony provider is configured and the site has caller IDs.
+    callbacks: bool = False
+    # The audio bridge between a browser call and a phone (not built: docs/ARCHITECTURE.md
+    # section 11). Until it is, a browser call reaches only agents in the agent app, and a
+    # callback's agent talks on their own phone, so needs a mobile number.
+    bridge: bool = False
+
+
+def capabilities(site: Site, telephony: bool) -> Capabilities:
+    """What ``site`` can be offered, on a node with (``telephony``) or without a telephony
+    provider: the one place the callback API, availability and routing read it from."""
+    return Capabilities(callbacks=telephony and bool(site.caller_ids))
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingSnapshot:
     """Everything `route` reads, taken from the store at one moment."""
 
@@ -120,6 +143,8 @@ class RoutingSnapshot:
     reserved: frozenset[str] = frozenset()
     # Who last served this visitor, from the visitor's history.
     last_agent: str | None = None
+    # What the gateway can carry for this site now (callbacks, the bridge).
+    can: Capabilities = Capabilities()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,13 +170,39 @@ class RouteDecision:
 # --- eligibility -------------------------------------------------------------------------
 
 
+def carries(visitor: Channel, device: Channel, agent: Agent, can: Capabilities) -> bool:
+    """Whether a visitor's call on ``visitor`` (``webrtc``: a browser call; ``pstn``: a
+    callback) can reach ``agent`` on a device reachable on ``device`` (``webrtc``: the agent
+    app; ``pstn``: their phone).
+
+    A browser call reaches the agent app, and a phone only through the bridge. A callback
+    needs callbacks set up; its agent talks on their own phone (their mobile number), whether
+    they accept in the app or on a ringing phone, unless the bridge carries it to the app."""
+    if visitor is Channel.WEBRTC:
+        return device is Channel.WEBRTC or (can.bridge and bool(agent.mobile))
+    return can.callbacks and (bool(agent.mobile) or (can.bridge and device is Channel.WEBRTC))
+
+
+def visitor_channels(
+    agent: Agent, presence: Presence | None, can: Capabilities
+) -> tuple[Channel, ...]:
+    """The channels a visitor can reach ``agent`` on now (``webrtc`` before ``pstn``): what
+    the button may promise of them, and what routing rings them for."""
+    if presence is None or presence.status is not PresenceStatus.AVAILABLE:
+        return ()
+    return tuple(c for c in Channel if any(carries(c, d, agent, can) for d in presence.channels))
+
+
 def reachable_channel(
     agent: Agent,
     presence: Presence | None,
     request: RouteRequest,
     reserved: frozenset[str] = frozenset(),
+    can: Capabilities = Capabilities(),
 ) -> Channel | None:
-    """The channel `agent` can be rung on for `request`, or None if they are not eligible."""
+    """The channel `agent` can be rung on for `request`, or None if they are not eligible:
+    the first of ``request.reach`` they are reachable on that can carry the visitor's call
+    (``carries``, as the button's ``visitor_channels``)."""
     if agent.site != request.site_id or agent.agent_id in request.exclude:
         return None
     if agent.agent_id in reserved or presence is None:
@@ -159,7 +210,7 @@ def reachable_channel(
     if presence.site != request.site_id or presence.status != PresenceStatus.AVAILABLE:
         return None
     for channel in request.reach:
-        if channel in presence.channels:
+        if channel in presence.channels and carries(request.channel, channel, agent, can):
             return channel
     return None
 
@@ -398,7 +449,7 @@ def route(snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> Route
     eligible: list[tuple[Agent, Presence, Channel]] = []
     for agent in site.agents.values():
         presence = snapshot.presence.get(agent.agent_id)
-        channel = reachable_channel(agent, presence, request, snapshot.reserved)
+        channel = reachable_channel(agent, presence, request, snapshot.reserved, snapshot.can)
         if presence is not None and channel is not None:
             eligible.append((agent, presence, channel))
 

@@ -56,7 +56,7 @@ from gateway.core.hours import slot_starts
 from gateway.core.model import Channel
 from gateway.core.phone_policy import PhoneRefused, check_number
 from gateway.core.ranking_cache import RankingCache
-from gateway.core.routing import Candidate, RouteRequest, RoutingSnapshot
+from gateway.core.routing import Candidate, RouteRequest, RoutingSnapshot, capabilities
 from gateway.ops.metrics import Metrics
 from gateway.services.call_records import (
     CALL_HOLD_S,
@@ -137,7 +137,7 @@ class CallbackService:
         """Accept a callback request, persisted before it is answered; returns the call and
         the visitor's status token (shown once, stored only as a hash)."""
         site = self._records.presence.site(site_id)
-        if self.dialer.telephony is None or not site.caller_ids:
+        if not capabilities(site, self.dialer.telephony is not None).callbacks:
             raise self._refuse(Refusal("callbacks_unavailable", "callbacks are not set up here"))
         r = body.request
         if r.branch is not None and r.branch not in site.branches:
@@ -293,6 +293,7 @@ class CallbackService:
             presence=presence,
             reserved=self._records.ringing.current(call.site, presence, self._records.clock()),
             last_agent=last_agent,
+            can=capabilities(site, self.dialer.telephony is not None),
         )
 
     def _agent_counts(self, call: Call) -> tuple[int, int]:

@@ -90,6 +90,8 @@ class Availability(Struct):
     estimated_wait_s: Count
     open: bool
     next_open_at: Time | None
+    callbacks: bool
+    """The site takes callbacks at all (telephony is set up): without, never ``pstn``."""
 
 
 def device_struct(device: model.Device) -> Device:
@@ -131,6 +133,7 @@ def availability_to_wire(
     estimated_wait_s: int,
     open: bool,
     next_open_at: float | None,
+    callbacks: bool,
 ) -> Json:
     return to_wire(
         Availability(
@@ -140,6 +143,7 @@ def availability_to_wire(
             estimated_wait_s=estimated_wait_s,
             open=open,
             next_open_at=iso(next_open_at),
+            callbacks=callbacks,
         )
     )
 

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from gateway.core.availability import availability
 from gateway.core.ringing import RingingAgents
-from gateway.core.routing import RoutingSnapshot
+from gateway.core.routing import RoutingSnapshot, capabilities
 from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceChange, PresenceService
 from gateway.wire.codec import Json
@@ -55,18 +55,27 @@ class Watcher:
 
 
 def availability_json(
-    presence: PresenceService, ringing: RingingAgents, key: FeedKey, now: float
+    presence: PresenceService, ringing: RingingAgents, key: FeedKey, now: float, telephony: bool
 ) -> Json:
     site_id, language, branch = key
     site = presence.site(site_id)
     agents = presence.snapshot(site_id)
     # An agent ringing for another visitor is not free: counted as working, not promised.
     snap = RoutingSnapshot(
-        site=site, presence=agents, reserved=ringing.current(site_id, agents, now)
+        site=site,
+        presence=agents,
+        reserved=ringing.current(site_id, agents, now),
+        can=capabilities(site, telephony),
     )
     a = availability(snap, now, language=language, branch=branch)
     return availability_to_wire(
-        a.available, a.channels, a.agents_available, a.estimated_wait_s, a.open, a.next_open_at
+        a.available,
+        a.channels,
+        a.agents_available,
+        a.estimated_wait_s,
+        a.open,
+        a.next_open_at,
+        a.callbacks,
     )
 
 
@@ -101,6 +110,8 @@ class AvailabilityFeed:
     ) -> None:
         self._presence = presence
         self._ringing = ringing
+        self.telephony = False
+        """The node has a telephony provider (set once it is installed): callbacks exist."""
         self._clock = clock
         self._coalesce_s = coalesce_s
         self._keepalive_s = keepalive_s
@@ -117,7 +128,7 @@ class AvailabilityFeed:
         return sum(len(w) for w in self._watchers.values())
 
     def current(self, key: FeedKey) -> Json:
-        return availability_json(self._presence, self._ringing, key, self._clock())
+        return availability_json(self._presence, self._ringing, key, self._clock(), self.telephony)
 
     # --- watchers ------------------------------------------------------------------------------
 
@@ -180,7 +191,9 @@ class AvailabilityFeed:
     async def flush(self, site: str | None = None, keepalive: bool = False) -> None:
         now = self._clock()
         for key in [k for k in self._watchers if site is None or k[0] == site]:
-            frame = sse_frame(availability_json(self._presence, self._ringing, key, now))
+            frame = sse_frame(
+                availability_json(self._presence, self._ringing, key, now, self.telephony)
+            )
             if frame == self._last.get(key):
                 if not keepalive:
                     continue
