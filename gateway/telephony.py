@@ -111,7 +111,11 @@ Instruction = Bridge | HangUp
 
 
 class CallbackEvents(Protocol):
-    """What a telephony edge calls into (the gateway's callback service implements it)."""
+    """What a telephony edge calls into (the gateway's callback service implements it).
+
+    Each raises ``Forbidden`` with code ``unknown_leg``, changing nothing, when
+    ``provider_id`` is not the leg of the attempt the webhook names (another attempt's, or
+    another call's): the edge answers that as a refusal, not with an instruction."""
 
     async def on_leg_event(self, event: LegEvent) -> None: ...
 

@@ -6,8 +6,10 @@ Three routes per leg, keyed by the callback's ``call_id`` and ``attempt`` in the
 - ``bridge``: the ``<Dial action>``, posted when the bridge to the agent's phone ends.
 
 Every request must carry a valid ``X-Twilio-Signature`` over the public URL Twilio called;
-nothing reaches ``CallbackEvents`` otherwise. Twilio must never see a 500: when the gateway
-fails, the leg is hung up (voice, bridge) or the callback acknowledged (status).
+nothing reaches ``CallbackEvents`` otherwise, and there its ``CallSid`` must be the leg of the
+attempt the path names (else 403 ``unknown_leg``). Every refusal is counted under its code.
+Twilio must never see a 500: when the gateway fails, the leg is hung up (voice, bridge) or
+the callback acknowledged (status).
 """
 
 from __future__ import annotations
@@ -246,6 +248,8 @@ class TwilioWebhooks:
             instruction = await self._events.on_answer(
                 hook.call_id, hook.attempt, call_sid, answered_by
             )
+        except Forbidden as e:  # refused (unknown_leg), not a failure
+            return error_response(e, request)
         except Exception as e:
             _log_failure("on_answer", hook, e)
             return twiml_response(HANG_UP_TWIML)
@@ -259,6 +263,8 @@ class TwilioWebhooks:
             return error_response(e, request)
         try:
             await self._events.on_leg_event(event)
+        except Forbidden as e:  # refused (unknown_leg), not a failure
+            return error_response(e, request)
         except Exception as e:
             # Twilio does not retry status callbacks: acknowledge, the failure is ours to log.
             _log_failure("on_leg_event", hook, e)
@@ -280,6 +286,8 @@ class TwilioWebhooks:
             instruction = await self._events.on_bridge_result(
                 hook.call_id, hook.attempt, call_sid, answered
             )
+        except Forbidden as e:  # refused (unknown_leg), not a failure
+            return error_response(e, request)
         except Exception as e:
             _log_failure("on_bridge_result", hook, e)
             return twiml_response(HANG_UP_TWIML)

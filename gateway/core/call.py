@@ -118,6 +118,9 @@ class Call:
     legs_heard: tuple[tuple[str, int], ...] = ()
     """How far each phone leg of every attempt has been reported to get, by provider id
     (``gateway.core.callback.LEG_PROGRESS``): a status no further than that is old news."""
+    legs: tuple[tuple[int, str], ...] = ()
+    """The provider id of each dial attempt's leg, by attempt, once known: what a webhook
+    about an attempt must name (``gateway.core.callback.check_leg``)."""
 
     @property
     def final(self) -> bool:

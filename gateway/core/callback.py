@@ -41,6 +41,8 @@ FINAL_OUTCOMES = frozenset({"number_refused", "spend_cap_reached", "number_rate_
 # answer, failed, canceled) ends the leg: LEG_ENDED.
 LEG_PROGRESS = {"initiated": 0, "ringing": 1, "answered": 2}
 LEG_ENDED = 3
+# A webhook about a leg that is not the one of the attempt its path names.
+UNKNOWN_LEG_CODE = "unknown_leg"
 
 
 def _log(call: Call, now: float, event: str, detail: str) -> tuple[TimelineEntry, ...]:
@@ -139,11 +141,28 @@ def leg_heard(call: Call, provider_id: str, status: str) -> Call:
     return replace(call, legs_heard=tuple(heard.items()))
 
 
+def check_leg(call: Call, attempt: int, provider_id: str) -> Call:
+    """``call`` as it is, if a webhook about its dial attempt ``attempt`` may be about the leg
+    ``provider_id``; else ``unknown_leg``. The leg placed for that attempt, once known. Before
+    it is (a leg's first status can overtake the dial's answer, which then adopts it), any
+    leg that is not another attempt's. Never an attempt not started, nor another call's kind.
+    """
+    placed = dict(call.legs)
+    if call.channel is not CallChannel.CALLBACK or not 1 <= attempt <= call.dials:
+        raise CallError(UNKNOWN_LEG_CODE, f"no dial attempt {attempt} of this call")
+    # (A record from before ``legs`` names only the current attempt's leg.)
+    known = placed.get(attempt, call.provider_id if attempt == call.dials else None)
+    if known != provider_id and (known is not None or provider_id in placed.values()):
+        raise CallError(UNKNOWN_LEG_CODE, f"leg {provider_id} is not attempt {attempt}'s")
+    return call
+
+
 def leg_placed(call: Call, attempt: int, provider_id: str) -> Call:
     _current_leg(call, attempt)
-    if call.provider_id == provider_id:
+    if call.provider_id == provider_id and dict(call.legs).get(attempt) == provider_id:
         return call
-    return replace(call, provider_id=provider_id)
+    legs = (*((a, p) for a, p in call.legs if a != attempt), (attempt, provider_id))
+    return replace(call, provider_id=provider_id, legs=legs)
 
 
 def leg_ringing(call: Call, attempt: int, now: float) -> Call:

@@ -26,7 +26,7 @@ from gateway.core.callback_admission import (
     dial_quotas,
     over_spend_cap,
 )
-from gateway.core.errors import Conflict, NotFound
+from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.phone_policy import PhoneRefused, check_number, next_allowed_at
 from gateway.ops.metrics import Metrics
 from gateway.services.call_records import CallRecords, TimerHandler, TimerId, TimerKind
@@ -185,13 +185,15 @@ class CallbackDialer:
         if found is None or found.channel is not CallChannel.CALLBACK:
             return
         call = found
+
+        def heard(c: Call) -> Call:
+            c = cb.check_leg(c, event.attempt, event.provider_id)
+            return cb.leg_heard(c, event.provider_id, event.status.value)
+
         try:
-            _, call = await self._records.update(
-                call.call_id,
-                partial(cb.leg_heard, provider_id=event.provider_id, status=event.status.value),
-                current=call,
-            )
-        except CallError:
+            _, call = await self._records.update(call.call_id, heard, current=call)
+        except CallError as e:
+            _refuse_unknown_leg(e)
             return  # a replay, or overtaken by a later status: acted on already
         stale = call.final or call.dials != event.attempt
         if stale or call.state not in (CallState.DIALING, CallState.CONNECTED):
@@ -230,6 +232,7 @@ class CallbackDialer:
         call = await self._records.find(call_id)
         if call is None:
             return gone
+        _check_leg(call, attempt, provider_id)
         site = self._records.sites[call.site]
         now = self._records.clock()
         answered = partial(cb.leg_answered, attempt=attempt, answered_by=answered_by.value, now=now)
@@ -259,10 +262,11 @@ class CallbackDialer:
     async def on_bridge_result(
         self, call_id: str, attempt: int, provider_id: str, agent_answered: bool
     ) -> Instruction:
-        if agent_answered:
-            return HangUp()
         call = await self._records.find(call_id)
         if call is None:
+            return HangUp()
+        _check_leg(call, attempt, provider_id)
+        if agent_answered:
             return HangUp()
         if call.dials == attempt and call.state is CallState.CONNECTED:
             await self._fail_attempt(call, "agent_unreachable", retryable=True)
@@ -355,3 +359,17 @@ class CallbackDialer:
                 log.warning("hang-up of %s failed: %s", before.provider_id, e.message)
         await self._release_call(before, after)
         self._metrics.callbacks.labels(after.state.value).inc()
+
+
+def _refuse_unknown_leg(error: CallError) -> None:
+    """A webhook naming a leg that is not its attempt's is refused (``Forbidden``, which the
+    provider's edge answers as a refusal, counted), never acted on."""
+    if error.code == cb.UNKNOWN_LEG_CODE:
+        raise Forbidden(error.message, code=cb.UNKNOWN_LEG_CODE) from None
+
+
+def _check_leg(call: Call, attempt: int, provider_id: str) -> None:
+    try:
+        cb.check_leg(call, attempt, provider_id)
+    except CallError as e:
+        _refuse_unknown_leg(e)

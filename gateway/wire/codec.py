@@ -159,6 +159,7 @@ def call_to_record(call: Call) -> Json:
         "provider_id": call.provider_id,
         "answered_by": call.answered_by,
         "legs_heard": [[leg, progress] for leg, progress in call.legs_heard],
+        "legs": [[attempt, leg] for attempt, leg in call.legs],
     }
 
 
@@ -200,6 +201,7 @@ def call_from_record(data: Json, version: int) -> Call:
         provider_id=data.get("provider_id"),
         answered_by=data.get("answered_by"),
         legs_heard=tuple((str(leg), int(n)) for leg, n in data.get("legs_heard", ())),
+        legs=tuple((int(n), str(leg)) for n, leg in data.get("legs", ())),
     )
 
 

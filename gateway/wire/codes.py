@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     ROLE_MISMATCH = "role_mismatch"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     INVALID_SIGNATURE = "invalid_signature"
+    UNKNOWN_LEG = "unknown_leg"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INVALID_PAYLOAD = "invalid_payload"
