@@ -277,7 +277,10 @@ async def test_a_visitor_calls_anna_in_the_browser_talks_and_hangs_up(
     button = visitor.get_by_test_id("membrane-button")
     await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
     avail = (await membrane_state(visitor))["availability"]
-    assert avail["available"] and avail["channels"] == ["webrtc"] and avail["agents_available"] == 1
+    # Anna is in the app and has a mobile number, and this gateway places callbacks: a
+    # browser call and a callback can both reach her.
+    assert avail["available"] and avail["agents_available"] == 1
+    assert avail["channels"] == ["webrtc", "pstn"] and avail["callbacks"]
     await shot(visitor, "widget-idle-available")
 
     await button.click()
