@@ -5,14 +5,22 @@ Dublin branch is open 08:00-20:00 UTC, Berlin 09:00-18:00 local = 08:00-17:00 UT
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import WEEKDAY_NOON_UTC, Node, NodeFactory, SocketClient, mint, replace
+from conftest import (
+    WEEKDAY_NOON_UTC,
+    Node,
+    NodeFactory,
+    SocketClient,
+    mint,
+    replace,
+    start_node,
+)
 from test_callback_nodes import Balancer
 from test_callbacks import ANNA_PHONE, BEN_PHONE, phone_settings
 from twilio_sim import MessageRecord, TwilioSim
@@ -77,7 +85,7 @@ async def sim() -> AsyncIterator[TwilioSim]:
 
 
 async def start_cluster(
-    nodes: NodeFactory,
+    nodes: Callable[..., Awaitable[Node]],
     tmp_path: Path,
     sim: TwilioSim,
     redis_url: str,
@@ -205,6 +213,11 @@ async def test_refused_and_ignored_texts_change_nothing(
     # A stranger, and a command nobody knows: a short reply each, nothing changed.
     stranger = await cluster.text(STRANGER, "IN")
     assert replied(stranger) == "This number isn't registered with Membrane."
+    # Each reply is a billed SMS: a stranger gets three an hour, then silence.
+    for _ in range(2):
+        assert replied(await cluster.text(STRANGER, "IN")).startswith("This number")
+    ignored = await cluster.text(STRANGER, "IN")
+    assert [h.status for h in ignored.webhooks] == [200] and ignored.replies == []
     nonsense = await cluster.text(ANNA_PHONE, "please put me in")
     assert replied(nonsense) == (
         "Text IN to be available, OUT to sign out, BUSY, or BACK 15 (minutes)."
@@ -262,3 +275,50 @@ async def test_the_lease_ends_when_the_branch_closes(
         assert all(p.status == "available" for p in cluster.cached("carla"))
     finally:
         await cluster.balancer.close()
+
+
+async def test_back_survives_a_restart_of_every_node(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+) -> None:
+    clock = ManualClock(WEEKDAY_NOON_UTC)
+
+    async def own_node(settings: Settings, clock: ManualClock) -> Node:
+        return await start_node(settings, clock)  # stopped by the test, not the fixture
+
+    cluster = await start_cluster(own_node, tmp_path, sim, redis_url, clock, clients)
+    try:
+        await cluster.text(BEN_PHONE, "ZURÜCK 15")
+        await cluster.seen_everywhere("ben", status("away"))
+        for node in cluster.nodes:
+            await node.stop()
+        # A node started afterwards finds Ben away in Redis, and his timer with him.
+        fresh = await nodes(replace(cluster.settings, node_id="node-c"), clock=clock)
+        assert fresh.app[keys.PRESENCE].cached("acme", "ben").status == "away"
+        board = clients()
+        await board.connect(
+            fresh.url, "/board", {"token": mint(cluster.settings, "sam", Role.SUPERVISOR)}
+        )
+        await clock.advance(15 * 60)
+        update = await board.next("presence:update", lambda p: p["agent_id"] == "ben")
+        assert status("available", ("pstn",))(update), update
+    finally:
+        await cluster.balancer.close()
+
+
+async def test_one_node_on_the_embedded_store(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim
+) -> None:
+    node = await nodes(phone_settings(tmp_path, sim))
+    sim.messaging.number(SITE_NUMBER, sms_url=node.url + "/v1/twilio/sms")
+    message = await sim.messaging.text(ANNA_PHONE, SITE_NUMBER, "IN")
+    assert replied(message).startswith("You're available on your mobile until ")
+    presence = node.app[keys.PRESENCE].cached("acme", "anna")
+    assert presence.status == "available" and presence.channels == ("pstn",)
+    await sim.messaging.text(ANNA_PHONE, SITE_NUMBER, "OUT")
+    replay = await sim.messaging.text(ANNA_PHONE, SITE_NUMBER, "IN", message_sid=message.sid)
+    assert replay.replies == []
+    assert node.app[keys.PRESENCE].cached("acme", "anna").status == "offline"

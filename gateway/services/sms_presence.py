@@ -41,6 +41,8 @@ SMS_DEVICE_ID: Final = "sms"
 SMS_PRIORITY: Final = 0
 MESSAGE_CLAIM_TTL_S: Final = 2 * 86_400.0
 """How long a MessageSid is remembered: far longer than any redelivery of its webhook."""
+STRANGER_REPLIES: Final = (3, 3600)
+"""Replies to one number that is no agent's, per window (s): each reply is a billed SMS."""
 
 
 class SmsStore(CoordinationStore, TimerStore, Protocol):
@@ -115,6 +117,12 @@ class SmsPresence:
             return None
         agent = self.agent_for(message.from_, message.to)
         if agent is None:
+            limit, window_s = STRANGER_REPLIES
+            sender = e164(message.from_) or message.from_
+            if not await self._store.hit_stranger_reply_limit(
+                sender, window_s, limit, self._clock.now()
+            ):
+                return None
             return sms.UNKNOWN_SENDER
         site = self._sites[agent.site]
         words = sms.vocabulary(agent.languages, site.sms_aliases)
