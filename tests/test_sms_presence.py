@@ -11,6 +11,8 @@ import pytest
 from gateway.core import sms_presence as sms
 from gateway.core.model import Branch, OpeningSpan
 from gateway.core.sms_presence import Command, ParseProblem, SmsCommand
+from gateway.settings import ConfigError
+from gateway.settings.sites import load_site
 
 EN = sms.vocabulary(("en",), {})
 DE = sms.vocabulary(("de", "en"), {})
@@ -155,3 +157,33 @@ def test_help_names_the_agents_own_words() -> None:
             assert "{" not in sms.problem_reply(words, problem)
         for belief in sms.Belief:
             assert "{" not in sms.reply(words, belief, "UTC", UNTIL, BACK_AT)
+
+
+# --- the site's words, as configured (gateway/settings/sms.py) ----------------------------------
+
+SITE = {"id": "s", "caller_ids": ["+15005550006"]}
+
+
+def test_a_sites_words_load() -> None:
+    site = load_site(SITE | {"sms_aliases": {"de": {"in": ["HIER"], "back": ["GLEICH"]}}}, "s")
+    assert site.sms_aliases == {"de": {"in": ("HIER",), "back": ("GLEICH",)}}
+    assert load_site(SITE, "s").sms_aliases == {}
+
+
+@pytest.mark.parametrize(
+    ("aliases", "key"),
+    [
+        (["DA"], "s.sms_aliases"),
+        ({"Deutsch": {"in": ["DA"]}}, "s.sms_aliases.Deutsch"),
+        ({"de": ["DA"]}, "s.sms_aliases.de"),
+        ({"de": {"on": ["DA"]}}, "s.sms_aliases.de.on"),
+        ({"de": {"in": "DA"}}, "s.sms_aliases.de.in"),
+        ({"de": {"in": ["BIN DA"]}}, "s.sms_aliases.de.in[0]"),
+        ({"de": {"back": ["ZURÜCK15"]}}, "s.sms_aliases.de.back[0]"),
+        ({"de": {"in": [""]}}, "s.sms_aliases.de.in[0]"),
+    ],
+)
+def test_bad_words_are_refused_naming_the_key(aliases: object, key: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_site(SITE | {"sms_aliases": aliases}, "s")
+    assert refused.value.key == key
