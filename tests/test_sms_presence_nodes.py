@@ -224,6 +224,13 @@ async def test_refused_and_ignored_texts_change_nothing(
     )
     too_long = await cluster.text(ANNA_PHONE, "BACK 300")
     assert replied(too_long) == "Text BACK and the minutes, from 1 to 240: BACK 15."
+    # Signed, but for another account, or without a MessageSid: refused with their codes.
+    other = await cluster.text(ANNA_PHONE, "IN", params={"AccountSid": "AC" + "0" * 32})
+    assert [h.status for h in other.webhooks] == [403] and other.replies == []
+    assert '"forbidden"' in other.webhooks[0].body
+    unnamed = await cluster.text(ANNA_PHONE, "IN", params={"MessageSid": ""})
+    assert [h.status for h in unnamed.webhooks] == [400]
+    assert '"invalid_payload"' in unnamed.webhooks[0].body
     # Forged: a wrong signature, none at all, and a signed form with a changed body.
     form = {k: v[0] for k, v in first.params.items()} | {"MessageSid": "SM" + "1" * 32}
     url = cluster.balancer.url + "/v1/twilio/sms"
