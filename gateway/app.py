@@ -31,12 +31,13 @@ from gateway.ops.load import LoadMonitor
 from gateway.ops.metrics import Metrics
 from gateway.ops.tasks import TaskGroup
 from gateway.services.call_desk import CallDesk
-from gateway.services.call_records import CallRecords
+from gateway.services.call_records import CallRecords, TimerKind
 from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
+from gateway.services.sms_presence import SmsPresence
 from gateway.services.timers import TimerLoop
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
@@ -170,6 +171,9 @@ def create_app(
     timers = TimerLoop(store, clock=clock)
     for kind, handler in records.timer_handlers().items():
         timers.on(kind.value, handler)
+    # Every node runs SMS presence timers, with or without telephony of its own.
+    sms_presence = SmsPresence(dict(settings.sites), presence, store, settings.presence, clock)
+    timers.on(TimerKind.SMS_BACK.value, sms_presence.on_back_timer)
     installer = telephony or load_telephony(settings)
     phones = installer(app, settings, callbacks.dialer) if installer is not None else None
     callbacks.dialer.telephony = phones
@@ -204,6 +208,7 @@ def create_app(
     app[keys.CALLBACKS] = callbacks
     app[keys.AVAILABILITY] = feed
     app[keys.DRAIN] = drain
+    app[keys.SMS_PRESENCE] = sms_presence
 
     async def pace_collector(app: web.Application) -> AsyncIterator[None]:
         shared = pacer or PROCESS_PACER

@@ -1,8 +1,9 @@
 """``Telephony`` over Twilio's REST API (async SDK), and its installer.
 
 ``install`` is registered under the ``membrane.telephony`` entry point: it adds the webhook
-routes (``mobile_bridge.twilio_webhooks``) to the gateway's app and returns a
-``TwilioTelephony``, which the app opens with ``start()`` and closes with ``close()``.
+routes (``mobile_bridge.twilio_webhooks``; ``sms_webhooks`` for presence by SMS) to the
+gateway's app and returns a ``TwilioTelephony``, which the app opens with ``start()`` and
+closes with ``close()``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gateway.telephony import (
     TelephonyError,
     TelephonyInstaller,
 )
+from mobile_bridge.sms_webhooks import SmsWebhooks
 from mobile_bridge.twilio_webhooks import TwilioWebhooks, WebhookUrls, valid_leg_key
 
 STATUS_EVENTS: Final = ("initiated", "ringing", "answered", "completed")
@@ -185,6 +187,7 @@ def _page_error(error: Any) -> tuple[int, int | None, str]:
 def install(app: web.Application, settings: Settings, events: CallbackEvents) -> TwilioTelephony:
     """Register the Twilio webhooks on ``app`` and return the REST side (not started yet)."""
     TwilioWebhooks(settings, events).add_routes(app)
+    SmsWebhooks(settings).add_routes(app)
     return TwilioTelephony(settings)
 
 

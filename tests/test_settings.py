@@ -1207,6 +1207,7 @@ def shown_defaults(text: str, chosen: dict[str, Any]) -> list[tuple[str, Any, An
                 "origins",
                 "caller_ids",
                 "callback_policy",
+                "sms_aliases",
                 "branches",
                 "agents",
             ):

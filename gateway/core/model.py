@@ -125,6 +125,10 @@ class Site:
     caller_ids: tuple[str, ...] = ()
     callback_policy: CallbackPolicy = field(default_factory=CallbackPolicy)
     ring_timeout_s: float = 20.0
+    sms_aliases: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+    """Words agents may text for each SMS presence command, by language then command
+    (``in``, ``out``, ``busy``, ``back``); they replace the built-in words of that language
+    (gateway/core/sms_presence.py)."""
 
 
 @dataclass(frozen=True, slots=True)

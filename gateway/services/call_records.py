@@ -53,6 +53,8 @@ class TimerKind(StrEnum):
     CALLBACK_DUE = "cbdue"
     CALLBACK_DIAL = "cbdial"
     CALLBACK_WATCH = "cbwatch"
+    SMS_BACK = "smsback"
+    """Not a call's: an agent's ``BACK 15`` by SMS (gateway/services/sms_presence.py)."""
 
 
 @dataclass(frozen=True, slots=True)

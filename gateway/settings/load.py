@@ -139,7 +139,7 @@ def _auth(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> AuthSettin
 
 
 def _check_presence(presence: PresenceSettings) -> None:
-    for name in ("device_ttl_s", "socket_ttl_s"):
+    for name in ("device_ttl_s", "socket_ttl_s", "sms_lease_s"):
         ttl = getattr(presence, name)
         if not (math.isfinite(ttl) and ttl >= 1):
             raise ConfigError(f"presence.{name}", "must be at least 1 second")

@@ -68,6 +68,9 @@ class PresenceSettings(msgspec.Struct, frozen=True):
     """A desktop socket's device lease; its node renews it, so a dead node's agents lapse."""
     sweep_interval_s: float = 0.25
     """How often each node looks for lapsed devices (lapses are reported within TTL + this)."""
+    sms_lease_s: float = 8 * 3600.0
+    """How long an agent's ``IN`` by SMS lasts when their branch gives no closing time (no
+    branch, closed now, or open around the clock); with one, it lasts until the branch closes."""
 
 
 class WebRTCSettings(msgspec.Struct, frozen=True):

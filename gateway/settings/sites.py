@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.core.model import Agent, Branch, CallbackPolicy, OpeningSpan, Role, Site
 from gateway.settings.checks import ConfigError, array, e164, get, ident, str_list
+from gateway.settings.sms import sms_aliases
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _SPAN = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
@@ -240,5 +241,6 @@ def load_site(raw: Any, path: str) -> Site:
             for i, n in enumerate(str_list(raw, "caller_ids", f"{path}."))
         ),
         callback_policy=_policy(raw.get("callback_policy"), f"{path}.callback_policy"),
+        sms_aliases=sms_aliases(raw.get("sms_aliases"), f"{path}.sms_aliases"),
         **given,
     )

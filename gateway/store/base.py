@@ -346,6 +346,15 @@ class CoordinationStore(CoordinationPrimitives, Protocol):
     async def claim_dial_once(self, idempotency_key: str, ttl_s: float) -> bool:
         """True for the first caller only: one dial per dial attempt's idempotency key."""
 
+    async def hit_stranger_reply_limit(
+        self, number: str, window_s: int, limit: int, now: float
+    ) -> bool:
+        """Count a reply to a number that is no agent's (``hit``): each costs an SMS."""
+
+    async def claim_message_once(self, account_sid: str, message_sid: str, ttl_s: float) -> bool:
+        """True for the first caller only: an inbound message (SMS) is acted on once, however
+        often its webhook is delivered."""
+
 
 class PresenceAndEvents(PresenceStore, EventBus, Protocol):
     """What the presence service uses: devices, and events to publish their changes."""

@@ -40,6 +40,14 @@ def dial_claim_key(idempotency_key: str) -> str:
     return f"dial:{idempotency_key}"
 
 
+def stranger_reply_key(number: str) -> str:
+    return f"smsstranger:{number}"
+
+
+def message_claim_key(account_sid: str, message_sid: str) -> str:
+    return f"msg:{account_sid}:{message_sid}"
+
+
 def callback_quota(spec: QuotaSpec, site: str, subjects: Mapping[Subject, str]) -> Quota:
     """``subjects``: the value of each subject the quota may count per."""
     parts = ["cb", spec.name]
@@ -125,3 +133,13 @@ class NamedCoordination:
         self: CoordinationPrimitives, idempotency_key: str, ttl_s: float
     ) -> bool:
         return await self.claim_once(dial_claim_key(idempotency_key), ttl_s)
+
+    async def claim_message_once(
+        self: CoordinationPrimitives, account_sid: str, message_sid: str, ttl_s: float
+    ) -> bool:
+        return await self.claim_once(message_claim_key(account_sid, message_sid), ttl_s)
+
+    async def hit_stranger_reply_limit(
+        self: CoordinationPrimitives, number: str, window_s: int, limit: int, now: float
+    ) -> bool:
+        return await self.hit(stranger_reply_key(number), window_s, limit, now)

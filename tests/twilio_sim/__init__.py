@@ -20,6 +20,8 @@ from .contract import (
     check_call_resource,
     check_list_page,
 )
+from .contract_messaging import MessagingContract, check_message_resource
+from .messaging import IncomingNumber, MessageRecord, Messaging
 from .records import (
     CallRecord,
     Notification,
@@ -42,6 +44,10 @@ __all__ = [
     "CallRecord",
     "Contract",
     "ContractViolation",
+    "IncomingNumber",
+    "MessageRecord",
+    "Messaging",
+    "MessagingContract",
     "Notification",
     "PhoneConfig",
     "Silence",
@@ -54,6 +60,7 @@ __all__ = [
     "WebhookRecord",
     "check_call_resource",
     "check_list_page",
+    "check_message_resource",
     "dominant_frequency",
     "rms",
     "sdk_signature",

@@ -45,6 +45,7 @@ from .contract import (
     is_absolute_url,
     is_phone_number,
 )
+from .messaging import Messaging
 from .records import (
     FINAL_STATUSES,
     CallRecord,
@@ -289,6 +290,8 @@ class TwilioSim:
         self._closed = False
         self.base_url = ""
         self.port = 0
+        self.messaging = Messaging(self)
+        """Inbound SMS and the Messages resource (messaging.py)."""
 
     # ================================================================ lifecycle
 
@@ -305,6 +308,7 @@ class TwilioSim:
         app.router.add_get(call, self._fetch_call)
         app.router.add_post(call, self._update_call)
         app.router.add_delete(call, self._delete_call)
+        self.messaging.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)

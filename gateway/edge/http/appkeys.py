@@ -18,6 +18,7 @@ from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
 from gateway.services.presence_service import PresenceService
+from gateway.services.sms_presence import SmsPresence
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 
@@ -41,3 +42,4 @@ AVAILABILITY = web.AppKey("availability", AvailabilityFeed)
 CALLS = web.AppKey("calls", CallService)
 CALLBACKS = web.AppKey("callbacks", CallbackService)
 DRAIN = web.AppKey("drain", Drain)
+SMS_PRESENCE = web.AppKey("sms_presence", SmsPresence)
