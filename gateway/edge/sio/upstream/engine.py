@@ -67,6 +67,8 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     _reader: asyncio.Task[Any] | None = None
     _silent = False
     """The watchdog ended the connection: the client was silent past the deadline."""
+    _handling = False
+    """The reader is handling the client's last packet, not waiting for the next."""
     ping_every_s: float | None = None
     """How often this connection is pinged, when not the server's ``ping_interval``
     (``watch``)."""
@@ -158,6 +160,11 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         due = self._heard_at + timeout_s
         if loop.time() < due:
             self._watchdog = loop.call_at(due, self._watch, timeout_s)
+        elif self._handling:
+            # Not the client's silence but this node's: a handler held up (by a store
+            # outage, for seconds) reads nothing meanwhile; what the client sent waits in the
+            # websocket's queue. Look again a full deadline later.
+            self._watchdog = loop.call_later(timeout_s, self._watch, timeout_s)
         elif self._reader is not None:
             self._silent = True
             self._watchdog = None
@@ -313,7 +320,11 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 break
             try:
                 pkt = packet.Packet(encoded_packet=p)
-                await self.receive(pkt)
+                self._handling = True
+                try:
+                    await self.receive(pkt)
+                finally:
+                    self._handling = False
             except engineio.exceptions.SocketIsClosedError:  # pragma: no cover
                 server.logger.info("Receive error -- socket is closed")
                 break
