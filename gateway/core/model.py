@@ -125,6 +125,8 @@ class Site:
     caller_ids: tuple[str, ...] = ()
     callback_policy: CallbackPolicy = field(default_factory=CallbackPolicy)
     ring_timeout_s: float = 20.0
+    # The key of the IM presence webhook (HMAC-SHA256); empty: the webhook is off for the site.
+    presence_webhook_secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,13 @@ class PresenceSettings(msgspec.Struct, frozen=True):
     """A desktop socket's device lease; its node renews it, so a dead node's agents lapse."""
     sweep_interval_s: float = 0.25
     """How often each node looks for lapsed devices (lapses are reported within TTL + this)."""
+    im_ttl_s: float = 12 * 3600.0
+    """The lease of an ``im`` device set through the IM presence webhook; the integration
+    renews it by posting the agent's state again (the XMPP bridge does every hour)."""
+    im_webhook_rate: float = 50.0
+    """IM presence webhook requests a second per site per node, on average."""
+    im_webhook_burst: float = 200.0
+    """IM presence webhook requests per site per node in a burst."""
 
 
 class WebRTCSettings(msgspec.Struct, frozen=True):

@@ -346,6 +346,10 @@ class CoordinationStore(CoordinationPrimitives, Protocol):
     async def claim_dial_once(self, idempotency_key: str, ttl_s: float) -> bool:
         """True for the first caller only: one dial per dial attempt's idempotency key."""
 
+    async def claim_webhook_once(self, site: str, what: str, ttl_s: float) -> bool:
+        """True for the first caller only: a presence webhook's signature or event id
+        (``what``, prefixed ``sig:`` or ``event:``) is accepted once per site."""
+
 
 class PresenceAndEvents(PresenceStore, EventBus, Protocol):
     """What the presence service uses: devices, and events to publish their changes."""

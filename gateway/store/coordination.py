@@ -40,6 +40,10 @@ def dial_claim_key(idempotency_key: str) -> str:
     return f"dial:{idempotency_key}"
 
 
+def webhook_claim_key(site: str, what: str) -> str:
+    return f"imhook:{site}:{what}"
+
+
 def callback_quota(spec: QuotaSpec, site: str, subjects: Mapping[Subject, str]) -> Quota:
     """``subjects``: the value of each subject the quota may count per."""
     parts = ["cb", spec.name]
@@ -125,3 +129,8 @@ class NamedCoordination:
         self: CoordinationPrimitives, idempotency_key: str, ttl_s: float
     ) -> bool:
         return await self.claim_once(dial_claim_key(idempotency_key), ttl_s)
+
+    async def claim_webhook_once(
+        self: CoordinationPrimitives, site: str, what: str, ttl_s: float
+    ) -> bool:
+        return await self.claim_once(webhook_claim_key(site, what), ttl_s)
