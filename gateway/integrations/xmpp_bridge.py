@@ -108,7 +108,10 @@ class PresenceBridge:
         self.xmpp.add_event_handler("disconnected", self._disconnected)
         self.xmpp.add_event_handler("failed_all_auth", self._auth_failed)
         self.online = asyncio.Event()
-        """Set while the bot's session is up (tests and logs wait on it)."""
+        """Set while the bot's session is up (tests wait on it)."""
+        self.offline = asyncio.Event()
+        """Set while it is not."""
+        self.offline.set()
         self.delivered: asyncio.Queue[tuple[str, ImState]] = asyncio.Queue()
         """Every (agent, state) the gateway took, in order (for tests and monitoring)."""
         self._pending: dict[str, ImState] = {}
@@ -132,11 +135,13 @@ class PresenceBridge:
             if item["subscription"] not in ("to", "both") and not item["pending_out"]:
                 roster.subscribe(agent_jid)
         log.info("XMPP session up as %s; %d agents", self.config.jid, len(self.config.agents))
+        self.offline.clear()
         self.online.set()
         self._schedule_sync(self.config.settle_s)
 
     def _session_end(self, _: Any) -> None:
         self.online.clear()
+        self.offline.set()
         if self._sync is not None:
             self._sync.cancel()
             self._sync = None
