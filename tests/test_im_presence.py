@@ -4,7 +4,10 @@ are refused with their code, counted, and change nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +24,7 @@ from gateway.edge.http import appkeys as keys
 from gateway.settings import ConfigError, Settings, load_settings
 from gateway.wire.im_presence import SIGNATURE_HEADER, TIMESTAMP_HEADER, signed_headers
 
+DOC = Path(__file__).resolve().parent.parent / "docs" / "AGENT_PRESENCE.md"
 SECRET = "im-presence-test-secret-0123456789abcdef"
 OTHER_SECRET = "another-site-secret-0123456789abcdef-xyz"
 ROUTE = "/v1/sites/{site}/presence/im"
@@ -270,3 +274,35 @@ def test_the_secret_comes_from_the_file_or_the_environment(tmp_path: Path) -> No
     # The secret is never printed with the site.
     config.write_text('[[sites]]\nid = "acme"\npresence_webhook_secret = "' + "f" * 32 + '"\n')
     assert "f" * 32 not in repr(load_settings(config, env={}).sites)
+
+
+def doc_block(language: str, containing: str) -> str:
+    """The code block of docs/AGENT_PRESENCE.md in ``language`` that contains ``containing``."""
+    blocks: list[str] = re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), re.S)
+    return next(block for block in blocks if containing in block)
+
+
+async def test_the_documented_examples_work(nodes: NodeFactory, tmp_path: Path) -> None:
+    node = await nodes(im_settings(tmp_path))
+    namespace: dict[str, Any] = {}
+    exec(doc_block("python", "def post_presence"), namespace)
+    answer = await asyncio.to_thread(
+        namespace["post_presence"], node.url, "acme", SECRET, "anna", "dnd"
+    )
+    assert answer["results"][0]["outcome"] == "applied"
+    assert node.app[keys.PRESENCE].cached("acme", "anna").status == "dnd"
+
+    env = {
+        "PATH": os.environ["PATH"],
+        "MEMBRANE_URL": node.url,
+        "MEMBRANE_SITE_ACME_PRESENCE_WEBHOOK_SECRET": SECRET,
+    }
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-euc", doc_block("sh", "openssl dgst"), env=env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(shell.communicate(), 30)
+    assert shell.returncode == 0
+    # The one im device, replaced: dnd becomes away.
+    assert json.loads(out)["results"][0]["status"] == "away"
+    (im,) = node.app[keys.PRESENCE].cached("acme", "anna").devices
+    assert im.device_id == "im" and im.state == "away"

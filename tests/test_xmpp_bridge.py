@@ -13,11 +13,16 @@ import pytest
 import slixmpp
 from conftest import NodeFactory, SocketClient, mint, replace
 from prosody import Prosody, prosody
-from test_im_presence import SECRET, board_shows, im_settings
+from test_im_presence import SECRET, board_shows, doc_block, im_settings
 
 from gateway.core.model import Role
 from gateway.edge.http import appkeys as keys
-from gateway.integrations.bridge_config import BridgeConfig, BridgeConfigError, parse_config
+from gateway.integrations.bridge_config import (
+    BridgeConfig,
+    BridgeConfigError,
+    load_config,
+    parse_config,
+)
 from gateway.integrations.xmpp_bridge import PresenceBridge, close_client, im_state
 
 __all__ = ["prosody"]  # the fixture, used by name
@@ -237,3 +242,15 @@ def test_the_bridge_config_is_checked() -> None:
         parse_config({**raw, "agents": {"anna": "anna"}}, env)
     with pytest.raises(BridgeConfigError, match=r"xmpp\.jid"):
         parse_config({**raw, "xmpp": {"jid": "bot", "password": "pw"}}, env)
+
+
+def test_the_documented_config_loads(tmp_path: Path) -> None:
+    path = tmp_path / "xmpp-bridge.toml"
+    path.write_text(doc_block("toml", "[agents]"))
+    env = {"MEMBRANE_BRIDGE_WEBHOOK_SECRET": SECRET, "MEMBRANE_BRIDGE_XMPP_PASSWORD": "pw"}
+    config = load_config(path, env)
+    assert config.site == "acme" and config.jid == "membrane-presence@chat.example.com"
+    assert config.agents == {"anna@chat.example.com": "anna", "ben@chat.example.com": "ben"}
+    # Without the variables it reads the files the example names, which are not here.
+    with pytest.raises(BridgeConfigError, match=r"membrane\.secret_file"):
+        load_config(path, {})
