@@ -13,7 +13,8 @@ agent.
 - A failed post (the gateway unreachable, 5xx, 429) is retried with backoff and a new
   signature; the update keeps its event id, so an update the gateway did apply before the
   failure is answered ``replayed_webhook`` and counts as delivered.
-- A lost XMPP connection is made again (slixmpp's connect loop, with backoff).
+- A lost XMPP connection is made again, after 1 s and then up to a minute apart while it
+  keeps failing (a refused login included), the agents' im devices left as they were.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 import uuid
 from collections.abc import Mapping
@@ -113,13 +115,15 @@ class PresenceBridge:
         """Set while it is not."""
         self.offline.set()
         self.delivered: asyncio.Queue[tuple[str, ImState]] = asyncio.Queue()
-        """Every (agent, state) the gateway took, in order (for tests and monitoring)."""
+        """Every (agent, state) the gateway took, in order (for tests)."""
         self._pending: dict[str, ImState] = {}
         self._last: dict[str, ImState] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._sync: asyncio.TimerHandle | None = None
+        self._reconnect: asyncio.TimerHandle | None = None
+        self._reconnect_delay = RETRY_FIRST_S
 
     # --- XMPP side ------------------------------------------------------------------------
 
@@ -135,9 +139,10 @@ class PresenceBridge:
             if item["subscription"] not in ("to", "both") and not item["pending_out"]:
                 roster.subscribe(agent_jid)
         log.info("XMPP session up as %s; %d agents", self.config.jid, len(self.config.agents))
+        self._reconnect_delay = RETRY_FIRST_S
         self.offline.clear()
         self.online.set()
-        self._schedule_sync(self.config.settle_s)
+        self._schedule_sync(self.config.settle_s, everyone=True)
 
     def _session_end(self, _: Any) -> None:
         self.online.clear()
@@ -149,11 +154,15 @@ class PresenceBridge:
     def _auth_failed(self, _: Any) -> None:
         log.error("XMPP login refused for %s: check xmpp.jid and the password", self.config.jid)
 
-    async def _disconnected(self, reason: Any) -> None:
+    def _disconnected(self, reason: Any) -> None:
         if self._stopping:
             return
-        log.warning("XMPP connection lost (%s); connecting again", reason)
-        self._connect()
+        delay = self._reconnect_delay
+        self._reconnect_delay = min(RETRY_MAX_S, delay * 2)
+        log.warning("XMPP connection lost (%s); connecting again in %.0f s", reason, delay)
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+        self._reconnect = asyncio.get_running_loop().call_later(delay, self._connect)
 
     def _subscribe_request(self, presence: Presence) -> None:
         jid = presence["from"].bare
@@ -181,19 +190,22 @@ class PresenceBridge:
             for jid, agent in self.config.agents.items()
         }
 
-    def _schedule_sync(self, delay: float) -> None:
+    def _schedule_sync(self, delay: float, everyone: bool) -> None:
         if self._sync is not None:
             self._sync.cancel()
-        self._sync = asyncio.get_running_loop().call_later(delay, self._full_sync)
+        self._sync = asyncio.get_running_loop().call_later(delay, self._full_sync, everyone)
 
-    def _full_sync(self) -> None:
-        """Every agent's state, posted again whether it changed or not (lease renewal)."""
+    def _full_sync(self, everyone: bool) -> None:
+        """Every agent's state, posted again whether it changed or not: renewing the leases
+        of the agents online in XMPP, and (``everyone``, after connecting) telling the
+        offline ones too, in case they went while the bridge was away."""
         self._sync = None
         if not self.online.is_set():
             return  # while disconnected the roster is stale: the next session syncs
         for agent, state in self.current().items():
-            self._enqueue(agent, state)
-        self._schedule_sync(self.config.renew_s)
+            if everyone or state != "offline":
+                self._enqueue(agent, state)
+        self._schedule_sync(self.config.renew_s, everyone=False)
 
     # --- gateway side ---------------------------------------------------------------------
 
@@ -201,8 +213,14 @@ class PresenceBridge:
         self._pending[agent] = state
         self._wake.set()
 
-    async def _post_loop(self) -> None:
+    async def _deliver(self, updates: list[dict[str, str]]) -> None:
+        """Post until the gateway takes the updates, backing off while it cannot."""
         delay = RETRY_FIRST_S
+        while not await self.webhook.post(updates):
+            await asyncio.sleep(delay)
+            delay = min(RETRY_MAX_S, delay * 2)
+
+    async def _post_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -213,22 +231,29 @@ class PresenceBridge:
                 updates = [
                     {"agent_id": a, "state": s, "event_id": uuid.uuid4().hex} for a, s in batch
                 ]
-                while True:
-                    try:
-                        delivered = await self.webhook.post(updates)
-                    except WebhookError as e:
-                        log.error("%s; dropped", e)
-                        delivered = True
-                    if delivered:
-                        break
-                    await asyncio.sleep(delay)
-                    delay = min(RETRY_MAX_S, delay * 2)
-                delay = RETRY_FIRST_S
+                refused = await self._deliver_batch(updates)
                 for agent, state in batch:
                     self._last[agent] = state
                     if self._pending.get(agent) == state:
                         del self._pending[agent]  # else changed meanwhile: goes next
-                    self.delivered.put_nowait((agent, state))
+                    if agent not in refused:
+                        self.delivered.put_nowait((agent, state))
+
+    async def _deliver_batch(self, updates: list[dict[str, str]]) -> set[str]:
+        """Deliver, and return the agents whose update the gateway refused for good."""
+        try:
+            await self._deliver(updates)
+            return set()
+        except WebhookError as e:
+            if len(updates) == 1:
+                log.error("%s; dropped", e)
+                return {updates[0]["agent_id"]}
+        # One bad update (an agent id the site does not have) must not hold up the others:
+        # each alone, and only the bad one is dropped.
+        refused = set()
+        for update in updates:
+            refused |= await self._deliver_batch([update])
+        return refused
 
     # --- running --------------------------------------------------------------------------
 
@@ -253,6 +278,8 @@ class PresenceBridge:
         """Leave XMPP cleanly (the server tells nobody we were there) and stop posting.
         Updates not yet delivered are dropped: the next run posts every agent's state."""
         self._stopping = True
+        if self._reconnect is not None:
+            self._reconnect.cancel()
         self._session_end(None)
         await close_client(self.xmpp)
         for task in self._tasks:
@@ -273,8 +300,6 @@ async def close_client(xmpp: slixmpp.ClientXMPP, wait: float = 2.0) -> None:
 
 async def serve(config: BridgeConfig) -> None:
     """The CLI's bridge: runs until SIGINT or SIGTERM."""
-    import signal
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
