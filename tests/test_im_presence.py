@@ -236,8 +236,13 @@ async def test_refusals_change_nothing(
     for code, count in counts.items():
         assert f'membrane_errors_total{{code="{code}"}} {float(count)}' in metrics
     # None of the refused requests used its event id up: the same update, signed, applies.
-    r = await post(http, node, update("anna", "away", "e"))
+    body = json.dumps(update("anna", "away", "e")).encode()
+    headers = signed_headers(SECRET, int(time.time()), body)
+    r = await post(http, node, None, body=body, headers=headers)
     assert r.status == 200
+    # Once: the same request again is a replay, on this store too.
+    r = await post(http, node, None, body=body, headers=headers)
+    assert await code_of(r) == (409, "replayed_webhook")
 
 
 async def test_a_site_is_rate_limited(

@@ -4,6 +4,9 @@ Membrane board on every node of a cluster through the signed IM presence webhook
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from conftest import NodeFactory, SocketClient, mint, replace
 from prosody import Prosody, prosody
 from test_im_presence import SECRET, board_shows, doc_block, im_settings
 
+from gateway.cli import main
 from gateway.core.model import Role
 from gateway.edge.http import appkeys as keys
 from gateway.integrations.bridge_config import (
@@ -260,3 +264,48 @@ def test_the_documented_config_loads(tmp_path: Path) -> None:
     # Without the variables it reads the files the example names, which are not here.
     with pytest.raises(BridgeConfigError, match=r"membrane\.secret_file"):
         load_config(path, {})
+
+
+async def test_membrane_xmpp_bridge_runs_as_a_service(
+    prosody: Prosody,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    clients: Callable[[], SocketClient],
+    agents: Callable[[Prosody, str], Agent],
+) -> None:
+    """The command line an operator runs (docs/AGENT_PRESENCE.md), in its own process, until
+    SIGTERM."""
+    for user in ("membrane-bridge", "anna"):
+        prosody.register(user, PASSWORD)
+    settings = im_settings(tmp_path)
+    node = await nodes(settings)
+    board = clients()
+    await board.connect(node.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    config = tmp_path / "xmpp-bridge.toml"
+    config.write_text(
+        f'[membrane]\nurl = "{node.url}"\nsite = "acme"\n'
+        f'[xmpp]\njid = "{prosody.jid("membrane-bridge")}"\npassword = "{PASSWORD}"\n'
+        f'host = "127.0.0.1"\nport = {prosody.port}\nallow_unencrypted = true\n'
+        f'[bridge]\nsettle_s = 0.2\n[agents]\n"{prosody.jid("anna")}" = "anna"\n'
+    )
+    log_path = tmp_path / "bridge.log"
+    with log_path.open("wb") as log:
+        bridge = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "xmpp-bridge", "--config", str(config),
+            env={**os.environ, "MEMBRANE_BRIDGE_WEBHOOK_SECRET": SECRET},
+            stdout=log, stderr=log,
+        )  # fmt: skip
+        try:
+            anna = agents(prosody, "anna")
+            await anna.log_in("away")
+            await board.next("presence:update", board_shows("anna", "away", "away"), 20)
+            bridge.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(bridge.wait(), 15) == 0, log_path.read_text()
+        finally:
+            if bridge.returncode is None:
+                bridge.kill()
+                await bridge.wait()
+
+
+def test_a_bad_bridge_config_stops_the_command(tmp_path: Path) -> None:
+    assert main(["xmpp-bridge", "--config", str(tmp_path / "missing.toml")]) == 2
