@@ -10,9 +10,9 @@ agent.
 - Every ``renew_s`` (an hour) each agent's state is posted again, renewing the im device's
   lease (12 h), and once ``settle_s`` after each (re)connection, so that an agent who went
   offline while the bridge was away is reported offline.
-- A failed post (the gateway unreachable, 5xx, 429) is retried with backoff and a new
-  signature; the update keeps its event id, so an update the gateway did apply before the
-  failure is answered ``replayed_webhook`` and counts as delivered.
+- A failed post (the gateway unreachable, 5xx, 429) is retried with backoff, signed anew
+  with new event ids: an update sets a state, so one applied before the failure is merely
+  applied again, while an event id a half-failed request took would be refused for good.
 - A lost XMPP connection is made again, after 1 s and then up to a minute apart while it
   keeps failing (a refused login included), the agents' im devices left as they were.
 """
@@ -66,9 +66,13 @@ class Webhook:
         self._secret = config.secret
         self._session = session
 
-    async def post(self, updates: list[dict[str, str]]) -> bool:
-        """True when delivered (or delivered before: a replay), False to try again later;
-        ``WebhookError`` when retrying cannot help."""
+    async def post(self, states: list[tuple[str, ImState]]) -> bool:
+        """True when delivered, False to try again later; ``WebhookError`` when retrying
+        cannot help. Each call is a new request: new event ids, a new signature."""
+        updates = [
+            {"agent_id": agent, "state": state, "event_id": uuid.uuid4().hex}
+            for agent, state in states
+        ]
         body = json.dumps({"updates": updates}, separators=(",", ":")).encode()
         headers = signed_headers(self._secret, int(time.time()), body)
         try:
@@ -78,7 +82,7 @@ class Webhook:
         except (aiohttp.ClientError, TimeoutError) as e:
             log.warning("presence webhook unreachable: %r", e)
             return False
-        if status == 200 or status == 409:  # 409 replayed_webhook: applied before
+        if status == 200:
             return True
         if status == 429 or status >= 500:
             log.warning("presence webhook answered %s: %s", status, text[:200])
@@ -213,7 +217,7 @@ class PresenceBridge:
         self._pending[agent] = state
         self._wake.set()
 
-    async def _deliver(self, updates: list[dict[str, str]]) -> None:
+    async def _deliver(self, updates: list[tuple[str, ImState]]) -> None:
         """Post until the gateway takes the updates, backing off while it cannot."""
         delay = RETRY_FIRST_S
         while not await self.webhook.post(updates):
@@ -225,13 +229,8 @@ class PresenceBridge:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                # The newest state of each agent; one event id per update, kept across
-                # retries, so a retry of an update already applied is a harmless replay.
-                batch = list(self._pending.items())[:MAX_UPDATES]
-                updates = [
-                    {"agent_id": a, "state": s, "event_id": uuid.uuid4().hex} for a, s in batch
-                ]
-                refused = await self._deliver_batch(updates)
+                batch = list(self._pending.items())[:MAX_UPDATES]  # each agent's newest
+                refused = await self._deliver_batch(batch)
                 for agent, state in batch:
                     self._last[agent] = state
                     if self._pending.get(agent) == state:
@@ -239,7 +238,7 @@ class PresenceBridge:
                     if agent not in refused:
                         self.delivered.put_nowait((agent, state))
 
-    async def _deliver_batch(self, updates: list[dict[str, str]]) -> set[str]:
+    async def _deliver_batch(self, updates: list[tuple[str, ImState]]) -> set[str]:
         """Deliver, and return the agents whose update the gateway refused for good."""
         try:
             await self._deliver(updates)
@@ -247,7 +246,7 @@ class PresenceBridge:
         except WebhookError as e:
             if len(updates) == 1:
                 log.error("%s; dropped", e)
-                return {updates[0]["agent_id"]}
+                return {updates[0][0]}
         # One bad update (an agent id the site does not have) must not hold up the others:
         # each alone, and only the bad one is dropped.
         refused = set()

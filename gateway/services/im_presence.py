@@ -1,14 +1,17 @@
 """Presence from IM: a chat integration's updates, already authenticated by the edge (the
 site's HMAC signature), become each agent's ``im`` device.
 
-Replays are refused through the store's once-only claims, so they hold across nodes: a
-request's signature, and each update's event id, are accepted once within the replay window.
+Replays are refused through the store's once-only claims, so they hold across nodes: each
+update's event id is accepted once within the replay window. A request replayed as it was
+carries the same event ids (the signature covers the body), so it is refused with them;
+claiming its signature as well would cost a store round trip and refuse nothing more.
 Every update of a request is checked before any is claimed or applied, so a refused request
 changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,12 +45,10 @@ class ImPresence:
         self._store = store
         self._settings = settings
 
-    async def apply(
-        self, site_id: str, signature: str, updates: Sequence[ImPresenceUpdate]
-    ) -> list[ImOutcome]:
-        """Apply a signed request's updates in order. ``replayed_webhook`` when its signature
-        was seen before, or when every one of its event ids was (a retried request); an
-        update whose event id alone was seen before is skipped as a duplicate."""
+    async def apply(self, site_id: str, updates: Sequence[ImPresenceUpdate]) -> list[ImOutcome]:
+        """Apply a signed request's updates in order. ``replayed_webhook`` when every one of
+        its event ids was seen before (the same request again, or a retry of one that was
+        applied); an update whose event id alone was seen is skipped as a duplicate."""
         site = self._presence.site(site_id)
         for update in updates:
             if update.agent_id not in site.agents:
@@ -55,14 +56,14 @@ class ImPresence:
                     code="unknown_agent",
                     message=f"{update.agent_id!r} is not an agent of site {site_id!r}",
                 )
-        if not await self._store.claim_webhook_once(site_id, f"sig:{signature}", REPLAY_WINDOW_S):
-            raise Conflict("this request was seen before", code="replayed_webhook")
-        fresh = [
-            await self._store.claim_webhook_once(site_id, f"event:{u.event_id}", REPLAY_WINDOW_S)
-            for u in updates
-        ]
+        fresh = await asyncio.gather(
+            *(
+                self._store.claim_webhook_once(site_id, f"event:{u.event_id}", REPLAY_WINDOW_S)
+                for u in updates
+            )
+        )
         if not any(fresh):
-            raise Conflict("each event_id of this request was seen before", code="replayed_webhook")
+            raise Conflict("this request's event ids were all seen before", code="replayed_webhook")
         outcomes = []
         for update, new in zip(updates, fresh, strict=True):
             if new:

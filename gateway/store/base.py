@@ -347,8 +347,8 @@ class CoordinationStore(CoordinationPrimitives, Protocol):
         """True for the first caller only: one dial per dial attempt's idempotency key."""
 
     async def claim_webhook_once(self, site: str, what: str, ttl_s: float) -> bool:
-        """True for the first caller only: a presence webhook's signature or event id
-        (``what``, prefixed ``sig:`` or ``event:``) is accepted once per site."""
+        """True for the first caller only: a presence webhook's event id (``what``,
+        ``event:<id>``) is accepted once per site."""
 
 
 class PresenceAndEvents(PresenceStore, EventBus, Protocol):

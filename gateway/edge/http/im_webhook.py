@@ -49,7 +49,6 @@ async def post_im_presence(request: web.Request) -> web.Response:
             f"{SIGNATURE_HEADER} is not this request's signature under the site's secret",
             code="invalid_signature",
         )
-    assert given is not None
     # The sender's clock, checked against this node's real one: a lease clock a test moves
     # on has nothing to do with when the request was signed.
     if abs(time.time() - timestamp) > TOLERANCE_S:
@@ -69,7 +68,7 @@ async def post_im_presence(request: web.Request) -> web.Response:
     except (ValueError, UnicodeDecodeError):
         raise Invalid("body is not valid JSON") from None
     updates = updates_from_wire(payload)
-    outcomes = await request.app[keys.IM_PRESENCE].apply(site_id, given, updates)
+    outcomes = await request.app[keys.IM_PRESENCE].apply(site_id, updates)
     answer = ImPresenceAnswer(
         [
             ImPresenceResult(
