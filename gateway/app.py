@@ -13,7 +13,7 @@ from gateway.core.admission import StartLimit
 from gateway.core.ringing import RING_EVENT, RING_OVER_EVENT
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
-from gateway.edge.http import callback_api, http_api, visitor_api, web_static
+from gateway.edge.http import callback_api, http_api, im_webhook, visitor_api, web_static
 from gateway.edge.http.availability_feed import AvailabilityFeed
 from gateway.edge.http.http_api import error_middleware
 from gateway.edge.http.visitor_api import cors_middleware
@@ -36,6 +36,7 @@ from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
+from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.services.sms_presence import SmsPresence
 from gateway.services.timers import TimerLoop
@@ -200,6 +201,7 @@ def create_app(
     app[keys.VISITORS] = VisitorIdentity.from_auth(settings.auth)
     app[keys.METRICS] = metrics
     app[keys.PRESENCE] = presence
+    app[keys.IM_PRESENCE] = ImPresence(presence, store, settings.presence)
     app[keys.SIO] = sio
     app[keys.TASKS] = node_tasks
     app[keys.REST_BUCKETS] = {}
@@ -284,6 +286,7 @@ def create_app(
     http_api.add_routes(app)
     visitor_api.add_routes(app)
     callback_api.add_routes(app)
+    im_webhook.add_routes(app)
     web_static.add_routes(app)
     return app
 

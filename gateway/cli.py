@@ -1,4 +1,5 @@
-"""``membrane serve`` runs a gateway node; ``membrane token`` mints a development token."""
+"""``membrane serve`` runs a gateway node; ``membrane token`` mints a development token;
+``membrane xmpp-bridge`` posts agents' XMPP presence to a site's IM presence webhook."""
 
 from __future__ import annotations
 
@@ -184,6 +185,23 @@ def token(args: argparse.Namespace) -> int:
     return 0
 
 
+def xmpp_bridge(args: argparse.Namespace) -> int:
+    # Imported here: the bridge is its own process, and a node never loads slixmpp.
+    from gateway.integrations.bridge_config import BridgeConfigError, load_config
+    from gateway.integrations.xmpp_bridge import serve as run_bridge
+
+    try:
+        config = load_config(args.config)
+    except BridgeConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_bridge(config))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="membrane", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p_token.add_argument("--site", help="site id (default: the first site)")
     p_token.add_argument("--ttl", type=int, default=12 * 3600, help="lifetime in seconds")
     p_token.set_defaults(run=token)
+
+    p_bridge = sub.add_parser(
+        "xmpp-bridge", help="post agents' XMPP presence to a site's IM presence webhook"
+    )
+    p_bridge.add_argument("--config", type=Path, required=True, help="the bridge's TOML file")
+    p_bridge.set_defaults(run=xmpp_bridge)
 
     args = parser.parse_args(argv)
     try:

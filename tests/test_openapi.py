@@ -148,6 +148,9 @@ async def test_answers_match_the_document(
     agents = "/v1/sites/{site}/agents"
     assert (await call("get", "/v1/sites/acme/agents", agents, headers=sam))[0] == 200
     assert (await call("get", "/v1/sites/acme/agents", agents, headers=anna))[0] == 403
+    # This node's site has no webhook secret (tests/test_im_presence.py checks the rest).
+    im = "/v1/sites/{site}/presence/im"
+    assert (await call("post", "/v1/sites/acme/presence/im", im, json={}))[0] == 404
 
     # Visitors.
     sessions = "/v1/sites/{site}/sessions"

@@ -129,6 +129,8 @@ class Site:
     """Words agents may text for each SMS presence command, by language then command
     (``in``, ``out``, ``busy``, ``back``); they replace the built-in words of that language
     (gateway/core/sms_presence.py)."""
+    # The key of the IM presence webhook (HMAC-SHA256); empty: the webhook is off for the site.
+    presence_webhook_secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from gateway.settings.model import (
     VerifyKey,
     WebRTCSettings,
 )
-from gateway.settings.sites import load_site
+from gateway.settings.sites import load_site, secret_env_name, webhook_secret
 from gateway.store.redis_url import RedisUrlError, check_redis_url
 
 T = TypeVar("T")
@@ -138,13 +138,24 @@ def _auth(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> AuthSettin
     return replace(auth, extra_keys=tuple(extra))
 
 
+def _site_env(site: Site, path: str, env: Mapping[str, str]) -> Site:
+    """``site`` with its secret from ``MEMBRANE_SITE_<ID>_PRESENCE_WEBHOOK_SECRET``, if set."""
+    name = f"{ENV_PREFIX}{secret_env_name(site.site_id)}"
+    if name not in env:
+        return site
+    secret = webhook_secret(env[name], f"{path}.presence_webhook_secret ({name})")
+    return replace_dataclass(site, presence_webhook_secret=secret)
+
+
 def _check_presence(presence: PresenceSettings) -> None:
-    for name in ("device_ttl_s", "socket_ttl_s", "sms_lease_s"):
+    for name in ("device_ttl_s", "socket_ttl_s", "sms_lease_s", "im_ttl_s"):
         ttl = getattr(presence, name)
         if not (math.isfinite(ttl) and ttl >= 1):
             raise ConfigError(f"presence.{name}", "must be at least 1 second")
     if not 0.05 <= presence.sweep_interval_s <= 1.0:
         raise ConfigError("presence.sweep_interval_s", "must be between 0.05 and 1.0 seconds")
+    positive(presence.im_webhook_rate, "presence.im_webhook_rate")
+    positive(presence.im_webhook_burst, "presence.im_webhook_burst")
 
 
 def _check_webrtc(webrtc: WebRTCSettings) -> None:
@@ -248,7 +259,7 @@ def load_settings(
         site = load_site(s, f"sites[{i}]")
         if site.site_id in sites:
             raise ConfigError(f"sites[{i}].id", f"duplicate {site.site_id!r}")
-        sites[site.site_id] = site
+        sites[site.site_id] = _site_env(site, f"sites[{i}]", env)
     auth = _auth(tables["auth"], env, base)
     webrtc = _with_env("webrtc", webrtc, env)
     twilio = _with_env("twilio", twilio, env)

@@ -71,6 +71,13 @@ class PresenceSettings(msgspec.Struct, frozen=True):
     sms_lease_s: float = 8 * 3600.0
     """How long an agent's ``IN`` by SMS lasts when their branch gives no closing time (no
     branch, closed now, or open around the clock); with one, it lasts until the branch closes."""
+    im_ttl_s: float = 12 * 3600.0
+    """The lease of an ``im`` device set through the IM presence webhook; the integration
+    renews it by posting the agent's state again (the XMPP bridge does every hour)."""
+    im_webhook_rate: float = 50.0
+    """IM presence webhook requests a second per site per node, on average."""
+    im_webhook_burst: float = 200.0
+    """IM presence webhook requests per site per node in a burst."""
 
 
 class WebRTCSettings(msgspec.Struct, frozen=True):

@@ -203,6 +203,22 @@ def _policy(raw: Any, path: str) -> CallbackPolicy:
     return policy
 
 
+MIN_WEBHOOK_SECRET = 32
+
+
+def webhook_secret(value: str, key: str) -> str:
+    """A site's ``presence_webhook_secret``: empty (the webhook is off) or long enough."""
+    if value and len(value) < MIN_WEBHOOK_SECRET:
+        raise ConfigError(key, f"must be at least {MIN_WEBHOOK_SECRET} characters (or empty)")
+    return value
+
+
+def secret_env_name(site_id: str) -> str:
+    """The variable (after ``MEMBRANE_``) that sets a site's webhook secret: the id upper
+    case, each character other than a letter or digit an underscore."""
+    return f"SITE_{re.sub(r'[^A-Z0-9]', '_', site_id.upper())}_PRESENCE_WEBHOOK_SECRET"
+
+
 def load_site(raw: Any, path: str) -> Site:
     """One ``[[sites]]`` table (``path`` is ``sites[i]``)."""
     if not isinstance(raw, dict):
@@ -230,6 +246,11 @@ def load_site(raw: Any, path: str) -> Site:
         if not 3 <= ring_timeout <= 120:
             raise ConfigError(f"{path}.ring_timeout_s", "must be between 3 and 120 seconds")
         given["ring_timeout_s"] = ring_timeout
+    if "presence_webhook_secret" in raw:
+        given["presence_webhook_secret"] = webhook_secret(
+            get(raw, "presence_webhook_secret", f"{path}.", str, ""),
+            f"{path}.presence_webhook_secret",
+        )
     return Site(
         site_id=site_id,
         name=get(raw, "name", f"{path}.", str, site_id),

@@ -355,6 +355,10 @@ class CoordinationStore(CoordinationPrimitives, Protocol):
         """True for the first caller only: an inbound message (SMS) is acted on once, however
         often its webhook is delivered."""
 
+    async def claim_webhook_once(self, site: str, what: str, ttl_s: float) -> bool:
+        """True for the first caller only: a presence webhook's event id (``what``,
+        ``event:<id>``) is accepted once per site."""
+
 
 class PresenceAndEvents(PresenceStore, EventBus, Protocol):
     """What the presence service uses: devices, and events to publish their changes."""

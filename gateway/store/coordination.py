@@ -48,6 +48,10 @@ def message_claim_key(account_sid: str, message_sid: str) -> str:
     return f"msg:{account_sid}:{message_sid}"
 
 
+def webhook_claim_key(site: str, what: str) -> str:
+    return f"imhook:{site}:{what}"
+
+
 def callback_quota(spec: QuotaSpec, site: str, subjects: Mapping[Subject, str]) -> Quota:
     """``subjects``: the value of each subject the quota may count per."""
     parts = ["cb", spec.name]
@@ -143,3 +147,8 @@ class NamedCoordination:
         self: CoordinationPrimitives, number: str, window_s: int, limit: int, now: float
     ) -> bool:
         return await self.hit(stranger_reply_key(number), window_s, limit, now)
+
+    async def claim_webhook_once(
+        self: CoordinationPrimitives, site: str, what: str, ttl_s: float
+    ) -> bool:
+        return await self.claim_once(webhook_claim_key(site, what), ttl_s)

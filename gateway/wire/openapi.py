@@ -22,6 +22,13 @@ from gateway.wire import events
 from gateway.wire.base import Id, Json
 from gateway.wire.calls import Call, TimelineEntry
 from gateway.wire.codec import Filters
+from gateway.wire.im_presence import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    ImPresenceAnswer,
+    ImPresenceBatch,
+    ImPresenceUpdate,
+)
 from gateway.wire.presence import Availability, Device, DeviceUpdate, Presence
 from gateway.wire.rest import (
     CallbackCreated,
@@ -57,6 +64,9 @@ REST_STRUCTS: tuple[Any, ...] = (
     CallbackRequest,
     CallbackCreated,
     CallbackSlots,
+    ImPresenceUpdate,
+    ImPresenceBatch,
+    ImPresenceAnswer,
 )
 
 
@@ -263,6 +273,39 @@ def _paths() -> dict[str, Json]:
                 tags=["agents"],
             ),
         },
+        "/v1/sites/{site}/presence/im": {
+            "parameters": [_param("site")],
+            "post": _operation(
+                "postImPresence",
+                "A chat integration reports agents' IM presence (their im device).",
+                {
+                    "200": _json(_ref("ImPresenceAnswer"), "Each update's outcome."),
+                    "403": _error(
+                        "invalid_signature: the signature headers are missing or wrong; "
+                        "stale_webhook: the timestamp is more than 300 s from the gateway's."
+                    ),
+                    "404": _error("not_found: no such site, or it has no webhook secret."),
+                    "409": _error("replayed_webhook: this request or its event ids were seen."),
+                    "422": _error("unknown_agent: an update names no agent of the site."),
+                    **_errors("InvalidPayload", "RateLimited", "Unavailable"),
+                },
+                security=[{"presenceWebhookSignature": []}],
+                tags=["agents"],
+                parameters=[
+                    {
+                        "name": TIMESTAMP_HEADER,
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
+                        "description": "Unix seconds when the request was signed.",
+                    },
+                ],
+                requestBody=_body({"oneOf": [_ref("ImPresenceUpdate"), _ref("ImPresenceBatch")]}),
+                description="Signed with the site's presence_webhook_secret (docs/PROTOCOL.md "
+                "section 4, Presence from IM). offline removes the agent's im device; any "
+                "other state sets it with a lease of presence.im_ttl_s (12 h).",
+            ),
+        },
         "/v1/sites/{site}/sessions": {
             "parameters": [_param("site")],
             "post": _operation(
@@ -428,6 +471,13 @@ def _components() -> Json:
             "agentToken": {**bearer, "description": "An agent's (or supervisor's) JWT."},
             "supervisorToken": {**bearer, "description": "A supervisor's JWT for its site."},
             "visitorToken": {**bearer, "description": "The JWT of POST .../sessions."},
+            "presenceWebhookSignature": {
+                "type": "apiKey",
+                "in": "header",
+                "name": SIGNATURE_HEADER,
+                "description": "v1=<hex HMAC-SHA256 of the timestamp, '.', and the raw body, "
+                "keyed with the site's presence_webhook_secret>.",
+            },
             "statusToken": {
                 "type": "apiKey",
                 "in": "query",

@@ -17,6 +17,7 @@ from gateway.ops.tasks import TaskGroup
 from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
+from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PresenceService
 from gateway.services.sms_presence import SmsPresence
 from gateway.settings import Settings
@@ -34,6 +35,7 @@ TOKENS = web.AppKey("tokens", TokenService)
 VISITORS = web.AppKey("visitors", VisitorIdentity)
 METRICS = web.AppKey("metrics", Metrics)
 PRESENCE = web.AppKey("presence", PresenceService)
+IM_PRESENCE = web.AppKey("im_presence", ImPresence)
 SIO = web.AppKey("sio", socketio.AsyncServer)
 TASKS = web.AppKey("tasks", TaskGroup)
 REST_BUCKETS = web.AppKey("rest_buckets", dict[str, TokenBucket])
