@@ -33,6 +33,7 @@ from gateway.telephony import (
     CallbackEvents,
     HangUp,
     Instruction,
+    JoinRoom,
     LegEvent,
     LegStatus,
 )
@@ -140,6 +141,19 @@ def render(instruction: Instruction, bridge_action_url: str) -> str:
             method="POST",
         )
         dial.number(instruction.number)
+    elif isinstance(instruction, JoinRoom):
+        if instruction.say:
+            response.say(instruction.say, language=instruction.language)
+        # Without an action URL the leg simply ends with the room.
+        room = response.dial(
+            action=bridge_action_url or None, method="POST" if bridge_action_url else None
+        )
+        room.conference(
+            instruction.room,
+            start_conference_on_enter=True,
+            end_conference_on_exit=instruction.end_on_exit,
+            beep=False,
+        )
     else:
         if instruction.say:
             response.say(instruction.say, language=instruction.language)
@@ -286,28 +300,33 @@ class TwilioWebhooks:
         return twiml_response(render(instruction, self._urls.bridge(hook.call_id, hook.attempt)))
 
     async def _verified(self, request: web.Request) -> Webhook:
-        """The signed form and the leg it is about; raises ``Forbidden`` or ``Invalid``."""
-        params: MultiDict[str] = MultiDict()
-        for name, value in (await request.post()).items():
-            if isinstance(value, str):  # Twilio never uploads files; ignore any that come
-                params.add(name, value)
-        signature = request.headers.get(SIGNATURE_HEADER)
-        # raw_path is the request target as sent (path and query, still percent-encoded),
-        # which is what Twilio signed after the public base URL.
-        if not self._signatures.valid(request.raw_path, params, signature):
-            message = (
-                f"missing {SIGNATURE_HEADER}"
-                if not signature
-                else f"{SIGNATURE_HEADER} does not match this request"
-            )
-            log.warning("rejected Twilio webhook %s: %s", request.path, message)
-            raise Forbidden(message, code="invalid_signature")
-        call_id = request.match_info["call_id"]
-        raw_attempt = request.match_info["attempt"]
-        attempt = int(raw_attempt) if _DIGITS.fullmatch(raw_attempt) else 0
-        if not valid_leg_key(call_id, attempt):
-            raise Invalid("the webhook path does not name a callback leg")
-        return Webhook(call_id, attempt, params)
+        return await verified(request, self._signatures)
+
+
+async def verified(request: web.Request, signatures: WebhookSignatures) -> Webhook:
+    """The signed form and the leg its path names (``call_id``, ``attempt``); raises
+    ``Forbidden`` or ``Invalid``."""
+    params: MultiDict[str] = MultiDict()
+    for name, value in (await request.post()).items():
+        if isinstance(value, str):  # Twilio never uploads files; ignore any that come
+            params.add(name, value)
+    signature = request.headers.get(SIGNATURE_HEADER)
+    # raw_path is the request target as sent (path and query, still percent-encoded),
+    # which is what Twilio signed after the public base URL.
+    if not signatures.valid(request.raw_path, params, signature):
+        message = (
+            f"missing {SIGNATURE_HEADER}"
+            if not signature
+            else f"{SIGNATURE_HEADER} does not match this request"
+        )
+        log.warning("rejected Twilio webhook %s: %s", request.path, message)
+        raise Forbidden(message, code="invalid_signature")
+    call_id = request.match_info["call_id"]
+    raw_attempt = request.match_info["attempt"]
+    attempt = int(raw_attempt) if _DIGITS.fullmatch(raw_attempt) else 0
+    if not valid_leg_key(call_id, attempt):
+        raise Invalid("the webhook path does not name a callback leg")
+    return Webhook(call_id, attempt, params)
 
 
 def _log_failure(what: str, hook: Webhook, error: Exception) -> None:

@@ -67,6 +67,7 @@ from gateway.services.call_records import (
     TimerKind,
 )
 from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_timer
+from gateway.services.mobile_ring import MobileRing
 from gateway.store.base import OpenCallbackKind
 from gateway.wire.codec import CallbackIn, Json, call_to_wire
 
@@ -117,6 +118,9 @@ class CallbackService:
         self._ranking = RankingCache()
         self.dialer = CallbackDialer(records, metrics)
         """The phone legs; the telephony edge calls into it (``CallbackEvents``)."""
+        self.devices = MobileRing(records)
+        """Rings the agent in the app or on their mobile (``AgentLegEvents``)."""
+        self.dialer.agent_legs = self.devices
         self.min_lead_s = MIN_LEAD_S
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
@@ -283,7 +287,7 @@ class CallbackService:
         # Until the audio bridge exists, the agent accepts in the app and talks on their own
         # phone: only agents with a mobile number can take a callback.
         no_phone = frozenset(a.agent_id for a in site.agents.values() if not a.mobile)
-        return calls.route_request(call, Channel.PSTN, no_phone, (Channel.WEBRTC,))
+        return calls.route_request(call, Channel.PSTN, no_phone, self.devices.reach)
 
     def _snapshot(self, call: Call, last_agent: str | None) -> RoutingSnapshot:
         site = self._records.sites[call.site]
@@ -382,8 +386,8 @@ class CallbackService:
                 continue
             if agent_first:
                 visitor, extra = self._ring_details(call, agent.agent_id)
-                ringing = await self._records.ring(
-                    call, agent.agent_id, candidate.reasons, now, visitor, extra
+                ringing = await self.devices.ring(
+                    call, agent.agent_id, candidate.channel, candidate.reasons, now, visitor, extra
                 )
                 if ringing is None:
                     return None  # canceled meanwhile
@@ -452,6 +456,7 @@ class CallbackService:
     async def ring_missed(self, call: Call) -> Call:
         """The agent declined or did not answer: back in line at the same place, waiting for
         someone rather than failing."""
+        await self.devices.ring_missed(call)
         await self._store.queue_put(call.site, call.call_id, call.place_at or call.created_at)
         await self._records.schedule(due_timer(call), self._records.clock())
         return call

@@ -22,6 +22,7 @@ from .contract import (
 )
 from .records import (
     CallRecord,
+    ConferenceRecord,
     Notification,
     PhoneConfig,
     StatusChange,
@@ -40,6 +41,7 @@ __all__ = [
     "AudioSource",
     "CallInterrupted",
     "CallRecord",
+    "ConferenceRecord",
     "Contract",
     "ContractViolation",
     "Notification",

@@ -1,0 +1,150 @@
+"""Ringing an agent's own phone: what each thing the phone network says means for the ring.
+
+Pure, like gateway.core.call. A ring reaches an agent on one device: the agent app (``app``)
+or their mobile phone (``mobile``), called through the telephony provider with answering
+machine detection and a whisper ("a customer on /pricing, in German: press 1 to take the
+call"). Only the key 1 accepts. Every other ending (another key, silence, a busy line, no
+answer, a failed call, voicemail, the site's ring timeout) is a decline of that ring, after
+which the next agent is tried, as after a decline in the app.
+
+The call remembers the agent's leg (``Call.agent_leg``, for ring ``Call.agent_leg_ring``) so
+that a webhook about another leg is refused, and the timeline says which device rang and how
+each ring ended (internal entries: agents and supervisors see them, the visitor does not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from enum import StrEnum
+
+from gateway.core.call import Call, CallError, CallState, TimelineEntry
+from gateway.core.model import Channel
+
+
+class RingDevice(StrEnum):
+    APP = "app"
+    MOBILE = "mobile"
+
+
+class RingEnd(StrEnum):
+    """How one ring of one agent ended."""
+
+    ACCEPTED_BY_KEY = "accepted_by_key"
+    DECLINED_KEY = "declined_key"
+    NO_INPUT = "no_input"
+    MACHINE = "machine"
+    BUSY = "busy"
+    NO_ANSWER = "no_answer"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    DECLINED = "declined"
+    """Declined in the app."""
+
+
+ACCEPT_KEY = "1"
+RING_DEVICE_EVENT = "ring_device"
+RING_ENDED_EVENT = "ring_ended"
+
+LEG_ENDINGS = {
+    "busy": RingEnd.BUSY,
+    "no_answer": RingEnd.NO_ANSWER,
+    "failed": RingEnd.FAILED,
+    "canceled": RingEnd.NO_ANSWER,
+    # Hung up before pressing anything (during the whisper): as if silent.
+    "completed": RingEnd.NO_INPUT,
+}
+"""What a leg that ended before its agent pressed 1 means, by ``LegStatus`` value."""
+
+
+def device_for(channel: Channel) -> RingDevice:
+    """Routing's channel for the agent (``Candidate.channel``): the app takes the browser's
+    WebRTC, the phone network reaches the mobile."""
+    return RingDevice.MOBILE if channel is Channel.PSTN else RingDevice.APP
+
+
+def key_pressed(digits: str) -> RingEnd:
+    """What the agent's key press means (empty: the whisper's Gather timed out)."""
+    if digits == "":
+        return RingEnd.NO_INPUT
+    return RingEnd.ACCEPTED_BY_KEY if digits == ACCEPT_KEY else RingEnd.DECLINED_KEY
+
+
+def answered(answered_by: str) -> RingEnd | None:
+    """A machine (voicemail, fax) never takes a call: its answer ends the ring. A human, or
+    an unknown answerer, hears the whisper and must press 1 (which a machine cannot)."""
+    return RingEnd.MACHINE if answered_by == "machine" else None
+
+
+def leg_ended(status: str) -> RingEnd:
+    """The agent's leg ended (``LegStatus`` value) while the ring was still open."""
+    return LEG_ENDINGS.get(status, RingEnd.FAILED)
+
+
+def whisper(
+    site_name: str, visitor_name: str | None, page: str | None, language: str | None
+) -> str:
+    """What the agent hears on answering: who calls, from which page, in which language."""
+    who = visitor_name or "a customer"
+    parts = [f"{site_name} callback for {who}"]
+    if page:
+        parts.append(f"from the page {page}")
+    if language:
+        parts.append(f"speaking {language}")
+    return ", ".join(parts) + ". Press 1 to take the call."
+
+
+def _entry(call: Call, now: float, event: str, detail: str) -> tuple[TimelineEntry, ...]:
+    return (*call.timeline, TimelineEntry(now, event, detail, internal=True))
+
+
+def rang_on(call: Call, device: RingDevice, now: float) -> Call:
+    """Note which device the current ring reaches."""
+    return replace(call, timeline=_entry(call, now, RING_DEVICE_EVENT, device.value))
+
+
+def leg_placed(call: Call, attempt: int, provider_id: str, now: float) -> Call:
+    """The agent's phone is being called for ring ``attempt``; refused once that ring is over
+    (the leg must then be hung up)."""
+    if call.state is not CallState.RINGING or call.attempt != attempt:
+        raise CallError("stale", "that ring is over")
+    if call.agent_leg == provider_id and call.agent_leg_ring == attempt:
+        return call
+    placed = replace(call, agent_leg=provider_id, agent_leg_ring=attempt)
+    return rang_on(placed, RingDevice.MOBILE, now)
+
+
+def is_leg(call: Call, attempt: int, provider_id: str) -> bool:
+    """Whether ``provider_id`` is the agent's leg of ring ``attempt`` (a webhook about any
+    other leg, or an older ring, must change nothing)."""
+    return (
+        call.agent_leg is not None
+        and call.agent_leg == provider_id
+        and call.agent_leg_ring == attempt
+    )
+
+
+def has_leg(call: Call) -> bool:
+    """The current ring (or the accepted one) is on the agent's mobile."""
+    return call.agent_leg is not None and call.agent_leg_ring == call.attempt
+
+
+def ring_ended(call: Call, attempt: int, device: RingDevice, end: RingEnd, now: float) -> Call:
+    """Note how ring ``attempt`` ended; once per ring (a repeat is a no-op)."""
+    if ring_end_of(call, attempt) is not None:
+        return call
+    detail = f"{device.value}: {end.value} (ring {attempt})"
+    return replace(call, timeline=_entry(call, now, RING_ENDED_EVENT, detail))
+
+
+def ring_end_of(call: Call, attempt: int) -> RingEnd | None:
+    """How ring ``attempt`` ended, if the timeline says."""
+    suffix = f" (ring {attempt})"
+    for e in reversed(call.timeline):
+        if e.event == RING_ENDED_EVENT and e.detail.endswith(suffix):
+            return RingEnd(e.detail.split(": ", 1)[1][: -len(suffix)])
+    return None
+
+
+def ring_devices(call: Call) -> list[str]:
+    """The device of every ring, in order."""
+    return [e.detail for e in call.timeline if e.event == RING_DEVICE_EVENT]
