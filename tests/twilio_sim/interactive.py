@@ -13,6 +13,7 @@ from .twiml import Document, Node
 if TYPE_CHECKING:
     from .server import Next, TwilioSim, _Call
 
+
 GATHER_NESTED = frozenset({"Say", "Play", "Pause"})
 
 
@@ -139,12 +140,20 @@ async def run_conference(sim: TwilioSim, c: _Call, dial: Node, noun: Node, doc: 
         for m in room.members:
             m.poke()
         sim._notify()
-    if interrupted is not None:
-        raise interrupted
+    from .server import CallInterrupted  # server imports this module
+
     action = sim._resolve(c, doc, dial.attrs.get("action"))
+    params = [("DialCallStatus", "answered"), ("DialBridged", "true")]
+    if interrupted is not None:
+        # As for <Dial><Number>: the action is requested (its answer ignored) when the leg
+        # hangs up in the room, after the call has ended.
+        if action is not None and isinstance(interrupted, CallInterrupted):
+            if interrupted.reason != "redirect":
+                sim._finish(c, "completed", 200)
+            await sim._fetch_document(c, action, dial.attrs.get("method", "POST"), "action", params)
+        raise interrupted
     if action is None:
         return None
-    params = [("DialCallStatus", "answered"), ("DialBridged", "true")]
     nxt = await sim._fetch_document(c, action, dial.attrs.get("method", "POST"), "action", params)
     if nxt is None:
         sim._application_error(c)

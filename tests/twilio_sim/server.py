@@ -1550,7 +1550,14 @@ class TwilioSim:
                     whisper = await self._fetch_document(
                         leg, leg.whisper_url, leg.whisper_method, "twiml"
                     )
-                    if whisper is None or await self._run_document(leg, whisper) == "hangup":
+                    if whisper is None:
+                        return
+                    # A <Gather action> or <Redirect> in the whisper hands over to its
+                    # document, which may still hang up before the bridge.
+                    ran = await self._run_document(leg, whisper)
+                    while isinstance(ran, Document):
+                        ran = await self._run_document(leg, ran)
+                    if ran == "hangup":
                         return
                 leg.bridge_ready = True
                 if leg.parent is not None:
