@@ -5,17 +5,18 @@ matters), the Twilio simulator through the real ``twilio`` SDK, signed webhooks.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Node, NodeFactory, eventually, mint, replace
+from conftest import Node, NodeFactory, SocketClient, eventually, mint, replace
 from test_callbacks import (
     ANNA_PHONE,
     BEN_PHONE,
     VISITOR_PHONE,
+    agent,
     phone_node,
     phone_settings,
     request_callback,
@@ -276,3 +277,57 @@ async def test_forged_or_mismatched_agent_leg_webhooks_change_nothing(
         r = await http.post(key, data=press, headers=signed(slow, key, press))
         assert r.status == 200 and "cb-" + call_id in await r.text()
         assert (await stored(node, call_id)).state.value == "dialing"
+
+
+async def test_mobile_after_desktop_rings_the_phone_when_the_app_ring_runs_out(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    settings = mobile_settings(tmp_path, sim, ring_timeout_s=2.0, mobile_after_desktop=True)
+    node = await phone_node(nodes, settings)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=20)
+    anna = await agent(clients, node, "anna")  # in the agent app, not on mobile
+    _, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    ring = await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"])
+    assert ring["attempt"] == 1 and legs_to(sim, ANNA_PHONE) == []
+    stop = await anna.next("call:ring_stop", lambda m: m["call_id"] == created["call_id"])
+    assert stop["reason"] == "no_answer"
+    await ticket_state(http, node, created, "connected", timeout=15)
+    room = sim.conference(f"cb-{created['call_id']}")
+    assert room is not None and legs_to(sim, ANNA_PHONE)[0].sid in room.participants
+    call = await stored(node, created["call_id"])
+    assert ring_log(call) == [
+        ("ring_device", "app"),
+        ("ring_ended", "app: timeout (ring 1)"),
+        ("ring_device", "mobile"),
+        ("ring_ended", "mobile: accepted_by_key (ring 2)"),
+    ]
+    assert call.agent_id == "anna"
+
+
+async def test_a_decline_in_the_app_is_an_answer_the_phone_does_not_ring(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    settings = mobile_settings(tmp_path, sim, mobile_after_desktop=True)
+    node = await phone_node(nodes, settings)
+    anna = await agent(clients, node, "anna")
+    _, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"])
+    ack = await anna.call("call:decline", {"call_id": created["call_id"]}, "/agent")
+    assert ack["ok"], ack
+
+    async def noted() -> bool:
+        call = await stored(node, created["call_id"])
+        return ("ring_ended", "app: declined (ring 1)") in ring_log(call)
+
+    await eventually(noted)
+    assert legs_to(sim, ANNA_PHONE) == []
+    assert (await stored(node, created["call_id"])).state.value == "queued"

@@ -1169,7 +1169,10 @@ def model_defaults() -> dict[str, dict[str, Any]]:
         "max_starting_calls": limits.max_starts_in_flight,
         "max_start_ms": limits.max_start_s * 1000,
     }
-    out["sites"] = {"ring_timeout_s": Site.__dataclass_fields__["ring_timeout_s"].default}
+    out["sites"] = {
+        key: Site.__dataclass_fields__[key].default
+        for key in ("ring_timeout_s", "mobile_after_desktop")
+    }
     return out
 
 

@@ -93,6 +93,17 @@ def whisper(
     return ", ".join(parts) + ". Press 1 to take the call."
 
 
+def phone_after_app(
+    mobile_after_desktop: bool, device: RingDevice, end: RingEnd, reachable: bool
+) -> bool:
+    """Whether a ring that just ended should go on on the same agent's mobile: the site's
+    "mobile after desktop" policy, for a ring let run out in the app (a decline in the app is
+    the agent's answer), when the agent has a phone the provider can call."""
+    return (
+        mobile_after_desktop and device is RingDevice.APP and end is RingEnd.TIMEOUT and reachable
+    )
+
+
 def _entry(call: Call, now: float, event: str, detail: str) -> tuple[TimelineEntry, ...]:
     return (*call.timeline, TimelineEntry(now, event, detail, internal=True))
 

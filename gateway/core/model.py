@@ -125,6 +125,9 @@ class Site:
     caller_ids: tuple[str, ...] = ()
     callback_policy: CallbackPolicy = field(default_factory=CallbackPolicy)
     ring_timeout_s: float = 20.0
+    mobile_after_desktop: bool = False
+    """A callback ring the agent lets run out in the app rings their mobile next (with the
+    whisper and press 1), before the next agent is tried."""
 
 
 @dataclass(frozen=True, slots=True)

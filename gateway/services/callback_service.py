@@ -121,6 +121,7 @@ class CallbackService:
         self.devices = MobileRing(records)
         """Rings the agent in the app or on their mobile (``AgentLegEvents``)."""
         self.dialer.agent_legs = self.devices
+        self.devices.details = self._ring_details
         self.min_lead_s = MIN_LEAD_S
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
@@ -456,7 +457,8 @@ class CallbackService:
     async def ring_missed(self, call: Call) -> Call:
         """The agent declined or did not answer: back in line at the same place, waiting for
         someone rather than failing."""
-        await self.devices.ring_missed(call)
+        if await self.devices.ring_missed(call):
+            return call  # the same agent's mobile rings now ("mobile after desktop")
         await self._store.queue_put(call.site, call.call_id, call.place_at or call.created_at)
         await self._records.schedule(due_timer(call), self._records.clock())
         return call

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from functools import partial
 
 from gateway.core import agent_ring as ar
@@ -27,7 +28,7 @@ from gateway.core.call import Call, CallError, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import Channel
 from gateway.services.call_desk import CallDesk
-from gateway.services.call_records import CallRecords
+from gateway.services.call_records import RESERVATION_GRACE_S, CallRecords
 from gateway.telephony import (
     AgentInstruction,
     AgentPhones,
@@ -64,6 +65,8 @@ class MobileRing:
         self._desk = CallDesk(records)
         self.phones: AgentPhones | None = None
         """Set by the app when the telephony provider can ring agents' phones."""
+        self.details: Callable[[Call, str], tuple[Json, Json]] = lambda call, agent_id: ({}, {})
+        """What the owning flow adds to a ring of ``call`` for ``agent_id`` (visitor, extra)."""
 
     @property
     def reach(self) -> tuple[Channel, ...]:
@@ -204,26 +207,42 @@ class MobileRing:
 
     # --- asked by the callback flow --------------------------------------------------------
 
-    async def ring_missed(self, call: Call) -> None:
+    async def ring_missed(self, call: Call) -> bool:
         """The ring is over without an accept (the site's ring timeout, or a decline): a
-        mobile leg still ringing or whispering is hung up, and the ending noted."""
+        mobile leg still ringing or whispering is hung up, and the ending noted. True when
+        the same agent's mobile rings next (the site's "mobile after desktop")."""
         ring = call.attempt
         if ar.ring_end_of(call, ring) is not None:
-            return  # ended by the phone network: noted, and the leg is over
+            return False  # ended by the phone network: noted, and the leg is over
         devices = ar.ring_devices(call)
         device = RingDevice(devices[-1]) if devices else RingDevice.APP
         last = next((e.event for e in reversed(call.timeline) if e.event != "queued"), "")
         end = RingEnd.TIMEOUT if last == "no_answer" else RingEnd.DECLINED
         now = self._records.clock()
-        await self._note(
-            call, partial(ar.ring_ended, attempt=ring, device=device, end=end, now=now)
-        )
-        if (
-            device is RingDevice.MOBILE
-            and call.agent_leg is not None
-            and call.agent_leg_ring == ring
+        ended = partial(ar.ring_ended, attempt=ring, device=device, end=end, now=now)
+        await self._note(call, ended)
+        leg = call.agent_leg
+        if device is RingDevice.MOBILE and leg is not None and call.agent_leg_ring == ring:
+            await self._hang_up(leg)
+        site = self._records.sites[call.site]
+        agent = site.agents.get(call.tried[-1]) if call.tried else None
+        reachable = agent is not None and agent.mobile is not None and self.phones is not None
+        if agent is None or not ar.phone_after_app(
+            site.mobile_after_desktop, device, end, reachable
         ):
-            await self._hang_up(call.agent_leg)
+            return False
+        return await self._ring_phone_next(call, agent.agent_id, now)
+
+    async def _ring_phone_next(self, call: Call, agent_id: str, now: float) -> bool:
+        site = self._records.sites[call.site]
+        ttl = site.ring_timeout_s + RESERVATION_GRACE_S
+        if not await self._records.store.reserve_agent(call.site, agent_id, call.call_id, ttl):
+            return False  # taken meanwhile (another call rings her): the next agent then
+        visitor, extra = self.details(call, agent_id)
+        current = await self._records.get(call.call_id)
+        reasons = ("mobile after desktop",)
+        ringing = await self.ring(current, agent_id, Channel.PSTN, reasons, now, visitor, extra)
+        return ringing is not None
 
     def room_for(self, call: Call) -> str | None:
         """The room the visitor's leg joins: the accepted agent waits there on their phone."""

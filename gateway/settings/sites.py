@@ -229,6 +229,8 @@ def load_site(raw: Any, path: str) -> Site:
         if not 3 <= ring_timeout <= 120:
             raise ConfigError(f"{path}.ring_timeout_s", "must be between 3 and 120 seconds")
         given["ring_timeout_s"] = ring_timeout
+    if "mobile_after_desktop" in raw:
+        given["mobile_after_desktop"] = get(raw, "mobile_after_desktop", f"{path}.", bool, False)
     return Site(
         site_id=site_id,
         name=get(raw, "name", f"{path}.", str, site_id),
