@@ -99,6 +99,9 @@ class Bridge:
     caller_id: str
     timeout_s: int = 30
     language: str = "en-US"
+    screen: bool = False
+    """The agent hears the whisper first and must press 1 before the bridge connects
+    (``ScreenEvents``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +134,14 @@ class Whisper:
     language: str = "en-US"
 
 
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """The screened agent accepted: end their leg's own instructions, so the bridge that
+    waits on them connects."""
+
+
 Instruction = Bridge | HangUp | JoinRoom
-AgentInstruction = Whisper | JoinRoom | HangUp
+AgentInstruction = Whisper | JoinRoom | HangUp | Proceed
 """What the agent's own leg should do (gateway.services.mobile_ring)."""
 
 
@@ -162,6 +171,20 @@ class AgentPhones(Protocol):
 
     async def hang_up(self, provider_id: str) -> None:
         """As ``Telephony.hang_up``."""
+
+
+class ScreenEvents(Protocol):
+    """A screened bridge to the agent's phone (``Bridge.screen``): the provider runs these
+    on the agent's leg before connecting it to the visitor's leg ``parent_id`` of dial
+    ``dials``. Each raises ``Forbidden`` when ``parent_id`` is not that dial's leg."""
+
+    async def on_screen(
+        self, call_id: str, dials: int, parent_id: str, provider_id: str
+    ) -> AgentInstruction: ...
+
+    async def on_screen_key(
+        self, call_id: str, dials: int, parent_id: str, provider_id: str, digits: str
+    ) -> AgentInstruction: ...
 
 
 class AgentLegEvents(Protocol):

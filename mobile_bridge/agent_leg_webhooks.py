@@ -25,10 +25,18 @@ from twilio.twiml.voice_response import VoiceResponse
 from gateway.core.errors import DomainError, Invalid
 from gateway.edge.http import appkeys as keys
 from gateway.settings import Settings
-from gateway.telephony import AgentInstruction, AgentLegEvents, AgentRingRequest, Whisper
+from gateway.telephony import (
+    AgentInstruction,
+    AgentLegEvents,
+    AgentRingRequest,
+    Proceed,
+    ScreenEvents,
+    Whisper,
+)
 from mobile_bridge.twilio_webhooks import (
     HANG_UP_TWIML,
     LEG_STATUSES,
+    SCREEN_ROUTE,
     WebhookSignatures,
     answered_by_from,
     error_response,
@@ -42,6 +50,7 @@ log = logging.getLogger(__name__)
 AGENT_VOICE_ROUTE: Final = "/v1/twilio/agent/voice/{call_id}/{attempt}"
 AGENT_KEY_ROUTE: Final = "/v1/twilio/agent/key/{call_id}/{attempt}"
 AGENT_STATUS_ROUTE: Final = "/v1/twilio/agent/status/{call_id}/{attempt}"
+SCREEN_KEY_ROUTE: Final = "/v1/twilio/screen-key/{call_id}/{attempt}"
 
 STATUS_EVENTS: Final = ("initiated", "ringing", "answered", "completed")
 
@@ -63,6 +72,9 @@ class AgentLegUrls:
     def status(self, call_id: str, ring: int) -> str:
         return self.base + AGENT_STATUS_ROUTE.format(call_id=call_id, attempt=ring)
 
+    def screen_key(self, call_id: str, dials: int) -> str:
+        return self.base + SCREEN_KEY_ROUTE.format(call_id=call_id, attempt=dials)
+
 
 def ring_options(request: AgentRingRequest, urls: AgentLegUrls) -> dict[str, Any]:
     """``calls.create`` options of the agent's leg: synchronous machine detection, so the
@@ -83,6 +95,8 @@ def ring_options(request: AgentRingRequest, urls: AgentLegUrls) -> dict[str, Any
 def render_agent(instruction: AgentInstruction, key_url: str) -> str:
     """TwiML for the agent's leg; a ``Whisper`` posts the key pressed (or none) to
     ``key_url``."""
+    if isinstance(instruction, Proceed):
+        return str(VoiceResponse())  # the whisper is over: the <Dial> connects
     if not isinstance(instruction, Whisper):
         return render(instruction, "")
     response = VoiceResponse()
@@ -105,11 +119,15 @@ def tell_twiml(say: str) -> str:
     return str(response)
 
 
-def _call_sid(hook_params: Any) -> str:
-    value = hook_params.get("CallSid")
+def _param(params: Any, name: str) -> str:
+    value = params.get(name)
     if not value:
-        raise Invalid("CallSid is required")
+        raise Invalid(f"{name} is required")
     return str(value)
+
+
+def _call_sid(params: Any) -> str:
+    return _param(params, "CallSid")
 
 
 class AgentLegWebhooks:
@@ -121,10 +139,51 @@ class AgentLegWebhooks:
         app.router.add_post(AGENT_VOICE_ROUTE, self.voice)
         app.router.add_post(AGENT_KEY_ROUTE, self.key)
         app.router.add_post(AGENT_STATUS_ROUTE, self.status)
+        app.router.add_post(SCREEN_ROUTE, self.screen)
+        app.router.add_post(SCREEN_KEY_ROUTE, self.screen_key)
 
     @staticmethod
     def _events(request: web.Request) -> AgentLegEvents:
         return request.app[keys.CALLBACKS].devices
+
+    @staticmethod
+    def _screen(request: web.Request) -> ScreenEvents:
+        return request.app[keys.CALLBACKS].screen
+
+    async def screen(self, request: web.Request) -> web.Response:
+        """A screened bridge's agent answered: the whisper (its parent is the visitor)."""
+        try:
+            hook = await verified(request, self._signatures)
+            parent = _param(hook.params, "ParentCallSid")
+            instruction = await self._screen(request).on_screen(
+                hook.call_id, hook.attempt, parent, _call_sid(hook.params)
+            )
+        except DomainError as e:
+            return error_response(e, request)
+        except Exception:
+            log.exception("screening failed for %s", request.path)
+            return twiml_response(HANG_UP_TWIML)
+        key_url = self._urls.screen_key(hook.call_id, hook.attempt)
+        return twiml_response(render_agent(instruction, key_url))
+
+    async def screen_key(self, request: web.Request) -> web.Response:
+        try:
+            hook = await verified(request, self._signatures)
+            parent = _param(hook.params, "ParentCallSid")
+            instruction = await self._screen(request).on_screen_key(
+                hook.call_id,
+                hook.attempt,
+                parent,
+                _call_sid(hook.params),
+                hook.params.get("Digits", ""),
+            )
+        except DomainError as e:
+            return error_response(e, request)
+        except Exception:
+            log.exception("the screened key press failed for %s", request.path)
+            return twiml_response(HANG_UP_TWIML)
+        key_url = self._urls.screen_key(hook.call_id, hook.attempt)
+        return twiml_response(render_agent(instruction, key_url))
 
     async def voice(self, request: web.Request) -> web.Response:
         try:

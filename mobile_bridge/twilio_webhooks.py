@@ -45,6 +45,9 @@ SIGNATURE_HEADER: Final = "X-Twilio-Signature"
 VOICE_ROUTE: Final = "/v1/twilio/voice/{call_id}/{attempt}"
 STATUS_ROUTE: Final = "/v1/twilio/status/{call_id}/{attempt}"
 BRIDGE_ROUTE: Final = "/v1/twilio/bridge/{call_id}/{attempt}"
+SCREEN_ROUTE: Final = "/v1/twilio/screen/{call_id}/{attempt}"
+"""The whisper run on a screened bridge's agent leg (``<Number url>``;
+mobile_bridge.agent_leg_webhooks)."""
 
 CALL_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 """Also safe in a URL path segment as it is, so webhook URLs need no quoting."""
@@ -128,8 +131,9 @@ def leg_event_from(call_id: str, attempt: int, params: MultiMapping[str]) -> Leg
     )
 
 
-def render(instruction: Instruction, bridge_action_url: str) -> str:
-    """The TwiML document for ``instruction``; a ``Bridge`` reports back to the action URL."""
+def render(instruction: Instruction, bridge_action_url: str, screen_url: str = "") -> str:
+    """The TwiML document for ``instruction``; a ``Bridge`` reports back to the action URL,
+    and a screened one runs ``screen_url`` on the agent's leg before it connects."""
     response = VoiceResponse()
     if isinstance(instruction, Bridge):
         if instruction.say:
@@ -140,7 +144,10 @@ def render(instruction: Instruction, bridge_action_url: str) -> str:
             action=bridge_action_url,
             method="POST",
         )
-        dial.number(instruction.number)
+        if instruction.screen and screen_url:
+            dial.number(instruction.number, url=screen_url, method="POST")
+        else:
+            dial.number(instruction.number)
     elif isinstance(instruction, JoinRoom):
         if instruction.say:
             response.say(instruction.say, language=instruction.language)
@@ -186,6 +193,9 @@ class WebhookUrls:
 
     def bridge(self, call_id: str, attempt: int) -> str:
         return self.base + BRIDGE_ROUTE.format(call_id=call_id, attempt=attempt)
+
+    def screen(self, call_id: str, attempt: int) -> str:
+        return self.base + SCREEN_ROUTE.format(call_id=call_id, attempt=attempt)
 
 
 class WebhookSignatures:
@@ -263,7 +273,7 @@ class TwilioWebhooks:
         except Exception as e:
             _log_failure("on_answer", hook, e)
             return twiml_response(HANG_UP_TWIML)
-        return twiml_response(render(instruction, self._urls.bridge(hook.call_id, hook.attempt)))
+        return twiml_response(self._render(instruction, hook))
 
     async def status(self, request: web.Request) -> web.Response:
         try:
@@ -297,7 +307,11 @@ class TwilioWebhooks:
         except Exception as e:
             _log_failure("on_bridge_result", hook, e)
             return twiml_response(HANG_UP_TWIML)
-        return twiml_response(render(instruction, self._urls.bridge(hook.call_id, hook.attempt)))
+        return twiml_response(self._render(instruction, hook))
+
+    def _render(self, instruction: Instruction, hook: Webhook) -> str:
+        key = (hook.call_id, hook.attempt)
+        return render(instruction, self._urls.bridge(*key), self._urls.screen(*key))
 
     async def _verified(self, request: web.Request) -> Webhook:
         return await verified(request, self._signatures)

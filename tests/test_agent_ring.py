@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from gateway.core import agent_ring as ar
@@ -106,3 +108,24 @@ def test_each_ring_ends_once_and_is_read_back() -> None:
     assert ar.ring_ended(ended, 2, RingDevice.MOBILE, RingEnd.TIMEOUT, 6.0) is ended
     entry = ended.timeline[-1]
     assert entry.internal and entry.detail == "mobile: machine (ring 2)"
+
+
+def connected_callback() -> Call:
+    call = calls.start_dial(ar.leg_placed(ringing(), 1, "CA1", 2.0), 2.0)
+    return replace(call, state=CallState.CONNECTED, provider_id="CAv")
+
+
+def test_a_screened_bridge_is_known_by_its_dial_and_agent_only() -> None:
+    call = connected_callback()
+    assert not ar.screened_now(call), "the earlier mobile ring is no screen, at any time"
+    screened = ar.screening(call, 2.0)
+    assert ar.screened_now(screened) and ar.ring_devices(screened) == ["mobile", "mobile"]
+    assert ar.screen_end_of(screened) is None
+    declined = ar.screen_ended(screened, 1, RingEnd.DECLINED_KEY, 3.0)
+    assert ar.screen_end_of(declined) is RingEnd.DECLINED_KEY
+    with pytest.raises(CallError):
+        ar.screen_ended(declined, 2, RingEnd.ACCEPTED_BY_KEY, 3.0)  # another dial
+    ben = ar.next_agent(declined, 1, "ben", ("idle",), 4.0)
+    assert ben.agent_id == "ben" and ben.tried[-1] == "anna"
+    assert not ar.screened_now(ben) and ar.screen_end_of(ben) is None
+    assert ben.timeline[-1].event == "transfer" and not ben.timeline[-1].internal

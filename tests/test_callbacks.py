@@ -224,8 +224,8 @@ async def test_a_scheduled_callback_fires_on_time(
     """Customer first (a site's choice): the visitor's phone rings at the time they chose."""
     settings = with_policy(phone_settings(tmp_path, sim, store_url), agent_first=False)
     node = await phone_node(nodes, settings, clock)
-    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=10)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=30)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")  # takes the call at the whisper
     await agent(clients, node, "anna")
     at = clock.now() + 3
     status, created = await request_callback(

@@ -331,3 +331,58 @@ async def test_a_decline_in_the_app_is_an_answer_the_phone_does_not_ring(
     await eventually(noted)
     assert legs_to(sim, ANNA_PHONE) == []
     assert (await stored(node, created["call_id"])).state.value == "queued"
+
+
+async def test_customer_first_the_bridge_is_screened_and_the_next_agent_put_through(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession
+) -> None:
+    """Customer first: the visitor answers and waits; each agent's leg hears the whisper
+    (<Number url>); Anna presses 2, so the bridge does not connect and Ben is put through."""
+    settings = mobile_settings(tmp_path, sim)
+    policy = replace(settings.sites["acme"].callback_policy, agent_first=False)
+    acme = replace(settings.sites["acme"], callback_policy=policy)
+    node = await phone_node(nodes, replace(settings, sites={"acme": acme}))
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=40)
+    sim.phone(ANNA_PHONE, answer_after=1, press="2")
+    sim.phone(BEN_PHONE, answer_after=1, press="1")
+    await on_mobile(http, node, "anna")
+    await on_mobile(http, node, "ben")
+    _, created = await request_callback(http, node, {"phone": VISITOR_PHONE, "page": PAGE})
+
+    ben_leg = await sim.wait_for_call(to=BEN_PHONE, status="in-progress", timeout=15)
+    visitor_leg = legs_to(sim, VISITOR_PHONE)[0]
+    anna_leg = legs_to(sim, ANNA_PHONE)[0]
+    assert anna_leg.parent_sid == visitor_leg.sid == ben_leg.parent_sid
+    assert anna_leg.params["url"][0].endswith(f"/v1/twilio/screen/{created['call_id']}/1")
+    dials = visitor_leg.verbs_named("Dial")
+
+    def bridged() -> bool:
+        return any(d.detail.get("bridged_to") == ben_leg.sid for d in dials)
+
+    await sim.wait_until(lambda: bridged() or None, timeout=10, what="Ben bridged")
+    assert [d.detail.get("bridged_to") for d in dials] == [None, ben_leg.sid]
+    assert any("Press 1" in s for s in anna_leg.said) and any("Press 1" in s for s in ben_leg.said)
+    assert await status_of(http, node, "ben") == "on_call"
+    assert await status_of(http, node, "anna") == "available"
+    sim.hangup(visitor_leg.sid)
+    done = await ticket_state(http, node, created, "completed", timeout=15)
+    assert done["agent"]["name"] == "Ben"
+    call = await stored(node, created["call_id"])
+    assert ring_log(call) == [
+        ("ring_device", "mobile (dial 1, anna)"),
+        ("ring_ended", "mobile: declined_key (dial 1, anna)"),
+        ("ring_device", "mobile (dial 1, ben)"),
+        ("ring_ended", "mobile: accepted_by_key (dial 1, ben)"),
+    ]
+
+
+async def test_a_forged_screen_webhook_changes_nothing(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession
+) -> None:
+    node = await phone_node(nodes, mobile_settings(tmp_path, sim))
+    url = f"{node.url}/v1/twilio/screen-key/c_unknown/1"
+    press = {"CallSid": "CA" + "1" * 32, "ParentCallSid": "CA" + "2" * 32, "Digits": "1"}
+    r = await http.post(url, data=press, headers=signed(sim, url, press))
+    assert r.status == 403 and (await r.json())["error"]["code"] == "forbidden"
+    r = await http.post(url, data=press)
+    assert r.status == 403 and (await r.json())["error"]["code"] == "invalid_signature"

@@ -141,21 +141,78 @@ def has_leg(call: Call) -> bool:
 
 def ring_ended(call: Call, attempt: int, device: RingDevice, end: RingEnd, now: float) -> Call:
     """Note how ring ``attempt`` ended; once per ring (a repeat is a no-op)."""
-    if ring_end_of(call, attempt) is not None:
-        return call
-    detail = f"{device.value}: {end.value} (ring {attempt})"
-    return replace(call, timeline=_entry(call, now, RING_ENDED_EVENT, detail))
+    return _ended(call, f"ring {attempt}", device, end, now)
 
 
 def ring_end_of(call: Call, attempt: int) -> RingEnd | None:
     """How ring ``attempt`` ended, if the timeline says."""
-    suffix = f" (ring {attempt})"
+    return _end_of(call, f"ring {attempt}")
+
+
+def _ended(call: Call, key: str, device: RingDevice, end: RingEnd, now: float) -> Call:
+    if _end_of(call, key) is not None:
+        return call
+    detail = f"{device.value}: {end.value} ({key})"
+    return replace(call, timeline=_entry(call, now, RING_ENDED_EVENT, detail))
+
+
+def _end_of(call: Call, key: str) -> RingEnd | None:
+    suffix = f" ({key})"
     for e in reversed(call.timeline):
         if e.event == RING_ENDED_EVENT and e.detail.endswith(suffix):
             return RingEnd(e.detail.split(": ", 1)[1][: -len(suffix)])
     return None
 
 
+# --- customer first: the agent's phone is bridged to the waiting visitor, screened -------
+
+
+def _screen_key(call: Call) -> str:
+    return f"dial {call.dials}, {call.agent_id}"
+
+
+def screening(call: Call, now: float) -> Call:
+    """The bridge of dial ``call.dials`` to ``call.agent_id``'s mobile is screened (the
+    whisper runs on the agent's leg before it connects)."""
+    if call.state is not CallState.CONNECTED or call.agent_id is None:
+        raise CallError("stale", "no visitor waits for an agent")
+    detail = f"{RingDevice.MOBILE.value} ({_screen_key(call)})"
+    return replace(call, timeline=_entry(call, now, RING_DEVICE_EVENT, detail))
+
+
+def screen_ended(call: Call, dials: int, end: RingEnd, now: float) -> Call:
+    """How the screened bridge to the current agent ended (once)."""
+    if call.state is not CallState.CONNECTED or call.dials != dials or call.agent_id is None:
+        raise CallError("stale", "that bridge is over")
+    return _ended(call, _screen_key(call), RingDevice.MOBILE, end, now)
+
+
+def screened_now(call: Call) -> bool:
+    """Whether the current dial's bridge to the current agent is screened (noted by
+    ``screening``)."""
+    detail = f"{RingDevice.MOBILE.value} ({_screen_key(call)})"
+    return any(e.event == RING_DEVICE_EVENT and e.detail == detail for e in call.timeline)
+
+
+def screen_end_of(call: Call) -> RingEnd | None:
+    """How the screened bridge to the call's current agent ended, if it did."""
+    return _end_of(call, _screen_key(call))
+
+
+def next_agent(call: Call, dials: int, agent_id: str, reasons: tuple[str, ...], now: float) -> Call:
+    """The visitor waits on the line and the agent did not take the call: ``agent_id`` is
+    put through instead (the former agent joins ``tried``)."""
+    if call.state is not CallState.CONNECTED or call.dials != dials or call.agent_id is None:
+        raise CallError("stale", "no visitor waits for an agent")
+    routed = _entry(call, now, "routed", f"{agent_id}: " + "; ".join(reasons))
+    return replace(
+        call,
+        agent_id=agent_id,
+        tried=(*call.tried, call.agent_id),
+        timeline=(*routed, TimelineEntry(now, "transfer", "Connecting you to someone else")),
+    )
+
+
 def ring_devices(call: Call) -> list[str]:
     """The device of every ring, in order."""
-    return [e.detail for e in call.timeline if e.event == RING_DEVICE_EVENT]
+    return [e.detail.split(" ", 1)[0] for e in call.timeline if e.event == RING_DEVICE_EVENT]

@@ -57,6 +57,17 @@ LINE_HOLD_S = 4 * 3600.0
 SPEND_TTL_S = 2 * 86400
 
 
+class Screen(Protocol):
+    """Screening the agent's leg of a customer-first bridge
+    (gateway.services.caller_screen)."""
+
+    async def screened(self, call: Call) -> None: ...
+
+    def took_it(self, call: Call) -> bool: ...
+
+    async def next_bridge(self, call: Call) -> Bridge | None: ...
+
+
 class AgentLegs(Protocol):
     """The agent's own phone leg, when the ring reached their mobile
     (gateway.services.mobile_ring)."""
@@ -83,6 +94,7 @@ class CallbackDialer:
         self.telephony: Telephony | None = None
         """Set by the app when a provider is configured; without one, callbacks are refused."""
         self.agent_legs: AgentLegs | None = None
+        self.screen: Screen | None = None
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
         return {TimerKind.CALLBACK_DIAL: self.on_dial, TimerKind.CALLBACK_WATCH: self.on_watch}
@@ -268,21 +280,29 @@ class CallbackDialer:
             return JoinRoom(
                 room, say=f"Hello, this is {site.name}. Connecting you to {agent.name} now."
             )
+        # Customer first, nobody has accepted yet: the agent's leg is screened (press 1).
+        screen = self.screen is not None and not site.callback_policy.agent_first
+        if self.screen is not None and screen:
+            await self.screen.screened(after)
         return Bridge(
             say=f"Hello, this is {site.name}. Connecting you to {agent.name} now.",
             number=agent.mobile,
             caller_id=site.caller_ids[0],
+            screen=screen,
         )
 
     async def on_bridge_result(
         self, call_id: str, attempt: int, provider_id: str, agent_answered: bool
     ) -> Instruction:
-        if agent_answered:
-            return HangUp()
         call = await self._records.find(call_id)
+        if agent_answered and (call is None or self.screen is None or self.screen.took_it(call)):
+            return HangUp()
         if call is None:
             return HangUp()
         if call.dials == attempt and call.state is CallState.CONNECTED:
+            bridge = await self.screen.next_bridge(call) if self.screen is not None else None
+            if bridge is not None:
+                return bridge  # the next agent, while the visitor waits on the line
             await self._fail_attempt(call, "agent_unreachable", retryable=True)
         return HangUp("Sorry, we could not connect you right now. We will call you back.")
 

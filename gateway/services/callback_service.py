@@ -67,6 +67,7 @@ from gateway.services.call_records import (
     TimerKind,
 )
 from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_timer
+from gateway.services.caller_screen import CallerScreen
 from gateway.services.mobile_ring import MobileRing
 from gateway.store.base import OpenCallbackKind
 from gateway.wire.codec import CallbackIn, Json, call_to_wire
@@ -118,10 +119,11 @@ class CallbackService:
         self._ranking = RankingCache()
         self.dialer = CallbackDialer(records, metrics)
         """The phone legs; the telephony edge calls into it (``CallbackEvents``)."""
-        self.devices = MobileRing(records)
-        """Rings the agent in the app or on their mobile (``AgentLegEvents``)."""
-        self.dialer.agent_legs = self.devices
-        self.devices.details = self._ring_details
+        # The agent rung in the app or on their mobile (AgentLegEvents); customer first,
+        # the agent's leg screened (ScreenEvents).
+        self.devices = MobileRing(records, self._ring_details)
+        self.screen = CallerScreen(records, self._candidates)
+        self.dialer.agent_legs, self.dialer.screen = self.devices, self.screen
         self.min_lead_s = MIN_LEAD_S
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
@@ -372,9 +374,7 @@ class CallbackService:
     async def _try_route(self, call: Call, now: float) -> float | None:
         site = self._records.sites[call.site]
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
-        snapshot = self._snapshot(call, last_agent)
-        request = self._route_request(call)
-        candidates = list(self._ranking.candidates(snapshot, request, now))
+        candidates = await self._candidates(call, now, last_agent)
         if not candidates:
             return now + POLL_S
         if await self._waits_its_turn(call, candidates, now):
@@ -401,6 +401,12 @@ class CallbackService:
             await self._store.queue_remove(call.site, call.call_id)
             return None
         return now + POLL_S
+
+    async def _candidates(
+        self, call: Call, now: float, last_agent: str | None = None
+    ) -> list[Candidate]:
+        snapshot = self._snapshot(call, last_agent)
+        return list(self._ranking.candidates(snapshot, self._route_request(call), now))
 
     async def _waits_its_turn(self, call: Call, candidates: list[Candidate], now: float) -> bool:
         """Keep-my-place: the free agents go to the first callbacks in line. A callback waits

@@ -55,18 +55,22 @@ PHONE_SID_PREFIX = "phone:"
 the call, so a socket leaving never ends it."""
 
 
+RingDetails = Callable[[Call, str], tuple[Json, Json]]
+"""What the owning flow adds to a ring of a call for an agent: (visitor, extra) of
+``CallRecords.ring``."""
+
+
 def room_name(call_id: str) -> str:
     return f"cb-{call_id}"
 
 
 class MobileRing:
-    def __init__(self, records: CallRecords) -> None:
+    def __init__(self, records: CallRecords, details: RingDetails) -> None:
         self._records = records
         self._desk = CallDesk(records)
+        self._details = details
         self.phones: AgentPhones | None = None
         """Set by the app when the telephony provider can ring agents' phones."""
-        self.details: Callable[[Call, str], tuple[Json, Json]] = lambda call, agent_id: ({}, {})
-        """What the owning flow adds to a ring of ``call`` for ``agent_id`` (visitor, extra)."""
 
     @property
     def reach(self) -> tuple[Channel, ...]:
@@ -238,7 +242,7 @@ class MobileRing:
         ttl = site.ring_timeout_s + RESERVATION_GRACE_S
         if not await self._records.store.reserve_agent(call.site, agent_id, call.call_id, ttl):
             return False  # taken meanwhile (another call rings her): the next agent then
-        visitor, extra = self.details(call, agent_id)
+        visitor, extra = self._details(call, agent_id)
         current = await self._records.get(call.call_id)
         reasons = ("mobile after desktop",)
         ringing = await self.ring(current, agent_id, Channel.PSTN, reasons, now, visitor, extra)
