@@ -73,8 +73,6 @@ async def run_gather(sim: TwilioSim, c: _Call, node: Node, doc: Document) -> Nex
     if action is None:
         return None
     params = [("Digits", digits)] if digits else []
-    if digits:
-        params.append(("FinishedOnKey", ""))
     nxt = await sim._fetch_document(c, action, attrs.get("method", "POST"), "action", params)
     if nxt is None:
         sim._application_error(c)
