@@ -7,8 +7,8 @@ call"). Only the key 1 accepts. Every other ending (another key, silence, a busy
 answer, a failed call, voicemail, the site's ring timeout) is a decline of that ring, after
 which the next agent is tried, as after a decline in the app.
 
-The call remembers the agent's leg (``Call.agent_leg``, for ring ``Call.agent_leg_ring``) so
-that a webhook about another leg is refused, and the timeline says which device rang and how
+The call remembers the agent's legs (``Call.agent_legs``: the ring each was for) so that a
+webhook about any other leg is refused, and the timeline says which device rang and how
 each ring ended (internal entries: agents and supervisors see them, the visitor does not).
 """
 
@@ -118,25 +118,27 @@ def leg_placed(call: Call, attempt: int, provider_id: str, now: float) -> Call:
     (the leg must then be hung up)."""
     if call.state is not CallState.RINGING or call.attempt != attempt:
         raise CallError("stale", "that ring is over")
-    if call.agent_leg == provider_id and call.agent_leg_ring == attempt:
+    if (attempt, provider_id) in call.agent_legs:
         return call
-    placed = replace(call, agent_leg=provider_id, agent_leg_ring=attempt)
+    placed = replace(call, agent_legs=(*call.agent_legs, (attempt, provider_id)))
     return rang_on(placed, RingDevice.MOBILE, now)
 
 
 def is_leg(call: Call, attempt: int, provider_id: str) -> bool:
     """Whether ``provider_id`` is the agent's leg of ring ``attempt`` (a webhook about any
-    other leg, or an older ring, must change nothing)."""
-    return (
-        call.agent_leg is not None
-        and call.agent_leg == provider_id
-        and call.agent_leg_ring == attempt
-    )
+    other leg, or about another ring, is refused)."""
+    return (attempt, provider_id) in call.agent_legs
+
+
+def agent_leg(call: Call) -> str | None:
+    """The agent's leg of the current ring (or of the accepted one), if it is on their
+    mobile."""
+    return next((leg for ring, leg in call.agent_legs if ring == call.attempt), None)
 
 
 def has_leg(call: Call) -> bool:
     """The current ring (or the accepted one) is on the agent's mobile."""
-    return call.agent_leg is not None and call.agent_leg_ring == call.attempt
+    return agent_leg(call) is not None
 
 
 def ring_ended(call: Call, attempt: int, device: RingDevice, end: RingEnd, now: float) -> Call:

@@ -118,10 +118,9 @@ class Call:
     legs_heard: tuple[tuple[str, int], ...] = ()
     """How far each phone leg of every attempt has been reported to get, by provider id
     (``gateway.core.callback.LEG_PROGRESS``): a status no further than that is old news."""
-    agent_leg: str | None = None
-    """The provider's id of the call to the agent's own phone (gateway.core.agent_ring)."""
-    agent_leg_ring: int = 0
-    """The ring (``attempt``) that ``agent_leg`` belongs to."""
+    agent_legs: tuple[tuple[int, str], ...] = ()
+    """Each call to the agent's own phone: the ring (``attempt``) it was for and the
+    provider's id of the leg (gateway.core.agent_ring)."""
 
     @property
     def final(self) -> bool:

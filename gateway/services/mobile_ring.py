@@ -181,7 +181,7 @@ class MobileRing:
             return
         if call.state is CallState.RINGING and call.attempt == ring:
             await self._decline(call, ring, ar.leg_ended(status.value))
-        elif call.state is CallState.DIALING and ar.has_leg(call):
+        elif call.state is CallState.DIALING and ar.agent_leg(call) == provider_id:
             # The agent hung up while their customer's phone was ringing: the callback ends
             # (its flow hangs the visitor's leg up). Once connected, the room ends by itself.
             try:
@@ -225,8 +225,8 @@ class MobileRing:
         now = self._records.clock()
         ended = partial(ar.ring_ended, attempt=ring, device=device, end=end, now=now)
         await self._note(call, ended)
-        leg = call.agent_leg
-        if device is RingDevice.MOBILE and leg is not None and call.agent_leg_ring == ring:
+        leg = ar.agent_leg(call)
+        if device is RingDevice.MOBILE and leg is not None:
             await self._hang_up(leg)
         site = self._records.sites[call.site]
         agent = site.agents.get(call.tried[-1]) if call.tried else None
@@ -255,19 +255,20 @@ class MobileRing:
     async def call_over(self, before: Call, after: Call) -> None:
         """The callback's attempt ended (or the callback did): the agent's kept leg is told
         and hung up, unless the conversation took place (the room ended with it)."""
-        if not ar.has_leg(before) or before.agent_leg is None:
+        leg = ar.agent_leg(before)
+        if leg is None:
             return
         if before.state is CallState.RINGING:
-            await self._hang_up(before.agent_leg)
+            await self._hang_up(leg)
         elif before.state is CallState.DIALING and self.phones is not None:
             try:
                 await self.phones.tell_and_hang_up(
-                    before.agent_leg, "The customer could not be reached. Goodbye."
+                    leg, "The customer could not be reached. Goodbye."
                 )
             except TelephonyError as e:
-                log.warning("telling the agent's leg %s failed: %s", before.agent_leg, e.message)
+                log.warning("telling the agent's leg %s failed: %s", leg, e.message)
         elif before.state is CallState.CONNECTED:
-            await self._hang_up(before.agent_leg)
+            await self._hang_up(leg)
 
     async def _hang_up(self, provider_id: str) -> None:
         if self.phones is None:

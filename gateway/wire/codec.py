@@ -159,8 +159,7 @@ def call_to_record(call: Call) -> Json:
         "provider_id": call.provider_id,
         "answered_by": call.answered_by,
         "legs_heard": [[leg, progress] for leg, progress in call.legs_heard],
-        "agent_leg": call.agent_leg,
-        "agent_leg_ring": call.agent_leg_ring,
+        "agent_legs": [[ring, leg] for ring, leg in call.agent_legs],
     }
 
 
@@ -202,8 +201,7 @@ def call_from_record(data: Json, version: int) -> Call:
         provider_id=data.get("provider_id"),
         answered_by=data.get("answered_by"),
         legs_heard=tuple((str(leg), int(n)) for leg, n in data.get("legs_heard", ())),
-        agent_leg=data.get("agent_leg"),
-        agent_leg_ring=int(data.get("agent_leg_ring", 0)),
+        agent_legs=tuple((int(ring), str(leg)) for ring, leg in data.get("agent_legs", ())),
     )
 
 
