@@ -243,7 +243,7 @@ async def test_forged_or_mismatched_agent_leg_webhooks_change_nothing(
     nodes: NodeFactory, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     async with TwilioSim(time_scale=0.5) as slow:
-        node = await phone_node(nodes, mobile_settings(tmp_path, slow, ring_timeout_s=3.0))
+        node = await phone_node(nodes, mobile_settings(tmp_path, slow, ring_timeout_s=10.0))
         slow.phone(ANNA_PHONE, answer_after=30)  # rings on
         await on_mobile(http, node, "anna")
         _, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
