@@ -44,7 +44,7 @@ from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
-from gateway.telephony import ENTRY_POINT_GROUP, TelephonyInstaller
+from gateway.telephony import ENTRY_POINT_GROUP, AgentPhones, TelephonyInstaller
 from gateway.wire import fastjson
 from gateway.wire.codec import Json
 
@@ -179,6 +179,8 @@ def create_app(
     phones = installer(app, settings, callbacks.dialer) if installer is not None else None
     callbacks.dialer.telephony = phones
     feed.telephony = phones is not None
+    # A provider that can also call agents' own phones rings mobile-only agents.
+    callbacks.devices.phones = phones if isinstance(phones, AgentPhones) else None
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     load = LoadMonitor(gauge=metrics.loop_lag_smoothed, histogram=metrics.loop_lag)

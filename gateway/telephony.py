@@ -4,7 +4,9 @@ The gateway never imports a telephony provider. ``mobile_bridge`` implements ``T
 with Twilio and registers itself under the ``membrane.telephony`` entry point; the app
 factory loads it when Twilio is configured (or a test passes one in). The provider's edge
 turns its webhooks into ``LegEvent``s and asks ``CallbackEvents`` what an answered leg should
-do; what comes back is plain data (``Bridge`` or ``HangUp``) that the edge renders (TwiML).
+do; what comes back is plain data (``Bridge``, ``JoinRoom`` or ``HangUp``) that the edge
+renders (TwiML). A provider that can also ring an agent's own phone implements ``AgentPhones``
+and turns that leg's webhooks into calls of ``AgentLegEvents``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -97,6 +99,9 @@ class Bridge:
     caller_id: str
     timeout_s: int = 30
     language: str = "en-US"
+    screen: bool = False
+    """The agent hears the whisper first and must press 1 before the bridge connects
+    (``ScreenEvents``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +112,96 @@ class HangUp:
     language: str = "en-US"
 
 
-Instruction = Bridge | HangUp
+@dataclass(frozen=True, slots=True)
+class JoinRoom:
+    """Put the leg into the call's room (a conference), where the other party's leg joins
+    it: used when the agent's own leg is kept (rung on their mobile, agent first)."""
+
+    room: str
+    say: str | None = None
+    language: str = "en-US"
+    end_on_exit: bool = True
+    """The room ends when this leg leaves it, so either party hanging up ends the call."""
+
+
+@dataclass(frozen=True, slots=True)
+class Whisper:
+    """Tell the answering agent who is calling and wait for one key (1 takes the call)."""
+
+    say: str
+    timeout_s: int = 8
+    """Seconds to wait for the key after the whisper; then the ring counts as no input."""
+    language: str = "en-US"
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """The screened agent accepted: end their leg's own instructions, so the bridge that
+    waits on them connects."""
+
+
+Instruction = Bridge | HangUp | JoinRoom
+AgentInstruction = Whisper | JoinRoom | HangUp | Proceed
+"""What the agent's own leg should do (gateway.services.mobile_ring)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRingRequest:
+    """Ring ``call_id``'s agent on their phone, for ring ``ring`` (the call's ``attempt``)."""
+
+    call_id: str
+    ring: int
+    to: str
+    """The agent's mobile, E.164."""
+    caller_id: str
+    timeout_s: int
+    """How long the phone may ring (the site's ring timeout)."""
+
+
+@runtime_checkable
+class AgentPhones(Protocol):
+    """A provider that can ring agents' own phones (``Telephony`` implementations may)."""
+
+    async def ring_agent(self, request: AgentRingRequest) -> str:
+        """Call the agent's phone with answering machine detection and status callbacks;
+        the leg's webhooks go to ``AgentLegEvents``. Raises ``TelephonyError``."""
+
+    async def tell_and_hang_up(self, provider_id: str, say: str) -> None:
+        """Say ``say`` on a live leg, then end it; no error if it already ended."""
+
+    async def hang_up(self, provider_id: str) -> None:
+        """As ``Telephony.hang_up``."""
+
+
+class ScreenEvents(Protocol):
+    """A screened bridge to the agent's phone (``Bridge.screen``): the provider runs these
+    on the agent's leg before connecting it to the visitor's leg ``parent_id`` of dial
+    ``dials``. Each raises ``Forbidden`` when ``parent_id`` is not that dial's leg."""
+
+    async def on_screen(
+        self, call_id: str, dials: int, parent_id: str, provider_id: str
+    ) -> AgentInstruction: ...
+
+    async def on_screen_key(
+        self, call_id: str, dials: int, parent_id: str, provider_id: str, digits: str
+    ) -> AgentInstruction: ...
+
+
+class AgentLegEvents(Protocol):
+    """What a telephony edge calls into about an agent's own leg. Each raises ``Forbidden``
+    when ``provider_id`` is not the leg of that ring (nothing is changed then)."""
+
+    async def on_agent_answer(
+        self, call_id: str, ring: int, provider_id: str, answered_by: AnsweredBy
+    ) -> AgentInstruction: ...
+
+    async def on_agent_key(
+        self, call_id: str, ring: int, provider_id: str, digits: str
+    ) -> AgentInstruction: ...
+
+    async def on_agent_leg_event(
+        self, call_id: str, ring: int, provider_id: str, status: LegStatus
+    ) -> None: ...
 
 
 class CallbackEvents(Protocol):

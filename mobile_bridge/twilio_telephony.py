@@ -27,10 +27,17 @@ from twilio.rest import Client
 
 from gateway.settings import Settings
 from gateway.telephony import (
+    AgentRingRequest,
     CallbackEvents,
     DialRequest,
     TelephonyError,
     TelephonyInstaller,
+)
+from mobile_bridge.agent_leg_webhooks import (
+    AgentLegUrls,
+    AgentLegWebhooks,
+    ring_options,
+    tell_twiml,
 )
 from mobile_bridge.sms_webhooks import SmsWebhooks
 from mobile_bridge.twilio_webhooks import TwilioWebhooks, WebhookUrls, valid_leg_key
@@ -65,6 +72,7 @@ class TwilioTelephony:
     def __init__(self, settings: Settings, request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self._twilio = settings.twilio
         self._urls = WebhookUrls.from_public_url(settings.public_url)
+        self._agent_urls = AgentLegUrls.from_public_url(settings.public_url)
         self._request_timeout_s = request_timeout_s
         self._http: Any = None  # AsyncTwilioHttpClient; the SDK is untyped
         self._client: Any = None
@@ -134,6 +142,25 @@ class TwilioTelephony:
             ignore_codes=ALREADY_ENDED_CODES,
         )
 
+    async def ring_agent(self, request: AgentRingRequest) -> str:
+        if not valid_leg_key(request.call_id, request.ring):
+            raise TelephonyError(
+                "telephony_refused",
+                f"ring_agent: {request.call_id!r} ring {request.ring} cannot name a webhook",
+                retryable=False,
+            )
+        options = ring_options(request, self._agent_urls)
+        call = await self._api("ring_agent", self._calls().create_async(**options))
+        return str(call.sid)
+
+    async def tell_and_hang_up(self, provider_id: str, say: str) -> None:
+        # New TwiML for the live leg: it leaves whatever it was in (the room) and hears it.
+        await self._api(
+            "tell_and_hang_up",
+            self._calls()(provider_id).update_async(twiml=tell_twiml(say)),
+            ignore_codes=ALREADY_ENDED_CODES,
+        )
+
     def _calls(self) -> Any:
         if self._client is None:
             raise RuntimeError("TwilioTelephony.start() was not called")
@@ -188,6 +215,7 @@ def install(app: web.Application, settings: Settings, events: CallbackEvents) ->
     """Register the Twilio webhooks on ``app`` and return the REST side (not started yet)."""
     TwilioWebhooks(settings, events).add_routes(app)
     SmsWebhooks(settings).add_routes(app)
+    AgentLegWebhooks(settings).add_routes(app)
     return TwilioTelephony(settings)
 
 

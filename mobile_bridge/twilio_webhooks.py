@@ -35,6 +35,7 @@ from gateway.telephony import (
     CallbackEvents,
     HangUp,
     Instruction,
+    JoinRoom,
     LegEvent,
     LegStatus,
 )
@@ -46,6 +47,9 @@ SIGNATURE_HEADER: Final = "X-Twilio-Signature"
 VOICE_ROUTE: Final = "/v1/twilio/voice/{call_id}/{attempt}"
 STATUS_ROUTE: Final = "/v1/twilio/status/{call_id}/{attempt}"
 BRIDGE_ROUTE: Final = "/v1/twilio/bridge/{call_id}/{attempt}"
+SCREEN_ROUTE: Final = "/v1/twilio/screen/{call_id}/{attempt}"
+"""The whisper run on a screened bridge's agent leg (``<Number url>``;
+mobile_bridge.agent_leg_webhooks)."""
 
 CALL_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 """Also safe in a URL path segment as it is, so webhook URLs need no quoting."""
@@ -129,8 +133,9 @@ def leg_event_from(call_id: str, attempt: int, params: MultiMapping[str]) -> Leg
     )
 
 
-def render(instruction: Instruction, bridge_action_url: str) -> str:
-    """The TwiML document for ``instruction``; a ``Bridge`` reports back to the action URL."""
+def render(instruction: Instruction, bridge_action_url: str, screen_url: str = "") -> str:
+    """The TwiML document for ``instruction``; a ``Bridge`` reports back to the action URL,
+    and a screened one runs ``screen_url`` on the agent's leg before it connects."""
     response = VoiceResponse()
     if isinstance(instruction, Bridge):
         if instruction.say:
@@ -141,7 +146,23 @@ def render(instruction: Instruction, bridge_action_url: str) -> str:
             action=bridge_action_url,
             method="POST",
         )
-        dial.number(instruction.number)
+        if instruction.screen and screen_url:
+            dial.number(instruction.number, url=screen_url, method="POST")
+        else:
+            dial.number(instruction.number)
+    elif isinstance(instruction, JoinRoom):
+        if instruction.say:
+            response.say(instruction.say, language=instruction.language)
+        # Without an action URL the leg simply ends with the room.
+        room = response.dial(
+            action=bridge_action_url or None, method="POST" if bridge_action_url else None
+        )
+        room.conference(
+            instruction.room,
+            start_conference_on_enter=True,
+            end_conference_on_exit=instruction.end_on_exit,
+            beep=False,
+        )
     else:
         if instruction.say:
             response.say(instruction.say, language=instruction.language)
@@ -174,6 +195,9 @@ class WebhookUrls:
 
     def bridge(self, call_id: str, attempt: int) -> str:
         return self.base + BRIDGE_ROUTE.format(call_id=call_id, attempt=attempt)
+
+    def screen(self, call_id: str, attempt: int) -> str:
+        return self.base + SCREEN_ROUTE.format(call_id=call_id, attempt=attempt)
 
 
 class WebhookSignatures:
@@ -253,7 +277,7 @@ class TwilioWebhooks:
         except Exception as e:
             _log_failure("on_answer", hook, e)
             return twiml_response(HANG_UP_TWIML)
-        return twiml_response(render(instruction, self._urls.bridge(hook.call_id, hook.attempt)))
+        return twiml_response(self._render(instruction, hook))
 
     async def status(self, request: web.Request) -> web.Response:
         try:
@@ -291,31 +315,40 @@ class TwilioWebhooks:
         except Exception as e:
             _log_failure("on_bridge_result", hook, e)
             return twiml_response(HANG_UP_TWIML)
-        return twiml_response(render(instruction, self._urls.bridge(hook.call_id, hook.attempt)))
+        return twiml_response(self._render(instruction, hook))
+
+    def _render(self, instruction: Instruction, hook: Webhook) -> str:
+        key = (hook.call_id, hook.attempt)
+        return render(instruction, self._urls.bridge(*key), self._urls.screen(*key))
 
     async def _verified(self, request: web.Request) -> Webhook:
-        """The signed form and the leg it is about; raises ``Forbidden`` or ``Invalid``."""
-        params: MultiDict[str] = MultiDict()
-        for name, value in (await request.post()).items():
-            if isinstance(value, str):  # Twilio never uploads files; ignore any that come
-                params.add(name, value)
-        signature = request.headers.get(SIGNATURE_HEADER)
-        # raw_path is the request target as sent (path and query, still percent-encoded),
-        # which is what Twilio signed after the public base URL.
-        if not self._signatures.valid(request.raw_path, params, signature):
-            message = (
-                f"missing {SIGNATURE_HEADER}"
-                if not signature
-                else f"{SIGNATURE_HEADER} does not match this request"
-            )
-            log.warning("rejected Twilio webhook %s: %s", request.path, message)
-            raise Forbidden(message, code="invalid_signature")
-        call_id = request.match_info["call_id"]
-        raw_attempt = request.match_info["attempt"]
-        attempt = int(raw_attempt) if _DIGITS.fullmatch(raw_attempt) else 0
-        if not valid_leg_key(call_id, attempt):
-            raise Invalid("the webhook path does not name a callback leg")
-        return Webhook(call_id, attempt, params)
+        return await verified(request, self._signatures)
+
+
+async def verified(request: web.Request, signatures: WebhookSignatures) -> Webhook:
+    """The signed form and the leg its path names (``call_id``, ``attempt``); raises
+    ``Forbidden`` or ``Invalid``."""
+    params: MultiDict[str] = MultiDict()
+    for name, value in (await request.post()).items():
+        if isinstance(value, str):  # Twilio never uploads files; ignore any that come
+            params.add(name, value)
+    signature = request.headers.get(SIGNATURE_HEADER)
+    # raw_path is the request target as sent (path and query, still percent-encoded),
+    # which is what Twilio signed after the public base URL.
+    if not signatures.valid(request.raw_path, params, signature):
+        message = (
+            f"missing {SIGNATURE_HEADER}"
+            if not signature
+            else f"{SIGNATURE_HEADER} does not match this request"
+        )
+        log.warning("rejected Twilio webhook %s: %s", request.path, message)
+        raise Forbidden(message, code="invalid_signature")
+    call_id = request.match_info["call_id"]
+    raw_attempt = request.match_info["attempt"]
+    attempt = int(raw_attempt) if _DIGITS.fullmatch(raw_attempt) else 0
+    if not valid_leg_key(call_id, attempt):
+        raise Invalid("the webhook path does not name a callback leg")
+    return Webhook(call_id, attempt, params)
 
 
 def _log_failure(what: str, hook: Webhook, error: Exception) -> None:

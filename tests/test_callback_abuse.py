@@ -457,7 +457,7 @@ async def test_a_flood_for_one_number_makes_one_callback_and_one_call(
     settings = with_policy(phone_settings(tmp_path, sim, store_url), agent_first=False)
     node = await phone_node(nodes, settings)
     sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=5)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
     await agent(clients, node, "anna")
     was = await refusals(http, node)
     # 30 visitors (sessions minted directly: the session endpoint allows 30 a minute per IP).
@@ -594,7 +594,7 @@ async def test_a_callback_waiting_in_line_into_the_numbers_night_waits_for_the_m
     # German number is not.
     assert (await ticket(http, node, ny))["position"] == 1
     sim.phone(US_NUMBER, answer_after=1, hangup_after=5)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
     await agent(clients, node, "anna")
     await clock.advance(POLL_S)  # its next look finds her
     await ticket_state(http, node, ny, "completed", timeout=15)
@@ -777,7 +777,7 @@ async def test_a_spent_cap_refuses_the_next_request(
     # Long enough (a second, real) for the bridge to Anna on a loaded machine: hanging up
     # before it counts as not answering, and its retry would find the cap spent.
     sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=20)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
     await agent(clients, node, "anna")
     first = await created(http, node, {"phone": VISITOR_PHONE})
     await ticket_state(http, node, first, "completed", timeout=15)
@@ -801,8 +801,8 @@ async def test_the_concurrency_cap_dials_the_second_only_after_the_first_ends(
     one, two = ie_mobile(1), ie_mobile(2)
     for phone in (one, two):
         sim.phone(phone, answer_after=1, hangup_after=10)
-    sim.phone(ANNA_PHONE, answer_after=1)
-    sim.phone(BEN_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
+    sim.phone(BEN_PHONE, answer_after=1, press="1")
     await agent(clients, node, "anna")
     await agent(clients, node, "ben")
     was = (await scrape(http, node)).get("membrane_callback_dials_total", {})
@@ -864,8 +864,8 @@ async def test_a_burst_of_dials_cannot_overshoot_the_spend_cap(
     one, two = ie_mobile(1), ie_mobile(2)
     for phone in (one, two):
         sim.phone(phone, answer_after=1, hangup_after=5)
-    sim.phone(ANNA_PHONE, answer_after=1)
-    sim.phone(BEN_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
+    sim.phone(BEN_PHONE, answer_after=1, press="1")
     first = await created(http, node, {"phone": one})
     second = await created(http, node, {"phone": two})
     was = await refusals(http, node)

@@ -559,7 +559,7 @@ async def test_asked_on_one_node_rung_and_accepted_on_another_dialled_once(
     clients: Callable[[], SocketClient],
 ) -> None:
     sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=HANG_UP_AFTER)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
     base = phone_settings(tmp_path, sim, redis_url)
     a = await cluster.start(behind(balancer, base, "node-a"))
     b = await cluster.start(behind(balancer, base, "node-b"))
@@ -611,7 +611,7 @@ async def test_a_node_killed_before_its_dial_reached_twilio_is_taken_over_once(
     claim taken, asks Twilio whether the leg exists (it does not) and dials: once."""
     visitor = daytime_phones(1)[0]  # the doomed node keeps the default quiet hours
     sim.phone(visitor, answer_after=1, hangup_after=HANG_UP_AFTER)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
     base = phone_settings(tmp_path, sim, redis_url)
     async with (
         Blackhole() as hole,
@@ -666,7 +666,7 @@ async def test_a_node_killed_after_twilio_placed_its_leg_is_not_dialled_again(
     dial timer's lease lapses the survivor runs it again and must not dial a second leg."""
     visitor = daytime_phones(1)[0]  # the doomed node keeps the default quiet hours
     sim.phone(visitor, answer_after=1, hangup_after=HANG_UP_AFTER)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
     base = phone_settings(tmp_path, sim, redis_url)
     async with (
         TwilioTap(sim.base_url, hold_dials=True) as tap_d,
@@ -728,7 +728,7 @@ async def test_a_leg_whose_webhooks_were_lost_in_a_full_outage_does_not_stay_stu
     monkeypatch.setattr(callback_dialing, "LEG_SILENCE_S", silence)
     visitor = daytime_phones(1)[0]  # the doomed node keeps the default quiet hours
     sim.phone(visitor, answer_after=1, hangup_after=HANG_UP_AFTER)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
     base = phone_settings(tmp_path, sim, redis_url)
     async with (
         TwilioTap(sim.base_url, hold_dials=True) as tap_d,
@@ -796,8 +796,8 @@ async def test_a_restart_of_every_node_loses_no_pending_callback(
     queued_phones, scheduled_phones = phones[:3], phones[3:]
     for phone in (*queued_phones, *scheduled_phones):
         sim.phone(phone, answer_after=1, hangup_after=HANG_UP_AFTER)
-    sim.phone(ANNA_PHONE, answer_after=1)
-    sim.phone(BEN_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
+    sim.phone(BEN_PHONE, answer_after=1, press="1")
     base = phone_settings(tmp_path, sim, redis_url, agent_first=False)
     created: list[dict[str, Any]] = []
     async with process_node(
@@ -848,7 +848,7 @@ async def test_the_embedded_store_keeps_a_scheduled_callback_across_a_restart(
     clients: Callable[[], SocketClient],
 ) -> None:
     sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=HANG_UP_AFTER)
-    sim.phone(ANNA_PHONE, answer_after=1)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
     # Embedded store in tmp_path/data, on a fixed port (the public URL stays the same).
     settings = phone_settings(tmp_path, sim, agent_first=False)
     clock = ManualClock()
@@ -908,7 +908,7 @@ async def test_two_nodes_racing_for_twenty_due_callbacks_dial_each_once(
     site = settings.sites["acme"]
     for a in site.agents.values():
         assert a.mobile is not None
-        sim.phone(a.mobile, answer_after=1)
+        sim.phone(a.mobile, answer_after=1, press="1")
     assert site.callback_policy.max_concurrent_calls >= count
     assert site.callback_policy.per_ip_hour >= count, "every visitor here is 127.0.0.1"
     clock = ManualClock()  # both nodes' time: the callbacks fall due on both at once

@@ -20,6 +20,7 @@ from conftest import (
     mint,
     replace,
 )
+from test_callbacks import without_quiet_hours_now
 from twilio_sim import TwilioSim
 
 from gateway.settings import TwilioSettings
@@ -50,7 +51,7 @@ async def two_nodes(
         node_id="phones",
     )
     plain = replace(make_settings(tmp_path / "plain", redis_url=redis_url), node_id="plain")
-    return await nodes(phones), await nodes(plain)
+    return await nodes(without_quiet_hours_now(phones)), await nodes(plain)
 
 
 async def availability(http: aiohttp.ClientSession, node: Node) -> dict[str, Any]:

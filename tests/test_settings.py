@@ -197,6 +197,7 @@ def test_small_config_defaults(tmp_path: Path) -> None:
     settings = load(tmp_path, BASE)
     site = settings.sites["acme"]
     assert site.name == "acme" and site.ring_timeout_s == 20.0
+    assert site.mobile_after_desktop is False
     assert site.branches["berlin"].name == "berlin" and site.branches["berlin"].hours == {}
     assert site.agents["ben"].name == "ben" and site.agents["ben"].mobile is None
     assert site.agents["ben"].role is Role.AGENT
@@ -271,6 +272,11 @@ BAD: list[tuple[str, tuple[tuple[Path_, Any], ...], str]] = [
     ("ring timeout too short", (((*S0, "ring_timeout_s"), 2),), "sites[0].ring_timeout_s"),
     ("ring timeout too long", (((*S0, "ring_timeout_s"), 120.5),), "sites[0].ring_timeout_s"),
     ("ring timeout a string", (((*S0, "ring_timeout_s"), "20"),), "sites[0].ring_timeout_s"),
+    (
+        "mobile after desktop not a boolean",
+        (((*S0, "mobile_after_desktop"), "yes"),),
+        "sites[0].mobile_after_desktop",
+    ),
     ("caller id not a number", (((*S0, "caller_ids", 1), "call me"),), "sites[0].caller_ids[1]"),
     ("caller id invalid", (((*S0, "caller_ids", 0), "+1555"),), "sites[0].caller_ids[0]"),
     # branches
@@ -1169,7 +1175,10 @@ def model_defaults() -> dict[str, dict[str, Any]]:
         "max_starting_calls": limits.max_starts_in_flight,
         "max_start_ms": limits.max_start_s * 1000,
     }
-    out["sites"] = {"ring_timeout_s": Site.__dataclass_fields__["ring_timeout_s"].default}
+    out["sites"] = {
+        key: Site.__dataclass_fields__[key].default
+        for key in ("ring_timeout_s", "mobile_after_desktop")
+    }
     return out
 
 

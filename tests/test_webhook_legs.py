@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Node, NodeFactory, SocketClient, eventually, free_port, make_settings, mint
+from test_callbacks import without_quiet_hours_now
 from twilio_sim import TwilioSim
 from twilio_sim.signature import SIGNATURE_HEADER, sdk_signature
 
@@ -109,7 +110,7 @@ async def node(nodes: NodeFactory, tmp_path: Path, sim: TwilioSim) -> Node:
         public_url=f"http://127.0.0.1:{port}",
         twilio=TwilioSettings(sim.account_sid, sim.auth_token, sim.base_url),
     )
-    node = await nodes(settings)
+    node = await nodes(without_quiet_hours_now(settings))
     node.app[keys.CALLBACKS].min_lead_s = 1.0
     return node
 

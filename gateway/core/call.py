@@ -121,6 +121,9 @@ class Call:
     legs: tuple[tuple[int, str], ...] = ()
     """The provider id of each dial attempt's leg, by attempt, once known: what a webhook
     about an attempt must name (``gateway.core.callback.check_leg``)."""
+    agent_legs: tuple[tuple[int, str], ...] = ()
+    """Each call to the agent's own phone: the ring (``attempt``) it was for and the
+    provider's id of the leg (gateway.core.agent_ring)."""
 
     @property
     def final(self) -> bool:

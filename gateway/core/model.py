@@ -131,6 +131,9 @@ class Site:
     (gateway/core/sms_presence.py)."""
     # The key of the IM presence webhook (HMAC-SHA256); empty: the webhook is off for the site.
     presence_webhook_secret: str = field(default="", repr=False)
+    mobile_after_desktop: bool = False
+    """A callback ring the agent lets run out in the app rings their mobile next (with the
+    whisper and press 1), before the next agent is tried."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Mapping
 from functools import partial
+from typing import Protocol
 
 from gateway.core import callback as cb
 from gateway.core.call import Call, CallChannel, CallError, CallState
@@ -36,6 +37,7 @@ from gateway.telephony import (
     DialRequest,
     HangUp,
     Instruction,
+    JoinRoom,
     LegEvent,
     LegStatus,
     Telephony,
@@ -55,6 +57,26 @@ LINE_HOLD_S = 4 * 3600.0
 SPEND_TTL_S = 2 * 86400
 
 
+class Screen(Protocol):
+    """Screening the agent's leg of a customer-first bridge
+    (gateway.services.caller_screen)."""
+
+    async def screened(self, call: Call) -> None: ...
+
+    def took_it(self, call: Call) -> bool: ...
+
+    async def next_bridge(self, call: Call) -> Bridge | None: ...
+
+
+class AgentLegs(Protocol):
+    """The agent's own phone leg, when the ring reached their mobile
+    (gateway.services.mobile_ring)."""
+
+    def room_for(self, call: Call) -> str | None: ...
+
+    async def call_over(self, before: Call, after: Call) -> None: ...
+
+
 def due_timer(call: Call) -> TimerId:
     """The callback should find an agent now (its time came, a retry is due, an agent
     declined)."""
@@ -71,6 +93,8 @@ class CallbackDialer:
         self._metrics = metrics
         self.telephony: Telephony | None = None
         """Set by the app when a provider is configured; without one, callbacks are refused."""
+        self.agent_legs: AgentLegs | None = None
+        self.screen: Screen | None = None
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
         return {TimerKind.CALLBACK_DIAL: self.on_dial, TimerKind.CALLBACK_WATCH: self.on_watch}
@@ -253,22 +277,38 @@ class CallbackDialer:
         except (Conflict, NotFound):
             return gone
         await self._notify.call_update(after)
+        room = self.agent_legs.room_for(after) if self.agent_legs is not None else None
+        if room is not None:
+            # The agent took the call on their phone and waits in the callback's room.
+            return JoinRoom(
+                room, say=f"Hello, this is {site.name}. Connecting you to {agent.name} now."
+            )
+        # Customer first, nobody has accepted yet: the agent's leg is screened (press 1).
+        screen = self.screen is not None and not site.callback_policy.agent_first
+        if self.screen is not None and screen:
+            await self.screen.screened(after)
         return Bridge(
             say=f"Hello, this is {site.name}. Connecting you to {agent.name} now.",
             number=agent.mobile,
             caller_id=site.caller_ids[0],
+            screen=screen,
         )
 
     async def on_bridge_result(
         self, call_id: str, attempt: int, provider_id: str, agent_answered: bool
     ) -> Instruction:
         call = await self._records.find(call_id)
+        if agent_answered and (call is None or self.screen is None or self.screen.took_it(call)):
+            return HangUp()
         if call is None:
             return HangUp()
         _check_leg(call, attempt, provider_id)
         if agent_answered:
             return HangUp()
         if call.dials == attempt and call.state is CallState.CONNECTED:
+            bridge = await self.screen.next_bridge(call) if self.screen is not None else None
+            if bridge is not None:
+                return bridge  # the next agent, while the visitor waits on the line
             await self._fail_attempt(call, "agent_unreachable", retryable=True)
         return HangUp("Sorry, we could not connect you right now. We will call you back.")
 
@@ -339,6 +379,8 @@ class CallbackDialer:
 
     async def _release_call(self, before: Call, after: Call) -> None:
         """Free what the attempt (and, once final, the callback) held."""
+        if self.agent_legs is not None:
+            await self.agent_legs.call_over(before, after)
         await self._store.release_outbound_line(after.site, after.call_id)
         await self._store.queue_remove(after.site, after.call_id)
         if before.agent_id is not None and before.state in (

@@ -67,6 +67,8 @@ from gateway.services.call_records import (
     TimerKind,
 )
 from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_timer
+from gateway.services.caller_screen import CallerScreen
+from gateway.services.mobile_ring import MobileRing
 from gateway.store.base import OpenCallbackKind
 from gateway.wire.codec import CallbackIn, Json, call_to_wire
 
@@ -117,6 +119,11 @@ class CallbackService:
         self._ranking = RankingCache()
         self.dialer = CallbackDialer(records, metrics)
         """The phone legs; the telephony edge calls into it (``CallbackEvents``)."""
+        # The agent rung in the app or on their mobile (AgentLegEvents); customer first,
+        # the agent's leg screened (ScreenEvents).
+        self.devices = MobileRing(records, self._ring_details)
+        self.screen = CallerScreen(records, self._candidates)
+        self.dialer.agent_legs, self.dialer.screen = self.devices, self.screen
         self.min_lead_s = MIN_LEAD_S
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
@@ -283,7 +290,7 @@ class CallbackService:
         # Until the audio bridge exists, the agent accepts in the app and talks on their own
         # phone: only agents with a mobile number can take a callback.
         no_phone = frozenset(a.agent_id for a in site.agents.values() if not a.mobile)
-        return calls.route_request(call, Channel.PSTN, no_phone, (Channel.WEBRTC,))
+        return calls.route_request(call, Channel.PSTN, no_phone, self.devices.reach)
 
     def _snapshot(self, call: Call, last_agent: str | None) -> RoutingSnapshot:
         site = self._records.sites[call.site]
@@ -368,9 +375,7 @@ class CallbackService:
     async def _try_route(self, call: Call, now: float) -> float | None:
         site = self._records.sites[call.site]
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
-        snapshot = self._snapshot(call, last_agent)
-        request = self._route_request(call)
-        candidates = list(self._ranking.candidates(snapshot, request, now))
+        candidates = await self._candidates(call, now, last_agent)
         if not candidates:
             return now + POLL_S
         if await self._waits_its_turn(call, candidates, now):
@@ -383,8 +388,8 @@ class CallbackService:
                 continue
             if agent_first:
                 visitor, extra = self._ring_details(call, agent.agent_id)
-                ringing = await self._records.ring(
-                    call, agent.agent_id, candidate.reasons, now, visitor, extra
+                ringing = await self.devices.ring(
+                    call, agent.agent_id, candidate.channel, candidate.reasons, now, visitor, extra
                 )
                 if ringing is None:
                     return None  # canceled meanwhile
@@ -397,6 +402,12 @@ class CallbackService:
             await self._store.queue_remove(call.site, call.call_id)
             return None
         return now + POLL_S
+
+    async def _candidates(
+        self, call: Call, now: float, last_agent: str | None = None
+    ) -> list[Candidate]:
+        snapshot = self._snapshot(call, last_agent)
+        return list(self._ranking.candidates(snapshot, self._route_request(call), now))
 
     async def _waits_its_turn(self, call: Call, candidates: list[Candidate], now: float) -> bool:
         """Keep-my-place: the free agents go to the first callbacks in line. A callback waits
@@ -453,6 +464,8 @@ class CallbackService:
     async def ring_missed(self, call: Call) -> Call:
         """The agent declined or did not answer: back in line at the same place, waiting for
         someone rather than failing."""
+        if await self.devices.ring_missed(call):
+            return call  # the same agent's mobile rings now ("mobile after desktop")
         await self._store.queue_put(call.site, call.call_id, call.place_at or call.created_at)
         await self._records.schedule(due_timer(call), self._records.clock())
         return call

@@ -251,6 +251,8 @@ def load_site(raw: Any, path: str) -> Site:
             get(raw, "presence_webhook_secret", f"{path}.", str, ""),
             f"{path}.presence_webhook_secret",
         )
+    if "mobile_after_desktop" in raw:
+        given["mobile_after_desktop"] = get(raw, "mobile_after_desktop", f"{path}.", bool, False)
     return Site(
         site_id=site_id,
         name=get(raw, "name", f"{path}.", str, site_id),

@@ -160,6 +160,7 @@ def call_to_record(call: Call) -> Json:
         "answered_by": call.answered_by,
         "legs_heard": [[leg, progress] for leg, progress in call.legs_heard],
         "legs": [[attempt, leg] for attempt, leg in call.legs],
+        "agent_legs": [[ring, leg] for ring, leg in call.agent_legs],
     }
 
 
@@ -202,6 +203,7 @@ def call_from_record(data: Json, version: int) -> Call:
         answered_by=data.get("answered_by"),
         legs_heard=tuple((str(leg), int(n)) for leg, n in data.get("legs_heard", ())),
         legs=tuple((int(n), str(leg)) for n, leg in data.get("legs", ())),
+        agent_legs=tuple((int(ring), str(leg)) for ring, leg in data.get("agent_legs", ())),
     )
 
 

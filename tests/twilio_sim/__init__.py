@@ -24,6 +24,7 @@ from .contract_messaging import MessagingContract, check_message_resource
 from .messaging import IncomingNumber, MessageRecord, Messaging
 from .records import (
     CallRecord,
+    ConferenceRecord,
     Notification,
     PhoneConfig,
     StatusChange,
@@ -42,6 +43,7 @@ __all__ = [
     "AudioSource",
     "CallInterrupted",
     "CallRecord",
+    "ConferenceRecord",
     "Contract",
     "ContractViolation",
     "IncomingNumber",

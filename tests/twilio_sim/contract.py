@@ -414,3 +414,87 @@ def check_list_page(contract: Contract, obj: Mapping[str, object]) -> None:
         raise ContractViolation("calls must be a list")
     for call in calls:
         check_call_resource(contract, cast(Mapping[str, object], call))
+
+
+# --- TwiML verbs the simulator checks (spec/TWIML.md "<Gather>", "<Conference>", "<Say>") ----
+
+TWIML_ATTRIBUTES: dict[str, frozenset[str]] = {
+    "Say": frozenset({"voice", "language", "loop"}),
+    "Gather": frozenset(
+        "input action method timeout speechTimeout maxSpeechTime profanityFilter finishOnKey"
+        " numDigits partialResultCallback partialResultCallbackMethod language hints bargeIn"
+        " debug actionOnEmptyResult speechModel enhanced".split()
+    ),
+    "Conference": frozenset(
+        "muted beep startConferenceOnEnter endConferenceOnExit waitUrl waitMethod"
+        " maxParticipants record recordingConfigurationId region coach trim statusCallbackEvent"
+        " statusCallback statusCallbackMethod recordingStatusCallback"
+        " recordingStatusCallbackMethod recordingStatusCallbackEvent eventCallbackUrl"
+        " jitterBufferSize participantLabel".split()
+    ),
+}
+"""Each verb's attributes, as [PY] names them (camelCase in XML; tests/test_twilio_sim.py
+holds this table equal to the SDK's signatures)."""
+
+TWIML_BOOLEANS: dict[str, frozenset[str]] = {
+    "Gather": frozenset({"actionOnEmptyResult", "profanityFilter", "bargeIn", "debug", "enhanced"}),
+    "Conference": frozenset({"muted", "startConferenceOnEnter", "endConferenceOnExit"}),
+}
+TWIML_METHODS: dict[str, frozenset[str]] = {
+    "Gather": frozenset({"method", "partialResultCallbackMethod"}),
+    "Conference": frozenset(
+        {"waitMethod", "statusCallbackMethod", "recordingStatusCallbackMethod"}
+    ),
+}
+GATHER_INPUTS = frozenset({"dtmf", "speech", "dtmf speech", "speech dtmf"})
+FINISH_ON_KEYS = frozenset("0123456789#*") | {""}
+CONFERENCE_BEEPS = frozenset({"true", "false", "onEnter", "onExit"})
+TWIML_CHILDREN: dict[str, frozenset[str]] = {"Gather": frozenset({"Say", "Play", "Pause"})}
+"""What may be nested: ``<Gather>`` takes ``<Say>``, ``<Play>`` and ``<Pause>`` only."""
+TWIML_PARENTS: dict[str, frozenset[str]] = {"Conference": frozenset({"Dial"})}
+
+
+def check_twiml_verb(tag: str, attrs: Mapping[str, str], parent: str | None) -> list[str]:
+    """Problems of one TwiML element an application sent (Twilio's 12200 schema warnings);
+    elements this table does not cover pass."""
+    known = TWIML_ATTRIBUTES.get(tag)
+    if known is None:
+        if parent in TWIML_CHILDREN and tag not in TWIML_CHILDREN[parent]:
+            return [f"<{tag}> may not be nested in <{parent}>"]
+        return []
+    problems = [f"<{tag}> has no attribute {name!r}" for name in attrs if name not in known]
+    if tag in TWIML_PARENTS and parent not in TWIML_PARENTS[tag]:
+        problems.append(f"<{tag}> must be inside {sorted(TWIML_PARENTS[tag])}")
+    if parent in TWIML_CHILDREN and tag not in TWIML_CHILDREN[parent]:
+        problems.append(f"<{tag}> may not be nested in <{parent}>")
+    for name in TWIML_BOOLEANS.get(tag, frozenset()) & attrs.keys():
+        if attrs[name] not in ("true", "false"):
+            problems.append(f"<{tag} {name}> must be true or false, got {attrs[name]!r}")
+    for name in TWIML_METHODS.get(tag, frozenset()) & attrs.keys():
+        if attrs[name] not in ("GET", "POST"):
+            problems.append(f"<{tag} {name}> must be GET or POST, got {attrs[name]!r}")
+    if tag == "Gather":
+        problems += _check_gather(attrs)
+    if tag == "Say" and "loop" in attrs and not attrs["loop"].isdigit():
+        problems.append(f"<Say loop> must be a non-negative integer, got {attrs['loop']!r}")
+    if tag == "Conference" and attrs.get("beep", "true") not in CONFERENCE_BEEPS:
+        problems.append(f"<Conference beep> must be one of {sorted(CONFERENCE_BEEPS)}")
+    return problems
+
+
+def _check_gather(attrs: Mapping[str, str]) -> list[str]:
+    problems = []
+    digits = attrs.get("numDigits")
+    if digits is not None and not (digits.isdigit() and int(digits) >= 1):
+        problems.append(f"<Gather numDigits> must be a positive integer, got {digits!r}")
+    timeout = attrs.get("timeout")
+    if timeout is not None and not timeout.isdigit():
+        problems.append(f"<Gather timeout> must be a non-negative integer, got {timeout!r}")
+    if attrs.get("finishOnKey", "#") not in FINISH_ON_KEYS:
+        problems.append("<Gather finishOnKey> must be one of 0-9, #, * or empty")
+    if attrs.get("input", "dtmf") not in GATHER_INPUTS:
+        problems.append(f"<Gather input> must be dtmf, speech or both, got {attrs['input']!r}")
+    action = attrs.get("action")
+    if action is not None and action.strip() == "":
+        problems.append("<Gather action> is empty (13338)")
+    return problems

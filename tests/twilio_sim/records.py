@@ -31,6 +31,10 @@ class PhoneConfig:
     amd_result: str | None = None
     amd_after: float | None = None
     greeting_length: float = 4.0
+    press: str | None = None
+    """Keys pressed at a ``<Gather>`` (None: silence until its timeout)."""
+    press_after: float = 1.0
+    """Seconds after the ``<Gather>``'s nested verbs before the keys are pressed."""
 
     def source(self) -> AudioSource:
         if self.audio is not None:
@@ -178,3 +182,18 @@ class CallRecord:
 
     def verbs_named(self, verb: str) -> list[VerbRecord]:
         return [v for v in self.verbs if v.verb == verb]
+
+
+@dataclass
+class ConferenceRecord:
+    """One ``<Dial><Conference>`` room, from its first participant until it ended."""
+
+    name: str
+    sid: str
+    participants: list[str] = field(default_factory=list)
+    """Every call that joined, in order."""
+    bridged: list[str] = field(default_factory=list)
+    """The calls that were in the started room together with another call."""
+    ended: bool = False
+    ended_by: str | None = None
+    """The call whose leaving ended the room (``endConferenceOnExit``), if one did."""

@@ -45,10 +45,12 @@ from .contract import (
     is_absolute_url,
     is_phone_number,
 )
+from .interactive import Room, check_node, run_conference, run_gather
 from .messaging import Messaging
 from .records import (
     FINAL_STATUSES,
     CallRecord,
+    ConferenceRecord,
     Notification,
     PhoneConfig,
     StatusChange,
@@ -279,6 +281,9 @@ class TwilioSim:
         self.host = host
         self.phones: dict[str, PhoneConfig] = {}
         self.contract_violations: list[str] = []
+        self.rooms: dict[str, Room] = {}
+        self.conferences: list[ConferenceRecord] = []
+        """Every ``<Conference>`` room, in the order they started."""
         self._calls: dict[str, _Call] = {}
         self._order: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -399,6 +404,8 @@ class TwilioSim:
         amd_result: str | None = None,
         amd_after: float | None = None,
         greeting_length: float = 4.0,
+        press: str | None = None,
+        press_after: float = 1.0,
     ) -> PhoneConfig:
         """Configure the simulated phone reached at ``number`` (times in simulated seconds)."""
         cfg = PhoneConfig(
@@ -415,6 +422,8 @@ class TwilioSim:
             amd_result=amd_result,
             amd_after=amd_after,
             greeting_length=greeting_length,
+            press=press,
+            press_after=press_after,
         )
         self.phones[number] = cfg
         return cfg
@@ -432,6 +441,13 @@ class TwilioSim:
 
     def call(self, sid: str) -> CallRecord:
         return self._calls[sid].record
+
+    def conference(self, name: str) -> ConferenceRecord | None:
+        """The latest room named ``name``."""
+        return next((r for r in reversed(self.conferences) if r.name == name), None)
+
+    def new_conference_sid(self) -> str:
+        return new_sid("CF")
 
     def hangup(self, call_sid: str) -> None:
         """The simulated phone on ``call_sid`` hangs up now."""
@@ -1311,7 +1327,10 @@ class TwilioSim:
     async def _run_verb(self, c: _Call, node: Node, doc: Document) -> Next:
         r = c.record
         tag = node.tag
+        if tag == "Gather":
+            return await run_gather(self, c, node, doc)
         if tag == "Say":
+            check_node(c, node)
             loops = _int_attr(node.attrs.get("loop"), 1)
             r.said.append(node.text)
             self._record_verb(c, VerbRecord("Say", node.attrs, node.text))
@@ -1367,6 +1386,9 @@ class TwilioSim:
         caller_id = attrs.get("callerId") or c.record.from_
         time_limit = _int_attr(attrs.get("timeLimit"), 14400)
         answer_on_bridge = attrs.get("answerOnBridge", "false").lower() == "true"
+        room = node.child("Conference")
+        if room is not None:
+            return await run_conference(self, c, node, room, doc)
         targets: list[tuple[str, str, dict[str, str]]] = []
         if node.text and not node.children:
             targets.append(("Number", node.text, {}))
@@ -1532,7 +1554,14 @@ class TwilioSim:
                     whisper = await self._fetch_document(
                         leg, leg.whisper_url, leg.whisper_method, "twiml"
                     )
-                    if whisper is None or await self._run_document(leg, whisper) == "hangup":
+                    if whisper is None:
+                        return
+                    # A <Gather action> or <Redirect> in the whisper hands over to its
+                    # document, which may still hang up before the bridge.
+                    ran = await self._run_document(leg, whisper)
+                    while isinstance(ran, Document):
+                        ran = await self._run_document(leg, ran)
+                    if ran == "hangup":
                         return
                 leg.bridge_ready = True
                 if leg.parent is not None:

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 # Verbs the simulator executes.  Anything else inside <Response> is recorded and skipped.
 SUPPORTED_VERBS = frozenset(
-    {"Say", "Play", "Pause", "Hangup", "Reject", "Redirect", "Dial", "Connect"}
+    {"Say", "Play", "Pause", "Hangup", "Reject", "Redirect", "Dial", "Connect", "Gather"}
 )
 # Verbs that exist in TwiML Voice but are not simulated (see README.md).
 KNOWN_UNSIMULATED_VERBS = frozenset(
-    {"Gather", "Record", "Enqueue", "Leave", "Queue", "Start", "Stop", "Refer", "Pay", "Prompt"}
+    {"Record", "Enqueue", "Leave", "Queue", "Start", "Stop", "Refer", "Pay", "Prompt"}
 )
 DIAL_NOUNS = frozenset(
     {"Number", "Client", "Sip", "Conference", "Queue", "Application", "WhatsApp"}
