@@ -16,6 +16,7 @@ otherwise, counted under its code). Twilio never sees a 500: on a failure the le
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,6 +38,7 @@ from mobile_bridge.twilio_webhooks import (
     HANG_UP_TWIML,
     LEG_STATUSES,
     SCREEN_ROUTE,
+    Webhook,
     WebhookSignatures,
     answered_by_from,
     error_response,
@@ -150,71 +152,66 @@ class AgentLegWebhooks:
     def _screen(request: web.Request) -> ScreenEvents:
         return request.app[keys.CALLBACKS].screen
 
-    async def screen(self, request: web.Request) -> web.Response:
-        """A screened bridge's agent answered: the whisper (its parent is the visitor)."""
+    async def _twiml(
+        self,
+        request: web.Request,
+        what: str,
+        step: Callable[[Webhook], Awaitable[AgentInstruction]],
+        key_url: Callable[[str, int], str],
+    ) -> web.Response:
+        """Verify, take ``step``, and answer its instruction as TwiML whose key presses go to
+        ``key_url``; Twilio never sees a 500: a failure of ours hangs the leg up."""
         try:
             hook = await verified(request, self._signatures)
-            parent = _param(hook.params, "ParentCallSid")
-            instruction = await self._screen(request).on_screen(
-                hook.call_id, hook.attempt, parent, _call_sid(hook.params)
-            )
+            instruction = await step(hook)
         except DomainError as e:
             return error_response(e, request)
         except Exception:
-            log.exception("screening failed for %s", request.path)
+            log.exception("%s failed for %s", what, request.path)
             return twiml_response(HANG_UP_TWIML)
-        key_url = self._urls.screen_key(hook.call_id, hook.attempt)
-        return twiml_response(render_agent(instruction, key_url))
+        return twiml_response(render_agent(instruction, key_url(hook.call_id, hook.attempt)))
+
+    async def screen(self, request: web.Request) -> web.Response:
+        """A screened bridge's agent answered: the whisper (its parent is the visitor)."""
+
+        def step(hook: Webhook) -> Awaitable[AgentInstruction]:
+            parent = _param(hook.params, "ParentCallSid")
+            return self._screen(request).on_screen(
+                hook.call_id, hook.attempt, parent, _call_sid(hook.params)
+            )
+
+        return await self._twiml(request, "screening", step, self._urls.screen_key)
 
     async def screen_key(self, request: web.Request) -> web.Response:
-        try:
-            hook = await verified(request, self._signatures)
+        def step(hook: Webhook) -> Awaitable[AgentInstruction]:
             parent = _param(hook.params, "ParentCallSid")
-            instruction = await self._screen(request).on_screen_key(
+            return self._screen(request).on_screen_key(
                 hook.call_id,
                 hook.attempt,
                 parent,
                 _call_sid(hook.params),
                 hook.params.get("Digits", ""),
             )
-        except DomainError as e:
-            return error_response(e, request)
-        except Exception:
-            log.exception("the screened key press failed for %s", request.path)
-            return twiml_response(HANG_UP_TWIML)
-        key_url = self._urls.screen_key(hook.call_id, hook.attempt)
-        return twiml_response(render_agent(instruction, key_url))
+
+        return await self._twiml(request, "the screened key press", step, self._urls.screen_key)
 
     async def voice(self, request: web.Request) -> web.Response:
-        try:
-            hook = await verified(request, self._signatures)
+        def step(hook: Webhook) -> Awaitable[AgentInstruction]:
             sid = _call_sid(hook.params)
             answered_by = answered_by_from(hook.params.get("AnsweredBy"))
-            instruction = await self._events(request).on_agent_answer(
+            return self._events(request).on_agent_answer(
                 hook.call_id, hook.attempt, sid, answered_by
             )
-        except DomainError as e:
-            return error_response(e, request)
-        except Exception:
-            log.exception("the agent's answer failed for %s", request.path)
-            return twiml_response(HANG_UP_TWIML)
-        key_url = self._urls.key(hook.call_id, hook.attempt)
-        return twiml_response(render_agent(instruction, key_url))
+
+        return await self._twiml(request, "the agent's answer", step, self._urls.key)
 
     async def key(self, request: web.Request) -> web.Response:
-        try:
-            hook = await verified(request, self._signatures)
+        def step(hook: Webhook) -> Awaitable[AgentInstruction]:
             sid = _call_sid(hook.params)
             digits = hook.params.get("Digits", "")
-            instruction = await self._events(request).on_agent_key(
-                hook.call_id, hook.attempt, sid, digits
-            )
-        except DomainError as e:
-            return error_response(e, request)
-        except Exception:
-            log.exception("the agent's key press failed for %s", request.path)
-            return twiml_response(HANG_UP_TWIML)
-        return twiml_response(render_agent(instruction, self._urls.key(hook.call_id, hook.attempt)))
+            return self._events(request).on_agent_key(hook.call_id, hook.attempt, sid, digits)
+
+        return await self._twiml(request, "the agent's key press", step, self._urls.key)
 
     async def status(self, request: web.Request) -> web.Response:
         try:
