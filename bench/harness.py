@@ -75,14 +75,25 @@ async def redis_server(directory: Path) -> AsyncIterator[str]:
         await proc.wait()
 
 
+SITE_NUMBER = "+15005550006"
+"""The bench site's one caller id: the number agents text for presence by SMS."""
+
+
+def agent_mobile(i: int) -> str:
+    """Agent ``a{i}``'s mobile number in ``demo_site_config(mobiles=True)`` (Irish mobiles)."""
+    return f"+35385{1_000_000 + i:07d}"
+
+
 def demo_site_config(
     agents: int,
     *,
     socket_ttl_s: float = 15,
     device_ttl_s: float = 3600,
     extra: str = "",
+    mobiles: bool = False,
 ) -> str:
-    """A config with one site, the demo's branches, and ``agents`` agents spread over them."""
+    """A config with one site, the demo's branches, and ``agents`` agents spread over them
+    (each with a mobile number, ``agent_mobile(i)``, when ``mobiles``)."""
     branches = ("dublin", "berlin", "online")
     lines = [
         "[server]",
@@ -98,7 +109,7 @@ def demo_site_config(
         'id = "acme"',
         'name = "Acme"',
         'origins = ["http://127.0.0.1:8080"]',
-        'caller_ids = ["+15005550006"]',
+        f'caller_ids = ["{SITE_NUMBER}"]',
     ]
     hours = ", ".join(
         f'{d} = ["00:00-24:00"]' for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -120,6 +131,8 @@ def demo_site_config(
             f'branch = "{branches[i % 3]}"',
             'languages = ["en"]',
         ]
+        if mobiles:
+            lines.append(f'mobile = "{agent_mobile(i)}"')
     lines += ["[[sites.agents]]", 'id = "sup"', 'name = "Supervisor"', 'role = "supervisor"']
     return "\n".join(lines) + "\n"
 

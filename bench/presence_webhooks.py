@@ -1,14 +1,19 @@
-"""Presence from IM across two nodes sharing Redis: the IM presence webhook's share of issue
-11's ``bench/presence_webhooks.py`` (the SMS webhook is built beside it; this measures the
-IM path alone, with the socket path beside it in the same run).
+"""Presence from webhooks across two nodes sharing Redis (issue 11's benchmark).
 
-1,000 agents; a chat integration posts signed single-update requests to
-``POST /v1/sites/acme/presence/im`` at a steady rate, alternating between the nodes, while
-agents' sockets send ``presence:set`` at their own rate. Each node has a supervisor's board;
-a change counts when it reaches the board on the *other* node. Reports both paths' arrival
-to ``presence:update`` latency (the webhook's from just before the request is written).
+1,000 agents. Presence changes arrive at a steady combined rate (500/s), half through each
+webhook, each request sent to the two nodes in turn:
 
-    .venv/bin/python bench/im_presence.py --out bench/results/im_presence.json
+- the IM presence webhook, ``POST /v1/sites/acme/presence/im``: a chat integration's signed
+  single-update request (``available``, ``away``, ``dnd`` on the agent's ``im`` device);
+- the SMS webhook, ``POST /v1/twilio/sms``: Twilio's signed form for an agent texting the
+  site's number ``IN``, ``BUSY`` or ``BACK 15`` (the agent's ``sms`` device).
+
+Meanwhile agents' sockets send ``presence:set`` at their own rate. Each node has a
+supervisor's board; a change counts when it reaches the board on the *other* node. Reports
+each path's latency from the change's arrival to ``presence:update`` (the webhooks' from
+just before the request is written, so the client's HTTP work counts against them).
+
+    .venv/bin/python bench/presence_webhooks.py --runs 3 --out bench/results/presence_webhooks.json
 """
 
 from __future__ import annotations
@@ -29,13 +34,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
+from twilio.request_validator import RequestValidator
 
 from bench.harness import (
+    SITE_NUMBER,
     RawSocketIO,
     add_runs_argument,
+    agent_mobile,
     cpu_per_unit,
     cpu_report,
     demo_site_config,
+    gc_pause_report,
+    gc_pauses,
     log_problems,
     redis_pid,
     redis_server,
@@ -50,7 +60,11 @@ from bench.harness import (
 from gateway.wire.im_presence import signed_headers
 
 SECRET = "bench-im-presence-webhook-secret-0123456789"
-STATES = ("available", "away", "dnd")
+ACCOUNT_SID = "AC" + "b" * 32
+AUTH_TOKEN = "bench-twilio-auth-token"
+IM_STATES = ("available", "away", "dnd")
+SMS_COMMANDS = (("IN", "available"), ("BUSY", "busy"), ("BACK 15", "away"))
+"""What an agent texts, and the state their ``sms`` device then shows."""
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,8 +73,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         config = work / "bench.toml"
         # Every webhook request is one update: the per-site bucket must not be what limits.
         rate = f"im_webhook_rate = {args.rate * 2}\nim_webhook_burst = {args.rate * 2}"
-        config.write_text(demo_site_config(args.agents + args.senders, extra=rate))
+        config.write_text(demo_site_config(args.agents + args.senders, extra=rate, mobiles=True))
         os.environ["MEMBRANE_SITE_ACME_PRESENCE_WEBHOOK_SECRET"] = SECRET
+        os.environ["MEMBRANE_TWILIO_ACCOUNT_SID"] = ACCOUNT_SID
+        os.environ["MEMBRANE_TWILIO_AUTH_TOKEN"] = AUTH_TOKEN
         async with redis_server(work) as redis_url:
             node_a = await start_node(config, redis_url, work, "node-a")
             node_b = await start_node(config, redis_url, work, "node-b")
@@ -81,11 +97,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 async def measure(
     args: argparse.Namespace, url_a: str, url_b: str, pids: dict[str, int]
 ) -> dict[str, Any]:
-    im_sent: dict[tuple[str, str], tuple[float, str]] = {}
+    # (agent, device, state) -> (sent at, node it went to): the change awaited on a board.
+    sent: dict[tuple[str, str, str], tuple[float, str]] = {}
     socket_sent: dict[tuple[str, int], tuple[float, str]] = {}
-    im_latency: list[float] = []
+    latency: dict[str, list[float]] = {"im": [], "sms": []}
     socket_latency: list[float] = []
-    refused: list[int] = []
+    # (second of the run it arrived in, latency): where the slow ones cluster, if they do.
+    arrivals: list[tuple[int, float]] = []
+    refused: dict[str, list[int]] = {"im": [], "sms": []}
+    signer = RequestValidator(AUTH_TOKEN)
 
     def board_handler(node: str) -> Callable[[str, Any], None]:
         def on_update(event: str, p: dict[str, Any]) -> None:
@@ -93,16 +113,19 @@ async def measure(
                 return
             received = time.perf_counter()
             for d in p["devices"]:
-                if d["device_id"] == "im":
-                    origin = im_sent.get((p["agent_id"], d["state"]))
+                device = d["device_id"]
+                if device in latency:
+                    key = (p["agent_id"], device, d["state"])
+                    origin = sent.get(key)
                     if origin is not None and origin[1] != node:
-                        del im_sent[(p["agent_id"], d["state"])]
-                        im_latency.append(received - origin[0])
-                elif d["device_id"] == "mob":
-                    key = (p["agent_id"], d["priority"])
-                    origin2 = socket_sent.get(key)
+                        del sent[key]
+                        latency[device].append(received - origin[0])
+                        arrivals.append((int(received - started), received - origin[0]))
+                elif device == "mob":
+                    key2 = (p["agent_id"], d["priority"])
+                    origin2 = socket_sent.get(key2)
                     if origin2 is not None and origin2[1] != node:
-                        del socket_sent[key]
+                        del socket_sent[key2]
                         socket_latency.append(received - origin2[0])
 
         return on_update
@@ -122,36 +145,61 @@ async def measure(
         senders.append((f"a{args.agents + i}", node, client))
     await asyncio.sleep(1.0)  # let the connect-time presence changes drain before measuring
 
-    async def post(node: str, url: str, agent: str, state: str) -> None:
+    async def post_im(node: str, url: str, agent: str, state: str) -> None:
         body = json.dumps(
             {"agent_id": agent, "state": state, "event_id": uuid.uuid4().hex}
         ).encode()
         headers = signed_headers(SECRET, int(time.time()), body)
-        im_sent[(agent, state)] = (time.perf_counter(), node)
+        sent[(agent, "im", state)] = (time.perf_counter(), node)
         async with http.post(f"{url}/v1/sites/acme/presence/im", data=body, headers=headers) as r:
             if r.status != 200:
-                refused.append(r.status)
+                refused["im"].append(r.status)
             await r.read()
+
+    async def post_sms(node: str, url: str, agent: int, command: str, state: str) -> None:
+        target = f"{url}/v1/twilio/sms"
+        form = {
+            "AccountSid": ACCOUNT_SID,
+            "MessageSid": "SM" + uuid.uuid4().hex,
+            "From": agent_mobile(agent),
+            "To": SITE_NUMBER,
+            "Body": command,
+            "NumMedia": "0",
+        }
+        headers = {"X-Twilio-Signature": signer.compute_signature(target, form)}
+        sent[(f"a{agent}", "sms", state)] = (time.perf_counter(), node)
+        async with http.post(target, data=form, headers=headers) as r:
+            reply = await r.text()
+            if r.status != 200 or "<Message>" not in reply:
+                refused["sms"].append(r.status)
 
     print(f"measuring for {args.duration:.0f} s", file=sys.stderr, flush=True)
     posts: set[asyncio.Task[None]] = set()
-    total_im = int(args.rate * args.duration)
+    total = int(args.rate * args.duration)
     socket_every = max(1, round(args.rate / max(args.socket_rate, 1e-9)))
     seq = [0] * max(1, len(senders))
+    gc_before = {node: await gc_pauses(http, url) for node, url in (("a", url_a), ("b", url_b))}
     started = time.perf_counter()
     before = {name: sched(pid) for name, pid in pids.items()}
     lag_max = 0.0
     socket_total = 0
-    for issued in range(total_im):
+    for issued in range(total):
         due = started + issued / args.rate
         now = time.perf_counter()
         if due > now:
             await asyncio.sleep(due - now)
         lag_max = max(lag_max, time.perf_counter() - due)
-        agent = f"a{issued % args.agents}"
-        state = STATES[(issued // args.agents) % len(STATES)]
-        node, url = ("a", url_a) if issued % 2 == 0 else ("b", url_b)
-        task = asyncio.create_task(post(node, url, agent, state))
+        # Requests alternate IM, SMS; each agent gets one of each per round of all agents,
+        # and a different state from the round before, so every request is a change.
+        agent = (issued // 2) % args.agents
+        step = (issued // (2 * args.agents)) % 3
+        node, url = ("a", url_a) if (issued // 2) % 2 == 0 else ("b", url_b)
+        if issued % 2 == 0:
+            job = post_im(node, url, f"a{agent}", IM_STATES[step])
+        else:
+            command, state = SMS_COMMANDS[step]
+            job = post_sms(node, url, agent, command, state)
+        task = asyncio.create_task(job)
         posts.add(task)
         task.add_done_callback(posts.discard)
         if senders and issued % socket_every == 0:
@@ -173,46 +221,73 @@ async def measure(
     cpu = cpu_report(pids, before, elapsed)
     await asyncio.gather(*posts, return_exceptions=True)
     deadline = time.perf_counter() + 5
-    while (im_sent or socket_sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
+    while (sent or socket_sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)  # stragglers, bounded
+    gc_report = {
+        f"node-{node}": gc_pause_report(gc_before[node], await gc_pauses(http, url))
+        for node, url in (("a", url_a), ("b", url_b))
+    }
     for _, _, client in senders:
         await client.close()
     for board in boards:
         await board.close()
     await http.close()
 
-    webhook = summary_ms(im_latency)
+    webhooks = summary_ms(latency["im"] + latency["sms"])
     sockets = summary_ms(socket_latency)
-    ratio = webhook.get("p99_ms", math.inf) / sockets["p99_ms"] if socket_latency else math.nan
+    ratio = webhooks.get("p99_ms", math.inf) / sockets["p99_ms"] if socket_latency else math.nan
     return {
-        "benchmark": "im_presence",
+        "benchmark": "presence_webhooks",
         "agents": args.agents,
         "target_rate_per_s": args.rate,
-        "achieved_rate_per_s": round(total_im / elapsed, 1),
+        "achieved_rate_per_s": round(total / elapsed, 1),
         "socket_rate_per_s": round(socket_total / elapsed, 1),
         "duration_s": round(elapsed, 2),
-        "sent": total_im,
-        "refused": len(refused),
-        "lost": len(im_sent),
+        "sent": total,
+        "refused": {kind: len(codes) for kind, codes in refused.items()},
+        "lost": {kind: sum(1 for k in sent if k[1] == kind) for kind in latency},
         "driver_max_lag_ms": round(lag_max * 1000, 2),
-        "webhook_to_update_ms": webhook,
+        "webhook_to_update_ms": webhooks,
+        "im_to_update_ms": summary_ms(latency["im"]),
+        "sms_to_update_ms": summary_ms(latency["sms"]),
         "socket_to_update_ms": sockets,
         "ratio_p99": round(ratio, 2),
+        "slowest_seconds": slowest_seconds(arrivals),
+        "gc_pauses_while_sending": gc_report,
         "cpu_while_sending": cpu,
-        "cpu_per_change": cpu_per_unit(cpu, total_im / elapsed, "change", ("node-a", "node-b")),
+        "cpu_per_change": cpu_per_unit(cpu, total / elapsed, "change", ("node-a", "node-b")),
         "target": "p99 <= 15 ms and <= 2x the socket path's p99",
-        "meets_target": webhook.get("p99_ms", math.inf) <= 15 and ratio <= 2,
+        "meets_target": webhooks.get("p99_ms", math.inf) <= 15 and ratio <= 2,
     }
+
+
+def slowest_seconds(arrivals: list[tuple[int, float]], top: int = 3) -> list[dict[str, float]]:
+    """The seconds of the run with the slowest webhook changes: a stall shows as one."""
+    worst: dict[int, list[float]] = {}
+    for second, latency in arrivals:
+        worst.setdefault(second, []).append(latency)
+    ranked = sorted(worst.items(), key=lambda kv: max(kv[1]), reverse=True)[:top]
+    return [
+        {
+            "second": second,
+            "max_ms": round(max(values) * 1000, 1),
+            "over_15_ms": sum(1 for v in values if v > 0.015),
+        }
+        for second, values in ranked
+    ]
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "webhook_p50_ms": result["webhook_to_update_ms"].get("p50_ms"),
         "webhook_p99_ms": result["webhook_to_update_ms"].get("p99_ms"),
+        "im_p99_ms": result["im_to_update_ms"].get("p99_ms"),
+        "sms_p99_ms": result["sms_to_update_ms"].get("p99_ms"),
         "socket_p50_ms": result["socket_to_update_ms"].get("p50_ms"),
         "socket_p99_ms": result["socket_to_update_ms"].get("p99_ms"),
         "refused": result["refused"],
         "lost": result["lost"],
+        "slowest_second_ms": (result["slowest_seconds"] or [{}])[0].get("max_ms"),
         "saturated": result["cpu_per_change"]["saturated"],
     }
 
@@ -221,9 +296,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--agents", type=int, default=1_000, help="agents posted for by IM")
+    parser.add_argument("--agents", type=int, default=1_000, help="agents posted for")
     parser.add_argument("--senders", type=int, default=20, help="agent sockets, half per node")
-    parser.add_argument("--rate", type=float, default=500.0, help="IM webhook changes a second")
+    parser.add_argument("--rate", type=float, default=500.0, help="IM and SMS changes a second")
     parser.add_argument("--socket-rate", type=float, default=50.0, help="presence:set a second")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds")
     parser.add_argument("--out", help="also write the figures to this JSON file")
