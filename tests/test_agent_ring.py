@@ -67,14 +67,22 @@ def test_the_device_follows_the_channel_routing_chose() -> None:
 
 
 def test_the_whisper_says_who_where_and_which_language() -> None:
-    said = ar.whisper("Acme", None, "https://x.test/p", "de")
+    said = ar.whisper("Acme", None, "https://x.test/pricing?utm=1", "de")
     assert said == (
-        "Acme callback for a customer, from the page https://x.test/p, speaking de. "
+        "Acme callback for a customer, from the page /pricing, speaking German. "
         "Press 1 to take the call."
+    )
+    assert "from the home page, speaking Portuguese (Brazil)." in ar.whisper(
+        "Acme", None, "https://x.test/", "pt-BR"
     )
     assert ar.whisper("Acme", "Mary", None, None) == (
         "Acme callback for Mary. Press 1 to take the call."
     )
+
+
+@pytest.mark.parametrize("code", ["xx", "en-", "-", "zz-ZZ-nonsense", "de_DE@x"])
+def test_a_language_babel_does_not_know_is_said_as_it_is(code: str) -> None:
+    assert ar.language_name(code) == code
 
 
 def test_the_leg_is_the_one_placed_for_that_ring() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Node, NodeFactory, SocketClient, eventually, mint, replace
+from prometheus_client.parser import text_string_to_metric_families
 from test_callbacks import (
     ANNA_PHONE,
     BEN_PHONE,
@@ -86,6 +87,18 @@ def ring_log(call: Call) -> list[tuple[str, str]]:
     return [(e.event, e.detail) for e in call.timeline if e.event in ("ring_device", "ring_ended")]
 
 
+async def mobile_rings(http: aiohttp.ClientSession, node: Node) -> dict[str, float]:
+    """``membrane_mobile_rings_total`` by how the ring ended."""
+    text = await (await http.get(f"{node.url}/metrics")).text()
+    return {
+        sample.labels["end"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "membrane_mobile_rings"
+        for sample in family.samples
+        if sample.name == "membrane_mobile_rings_total"
+    }
+
+
 def legs_to(sim: TwilioSim, number: str) -> list[CallRecord]:
     return [c for c in sim.calls if c.to == number]
 
@@ -120,7 +133,7 @@ async def test_an_agent_only_on_mobile_presses_1_and_meets_the_customer(
     assert set(room.bridged) == {agent_leg.sid, visitor_leg.sid}
     # The whisper: who, from which page, in which language, and press 1.
     whisper = next(s for s in agent_leg.said if "Press 1" in s)
-    assert "a customer" in whisper and PAGE in whisper and "en" in whisper
+    assert "a customer" in whisper and "/pricing" in whisper and "English" in whisper
     assert [v.detail["Digits"] for v in agent_leg.verbs_named("Gather")] == ["1"]
     assert "Calling the customer now." in agent_leg.said
     assert await status_of(http, a, "anna") == "on_call"
@@ -186,6 +199,7 @@ async def test_an_agent_who_does_not_press_1_is_skipped_and_the_next_rings(
     ]
     assert call.agent_id == "ben" and call.tried == ("anna",)
     assert await status_of(http, node, "anna") == "available"
+    assert await mobile_rings(http, node) == {outcome: 1.0, "accepted_by_key": 1.0}
 
 
 async def test_the_site_ring_timeout_hangs_up_the_agent_leg(
@@ -377,6 +391,7 @@ async def test_customer_first_the_bridge_is_screened_and_the_next_agent_put_thro
         ("ring_device", "mobile (dial 1, ben)"),
         ("ring_ended", "mobile: accepted_by_key (dial 1, ben)"),
     ]
+    assert await mobile_rings(http, node) == {"declined_key": 1.0, "accepted_by_key": 1.0}
 
 
 async def test_a_forged_screen_webhook_changes_nothing(

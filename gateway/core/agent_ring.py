@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from enum import StrEnum
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from babel import Locale, UnknownLocaleError
 
 from gateway.core.call import Call, CallError, CallState, TimelineEntry
 from gateway.core.model import Channel
@@ -83,14 +87,32 @@ def leg_ended(status: str) -> RingEnd:
 def whisper(
     site_name: str, visitor_name: str | None, page: str | None, language: str | None
 ) -> str:
-    """What the agent hears on answering: who calls, from which page, in which language."""
+    """What the agent hears on answering: who calls, from which page, in which language.
+    Spoken, so the page is its path (a voice reading out a whole address helps nobody) and
+    the language its English name."""
     who = visitor_name or "a customer"
     parts = [f"{site_name} callback for {who}"]
     if page:
-        parts.append(f"from the page {page}")
+        parts.append(f"from {spoken_page(page)}")
     if language:
-        parts.append(f"speaking {language}")
+        parts.append(f"speaking {language_name(language)}")
     return ", ".join(parts) + ". Press 1 to take the call."
+
+
+def spoken_page(page: str) -> str:
+    path = urlsplit(page).path.strip()
+    return "the home page" if path in ("", "/") else f"the page {path}"
+
+
+@lru_cache(maxsize=512)
+def language_name(code: str) -> str:
+    """``de`` -> "German", ``pt-BR`` -> "Portuguese (Brazil)"; a code Babel does not know is
+    said as it is."""
+    try:
+        name = Locale.parse(code, sep="-").get_display_name("en")
+    except (ValueError, TypeError, UnknownLocaleError):
+        return code
+    return name or code
 
 
 def phone_after_app(

@@ -106,6 +106,13 @@ class Metrics:
             "compares with server.max_loop_lag_ms.",
             registry=self.registry,
         )
+        self.mobile_rings = Counter(
+            "membrane_mobile_rings_total",
+            "Rings of agents' own phones, by how each ended (accepted_by_key, declined_key, "
+            "no_input, machine, busy, no_answer, failed, timeout, declined).",
+            ["end"],
+            registry=self.registry,
+        )
         self.rings_dropped = Counter(
             "membrane_rings_dropped_total",
             "Rings not delivered to an agent's socket: expired on the way, or already over.",

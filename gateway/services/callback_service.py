@@ -121,8 +121,8 @@ class CallbackService:
         """The phone legs; the telephony edge calls into it (``CallbackEvents``)."""
         # The agent rung in the app or on their mobile (AgentLegEvents); customer first,
         # the agent's leg screened (ScreenEvents).
-        self.devices = MobileRing(records, self._ring_details)
-        self.screen = CallerScreen(records, self._candidates)
+        self.devices = MobileRing(records, self._ring_details, metrics)
+        self.screen = CallerScreen(records, self._candidates, metrics)
         self.dialer.agent_legs, self.dialer.screen = self.devices, self.screen
         self.min_lead_s = MIN_LEAD_S
 

@@ -19,6 +19,7 @@ from gateway.core.agent_ring import RingEnd
 from gateway.core.call import Call, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.routing import Candidate
+from gateway.ops.metrics import Metrics
 from gateway.services.call_records import CALL_HOLD_S, CallRecords
 from gateway.services.mobile_ring import GOODBYE, KEY_TIMEOUT_S, TOO_LATE
 from gateway.telephony import AgentInstruction, Bridge, HangUp, Proceed, Whisper
@@ -28,9 +29,10 @@ Candidates = Callable[[Call, float], Awaitable[list[Candidate]]]
 
 
 class CallerScreen:
-    def __init__(self, records: CallRecords, candidates: Candidates) -> None:
+    def __init__(self, records: CallRecords, candidates: Candidates, metrics: Metrics) -> None:
         self._records = records
         self._candidates = candidates
+        self._metrics = metrics
 
     # --- asked by the visitor's leg (gateway.services.callback_dialing) --------------------
 
@@ -110,13 +112,15 @@ class CallerScreen:
         call = await self._bridging(call_id, dials, parent_id)
         end = ar.key_pressed(digits)
         try:
-            _, after = await self._records.update(
+            before, after = await self._records.update(
                 call_id, partial(ar.screen_ended, dials=dials, end=end, now=self._now()), call
             )
         except (Conflict, NotFound):
             return HangUp(TOO_LATE)
         if ar.screen_end_of(after) is not end:
             return HangUp(TOO_LATE)  # a repeat: the first key press decided
+        if ar.screen_end_of(before) is None:
+            self._metrics.mobile_rings.labels(end.value).inc()
         return Proceed() if end is RingEnd.ACCEPTED_BY_KEY else HangUp(GOODBYE)
 
     def _now(self) -> float:

@@ -27,6 +27,7 @@ from gateway.core.agent_ring import RingDevice, RingEnd
 from gateway.core.call import Call, CallError, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import Channel
+from gateway.ops.metrics import Metrics
 from gateway.services.call_desk import CallDesk
 from gateway.services.call_records import RESERVATION_GRACE_S, CallRecords
 from gateway.telephony import (
@@ -65,10 +66,11 @@ def room_name(call_id: str) -> str:
 
 
 class MobileRing:
-    def __init__(self, records: CallRecords, details: RingDetails) -> None:
+    def __init__(self, records: CallRecords, details: RingDetails, metrics: Metrics) -> None:
         self._records = records
         self._desk = CallDesk(records)
         self._details = details
+        self._metrics = metrics
         self.phones: AgentPhones | None = None
         """Set by the app when the telephony provider can ring agents' phones."""
 
@@ -167,6 +169,7 @@ class MobileRing:
         except (Conflict, NotFound):
             return HangUp(TOO_LATE)
         now = self._records.clock()
+        self._metrics.mobile_rings.labels(end.value).inc()
         await self._note(
             accepted,
             partial(ar.ring_ended, attempt=ring, device=RingDevice.MOBILE, end=end, now=now),
@@ -205,6 +208,7 @@ class MobileRing:
             before, after = await self._records.update(call.call_id, declined, call)
         except (Conflict, NotFound):
             return
+        self._metrics.mobile_rings.labels(end.value).inc()
         assert before.agent_id is not None and agent_id is not None
         await self._records.ring_over(before, after, before.agent_id, "declined")
         await self._records.flow(after).ring_missed(after)
@@ -225,6 +229,8 @@ class MobileRing:
         now = self._records.clock()
         ended = partial(ar.ring_ended, attempt=ring, device=device, end=end, now=now)
         await self._note(call, ended)
+        if device is RingDevice.MOBILE:
+            self._metrics.mobile_rings.labels(end.value).inc()
         leg = ar.agent_leg(call)
         if device is RingDevice.MOBILE and leg is not None:
             await self._hang_up(leg)
