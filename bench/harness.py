@@ -54,6 +54,7 @@ async def redis_server(directory: Path) -> AsyncIterator[str]:
         "--dir", str(directory),
         "--appendonly", "yes",
         "--save", "",
+        "--logfile", str(directory / "redis.log"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -23,6 +23,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -59,6 +60,7 @@ from bench.harness import (
 )
 from gateway.wire.im_presence import signed_headers
 
+STARTUP_LINE = re.compile(r"oO0Oo|Redis version|Configuration loaded|Server initialized|overcommit")
 SECRET = "bench-im-presence-webhook-secret-0123456789"
 ACCOUNT_SID = "AC" + "b" * 32
 AUTH_TOKEN = "bench-twilio-auth-token"
@@ -88,7 +90,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "driver": os.getpid(),
                 }
                 result = await measure(args, node_a.url, node_b.url, pids)
-                return result | {"log_problems": log_problems([node_a.log, node_b.log])}
+                redis_warnings = [
+                    line
+                    for line in (work / "redis.log").read_text().splitlines()
+                    # Its warnings (" # "), less the start-up banner: a slow fsync or fork
+                    # would explain a stall that every path saw at once.
+                    if " # " in line and not STARTUP_LINE.search(line)
+                ]
+                return result | {
+                    "log_problems": log_problems([node_a.log, node_b.log]),
+                    "redis_warnings": redis_warnings[-8:],
+                }
             finally:
                 await stop_node(node_a)
                 await stop_node(node_b)
