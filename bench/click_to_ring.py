@@ -136,6 +136,7 @@ class SimVisitor:
 class Stats:
     def __init__(self) -> None:
         self.start_to_ring: list[float] = []
+        self.pressed_at: list[float] = []  # when each start_to_ring's press was sent
         self.start_to_ack: list[float] = []
         self.shed_to_ack: list[float] = []
         self.retry_after_ms: list[int] = []
@@ -158,6 +159,18 @@ class Stats:
         self.hangups_sent = 0
         self.accepts_sent = 0
         self.unknown_rings = 0
+
+
+def p99_by_window(stats: Stats, window_s: float = 5.0) -> list[float]:
+    """The press-to-ring p99 (ms) of each ``window_s`` of the phase, by press time: whether
+    the tail is spread out or comes from one stretch (a warm-up, a stall)."""
+    if not stats.pressed_at:
+        return []
+    first = min(stats.pressed_at)
+    windows: dict[int, list[float]] = {}
+    for at, latency in zip(stats.pressed_at, stats.start_to_ring, strict=True):
+        windows.setdefault(int((at - first) // window_s), []).append(latency)
+    return [summary_ms(windows[k]).get("p99_ms", math.nan) for k in sorted(windows)]
 
 
 async def connect_all(
@@ -285,6 +298,7 @@ class Driver:
             v.rung = True
             stats.first_rings += 1
             stats.start_to_ring.append(now - v.sent_at)
+            stats.pressed_at.append(v.sent_at)
             if self.window["start"] <= v.sent_at < self.window["end"]:
                 stats.first_rings_in_window += 1
         self.accepts.put_nowait((agent, call_id))

@@ -39,7 +39,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.click_to_ring import NODE_NAMES, Driver, common_args, node_report, two_nodes
+from bench.click_to_ring import (
+    NODE_NAMES,
+    Driver,
+    common_args,
+    node_report,
+    p99_by_window,
+    two_nodes,
+)
 from bench.harness import NodeProcess, cpu_per_unit, repeat, summary_ms, write_json
 
 RATES = (200.0, 400.0, 800.0, 1600.0)
@@ -66,6 +73,7 @@ def rate_report(rate: float, driver: Driver, phase: dict[str, Any]) -> dict[str,
         "start_acks": dict(stats.ack_states),
         "failed_reasons": dict(stats.failed_reasons),
         "press_to_ring_ms": ring,
+        "press_to_ring_p99_ms_by_5s": p99_by_window(stats),
         "double_bookings": double,
         "double_bookings_two_rings_held": stats.two_rings_held,
         "double_bookings_ring_during_call": stats.ring_during_call,
@@ -111,6 +119,7 @@ async def measure(
                 "shed": rates[-1]["starts_shed"],
                 "p99_ms": rates[-1]["press_to_ring_ms"].get("p99_ms"),
                 "double": rates[-1]["double_bookings"],
+                "p99_ms_by_5s": rates[-1]["press_to_ring_p99_ms_by_5s"],
             }
             print(line, file=sys.stderr, flush=True)
         still_open, agents_on_call = driver.still_open()

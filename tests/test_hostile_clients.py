@@ -278,6 +278,7 @@ async def test_a_board_that_never_reads_is_dropped_with_its_queue_bounded(node: 
         while lean.sid in engine_sockets(node) and changes < 60_000:
             update = device_update_from_wire({"kind": "mobile", "state": states[changes % 2]}, "m1")
             await presence.set_device("acme", "anna", update)
+            await asyncio.sleep(0)  # changes come from I/O: the node's other tasks run between
             changes += 1
             most_queued = max(most_queued, lean.queue.qsize())
             most_pending = max(most_pending, getattr(lean, "pending_bytes", 0))
@@ -321,6 +322,7 @@ async def test_a_client_that_stops_reading_cannot_hold_its_connection_open(node:
         while lean.queue.qsize() < 20:
             update = device_update_from_wire({"kind": "mobile", "state": states[changes % 2]}, "m1")
             await presence.set_device("acme", "anna", update)
+            await asyncio.sleep(0)  # changes come from I/O: the node's other tasks run between
             changes += 1
             assert changes < 60_000, "the writer never waited on the client"
         await ws.send_str("42[]")

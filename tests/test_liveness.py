@@ -110,7 +110,7 @@ async def test_a_frozen_agent_client_goes_offline_on_every_node_within_the_socke
         await eventually(anna_is([a, b], "offline"), TTL_S + 2)
         took = time.monotonic() - frozen_at
         assert took <= TTL_S + 2, took
-        # Not before her last word could have been heard: pings every third of the TTL.
+        # Not before her last word could have been heard: pings every half of the TTL.
         assert took >= TTL_S - agent_liveness(TTL_S)[0] - 0.5, took
 
         # Woken, the client finds its connection cut, reconnects, and is back everywhere.

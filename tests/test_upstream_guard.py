@@ -161,6 +161,7 @@ UPSTREAM = [
         "base_manager", "BaseManager.get_rooms", f"{M}:IndexedRooms.get_rooms", "5ec8bc0630fab119"
     ),
     _sio("async_manager", "AsyncManager.emit", f"{M}:LocalManager.emit", "733526e7a4683888"),
+    _sio("async_manager", "AsyncManager.emit", f"{M}:IndexedRooms.deliver", "733526e7a4683888"),
     _sio(
         "async_pubsub_manager",
         "AsyncPubSubManager._handle_emit",

@@ -44,9 +44,12 @@ class LoadMonitor:
         saturated without saturating it."""
         self._due = 0.0
         self._handle: asyncio.TimerHandle | None = None
+        # Kept: on 3.11 every asyncio.get_running_loop() is a getpid() system call, and the
+        # lag is read on every call start.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._due = loop.time() + self.tick_s
         self._handle = loop.call_at(self._due, self._tick)
 
@@ -56,7 +59,7 @@ class LoadMonitor:
             self._handle = None
 
     def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         late = max(0.0, now - self._due)
         self.lag_s += SMOOTHING * (late - self.lag_s)
@@ -69,8 +72,8 @@ class LoadMonitor:
 
     def loop_lag_s(self) -> float:
         overdue = 0.0
-        if self._handle is not None:
-            overdue = max(0.0, asyncio.get_running_loop().time() - self._due)
+        if self._handle is not None and self._loop is not None:
+            overdue = max(0.0, self._loop.time() - self._due)
         return max(self.lag_s, overdue) + self.extra_lag_s
 
     def sample(self) -> Load:

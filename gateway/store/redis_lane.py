@@ -109,6 +109,9 @@ class RedisLane:
         self._watchdog: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Lock | None = None
         self._scripts: dict[str, str] = {}
+        # The loop the connection belongs to, kept: on 3.11 every asyncio.get_running_loop()
+        # is a getpid() system call, and this is asked for on every command.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _connection(self) -> _Protocol:
         if self._protocol is not None:
@@ -124,6 +127,7 @@ class RedisLane:
                     # watchdog.
                     raise RedisConnectionError("Redis closed the connection at once")
                 self._protocol = protocol
+                self._loop = asyncio.get_running_loop()
                 # AUTH / SELECT, queued before anything else can be (no await in between).
                 setup = _setup_commands(self._target)
                 answers = [self._queue(protocol, command) for command in setup]
@@ -195,7 +199,7 @@ class RedisLane:
 
     def _queue(self, protocol: _Protocol, command: bytes) -> asyncio.Future[Any]:
         assert protocol.transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         self._waiters.append((waiter, loop.time() + self._timeout_s))
         self._outgoing.append(command)

@@ -76,6 +76,9 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     """How long this connection's client may stay silent before it is cut, when watched
     (``watch``); else the server's ``ping_interval + ping_timeout``."""
     _ping_timer: asyncio.TimerHandle | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    """The websocket's loop, kept: on 3.11 every asyncio.get_running_loop() is a getpid()
+    system call, and a ping is scheduled after every pong."""
 
     def __init__(self, server: Any, sid: str) -> None:
         super().__init__(server, sid)
@@ -192,7 +195,8 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             if not self._pinged_before:
                 self._pinged_before = True
                 delay *= random.uniform(0.25, 1.0)
-            self._ping_timer = asyncio.get_running_loop().call_later(delay, self._ping_due)
+            loop = self._loop or asyncio.get_running_loop()
+            self._ping_timer = loop.call_later(delay, self._ping_due)
 
     def watch(self, ping_every_s: float, silence_limit_s: float) -> None:
         """Ping this connection every ``ping_every_s`` and cut it once its client has been
@@ -300,7 +304,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         writer_task = asyncio.ensure_future(writer())
         server.logger.info("%s: Upgrade to websocket successful", self.sid)
 
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         timeout_s = server.ping_interval + server.ping_timeout
         self._heard_at = loop.time()
         self._reader = asyncio.current_task()
