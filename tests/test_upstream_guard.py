@@ -1,4 +1,4 @@
-"""The engine.io and socket.io code Membrane replaces or relies on, fingerprinted.
+"""The engine.io, socket.io and aiortc code Membrane replaces or relies on, fingerprinted.
 
 gateway/edge/sio/upstream/ and gateway/edge/sio/sio_manager.py replace private methods of
 python-engineio and python-socketio with copies that bound what a client can make a node
@@ -38,6 +38,8 @@ class Upstream:
 
     @property
     def package(self) -> str:
+        if self.module.startswith("aiortc"):
+            return "aiortc"
         return "python-engineio" if self.module.startswith("engineio") else "python-socketio"
 
 
@@ -55,6 +57,7 @@ def _sio(module: str, qualname: str, override: str, sha: str) -> Upstream:
 E = "gateway.edge.sio.upstream.engine"
 S = "gateway.edge.sio.upstream.server"
 M = "gateway.edge.sio.sio_manager"
+P = "mobile_bridge.media.pcmu"
 UPSTREAM = [
     # engine.io 4.15.1
     _eio("AsyncSocket.send", f"{E}:LeanSocket.send", "0d14cbe83d409f8b"),
@@ -179,6 +182,33 @@ UPSTREAM = [
         "AsyncRedisManager._listen",
         f"{M}:ObservedRedisManager._listen",
         "0cda033d5bd9ba18",
+    ),
+    # aiortc 1.16.0: the audio bridge's PCMU path (mobile_bridge/media/pcmu.py) replaces a
+    # receiver's packet handling, and relies on how packets reach it, how the sender takes
+    # pre-encoded packets, and when codecs are negotiated.
+    Upstream(
+        "aiortc.rtcrtpreceiver",
+        "RTCRtpReceiver._handle_rtp_packet",
+        f"{P}:tap_pcmu",
+        "0f370c653675ae0e",
+    ),
+    Upstream(
+        "aiortc.rtcdtlstransport",
+        "RTCDtlsTransport._handle_rtp_data",
+        f"{P}:tap_pcmu",
+        "8afb80035db573a1",
+    ),
+    Upstream(
+        "aiortc.rtcrtpsender",
+        "RTCRtpSender._next_encoded_frame",
+        f"{P}:MuLawTrack.recv",
+        "dcfc00fd0d7cb19d",
+    ),
+    Upstream(
+        "aiortc.rtcpeerconnection",
+        "RTCPeerConnection.setRemoteDescription",
+        f"{P}:bridge_transceiver",
+        "976cb3d1034539a8",
     ),
 ]
 

@@ -1,0 +1,164 @@
+"""mu-law through aiortc untouched (mobile_bridge/media/pcmu.py): two real aiortc peers on
+loopback, one playing the browser (its default offer: Opus first), one the gateway's media
+side. The answer must pick PCMU; a 440 Hz tone from the browser arrives at the tap as
+mu-law bytes, and a 1 kHz tone pushed into the gateway's track is heard by the browser."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection
+from aiortc.mediastreams import AudioStreamTrack
+from av import AudioFrame
+from twilio_sim.audio import FRAME_BYTES, Tone, dominant_frequency, tone_pcm
+
+from mobile_bridge.media.pcmu import (
+    FRAME_S,
+    MuLawTrack,
+    PayloadSink,
+    bridge_transceiver,
+    newer,
+)
+
+RATE = 8000
+
+
+class ToneTrack(AudioStreamTrack):
+    """The browser's microphone: a 440 Hz tone, 20 ms frames in real time."""
+
+    def __init__(self, hz: float) -> None:
+        super().__init__()
+        self._pcm = tone_pcm(hz, 10.0)
+        self._at = 0
+
+    async def recv(self) -> AudioFrame:
+        silent = await super().recv()  # paces the frames
+        assert isinstance(silent, AudioFrame)
+        samples = silent.samples
+        chunk = self._pcm[self._at : self._at + samples]
+        self._at += samples
+        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = silent.pts
+        frame.time_base = fractions.Fraction(1, RATE)
+        return frame
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[tuple[RTCPeerConnection, RTCPeerConnection]]:
+    config = RTCConfiguration(iceServers=[])  # loopback only: no STUN server is reachable
+    browser, gateway = RTCPeerConnection(config), RTCPeerConnection(config)
+    yield browser, gateway
+    await browser.close()
+    await gateway.close()
+
+
+async def connect(
+    browser: RTCPeerConnection, gateway: RTCPeerConnection, outgoing: MuLawTrack, sink: PayloadSink
+) -> tuple[str, str]:
+    """The browser offers; the gateway answers with its bridge transceiver. Both SDPs."""
+    bridge_transceiver(gateway, outgoing, sink)
+    await browser.setLocalDescription(await browser.createOffer())
+    offer = browser.localDescription
+    await gateway.setRemoteDescription(offer)
+    await gateway.setLocalDescription(await gateway.createAnswer())
+    answer = gateway.localDescription
+    await browser.setRemoteDescription(answer)
+    assert len(gateway.getTransceivers()) == 1, "the offer's audio took the bridge's"
+    return offer.sdp, answer.sdp
+
+
+def audio_line(sdp: str) -> str:
+    return next(line for line in sdp.splitlines() if line.startswith("m=audio"))
+
+
+async def test_the_answer_picks_pcmu_and_the_tap_hears_the_browser(
+    peers: tuple[RTCPeerConnection, RTCPeerConnection],
+) -> None:
+    browser, gateway = peers
+    browser.addTrack(ToneTrack(440))
+    payloads: list[bytes] = []
+    enough: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def sink(payload: bytes) -> None:
+        payloads.append(payload)
+        if sum(map(len, payloads)) >= RATE and not enough.done():
+            enough.set_result(None)
+
+    offer, answer = await connect(browser, gateway, MuLawTrack(), sink)
+    assert audio_line(offer).split()[3] != "0", "the browser's own preference is not PCMU"
+    assert audio_line(answer).split()[3] == "0", "the answer puts PCMU first"
+    await asyncio.wait_for(enough, timeout=15)
+    assert all(len(p) == FRAME_BYTES for p in payloads), "20 ms mu-law frames, as sent"
+    heard = b"".join(payloads)[-RATE:]
+    assert abs(dominant_frequency(heard) - 440) < 10
+
+
+async def test_mu_law_pushed_in_is_heard_by_the_browser(
+    peers: tuple[RTCPeerConnection, RTCPeerConnection],
+) -> None:
+    browser, gateway = peers
+    browser.addTransceiver("audio", direction="recvonly")
+    remote: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+
+    @browser.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        if not remote.done():
+            remote.set_result(track)
+
+    outgoing = MuLawTrack()
+    await connect(browser, gateway, outgoing, lambda payload: None)
+    track = await asyncio.wait_for(remote, timeout=15)
+
+    tone = Tone(1000)
+
+    async def phone() -> None:
+        # The phone's side of the bridge: a frame every 20 ms, as a Media Stream sends them.
+        for index in range(10_000):
+            outgoing.push(tone.frame(index))
+            await asyncio.sleep(FRAME_S)
+
+    speaking = asyncio.create_task(phone())
+    try:
+        samples: list[np.ndarray] = []
+        async with asyncio.timeout(15):
+            while sum(s.size for s in samples) < 2 * RATE:
+                frame = await track.recv()
+                assert isinstance(frame, AudioFrame)
+                samples.append(frame.to_ndarray().reshape(-1))
+    finally:
+        speaking.cancel()
+    pcm = np.concatenate(samples)[-RATE:].astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(pcm * np.hanning(pcm.size)))
+    spectrum[0] = 0.0
+    peak = float(np.fft.rfftfreq(pcm.size, d=1.0 / RATE)[int(np.argmax(spectrum))])
+    assert abs(peak - 1000) < 10
+    assert outgoing.dropped == 0
+
+
+async def test_the_track_queue_is_bounded_and_drops_the_oldest() -> None:
+    track = MuLawTrack(max_frames=3)
+    frames = [bytes([i]) * FRAME_BYTES for i in range(5)]
+    track.push(b"".join(frames[:4]) + frames[4][:100])  # 4 whole frames and a part
+    assert track.queued == 3 and track.dropped == 1
+    track.push(frames[4][100:])
+    assert track.dropped == 2
+    sent = [bytes(await track.recv()) for _ in range(3)]
+    assert sent == frames[2:5], "the oldest went first; the part was completed"
+    now = [0.0]
+    quiet = MuLawTrack(clock=lambda: now[0])
+    assert bytes(await quiet.recv()) == b"\xff" * FRAME_BYTES and quiet.underruns == 0
+    quiet.push(frames[0])
+    now[0] = 1.0  # far behind its clock: no waiting
+    await quiet.recv()
+    await quiet.recv()
+    assert quiet.underruns == 1, "silence after audio began is a gap"
+
+
+def test_sequence_numbers_compare_across_the_wrap() -> None:
+    assert newer(1, 0) and newer(0, 65535) and newer(10, 65530)
+    assert not newer(0, 1) and not newer(5, 5) and not newer(65530, 10)
