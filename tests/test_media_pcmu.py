@@ -6,70 +6,14 @@ mu-law bytes, and a 1 kHz tone pushed into the gateway's track is heard by the b
 from __future__ import annotations
 
 import asyncio
-import fractions
-from collections.abc import AsyncIterator
 
-import numpy as np
-import pytest
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection
-from aiortc.mediastreams import AudioStreamTrack
-from av import AudioFrame
-from twilio_sim.audio import FRAME_BYTES, Tone, dominant_frequency, tone_pcm
+from aiortc import RTCPeerConnection
+from media_peers import RATE, ToneTrack, connect, heard, peers, remote_track
+from twilio_sim.audio import FRAME_BYTES, Tone, dominant_frequency
 
-from mobile_bridge.media.pcmu import (
-    FRAME_S,
-    MuLawTrack,
-    PayloadSink,
-    bridge_transceiver,
-    newer,
-)
+from mobile_bridge.media.pcmu import FRAME_S, MuLawTrack, newer
 
-RATE = 8000
-
-
-class ToneTrack(AudioStreamTrack):
-    """The browser's microphone: a 440 Hz tone, 20 ms frames in real time."""
-
-    def __init__(self, hz: float) -> None:
-        super().__init__()
-        self._pcm = tone_pcm(hz, 10.0)
-        self._at = 0
-
-    async def recv(self) -> AudioFrame:
-        silent = await super().recv()  # paces the frames
-        assert isinstance(silent, AudioFrame)
-        samples = silent.samples
-        chunk = self._pcm[self._at : self._at + samples]
-        self._at += samples
-        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = silent.pts
-        frame.time_base = fractions.Fraction(1, RATE)
-        return frame
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[tuple[RTCPeerConnection, RTCPeerConnection]]:
-    config = RTCConfiguration(iceServers=[])  # loopback only: no STUN server is reachable
-    browser, gateway = RTCPeerConnection(config), RTCPeerConnection(config)
-    yield browser, gateway
-    await browser.close()
-    await gateway.close()
-
-
-async def connect(
-    browser: RTCPeerConnection, gateway: RTCPeerConnection, outgoing: MuLawTrack, sink: PayloadSink
-) -> tuple[str, str]:
-    """The browser offers; the gateway answers with its bridge transceiver. Both SDPs."""
-    bridge_transceiver(gateway, outgoing, sink)
-    await browser.setLocalDescription(await browser.createOffer())
-    offer = browser.localDescription
-    await gateway.setRemoteDescription(offer)
-    await gateway.setLocalDescription(await gateway.createAnswer())
-    answer = gateway.localDescription
-    await browser.setRemoteDescription(answer)
-    assert len(gateway.getTransceivers()) == 1, "the offer's audio took the bridge's"
-    return offer.sdp, answer.sdp
+__all__ = ["peers"]  # the fixture, used by name
 
 
 def audio_line(sdp: str) -> str:
@@ -103,13 +47,7 @@ async def test_mu_law_pushed_in_is_heard_by_the_browser(
 ) -> None:
     browser, gateway = peers
     browser.addTransceiver("audio", direction="recvonly")
-    remote: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
-
-    @browser.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        if not remote.done():
-            remote.set_result(track)
-
+    remote = remote_track(browser)
     outgoing = MuLawTrack()
     await connect(browser, gateway, outgoing, lambda payload: None)
     track = await asyncio.wait_for(remote, timeout=15)
@@ -124,18 +62,9 @@ async def test_mu_law_pushed_in_is_heard_by_the_browser(
 
     speaking = asyncio.create_task(phone())
     try:
-        samples: list[np.ndarray] = []
-        async with asyncio.timeout(15):
-            while sum(s.size for s in samples) < 2 * RATE:
-                frame = await track.recv()
-                assert isinstance(frame, AudioFrame)
-                samples.append(frame.to_ndarray().reshape(-1))
+        peak = await asyncio.wait_for(heard(track, 2.0), timeout=15)
     finally:
         speaking.cancel()
-    pcm = np.concatenate(samples)[-RATE:].astype(np.float64)
-    spectrum = np.abs(np.fft.rfft(pcm * np.hanning(pcm.size)))
-    spectrum[0] = 0.0
-    peak = float(np.fft.rfftfreq(pcm.size, d=1.0 / RATE)[int(np.argmax(spectrum))])
     assert abs(peak - 1000) < 10
     assert outgoing.dropped == 0
 
