@@ -137,6 +137,10 @@ class PhoneStream:
         self.malformed = 0
         self.marks: list[str] = []
 
+    async def close(self) -> None:
+        """End the stream from our side (the call is over): ``run`` returns ``CLOSED``."""
+        await self._ws.close()
+
     def to_phone(self, payload: bytes) -> None:
         """The browser's mu-law (the receiver tap's sink). Nothing is addressable before
         ``start``, so what comes earlier is dropped."""

@@ -1,0 +1,185 @@
+"""The media worker (mobile_bridge/media/worker.py) on loopback, as a gateway node would use
+it: a browser's offer in over HTTP, the answer back with PCMU first, then the call's Twilio
+Media Stream (the simulator, through the real SDK) to the session's websocket. Tones are
+heard both ways; a forged stream, a wrong token, a bad offer and a full worker are refused
+with their codes; hanging up ends the session."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from media_peers import RATE, ToneTrack, heard, peers, remote_track
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.rest import Client
+from twilio_sim import TwilioSim
+from twilio_sim.audio import dominant_frequency
+
+from mobile_bridge.media.stream import StreamEnd
+from mobile_bridge.media.worker import SESSIONS, MediaWorker
+
+__all__ = ["peers"]  # the fixture, used by name
+
+TOKEN = "media-worker-test-token-0123456789abcdef"
+PHONE = "+15551230077"
+
+
+class Running:
+    def __init__(self, worker: MediaWorker, url: str, http: aiohttp.ClientSession) -> None:
+        self.worker, self.url, self.http = worker, url, http
+        self.ended: asyncio.Queue[tuple[str, StreamEnd | None]] = asyncio.Queue()
+
+    async def offer(self, sdp: str, token: str = TOKEN) -> tuple[int, dict[str, Any]]:
+        r = await self.http.post(
+            self.url + SESSIONS, json={"offer": sdp}, headers={"Authorization": f"Bearer {token}"}
+        )
+        return r.status, await r.json()
+
+    async def stats(self) -> dict[str, Any]:
+        r = await self.http.get(
+            self.url + "/v1/media/stats", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert r.status == 200
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[TwilioSim]:
+    async with TwilioSim() as sim:
+        yield sim
+        assert sim.contract_violations == []
+
+
+async def start(sim: TwilioSim, max_sessions: int = 50) -> tuple[Running, web.AppRunner]:
+    """The worker on a free port; its public websocket URL is where it listens."""
+    runner_holder: dict[str, Any] = {}
+
+    def on_end(session: str, how: StreamEnd | None) -> None:
+        runner_holder["running"].ended.put_nowait((session, how))
+
+    # The public URL names the port, known once bound: bind the socket first.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    worker = MediaWorker(
+        api_token=TOKEN,
+        twilio_auth_token=sim.auth_token,
+        public_ws_url=f"ws://127.0.0.1:{port}",
+        max_sessions=max_sessions,
+        on_end=on_end,
+    )
+    runner = web.AppRunner(worker.app(), access_log=None)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    http = aiohttp.ClientSession()
+    running = Running(worker, f"http://127.0.0.1:{port}", http)
+    runner_holder["running"] = running
+    return running, runner
+
+
+async def twiml_server(stream_url: str) -> tuple[str, web.AppRunner]:
+    """What the gateway will serve Twilio for the call: connect it to the session's stream."""
+
+    async def twiml(request: web.Request) -> web.Response:
+        body = f'<Response><Connect><Stream url="{stream_url}"/></Connect></Response>'
+        return web.Response(text=body, content_type="text/xml")
+
+    app = web.Application()
+    app.router.add_post("/twiml", twiml)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}/twiml", runner
+
+
+async def test_a_browser_and_a_phone_talk_through_the_worker(
+    sim: TwilioSim, peers: tuple[RTCPeerConnection, RTCPeerConnection]
+) -> None:
+    browser, _ = peers
+    running, runner = await start(sim)
+    twilio_http = AsyncTwilioHttpClient()
+    twiml_runner: web.AppRunner | None = None
+    try:
+        browser.addTrack(ToneTrack(440))
+        hearing = remote_track(browser)
+        await browser.setLocalDescription(await browser.createOffer())
+        status, created = await running.offer(browser.localDescription.sdp)
+        assert status == 201, created
+        assert " 0 " in next(ln for ln in created["answer"].splitlines() if ln.startswith("m="))
+        await browser.setRemoteDescription(RTCSessionDescription(created["answer"], "answer"))
+
+        stream_url = running.url.replace("http://", "ws://") + created["stream_path"]
+        twiml_url, twiml_runner = await twiml_server(stream_url)
+        client: Any = Client(sim.account_sid, sim.auth_token, http_client=twilio_http)
+        client.api.base_url = sim.base_url
+        sim.phone(PHONE, answer_after=0.2, tone_hz=1000)
+        call = await client.calls.create_async(to=PHONE, from_="+15005550006", url=twiml_url)
+
+        track = await asyncio.wait_for(hearing, timeout=15)
+        assert abs(await asyncio.wait_for(heard(track, 2.0), 15) - 1000) < 10
+        record = sim.call(call.sid)
+
+        def phone_heard_a_second() -> bool:
+            return record.stream is not None and len(record.stream.audio_played) >= 2 * RATE
+
+        await sim.wait_until(phone_heard_a_second, timeout=15, what="a second at the phone")
+        assert record.stream is not None
+        assert abs(dominant_frequency(bytes(record.stream.audio_played)[-RATE:]) - 440) < 10
+        stats = await running.stats()
+        assert stats["sessions"] == 1 and stats["calls"][created["session"]]["streaming"]
+
+        sim.hangup(call.sid)
+        ended = await asyncio.wait_for(running.ended.get(), timeout=10)
+        assert ended == (created["session"], StreamEnd.STOPPED)
+        assert (await running.stats())["sessions"] == 0
+    finally:
+        await twilio_http.close()
+        await running.http.close()
+        if twiml_runner is not None:
+            await twiml_runner.cleanup()
+        await runner.cleanup()
+
+
+async def test_the_worker_refuses_what_is_not_its_gateway_or_twilio(
+    sim: TwilioSim, peers: tuple[RTCPeerConnection, RTCPeerConnection]
+) -> None:
+    browser, _ = peers
+    running, runner = await start(sim, max_sessions=1)
+    try:
+        browser.addTransceiver("audio")
+        await browser.setLocalDescription(await browser.createOffer())
+        offer = browser.localDescription.sdp
+
+        status, body = await running.offer(offer, token="x" * 40)
+        assert (status, body["error"]["code"]) == (401, "invalid_token")
+        status, body = await running.offer("v=0\r\nnot an offer")
+        assert (status, body["error"]["code"]) == (400, "invalid_offer")
+        status, created = await running.offer(offer)
+        assert status == 201
+        status, body = await running.offer(offer)
+        assert (status, body["error"]["code"]) == (503, "media_full")
+
+        stream = running.url + created["stream_path"]
+        r = await running.http.get(stream, headers={"X-Twilio-Signature": "forged"})
+        assert r.status == 403 and (await r.json())["error"]["code"] == "invalid_signature"
+        r = await running.http.get(running.url + SESSIONS + "/m_nope/stream")
+        assert r.status == 404
+        assert (await running.stats())["sessions"] == 1, "nothing refused changed anything"
+
+        r = await running.http.delete(
+            running.url + SESSIONS + "/" + created["session"],
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert r.status == 204
+        assert await asyncio.wait_for(running.ended.get(), 5) == (created["session"], None)
+        assert (await running.stats())["sessions"] == 0
+    finally:
+        await running.http.close()
+        await runner.cleanup()
