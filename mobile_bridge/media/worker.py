@@ -215,3 +215,35 @@ class MediaWorker:
     async def _close_all(self, app: web.Application) -> None:
         for session_id in list(self.sessions):
             await self.end(session_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mobile_bridge.media.worker --port 9100 --public-ws-url wss://...``, with
+    ``MEMBRANE_MEDIA_TOKEN`` and ``MEMBRANE_TWILIO_AUTH_TOKEN`` in the environment. (The
+    gateway will start its workers itself; this runs one alone, for bench/media_bridge.py.)"""
+    import argparse
+    import os
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(description="a Membrane media worker")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--public-ws-url", required=True, help="where Twilio reaches this worker")
+    parser.add_argument("--max-sessions", type=int, default=50)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    worker = MediaWorker(
+        api_token=os.environ["MEMBRANE_MEDIA_TOKEN"],
+        twilio_auth_token=os.environ["MEMBRANE_TWILIO_AUTH_TOKEN"],
+        public_ws_url=args.public_ws_url,
+        max_sessions=args.max_sessions,
+    )
+    uvloop.install()
+    web.run_app(worker.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
