@@ -1,5 +1,5 @@
 """The audio bridge's media worker under N concurrent calls (issue 12's benchmark, first
-version: CPU per call and frames on time; the added latency by tone onset is still to do).
+version).
 
 One media worker process (mobile_bridge/media/worker.py) on loopback. The driver plays both
 ends of every call: a browser (a real aiortc peer sending a 440 Hz tone as PCMU, its offer
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import os
 import socket
 import sys
@@ -33,11 +35,12 @@ import aiohttp
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 from twilio_sim import TwilioSim
 from twilio_sim.audio import Tone
 
-from bench.harness import ROOT, add_runs_argument, free_port, repeat, write_json
+from bench.harness import ROOT, add_runs_argument, free_port, repeat, summary_ms, write_json
 from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver
 
 TOKEN = "bench-media-worker-token-0123456789abcdef"
@@ -59,6 +62,130 @@ class BrowserTone(MuLawTrack):
         self.push(self.FRAMES[self._next % FRAMES_PER_S])
         self._next += 1
         return await super().recv()
+
+
+TONE = Tone(440).frame(0)
+SILENCE = b"\xff" * 160
+BURST_EVERY = FRAMES_PER_S  # one 100 ms tone burst a second, each way
+BURST_FRAMES = 5
+
+
+def sounds(payload: bytes) -> bool:
+    """Whether a mu-law frame carries the probe's tone rather than silence."""
+    return payload.count(0xFF) < len(payload) // 2
+
+
+class ProbeBrowser(MuLawTrack):
+    """The probe call's browser: silence with a tone burst each second, noting when each
+    burst's first frame is handed to aiortc's sender."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0
+        self.onsets: list[float] = []
+
+    async def recv(self) -> Any:
+        index = self._next % BURST_EVERY
+        self.push(TONE if index < BURST_FRAMES else SILENCE)
+        self._next += 1
+        packet = await super().recv()
+        if index == 0:
+            self.onsets.append(time.perf_counter())
+        return packet
+
+
+def onset_latencies(sent: list[float], heard: list[float]) -> list[float]:
+    """Each onset heard, matched to the latest one sent before it."""
+    out = []
+    for t in heard:
+        earlier = [s for s in sent if s <= t]
+        if earlier:
+            out.append(t - earlier[-1])
+    return out
+
+
+async def probe_call(
+    http: aiohttp.ClientSession, base: str, ws_base: str, auth_token: str, seconds: float
+) -> dict[str, Any]:
+    """One extra call whose Twilio side is the driver itself, to time tone onsets through
+    the worker both ways on one clock: browser to phone, and phone to browser."""
+    browser = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    mic = ProbeBrowser()
+    heard_by_browser: list[float] = []
+    last = [False]
+
+    def browser_hears(payload: bytes) -> None:
+        loud = sounds(payload)
+        if loud and not last[0]:
+            heard_by_browser.append(time.perf_counter())
+        last[0] = loud
+
+    bridge_transceiver(browser, mic, browser_hears)
+    await browser.setLocalDescription(await browser.createOffer())
+    async with http.post(
+        base + "/v1/media/sessions", json={"offer": browser.localDescription.sdp}
+    ) as r:
+        created = await r.json()
+    await browser.setRemoteDescription(RTCSessionDescription(created["answer"], "answer"))
+    url = ws_base + created["stream_path"]
+    signature = RequestValidator(auth_token).compute_signature(url, {})
+    sent_by_phone: list[float] = []
+    heard_by_phone: list[float] = []
+    async with (
+        aiohttp.ClientSession() as twilio,
+        twilio.ws_connect(url, headers={"X-Twilio-Signature": signature}) as ws,
+    ):
+        sid = "MZ" + "0" * 32
+        await ws.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+        start = {
+            "streamSid": sid,
+            "accountSid": "AC" + "0" * 32,
+            "callSid": "CA" + "0" * 32,
+            "tracks": ["inbound"],
+            "customParameters": {},
+            "mediaFormat": media_format,
+        }
+        await ws.send_json(
+            {"event": "start", "sequenceNumber": "1", "start": start, "streamSid": sid}
+        )
+
+        async def listen() -> None:
+            loud_before = False
+            async for message in ws:
+                payload = base64.b64decode(json.loads(message.data)["media"]["payload"])
+                for i in range(0, len(payload), 160):
+                    loud = sounds(payload[i : i + 160])
+                    if loud and not loud_before:
+                        heard_by_phone.append(time.perf_counter())
+                    loud_before = loud
+
+        listening = asyncio.create_task(listen())
+        started = time.perf_counter()
+        for n in range(int(seconds * FRAMES_PER_S)):
+            due = started + n / FRAMES_PER_S
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))  # real-time pacing
+            index = n % BURST_EVERY
+            if index == 0:
+                sent_by_phone.append(time.perf_counter())
+            frame = TONE if index < BURST_FRAMES else SILENCE
+            media = {
+                "track": "inbound",
+                "chunk": str(n + 1),
+                "timestamp": str(20 * (n + 1)),
+                "payload": base64.b64encode(frame).decode(),
+            }
+            await ws.send_json(
+                {"event": "media", "sequenceNumber": str(n + 2), "streamSid": sid, "media": media}
+            )
+        listening.cancel()
+    await browser.close()
+    to_phone = onset_latencies(mic.onsets, heard_by_phone)
+    to_browser = onset_latencies(sent_by_phone, heard_by_browser)
+    return {
+        "browser_to_phone_ms": summary_ms(to_phone),
+        "phone_to_browser_ms": summary_ms(to_browser),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -161,7 +288,10 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
             before_sent = await browsers_sent()
             before_stats, before_played = await stats(), played()
             cpu_before, started = cpu_seconds(worker.pid), time.perf_counter()
-            await asyncio.sleep(args.duration)  # the measured window
+            # The measured window, with the probe call timing onsets through it.
+            latency = await probe_call(
+                http, base, f"ws://127.0.0.1:{port}", sim.auth_token, args.duration
+            )
             elapsed = time.perf_counter() - started
             cpu = cpu_seconds(worker.pid) - cpu_before
             after_stats, after_played = await stats(), played()
@@ -194,8 +324,9 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
         "streaming": sum(1 for c in after_stats["calls"].values() if c["streaming"]),
         "duration_s": round(elapsed, 2),
         "worker_cpu_cores": round(cores, 3),
-        "worker_cpu_per_call_pct": round(100 * cores / calls, 3),
-        "calls_per_core": round(calls / cores, 1) if cores else None,
+        # The probe call is a call the worker carries too.
+        "worker_cpu_per_call_pct": round(100 * cores / (calls + 1), 3),
+        "calls_per_core": round((calls + 1) / cores, 1) if cores else None,
         "gaps_to_browsers_per_call_per_s": round(delta("underruns") / calls / elapsed, 2),
         "drops_to_browsers": delta("dropped_to_browser"),
         "drops_to_phones": delta("dropped_to_phone"),
@@ -213,7 +344,10 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
         "on_time": bool(sum(sent))
         and sum(frames_to_phones) >= 0.98 * sum(sent)
         and delta("underruns") == 0,
-        "latency": "not measured yet (tone onset, issue 12)",
+        # From a burst's first frame handed to the sender to its first frame received, on the
+        # driver's clock: aiortc's send path on the browser's side, loopback, the worker, and
+        # (towards the browser) its 20 ms paced track.
+        "added_latency": latency,
     }
 
 
@@ -236,7 +370,7 @@ def main() -> None:
             headline=lambda r: {k: r[k] for k in (
                 "calls", "streaming", "worker_cpu_per_call_pct", "calls_per_core",
                 "gaps_to_browsers_per_call_per_s", "frames_to_phones_per_s",
-                "frames_from_browsers_per_s", "passed_on_share", "on_time")},
+                "frames_from_browsers_per_s", "passed_on_share", "on_time", "added_latency")},
         )  # fmt: skip
     write_json(args.out, results)
 
