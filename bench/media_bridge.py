@@ -10,7 +10,9 @@ After ``--warmup-s`` it measures for ``--duration`` seconds:
 - the worker's CPU (all its threads, from /proc) per call, as a share of a core;
 - frames on time: each call's gaps (silence sent to the browser because the phone's frame
   was late) and drops (frames thrown away by a full queue), from the worker's stats;
-- audio each phone received from the worker per second (50 frames a second is on time).
+- audio each phone received from the worker per second, against what the browsers sent;
+- the added one-way latency, each way, by tone onset on one probe call whose Twilio side is
+  the driver itself (``probe_call``).
 
     .venv/bin/python bench/media_bridge.py --calls 10,20,40 --out bench/results/media_bridge.json
 """
