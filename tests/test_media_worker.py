@@ -17,6 +17,7 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from media_peers import RATE, ToneTrack, heard, peers, remote_track
 from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 from twilio_sim import TwilioSim
 from twilio_sim.audio import dominant_frequency
@@ -179,6 +180,39 @@ async def test_the_worker_refuses_what_is_not_its_gateway_or_twilio(
         )
         assert r.status == 204
         assert await asyncio.wait_for(running.ended.get(), 5) == (created["session"], None)
+        assert (await running.stats())["sessions"] == 0
+    finally:
+        await running.http.close()
+        await runner.cleanup()
+
+
+async def test_a_stream_survives_garbage_and_ends_on_a_binary_frame(
+    sim: TwilioSim, peers: tuple[RTCPeerConnection, RTCPeerConnection]
+) -> None:
+    """Raw packets on a signed stream: unreadable messages are counted and skipped (a live
+    call must not end over a field Twilio adds), a binary frame (never Twilio's) ends it."""
+    browser, _ = peers
+    running, runner = await start(sim)
+    try:
+        browser.addTransceiver("audio")
+        await browser.setLocalDescription(await browser.createOffer())
+        status, created = await running.offer(browser.localDescription.sdp)
+        assert status == 201
+        url = running.url.replace("http://", "ws://") + created["stream_path"]
+        signature = RequestValidator(sim.auth_token).compute_signature(url, {})
+        async with running.http.ws_connect(url, headers={"X-Twilio-Signature": signature}) as ws:
+            for garbage in ("not json", "[]", '{"event": "media"}', '{"event": "nope"}'):
+                await ws.send_str(garbage)
+            await ws.send_str('{"event":"media","sequenceNumber":"2","streamSid":"MZ1",'
+                              '"media":{"track":"inbound","chunk":"1","timestamp":"20",'
+                              '"payload":"***"}}')  # fmt: skip
+            (session,) = running.worker.sessions.values()
+            stats = await running.stats()
+            assert stats["calls"][created["session"]]["streaming"]
+            await ws.send_bytes(b"\x00" * 160)
+            ended = await asyncio.wait_for(running.ended.get(), timeout=5)
+            assert ended == (created["session"], StreamEnd.PROTOCOL)
+            assert session.stream is not None and session.stream.malformed == 5
         assert (await running.stats())["sessions"] == 0
     finally:
         await running.http.close()

@@ -180,7 +180,7 @@ class PhoneStream:
         match event:
             case Media(media=media) if media.track == "inbound":
                 try:
-                    self._to_browser.push(binascii.a2b_base64(media.payload))
+                    self._to_browser.push(binascii.a2b_base64(media.payload, strict_mode=True))
                 except binascii.Error:
                     self.malformed += 1
             case Start(start=start):

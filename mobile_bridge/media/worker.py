@@ -195,8 +195,10 @@ class MediaWorker:
         session.stream = PhoneStream(ws, session.to_browser)
         session.ended = await session.stream.run()
         log.info("media session %s: stream ended (%s)", session.session_id, session.ended)
-        await ws.close()
+        # The session first: a closing handshake waits on the client (up to aiohttp's 10 s),
+        # and one that broke the protocol may never answer.
         await self.end(session.session_id)
+        await ws.close()
         return ws
 
     # --- ending ----------------------------------------------------------------------------
