@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 
 from aiortc import RTCPeerConnection
+from aiortc.rtp import RtpPacket
 from media_peers import RATE, ToneTrack, connect, heard, peers, remote_track
 from twilio_sim.audio import FRAME_BYTES, Tone, dominant_frequency
 
-from mobile_bridge.media.pcmu import FRAME_S, MuLawTrack, newer
+from mobile_bridge.media.pcmu import FRAME_S, MuLawTrack, newer, tap_pcmu
 
 __all__ = ["peers"]  # the fixture, used by name
 
@@ -91,3 +92,24 @@ async def test_the_track_queue_is_bounded_and_drops_the_oldest() -> None:
 def test_sequence_numbers_compare_across_the_wrap() -> None:
     assert newer(1, 0) and newer(0, 65535) and newer(10, 65530)
     assert not newer(0, 1) and not newer(5, 5) and not newer(65530, 10)
+
+
+async def test_the_tap_passes_pcmu_in_order_per_source_and_the_rest_to_aiortc() -> None:
+    class Receiver:
+        def __init__(self) -> None:
+            self.aiortc: list[RtpPacket] = []
+
+        async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+            self.aiortc.append(packet)
+
+    receiver = Receiver()
+    tapped: list[bytes] = []
+    tap_pcmu(receiver, tapped.append)  # type: ignore[arg-type]
+
+    def rtp(seq: int, ssrc: int = 1, pt: int = 0) -> RtpPacket:
+        return RtpPacket(payload_type=pt, sequence_number=seq, ssrc=ssrc, payload=b"%d" % seq)
+
+    for packet in (rtp(65535), rtp(0), rtp(65534), rtp(0), rtp(2), rtp(7, ssrc=2), rtp(3, pt=101)):
+        await receiver._handle_rtp_packet(packet, 0)
+    assert tapped == [b"65535", b"0", b"2", b"7"], "late and repeated dropped, a new source kept"
+    assert [p.payload_type for p in receiver.aiortc] == [101], "a DTMF event goes to aiortc"

@@ -42,6 +42,8 @@ PCMU_PAYLOAD_TYPE: Final = 0
 MAX_QUEUED_FRAMES: Final = 5
 """100 ms: a deeper queue would only be delay (issue 12: no buffer deeper than needed)."""
 TIME_BASE: Final = fractions.Fraction(1, SAMPLE_RATE)
+MAX_SOURCES: Final = 8
+"""Sources a tap remembers: a call has one, a few after renegotiations."""
 
 PayloadSink = Callable[[bytes], None]
 
@@ -117,15 +119,20 @@ def tap_pcmu(receiver: RTCRtpReceiver, sink: PayloadSink) -> None:
     ``RTCRtpReceiver._handle_rtp_packet`` this replaces on that one receiver. The DTLS
     transport hands every packet to that attribute (``RTCDtlsTransport._handle_rtp_data``)."""
     handle: Callable[[RtpPacket, int], Awaitable[None]] = receiver._handle_rtp_packet
-    newest: list[int] = []
+    # The newest sequence number by source: a sender that restarts (a new SSRC) starts
+    # its numbers anywhere.
+    newest: dict[int, int] = {}
 
     async def tapped(packet: RtpPacket, arrival_time_ms: int) -> None:
         if packet.payload_type != PCMU_PAYLOAD_TYPE:
             await handle(packet, arrival_time_ms)
             return
-        if newest and not newer(packet.sequence_number, newest[0]):
+        last = newest.get(packet.ssrc)
+        if last is not None and not newer(packet.sequence_number, last):
             return  # late or repeated: its moment has passed
-        newest[:] = [packet.sequence_number]
+        if last is None and len(newest) >= MAX_SOURCES:
+            newest.clear()  # an endless stream of new sources is not a call's
+        newest[packet.ssrc] = packet.sequence_number
         if packet.payload:
             sink(packet.payload)
 
