@@ -116,15 +116,20 @@ class MediaWorker:
         pc = RTCPeerConnection(self._ice)
         session = Session(session_id, pc, MuLawTrack())
         bridge_transceiver(pc, session.to_browser, session.to_phone)
+        # Counted from now: answering waits for ICE gathering, and offers arriving meanwhile
+        # must find the worker as full as it will be.
+        self.sessions[session_id] = session
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # aiortc raises ValueError and its own errors for bad SDP
+            self.sessions.pop(session_id, None)
             await pc.close()
             log.info("media session refused an offer: %r", e)
             return rest_response(Invalid("the offer is not an audio offer this worker can answer",
                                          code="invalid_offer"))  # fmt: skip
-        self.sessions[session_id] = session
+        if session_id not in self.sessions:  # the worker shut down meanwhile
+            return rest_response(Unavailable("this media worker is stopping", code="media_full"))
         answer = pc.localDescription
         return web.json_response(
             {
