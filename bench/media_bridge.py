@@ -36,10 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import aiohttp
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
-from twilio.rest import Client
-from twilio_sim import TwilioSim
+from twilio_sim import TwilioSim, sdk_client
 from twilio_sim.audio import Tone
 
 from bench.harness import ROOT, add_runs_argument, free_port, repeat, summary_ms, write_json
@@ -223,12 +221,9 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = Path(f"/tmp/membrane-media-worker-{port}.log")
-    async with TwilioSim() as sim:
+    async with TwilioSim() as sim, sdk_client(sim) as client:
         worker = await start_worker(port, sim.auth_token, log)
         http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
-        twilio_http = AsyncTwilioHttpClient()
-        client: Any = Client(sim.account_sid, sim.auth_token, http_client=twilio_http)
-        client.api.base_url = sim.base_url
         streams: dict[str, str] = {}
 
         async def twiml(request: web.Request) -> web.Response:
@@ -305,7 +300,6 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
                 await pc.close()
             await runner.cleanup()
             await http.close()
-            await twilio_http.close()
             worker.terminate()
             await worker.wait()
 

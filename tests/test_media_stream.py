@@ -15,9 +15,7 @@ import pytest
 from aiohttp import web
 from aiortc import RTCPeerConnection
 from media_peers import RATE, ToneTrack, connect, heard, peers, remote_track
-from twilio.http.async_http_client import AsyncTwilioHttpClient
-from twilio.rest import Client
-from twilio_sim import TwilioSim
+from twilio_sim import TwilioSim, sdk_client
 from twilio_sim.audio import dominant_frequency
 
 from mobile_bridge.media.pcmu import MuLawTrack
@@ -68,6 +66,12 @@ async def sim() -> AsyncIterator[TwilioSim]:
         assert sim.contract_violations == []
 
 
+@pytest.fixture
+async def client(sim: TwilioSim) -> AsyncIterator[Any]:
+    async with sdk_client(sim) as client:
+        yield client
+
+
 async def serve(app: StreamApp) -> web.AppRunner:
     web_app = web.Application()
     web_app.router.add_post("/twiml", app.twiml)
@@ -81,7 +85,7 @@ async def serve(app: StreamApp) -> web.AppRunner:
 
 
 async def test_a_phone_and_a_browser_hear_each_other_through_the_stream(
-    sim: TwilioSim, peers: tuple[RTCPeerConnection, RTCPeerConnection]
+    sim: TwilioSim, client: Any, peers: tuple[RTCPeerConnection, RTCPeerConnection]
 ) -> None:
     browser, gateway = peers
     browser.addTrack(ToneTrack(440))
@@ -89,10 +93,7 @@ async def test_a_phone_and_a_browser_hear_each_other_through_the_stream(
     app = StreamApp(MuLawTrack())
     await connect(browser, gateway, app.to_browser, app.to_phone)
     runner = await serve(app)
-    http = AsyncTwilioHttpClient()
     try:
-        client: Any = Client(sim.account_sid, sim.auth_token, http_client=http)
-        client.api.base_url = sim.base_url
         sim.phone(PHONE, answer_after=0.2, tone_hz=1000)
         call = await client.calls.create_async(to=PHONE, from_=CALLER_ID, url=app.url + "/twiml")
 
@@ -119,5 +120,4 @@ async def test_a_phone_and_a_browser_hear_each_other_through_the_stream(
         sim.hangup(call.sid)
         assert await asyncio.wait_for(app.ended.get(), timeout=10) is StreamEnd.STOPPED
     finally:
-        await http.close()
         await runner.cleanup()

@@ -16,10 +16,8 @@ import pytest
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from media_peers import RATE, ToneTrack, heard, peers, remote_track
-from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
-from twilio.rest import Client
-from twilio_sim import TwilioSim
+from twilio_sim import TwilioSim, sdk_client
 from twilio_sim.audio import dominant_frequency
 
 from mobile_bridge.media.stream import StreamEnd
@@ -56,6 +54,12 @@ async def sim() -> AsyncIterator[TwilioSim]:
     async with TwilioSim() as sim:
         yield sim
         assert sim.contract_violations == []
+
+
+@pytest.fixture
+async def client(sim: TwilioSim) -> AsyncIterator[Any]:
+    async with sdk_client(sim) as client:
+        yield client
 
 
 async def start(sim: TwilioSim, max_sessions: int = 50) -> tuple[Running, web.AppRunner]:
@@ -101,11 +105,10 @@ async def twiml_server(stream_url: str) -> tuple[str, web.AppRunner]:
 
 
 async def test_a_browser_and_a_phone_talk_through_the_worker(
-    sim: TwilioSim, peers: tuple[RTCPeerConnection, RTCPeerConnection]
+    sim: TwilioSim, client: Any, peers: tuple[RTCPeerConnection, RTCPeerConnection]
 ) -> None:
     browser, _ = peers
     running, runner = await start(sim)
-    twilio_http = AsyncTwilioHttpClient()
     twiml_runner: web.AppRunner | None = None
     try:
         browser.addTrack(ToneTrack(440))
@@ -118,8 +121,6 @@ async def test_a_browser_and_a_phone_talk_through_the_worker(
 
         stream_url = running.url.replace("http://", "ws://") + created["stream_path"]
         twiml_url, twiml_runner = await twiml_server(stream_url)
-        client: Any = Client(sim.account_sid, sim.auth_token, http_client=twilio_http)
-        client.api.base_url = sim.base_url
         sim.phone(PHONE, answer_after=0.2, tone_hz=1000)
         call = await client.calls.create_async(to=PHONE, from_="+15005550006", url=twiml_url)
 
@@ -141,7 +142,6 @@ async def test_a_browser_and_a_phone_talk_through_the_worker(
         assert ended == (created["session"], StreamEnd.STOPPED)
         assert (await running.stats())["sessions"] == 0
     finally:
-        await twilio_http.close()
         await running.http.close()
         if twiml_runner is not None:
             await twiml_runner.cleanup()

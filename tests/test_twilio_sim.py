@@ -23,6 +23,7 @@ from twilio_sim import (
     TwilioSim,
     check_call_resource,
     dominant_frequency,
+    sdk_client,
     sdk_signature,
     tone_pcm,
     twilio_signature,
@@ -210,11 +211,8 @@ async def app(sim: TwilioSim) -> AsyncIterator[FakeApp]:
 
 @pytest.fixture
 async def client(sim: TwilioSim) -> AsyncIterator[Any]:
-    http = AsyncTwilioHttpClient()  # needs the running loop: created inside the async fixture
-    c = Client(sim.account_sid, sim.auth_token, http_client=http)
-    c.api.base_url = sim.base_url  # the v2010 Calls resources resolve URLs through this Domain
-    yield c
-    await http.close()
+    async with sdk_client(sim) as c:
+        yield c
 
 
 # ============================================================================ signatures

@@ -10,11 +10,16 @@ import pytest
 from aiohttp import web
 from multidict import MultiDict
 from twilio.base.exceptions import TwilioRestException
-from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 from twilio.twiml.messaging_response import MessagingResponse
-from twilio_sim import ContractViolation, MessagingContract, TwilioSim, check_message_resource
+from twilio_sim import (
+    ContractViolation,
+    MessagingContract,
+    TwilioSim,
+    check_message_resource,
+    sdk_client,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -71,11 +76,8 @@ async def app(sim: TwilioSim) -> AsyncIterator[App]:
 
 @pytest.fixture
 async def client(sim: TwilioSim) -> AsyncIterator[Client]:
-    http = AsyncTwilioHttpClient()
-    client = Client(sim.account_sid, sim.auth_token, http_client=http)
-    client.api.base_url = sim.base_url
-    yield client
-    await http.close()
+    async with sdk_client(sim) as client:
+        yield client
 
 
 async def test_a_text_is_posted_signed_and_its_message_reply_recorded(

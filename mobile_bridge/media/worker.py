@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -65,6 +65,17 @@ class Session:
             self.stream.to_phone(payload)
 
 
+@web.middleware
+async def refusals(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A refusal, answered as the gateway answers its own (status, ``{"error": ...}``)."""
+    try:
+        return await handler(request)
+    except DomainError as e:
+        return rest_response(e)
+
+
 class MediaWorker:
     def __init__(
         self,
@@ -88,7 +99,7 @@ class MediaWorker:
         first, or no stream came)."""
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_OFFER_BYTES)
+        app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[refusals])
         app.router.add_post(SESSIONS, self._create)
         app.router.add_delete(SESSIONS + "/{session}", self._delete)
         app.router.add_get(SESSIONS + "/{session}/stream", self._stream)
@@ -105,13 +116,10 @@ class MediaWorker:
             raise Unauthenticated("this worker takes calls only from its gateway")
 
     async def _create(self, request: web.Request) -> web.Response:
-        try:
-            self._authorize(request)
-            offer = await self._offer(request)
-            if len(self.sessions) >= self._max_sessions:
-                raise Unavailable("this media worker is full", code="media_full", retry_after_s=1)
-        except DomainError as e:
-            return rest_response(e)
+        self._authorize(request)
+        offer = await self._offer(request)
+        if len(self.sessions) >= self._max_sessions:
+            raise Unavailable("this media worker is full", code="media_full", retry_after_s=1)
         session_id = "m_" + secrets.token_hex(12)
         pc = RTCPeerConnection(self._ice)
         session = Session(session_id, pc, MuLawTrack())
@@ -126,10 +134,11 @@ class MediaWorker:
             self.sessions.pop(session_id, None)
             await pc.close()
             log.info("media session refused an offer: %r", e)
-            return rest_response(Invalid("the offer is not an audio offer this worker can answer",
-                                         code="invalid_offer"))  # fmt: skip
+            raise Invalid(
+                "the offer is not an audio offer this worker can answer", code="invalid_offer"
+            ) from None
         if session_id not in self.sessions:  # the worker shut down meanwhile
-            return rest_response(Unavailable("this media worker is stopping", code="media_full"))
+            raise Unavailable("this media worker is stopping", code="media_full")
         answer = pc.localDescription
         return web.json_response(
             {
@@ -151,20 +160,14 @@ class MediaWorker:
         return offer
 
     async def _delete(self, request: web.Request) -> web.Response:
-        try:
-            self._authorize(request)
-            if request.match_info["session"] not in self.sessions:
-                raise NotFound("no such media session")
-        except DomainError as e:
-            return rest_response(e)
+        self._authorize(request)
+        if request.match_info["session"] not in self.sessions:
+            raise NotFound("no such media session")
         await self.end(request.match_info["session"])
         return web.Response(status=204)
 
     async def _stats(self, request: web.Request) -> web.Response:
-        try:
-            self._authorize(request)
-        except DomainError as e:
-            return rest_response(e)
+        self._authorize(request)
         return web.json_response(
             {
                 "sessions": len(self.sessions),
@@ -185,16 +188,13 @@ class MediaWorker:
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         session = self.sessions.get(request.match_info["session"])
-        try:
-            if session is None:
-                raise NotFound("no such media session")
-            signature = request.headers.get(SIGNATURE_HEADER)
-            if not self._signatures.valid(request.raw_path, MultiDict(), signature):
-                raise Forbidden("not a stream Twilio signed", code="invalid_signature")
-            if session.stream is not None:
-                raise Conflict("this call has its stream already", code="stream_taken")
-        except DomainError as e:
-            return rest_response(e)
+        if session is None:
+            raise NotFound("no such media session")
+        signature = request.headers.get(SIGNATURE_HEADER)
+        if not self._signatures.valid(request.raw_path, MultiDict(), signature):
+            raise Forbidden("not a stream Twilio signed", code="invalid_signature")
+        if session.stream is not None:
+            raise Conflict("this call has its stream already", code="stream_taken")
         ws = web.WebSocketResponse(max_msg_size=MAX_OFFER_BYTES)
         await ws.prepare(request)
         session.stream = PhoneStream(ws, session.to_browser)

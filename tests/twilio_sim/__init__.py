@@ -32,6 +32,7 @@ from .records import (
     VerbRecord,
     WebhookRecord,
 )
+from .sdk import sdk_client
 from .server import CallInterrupted, TwilioSim
 from .signature import SIGNATURE_HEADER, sdk_signature, twilio_signature
 
@@ -65,6 +66,7 @@ __all__ = [
     "check_message_resource",
     "dominant_frequency",
     "rms",
+    "sdk_client",
     "sdk_signature",
     "tone_pcm",
     "twilio_signature",
