@@ -360,7 +360,7 @@ class Spy:
 
 def timers_of(kind: str) -> Callable[..., bool]:
     """For ``Spy(store, "schedule_timer").next``: the timers of ``kind``."""
-    return lambda timer_id, due: str(timer_id).startswith(f"{kind}:")
+    return lambda timer_id, due, keep=False: str(timer_id).startswith(f"{kind}:")
 
 
 def mint(

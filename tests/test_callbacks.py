@@ -25,6 +25,7 @@ from conftest import (
 from twilio_sim import CallRecord, TwilioSim, WebhookRecord
 from yarl import URL
 
+from gateway.core.errors import StoreUnavailable
 from gateway.core.model import OpeningSpan
 from gateway.edge.http import appkeys as keys
 from gateway.ops.clock import Clock, ManualClock
@@ -221,6 +222,78 @@ async def test_call_me_now_rings_the_agent_first_then_dials_and_bridges(
     assert events[0] == "requested" and "dialing" in events and events[-1] == "completed"
     assert all("routed" != e for e in events), "routing reasons are not shown to the visitor"
     await anna.next("presence:update", lambda p: p["status"] == "available", timeout=10)
+    assert len(visitor_calls(sim, VISITOR_PHONE)) == 1
+
+
+async def test_an_accept_cut_short_by_the_store_still_dials_the_visitor(
+    node: Node,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The accept is stored, then the store stops answering before the dial is scheduled
+    (seen in tests/test_chaos.py with Redis frozen): the agent's accept is answered, and the
+    dial happens once the store answers again; the agent's retry would only have found the
+    callback no longer ringing."""
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=30)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, node, "anna")
+    store = node.app[keys.STORE]
+    schedule = store.schedule_timer
+    failed: list[str] = []
+
+    async def unreachable_once(timer_id: str, due: float, keep: bool = False) -> None:
+        if timer_id.startswith("cbdial:") and not failed:
+            failed.append(timer_id)
+            raise StoreUnavailable()
+        await schedule(timer_id, due, keep)
+
+    monkeypatch.setattr(store, "schedule_timer", unreachable_once)
+    status, created = await request_callback(http, node, {"phone": "+353 86 111 0001"})
+    assert status == 201, created
+    await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"])
+    ack = await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent")
+    assert ack["ok"] and ack["call"]["state"] == "dialing", ack
+    assert failed, "the dial's first scheduling never failed: the test tested nothing"
+    await sim.wait_for_call(to=VISITOR_PHONE, status="in-progress", timeout=10)
+    await ticket_state(http, node, created, "connected")
+    assert len(visitor_calls(sim, VISITOR_PHONE)) == 1
+
+
+async def test_an_accept_whose_node_died_before_the_dial_is_dialled_at_its_ring_timeout(
+    node: Node,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The accept is stored and its node dies before anything follows it (here: the
+    follow-up is skipped): the ring's durable timer, still there, does it at the ring's end."""
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=30)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, node, "anna")
+    records = node.app[keys.CALLS].records
+    follow_up = records.after_accept
+    skipped: list[bool] = []
+
+    async def died_first(call: Any, agent_id: str, again: bool = False) -> None:
+        if not skipped:
+            skipped.append(again)
+            return
+        await follow_up(call, agent_id, again)
+
+    monkeypatch.setattr(records, "after_accept", died_first)
+    status, created = await request_callback(http, node, {"phone": "+353 86 111 0001"})
+    assert status == 201, created
+    await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"])
+    ack = await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent")
+    assert ack["ok"] and ack["call"]["state"] == "dialing", ack
+    assert skipped == [False]
+    # The site's ring timeout is 3 s (phone_settings).
+    await sim.wait_for_call(to=VISITOR_PHONE, status="in-progress", timeout=10)
+    await ticket_state(http, node, created, "connected")
+    await anna.next("presence:update", lambda p: p["status"] == "on_call", timeout=5)
     assert len(visitor_calls(sim, VISITOR_PHONE)) == 1
 
 

@@ -270,7 +270,7 @@ async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
 
     # Now she really leaves: after the grace period the call ends, not before.
     await back.sio.disconnect()
-    _, due = await scheduled.next(timers_of(TimerKind.AGENT_GONE))
+    _, due, _ = await scheduled.next(timers_of(TimerKind.AGENT_GONE))
     assert due == clock.now() + calls.agent_grace_s
     await clock.advance(calls.agent_grace_s - 0.1)
     assert (await calls.get(call_id)).state is CallState.CONNECTED
@@ -561,7 +561,7 @@ async def test_a_visitor_blip_keeps_the_call_and_a_real_leave_ends_it(
 
     # Now the visitor really leaves: after the grace period the call ends, not before.
     await back.sio.disconnect()
-    _, due = await scheduled.next(timers_of(TimerKind.VISITOR_GONE))
+    _, due, _ = await scheduled.next(timers_of(TimerKind.VISITOR_GONE))
     assert due == clock.now() + calls.visitor_grace_s
     await clock.advance(calls.visitor_grace_s - 0.1)
     assert (await calls.get(call_id)).state is CallState.CONNECTED

@@ -589,6 +589,16 @@ async def stored_calls(redis_url: str) -> dict[str, Call]:
         await client.aclose()
 
 
+def explain(call_id: str, stored: dict[str, Call], cluster: Cluster) -> str:
+    """What the store and every node's log say of one call, for a failure's message."""
+    call = stored.get(call_id)
+    lines = [f"{call_id}: " + (f"{call.state} {call.timeline}" if call else "not stored")]
+    for m in cluster.members:
+        lines += [f"{m.name}: {line}" for line in m.node.log.read_text().splitlines()
+                  if call_id in line]  # fmt: skip
+    return "\n".join(lines)
+
+
 def assert_waited_quietly(log: str) -> None:
     """One warning that the node waits for Redis: no other complaint, no traceback."""
     complaints = [
@@ -760,7 +770,11 @@ async def test_chaos_loses_no_request_and_books_no_agent_twice(
                 await eventually(all_dialled, 30)
             except TimeoutError:
                 missing = [c for c in accepted if not visitor_calls(sim, c["phone"])]
-                raise AssertionError(f"callbacks never dialled: {missing}") from None
+                stored = await stored_calls(own_redis.url)
+                raise AssertionError(
+                    f"callbacks never dialled: {missing}\n"
+                    + "\n".join(explain(c["call_id"], stored, cluster) for c in missing)
+                ) from None
             for booked in accepted:
                 r = await http.get(
                     f"{balancer.url}/v1/calls/{booked['call_id']}",

@@ -499,6 +499,18 @@ async def test_timers_are_leased_moved_and_finished(open_store: Any) -> None:
     assert await store.claim_timers(1000.0, 10.0, limit=3) == ["u3", "u4"]
 
 
+async def test_a_kept_timer_stays_as_it_is(open_store: Any) -> None:
+    """``keep`` adds a timer that is missing, and leaves one that exists (due or leased) where
+    it is: a follow-up scheduled again must not pull a running timer from its node."""
+    store: Store = await open_store()
+    await store.schedule_timer("t1", 100.0, keep=True)
+    assert await store.claim_timers(100.0, 10.0) == ["t1"], "added"
+    await store.schedule_timer("t1", 100.0, keep=True)
+    assert await store.claim_timers(105.0, 10.0) == [], "still leased until 110"
+    await store.schedule_timer("t1", 100.0)
+    assert await store.claim_timers(105.0, 10.0) == ["t1"], "moved without keep"
+
+
 async def test_hits_count_in_fixed_windows(open_store: Any) -> None:
     store: Store = await open_store()
     assert await store.hit("k", 60, 2, 1200.0)

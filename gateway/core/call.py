@@ -207,6 +207,16 @@ def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
     )
 
 
+def accepted_on(call: Call, attempt: int) -> bool:
+    """Whether ring ``attempt`` of ``call`` was accepted, and the call is still live on it
+    (talking, or a callback dialing its visitor)."""
+    return (
+        call.attempt == attempt
+        and call.agent_sid is not None
+        and call.state in (CallState.CONNECTED, CallState.DIALING)
+    )
+
+
 def reattach(call: Call, site: str, visitor_id: str, visitor_sid: str) -> Call:
     """The visitor's socket came back (a network blip): signals go to the new one. Only the
     call's own visitor may: a new socket takes the call over on nothing but its token."""

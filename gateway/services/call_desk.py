@@ -11,7 +11,7 @@ from gateway.core import call as calls
 from gateway.core.call import Call, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import PresenceRecord
-from gateway.services.call_records import CALL_HOLD_S, CallRecords, TimerId
+from gateway.services.call_records import CALL_HOLD_S, CallRecords
 from gateway.services.presence_service import socket_device_id
 from gateway.wire.codec import Json, call_from_record
 
@@ -53,12 +53,11 @@ class CallDesk:
         except (Conflict, NotFound):
             await records.release_agent(site_id, agent_id, call_id)
             raise
-        await records.presence.set_active_call(site_id, agent_id, call_id)
-        # Other nodes' notes lapse as they see the agent go on_call: no event needed.
-        records.ringing.end(site_id, agent_id, call_id)
-        await records.finish(TimerId.ring(call))
-        await self._notify.ring_stop(call, agent_id, "answered")
-        await records.flow(call).accepted(call)
+        # Stored: what follows must happen even if the store goes away now, since the agent's
+        # retry would find the call no longer ringing.
+        await records.until_stored(
+            partial(records.after_accept, call, agent_id), f"accepted:{call_id}"
+        )
         return call
 
     async def decline(self, site_id: str, agent_id: str, call_id: str) -> Call:

@@ -258,8 +258,9 @@ class CallRecords:
         await self.store.release_agent(site_id, agent_id, call_id)
         await self.presence.set_active_call(site_id, agent_id, None)
 
-    async def schedule(self, timer: TimerId, due: float) -> None:
-        await self.store.schedule_timer(str(timer), due)
+    async def schedule(self, timer: TimerId, due: float, keep: bool = False) -> None:
+        """``keep``: leave the timer as it is if it exists (``TimerStore.schedule_timer``)."""
+        await self.store.schedule_timer(str(timer), due, keep)
 
     async def finish(self, timer: TimerId) -> None:
         await self.store.finish_timer(str(timer))
@@ -343,6 +344,27 @@ class CallRecords:
         await self.store.publish(ring_over_event(call.site, agent_id, call.call_id))
         await self.finish(TimerId.ring(before))
 
+    async def after_accept(self, call: Call, agent_id: str, again: bool = False) -> None:
+        """What follows a stored accept (``CallDesk.accept``): the agent on_call, the ring
+        stopped, the flow told (a callback's dial scheduled). Idempotent, and run ``again``
+        when an outage or a dead node cut it short. The ring timer goes last: until then it
+        is the net that runs this again (``ring_timeout``)."""
+        if again:
+            found = await self.find(call.call_id)
+            if found is None or found.final or found.agent_id != agent_id:
+                await self.finish(TimerId.ring(call))
+                return
+            call = found
+        await self.presence.set_active_call(call.site, agent_id, call.call_id)
+        # Other nodes' notes lapse as they see the agent go on_call: no event needed.
+        self.ringing.end(call.site, agent_id, call.call_id)
+        await self.notify.ring_stop(call, agent_id, "answered")
+        await self.flow(call).accepted(call)
+        await self.finish(TimerId.ring(call))
+        if again and (await self.get(call.call_id)).final:
+            # Ended while this ran: the end freed her before she was put on_call here.
+            await self.free_agent(call.site, agent_id, call.call_id)
+
     async def _on_ring_timer(self, timer: TimerId) -> None:
         await self.ring_timeout(timer.call_id, timer.attempt)
 
@@ -351,7 +373,13 @@ class CallRecords:
         try:
             before, call = await self.update(call_id, lambda c: calls.ring_timeout(c, attempt, now))
         except (Conflict, NotFound):
-            return  # the call moved on (answered, declined, ended) or is gone
+            # The call moved on (answered, declined, ended) or is gone. Answered on this ring,
+            # its timer is still here only if the accept's follow-up was cut short.
+            moved = await self.find(call_id)
+            if moved is not None and calls.accepted_on(moved, attempt):
+                assert moved.agent_id is not None
+                await self.after_accept(moved, moved.agent_id, again=True)
+            return
         assert before.agent_id is not None
         await self.ring_over(before, call, before.agent_id, "no_answer")
         await self.flow(call).ring_missed(call)

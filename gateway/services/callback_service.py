@@ -456,9 +456,11 @@ class CallbackService:
     # --- the agent (CallFlow: asked by the shared paths) -----------------------------------
 
     async def accepted(self, call: Call) -> None:
-        """The agent is ready (or, customer first, chosen): dial the visitor now."""
+        """The agent is ready (or, customer first, chosen): dial the visitor now. Run again
+        after an outage (``CallRecords.after_accept``), it leaves a dial that is due or
+        running where it is: moved, another node would start it a second time."""
         dial = TimerId(TimerKind.CALLBACK_DIAL, call.call_id, str(call.dials))
-        await self._records.schedule(dial, self._records.clock())
+        await self._records.schedule(dial, self._records.clock(), keep=True)
         await self._notify.call_update(call)
 
     async def ring_missed(self, call: Call) -> Call:

@@ -207,8 +207,9 @@ class CallRecordStore(Protocol):
 class TimerStore(Protocol):
     """Durable timers, leased to one node at a time."""
 
-    async def schedule_timer(self, timer_id: str, due: float) -> None:
-        """A durable timer; scheduling an existing id moves it."""
+    async def schedule_timer(self, timer_id: str, due: float, keep: bool = False) -> None:
+        """A durable timer; scheduling an existing id moves it, unless ``keep``: then a timer
+        already there (due, or leased to a node running it) stays as it is."""
 
     async def claim_timers(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
         """Due timers, each leased to the caller for ``lease_s``: a node that dies before

@@ -49,11 +49,10 @@ class EmbeddedCoordination(EmbeddedParts, NamedCoordination):
         if held is not None and held[0] == call_id:
             del self._reservations[(site, agent_id)]
 
-    async def schedule_timer(self, timer_id: str, due: float) -> None:
+    async def schedule_timer(self, timer_id: str, due: float, keep: bool = False) -> None:
+        verb = "INSERT OR IGNORE" if keep else "INSERT OR REPLACE"
         await self._run(
-            lambda: self._conn().execute(
-                "INSERT OR REPLACE INTO timers VALUES (?, ?)", (timer_id, due)
-            )
+            lambda: self._conn().execute(f"{verb} INTO timers VALUES (?, ?)", (timer_id, due))
         )
         self._next_due = min(self._next_due, due)
 

@@ -134,8 +134,11 @@ class RedisCoordination(RedisParts, NamedCoordination):
     async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
         await self._lane.run_script(_RELEASE, [f"m:resv:{site}:{agent_id}"], [call_id])
 
-    async def schedule_timer(self, timer_id: str, due: float) -> None:
-        await self._lane.execute("ZADD", TIMERS_KEY, repr(float(due)), timer_id)
+    async def schedule_timer(self, timer_id: str, due: float, keep: bool = False) -> None:
+        if keep:
+            await self._lane.execute("ZADD", TIMERS_KEY, "NX", repr(float(due)), timer_id)
+        else:
+            await self._lane.execute("ZADD", TIMERS_KEY, repr(float(due)), timer_id)
 
     async def claim_timers(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
         claimed: list[str] = await self._lane.run_script(
