@@ -44,7 +44,7 @@ from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
-from gateway.telephony import ENTRY_POINT_GROUP, AgentPhones, TelephonyInstaller
+from gateway.telephony import ENTRY_POINT_GROUP, AgentPhones, CarriesMedia, TelephonyInstaller
 from gateway.wire import fastjson
 from gateway.wire.codec import Json
 
@@ -181,6 +181,12 @@ def create_app(
     feed.telephony = phones is not None
     # A provider that can also call agents' own phones rings mobile-only agents.
     callbacks.devices.phones = phones if isinstance(phones, AgentPhones) else None
+    calls.devices = callbacks.devices
+    # With media workers, a browser call reaches an agent on their phone too.
+    media = phones.media_bridge if isinstance(phones, CarriesMedia) else None
+    if media is not None and callbacks.devices.phones is not None:
+        calls.bridge.attach(media)
+        callbacks.devices.bridge = feed.bridge = True
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     load = LoadMonitor(gauge=metrics.loop_lag_smoothed, histogram=metrics.loop_lag)

@@ -11,7 +11,7 @@ and turns that leg's webhooks into calls of ``AgentLegEvents``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -140,8 +140,20 @@ class Proceed:
     waits on them connects."""
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectMedia:
+    """Connect the leg's audio, both ways, to a session of the audio bridge (a bidirectional
+    media stream): the agent on their phone talks with the visitor in the browser. The leg
+    ends when the stream does."""
+
+    url: str
+    """The session's stream (``MediaSession.stream_url``)."""
+    say: str | None = None
+    language: str = "en-US"
+
+
 Instruction = Bridge | HangUp | JoinRoom
-AgentInstruction = Whisper | JoinRoom | HangUp | Proceed
+AgentInstruction = Whisper | JoinRoom | HangUp | Proceed | ConnectMedia
 """What the agent's own leg should do (gateway.services.mobile_ring)."""
 
 
@@ -239,6 +251,47 @@ class Telephony(Protocol):
 
     async def hang_up(self, provider_id: str) -> None:
         """End the leg (cancel it if it has not answered); no error if it already ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSession:
+    """One call's audio on the bridge (a media worker's session)."""
+
+    ref: str
+    """Where the session runs, opaque to the gateway; any node may pass it back."""
+    stream_url: str
+    """The websocket URL the phone leg's stream connects to (``ConnectMedia``)."""
+
+
+class MediaBridge(Protocol):
+    """The audio bridge between a browser's WebRTC and a phone leg (mobile_bridge.media).
+    Each method raises ``TelephonyError`` (``media_full``: no worker has room)."""
+
+    async def open(self, call_id: str) -> MediaSession:
+        """A session for ``call_id``, before the browser has offered."""
+
+    async def answer(self, ref: str, offer: str) -> str:
+        """The browser's SDP offer in, the session's SDP answer out."""
+
+    async def add_candidate(self, ref: str, candidate: Mapping[str, object]) -> None:
+        """A trickled ICE candidate of the browser (``{"candidate", "sdpMid"?, ...}``)."""
+
+    async def close(self, ref: str) -> None:
+        """The call is over; no error if the session already ended."""
+
+    async def reachable(self, ref: str) -> bool:
+        """Whether the worker of ``ref`` answers (whatever became of the session)."""
+
+    def on_lost(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
+        """``listener(call_id, reason)`` for each call whose audio the bridge lost (its
+        worker died): the call must end."""
+
+
+@runtime_checkable
+class CarriesMedia(Protocol):
+    """A provider whose phone legs can be bridged to browsers (``Telephony`` may be)."""
+
+    media_bridge: MediaBridge | None
 
 
 TelephonyInstaller = Callable[["web.Application", "Settings", CallbackEvents], Telephony]

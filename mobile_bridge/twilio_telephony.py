@@ -39,6 +39,7 @@ from mobile_bridge.agent_leg_webhooks import (
     ring_options,
     tell_twiml,
 )
+from mobile_bridge.media.pool import MediaWorkers
 from mobile_bridge.sms_webhooks import SmsWebhooks
 from mobile_bridge.twilio_webhooks import TwilioWebhooks, WebhookUrls, valid_leg_key
 
@@ -76,10 +77,18 @@ class TwilioTelephony:
         self._request_timeout_s = request_timeout_s
         self._http: Any = None  # AsyncTwilioHttpClient; the SDK is untyped
         self._client: Any = None
+        self.media_bridge: MediaWorkers | None = (
+            MediaWorkers(settings.media, settings.twilio.auth_token)
+            if settings.media.workers
+            else None
+        )
+        """The node's media workers (``CarriesMedia``), started and stopped with it."""
 
     async def start(self) -> None:
         if self._http is not None:
             return
+        if self.media_bridge is not None:
+            await self.media_bridge.start()
         # The async client opens an aiohttp session, which needs the running loop.
         http = AsyncTwilioHttpClient()
         client = Client(self._twilio.account_sid, self._twilio.auth_token, http_client=http)
@@ -92,6 +101,8 @@ class TwilioTelephony:
         http, self._http, self._client = self._http, None, None
         if http is not None:
             await http.close()
+        if self.media_bridge is not None:
+            await self.media_bridge.stop()
 
     async def dial(self, request: DialRequest) -> str:
         if not valid_leg_key(request.call_id, request.attempt):

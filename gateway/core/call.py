@@ -115,6 +115,9 @@ class Call:
     """The telephony provider's id of the current attempt's leg."""
     answered_by: str | None = None
     """Who answered the current attempt's leg: human, machine or unknown."""
+    media: str | None = None
+    """A browser call bridged to the agent's phone: its session on the audio bridge
+    (``MediaSession.ref``), set as the agent takes the call."""
     legs_heard: tuple[tuple[str, int], ...] = ()
     """How far each phone leg of every attempt has been reported to get, by provider id
     (``gateway.core.callback.LEG_PROGRESS``): a status no further than that is old news."""
@@ -205,6 +208,13 @@ def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
         connected_at=now,
         timeline=_log(call, now, "connected", "Connected"),
     )
+
+
+def with_media(call: Call, ref: str, attempt: int) -> Call:
+    """The audio bridge's session for the agent taking ring ``attempt`` on their phone."""
+    if call.state is not CallState.RINGING or call.attempt != attempt:
+        raise CallError("stale", "that ring is over")
+    return replace(call, media=ref)
 
 
 def accepted_on(call: Call, attempt: int) -> bool:

@@ -120,16 +120,18 @@ class Capabilities:
 
     # Callbacks can be placed: a telephony provider is configured and the site has caller IDs.
     callbacks: bool = False
-    # The audio bridge between a browser call and a phone (not built: docs/ARCHITECTURE.md
-    # section 11). Until it is, a browser call reaches only agents in the agent app, and a
-    # callback's agent talks on their own phone, so needs a mobile number.
+    # The audio bridge between a browser call and a phone (media workers run, and the site
+    # can ring phones): a browser call reaches an agent on their mobile too. A callback's
+    # agent still talks on their own phone, so needs a mobile number.
     bridge: bool = False
 
 
-def capabilities(site: Site, telephony: bool) -> Capabilities:
+def capabilities(site: Site, telephony: bool, bridge: bool = False) -> Capabilities:
     """What ``site`` can be offered, on a node with (``telephony``) or without a telephony
-    provider: the one place the callback API, availability and routing read it from."""
-    return Capabilities(callbacks=telephony and bool(site.caller_ids))
+    provider, and with (``bridge``) or without media workers: the one place the callback
+    API, availability and routing read it from."""
+    phones = telephony and bool(site.caller_ids)
+    return Capabilities(callbacks=phones, bridge=phones and bridge)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceService
 from gateway.services.store_retry import UntilStored
 from gateway.store.base import CallRow, Store
+from gateway.telephony import AgentInstruction
 from gateway.wire.calls import ring_to_wire
 from gateway.wire.codec import Json, call_from_record, call_to_record
 
@@ -146,6 +147,19 @@ class CallFlow(Protocol):
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
         """Relay an SDP or ICE message between the parties of the connected call."""
+
+    async def phone_accepts(
+        self, call: Call, accept: Callable[[], Awaitable[Call]]
+    ) -> AgentInstruction:
+        """Its agent pressed 1 on their phone for the ringing ``call``: ``accept`` takes the
+        call as the app's accept does; the answer is what the agent's leg does then."""
+
+    async def ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json | None]:
+        """What a ring of ``call`` for ``agent_id`` adds (``ring``'s visitor and extra)."""
+
+    async def phone_leg_ended(self, call: Call) -> None:
+        """The leg of its agent, who took the call on their phone, ended: end the call with
+        why (raises ``Conflict`` when it has ended already)."""
 
 
 class CallRecords:

@@ -15,13 +15,15 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 
+from gateway.core import agent_ring as ar
 from gateway.core import call as calls
 from gateway.core.availability import availability
 from gateway.core.call import Call, CallChannel, CallRequest, CallState
 from gateway.core.errors import Conflict, Invalid, NotFound, RateLimited
+from gateway.core.model import Channel, Site
 from gateway.core.ranking_cache import RankingCache
 from gateway.core.ringing import RingingAgents
-from gateway.core.routing import RoutingSnapshot, route
+from gateway.core.routing import Capabilities, RoutingSnapshot, capabilities, route
 from gateway.services.call_records import (
     RESERVATION_GRACE_S,
     CallRecords,
@@ -29,6 +31,9 @@ from gateway.services.call_records import (
     TimerId,
     TimerKind,
 )
+from gateway.services.mobile_ring import MobileRing
+from gateway.services.phone_bridge import PhoneBridge
+from gateway.telephony import AgentInstruction
 from gateway.wire.codec import Json
 
 # A visitor may start this many calls a minute (across nodes); one may be open at a time.
@@ -59,6 +64,17 @@ class CallService:
         self.visitor_grace_s = VISITOR_GRACE_S
         self.agent_grace_s = AGENT_GRACE_S
         self._ranking = RankingCache()
+        self.devices: MobileRing | None = None
+        """Rings agents on their phones; set by the app when a telephony provider can."""
+        self.bridge = PhoneBridge(records)
+        """The audio bridge to an agent's phone; enabled by the app with media workers."""
+
+    def can(self, site: Site) -> Capabilities:
+        """What this node can carry for ``site``'s browser calls: an agent's phone too, with
+        phones to ring and the audio bridge."""
+        return capabilities(
+            site, self.devices is not None and self.devices.phones is not None, self.bridge.enabled
+        )
 
     @property
     def records(self) -> CallRecords:
@@ -194,7 +210,10 @@ class CallService:
         await self._notify.call_update(call)
 
     async def ring_missed(self, call: Call) -> Call:
-        """After a decline or a ring timeout: ring the next agent."""
+        """After a decline or a ring timeout: ring the next agent (a ring on a phone is hung
+        up first)."""
+        if ar.has_leg(call) and self.devices is not None:
+            await self.devices.ring_missed(call)
         return await self._route(call, await self._store.last_agent(call.site, call.visitor_id))
 
     async def ended(self, before: Call, after: Call, reason: str) -> None:
@@ -206,6 +225,7 @@ class CallService:
                     partial(self._records.ring_over, before, after, before.agent_id, reason),
                     f"ring-over:{after.call_id}",
                 )
+                await self._phone_over(before, after)
                 return
             if before.state is CallState.CONNECTED:
                 # As for a ring: the agent hears the call ended before anyone may ring her.
@@ -213,8 +233,15 @@ class CallService:
                 await self._notify.sent()
                 await self._records.free_agent(after.site, before.agent_id, after.call_id)
                 await self._store.record_served(after.site, after.visitor_id, before.agent_id)
+                await self._phone_over(before, after)
                 return
         await self._notify.call_update(after)
+
+    async def _phone_over(self, before: Call, after: Call) -> None:
+        """An agent on their phone: the leg is hung up, and the call's audio session closed."""
+        if self.devices is not None and ar.has_leg(before):
+            await self.devices.call_over(before, after)
+        await self.bridge.call_over(before)
 
     async def ring_payload(self, call: Call) -> Json:
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
@@ -251,7 +278,22 @@ class CallService:
             pass  # ended meanwhile
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
+        if to_agent and call.media is not None:
+            await self.bridge.from_visitor(call, payload)  # the agent is on their phone
+            return
         await self._notify.signal(call, to_agent=to_agent, payload=payload)
+
+    async def phone_accepts(
+        self, call: Call, accept: Callable[[], Awaitable[Call]]
+    ) -> AgentInstruction:
+        """The agent took the call on their phone: the visitor's audio is bridged to it."""
+        return await self.bridge.phone_accepts(call, accept)
+
+    async def phone_leg_ended(self, call: Call) -> None:
+        await self.bridge.phone_leg_ended(call)
+
+    async def ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json | None]:
+        return self._returning(call, await self._store.last_agent(call.site, call.visitor_id)), None
 
     # --- routing ---------------------------------------------------------------------------------
 
@@ -263,13 +305,16 @@ class CallService:
         site = records.sites[call.site]
         now = records.clock()
         presence = records.presence.snapshot(call.site)
+        can = self.can(site)
         snapshot = RoutingSnapshot(
             site=site,
             presence=presence,
             reserved=records.ringing.current(call.site, presence, now),
             last_agent=last_agent,
+            can=can,
         )
-        request = calls.route_request(call, call.media_channel)
+        reach = (Channel.WEBRTC, Channel.PSTN) if can.bridge else ()
+        request = calls.route_request(call, call.media_channel, agent_channels=reach)
         ttl = site.ring_timeout_s + RESERVATION_GRACE_S
         ranked = self._ranking.candidates(snapshot, request, now)
         # The candidates are tried in order, a batch per round trip: the first one free is
@@ -281,9 +326,13 @@ class CallService:
             if chosen is None:
                 continue
             candidate = next(c for c in batch if c.agent_id == chosen)
-            ringing = await records.ring(
-                call, chosen, candidate.reasons, now, self._returning(call, last_agent)
-            )
+            visitor = self._returning(call, last_agent)
+            if candidate.channel is Channel.PSTN and self.devices is not None:
+                ringing = await self.devices.ring(
+                    call, chosen, candidate.channel, candidate.reasons, now, visitor
+                )
+            else:
+                ringing = await records.ring(call, chosen, candidate.reasons, now, visitor)
             if ringing is None:
                 return await records.get(call.call_id)  # canceled meanwhile
             return ringing

@@ -24,7 +24,7 @@ import math
 import secrets
 import statistics
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from functools import partial
 
@@ -68,8 +68,9 @@ from gateway.services.call_records import (
 )
 from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_timer
 from gateway.services.caller_screen import CallerScreen
-from gateway.services.mobile_ring import MobileRing
+from gateway.services.mobile_ring import MobileRing, room_name
 from gateway.store.base import OpenCallbackKind
+from gateway.telephony import AgentInstruction, JoinRoom
 from gateway.wire.codec import CallbackIn, Json, call_to_wire
 
 # A callback waiting for a free agent looks again this often.
@@ -121,7 +122,7 @@ class CallbackService:
         """The phone legs; the telephony edge calls into it (``CallbackEvents``)."""
         # The agent rung in the app or on their mobile (AgentLegEvents); customer first,
         # the agent's leg screened (ScreenEvents).
-        self.devices = MobileRing(records, self._ring_details, metrics)
+        self.devices = MobileRing(records, metrics)
         self.screen = CallerScreen(records, self._candidates, metrics)
         self.dialer.agent_legs, self.dialer.screen = self.devices, self.screen
         self.min_lead_s = MIN_LEAD_S
@@ -484,6 +485,19 @@ class CallbackService:
         which will ring once the visitor answers."""
         agent = self._records.sites[call.site].agents[agent_id]
         return {"returning": False, "phone": call.phone}, {"your_phone": agent.mobile}
+
+    async def ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json | None]:
+        return self._ring_details(call, agent_id)
+
+    async def phone_leg_ended(self, call: Call) -> None:
+        await self._records.end(call.call_id, "agent_hung_up", "The agent ended the call")
+
+    async def phone_accepts(
+        self, call: Call, accept: Callable[[], Awaitable[Call]]
+    ) -> AgentInstruction:
+        """The agent's leg waits in the callback's room, which the visitor's leg joins."""
+        await accept()
+        return JoinRoom(room_name(call.call_id), say="Calling the customer now.")
 
     async def ring_payload(self, call: Call) -> Json:
         assert call.agent_id is not None

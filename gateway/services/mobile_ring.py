@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from functools import partial
 
 from gateway.core import agent_ring as ar
@@ -27,6 +26,7 @@ from gateway.core.agent_ring import RingDevice, RingEnd
 from gateway.core.call import Call, CallError, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import Channel
+from gateway.core.routing import capabilities, carries
 from gateway.ops.metrics import Metrics
 from gateway.services.call_desk import CallDesk
 from gateway.services.call_records import RESERVATION_GRACE_S, CallRecords
@@ -36,7 +36,6 @@ from gateway.telephony import (
     AgentRingRequest,
     AnsweredBy,
     HangUp,
-    JoinRoom,
     LegStatus,
     TelephonyError,
     Whisper,
@@ -50,15 +49,11 @@ MIN_RING_S = 5
 ``Timeout`` below it would hardly let a phone ring)."""
 KEY_TIMEOUT_S = 8
 GOODBYE = "Thank you. Goodbye."
+CANNOT_CONNECT = "Sorry, this call cannot be connected now. Goodbye."
 TOO_LATE = "This call is no longer waiting for you. Goodbye."
 PHONE_SID_PREFIX = "phone:"
 """``Call.agent_sid`` of an agent who accepted on their phone: no socket of theirs carries
 the call, so a socket leaving never ends it."""
-
-
-RingDetails = Callable[[Call, str], tuple[Json, Json]]
-"""What the owning flow adds to a ring of a call for an agent: (visitor, extra) of
-``CallRecords.ring``."""
 
 
 def room_name(call_id: str) -> str:
@@ -66,13 +61,14 @@ def room_name(call_id: str) -> str:
 
 
 class MobileRing:
-    def __init__(self, records: CallRecords, details: RingDetails, metrics: Metrics) -> None:
+    def __init__(self, records: CallRecords, metrics: Metrics) -> None:
         self._records = records
         self._desk = CallDesk(records)
-        self._details = details
         self._metrics = metrics
         self.phones: AgentPhones | None = None
         """Set by the app when the telephony provider can ring agents' phones."""
+        self.bridge = False
+        """Set by the app when media workers bridge browser calls to phones."""
 
     @property
     def reach(self) -> tuple[Channel, ...]:
@@ -124,9 +120,11 @@ class MobileRing:
             await self._hang_up(leg)  # the ring ended (canceled) while the phone was called
         return ringing
 
-    async def _note(self, call: Call, transition: partial[Call]) -> None:
+    async def _note(self, call: Call | str, transition: partial[Call]) -> None:
+        """``call``: as just read, or its id (read now)."""
+        call_id, current = (call, None) if isinstance(call, str) else (call.call_id, call)
         try:
-            await self._records.update(call.call_id, transition, call)
+            await self._records.update(call_id, transition, current)
         except (Conflict, NotFound):
             pass  # the ring is over already: its end tells the rest
 
@@ -162,19 +160,24 @@ class MobileRing:
             return HangUp(GOODBYE)
         if call.state is not CallState.RINGING or call.attempt != ring or call.agent_id is None:
             return HangUp(TOO_LATE)
+        accept = partial(
+            self._desk.accept, call.site, call.agent_id, PHONE_SID_PREFIX + provider_id, call_id
+        )
         try:
-            accepted = await self._desk.accept(
-                call.site, call.agent_id, PHONE_SID_PREFIX + provider_id, call_id
-            )
+            instruction = await self._records.flow(call).phone_accepts(call, accept)
         except (Conflict, NotFound):
             return HangUp(TOO_LATE)
+        except TelephonyError as e:
+            log.warning("connecting %s's phone failed: %s %s", call.agent_id, e.code, e.message)
+            await self._decline(call, ring, RingEnd.FAILED)
+            return HangUp(CANNOT_CONNECT)
         now = self._records.clock()
         self._metrics.mobile_rings.labels(end.value).inc()
         await self._note(
-            accepted,
+            call_id,
             partial(ar.ring_ended, attempt=ring, device=RingDevice.MOBILE, end=end, now=now),
         )
-        return JoinRoom(room_name(call_id), say="Calling the customer now.")
+        return instruction
 
     async def on_agent_leg_event(
         self, call_id: str, ring: int, provider_id: str, status: LegStatus
@@ -184,11 +187,14 @@ class MobileRing:
             return
         if call.state is CallState.RINGING and call.attempt == ring:
             await self._decline(call, ring, ar.leg_ended(status.value))
-        elif call.state is CallState.DIALING and ar.agent_leg(call) == provider_id:
-            # The agent hung up while their customer's phone was ringing: the callback ends
-            # (its flow hangs the visitor's leg up). Once connected, the room ends by itself.
+        elif (
+            call.state in (CallState.DIALING, CallState.CONNECTED)
+            and ar.agent_leg(call) == provider_id
+        ):
+            # The agent's leg ended: while their customer's phone was ringing, or while
+            # talking (a callback's room ends by itself; a bridged browser call ends here).
             try:
-                await self._records.end(call_id, "agent_hung_up", "The agent ended the call")
+                await self._records.flow(call).phone_leg_ended(call)
             except (Conflict, NotFound):
                 pass
 
@@ -236,7 +242,8 @@ class MobileRing:
             await self._hang_up(leg)
         site = self._records.sites[call.site]
         agent = site.agents.get(call.tried[-1]) if call.tried else None
-        reachable = agent is not None and agent.mobile is not None and self.phones is not None
+        can = capabilities(site, self.phones is not None, self.bridge)
+        reachable = agent is not None and carries(call.media_channel, Channel.PSTN, agent, can)
         if agent is None or not ar.phone_after_app(
             site.mobile_after_desktop, device, end, reachable
         ):
@@ -248,7 +255,7 @@ class MobileRing:
         ttl = site.ring_timeout_s + RESERVATION_GRACE_S
         if not await self._records.store.reserve_agent(call.site, agent_id, call.call_id, ttl):
             return False  # taken meanwhile (another call rings her): the next agent then
-        visitor, extra = self._details(call, agent_id)
+        visitor, extra = await self._records.flow(call).ring_details(call, agent_id)
         current = await self._records.get(call.call_id)
         reasons = ("mobile after desktop",)
         ringing = await self.ring(current, agent_id, Channel.PSTN, reasons, now, visitor, extra)

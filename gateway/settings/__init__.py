@@ -10,6 +10,7 @@ from gateway.settings.dev_secret import with_dev_secret
 from gateway.settings.load import ENV_PREFIX, demo_config_text, load_settings
 from gateway.settings.model import (
     AuthSettings,
+    MediaSettings,
     PresenceSettings,
     Settings,
     TwilioSettings,
@@ -21,6 +22,7 @@ __all__ = [
     "ENV_PREFIX",
     "AuthSettings",
     "ConfigError",
+    "MediaSettings",
     "PresenceSettings",
     "Settings",
     "TwilioSettings",

@@ -28,6 +28,7 @@ from gateway.settings.model import (
     AuthFiles,
     AuthSettings,
     LoadLimits,
+    MediaSettings,
     PresenceSettings,
     Settings,
     TwilioSettings,
@@ -170,6 +171,21 @@ def _check_webrtc(webrtc: WebRTCSettings) -> None:
         raise ConfigError("webrtc.turn_secret", "is required (16+ characters) with turn_urls")
 
 
+def _check_media(media: MediaSettings, twilio: TwilioSettings) -> None:
+    if not 0 <= media.workers <= 64:
+        raise ConfigError("media.workers", "must be between 0 and 64")
+    positive(media.max_sessions, "media.max_sessions")
+    if not 0 <= media.base_port <= 65535 - media.workers:
+        raise ConfigError("media.base_port", "must leave room for every worker's port")
+    if media.workers and not twilio.enabled:
+        raise ConfigError("media.workers", "the audio bridge needs [twilio]")
+    if media.public_ws_url and (
+        not media.public_ws_url.startswith(("ws://", "wss://"))
+        or "{port}" not in media.public_ws_url
+    ):
+        raise ConfigError("media.public_ws_url", "must be a ws:// or wss:// URL with {port}")
+
+
 def _check_twilio(twilio: TwilioSettings) -> None:
     if twilio.account_sid and not re.fullmatch(r"AC[0-9a-f]{32}", twilio.account_sid):
         raise ConfigError("twilio.account_sid", "must be AC followed by 32 hex digits")
@@ -244,13 +260,14 @@ def load_settings(
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path or "demo.toml"), f"not valid TOML: {e}") from None
     base = path.parent if path is not None else Path.cwd()
-    names = ("server", "auth", "presence", "webrtc", "twilio")
+    names = ("server", "auth", "presence", "webrtc", "twilio", "media")
     tables = {name: table(raw, name, "") for name in names}
     # The file's values are checked before the environment replaces any of them.
     settings = _server(tables["server"], env)
     presence = decode(tables["presence"], PresenceSettings, "presence")
     webrtc = decode(tables["webrtc"], WebRTCSettings, "webrtc")
     twilio = decode(tables["twilio"], TwilioSettings, "twilio")
+    media = decode(tables["media"], MediaSettings, "media")
     sites: dict[str, Site] = {}
     sites_raw = raw.get("sites", [])
     if not isinstance(sites_raw, list):
@@ -266,12 +283,14 @@ def load_settings(
     _check_presence(presence)
     _check_webrtc(webrtc)
     _check_twilio(twilio)
+    _check_media(media, twilio)
     settings = replace(
         _with_env("server", settings, env),
         auth=_with_env("auth", auth, env),
         presence=presence,
         webrtc=webrtc,
         twilio=twilio,
+        media=media,
         sites=sites,
     )
     port_override = overrides.get("port")

@@ -104,6 +104,28 @@ class TwilioSettings(msgspec.Struct, frozen=True):
         return bool(self.account_sid and self.auth_token)
 
 
+class MediaSettings(msgspec.Struct, frozen=True):
+    """The audio bridge's media workers (mobile_bridge/media): processes this node starts
+    and supervises, which carry a browser visitor's audio to an agent's phone."""
+
+    workers: int = 0
+    """How many worker processes this node runs; 0: no bridge (browser calls reach only
+    agents in the agent app). Needs Twilio."""
+    max_sessions: int = 50
+    """Bridged calls per worker: a worker past it refuses (docs/ARCHITECTURE.md, sizing)."""
+    host: str = "127.0.0.1"
+    """Where workers listen: the node, and every other node, must reach them here."""
+    base_port: int = 0
+    """Worker ``i`` listens on ``base_port + i``; 0: free ports chosen at start."""
+    public_ws_url: str = ""
+    """Where Twilio reaches worker ``{port}`` (its Media Stream websocket), e.g.
+    ``wss://media.example.com/{port}`` behind a proxy; empty: ``ws://{host}:{port}``."""
+
+    def public_url_of(self, port: int) -> str:
+        template = self.public_ws_url or f"ws://{self.host}:{{port}}"
+        return template.replace("{port}", str(port)).rstrip("/")
+
+
 class LoadLimits(msgspec.Struct, frozen=True):
     """``[server]``'s load-shedding keys as written; absent ones keep ``AdmissionLimits``'
     defaults (gateway/core/admission.py), where they are written."""
@@ -147,8 +169,9 @@ class Settings(msgspec.Struct, frozen=True):
     presence: PresenceSettings = msgspec.field(default_factory=PresenceSettings)
     webrtc: WebRTCSettings = msgspec.field(default_factory=WebRTCSettings)
     twilio: TwilioSettings = msgspec.field(default_factory=TwilioSettings)
+    media: MediaSettings = msgspec.field(default_factory=MediaSettings)
     sites: Mapping[str, Site] = msgspec.field(default_factory=dict)
 
 
-SECTIONS = frozenset({"admission", "auth", "presence", "webrtc", "twilio", "sites"})
+SECTIONS = frozenset({"admission", "auth", "presence", "webrtc", "twilio", "media", "sites"})
 """``Settings`` fields that are not ``[server]`` keys."""

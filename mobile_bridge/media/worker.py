@@ -4,30 +4,42 @@ stalls a gateway node's signaling loop and a node scales by adding workers.
 Over HTTP, for the gateway node that hands it a call (``Authorization: Bearer`` with the
 worker's token, compared in constant time):
 
-- ``POST /v1/media/sessions`` ``{"offer": sdp}``: a browser's WebRTC offer; the answer
-  comes back with PCMU first (``pcmu.bridge_transceiver``), with the session's id and the
-  path of its stream. ``503 media_full`` past ``max_sessions``.
+- ``POST /v1/media/sessions`` ``{"offer"?: sdp}``: a session, with its id and the path of
+  its stream; with a browser's WebRTC offer, also the answer, PCMU first
+  (``pcmu.bridge_transceiver``). ``503 media_full`` past ``max_sessions``.
+- ``POST /v1/media/sessions/{id}/offer`` ``{"offer": sdp}``: the offer of a session made
+  without one (the gateway opens the session when the agent takes the call, before the
+  browser has offered): ``{"answer": sdp}``; ``409 offer_taken`` for a second offer.
+- ``POST /v1/media/sessions/{id}/candidate`` ``{"candidate": {"candidate", "sdpMid"?,
+  "sdpMLineIndex"?}}``: a browser's trickled ICE candidate (aiortc answers with all of
+  its own in the SDP).
+- ``GET /v1/media/sessions/{id}``: the session's counters (``404 media_ended`` once over).
 - ``DELETE /v1/media/sessions/{id}``: the call is over; its peer connection is closed.
 - ``GET /v1/media/stats``: sessions, and each one's gaps and drops.
 
 And for Twilio, ``GET /v1/media/sessions/{id}/stream``: the websocket of the call's
 ``<Connect><Stream>``, whose ``X-Twilio-Signature`` is checked against the worker's public
 websocket URL as every webhook's is. One stream per session; when it ends, so does the
-session. Not wired to the gateway yet: the gateway's flow for a browser visitor reaching an
-agent's phone is the next part of the bridge.
+session. A gateway node starts its workers and supervises them (``media.pool``); a worker
+whose node is gone exits (``--exit-with-stdin``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import os
 import secrets
+import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import candidate_from_sdp
 from multidict import MultiDict
 
 from gateway.core.errors import (
@@ -40,6 +52,7 @@ from gateway.core.errors import (
     Unavailable,
 )
 from gateway.edge.errors import rest_response
+from mobile_bridge.media.api import SESSIONS, STATS
 from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver
 from mobile_bridge.media.stream import PhoneStream, StreamEnd
 from mobile_bridge.twilio_webhooks import SIGNATURE_HEADER, WebhookSignatures
@@ -48,7 +61,6 @@ log = logging.getLogger(__name__)
 
 MAX_OFFER_BYTES: Final = 64 * 1024
 """An audio-only offer is a few KB; anything near this is not a browser's."""
-SESSIONS: Final = "/v1/media/sessions"
 
 
 @dataclass
@@ -58,6 +70,7 @@ class Session:
     to_browser: MuLawTrack
     stream: PhoneStream | None = None
     ended: StreamEnd | None = None
+    offered: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_phone(self, payload: bytes) -> None:
@@ -76,6 +89,13 @@ async def refusals(
         return rest_response(e)
 
 
+def _offer_of(body: dict[str, Any]) -> str:
+    offer = body.get("offer")
+    if not isinstance(offer, str) or "m=audio" not in offer:
+        raise Invalid('"offer" must be an SDP offer with audio', code="invalid_offer")
+    return offer
+
+
 class MediaWorker:
     def __init__(
         self,
@@ -90,6 +110,7 @@ class MediaWorker:
         if len(api_token) < 32:
             raise ValueError("the media worker's API token must be 32 characters or more")
         self._api_token = api_token.encode()
+        self._twilio_auth_token = twilio_auth_token
         self._signatures = WebhookSignatures(twilio_auth_token, public_ws_url)
         self._max_sessions = max_sessions
         self._ice = ice or RTCConfiguration(iceServers=[])
@@ -98,12 +119,25 @@ class MediaWorker:
         """Told each session that ends, and how its stream did (None: the gateway ended it
         first, or no stream came)."""
 
+    @property
+    def public_ws_url(self) -> str:
+        return self._signatures.url_for("")
+
+    @public_ws_url.setter
+    def public_ws_url(self, url: str) -> None:
+        """Where Twilio reaches this worker: what its stream signatures are checked against
+        (known once the worker has its port)."""
+        self._signatures = WebhookSignatures(self._twilio_auth_token, url)
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[refusals])
         app.router.add_post(SESSIONS, self._create)
+        app.router.add_post(SESSIONS + "/{session}/offer", self._offered)
+        app.router.add_post(SESSIONS + "/{session}/candidate", self._candidate)
+        app.router.add_get(SESSIONS + "/{session}", self._show)
         app.router.add_delete(SESSIONS + "/{session}", self._delete)
         app.router.add_get(SESSIONS + "/{session}/stream", self._stream)
-        app.router.add_get("/v1/media/stats", self._stats)
+        app.router.add_get(STATS, self._stats)
         app.on_cleanup.append(self._close_all)
         return app
 
@@ -117,7 +151,8 @@ class MediaWorker:
 
     async def _create(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        offer = await self._offer(request)
+        body = await self._body(request)
+        offer = _offer_of(body) if "offer" in body else None
         if len(self.sessions) >= self._max_sessions:
             raise Unavailable("this media worker is full", code="media_full", retry_after_s=1)
         session_id = "m_" + secrets.token_hex(12)
@@ -127,43 +162,103 @@ class MediaWorker:
         # Counted from now: answering waits for ICE gathering, and offers arriving meanwhile
         # must find the worker as full as it will be.
         self.sessions[session_id] = session
+        created = {"session": session_id, "stream_path": f"{SESSIONS}/{session_id}/stream"}
+        if offer is not None:
+            try:
+                created["answer"] = await self._answer(session, offer)
+            except DomainError:
+                self.sessions.pop(session_id, None)
+                await pc.close()
+                raise
+        return web.json_response(created, status=201)
+
+    async def _offered(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        session = self._session(request)
+        offer = _offer_of(await self._body(request))
+        if session.offered:
+            raise Conflict("this session has its offer already", code="offer_taken")
+        answer = await self._answer(session, offer)
+        return web.json_response({"answer": answer})
+
+    async def _answer(self, session: Session, offer: str) -> str:
+        session.offered = True
+        pc = session.pc
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # aiortc raises ValueError and its own errors for bad SDP
-            self.sessions.pop(session_id, None)
-            await pc.close()
-            log.info("media session refused an offer: %r", e)
+            log.info("media session %s refused an offer: %r", session.session_id, e)
+            await self.end(session.session_id)
             raise Invalid(
                 "the offer is not an audio offer this worker can answer", code="invalid_offer"
             ) from None
-        if session_id not in self.sessions:  # the worker shut down meanwhile
-            raise Unavailable("this media worker is stopping", code="media_full")
-        answer = pc.localDescription
-        return web.json_response(
-            {
-                "session": session_id,
-                "answer": answer.sdp,
-                "stream_path": f"{SESSIONS}/{session_id}/stream",
-            },
-            status=201,
-        )
+        if session.session_id not in self.sessions:  # ended (or the worker shut down) meanwhile
+            raise NotFound("the media session ended", code="media_ended")
+        sdp: str = pc.localDescription.sdp
+        return sdp
 
-    async def _offer(self, request: web.Request) -> str:
+    async def _candidate(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        session = self._session(request)
+        body = await self._body(request)
+        given = body.get("candidate")
+        if not isinstance(given, dict):
+            raise Invalid('"candidate" must be an ICE candidate object')
+        line = given.get("candidate")
+        if not isinstance(line, str) or len(line) > 1024:
+            raise Invalid('"candidate" must be an ICE candidate object')
+        if not line:
+            return web.Response(status=204)  # the end of the browser's candidates
+        try:
+            candidate = candidate_from_sdp(line.removeprefix("candidate:"))
+        except (ValueError, IndexError):
+            raise Invalid("not an ICE candidate line") from None
+        mid, index = given.get("sdpMid"), given.get("sdpMLineIndex")
+        candidate.sdpMid = mid if isinstance(mid, str) else None
+        candidate.sdpMLineIndex = index if isinstance(index, int) else None
+        if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
+            candidate.sdpMLineIndex = 0  # one audio line: the only one it can be for
+        try:
+            await session.pc.addIceCandidate(candidate)
+        except ValueError:
+            raise Invalid("the candidate names no line of the offer") from None
+        return web.Response(status=204)
+
+    def _session(self, request: web.Request) -> Session:
+        session = self.sessions.get(request.match_info["session"])
+        if session is None:
+            raise NotFound("no such media session", code="media_ended")
+        return session
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
         try:
             body = await request.json()
         except ValueError:
             raise Invalid("the body is not JSON") from None
-        offer = body.get("offer") if isinstance(body, dict) else None
-        if not isinstance(offer, str) or "m=audio" not in offer:
-            raise Invalid('"offer" must be an SDP offer with audio', code="invalid_offer")
-        return offer
+        if not isinstance(body, dict):
+            raise Invalid("the body must be a JSON object")
+        return body
+
+    async def _show(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        session = self._session(request)
+        return web.json_response({"session": session.session_id, **self._stats_of(session)})
+
+    def _stats_of(self, s: Session) -> dict[str, Any]:
+        return {
+            "streaming": s.stream is not None,
+            "underruns": s.to_browser.underruns,
+            "dropped_to_browser": s.to_browser.dropped,
+            "dropped_to_phone": s.stream.dropped if s.stream else 0,
+        }
 
     async def _delete(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        if request.match_info["session"] not in self.sessions:
-            raise NotFound("no such media session")
-        await self.end(request.match_info["session"])
+        await self.end(self._session(request).session_id)
         return web.Response(status=204)
 
     async def _stats(self, request: web.Request) -> web.Response:
@@ -172,15 +267,7 @@ class MediaWorker:
             {
                 "sessions": len(self.sessions),
                 "max_sessions": self._max_sessions,
-                "calls": {
-                    s.session_id: {
-                        "streaming": s.stream is not None,
-                        "underruns": s.to_browser.underruns,
-                        "dropped_to_browser": s.to_browser.dropped,
-                        "dropped_to_phone": s.stream.dropped if s.stream else 0,
-                    }
-                    for s in self.sessions.values()
-                },
+                "calls": {s.session_id: self._stats_of(s) for s in self.sessions.values()},
             }
         )
 
@@ -224,32 +311,76 @@ class MediaWorker:
             await self.end(session_id)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m mobile_bridge.media.worker --port 9100 --public-ws-url wss://...``, with
-    ``MEMBRANE_MEDIA_TOKEN`` and ``MEMBRANE_TWILIO_AUTH_TOKEN`` in the environment. (The
-    gateway will start its workers itself; this runs one alone, for bench/media_bridge.py.)"""
-    import argparse
-    import os
+async def until_stdin_ends() -> None:
+    """Returns once standard input ends: the node that started the worker holds the other
+    end, so a SIGKILLed node does not leave its workers behind."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(4096):
+        pass
+    log.warning("media worker: the node that started it is gone; stopping")
 
-    import uvloop
 
-    parser = argparse.ArgumentParser(description="a Membrane media worker")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--public-ws-url", required=True, help="where Twilio reaches this worker")
-    parser.add_argument("--max-sessions", type=int, default=50)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def report(line: str) -> None:
+    """A line for the node that started the worker (``media.pool`` reads its stdout)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def serve(args: Any) -> None:
     worker = MediaWorker(
         api_token=os.environ["MEMBRANE_MEDIA_TOKEN"],
         twilio_auth_token=os.environ["MEMBRANE_TWILIO_AUTH_TOKEN"],
         public_ws_url=args.public_ws_url,
         max_sessions=args.max_sessions,
+        on_end=lambda session_id, _: report(f"ended {session_id}"),
     )
-    uvloop.install()
-    web.run_app(worker.app(), host=args.host, port=args.port, access_log=None, print=None)
+    runner = web.AppRunner(worker.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    port = runner.addresses[0][1]
+    worker.public_ws_url = args.public_ws_url.replace("{port}", str(port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    watching = asyncio.create_task(until_stdin_ends()) if args.exit_with_stdin else None
+    if watching is not None:
+        watching.add_done_callback(lambda _: stop.set())
+    report(f"listening {port}")
+    try:
+        await stop.wait()
+    finally:
+        if watching is not None:
+            watching.cancel()
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mobile_bridge.media.worker --port 9100 --public-ws-url wss://...``, with
+    ``MEMBRANE_MEDIA_TOKEN`` and ``MEMBRANE_TWILIO_AUTH_TOKEN`` in the environment. A node
+    starts its workers so (``media.pool``), reading ``listening PORT`` and ``ended SESSION``
+    lines from stdout; bench/media_bridge.py runs one alone."""
+    import argparse
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(description="a Membrane media worker")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="0: any free port")
+    parser.add_argument(
+        "--public-ws-url", required=True, help="where Twilio reaches this worker ({port}: its port)"
+    )
+    parser.add_argument("--max-sessions", type=int, default=50)
+    parser.add_argument(
+        "--exit-with-stdin", action="store_true", help="stop when standard input ends"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvloop.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,12 @@ class Watcher:
 
 
 def availability_json(
-    presence: PresenceService, ringing: RingingAgents, key: FeedKey, now: float, telephony: bool
+    presence: PresenceService,
+    ringing: RingingAgents,
+    key: FeedKey,
+    now: float,
+    telephony: bool,
+    bridge: bool = False,
 ) -> Json:
     site_id, language, branch = key
     site = presence.site(site_id)
@@ -65,7 +70,7 @@ def availability_json(
         site=site,
         presence=agents,
         reserved=ringing.current(site_id, agents, now),
-        can=capabilities(site, telephony),
+        can=capabilities(site, telephony, bridge),
     )
     a = availability(snap, now, language=language, branch=branch)
     return availability_to_wire(
@@ -112,6 +117,8 @@ class AvailabilityFeed:
         self._ringing = ringing
         self.telephony = False
         """The node has a telephony provider (set once it is installed): callbacks exist."""
+        self.bridge = False
+        """The node runs media workers: a browser call can reach an agent's phone."""
         self._clock = clock
         self._coalesce_s = coalesce_s
         self._keepalive_s = keepalive_s
@@ -128,7 +135,9 @@ class AvailabilityFeed:
         return sum(len(w) for w in self._watchers.values())
 
     def current(self, key: FeedKey) -> Json:
-        return availability_json(self._presence, self._ringing, key, self._clock(), self.telephony)
+        return availability_json(
+            self._presence, self._ringing, key, self._clock(), self.telephony, self.bridge
+        )
 
     # --- watchers ------------------------------------------------------------------------------
 
@@ -192,7 +201,9 @@ class AvailabilityFeed:
         now = self._clock()
         for key in [k for k in self._watchers if site is None or k[0] == site]:
             frame = sse_frame(
-                availability_json(self._presence, self._ringing, key, now, self.telephony)
+                availability_json(
+                    self._presence, self._ringing, key, now, self.telephony, self.bridge
+                )
             )
             if frame == self._last.get(key):
                 if not keepalive:

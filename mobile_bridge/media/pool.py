@@ -1,0 +1,253 @@
+"""The media workers of one gateway node: started with it, supervised, and handed calls.
+
+``MediaWorkers`` is the node's ``MediaBridge`` (gateway/telephony.py). It starts
+``media.workers`` processes (``python -m mobile_bridge.media.worker``), each told to stop when
+the node is gone (its stdin is a pipe from the node). A worker says ``listening PORT`` once it
+serves, and ``ended SESSION`` for each session that ends. A new session goes to the live
+worker with the fewest of this node's sessions; a full one (``media_full``) passes it on.
+
+A worker that dies takes its calls' audio with it: each call this node opened on it is
+reported lost (``on_lost``), so that the call ends with a reason rather than leaving the
+visitor in silence and the agent "on a call"; the worker is started again.
+
+A session's ``ref`` is the URL of the session on its worker, and every node's workers take
+the same token (derived from the Twilio auth token all nodes share), so whichever node a
+visitor's signals reach can pass them to the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+
+from gateway.settings import MediaSettings
+from gateway.telephony import MediaSession, TelephonyError
+from mobile_bridge.media.api import SESSIONS
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S: Final = 30.0
+"""Importing aiortc and binding takes a second or two; a worker silent this long failed."""
+RESTART_DELAY_S: Final = 1.0
+"""Between a worker's death and its replacement: a worker that dies at once must not spin."""
+REQUEST_TIMEOUT_S: Final = 10.0
+"""Answering an offer waits for the worker's ICE gathering (host candidates: milliseconds)."""
+
+
+def worker_token(twilio_auth_token: str) -> str:
+    """The token every node's workers take: one secret all nodes share, but not the auth
+    token itself (a worker's token in a log must not sign Twilio webhooks)."""
+    return hmac.new(
+        twilio_auth_token.encode(), b"membrane media worker", hashlib.sha256
+    ).hexdigest()
+
+
+@dataclass
+class Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    port: int
+    base_url: str
+    public_url: str
+    sessions: dict[str, str] = field(default_factory=dict)
+    """This node's sessions on the worker: session id to call id."""
+
+
+class MediaWorkers:
+    def __init__(self, settings: MediaSettings, twilio_auth_token: str) -> None:
+        self._settings = settings
+        self._auth_token = twilio_auth_token
+        self._token = worker_token(twilio_auth_token)
+        self._workers: dict[int, Worker] = {}
+        self._http: aiohttp.ClientSession | None = None
+        self._supervisors: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._lost: list[Callable[[str, str], Awaitable[None]]] = []
+
+    # --- MediaBridge ------------------------------------------------------------------------
+
+    def on_lost(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
+        self._lost.append(listener)
+
+    async def open(self, call_id: str) -> MediaSession:
+        for worker in sorted(self._workers.values(), key=lambda w: len(w.sessions)):
+            if worker.process.returncode is not None:
+                continue
+            try:
+                status, body = await self._request("POST", worker.base_url + SESSIONS, {})
+            except TelephonyError:
+                continue  # dying: its supervisor reports it
+            if status == 503:
+                continue
+            if status != 201:
+                raise TelephonyError("media_error", f"the media worker answered {status}: {body}")
+            session_id = str(body["session"])
+            worker.sessions[session_id] = call_id
+            return MediaSession(
+                ref=f"{worker.base_url}{SESSIONS}/{session_id}",
+                stream_url=worker.public_url + str(body["stream_path"]),
+            )
+        raise TelephonyError("media_full", "every media worker of this node is full")
+
+    async def answer(self, ref: str, offer: str) -> str:
+        status, body = await self._request("POST", ref + "/offer", {"offer": offer})
+        if status != 200:
+            code = _code_of(body)
+            raise TelephonyError(code, f"the media worker refused the offer: {status} {code}")
+        return str(body["answer"])
+
+    async def add_candidate(self, ref: str, candidate: Mapping[str, Any]) -> None:
+        status, body = await self._request("POST", ref + "/candidate", {"candidate": candidate})
+        if status not in (204, 400):
+            # A candidate the worker cannot use is not worth ending the call over.
+            code = _code_of(body)
+            raise TelephonyError(code, f"the media worker refused a candidate: {status} {code}")
+
+    async def reachable(self, ref: str) -> bool:
+        try:
+            await self._request("GET", ref, None)
+        except TelephonyError:
+            return False
+        return True
+
+    async def close(self, ref: str) -> None:
+        with contextlib.suppress(TelephonyError):
+            await self._request("DELETE", ref, None)
+
+    # --- the processes ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+            headers={"Authorization": f"Bearer {self._token}"},
+        )
+        await asyncio.gather(*(self._start_worker(i) for i in range(self._settings.workers)))
+
+    async def stop(self) -> None:
+        self._closing = True
+        for task in self._supervisors:
+            task.cancel()
+        for worker in self._workers.values():
+            if worker.process.returncode is None:
+                worker.process.terminate()
+        for worker in self._workers.values():
+            try:
+                await asyncio.wait_for(worker.process.wait(), 5)
+            except TimeoutError:
+                worker.process.kill()
+                await worker.process.wait()
+        if self._http is not None:
+            await self._http.close()
+
+    @property
+    def workers(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    async def _start_worker(self, index: int) -> None:
+        s = self._settings
+        port = s.base_port + index if s.base_port else 0
+        template = s.public_ws_url or f"ws://{s.host}:{{port}}"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mobile_bridge.media.worker",
+            "--host",
+            s.host,
+            "--port",
+            str(port),
+            "--public-ws-url",
+            template,
+            "--max-sessions",
+            str(s.max_sessions),
+            "--exit-with-stdin",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={
+                **os.environ,
+                "MEMBRANE_MEDIA_TOKEN": self._token,
+                "MEMBRANE_TWILIO_AUTH_TOKEN": self._auth_token,
+            },
+        )
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+        except TimeoutError:
+            line = b""
+        words = line.decode(errors="replace").split()
+        if len(words) != 2 or words[0] != "listening":
+            process.kill()
+            await process.wait()
+            raise RuntimeError(f"media worker {index} did not start (it said {line!r})")
+        bound = int(words[1])
+        worker = Worker(
+            index,
+            process,
+            bound,
+            f"http://{s.host}:{bound}",
+            s.public_url_of(bound),
+        )
+        self._workers[index] = worker
+        log.info("media worker %d (pid %d) listening on %s", index, process.pid, worker.base_url)
+        task = asyncio.create_task(self._supervise(worker), name=f"media-worker-{index}")
+        self._supervisors.add(task)
+        task.add_done_callback(self._supervisors.discard)
+
+    async def _supervise(self, worker: Worker) -> None:
+        """Read the worker's lines until it exits; then report its calls and replace it."""
+        stdout = worker.process.stdout
+        assert stdout is not None
+        while line := await stdout.readline():
+            words = line.decode(errors="replace").split()
+            if len(words) == 2 and words[0] == "ended":
+                worker.sessions.pop(words[1], None)
+        code = await worker.process.wait()
+        if self._closing:
+            return
+        lost = dict(worker.sessions)
+        log.error(
+            "media worker %d (pid %d) exited with %s; %d calls lost their audio",
+            worker.index,
+            worker.process.pid,
+            code,
+            len(lost),
+        )
+        worker.sessions.clear()
+        for call_id in lost.values():
+            for listener in self._lost:
+                try:
+                    await listener(call_id, "media_lost")
+                except Exception:
+                    log.exception("ending call %s after its media worker died failed", call_id)
+        await asyncio.sleep(RESTART_DELAY_S)  # a worker that dies at once must not spin
+        if not self._closing:
+            try:
+                await self._start_worker(worker.index)
+            except (RuntimeError, OSError) as e:
+                log.error("media worker %d could not be started again: %s", worker.index, e)
+
+    async def _request(
+        self, method: str, url: str, body: Mapping[str, Any] | None
+    ) -> tuple[int, Any]:
+        assert self._http is not None, "start() first"
+        try:
+            async with self._http.request(method, url, json=body) as r:
+                data = await r.json(content_type=None) if r.status != 204 else None
+                return r.status, data
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            raise TelephonyError("media_unreachable", f"media worker {url}: {e!r}") from None
+
+
+def _code_of(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("code", "media_error"))
+    return "media_error"

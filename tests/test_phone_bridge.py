@@ -1,0 +1,249 @@
+"""A browser visitor talks to an agent who is only on her phone, through the audio bridge:
+two gateway nodes on one Redis, each running a real media worker process; the visitor a real
+socket.io client with an aiortc peer sending a 440 Hz tone; the agent's phone the Twilio
+simulator (through the real SDK), which presses 1 at the whisper, plays a 1 kHz tone into
+the Media Stream and records what it hears. A worker SIGKILLed mid-call ends the call with a
+reason on both sides and leaves the agent free on every node."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from conftest import Node, NodeFactory, SocketClient, eventually, replace
+from media_peers import RATE, ToneTrack, heard, remote_track
+from test_callbacks import ANNA_PHONE, phone_node
+from test_calls import session, visitor
+from test_channels import availability
+from test_mobile_ring import PAGE, mobile_settings, on_mobile, status_of
+from twilio_sim import CallRecord, TwilioSim
+from twilio_sim.audio import dominant_frequency
+
+from gateway.edge.http import appkeys as keys
+from gateway.settings import MediaSettings
+from mobile_bridge.media.pool import MediaWorkers
+
+__all__ = ["peers"]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[TwilioSim]:
+    sim = TwilioSim(time_scale=0.05)  # whispers and rings quick; media still in real time
+    await sim.start()
+    yield sim
+    await sim.close()
+    assert sim.contract_violations == []
+    schema = [(c.to, n.message) for c in sim.calls for n in c.notifications if n.code == 12200]
+    assert schema == [], "TwiML the gateway sent breaks the contract"
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[RTCPeerConnection]:
+    browser = RTCPeerConnection()
+    yield browser
+    await browser.close()
+
+
+async def bridged_node(nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, redis_url: str) -> Node:
+    settings = mobile_settings(tmp_path, sim, redis_url)
+    return await phone_node(nodes, replace(settings, media=MediaSettings(workers=1)))
+
+
+def media_of(node: Node) -> MediaWorkers:
+    media = node.app[keys.CALLS].bridge.media
+    assert isinstance(media, MediaWorkers)
+    return media
+
+
+async def call_anna(
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    node: Node,
+    browser: RTCPeerConnection,
+) -> tuple[SocketClient, str]:
+    """The visitor presses the button on ``node``: the call rings Anna's phone, she presses 1,
+    and the visitor's offer is answered by the bridge. The visitor's socket and the call."""
+    v = await visitor(clients, node, (await session(http, node))["token"])
+    ack = await v.call("call:start", {"language": "en", "page": PAGE}, "/visitor")
+    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+    assert ack["call"]["agent"]["name"] == "Anna"
+    call_id: str = ack["call"]["call_id"]
+    await v.next("call:update", lambda c: c["state"] == "connected", timeout=20)
+    # As the widget does once connected: its microphone, then the offer.
+    browser.addTrack(ToneTrack(440))
+    await browser.setLocalDescription(await browser.createOffer())
+    offer = {"type": "offer", "sdp": browser.localDescription.sdp}
+    sent = await v.call("rtc:signal", {"call_id": call_id, "description": offer}, "/visitor")
+    assert sent["ok"], sent
+    answer = await v.next("rtc:signal", lambda m: "description" in m, timeout=15)
+    assert answer["call_id"] == call_id and answer["description"]["type"] == "answer"
+    media_line = next(ln for ln in answer["description"]["sdp"].splitlines() if ln[:2] == "m=")
+    assert media_line.split()[3] == "0", f"PCMU is not first in the answer: {media_line}"
+    await browser.setRemoteDescription(RTCSessionDescription(**answer["description"]))
+    return v, call_id
+
+
+def anna_leg(sim: TwilioSim) -> CallRecord:
+    return next(c for c in sim.calls if c.to == ANNA_PHONE)
+
+
+async def phone_hears(sim: TwilioSim, leg: CallRecord, hz: float) -> None:
+    def heard_two_seconds() -> bool:
+        return leg.stream is not None and len(leg.stream.audio_played) >= 2 * RATE
+
+    await sim.wait_until(heard_two_seconds, timeout=20, what="two seconds at Anna's phone")
+    assert leg.stream is not None
+    assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-RATE:]) - hz) < 10
+
+
+async def free_everywhere(http: aiohttp.ClientSession, *nodes: Node) -> None:
+    async def free() -> bool:
+        return all([await status_of(http, n, "anna") == "available" for n in nodes])
+
+    await eventually(free, 10)
+
+
+async def test_a_browser_visitor_talks_to_an_agent_who_is_only_on_her_phone(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    b = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
+    await on_mobile(http, b, "anna")
+
+    # Only on her phone, Anna is available for a browser call on both nodes.
+    async def button_offers_her() -> bool:
+        shown = [await availability(http, n) for n in (a, b)]
+        return all(s["available"] and "webrtc" in s["channels"] for s in shown)
+
+    await eventually(button_offers_her, 5)
+
+    browser = peers
+    hearing = remote_track(browser)
+    v, call_id = await call_anna(http, clients, a, browser)
+    leg = anna_leg(sim)
+    whisper = next(s for s in leg.said if "Press 1" in s)
+    assert "/pricing" in whisper and "English" in whisper
+    assert "Connecting you now." in leg.said
+    await sim.wait_until(lambda: leg.stream is not None, timeout=10, what="the Media Stream")
+    assert leg.stream is not None and leg.stream.url.startswith("ws://127.0.0.1:")
+
+    # The tones, both ways.
+    track = await asyncio.wait_for(hearing, 15)
+    assert abs(await asyncio.wait_for(heard(track, 2.0), 15) - 1000) < 10
+    await phone_hears(sim, leg, 440)
+    for n in (a, b):
+        assert await status_of(http, n, "anna") == "on_call"
+
+    # The visitor hangs up: the phone leg ends, the session closes, Anna is free everywhere.
+    done = await v.call("call:cancel", {"call_id": call_id}, "/visitor")
+    assert done["ok"] and done["call"]["reason"] == "visitor_hung_up", done
+    await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
+    await free_everywhere(http, a, b)
+
+    async def sessions_closed() -> bool:
+        return all(not w.sessions for n in (a, b) for w in media_of(n).workers)
+
+    await eventually(sessions_closed, 10)
+
+
+async def test_the_agent_hanging_up_her_phone_ends_the_visitors_call(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
+    await on_mobile(http, a, "anna")
+    hearing = remote_track(peers)
+    v, call_id = await call_anna(http, clients, a, peers)
+    await asyncio.wait_for(hearing, 15)
+    leg = anna_leg(sim)
+    await sim.wait_until(lambda: leg.stream is not None and leg.stream.started, timeout=10)
+
+    sim.hangup(leg.sid)
+    ended = await v.next("call:update", lambda c: c["state"] == "completed", timeout=10)
+    assert ended["call_id"] == call_id and ended["reason"] == "agent_hung_up"
+    await free_everywhere(http, a)
+
+
+async def test_a_worker_killed_mid_call_ends_it_with_a_reason_and_frees_the_agent(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    b = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
+    await on_mobile(http, b, "anna")
+    hearing = remote_track(peers)
+    v, call_id = await call_anna(http, clients, a, peers)
+    track = await asyncio.wait_for(hearing, 15)
+    assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
+    leg = anna_leg(sim)
+
+    # The session is on the worker of the node that rang Anna (a); it dies.
+    (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
+    assert call_id in worker.sessions.values()
+    worker.process.send_signal(signal.SIGKILL)
+
+    ended = await v.next("call:update", lambda c: c["state"] == "completed", timeout=10)
+    assert ended["call_id"] == call_id and ended["reason"] == "media_lost"
+    assert ended["timeline"][-1]["detail"] == "The audio connection was lost"
+    await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
+    await free_everywhere(http, a, b)
+
+    # The worker is replaced: the next call is bridged again.
+    async def replaced() -> bool:
+        return all(w.process.returncode is None for n in (a, b) for w in media_of(n).workers)
+
+    await eventually(replaced, 15)
+
+
+async def test_signals_of_a_bridged_call_are_checked_as_any(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    """A second offer is refused with ``offer_taken`` and changes nothing; a garbage offer
+    from the visitor ends the call as ``media_lost`` (there is no audio to have)."""
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
+    await on_mobile(http, a, "anna")
+    hearing = remote_track(peers)
+    v, call_id = await call_anna(http, clients, a, peers)
+    track = await asyncio.wait_for(hearing, 15)
+    await asyncio.wait_for(heard(track, 0.5), 15)  # connected: no check left in flight
+    again = {"type": "offer", "sdp": peers.localDescription.sdp}
+    ack: dict[str, Any] = await v.call(
+        "rtc:signal", {"call_id": call_id, "description": again}, "/visitor"
+    )
+    assert not ack["ok"] and ack["error"]["code"] == "offer_taken", ack
+    candidate = {"candidate": "candidate:1 1 udp 1 999.1.1.1 9 typ host", "sdpMid": "0"}
+    ack = await v.call("rtc:signal", {"call_id": call_id, "candidate": candidate}, "/visitor")
+    assert ack["ok"], ack
+    assert await status_of(http, a, "anna") == "on_call"
