@@ -20,8 +20,8 @@ from twilio.request_validator import RequestValidator
 from twilio_sim import TwilioSim, sdk_client
 from twilio_sim.audio import dominant_frequency
 
-from mobile_bridge.media.stream import StreamEnd
 from mobile_bridge.media.api import SESSIONS
+from mobile_bridge.media.stream import StreamEnd
 from mobile_bridge.media.worker import MediaWorker
 
 __all__ = ["peers"]  # the fixture, used by name
