@@ -556,6 +556,7 @@ li{margin:2px 0}
       default: text = c.state;
     }
     if (status.textContent !== text) say(text);
+    ringback(c.state === "queued" || c.state === "ringing");
     detail.textContent = more;
     timer.hidden = !connectedAt;
     if (isFinal(c)) {
@@ -618,8 +619,41 @@ li{margin:2px 0}
     muteBtn.textContent = muted ? "Unmute" : "Mute";
   }
 
+  // Ringback, as a phone plays it while the other end rings (440 + 480 Hz, 2 s on, 4 s off):
+  // the visitor hears the call going somewhere, whether the agent is in the app or on a phone.
+  let ringCtx = null;
+  let ringTimer = null;
+  function ringback(on) {
+    if (!on) {
+      clearInterval(ringTimer);
+      ringTimer = null;
+      if (ringCtx) ringCtx.close().catch(() => {});
+      ringCtx = null;
+      return;
+    }
+    if (ringCtx || !window.AudioContext) return;
+    const ctx = (ringCtx = new AudioContext());
+    const gain = ctx.createGain();
+    gain.gain.value = 0;
+    gain.connect(ctx.destination);
+    for (const hz of [440, 480]) {
+      const tone = ctx.createOscillator();
+      tone.frequency.value = hz;
+      tone.connect(gain);
+      tone.start();
+    }
+    const burst = () => {
+      const t = ctx.currentTime;
+      gain.gain.setValueAtTime(0.06, t);
+      gain.gain.setValueAtTime(0, t + 2);
+    };
+    burst();
+    ringTimer = setInterval(burst, 6000);
+  }
+
   /** Close the media and the socket: the call is over (or never started). */
   function endCall() {
+    ringback(false);
     busy = false;
     calling++;
     if (pc) pc.close();
@@ -837,6 +871,7 @@ li{margin:2px 0}
   const Membrane = {
     version: "1",
     _pc: null, // the RTCPeerConnection of the current or last browser call (for tests)
+    _ringback: () => !!ringCtx, // whether the ringback tone plays (for tests)
     onAvailabilityChange(fn) {
       if (typeof fn !== "function") throw new TypeError("onAvailabilityChange needs a function");
       listeners.add(fn);

@@ -1,0 +1,178 @@
+"""The audio bridge in a real browser: the demo site's widget, in Debian's Chromium (driven by
+Playwright), calls Anna, who is only on her phone. Two gateway nodes on one Redis, each with
+a media worker; the phone is the Twilio simulator, which presses 1 at the whisper, plays a
+1 kHz tone and records what it hears. The widget's fake microphone plays a 440 Hz tone (a
+WAV file); each tone is found by frequency at the other end."""
+
+from __future__ import annotations
+
+import math
+import struct
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import Node, NodeFactory, eventually, free_port, make_settings, replace
+from playwright.async_api import Page, async_playwright, expect
+from test_browser_e2e import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    HAVE_CHROMIUM,
+    MEDIA_WAIT_MS,
+    WAIT_MS,
+    WIDGET_PC,
+    Browsers,
+    audio_flows,
+    membrane_state,
+    no_errors,
+    widget_says,
+)
+from test_callbacks import ANNA_PHONE, without_quiet_hours_now
+from test_mobile_ring import on_mobile, status_of
+from twilio_sim import TwilioSim
+from twilio_sim.audio import dominant_frequency
+
+from gateway.settings import MediaSettings, TwilioSettings
+
+pytestmark = pytest.mark.skipif(
+    not HAVE_CHROMIUM and not __import__("os").environ.get("CI"),
+    reason=f"browser tests need Debian's Chromium at {CHROMIUM}",
+)
+
+PHONE_RATE = 8000
+
+# Set up once in the page: an analyser on the widget's incoming audio.
+LISTEN_JS = """() => {
+  const pc = window.Membrane._pc;
+  const ctx = new AudioContext();
+  const source = ctx.createMediaStreamSource(new MediaStream([pc.getReceivers()[0].track]));
+  const analyser = ctx.createAnalyser();
+  analyser.fftSize = 8192;
+  source.connect(analyser);
+  window.__listen = { ctx, analyser };
+}"""
+# Polled: the strongest frequency heard, once it is within 15 Hz of `hz` (else false).
+HEARS_JS = """(hz) => {
+  const { ctx, analyser } = window.__listen;
+  const bins = new Float32Array(analyser.frequencyBinCount);
+  analyser.getFloatFrequencyData(bins);
+  let best = 1;
+  for (let i = 2; i < bins.length; i++) if (bins[i] > bins[best]) best = i;
+  const heard = (best * ctx.sampleRate) / analyser.fftSize;
+  return Math.abs(heard - hz) < 15 ? heard : false;
+}"""
+
+
+def tone_wav(path: Path, hz: float, seconds: float = 5.0, rate: int = 48000) -> Path:
+    """A microphone for Chromium's fake capture (``--use-file-for-fake-audio-capture``)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        n = int(seconds * rate)
+        w.writeframes(
+            b"".join(
+                struct.pack("<h", int(12000 * math.sin(2 * math.pi * hz * i / rate)))
+                for i in range(n)
+            )
+        )
+    return path
+
+
+@pytest.fixture
+async def phones() -> AsyncIterator[TwilioSim]:
+    sim = TwilioSim(time_scale=0.05)
+    await sim.start()
+    yield sim
+    await sim.close()
+    assert sim.contract_violations == []
+
+
+@pytest.fixture
+async def gateway(
+    nodes: NodeFactory, redis_url: str, tmp_path: Path, phones: TwilioSim
+) -> tuple[Node, Node]:
+    """Nodes A (the demo site) and B, each with a media worker."""
+    port_a, port_b = free_port(), free_port()
+    twilio = TwilioSettings(phones.account_sid, phones.auth_token, phones.base_url)
+    base = make_settings(
+        tmp_path, redis_url=redis_url, port=port_a, twilio=twilio, media=MediaSettings(workers=1)
+    )
+    origins = (f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}")
+    acme = base.sites["acme"]
+    acme = replace(acme, allowed_origins=(*acme.allowed_origins, *origins), ring_timeout_s=6.0)
+    settings = without_quiet_hours_now(replace(base, sites={**base.sites, "acme": acme}))
+    a = await nodes(replace(settings, node_id="node-a", public_url=origins[0]))
+    b = await nodes(replace(settings, node_id="node-b", port=port_b, public_url=origins[1]))
+    return a, b
+
+
+@pytest.fixture
+async def browsers(gateway: tuple[Node, Node], tmp_path: Path) -> AsyncIterator[Browsers]:
+    """Chromium whose fake microphone says 440 Hz; pages close before the nodes stop."""
+    if not HAVE_CHROMIUM:
+        pytest.fail(f"CI is set but {CHROMIUM} is missing: install Debian's chromium")
+    mic = tone_wav(tmp_path / "mic-440.wav", 440)
+    args = [*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={mic}"]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        b = Browsers(browser)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def hears(page: Page, hz: float) -> float:
+    await page.evaluate(LISTEN_JS)
+    found = await page.wait_for_function(HEARS_JS, arg=hz, polling=100, timeout=MEDIA_WAIT_MS)
+    heard: float = await found.json_value()
+    return heard
+
+
+async def test_the_widget_calls_an_agent_only_on_her_phone_and_they_hear_each_other(
+    gateway: tuple[Node, Node],
+    browsers: Browsers,
+    phones: TwilioSim,
+    http: aiohttp.ClientSession,
+) -> None:
+    a, b = gateway
+    phones.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
+    await on_mobile(http, b, "anna")
+
+    visitor = await browsers.open("visitor", f"{a.url}/demo/")
+    button = visitor.get_by_test_id("membrane-button")
+    await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
+    avail = (await membrane_state(visitor))["availability"]
+    assert avail["available"] and "webrtc" in avail["channels"], avail
+
+    await button.click()
+    await widget_says(visitor, "Ringing Anna in Dublin…")
+    assert await visitor.evaluate("() => Membrane._ringback()"), "no ringback while ringing"
+    await widget_says(visitor, "Connected with Anna")
+    assert not await visitor.evaluate("() => Membrane._ringback()")
+
+    await audio_flows(visitor, WIDGET_PC)
+    assert abs(await hears(visitor, 1000) - 1000) < 15
+    leg = next(c for c in phones.calls if c.to == ANNA_PHONE)
+
+    def phone_heard_two_seconds() -> bool:
+        return leg.stream is not None and len(leg.stream.audio_played) >= 2 * PHONE_RATE
+
+    await phones.wait_until(phone_heard_two_seconds, timeout=20, what="audio at Anna's phone")
+    assert leg.stream is not None
+    heard = dominant_frequency(bytes(leg.stream.audio_played)[-PHONE_RATE:])
+    assert abs(heard - 440) < 10, heard
+    assert await status_of(http, a, "anna") == "on_call"
+
+    await visitor.get_by_test_id("membrane-hangup").click()
+    await widget_says(visitor, "Call ended")
+    await phones.wait_for_call(sid=leg.sid, status="completed", timeout=10)
+
+    async def free() -> bool:
+        return all([await status_of(http, n, "anna") == "available" for n in (a, b)])
+
+    await eventually(free, 10)
+    no_errors(browsers)
