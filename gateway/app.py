@@ -182,6 +182,7 @@ def create_app(
     # A provider that can also call agents' own phones rings mobile-only agents.
     callbacks.devices.phones = phones if isinstance(phones, AgentPhones) else None
     calls.devices = callbacks.devices
+    callbacks.dialer.bridge = calls.bridge
     # With media workers, a browser call reaches an agent on their phone too.
     media = phones.media_bridge if isinstance(phones, CarriesMedia) else None
     if media is not None and callbacks.devices.phones is not None:

@@ -152,7 +152,7 @@ class ConnectMedia:
     language: str = "en-US"
 
 
-Instruction = Bridge | HangUp | JoinRoom
+Instruction = Bridge | HangUp | JoinRoom | ConnectMedia
 AgentInstruction = Whisper | JoinRoom | HangUp | Proceed | ConnectMedia
 """What the agent's own leg should do (gateway.services.mobile_ring)."""
 
@@ -261,17 +261,23 @@ class MediaSession:
     """Where the session runs, opaque to the gateway; any node may pass it back."""
     stream_url: str
     """The websocket URL the phone leg's stream connects to (``ConnectMedia``)."""
+    offer: str | None = None
+    """The session's own SDP offer, when it was opened to offer (``make_offer``)."""
 
 
 class MediaBridge(Protocol):
     """The audio bridge between a browser's WebRTC and a phone leg (mobile_bridge.media).
     Each method raises ``TelephonyError`` (``media_full``: no worker has room)."""
 
-    async def open(self, call_id: str) -> MediaSession:
-        """A session for ``call_id``, before the browser has offered."""
+    async def open(self, call_id: str, make_offer: bool = False) -> MediaSession:
+        """A session for ``call_id``, before the browser has offered; or, ``make_offer``,
+        one that offers to a browser that answers (``MediaSession.offer``)."""
 
     async def answer(self, ref: str, offer: str) -> str:
         """The browser's SDP offer in, the session's SDP answer out."""
+
+    async def accept_answer(self, ref: str, answer: str) -> None:
+        """The browser's SDP answer to the session's own offer."""
 
     async def add_candidate(self, ref: str, candidate: Mapping[str, object]) -> None:
         """A trickled ICE candidate of the browser (``{"candidate", "sdpMid"?, ...}``)."""

@@ -30,7 +30,6 @@ from gateway.telephony import (
     AgentInstruction,
     AgentLegEvents,
     AgentRingRequest,
-    ConnectMedia,
     Proceed,
     ScreenEvents,
     Whisper,
@@ -100,15 +99,6 @@ def render_agent(instruction: AgentInstruction, key_url: str) -> str:
     ``key_url``."""
     if isinstance(instruction, Proceed):
         return str(VoiceResponse())  # the whisper is over: the <Dial> connects
-    if isinstance(instruction, ConnectMedia):
-        response = VoiceResponse()
-        if instruction.say:
-            response.say(instruction.say, language=instruction.language)
-        # Bidirectional: the stream carries the browser's audio back to the phone. The leg
-        # ends when the stream does (no verb follows).
-        connect = response.connect()
-        connect.stream(url=instruction.url)
-        return str(response)
     if not isinstance(instruction, Whisper):
         return render(instruction, "")
     response = VoiceResponse()

@@ -33,6 +33,7 @@ from gateway.telephony import (
     AnsweredBy,
     Bridge,
     CallbackEvents,
+    ConnectMedia,
     HangUp,
     Instruction,
     JoinRoom,
@@ -150,6 +151,12 @@ def render(instruction: Instruction, bridge_action_url: str, screen_url: str = "
             dial.number(instruction.number, url=screen_url, method="POST")
         else:
             dial.number(instruction.number)
+    elif isinstance(instruction, ConnectMedia):
+        if instruction.say:
+            response.say(instruction.say, language=instruction.language)
+        # Bidirectional: the stream carries the browser's audio back to the phone. The leg
+        # ends when the stream does (no verb follows).
+        response.connect().stream(url=instruction.url)
     elif isinstance(instruction, JoinRoom):
         if instruction.say:
             response.say(instruction.say, language=instruction.language)

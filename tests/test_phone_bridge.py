@@ -18,7 +18,14 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from conftest import Node, NodeFactory, SocketClient, eventually, replace
 from media_peers import RATE, ToneTrack, heard, remote_track
-from test_callbacks import ANNA_PHONE, phone_node
+from test_callbacks import (
+    ANNA_PHONE,
+    VISITOR_PHONE,
+    agent,
+    phone_node,
+    request_callback,
+    ticket_state,
+)
 from test_calls import session, visitor
 from test_channels import availability
 from test_mobile_ring import PAGE, mobile_settings, on_mobile, status_of
@@ -247,3 +254,107 @@ async def test_signals_of_a_bridged_call_are_checked_as_any(
     ack = await v.call("rtc:signal", {"call_id": call_id, "candidate": candidate}, "/visitor")
     assert ack["ok"], ack
     assert await status_of(http, a, "anna") == "on_call"
+
+
+# --- a customer called back on their phone, the agent in the app ------------------------------
+
+
+async def answer_in_app(carla: SocketClient, call_id: str, agent_pc: RTCPeerConnection) -> None:
+    """What the agent app does with the bridge's offer: answer it with its microphone."""
+    offer = await carla.next("rtc:signal", lambda m: m["call_id"] == call_id, timeout=20)
+    assert offer["description"]["type"] == "offer"
+    media_line = next(ln for ln in offer["description"]["sdp"].splitlines() if ln[:2] == "m=")
+    assert media_line.split()[3] == "0", f"PCMU is not offered first: {media_line}"
+    agent_pc.addTrack(ToneTrack(440))
+    await agent_pc.setRemoteDescription(RTCSessionDescription(**offer["description"]))
+    await agent_pc.setLocalDescription(await agent_pc.createAnswer())
+    answer = {"type": "answer", "sdp": agent_pc.localDescription.sdp}
+    ack = await carla.call("rtc:signal", {"call_id": call_id, "description": answer}, "/agent")
+    assert ack["ok"], ack
+
+
+async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_phone(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    """Carla has no mobile number: with the bridge she takes callbacks in the app."""
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    b = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
+    carla = await agent(clients, b, "carla")
+    status, created = await request_callback(http, a, {"phone": VISITOR_PHONE})
+    assert status == 201, created
+    call_id = created["call_id"]
+    ring = await carla.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
+    assert ring["audio_in_app"] is True and ring["your_phone"] is None
+    ack = await carla.call("call:accept", {"call_id": call_id}, "/agent")
+    assert ack["ok"] and ack["call"]["state"] == "dialing", ack
+
+    hearing = remote_track(peers)
+    await answer_in_app(carla, call_id, peers)
+    track = await asyncio.wait_for(hearing, 15)
+    assert abs(await asyncio.wait_for(heard(track, 2.0), 15) - 1000) < 10
+    leg = next(c for c in sim.calls if c.to == VISITOR_PHONE)
+    assert "Connecting you to Carla now." in " ".join(leg.said)
+    await phone_hears(sim, leg, 440)
+    connected = await ticket_state(http, a, created, "connected")
+    assert connected["agent"]["name"] == "Carla"
+    assert await status_of(http, a, "carla") == "on_call"
+    assert not [c for c in sim.calls if c.to not in (VISITOR_PHONE,)], "no agent phone rang"
+
+    # Carla hangs up in the app: the customer's leg ends, and she is free on every node.
+    done = await carla.call("call:hangup", {"call_id": call_id}, "/agent")
+    assert done["ok"], done
+    await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
+    ended = await ticket_state(http, b, created, "completed")
+    assert ended["reason"] == "agent_hung_up"
+
+    async def carla_free() -> bool:
+        return all([await status_of(http, n, "carla") == "available" for n in (a, b)])
+
+    await eventually(carla_free, 10)
+
+
+async def test_a_bridged_callback_whose_worker_dies_ends_as_media_lost(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    b = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
+    carla = await agent(clients, a, "carla")
+    status, created = await request_callback(http, b, {"phone": VISITOR_PHONE})
+    assert status == 201, created
+    call_id = created["call_id"]
+    await carla.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
+    assert (await carla.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
+    hearing = remote_track(peers)
+    await answer_in_app(carla, call_id, peers)
+    track = await asyncio.wait_for(hearing, 15)
+    assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
+
+    (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
+    worker.process.send_signal(signal.SIGKILL)
+    update = await carla.next(
+        "call:update", lambda c: c["call_id"] == call_id and c["state"] == "completed", timeout=10
+    )
+    assert update["reason"] == "media_lost", update
+    leg = next(c for c in sim.calls if c.to == VISITOR_PHONE)
+    await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
+    ticket = await ticket_state(http, b, created, "completed")
+    assert ticket["reason"] == "media_lost"
+
+    async def carla_free() -> bool:
+        return all([await status_of(http, n, "carla") == "available" for n in (a, b)])
+
+    await eventually(carla_free, 10)

@@ -239,14 +239,14 @@ def reattach(call: Call, site: str, visitor_id: str, visitor_sid: str) -> Call:
 
 def reattach_agent(call: Call, agent_id: str, agent_sid: str) -> Call:
     """The agent's accepting socket came back (a network blip, or its node drained): signals
-    go to the new one. Only for the agent talking in a connected browser call."""
+    go to the new one. Only for the agent talking in the app: a connected browser call, or a
+    callback bridged to the app."""
     if call.final:
         raise CallError("call_ended", "the call has already ended")
-    if (
-        call.state is not CallState.CONNECTED
-        or call.channel is not CallChannel.WEBRTC
-        or call.agent_id != agent_id
-    ):
+    # A bridged browser call's agent is on her phone; a bridged callback's, in the app.
+    bridged = call.media is not None
+    in_app = bridged if call.channel is CallChannel.CALLBACK else not bridged
+    if call.state is not CallState.CONNECTED or not in_app or call.agent_id != agent_id:
         raise CallError("invalid_state", "not your connected browser call")
     return replace(call, agent_sid=agent_sid)
 

@@ -198,7 +198,7 @@ def attempt_failed(
     """The attempt ended without a conversation: try again at ``retry_at``, or give up."""
     _current_leg(call, attempt)
     detail = ATTEMPT_DETAIL.get(outcome, outcome)
-    cleared = replace(call, agent_id=None, agent_sid=None, provider_id=None, tried=())
+    cleared = replace(call, agent_id=None, agent_sid=None, provider_id=None, media=None, tried=())
     if retry_at is None:
         return replace(
             cleared,

@@ -43,6 +43,9 @@ RESERVATION_GRACE_S = 10.0
 # Once connected, the agent stays reserved until the call ends: presence says on_call too,
 # but another node's copy of presence may lag, and only the reservation is atomic.
 CALL_HOLD_S = 4 * 3600.0
+# A call whose audio is in the agent app survives the app's socket dropping for this long:
+# the app reconnects and takes the call over (``CallDesk.resume_agent``).
+AGENT_GRACE_S = 10.0
 
 
 class TimerKind(StrEnum):

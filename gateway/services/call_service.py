@@ -24,7 +24,9 @@ from gateway.core.model import Channel, Site
 from gateway.core.ranking_cache import RankingCache
 from gateway.core.ringing import RingingAgents
 from gateway.core.routing import Capabilities, RoutingSnapshot, capabilities, route
+from gateway.services.audio_bridge import AudioBridge
 from gateway.services.call_records import (
+    AGENT_GRACE_S,
     RESERVATION_GRACE_S,
     CallRecords,
     TimerHandler,
@@ -32,7 +34,6 @@ from gateway.services.call_records import (
     TimerKind,
 )
 from gateway.services.mobile_ring import MobileRing
-from gateway.services.phone_bridge import PhoneBridge
 from gateway.telephony import AgentInstruction
 from gateway.wire.codec import Json
 
@@ -41,8 +42,6 @@ STARTS_PER_MINUTE = 5
 # A connected call survives its visitor's socket dropping for this long: the audio flows
 # peer to peer, and the widget reconnects and picks the call up again.
 VISITOR_GRACE_S = 10.0
-# The same for the agent's accepting socket: the agent app reconnects and resumes the call.
-AGENT_GRACE_S = 10.0
 # Candidates offered to the store per reservation round trip (Store.reserve_first).
 RESERVE_BATCH = 16
 NO_AGENT_DETAIL = {
@@ -66,7 +65,7 @@ class CallService:
         self._ranking = RankingCache()
         self.devices: MobileRing | None = None
         """Rings agents on their phones; set by the app when a telephony provider can."""
-        self.bridge = PhoneBridge(records)
+        self.bridge = AudioBridge(records)
         """The audio bridge to an agent's phone; enabled by the app with media workers."""
 
     def can(self, site: Site) -> Capabilities:
@@ -279,7 +278,7 @@ class CallService:
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
         if to_agent and call.media is not None:
-            await self.bridge.from_visitor(call, payload)  # the agent is on their phone
+            await self.bridge.from_browser(call, payload)  # the agent is on their phone
             return
         await self._notify.signal(call, to_agent=to_agent, payload=payload)
 
@@ -290,7 +289,10 @@ class CallService:
         return await self.bridge.phone_accepts(call, accept)
 
     async def phone_leg_ended(self, call: Call) -> None:
-        await self.bridge.phone_leg_ended(call)
+        async def hung_up() -> None:
+            await self._records.end(call.call_id, "agent_hung_up", "The agent ended the call")
+
+        await self.bridge.phone_leg_ended(call, hung_up)
 
     async def ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json | None]:
         return self._returning(call, await self._store.last_agent(call.site, call.visitor_id)), None

@@ -30,7 +30,9 @@ from gateway.core.callback_admission import (
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.phone_policy import PhoneRefused, check_number, next_allowed_at
 from gateway.ops.metrics import Metrics
+from gateway.services.audio_bridge import AudioBridge
 from gateway.services.call_records import CallRecords, TimerHandler, TimerId, TimerKind
+from gateway.services.mobile_ring import PHONE_SID_PREFIX
 from gateway.telephony import (
     AnsweredBy,
     Bridge,
@@ -43,8 +45,11 @@ from gateway.telephony import (
     Telephony,
     TelephonyError,
 )
+from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
+
+CALL_YOU_BACK = "Sorry, we cannot connect you right now. We will call you back."
 
 # A dial waiting for a free outbound line (the site's concurrency cap) looks again this often.
 LINE_POLL_S = 2.0
@@ -95,6 +100,9 @@ class CallbackDialer:
         """Set by the app when a provider is configured; without one, callbacks are refused."""
         self.agent_legs: AgentLegs | None = None
         self.screen: Screen | None = None
+        self.bridge: AudioBridge | None = None
+        """The audio bridge, when media workers run: an agent who accepted in the app talks
+        there, not on her own phone."""
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
         return {TimerKind.CALLBACK_DIAL: self.on_dial, TimerKind.CALLBACK_WATCH: self.on_watch}
@@ -235,7 +243,11 @@ class CallbackDialer:
                 partial(cb.leg_ringing, attempt=event.attempt, now=now),
             )
         elif status is LegStatus.COMPLETED:
-            if call.state is CallState.CONNECTED:
+            if call.state is CallState.CONNECTED and call.media is not None and self.bridge:
+                # Bridged to the app: the leg also ends when its media worker dies.
+                done = partial(self._complete, call, event.duration_s or 0)
+                await self.bridge.phone_leg_ended(call, done)
+            elif call.state is CallState.CONNECTED:
                 await self._complete(call, event.duration_s or 0)
             else:
                 outcome = "voicemail" if call.answered_by == "machine" else "no_answer"
@@ -268,30 +280,56 @@ class CallbackDialer:
                 pass
             return HangUp()
         agent = site.agents.get(call.agent_id or "")
-        if agent is None or not agent.mobile:
-            # Routing picks only agents with a phone: the config changed under a live call.
+        in_app = self.in_app(call)
+        if agent is None or not (agent.mobile or in_app):
+            # Routing picks only agents it can connect: the config changed under a live call.
             await self._fail_attempt(call, "agent_unreachable", retryable=True)
-            return HangUp("Sorry, we cannot connect you right now. We will call you back.")
+            return HangUp(CALL_YOU_BACK)
         try:
             _, after = await self._records.update(call_id, answered)
         except (Conflict, NotFound):
             return gone
         await self._notify.call_update(after)
+        hello = f"Hello, this is {site.name}. Connecting you to {agent.name} now."
         room = self.agent_legs.room_for(after) if self.agent_legs is not None else None
         if room is not None:
             # The agent took the call on their phone and waits in the callback's room.
-            return JoinRoom(
-                room, say=f"Hello, this is {site.name}. Connecting you to {agent.name} now."
-            )
+            return JoinRoom(room, say=hello)
+        if in_app and self.bridge is not None:
+            # The agent accepted in the app: she talks there, through the audio bridge.
+            try:
+                return await self.bridge.to_app(after, hello)
+            except (Conflict, NotFound):
+                return gone
+            except TelephonyError as e:
+                log.warning("bridging %s to the app failed: %s %s", call_id, e.code, e.message)
+                await self._fail_attempt(after, "agent_unreachable", retryable=True)
+                return HangUp(CALL_YOU_BACK)
+        assert agent.mobile is not None
         # Customer first, nobody has accepted yet: the agent's leg is screened (press 1).
         screen = self.screen is not None and not site.callback_policy.agent_first
         if self.screen is not None and screen:
             await self.screen.screened(after)
         return Bridge(
-            say=f"Hello, this is {site.name}. Connecting you to {agent.name} now.",
+            say=hello,
             number=agent.mobile,
             caller_id=site.caller_ids[0],
             screen=screen,
+        )
+
+    async def bridge_signal(self, call: Call, payload: Json) -> None:
+        """The agent app's ``rtc:signal`` for the bridged callback's session."""
+        assert self.bridge is not None
+        await self.bridge.from_browser(call, payload)
+
+    def in_app(self, call: Call) -> bool:
+        """The callback's agent accepted in the agent app and the bridge can carry her
+        audio there (else she talks on her own phone)."""
+        return (
+            self.bridge is not None
+            and self.bridge.enabled
+            and call.agent_sid is not None
+            and not call.agent_sid.startswith(PHONE_SID_PREFIX)
         )
 
     async def on_bridge_result(
@@ -381,6 +419,8 @@ class CallbackDialer:
         """Free what the attempt (and, once final, the callback) held."""
         if self.agent_legs is not None:
             await self.agent_legs.call_over(before, after)
+        if self.bridge is not None:
+            await self.bridge.call_over(before)
         await self._store.release_outbound_line(after.site, after.call_id)
         await self._store.queue_remove(after.site, after.call_id)
         if before.agent_id is not None and before.state in (

@@ -59,6 +59,7 @@ from gateway.core.ranking_cache import RankingCache
 from gateway.core.routing import Candidate, RouteRequest, RoutingSnapshot, capabilities
 from gateway.ops.metrics import Metrics
 from gateway.services.call_records import (
+    AGENT_GRACE_S,
     CALL_HOLD_S,
     RESERVATION_GRACE_S,
     CallRecords,
@@ -288,10 +289,17 @@ class CallbackService:
 
     def _route_request(self, call: Call) -> RouteRequest:
         site = self._records.sites[call.site]
-        # Until the audio bridge exists, the agent accepts in the app and talks on their own
-        # phone: only agents with a mobile number can take a callback.
-        no_phone = frozenset(a.agent_id for a in site.agents.values() if not a.mobile)
+        # Without the audio bridge the agent talks on her own phone; and customer first, the
+        # customer waits on the line while her phone is put through: only agents with a
+        # mobile number then. With it, agent first, she may talk in the app.
+        in_app = self._bridged() and site.callback_policy.agent_first
+        no_phone = frozenset(
+            a.agent_id for a in site.agents.values() if not a.mobile and not in_app
+        )
         return calls.route_request(call, Channel.PSTN, no_phone, self.devices.reach)
+
+    def _bridged(self) -> bool:
+        return self.dialer.bridge is not None and self.dialer.bridge.enabled
 
     def _snapshot(self, call: Call, last_agent: str | None) -> RoutingSnapshot:
         site = self._records.sites[call.site]
@@ -301,7 +309,7 @@ class CallbackService:
             presence=presence,
             reserved=self._records.ringing.current(call.site, presence, self._records.clock()),
             last_agent=last_agent,
-            can=capabilities(site, self.dialer.telephony is not None),
+            can=capabilities(site, self.dialer.telephony is not None, self._bridged()),
         )
 
     def _agent_counts(self, call: Call) -> tuple[int, int]:
@@ -481,10 +489,14 @@ class CallbackService:
         await self.dialer.after_end(before, after)
 
     def _ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json]:
-        """What a callback's ring adds: the visitor's number, and the agent's own phone,
-        which will ring once the visitor answers."""
+        """What a callback's ring adds: the visitor's number, and where the agent will talk
+        once the visitor answers: in the app (the audio bridge: ``audio_in_app``), else on
+        her own phone (``your_phone``), which rings then."""
         agent = self._records.sites[call.site].agents[agent_id]
-        return {"returning": False, "phone": call.phone}, {"your_phone": agent.mobile}
+        visitor: Json = {"returning": False, "phone": call.phone}
+        if self._bridged():
+            return visitor, {"your_phone": None, "audio_in_app": True}
+        return visitor, {"your_phone": agent.mobile, "audio_in_app": False}
 
     async def ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json | None]:
         return self._ring_details(call, agent_id)
@@ -508,10 +520,24 @@ class CallbackService:
         return None, {}  # the ring of a callback is not repeated
 
     async def agent_left(self, call: Call, agent_sid: str, left_at: float) -> None:
-        """The audio is on the agent's phone, which does not care about the tab."""
+        """On her phone, the tab does not matter. In the app (bridged), she has a grace
+        period to come back, as in a browser call (the same timer: ``AGENT_GONE``)."""
+        if call.media is not None:
+            timer = TimerId(TimerKind.AGENT_GONE, call.call_id, agent_sid)
+            await self._records.schedule(timer, left_at + AGENT_GRACE_S)
 
     async def agent_gone(self, call_id: str, agent_sid: str) -> None:
-        """As for ``agent_left``: the call goes on on the phones."""
+        """Her accepting socket is gone for good: a bridged call ends (``agent_left``); on
+        the phones it goes on."""
+        call = await self._records.find(call_id)
+        if call is None or call.final or call.media is None or call.agent_sid != agent_sid:
+            return
+        try:
+            await self._records.end(call_id, "agent_left", "The agent's connection dropped", call)
+        except (Conflict, NotFound):
+            pass
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
-        raise Conflict("this call's audio is on the phone network", code="not_connected")
+        if to_agent or call.media is None:
+            raise Conflict("this call's audio is on the phone network", code="not_connected")
+        await self.dialer.bridge_signal(call, payload)

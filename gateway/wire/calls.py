@@ -151,7 +151,11 @@ class CallRing(Struct):
     ring_expires_at: int
     """``expires_at`` in milliseconds since the epoch."""
     your_phone: str | UnsetType | None = UNSET
-    """Callbacks only: the agent's own mobile, which the visitor is put through to."""
+    """Callbacks only: the agent's own mobile, which the visitor is put through to (null when
+    she talks in the app)."""
+    audio_in_app: bool | UnsetType = UNSET
+    """Callbacks only: accepted in the app, she talks there (the audio bridge), not on her
+    own phone."""
 
 
 class RingStop(Struct):
@@ -225,6 +229,7 @@ def ring_to_wire(
     last_agent: str | UnsetType | None = UNSET,
     phone: str | UnsetType | None = UNSET,
     your_phone: str | UnsetType | None = UNSET,
+    audio_in_app: bool | UnsetType = UNSET,
 ) -> Json:
     """``call:ring`` for a call ringing its agent. What each channel adds (who served the
     visitor last, the number to call, the agent's own phone) its flow passes in."""
@@ -241,6 +246,7 @@ def ring_to_wire(
             attempt=ringing.attempt,
             ring_expires_at=round(ringing.ring_expires_at * 1000),
             your_phone=your_phone,
+            audio_in_app=audio_in_app,
         )
     )
 

@@ -79,12 +79,13 @@ class MediaWorkers:
     def on_lost(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
         self._lost.append(listener)
 
-    async def open(self, call_id: str) -> MediaSession:
+    async def open(self, call_id: str, make_offer: bool = False) -> MediaSession:
+        ask = {"make_offer": True} if make_offer else {}
         for worker in sorted(self._workers.values(), key=lambda w: len(w.sessions)):
             if worker.process.returncode is not None:
                 continue
             try:
-                status, body = await self._request("POST", worker.base_url + SESSIONS, {})
+                status, body = await self._request("POST", worker.base_url + SESSIONS, ask)
             except TelephonyError:
                 continue  # dying: its supervisor reports it
             if status == 503:
@@ -96,6 +97,7 @@ class MediaWorkers:
             return MediaSession(
                 ref=f"{worker.base_url}{SESSIONS}/{session_id}",
                 stream_url=worker.public_url + str(body["stream_path"]),
+                offer=body.get("offer"),
             )
         raise TelephonyError("media_full", "every media worker of this node is full")
 
@@ -105,6 +107,12 @@ class MediaWorkers:
             code = _code_of(body)
             raise TelephonyError(code, f"the media worker refused the offer: {status} {code}")
         return str(body["answer"])
+
+    async def accept_answer(self, ref: str, answer: str) -> None:
+        status, body = await self._request("POST", ref + "/answer", {"answer": answer})
+        if status != 204:
+            code = _code_of(body)
+            raise TelephonyError(code, f"the media worker refused the answer: {status} {code}")
 
     async def add_candidate(self, ref: str, candidate: Mapping[str, Any]) -> None:
         status, body = await self._request("POST", ref + "/candidate", {"candidate": candidate})

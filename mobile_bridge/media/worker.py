@@ -7,6 +7,9 @@ worker's token, compared in constant time):
 - ``POST /v1/media/sessions`` ``{"offer"?: sdp}``: a session, with its id and the path of
   its stream; with a browser's WebRTC offer, also the answer, PCMU first
   (``pcmu.bridge_transceiver``). ``503 media_full`` past ``max_sessions``.
+- ``POST /v1/media/sessions`` ``{"make_offer": true}``: a session that offers, PCMU first,
+  for a browser that answers (an agent app taking a phone call): ``"offer"`` in the reply;
+  ``POST /v1/media/sessions/{id}/answer`` ``{"answer": sdp}`` then completes it.
 - ``POST /v1/media/sessions/{id}/offer`` ``{"offer": sdp}``: the offer of a session made
   without one (the gateway opens the session when the agent takes the call, before the
   browser has offered): ``{"answer": sdp}``; ``409 offer_taken`` for a second offer.
@@ -133,6 +136,7 @@ class MediaWorker:
         app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[refusals])
         app.router.add_post(SESSIONS, self._create)
         app.router.add_post(SESSIONS + "/{session}/offer", self._offered)
+        app.router.add_post(SESSIONS + "/{session}/answer", self._answered)
         app.router.add_post(SESSIONS + "/{session}/candidate", self._candidate)
         app.router.add_get(SESSIONS + "/{session}", self._show)
         app.router.add_delete(SESSIONS + "/{session}", self._delete)
@@ -163,7 +167,13 @@ class MediaWorker:
         # must find the worker as full as it will be.
         self.sessions[session_id] = session
         created = {"session": session_id, "stream_path": f"{SESSIONS}/{session_id}/stream"}
-        if offer is not None:
+        if body.get("make_offer") is True:
+            session.offered = True  # this side offers: no browser offer is taken
+            await pc.setLocalDescription(await pc.createOffer())
+            if session_id not in self.sessions:
+                raise NotFound("the media session ended", code="media_ended")
+            created["offer"] = pc.localDescription.sdp
+        elif offer is not None:
             try:
                 created["answer"] = await self._answer(session, offer)
             except DomainError:
@@ -180,6 +190,27 @@ class MediaWorker:
             raise Conflict("this session has its offer already", code="offer_taken")
         answer = await self._answer(session, offer)
         return web.json_response({"answer": answer})
+
+    async def _answered(self, request: web.Request) -> web.Response:
+        """The browser's answer to the session's own offer (``make_offer``)."""
+        self._authorize(request)
+        session = self._session(request)
+        body = await self._body(request)
+        answer = body.get("answer")
+        if not isinstance(answer, str) or "m=audio" not in answer:
+            raise Invalid('"answer" must be an SDP answer with audio', code="invalid_offer")
+        pc = session.pc
+        if pc.signalingState != "have-local-offer":
+            raise Conflict("this session is not waiting for an answer", code="offer_taken")
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        except Exception as e:  # as for offers: aiortc's errors for SDP it cannot use
+            log.info("media session %s refused an answer: %r", session.session_id, e)
+            await self.end(session.session_id)
+            raise Invalid(
+                "the answer is not one this worker can use", code="invalid_offer"
+            ) from None
+        return web.Response(status=204)
 
     async def _answer(self, session: Session, offer: str) -> str:
         session.offered = True

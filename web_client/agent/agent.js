@@ -248,10 +248,10 @@
     setTimeout(() => { if (stillWanted()) s.connect(); }, retryMs * (0.5 + Math.random()));
   }
 
-  /** The browser call this app is talking in, if any. */
+  /** The call this app is talking in (a browser call, or a callback bridged here), if any. */
   function liveCallId() {
     const c = current && current.call;
-    return c && c.state === "connected" && c.channel !== "callback" && current.pc ? current.id : null;
+    return c && c.state === "connected" && current.pc ? current.id : null;
   }
 
   /** The presence as it is now, in case no presence:update comes right after connecting. */
@@ -426,11 +426,19 @@
       return showError(res.error);
     }
     clearError();
-    if (entry.data.channel === "callback") startCallback(entry.data, res.call || { call_id: id, state: "dialing" });
-    else startCall(entry.data, res.call || { call_id: id, state: "connected" }, res.ice_servers || []);
+    if (entry.data.channel !== "callback") {
+      startCall(entry.data, res.call || { call_id: id, state: "connected" }, res.ice_servers || []);
+    } else if (entry.data.audio_in_app) {
+      // The audio bridge: the gateway offers once the customer answers; the app answers.
+      startCall(entry.data, res.call || { call_id: id, state: "dialing" }, res.ice_servers || []);
+      announce("Calling the customer. You talk to them here when they answer.");
+    } else {
+      startCallback(entry.data, res.call || { call_id: id, state: "dialing" });
+    }
   }
 
-  // A callback: the gateway dials the customer, then bridges them to the agent's own phone.
+  // A callback talked on the agent's own phone: the gateway dials the customer, then
+  // bridges them to it.
   function startCallback(ring, call) {
     if (current) endMedia();
     current = { id: call.call_id, ring, call, pc: null, mic: null, signals: Promise.resolve(), connectedAt: 0 };

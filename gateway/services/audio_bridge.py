@@ -1,0 +1,146 @@
+"""The audio bridge in a call: a browser's WebRTC meets a phone leg on a media session
+(``gateway.telephony.MediaBridge``, implemented by mobile_bridge.media with aiortc and Twilio
+Media Streams). Both ways:
+
+- A browser visitor whose agent takes the call on her phone (the browser call's flow,
+  gateway.services.call_service). As she presses 1, a session is opened and stored on the
+  call *before* the accept, so that the visitor's offer, sent as soon as they see
+  ``connected``, finds it; her leg then connects to the session's stream (``ConnectMedia``).
+  The visitor offers; the session answers as the agent would.
+- A customer called back on their phone, and an agent who accepted in the agent app (the
+  callback's flow, gateway.services.callback_service). As the customer answers, a session
+  that offers is opened and stored; its offer goes to the agent's accepting socket, and the
+  customer's leg connects to the stream. The agent app answers.
+
+Either way, the browser's other signals go to the session, the call's end closes it, and a
+session the bridge lost (its worker died) ends the call with ``media_lost``, so that nobody
+stays in silence and the agent is free again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from functools import partial
+
+from gateway.core import call as calls
+from gateway.core.call import Call, CallError, CallState
+from gateway.core.errors import Conflict, NotFound
+from gateway.services.call_records import CallRecords
+from gateway.telephony import ConnectMedia, MediaBridge, TelephonyError
+from gateway.wire.codec import Json
+
+log = logging.getLogger(__name__)
+
+CONNECTING = "Connecting you now."
+LOST_DETAIL = "The audio connection was lost"
+
+
+def _set_media(call: Call, ref: str) -> Call:
+    """The session of a callback whose customer just answered (connected, no session yet)."""
+    if call.state is not CallState.CONNECTED or call.media is not None:
+        raise CallError("stale", "the call moved on")
+    return replace(call, media=ref)
+
+
+class AudioBridge:
+    def __init__(self, records: CallRecords) -> None:
+        self._records = records
+        self.media: MediaBridge | None = None
+        """Set by the app when the telephony provider runs media workers."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.media is not None
+
+    def attach(self, media: MediaBridge) -> None:
+        self.media = media
+        media.on_lost(self.lost)
+
+    # --- a browser visitor, an agent on her phone -------------------------------------------
+
+    async def phone_accepts(
+        self, call: Call, accept: Callable[[], Awaitable[Call]]
+    ) -> ConnectMedia:
+        """The agent pressed 1 for the ringing ``call``: a session, then ``accept``. Raises
+        ``TelephonyError`` when no worker has room, ``Conflict``/``NotFound`` when the ring
+        ended meanwhile (the session is closed again)."""
+        assert self.media is not None
+        session = await self.media.open(call.call_id)
+        try:
+            await self._records.update(
+                call.call_id, partial(calls.with_media, ref=session.ref, attempt=call.attempt), call
+            )
+            await accept()
+        except (Conflict, NotFound):
+            await self.media.close(session.ref)
+            raise
+        return ConnectMedia(session.stream_url, say=CONNECTING)
+
+    # --- a customer on their phone, an agent in the app -------------------------------------
+
+    async def to_app(self, call: Call, say: str) -> ConnectMedia:
+        """The customer of the connected callback ``call`` answered and the agent is in the
+        app: a session that offers, its offer sent to her accepting socket, and the
+        customer's leg to its stream. Raises ``TelephonyError`` when no worker has room,
+        ``Conflict``/``NotFound`` when the call moved on."""
+        assert self.media is not None
+        session = await self.media.open(call.call_id, make_offer=True)
+        assert session.offer is not None
+        try:
+            _, stored = await self._records.update(
+                call.call_id, partial(_set_media, ref=session.ref), call
+            )
+        except (Conflict, NotFound):
+            await self.media.close(session.ref)
+            raise
+        offer = {"call_id": call.call_id, "description": {"type": "offer", "sdp": session.offer}}
+        await self._records.notify.signal(stored, to_agent=True, payload=offer)
+        return ConnectMedia(session.stream_url, say=say)
+
+    # --- both ---------------------------------------------------------------------------------
+
+    async def from_browser(self, call: Call, payload: Json) -> None:
+        """An ``rtc:signal`` of the call's browser (the visitor's, or the agent app's): an
+        offer is answered as the other party would, an answer completes the session's own
+        offer, a candidate is added."""
+        assert self.media is not None and call.media is not None
+        try:
+            description = payload.get("description")
+            if description is None:
+                await self.media.add_candidate(call.media, payload["candidate"])
+            elif description["type"] == "offer":
+                answer = await self.media.answer(call.media, description["sdp"])
+                reply = {"call_id": call.call_id, "description": {"type": "answer", "sdp": answer}}
+                await self._records.notify.signal(call, to_agent=False, payload=reply)
+            elif description["type"] == "answer":
+                await self.media.accept_answer(call.media, description["sdp"])
+            # A rollback or pranswer: nothing a session takes.
+        except TelephonyError as e:
+            if e.code == "offer_taken":
+                raise Conflict(e.message, code=e.code) from None
+            log.warning("call %s: the bridge refused a browser's signal: %s", call.call_id, e)
+            await self.lost(call.call_id, "media_lost")
+
+    async def phone_leg_ended(self, call: Call, hung_up: Callable[[], Awaitable[None]]) -> None:
+        """The phone leg bridged to the call's browser ended: ``hung_up`` (the person on the
+        phone hung up), unless the bridge died under the call (the stream's end ended the leg
+        too, which may be heard before the worker's death)."""
+        if call.media is not None and self.media is not None:
+            if not await self.media.reachable(call.media):
+                await self.lost(call.call_id, "media_lost")
+                return
+        await hung_up()
+
+    async def call_over(self, call: Call) -> None:
+        if call.media is not None and self.media is not None:
+            await self.media.close(call.media)
+
+    async def lost(self, call_id: str, reason: str) -> None:
+        """The bridge lost the call's audio: the call ends (its flow hangs up the phone leg
+        and frees the agent)."""
+        try:
+            await self._records.end(call_id, reason, LOST_DETAIL)
+        except (Conflict, NotFound):
+            pass  # ended already
