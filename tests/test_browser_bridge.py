@@ -14,9 +14,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Node, NodeFactory, eventually, free_port, make_settings, replace
+from conftest import Node, NodeFactory, eventually, free_port, make_settings, mint, replace
 from playwright.async_api import Page, async_playwright, expect
 from test_browser_e2e import (
+    AGENT_PC,
     CHROMIUM,
     CHROMIUM_ARGS,
     HAVE_CHROMIUM,
@@ -24,12 +25,19 @@ from test_browser_e2e import (
     WAIT_MS,
     WIDGET_PC,
     Browsers,
+    agent_signed_in,
     audio_flows,
     membrane_state,
     no_errors,
     widget_says,
 )
-from test_callbacks import ANNA_PHONE, without_quiet_hours_now
+from test_callbacks import (
+    ANNA_PHONE,
+    VISITOR_PHONE,
+    request_callback,
+    ticket_state,
+    without_quiet_hours_now,
+)
 from test_mobile_ring import on_mobile, status_of
 from twilio_sim import TwilioSim
 from twilio_sim.audio import dominant_frequency
@@ -43,9 +51,9 @@ pytestmark = pytest.mark.skipif(
 
 PHONE_RATE = 8000
 
-# Set up once in the page: an analyser on the widget's incoming audio.
-LISTEN_JS = """() => {
-  const pc = window.Membrane._pc;
+# Set up once in the page: an analyser on the incoming audio of the peer connection `pc`.
+LISTEN_JS = """(which) => {
+  const pc = which === "agent" ? window.MembraneAgent.pc : window.Membrane._pc;
   const ctx = new AudioContext();
   const source = ctx.createMediaStreamSource(new MediaStream([pc.getReceivers()[0].track]));
   const analyser = ctx.createAnalyser();
@@ -125,8 +133,8 @@ async def browsers(gateway: tuple[Node, Node], tmp_path: Path) -> AsyncIterator[
             await b.close()
 
 
-async def hears(page: Page, hz: float) -> float:
-    await page.evaluate(LISTEN_JS)
+async def hears(page: Page, hz: float, which: str = "widget") -> float:
+    await page.evaluate(LISTEN_JS, which)
     found = await page.wait_for_function(HEARS_JS, arg=hz, polling=100, timeout=MEDIA_WAIT_MS)
     heard: float = await found.json_value()
     return heard
@@ -175,4 +183,49 @@ async def test_the_widget_calls_an_agent_only_on_her_phone_and_they_hear_each_ot
         return all([await status_of(http, n, "anna") == "available" for n in (a, b)])
 
     await eventually(free, 10)
+    no_errors(browsers)
+
+
+async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_customers_phone(
+    gateway: tuple[Node, Node],
+    browsers: Browsers,
+    phones: TwilioSim,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Carla, who has no mobile number, accepts a callback in the agent app and talks to the
+    customer's phone there: her fake microphone's 440 Hz at the phone, its 1 kHz in her page."""
+    a, b = gateway
+    phones.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
+    carla = await browsers.open("carla", f"{b.url}/agent/#token={mint(b.settings, 'carla')}")
+    await agent_signed_in(carla)
+    status, created = await request_callback(http, a, {"phone": VISITOR_PHONE})
+    assert status == 201, created
+
+    ring = carla.get_by_test_id("agent-ring")
+    await expect(ring).to_be_visible(timeout=WAIT_MS)
+    await expect(ring).to_contain_text("Callback request")
+    await carla.get_by_test_id("agent-accept").click()
+    await expect(carla.get_by_test_id("agent-call-state")).to_have_text(
+        "connected", timeout=WAIT_MS
+    )
+    await audio_flows(carla, AGENT_PC)
+    assert abs(await hears(carla, 1000, "agent") - 1000) < 15
+    leg = next(c for c in phones.calls if c.to == VISITOR_PHONE)
+
+    def phone_heard_two_seconds() -> bool:
+        return leg.stream is not None and len(leg.stream.audio_played) >= 2 * PHONE_RATE
+
+    await phones.wait_until(phone_heard_two_seconds, timeout=20, what="audio at the phone")
+    assert leg.stream is not None
+    heard = dominant_frequency(bytes(leg.stream.audio_played)[-PHONE_RATE:])
+    assert abs(heard - 440) < 10, heard
+    assert [c.to for c in phones.calls] == [VISITOR_PHONE], "no agent phone was called"
+    await expect(carla.get_by_test_id("agent-mute")).to_be_visible()
+
+    await carla.get_by_test_id("agent-hangup").click()
+    await expect(carla.get_by_test_id("agent-call-state")).to_have_text("completed")
+    await phones.wait_for_call(sid=leg.sid, status="completed", timeout=10)
+    done = await ticket_state(http, a, created, "completed")
+    assert done["reason"] == "agent_hung_up"
+    await agent_signed_in(carla, "available")
     no_errors(browsers)
