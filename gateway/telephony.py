@@ -282,6 +282,10 @@ class MediaBridge(Protocol):
     async def add_candidate(self, ref: str, candidate: Mapping[str, object]) -> None:
         """A trickled ICE candidate of the browser (``{"candidate", "sdpMid"?, ...}``)."""
 
+    async def hold(self, ref: str, on: bool) -> None:
+        """Hold (neither side hears the other; the phone hears a tone now and then), or
+        back from hold."""
+
     async def close(self, ref: str) -> None:
         """The call is over; no error if the session already ended."""
 

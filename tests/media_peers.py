@@ -19,7 +19,7 @@ RATE = 8000
 
 
 class ToneTrack(AudioStreamTrack):
-    """The browser's microphone: a 440 Hz tone, 20 ms frames in real time."""
+    """The browser's microphone: a tone (looped every 10 s), 20 ms frames in real time."""
 
     def __init__(self, hz: float) -> None:
         super().__init__()
@@ -30,6 +30,8 @@ class ToneTrack(AudioStreamTrack):
         silent = await super().recv()  # paces the frames
         assert isinstance(silent, AudioFrame)
         samples = silent.samples
+        if self._at + samples > self._pcm.size:
+            self._at = 0  # round again: a whole number of periods, so no click
         chunk = self._pcm[self._at : self._at + samples]
         self._at += samples
         frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")

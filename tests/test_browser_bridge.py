@@ -40,9 +40,10 @@ from test_callbacks import (
 )
 from test_mobile_ring import on_mobile, status_of
 from twilio_sim import TwilioSim
-from twilio_sim.audio import dominant_frequency
+from twilio_sim.audio import dominant_frequency, dtmf_keys_ulaw
 
 from gateway.settings import MediaSettings, TwilioSettings
+from mobile_bridge.media.dtmf import HOLD_HZ
 
 pytestmark = pytest.mark.skipif(
     not HAVE_CHROMIUM and not __import__("os").environ.get("CI"),
@@ -221,6 +222,37 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_customers_p
     assert abs(heard - 440) < 10, heard
     assert [c.to for c in phones.calls] == [VISITOR_PHONE], "no agent phone was called"
     await expect(carla.get_by_test_id("agent-mute")).to_be_visible()
+
+    # The keypad: Chromium sends RFC 4733 events; the phone hears the key's two tones.
+    keypad = carla.get_by_test_id("agent-keypad")
+    await expect(keypad).to_be_visible()
+    await keypad.get_by_role("button", name="5", exact=True).click()
+
+    def phone_heard_5() -> bool:
+        return leg.stream is not None and "5" in dtmf_keys_ulaw(bytes(leg.stream.audio_played))
+
+    await phones.wait_until(phone_heard_5, timeout=10, what="the key 5 at the phone")
+
+    # Hold: the phone hears the hold tone, not Carla; Resume brings her back.
+    hold = carla.get_by_test_id("agent-hold")
+    held_from = len(leg.stream.audio_played)
+    await hold.click()
+    await expect(hold).to_have_text("Resume")
+
+    def a_beep() -> bool:
+        return leg.stream is not None and len(leg.stream.audio_played) - held_from >= 1600
+
+    await phones.wait_until(a_beep, timeout=10, what="the hold tone")
+    assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-1200:]) - HOLD_HZ) < 10
+    await hold.click()
+    await expect(hold).to_have_text("Hold")
+    resumed_from = len(leg.stream.audio_played)
+
+    def carla_again() -> bool:
+        return leg.stream is not None and len(leg.stream.audio_played) - resumed_from >= 4000
+
+    await phones.wait_until(carla_again, timeout=10, what="Carla after the hold")
+    assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-2000:]) - 440) < 10
 
     await carla.get_by_test_id("agent-hangup").click()
     await expect(carla.get_by_test_id("agent-call-state")).to_have_text("completed")

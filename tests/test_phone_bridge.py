@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
+import numpy.typing as npt
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from conftest import Node, NodeFactory, SocketClient, eventually, replace
@@ -30,10 +32,11 @@ from test_calls import session, visitor
 from test_channels import availability
 from test_mobile_ring import PAGE, mobile_settings, on_mobile, status_of
 from twilio_sim import CallRecord, TwilioSim
-from twilio_sim.audio import dominant_frequency
+from twilio_sim.audio import dominant_frequency, dtmf_keys
 
 from gateway.edge.http import appkeys as keys
 from gateway.settings import MediaSettings
+from mobile_bridge.media.dtmf import HOLD_HZ
 from mobile_bridge.media.pool import MediaWorkers
 
 __all__ = ["peers"]
@@ -358,3 +361,85 @@ async def test_a_bridged_callback_whose_worker_dies_ends_as_media_lost(
         return all([await status_of(http, n, "carla") == "available" for n in (a, b)])
 
     await eventually(carla_free, 10)
+
+
+async def until_heard(track: Any, hz: float) -> None:
+    """Read ``track`` until half a second of it is ``hz``."""
+    while abs(await heard(track, 0.5) - hz) >= 10:
+        pass
+
+
+async def record(track: Any, seconds: float) -> npt.NDArray[np.int16]:
+    """``seconds`` of what ``track`` receives, as 8 kHz samples."""
+    chunks: list[npt.NDArray[np.int16]] = []
+    while sum(c.size for c in chunks) < seconds * RATE:
+        frame = await track.recv()
+        chunks.append(frame.to_ndarray().reshape(-1))
+    return np.concatenate(chunks)
+
+
+async def test_keys_from_the_phone_and_hold_in_the_app(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    """A bridged callback: the customer presses 7 and Carla hears its tones; Carla holds,
+    and neither hears the other while the customer hears the hold tone; she resumes."""
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
+    carla = await agent(clients, a, "carla")
+    status, created = await request_callback(http, a, {"phone": VISITOR_PHONE})
+    assert status == 201, created
+    call_id = created["call_id"]
+    await carla.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
+    assert (await carla.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
+    hearing = remote_track(peers)
+    await answer_in_app(carla, call_id, peers)
+    track = await asyncio.wait_for(hearing, 15)
+    assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
+    leg = next(c for c in sim.calls if c.to == VISITOR_PHONE)
+    await phone_hears(sim, leg, 440)
+
+    # The customer presses 7: Carla hears 852 + 1209 Hz, once.
+    listening = asyncio.create_task(record(track, 1.5))
+    sim.send_dtmf(leg.sid, "7")
+    assert dtmf_keys(await asyncio.wait_for(listening, 10)) == "7"
+
+    # Hold: Carla hears silence, the customer the hold tone (not Carla's 440 Hz).
+    ack = await carla.call("call:hold", {"call_id": call_id, "on": True}, "/agent")
+    assert ack["ok"], ack
+    assert ack["call"]["timeline"][-1]["event"] == "on_hold"
+    assert leg.stream is not None
+    held_from = len(leg.stream.audio_played)
+    pcm = await asyncio.wait_for(record(track, 1.0), 10)
+    assert float(np.sqrt(np.mean(pcm[-4000:].astype(np.float64) ** 2))) < 50, "Carla hears"
+
+    def a_beep() -> bool:
+        # Silence is not sent; the beep is 200 ms (what was in flight may come before it).
+        return len(leg.stream.audio_played) - held_from >= 1600 if leg.stream else False
+
+    await sim.wait_until(a_beep, timeout=10, what="the hold tone at the phone")
+    beep = bytes(leg.stream.audio_played)[-1200:]
+    assert abs(dominant_frequency(beep) - HOLD_HZ) < 10, "the hold tone, not Carla"
+    repeat = await carla.call("call:hold", {"call_id": call_id, "on": True}, "/agent")
+    assert repeat["ok"] and repeat["call"]["timeline"][-1]["event"] == "on_hold"
+
+    ack = await carla.call("call:hold", {"call_id": call_id, "on": False}, "/agent")
+    assert ack["ok"] and ack["call"]["timeline"][-1]["event"] == "off_hold", ack
+    await asyncio.wait_for(until_heard(track, 1000), 15)  # past the silence queued meanwhile
+    resumed_from = len(leg.stream.audio_played)
+
+    def back() -> bool:
+        return len(leg.stream.audio_played) - resumed_from >= RATE if leg.stream else False
+
+    await sim.wait_until(back, timeout=10, what="a second after the hold")
+    assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-4000:]) - 440) < 10
+
+    # Only the agent talking from this socket may hold; a visitor's call:hold is unknown.
+    ben = await agent(clients, a, "ben")
+    refused = await ben.call("call:hold", {"call_id": call_id, "on": True}, "/agent")
+    assert not refused["ok"] and refused["error"]["code"] == "forbidden", refused

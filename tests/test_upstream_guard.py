@@ -199,6 +199,12 @@ UPSTREAM = [
         "8afb80035db573a1",
     ),
     Upstream(
+        "aiortc.rtcdtlstransport",
+        "RtpRouter.route_rtp",
+        f"{P}:route_keys",
+        "ec1c4dc26bc10526",
+    ),
+    Upstream(
         "aiortc.rtcrtpsender",
         "RTCRtpSender._next_encoded_frame",
         f"{P}:MuLawTrack.recv",

@@ -217,6 +217,26 @@ def with_media(call: Call, ref: str, attempt: int) -> Call:
     return replace(call, media=ref)
 
 
+def hold(call: Call, on: bool, now: float) -> Call:
+    """The agent puts the connected call on hold, or takes it off (a repeat is a no-op)."""
+    if call.state is not CallState.CONNECTED:
+        raise CallError("not_connected", "only a connected call can be held")
+    held = on_hold(call)
+    if held == on:
+        return call
+    event, detail = ("on_hold", "On hold") if on else ("off_hold", "Back from hold")
+    return replace(call, timeline=_log(call, now, event, detail))
+
+
+def on_hold(call: Call) -> bool:
+    """Whether the call is on hold now (its last hold event says so)."""
+    last = next((e.event for e in reversed(call.timeline) if e.event in HOLD_EVENTS), None)
+    return last == "on_hold"
+
+
+HOLD_EVENTS = frozenset({"on_hold", "off_hold"})
+
+
 def accepted_on(call: Call, attempt: int) -> bool:
     """Whether ring ``attempt`` of ``call`` was accepted, and the call is still live on it
     (talking, or a callback dialing its visitor)."""

@@ -133,6 +133,17 @@ class AudioBridge:
                 return
         await hung_up()
 
+    async def hold(self, call: Call, on: bool) -> None:
+        """The phone side of a hold: the bridge stops both directions and tells the phone
+        the line is alive. A session that is gone ends the call."""
+        if call.media is None or self.media is None:
+            return
+        try:
+            await self.media.hold(call.media, on)
+        except TelephonyError as e:
+            log.warning("call %s: the bridge could not hold: %s", call.call_id, e)
+            await self.lost(call.call_id, "media_lost")
+
     async def call_over(self, call: Call) -> None:
         if call.media is not None and self.media is not None:
             await self.media.close(call.media)

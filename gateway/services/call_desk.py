@@ -75,6 +75,23 @@ class CallDesk:
             raise Forbidden("this is not your call")
         return await self._records.end(call_id, "agent_hung_up", "The agent ended the call", call)
 
+    async def hold(
+        self, site_id: str, agent_id: str, agent_sid: str, call_id: str, on: bool
+    ) -> Call:
+        """Hold the call the agent talks in from this socket, or take it off hold: noted in
+        the timeline (both parties see it), and, bridged to a phone, done by the bridge (the
+        agent app itself stops its microphone and speaker in a browser call)."""
+        call = self._own(await self._records.get(call_id), site_id)
+        if call.agent_id != agent_id or call.agent_sid != agent_sid:
+            raise Forbidden("not your call on this socket")
+        before, after = await self._records.update(
+            call_id, partial(calls.hold, on=on, now=self._records.clock()), call
+        )
+        if after.timeline != before.timeline:
+            await self._records.flow(after).held(after, on)
+            await self._notify.call_update(after)
+        return after
+
     async def relay_signal(
         self, site_id: str, sender_id: str, sender_sid: str, from_agent: bool, payload: Json
     ) -> None:

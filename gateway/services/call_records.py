@@ -160,6 +160,9 @@ class CallFlow(Protocol):
     async def ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json | None]:
         """What a ring of ``call`` for ``agent_id`` adds (``ring``'s visitor and extra)."""
 
+    async def held(self, call: Call, on: bool) -> None:
+        """Its agent put the call on hold (``on``) or took it off: the media follows."""
+
     async def phone_leg_ended(self, call: Call) -> None:
         """The leg of its agent, who took the call on their phone, ended: end the call with
         why (raises ``Conflict`` when it has ended already)."""

@@ -288,6 +288,10 @@ class CallService:
         """The agent took the call on their phone: the visitor's audio is bridged to it."""
         return await self.bridge.phone_accepts(call, accept)
 
+    async def held(self, call: Call, on: bool) -> None:
+        """The agent app holds a browser call itself (microphone and speaker off)."""
+        await self.bridge.hold(call, on)
+
     async def phone_leg_ended(self, call: Call) -> None:
         async def hung_up() -> None:
             await self._records.end(call.call_id, "agent_hung_up", "The agent ended the call")

@@ -501,6 +501,12 @@ class CallbackService:
     async def ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json | None]:
         return self._ring_details(call, agent_id)
 
+    async def held(self, call: Call, on: bool) -> None:
+        """Bridged to the app, the customer on the phone hears the hold tone; on her own
+        phone, the agent has her phone's hold."""
+        if self.dialer.bridge is not None:
+            await self.dialer.bridge.hold(call, on)
+
     async def phone_leg_ended(self, call: Call) -> None:
         await self._records.end(call.call_id, "agent_hung_up", "The agent ended the call")
 

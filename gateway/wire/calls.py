@@ -49,6 +49,13 @@ class CallRef(Struct):
     call_id: Id
 
 
+class CallHold(Struct):
+    """``call:hold``: put the call on hold (``on``) or take it off."""
+
+    call_id: Id
+    on: bool
+
+
 class Description(Struct):
     type: Literal["offer", "answer", "pranswer", "rollback"]
     sdp: Annotated[str, Meta(max_length=32_000)] = ""

@@ -28,7 +28,7 @@ from gateway.wire.base import (
     iso,
     parse_iso,
 )
-from gateway.wire.calls import CallRef, CallStart, RtcSignal, call_to_wire
+from gateway.wire.calls import CallHold, CallRef, CallStart, RtcSignal, call_to_wire
 from gateway.wire.events import AgentAuth
 from gateway.wire.presence import DeviceUpdate as DeviceBody
 from gateway.wire.presence import PresenceSet, presence_to_wire
@@ -248,6 +248,11 @@ def call_request_from_wire(payload: object) -> CallRequest:
 
 def call_id_from_wire(payload: object) -> str:
     return decode(payload, CallRef).call_id
+
+
+def hold_from_wire(payload: object) -> tuple[str, bool]:
+    hold = decode(payload, CallHold)
+    return hold.call_id, hold.on
 
 
 def signal_from_wire(payload: object) -> tuple[str, Json]:

@@ -19,6 +19,7 @@ from gateway.core.model import DeviceState, Site
 from gateway.wire.base import Id, Json, to_wire
 from gateway.wire.calls import (
     Call,
+    CallHold,
     CallRef,
     CallRing,
     CallStart,
@@ -154,6 +155,7 @@ NAMESPACES = (
             Event("call:accept", CallRef, AcceptAck),
             Event("call:decline", CallRef, AgentCallAck),
             Event("call:hangup", CallRef, AgentCallAck),
+            Event("call:hold", CallHold, AgentCallAck),
             Event("rtc:signal", RtcSignal, Ok),
         ),
         outgoing=(

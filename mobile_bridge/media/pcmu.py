@@ -33,6 +33,8 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RtpPacket
 from av.packet import Packet
 
+from mobile_bridge.media.dtmf import KeyReceiver
+
 SAMPLE_RATE: Final = 8000
 FRAME_SAMPLES: Final = 160
 """Samples (and mu-law bytes) in one 20 ms frame: Twilio's and WebRTC's packet size."""
@@ -42,6 +44,8 @@ PCMU_PAYLOAD_TYPE: Final = 0
 MAX_QUEUED_FRAMES: Final = 5
 """100 ms: a deeper queue would only be delay (issue 12: no buffer deeper than needed)."""
 TIME_BASE: Final = fractions.Fraction(1, SAMPLE_RATE)
+MAX_OVERLAY_FRAMES: Final = 50
+"""A second of tones queued at most (a burst of keys); more is dropped."""
 MAX_SOURCES: Final = 8
 """Sources a tap remembers: a call has one, a few after renegotiations."""
 
@@ -58,7 +62,10 @@ class MuLawTrack(MediaStreamTrack):
     ) -> None:
         super().__init__()
         self._frames: collections.deque[bytes] = collections.deque(maxlen=max_frames)
+        self._overlay: collections.deque[bytes] = collections.deque(maxlen=MAX_OVERLAY_FRAMES)
         self._partial = b""
+        self.held = False
+        """On hold: what is pushed is dropped, and silence (or an overlay) goes out."""
         self._clock = clock
         self._started_at: float | None = None
         self._sent = 0
@@ -72,8 +79,14 @@ class MuLawTrack(MediaStreamTrack):
     def queued(self) -> int:
         return len(self._frames)
 
+    def overlay(self, frames: tuple[bytes, ...]) -> None:
+        """Play ``frames`` (a key's tone) next, in place of what is pushed meanwhile."""
+        self._overlay.extend(frames)
+
     def push(self, payload: bytes) -> None:
         """Queue mu-law bytes: whole 20 ms frames, a remainder kept for the next push."""
+        if self.held:
+            return
         data = self._partial + payload if self._partial else payload
         whole = len(data) - len(data) % FRAME_SAMPLES
         for start in range(0, whole, FRAME_SAMPLES):
@@ -95,8 +108,14 @@ class MuLawTrack(MediaStreamTrack):
             wait = self._started_at + self._sent * FRAME_S - now
             if wait > 0:
                 await asyncio.sleep(wait)
-        if self._frames:
+        if self._overlay:
+            frame = self._overlay.popleft()
+            if self._frames:
+                self._frames.popleft()  # the tone takes its place: no delay builds up
+        elif self._frames:
             frame = self._frames.popleft()
+        elif self.held:
+            frame = SILENCE
         else:
             frame = SILENCE
             if self._heard:
@@ -113,9 +132,10 @@ def newer(sequence: int, than: int) -> bool:
     return 0 < (sequence - than) & 0xFFFF < 0x8000
 
 
-def tap_pcmu(receiver: RTCRtpReceiver, sink: PayloadSink) -> None:
+def tap_pcmu(receiver: RTCRtpReceiver, sink: PayloadSink, keys: KeyReceiver | None = None) -> None:
     """From now on ``receiver``'s PCMU payloads go to ``sink`` as they arrive, and not to
-    its jitter buffer, decoder or track; anything else goes on as before, through the
+    its jitter buffer, decoder or track; ``telephone-event`` packets go to ``keys`` (aiortc
+    knows no such codec); anything else goes on as before, through the
     ``RTCRtpReceiver._handle_rtp_packet`` this replaces on that one receiver. The DTLS
     transport hands every packet to that attribute (``RTCDtlsTransport._handle_rtp_data``)."""
     handle: Callable[[RtpPacket, int], Awaitable[None]] = receiver._handle_rtp_packet
@@ -125,6 +145,9 @@ def tap_pcmu(receiver: RTCRtpReceiver, sink: PayloadSink) -> None:
 
     async def tapped(packet: RtpPacket, arrival_time_ms: int) -> None:
         if packet.payload_type != PCMU_PAYLOAD_TYPE:
+            if keys is not None and packet.payload_type == keys.payload_type:
+                keys.packet(packet.payload, packet.timestamp)
+                return
             await handle(packet, arrival_time_ms)
             return
         last = newest.get(packet.ssrc)
@@ -140,6 +163,14 @@ def tap_pcmu(receiver: RTCRtpReceiver, sink: PayloadSink) -> None:
     receiver._handle_rtp_packet = tapped  # type: ignore[method-assign]
 
 
+def route_keys(receiver: RTCRtpReceiver, payload_type: int) -> None:
+    """Let ``receiver`` have packets of ``payload_type`` (telephone-event, which aiortc did
+    not negotiate): its transport's router drops a payload type it does not know for the
+    receiver (``RtpRouter.route_rtp``). Call once the remote description is applied."""
+    transport: Any = receiver.transport
+    transport._rtp_router.register_receiver(receiver, ssrcs=[], payload_types=[payload_type])
+
+
 def prefer_pcmu(transceiver: RTCRtpTransceiver) -> None:
     """Put PCMU first among the transceiver's codecs; the others stay as fallbacks. aiortc
     negotiates when the remote offer is applied, so this must come before that."""
@@ -151,7 +182,7 @@ def prefer_pcmu(transceiver: RTCRtpTransceiver) -> None:
 
 
 def bridge_transceiver(
-    pc: RTCPeerConnection, outgoing: MuLawTrack, sink: PayloadSink
+    pc: RTCPeerConnection, outgoing: MuLawTrack, sink: PayloadSink, keys: KeyReceiver | None = None
 ) -> RTCRtpTransceiver:
     """The gateway's audio transceiver for a browser's offer, made *before* the offer is
     applied: ``RTCPeerConnection.setRemoteDescription`` takes an unassigned transceiver of
@@ -159,5 +190,5 @@ def bridge_transceiver(
     PCMU is preferred, and what the browser sends in PCMU goes to ``sink``."""
     transceiver = pc.addTransceiver(outgoing, direction="sendrecv")
     prefer_pcmu(transceiver)
-    tap_pcmu(transceiver.receiver, sink)
+    tap_pcmu(transceiver.receiver, sink, keys)
     return transceiver

@@ -121,6 +121,12 @@ class MediaWorkers:
             code = _code_of(body)
             raise TelephonyError(code, f"the media worker refused a candidate: {status} {code}")
 
+    async def hold(self, ref: str, on: bool) -> None:
+        status, body = await self._request("POST", ref + "/hold", {"on": on})
+        if status != 204:
+            code = _code_of(body)
+            raise TelephonyError(code, f"the media worker refused to hold: {status} {code}")
+
     async def reachable(self, ref: str) -> bool:
         try:
             await self._request("GET", ref, None)

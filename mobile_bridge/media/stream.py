@@ -8,6 +8,17 @@ The browser's audio, from the receiver tap, goes back as ``media`` messages: Twi
 playback itself, so whatever is pending when the writer runs goes out as one message, and
 at most ``MAX_QUEUED_FRAMES`` wait (the oldest dropped), as on the other side.
 
+Twilio plays what it is sent in order, so audio sent faster than it plays (a burst after a
+network stall) would sit in its buffer as delay. A ``mark`` goes out every half second, and
+Twilio echoes it once the audio before it has played: the time in between is the phone's
+playout lag. Past ``MAX_PLAYOUT_LAG_S`` a ``clear`` drops what Twilio holds, so the lag never
+grows beyond it (counted in ``clears``).
+
+Keys the browser sends (``send_key``) go to the phone as tones, in place of the browser's
+audio meanwhile; keys the phone presses come as ``dtmf`` messages (``on_digit``). On hold
+(``hold``), the browser's audio is not sent, what Twilio holds is cleared, and a short tone
+every few seconds tells the caller they are still connected.
+
 Transport only: who may open a stream, and for which call, is the caller's to check before
 it hands the websocket over.
 """
@@ -24,9 +35,18 @@ from enum import StrEnum
 import msgspec
 from aiohttp import WSMsgType, web
 
+from mobile_bridge.media.dtmf import hold_tone_frames, tone_frames
 from mobile_bridge.media.pcmu import MAX_QUEUED_FRAMES, MuLawTrack
 
 log = logging.getLogger(__name__)
+
+MARK_EVERY = 25
+"""Media messages between two marks: half a second of audio at one frame a message."""
+MAX_PLAYOUT_LAG_S = 0.3
+"""Audio Twilio may hold before a ``clear``: a little over its own jitter, far under the
+150 ms budget's breaking point once added to the network's."""
+MAX_MARKS_OUT = 16
+HOLD_TONE_EVERY_S = 4.0
 
 
 # Twilio's field names are camelCase: each struct renames its snake_case fields.
@@ -135,7 +155,20 @@ class PhoneStream:
         self.dropped = 0
         """Browser frames thrown away because the phone's side fell behind."""
         self.malformed = 0
-        self.marks: list[str] = []
+        self.held = False
+        self._tones: collections.deque[bytes] = collections.deque(maxlen=50)
+        self._skip = 0
+        """Browser frames to drop: a tone plays in their place."""
+        self._clear = False
+        self._writes = 0
+        self._marks_out: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._holding: asyncio.Task[None] | None = None
+        self.keys_sent = 0
+        self.marks_echoed = 0
+        self.playout_lag_s = 0.0
+        """The phone's playout lag at the last mark echoed."""
+        self.max_playout_lag_s = 0.0
+        self.clears = 0
 
     async def close(self) -> None:
         """End the stream from our side (the call is over): ``run`` returns ``CLOSED``."""
@@ -144,12 +177,44 @@ class PhoneStream:
     def to_phone(self, payload: bytes) -> None:
         """The browser's mu-law (the receiver tap's sink). Nothing is addressable before
         ``start``, so what comes earlier is dropped."""
-        if self.stream_sid is None:
+        if self.stream_sid is None or self.held:
+            return
+        if self._skip:
+            self._skip -= 1
             return
         if len(self._pending) == self._pending.maxlen:
             self.dropped += 1
         self._pending.append(payload)
         self._wake.set()
+
+    def send_key(self, key: str) -> None:
+        """A key the browser pressed: its tone to the phone, in place of the browser's audio."""
+        frames = tone_frames(key)
+        self._tones.extend(frames)
+        self._skip += len(frames)
+        self.keys_sent += 1
+        self._wake.set()
+
+    def hold(self, on: bool) -> None:
+        """Hold: the browser's audio stops, what Twilio still holds of it is dropped, and a
+        tone every few seconds tells the caller the line is alive; or back from hold."""
+        if on == self.held:
+            return
+        self.held = on
+        if on:
+            self._pending.clear()
+            self._clear = True
+            self._holding = asyncio.create_task(self._hold_tones())
+            self._wake.set()
+        elif self._holding is not None:
+            self._holding.cancel()
+            self._holding = None
+
+    async def _hold_tones(self) -> None:
+        while True:
+            self._tones.extend(hold_tone_frames())
+            self._wake.set()
+            await asyncio.sleep(HOLD_TONE_EVERY_S)  # the tone's own cadence
 
     async def run(self) -> StreamEnd:
         """Serve the websocket until the stream ends; returns why."""
@@ -170,6 +235,8 @@ class PhoneStream:
                 self._handle(event)
             return StreamEnd.CLOSED
         finally:
+            if self._holding is not None:
+                self._holding.cancel()
             writer.cancel()
             try:
                 await writer
@@ -191,23 +258,57 @@ class PhoneStream:
                 if self._on_digit is not None:
                     self._on_digit(dtmf.digit)
             case Mark(mark=mark):
-                self.marks.append(mark.name)
+                self._echoed(mark.name)
             case _:
                 pass
 
+    def _echoed(self, name: str) -> None:
+        sent_at = self._marks_out.pop(name, None)
+        if sent_at is None:
+            return  # not ours, or from before a clear
+        self.marks_echoed += 1
+        lag = asyncio.get_running_loop().time() - sent_at
+        self.playout_lag_s = lag
+        self.max_playout_lag_s = max(self.max_playout_lag_s, lag)
+        if lag > MAX_PLAYOUT_LAG_S:
+            self._clear = True
+            self._wake.set()
+
     async def _write(self) -> None:
         encode = msgspec.json.encode
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._pending or self.stream_sid is None:
+            if self.stream_sid is None:
                 continue
-            audio = b"".join(self._pending)
-            self._pending.clear()
+            # A text frame each: Twilio refuses binary ones (error 31950).
+            if self._clear:
+                self._clear = False
+                self.clears += 1
+                self._marks_out.clear()  # a clear echoes every mark at once: not a lag
+                await self._ws.send_str(
+                    encode({"event": "clear", "streamSid": self.stream_sid}).decode()
+                )
+            if self._tones:
+                audio = b"".join(self._tones)
+                self._tones.clear()
+            elif self._pending:
+                audio = b"".join(self._pending)
+                self._pending.clear()
+            else:
+                continue
             message = {
                 "event": "media",
                 "streamSid": self.stream_sid,
                 "media": {"payload": binascii.b2a_base64(audio, newline=False).decode()},
             }
-            # A text frame: Twilio refuses binary ones (error 31950).
             await self._ws.send_str(encode(message).decode())
+            self._writes += 1
+            if self._writes % MARK_EVERY == 0:
+                name = str(self._writes)
+                self._marks_out[name] = loop.time()
+                while len(self._marks_out) > MAX_MARKS_OUT:
+                    self._marks_out.popitem(last=False)
+                mark = {"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}
+                await self._ws.send_str(encode(mark).decode())

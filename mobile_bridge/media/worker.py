@@ -17,6 +17,7 @@ worker's token, compared in constant time):
   "sdpMLineIndex"?}}``: a browser's trickled ICE candidate (aiortc answers with all of
   its own in the SDP).
 - ``GET /v1/media/sessions/{id}``: the session's counters (``404 media_ended`` once over).
+- ``POST /v1/media/sessions/{id}/hold`` ``{"on": bool}``: hold, or take off hold.
 - ``DELETE /v1/media/sessions/{id}``: the call is over; its peer connection is closed.
 - ``GET /v1/media/stats``: sessions, and each one's gaps and drops.
 
@@ -56,7 +57,14 @@ from gateway.core.errors import (
 )
 from gateway.edge.errors import rest_response
 from mobile_bridge.media.api import SESSIONS, STATS
-from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver
+from mobile_bridge.media.dtmf import (
+    OFFERED_PT,
+    KeyReceiver,
+    add_dtmf,
+    dtmf_payload_type,
+    tone_frames,
+)
+from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver, route_keys
 from mobile_bridge.media.stream import PhoneStream, StreamEnd
 from mobile_bridge.twilio_webhooks import SIGNATURE_HEADER, WebhookSignatures
 
@@ -74,11 +82,38 @@ class Session:
     stream: PhoneStream | None = None
     ended: StreamEnd | None = None
     offered: bool = False
+    held: bool = False
+    keys: KeyReceiver = field(init=False)
+    """The browser's keys (RFC 4733), to the phone as tones."""
+    keys_from_phone: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keys = KeyReceiver(self.key_to_phone)
+
+    def listen_for_keys(self, payload_type: int | None) -> None:
+        """The browser sends keys as telephone-events of ``payload_type`` (None: it does
+        not)."""
+        self.keys.payload_type = payload_type
+        if payload_type is not None:
+            route_keys(self.pc.getTransceivers()[0].receiver, payload_type)
 
     def to_phone(self, payload: bytes) -> None:
         if self.stream is not None:
             self.stream.to_phone(payload)
+
+    def key_to_phone(self, key: str) -> None:
+        if self.stream is not None:
+            self.stream.send_key(key)
+
+    def key_to_browser(self, key: str) -> None:
+        self.keys_from_phone += 1
+        self.to_browser.overlay(tone_frames(key))
+
+    def hold(self, on: bool) -> None:
+        self.held = self.to_browser.held = on
+        if self.stream is not None:
+            self.stream.hold(on)
 
 
 @web.middleware
@@ -137,6 +172,7 @@ class MediaWorker:
         app.router.add_post(SESSIONS, self._create)
         app.router.add_post(SESSIONS + "/{session}/offer", self._offered)
         app.router.add_post(SESSIONS + "/{session}/answer", self._answered)
+        app.router.add_post(SESSIONS + "/{session}/hold", self._hold)
         app.router.add_post(SESSIONS + "/{session}/candidate", self._candidate)
         app.router.add_get(SESSIONS + "/{session}", self._show)
         app.router.add_delete(SESSIONS + "/{session}", self._delete)
@@ -162,7 +198,7 @@ class MediaWorker:
         session_id = "m_" + secrets.token_hex(12)
         pc = RTCPeerConnection(self._ice)
         session = Session(session_id, pc, MuLawTrack())
-        bridge_transceiver(pc, session.to_browser, session.to_phone)
+        bridge_transceiver(pc, session.to_browser, session.to_phone, session.keys)
         # Counted from now: answering waits for ICE gathering, and offers arriving meanwhile
         # must find the worker as full as it will be.
         self.sessions[session_id] = session
@@ -172,7 +208,8 @@ class MediaWorker:
             await pc.setLocalDescription(await pc.createOffer())
             if session_id not in self.sessions:
                 raise NotFound("the media session ended", code="media_ended")
-            created["offer"] = pc.localDescription.sdp
+            # Keys too: aiortc does not offer telephone-event, so it is added here.
+            created["offer"] = add_dtmf(pc.localDescription.sdp, OFFERED_PT)
         elif offer is not None:
             try:
                 created["answer"] = await self._answer(session, offer)
@@ -204,12 +241,24 @@ class MediaWorker:
             raise Conflict("this session is not waiting for an answer", code="offer_taken")
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            session.listen_for_keys(dtmf_payload_type(answer))
         except Exception as e:  # as for offers: aiortc's errors for SDP it cannot use
             log.info("media session %s refused an answer: %r", session.session_id, e)
             await self.end(session.session_id)
             raise Invalid(
                 "the answer is not one this worker can use", code="invalid_offer"
             ) from None
+        return web.Response(status=204)
+
+    async def _hold(self, request: web.Request) -> web.Response:
+        """``{"on": bool}``: hold the call (neither side hears the other; the phone hears a
+        tone now and then), or take it off hold."""
+        self._authorize(request)
+        session = self._session(request)
+        on = (await self._body(request)).get("on")
+        if not isinstance(on, bool):
+            raise Invalid('"on" must be true or false')
+        session.hold(on)
         return web.Response(status=204)
 
     async def _answer(self, session: Session, offer: str) -> str:
@@ -227,6 +276,11 @@ class MediaWorker:
         if session.session_id not in self.sessions:  # ended (or the worker shut down) meanwhile
             raise NotFound("the media session ended", code="media_ended")
         sdp: str = pc.localDescription.sdp
+        # The browser's keys: accepted under the payload type it offered them with.
+        keys = dtmf_payload_type(offer)
+        if keys is not None:
+            session.listen_for_keys(keys)
+            sdp = add_dtmf(sdp, keys)
         return sdp
 
     async def _candidate(self, request: web.Request) -> web.Response:
@@ -282,6 +336,12 @@ class MediaWorker:
     def _stats_of(self, s: Session) -> dict[str, Any]:
         return {
             "streaming": s.stream is not None,
+            "held": s.held,
+            "keys_to_phone": s.keys.keys,
+            "keys_from_phone": s.keys_from_phone,
+            "playout_lag_ms": round(s.stream.playout_lag_s * 1000) if s.stream else None,
+            "max_playout_lag_ms": round(s.stream.max_playout_lag_s * 1000) if s.stream else None,
+            "clears": s.stream.clears if s.stream else 0,
             "underruns": s.to_browser.underruns,
             "dropped_to_browser": s.to_browser.dropped,
             "dropped_to_phone": s.stream.dropped if s.stream else 0,
@@ -315,7 +375,8 @@ class MediaWorker:
             raise Conflict("this call has its stream already", code="stream_taken")
         ws = web.WebSocketResponse(max_msg_size=MAX_OFFER_BYTES)
         await ws.prepare(request)
-        session.stream = PhoneStream(ws, session.to_browser)
+        session.stream = PhoneStream(ws, session.to_browser, on_digit=session.key_to_browser)
+        session.stream.hold(session.held)
         session.ended = await session.stream.run()
         log.info("media session %s: stream ended (%s)", session.session_id, session.ended)
         # The session first: a closing handshake waits on the client (up to aiohttp's 10 s),

@@ -80,3 +80,43 @@ def dominant_frequency(ulaw: bytes, rate: int = SAMPLE_RATE) -> float:
 def rms(ulaw: bytes) -> float:
     pcm = ulaw_decode(ulaw).astype(np.float64)
     return float(np.sqrt(np.mean(pcm**2))) if pcm.size else 0.0
+
+
+DTMF_LOW = (697, 770, 852, 941)
+DTMF_HIGH = (1209, 1336, 1477, 1633)
+DTMF_PAD = ("123A", "456B", "789C", "*0#D")
+
+
+def _power(block: npt.NDArray[np.float64], hz: float, rate: int) -> float:
+    """Goertzel: the power of ``block`` at ``hz``."""
+    coeff = 2.0 * np.cos(2.0 * np.pi * hz / rate)
+    s1 = s2 = 0.0
+    for x in block:
+        s1, s2 = x + coeff * s1 - s2, s1
+    return float(s1 * s1 + s2 * s2 - coeff * s1 * s2)
+
+
+def dtmf_keys(pcm: npt.NDArray[np.int16], rate: int = SAMPLE_RATE) -> str:
+    """The DTMF keys in 16-bit audio, in order: a key is heard where, in 40 ms blocks, one
+    low and one high tone each carry most of their group's power and a fair share of the
+    block's; a key held over several blocks counts once."""
+    size = rate // 25
+    keys: list[str] = []
+    last = ""
+    for start in range(0, pcm.size - size + 1, size):
+        block = pcm[start : start + size].astype(np.float64)
+        total = float(np.sum(block**2)) * size / 2 or 1.0
+        low = [_power(block, hz, rate) for hz in DTMF_LOW]
+        high = [_power(block, hz, rate) for hz in DTMF_HIGH]
+        li, hi = int(np.argmax(low)), int(np.argmax(high))
+        strong = low[li] > 0.2 * total and high[hi] > 0.2 * total
+        clear = low[li] > 4 * sorted(low)[-2] and high[hi] > 4 * sorted(high)[-2]
+        key = DTMF_PAD[li][hi] if strong and clear else ""
+        if key and key != last:
+            keys.append(key)
+        last = key
+    return "".join(keys)
+
+
+def dtmf_keys_ulaw(ulaw: bytes) -> str:
+    return dtmf_keys(ulaw_decode(ulaw))

@@ -559,7 +559,13 @@
         e.detail ? h("span", { class: "muted" }, ` · ${e.detail}`) : null)));
     // A callback whose attempt ended (busy, no answer) goes back in line: done for this agent.
     const done = isFinal(c) || c.state === "scheduled" || c.state === "queued";
-    $("mute").hidden = done || c.state !== "connected" || !current.pc;
+    const talking = !done && c.state === "connected" && !!current.pc;
+    $("mute").hidden = !talking;
+    $("hold").hidden = !talking;
+    // Keys reach a phone (a callback bridged here); a visitor in a browser has no use for them.
+    $("keypad").hidden = !talking || c.channel !== "callback";
+    const held = (c.timeline || []).filter((e) => e.event === "on_hold" || e.event === "off_hold").pop();
+    setHeld(!!held && held.event === "on_hold");
     $("hangup").hidden = done;
     $("dismiss").hidden = !done;
     if (done && document.activeElement === $("hangup")) $("dismiss").focus();
@@ -599,9 +605,39 @@
   function toggleMute() {
     if (!current || !current.mic) return;
     const muted = $("mute").getAttribute("aria-pressed") !== "true";
-    for (const t of current.mic.getAudioTracks()) t.enabled = !muted;
+    const held = $("hold").getAttribute("aria-pressed") === "true";
+    for (const t of current.mic.getAudioTracks()) t.enabled = !muted && !held;
     $("mute").setAttribute("aria-pressed", String(muted));
     $("mute").textContent = muted ? "Unmute" : "Mute";
+  }
+
+  /** Hold in the app: microphone and speaker off (the gateway holds a bridged phone). */
+  function setHeld(on) {
+    $("hold").setAttribute("aria-pressed", String(on));
+    $("hold").textContent = on ? "Resume" : "Hold";
+    if (current && current.mic) {
+      const muted = $("mute").getAttribute("aria-pressed") === "true";
+      for (const t of current.mic.getAudioTracks()) t.enabled = !on && !muted;
+    }
+    $("remote-audio").muted = on;
+  }
+
+  async function toggleHold() {
+    if (!current || !socket) return;
+    const on = $("hold").getAttribute("aria-pressed") !== "true";
+    const res = await ask(socket, "call:hold", { call_id: current.id, on });
+    if (!res.ok) return showError(res.error);
+    if (res.call && current && current.id === res.call.call_id) {
+      current.call = MA.call = res.call;
+      renderCall(res.call);
+    }
+  }
+
+  /** A key to the phone: RFC 4733, which the gateway's bridge plays to the phone as a tone. */
+  function pressKey(key) {
+    const sender = current && current.pc && current.pc.getSenders().find((s) => s.dtmf);
+    if (sender && sender.dtmf.canInsertDTMF) sender.dtmf.insertDTMF(key, 100, 70);
+    else showError("Keys cannot be sent in this call.");
   }
 
   function dismiss() {
@@ -687,6 +723,11 @@
   $("signout").addEventListener("click", signOut);
   $("state").addEventListener("change", setOwnState);
   $("mute").addEventListener("click", toggleMute);
+  $("hold").addEventListener("click", toggleHold);
+  $("keypad").addEventListener("click", (e) => {
+    const key = e.target && e.target.dataset && e.target.dataset.key;
+    if (key) pressKey(key);
+  });
   $("hangup").addEventListener("click", hangup);
   $("dismiss").addEventListener("click", dismiss);
   $("tab-me").addEventListener("click", () => selectTab("me"));

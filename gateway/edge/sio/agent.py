@@ -26,6 +26,7 @@ from gateway.wire.codec import (
     call_id_from_wire,
     call_to_wire,
     device_update_from_wire,
+    hold_from_wire,
     signal_from_wire,
 )
 from gateway.wire.events import accept_ack, call_ack, ok_ack, presence_ack
@@ -58,6 +59,7 @@ class AgentNamespace(BaseNamespace):
             "call:accept": self.call_accept,
             "call:decline": self.call_decline,
             "call:hangup": self.call_hangup,
+            "call:hold": self.call_hold,
             "rtc:signal": self.rtc_signal,
         }
         presence.add_listener(self.on_presence)
@@ -136,6 +138,12 @@ class AgentNamespace(BaseNamespace):
         claims = session.claims
         call = await self.calls.hangup(claims.site, claims.sub, call_id_from_wire(payload))
         session.calls.discard(call.call_id)
+        return call_ack(call, self.presence.site(claims.site), internal=True)
+
+    async def call_hold(self, sid: str, payload: Any) -> Json:
+        claims = self.sessions[sid].claims
+        call_id, on = hold_from_wire(payload)
+        call = await self.calls.hold(claims.site, claims.sub, sid, call_id, on)
         return call_ack(call, self.presence.site(claims.site), internal=True)
 
     async def rtc_signal(self, sid: str, payload: Any) -> Json:
