@@ -78,13 +78,17 @@ def remote_track(pc: RTCPeerConnection) -> asyncio.Future[MediaStreamTrack]:
 
 
 async def heard(track: MediaStreamTrack, seconds: float) -> float:
-    """The strongest frequency (Hz) in the last second of ``seconds`` of ``track``'s audio."""
+    """The strongest frequency (Hz) in the last second of ``seconds`` of ``track``'s audio
+    (PCMU arrives as 8 kHz mono, Opus as 48 kHz stereo: the first channel is judged)."""
     samples: list[np.ndarray] = []
-    while sum(s.size for s in samples) < seconds * RATE:
+    rate = RATE
+    while sum(s.size for s in samples) < seconds * rate:
         frame = await track.recv()
         assert isinstance(frame, AudioFrame)
-        samples.append(frame.to_ndarray().reshape(-1))
-    pcm = np.concatenate(samples)[-RATE:].astype(np.float64)
+        rate = frame.sample_rate
+        channels = len(frame.layout.channels)
+        samples.append(frame.to_ndarray().reshape(-1, channels)[:, 0])
+    pcm = np.concatenate(samples)[-rate:].astype(np.float64)
     spectrum = np.abs(np.fft.rfft(pcm * np.hanning(pcm.size)))
     spectrum[0] = 0.0
-    return float(np.fft.rfftfreq(pcm.size, d=1.0 / RATE)[int(np.argmax(spectrum))])
+    return float(np.fft.rfftfreq(pcm.size, d=1.0 / rate)[int(np.argmax(spectrum))])

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from media_peers import RATE, ToneTrack, heard, peers, remote_track
 from twilio.request_validator import RequestValidator
 from twilio_sim import TwilioSim, sdk_client
@@ -105,19 +105,25 @@ async def twiml_server(stream_url: str) -> tuple[str, web.AppRunner]:
     return f"http://127.0.0.1:{runner.addresses[0][1]}/twiml", runner
 
 
+@pytest.mark.parametrize("codec", ["audio/PCMU", "audio/opus"])
 async def test_a_browser_and_a_phone_talk_through_the_worker(
-    sim: TwilioSim, client: Any, peers: tuple[RTCPeerConnection, RTCPeerConnection]
+    sim: TwilioSim, client: Any, peers: tuple[RTCPeerConnection, RTCPeerConnection], codec: str
 ) -> None:
+    """PCMU passes through; a browser that offers only Opus gets a transcoded call."""
     browser, _ = peers
     running, runner = await start(sim)
     twiml_runner: web.AppRunner | None = None
     try:
-        browser.addTrack(ToneTrack(440))
+        sending = browser.addTransceiver(ToneTrack(440), direction="sendrecv")
+        capabilities = RTCRtpSender.getCapabilities("audio")
+        assert capabilities is not None
+        sending.setCodecPreferences([c for c in capabilities.codecs if c.mimeType == codec])
         hearing = remote_track(browser)
         await browser.setLocalDescription(await browser.createOffer())
         status, created = await running.offer(browser.localDescription.sdp)
         assert status == 201, created
-        assert " 0 " in next(ln for ln in created["answer"].splitlines() if ln.startswith("m="))
+        media_line = next(ln for ln in created["answer"].splitlines() if ln.startswith("m="))
+        assert media_line.split()[3] == ("0" if codec == "audio/PCMU" else "96"), media_line
         await browser.setRemoteDescription(RTCSessionDescription(created["answer"], "answer"))
 
         stream_url = running.url.replace("http://", "ws://") + created["stream_path"]
@@ -136,7 +142,9 @@ async def test_a_browser_and_a_phone_talk_through_the_worker(
         assert record.stream is not None
         assert abs(dominant_frequency(bytes(record.stream.audio_played)[-RATE:]) - 440) < 10
         stats = await running.stats()
-        assert stats["sessions"] == 1 and stats["calls"][created["session"]]["streaming"]
+        session = stats["calls"][created["session"]]
+        assert stats["sessions"] == 1 and session["streaming"]
+        assert session["transcoding"] is (codec != "audio/PCMU")
 
         sim.hangup(call.sid)
         ended = await asyncio.wait_for(running.ended.get(), timeout=10)

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Final
 
 import numpy as np
-import numpy.typing as npt
+
+from mobile_bridge.media import g711
 
 KEYS: Final = "0123456789*#ABCD"
 """RFC 4733 event codes 0 to 15, in order."""
@@ -41,17 +42,6 @@ def _frequencies(key: str) -> tuple[int, int]:
     raise ValueError(f"not a DTMF key: {key!r}")
 
 
-def ulaw(pcm: npt.NDArray[np.int16]) -> bytes:
-    """G.711 mu-law of 16-bit samples (ITU-T G.711, with its bias and clip)."""
-    x = pcm.astype(np.int32)
-    sign = np.where(x < 0, 0x80, 0)
-    magnitude = np.minimum(np.abs(x), 32635) + 0x84
-    exponent = np.floor(np.log2(magnitude)).astype(np.int32) - 7
-    mantissa = (magnitude >> (exponent + 3)) & 0x0F
-    encoded: bytes = (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
-    return encoded
-
-
 @functools.cache
 def tone_frames(key: str) -> tuple[bytes, ...]:
     """20 ms mu-law frames of ``key``: its two tones for 100 ms, then 60 ms of silence."""
@@ -59,14 +49,14 @@ def tone_frames(key: str) -> tuple[bytes, ...]:
     t = np.arange(RATE * TONE_MS // 1000) / RATE
     wave = 0.25 * (np.sin(2 * np.pi * low * t) + np.sin(2 * np.pi * high * t))
     pcm = np.concatenate([wave * 32767, np.zeros(RATE * GAP_MS // 1000)]).astype(np.int16)
-    return _frames(ulaw(pcm))
+    return _frames(g711.encode(pcm))
 
 
 @functools.cache
 def hold_tone_frames() -> tuple[bytes, ...]:
     """A soft 620 Hz beep of 200 ms: the caller on hold hears that the line is alive."""
     t = np.arange(RATE // 5) / RATE
-    return _frames(ulaw((0.1 * np.sin(2 * np.pi * HOLD_HZ * t) * 32767).astype(np.int16)))
+    return _frames(g711.encode((0.1 * np.sin(2 * np.pi * HOLD_HZ * t) * 32767).astype(np.int16)))
 
 
 def _frames(encoded: bytes) -> tuple[bytes, ...]:

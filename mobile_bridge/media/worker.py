@@ -66,6 +66,7 @@ from mobile_bridge.media.dtmf import (
 )
 from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver, route_keys
 from mobile_bridge.media.stream import PhoneStream, StreamEnd
+from mobile_bridge.media.transcode import DecodedTrack, negotiated_pcmu, start_pump
 from mobile_bridge.twilio_webhooks import SIGNATURE_HEADER, WebhookSignatures
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class Session:
     keys: KeyReceiver = field(init=False)
     """The browser's keys (RFC 4733), to the phone as tones."""
     keys_from_phone: int = 0
+    transcoding: asyncio.Task[None] | None = None
+    """A browser that refused PCMU: the task decoding its audio for the phone."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,6 +100,15 @@ class Session:
         self.keys.payload_type = payload_type
         if payload_type is not None:
             route_keys(self.pc.getTransceivers()[0].receiver, payload_type)
+
+    def negotiated(self, answer: str) -> None:
+        """The answer is applied: if it is not PCMU, transcode (``transcode``)."""
+        if negotiated_pcmu(answer) or self.transcoding is not None:
+            return
+        log.info("media session %s: the browser refused PCMU; transcoding", self.session_id)
+        transceiver = self.pc.getTransceivers()[0]
+        transceiver.sender.replaceTrack(DecodedTrack(self.to_browser))
+        self.transcoding = start_pump(transceiver.receiver.track, self.to_phone)
 
     def to_phone(self, payload: bytes) -> None:
         if self.stream is not None:
@@ -242,6 +254,7 @@ class MediaWorker:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
             session.listen_for_keys(dtmf_payload_type(answer))
+            session.negotiated(answer)
         except Exception as e:  # as for offers: aiortc's errors for SDP it cannot use
             log.info("media session %s refused an answer: %r", session.session_id, e)
             await self.end(session.session_id)
@@ -276,6 +289,7 @@ class MediaWorker:
         if session.session_id not in self.sessions:  # ended (or the worker shut down) meanwhile
             raise NotFound("the media session ended", code="media_ended")
         sdp: str = pc.localDescription.sdp
+        session.negotiated(sdp)
         # The browser's keys: accepted under the payload type it offered them with.
         keys = dtmf_payload_type(offer)
         if keys is not None:
@@ -337,6 +351,7 @@ class MediaWorker:
         return {
             "streaming": s.stream is not None,
             "held": s.held,
+            "transcoding": s.transcoding is not None,
             "keys_to_phone": s.keys.keys,
             "keys_from_phone": s.keys_from_phone,
             "playout_lag_ms": round(s.stream.playout_lag_s * 1000) if s.stream else None,
@@ -394,6 +409,8 @@ class MediaWorker:
         if session.stream is not None and session.ended is None:
             await session.stream.close()  # its handler then finds the session gone
         session.to_browser.stop()
+        if session.transcoding is not None:
+            session.transcoding.cancel()
         await session.pc.close()
         if self._on_end is not None:
             self._on_end(session_id, session.ended)
