@@ -159,7 +159,10 @@ async def probe_call(
         async def listen() -> None:
             loud_before = False
             async for message in ws:
-                payload = base64.b64decode(json.loads(message.data)["media"]["payload"])
+                event = json.loads(message.data)
+                if event["event"] != "media":
+                    continue  # the worker's marks (this phone does not echo them)
+                payload = base64.b64decode(event["media"]["payload"])
                 for i in range(0, len(payload), 160):
                     loud = sounds(payload[i : i + 160])
                     if loud and not loud_before:

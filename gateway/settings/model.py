@@ -112,7 +112,8 @@ class MediaSettings(msgspec.Struct, frozen=True):
     """How many worker processes this node runs; 0: no bridge (browser calls reach only
     agents in the agent app). Needs Twilio."""
     max_sessions: int = 50
-    """Bridged calls per worker: a worker past it refuses (docs/ARCHITECTURE.md, sizing)."""
+    """Bridged calls per worker: a worker past it refuses (docs/ARCHITECTURE.md, "Sizing
+    workers")."""
     host: str = "127.0.0.1"
     """Where workers listen: the node, and every other node, must reach them here."""
     base_port: int = 0

@@ -87,6 +87,12 @@ class MuLawTrack(MediaStreamTrack):
         """Queue mu-law bytes: whole 20 ms frames, a remainder kept for the next push."""
         if self.held:
             return
+        if not self._heard and self._started_at is not None:
+            # The first audio: from now on a frame goes out half a frame after the time its
+            # source's frames come in, so that arrivals may jitter by 10 ms either way
+            # without a gap (a frame due just after each arrival would miss at the least).
+            now = self._clock()
+            self._started_at = now + FRAME_S / 2 - self._sent * FRAME_S
         data = self._partial + payload if self._partial else payload
         whole = len(data) - len(data) % FRAME_SAMPLES
         for start in range(0, whole, FRAME_SAMPLES):
