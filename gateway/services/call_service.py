@@ -271,6 +271,8 @@ class CallService:
         call = await self._records.find(call_id)
         if call is None or call.final or call.agent_sid != agent_sid:
             return
+        if call.channel is CallChannel.WEBRTC and call.media is not None:
+            return  # she talks on her phone: its leg's end ends the call, not a socket's
         try:
             await self._records.end(call_id, "agent_left", "The agent's connection dropped", call)
         except (Conflict, NotFound):

@@ -44,6 +44,8 @@ PCMU_PAYLOAD_TYPE: Final = 0
 MAX_QUEUED_FRAMES: Final = 5
 """100 ms: a deeper queue would only be delay (issue 12: no buffer deeper than needed)."""
 TIME_BASE: Final = fractions.Fraction(1, SAMPLE_RATE)
+LATE_S: Final = 0.01
+"""Half a frame: a frame handed over later than this after its slot is late."""
 MAX_OVERLAY_FRAMES: Final = 50
 """A second of tones queued at most (a burst of keys); more is dropped."""
 MAX_SOURCES: Final = 8
@@ -74,6 +76,10 @@ class MuLawTrack(MediaStreamTrack):
         """Frames thrown away because the queue was full (the oldest go first)."""
         self.underruns = 0
         """Frames of silence sent because nothing had come in time, once audio had begun."""
+        self.late = 0
+        """Frames handed to aiortc more than ``LATE_S`` after their slot: this process was
+        too busy to keep time (unlike an underrun, whose frame came in late)."""
+        self.max_late_s = 0.0
 
     @property
     def queued(self) -> int:
@@ -114,6 +120,10 @@ class MuLawTrack(MediaStreamTrack):
             wait = self._started_at + self._sent * FRAME_S - now
             if wait > 0:
                 await asyncio.sleep(wait)
+            lateness = self._clock() - (self._started_at + self._sent * FRAME_S)
+            if lateness > LATE_S and self._heard:
+                self.late += 1
+            self.max_late_s = max(self.max_late_s, lateness)
         if self._overlay:
             frame = self._overlay.popleft()
             if self._frames:

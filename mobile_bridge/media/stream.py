@@ -169,6 +169,11 @@ class PhoneStream:
         """The phone's playout lag at the last mark echoed."""
         self.max_playout_lag_s = 0.0
         self.clears = 0
+        self._loop = asyncio.get_running_loop()
+        self._last_arrival: float | None = None
+        self.max_arrival_gap_s = 0.0
+        """The longest time between two of the phone's frames reaching this worker: the
+        jitter of its input (20 ms when it is none)."""
 
     async def close(self) -> None:
         """End the stream from our side (the call is over): ``run`` returns ``CLOSED``."""
@@ -246,6 +251,10 @@ class PhoneStream:
     def _handle(self, event: StreamMessage) -> None:
         match event:
             case Media(media=media) if media.track == "inbound":
+                now = self._loop.time()
+                if self._last_arrival is not None:
+                    self.max_arrival_gap_s = max(self.max_arrival_gap_s, now - self._last_arrival)
+                self._last_arrival = now
                 try:
                     self._to_browser.push(binascii.a2b_base64(media.payload, strict_mode=True))
                 except binascii.Error:
@@ -267,7 +276,7 @@ class PhoneStream:
         if sent_at is None:
             return  # not ours, or from before a clear
         self.marks_echoed += 1
-        lag = asyncio.get_running_loop().time() - sent_at
+        lag = self._loop.time() - sent_at
         self.playout_lag_s = lag
         self.max_playout_lag_s = max(self.max_playout_lag_s, lag)
         if lag > MAX_PLAYOUT_LAG_S:

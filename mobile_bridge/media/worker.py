@@ -357,6 +357,11 @@ class MediaWorker:
             "playout_lag_ms": round(s.stream.playout_lag_s * 1000) if s.stream else None,
             "max_playout_lag_ms": round(s.stream.max_playout_lag_s * 1000) if s.stream else None,
             "clears": s.stream.clears if s.stream else 0,
+            "late_to_browser": s.to_browser.late,
+            "max_late_to_browser_ms": round(s.to_browser.max_late_s * 1000, 1),
+            "max_phone_arrival_gap_ms": (
+                round(s.stream.max_arrival_gap_s * 1000, 1) if s.stream else None
+            ),
             "underruns": s.to_browser.underruns,
             "dropped_to_browser": s.to_browser.dropped,
             "dropped_to_phone": s.stream.dropped if s.stream else 0,
