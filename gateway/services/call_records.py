@@ -164,8 +164,9 @@ class CallFlow(Protocol):
         """Its agent put the call on hold (``on``) or took it off: the media follows."""
 
     async def phone_leg_ended(self, call: Call) -> None:
-        """The leg of its agent, who took the call on their phone, ended: end the call with
-        why (raises ``Conflict`` when it has ended already)."""
+        """The leg of its agent, who took the call on their phone, ended (she hung up, or
+        the bridge under it died): what that means for the call (raises ``Conflict`` when
+        it has ended already)."""
 
 
 class CallRecords:

@@ -508,7 +508,11 @@ class CallbackService:
             await self.dialer.bridge.hold(call, on)
 
     async def phone_leg_ended(self, call: Call) -> None:
-        await self._records.end(call.call_id, "agent_hung_up", "The agent ended the call")
+        """Her leg ended while the customer's phone rang: the callback ends (its flow hangs
+        the customer's leg up). Once they talk, the room ends with her leg, and the
+        customer's leg completing completes the callback (``CallbackDialer``)."""
+        if call.state is CallState.DIALING:
+            await self._records.end(call.call_id, "agent_hung_up", "The agent ended the call")
 
     async def phone_accepts(
         self, call: Call, accept: Callable[[], Awaitable[Call]]
