@@ -40,7 +40,7 @@ from test_callbacks import (
 )
 from test_mobile_ring import on_mobile, status_of
 from twilio_sim import TwilioSim
-from twilio_sim.audio import dominant_frequency, dtmf_keys_ulaw
+from twilio_sim.audio import dominant_frequency, dtmf_keys_ulaw, rms
 
 from gateway.settings import MediaSettings, TwilioSettings
 from mobile_bridge.media.dtmf import HOLD_HZ
@@ -253,6 +253,20 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_customers_p
 
     await phones.wait_until(carla_again, timeout=10, what="Carla after the hold")
     assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-2000:]) - 440) < 10
+
+    # Mute: her microphone's track is off, and the phone hears silence.
+    mute = carla.get_by_test_id("agent-mute")
+    await mute.click()
+    await expect(mute).to_have_text("Unmute")
+    muted_from = len(leg.stream.audio_played)
+
+    def a_muted_second() -> bool:
+        return leg.stream is not None and len(leg.stream.audio_played) - muted_from >= 8000
+
+    await phones.wait_until(a_muted_second, timeout=10, what="a second of mute")
+    assert rms(bytes(leg.stream.audio_played)[-4000:]) < 100, "the phone still hears Carla"
+    await mute.click()
+    await expect(mute).to_have_text("Mute")
 
     await carla.get_by_test_id("agent-hangup").click()
     await expect(carla.get_by_test_id("agent-call-state")).to_have_text("completed")

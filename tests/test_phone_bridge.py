@@ -443,3 +443,31 @@ async def test_keys_from_the_phone_and_hold_in_the_app(
     ben = await agent(clients, a, "ben")
     refused = await ben.call("call:hold", {"call_id": call_id, "on": True}, "/agent")
     assert not refused["ok"] and refused["error"]["code"] == "forbidden", refused
+
+
+async def test_a_visitor_whose_network_drops_is_let_go_and_the_phone_hung_up(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    """The visitor's socket and audio vanish mid-call and do not come back: after the grace
+    period the call ends as ``visitor_left``, Anna's phone is hung up and she is free."""
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    a.app[keys.CALLS].visitor_grace_s = 1.0
+    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
+    await on_mobile(http, a, "anna")
+    hearing = remote_track(peers)
+    v, call_id = await call_anna(http, clients, a, peers)
+    await asyncio.wait_for(heard(await asyncio.wait_for(hearing, 15), 0.5), 15)
+    leg = anna_leg(sim)
+
+    await v.sio.disconnect()  # as a tab whose network went: its socket closes
+    await peers.close()
+    await sim.wait_for_call(sid=leg.sid, status="completed", timeout=15)
+    row = await a.app[keys.STORE].get_call(call_id)
+    assert row is not None and row.data["reason"] == "visitor_left", row
+    await free_everywhere(http, a)

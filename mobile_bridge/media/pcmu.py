@@ -44,8 +44,8 @@ PCMU_PAYLOAD_TYPE: Final = 0
 MAX_QUEUED_FRAMES: Final = 5
 """100 ms: a deeper queue would only be delay (issue 12: no buffer deeper than needed)."""
 TIME_BASE: Final = fractions.Fraction(1, SAMPLE_RATE)
-LATE_S: Final = 0.01
-"""Half a frame: a frame handed over later than this after its slot is late."""
+LATE_S: Final = FRAME_S
+"""A frame handed over a whole frame after its slot is late: it took the next one's."""
 MAX_OVERLAY_FRAMES: Final = 50
 """A second of tones queued at most (a burst of keys); more is dropped."""
 MAX_SOURCES: Final = 8

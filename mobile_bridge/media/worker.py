@@ -56,6 +56,7 @@ from gateway.core.errors import (
     Unavailable,
 )
 from gateway.edge.errors import rest_response
+from gateway.ops.gc_pacer import PROCESS_PACER
 from mobile_bridge.media.api import SESSIONS, STATS
 from mobile_bridge.media.dtmf import (
     OFFERED_PT,
@@ -459,6 +460,9 @@ async def serve(args: Any) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # The collector on a clock, as on a node: every call holds aiortc's objects for its
+    # whole length, and a full collection over them would stall every call's frames.
+    paced = PROCESS_PACER.acquire()
     watching = asyncio.create_task(until_stdin_ends()) if args.exit_with_stdin else None
     if watching is not None:
         watching.add_done_callback(lambda _: stop.set())
@@ -468,6 +472,8 @@ async def serve(args: Any) -> None:
     finally:
         if watching is not None:
             watching.cancel()
+        if paced:
+            PROCESS_PACER.release()
         await runner.cleanup()
 
 
