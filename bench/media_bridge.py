@@ -118,10 +118,18 @@ def onset_latencies(sent: list[float], heard: list[float]) -> list[float]:
 
 
 async def probe_call(
-    http: aiohttp.ClientSession, base: str, ws_base: str, auth_token: str, seconds: float
+    http: aiohttp.ClientSession,
+    base: str,
+    ws_base: str,
+    auth_token: str,
+    seconds: float,
+    ready: asyncio.Event,
+    go: asyncio.Event,
 ) -> dict[str, Any]:
     """One extra call whose Twilio side is the driver itself, to time tone onsets through
-    the worker both ways on one clock: browser to phone, and phone to browser."""
+    the worker both ways on one clock: browser to phone, and phone to browser. It is set up
+    (``ready``) before the measured window starts (``go``): a new call's set-up (its DTLS
+    handshake) is work the worker does once, not per frame."""
     browser = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     mic = ProbeBrowser()
     heard_by_browser: list[float] = []
@@ -134,6 +142,13 @@ async def probe_call(
         last[0] = loud
 
     bridge_transceiver(browser, mic, browser_hears)
+    connected = asyncio.Event()
+
+    @browser.on("connectionstatechange")
+    def on_state() -> None:
+        if browser.connectionState == "connected":
+            connected.set()
+
     await browser.setLocalDescription(await browser.createOffer())
     async with http.post(
         base + "/v1/media/sessions", json={"offer": browser.localDescription.sdp}
@@ -177,6 +192,9 @@ async def probe_call(
                     loud_before = loud
 
         listening = asyncio.create_task(listen())
+        await asyncio.wait_for(connected.wait(), 30)  # its DTLS handshake done
+        ready.set()
+        await go.wait()
         started = time.perf_counter()
         for n in range(int(seconds * FRAMES_PER_S)):
             due = started + n / FRAMES_PER_S
@@ -302,13 +320,19 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
                     out += [v.packetsSent for v in report.values() if v.type == "outbound-rtp"]
                 return out
 
+            ready, go = asyncio.Event(), asyncio.Event()
+            probe = asyncio.create_task(
+                probe_call(
+                    http, base, f"ws://127.0.0.1:{port}", sim.auth_token, args.duration, ready, go
+                )
+            )
+            await asyncio.wait_for(ready.wait(), 60)
             before_sent = await browsers_sent()
             before_stats, before_played = await stats(), played()
             cpu_before, started = cpu_seconds(worker.pid), time.perf_counter()
             # The measured window, with the probe call timing onsets through it.
-            latency = await probe_call(
-                http, base, f"ws://127.0.0.1:{port}", sim.auth_token, args.duration
-            )
+            go.set()
+            latency = await probe
             elapsed = time.perf_counter() - started
             cpu = cpu_seconds(worker.pid) - cpu_before
             after_stats, after_played = await stats(), played()
