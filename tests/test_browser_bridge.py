@@ -29,6 +29,7 @@ from test_browser_e2e import (
     audio_flows,
     membrane_state,
     no_errors,
+    phones,
     widget_says,
 )
 from test_callbacks import (
@@ -39,11 +40,13 @@ from test_callbacks import (
     without_quiet_hours_now,
 )
 from test_mobile_ring import on_mobile, status_of
-from twilio_sim import TwilioSim
+from twilio_sim import CallRecord, TwilioSim
 from twilio_sim.audio import dominant_frequency, dtmf_keys_ulaw, rms
 
 from gateway.settings import MediaSettings, TwilioSettings
 from mobile_bridge.media.dtmf import HOLD_HZ
+
+__all__ = ["phones"]  # the fixture, used by name
 
 pytestmark = pytest.mark.skipif(
     not HAVE_CHROMIUM and not __import__("os").environ.get("CI"),
@@ -91,15 +94,6 @@ def tone_wav(path: Path, hz: float, seconds: float = 5.0, rate: int = 48000) -> 
 
 
 @pytest.fixture
-async def phones() -> AsyncIterator[TwilioSim]:
-    sim = TwilioSim(time_scale=0.05)
-    await sim.start()
-    yield sim
-    await sim.close()
-    assert sim.contract_violations == []
-
-
-@pytest.fixture
 async def gateway(
     nodes: NodeFactory, redis_url: str, tmp_path: Path, phones: TwilioSim
 ) -> tuple[Node, Node]:
@@ -141,6 +135,23 @@ async def hears(page: Page, hz: float, which: str = "widget") -> float:
     return heard
 
 
+def heard_so_far(leg: CallRecord) -> int:
+    return len(leg.stream.audio_played) if leg.stream is not None else 0
+
+
+async def phone_hears(
+    phones: TwilioSim, leg: CallRecord, since: int, samples: int, what: str
+) -> bytes:
+    """Once the phone of ``leg`` has heard ``samples`` more since ``since``: all it heard."""
+
+    def enough() -> bool:
+        return leg.stream is not None and len(leg.stream.audio_played) - since >= samples
+
+    await phones.wait_until(enough, timeout=20, what=what)
+    assert leg.stream is not None
+    return bytes(leg.stream.audio_played)
+
+
 async def test_the_widget_calls_an_agent_only_on_her_phone_and_they_hear_each_other(
     gateway: tuple[Node, Node],
     browsers: Browsers,
@@ -167,12 +178,8 @@ async def test_the_widget_calls_an_agent_only_on_her_phone_and_they_hear_each_ot
     assert abs(await hears(visitor, 1000) - 1000) < 15
     leg = next(c for c in phones.calls if c.to == ANNA_PHONE)
 
-    def phone_heard_two_seconds() -> bool:
-        return leg.stream is not None and len(leg.stream.audio_played) >= 2 * PHONE_RATE
-
-    await phones.wait_until(phone_heard_two_seconds, timeout=20, what="audio at Anna's phone")
-    assert leg.stream is not None
-    heard = dominant_frequency(bytes(leg.stream.audio_played)[-PHONE_RATE:])
+    played = await phone_hears(phones, leg, 0, 2 * PHONE_RATE, "audio at Anna's phone")
+    heard = dominant_frequency(played[-PHONE_RATE:])
     assert abs(heard - 440) < 10, heard
     assert await status_of(http, a, "anna") == "on_call"
 
@@ -213,12 +220,8 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_customers_p
     assert abs(await hears(carla, 1000, "agent") - 1000) < 15
     leg = next(c for c in phones.calls if c.to == VISITOR_PHONE)
 
-    def phone_heard_two_seconds() -> bool:
-        return leg.stream is not None and len(leg.stream.audio_played) >= 2 * PHONE_RATE
-
-    await phones.wait_until(phone_heard_two_seconds, timeout=20, what="audio at the phone")
-    assert leg.stream is not None
-    heard = dominant_frequency(bytes(leg.stream.audio_played)[-PHONE_RATE:])
+    played = await phone_hears(phones, leg, 0, 2 * PHONE_RATE, "audio at the phone")
+    heard = dominant_frequency(played[-PHONE_RATE:])
     assert abs(heard - 440) < 10, heard
     assert [c.to for c in phones.calls] == [VISITOR_PHONE], "no agent phone was called"
     await expect(carla.get_by_test_id("agent-mute")).to_be_visible()
@@ -235,36 +238,23 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_customers_p
 
     # Hold: the phone hears the hold tone, not Carla; Resume brings her back.
     hold = carla.get_by_test_id("agent-hold")
-    held_from = len(leg.stream.audio_played)
+    held_from = heard_so_far(leg)
     await hold.click()
     await expect(hold).to_have_text("Resume")
-
-    def a_beep() -> bool:
-        return leg.stream is not None and len(leg.stream.audio_played) - held_from >= 1600
-
-    await phones.wait_until(a_beep, timeout=10, what="the hold tone")
-    assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-1200:]) - HOLD_HZ) < 10
+    # Silence is not sent: the next 200 ms the phone hears are the hold tone's beep.
+    played = await phone_hears(phones, leg, held_from, 1600, "the hold tone")
+    assert abs(dominant_frequency(played[-1200:]) - HOLD_HZ) < 10
     await hold.click()
     await expect(hold).to_have_text("Hold")
-    resumed_from = len(leg.stream.audio_played)
-
-    def carla_again() -> bool:
-        return leg.stream is not None and len(leg.stream.audio_played) - resumed_from >= 4000
-
-    await phones.wait_until(carla_again, timeout=10, what="Carla after the hold")
-    assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-2000:]) - 440) < 10
+    played = await phone_hears(phones, leg, heard_so_far(leg), 4000, "Carla after the hold")
+    assert abs(dominant_frequency(played[-2000:]) - 440) < 10
 
     # Mute: her microphone's track is off, and the phone hears silence.
     mute = carla.get_by_test_id("agent-mute")
     await mute.click()
     await expect(mute).to_have_text("Unmute")
-    muted_from = len(leg.stream.audio_played)
-
-    def a_muted_second() -> bool:
-        return leg.stream is not None and len(leg.stream.audio_played) - muted_from >= 8000
-
-    await phones.wait_until(a_muted_second, timeout=10, what="a second of mute")
-    assert rms(bytes(leg.stream.audio_played)[-4000:]) < 100, "the phone still hears Carla"
+    played = await phone_hears(phones, leg, heard_so_far(leg), PHONE_RATE, "a second of mute")
+    assert rms(played[-4000:]) < 100, "the phone still hears Carla"
     await mute.click()
     await expect(mute).to_have_text("Mute")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +113,11 @@ async def phone_hears(sim: TwilioSim, leg: CallRecord, hz: float) -> None:
     assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-RATE:]) - hz) < 10
 
 
-async def free_everywhere(http: aiohttp.ClientSession, *nodes: Node) -> None:
+async def free_everywhere(http: aiohttp.ClientSession, *nodes: Node, who: str = "anna") -> None:
+    """``who`` shows available on every one of ``nodes``."""
+
     async def free() -> bool:
-        return all([await status_of(http, n, "anna") == "available" for n in nodes])
+        return all([await status_of(http, n, who) == "available" for n in nodes])
 
     await eventually(free, 10)
 
@@ -276,6 +279,43 @@ async def answer_in_app(carla: SocketClient, call_id: str, agent_pc: RTCPeerConn
     assert ack["ok"], ack
 
 
+@dataclass
+class BridgedCallback:
+    carla: SocketClient
+    created: dict[str, Any]
+    track: Any
+    """What Carla's app hears."""
+
+    @property
+    def call_id(self) -> str:
+        call_id: str = self.created["call_id"]
+        return call_id
+
+
+async def carla_takes_a_callback(
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    asked_on: Node,
+    carla_on: Node,
+    agent_pc: RTCPeerConnection,
+) -> BridgedCallback:
+    """A callback asked on ``asked_on`` rings Carla's app on ``carla_on``; she accepts, the
+    customer answers, the app answers the bridge's offer, and she hears the phone's 1 kHz."""
+    carla = await agent(clients, carla_on, "carla")
+    status, created = await request_callback(http, asked_on, {"phone": VISITOR_PHONE})
+    assert status == 201, created
+    call_id = created["call_id"]
+    ring = await carla.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
+    assert ring["audio_in_app"] is True and ring["your_phone"] is None
+    ack = await carla.call("call:accept", {"call_id": call_id}, "/agent")
+    assert ack["ok"] and ack["call"]["state"] == "dialing", ack
+    hearing = remote_track(agent_pc)
+    await answer_in_app(carla, call_id, agent_pc)
+    track = await asyncio.wait_for(hearing, 15)
+    assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
+    return BridgedCallback(carla, created, track)
+
+
 async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_phone(
     nodes: NodeFactory,
     tmp_path: Path,
@@ -289,19 +329,8 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_phone(
     a = await bridged_node(nodes, tmp_path, sim, redis_url)
     b = await bridged_node(nodes, tmp_path, sim, redis_url)
     sim.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
-    carla = await agent(clients, b, "carla")
-    status, created = await request_callback(http, a, {"phone": VISITOR_PHONE})
-    assert status == 201, created
-    call_id = created["call_id"]
-    ring = await carla.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
-    assert ring["audio_in_app"] is True and ring["your_phone"] is None
-    ack = await carla.call("call:accept", {"call_id": call_id}, "/agent")
-    assert ack["ok"] and ack["call"]["state"] == "dialing", ack
-
-    hearing = remote_track(peers)
-    await answer_in_app(carla, call_id, peers)
-    track = await asyncio.wait_for(hearing, 15)
-    assert abs(await asyncio.wait_for(heard(track, 2.0), 15) - 1000) < 10
+    taken = await carla_takes_a_callback(http, clients, a, b, peers)
+    carla, created, call_id = taken.carla, taken.created, taken.call_id
     leg = next(c for c in sim.calls if c.to == VISITOR_PHONE)
     assert "Connecting you to Carla now." in " ".join(leg.said)
     await phone_hears(sim, leg, 440)
@@ -316,11 +345,7 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_phone(
     await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
     ended = await ticket_state(http, b, created, "completed")
     assert ended["reason"] == "agent_hung_up"
-
-    async def carla_free() -> bool:
-        return all([await status_of(http, n, "carla") == "available" for n in (a, b)])
-
-    await eventually(carla_free, 10)
+    await free_everywhere(http, a, b, who="carla")
 
 
 async def test_a_bridged_callback_whose_worker_dies_ends_as_media_lost(
@@ -335,16 +360,8 @@ async def test_a_bridged_callback_whose_worker_dies_ends_as_media_lost(
     a = await bridged_node(nodes, tmp_path, sim, redis_url)
     b = await bridged_node(nodes, tmp_path, sim, redis_url)
     sim.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
-    carla = await agent(clients, a, "carla")
-    status, created = await request_callback(http, b, {"phone": VISITOR_PHONE})
-    assert status == 201, created
-    call_id = created["call_id"]
-    await carla.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
-    assert (await carla.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
-    hearing = remote_track(peers)
-    await answer_in_app(carla, call_id, peers)
-    track = await asyncio.wait_for(hearing, 15)
-    assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
+    taken = await carla_takes_a_callback(http, clients, b, a, peers)
+    carla, created, call_id = taken.carla, taken.created, taken.call_id
 
     (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
     worker.process.send_signal(signal.SIGKILL)
@@ -356,11 +373,7 @@ async def test_a_bridged_callback_whose_worker_dies_ends_as_media_lost(
     await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
     ticket = await ticket_state(http, b, created, "completed")
     assert ticket["reason"] == "media_lost"
-
-    async def carla_free() -> bool:
-        return all([await status_of(http, n, "carla") == "available" for n in (a, b)])
-
-    await eventually(carla_free, 10)
+    await free_everywhere(http, a, b, who="carla")
 
 
 async def until_heard(track: Any, hz: float) -> None:
@@ -391,16 +404,8 @@ async def test_keys_from_the_phone_and_hold_in_the_app(
     and neither hears the other while the customer hears the hold tone; she resumes."""
     a = await bridged_node(nodes, tmp_path, sim, redis_url)
     sim.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
-    carla = await agent(clients, a, "carla")
-    status, created = await request_callback(http, a, {"phone": VISITOR_PHONE})
-    assert status == 201, created
-    call_id = created["call_id"]
-    await carla.next("call:ring", lambda r: r["call_id"] == call_id, timeout=10)
-    assert (await carla.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
-    hearing = remote_track(peers)
-    await answer_in_app(carla, call_id, peers)
-    track = await asyncio.wait_for(hearing, 15)
-    assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
+    taken = await carla_takes_a_callback(http, clients, a, a, peers)
+    carla, call_id, track = taken.carla, taken.call_id, taken.track
     leg = next(c for c in sim.calls if c.to == VISITOR_PHONE)
     await phone_hears(sim, leg, 440)
 
