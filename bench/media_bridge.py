@@ -54,6 +54,7 @@ from twilio_sim import TwilioSim, sdk_client
 from twilio_sim.audio import Tone
 
 from bench.harness import ROOT, add_runs_argument, free_port, repeat, summary_ms, write_json
+from gateway.ops.gc_pacer import PROCESS_PACER
 from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver
 
 TOKEN = "bench-media-worker-token-0123456789abcdef"
@@ -105,6 +106,94 @@ class ProbeBrowser(MuLawTrack):
         if index == 0:
             self.onsets.append(time.perf_counter())
         return packet
+
+
+PHONE_TONE = [Tone(1000).frame(i) for i in range(FRAMES_PER_S)]  # 1000 cycles: 1 s loops
+
+
+class LightPhones:
+    """The phones of ``--phones light``: each call's Media Stream as Twilio speaks it
+    (``connected``, ``start``, a 1 kHz frame every 20 ms, ``mark`` echoes once the audio
+    before them would have played), without the simulator's per-call bookkeeping, which on
+    a small machine costs the driver more than the worker it measures. One task paces every
+    phone's frames."""
+
+    def __init__(self, auth_token: str) -> None:
+        self._validator = RequestValidator(auth_token)
+        self._http = aiohttp.ClientSession()
+        self._sockets: list[aiohttp.ClientWebSocketResponse] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.received: list[int] = []
+        """Audio bytes each phone got from the worker."""
+
+    async def call(self, url: str) -> None:
+        ws = await self._http.ws_connect(
+            url, headers={"X-Twilio-Signature": self._validator.compute_signature(url, {})}
+        )
+        index = len(self._sockets)
+        sid = f"MZ{index:032d}"
+        self._sockets.append(ws)
+        self.received.append(0)
+        await ws.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        start = {
+            "streamSid": sid,
+            "accountSid": "AC" + "0" * 32,
+            "callSid": f"CA{index:032d}",
+            "tracks": ["inbound"],
+            "customParameters": {},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        await ws.send_json(
+            {"event": "start", "sequenceNumber": "1", "start": start, "streamSid": sid}
+        )
+        self._tasks.append(asyncio.create_task(self._read(index, ws, sid)))
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._speak()))
+
+    async def _speak(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        n = 0
+        while True:
+            await asyncio.sleep(max(0.0, started + n / FRAMES_PER_S - loop.time()))  # pacing
+            payload = base64.b64encode(PHONE_TONE[n % FRAMES_PER_S]).decode()
+            for i, ws in enumerate(self._sockets):
+                media = {"track": "inbound", "chunk": str(n + 1), "timestamp": str(20 * (n + 1)),
+                         "payload": payload}  # fmt: skip
+                message = {"event": "media", "sequenceNumber": str(n + 2),
+                           "streamSid": f"MZ{i:032d}", "media": media}  # fmt: skip
+                if not ws.closed:
+                    await ws.send_str(json.dumps(message))
+            n += 1
+
+    async def _read(self, index: int, ws: aiohttp.ClientWebSocketResponse, sid: str) -> None:
+        loop = asyncio.get_running_loop()
+        play_until = 0.0
+        async for message in ws:
+            event = json.loads(message.data)
+            now = loop.time()
+            if event["event"] == "media":
+                audio = len(base64.b64decode(event["media"]["payload"]))
+                self.received[index] += audio
+                play_until = max(play_until, now) + audio / 8000
+            elif event["event"] == "mark":
+                echo = {"event": "mark", "sequenceNumber": "0", "streamSid": sid,
+                        "mark": event["mark"]}  # fmt: skip
+                loop.call_at(max(play_until, now), self._echo, ws, json.dumps(echo))
+            elif event["event"] == "clear":
+                play_until = now
+
+    def _echo(self, ws: aiohttp.ClientWebSocketResponse, echo: str) -> None:
+        if not ws.closed:
+            self._tasks.append(asyncio.create_task(ws.send_str(echo)))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for ws in self._sockets:
+            await ws.close()
+        await self._http.close()
 
 
 def onset_latencies(sent: list[float], heard: list[float]) -> list[float]:
@@ -277,6 +366,11 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
         twiml_base = f"http://127.0.0.1:{runner.addresses[0][1]}"
         browsers: list[RTCPeerConnection] = []
         call_sids: list[str] = []
+        light = LightPhones(sim.auth_token) if args.phones == "light" else None
+        # The driver's collector on a clock too: a full collection over N aiortc peers
+        # stalls every phone's and browser's frames at once, which the worker would see as
+        # its input's jitter.
+        paced = PROCESS_PACER.acquire()
         try:
             for i in range(calls):
                 pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -292,12 +386,17 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
                 await pc.setRemoteDescription(RTCSessionDescription(created["answer"], "answer"))
                 session = created["session"]
                 streams[session] = f"ws://127.0.0.1:{port}{created['stream_path']}"
+                if light is not None:
+                    await light.call(streams[session])
+                    continue
                 phone = f"+1555{7000000 + i}"
                 sim.phone(phone, answer_after=0.1, tone_hz=1000)
                 call = await client.calls.create_async(
                     to=phone, from_="+15005550006", url=f"{twiml_base}/twiml/{session}"
                 )
                 call_sids.append(call.sid)
+            if light is not None:
+                light.start()
             print(f"{calls} calls up; warming up", file=sys.stderr, flush=True)
             await asyncio.sleep(args.warmup_s)  # every stream started and steady
 
@@ -307,6 +406,8 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
                     return body
 
             def played() -> list[int]:
+                if light is not None:
+                    return list(light.received)
                 out = []
                 for sid in call_sids:
                     stream = sim.call(sid).stream
@@ -338,6 +439,10 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
             after_stats, after_played = await stats(), played()
             after_sent = await browsers_sent()
         finally:
+            if paced:
+                PROCESS_PACER.release()
+            if light is not None:
+                await light.close()
             for sid in call_sids:
                 sim.hangup(sid)
             for pc in browsers:
@@ -421,6 +526,13 @@ def main() -> None:
     parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="worker and driver share the cores"
     )
+    parser.add_argument(
+        "--phones",
+        choices=("light", "sim"),
+        default="light",
+        help="the phones' side: Media Streams spoken directly (light), or the Twilio simulator "
+        "placing real calls through the SDK and TwiML (sim: heavier for the driver)",
+    )
     parser.add_argument("--out", help="also write the figures to this JSON file")
     add_runs_argument(parser, default=1)
     args = parser.parse_args()
@@ -445,6 +557,7 @@ def main() -> None:
         "duration_s_each": args.duration,
         "cpu_count": os.cpu_count(),
         "worker_pinned_to_own_core": args.pin and (os.cpu_count() or 1) >= 2,
+        "phones": args.phones,
     }
     print(json.dumps({"summary": summary}), flush=True)
     write_json(args.out, {"summary": summary, "runs": results})

@@ -89,6 +89,32 @@ async def test_the_track_queue_is_bounded_and_drops_the_oldest() -> None:
     assert quiet.underruns == 1, "silence after audio began is a gap"
 
 
+async def test_a_queue_left_deep_by_a_burst_shrinks_back() -> None:
+    """A burst leaves three frames queued; frames then come one per frame sent, so the queue
+    never runs dry and its depth is only delay: it gives a frame back each second until it
+    does run down, and no further."""
+    now = [100.0]
+
+    def clock() -> float:
+        now[0] += 0.03  # a little faster than it sends: it never waits
+        return now[0]
+
+    track = MuLawTrack(clock=clock)
+    await track.recv()
+    track.push(b"\x01" * FRAME_BYTES * 4)  # the burst
+    depths = []
+    for _ in range(5 * 50):
+        track.push(b"\x02" * FRAME_BYTES)
+        await track.recv()
+        depths.append(track.queued)
+    assert depths[0] == 4 and track.shrinks == 4 and depths[-1] == 0
+    assert track.underruns == 0, "no gap: the steady frames kept it fed"
+    for _ in range(3 * 50):
+        track.push(b"\x02" * FRAME_BYTES)
+        await track.recv()
+    assert track.shrinks == 4, "an empty queue after each send is no delay to give back"
+
+
 def test_sequence_numbers_compare_across_the_wrap() -> None:
     assert newer(1, 0) and newer(0, 65535) and newer(10, 65530)
     assert not newer(0, 1) and not newer(5, 5) and not newer(65530, 10)

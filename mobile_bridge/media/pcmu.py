@@ -44,6 +44,8 @@ PCMU_PAYLOAD_TYPE: Final = 0
 MAX_QUEUED_FRAMES: Final = 5
 """100 ms: a deeper queue would only be delay (issue 12: no buffer deeper than needed)."""
 TIME_BASE: Final = fractions.Fraction(1, SAMPLE_RATE)
+SHRINK_WINDOW_FRAMES: Final = 50
+"""A second of frames: how long the queue must stay deeper than needed before it shrinks."""
 LATE_S: Final = FRAME_S
 """A frame handed over a whole frame after its slot is late: it took the next one's."""
 MAX_OVERLAY_FRAMES: Final = 50
@@ -76,6 +78,11 @@ class MuLawTrack(MediaStreamTrack):
         """Frames thrown away because the queue was full (the oldest go first)."""
         self.underruns = 0
         """Frames of silence sent because nothing had come in time, once audio had begun."""
+        self.shrinks = 0
+        """Frames dropped because the queue had stayed deeper than needed for a second: a
+        burst's delay is given back, instead of lasting for the rest of the call."""
+        self._window_min = MAX_QUEUED_FRAMES
+        self._window_frames = 0
         self.late = 0
         """Frames handed to aiortc more than ``LATE_S`` after their slot: this process was
         too busy to keep time (unlike an underrun, whose frame came in late)."""
@@ -130,17 +137,35 @@ class MuLawTrack(MediaStreamTrack):
                 self._frames.popleft()  # the tone takes its place: no delay builds up
         elif self._frames:
             frame = self._frames.popleft()
+            self._shrink_if_deep()
         elif self.held:
             frame = SILENCE
         else:
             frame = SILENCE
             if self._heard:
                 self.underruns += 1
+        if not self._frames:
+            self._window_min = 0
         packet = Packet(frame)
         packet.pts = self._sent * FRAME_SAMPLES
         packet.time_base = TIME_BASE
         self._sent += 1
         return packet
+
+    def _shrink_if_deep(self) -> None:
+        """After each frame sent: if the queue never ran down to empty for a whole second,
+        a frame it holds is delay that jitter no longer needs (a burst left it behind), so
+        one is dropped. A frame at a time, at most one a second: the depth follows the
+        network's jitter down as it follows it up (an underrun adds one)."""
+        self._window_min = min(self._window_min, len(self._frames))
+        self._window_frames += 1
+        if self._window_frames < SHRINK_WINDOW_FRAMES:
+            return
+        if self._window_min > 0 and self._frames:
+            self._frames.popleft()
+            self.shrinks += 1
+        self._window_min = MAX_QUEUED_FRAMES
+        self._window_frames = 0
 
 
 def newer(sequence: int, than: int) -> bool:

@@ -359,6 +359,7 @@ class MediaWorker:
             "max_playout_lag_ms": round(s.stream.max_playout_lag_s * 1000) if s.stream else None,
             "clears": s.stream.clears if s.stream else 0,
             "late_to_browser": s.to_browser.late,
+            "shrinks_to_browser": s.to_browser.shrinks,
             "max_late_to_browser_ms": round(s.to_browser.max_late_s * 1000, 1),
             "max_phone_arrival_gap_ms": (
                 round(s.stream.max_arrival_gap_s * 1000, 1) if s.stream else None
