@@ -153,15 +153,16 @@ class MuLawTrack(MediaStreamTrack):
         return packet
 
     def _shrink_if_deep(self) -> None:
-        """After each frame sent: if the queue never ran down to empty for a whole second,
-        a frame it holds is delay that jitter no longer needs (a burst left it behind), so
-        one is dropped. A frame at a time, at most one a second: the depth follows the
-        network's jitter down as it follows it up (an underrun adds one)."""
+        """After each frame sent: if the queue held more than one spare frame all through
+        the last second, that depth is delay jitter did not use (a burst left it behind),
+        so a frame is dropped: at most one a second, down to one spare frame. That one stays:
+        it is what a gap bought (an underrun deepens the queue by a frame), and taking it
+        back would only buy the next gap."""
         self._window_min = min(self._window_min, len(self._frames))
         self._window_frames += 1
         if self._window_frames < SHRINK_WINDOW_FRAMES:
             return
-        if self._window_min > 0 and self._frames:
+        if self._window_min > 1:
             self._frames.popleft()
             self.shrinks += 1
         self._window_min = MAX_QUEUED_FRAMES
