@@ -111,7 +111,7 @@ class MediaSettings(msgspec.Struct, frozen=True):
     workers: int = 0
     """How many worker processes this node runs; 0: no bridge (browser calls reach only
     agents in the agent app). Needs Twilio."""
-    max_sessions: int = 50
+    max_sessions: int = 30
     """Bridged calls per worker: a worker past it refuses (docs/ARCHITECTURE.md, "Sizing
     workers")."""
     host: str = "127.0.0.1"

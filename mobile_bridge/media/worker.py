@@ -154,7 +154,7 @@ class MediaWorker:
         api_token: str,
         twilio_auth_token: str,
         public_ws_url: str,
-        max_sessions: int = 50,
+        max_sessions: int = 30,
         ice: RTCConfiguration | None = None,
         on_end: Callable[[str, StreamEnd | None], None] | None = None,
     ) -> None:
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--public-ws-url", required=True, help="where Twilio reaches this worker ({port}: its port)"
     )
-    parser.add_argument("--max-sessions", type=int, default=50)
+    parser.add_argument("--max-sessions", type=int, default=30)
     parser.add_argument(
         "--exit-with-stdin", action="store_true", help="stop when standard input ends"
     )
