@@ -341,14 +341,17 @@ async def start_worker(port: int, auth_token: str, log: Path) -> asyncio.subproc
 
 
 async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = Path(f"/tmp/membrane-media-worker-{port}.log")
+    ports = [free_port() for _ in range(args.workers)]
+    port, base = ports[0], f"http://127.0.0.1:{ports[0]}"
     async with TwilioSim() as sim, sdk_client(sim) as client:
-        worker = await start_worker(port, sim.auth_token, log)
+        workers = [
+            await start_worker(p, sim.auth_token, Path(f"/tmp/membrane-media-worker-{p}.log"))
+            for p in ports
+        ]
         cores = sorted(os.sched_getaffinity(0))
         if args.pin and len(cores) >= 2:
-            os.sched_setaffinity(worker.pid, {cores[-1]})
+            for worker in workers:  # all on the one core measured
+                os.sched_setaffinity(worker.pid, {cores[-1]})
             os.sched_setaffinity(0, set(cores[:-1]))
         http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
         streams: dict[str, str] = {}
@@ -378,14 +381,16 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
                 bridge_transceiver(pc, BrowserTone(), lambda payload: None)
                 browsers.append(pc)
                 await pc.setLocalDescription(await pc.createOffer())
+                on = ports[i % len(ports)]  # the calls dealt round the workers
                 async with http.post(
-                    base + "/v1/media/sessions", json={"offer": pc.localDescription.sdp}
+                    f"http://127.0.0.1:{on}/v1/media/sessions",
+                    json={"offer": pc.localDescription.sdp},
                 ) as r:
                     created = await r.json()
                     assert r.status == 201, created
                 await pc.setRemoteDescription(RTCSessionDescription(created["answer"], "answer"))
                 session = created["session"]
-                streams[session] = f"ws://127.0.0.1:{port}{created['stream_path']}"
+                streams[session] = f"ws://127.0.0.1:{on}{created['stream_path']}"
                 if light is not None:
                     await light.call(streams[session])
                     continue
@@ -401,9 +406,11 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
             await asyncio.sleep(args.warmup_s)  # every stream started and steady
 
             async def stats() -> dict[str, Any]:
-                async with http.get(base + "/v1/media/stats") as r:
-                    body: dict[str, Any] = await r.json()
-                    return body
+                merged: dict[str, Any] = {"calls": {}}
+                for p in ports:
+                    async with http.get(f"http://127.0.0.1:{p}/v1/media/stats") as r:
+                        merged["calls"].update((await r.json())["calls"])
+                return merged
 
             def played() -> list[int]:
                 if light is not None:
@@ -430,12 +437,13 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
             await asyncio.wait_for(ready.wait(), 60)
             before_sent = await browsers_sent()
             before_stats, before_played = await stats(), played()
-            cpu_before, started = cpu_seconds(worker.pid), time.perf_counter()
+            cpu_before = sum(cpu_seconds(w.pid) for w in workers)
+            started = time.perf_counter()
             # The measured window, with the probe call timing onsets through it.
             go.set()
             latency = await probe
             elapsed = time.perf_counter() - started
-            cpu = cpu_seconds(worker.pid) - cpu_before
+            cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu_before
             after_stats, after_played = await stats(), played()
             after_sent = await browsers_sent()
         finally:
@@ -449,8 +457,9 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
                 await pc.close()
             await runner.cleanup()
             await http.close()
-            worker.terminate()
-            await worker.wait()
+            for worker in workers:
+                worker.terminate()
+                await worker.wait()
 
     def per_call(key: str) -> list[int]:
         return [
@@ -527,6 +536,12 @@ def main() -> None:
         "--no-pin", dest="pin", action="store_false", help="worker and driver share the cores"
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the measured core, calls dealt round them",
+    )
+    parser.add_argument(
         "--phones",
         choices=("light", "sim"),
         default="light",
@@ -557,6 +572,7 @@ def main() -> None:
         "duration_s_each": args.duration,
         "cpu_count": os.cpu_count(),
         "worker_pinned_to_own_core": args.pin and (os.cpu_count() or 1) >= 2,
+        "workers_on_the_core": args.workers,
         "phones": args.phones,
     }
     print(json.dumps({"summary": summary}), flush=True)
