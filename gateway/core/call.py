@@ -237,6 +237,14 @@ def on_hold(call: Call) -> bool:
 HOLD_EVENTS = frozenset({"on_hold", "off_hold"})
 
 
+def with_answered_media(call: Call, ref: str) -> Call:
+    """The audio bridge's session for a callback whose customer just answered (connected,
+    no session yet), the agent talking in the app."""
+    if call.state is not CallState.CONNECTED or call.media is not None:
+        raise CallError("stale", "the call moved on")
+    return replace(call, media=ref)
+
+
 def accepted_on(call: Call, attempt: int) -> bool:
     """Whether ring ``attempt`` of ``call`` was accepted, and the call is still live on it
     (talking, or a callback dialing its visitor)."""

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from functools import partial
 
 from gateway.core import call as calls
-from gateway.core.call import Call, CallError, CallState
+from gateway.core.call import Call
 from gateway.core.errors import Conflict, NotFound
 from gateway.services.call_records import CallRecords
 from gateway.telephony import ConnectMedia, MediaBridge, TelephonyError
@@ -35,13 +34,6 @@ log = logging.getLogger(__name__)
 
 CONNECTING = "Connecting you now."
 LOST_DETAIL = "The audio connection was lost"
-
-
-def _set_media(call: Call, ref: str) -> Call:
-    """The session of a callback whose customer just answered (connected, no session yet)."""
-    if call.state is not CallState.CONNECTED or call.media is not None:
-        raise CallError("stale", "the call moved on")
-    return replace(call, media=ref)
 
 
 class AudioBridge:
@@ -90,7 +82,7 @@ class AudioBridge:
         assert session.offer is not None
         try:
             _, stored = await self._records.update(
-                call.call_id, partial(_set_media, ref=session.ref), call
+                call.call_id, partial(calls.with_answered_media, ref=session.ref), call
             )
         except (Conflict, NotFound):
             await self.media.close(session.ref)

@@ -322,12 +322,16 @@ class CallbackDialer:
         assert self.bridge is not None
         await self.bridge.from_browser(call, payload)
 
+    @property
+    def bridged(self) -> bool:
+        """Media workers run: an agent in the app can talk there."""
+        return self.bridge is not None and self.bridge.enabled
+
     def in_app(self, call: Call) -> bool:
         """The callback's agent accepted in the agent app and the bridge can carry her
         audio there (else she talks on her own phone)."""
         return (
-            self.bridge is not None
-            and self.bridge.enabled
+            self.bridged
             and call.agent_sid is not None
             and not call.agent_sid.startswith(PHONE_SID_PREFIX)
         )

@@ -292,14 +292,11 @@ class CallbackService:
         # Without the audio bridge the agent talks on her own phone; and customer first, the
         # customer waits on the line while her phone is put through: only agents with a
         # mobile number then. With it, agent first, she may talk in the app.
-        in_app = self._bridged() and site.callback_policy.agent_first
+        in_app = self.dialer.bridged and site.callback_policy.agent_first
         no_phone = frozenset(
             a.agent_id for a in site.agents.values() if not a.mobile and not in_app
         )
         return calls.route_request(call, Channel.PSTN, no_phone, self.devices.reach)
-
-    def _bridged(self) -> bool:
-        return self.dialer.bridge is not None and self.dialer.bridge.enabled
 
     def _snapshot(self, call: Call, last_agent: str | None) -> RoutingSnapshot:
         site = self._records.sites[call.site]
@@ -309,7 +306,7 @@ class CallbackService:
             presence=presence,
             reserved=self._records.ringing.current(call.site, presence, self._records.clock()),
             last_agent=last_agent,
-            can=capabilities(site, self.dialer.telephony is not None, self._bridged()),
+            can=capabilities(site, self.dialer.telephony is not None, self.dialer.bridged),
         )
 
     def _agent_counts(self, call: Call) -> tuple[int, int]:
@@ -494,7 +491,7 @@ class CallbackService:
         her own phone (``your_phone``), which rings then."""
         agent = self._records.sites[call.site].agents[agent_id]
         visitor: Json = {"returning": False, "phone": call.phone}
-        if self._bridged():
+        if self.dialer.bridged:
             return visitor, {"your_phone": None, "audio_in_app": True}
         return visitor, {"your_phone": agent.mobile, "audio_in_app": False}
 

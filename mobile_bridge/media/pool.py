@@ -149,8 +149,10 @@ class MediaWorkers:
 
     async def stop(self) -> None:
         self._closing = True
-        for task in self._supervisors:
+        supervisors = list(self._supervisors)
+        for task in supervisors:
             task.cancel()
+        await asyncio.gather(*supervisors, return_exceptions=True)
         for worker in self._workers.values():
             if worker.process.returncode is None:
                 worker.process.terminate()

@@ -242,6 +242,7 @@ class PhoneStream:
         finally:
             if self._holding is not None:
                 self._holding.cancel()
+                await asyncio.gather(self._holding, return_exceptions=True)
             writer.cancel()
             try:
                 await writer

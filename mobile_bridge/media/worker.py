@@ -418,6 +418,7 @@ class MediaWorker:
         session.to_browser.stop()
         if session.transcoding is not None:
             session.transcoding.cancel()
+            await asyncio.gather(session.transcoding, return_exceptions=True)
         await session.pc.close()
         if self._on_end is not None:
             self._on_end(session_id, session.ended)
@@ -473,6 +474,7 @@ async def serve(args: Any) -> None:
     finally:
         if watching is not None:
             watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         if paced:
             PROCESS_PACER.release()
         await runner.cleanup()
