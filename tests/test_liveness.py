@@ -141,6 +141,11 @@ async def test_an_idle_live_agent_client_stays_online_well_past_the_socket_ttl(
 
     async with agent_process(tmp_path, a.url, mint(settings, "anna")) as agent:
         sid = await next_connect(agent)
+        # The board on node b hears her come online (from node a, through Redis) before the
+        # idle time starts: that event is the connect, not a change while idle.
+        await board.next(
+            "presence:update", lambda p: p["agent_id"] == "anna" and p["status"] == "available", 5
+        )
         await eventually(anna_is([a, b], "available"), 5)
         board.pending("presence:update")
 
