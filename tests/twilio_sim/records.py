@@ -65,6 +65,10 @@ class StatusChange:
     at: datetime
 
 
+CANCELED = "canceled"
+"""``WebhookRecord.error`` of a request the simulator itself cut off (it was closing)."""
+
+
 @dataclass
 class WebhookRecord:
     """One HTTP request the simulator made to the application."""

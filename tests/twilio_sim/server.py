@@ -48,6 +48,7 @@ from .contract import (
 from .interactive import Room, check_node, run_conference, run_gather
 from .messaging import Messaging
 from .records import (
+    CANCELED,
     FINAL_STATUSES,
     CallRecord,
     ConferenceRecord,
@@ -1116,6 +1117,9 @@ class TwilioSim:
                 content_type = resp.content_type
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             record.error = f"{type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            record.error = CANCELED  # the simulator closing, not the application failing
+            raise
         self._notify()
         return record, content_type
 
