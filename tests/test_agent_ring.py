@@ -11,6 +11,8 @@ from gateway.core import call as calls
 from gateway.core.agent_ring import RingDevice, RingEnd
 from gateway.core.call import Call, CallChannel, CallError, CallRequest, CallState
 from gateway.core.model import Channel
+from gateway.core.text import english
+from gateway.i18n import messages_for
 
 
 def ringing(attempt: int = 1) -> Call:
@@ -66,17 +68,32 @@ def test_the_device_follows_the_channel_routing_chose() -> None:
     assert ar.device_for(Channel.PSTN) is RingDevice.MOBILE
 
 
-def test_the_whisper_says_who_where_and_which_language() -> None:
-    said = ar.whisper("Acme", None, "https://x.test/pricing?utm=1", "de")
-    assert said == (
-        "Acme callback for a customer, from the page /pricing, speaking German. "
+def asked(channel: CallChannel, page: str | None, language: str | None) -> Call:
+    request = CallRequest(page=page, language=language)
+    return calls.new_call("c1", "acme", "v1", channel, request, 0.0)
+
+
+def test_the_whisper_says_what_who_where_and_which_language() -> None:
+    callback = asked(CallChannel.CALLBACK, "https://x.test/pricing?utm=1", "de")
+    assert ar.whisper(callback, "Acme", None, english()) == (
+        "Acme callback for a customer. They were on the page /pricing. They speak German. "
         "Press 1 to take the call."
     )
-    assert "from the home page, speaking Portuguese (Brazil)." in ar.whisper(
-        "Acme", None, "https://x.test/", "pt-BR"
+    home = asked(CallChannel.WEBRTC, "https://x.test/", "pt-BR")
+    assert ar.whisper(home, "Acme", None, english()) == (
+        "Acme: a customer is calling from the website. They were on the home page. "
+        "They speak Portuguese (Brazil). Press 1 to take the call."
     )
-    assert ar.whisper("Acme", "Mary", None, None) == (
+    assert ar.whisper(asked(CallChannel.CALLBACK, None, None), "Acme", "Mary", english()) == (
         "Acme callback for Mary. Press 1 to take the call."
+    )
+
+
+def test_the_whisper_is_in_the_agents_language_and_names_the_customers_in_it() -> None:
+    callback = asked(CallChannel.CALLBACK, "https://x.test/preise", "en")
+    assert ar.whisper(callback, "Acme", None, messages_for("de")) == (
+        "Acme: Rückruf für eine Kundenanfrage. Die Anfrage kam von der Seite /preise. "
+        "Gewünschte Sprache: Englisch. Drücken Sie die 1, um den Anruf anzunehmen."
     )
 
 

@@ -160,6 +160,42 @@ async def test_an_agent_only_on_mobile_presses_1_and_meets_the_customer(
     await eventually(free_everywhere)
 
 
+async def test_each_side_hears_its_own_language(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """Anna speaks German: her whisper and her prompts are German, read by a German voice,
+    and name the customer's language in German; the customer, who asked in English, is
+    greeted in English. Across two nodes: the ring is placed by either."""
+
+    def german_anna() -> Settings:
+        settings = mobile_settings(tmp_path, sim, redis_url)  # each node its own port
+        acme = settings.sites["acme"]
+        anna = replace(acme.agents["anna"], languages=("de", "en"))
+        return replace(
+            settings, sites={"acme": replace(acme, agents={**acme.agents, "anna": anna})}
+        )
+
+    a = await phone_node(nodes, german_anna())
+    b = await phone_node(nodes, german_anna())
+    sim.phone(ANNA_PHONE, answer_after=1, press="1")
+    sim.phone(VISITOR_PHONE, answer_after=2, hangup_after=30)
+    await on_mobile(http, b, "anna")
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "language": "en", "page": PAGE}
+    )
+    assert status == 201, created
+    await ticket_state(http, b, created, "connected", timeout=15)
+    agent_leg = legs_to(sim, ANNA_PHONE)[0]
+    visitor_leg = legs_to(sim, VISITOR_PHONE)[0]
+    spoken = {v.text: v.attrs.get("language") for v in agent_leg.verbs_named("Say")}
+    whisper = next(s for s in spoken if "Drücken Sie die 1" in s)
+    assert "Rückruf" in whisper and "/pricing" in whisper and "Englisch" in whisper
+    assert spoken[whisper] == "de-DE"
+    assert spoken["Die Kundin oder der Kunde wird jetzt angerufen."] == "de-DE"
+    greeted = {v.text: v.attrs.get("language") for v in visitor_leg.verbs_named("Say")}
+    assert greeted == {"Hello, this is Acme Telecom. Connecting you to Anna now.": "en-US"}
+
+
 @pytest.mark.parametrize(
     ("phone", "outcome"),
     [
@@ -384,7 +420,8 @@ async def test_customer_first_the_bridge_is_screened_and_the_next_agent_put_thro
 
     await sim.wait_until(lambda: bridged() or None, timeout=10, what="Ben bridged")
     assert [d.detail.get("bridged_to") for d in dials] == [None, ben_leg.sid]
-    assert any("Press 1" in s for s in anna_leg.said) and any("Press 1" in s for s in ben_leg.said)
+    assert any("Press 1" in s for s in anna_leg.said)
+    assert any("Drücken Sie die 1" in s for s in ben_leg.said), "Ben speaks German first"
     assert await status_of(http, node, "ben") == "on_call"
     assert await status_of(http, node, "anna") == "available"
     sim.hangup(visitor_leg.sid)

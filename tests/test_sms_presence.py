@@ -11,13 +11,20 @@ import pytest
 from gateway.core import sms_presence as sms
 from gateway.core.model import Branch, OpeningSpan
 from gateway.core.sms_presence import Command, ParseProblem, SmsCommand
+from gateway.core.text import Text
+from gateway.i18n import languages, messages_for
 from gateway.settings import ConfigError
 from gateway.settings.sites import load_site
 
 EN = sms.vocabulary(("en",), {})
-DE = sms.vocabulary(("de", "en"), {})
+DE = sms.vocabulary(("de", "en"), {}, "de")
 SITE_ALIASES = {"de": {"in": ("HIER",), "back": ("GLEICH",)}}
-DE_SITE = sms.vocabulary(("de",), SITE_ALIASES)
+DE_SITE = sms.vocabulary(("de",), SITE_ALIASES, "de")
+
+
+def text(words: sms.Vocabulary) -> Text:
+    return messages_for(words.language)
+
 
 IN, OUT, BUSY = Command(SmsCommand.IN), Command(SmsCommand.OUT), Command(SmsCommand.BUSY)
 
@@ -68,12 +75,11 @@ def test_parse(words: sms.Vocabulary, body: str, expected: Command | ParseProble
     assert sms.parse(body, words) == expected
 
 
-def test_reply_language_is_the_agents_first_written_one() -> None:
-    assert EN.language == "en"
-    assert DE.language == "de"
-    assert sms.vocabulary(("ga", "de"), {}).language == "de"
-    assert sms.vocabulary(("ga",), {}).language == "en"
-    assert sms.vocabulary((), {}).language == "en"
+def test_the_help_shows_the_words_of_the_reply_language() -> None:
+    assert EN.shown[SmsCommand.BACK] == "BACK"
+    assert DE.shown[SmsCommand.BACK] == "ZURÜCK"
+    assert sms.vocabulary(("de",), {}, "en").shown[SmsCommand.BACK] == "BACK"
+    assert sms.parse("zurück 5", sms.vocabulary(("de",), {}, "en")) == Command(SmsCommand.BACK, 5)
 
 
 # 2026-12-02 is a Wednesday; Berlin is UTC+1 in December.
@@ -136,27 +142,27 @@ BACK_AT = datetime(2026, 12, 2, 14, 32, tzinfo=UTC).timestamp()
     ],
 )
 def test_reply(words: sms.Vocabulary, belief: sms.Belief, zone: str, expected: str) -> None:
-    assert sms.reply(words, belief, zone, UNTIL, BACK_AT) == expected
+    assert sms.reply(words, belief, zone, UNTIL, text(words), BACK_AT) == expected
 
 
 def test_help_names_the_agents_own_words() -> None:
-    assert sms.problem_reply(EN, ParseProblem.UNKNOWN) == (
+    assert sms.problem_reply(EN, ParseProblem.UNKNOWN, text(EN)) == (
         "Text IN to be available, OUT to sign out, BUSY, or BACK 15 (minutes)."
     )
-    assert sms.problem_reply(DE_SITE, ParseProblem.UNKNOWN) == (
+    assert sms.problem_reply(DE_SITE, ParseProblem.UNKNOWN, text(DE_SITE)) == (
         "Schreiben Sie HIER (erreichbar), WEG (abmelden), BESETZT oder GLEICH 15 (Minuten)."
     )
-    assert sms.problem_reply(DE, ParseProblem.BAD_MINUTES) == (
+    assert sms.problem_reply(DE, ParseProblem.BAD_MINUTES, text(DE)) == (
         "Schreiben Sie ZURÜCK und die Minuten, 1 bis 240: ZURÜCK 15."
     )
-    # Every built-in language has a wording, and every wording fills in.
+    # Every language with built-in words has a catalogue, and every reply fills in.
+    assert set(sms.DEFAULT_ALIASES) <= set(languages())
     for language in sms.DEFAULT_ALIASES:
-        words = sms.vocabulary((language,), {})
-        assert words.language == language
+        words = sms.vocabulary((language,), {}, language)
         for problem in ParseProblem:
-            assert "{" not in sms.problem_reply(words, problem)
+            assert "{" not in sms.problem_reply(words, problem, text(words))
         for belief in sms.Belief:
-            assert "{" not in sms.reply(words, belief, "UTC", UNTIL, BACK_AT)
+            assert "{" not in sms.reply(words, belief, "UTC", UNTIL, text(words), BACK_AT)
 
 
 # --- the site's words, as configured (gateway/settings/sms.py) ----------------------------------

@@ -21,8 +21,9 @@ from urllib.parse import urlsplit
 
 from babel import Locale, UnknownLocaleError
 
-from gateway.core.call import Call, CallError, CallState, TimelineEntry
+from gateway.core.call import Call, CallChannel, CallError, CallState, TimelineEntry
 from gateway.core.model import Channel
+from gateway.core.text import Text
 
 
 class RingDevice(StrEnum):
@@ -84,32 +85,44 @@ def leg_ended(status: str) -> RingEnd:
     return LEG_ENDINGS.get(status, RingEnd.FAILED)
 
 
-def whisper(
-    site_name: str, visitor_name: str | None, page: str | None, language: str | None
-) -> str:
-    """What the agent hears on answering: who calls, from which page, in which language.
-    Spoken, so the page is its path (a voice reading out a whole address helps nobody) and
-    the language its English name."""
-    who = visitor_name or "a customer"
-    parts = [f"{site_name} callback for {who}"]
+def whisper(call: Call, site_name: str, visitor_name: str | None, text: Text) -> str:
+    """What the agent hears on answering, in their language (``text``): what kind of call,
+    for whom, from which page, in which language. Spoken, so the page is its path (a voice
+    reading out a whole address helps nobody) and the customer's language is named in the
+    agent's. Whole sentences, each translated as one."""
+    callback = call.channel is CallChannel.CALLBACK
+    if callback and visitor_name:
+        said = [text.gettext("{site} callback for {name}.")]
+    elif callback:
+        said = [text.gettext("{site} callback for a customer.")]
+    elif visitor_name:
+        said = [text.gettext("{site}: {name} is calling from the website.")]
+    else:
+        said = [text.gettext("{site}: a customer is calling from the website.")]
+    said[0] = said[0].format(site=site_name, name=visitor_name or "")
+    page, language = call.request.page, call.request.language
     if page:
-        parts.append(f"from {spoken_page(page)}")
+        said.append(text.gettext("They were on {page}.").format(page=spoken_page(page, text)))
     if language:
-        parts.append(f"speaking {language_name(language)}")
-    return ", ".join(parts) + ". Press 1 to take the call."
+        name = language_name(language, text.language)
+        said.append(text.gettext("They speak {language}.").format(language=name))
+    said.append(text.gettext("Press 1 to take the call."))
+    return " ".join(said)
 
 
-def spoken_page(page: str) -> str:
+def spoken_page(page: str, text: Text) -> str:
     path = urlsplit(page).path.strip()
-    return "the home page" if path in ("", "/") else f"the page {path}"
+    if path in ("", "/"):
+        return text.gettext("the home page")
+    return text.gettext("the page {path}").format(path=path)
 
 
 @lru_cache(maxsize=512)
-def language_name(code: str) -> str:
-    """``de`` -> "German", ``pt-BR`` -> "Portuguese (Brazil)"; a code Babel does not know is
-    said as it is."""
+def language_name(code: str, in_language: str = "en") -> str:
+    """``de`` -> "German" (in English; "Deutsch" in German), ``pt-BR`` -> "Portuguese
+    (Brazil)"; a code Babel does not know is said as it is."""
     try:
-        name = Locale.parse(code, sep="-").get_display_name("en")
+        name = Locale.parse(code, sep="-").get_display_name(Locale.parse(in_language, sep="-"))
     except (ValueError, TypeError, UnknownLocaleError):
         return code
     return name or code

@@ -179,3 +179,9 @@ class Presence:
     idle_since: float = 0.0
     active_call: str | None = None
     rev: int = 0
+
+
+def languages_of(agent: Agent, branch: Branch | None) -> tuple[str, ...]:
+    """The languages the agent speaks, most fluent first: their own, or, when none are
+    configured, their branch's."""
+    return agent.languages or (branch.languages if branch is not None else ())

@@ -37,7 +37,15 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from gateway.core.hours import is_open, next_open_at
-from gateway.core.model import Agent, Branch, Channel, Presence, PresenceStatus, Site
+from gateway.core.model import (
+    Agent,
+    Branch,
+    Channel,
+    Presence,
+    PresenceStatus,
+    Site,
+    languages_of,
+)
 
 __all__ = [
     "EARTH_RADIUS_KM",
@@ -345,7 +353,7 @@ def speaks(agent: Agent, branch: Branch | None, language: str) -> tuple[int, str
     Returns the matching tag as the agent's configuration spells it. An agent with no
     languages of their own speaks their branch's languages.
     """
-    spoken = agent.languages or (branch.languages if branch is not None else ())
+    spoken = languages_of(agent, branch)
     wanted = _normalize_tag(language)
     for tag in spoken:
         if _normalize_tag(tag) == wanted:

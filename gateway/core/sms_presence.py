@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 from gateway.core.hours import closes_at
 from gateway.core.model import Branch
+from gateway.core.text import Text
 
 
 class SmsCommand(StrEnum):
@@ -81,24 +82,21 @@ def aliases_for(
     return words
 
 
-def reply_language(languages: Iterable[str]) -> str:
-    """The first of the agent's languages replies can be written in; English otherwise."""
-    return next((lang for lang in languages if lang in WORDINGS), "en")
-
-
 def vocabulary(
-    languages: tuple[str, ...], site_aliases: Mapping[str, Mapping[str, tuple[str, ...]]]
+    languages: tuple[str, ...],
+    site_aliases: Mapping[str, Mapping[str, tuple[str, ...]]],
+    reply_language: str = "en",
 ) -> Vocabulary:
-    """English always, plus the words of each of the agent's languages."""
+    """English always, plus the words of each of the agent's languages; the help reply shows
+    the words of ``reply_language`` (the language replies are written in)."""
     words: dict[str, SmsCommand] = {command.value: command for command in SmsCommand}
     for language in ("en", *languages):
         for command, given in aliases_for(language, site_aliases).items():
             for word in given:
                 words.setdefault(_fold(word), command)
-    language = reply_language(languages)
-    ours = aliases_for(language, site_aliases)
+    ours = aliases_for(reply_language, site_aliases)
     shown = {c: (ours.get(c) or (c.value.upper(),))[0] for c in SmsCommand}
-    return Vocabulary(language, words, shown)
+    return Vocabulary(reply_language, words, shown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,42 +166,9 @@ class Belief(StrEnum):
     """Away until the lease ends: the branch closes before ``back_at``."""
 
 
-@dataclass(frozen=True, slots=True)
-class Wording:
-    available: str
-    signed_out: str
-    busy: str
-    away: str
-    away_until_close: str
-    help: str
-    bad_minutes: str
-
-
-WORDINGS: Final[Mapping[str, Wording]] = {
-    "en": Wording(
-        available="You're available on your mobile until {until}.",
-        signed_out="You're signed out on your mobile.",
-        busy="You're busy until {until}.",
-        away="You're away; available again at {back}.",
-        away_until_close="You're away until {until}, when your branch closes.",
-        help="Text {in_} to be available, {out} to sign out, {busy}, or {back} 15 (minutes).",
-        bad_minutes="Text {back} and the minutes, from 1 to 240: {back} 15.",
-    ),
-    "de": Wording(
-        available="Sie sind auf dem Handy erreichbar bis {until}.",
-        signed_out="Sie sind auf dem Handy abgemeldet.",
-        busy="Sie sind besetzt bis {until}.",
-        away="Sie sind abwesend; wieder erreichbar um {back}.",
-        away_until_close="Sie sind abwesend bis {until}, dann schließt Ihre Filiale.",
-        help=(
-            "Schreiben Sie {in_} (erreichbar), {out} (abmelden), {busy} oder {back} 15 (Minuten)."
-        ),
-        bad_minutes="Schreiben Sie {back} und die Minuten, 1 bis 240: {back} 15.",
-    ),
-}
-
-UNKNOWN_SENDER: Final = "This number isn't registered with Membrane."
-"""To a sender who is no agent: in English, as their language is not known."""
+def unknown_sender_reply(text: Text) -> str:
+    """To a sender who is no agent (whose language is not known)."""
+    return text.gettext("This number isn't registered with Membrane.")
 
 
 def clock_time(at: float, zone: str) -> str:
@@ -212,22 +177,29 @@ def clock_time(at: float, zone: str) -> str:
     return f"{local:%H:%M}" + (" UTC" if zone == "UTC" else "")
 
 
-def reply(words: Vocabulary, belief: Belief, zone: str, until: float, back_at: float = 0.0) -> str:
-    """What the gateway now believes, in the agent's language."""
-    wording = WORDINGS[words.language]
+def reply(
+    words: Vocabulary, belief: Belief, zone: str, until: float, text: Text, back_at: float = 0.0
+) -> str:
+    """What the gateway now believes, in the agent's language (``text``)."""
     template = {
-        Belief.AVAILABLE: wording.available,
-        Belief.SIGNED_OUT: wording.signed_out,
-        Belief.BUSY: wording.busy,
-        Belief.AWAY: wording.away,
-        Belief.AWAY_UNTIL_CLOSE: wording.away_until_close,
+        Belief.AVAILABLE: text.gettext("You're available on your mobile until {until}."),
+        Belief.SIGNED_OUT: text.gettext("You're signed out on your mobile."),
+        Belief.BUSY: text.gettext("You're busy until {until}."),
+        Belief.AWAY: text.gettext("You're away; available again at {back}."),
+        Belief.AWAY_UNTIL_CLOSE: text.gettext(
+            "You're away until {until}, when your branch closes."
+        ),
     }[belief]
     return template.format(until=clock_time(until, zone), back=clock_time(back_at, zone))
 
 
-def problem_reply(words: Vocabulary, problem: ParseProblem) -> str:
-    wording = WORDINGS[words.language]
-    template = wording.bad_minutes if problem is ParseProblem.BAD_MINUTES else wording.help
+def problem_reply(words: Vocabulary, problem: ParseProblem, text: Text) -> str:
+    if problem is ParseProblem.BAD_MINUTES:
+        template = text.gettext("Text {back} and the minutes, from 1 to 240: {back} 15.")
+    else:
+        template = text.gettext(
+            "Text {in_} to be available, {out} to sign out, {busy}, or {back} 15 (minutes)."
+        )
     shown = words.shown
     return template.format(
         in_=shown[SmsCommand.IN],

@@ -26,13 +26,14 @@ from functools import partial
 from gateway.core import call as calls
 from gateway.core.call import Call
 from gateway.core.errors import Conflict, NotFound
+from gateway.core.text import N_
 from gateway.services.call_records import CallRecords
 from gateway.telephony import ConnectMedia, MediaBridge, TelephonyError
 from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
 
-CONNECTING = "Connecting you now."
+CONNECTING = N_("Connecting you now.")
 LOST_DETAIL = "The audio connection was lost"
 
 
@@ -68,11 +69,12 @@ class AudioBridge:
         except (Conflict, NotFound):
             await self.media.close(session.ref)
             raise
-        return ConnectMedia(session.stream_url, say=CONNECTING)
+        text = self._records.agent_text(call)
+        return ConnectMedia(session.stream_url, text.gettext(CONNECTING), text.say_language)
 
     # --- a customer on their phone, an agent in the app -------------------------------------
 
-    async def to_app(self, call: Call, say: str) -> ConnectMedia:
+    async def to_app(self, call: Call, say: str, language: str) -> ConnectMedia:
         """The customer of the connected callback ``call`` answered and the agent is in the
         app: a session that offers, its offer sent to her accepting socket, and the
         customer's leg to its stream. Raises ``TelephonyError`` when no worker has room,
@@ -89,7 +91,7 @@ class AudioBridge:
             raise
         offer = {"call_id": call.call_id, "description": {"type": "offer", "sdp": session.offer}}
         await self._records.notify.signal(stored, to_agent=True, payload=offer)
-        return ConnectMedia(session.stream_url, say=say)
+        return ConnectMedia(session.stream_url, say, language)
 
     # --- both ---------------------------------------------------------------------------------
 

@@ -27,8 +27,9 @@ from typing import Protocol
 from gateway.core import call as calls
 from gateway.core.call import Call, CallChannel, CallError, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
-from gateway.core.model import Site
+from gateway.core.model import Site, languages_of
 from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
+from gateway.i18n import Messages, messages_for
 from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceService
 from gateway.services.store_retry import UntilStored
@@ -193,6 +194,22 @@ class CallRecords:
 
     def register(self, flow: CallFlow) -> None:
         self.flows[flow.channel] = flow
+
+    def agent_text(self, call: Call, ring: int | None = None) -> Messages:
+        """The sentences for the agent of ``call`` (of its ring ``ring``: once the call has
+        moved on, the agent whose ring ended last), in their first language we speak."""
+        agent_id = call.agent_id
+        if ring is not None and ring != call.attempt:
+            agent_id = call.tried[-1] if call.tried else None
+        site = self.sites[call.site]
+        agent = site.agents.get(agent_id or "")
+        if agent is None:
+            return messages_for()
+        return messages_for(*languages_of(agent, site.branches.get(agent.branch or "")))
+
+    def customer_text(self, call: Call) -> Messages:
+        """The sentences for the customer, in the language their request asked for."""
+        return messages_for(call.request.language)
 
     def flow(self, call: Call) -> CallFlow:
         return self.flows[call.channel]

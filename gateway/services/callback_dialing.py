@@ -29,10 +29,12 @@ from gateway.core.callback_admission import (
 )
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.phone_policy import PhoneRefused, check_number, next_allowed_at
+from gateway.core.text import N_
+from gateway.i18n import messages_for
 from gateway.ops.metrics import Metrics
 from gateway.services.audio_bridge import AudioBridge
 from gateway.services.call_records import CallRecords, TimerHandler, TimerId, TimerKind
-from gateway.services.mobile_ring import PHONE_SID_PREFIX
+from gateway.services.mobile_ring import PHONE_SID_PREFIX, say_and_hang_up
 from gateway.telephony import (
     AnsweredBy,
     Bridge,
@@ -49,7 +51,9 @@ from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
 
-CALL_YOU_BACK = "Sorry, we cannot connect you right now. We will call you back."
+CALL_YOU_BACK = N_("Sorry, we cannot connect you right now. We will call you back.")
+NOT_NEEDED = N_("Sorry, this call is no longer needed. Goodbye.")
+COULD_NOT_CONNECT = N_("Sorry, we could not connect you right now. We will call you back.")
 
 # A dial waiting for a free outbound line (the site's concurrency cap) looks again this often.
 LINE_POLL_S = 2.0
@@ -264,10 +268,11 @@ class CallbackDialer:
     async def on_answer(
         self, call_id: str, attempt: int, provider_id: str, answered_by: AnsweredBy
     ) -> Instruction:
-        gone = HangUp("Sorry, this call is no longer needed. Goodbye.")
         call = await self._records.find(call_id)
         if call is None:
-            return gone
+            return say_and_hang_up(messages_for(), NOT_NEEDED)
+        text = self._records.customer_text(call)
+        gone = say_and_hang_up(text, NOT_NEEDED)
         _check_leg(call, attempt, provider_id)
         site = self._records.sites[call.site]
         now = self._records.clock()
@@ -284,27 +289,29 @@ class CallbackDialer:
         if agent is None or not (agent.mobile or in_app):
             # Routing picks only agents it can connect: the config changed under a live call.
             await self._fail_attempt(call, "agent_unreachable", retryable=True)
-            return HangUp(CALL_YOU_BACK)
+            return say_and_hang_up(text, CALL_YOU_BACK)
         try:
             _, after = await self._records.update(call_id, answered)
         except (Conflict, NotFound):
             return gone
         await self._notify.call_update(after)
-        hello = f"Hello, this is {site.name}. Connecting you to {agent.name} now."
+        hello = text.gettext("Hello, this is {site}. Connecting you to {agent} now.").format(
+            site=site.name, agent=agent.name
+        )
         room = self.agent_legs.room_for(after) if self.agent_legs is not None else None
         if room is not None:
             # The agent took the call on their phone and waits in the callback's room.
-            return JoinRoom(room, say=hello)
+            return JoinRoom(room, say=hello, language=text.say_language)
         if in_app and self.bridge is not None:
             # The agent accepted in the app: she talks there, through the audio bridge.
             try:
-                return await self.bridge.to_app(after, hello)
+                return await self.bridge.to_app(after, hello, text.say_language)
             except (Conflict, NotFound):
                 return gone
             except TelephonyError as e:
                 log.warning("bridging %s to the app failed: %s %s", call_id, e.code, e.message)
                 await self._fail_attempt(after, "agent_unreachable", retryable=True)
-                return HangUp(CALL_YOU_BACK)
+                return say_and_hang_up(text, CALL_YOU_BACK)
         assert agent.mobile is not None
         # Customer first, nobody has accepted yet: the agent's leg is screened (press 1).
         screen = self.screen is not None and not site.callback_policy.agent_first
@@ -314,6 +321,7 @@ class CallbackDialer:
             say=hello,
             number=agent.mobile,
             caller_id=site.caller_ids[0],
+            language=text.say_language,
             screen=screen,
         )
 
@@ -352,7 +360,7 @@ class CallbackDialer:
             if bridge is not None:
                 return bridge  # the next agent, while the visitor waits on the line
             await self._fail_attempt(call, "agent_unreachable", retryable=True)
-        return HangUp("Sorry, we could not connect you right now. We will call you back.")
+        return say_and_hang_up(self._records.customer_text(call), COULD_NOT_CONNECT)
 
     # --- endings ---------------------------------------------------------------------------
 

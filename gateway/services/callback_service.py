@@ -516,7 +516,9 @@ class CallbackService:
     ) -> AgentInstruction:
         """The agent's leg waits in the callback's room, which the visitor's leg joins."""
         await accept()
-        return JoinRoom(room_name(call.call_id), say="Calling the customer now.")
+        text = self._records.agent_text(call)
+        said = text.gettext("Calling the customer now.")
+        return JoinRoom(room_name(call.call_id), say=said, language=text.say_language)
 
     async def ring_payload(self, call: Call) -> Json:
         assert call.agent_id is not None

@@ -21,8 +21,8 @@ from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.routing import Candidate
 from gateway.ops.metrics import Metrics
 from gateway.services.call_records import CALL_HOLD_S, CallRecords
-from gateway.services.mobile_ring import GOODBYE, KEY_TIMEOUT_S, TOO_LATE
-from gateway.telephony import AgentInstruction, Bridge, HangUp, Proceed, Whisper
+from gateway.services.mobile_ring import GOODBYE, KEY_TIMEOUT_S, TOO_LATE, say_and_hang_up
+from gateway.telephony import AgentInstruction, Bridge, Proceed, Whisper
 
 Candidates = Callable[[Call, float], Awaitable[list[Candidate]]]
 """The agents routing would offer ``call`` now, best first (the callback flow's ranking)."""
@@ -80,10 +80,12 @@ class CallerScreen:
             await self._records.presence.set_active_call(call.site, agent.agent_id, call.call_id)
             await self._records.notify.call_update(after, former_agent=before.agent_id)
             await self.screened(after)
+            text = self._records.customer_text(after)
             return Bridge(
-                say=f"Connecting you to {agent.name} now.",
+                say=text.gettext("Connecting you to {agent} now.").format(agent=agent.name),
                 number=agent.mobile,
                 caller_id=site.caller_ids[0],
+                language=text.say_language,
                 screen=True,
             )
         return None
@@ -100,28 +102,30 @@ class CallerScreen:
         self, call_id: str, dials: int, parent_id: str, provider_id: str
     ) -> AgentInstruction:
         call = await self._bridging(call_id, dials, parent_id)
+        text = self._records.agent_text(call)
         if call.state is not CallState.CONNECTED or ar.screen_end_of(call) is not None:
-            return HangUp(TOO_LATE)
+            return say_and_hang_up(text, TOO_LATE)
         site = self._records.sites[call.site]
-        r = call.request
-        return Whisper(ar.whisper(site.name, None, r.page, r.language), KEY_TIMEOUT_S)
+        said = ar.whisper(call, site.name, None, text)
+        return Whisper(said, KEY_TIMEOUT_S, text.say_language)
 
     async def on_screen_key(
         self, call_id: str, dials: int, parent_id: str, provider_id: str, digits: str
     ) -> AgentInstruction:
         call = await self._bridging(call_id, dials, parent_id)
+        text = self._records.agent_text(call)
         end = ar.key_pressed(digits)
         try:
             before, after = await self._records.update(
                 call_id, partial(ar.screen_ended, dials=dials, end=end, now=self._now()), call
             )
         except (Conflict, NotFound):
-            return HangUp(TOO_LATE)
+            return say_and_hang_up(text, TOO_LATE)
         if ar.screen_end_of(after) is not end:
-            return HangUp(TOO_LATE)  # a repeat: the first key press decided
+            return say_and_hang_up(text, TOO_LATE)  # a repeat: the first key press decided
         if ar.screen_end_of(before) is None:
             self._metrics.mobile_rings.labels(end.value).inc()
-        return Proceed() if end is RingEnd.ACCEPTED_BY_KEY else HangUp(GOODBYE)
+        return Proceed() if end is RingEnd.ACCEPTED_BY_KEY else say_and_hang_up(text, GOODBYE)
 
     def _now(self) -> float:
         return self._records.clock()

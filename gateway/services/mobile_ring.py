@@ -27,6 +27,8 @@ from gateway.core.call import Call, CallError, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import Channel
 from gateway.core.routing import capabilities, carries
+from gateway.core.text import N_
+from gateway.i18n import Messages
 from gateway.ops.metrics import Metrics
 from gateway.services.call_desk import CallDesk
 from gateway.services.call_records import RESERVATION_GRACE_S, CallRecords
@@ -48,12 +50,17 @@ MIN_RING_S = 5
 """The shortest ring a provider is asked for (Twilio's ``<Dial>`` minimum; a calls.create
 ``Timeout`` below it would hardly let a phone ring)."""
 KEY_TIMEOUT_S = 8
-GOODBYE = "Thank you. Goodbye."
-CANNOT_CONNECT = "Sorry, this call cannot be connected now. Goodbye."
-TOO_LATE = "This call is no longer waiting for you. Goodbye."
+GOODBYE = N_("Thank you. Goodbye.")
+CANNOT_CONNECT = N_("Sorry, this call cannot be connected now. Goodbye.")
+TOO_LATE = N_("This call is no longer waiting for you. Goodbye.")
 PHONE_SID_PREFIX = "phone:"
 """``Call.agent_sid`` of an agent who accepted on their phone: no socket of theirs carries
 the call, so a socket leaving never ends it."""
+
+
+def say_and_hang_up(text: Messages, message: str) -> HangUp:
+    """``message`` (an ``N_`` message id) said in ``text``'s language, then the end."""
+    return HangUp(text.gettext(message), text.say_language)
 
 
 def room_name(call_id: str) -> str:
@@ -140,37 +147,39 @@ class MobileRing:
         self, call_id: str, ring: int, provider_id: str, answered_by: AnsweredBy
     ) -> AgentInstruction:
         call = await self._leg_call(call_id, ring, provider_id)
+        text = self._records.agent_text(call, ring)
         if call.state is not CallState.RINGING or call.attempt != ring:
-            return HangUp(TOO_LATE)
+            return say_and_hang_up(text, TOO_LATE)
         end = ar.answered(answered_by.value)
         if end is not None:
             await self._decline(call, ring, end)
             return HangUp()
         site = self._records.sites[call.site]
-        r = call.request
-        return Whisper(ar.whisper(site.name, None, r.page, r.language), KEY_TIMEOUT_S)
+        said = ar.whisper(call, site.name, None, text)
+        return Whisper(said, KEY_TIMEOUT_S, text.say_language)
 
     async def on_agent_key(
         self, call_id: str, ring: int, provider_id: str, digits: str
     ) -> AgentInstruction:
         call = await self._leg_call(call_id, ring, provider_id)
+        text = self._records.agent_text(call, ring)
         end = ar.key_pressed(digits)
         if end is not RingEnd.ACCEPTED_BY_KEY:
             await self._decline(call, ring, end)
-            return HangUp(GOODBYE)
+            return say_and_hang_up(text, GOODBYE)
         if call.state is not CallState.RINGING or call.attempt != ring or call.agent_id is None:
-            return HangUp(TOO_LATE)
+            return say_and_hang_up(text, TOO_LATE)
         accept = partial(
             self._desk.accept, call.site, call.agent_id, PHONE_SID_PREFIX + provider_id, call_id
         )
         try:
             instruction = await self._records.flow(call).phone_accepts(call, accept)
         except (Conflict, NotFound):
-            return HangUp(TOO_LATE)
+            return say_and_hang_up(text, TOO_LATE)
         except TelephonyError as e:
             log.warning("connecting %s's phone failed: %s %s", call.agent_id, e.code, e.message)
             await self._decline(call, ring, RingEnd.FAILED)
-            return HangUp(CANNOT_CONNECT)
+            return say_and_hang_up(text, CANNOT_CONNECT)
         now = self._records.clock()
         self._metrics.mobile_rings.labels(end.value).inc()
         await self._note(

@@ -27,7 +27,9 @@ from typing import Final, Protocol
 import phonenumbers
 
 from gateway.core import sms_presence as sms
-from gateway.core.model import Agent, Device, DeviceKind, DeviceState, Presence, Site
+from gateway.core.model import Agent, Device, DeviceKind, DeviceState, Presence, Site, languages_of
+from gateway.core.text import Text
+from gateway.i18n import messages_for
 from gateway.ops.clock import SYSTEM_CLOCK, Clock
 from gateway.services.call_records import TimerKind
 from gateway.services.presence_service import PresenceService
@@ -123,16 +125,18 @@ class SmsPresence:
                 sender, window_s, limit, self._clock.now()
             ):
                 return None
-            return sms.UNKNOWN_SENDER
+            return sms.unknown_sender_reply(messages_for())
         site = self._sites[agent.site]
-        words = sms.vocabulary(agent.languages, site.sms_aliases)
+        spoken = languages_of(agent, site.branches.get(agent.branch or ""))
+        text = messages_for(*spoken)
+        words = sms.vocabulary(spoken, site.sms_aliases, text.language)
         parsed = sms.parse(message.body, words)
         if isinstance(parsed, sms.ParseProblem):
-            return sms.problem_reply(words, parsed)
-        return await self._apply(site, agent, words, parsed)
+            return sms.problem_reply(words, parsed, text)
+        return await self._apply(site, agent, words, parsed, text)
 
     async def _apply(
-        self, site: Site, agent: Agent, words: sms.Vocabulary, command: sms.Command
+        self, site: Site, agent: Agent, words: sms.Vocabulary, command: sms.Command, text: Text
     ) -> str:
         branch = site.branches.get(agent.branch) if agent.branch else None
         zone = branch.timezone if branch is not None else "UTC"
@@ -140,7 +144,7 @@ class SmsPresence:
         until = sms.lease_end(branch, now, self._lease_s)
         if command.command is sms.SmsCommand.OUT:
             await self._presence.remove_device(site.site_id, agent.agent_id, SMS_DEVICE_ID)
-            return sms.reply(words, sms.Belief.SIGNED_OUT, zone, until)
+            return sms.reply(words, sms.Belief.SIGNED_OUT, zone, until, text)
         state = {
             sms.SmsCommand.IN: DeviceState.AVAILABLE,
             sms.SmsCommand.BUSY: DeviceState.BUSY,
@@ -148,17 +152,17 @@ class SmsPresence:
         }[command.command]
         presence = await self._set(site, agent, state, until - now)
         if command.command is sms.SmsCommand.IN:
-            return sms.reply(words, sms.Belief.AVAILABLE, zone, until)
+            return sms.reply(words, sms.Belief.AVAILABLE, zone, until, text)
         if command.command is sms.SmsCommand.BUSY:
-            return sms.reply(words, sms.Belief.BUSY, zone, until)
+            return sms.reply(words, sms.Belief.BUSY, zone, until, text)
         back_at = now + command.minutes * 60
         if back_at >= until:
-            return sms.reply(words, sms.Belief.AWAY_UNTIL_CLOSE, zone, until)
+            return sms.reply(words, sms.Belief.AWAY_UNTIL_CLOSE, zone, until, text)
         device = next(d for d in presence.devices if d.device_id == SMS_DEVICE_ID)
         await self._store.schedule_timer(
             back_timer_id(site.site_id, agent.agent_id, device), back_at
         )
-        return sms.reply(words, sms.Belief.AWAY, zone, until, back_at)
+        return sms.reply(words, sms.Belief.AWAY, zone, until, text, back_at)
 
     async def _set(self, site: Site, agent: Agent, state: DeviceState, ttl_s: float) -> Presence:
         update = DeviceUpdate(SMS_DEVICE_ID, DeviceKind.MOBILE, state, SMS_PRIORITY)

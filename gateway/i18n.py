@@ -1,0 +1,116 @@
+"""The message catalogues: every sentence Membrane says to a person, in their language.
+
+A sentence is written in English in the code, as gettext's message id
+(``text.gettext("You're busy until {until}.")``), and translated in ``gateway/locale/<lang>.po``,
+one standard PO file per language, which translators edit with any PO tool. The files are
+read once, when first asked for (Babel compiles each to gettext's form in memory, so there is
+no build step); ``tests/test_i18n.py`` checks that each file translates every message the code
+uses, with the same ``{placeholders}``.
+
+Sentences are whole, with placeholders, never put together from pieces: word order differs
+between languages. The pure core takes a ``Messages`` as its ``Text`` (``gateway.core.text``).
+"""
+
+from __future__ import annotations
+
+import gettext
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Final
+
+from babel import Locale, UnknownLocaleError
+from babel.core import get_global
+from babel.messages.mofile import write_mo
+from babel.messages.pofile import read_po
+
+SOURCE_LANGUAGE: Final = "en"
+"""The language the message ids are written in: it needs no catalogue."""
+CATALOGUE_DIR: Final = "locale"
+
+
+@dataclass(frozen=True, slots=True)
+class Messages:
+    """One language's sentences (``gateway.core.text.Text``)."""
+
+    language: str
+    """BCP 47, as given in settings and by browsers: ``de``, ``pt-BR``."""
+    _translations: gettext.NullTranslations
+
+    def gettext(self, message: str) -> str:
+        return self._translations.gettext(message)
+
+    def ngettext(self, singular: str, plural: str, n: int) -> str:
+        return self._translations.ngettext(singular, plural, n)
+
+    @property
+    def say_language(self) -> str:
+        """The language tag for a voice reading these sentences out (Twilio's ``<Say
+        language>`` takes a language with its region: ``de-DE``)."""
+        return speech_tag(self.language)
+
+
+def _tag(file_stem: str) -> str:
+    return file_stem.replace("_", "-")
+
+
+@cache
+def languages() -> tuple[str, ...]:
+    """Every language Membrane speaks: English, then one per catalogue file, sorted."""
+    found = sorted(
+        _tag(entry.name.removesuffix(".po"))
+        for entry in resources.files("gateway").joinpath(CATALOGUE_DIR).iterdir()
+        if entry.name.endswith(".po")
+    )
+    return (SOURCE_LANGUAGE, *found)
+
+
+@cache
+def _load(language: str) -> gettext.NullTranslations:
+    if language == SOURCE_LANGUAGE:
+        return gettext.NullTranslations()
+    name = language.replace("-", "_") + ".po"
+    with resources.files("gateway").joinpath(CATALOGUE_DIR, name).open("rb") as po:
+        catalog = read_po(po, locale=language.replace("-", "_"))
+    compiled = io.BytesIO()
+    write_mo(compiled, catalog)  # fuzzy entries are left out, as msgfmt does
+    compiled.seek(0)
+    return gettext.GNUTranslations(compiled)
+
+
+def best_language(wanted: Iterable[str | None]) -> str:
+    """The first of ``wanted`` (most preferred first) that Membrane speaks, matching a
+    region to its language (``de-AT`` is spoken as ``de``); English when none is."""
+    known = languages()
+    for tag in wanted:
+        if not tag:
+            continue
+        if tag in known:
+            return tag
+        base = tag.split("-", 1)[0].split("_", 1)[0].lower()
+        if base in known:
+            return base
+    return SOURCE_LANGUAGE
+
+
+def messages_for(*wanted: str | None) -> Messages:
+    """The sentences in the first language of ``wanted`` that Membrane speaks."""
+    language = best_language(wanted)
+    return Messages(language, _load(language))
+
+
+@cache
+def speech_tag(language: str) -> str:
+    """``de`` -> ``de-DE``, ``en`` -> ``en-US``, ``pt-BR`` as it is: a voice needs the region,
+    which a bare language gets from CLDR's likely subtags."""
+    try:
+        locale = Locale.parse(language, sep="-")
+    except (ValueError, TypeError, UnknownLocaleError):
+        return "en-US"
+    territory = locale.territory
+    if territory is None:
+        likely = get_global("likely_subtags").get(locale.language, "")
+        territory = likely.split("_")[-1] if likely.count("_") >= 1 else None
+    return f"{locale.language}-{territory}" if territory else locale.language

@@ -1,0 +1,67 @@
+"""The message catalogues (gateway/i18n.py, gateway/locale/*.po): every sentence the code
+marks for translation is translated in every language, with the same placeholders, and a
+person's languages pick the catalogue and the voice."""
+
+from __future__ import annotations
+
+import string
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from babel.messages.extract import extract_from_dir
+from babel.messages.pofile import read_po
+
+from gateway.i18n import best_language, languages, messages_for, speech_tag
+
+GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
+
+
+def used_messages() -> set[str]:
+    """The message ids in the code: arguments of ``gettext(...)`` and ``N_(...)``."""
+    found = extract_from_dir(str(GATEWAY), method_map=[("**.py", "python")])
+    return {message for _, _, message, _, _ in found if isinstance(message, str)}
+
+
+def fields(message: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(message) if name is not None}
+
+
+def test_the_code_marks_its_sentences() -> None:
+    used = used_messages()
+    assert "Press 1 to take the call." in used and "Thank you. Goodbye." in used
+    assert len(used) >= 25
+
+
+@pytest.mark.parametrize("language", [lang for lang in languages() if lang != "en"])
+def test_every_sentence_is_translated_with_the_same_placeholders(language: str) -> None:
+    name = language.replace("-", "_") + ".po"
+    with resources.files("gateway").joinpath("locale", name).open("rb") as po:
+        catalog = read_po(po, locale=language.replace("-", "_"))
+    translated = {m.id: m for m in catalog if m.id}
+    used = used_messages()
+    assert sorted(used - set(translated)) == [], f"{name} lacks these"
+    assert sorted(set(translated) - used) == [], f"{name} has these, which the code no longer says"
+    for message_id, message in translated.items():
+        assert isinstance(message_id, str) and isinstance(message.string, str)
+        assert message.string and not message.fuzzy, f"{message_id!r} is not translated"
+        assert fields(message.string) == fields(message_id), message_id
+    text = messages_for(language)
+    assert all(text.gettext(m) == translated[m].string for m in used), "as loaded"
+
+
+def test_a_persons_languages_pick_the_first_one_spoken() -> None:
+    assert languages()[0] == "en" and "de" in languages()
+    assert best_language(["ga", "de-AT", "en"]) == "de"
+    assert best_language(["ga", None, ""]) == "en"
+    assert best_language([]) == "en"
+    assert messages_for("de").gettext("Thank you. Goodbye.") == "Danke. Auf Wiederhören."
+    assert messages_for("fr", None).gettext("Thank you. Goodbye.") == "Thank you. Goodbye."
+
+
+@pytest.mark.parametrize(
+    ("language", "tag"),
+    [("en", "en-US"), ("de", "de-DE"), ("pt-BR", "pt-BR"), ("fr", "fr-FR"), ("nonsense!", "en-US")],
+)
+def test_a_voice_gets_the_language_with_its_region(language: str, tag: str) -> None:
+    assert speech_tag(language) == tag
