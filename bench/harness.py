@@ -395,12 +395,35 @@ def sched(pid: int) -> tuple[float, float]:
     return int(ran) / 1e9, int(waited) / 1e9
 
 
+def steal_seconds() -> dict[str, float]:
+    """Per CPU (``cpu0``...), seconds the hypervisor ran something else while this virtual
+    machine wanted the CPU (``/proc/stat``'s steal): no process here can use that time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0].startswith("cpu") and fields[0] != "cpu" and len(fields) > 8:
+            out[fields[0]] = int(fields[8]) / tick
+    return out
+
+
+def steal_report(before: dict[str, float], elapsed: float) -> dict[str, float]:
+    """Per CPU since ``before``: the share of the time stolen. A stolen stretch stalls
+    whatever runs on that CPU at once, so a run's tail is read against it."""
+    now = steal_seconds()
+    return {cpu: round((now[cpu] - before.get(cpu, now[cpu])) / elapsed, 4) for cpu in now}
+
+
 def cpu_report(
-    pids: dict[str, int], before: dict[str, tuple[float, float]], elapsed: float
+    pids: dict[str, int],
+    before: dict[str, tuple[float, float]],
+    elapsed: float,
+    steal_before: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per process since ``before``: CPU cores its main thread used, and the share of the
     time it was runnable but waiting for a core (the machine is shared: a high share means
-    other processes took the CPU and the figures are noisy). Plus the 1-minute load."""
+    other processes took the CPU and the figures are noisy). Plus the 1-minute load, and
+    with ``steal_before`` (``steal_seconds()``) each CPU's share stolen by the hypervisor."""
     out: dict[str, Any] = {}
     for name, pid in pids.items():
         ran, waited = sched(pid)
@@ -411,6 +434,8 @@ def cpu_report(
         }
     out["loadavg_1m"] = round(os.getloadavg()[0], 2)
     out["elapsed_s"] = round(elapsed, 4)
+    if steal_before is not None:
+        out["steal_share_by_cpu"] = steal_report(steal_before, elapsed)
     return out
 
 
