@@ -475,7 +475,7 @@ def cpu_per_unit(
     """From a ``cpu_report`` over a window in which work was done at ``units_per_s``: CPU
     milliseconds per unit of work for the nodes together and for each process, which holds
     across machines where latencies do not; and whether the run was saturated."""
-    processes = {k: v for k, v in cpu.items() if isinstance(v, dict)}
+    processes = {k: v for k, v in cpu.items() if isinstance(v, dict) and "cpu_s" in v}
     elapsed = cpu["elapsed_s"]
     used = {name: v["cpu_s"] / elapsed for name, v in processes.items()}  # cores, unrounded
     cores = sum(used.values())
