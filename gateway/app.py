@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 from aiohttp import web
 
+from gateway import i18n
 from gateway.core.admission import StartLimit
 from gateway.core.ringing import RING_EVENT, RING_OVER_EVENT
 from gateway.edge.auth import TokenService
@@ -111,6 +112,7 @@ def create_app(
         client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware]
     )
     clock = clock or SYSTEM_CLOCK
+    i18n.load_all()
     store = store or build_store(settings, clock)
     metrics = Metrics()
     tokens = TokenService(settings.auth)

@@ -80,6 +80,13 @@ def _load(language: str) -> gettext.NullTranslations:
     return gettext.GNUTranslations(compiled)
 
 
+def load_all() -> None:
+    """Read every catalogue now (a node calls this as it starts): a broken file fails the
+    start, not a ring, and no request waits on the disk."""
+    for language in languages():
+        _load(language)
+
+
 def best_language(wanted: Iterable[str | None]) -> str:
     """The first of ``wanted`` (most preferred first) that Membrane speaks, matching a
     region to its language (``de-AT`` is spoken as ``de``); English when none is."""

@@ -109,11 +109,16 @@ def legs_to(sim: TwilioSim, number: str) -> list[CallRecord]:
     return [c for c in sim.calls if c.to == number]
 
 
-async def test_an_agent_only_on_mobile_presses_1_and_meets_the_customer(
-    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession, redis_url: str
-) -> None:
-    a = await phone_node(nodes, mobile_settings(tmp_path, sim, redis_url))
-    b = await phone_node(nodes, mobile_settings(tmp_path, sim, redis_url))
+async def anna_takes_a_callback(
+    nodes: NodeFactory,
+    http: aiohttp.ClientSession,
+    sim: TwilioSim,
+    settings: Callable[[], Settings],
+) -> tuple[Node, Node, dict[str, Any]]:
+    """Two nodes (each its own ``settings()``); Anna, only on her mobile (set on B), will
+    press 1; a customer asks A for a callback in English from ``PAGE`` and will answer."""
+    a = await phone_node(nodes, settings())
+    b = await phone_node(nodes, settings())
     sim.phone(ANNA_PHONE, answer_after=1, press="1")
     sim.phone(VISITOR_PHONE, answer_after=2, hangup_after=30)
     await on_mobile(http, b, "anna")
@@ -121,6 +126,15 @@ async def test_an_agent_only_on_mobile_presses_1_and_meets_the_customer(
         http, a, {"phone": VISITOR_PHONE, "language": "en", "page": PAGE}
     )
     assert status == 201, created
+    return a, b, created
+
+
+async def test_an_agent_only_on_mobile_presses_1_and_meets_the_customer(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    a, b, created = await anna_takes_a_callback(
+        nodes, http, sim, lambda: mobile_settings(tmp_path, sim, redis_url)
+    )
     call_id = created["call_id"]
 
     agent_leg = await sim.wait_for_call(to=ANNA_PHONE, status="in-progress", timeout=10)
@@ -175,15 +189,7 @@ async def test_each_side_hears_its_own_language(
             settings, sites={"acme": replace(acme, agents={**acme.agents, "anna": anna})}
         )
 
-    a = await phone_node(nodes, german_anna())
-    b = await phone_node(nodes, german_anna())
-    sim.phone(ANNA_PHONE, answer_after=1, press="1")
-    sim.phone(VISITOR_PHONE, answer_after=2, hangup_after=30)
-    await on_mobile(http, b, "anna")
-    status, created = await request_callback(
-        http, a, {"phone": VISITOR_PHONE, "language": "en", "page": PAGE}
-    )
-    assert status == 201, created
+    _, b, created = await anna_takes_a_callback(nodes, http, sim, german_anna)
     await ticket_state(http, b, created, "connected", timeout=15)
     agent_leg = legs_to(sim, ANNA_PHONE)[0]
     visitor_leg = legs_to(sim, VISITOR_PHONE)[0]
