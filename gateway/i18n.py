@@ -42,9 +42,6 @@ class Messages:
     def gettext(self, message: str) -> str:
         return self._translations.gettext(message)
 
-    def ngettext(self, singular: str, plural: str, n: int) -> str:
-        return self._translations.ngettext(singular, plural, n)
-
     @property
     def say_language(self) -> str:
         """The language tag for a voice reading these sentences out (Twilio's ``<Say

@@ -110,6 +110,15 @@ def whisper(call: Call, site_name: str, visitor_name: str | None, text: Text) ->
     return " ".join(said)
 
 
+def agent_of_ring(call: Call, ring: int) -> str | None:
+    """The agent ring ``ring`` was for: the current agent while it is the current ring; once
+    the call has moved on, the agent whose ring ended last (a key pressed after the ring
+    timed out, the usual late webhook)."""
+    if ring == call.attempt:
+        return call.agent_id
+    return call.tried[-1] if call.tried else None
+
+
 def spoken_page(page: str, text: Text) -> str:
     path = urlsplit(page).path.strip()
     if path in ("", "/"):

@@ -24,6 +24,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Protocol
 
+from gateway.core import agent_ring
 from gateway.core import call as calls
 from gateway.core.call import Call, CallChannel, CallError, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
@@ -198,9 +199,7 @@ class CallRecords:
     def agent_text(self, call: Call, ring: int | None = None) -> Messages:
         """The sentences for the agent of ``call`` (of its ring ``ring``: once the call has
         moved on, the agent whose ring ended last), in their first language we speak."""
-        agent_id = call.agent_id
-        if ring is not None and ring != call.attempt:
-            agent_id = call.tried[-1] if call.tried else None
+        agent_id = call.agent_id if ring is None else agent_ring.agent_of_ring(call, ring)
         site = self.sites[call.site]
         agent = site.agents.get(agent_id or "")
         if agent is None:
