@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -265,6 +265,11 @@ class MediaSession:
     """The session's own SDP offer, when it was opened to offer (``make_offer``)."""
 
 
+HeldSide = Literal["phone", "browser"]
+"""Who is put on hold on a bridged call: the person on the phone (an agent in the app holds
+her customer) or the one in the browser (an agent on her phone holds a website visitor)."""
+
+
 class MediaBridge(Protocol):
     """The audio bridge between a browser's WebRTC and a phone leg (mobile_bridge.media).
     Each method raises ``TelephonyError`` (``media_full``: no worker has room)."""
@@ -282,9 +287,9 @@ class MediaBridge(Protocol):
     async def add_candidate(self, ref: str, candidate: Mapping[str, object]) -> None:
         """A trickled ICE candidate of the browser (``{"candidate", "sdpMid"?, ...}``)."""
 
-    async def hold(self, ref: str, on: bool) -> None:
-        """Hold (neither side hears the other; the phone hears a tone now and then), or
-        back from hold."""
+    async def hold(self, ref: str, on: bool, held: HeldSide = "phone") -> None:
+        """Hold (neither side hears the other; the ``held`` side hears a tone now and then),
+        or back from hold."""
 
     async def close(self, ref: str) -> None:
         """The call is over; no error if the session already ended."""
@@ -295,6 +300,10 @@ class MediaBridge(Protocol):
     def on_lost(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
         """``listener(call_id, reason)`` for each call whose audio the bridge lost (its
         worker died): the call must end."""
+
+    def on_key(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
+        """``listener(call_id, key)`` for each key pressed on a bridged phone (``0``-``9``,
+        ``*``, ``#``; the browser hears its tone as well)."""
 
 
 @runtime_checkable

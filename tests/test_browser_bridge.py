@@ -183,6 +183,12 @@ async def test_the_widget_calls_an_agent_only_on_her_phone_and_they_hear_each_ot
     assert abs(heard - 440) < 10, heard
     assert await status_of(http, a, "anna") == "on_call"
 
+    # Anna presses star: the widget says the visitor is on hold; star again, back.
+    phones.send_dtmf(leg.sid, "*")
+    await widget_says(visitor, "Anna put you on hold. Please stay on the line.")
+    phones.send_dtmf(leg.sid, "*")
+    await widget_says(visitor, "Connected with Anna")
+
     await visitor.get_by_test_id("membrane-hangup").click()
     await widget_says(visitor, "Call ended")
     await phones.wait_for_call(sid=leg.sid, status="completed", timeout=10)
@@ -235,6 +241,13 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_customers_p
         return leg.stream is not None and "5" in dtmf_keys_ulaw(bytes(leg.stream.audio_played))
 
     await phones.wait_until(phone_heard_5, timeout=10, what="the key 5 at the phone")
+
+    # The customer keys in a number: Carla's app shows the digits as they come.
+    for key in "42#":
+        phones.send_dtmf(leg.sid, key)
+    await expect(carla.get_by_test_id("agent-caller-keys")).to_have_text(
+        "Caller pressed: 42#", timeout=WAIT_MS
+    )
 
     # Hold: the phone hears the hold tone, not Carla; Resume brings her back.
     hold = carla.get_by_test_id("agent-hold")

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
@@ -34,6 +35,7 @@ class Running:
     def __init__(self, worker: MediaWorker, url: str, http: aiohttp.ClientSession) -> None:
         self.worker, self.url, self.http = worker, url, http
         self.ended: asyncio.Queue[tuple[str, StreamEnd | None]] = asyncio.Queue()
+        self.keys: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
     async def offer(self, sdp: str, token: str = TOKEN) -> tuple[int, dict[str, Any]]:
         r = await self.http.post(
@@ -80,6 +82,7 @@ async def start(sim: TwilioSim, max_sessions: int = 50) -> tuple[Running, web.Ap
         public_ws_url=f"ws://127.0.0.1:{port}",
         max_sessions=max_sessions,
         on_end=on_end,
+        on_key=lambda session, key: runner_holder["running"].keys.put_nowait((session, key)),
     )
     runner = web.AppRunner(worker.app(), access_log=None)
     await runner.setup()
@@ -202,7 +205,8 @@ async def test_a_stream_survives_garbage_and_ends_on_a_binary_frame(
     sim: TwilioSim, peers: tuple[RTCPeerConnection, RTCPeerConnection]
 ) -> None:
     """Raw packets on a signed stream: unreadable messages are counted and skipped (a live
-    call must not end over a field Twilio adds), a binary frame (never Twilio's) ends it."""
+    call must not end over a field Twilio adds), and so are keys that are not keys; a real key
+    is reported to the gateway; a binary frame (never Twilio's) ends it."""
     browser, _ = peers
     running, runner = await start(sim)
     try:
@@ -218,13 +222,20 @@ async def test_a_stream_survives_garbage_and_ends_on_a_binary_frame(
             await ws.send_str('{"event":"media","sequenceNumber":"2","streamSid":"MZ1",'
                               '"media":{"track":"inbound","chunk":"1","timestamp":"20",'
                               '"payload":"***"}}')  # fmt: skip
+            for digit in ("X", "12", "5"):
+                await ws.send_str(msgspec.json.encode({
+                    "event": "dtmf", "sequenceNumber": "3", "streamSid": "MZ1",
+                    "dtmf": {"track": "inbound_track", "digit": digit},
+                }).decode())  # fmt: skip
+            assert await asyncio.wait_for(running.keys.get(), 5) == (created["session"], "5")
+            assert running.keys.empty(), "only a real key is reported"
             (session,) = running.worker.sessions.values()
             stats = await running.stats()
             assert stats["calls"][created["session"]]["streaming"]
             await ws.send_bytes(b"\x00" * 160)
             ended = await asyncio.wait_for(running.ended.get(), timeout=5)
             assert ended == (created["session"], StreamEnd.PROTOCOL)
-            assert session.stream is not None and session.stream.malformed == 5
+            assert session.stream is not None and session.stream.malformed == 7
         assert (await running.stats())["sessions"] == 0
     finally:
         await running.http.close()

@@ -8,6 +8,7 @@ reason on both sides and leaves the agent free on every node."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -35,8 +36,10 @@ from test_mobile_ring import PAGE, mobile_settings, on_mobile, status_of
 from twilio_sim import CallRecord, TwilioSim
 from twilio_sim.audio import dominant_frequency, dtmf_keys
 
+from gateway.core.call import HOLD_EVENTS
 from gateway.edge.http import appkeys as keys
 from gateway.settings import MediaSettings
+from gateway.wire.codec import call_from_record
 from mobile_bridge.media.dtmf import HOLD_HZ
 from mobile_bridge.media.pool import MediaWorkers
 
@@ -149,7 +152,7 @@ async def test_a_browser_visitor_talks_to_an_agent_who_is_only_on_her_phone(
     leg = anna_leg(sim)
     whisper = next(s for s in leg.said if "Press 1" in s)
     assert "/pricing" in whisper and "English" in whisper
-    assert "Connecting you now." in leg.said
+    assert "Connecting you now. Press star to put the caller on hold" in " ".join(leg.said)
     await sim.wait_until(lambda: leg.stream is not None, timeout=10, what="the Media Stream")
     assert leg.stream is not None and leg.stream.url.startswith("ws://127.0.0.1:")
 
@@ -260,6 +263,56 @@ async def test_signals_of_a_bridged_call_are_checked_as_any(
     ack = await v.call("rtc:signal", {"call_id": call_id, "candidate": candidate}, "/visitor")
     assert ack["ok"], ack
     assert await status_of(http, a, "anna") == "on_call"
+
+
+async def test_an_agent_on_her_phone_holds_the_visitor_with_star(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> None:
+    """Anna took a browser call on her phone: star holds the visitor (they hear the hold
+    tone, she hears nothing, the widget is told on every node), star again brings them back."""
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    b = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
+    await on_mobile(http, b, "anna")
+    hearing = remote_track(peers)
+    v, call_id = await call_anna(http, clients, a, peers)
+    track = await asyncio.wait_for(hearing, 15)
+    leg = anna_leg(sim)
+    assert any("Press star to put the caller on hold" in s for s in leg.said), leg.said
+    await until_heard(track, 1000)
+    await phone_hears(sim, leg, 440)
+
+    sim.send_dtmf(leg.sid, "*")
+    held = await v.next("call:update", lambda c: c["timeline"][-1]["event"] == "on_hold", 10)
+    assert held["call_id"] == call_id and held["state"] == "connected"
+    await asyncio.wait_for(until_heard(track, HOLD_HZ), 15)  # a beep every 4 s
+    assert leg.stream is not None
+    played = len(leg.stream.audio_played)
+    await asyncio.wait_for(record(track, 1.0), 10)
+    assert len(leg.stream.audio_played) == played, "Anna hears the visitor while on hold"
+    assert await status_of(http, b, "anna") == "on_call"
+
+    sim.send_dtmf(leg.sid, "*")
+    back = await v.next("call:update", lambda c: c["timeline"][-1]["event"] == "off_hold", 10)
+    assert back["state"] == "connected"
+    await asyncio.wait_for(until_heard(track, 1000), 15)
+    resumed_from = len(leg.stream.audio_played)
+
+    def a_second_more() -> bool:
+        return len(leg.stream.audio_played) - resumed_from >= RATE if leg.stream else False
+
+    await sim.wait_until(a_second_more, timeout=10, what="the visitor again at Anna's phone")
+    assert abs(dominant_frequency(bytes(leg.stream.audio_played)[-4000:]) - 440) < 10
+    stored = await b.app[keys.STORE].get_call(call_id)
+    assert stored is not None
+    timeline = call_from_record(stored.data, stored.version).timeline
+    assert [e.event for e in timeline if e.event in HOLD_EVENTS] == ["on_hold", "off_hold"]
 
 
 # --- a customer called back on their phone, the agent in the app ------------------------------
@@ -400,19 +453,31 @@ async def test_keys_from_the_phone_and_hold_in_the_app(
     clients: Callable[[], SocketClient],
     peers: RTCPeerConnection,
 ) -> None:
-    """A bridged callback: the customer presses 7 and Carla hears its tones; Carla holds,
-    and neither hears the other while the customer hears the hold tone; she resumes."""
+    """A bridged callback: the customer presses 7 and Carla hears its tones and sees the
+    digit, on whichever node her app is; Carla holds, and neither hears the other while the
+    customer hears the hold tone; she resumes."""
     a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    b = await bridged_node(nodes, tmp_path, sim, redis_url)
     sim.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
-    taken = await carla_takes_a_callback(http, clients, a, a, peers)
+    taken = await carla_takes_a_callback(http, clients, a, b, peers)
     carla, call_id, track = taken.carla, taken.call_id, taken.track
     leg = next(c for c in sim.calls if c.to == VISITOR_PHONE)
     await phone_hears(sim, leg, 440)
 
-    # The customer presses 7: Carla hears 852 + 1209 Hz, once.
+    # The customer presses 7: Carla hears 852 + 1209 Hz, once, and her app shows the 7.
     listening = asyncio.create_task(record(track, 1.5))
     sim.send_dtmf(leg.sid, "7")
     assert dtmf_keys(await asyncio.wait_for(listening, 10)) == "7"
+    shown = await carla.next("call:key", lambda m: m["call_id"] == call_id, timeout=10)
+    assert shown == {"call_id": call_id, "key": "7"}
+    # The customer's star is a digit to show too, not a hold: only an agent's phone holds.
+    sim.send_dtmf(leg.sid, "*")
+    shown = await carla.next("call:key", lambda m: m["call_id"] == call_id, timeout=10)
+    assert shown["key"] == "*"
+    stored = await a.app[keys.STORE].get_call(call_id)
+    assert stored is not None and '"7"' not in json.dumps(stored.data), "keys are never stored"
+    timeline = call_from_record(stored.data, stored.version).timeline
+    assert not [e for e in timeline if e.event in HOLD_EVENTS]
 
     # Hold: Carla hears silence, the customer the hold tone (not Carla's 440 Hz).
     ack = await carla.call("call:hold", {"call_id": call_id, "on": True}, "/agent")

@@ -522,6 +522,12 @@ li{margin:2px 0}
     renderButton();
   }
 
+  /** Whether the agent has the call on hold now: its last hold event says so. */
+  function onHold(c) {
+    const last = (c.timeline || []).filter((e) => e.event === "on_hold" || e.event === "off_hold").pop();
+    return !!last && last.event === "on_hold";
+  }
+
   function applyCall(c) {
     if (!c || !c.state) return;
     call = c;
@@ -538,7 +544,9 @@ li{margin:2px 0}
       case "ringing": text = agent ? `Ringing ${agent}${where}…` : "Ringing…"; break;
       case "dialing": text = agent ? `Calling ${agent}${where}…` : "Calling…"; break;
       case "connected":
-        text = agent ? `Connected with ${agent}` : "Connected";
+        text = onHold(c)
+          ? (agent ? `${agent} put you on hold. Please stay on the line.` : "On hold. Please stay on the line.")
+          : (agent ? `Connected with ${agent}` : "Connected");
         if (!connectedAt) {
           const t = (c.timeline || []).find((x) => x.event === "connected");
           connectedAt = Math.min(Date.now(), (t && Date.parse(t.at)) || Date.now());

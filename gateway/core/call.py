@@ -245,6 +245,13 @@ def with_answered_media(call: Call, ref: str) -> Call:
     return replace(call, media=ref)
 
 
+def agent_in_app(call: Call) -> bool:
+    """Whether the call's agent talks in the agent app, not on her phone: a browser call
+    unless it is bridged to her phone, a callback only when it is bridged to the app."""
+    bridged = call.media is not None
+    return bridged if call.channel is CallChannel.CALLBACK else not bridged
+
+
 def accepted_on(call: Call, attempt: int) -> bool:
     """Whether ring ``attempt`` of ``call`` was accepted, and the call is still live on it
     (talking, or a callback dialing its visitor)."""
@@ -271,10 +278,7 @@ def reattach_agent(call: Call, agent_id: str, agent_sid: str) -> Call:
     callback bridged to the app."""
     if call.final:
         raise CallError("call_ended", "the call has already ended")
-    # A bridged browser call's agent is on her phone; a bridged callback's, in the app.
-    bridged = call.media is not None
-    in_app = bridged if call.channel is CallChannel.CALLBACK else not bridged
-    if call.state is not CallState.CONNECTED or not in_app or call.agent_id != agent_id:
+    if call.state is not CallState.CONNECTED or not agent_in_app(call) or call.agent_id != agent_id:
         raise CallError("invalid_state", "not your connected browser call")
     return replace(call, agent_sid=agent_sid)
 

@@ -24,16 +24,19 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 from gateway.core import call as calls
-from gateway.core.call import Call
+from gateway.core.call import Call, CallState
 from gateway.core.errors import Conflict, NotFound
 from gateway.core.text import N_
 from gateway.services.call_records import CallRecords
-from gateway.telephony import ConnectMedia, MediaBridge, TelephonyError
+from gateway.telephony import ConnectMedia, HeldSide, MediaBridge, TelephonyError
 from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
 
 CONNECTING = N_("Connecting you now.")
+HOLD_HINT = N_("Press star to put the caller on hold, and star again to return.")
+HOLD_KEY = "*"
+"""The key an agent on her phone presses to hold the visitor, and again to take them back."""
 LOST_DETAIL = "The audio connection was lost"
 
 
@@ -50,6 +53,7 @@ class AudioBridge:
     def attach(self, media: MediaBridge) -> None:
         self.media = media
         media.on_lost(self.lost)
+        media.on_key(self.key_from_phone)
 
     # --- a browser visitor, an agent on her phone -------------------------------------------
 
@@ -70,7 +74,8 @@ class AudioBridge:
             await self.media.close(session.ref)
             raise
         text = self._records.agent_text(call)
-        return ConnectMedia(session.stream_url, text.gettext(CONNECTING), text.say_language)
+        say = f"{text.gettext(CONNECTING)} {text.gettext(HOLD_HINT)}"
+        return ConnectMedia(session.stream_url, say, text.say_language)
 
     # --- a customer on their phone, an agent in the app -------------------------------------
 
@@ -127,13 +132,31 @@ class AudioBridge:
                 return
         await hung_up()
 
+    async def key_from_phone(self, call_id: str, key: str) -> None:
+        """A key pressed on the call's phone (its tone is already on its way to the browser).
+        From a customer talking to an agent in the app: shown to her (``call:key``). From an
+        agent on her phone: ``HOLD_KEY`` puts the visitor on hold, or takes them off."""
+        call = await self._records.find(call_id)
+        if call is None or call.state is not CallState.CONNECTED or call.media is None:
+            return  # a key pressed as the call ended
+        if calls.agent_in_app(call):
+            await self._records.notify.key(call, key)
+        elif key == HOLD_KEY:
+            try:
+                await self._records.hold(call, not calls.on_hold(call))
+            except (Conflict, NotFound):
+                pass  # the call ended meanwhile
+
     async def hold(self, call: Call, on: bool) -> None:
-        """The phone side of a hold: the bridge stops both directions and tells the phone
-        the line is alive. A session that is gone ends the call."""
+        """The phone side of a hold: the bridge stops both directions and tells the one
+        held that the line is alive (the customer on the phone, held by an agent in the app;
+        the visitor in the browser, held by an agent on her phone). A session that is gone
+        ends the call."""
         if call.media is None or self.media is None:
             return
+        held: HeldSide = "phone" if calls.agent_in_app(call) else "browser"
         try:
-            await self.media.hold(call.media, on)
+            await self.media.hold(call.media, on, held)
         except TelephonyError as e:
             log.warning("call %s: the bridge could not hold: %s", call.call_id, e)
             await self.lost(call.call_id, "media_lost")

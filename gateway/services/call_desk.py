@@ -84,13 +84,7 @@ class CallDesk:
         call = self._own(await self._records.get(call_id), site_id)
         if call.agent_id != agent_id or call.agent_sid != agent_sid:
             raise Forbidden("not your call on this socket")
-        before, after = await self._records.update(
-            call_id, partial(calls.hold, on=on, now=self._records.clock()), call
-        )
-        if after.timeline != before.timeline:
-            await self._records.flow(after).held(after, on)
-            await self._notify.call_update(after)
-        return after
+        return await self._records.hold(call, on)
 
     async def relay_signal(
         self, site_id: str, sender_id: str, sender_sid: str, from_agent: bool, payload: Json

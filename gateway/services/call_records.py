@@ -111,6 +111,9 @@ class CallNotifier(Protocol):
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None: ...
 
+    async def key(self, call: Call, key: str) -> None:
+        """A key the customer pressed on their phone, to the agent's accepting socket."""
+
     async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
         """The call's current state to this node's own sockets only: ``call:ring_stop`` to
         each agent in ``rings_over`` (with its reason), ``call:ring`` to the agent when
@@ -432,6 +435,18 @@ class CallRecords:
         )
         await self.flow(call).ended(before, call, reason)
         return call
+
+    async def hold(self, call: Call, on: bool) -> Call:
+        """Put the connected ``call`` on hold, or take it off: noted in the timeline (both
+        parties see it), the media following through the call's flow. A repeat changes
+        nothing."""
+        before, after = await self.update(
+            call.call_id, partial(calls.hold, on=on, now=self.clock()), call
+        )
+        if after.timeline != before.timeline:
+            await self.flow(after).held(after, on)
+            await self.notify.call_update(after)
+        return after
 
     async def relay_signal(
         self, site_id: str, sender_id: str, sender_sid: str, from_agent: bool, payload: Json

@@ -173,6 +173,14 @@ class RingStop(Struct):
     reason: str
 
 
+class CallKey(Struct):
+    """``call:key``: a key the customer pressed on their phone, to the agent talking to them
+    in the app (shown, never stored)."""
+
+    call_id: Id
+    key: Literal["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "*", "#", "A", "B", "C", "D"]
+
+
 def call_struct(
     call: CoreCall,
     site: Site,
@@ -260,6 +268,10 @@ def ring_to_wire(
 
 def ring_stop_to_wire(call: CoreCall, reason: str) -> Json:
     return to_wire(RingStop(call.call_id, call.attempt, reason))
+
+
+def key_to_wire(call_id: str, key: str) -> Json:
+    return to_wire(CallKey(call_id, key))  # type: ignore[arg-type]  # a key the worker checked
 
 
 def _time(ts: float) -> str:

@@ -20,6 +20,7 @@ from gateway.wire.base import Id, Json, to_wire
 from gateway.wire.calls import (
     Call,
     CallHold,
+    CallKey,
     CallRef,
     CallRing,
     CallStart,
@@ -163,6 +164,7 @@ NAMESPACES = (
             Event("call:ring", CallRing),
             Event("call:ring_stop", RingStop),
             Event("call:update", InternalCall),
+            Event("call:key", CallKey),
             Event("rtc:signal", RtcSignal),
             DRAINING,
             ERROR,

@@ -62,9 +62,14 @@ class MuLawTrack(MediaStreamTrack):
     kind = "audio"
 
     def __init__(
-        self, max_frames: int = MAX_QUEUED_FRAMES, clock: Callable[[], float] = time.monotonic
+        self,
+        max_frames: int = MAX_QUEUED_FRAMES,
+        clock: Callable[[], float] = time.monotonic,
+        on_late: Callable[[float], None] | None = None,
     ) -> None:
         super().__init__()
+        self._on_late = on_late
+        """Told the lateness (seconds) of each frame sent late."""
         self._frames: collections.deque[bytes] = collections.deque(maxlen=max_frames)
         self._overlay: collections.deque[bytes] = collections.deque(maxlen=MAX_OVERLAY_FRAMES)
         self._partial = b""
@@ -130,6 +135,8 @@ class MuLawTrack(MediaStreamTrack):
             lateness = self._clock() - (self._started_at + self._sent * FRAME_S)
             if lateness > LATE_S and self._heard:
                 self.late += 1
+                if self._on_late is not None:
+                    self._on_late(lateness)
             self.max_late_s = max(self.max_late_s, lateness)
         if self._overlay:
             frame = self._overlay.popleft()

@@ -3,7 +3,8 @@
 ``MediaWorkers`` is the node's ``MediaBridge`` (gateway/telephony.py). It starts
 ``media.workers`` processes (``python -m mobile_bridge.media.worker``), each told to stop when
 the node is gone (its stdin is a pipe from the node). A worker says ``listening PORT`` once it
-serves, and ``ended SESSION`` for each session that ends. A new session goes to the live
+serves, ``ended SESSION`` for each session that ends and ``key SESSION KEY`` for each key
+pressed on a session's phone. A new session goes to the live
 worker with the fewest of this node's sessions; a full one (``media_full``) passes it on.
 
 A worker that dies takes its calls' audio with it: each call this node opened on it is
@@ -31,7 +32,7 @@ from typing import Any, Final
 import aiohttp
 
 from gateway.settings import MediaSettings
-from gateway.telephony import MediaSession, TelephonyError
+from gateway.telephony import HeldSide, MediaSession, TelephonyError
 from mobile_bridge.media.api import SESSIONS
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,15 @@ class MediaWorkers:
         self._supervisors: set[asyncio.Task[None]] = set()
         self._closing = False
         self._lost: list[Callable[[str, str], Awaitable[None]]] = []
+        self._keys: list[Callable[[str, str], Awaitable[None]]] = []
 
     # --- MediaBridge ------------------------------------------------------------------------
 
     def on_lost(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
         self._lost.append(listener)
+
+    def on_key(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
+        self._keys.append(listener)
 
     async def open(self, call_id: str, make_offer: bool = False) -> MediaSession:
         ask = {"make_offer": True} if make_offer else {}
@@ -121,8 +126,8 @@ class MediaWorkers:
             code = _code_of(body)
             raise TelephonyError(code, f"the media worker refused a candidate: {status} {code}")
 
-    async def hold(self, ref: str, on: bool) -> None:
-        status, body = await self._request("POST", ref + "/hold", {"on": on})
+    async def hold(self, ref: str, on: bool, held: HeldSide = "phone") -> None:
+        status, body = await self._request("POST", ref + "/hold", {"on": on, "held": held})
         if status != 204:
             code = _code_of(body)
             raise TelephonyError(code, f"the media worker refused to hold: {status} {code}")
@@ -226,6 +231,8 @@ class MediaWorkers:
             words = line.decode(errors="replace").split()
             if len(words) == 2 and words[0] == "ended":
                 worker.sessions.pop(words[1], None)
+            elif len(words) == 3 and words[0] == "key" and words[1] in worker.sessions:
+                await self._key_pressed(worker.sessions[words[1]], words[2])
         code = await worker.process.wait()
         if self._closing:
             return
@@ -250,6 +257,14 @@ class MediaWorkers:
                 await self._start_worker(worker.index)
             except (RuntimeError, OSError) as e:
                 log.error("media worker %d could not be started again: %s", worker.index, e)
+
+    async def _key_pressed(self, call_id: str, key: str) -> None:
+        for listener in self._keys:
+            try:
+                await listener(call_id, key)
+            except Exception:
+                # One key must not end the supervision of the worker's every call.
+                log.exception("call %s: handling a key from the phone failed", call_id)
 
     async def _request(
         self, method: str, url: str, body: Mapping[str, Any] | None

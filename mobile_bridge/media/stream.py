@@ -16,7 +16,8 @@ grows beyond it (counted in ``clears``).
 
 Keys the browser sends (``send_key``) go to the phone as tones, in place of the browser's
 audio meanwhile; keys the phone presses come as ``dtmf`` messages (``on_digit``). On hold
-(``hold``), the browser's audio is not sent, what Twilio holds is cleared, and a short tone
+(``hold``), the browser's audio is not sent, what Twilio holds is cleared, and, when the phone
+is the side held, a short tone
 every few seconds tells the caller they are still connected.
 
 Transport only: who may open a stream, and for which call, is the caller's to check before
@@ -200,16 +201,18 @@ class PhoneStream:
         self.keys_sent += 1
         self._wake.set()
 
-    def hold(self, on: bool) -> None:
-        """Hold: the browser's audio stops, what Twilio still holds of it is dropped, and a
-        tone every few seconds tells the caller the line is alive; or back from hold."""
+    def hold(self, on: bool, tones: bool = True) -> None:
+        """Hold: the browser's audio stops, what Twilio still holds of it is dropped, and
+        (``tones``: the phone is the one held) a tone every few seconds tells the caller the
+        line is alive; or back from hold."""
         if on == self.held:
             return
         self.held = on
         if on:
             self._pending.clear()
             self._clear = True
-            self._holding = asyncio.create_task(self._hold_tones())
+            if tones:
+                self._holding = asyncio.create_task(self._hold_tones())
             self._wake.set()
         elif self._holding is not None:
             self._holding.cancel()

@@ -19,7 +19,8 @@ worker's token, compared in constant time):
 - ``GET /v1/media/sessions/{id}``: the session's counters (``404 media_ended`` once over).
 - ``POST /v1/media/sessions/{id}/hold`` ``{"on": bool}``: hold, or take off hold.
 - ``DELETE /v1/media/sessions/{id}``: the call is over; its peer connection is closed.
-- ``GET /v1/media/stats``: sessions, and each one's gaps and drops.
+- ``GET /v1/media/stats``: sessions, and each one's gaps and drops; the last frames sent late and
+  the last long collector pauses, each with its wall-clock time.
 
 And for Twilio, ``GET /v1/media/sessions/{id}/stream``: the websocket of the call's
 ``<Connect><Stream>``, whose ``X-Twilio-Signature`` is checked against the worker's public
@@ -31,12 +32,14 @@ whose node is gone exits (``--exit-with-stdin``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -57,16 +60,19 @@ from gateway.core.errors import (
 )
 from gateway.edge.errors import rest_response
 from gateway.ops.gc_pacer import PROCESS_PACER
+from gateway.telephony import HeldSide
 from mobile_bridge.media.api import SESSIONS, STATS
 from mobile_bridge.media.dtmf import (
+    KEYS,
     OFFERED_PT,
     KeyReceiver,
     add_dtmf,
     dtmf_payload_type,
+    hold_tone_frames,
     tone_frames,
 )
 from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver, route_keys
-from mobile_bridge.media.stream import PhoneStream, StreamEnd
+from mobile_bridge.media.stream import HOLD_TONE_EVERY_S, PhoneStream, StreamEnd
 from mobile_bridge.media.transcode import DecodedTrack, negotiated_pcmu, start_pump
 from mobile_bridge.twilio_webhooks import SIGNATURE_HEADER, WebhookSignatures
 
@@ -74,6 +80,9 @@ log = logging.getLogger(__name__)
 
 MAX_OFFER_BYTES: Final = 64 * 1024
 """An audio-only offer is a few KB; anything near this is not a browser's."""
+MAX_EVENTS_KEPT: Final = 2_000
+SLOW_COLLECTION_S: Final = 0.005
+"""A collection longer than this is kept in the stats: a quarter of a frame's 20 ms."""
 
 
 @dataclass
@@ -88,6 +97,8 @@ class Session:
     keys: KeyReceiver = field(init=False)
     """The browser's keys (RFC 4733), to the phone as tones."""
     keys_from_phone: int = 0
+    held_side: HeldSide = "phone"
+    _browser_hold_tones: asyncio.Task[None] | None = None
     transcoding: asyncio.Task[None] | None = None
     """A browser that refused PCMU: the task decoding its audio for the phone."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -123,10 +134,30 @@ class Session:
         self.keys_from_phone += 1
         self.to_browser.overlay(tone_frames(key))
 
-    def hold(self, on: bool) -> None:
+    def hold(self, on: bool, held: HeldSide = "phone") -> None:
+        """Neither side hears the other; the ``held`` side hears a tone now and then."""
+        if on == self.held:
+            return
         self.held = self.to_browser.held = on
+        self.held_side = held
         if self.stream is not None:
-            self.stream.hold(on)
+            self.stream.hold(on, tones=held == "phone")
+        if self._browser_hold_tones is not None:
+            self._browser_hold_tones.cancel()
+            self._browser_hold_tones = None
+        if on and held == "browser":
+            self._browser_hold_tones = asyncio.create_task(self._hold_tones_to_browser())
+
+    async def _hold_tones_to_browser(self) -> None:
+        while True:
+            self.to_browser.overlay(hold_tone_frames())
+            await asyncio.sleep(HOLD_TONE_EVERY_S)  # the tone's own cadence
+
+    async def stop_tones(self) -> None:
+        if self._browser_hold_tones is not None:
+            self._browser_hold_tones.cancel()
+            await asyncio.gather(self._browser_hold_tones, return_exceptions=True)
+            self._browser_hold_tones = None
 
 
 @web.middleware
@@ -157,6 +188,7 @@ class MediaWorker:
         max_sessions: int = 30,
         ice: RTCConfiguration | None = None,
         on_end: Callable[[str, StreamEnd | None], None] | None = None,
+        on_key: Callable[[str, str], None] | None = None,
     ) -> None:
         if len(api_token) < 32:
             raise ValueError("the media worker's API token must be 32 characters or more")
@@ -169,6 +201,26 @@ class MediaWorker:
         self._on_end = on_end
         """Told each session that ends, and how its stream did (None: the gateway ended it
         first, or no stream came)."""
+        self._on_key = on_key
+        """Told each key a session's phone pressed."""
+        self.late_frames: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=MAX_EVENTS_KEPT
+        )
+        """(wall-clock time, milliseconds late) of the last frames sent late, on any call: a
+        benchmark sets them beside the machine's own stalls (bench/machine_stalls.py)."""
+        self.collections: collections.deque[tuple[float, int, float]] = collections.deque(
+            maxlen=MAX_EVENTS_KEPT
+        )
+        """(wall-clock time, generation, milliseconds) of the last collector pauses over
+        ``SLOW_COLLECTION_S`` (``observe_collection``)."""
+
+    def _frame_late(self, lateness_s: float) -> None:
+        self.late_frames.append((round(time.time(), 4), round(lateness_s * 1000, 1)))
+
+    def observe_collection(self, generation: int, pause_s: float, collected: int) -> None:
+        """The collector's pacer's observer: a long pause stalls every call's frames."""
+        if pause_s > SLOW_COLLECTION_S:
+            self.collections.append((round(time.time(), 4), generation, round(pause_s * 1000, 1)))
 
     @property
     def public_ws_url(self) -> str:
@@ -210,7 +262,7 @@ class MediaWorker:
             raise Unavailable("this media worker is full", code="media_full", retry_after_s=1)
         session_id = "m_" + secrets.token_hex(12)
         pc = RTCPeerConnection(self._ice)
-        session = Session(session_id, pc, MuLawTrack())
+        session = Session(session_id, pc, MuLawTrack(on_late=self._frame_late))
         bridge_transceiver(pc, session.to_browser, session.to_phone, session.keys)
         # Counted from now: answering waits for ICE gathering, and offers arriving meanwhile
         # must find the worker as full as it will be.
@@ -265,14 +317,18 @@ class MediaWorker:
         return web.Response(status=204)
 
     async def _hold(self, request: web.Request) -> web.Response:
-        """``{"on": bool}``: hold the call (neither side hears the other; the phone hears a
-        tone now and then), or take it off hold."""
+        """``{"on": bool, "held"?: "phone" | "browser"}``: hold the call (neither side hears
+        the other; the held side, by default the phone, hears a tone now and then), or take
+        it off hold."""
         self._authorize(request)
         session = self._session(request)
-        on = (await self._body(request)).get("on")
+        body = await self._body(request)
+        on, held = body.get("on"), body.get("held", "phone")
         if not isinstance(on, bool):
             raise Invalid('"on" must be true or false')
-        session.hold(on)
+        if held not in ("phone", "browser"):
+            raise Invalid('"held" must be "phone" or "browser"')
+        session.hold(on, held)
         return web.Response(status=204)
 
     async def _answer(self, session: Session, offer: str) -> str:
@@ -381,6 +437,8 @@ class MediaWorker:
                 "sessions": len(self.sessions),
                 "max_sessions": self._max_sessions,
                 "calls": {s.session_id: self._stats_of(s) for s in self.sessions.values()},
+                "late_frames": list(self.late_frames),
+                "slow_collections": list(self.collections),
             }
         )
 
@@ -397,8 +455,10 @@ class MediaWorker:
             raise Conflict("this call has its stream already", code="stream_taken")
         ws = web.WebSocketResponse(max_msg_size=MAX_OFFER_BYTES)
         await ws.prepare(request)
-        session.stream = PhoneStream(ws, session.to_browser, on_digit=session.key_to_browser)
-        session.stream.hold(session.held)
+        session.stream = PhoneStream(
+            ws, session.to_browser, on_digit=lambda key: self._key_from_phone(session, key)
+        )
+        session.stream.hold(session.held, tones=session.held_side == "phone")
         session.ended = await session.stream.run()
         log.info("media session %s: stream ended (%s)", session.session_id, session.ended)
         # The session first: a closing handshake waits on the client (up to aiohttp's 10 s),
@@ -406,6 +466,17 @@ class MediaWorker:
         await self.end(session.session_id)
         await ws.close()
         return ws
+
+    def _key_from_phone(self, session: Session, key: str) -> None:
+        """A key the phone pressed: its tone to the browser, and the key to the gateway
+        (``on_key``), which may show it or act on it."""
+        if len(key) != 1 or key not in KEYS:
+            if session.stream is not None:
+                session.stream.malformed += 1
+            return  # not a key: nothing to play or to report
+        session.key_to_browser(key)
+        if self._on_key is not None:
+            self._on_key(session.session_id, key)
 
     # --- ending ----------------------------------------------------------------------------
 
@@ -416,6 +487,7 @@ class MediaWorker:
         if session.stream is not None and session.ended is None:
             await session.stream.close()  # its handler then finds the session gone
         session.to_browser.stop()
+        await session.stop_tones()
         if session.transcoding is not None:
             session.transcoding.cancel()
             await asyncio.gather(session.transcoding, return_exceptions=True)
@@ -452,6 +524,7 @@ async def serve(args: Any) -> None:
         public_ws_url=args.public_ws_url,
         max_sessions=args.max_sessions,
         on_end=lambda session_id, _: report(f"ended {session_id}"),
+        on_key=lambda session_id, key: report(f"key {session_id} {key}"),
     )
     runner = web.AppRunner(worker.app(), access_log=None, handle_signals=False)
     await runner.setup()
@@ -464,7 +537,7 @@ async def serve(args: Any) -> None:
         loop.add_signal_handler(signum, stop.set)
     # The collector on a clock, as on a node: every call holds aiortc's objects for its
     # whole length, and a full collection over them would stall every call's frames.
-    paced = PROCESS_PACER.acquire()
+    paced = PROCESS_PACER.acquire(worker.observe_collection)
     watching = asyncio.create_task(until_stdin_ends()) if args.exit_with_stdin else None
     if watching is not None:
         watching.add_done_callback(lambda _: stop.set())
@@ -476,7 +549,7 @@ async def serve(args: Any) -> None:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
         if paced:
-            PROCESS_PACER.release()
+            PROCESS_PACER.release(worker.observe_collection)
         await runner.cleanup()
 
 

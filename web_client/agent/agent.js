@@ -235,6 +235,7 @@
       removeRing(m.call_id, m.reason);
     });
     s.on("call:update", onCallUpdate);
+    s.on("call:key", onCallerKey);
     s.on("rtc:signal", onSignal);
     s.on("error", (e) => showError(e));
   }
@@ -442,6 +443,7 @@
   function startCallback(ring, call) {
     if (current) endMedia();
     current = { id: call.call_id, ring, call, pc: null, mic: null, signals: Promise.resolve(), connectedAt: 0 };
+    clearCallerKeys();
     MA.pc = null;
     MA.call = call;
     renderCall(call);
@@ -466,6 +468,7 @@
     if (current) endMedia();
     const pc = new RTCPeerConnection({ iceServers });
     current = { id: call.call_id, ring, call, pc, mic: null, signals: Promise.resolve(), connectedAt: 0 };
+    clearCallerKeys();
     MA.pc = pc;
     MA.call = call;
     const id = call.call_id;
@@ -640,8 +643,22 @@
     else showError("Keys cannot be sent in this call.");
   }
 
+  /** A key the customer pressed on their phone (an account number, a choice): shown, never kept. */
+  function onCallerKey(m) {
+    if (!m || !current || m.call_id !== current.id) return;
+    current.keys = ((current.keys || "") + m.key).slice(-32);
+    $("caller-keys-value").textContent = current.keys;
+    $("caller-keys").hidden = false;
+  }
+
+  function clearCallerKeys() {
+    $("caller-keys").hidden = true;
+    $("caller-keys-value").textContent = "";
+  }
+
   function dismiss() {
     current = null;
+    clearCallerKeys();
     $("call").hidden = true;
     $("state").focus();
   }

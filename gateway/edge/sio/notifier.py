@@ -11,7 +11,7 @@ from gateway.core.call import Call
 from gateway.core.model import Site
 from gateway.edge.sio.rooms import agent_room, site_room, visitor_room
 from gateway.edge.sio.sio_manager import ObservedRedisManager
-from gateway.wire.calls import ring_stop_to_wire
+from gateway.wire.calls import key_to_wire, ring_stop_to_wire
 from gateway.wire.codec import Json, call_to_wire
 
 
@@ -109,6 +109,13 @@ class SocketCallNotifier:
         manager = self.server.manager
         if isinstance(manager, ObservedRedisManager):
             await manager.sent()
+
+    async def key(self, call: Call, key: str) -> None:
+        if call.agent_sid is None:
+            return  # never `to=None`: python-socketio would broadcast to every agent
+        await self.server.emit(
+            "call:key", key_to_wire(call.call_id, key), to=call.agent_sid, namespace="/agent"
+        )
 
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
         if to_agent:
