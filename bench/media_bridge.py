@@ -63,6 +63,7 @@ from bench.harness import (
     summary_ms,
     write_json,
 )
+from bench.machine_stalls import MachineStalls
 from gateway.ops.gc_pacer import PROCESS_PACER
 from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver
 
@@ -448,11 +449,12 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
             before_stats, before_played = await stats(), played()
             cpu_before = sum(cpu_seconds(w.pid) for w in workers)
             stolen_before = steal_seconds()
-            started = time.perf_counter()
-            # The measured window, with the probe call timing onsets through it.
-            go.set()
-            latency = await probe
-            elapsed = time.perf_counter() - started
+            async with MachineStalls() as machine:
+                started, window_from = time.perf_counter(), time.time()
+                # The measured window, with the probe call timing onsets through it.
+                go.set()
+                latency = await probe
+                elapsed, window_to = time.perf_counter() - started, time.time()
             cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu_before
             stolen = steal_report(stolen_before, elapsed)
             after_stats, after_played = await stats(), played()
@@ -482,6 +484,17 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
         return sum(per_call(key))
 
     lags = [c["max_playout_lag_ms"] or 0 for c in after_stats["calls"].values()]
+    late = [(at, ms) for at, ms in after_stats["late_frames"] if window_from <= at <= window_to]
+    collections = [
+        (at, ms) for at, _, ms in after_stats["slow_collections"] if window_from <= at <= window_to
+    ]
+
+    def in_collection(start: float, end: float) -> bool:
+        # The collector's observer stamps a pause as it ends.
+        return any(c_at - ms / 1000 < end and c_at > start for c_at, ms in collections)
+
+    late_in_stalls = sum(1 for at, ms in late if machine.overlaps(at - ms / 1000, at))
+    late_in_collections = sum(1 for at, ms in late if in_collection(at - ms / 1000, at))
 
     sent = [(a - b) / elapsed for a, b in zip(after_sent, before_sent, strict=True)]
     frames_to_phones = [
@@ -521,6 +534,15 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
         # sent late beside steal on its core are the machine's, not the worker's.
         "steal_share_by_cpu": stolen,
         "frames_sent_late": delta("late_to_browser"),
+        # Why they were late: a stall of the machine (every process stopped; seen by a
+        # real-time watcher on each CPU) or a long pause of the worker's collector; the rest
+        # are the worker's own loop falling behind. (The log keeps the last 2,000.)
+        "frames_sent_late_logged": len(late),
+        "late_frames_in_machine_stalls": late_in_stalls,
+        "late_frames_in_worker_collections": late_in_collections,
+        "worker_collections_over_5_ms": len(collections),
+        "max_worker_collection_ms": max((ms for _, ms in collections), default=0.0),
+        "machine_stalls": machine.report(window_from, window_to),
         "max_send_lateness_ms": max(
             (c["max_late_to_browser_ms"] for c in after_stats["calls"].values()), default=0
         ),
@@ -575,7 +597,9 @@ def main() -> None:
                 "calls", "streaming", "worker_cpu_per_call_pct", "calls_per_core",
                 "gaps_to_browsers_per_call_per_s", "max_gaps_on_one_call",
                 "max_phone_arrival_gap_ms", "max_phone_playout_lag_ms", "clears",
-                "frames_sent_late", "max_send_lateness_ms", "no_gaps", "frames_to_phones_per_s",
+                "frames_sent_late", "late_frames_in_machine_stalls",
+                "late_frames_in_worker_collections", "max_send_lateness_ms", "no_gaps",
+                "frames_to_phones_per_s",
                 "frames_from_browsers_per_s", "passed_on_share", "on_time", "added_latency")},
         )  # fmt: skip
     on_time = [int(n) for n, r in results.items() if _every_run(r, "on_time")]
