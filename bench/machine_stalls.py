@@ -71,7 +71,9 @@ class CpuStalls:
 class MachineStalls:
     def __init__(self, threshold_ms: float = 10.0, cpus: list[int] | None = None) -> None:
         self.threshold_ms = threshold_ms
-        self.cpus = cpus if cpus is not None else sorted(os.sched_getaffinity(0))
+        # Every CPU of the machine, not only those this process may use: a benchmark pins
+        # its driver to some and what it measures to others.
+        self.cpus = cpus if cpus is not None else list(range(os.cpu_count() or 1))
         self._procs: list[asyncio.subprocess.Process] = []
         self.by_cpu: list[CpuStalls] = []
 

@@ -68,6 +68,9 @@ from gateway.ops.gc_pacer import PROCESS_PACER
 from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver
 
 TOKEN = "bench-media-worker-token-0123456789abcdef"
+DRIVER_BURST_S = 0.1
+"""How long before a late frame's slot a driver stall may have ended and still be its cause
+(the burst it released takes the worker a while to take in)."""
 FRAMES_PER_S = 50
 
 
@@ -119,6 +122,53 @@ class ProbeBrowser(MuLawTrack):
 
 
 PHONE_TONE = [Tone(1000).frame(i) for i in range(FRAMES_PER_S)]  # 1000 cycles: 1 s loops
+
+
+class DriverStalls:
+    """The driver's own event loop running late (its browsers' and phones' frames held back,
+    then sent in a burst that the worker must take in at once), with each wall-clock time;
+    and the driver's collector pauses, which are one cause."""
+
+    def __init__(self, threshold_s: float = 0.015) -> None:
+        self.threshold_s = threshold_s
+        self.stalls: list[tuple[float, float]] = []
+        """(wall-clock start, milliseconds) of each tick more than the threshold late."""
+        self.collections: list[tuple[float, int, float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def observe_collection(self, generation: int, pause_s: float, collected: int) -> None:
+        if pause_s > 0.005:
+            self.collections.append((time.time(), generation, round(pause_s * 1000, 1)))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.005
+            await asyncio.sleep(0.005)
+            late = loop.time() - due
+            if late > self.threshold_s:
+                self.stalls.append((time.time() - late, round(late * 1000, 1)))
+
+    def overlaps(self, start: float, end: float) -> bool:
+        return any(s < end and s + ms / 1000 > start for s, ms in self.stalls)
+
+    def report(self, start: float, end: float) -> dict[str, Any]:
+        mine = [ms for s, ms in self.stalls if start <= s <= end]
+        pauses = [ms for at, _, ms in self.collections if start <= at <= end]
+        return {
+            "loop_stalls_over_15_ms": len(mine),
+            "max_loop_stall_ms": max(mine, default=0.0),
+            "collections_over_5_ms": len(pauses),
+            "max_collection_ms": max(pauses, default=0.0),
+        }
 
 
 class LightPhones:
@@ -383,7 +433,9 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
         # The driver's collector on a clock too: a full collection over N aiortc peers
         # stalls every phone's and browser's frames at once, which the worker would see as
         # its input's jitter.
-        paced = PROCESS_PACER.acquire()
+        driver = DriverStalls()
+        paced = PROCESS_PACER.acquire(driver.observe_collection)
+        driver.start()
         try:
             for i in range(calls):
                 pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -416,10 +468,13 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
             await asyncio.sleep(args.warmup_s)  # every stream started and steady
 
             async def stats() -> dict[str, Any]:
-                merged: dict[str, Any] = {"calls": {}}
+                merged: dict[str, Any] = {"calls": {}, "late_frames": [], "slow_collections": []}
                 for p in ports:
                     async with http.get(f"http://127.0.0.1:{p}/v1/media/stats") as r:
-                        merged["calls"].update((await r.json())["calls"])
+                        got = await r.json()
+                    merged["calls"].update(got["calls"])
+                    merged["late_frames"] += got["late_frames"]
+                    merged["slow_collections"] += got["slow_collections"]
                 return merged
 
             def played() -> list[int]:
@@ -460,8 +515,9 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
             after_stats, after_played = await stats(), played()
             after_sent = await browsers_sent()
         finally:
+            await driver.stop()
             if paced:
-                PROCESS_PACER.release()
+                PROCESS_PACER.release(driver.observe_collection)
             if light is not None:
                 await light.close()
             for sid in call_sids:
@@ -495,6 +551,11 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
 
     late_in_stalls = sum(1 for at, ms in late if machine.overlaps(at - ms / 1000, at))
     late_in_collections = sum(1 for at, ms in late if in_collection(at - ms / 1000, at))
+    # A frame late after the driver's loop stalled: its input came as a burst (every call's
+    # frames held back at once), which the worker took in before it could send.
+    late_after_driver = sum(
+        1 for at, ms in late if driver.overlaps(at - ms / 1000 - DRIVER_BURST_S, at)
+    )
 
     sent = [(a - b) / elapsed for a, b in zip(after_sent, before_sent, strict=True)]
     frames_to_phones = [
@@ -540,6 +601,8 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
         "frames_sent_late_logged": len(late),
         "late_frames_in_machine_stalls": late_in_stalls,
         "late_frames_in_worker_collections": late_in_collections,
+        "late_frames_after_driver_stalls": late_after_driver,
+        "driver_stalls": driver.report(window_from, window_to),
         "worker_collections_over_5_ms": len(collections),
         "max_worker_collection_ms": max((ms for _, ms in collections), default=0.0),
         "machine_stalls": machine.report(window_from, window_to),
@@ -598,7 +661,8 @@ def main() -> None:
                 "gaps_to_browsers_per_call_per_s", "max_gaps_on_one_call",
                 "max_phone_arrival_gap_ms", "max_phone_playout_lag_ms", "clears",
                 "frames_sent_late", "late_frames_in_machine_stalls",
-                "late_frames_in_worker_collections", "max_send_lateness_ms", "no_gaps",
+                "late_frames_in_worker_collections", "late_frames_after_driver_stalls",
+                "driver_stalls", "max_send_lateness_ms", "no_gaps",
                 "frames_to_phones_per_s",
                 "frames_from_browsers_per_s", "passed_on_share", "on_time", "added_latency")},
         )  # fmt: skip
