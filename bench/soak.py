@@ -50,6 +50,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import signal
 import socket
 import statistics
 import struct
@@ -764,6 +766,9 @@ async def measure(args: argparse.Namespace, node: NodeProcess) -> dict[str, Any]
                         "metrics": previous_now,
                         "gc": await gc_pauses(http, node.url),
                     }
+                    # The pacer's hourly check of the frozen objects, now, so that the run's
+                    # pauses and lag include it (gateway/ops/gc_pacer.py).
+                    node.proc.send_signal(signal.SIGUSR2)
                 if node.proc.returncode is not None:
                     print("the node exited", file=sys.stderr)
                     break
@@ -861,6 +866,7 @@ async def measure(args: argparse.Namespace, node: NodeProcess) -> dict[str, Any]
             "whole_run": lag_report(first, last_metrics),
         },
         "gc_pauses_after_warmup": gc_pause_report(warm.get("gc", gc_start), gc_after),
+        "hourly_frozen_check": frozen_check(node.log),
         "never_readers": {
             "total": len(readers),
             "dropped": len(dropped),
@@ -972,6 +978,26 @@ def main() -> None:
     )
 
 
+def frozen_check(log: Path) -> dict[str, Any]:
+    """What the node logged of the frozen-garbage check the run asked for (SIGUSR2)."""
+    found = re.search(
+        r"frozen garbage check: (\d+) of (\d+) frozen objects were garbage \((.*?)\)(.*?); the "
+        r"child took (\d+) ms, the fork paused this process ([\d.]+) ms",
+        log.read_text(errors="replace"),
+    )
+    if found is None:
+        return {"ran": False}
+    return {
+        "ran": True,
+        "garbage": int(found.group(1)),
+        "frozen": int(found.group(2)),
+        "garbage_types": found.group(3),
+        "garbage_frames": found.group(4).removeprefix(", "),
+        "child_ms": int(found.group(5)),
+        "node_paused_ms": float(found.group(6)),
+    }
+
+
 def headline(result: dict[str, Any]) -> dict[str, Any]:
     lag = result["event_loop_lag_ms"]["after_warmup"]
     cpu = result["cpu_per_connection_minute"]
@@ -984,6 +1010,11 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         "node_cpu_ms_per_connection_minute": cpu["node_cpu_ms_per_unit"],
         "cpu_cores_by_process": cpu["cpu_cores_by_process"],
         "never_readers_dropped": result["never_readers"]["dropped"],
+        "lag_over_100_ms": lag.get("over_100_ms"),
+        "gc_pauses_over_100_ms": sum(
+            g["over_100_ms"] for g in result["gc_pauses_after_warmup"].values()
+        ),
+        "hourly_check_paused_ms": result["hourly_frozen_check"].get("node_paused_ms"),
     }
 
 

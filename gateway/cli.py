@@ -53,14 +53,17 @@ def serve(args: argparse.Namespace) -> int:
             gc.collect()
             gc.freeze()
         if hasattr(signal, "SIGUSR1"):
-            # For an operator looking into memory: collect everything now and log it.
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGUSR1, PROCESS_PACER.collect_everything
-            )
+            # For an operator looking into memory: collect everything now and log it
+            # (SIGUSR1, a pause), or look for garbage among the frozen objects in a forked
+            # child (SIGUSR2, no pause; the pacer's hourly check).
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGUSR1, PROCESS_PACER.collect_everything)
+            loop.add_signal_handler(signal.SIGUSR2, PROCESS_PACER.check_frozen)
 
     async def stop_signals(app: web.Application) -> None:
         if hasattr(signal, "SIGUSR1"):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR2)
 
     app.on_startup.append(freeze_heap)
     app.on_cleanup.append(stop_signals)

@@ -12,8 +12,11 @@ on real time on purpose, as a socket over a real connection runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import itertools
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +27,7 @@ from aiohttp import web
 from conftest import eventually, free_port
 
 from gateway.edge.sio.upstream import LeanSocket, MembraneServer, TrackedEngineServer
+from gateway.edge.sio.upstream.engine import PlainWebSocket
 
 PING_INTERVAL = 0.4
 PING_TIMEOUT = 0.4
@@ -263,3 +267,48 @@ async def test_a_browser_offering_deflate_gets_plain_frames(server: Harness) -> 
         await ws.send_str('42/t,7["hello",{"n":1}]')
         assert await next_message(ws) == '43/t,7[{"echo":{"n":1}}]'
         await ws.close()
+
+
+async def test_a_websocket_whose_close_failed_leaves_no_reference_cycle() -> None:
+    """aiohttp keeps the error that ended a websocket's close() on the response, and its
+    traceback holds the response: every client dropped without reading left a cycle the
+    collector pacer's frozen-garbage check found (bench/soak.py). The engine.io websocket
+    lets go of that traceback as its handler ends."""
+    answered: list[weakref.ref[web.WebSocketResponse]] = []
+
+    async def handler(ws: Any) -> None:
+        # What a dropped never-reader does: its transport is cut, then the close frame fails.
+        ws._sock._req.transport.abort()
+        await ws._sock.close()
+        assert ws._sock.exception() is not None, "the close did not fail: nothing tested"
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        server = type("Server", (), {"max_http_buffer_size": 1 << 20})()
+        response: web.WebSocketResponse = await PlainWebSocket(handler, server)(
+            {"aiohttp.request": request}
+        )
+        answered.append(weakref.ref(response))
+        return response
+
+    app = web.Application()
+    app.router.add_get("/ws", route)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    # As on a node, where the pacer froze the connection's objects long before it ended:
+    # only reference counting frees them.
+    gc.disable()
+    try:
+        async with aiohttp.ClientSession() as http:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+                    await ws.receive(timeout=5)
+
+        async def freed() -> bool:
+            return bool(answered) and answered[0]() is None
+
+        await eventually(freed, 5)
+    finally:
+        gc.enable()
+        await runner.cleanup()

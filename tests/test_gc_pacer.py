@@ -78,6 +78,39 @@ def test_a_cycle_that_dies_frozen_is_collected_only_with_everything(thawed: None
     assert alive() is None
 
 
+class Leaked:
+    other: Leaked | None = None
+
+
+async def test_the_hourly_check_finds_frozen_garbage_in_a_child_and_collects_only_a_leak(
+    thawed: None,
+) -> None:
+    """The check counts frozen cycles that died in a forked child, by type, leaving this
+    process's heap as it was; past the limit, this process collects everything."""
+    pacer = CollectorPacer(middle_every=1, frozen_garbage_limit=1_000)
+    pairs = [(Leaked(), Leaked()) for _ in range(100)]
+    for a, b in pairs:
+        a.other, b.other = b, a
+    alive = weakref.ref(pairs[0][0])
+    pacer.tick()  # frozen while alive
+    del pairs, a, b
+
+    found = await asyncio.wait_for(pacer.check_frozen(), 60)
+    assert found is not None and found.garbage >= 200, found
+    assert found.types.get("Leaked", 0) >= 200, found.types
+    assert found.frozen >= 200
+    assert alive() is not None, "a few cycles are not worth a pause: nothing collected here"
+    again = pacer.check_frozen()
+    assert pacer.check_frozen() is again, "one check at a time"
+    await asyncio.wait_for(again, 60)
+
+    pacer.frozen_garbage_limit = 100
+    found = await asyncio.wait_for(pacer.check_frozen(), 60)
+    assert found is not None and found.garbage >= 200
+    assert alive() is None, "past the limit, everything is collected here"
+    assert pacer.last_check == found
+
+
 async def test_every_pause_is_observed_until_the_pacer_stops() -> None:
     seen: list[tuple[int, float, int]] = []
     pacer = CollectorPacer(
@@ -146,6 +179,17 @@ async def test_a_node_frees_what_it_froze_once_its_connections_and_calls_end(
 
         await eventually(anna_gone)
         log = tmp_path / "node.log"
+        # The hourly check, now: a forked child finds no garbage among the frozen objects.
+        proc.send_signal(signal.SIGUSR2)
+
+        async def checked() -> bool:
+            return "frozen garbage check:" in log.read_text()
+
+        await eventually(checked, 30)
+        found = re.search(r"frozen garbage check: (\d+) of (\d+) frozen .*", log.read_text())
+        assert found is not None
+        assert int(found.group(1)) == 0 and int(found.group(2)) > 10_000, found.group(0)
+
         proc.send_signal(signal.SIGUSR1)
 
         async def collected() -> bool:

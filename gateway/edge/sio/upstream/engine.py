@@ -367,6 +367,13 @@ class PlainWebSocket(engineio_aiohttp.WebSocket):  # type: ignore[misc]
         await self._sock.prepare(request)
         self.environ = environ
         await self.handler(self)
+        ended_by = self._sock.exception()
+        if ended_by is not None:
+            # aiohttp keeps the error that ended the websocket's close() on the response,
+            # and its traceback holds close()'s frame, which holds the response: a reference
+            # cycle that outlived every client dropped without reading (found by the
+            # collector pacer's frozen-garbage check, gateway/ops/gc_pacer.py).
+            ended_by.__traceback__ = None
         return self._sock
 
 
