@@ -59,6 +59,7 @@ from bench.harness import (
     token,
     write_json,
 )
+from bench.machine_stalls import MachineStalls
 from gateway.ops.gc_pacer import PROCESS_PACER
 from gateway.wire.im_presence import signed_headers
 
@@ -118,6 +119,8 @@ async def measure(
     socket_latency: list[float] = []
     # (second of the run it arrived in, latency): where the slow ones cluster, if they do.
     arrivals: list[tuple[int, float]] = []
+    # (wall-clock time it arrived, latency): set beside the machine's own stalls.
+    on_wall: list[tuple[float, float]] = []
     refused: dict[str, list[int]] = {"im": [], "sms": []}
     signer = RequestValidator(AUTH_TOKEN)
 
@@ -135,6 +138,7 @@ async def measure(
                         del sent[key]
                         latency[device].append(received - origin[0])
                         arrivals.append((int(received - started), received - origin[0]))
+                        on_wall.append((time.time(), received - origin[0]))
                 elif device == "mob":
                     key2 = (p["agent_id"], d["priority"])
                     origin2 = socket_sent.get(key2)
@@ -198,7 +202,8 @@ async def measure(
     # the nodes' latency. Its own pauses are reported beside the figures.
     driver_pauses: list[float] = []
     paced = PROCESS_PACER.acquire(lambda _gen, pause_s, _n: driver_pauses.append(pause_s))
-    started = time.perf_counter()
+    machine = await MachineStalls().__aenter__()
+    started, window_from = time.perf_counter(), time.time()
     before = {name: sched(pid) for name, pid in pids.items()}
     stolen_before = steal_seconds()
     lag_max = 0.0
@@ -243,6 +248,8 @@ async def measure(
     deadline = time.perf_counter() + 5
     while (sent or socket_sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)  # stragglers, bounded
+    window_to = time.time()
+    await machine.__aexit__(None, None, None)
     if paced:
         PROCESS_PACER.release()
     gc_report = {
@@ -256,6 +263,10 @@ async def measure(
     await http.close()
 
     webhooks = summary_ms(latency["im"] + latency["sms"])
+    # A change whose way from webhook to board crossed a stall of the machine itself (every
+    # process stopped; a real-time watcher on each CPU saw it) was late for the machine.
+    in_stalls = [lat for at, lat in on_wall if machine.overlaps(at - lat, at)]
+    outside = [lat for at, lat in on_wall if not machine.overlaps(at - lat, at)]
     sockets = summary_ms(socket_latency)
     ratio = webhooks.get("p99_ms", math.inf) / sockets["p99_ms"] if socket_latency else math.nan
     return {
@@ -275,6 +286,10 @@ async def measure(
         "socket_to_update_ms": sockets,
         "ratio_p99": round(ratio, 2),
         "slowest_seconds": slowest_seconds(arrivals),
+        "machine_stalls": machine.report(window_from, window_to),
+        "changes_across_machine_stalls": len(in_stalls),
+        "slowest_across_machine_stalls_ms": round(max(in_stalls, default=0.0) * 1000, 1),
+        "webhook_to_update_outside_machine_stalls_ms": summary_ms(outside),
         "gc_pauses_while_sending": gc_report,
         "driver_gc_pauses": {
             "count": len(driver_pauses),
@@ -308,6 +323,10 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "webhook_p50_ms": result["webhook_to_update_ms"].get("p50_ms"),
         "webhook_p99_ms": result["webhook_to_update_ms"].get("p99_ms"),
+        "webhook_p99_outside_machine_stalls_ms": result[
+            "webhook_to_update_outside_machine_stalls_ms"
+        ].get("p99_ms"),
+        "changes_across_machine_stalls": result["changes_across_machine_stalls"],
         "im_p99_ms": result["im_to_update_ms"].get("p99_ms"),
         "sms_p99_ms": result["sms_to_update_ms"].get("p99_ms"),
         "socket_p50_ms": result["socket_to_update_ms"].get("p50_ms"),
