@@ -6,7 +6,9 @@ version say so."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import re
 import signal
 import weakref
@@ -109,6 +111,24 @@ async def test_the_hourly_check_finds_frozen_garbage_in_a_child_and_collects_onl
     assert found is not None and found.garbage >= 200
     assert alive() is None, "past the limit, everything is collected here"
     assert pacer.last_check == found
+
+
+async def test_a_check_that_cannot_start_says_so_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node out of descriptors (EMFILE, found at 20,000 connections) cannot open the
+    check's pipe: one warning, no exception out of the signal handler, and the next check
+    runs as usual."""
+    pacer = CollectorPacer()
+
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe", no_pipe)
+    assert await asyncio.wait_for(pacer.check_frozen(), 5) is None
+    assert "frozen garbage check could not start" in caplog.text
+    monkeypatch.undo()
+    assert await asyncio.wait_for(pacer.check_frozen(), 60) is not None
 
 
 async def test_every_pause_is_observed_until_the_pacer_stops() -> None:

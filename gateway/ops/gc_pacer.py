@@ -204,9 +204,21 @@ class CollectorPacer:
             self.collect_everything()
             done.set_result(None)
             return done
-        read_fd, write_fd = os.pipe()
         started = time.perf_counter()
-        pid = os.fork()
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as e:  # out of descriptors (or memory): try again next time
+            log.warning("frozen garbage check could not start: %s", e)
+            done.set_result(None)
+            return done
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(read_fd)
+            os.close(write_fd)
+            log.warning("frozen garbage check could not start: %s", e)
+            done.set_result(None)
+            return done
         if pid == 0:
             os.close(read_fd)
             _check_in_child(write_fd)
