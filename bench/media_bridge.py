@@ -66,6 +66,7 @@ from bench.harness import (
 from bench.machine_stalls import MachineStalls
 from gateway.ops.gc_pacer import PROCESS_PACER
 from mobile_bridge.media.pcmu import MuLawTrack, bridge_transceiver
+from mobile_bridge.media.pool import REALTIME_PRIORITY
 
 TOKEN = "bench-media-worker-token-0123456789abcdef"
 DRIVER_BURST_S = 0.1
@@ -413,6 +414,9 @@ async def run(args: argparse.Namespace, calls: int) -> dict[str, Any]:
             for worker in workers:  # all on the one core measured
                 os.sched_setaffinity(worker.pid, {cores[-1]})
             os.sched_setaffinity(0, set(cores[:-1]))
+        if args.realtime:
+            for worker in workers:  # as a node does (media.realtime, on by default; root)
+                os.sched_setscheduler(worker.pid, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
         http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
         streams: dict[str, str] = {}
 
@@ -632,6 +636,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds measured")
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument(
+        "--no-realtime",
+        dest="realtime",
+        action="store_false",
+        help="the worker as an ordinary process (a node runs it under SCHED_RR: media.realtime)",
+    )
+    parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="worker and driver share the cores"
     )
     parser.add_argument(
@@ -674,6 +684,7 @@ def main() -> None:
         "duration_s_each": args.duration,
         "cpu_count": os.cpu_count(),
         "worker_pinned_to_own_core": args.pin and (os.cpu_count() or 1) >= 2,
+        "worker_realtime": args.realtime,
         "workers_on_the_core": args.workers,
         "phones": args.phones,
     }

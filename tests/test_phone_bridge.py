@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -173,6 +174,20 @@ async def test_a_browser_visitor_talks_to_an_agent_who_is_only_on_her_phone(
         return all(not w.sessions for n in (a, b) for w in media_of(n).workers)
 
     await eventually(sessions_closed, 10)
+
+
+@pytest.mark.parametrize("realtime", [True, False])
+async def test_media_workers_run_under_real_time_scheduling_unless_told_not_to(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, redis_url: str, realtime: bool
+) -> None:
+    """No ordinary process on a worker's core may hold a frame up (media.realtime)."""
+    if realtime and os.geteuid() != 0:
+        pytest.skip("real-time scheduling needs root here")  # the node says so and goes on
+    settings = mobile_settings(tmp_path, sim, redis_url)
+    media = MediaSettings(workers=2, realtime=realtime)
+    node = await phone_node(nodes, replace(settings, media=media))
+    policies = {os.sched_getscheduler(w.process.pid) for w in media_of(node).workers}
+    assert policies == {os.SCHED_RR if realtime else os.SCHED_OTHER}
 
 
 async def test_the_agent_hanging_up_her_phone_ends_the_visitors_call(

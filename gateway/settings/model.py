@@ -121,6 +121,11 @@ class MediaSettings(msgspec.Struct, frozen=True):
     public_ws_url: str = ""
     """Where Twilio reaches worker ``{port}`` (its Media Stream websocket), e.g.
     ``wss://media.example.com/{port}`` behind a proxy; empty: ``ws://{host}:{port}``."""
+    realtime: bool = True
+    """Run workers under the kernel's real-time round-robin policy (``SCHED_RR``, priority
+    10), as audio servers do, so that no ordinary process on their core (a node, a database,
+    a backup) holds a frame up; where the node may not (not root, no ``CAP_SYS_NICE``), it
+    says so once and workers run as ordinary processes."""
 
     def public_url_of(self, port: int) -> str:
         template = self.public_ws_url or f"ws://{self.host}:{{port}}"
