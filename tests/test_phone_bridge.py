@@ -214,6 +214,28 @@ async def test_the_agent_hanging_up_her_phone_ends_the_visitors_call(
     await free_everywhere(http, a)
 
 
+async def a_visitor_on_a_rings_anna_on_b(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+    clients: Callable[[], SocketClient],
+    peers: RTCPeerConnection,
+) -> tuple[Node, Node, SocketClient, str, Any, CallRecord]:
+    """Two bridged nodes; Anna only on her phone, through node b; a visitor on node a calls
+    her and she presses 1: the nodes, the visitor's socket, the call, what the visitor
+    hears (a track) and Anna's leg."""
+    a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    b = await bridged_node(nodes, tmp_path, sim, redis_url)
+    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
+    await on_mobile(http, b, "anna")
+    hearing = remote_track(peers)
+    v, call_id = await call_anna(http, clients, a, peers)
+    track = await asyncio.wait_for(hearing, 15)
+    return a, b, v, call_id, track, anna_leg(sim)
+
+
 async def test_a_worker_killed_mid_call_ends_it_with_a_reason_and_frees_the_agent(
     nodes: NodeFactory,
     tmp_path: Path,
@@ -223,15 +245,10 @@ async def test_a_worker_killed_mid_call_ends_it_with_a_reason_and_frees_the_agen
     clients: Callable[[], SocketClient],
     peers: RTCPeerConnection,
 ) -> None:
-    a = await bridged_node(nodes, tmp_path, sim, redis_url)
-    b = await bridged_node(nodes, tmp_path, sim, redis_url)
-    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
-    await on_mobile(http, b, "anna")
-    hearing = remote_track(peers)
-    v, call_id = await call_anna(http, clients, a, peers)
-    track = await asyncio.wait_for(hearing, 15)
+    a, b, v, call_id, track, leg = await a_visitor_on_a_rings_anna_on_b(
+        nodes, tmp_path, sim, http, redis_url, clients, peers
+    )
     assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
-    leg = anna_leg(sim)
 
     # The session is on the worker of the node that rang Anna (a); it dies.
     (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
@@ -291,14 +308,9 @@ async def test_an_agent_on_her_phone_holds_the_visitor_with_star(
 ) -> None:
     """Anna took a browser call on her phone: star holds the visitor (they hear the hold
     tone, she hears nothing, the widget is told on every node), star again brings them back."""
-    a = await bridged_node(nodes, tmp_path, sim, redis_url)
-    b = await bridged_node(nodes, tmp_path, sim, redis_url)
-    sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
-    await on_mobile(http, b, "anna")
-    hearing = remote_track(peers)
-    v, call_id = await call_anna(http, clients, a, peers)
-    track = await asyncio.wait_for(hearing, 15)
-    leg = anna_leg(sim)
+    _, b, v, call_id, track, leg = await a_visitor_on_a_rings_anna_on_b(
+        nodes, tmp_path, sim, http, redis_url, clients, peers
+    )
     assert any("Press star to put the caller on hold" in s for s in leg.said), leg.said
     await until_heard(track, 1000)
     await phone_hears(sim, leg, 440)
