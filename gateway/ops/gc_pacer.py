@@ -77,6 +77,7 @@ PACED_THRESHOLDS = (20_000, 20, 50)
 
 
 FROZEN_GARBAGE_LIMIT = 100_000
+REAP_EVERY_S = 0.05
 CHECK_TIMEOUT_S = 120.0
 """A child still collecting after this long is stuck (a finalizer waiting on a lock some
 other thread held at the fork): it is killed and the check counts as failed."""
@@ -127,6 +128,18 @@ def _check_in_child(write_fd: int) -> None:
         os.write(write_fd, json.dumps(report).encode())
     finally:
         os._exit(0)
+
+
+def _reap(loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    """Collect the exited child ``pid``, without waiting: a child that copied most of the
+    heap takes a while to give it back as it exits, and the node must not wait for that.
+    (A function, not a closure that schedules itself: that would be a reference cycle.)"""
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return  # reaped by someone else's watcher
+    if reaped == 0:
+        loop.call_later(REAP_EVERY_S, _reap, loop, pid)
 
 
 class CollectorPacer:
@@ -231,10 +244,7 @@ class CollectorPacer:
             loop.remove_reader(read_fd)
             os.close(read_fd)
             timeout.cancel()
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass  # reaped by someone else's watcher
+            _reap(loop, pid)
             if check is None:
                 log.warning("frozen garbage check failed (its child stopped or got stuck)")
             else:
