@@ -17,7 +17,8 @@ worker's token, compared in constant time):
   "sdpMLineIndex"?}}``: a browser's trickled ICE candidate (aiortc answers with all of
   its own in the SDP).
 - ``GET /v1/media/sessions/{id}``: the session's counters (``404 media_ended`` once over).
-- ``POST /v1/media/sessions/{id}/hold`` ``{"on": bool}``: hold, or take off hold.
+- ``POST /v1/media/sessions/{id}/hold`` ``{"on": bool, "held"?: "phone" | "browser"}``:
+  hold (the held side, by default the phone, hears a tone now and then), or take off hold.
 - ``DELETE /v1/media/sessions/{id}``: the call is over; its peer connection is closed.
 - ``GET /v1/media/stats``: sessions, and each one's gaps and drops; the last frames sent late and
   the last long collector pauses, each with its wall-clock time.
