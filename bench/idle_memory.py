@@ -52,12 +52,8 @@ from bench.harness import (
     token,
     write_json,
 )
-from bench.soak import Widgets
+from bench.soak import FROZEN_CHECK, Widgets, frozen_check_of
 
-CHECK = re.compile(
-    r"frozen garbage check: (\d+) of (\d+) frozen objects were garbage .*?; the child took "
-    r"(\d+) ms, the fork paused this process ([\d.]+) ms"
-)
 FULL = re.compile(r"full garbage collection: (\d+) objects collected in (\d+) ms")
 
 
@@ -110,7 +106,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 per_watcher_kb = (with_watchers - with_sockets) * 1024 / max(opened, 1)
 
                 node.proc.send_signal(signal.SIGUSR2)
-                check = await logged(node.log, CHECK)
+                check = frozen_check_of(await logged(node.log, FROZEN_CHECK))
                 node.proc.send_signal(signal.SIGUSR1)
                 full = await logged(node.log, FULL)
                 gc_end = await gc_pauses(http, node.url)
@@ -136,12 +132,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "kb_per_idle_socket": round(per_socket_kb, 2),
         "kb_per_idle_watcher": round(per_watcher_kb, 2),
-        "hourly_check": {
-            "frozen_objects": int(check.group(2)),
-            "garbage": int(check.group(1)),
-            "child_ms": int(check.group(3)),
-            "node_paused_ms": float(check.group(4)),
-        },
+        "hourly_check": check,
         "full_collection_on_request_ms": int(full.group(2)),
         # The full collection asked for (SIGUSR1) is generation 2: not one the node runs
         # by itself any more.
@@ -149,12 +140,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "event_loop_lag": _lag(metrics),
         "meets_target": per_socket_kb <= 14
         and per_watcher_kb <= 10
-        and float(check.group(4)) <= 100
+        and check["node_paused_ms"] <= 100
         and all(pauses[g]["over_100_ms"] == 0 for g in pauses if g != "2"),
         "targets": {
             "socket_le_14_kb": per_socket_kb <= 14,
             "watcher_le_10_kb": per_watcher_kb <= 10,
-            "hourly_pause_le_100_ms": float(check.group(4)) <= 100,
+            "hourly_pause_le_100_ms": check["node_paused_ms"] <= 100,
             "paced_pauses_le_100_ms": all(
                 pauses[g]["over_100_ms"] == 0 for g in pauses if g != "2"
             ),

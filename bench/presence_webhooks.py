@@ -202,54 +202,53 @@ async def measure(
     # the nodes' latency. Its own pauses are reported beside the figures.
     driver_pauses: list[float] = []
     paced = PROCESS_PACER.acquire(lambda _gen, pause_s, _n: driver_pauses.append(pause_s))
-    machine = await MachineStalls().__aenter__()
-    started, window_from = time.perf_counter(), time.time()
-    before = {name: sched(pid) for name, pid in pids.items()}
-    stolen_before = steal_seconds()
-    lag_max = 0.0
-    socket_total = 0
-    for issued in range(total):
-        due = started + issued / args.rate
-        now = time.perf_counter()
-        if due > now:
-            await asyncio.sleep(due - now)
-        lag_max = max(lag_max, time.perf_counter() - due)
-        # Requests alternate IM, SMS; each agent gets one of each per round of all agents,
-        # and a different state from the round before, so every request is a change.
-        agent = (issued // 2) % args.agents
-        step = (issued // (2 * args.agents)) % 3
-        node, url = ("a", url_a) if (issued // 2) % 2 == 0 else ("b", url_b)
-        if issued % 2 == 0:
-            job = post_im(node, url, f"a{agent}", IM_STATES[step])
-        else:
-            command, state = SMS_COMMANDS[step]
-            job = post_sms(node, url, agent, command, state)
-        task = asyncio.create_task(job)
-        posts.add(task)
-        task.add_done_callback(posts.discard)
-        if senders and issued % socket_every == 0:
-            k = socket_total % len(senders)
-            name, snode, client = senders[k]
-            seq[k] = (seq[k] + 1) % 200
-            socket_sent[(name, seq[k] - 100)] = (time.perf_counter(), snode)
-            await client.emit(
-                "presence:set",
-                {
-                    "device_id": "mob",
-                    "kind": "mobile",
-                    "state": "available",
-                    "priority": seq[k] - 100,
-                },
-            )
-            socket_total += 1
-    elapsed = time.perf_counter() - started
-    cpu = cpu_report(pids, before, elapsed, stolen_before)
-    await asyncio.gather(*posts, return_exceptions=True)
-    deadline = time.perf_counter() + 5
-    while (sent or socket_sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)  # stragglers, bounded
-    window_to = time.time()
-    await machine.__aexit__(None, None, None)
+    async with MachineStalls() as machine:  # its watchers stop whatever happens
+        started, window_from = time.perf_counter(), time.time()
+        before = {name: sched(pid) for name, pid in pids.items()}
+        stolen_before = steal_seconds()
+        lag_max = 0.0
+        socket_total = 0
+        for issued in range(total):
+            due = started + issued / args.rate
+            now = time.perf_counter()
+            if due > now:
+                await asyncio.sleep(due - now)
+            lag_max = max(lag_max, time.perf_counter() - due)
+            # Requests alternate IM, SMS; each agent gets one of each per round of all agents,
+            # and a different state from the round before, so every request is a change.
+            agent = (issued // 2) % args.agents
+            step = (issued // (2 * args.agents)) % 3
+            node, url = ("a", url_a) if (issued // 2) % 2 == 0 else ("b", url_b)
+            if issued % 2 == 0:
+                job = post_im(node, url, f"a{agent}", IM_STATES[step])
+            else:
+                command, state = SMS_COMMANDS[step]
+                job = post_sms(node, url, agent, command, state)
+            task = asyncio.create_task(job)
+            posts.add(task)
+            task.add_done_callback(posts.discard)
+            if senders and issued % socket_every == 0:
+                k = socket_total % len(senders)
+                name, snode, client = senders[k]
+                seq[k] = (seq[k] + 1) % 200
+                socket_sent[(name, seq[k] - 100)] = (time.perf_counter(), snode)
+                await client.emit(
+                    "presence:set",
+                    {
+                        "device_id": "mob",
+                        "kind": "mobile",
+                        "state": "available",
+                        "priority": seq[k] - 100,
+                    },
+                )
+                socket_total += 1
+        elapsed = time.perf_counter() - started
+        cpu = cpu_report(pids, before, elapsed, stolen_before)
+        await asyncio.gather(*posts, return_exceptions=True)
+        deadline = time.perf_counter() + 5
+        while (sent or socket_sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # stragglers, bounded
+        window_to = time.time()
     if paced:
         PROCESS_PACER.release()
     gc_report = {

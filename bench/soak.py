@@ -978,15 +978,15 @@ def main() -> None:
     )
 
 
-def frozen_check(log: Path) -> dict[str, Any]:
-    """What the node logged of the frozen-garbage check the run asked for (SIGUSR2)."""
-    found = re.search(
-        r"frozen garbage check: (\d+) of (\d+) frozen objects were garbage \((.*?)\)(.*?); the "
-        r"child took (\d+) ms, the fork paused this process ([\d.]+) ms",
-        log.read_text(errors="replace"),
-    )
-    if found is None:
-        return {"ran": False}
+FROZEN_CHECK = re.compile(
+    r"frozen garbage check: (\d+) of (\d+) frozen objects were garbage \((.*?)\)(.*?); the "
+    r"child took (\d+) ms, the fork paused this process ([\d.]+) ms"
+)
+"""The line a node logs for each frozen-garbage check (gateway/ops/gc_pacer.py)."""
+
+
+def frozen_check_of(found: re.Match[str]) -> dict[str, Any]:
+    """``FROZEN_CHECK``'s match as figures."""
     return {
         "ran": True,
         "garbage": int(found.group(1)),
@@ -996,6 +996,12 @@ def frozen_check(log: Path) -> dict[str, Any]:
         "child_ms": int(found.group(5)),
         "node_paused_ms": float(found.group(6)),
     }
+
+
+def frozen_check(log: Path) -> dict[str, Any]:
+    """What the node logged of the frozen-garbage check the run asked for (SIGUSR2)."""
+    found = FROZEN_CHECK.search(log.read_text(errors="replace"))
+    return frozen_check_of(found) if found is not None else {"ran": False}
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:

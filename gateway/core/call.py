@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Literal
 
 from gateway.core.errors import Conflict
 from gateway.core.model import Channel
@@ -250,6 +251,21 @@ def agent_in_app(call: Call) -> bool:
     unless it is bridged to her phone, a callback only when it is bridged to the app."""
     bridged = call.media is not None
     return bridged if call.channel is CallChannel.CALLBACK else not bridged
+
+
+HOLD_KEY = "*"
+"""The key an agent on her phone presses to hold a browser visitor, and again to return."""
+
+
+def phone_key_meaning(call: Call, key: str) -> Literal["show", "toggle_hold"] | None:
+    """What a key pressed on a bridged call's phone means: from a customer talking to an
+    agent in the app, a digit to show her; ``HOLD_KEY`` from an agent on her phone, hold or
+    back; anything else (or a call no longer talking over the bridge), nothing."""
+    if call.state is not CallState.CONNECTED or call.media is None:
+        return None
+    if agent_in_app(call):
+        return "show"
+    return "toggle_hold" if key == HOLD_KEY else None
 
 
 def accepted_on(call: Call, attempt: int) -> bool:

@@ -220,15 +220,13 @@ class CollectorPacer:
         started = time.perf_counter()
         try:
             read_fd, write_fd = os.pipe()
-        except OSError as e:  # out of descriptors (or memory): try again next time
-            log.warning("frozen garbage check could not start: %s", e)
-            done.set_result(None)
-            return done
-        try:
-            pid = os.fork()
-        except OSError as e:
-            os.close(read_fd)
-            os.close(write_fd)
+            try:
+                pid = os.fork()
+            except OSError:
+                os.close(read_fd)
+                os.close(write_fd)
+                raise
+        except OSError as e:  # out of descriptors or memory: try again next time
             log.warning("frozen garbage check could not start: %s", e)
             done.set_result(None)
             return done

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 from gateway.core import call as calls
-from gateway.core.call import Call, CallState
+from gateway.core.call import Call
 from gateway.core.errors import Conflict, NotFound
 from gateway.core.text import N_
 from gateway.services.call_records import CallRecords
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 
 CONNECTING = N_("Connecting you now.")
 HOLD_HINT = N_("Press star to put the caller on hold, and star again to return.")
-HOLD_KEY = "*"
-"""The key an agent on her phone presses to hold the visitor, and again to take them back."""
 LOST_DETAIL = "The audio connection was lost"
 
 
@@ -134,14 +132,15 @@ class AudioBridge:
 
     async def key_from_phone(self, call_id: str, key: str) -> None:
         """A key pressed on the call's phone (its tone is already on its way to the browser).
-        From a customer talking to an agent in the app: shown to her (``call:key``). From an
-        agent on her phone: ``HOLD_KEY`` puts the visitor on hold, or takes them off."""
+        What it means is the core's rule (``call.phone_key_meaning``): shown to the agent in
+        the app (``call:key``), or the visitor held or taken back."""
         call = await self._records.find(call_id)
-        if call is None or call.state is not CallState.CONNECTED or call.media is None:
-            return  # a key pressed as the call ended
-        if calls.agent_in_app(call):
+        meaning = calls.phone_key_meaning(call, key) if call is not None else None
+        if call is None or meaning is None:
+            return  # a key pressed as the call ended, or one that means nothing here
+        if meaning == "show":
             await self._records.notify.key(call, key)
-        elif key == HOLD_KEY:
+        else:
             try:
                 await self._records.hold(call, not calls.on_hold(call))
             except (Conflict, NotFound):
