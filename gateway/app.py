@@ -14,9 +14,17 @@ from gateway.core.admission import StartLimit
 from gateway.core.ringing import RING_EVENT, RING_OVER_EVENT
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
-from gateway.edge.http import callback_api, http_api, im_webhook, visitor_api, web_static
+from gateway.edge.http import (
+    callback_api,
+    http_api,
+    im_webhook,
+    ticket_api,
+    visitor_api,
+    web_static,
+)
 from gateway.edge.http.availability_feed import AvailabilityFeed
 from gateway.edge.http.http_api import error_middleware
+from gateway.edge.http.ticket_feed import TicketFeed, TicketView
 from gateway.edge.http.visitor_api import cors_middleware
 from gateway.edge.sio.agent import AgentNamespace
 from gateway.edge.sio.board import BoardNamespace
@@ -132,9 +140,10 @@ def create_app(
         if settings.redis_url
         else None
     )
+    client_manager = manager or LocalManager(rings)
     sio = MembraneServer(
         async_mode="aiohttp",
-        client_manager=manager or LocalManager(rings),
+        client_manager=client_manager,
         cors_allowed_origins=allowed_origins(settings),
         # WebSocket only, as every shipped client connects: long-polling adds per-session
         # HTTP bodies, queues and timers for no client, and a GET asking for it gets a 400.
@@ -165,6 +174,13 @@ def create_app(
     if manager is not None:
         manager.on_rejoin = desk.replay_since
     feed = AvailabilityFeed(presence, records.ringing, clock.now)
+
+    async def ticket_view(call_id: str) -> TicketView | None:
+        call = await records.find(call_id)
+        return None if call is None else TicketView(call.version, await callbacks.view(call))
+
+    tickets = TicketFeed(ticket_view)
+    client_manager.tap("call:update", "/visitor", tickets.on_call_update)
 
     async def ring_event(event: Json) -> None:
         records.ringing.apply(event)
@@ -220,6 +236,7 @@ def create_app(
     app[keys.CALLS] = calls
     app[keys.CALLBACKS] = callbacks
     app[keys.AVAILABILITY] = feed
+    app[keys.TICKETS] = tickets
     app[keys.DRAIN] = drain
     app[keys.SMS_PRESENCE] = sms_presence
 
@@ -257,8 +274,10 @@ def create_app(
 
         drain.on_drain("timers", hand_over_timers)
         tasks.spawn(feed.run_keepalive(), "availability-keepalive")
+        tasks.spawn(tickets.run_keepalive(), "ticket-keepalive")
         yield
         await feed.close()
+        await tickets.close()
         await tasks.close()
 
     async def run_socketio(app: web.Application) -> AsyncIterator[None]:
@@ -274,6 +293,7 @@ def create_app(
 
     async def end_streams(deadline: float) -> None:
         await feed.close_watchers()  # EventSource reconnects by itself
+        await tickets.close_watchers()
 
     async def move_sockets(deadline: float) -> None:
         await send_sockets_elsewhere(sio)
@@ -297,6 +317,7 @@ def create_app(
     http_api.add_routes(app)
     visitor_api.add_routes(app)
     callback_api.add_routes(app)
+    ticket_api.add_routes(app)
     im_webhook.add_routes(app)
     web_static.add_routes(app)
     return app

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import gettext
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from types import MappingProxyType
 from typing import Final
 
 from babel import Locale, UnknownLocaleError
 from babel.core import get_global
+from babel.messages.catalog import Catalog
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 
@@ -65,16 +67,42 @@ def languages() -> tuple[str, ...]:
 
 
 @cache
+def _read(language: str) -> Catalog:
+    name = language.replace("-", "_") + ".po"
+    with resources.files("gateway").joinpath(CATALOGUE_DIR, name).open("rb") as po:
+        return read_po(po, locale=language.replace("-", "_"))
+
+
+@cache
 def _load(language: str) -> gettext.NullTranslations:
     if language == SOURCE_LANGUAGE:
         return gettext.NullTranslations()
-    name = language.replace("-", "_") + ".po"
-    with resources.files("gateway").joinpath(CATALOGUE_DIR, name).open("rb") as po:
-        catalog = read_po(po, locale=language.replace("-", "_"))
+    catalog = _read(language)
     compiled = io.BytesIO()
     write_mo(compiled, catalog)  # fuzzy entries are left out, as msgfmt does
     compiled.seek(0)
     return gettext.GNUTranslations(compiled)
+
+
+@cache
+def browser_catalogue(language: str) -> Mapping[str, str]:
+    """Every translated sentence of ``language`` (one Membrane speaks), message id to
+    translation, for the pages the gateway serves (the ticket page, the widget, the agent
+    app), which look their sentences up in the same catalogues as the phone prompts. Fuzzy
+    entries are left out, as gettext leaves them out."""
+    if language == SOURCE_LANGUAGE:
+        return MappingProxyType({})
+    return MappingProxyType(
+        {
+            m.id: m.string
+            for m in _read(language)
+            if isinstance(m.id, str)
+            and m.id
+            and isinstance(m.string, str)
+            and m.string
+            and not m.fuzzy
+        }
+    )
 
 
 def load_all() -> None:

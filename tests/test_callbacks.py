@@ -581,13 +581,15 @@ async def test_cors_answers_each_site_for_its_own_origins_only(
     assert r.status == 400 and r.headers["Access-Control-Allow-Origin"] == a
 
     # A ticket path names no site: its preflight admits the sites' pages for what a ticket
-    # needs (GET, DELETE, no headers); its answer goes to the call's own site only.
+    # needs (GET, POST with JSON to move it, DELETE); its answer goes to the call's own site
+    # only.
     status, created = await request_callback(http, node, {"phone": VISITOR_PHONE}, token)
     assert status == 201, created
     path = f"/v1/calls/{created['call_id']}"
     r = await preflight(path, a, "DELETE")
-    assert r.status == 204 and r.headers["Access-Control-Allow-Methods"] == "GET, DELETE, OPTIONS"
-    assert "Access-Control-Allow-Headers" not in r.headers
+    assert r.status == 204
+    assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, DELETE, OPTIONS"
+    assert r.headers["Access-Control-Allow-Headers"] == "Content-Type"
     r = await preflight(path, "https://evil.example", "DELETE")
     assert r.status == 403
     refused += 1

@@ -5,6 +5,7 @@ satisfy."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -214,10 +215,30 @@ async def test_answers_match_the_document(
     assert (await call("get", path, ticket, params=token))[0] == 200
     assert (await call("get", path, ticket))[0] == 401
     assert (await call("get", path, ticket, params={"token": "wrong"}))[0] == 404
+    move = ticket + "/move"
+    soon = {"at": datetime.now(UTC).isoformat()}
+    status, refused = await call("post", path + "/move", move, params=token, json=soon)
+    assert status == 422 and refused["error"]["code"] == "slot_unavailable", refused
+    assert (await call("post", path + "/move", move, params=token, json={"at": 1}))[0] == 400
+    assert (await call("post", path + "/move", move, params={"token": "x"}, json=soon))[0] == 404
+    live = await http.get(f"{url}{path}/stream", params=token)
+    assert live.status == 200
+    assert live.headers["Content-Type"].startswith("text/event-stream")
+    contract.response("get", ticket + "/stream", 200)
+    live.close()
+    assert (await call("get", path + "/stream", ticket + "/stream"))[0] == 401
+    catalogue = "/v1/messages/{language}"
+    status, german = await call("get", "/v1/messages/de-AT", catalogue)
+    assert status == 200 and german["language"] == "de" and german["messages"], german
+    status, english = await call("get", "/v1/messages/xx", catalogue)
+    assert status == 200 and english == {"language": "en", "messages": {}}
     status, ended = await call("delete", path, ticket, params=token)
     assert status == 200 and ended["state"] == "canceled"
 
-    exercised = {(m, p) for m, p, _ in contract.checked} | {("get", availability + "/stream")}
+    exercised = {(m, p) for m, p, _ in contract.checked} | {
+        ("get", availability + "/stream"),
+        ("get", ticket + "/stream"),
+    }
     assert exercised == rest_routes(node), "every operation answered at least once"
 
 

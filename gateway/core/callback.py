@@ -116,6 +116,20 @@ def postpone(call: Call, until: float, event: str, detail: str, now: float) -> C
     )
 
 
+def moved(call: Call, at: float, now: float) -> Call:
+    """The visitor picked another time on their ticket: it waits for ``at``, and then joins
+    the queue at the place it had (``place_at``)."""
+    _open(call)
+    if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
+        raise CallError("invalid_state", f"a {call.state} callback can no longer be moved")
+    return replace(
+        call,
+        state=CallState.SCHEDULED,
+        scheduled_at=at,
+        timeline=_log(call, now, "moved", "You picked a new time"),
+    )
+
+
 def _current_leg(call: Call, attempt: int) -> None:
     _open(call)
     if call.dials != attempt or call.state not in (CallState.DIALING, CallState.CONNECTED):

@@ -177,6 +177,20 @@ def over_spend_cap(policy: CallbackPolicy, spent_micro_usd: int) -> bool:
 # --- the decision -------------------------------------------------------------------------
 
 
+def time_refusal(
+    number: CheckedNumber, policy: CallbackPolicy, scope: Sequence[Branch], at: float, now: float
+) -> Refusal | None:
+    """Why a callback may not be placed at ``at`` (a time the visitor picked), if it may
+    not."""
+    if at > now + MAX_AHEAD_S:
+        return Refusal("slot_unavailable", "that time is too far ahead")
+    if not open_at(scope, at):
+        return Refusal("slot_unavailable", "we are closed at that time")
+    if in_quiet_hours(number, policy, at):
+        return Refusal("quiet_hours", "that is night time at your number")
+    return None
+
+
 def admit(
     ask: CallbackAsk,
     policy: CallbackPolicy,
@@ -195,12 +209,10 @@ def admit(
     if at is not None:
         if at <= now + min_lead_s:
             at = None  # "at a time" that is already here is "now"
-        elif at > now + MAX_AHEAD_S:
-            return Refusal("slot_unavailable", "that time is too far ahead")
-        elif not open_at(scope, at):
-            return Refusal("slot_unavailable", "we are closed at that time")
-        elif in_quiet_hours(number, policy, at):
-            return Refusal("quiet_hours", "that is night time at your number")
+        else:
+            refusal = time_refusal(number, policy, scope, at, now)
+            if refusal is not None:
+                return refusal
     detail = "We'll call you at the time you chose" if at is not None else None
     if at is None and not open_at(scope, now):
         opening = next_opening(scope, now)

@@ -52,7 +52,7 @@ class Metrics:
         )
         self.callbacks = Counter(
             "membrane_callbacks_total",
-            "Callbacks by what became of them (requested, completed, failed, canceled).",
+            "Callbacks by what became of them (requested, moved, completed, failed, canceled).",
             ["outcome"],
             registry=self.registry,
         )

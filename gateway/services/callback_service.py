@@ -42,6 +42,7 @@ from gateway.core.callback_admission import (
     hours_scope,
     next_opening,
     open_at,
+    time_refusal,
 )
 from gateway.core.errors import (
     Conflict,
@@ -275,6 +276,40 @@ class CallbackService:
     async def _mean_handle_s(self, site_id: str) -> float:
         recent = await self._store.handle_times(site_id)
         return statistics.fmean(recent) if recent else DEFAULT_MEAN_HANDLE_S
+
+    async def move(self, call_id: str, token: str, at: float) -> Call:
+        """The visitor picks another time from their ticket, while the callback still waits
+        (``scheduled`` or ``queued``); the time is checked as a new request's would be."""
+        call = await self.ticket(call_id, token)
+        if call.final:
+            raise CallError("call_ended", "the callback has already ended")
+        if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
+            raise CallError("invalid_state", f"a {call.state} callback can no longer be moved")
+        site = self._records.sites[call.site]
+        policy = site.callback_policy
+        now = self._records.clock()
+        if at <= now + self.min_lead_s:
+            raise self._refuse(Refusal("slot_unavailable", "pick a later time"))
+        try:
+            number = check_number(call.phone or "", policy)
+        except PhoneRefused as e:
+            raise self._refuse(Refusal(e.code, e.message)) from None
+        refusal = time_refusal(number, policy, hours_scope(site, call.request.branch), at, now)
+        if refusal is not None:
+            raise self._refuse(refusal)
+        # Out of the line first: a free agent must not take it while it moves; a race lost
+        # to one (it is ringing now) is refused by the transition.
+        await self._store.queue_remove(call.site, call.call_id)
+        try:
+            moved = await self._records.move(call, partial(cb.moved, at=at, now=now))
+        except CallError:
+            current = await self._records.get(call_id)
+            if current.state is CallState.QUEUED:
+                await self._store.queue_put(call.site, call_id, current.place_at or now)
+            raise
+        await self._records.schedule(due_timer(moved), at)
+        self._metrics.callbacks.labels("moved").inc()
+        return moved
 
     async def cancel(self, call_id: str, token: str) -> Call:
         call = await self.ticket(call_id, token)

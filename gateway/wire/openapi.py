@@ -34,12 +34,14 @@ from gateway.wire.rest import (
     CallbackCreated,
     CallbackRequest,
     CallbackSlots,
+    Catalogue,
     Error,
     Health,
     IceServer,
     Readiness,
     Session,
     SessionRequest,
+    TicketMove,
 )
 
 DRAINING_OR_STORE = (
@@ -64,6 +66,8 @@ REST_STRUCTS: tuple[Any, ...] = (
     CallbackRequest,
     CallbackCreated,
     CallbackSlots,
+    TicketMove,
+    Catalogue,
     ImPresenceUpdate,
     ImPresenceBatch,
     ImPresenceAnswer,
@@ -423,6 +427,69 @@ def _paths() -> dict[str, Json]:
                 "Cancel a callback (an ended one is answered as it is).",
                 {"200": call, **ticket_errors},
                 security=STATUS_TOKEN,
+                tags=["visitors"],
+            ),
+        },
+        "/v1/calls/{call_id}/move": {
+            "parameters": [_param("call_id")],
+            "post": _operation(
+                "moveTicket",
+                "Call me at another time: a waiting callback (scheduled or queued) is "
+                "scheduled for one of the callback slots.",
+                {
+                    "200": call,
+                    "409": _error(
+                        "invalid_state: it is already ringing, dialing or connected; "
+                        "call_ended: it has ended."
+                    ),
+                    "422": _error(
+                        "slot_unavailable: too soon, too far ahead, or closed then; "
+                        "quiet_hours: night time at the number then."
+                    ),
+                    **ticket_errors,
+                },
+                requestBody=_body(_ref("TicketMove")),
+                security=STATUS_TOKEN,
+                tags=["visitors"],
+            ),
+        },
+        "/v1/calls/{call_id}/stream": {
+            "parameters": [_param("call_id")],
+            "get": _operation(
+                "streamTicket",
+                "The ticket as Server-Sent Events, for the ticket page.",
+                {
+                    "200": {
+                        "description": "retry: 5000, then a `ticket` event (its data "
+                        '`{"version", "call": Call}`) now and on every change, and a '
+                        "keepalive comment every 20 s.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "503": _error(
+                        "too_many_watchers: this node (or this ticket on it) has too many "
+                        "streams. draining: this node is shutting down."
+                    ),
+                    **ticket_errors,
+                },
+                security=STATUS_TOKEN,
+                tags=["visitors"],
+            ),
+        },
+        "/v1/messages/{language}": {
+            "parameters": [
+                {
+                    "name": "language",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "maxLength": 35},
+                    "description": "A BCP 47 tag; the best language Membrane speaks is served.",
+                }
+            ],
+            "get": _operation(
+                "getCatalogue",
+                "The sentences the browser pages show, translated.",
+                {"200": _json(_ref("Catalogue"), "English is an empty map: ids are English.")},
+                security=[],
                 tags=["visitors"],
             ),
         },

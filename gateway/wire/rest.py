@@ -8,7 +8,17 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from gateway.wire.base import Id, Json, Time, VisitorId, VisitorSecret, iso, to_wire
+from gateway.wire.base import (
+    Id,
+    Json,
+    Time,
+    VisitorId,
+    VisitorSecret,
+    decode,
+    iso,
+    parse_iso,
+    to_wire,
+)
 from gateway.wire.calls import Call, CallStart
 
 # phone_policy.RAW_SHAPE once surrounding white space is stripped: a blank or empty phone is
@@ -183,3 +193,33 @@ def callback_created_to_wire(call_id: str, status_token: str, call: Json) -> Jso
 
 def slots_to_wire(slots: list[float]) -> Json:
     return to_wire(CallbackSlots([t for t in (iso(s) for s in slots) if t is not None]))
+
+
+class TicketMove(Struct):
+    """``POST /v1/calls/{call_id}/move``: call me at another time instead."""
+
+    at: Annotated[
+        str,
+        Meta(
+            max_length=64,
+            extra_json_schema={"format": "date-time"},
+            description="One of the callback slots (GET .../callback-slots).",
+        ),
+    ]
+
+
+def ticket_move_from_wire(payload: object) -> float:
+    return parse_iso(decode(payload, TicketMove).at, "at")
+
+
+class Catalogue(Struct):
+    """The sentences a browser page shows, in one language (``GET /v1/messages/{language}``):
+    each English sentence (the message id) with its translation, placeholders in braces."""
+
+    language: str
+    """The language served: the best Membrane speaks for the one asked."""
+    messages: dict[str, str]
+
+
+def catalogue_to_wire(language: str, messages: dict[str, str]) -> Json:
+    return to_wire(Catalogue(language, messages))

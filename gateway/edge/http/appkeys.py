@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.edge.auth import TokenService
 from gateway.edge.http.availability_feed import AvailabilityFeed
+from gateway.edge.http.ticket_feed import TicketFeed
 from gateway.edge.visitor_identity import VisitorIdentity
 from gateway.ops.clock import Clock
 from gateway.ops.metrics import Metrics
@@ -41,6 +42,7 @@ TASKS = web.AppKey("tasks", TaskGroup)
 REST_BUCKETS = web.AppKey("rest_buckets", dict[str, TokenBucket])
 HEALTH = web.AppKey("health", HealthSource)
 AVAILABILITY = web.AppKey("availability", AvailabilityFeed)
+TICKETS = web.AppKey("tickets", TicketFeed)
 CALLS = web.AppKey("calls", CallService)
 CALLBACKS = web.AppKey("callbacks", CallbackService)
 DRAIN = web.AppKey("drain", Drain)

@@ -11,20 +11,24 @@ never stalls the node. A watcher whose socket cannot keep up is dropped, not buf
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import socket
-import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from gateway.core.availability import availability
 from gateway.core.ringing import RingingAgents
 from gateway.core.routing import RoutingSnapshot, capabilities
+from gateway.edge.http.sse import (
+    KEEPALIVE,
+    RETRY_MS,
+    Watcher,
+    chunk_of,
+    open_stream,
+    send,
+    sse_frame,
+)
 from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceChange, PresenceService
 from gateway.wire.codec import Json
@@ -36,22 +40,10 @@ log = logging.getLogger(__name__)
 FeedKey = tuple[str, str | None, str | None]
 
 WRITES_PER_SLICE = 256
-MAX_BUFFERED_BYTES = 64 * 1024
 
 
-@dataclass(eq=False, slots=True)
-class Watcher:
-    response: web.StreamResponse
-    transport: asyncio.Transport
-    chunked: bool
-    """HTTP/1.1 streams are chunked; an HTTP/1.0 one gets the bare bytes."""
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-    def close(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+def availability_frame(data: Json) -> bytes:
+    return sse_frame("availability", data)
 
 
 def availability_json(
@@ -81,25 +73,6 @@ def availability_json(
         a.open,
         a.next_open_at,
         a.callbacks,
-    )
-
-
-def cut(transport: asyncio.Transport) -> None:
-    """Drop a watcher too slow to keep: reset, not ended. Ending the response would wait for
-    the client to read its backlog first, so one that never reads held its connection and
-    its request handler for good, and a shutdown for aiohttp's whole shutdown timeout; and a
-    plain close leaves the backlog in the kernel until it gives up on the client, minutes
-    later."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
-def sse_frame(data: Json) -> bytes:
-    return (
-        b"event: availability\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
     )
 
 
@@ -145,30 +118,17 @@ class AvailabilityFeed:
         self, request: web.Request, key: FeedKey, headers: dict[str, str]
     ) -> web.StreamResponse:
         """Serve one watcher until it goes away; runs in the connection's own handler."""
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",  # tell nginx not to buffer the stream
-                **headers,
-            }
-        )
-        chunked = request.version >= (1, 1)
-        if chunked:
-            response.enable_chunked_encoding()  # explicit, so broadcasts can pre-frame chunks
-        await response.prepare(request)
-        transport = request.transport
-        if transport is None:
-            return response
+        watcher = await open_stream(request, headers)
+        if watcher is None:
+            return web.StreamResponse()  # the client went away
         # The last frame sent for the key is current while someone watches it (every change
         # is flushed to them); with nobody watching, it is forgotten (below) and worked out
         # anew. The watcher joins before its first write, so no broadcast falls in between.
-        frame = self._last.get(key) or sse_frame(self.current(key))
+        frame = self._last.get(key) or availability_frame(self.current(key))
         self._last[key] = frame
-        watcher = Watcher(response, transport, chunked)
         self._watchers.setdefault(key, set()).add(watcher)
         try:
-            await response.write(b"retry: 5000\n" + frame)
+            await watcher.response.write(b"retry: %d\n%s" % (RETRY_MS, frame))
             await watcher.done
         finally:
             group = self._watchers.get(key)
@@ -178,7 +138,7 @@ class AvailabilityFeed:
                     # Changes while nobody watches are not flushed: the frame would go stale.
                     del self._watchers[key]
                     self._last.pop(key, None)
-        return response
+        return watcher.response
 
     # --- changes -------------------------------------------------------------------------------
 
@@ -200,7 +160,7 @@ class AvailabilityFeed:
     async def flush(self, site: str | None = None, keepalive: bool = False) -> None:
         now = self._clock()
         for key in [k for k in self._watchers if site is None or k[0] == site]:
-            frame = sse_frame(
+            frame = availability_frame(
                 availability_json(
                     self._presence, self._ringing, key, now, self.telephony, self.bridge
                 )
@@ -208,7 +168,7 @@ class AvailabilityFeed:
             if frame == self._last.get(key):
                 if not keepalive:
                     continue
-                frame = b": keepalive\n\n"
+                frame = KEEPALIVE
             else:
                 self._last[key] = frame
             await self._broadcast(key, frame)
@@ -217,18 +177,10 @@ class AvailabilityFeed:
         # The same bytes for everyone, HTTP chunk framing included, written straight to each
         # socket: no per-watcher await, so one slow reader can neither hold up nor reorder
         # a broadcast (it is dropped once its unsent bytes pile up instead).
-        chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+        chunk = chunk_of(frame)
         watchers = list(self._watchers.get(key, ()))
         for i, watcher in enumerate(watchers):
-            transport = watcher.transport
-            if transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
-                cut(transport)
-                watcher.close()  # it reconnects by itself
-                continue
-            if transport.is_closing():
-                watcher.close()  # gone
-                continue
-            transport.write(chunk if watcher.chunked else frame)
+            send(watcher, frame, chunk)
             if i % WRITES_PER_SLICE == WRITES_PER_SLICE - 1:
                 await asyncio.sleep(0)  # let the node breathe between slices
 

@@ -1,8 +1,7 @@
-"""REST for PSTN callbacks: the request, bookable slots, and the visitor's live ticket.
+"""REST for PSTN callbacks: the request and bookable slots.
 
-The request needs the visitor's session token; the ticket is read and canceled with the
-status token handed out once in the 201 (an unguessable secret, like a parcel tracking link).
-"""
+The request needs the visitor's session token; its 201 hands out the status token for the
+ticket (gateway.edge.http.ticket_api)."""
 
 from __future__ import annotations
 
@@ -12,11 +11,9 @@ from gateway.core.errors import Invalid, Unauthenticated
 from gateway.edge.auth import VISITOR_ROLES, bearer_token, check_configured_role
 from gateway.edge.http import appkeys as keys
 from gateway.edge.http.http_api import read_json
-from gateway.edge.http.visitor_api import TICKET_SITE, client_ip, site_of
-from gateway.wire.codec import branch_from_query, callback_from_wire, check_id
+from gateway.edge.http.visitor_api import client_ip, site_of
+from gateway.wire.codec import branch_from_query, callback_from_wire
 from gateway.wire.rest import callback_created_to_wire, slots_to_wire
-
-MAX_STATUS_TOKEN = 128
 
 
 async def create_callback(request: web.Request) -> web.Response:
@@ -50,31 +47,6 @@ async def callback_slots(request: web.Request) -> web.Response:
     return web.json_response(slots_to_wire(slots), headers={"Cache-Control": "no-store"})
 
 
-def _status_token(request: web.Request) -> str:
-    token = request.query.get("token", "")
-    if not token or len(token) > MAX_STATUS_TOKEN:
-        raise Unauthenticated("the status token is missing")
-    return token
-
-
-async def get_ticket(request: web.Request) -> web.Response:
-    call_id = check_id(request.match_info["call_id"], "call_id")
-    callbacks = request.app[keys.CALLBACKS]
-    call = await callbacks.ticket(call_id, _status_token(request))
-    request[TICKET_SITE] = call.site
-    return web.json_response(await callbacks.view(call), headers={"Cache-Control": "no-store"})
-
-
-async def cancel_ticket(request: web.Request) -> web.Response:
-    call_id = check_id(request.match_info["call_id"], "call_id")
-    callbacks = request.app[keys.CALLBACKS]
-    call = await callbacks.cancel(call_id, _status_token(request))
-    request[TICKET_SITE] = call.site
-    return web.json_response(await callbacks.view(call))
-
-
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sites/{site}/callbacks", create_callback)
     app.router.add_get("/v1/sites/{site}/callback-slots", callback_slots)
-    app.router.add_get("/v1/calls/{call_id}", get_ticket)
-    app.router.add_delete("/v1/calls/{call_id}", cancel_ticket)

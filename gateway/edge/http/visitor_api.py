@@ -24,10 +24,12 @@ from gateway.wire.codec import filters_from_query, session_request_from_wire, se
 SESSIONS_PER_IP_MINUTE = 30
 # What a cross-origin page needs, and no more: the widget opens sessions and callbacks (POST
 # with a bearer token and a JSON body) and reads availability and slots (GET) under its site;
-# it reads and cancels its ticket with the status token in the query (GET, DELETE, no header).
+# it reads, moves and cancels its ticket with the status token in the query (GET, POST with
+# a JSON body, DELETE).
 SITE_METHODS = "GET, POST, OPTIONS"
 SITE_HEADERS = "Authorization, Content-Type"
-TICKET_METHODS = "GET, DELETE, OPTIONS"
+TICKET_METHODS = "GET, POST, DELETE, OPTIONS"
+TICKET_HEADERS = "Content-Type"
 TICKET_SITE = web.RequestKey("ticket_site", str)
 """The site of the call a ticket request has proven it may read (set by the handler)."""
 
@@ -75,7 +77,10 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
     if request.path.startswith("/v1/calls/"):
         allowed, headers = (
             ticket_origins(settings),
-            {"Access-Control-Allow-Methods": TICKET_METHODS},
+            {
+                "Access-Control-Allow-Methods": TICKET_METHODS,
+                "Access-Control-Allow-Headers": TICKET_HEADERS,
+            },
         )
     else:
         allowed = site_origins(settings, path_site(request.path))

@@ -138,6 +138,7 @@ class IndexedRooms(socketio.AsyncManager):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rooms_of: dict[tuple[str, str], set[str | None]] = {}
+        self._taps: dict[tuple[str, str], Callable[[Any], None]] = {}
         self.pending_connect = SidSets()
         self.pending_disconnect = SidSets()
 
@@ -173,6 +174,13 @@ class IndexedRooms(socketio.AsyncManager):  # type: ignore[misc]
                 if len(pending[namespace]) == 0:
                     del pending[namespace]
 
+    def tap(self, event: str, namespace: str, listener: Callable[[Any], None]) -> None:
+        """Hand ``listener`` the payload of every ``event`` on ``namespace`` that reaches
+        this node (emitted here or by another node, to any room), before its sockets get it:
+        a ticket page's stream hears each visitor's ``call:update`` with no message of its
+        own on the wire. It must not block (it runs inside delivery)."""
+        self._taps[(event, namespace)] = listener
+
     def get_rooms(self, sid: str, namespace: str) -> list[str]:
         """``BaseManager.get_rooms`` from the index."""
         return [r for r in self._rooms_of.get((namespace, sid), ()) if r is not None]
@@ -187,6 +195,10 @@ class IndexedRooms(socketio.AsyncManager):  # type: ignore[misc]
         (``LeanSocket.send``). Those Tasks and waits stood out in a node's profile under call
         load; with the other cuts of the same change, a call's node CPU went from 4.0-5.3 ms
         to 2.9-4.3 ms (bench/overload.py at 200/s)."""
+        if self._taps and args and namespace is not None:
+            listener = self._taps.get((event, namespace))
+            if listener is not None:
+                listener(args[0])
         if namespace not in self.rooms:
             return
         skip = skip_sid if isinstance(skip_sid, list) else (skip_sid,)

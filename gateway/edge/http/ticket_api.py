@@ -1,0 +1,96 @@
+"""The customer's ticket: read, follow live, move and cancel a call with its status token.
+
+The status token is handed out once, when the call is made (an unguessable secret, like a
+parcel tracking link), and is the only thing that grants anything here: a wrong or missing
+token and an unknown call get the same 404, so call ids cannot be probed. The ticket page
+(``/t/{call_id}``, served by web_static) is the same bytes for every call and reads the
+token from its URL's fragment, which browsers never send to a server or in a Referer.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.core.errors import Unauthenticated, Unavailable
+from gateway.edge.http import appkeys as keys
+from gateway.edge.http.http_api import read_json
+from gateway.edge.http.visitor_api import TICKET_SITE, site_origins
+from gateway.i18n import best_language, browser_catalogue
+from gateway.wire.codec import check_id
+from gateway.wire.rest import catalogue_to_wire, ticket_move_from_wire
+
+MAX_STATUS_TOKEN = 128
+
+
+def _status_token(request: web.Request) -> str:
+    token = request.query.get("token", "")
+    if not token or len(token) > MAX_STATUS_TOKEN:
+        raise Unauthenticated("the status token is missing")
+    return token
+
+
+async def get_ticket(request: web.Request) -> web.Response:
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    callbacks = request.app[keys.CALLBACKS]
+    call = await callbacks.ticket(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
+    return web.json_response(await callbacks.view(call), headers={"Cache-Control": "no-store"})
+
+
+async def cancel_ticket(request: web.Request) -> web.Response:
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    callbacks = request.app[keys.CALLBACKS]
+    call = await callbacks.cancel(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
+    return web.json_response(await callbacks.view(call))
+
+
+async def move_ticket(request: web.Request) -> web.Response:
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    token = _status_token(request)
+    at = ticket_move_from_wire(await read_json(request))
+    callbacks = request.app[keys.CALLBACKS]
+    call = await callbacks.move(call_id, token, at)
+    request[TICKET_SITE] = call.site
+    return web.json_response(await callbacks.view(call))
+
+
+async def stream_ticket(request: web.Request) -> web.StreamResponse:
+    """The ticket as Server-Sent Events: the view now, then on every change."""
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    call = await request.app[keys.CALLBACKS].ticket(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
+    request.app[keys.DRAIN].refuse_new_work()  # its streams were ended: none may start
+    feed = request.app[keys.TICKETS]
+    if feed.watcher_count >= feed.max_watchers:
+        raise Unavailable("this node is full; retry on another", code="too_many_watchers")
+    if feed.watching(call_id) >= feed.max_per_call:
+        raise Unavailable("this ticket is open too often here", code="too_many_watchers")
+    # A stream's headers are sent before the CORS middleware sees its response.
+    origin = request.headers.get("Origin")
+    settings = request.app[keys.SETTINGS]
+    headers = (
+        {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if origin is not None and origin in site_origins(settings, call.site)
+        else {}
+    )
+    response: web.StreamResponse = await feed.watch(request, call_id, headers)
+    return response
+
+
+async def get_catalogue(request: web.Request) -> web.Response:
+    """A page's sentences in the best language Membrane speaks for the one asked (public:
+    the same for everyone)."""
+    language = best_language([request.match_info["language"][:35]])
+    return web.json_response(
+        catalogue_to_wire(language, dict(browser_catalogue(language))),
+        headers={"Cache-Control": "public, max-age=300"},
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/calls/{call_id}", get_ticket)
+    app.router.add_delete("/v1/calls/{call_id}", cancel_ticket)
+    app.router.add_post("/v1/calls/{call_id}/move", move_ticket)
+    app.router.add_get("/v1/calls/{call_id}/stream", stream_ticket)
+    app.router.add_get("/v1/messages/{language}", get_catalogue)

@@ -1,0 +1,162 @@
+"""Each open ticket page's live view of its call, pushed as it changes.
+
+A ticket page is an idle browser tab, often on a phone, held open for minutes or hours, so
+it is a Server-Sent Events stream (gateway.edge.http.sse), not a socket. The node hears of a
+change to any call as the visitor's ``call:update`` reaches it from socket.io's manager (a
+tap: no message of its own on the wire, whichever node changed the call). For a call with
+pages open here it reads the visitor's view once (with the live queue position and ETA, which
+the socket event lacks) and writes the same bytes to each of them. A burst of changes to one
+call is read once. Each frame carries the call's stored version, so a page keeps the newest
+whatever order two reads finish in.
+
+The keepalive also re-reads the calls still waiting, whose queue position and ETA move
+without a change of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.edge.http.sse import KEEPALIVE, RETRY_MS, Watcher, chunk_of, open_stream, send
+from gateway.edge.http.sse import sse_frame as frame_of
+from gateway.ops.tasks import TaskGroup
+from gateway.wire.codec import Json
+
+log = logging.getLogger(__name__)
+
+WAITING_STATES = frozenset({"queued", "scheduled"})
+"""Calls whose view changes with time alone (position, ETA): re-read at each keepalive."""
+
+
+@dataclass(frozen=True, slots=True)
+class TicketView:
+    version: int
+    """The call's stored version: a page shows the highest it was sent."""
+    call: Json
+    """The visitor's view of the call (``call_to_wire`` with position and ETA)."""
+
+
+def ticket_frame(view: TicketView) -> bytes:
+    return frame_of("ticket", {"version": view.version, "call": view.call})
+
+
+@dataclass(slots=True)
+class _Sent:
+    version: int
+    frame: bytes
+    waiting: bool
+
+
+class TicketFeed:
+    def __init__(
+        self,
+        view: Callable[[str], Awaitable[TicketView | None]],
+        keepalive_s: float = 20.0,
+        max_watchers: int = 50_000,
+        max_per_call: int = 16,
+    ) -> None:
+        self._view = view
+        self._keepalive_s = keepalive_s
+        self.max_watchers = max_watchers
+        self.max_per_call = max_per_call
+        """Pages of one ticket on one node: the customer's phone and laptop, a colleague or
+        two; more is someone holding connections open with a leaked link."""
+        self._watchers: dict[str, set[Watcher]] = {}
+        self._sent: dict[str, _Sent] = {}
+        self._dirty: set[str] = set()
+        self._tasks = TaskGroup("tickets")
+        self.watcher_count = 0
+
+    def watching(self, call_id: str) -> int:
+        return len(self._watchers.get(call_id, ()))
+
+    async def watch(
+        self, request: web.Request, call_id: str, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Serve one page until it goes away; runs in the connection's own handler. The
+        page joins before the call is read, so no change falls between its first frame and
+        the pushes."""
+        watcher = await open_stream(request, headers)
+        if watcher is None:
+            return web.StreamResponse()  # the client went away
+        group = self._watchers.setdefault(call_id, set())
+        group.add(watcher)
+        self.watcher_count += 1
+        try:
+            await watcher.response.write(b"retry: %d\n" % RETRY_MS)
+            sent = self._sent.get(call_id)
+            if sent is not None:
+                await watcher.response.write(sent.frame)
+            else:
+                await self._refresh(call_id)
+            await watcher.done
+        finally:
+            self.watcher_count -= 1
+            group.discard(watcher)
+            if not group and self._watchers.get(call_id) is group:
+                del self._watchers[call_id]
+                self._sent.pop(call_id, None)
+        return watcher.response
+
+    # --- changes -------------------------------------------------------------------------------
+
+    def on_call_update(self, call: object) -> None:
+        """A visitor's ``call:update`` reached this node (socket.io manager's tap)."""
+        if not isinstance(call, dict):
+            return
+        call_id = call.get("call_id")
+        if not isinstance(call_id, str) or call_id not in self._watchers:
+            return
+        if call_id in self._dirty:
+            return  # a read is already on its way; it will see this change
+        self._dirty.add(call_id)
+        self._tasks.spawn(self._refresh(call_id), "ticket-refresh")
+
+    async def _refresh(self, call_id: str) -> None:
+        self._dirty.discard(call_id)
+        try:
+            view = await self._view(call_id)
+        except Exception as exc:  # the store is out: the keepalive reads it again
+            log.debug("ticket %s not read: %r", call_id, exc)
+            return
+        if view is None or call_id not in self._watchers:
+            return
+        frame = ticket_frame(view)
+        sent = self._sent.get(call_id)
+        if sent is not None and (
+            view.version < sent.version or (view.version == sent.version and frame == sent.frame)
+        ):
+            return  # older than, or the same as, what the pages have
+        self._sent[call_id] = _Sent(view.version, frame, view.call.get("state") in WAITING_STATES)
+        chunk = chunk_of(frame)
+        for watcher in list(self._watchers.get(call_id, ())):
+            send(watcher, frame, chunk)
+
+    async def run_keepalive(self) -> None:
+        """Proxies close silent streams; and a waiting call's position and ETA move on."""
+        chunk = chunk_of(KEEPALIVE)
+        while True:
+            await asyncio.sleep(self._keepalive_s)
+            try:
+                for call_id in [c for c, s in self._sent.items() if s.waiting]:
+                    await self._refresh(call_id)
+                for group in list(self._watchers.values()):
+                    for watcher in list(group):
+                        send(watcher, KEEPALIVE, chunk)
+            except Exception:
+                log.exception("ticket keepalive failed")
+
+    async def close_watchers(self) -> None:
+        """End every stream, so that a shutting-down server is not held open by them."""
+        for group in list(self._watchers.values()):
+            for watcher in list(group):
+                watcher.close()
+
+    async def close(self) -> None:
+        await self.close_watchers()
+        await self._tasks.close()

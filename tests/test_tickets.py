@@ -1,0 +1,274 @@
+"""The customer's live ticket over REST and Server-Sent Events: followed from another node
+than the one that changes the call, moved and canceled with the status token, and telling a
+wrong token nothing. Two gateway nodes share one Redis; agents are real socket.io clients;
+phones are the Twilio simulator; time is a ManualClock the test moves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import test_callbacks
+from conftest import Node, NodeFactory, SocketClient, replace
+from test_callbacks import (
+    ANNA_PHONE,
+    VISITOR_PHONE,
+    agent,
+    phone_node,
+    phone_settings,
+    request_callback,
+)
+from twilio_sim import TwilioSim
+
+from gateway.edge.http import appkeys as keys
+from gateway.ops.clock import ManualClock
+
+WAIT_S = 10.0
+sim = test_callbacks.sim  # the fixture: a Twilio simulator
+
+
+class TicketStream:
+    """One ticket page's event stream, read as a browser's EventSource would."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.shown: dict[str, Any] | None = None
+        self.version = 0
+
+    async def frame(self) -> dict[str, Any]:
+        """The next ``ticket`` event's data."""
+        event, data = "", ""
+        while True:
+            line = (await self.response.content.readline()).decode()
+            if line == "":
+                raise EOFError("the stream ended")
+            line = line.rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif line == "" and event:
+                if event == "ticket":
+                    frame: dict[str, Any] = json.loads(data)
+                    return frame
+                event, data = "", ""
+
+    async def until(self, state: str, timeout: float = WAIT_S) -> dict[str, Any]:
+        """Frames until the call shown is in ``state``, as a page shows them: never an
+        older version than the one it shows."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    frame = await self.frame()
+                    if frame["version"] < self.version:
+                        continue
+                    self.version, self.shown = frame["version"], frame["call"]
+                    if self.shown["state"] == state:
+                        return self.shown
+        except TimeoutError:
+            raise AssertionError(f"never {state}; the page shows {self.shown}") from None
+
+    def close(self) -> None:
+        self.response.close()
+
+
+@pytest.fixture
+async def two_nodes(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, redis_url: str, clock: ManualClock
+) -> tuple[Node, Node]:
+    settings = phone_settings(tmp_path, sim, redis_url)
+    a = await phone_node(nodes, replace(settings, node_id="node-a"), clock)
+    b_settings = phone_settings(tmp_path, sim, redis_url)
+    b = await phone_node(nodes, replace(b_settings, node_id="node-b"), clock)
+    return a, b
+
+
+@pytest.fixture
+async def streams(http: aiohttp.ClientSession) -> AsyncIterator[Callable[..., Any]]:
+    opened: list[TicketStream] = []
+
+    async def open_stream(node: Node, created: dict[str, Any]) -> Any:
+        r = await http.get(
+            f"{node.url}/v1/calls/{created['call_id']}/stream",
+            params={"token": created["status_token"]},
+        )
+        if r.status != 200:
+            return r
+        stream = TicketStream(r)
+        opened.append(stream)
+        return stream
+
+    yield open_stream
+    for stream in opened:
+        stream.close()
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+async def test_a_page_on_another_node_follows_a_callback_from_request_to_completion(
+    two_nodes: tuple[Node, Node],
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    clock: ManualClock,
+    streams: Callable[..., Any],
+) -> None:
+    a, b = two_nodes
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=30)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, a, "anna")
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    page = await streams(b, created)
+    shown = await page.until("scheduled")
+    assert 590 <= shown["eta_s"] <= 601 and shown["scheduled_at"], shown
+
+    # Moved on node A; the page on node B shows the new time.
+    moved = await http.post(
+        f"{a.url}/v1/calls/{created['call_id']}/move",
+        params={"token": created["status_token"]},
+        json={"at": iso(clock.now() + 1200)},
+    )
+    assert moved.status == 200, await moved.text()
+    shown = await page.until("scheduled")
+    assert 1190 <= shown["eta_s"] <= 1201, shown
+    assert shown["timeline"][-1]["event"] == "moved"
+
+    # Its time comes: Anna is rung on node A, accepts, the phones talk, the visitor hangs up.
+    await clock.advance(1201)  # past it: the time went over the wire rounded to the ms
+    shown = await page.until("ringing")
+    assert shown["agent"] == {"name": "Anna", "branch": "Dublin"}, shown
+    ack = await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent")
+    assert ack["ok"], ack
+    leg = await sim.wait_for_call(to=VISITOR_PHONE, status="in-progress", timeout=WAIT_S)
+    await page.until("connected")
+    sim.hangup(leg.sid)
+    done = await page.until("completed")
+    events = [e["event"] for e in done["timeline"]]
+    assert events[:2] == ["requested", "moved"] and events[-1] == "completed", events
+    assert "routed" not in events, "routing reasons are the agents' only"
+
+
+async def test_a_canceled_callback_shows_as_canceled_on_every_page_and_cannot_be_moved(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+    streams: Callable[..., Any],
+) -> None:
+    a, b = two_nodes
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    phone, laptop = await streams(a, created), await streams(b, created)
+    await phone.until("scheduled")
+    await laptop.until("scheduled")
+    r = await http.delete(
+        f"{b.url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
+    )
+    assert r.status == 200
+    for page in (phone, laptop):
+        shown = await page.until("canceled")
+        assert shown["reason"] == "visitor_canceled"
+    r = await http.post(
+        f"{a.url}/v1/calls/{created['call_id']}/move",
+        params={"token": created["status_token"]},
+        json={"at": iso(clock.now() + 1200)},
+    )
+    assert r.status == 409 and (await r.json())["error"]["code"] == "call_ended"
+
+
+async def test_a_move_is_checked_as_a_new_request_would_be(
+    two_nodes: tuple[Node, Node], http: aiohttp.ClientSession, clock: ManualClock
+) -> None:
+    a, _ = two_nodes
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    url = f"{a.url}/v1/calls/{created['call_id']}/move"
+    token = {"token": created["status_token"]}
+
+    async def move(body: object) -> tuple[int, str]:
+        r = await http.post(url, params=token, json=body)
+        answer = await r.json()
+        return r.status, answer["error"]["code"] if "error" in answer else answer["state"]
+
+    assert await move({"at": iso(clock.now())}) == (422, "slot_unavailable")
+    assert await move({"at": iso(clock.now() + 30 * 86400)}) == (422, "slot_unavailable")
+    assert await move({"at": "tomorrow"}) == (400, "invalid_payload")
+    assert await move({"when": iso(clock.now() + 900)}) == (400, "invalid_payload")
+    assert await move([]) == (400, "invalid_payload")
+    assert await move({"at": iso(clock.now() + 900)}) == (200, "scheduled")
+    ticket = await http.get(f"{a.url}/v1/calls/{created['call_id']}", params=token)
+    assert 890 <= (await ticket.json())["eta_s"] <= 901
+
+
+async def test_a_wrong_token_learns_nothing_not_even_whether_the_call_exists(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+    streams: Callable[..., Any],
+) -> None:
+    a, b = two_nodes
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    unknown = {**created, "call_id": "c_" + "0" * 32}
+    answers = []
+    for target, token in ((created, "wrong-token"), (unknown, created["status_token"])):
+        for method, path in (
+            ("GET", ""),
+            ("GET", "/stream"),
+            ("DELETE", ""),
+            ("POST", "/move"),
+        ):
+            r = await http.request(
+                method,
+                f"{b.url}/v1/calls/{target['call_id']}{path}",
+                params={"token": token},
+                json={"at": iso(clock.now() + 900)} if method == "POST" else None,
+            )
+            body = await r.json()
+            answers.append((r.status, body["error"]["code"], body["error"]["message"]))
+    assert {(s, c) for s, c, _ in answers} == {(404, "not_found")}, answers
+    # The message names the id asked for, so compare it with the id taken out.
+    assert len({m.replace(unknown["call_id"], created["call_id"]) for _, _, m in answers}) == 1
+    missing = await http.get(f"{b.url}/v1/calls/{created['call_id']}/stream")
+    assert missing.status == 401
+    # The call is as it was: nothing a wrong token did touched it.
+    ticket = await http.get(
+        f"{a.url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
+    )
+    assert (await ticket.json())["state"] == "scheduled"
+
+
+async def test_one_ticket_has_a_bounded_number_of_pages_per_node(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+    streams: Callable[..., Any],
+) -> None:
+    a, _ = two_nodes
+    a.app[keys.TICKETS].max_per_call = 2
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    first, second = await streams(a, created), await streams(a, created)
+    await first.until("scheduled")
+    await second.until("scheduled")
+    third = await streams(a, created)
+    assert third.status == 503 and (await third.json())["error"]["code"] == "too_many_watchers"
+    assert a.app[keys.TICKETS].watching(created["call_id"]) == 2
