@@ -281,7 +281,10 @@ li{margin:2px 0}
   const ticketInfo = h("p", { class: "muted" });
   const timeline = h("ol", { "aria-label": "What happened so far" });
   const cancelBtn = h("button", { type: "button", class: "btn", onclick: cancelCallback }, "Cancel my callback");
-  const ticketView = h("div", { testid: "membrane-ticket" }, eta, ticketInfo, timeline,
+  // The ticket page follows the request after this page is closed, on any device.
+  const ticketLink = h("a", { testid: "membrane-ticket-link", target: "_blank", rel: "noopener noreferrer" },
+    "Follow your request on its own page");
+  const ticketView = h("div", { testid: "membrane-ticket" }, eta, ticketInfo, h("p", {}, ticketLink), timeline,
     h("div", { class: "row" }, cancelBtn, h("button", { type: "button", class: "btn", onclick: () => closePanel() }, "Close")));
 
   const views = { call: callView, form, ticket: ticketView };
@@ -847,6 +850,7 @@ li{margin:2px 0}
     timeline.replaceChildren(...(c.timeline || []).slice(-8).map((e) =>
       h("li", {}, `${e.at && !isNaN(new Date(e.at)) ? `${hhmm(new Date(e.at))} ` : ""}${e.detail || e.event}`)));
     cancelBtn.hidden = isFinal(c) || c.state === "connected";
+    ticketLink.href = `${gw}/t/${encodeURIComponent(ticket.call_id)}#${encodeURIComponent(ticket.status_token)}`;
   }
 
   async function cancelCallback() {

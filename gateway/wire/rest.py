@@ -175,9 +175,20 @@ class CallbackRequest(CallStart, kw_only=True):
 class CallbackCreated(Struct):
     call_id: Id
     status_token: Annotated[
-        str, Meta(description="Shown only here: reads and cancels this callback.")
+        str, Meta(description="Shown only here: reads, moves and cancels this callback.")
     ]
     call: Call
+    ticket_url: Annotated[
+        str,
+        Meta(
+            description="The customer's live ticket page, status token included (in the "
+            "fragment, which browsers never send to a server)."
+        ),
+    ]
+
+
+def ticket_url(public_url: str, call_id: str, status_token: str) -> str:
+    return f"{public_url.rstrip('/')}/t/{call_id}#{status_token}"
 
 
 class CallbackSlots(Struct):
@@ -185,10 +196,17 @@ class CallbackSlots(Struct):
     """Ascending."""
 
 
-def callback_created_to_wire(call_id: str, status_token: str, call: Json) -> Json:
+def callback_created_to_wire(call_id: str, status_token: str, call: Json, public_url: str) -> Json:
     """The 201 of ``POST .../callbacks``; ``call`` is the ticket's view, already on the wire
     (and checked against its struct once more on the way: a callback is created rarely)."""
-    return to_wire(CallbackCreated(call_id, status_token, msgspec.convert(call, Call)))
+    return to_wire(
+        CallbackCreated(
+            call_id,
+            status_token,
+            msgspec.convert(call, Call),
+            ticket_url(public_url, call_id, status_token),
+        )
+    )
 
 
 def slots_to_wire(slots: list[float]) -> Json:

@@ -33,8 +33,10 @@ async def create_callback(request: web.Request) -> web.Response:
         raise
     callbacks = request.app[keys.CALLBACKS]
     call, token = await callbacks.request(site.site_id, claims.sub, client_ip(request), body)
+    public_url = request.app[keys.SETTINGS].public_url
     return web.json_response(
-        callback_created_to_wire(call.call_id, token, await callbacks.view(call)), status=201
+        callback_created_to_wire(call.call_id, token, await callbacks.view(call), public_url),
+        status=201,
     )
 
 

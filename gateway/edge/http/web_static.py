@@ -1,4 +1,5 @@
-"""The browser side, served by the gateway: the widget, the agent app, the demo site."""
+"""The browser side, served by the gateway: the widget, the agent app, the customer's ticket
+page, the demo site."""
 
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ def add_routes(app: web.Application, root: Path = WEB_CLIENT) -> None:
     app.router.add_get("/widget.js", _file(root / "widget.js", "public, max-age=300"))
     app.router.add_get("/agent/", _file(root / "agent" / "index.html", "no-cache"))
     app.router.add_get("/demo/", _file(root / "demo" / "index.html", "no-cache"))
+    # The same page for every call: it names none and reads its status token from the URL's
+    # fragment, so this answer says nothing about whether a call exists.
+    ticket_page = root / "ticket" / "index.html"
+
+    async def ticket(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(
+            ticket_page, headers={"Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"}
+        )
+
+    app.router.add_get("/t/{call_id}", ticket)
 
     async def redirect_agent(request: web.Request) -> web.Response:
         raise web.HTTPFound("/agent/")

@@ -1,0 +1,243 @@
+"""The customer's ticket page (/t/{call_id}) in headless Chromium, in English and German.
+
+Two gateway nodes share one Redis and one ManualClock, so a callback's time comes when the
+test moves the clock, not after a wait. The page is opened on node B; the callback is made,
+rung and connected on node A (an agent socket, the Twilio simulator for the phones), and the
+page follows it live. Screenshots of each state land in test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import test_callbacks
+from conftest import Node, NodeFactory, SocketClient, replace
+from playwright.async_api import Browser, Page, async_playwright, expect
+from test_browser_e2e import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM, SCREENSHOTS
+from test_callbacks import (
+    ANNA_PHONE,
+    VISITOR_PHONE,
+    agent,
+    phone_node,
+    phone_settings,
+    request_callback,
+)
+from twilio_sim import TwilioSim
+
+from gateway.ops.clock import ManualClock
+
+WAIT_MS = 10_000
+sim = test_callbacks.sim  # the fixture: a Twilio simulator
+
+pytestmark = pytest.mark.skipif(
+    not HAVE_CHROMIUM and not __import__("os").environ.get("CI"),
+    reason=f"browser tests need Debian's Chromium at {CHROMIUM}",
+)
+
+# What the page says at each step, in each language it is tested in.
+SAYS = {
+    "en": {
+        "scheduled": re.compile(r"^We'll call you at .+, in \d+ minutes\.$"),
+        "moved": "You picked a new time.",
+        "ringing": "Anna from our Dublin branch will call you in a moment.",
+        "connected": "You're on the phone with Anna.",
+        "completed": "You spoke with Anna from our Dublin branch.",
+        "canceled": "Your callback was canceled.",
+        "invalid": "This link isn't valid. Check that you copied all of it.",
+    },
+    "de": {
+        "scheduled": re.compile(r"^Wir rufen Sie um .+ an, in \d+ Minuten\.$"),
+        "moved": "Sie haben eine neue Zeit gewählt.",
+        "ringing": "Anna aus unserer Filiale Dublin ruft Sie gleich an.",
+        "connected": "Sie telefonieren mit Anna.",
+        "completed": "Sie haben mit Anna aus unserer Filiale Dublin gesprochen.",
+        "canceled": "Ihr Rückruf wurde abgesagt.",
+        "invalid": "Dieser Link ist ungültig. Prüfen Sie, ob Sie ihn vollständig kopiert haben.",
+    },
+}
+
+
+@pytest.fixture
+async def two_nodes(
+    nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, redis_url: str, clock: ManualClock
+) -> tuple[Node, Node]:
+    a = await phone_node(
+        nodes, replace(phone_settings(tmp_path, sim, redis_url), node_id="node-a"), clock
+    )
+    b = await phone_node(
+        nodes, replace(phone_settings(tmp_path, sim, redis_url), node_id="node-b"), clock
+    )
+    return a, b
+
+
+@pytest.fixture
+async def browser(two_nodes: tuple[Node, Node]) -> AsyncIterator[Browser]:
+    """Depends on the nodes so that the pages close before the nodes stop."""
+    if not HAVE_CHROMIUM:
+        pytest.fail(f"CI is set but {CHROMIUM} is missing: install Debian's chromium")
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@pytest.fixture
+def errors() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def open_page(browser: Browser, errors: list[str]) -> Callable[..., Any]:
+    async def open_it(url: str, language: str, width: int = 390) -> Page:
+        # A phone's screen: the page is for the customer, who is most often on one.
+        context = await browser.new_context(
+            locale=language, viewport={"width": width, "height": 780}
+        )
+        page = await context.new_page()
+        page.on("pageerror", lambda e: errors.append(f"uncaught {e}"))
+        page.on(
+            "console",
+            lambda m: (
+                errors.append(m.text)
+                if m.type == "error" and "Failed to load resource" not in m.text
+                else None
+            ),
+        )
+        await page.goto(url)
+        return page
+
+    return open_it
+
+
+def shot(request: pytest.FixtureRequest) -> Callable[[Page, str], Any]:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    prefix = request.node.name.removeprefix("test_")
+
+    async def take(page: Page, state: str) -> None:
+        path = SCREENSHOTS / f"{prefix}--{state}.png"
+        await page.screenshot(path=str(path), animations="disabled", full_page=True)
+
+    return take
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def page_url(node: Node, created: dict[str, Any], language: str) -> str:
+    return f"{node.url}/t/{created['call_id']}?lang={language}#{created['status_token']}"
+
+
+async def says(page: Page, text: str | re.Pattern[str]) -> None:
+    await expect(page.get_by_test_id("ticket-status")).to_have_text(text, timeout=WAIT_MS)
+
+
+@pytest.mark.parametrize("language", ["en", "de"])
+async def test_the_ticket_page_follows_a_callback_from_request_to_completion(
+    language: str,
+    two_nodes: tuple[Node, Node],
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    clock: ManualClock,
+    open_page: Callable[..., Any],
+    errors: list[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    a, b = two_nodes
+    take = shot(request)
+    say = SAYS[language]
+    sim.phone(VISITOR_PHONE, answer_after=1, hangup_after=30)
+    sim.phone(ANNA_PHONE, answer_after=1)
+    anna = await agent(clients, a, "anna")
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600), "language": language}
+    )
+    assert status == 201, created
+    assert created["ticket_url"] == (f"{a.url}/t/{created['call_id']}#{created['status_token']}"), (
+        "the link to send the customer"
+    )
+
+    page = await open_page(page_url(b, created, language), language)
+    await says(page, say["scheduled"])
+    await expect(page.locator("html")).to_have_attribute("lang", language)
+    await take(page, f"{language}-scheduled")
+
+    # The customer picks another time on the page.
+    await page.get_by_test_id("ticket-move").click()
+    slots = page.get_by_test_id("ticket-slots")
+    await expect(slots).to_be_focused()
+    second = await slots.locator("option").nth(1).get_attribute("value")
+    assert second is not None
+    await slots.select_option(second)
+    await take(page, f"{language}-picking-a-time")
+    await page.get_by_test_id("ticket-move-confirm").click()
+    await expect(page.get_by_test_id("ticket-timeline")).to_contain_text(say["moved"])
+    await says(page, say["scheduled"])
+    state = await page.evaluate("() => MembraneTicket.state()")
+    moved_to = datetime.fromisoformat(state["call"]["scheduled_at"]).timestamp()
+    assert abs(moved_to - datetime.fromisoformat(second).timestamp()) < 1
+
+    # Its time comes (node A's timers); the page on node B follows every step.
+    await clock.advance(moved_to - clock.now() + 1)
+    await says(page, say["ringing"])
+    await expect(page.get_by_test_id("ticket-move")).to_be_hidden()
+    await take(page, f"{language}-ringing")
+    ack = await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent")
+    assert ack["ok"], ack
+    leg = await sim.wait_for_call(to=VISITOR_PHONE, status="in-progress", timeout=10)
+    await says(page, say["connected"])
+    await take(page, f"{language}-connected")
+    sim.hangup(leg.sid)
+    await says(page, say["completed"])
+    await take(page, f"{language}-completed")
+    assert not errors, errors
+
+
+async def test_the_customer_cancels_from_the_page_and_a_wrong_link_shows_nothing(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+    open_page: Callable[..., Any],
+    request: pytest.FixtureRequest,
+) -> None:
+    a, b = two_nodes
+    take = shot(request)
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    page = await open_page(page_url(b, created, "en"), "en-GB", width=1024)
+    await says(page, SAYS["en"]["scheduled"])
+
+    # Keyboard only: the buttons are reachable and work with Enter.
+    await page.get_by_test_id("ticket-cancel").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_test_id("ticket-cancel-confirm")).to_be_visible()
+    await take(page, "confirm")
+    await page.get_by_test_id("ticket-cancel-confirm").click()
+    await says(page, SAYS["en"]["canceled"])
+    await expect(page.get_by_test_id("ticket-cancel")).to_be_hidden()
+    r = await http.get(
+        f"{a.url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
+    )
+    assert (await r.json())["state"] == "canceled"
+
+    # A wrong token and an unknown call: the same page, the same words, nothing about it.
+    wrong = await open_page(
+        f"{b.url}/t/{created['call_id']}?lang=de#not-the-token", "de", width=1024
+    )
+    unknown = await open_page(f"{b.url}/t/c_{'0' * 32}?lang=de#{created['status_token']}", "de")
+    for shown in (wrong, unknown):
+        await expect(shown.get_by_test_id("ticket-error")).to_have_text(SAYS["de"]["invalid"])
+        await expect(shown.get_by_test_id("ticket-status")).to_have_text("")
+        await expect(shown.get_by_test_id("ticket-timeline")).to_be_empty()
+    await take(wrong, "wrong-token")
