@@ -41,7 +41,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # What the page says at each step, in each language it is tested in.
-SAYS = {
+SAYS: dict[str, dict[str, str | re.Pattern[str]]] = {
     "en": {
         "scheduled": re.compile(r"^We'll call you at .+, in \d+ minutes\.$"),
         "moved": "You picked a new time.",
@@ -180,7 +180,7 @@ async def test_the_ticket_page_follows_a_callback_from_request_to_completion(
     await slots.select_option(second)
     await take(page, f"{language}-picking-a-time")
     await page.get_by_test_id("ticket-move-confirm").click()
-    await expect(page.get_by_test_id("ticket-timeline")).to_contain_text(say["moved"])
+    await expect(page.get_by_test_id("ticket-timeline")).to_contain_text(str(say["moved"]))
     await says(page, say["scheduled"])
     state = await page.evaluate("() => MembraneTicket.state()")
     moved_to = datetime.fromisoformat(state["call"]["scheduled_at"]).timestamp()
