@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from gateway.wire import events
-from gateway.wire.base import Id, Json
+from gateway.wire.base import Id, Json, Language
 from gateway.wire.calls import Call, TimelineEntry
 from gateway.wire.codec import Filters
 from gateway.wire.im_presence import (
@@ -481,14 +481,17 @@ def _paths() -> dict[str, Json]:
                     "name": "language",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "maxLength": 35},
+                    "schema": _schema(Language),
                     "description": "A BCP 47 tag; the best language Membrane speaks is served.",
                 }
             ],
             "get": _operation(
                 "getCatalogue",
                 "The sentences the browser pages show, translated.",
-                {"200": _json(_ref("Catalogue"), "English is an empty map: ids are English.")},
+                {
+                    "200": _json(_ref("Catalogue"), "English is an empty map: ids are English."),
+                    **_errors("InvalidPayload"),
+                },
                 security=[],
                 tags=["visitors"],
             ),

@@ -11,6 +11,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from gateway.wire.base import (
     Id,
     Json,
+    Language,
     Time,
     VisitorId,
     VisitorSecret,
@@ -228,6 +229,15 @@ class TicketMove(Struct):
 
 def ticket_move_from_wire(payload: object) -> float:
     return parse_iso(decode(payload, TicketMove).at, "at")
+
+
+class CatalogueAsk(Struct):
+    language: Language
+
+
+def catalogue_language_from_path(language: str) -> str:
+    """The language a page asks its sentences in (a BCP 47 tag, as ``?language=``)."""
+    return decode({"language": language}, CatalogueAsk, "path").language
 
 
 class Catalogue(Struct):

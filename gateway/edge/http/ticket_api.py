@@ -17,7 +17,11 @@ from gateway.edge.http.http_api import read_json
 from gateway.edge.http.visitor_api import TICKET_SITE, site_origins
 from gateway.i18n import best_language, browser_catalogue
 from gateway.wire.codec import check_id
-from gateway.wire.rest import catalogue_to_wire, ticket_move_from_wire
+from gateway.wire.rest import (
+    catalogue_language_from_path,
+    catalogue_to_wire,
+    ticket_move_from_wire,
+)
 
 MAX_STATUS_TOKEN = 128
 
@@ -81,7 +85,7 @@ async def stream_ticket(request: web.Request) -> web.StreamResponse:
 async def get_catalogue(request: web.Request) -> web.Response:
     """A page's sentences in the best language Membrane speaks for the one asked (public:
     the same for everyone)."""
-    language = best_language([request.match_info["language"][:35]])
+    language = best_language([catalogue_language_from_path(request.match_info["language"])])
     return web.json_response(
         catalogue_to_wire(language, dict(browser_catalogue(language))),
         headers={"Cache-Control": "public, max-age=300"},
