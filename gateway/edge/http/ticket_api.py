@@ -62,8 +62,9 @@ async def move_ticket(request: web.Request) -> web.Response:
 async def stream_ticket(request: web.Request) -> web.StreamResponse:
     """The ticket as Server-Sent Events: the view now, then on every change."""
     call_id = check_id(request.match_info["call_id"], "call_id")
-    call = await request.app[keys.CALLBACKS].ticket(call_id, _status_token(request))
-    request[TICKET_SITE] = call.site
+    # Only its site is kept: this handler waits as long as the page is open.
+    site = (await request.app[keys.CALLBACKS].ticket(call_id, _status_token(request))).site
+    request[TICKET_SITE] = site
     request.app[keys.DRAIN].refuse_new_work()  # its streams were ended: none may start
     feed = request.app[keys.TICKETS]
     if feed.watcher_count >= feed.max_watchers:
@@ -75,7 +76,7 @@ async def stream_ticket(request: web.Request) -> web.StreamResponse:
     settings = request.app[keys.SETTINGS]
     headers = (
         {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-        if origin is not None and origin in site_origins(settings, call.site)
+        if origin is not None and origin in site_origins(settings, site)
         else {}
     )
     response: web.StreamResponse = await feed.watch(request, call_id, headers)

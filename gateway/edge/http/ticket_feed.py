@@ -47,8 +47,11 @@ def ticket_frame(view: TicketView) -> bytes:
 
 @dataclass(slots=True)
 class _Sent:
+    """What the call's pages were last sent: its version and a digest of the frame (a frame
+    is ~0.7 KB, and most tickets have one page, so keeping it cost as much as the page)."""
+
     version: int
-    frame: bytes
+    digest: int
     waiting: bool
 
 
@@ -89,11 +92,13 @@ class TicketFeed:
         self.watcher_count += 1
         try:
             await watcher.response.write(b"retry: %d\n" % RETRY_MS)
-            sent = self._sent.get(call_id)
-            if sent is not None:
-                await watcher.response.write(sent.frame)
-            else:
-                await self._refresh(call_id)
+            view = await self._view(call_id)
+            if view is None:
+                return watcher.response
+            frame = ticket_frame(view)
+            self._note(call_id, view, frame)
+            send(watcher, frame, chunk_of(frame))
+            del view, frame  # not held for the page's lifetime: thousands wait here
             await watcher.done
         finally:
             self.watcher_count -= 1
@@ -127,15 +132,21 @@ class TicketFeed:
         if view is None or call_id not in self._watchers:
             return
         frame = ticket_frame(view)
-        sent = self._sent.get(call_id)
-        if sent is not None and (
-            view.version < sent.version or (view.version == sent.version and frame == sent.frame)
-        ):
+        if not self._note(call_id, view, frame):
             return  # older than, or the same as, what the pages have
-        self._sent[call_id] = _Sent(view.version, frame, view.call.get("state") in WAITING_STATES)
         chunk = chunk_of(frame)
         for watcher in list(self._watchers.get(call_id, ())):
             send(watcher, frame, chunk)
+
+    def _note(self, call_id: str, view: TicketView, frame: bytes) -> bool:
+        """Record ``frame`` as the call's pages' newest; False if they have it, or newer."""
+        sent, digest = self._sent.get(call_id), hash(frame)
+        if sent is not None and (
+            view.version < sent.version or (view.version == sent.version and digest == sent.digest)
+        ):
+            return False
+        self._sent[call_id] = _Sent(view.version, digest, view.call.get("state") in WAITING_STATES)
+        return True
 
     async def run_keepalive(self) -> None:
         """Proxies close silent streams; and a waiting call's position and ETA move on."""
