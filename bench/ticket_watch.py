@@ -58,7 +58,7 @@ from bench.harness import (
 )
 from gateway.core import callback as cb
 from gateway.core.call import CallRequest
-from gateway.services.callback_service import hash_token
+from gateway.services.status_token import hash_token
 from gateway.store.base import CallRow
 from gateway.store.redis import RedisStore
 from gateway.wire.codec import call_to_record
@@ -121,13 +121,12 @@ class Page(asyncio.Protocol):
             start = j + 1
 
 
-async def child(args: argparse.Namespace) -> None:
+async def child(args: argparse.Namespace, tickets: list[list[str]]) -> None:
     """Open one stream per ``call_id token`` line of ``--tickets-file``, say ``ready``, wait
     for ``stop`` on stdin, then print what each page was shown as one JSON document."""
     raise_fd_limit()
     loop = asyncio.get_running_loop()
     host, port = args.url.removeprefix("http://").rsplit(":", 1)
-    tickets = [line.split() for line in Path(args.tickets_file).read_text().splitlines()]
     pages: dict[str, Page] = {}
     failed = 0
     sem = asyncio.Semaphore(args.connect_concurrency)
@@ -311,9 +310,7 @@ async def measure(args: argparse.Namespace, a: NodeProcess, b: NodeProcess, redi
         gc_before = await gc_pauses(http, a.url)
         before = {name: sched(p) for name, p in pids.items()}
         run_started = time.perf_counter()
-        moves, move_failures = await move_all(
-            http, b.url, tickets, times, args.rate, args.duration
-        )
+        moves, move_failures = await move_all(http, b.url, tickets, times, args.rate, args.duration)
         elapsed = time.perf_counter() - run_started
         cpu = cpu_report(pids, before, elapsed)
         gc_report = gc_pause_report(gc_before, await gc_pauses(http, a.url))
@@ -421,7 +418,8 @@ def main() -> None:
     parser.add_argument("--tickets-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        asyncio.run(child(args))
+        tickets = [line.split() for line in Path(args.tickets_file).read_text().splitlines()]
+        asyncio.run(child(args, tickets))
         return
     write_json(
         args.out,

@@ -48,6 +48,7 @@ from gateway.services.events import EventRouter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.services.sms_presence import SmsPresence
+from gateway.services.tickets import Tickets
 from gateway.services.timers import TimerLoop
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
@@ -175,12 +176,14 @@ def create_app(
         manager.on_rejoin = desk.replay_since
     feed = AvailabilityFeed(presence, records.ringing, clock.now)
 
+    tickets = Tickets(records, callbacks)
+
     async def ticket_view(call_id: str) -> TicketView | None:
         call = await records.find(call_id)
-        return None if call is None else TicketView(call.version, await callbacks.view(call))
+        return None if call is None else TicketView(call.version, await tickets.view(call))
 
-    tickets = TicketFeed(ticket_view)
-    client_manager.tap("call:update", "/visitor", tickets.on_call_update)
+    ticket_feed = TicketFeed(ticket_view)
+    client_manager.tap("call:update", "/visitor", ticket_feed.on_call_update)
 
     async def ring_event(event: Json) -> None:
         records.ringing.apply(event)
@@ -215,7 +218,9 @@ def create_app(
     if isinstance(store, RedisStore):
         load.store_in_flight = lambda: store.in_flight + (manager.publishing if manager else 0)
     sio.register_namespace(
-        VisitorNamespace(tokens, metrics, presence, calls, load, settings.admission)
+        VisitorNamespace(
+            tokens, metrics, presence, calls, load, settings.admission, settings.public_url
+        )
     )
     sio.attach(app)
     drain = Drain(settings.drain_grace_s, clock.monotonic)
@@ -237,6 +242,7 @@ def create_app(
     app[keys.CALLBACKS] = callbacks
     app[keys.AVAILABILITY] = feed
     app[keys.TICKETS] = tickets
+    app[keys.TICKET_FEED] = ticket_feed
     app[keys.DRAIN] = drain
     app[keys.SMS_PRESENCE] = sms_presence
 
@@ -274,10 +280,10 @@ def create_app(
 
         drain.on_drain("timers", hand_over_timers)
         tasks.spawn(feed.run_keepalive(), "availability-keepalive")
-        tasks.spawn(tickets.run_keepalive(), "ticket-keepalive")
+        tasks.spawn(ticket_feed.run_keepalive(), "ticket-keepalive")
         yield
         await feed.close()
-        await tickets.close()
+        await ticket_feed.close()
         await tasks.close()
 
     async def run_socketio(app: web.Application) -> AsyncIterator[None]:
@@ -293,7 +299,7 @@ def create_app(
 
     async def end_streams(deadline: float) -> None:
         await feed.close_watchers()  # EventSource reconnects by itself
-        await tickets.close_watchers()
+        await ticket_feed.close_watchers()
 
     async def move_sockets(deadline: float) -> None:
         await send_sockets_elsewhere(sio)

@@ -326,6 +326,17 @@ async def test_a_visitor_calls_anna_in_the_browser_talks_and_hangs_up(
     await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
     await shot(visitor, "widget-ended")
     await shot(anna, "agent-call-ended")
+    # The call's ticket page, linked from the widget, keeps who the visitor spoke to.
+    link = visitor.get_by_test_id("membrane-call-ticket-link")
+    await expect(link).to_be_visible()
+    async with visitor.context.expect_page() as opened:
+        await link.click()
+    ticket = await opened.value
+    await expect(ticket.get_by_test_id("ticket-status")).to_have_text(
+        "You spoke with Anna from our Dublin branch.", timeout=WAIT_MS
+    )
+    await shot(ticket, "ticket-after-browser-call")
+    await ticket.close()
 
     # Back on the site later (a new page load): the widget proves who the visitor is with the
     # secret it kept, so Anna rings again and sees she spoke with them before.

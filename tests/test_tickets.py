@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from test_callbacks import (
     phone_node,
     phone_settings,
     request_callback,
+    visitor_token,
 )
 from twilio_sim import TwilioSim
 
@@ -261,7 +263,7 @@ async def test_one_ticket_has_a_bounded_number_of_pages_per_node(
     streams: Callable[..., Any],
 ) -> None:
     a, _ = two_nodes
-    a.app[keys.TICKETS].max_per_call = 2
+    a.app[keys.TICKET_FEED].max_per_call = 2
     status, created = await request_callback(
         http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
     )
@@ -271,4 +273,46 @@ async def test_one_ticket_has_a_bounded_number_of_pages_per_node(
     await second.until("scheduled")
     third = await streams(a, created)
     assert third.status == 503 and (await third.json())["error"]["code"] == "too_many_watchers"
-    assert a.app[keys.TICKETS].watching(created["call_id"]) == 2
+    assert a.app[keys.TICKET_FEED].watching(created["call_id"]) == 2
+
+
+async def test_a_browser_call_has_a_ticket_that_shows_who_the_visitor_spoke_to(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    streams: Callable[..., Any],
+) -> None:
+    a, b = two_nodes
+    anna = await agent(clients, a, "anna")
+    visitor = clients()
+    await visitor.connect(a.url, "/visitor", {"token": await visitor_token(http, a)})
+    ack = await visitor.call("call:start", {"language": "en"}, "/visitor")
+    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+    created = {"call_id": ack["call"]["call_id"], "status_token": ack["status_token"]}
+    assert ack["ticket_url"] == f"{a.url}/t/{created['call_id']}#{created['status_token']}"
+    page = await streams(b, created)
+    shown = await page.until("ringing")
+    assert shown["channel"] == "webrtc" and shown["agent"]["name"] == "Anna"
+
+    await anna.call("call:accept", {"call_id": created["call_id"]}, "/agent")
+    await page.until("connected")
+    await visitor.call("call:cancel", {"call_id": created["call_id"]}, "/visitor")
+    done = await page.until("completed")
+    assert done["agent"] == {"name": "Anna", "branch": "Dublin"}
+    assert done["reason"] == "visitor_hung_up"
+
+    # What a browser call's ticket cannot do: it is ended from the browser, and has no time.
+    url = f"{a.url}/v1/calls/{created['call_id']}"
+    token = {"token": created["status_token"]}
+    for refused in (
+        await http.delete(url, params=token),
+        await http.post(f"{url}/move", params=token, json={"at": iso(time.time() + 900)}),
+    ):
+        assert refused.status == 409
+        assert (await refused.json())["error"]["code"] == "invalid_state"
+    # Another visitor's token reads nothing of it.
+    other = clients()
+    await other.connect(a.url, "/visitor", {"token": await visitor_token(http, a)})
+    theirs = await other.call("call:start", {}, "/visitor")
+    r = await http.get(url, params={"token": theirs["status_token"]})
+    assert r.status == 404

@@ -249,7 +249,13 @@ li{margin:2px 0}
   const hangupBtn = h("button", { type: "button", class: "btn danger", testid: "membrane-hangup", onclick: () => hangup() }, "Hang up");
   const offerBtn = h("button", { type: "button", class: "btn primary", onclick: () => openForm("now") }, "Call me back");
   const doneBtn = h("button", { type: "button", class: "btn", onclick: () => closePanel() }, "Close");
-  const callView = h("div", {}, detail, timer, audio, h("div", { class: "row" }, muteBtn, hangupBtn, offerBtn, doneBtn));
+  // After the call, its ticket page keeps who the visitor spoke to (and what they promised).
+  const callTicketLink = h("a", {
+    testid: "membrane-call-ticket-link", target: "_blank", rel: "noopener noreferrer", hidden: true,
+  }, "Your call's page");
+  let callTicketUrl = null;
+  const callView = h("div", {}, detail, timer, audio, h("p", {}, callTicketLink),
+    h("div", { class: "row" }, muteBtn, hangupBtn, offerBtn, doneBtn));
 
   // the callback form
   const country = h("select", { id: "membrane-country", testid: "membrane-country", "aria-label": "Country code" },
@@ -420,6 +426,8 @@ li{margin:2px 0}
   function resetCallView() {
     call = null;
     connectedAt = 0;
+    callTicketUrl = null;
+    callTicketLink.hidden = true;
     detail.textContent = "";
     timer.hidden = true;
     muteBtn.setAttribute("aria-pressed", "false");
@@ -465,7 +473,10 @@ li{margin:2px 0}
           // No answer, but the call came anyway: a socket that reconnected took it over.
           if (err && call && !isFinal(call)) return;
           if (err) return callError({ code: "network" });
-          if (res && res.ok) return applyCall(res.call);
+          if (res && res.ok) {
+            callTicketUrl = res.ticket_url || null;
+            return applyCall(res.call);
+          }
           const e = res && res.error;
           if (e && e.code === "draining") { // start it on another node
             started = false;
@@ -534,6 +545,8 @@ li{margin:2px 0}
   function applyCall(c) {
     if (!c || !c.state) return;
     call = c;
+    if (callTicketUrl) callTicketLink.href = callTicketUrl;
+    callTicketLink.hidden = !(callTicketUrl && c.state === "completed" && c.agent);
     const agent = c.agent && c.agent.name;
     const where = c.agent && c.agent.branch ? ` in ${c.agent.branch}` : "";
     let text = "", more = "", offer = false;

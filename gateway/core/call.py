@@ -152,9 +152,19 @@ def new_call(
     request: CallRequest,
     now: float,
     visitor_sid: str | None = None,
+    token_hash: str | None = None,
 ) -> Call:
+    """``token_hash``: of the status token that reads the call's ticket."""
     call = Call(
-        call_id, site, visitor_id, channel, CallState.QUEUED, now, request, visitor_sid=visitor_sid
+        call_id,
+        site,
+        visitor_id,
+        channel,
+        CallState.QUEUED,
+        now,
+        request,
+        visitor_sid=visitor_sid,
+        token_hash=token_hash,
     )
     return replace(call, timeline=_log(call, now, "requested", "Looking for someone to talk to"))
 

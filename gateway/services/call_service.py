@@ -34,6 +34,7 @@ from gateway.services.call_records import (
     TimerKind,
 )
 from gateway.services.mobile_ring import MobileRing
+from gateway.services.status_token import new_status_token
 from gateway.telephony import AgentInstruction
 from gateway.wire.codec import Json
 
@@ -102,7 +103,8 @@ class CallService:
 
     async def start(
         self, site_id: str, visitor_id: str, visitor_sid: str, request: CallRequest
-    ) -> Call:
+    ) -> tuple[Call, str]:
+        """Store and route a visitor's call; returns it and its ticket's status token."""
         site = self._records.presence.site(site_id)
         if request.branch is not None and request.branch not in site.branches:
             raise Invalid(f"no branch {request.branch!r}")
@@ -121,6 +123,7 @@ class CallService:
                 raise Conflict("you already have a call going", code="call_in_progress")
         if not allowed:
             raise RateLimited("too many calls started; wait a minute")
+        token, token_hash = new_status_token()
         call = calls.new_call(
             f"c_{uuid.uuid4().hex}",
             site_id,
@@ -129,13 +132,14 @@ class CallService:
             request,
             self._records.clock(),
             visitor_sid,
+            token_hash,
         )
         # Persisted before anything is promised to the visitor.
         call, _ = await asyncio.gather(
             self._records.create(call),
             self._store.set_open_call(site_id, visitor_id, call.call_id),
         )
-        return await self._route(call, last_agent)
+        return await self._route(call, last_agent), token
 
     async def resume(self, site_id: str, visitor_id: str, visitor_sid: str) -> Call | None:
         """A visitor's new socket takes over their live call, if they have one."""

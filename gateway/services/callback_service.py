@@ -18,10 +18,7 @@ the transitions are pure (gateway.core.callback); the number rules are pure
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
-import secrets
 import statistics
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -71,6 +68,7 @@ from gateway.services.call_records import (
 from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_timer
 from gateway.services.caller_screen import CallerScreen
 from gateway.services.mobile_ring import MobileRing, room_name
+from gateway.services.status_token import new_status_token
 from gateway.store.base import OpenCallbackKind
 from gateway.telephony import AgentInstruction, JoinRoom
 from gateway.wire.codec import CallbackIn, Json, call_to_wire
@@ -105,10 +103,6 @@ REFUSAL_KINDS: dict[str, type[DomainError]] = {
     "site_rate_limited": RateLimited,
 }
 """The kind of each admission refusal whose kind is not ``Refused`` (a rule said no)."""
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class CallbackService:
@@ -190,13 +184,13 @@ class CallbackService:
             await self.dialer.release_open(site_id, visitor_id, e164, call_id)
             raise self._refuse(admission.quotas[full].refusal)
         place_at = await self._kept_place(site_id, visitor_id, body.after_call, now)
-        token = secrets.token_urlsafe(24)
+        token, token_hash = new_status_token()
         call = cb.new_callback(
             call_id,
             site_id,
             visitor_id,
             e164,
-            hash_token(token),
+            token_hash,
             r,
             now,
             admission.at,
@@ -241,20 +235,6 @@ class CallbackService:
         )
         return starts[:MAX_SLOTS]
 
-    async def ticket(self, call_id: str, token: str) -> Call:
-        """The visitor's callback, for the holder of its status token only; an unknown call
-        and a wrong token look the same, so call ids cannot be probed."""
-        call = await self._records.find(call_id)
-        if call is None:
-            raise NotFound(f"no callback {call_id!r}")
-        if (
-            call.channel is not CallChannel.CALLBACK
-            or call.token_hash is None
-            or not hmac.compare_digest(call.token_hash, hash_token(token))
-        ):
-            raise NotFound(f"no callback {call_id!r}")
-        return call
-
     async def view(self, call: Call, internal: bool = False) -> Json:
         """The Call shape with the live queue position and an honest ETA."""
         site = self._records.sites[call.site]
@@ -277,10 +257,10 @@ class CallbackService:
         recent = await self._store.handle_times(site_id)
         return statistics.fmean(recent) if recent else DEFAULT_MEAN_HANDLE_S
 
-    async def move(self, call_id: str, token: str, at: float) -> Call:
+    async def move(self, call: Call, at: float) -> Call:
         """The visitor picks another time from their ticket, while the callback still waits
         (``scheduled`` or ``queued``); the time is checked as a new request's would be."""
-        call = await self.ticket(call_id, token)
+        call_id = call.call_id
         if call.final:
             raise CallError("call_ended", "the callback has already ended")
         if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
@@ -311,14 +291,14 @@ class CallbackService:
         self._metrics.callbacks.labels("moved").inc()
         return moved
 
-    async def cancel(self, call_id: str, token: str) -> Call:
-        call = await self.ticket(call_id, token)
+    async def cancel(self, call: Call) -> Call:
+        """The visitor cancels from their ticket (an ended callback is answered as it is)."""
         if call.final:
             return call
         try:
-            return await self._records.end(call_id, "visitor_canceled", "You canceled")
+            return await self._records.end(call.call_id, "visitor_canceled", "You canceled")
         except (Conflict, NotFound):
-            return await self._records.get(call_id)
+            return await self._records.get(call.call_id)
 
     # --- routing ---------------------------------------------------------------------------
 

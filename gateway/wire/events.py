@@ -9,9 +9,9 @@ tables), and the OpenAPI document carries every struct here among its components
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from gateway.core import model
 from gateway.core.call import Call as CoreCall
@@ -30,7 +30,7 @@ from gateway.wire.calls import (
     call_struct,
 )
 from gateway.wire.presence import Presence, PresenceSet, presence_struct
-from gateway.wire.rest import ErrorDetail, IceServer
+from gateway.wire.rest import ErrorDetail, IceServer, ticket_url
 
 # --- connect -------------------------------------------------------------------------------
 
@@ -64,6 +64,15 @@ class PresenceAck(Struct, kw_only=True):
 class CallAck(Struct, kw_only=True):
     ok: Literal[True] = True
     call: Call
+
+
+class StartAck(CallAck, kw_only=True):
+    """``call:start``'s answer: the call, and its ticket (shown only here)."""
+
+    status_token: Annotated[str, Meta(description="Reads the call's ticket (GET /v1/calls/...).")]
+    ticket_url: Annotated[
+        str, Meta(description="The ticket page, status token included (in the fragment).")
+    ]
 
 
 class AgentCallAck(Struct, kw_only=True):
@@ -103,6 +112,16 @@ def presence_ack(presence: model.Presence) -> Json:
 
 def call_ack(call: CoreCall, site: Site, internal: bool = False) -> Json:
     return to_wire(CallAck(call=call_struct(call, site, internal)))
+
+
+def start_ack(call: CoreCall, site: Site, status_token: str, public_url: str) -> Json:
+    return to_wire(
+        StartAck(
+            call=call_struct(call, site),
+            status_token=status_token,
+            ticket_url=ticket_url(public_url, call.call_id, status_token),
+        )
+    )
 
 
 def accept_ack(call: CoreCall, site: Site, ice_servers: list[Json]) -> Json:
@@ -174,7 +193,7 @@ NAMESPACES = (
         "/visitor",
         ConnectAuth,
         incoming=(
-            Event("call:start", CallStart, CallAck),
+            Event("call:start", CallStart, StartAck),
             Event("call:cancel", CallRef, CallAck),
             Event("rtc:signal", RtcSignal, Ok),
         ),

@@ -21,6 +21,7 @@ from gateway.services.drain import Drain
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PresenceService
 from gateway.services.sms_presence import SmsPresence
+from gateway.services.tickets import Tickets
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 
@@ -42,7 +43,8 @@ TASKS = web.AppKey("tasks", TaskGroup)
 REST_BUCKETS = web.AppKey("rest_buckets", dict[str, TokenBucket])
 HEALTH = web.AppKey("health", HealthSource)
 AVAILABILITY = web.AppKey("availability", AvailabilityFeed)
-TICKETS = web.AppKey("tickets", TicketFeed)
+TICKET_FEED = web.AppKey("ticket_feed", TicketFeed)
+TICKETS = web.AppKey("tickets", Tickets)
 CALLS = web.AppKey("calls", CallService)
 CALLBACKS = web.AppKey("callbacks", CallbackService)
 DRAIN = web.AppKey("drain", Drain)

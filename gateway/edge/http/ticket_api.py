@@ -35,38 +35,38 @@ def _status_token(request: web.Request) -> str:
 
 async def get_ticket(request: web.Request) -> web.Response:
     call_id = check_id(request.match_info["call_id"], "call_id")
-    callbacks = request.app[keys.CALLBACKS]
-    call = await callbacks.ticket(call_id, _status_token(request))
+    tickets = request.app[keys.TICKETS]
+    call = await tickets.find(call_id, _status_token(request))
     request[TICKET_SITE] = call.site
-    return web.json_response(await callbacks.view(call), headers={"Cache-Control": "no-store"})
+    return web.json_response(await tickets.view(call), headers={"Cache-Control": "no-store"})
 
 
 async def cancel_ticket(request: web.Request) -> web.Response:
     call_id = check_id(request.match_info["call_id"], "call_id")
-    callbacks = request.app[keys.CALLBACKS]
-    call = await callbacks.cancel(call_id, _status_token(request))
+    tickets = request.app[keys.TICKETS]
+    call = await tickets.cancel(call_id, _status_token(request))
     request[TICKET_SITE] = call.site
-    return web.json_response(await callbacks.view(call))
+    return web.json_response(await tickets.view(call))
 
 
 async def move_ticket(request: web.Request) -> web.Response:
     call_id = check_id(request.match_info["call_id"], "call_id")
     token = _status_token(request)
     at = ticket_move_from_wire(await read_json(request))
-    callbacks = request.app[keys.CALLBACKS]
-    call = await callbacks.move(call_id, token, at)
+    tickets = request.app[keys.TICKETS]
+    call = await tickets.move(call_id, token, at)
     request[TICKET_SITE] = call.site
-    return web.json_response(await callbacks.view(call))
+    return web.json_response(await tickets.view(call))
 
 
 async def stream_ticket(request: web.Request) -> web.StreamResponse:
     """The ticket as Server-Sent Events: the view now, then on every change."""
     call_id = check_id(request.match_info["call_id"], "call_id")
     # Only its site is kept: this handler waits as long as the page is open.
-    site = (await request.app[keys.CALLBACKS].ticket(call_id, _status_token(request))).site
+    site = (await request.app[keys.TICKETS].find(call_id, _status_token(request))).site
     request[TICKET_SITE] = site
     request.app[keys.DRAIN].refuse_new_work()  # its streams were ended: none may start
-    feed = request.app[keys.TICKETS]
+    feed = request.app[keys.TICKET_FEED]
     if feed.watcher_count >= feed.max_watchers:
         raise Unavailable("this node is full; retry on another", code="too_many_watchers")
     if feed.watching(call_id) >= feed.max_per_call:

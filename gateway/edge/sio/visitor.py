@@ -23,7 +23,7 @@ from gateway.wire.codec import (
     call_to_wire,
     signal_from_wire,
 )
-from gateway.wire.events import call_ack, ok_ack
+from gateway.wire.events import call_ack, ok_ack, start_ack
 
 
 class VisitorNamespace(BaseNamespace):
@@ -40,8 +40,11 @@ class VisitorNamespace(BaseNamespace):
         calls: CallService,
         load: LoadMonitor,
         limits: AdmissionLimits,
+        public_url: str,
     ) -> None:
         super().__init__("/visitor", tokens, metrics)
+        self.public_url = public_url
+        """Where the ticket pages are (a call's ``ticket_url``)."""
         self.presence = presence
         self.calls = calls
         self.load = load
@@ -93,9 +96,9 @@ class VisitorNamespace(BaseNamespace):
             self.metrics.starts_shed.labels(admission.signal).inc()
             raise overloaded(admission.retry_after_ms)
         with self.load.start_running():
-            call = await self.calls.start(claims.site, claims.sub, sid, request)
+            call, status_token = await self.calls.start(claims.site, claims.sub, sid, request)
         session.calls = {call.call_id}
-        return call_ack(call, self.presence.site(claims.site))
+        return start_ack(call, self.presence.site(claims.site), status_token, self.public_url)
 
     async def call_cancel(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
