@@ -48,13 +48,20 @@ from gateway.services.events import EventRouter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.services.sms_presence import SmsPresence
+from gateway.services.ticket_texts import TicketTexts
 from gateway.services.tickets import Tickets
 from gateway.services.timers import TimerLoop
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
-from gateway.telephony import ENTRY_POINT_GROUP, AgentPhones, CarriesMedia, TelephonyInstaller
+from gateway.telephony import (
+    ENTRY_POINT_GROUP,
+    AgentPhones,
+    CarriesMedia,
+    TelephonyInstaller,
+    Texts,
+)
 from gateway.wire import fastjson
 from gateway.wire.codec import Json
 
@@ -199,6 +206,9 @@ def create_app(
     installer = telephony or load_telephony(settings)
     phones = installer(app, settings, callbacks.dialer) if installer is not None else None
     callbacks.dialer.telephony = phones
+    confirmations = TicketTexts(records, node_tasks, settings.public_url)
+    confirmations.texts = phones if isinstance(phones, Texts) else None
+    callbacks.confirmations = confirmations
     feed.telephony = phones is not None
     # A provider that can also call agents' own phones rings mobile-only agents.
     callbacks.devices.phones = phones if isinstance(phones, AgentPhones) else None

@@ -253,6 +253,15 @@ class Telephony(Protocol):
         """End the leg (cancel it if it has not answered); no error if it already ended."""
 
 
+@runtime_checkable
+class Texts(Protocol):
+    """A provider that can send text messages (``Telephony`` implementations may)."""
+
+    async def send_text(self, to: str, from_: str, body: str) -> str:
+        """Send an SMS and return the provider's id for it. Raises ``TelephonyError``; with
+        code ``opted_out`` (not retryable) when the number has told this sender STOP."""
+
+
 @dataclass(frozen=True, slots=True)
 class MediaSession:
     """One call's audio on the bridge (a media worker's session)."""

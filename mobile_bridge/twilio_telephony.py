@@ -54,10 +54,15 @@ FIND_LEG_LIMIT: Final = 20
 
 REQUEST_TIMEOUT_S: Final = 10.0
 
+UNSUBSCRIBED: Final = 21610
+"""Twilio's answer to a message for a number that texted STOP to the sender."""
+
 
 def refusal(what: str, status: int, twilio_code: int | None, message: str) -> TelephonyError:
     """A ``TelephonyError`` for an HTTP error answer from Twilio's API."""
     detail = f"{what}: Twilio answered {status} (error {twilio_code}): {message}"
+    if twilio_code == UNSUBSCRIBED:
+        return TelephonyError("opted_out", detail, retryable=False)
     if status in (401, 403):
         # Wrong account SID or auth token: no retry can fix it.
         return TelephonyError("telephony_auth_failed", detail, retryable=False)
@@ -171,6 +176,16 @@ class TwilioTelephony:
             self._calls()(provider_id).update_async(twiml=tell_twiml(say)),
             ignore_codes=ALREADY_ENDED_CODES,
         )
+
+    async def send_text(self, to: str, from_: str, body: str) -> str:
+        create = self._messages().create_async(to=to, from_=from_, body=body)
+        message = await self._api("send_text", create)
+        return str(message.sid)
+
+    def _messages(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("TwilioTelephony.start() was not called")
+        return self._client.messages
 
     def _calls(self) -> Any:
         if self._client is None:

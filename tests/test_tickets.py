@@ -64,6 +64,11 @@ class TicketStream:
     async def until(self, state: str, timeout: float = WAIT_S) -> dict[str, Any]:
         """Frames until the call shown is in ``state``, as a page shows them: never an
         older version than the one it shows."""
+        return await self.until_shown(lambda call: call["state"] == state, state, timeout)
+
+    async def until_shown(
+        self, shows: Callable[[dict[str, Any]], bool], what: str, timeout: float = WAIT_S
+    ) -> dict[str, Any]:
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -71,10 +76,10 @@ class TicketStream:
                     if frame["version"] < self.version:
                         continue
                     self.version, self.shown = frame["version"], frame["call"]
-                    if self.shown["state"] == state:
+                    if shows(self.shown):
                         return self.shown
         except TimeoutError:
-            raise AssertionError(f"never {state}; the page shows {self.shown}") from None
+            raise AssertionError(f"never {what}; the page shows {self.shown}") from None
 
     def close(self) -> None:
         self.response.close()
@@ -316,3 +321,57 @@ async def test_a_browser_call_has_a_ticket_that_shows_who_the_visitor_spoke_to(
     theirs = await other.call("call:start", {}, "/visitor")
     r = await http.get(url, params={"token": theirs["status_token"]})
     assert r.status == 404
+
+
+async def test_a_new_callback_is_texted_its_ticket_link_in_the_customers_language(
+    two_nodes: tuple[Node, Node],
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+    streams: Callable[..., Any],
+) -> None:
+    a, b = two_nodes
+    caller_id = a.settings.sites["acme"].caller_ids[0]
+    sim.messaging.number(caller_id, sms_url=f"{a.url}/v1/twilio/sms")
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600), "language": "de-AT"}
+    )
+    assert status == 201, created
+    page = await streams(b, created)
+    shown = await page.until_shown(
+        lambda call: call["timeline"][-1]["event"] == "texted", "texted"
+    )
+    assert shown["state"] == "scheduled"
+    [text] = sim.messaging.sent_to(VISITOR_PHONE)
+    assert text.from_ == caller_id
+    site = a.settings.sites["acme"].name
+    assert text.body == (
+        f"{site}: Wir rufen Sie zurück. Ihre Anfrage ansehen oder ändern: {created['ticket_url']}"
+    )
+    assert created["status_token"] in text.body and "#" in created["ticket_url"]
+
+
+async def test_a_refused_text_is_not_retried_and_the_callback_stands(
+    two_nodes: tuple[Node, Node], sim: TwilioSim, http: aiohttp.ClientSession, clock: ManualClock
+) -> None:
+    """Twilio refuses texts from a number the account does not own (here, the site's caller
+    id is not one of the simulator's messaging numbers), as it refuses a number that said
+    STOP: the callback is booked all the same, and the refusal is not tried again."""
+    a, _ = two_nodes
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    r = await http.get(
+        f"{a.url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
+    )
+    assert (await r.json())["state"] == "scheduled"
+    assert a.app[keys.CALLBACKS].confirmations is not None
+    await asyncio.wait_for(_until_no_tasks(a, "ticket-text"), WAIT_S)
+    assert sim.messaging.sent_to(VISITOR_PHONE) == []
+    assert a.app[keys.CALLBACKS].confirmations.sent == 0
+
+
+async def _until_no_tasks(node: Node, prefix: str) -> None:
+    while any(prefix in t.get_name() for t in asyncio.all_tasks()):
+        await asyncio.sleep(0.01)

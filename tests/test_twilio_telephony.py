@@ -310,6 +310,7 @@ def test_refusal_codes() -> None:
         (429, 20429, "telephony_unavailable", True),
         (500, 20500, "telephony_unavailable", True),
         (503, None, "telephony_unavailable", True),
+        (400, 21610, "opted_out", False),  # a message to a number that texted STOP
     ]
     for status, twilio_code, code, retryable in table:
         err = refusal("dial", status, twilio_code, "x")

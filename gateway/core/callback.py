@@ -130,6 +130,14 @@ def moved(call: Call, at: float, now: float) -> Call:
     )
 
 
+def texted(call: Call, now: float) -> Call:
+    """The customer was sent a text with the link to their ticket (nothing else changes; an
+    ended callback's timeline is left as it ended)."""
+    if call.final:
+        return call
+    return replace(call, timeline=_log(call, now, "texted", "We texted you a link to this page"))
+
+
 def _current_leg(call: Call, attempt: int) -> None:
     _open(call)
     if call.dials != attempt or call.state not in (CallState.DIALING, CallState.CONNECTED):

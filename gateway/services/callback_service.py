@@ -69,6 +69,7 @@ from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_t
 from gateway.services.caller_screen import CallerScreen
 from gateway.services.mobile_ring import MobileRing, room_name
 from gateway.services.status_token import new_status_token
+from gateway.services.ticket_texts import TicketTexts
 from gateway.store.base import OpenCallbackKind
 from gateway.telephony import AgentInstruction, JoinRoom
 from gateway.wire.codec import CallbackIn, Json, call_to_wire
@@ -122,6 +123,8 @@ class CallbackService:
         self.screen = CallerScreen(records, self._candidates, metrics)
         self.dialer.agent_legs, self.dialer.screen = self.devices, self.screen
         self.min_lead_s = MIN_LEAD_S
+        self.confirmations: TicketTexts | None = None
+        """Texts each new callback's customer its ticket's link (set by the app)."""
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
         return {TimerKind.CALLBACK_DUE: self.on_due, **self.dialer.timers()}
@@ -205,6 +208,8 @@ class CallbackService:
         await self._records.schedule(due_timer(call), at if at is not None else now)
         self._metrics.callbacks.labels("requested").inc()
         await self._notify.call_update(call)
+        if self.confirmations is not None:
+            self.confirmations.confirm(call, token)
         return call, token
 
     async def _kept_place(

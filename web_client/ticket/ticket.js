@@ -120,6 +120,7 @@
     switch (e.event) {
       case "requested": return gettext("You asked us to call you back.");
       case "moved": return gettext("You picked a new time.");
+      case "texted": return gettext("We texted you a link to this page.");
       case "queued": return gettext("Finding someone to call you.");
       case "closed": return gettext("We were closed; we'll call when we open.");
       case "quiet_hours": return gettext("It was night at your number; we'll call in the morning.");
