@@ -1019,7 +1019,8 @@ async def test_a_wrong_token_and_an_unknown_call_look_the_same(
             answers.append((r.status, await r.json()))
         for (status, body), call_id in zip(answers, (real, fake), strict=True):
             assert status == 404, (method, status, body)
-            assert body == {
-                "error": {"code": "not_found", "message": f"no callback {call_id!r}"}
-            }, (method, body)
+            assert body == {"error": {"code": "not_found", "message": f"no call {call_id!r}"}}, (
+                method,
+                body,
+            )
     assert (await ticket(http, enode, data))["state"] in ("queued", "scheduled")

@@ -43,7 +43,9 @@ class TicketTexts:
         self.texts: Texts | None = None
         """The provider's SMS side; None: nothing is sent."""
         self.sent = 0
-        """Confirmations sent by this node (for tests and metrics)."""
+        """Texts sent by this node (for tests)."""
+        self.given_up = 0
+        """Texts this node gave up on: refused, or the provider unreachable for long."""
 
     @property
     def sites(self) -> Mapping[str, Site]:
@@ -75,6 +77,7 @@ class TicketTexts:
             except TelephonyError as e:
                 if not e.retryable or delay is None:
                     log.warning("no ticket text for %s: %s (%s)", call.call_id, e.code, e.message)
+                    self.given_up += 1
                     return
                 await asyncio.sleep(delay)
         self.sent += 1

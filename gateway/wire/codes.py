@@ -76,6 +76,7 @@ class InternalCode(StrEnum):
     TELEPHONY_AUTH_FAILED = "telephony_auth_failed"
     TELEPHONY_REFUSED = "telephony_refused"
     TELEPHONY_UNAVAILABLE = "telephony_unavailable"
+    OPTED_OUT = "opted_out"
     MEDIA_UNREACHABLE = "media_unreachable"
     MEDIA_ERROR = "media_error"
     UNAVAILABLE = "unavailable"
