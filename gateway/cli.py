@@ -19,6 +19,7 @@ from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
 from gateway.ops.access_log import access_logger_class
 from gateway.ops.gc_pacer import PROCESS_PACER
+from gateway.ops.log_privacy import use_private_formatter
 from gateway.settings import ConfigError, Settings, load_settings, with_dev_secret
 from gateway.store.redis_url import parse_redis_url
 
@@ -39,10 +40,9 @@ def serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     settings = _settings(args)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {settings.node_id} %(levelname)s %(name)s: %(message)s",
-    )
+    log_format = f"%(asctime)s {settings.node_id} %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    use_private_formatter(log_format)
     app = create_app(settings)
 
     async def freeze_heap(app: web.Application) -> None:
@@ -198,9 +198,9 @@ def xmpp_bridge(args: argparse.Namespace) -> int:
     except BridgeConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    use_private_formatter(log_format)
     asyncio.run(run_bridge(config))
     return 0
 

@@ -11,6 +11,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from gateway.core.call import Call as CoreCall
 from gateway.core.call import CallChannel, CallRequest, CallState
 from gateway.core.model import Site
+from gateway.core.privacy import mask_phone
 from gateway.wire.base import Count, Id, Json, Language, Time, iso, to_wire
 
 # --- in ------------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ def call_struct(
     internal: bool = False,
     position: int | None = None,
     eta_s: int | None = None,
+    phone_masked: bool = False,
 ) -> Call:
     """The Call of docs/PROTOCOL.md; ``internal`` adds what agents and supervisors see.
     ``position`` (1 = next) and ``eta_s`` are computed by the caller from the live queue."""
@@ -221,7 +223,9 @@ def call_struct(
         visitor_id=call.visitor_id,
         agent_id=call.agent_id,
         attempt=call.attempt,
-        phone=call.phone if callback else UNSET,
+        phone=(mask_phone(call.phone) if phone_masked and call.phone else call.phone)
+        if callback
+        else UNSET,
         dials=call.dials if callback else UNSET,
     )
 
@@ -232,8 +236,11 @@ def call_to_wire(
     internal: bool = False,
     position: int | None = None,
     eta_s: int | None = None,
+    phone_masked: bool = False,
 ) -> Json:
-    return to_wire(call_struct(call, site, internal, position, eta_s))
+    """``phone_masked``: the internal view for someone other than the call's agent (the
+    board, an agent the call has left), whom the customer's number is shown masked."""
+    return to_wire(call_struct(call, site, internal, position, eta_s, phone_masked))
 
 
 def ring_to_wire(

@@ -114,6 +114,12 @@ def call_ack(call: CoreCall, site: Site, internal: bool = False) -> Json:
     return to_wire(CallAck(call=call_struct(call, site, internal)))
 
 
+def agent_call_ack(call: CoreCall, site: Site, agent_id: str) -> Json:
+    """An agent's answer about a call: the customer's number in full only if it is hers."""
+    mine = call.agent_id == agent_id
+    return to_wire(CallAck(call=call_struct(call, site, True, phone_masked=not mine)))
+
+
 def start_ack(call: CoreCall, site: Site, status_token: str, public_url: str) -> Json:
     return to_wire(
         StartAck(

@@ -29,7 +29,7 @@ from gateway.wire.codec import (
     hold_from_wire,
     signal_from_wire,
 )
-from gateway.wire.events import accept_ack, call_ack, ok_ack, presence_ack
+from gateway.wire.events import accept_ack, agent_call_ack, ok_ack, presence_ack
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +131,20 @@ class AgentNamespace(BaseNamespace):
     async def call_decline(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
         call = await self.calls.decline(claims.site, claims.sub, call_id_from_wire(payload))
-        return call_ack(call, self.presence.site(claims.site), internal=True)
+        return agent_call_ack(call, self.presence.site(claims.site), claims.sub)
 
     async def call_hangup(self, sid: str, payload: Any) -> Json:
         session = self.sessions[sid]
         claims = session.claims
         call = await self.calls.hangup(claims.site, claims.sub, call_id_from_wire(payload))
         session.calls.discard(call.call_id)
-        return call_ack(call, self.presence.site(claims.site), internal=True)
+        return agent_call_ack(call, self.presence.site(claims.site), claims.sub)
 
     async def call_hold(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
         call_id, on = hold_from_wire(payload)
         call = await self.calls.hold(claims.site, claims.sub, sid, call_id, on)
-        return call_ack(call, self.presence.site(claims.site), internal=True)
+        return agent_call_ack(call, self.presence.site(claims.site), claims.sub)
 
     async def rtc_signal(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims

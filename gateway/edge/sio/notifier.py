@@ -32,6 +32,12 @@ class SocketCallNotifier:
     async def call_update(self, call: Call, former_agent: str | None = None) -> None:
         site = self.sites[call.site]
         internal = call_to_wire(call, site, internal=True)
+        # Everyone but the call's own agent sees the customer's number masked.
+        others = (
+            internal
+            if call.phone is None
+            else call_to_wire(call, site, internal=True, phone_masked=True)
+        )
         emits = [
             (
                 "call:update",
@@ -40,11 +46,11 @@ class SocketCallNotifier:
                 visitor_room(call.site, call.visitor_id),
             )
         ]
-        emits += [
-            ("call:update", internal, "/agent", agent_room(call.site, agent_id))
-            for agent_id in {a for a in (call.agent_id, former_agent) if a is not None}
-        ]
-        emits.append(("call:update", internal, "/board", site_room(call.site)))
+        if call.agent_id is not None:
+            emits.append(("call:update", internal, "/agent", agent_room(call.site, call.agent_id)))
+        if former_agent is not None and former_agent != call.agent_id:
+            emits.append(("call:update", others, "/agent", agent_room(call.site, former_agent)))
+        emits.append(("call:update", others, "/board", site_room(call.site)))
         manager = self.server.manager
         if isinstance(manager, ObservedRedisManager):
             await manager.emit_batch(emits)
@@ -74,6 +80,7 @@ class SocketCallNotifier:
     async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
         site = self.sites[call.site]
         internal = call_to_wire(call, site, internal=True)
+        board = call_to_wire(call, site, internal=True, phone_masked=True)
         emits: list[tuple[str, Json, str, str]] = [
             (
                 "call:ring_stop",
@@ -95,7 +102,7 @@ class SocketCallNotifier:
         )
         if call.agent_id is not None:
             emits.append(("call:update", internal, "/agent", agent_room(call.site, call.agent_id)))
-        emits.append(("call:update", internal, "/board", site_room(call.site)))
+        emits.append(("call:update", board, "/board", site_room(call.site)))
         manager = self.server.manager
         for event, data, namespace, room in emits:
             # Each node replays to its own sockets (published, every node's would get it),
