@@ -63,6 +63,7 @@ from gateway.telephony import (
     Texts,
 )
 from gateway.wire import fastjson
+from gateway.wire.calls import shared_call_to_wire
 from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,10 @@ def create_app(
 
     async def ticket_view(call_id: str) -> TicketView | None:
         call = await records.find(call_id)
-        return None if call is None else TicketView(call.version, await tickets.view(call))
+        if call is None:
+            return None
+        view = await tickets.view(call)
+        return TicketView(call.version, view, shared_call_to_wire(view), call.share_hash)
 
     ticket_feed = TicketFeed(ticket_view)
     client_manager.tap("call:update", "/visitor", ticket_feed.on_call_update)

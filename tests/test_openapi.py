@@ -227,6 +227,15 @@ async def test_answers_match_the_document(
     contract.response("get", ticket + "/stream", 200)
     live.close()
     assert (await call("get", path + "/stream", ticket + "/stream"))[0] == 401
+    share = ticket + "/share"
+    status, shared = await call("post", path + "/share", share, params=token)
+    assert status == 200 and shared["call"]["sharing"] is True
+    share_token = {"token": shared["share_url"].rsplit("#", 1)[1]}
+    status, seen = await call("get", path, ticket, params=share_token)
+    assert status == 200 and seen["shared"] is True
+    assert (await call("delete", path + "/share", share, params={"token": "x"}))[0] == 404
+    status, unshared = await call("delete", path + "/share", share, params=token)
+    assert status == 200 and unshared["sharing"] is False
     catalogue = "/v1/messages/{language}"
     status, german = await call("get", "/v1/messages/de-AT", catalogue)
     assert status == 200 and german["language"] == "de" and german["messages"], german

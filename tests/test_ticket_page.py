@@ -241,3 +241,47 @@ async def test_the_customer_cancels_from_the_page_and_a_wrong_link_shows_nothing
         await expect(shown.get_by_test_id("ticket-status")).to_have_text("")
         await expect(shown.get_by_test_id("ticket-timeline")).to_be_empty()
     await take(wrong, "wrong-token")
+
+
+async def test_a_shared_link_shows_a_colleague_where_it_stands_until_the_customer_stops_it(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+    open_page: Callable[..., Any],
+    errors: list[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    a, b = two_nodes
+    take = shot(request)
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    owner = await open_page(page_url(a, created, "en"), "en")
+    await says(owner, SAYS["en"]["scheduled"])
+    await owner.get_by_test_id("ticket-share").click()
+    link = owner.get_by_test_id("ticket-share-url")
+    await expect(link).to_be_visible()
+    await expect(link).to_be_focused()
+    share_url = await link.input_value()
+    assert share_url.startswith(f"{a.url}/t/{created['call_id']}#")
+    await take(owner, "sharing")
+
+    colleague = await open_page(share_url.replace(a.url, b.url) + "", "de")
+    await says(colleague, SAYS["de"]["scheduled"])
+    await expect(colleague.get_by_test_id("ticket-shared-note")).to_have_text(
+        "Mit Ihnen geteilt: nur zum Ansehen."
+    )
+    for hidden in ("ticket-move", "ticket-cancel", "ticket-share"):
+        await expect(colleague.get_by_test_id(hidden)).to_be_hidden()
+    assert VISITOR_PHONE not in await colleague.content()
+    await take(colleague, "shared-view")
+
+    await owner.get_by_test_id("ticket-unshare").click()
+    await expect(colleague.get_by_test_id("ticket-error")).to_have_text(
+        "Dieser Link wird nicht mehr geteilt.", timeout=WAIT_MS
+    )
+    await expect(colleague.get_by_test_id("ticket-status")).to_have_text("")
+    await expect(owner.get_by_test_id("ticket-share")).to_be_visible()
+    await take(colleague, "unshared")
+    assert not errors, errors

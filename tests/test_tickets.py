@@ -43,8 +43,8 @@ class TicketStream:
         self.shown: dict[str, Any] | None = None
         self.version = 0
 
-    async def frame(self) -> dict[str, Any]:
-        """The next ``ticket`` event's data."""
+    async def frame(self, wanted: str = "ticket") -> dict[str, Any]:
+        """The next ``wanted`` event's data."""
         event, data = "", ""
         while True:
             line = (await self.response.content.readline()).decode()
@@ -56,10 +56,15 @@ class TicketStream:
             elif line.startswith("data: "):
                 data = line[6:]
             elif line == "" and event:
-                if event == "ticket":
+                if event == wanted:
                     frame: dict[str, Any] = json.loads(data)
                     return frame
                 event, data = "", ""
+
+    async def ended(self) -> bool:
+        """Whether the stream ends (before WAIT_S)."""
+        async with asyncio.timeout(WAIT_S):
+            return await self.response.content.read() is not None
 
     async def until(self, state: str, timeout: float = WAIT_S) -> dict[str, Any]:
         """Frames until the call shown is in ``state``, as a page shows them: never an
@@ -100,10 +105,10 @@ async def two_nodes(
 async def streams(http: aiohttp.ClientSession) -> AsyncIterator[Callable[..., Any]]:
     opened: list[TicketStream] = []
 
-    async def open_stream(node: Node, created: dict[str, Any]) -> Any:
+    async def open_stream(node: Node, created: dict[str, Any], token: str | None = None) -> Any:
         r = await http.get(
             f"{node.url}/v1/calls/{created['call_id']}/stream",
-            params={"token": created["status_token"]},
+            params={"token": token or created["status_token"]},
         )
         if r.status != 200:
             return r
@@ -374,3 +379,64 @@ async def test_a_refused_text_is_not_retried_and_the_callback_stands(
     assert sim.messaging.sent_to(VISITOR_PHONE) == []
     assert confirmations.sent == 0
     assert not [t for t in asyncio.all_tasks() if "ticket-text" in t.get_name()], "not retried"
+
+
+async def test_a_shared_link_shows_state_and_times_only_until_it_is_turned_off(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+    streams: Callable[..., Any],
+) -> None:
+    a, b = two_nodes
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    call_url = f"{a.url}/v1/calls/{created['call_id']}"
+    owner = {"token": created["status_token"]}
+    r = await http.post(f"{call_url}/share", params=owner)
+    assert r.status == 200, await r.text()
+    shared = await r.json()
+    assert shared["call"]["sharing"] is True
+    prefix = f"{a.url}/t/{created['call_id']}#"
+    assert shared["share_url"].startswith(prefix)
+    share_token = shared["share_url"].removeprefix(prefix)
+    assert share_token != created["status_token"]
+
+    # What the link shows: state and times, nothing about who asked, and no way to act.
+    seen = await (await http.get(call_url, params={"token": share_token})).json()
+    assert set(seen) == {
+        "call_id", "channel", "state", "agent", "eta_s", "scheduled_at", "timeline", "shared"
+    }  # fmt: skip
+    assert seen["state"] == "scheduled" and seen["shared"] is True
+    assert all(set(e) == {"at", "event"} for e in seen["timeline"])
+    assert VISITOR_PHONE not in json.dumps(seen)
+    for method, path in (("DELETE", ""), ("POST", "/move"), ("POST", "/share")):
+        r = await http.request(
+            method, f"{call_url}{path}", params={"token": share_token}, json={"at": "x"}
+        )
+        assert r.status in (400, 404), (method, path, r.status)
+        assert r.status == 404 or path == "/move"
+
+    # A colleague follows it live on node B: a move on node A reaches them, cut down.
+    colleague = await streams(b, created, share_token)
+    shown = await colleague.until("scheduled")
+    assert "phone" not in shown and "reason" not in shown
+    r = await http.post(f"{call_url}/move", params=owner, json={"at": iso(clock.now() + 1200)})
+    assert r.status == 200
+    moved = await colleague.until_shown(
+        lambda call: call["timeline"][-1]["event"] == "moved", "moved"
+    )
+    assert moved["shared"] is True
+
+    # Turned off: the open page is told, its stream ends, and the link reads nothing.
+    r = await http.delete(f"{call_url}/share", params=owner)
+    assert r.status == 200 and (await r.json())["sharing"] is False
+    assert await colleague.frame("unshared") == {}
+    assert await colleague.ended()
+    r = await http.get(call_url, params={"token": share_token})
+    assert r.status == 404
+    # A new link is a new token; the owner's page never stopped.
+    again = await (await http.post(f"{call_url}/share", params=owner)).json()
+    assert not again["share_url"].endswith(share_token)
+    assert (await http.get(call_url, params=owner)).status == 200

@@ -99,11 +99,14 @@ class Call:
     connected_at: float | None = None
     ended_at: float | None = None
     timeline: tuple[TimelineEntry, ...] = ()
+    token_hash: str | None = None
+    """SHA-256 of the visitor's status token, which reads the call's ticket: the token
+    itself is never stored."""
+    share_hash: str | None = None
+    """SHA-256 of the ticket's read-only share token, while the customer shares it."""
     # --- PSTN callbacks only (gateway.core.callback) ---
     phone: str | None = None
     """The visitor's number, E.164."""
-    token_hash: str | None = None
-    """SHA-256 of the visitor's status token: the token itself is never stored."""
     scheduled_at: float | None = None
     """When the next attempt is due (state scheduled)."""
     place_at: float | None = None
@@ -167,6 +170,12 @@ def new_call(
         token_hash=token_hash,
     )
     return replace(call, timeline=_log(call, now, "requested", "Looking for someone to talk to"))
+
+
+def shared(call: Call, share_hash: str | None) -> Call:
+    """The customer turned their ticket's read-only link on (a new one: any earlier link no
+    longer works) or, with None, off."""
+    return replace(call, share_hash=share_hash)
 
 
 def ring(

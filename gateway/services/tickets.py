@@ -11,13 +11,19 @@ is what is left afterwards (who the customer spoke to).
 from __future__ import annotations
 
 import hmac
+from functools import partial
 
+from gateway.core import call as calls
 from gateway.core.call import Call, CallChannel, CallError
 from gateway.core.errors import NotFound
 from gateway.services.call_records import CallRecords
 from gateway.services.callback_service import CallbackService
-from gateway.services.status_token import hash_token
+from gateway.services.status_token import hash_token, new_status_token
 from gateway.wire.codec import Json, call_to_wire
+
+
+def _matches(stored: str | None, token: str) -> bool:
+    return stored is not None and hmac.compare_digest(stored, hash_token(token))
 
 
 class Tickets:
@@ -28,19 +34,41 @@ class Tickets:
     async def find(self, call_id: str, token: str) -> Call:
         """The call, for the holder of its status token only."""
         call = await self._records.find(call_id)
-        if (
-            call is None
-            or call.token_hash is None
-            or not hmac.compare_digest(call.token_hash, hash_token(token))
-        ):
+        if call is None or not _matches(call.token_hash, token):
             raise NotFound(f"no call {call_id!r}")
         return call
+
+    async def read(self, call_id: str, token: str) -> tuple[Call, bool]:
+        """The call for its status token, or for its share token while it is shared;
+        whether it was the share token (which only reads, and less)."""
+        call = await self._records.find(call_id)
+        if call is not None and _matches(call.token_hash, token):
+            return call, False
+        if call is not None and _matches(call.share_hash, token):
+            return call, True
+        raise NotFound(f"no call {call_id!r}")
 
     async def view(self, call: Call) -> Json:
         """The visitor's view; a callback's with its live queue position and ETA."""
         if call.channel is CallChannel.CALLBACK:
             return await self._callbacks.view(call)
         return call_to_wire(call, self._records.sites[call.site])
+
+    async def share(self, call_id: str, token: str) -> tuple[Call, str]:
+        """Turn the read-only link on, with a new share token (an earlier link stops
+        working); returns the call and the token, shown once."""
+        call = await self.find(call_id, token)
+        share_token, share_hash = new_status_token()
+        call = await self._records.move(call, partial(calls.shared, share_hash=share_hash))
+        return call, share_token
+
+    async def unshare(self, call_id: str, token: str) -> Call:
+        """Turn the read-only link off: it reads nothing from now on, and the pages open on
+        it are closed."""
+        call = await self.find(call_id, token)
+        if call.share_hash is None:
+            return call
+        return await self._records.move(call, partial(calls.shared, share_hash=None))
 
     async def cancel(self, call_id: str, token: str) -> Call:
         call = await self.find(call_id, token)

@@ -122,6 +122,31 @@ class Call(Struct):
     timeline: list[TimelineEntry]
     reason: str | None
     callback_offer: CallbackOffer | None
+    sharing: bool
+    """The customer shares a read-only link to the call's ticket."""
+
+
+class SharedAgent(Struct):
+    first_name: str
+
+
+class SharedEntry(Struct):
+    at: Time
+    event: str
+
+
+class SharedCall(Struct):
+    """A call's ticket as its read-only share link shows it: state and times, and the
+    agent's first name; no number, no other names, no reasons."""
+
+    call_id: Id
+    channel: CallChannel
+    state: CallState
+    agent: SharedAgent | None
+    eta_s: Count | None
+    scheduled_at: Time | None
+    timeline: list[SharedEntry]
+    shared: Literal[True] = True
 
 
 class InternalCall(Call):
@@ -212,7 +237,14 @@ def call_struct(
         ),
     )
     if not internal:
-        return Call(call.call_id, call.site, call.channel, call.state, *visible)
+        return Call(
+            call.call_id,
+            call.site,
+            call.channel,
+            call.state,
+            *visible,
+            sharing=call.share_hash is not None,
+        )
     callback = call.channel is CallChannel.CALLBACK
     return InternalCall(
         call.call_id,
@@ -220,6 +252,7 @@ def call_struct(
         call.channel,
         call.state,
         *visible,
+        sharing=call.share_hash is not None,
         visitor_id=call.visitor_id,
         agent_id=call.agent_id,
         attempt=call.attempt,
@@ -285,3 +318,21 @@ def _time(ts: float) -> str:
     text = iso(ts)
     assert text is not None
     return text
+
+
+def shared_call_to_wire(view: Json) -> Json:
+    """The read-only share link's view, cut down from the visitor's (``call_to_wire``, with
+    the live ETA): the agent's first name only."""
+    agent = view.get("agent")
+    name = agent.get("name") if isinstance(agent, dict) else None
+    return to_wire(
+        SharedCall(
+            call_id=view["call_id"],
+            channel=view["channel"],
+            state=view["state"],
+            agent=SharedAgent(name.split()[0]) if isinstance(name, str) and name.split() else None,
+            eta_s=view.get("eta_s"),
+            scheduled_at=view.get("scheduled_at"),
+            timeline=[SharedEntry(e["at"], e["event"]) for e in view.get("timeline", ())],
+        )
+    )

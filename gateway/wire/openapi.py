@@ -20,7 +20,7 @@ import msgspec
 
 from gateway.wire import events
 from gateway.wire.base import Id, Json, Language
-from gateway.wire.calls import Call, TimelineEntry
+from gateway.wire.calls import Call, SharedCall, TimelineEntry
 from gateway.wire.codec import Filters
 from gateway.wire.im_presence import (
     SIGNATURE_HEADER,
@@ -41,6 +41,7 @@ from gateway.wire.rest import (
     Readiness,
     Session,
     SessionRequest,
+    ShareLink,
     TicketMove,
 )
 
@@ -68,6 +69,8 @@ REST_STRUCTS: tuple[Any, ...] = (
     CallbackSlots,
     TicketMove,
     Catalogue,
+    ShareLink,
+    SharedCall,
     ImPresenceUpdate,
     ImPresenceBatch,
     ImPresenceAnswer,
@@ -417,8 +420,15 @@ def _paths() -> dict[str, Json]:
             "parameters": [_param("call_id")],
             "get": _operation(
                 "getTicket",
-                "A callback's live ticket: state, position in line, ETA.",
-                {"200": call, **ticket_errors},
+                "A call's ticket: state, position in line, ETA; on the read-only share link "
+                "(its token in `token`), a SharedCall.",
+                {
+                    "200": _json(
+                        {"oneOf": [_ref("Call"), _ref("SharedCall")]},
+                        "The call as its customer sees it, or as its share link shows it.",
+                    ),
+                    **ticket_errors,
+                },
                 security=STATUS_TOKEN,
                 tags=["visitors"],
             ),
@@ -449,6 +459,24 @@ def _paths() -> dict[str, Json]:
                     **ticket_errors,
                 },
                 requestBody=_body(_ref("TicketMove")),
+                security=STATUS_TOKEN,
+                tags=["visitors"],
+            ),
+        },
+        "/v1/calls/{call_id}/share": {
+            "parameters": [_param("call_id")],
+            "post": _operation(
+                "shareTicket",
+                "Turn the ticket's read-only share link on: a new link each time (the last "
+                "one stops working).",
+                {"200": _json(_ref("ShareLink"), "The link, shown only here."), **ticket_errors},
+                security=STATUS_TOKEN,
+                tags=["visitors"],
+            ),
+            "delete": _operation(
+                "unshareTicket",
+                "Turn the share link off: it reads nothing, and pages open on it are told so.",
+                {"200": call, **ticket_errors},
                 security=STATUS_TOKEN,
                 tags=["visitors"],
             ),

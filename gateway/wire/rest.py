@@ -251,3 +251,20 @@ class Catalogue(Struct):
 
 def catalogue_to_wire(language: str, messages: dict[str, str]) -> Json:
     return to_wire(Catalogue(language, messages))
+
+
+class ShareLink(Struct):
+    """``POST /v1/calls/{call_id}/share``: the read-only link, shown only here."""
+
+    share_url: Annotated[
+        str,
+        Meta(
+            description="The ticket page on the share link: state and times, the agent's "
+            "first name, nothing else. A new one each time; the last one stops working."
+        ),
+    ]
+    call: Call
+
+
+def share_link_to_wire(share_url: str, call: Json) -> Json:
+    return to_wire(ShareLink(share_url, msgspec.convert(call, Call)))

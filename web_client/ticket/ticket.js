@@ -51,6 +51,12 @@
     $("cancel-yes").textContent = gettext("Yes, cancel it");
     $("cancel-no").textContent = gettext("Keep it");
     $("timeline-title").textContent = gettext("What happened so far");
+    $("share-title").textContent = gettext("Share");
+    $("share-hint").textContent = gettext("Anyone with the link sees where this stands, and nothing else.");
+    $("share-on").textContent = gettext("Share a read-only link");
+    $("share-url-label").textContent = gettext("The link");
+    $("share-copy").textContent = gettext("Copy");
+    $("share-off").textContent = gettext("Stop sharing");
   }
 
   // ---- words ------------------------------------------------------------------------------
@@ -79,7 +85,8 @@
 
   function headline(c) {
     const a = c.agent;
-    const who = a ? { agent: a.name, branch: a.branch || "" } : null;
+    // A shared link knows the agent's first name only.
+    const who = a ? { agent: a.name || a.first_name, branch: a.branch || "" } : null;
     const left = secondsLeft();
     switch (c.state) {
       case "scheduled": {
@@ -158,8 +165,18 @@
       return li;
     });
     $("timeline").replaceChildren(...items);
-    const waiting = call.channel === "callback" && (call.state === "scheduled" || call.state === "queued");
+    const waiting = !call.shared && call.channel === "callback"
+      && (call.state === "scheduled" || call.state === "queued");
     $("actions").hidden = !waiting;
+    $("share").hidden = !!call.shared || isFinal(call);
+    // The link itself is shown once, when made: only its hash is kept. After a reload the
+    // customer may stop sharing, or make a new link (the old one then stops working).
+    if (!call.sharing) $("share-link").hidden = true;
+    $("share-on").hidden = !$("share-link").hidden;
+    $("share-copy").hidden = $("share-link").hidden;
+    $("share-off").hidden = !call.sharing;
+    $("shared-note").hidden = !call.shared;
+    $("shared-note").textContent = call.shared ? gettext("Shared with you: a read-only view.") : "";
     if (!waiting) {
       $("move-form").hidden = true;
       $("confirm-cancel").hidden = true;
@@ -211,6 +228,15 @@
 
   function follow() {
     stream = new EventSource(ticketUrl("/stream"));
+    stream.addEventListener("unshared", () => {
+      stream.close();
+      stream = null;
+      call = null;
+      $("status").textContent = "";
+      $("timeline").replaceChildren();
+      $("shared-note").hidden = true;
+      fail(gettext("This link is no longer shared."));
+    });
     stream.addEventListener("ticket", (event) => {
       fail("");
       const frame = JSON.parse(event.data);
@@ -279,7 +305,37 @@
     }
   }
 
+  async function share() {
+    try {
+      const answer = await api("POST", ticketUrl("/share"));
+      $("share-url").value = answer.share_url;
+      $("share-link").hidden = false;
+      show(answer.call);
+      $("share-url").focus();
+      $("share-url").select();
+    } catch {
+      fail(gettext("Something went wrong. Please try again."));
+    }
+  }
+
+  async function unshare() {
+    try {
+      show(await api("DELETE", ticketUrl("/share")));
+      $("share-link").hidden = true;
+      render();
+      $("share-on").focus();
+    } catch {
+      fail(gettext("Something went wrong. Please try again."));
+    }
+  }
+
   async function start() {
+    $("share-on").addEventListener("click", share);
+    $("share-off").addEventListener("click", unshare);
+    $("share-copy").addEventListener("click", () => {
+      $("share-url").select();
+      if (navigator.clipboard) navigator.clipboard.writeText($("share-url").value).catch(() => {});
+    });
     $("move").addEventListener("click", openMove);
     $("move-form").addEventListener("submit", move);
     $("move-back").addEventListener("click", () => { $("move-form").hidden = true; $("move").focus(); });

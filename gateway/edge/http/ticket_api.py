@@ -16,11 +16,14 @@ from gateway.edge.http import appkeys as keys
 from gateway.edge.http.http_api import read_json
 from gateway.edge.http.visitor_api import TICKET_SITE, site_origins
 from gateway.i18n import best_language, browser_catalogue
+from gateway.wire.calls import shared_call_to_wire
 from gateway.wire.codec import check_id
 from gateway.wire.rest import (
     catalogue_language_from_path,
     catalogue_to_wire,
+    share_link_to_wire,
     ticket_move_from_wire,
+    ticket_url,
 )
 
 MAX_STATUS_TOKEN = 128
@@ -34,11 +37,33 @@ def _status_token(request: web.Request) -> str:
 
 
 async def get_ticket(request: web.Request) -> web.Response:
+    """The ticket; on the read-only share link, what that shows of it."""
     call_id = check_id(request.match_info["call_id"], "call_id")
     tickets = request.app[keys.TICKETS]
-    call = await tickets.find(call_id, _status_token(request))
+    call, shared = await tickets.read(call_id, _status_token(request))
     request[TICKET_SITE] = call.site
-    return web.json_response(await tickets.view(call), headers={"Cache-Control": "no-store"})
+    view = await tickets.view(call)
+    return web.json_response(
+        shared_call_to_wire(view) if shared else view, headers={"Cache-Control": "no-store"}
+    )
+
+
+async def share_ticket(request: web.Request) -> web.Response:
+    """Turn the read-only share link on (a new one each time)."""
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    tickets = request.app[keys.TICKETS]
+    call, share_token = await tickets.share(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
+    url = ticket_url(request.app[keys.SETTINGS].public_url, call.call_id, share_token)
+    return web.json_response(share_link_to_wire(url, await tickets.view(call)))
+
+
+async def unshare_ticket(request: web.Request) -> web.Response:
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    tickets = request.app[keys.TICKETS]
+    call = await tickets.unshare(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
+    return web.json_response(await tickets.view(call))
 
 
 async def cancel_ticket(request: web.Request) -> web.Response:
@@ -62,8 +87,10 @@ async def move_ticket(request: web.Request) -> web.Response:
 async def stream_ticket(request: web.Request) -> web.StreamResponse:
     """The ticket as Server-Sent Events: the view now, then on every change."""
     call_id = check_id(request.match_info["call_id"], "call_id")
-    # Only its site is kept: this handler waits as long as the page is open.
-    site = (await request.app[keys.TICKETS].find(call_id, _status_token(request))).site
+    # Only what it needs is kept: this handler waits as long as the page is open.
+    call, shared = await request.app[keys.TICKETS].read(call_id, _status_token(request))
+    site, share_hash = call.site, call.share_hash if shared else None
+    del call
     request[TICKET_SITE] = site
     request.app[keys.DRAIN].refuse_new_work()  # its streams were ended: none may start
     feed = request.app[keys.TICKET_FEED]
@@ -79,7 +106,7 @@ async def stream_ticket(request: web.Request) -> web.StreamResponse:
         if origin is not None and origin in site_origins(settings, site)
         else {}
     )
-    response: web.StreamResponse = await feed.watch(request, call_id, headers)
+    response: web.StreamResponse = await feed.watch(request, call_id, headers, share_hash)
     return response
 
 
@@ -98,4 +125,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/calls/{call_id}", cancel_ticket)
     app.router.add_post("/v1/calls/{call_id}/move", move_ticket)
     app.router.add_get("/v1/calls/{call_id}/stream", stream_ticket)
+    app.router.add_post("/v1/calls/{call_id}/share", share_ticket)
+    app.router.add_delete("/v1/calls/{call_id}/share", unshare_ticket)
     app.router.add_get("/v1/messages/{language}", get_catalogue)

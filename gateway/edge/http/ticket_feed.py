@@ -39,10 +39,22 @@ class TicketView:
     """The call's stored version: a page shows the highest it was sent."""
     call: Json
     """The visitor's view of the call (``call_to_wire`` with position and ETA)."""
+    shared: Json
+    """What its read-only share link shows of it (``shared_call_to_wire``)."""
+    share_hash: str | None
+    """Which share link works now (None: none does)."""
 
 
 def ticket_frame(view: TicketView) -> bytes:
     return frame_of("ticket", {"version": view.version, "call": view.call})
+
+
+def shared_frame(view: TicketView) -> bytes:
+    return frame_of("ticket", {"version": view.version, "call": view.shared})
+
+
+UNSHARED = frame_of("unshared", {})
+"""To a page on a share link that was turned off (or replaced): the stream ends next."""
 
 
 @dataclass(slots=True)
@@ -69,7 +81,9 @@ class TicketFeed:
         self.max_per_call = max_per_call
         """Pages of one ticket on one node: the customer's phone and laptop, a colleague or
         two; more is someone holding connections open with a leaked link."""
-        self._watchers: dict[str, set[Watcher]] = {}
+        self._watchers: dict[str, dict[Watcher, str | None]] = {}
+        """Each call's pages here, each with the share link it was opened with (None: the
+        customer's own)."""
         self._sent: dict[str, _Sent] = {}
         self._dirty: set[str] = set()
         self._tasks = TaskGroup("tickets")
@@ -79,16 +93,20 @@ class TicketFeed:
         return len(self._watchers.get(call_id, ()))
 
     async def watch(
-        self, request: web.Request, call_id: str, headers: dict[str, str]
+        self,
+        request: web.Request,
+        call_id: str,
+        headers: dict[str, str],
+        share_hash: str | None = None,
     ) -> web.StreamResponse:
         """Serve one page until it goes away; runs in the connection's own handler. The
         page joins before the call is read, so no change falls between its first frame and
-        the pushes."""
+        the pushes. ``share_hash``: a page on the read-only share link with that hash."""
         watcher = await open_stream(request, headers)
         if watcher is None:
             return web.StreamResponse()  # the client went away
-        group = self._watchers.setdefault(call_id, set())
-        group.add(watcher)
+        group = self._watchers.setdefault(call_id, {})
+        group[watcher] = share_hash
         self.watcher_count += 1
         try:
             await watcher.response.write(b"retry: %d\n" % RETRY_MS)
@@ -97,12 +115,12 @@ class TicketFeed:
                 return watcher.response
             frame = ticket_frame(view)
             self._note(call_id, view, frame)
-            send(watcher, frame, chunk_of(frame))
+            self._send_to(watcher, share_hash, view, frame)
             del view, frame  # not held for the page's lifetime: thousands wait here
             await watcher.done
         finally:
             self.watcher_count -= 1
-            group.discard(watcher)
+            group.pop(watcher, None)
             if not group and self._watchers.get(call_id) is group:
                 del self._watchers[call_id]
                 self._sent.pop(call_id, None)
@@ -135,8 +153,24 @@ class TicketFeed:
         if not self._note(call_id, view, frame):
             return  # older than, or the same as, what the pages have
         chunk = chunk_of(frame)
-        for watcher in list(self._watchers.get(call_id, ())):
-            send(watcher, frame, chunk)
+        for watcher, share_hash in list(self._watchers.get(call_id, {}).items()):
+            if share_hash is None:
+                send(watcher, frame, chunk)
+            else:
+                self._send_to(watcher, share_hash, view, frame)
+
+    @staticmethod
+    def _send_to(watcher: Watcher, share_hash: str | None, view: TicketView, frame: bytes) -> None:
+        """One page's frame: the whole ticket to the customer's; the cut-down one to a page
+        on the share link, while that link still works, else word that it stopped."""
+        if share_hash is None:
+            send(watcher, frame, chunk_of(frame))
+        elif share_hash == view.share_hash:
+            shared = shared_frame(view)
+            send(watcher, shared, chunk_of(shared))
+        else:
+            send(watcher, UNSHARED, chunk_of(UNSHARED))
+            watcher.close()
 
     def _note(self, call_id: str, view: TicketView, frame: bytes) -> bool:
         """Record ``frame`` as the call's pages' newest; False if they have it, or newer."""
