@@ -424,7 +424,7 @@ def _paths() -> dict[str, Json]:
                 "(its token in `token`), a SharedCall.",
                 {
                     "200": _json(
-                        {"oneOf": [_ref("Call"), _ref("SharedCall")]},
+                        {"anyOf": [_ref("Call"), _ref("SharedCall")]},
                         "The call as its customer sees it, or as its share link shows it.",
                     ),
                     **ticket_errors,
