@@ -247,6 +247,9 @@ async def test_answers_match_the_document(
     assert status == 200 and english == {"language": "en", "messages": {}}
     status, ended = await call("delete", path, ticket, params=token)
     assert status == 200 and ended["state"] == "canceled"
+    personal = ticket + "/personal-data"
+    status, erased = await call("delete", path + "/personal-data", personal, params=token)
+    assert status == 200 and erased["timeline"][-1]["event"] == "erased"
 
     exercised = {(m, p) for m, p, _ in contract.checked} | {
         ("get", availability + "/stream"),

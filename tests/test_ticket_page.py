@@ -30,6 +30,7 @@ from test_callbacks import (
 )
 from twilio_sim import TwilioSim
 
+from gateway.edge.http import appkeys as keys
 from gateway.ops.clock import ManualClock
 
 WAIT_MS = 10_000
@@ -230,6 +231,17 @@ async def test_the_customer_cancels_from_the_page_and_a_wrong_link_shows_nothing
         f"{a.url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
     )
     assert (await r.json())["state"] == "canceled"
+
+    # And erases their personal data: the number is gone from the stored call.
+    await page.get_by_test_id("ticket-erase").click()
+    await page.get_by_test_id("ticket-erase-confirm").click()
+    await expect(page.get_by_test_id("ticket-timeline")).to_contain_text(
+        "You erased your personal data."
+    )
+    await expect(page.get_by_test_id("ticket-erase")).to_be_hidden()
+    await take(page, "erased")
+    row = await a.app[keys.STORE].get_call(created["call_id"])
+    assert row is not None and VISITOR_PHONE not in str(row.data)
 
     # A wrong token and an unknown call: the same page, the same words, nothing about it.
     wrong = await open_page(

@@ -440,3 +440,47 @@ async def test_a_shared_link_shows_state_and_times_only_until_it_is_turned_off(
     again = await (await http.post(f"{call_url}/share", params=owner)).json()
     assert not again["share_url"].endswith(share_token)
     assert (await http.get(call_url, params=owner)).status == 200
+
+
+async def test_the_customer_erases_their_personal_data_from_the_ticket(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    clock: ManualClock,
+    streams: Callable[..., Any],
+) -> None:
+    a, b = two_nodes
+    status, created = await request_callback(
+        http, a, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600), "page": "https://x.test/p"}
+    )
+    assert status == 201, created
+    call_url = f"{a.url}/v1/calls/{created['call_id']}"
+    owner = {"token": created["status_token"]}
+    shared = await (await http.post(f"{call_url}/share", params=owner)).json()
+    share_token = shared["share_url"].rsplit("#", 1)[1]
+    page = await streams(b, created)
+    await page.until("scheduled")
+
+    r = await http.delete(f"{call_url}/personal-data", params=owner)
+    assert r.status == 200, await r.text()
+    erased = await r.json()
+    assert erased["state"] == "canceled" and erased["timeline"][-1]["event"] == "erased", erased
+    assert erased["sharing"] is False
+    await page.until_shown(lambda call: call["timeline"][-1]["event"] == "erased", "erased")
+    row = await a.app[keys.STORE].get_call(created["call_id"])
+    assert row is not None
+    stored = json.dumps(row.data)
+    assert VISITOR_PHONE not in stored and "x.test" not in stored, stored
+    assert (await http.get(call_url, params={"token": share_token})).status == 404
+    again = await http.delete(f"{call_url}/personal-data", params=owner)
+    assert again.status == 200, "erasing twice is harmless"
+
+    # A live call is ended first: erasing it is refused until then.
+    anna = await agent(clients, a, "anna")
+    visitor = clients()
+    await visitor.connect(a.url, "/visitor", {"token": await visitor_token(http, a)})
+    ack = await visitor.call("call:start", {}, "/visitor")
+    live = f"{a.url}/v1/calls/{ack['call']['call_id']}/personal-data"
+    r = await http.delete(live, params={"token": ack["status_token"]})
+    assert r.status == 409 and (await r.json())["error"]["code"] == "invalid_state"
+    await anna.call("call:decline", {"call_id": ack["call"]["call_id"]}, "/agent")

@@ -178,6 +178,29 @@ def shared(call: Call, share_hash: str | None) -> Call:
     return replace(call, share_hash=share_hash)
 
 
+ERASED_VISITOR = "v_erased"
+"""The visitor id of a call whose customer erased their personal data."""
+
+
+def erase(call: Call, now: float) -> Call:
+    """The customer erased their personal data from the ended call: their number, the page
+    they called from, where they were, their visitor id and any share link go; what happened
+    (the states, times and agent) stays, as the company's record of the call."""
+    if not call.final:
+        raise CallError("invalid_state", "end the call before erasing it")
+    if call.visitor_id == ERASED_VISITOR:
+        return call
+    return replace(
+        call,
+        visitor_id=ERASED_VISITOR,
+        visitor_sid=None,
+        phone=None,
+        share_hash=None,
+        request=CallRequest(language=call.request.language),
+        timeline=_log(call, now, "erased", "You erased your personal data"),
+    )
+
+
 def ring(
     call: Call,
     agent_id: str,

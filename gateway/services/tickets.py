@@ -81,3 +81,11 @@ class Tickets:
         if call.channel is not CallChannel.CALLBACK:
             raise CallError("invalid_state", "only a callback has a time to move")
         return await self._callbacks.move(call, at)
+
+    async def erase(self, call_id: str, token: str) -> Call:
+        """Erase the customer's personal data from their ticket's call: a waiting callback
+        is canceled first; a live call must be ended first (409 ``invalid_state``)."""
+        call = await self.find(call_id, token)
+        if call.channel is CallChannel.CALLBACK and not call.final:
+            call = await self._callbacks.cancel(call)
+        return await self._records.move(call, partial(calls.erase, now=self._records.clock()))

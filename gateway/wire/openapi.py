@@ -481,6 +481,21 @@ def _paths() -> dict[str, Json]:
                 tags=["visitors"],
             ),
         },
+        "/v1/calls/{call_id}/personal-data": {
+            "parameters": [_param("call_id")],
+            "delete": _operation(
+                "eraseTicket",
+                "Erase the customer's personal data from the call (number, page, place, "
+                "visitor id, share link); a waiting callback is canceled first.",
+                {
+                    "200": call,
+                    "409": _error("invalid_state: the call is live; end it first."),
+                    **ticket_errors,
+                },
+                security=STATUS_TOKEN,
+                tags=["visitors"],
+            ),
+        },
         "/v1/calls/{call_id}/stream": {
             "parameters": [_param("call_id")],
             "get": _operation(

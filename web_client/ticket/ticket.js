@@ -57,6 +57,11 @@
     $("share-url-label").textContent = gettext("The link");
     $("share-copy").textContent = gettext("Copy");
     $("share-off").textContent = gettext("Stop sharing");
+    $("privacy-title").textContent = gettext("Your data");
+    $("erase").textContent = gettext("Erase my personal data");
+    $("erase-question").textContent = gettext("Erase your number and the rest of your personal data from this request? A callback still waiting is canceled.");
+    $("erase-yes").textContent = gettext("Yes, erase it");
+    $("erase-no").textContent = gettext("Keep it");
   }
 
   // ---- words ------------------------------------------------------------------------------
@@ -128,6 +133,7 @@
       case "requested": return gettext("You asked us to call you back.");
       case "moved": return gettext("You picked a new time.");
       case "texted": return gettext("We texted you a link to this page.");
+      case "erased": return gettext("You erased your personal data.");
       case "queued": return gettext("Finding someone to call you.");
       case "closed": return gettext("We were closed; we'll call when we open.");
       case "quiet_hours": return gettext("It was night at your number; we'll call in the morning.");
@@ -176,6 +182,9 @@
     $("share-copy").hidden = $("share-link").hidden;
     $("share-off").hidden = !call.sharing;
     $("shared-note").hidden = !call.shared;
+    const live = ["ringing", "dialing", "connected"].includes(call.state);
+    const erased = (call.timeline || []).some((e) => e.event === "erased");
+    $("privacy").hidden = !!call.shared || live || erased;
     $("shared-note").textContent = call.shared ? gettext("Shared with you: a read-only view.") : "";
     if (!waiting) {
       $("move-form").hidden = true;
@@ -329,7 +338,26 @@
     }
   }
 
+  async function erase() {
+    const button = $("erase-yes");
+    button.disabled = true;
+    try {
+      show(await api("DELETE", ticketUrl("/personal-data")));
+      $("confirm-erase").hidden = true;
+      fail("");
+      $("status").focus();
+    } catch (e) {
+      fail(e.status === 409 ? gettext("It's too late to change this now.")
+        : gettext("Something went wrong. Please try again."));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
   async function start() {
+    $("erase").addEventListener("click", () => { $("confirm-erase").hidden = false; $("erase-no").focus(); });
+    $("erase-no").addEventListener("click", () => { $("confirm-erase").hidden = true; $("erase").focus(); });
+    $("erase-yes").addEventListener("click", erase);
     $("share-on").addEventListener("click", share);
     $("share-off").addEventListener("click", unshare);
     $("share-copy").addEventListener("click", () => {

@@ -58,6 +58,15 @@ async def share_ticket(request: web.Request) -> web.Response:
     return web.json_response(share_link_to_wire(url, await tickets.view(call)))
 
 
+async def erase_ticket(request: web.Request) -> web.Response:
+    """Erase the customer's personal data from the call (a waiting callback is canceled)."""
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    tickets = request.app[keys.TICKETS]
+    call = await tickets.erase(call_id, _status_token(request))
+    request[TICKET_SITE] = call.site
+    return web.json_response(await tickets.view(call))
+
+
 async def unshare_ticket(request: web.Request) -> web.Response:
     call_id = check_id(request.match_info["call_id"], "call_id")
     tickets = request.app[keys.TICKETS]
@@ -127,4 +136,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/calls/{call_id}/stream", stream_ticket)
     app.router.add_post("/v1/calls/{call_id}/share", share_ticket)
     app.router.add_delete("/v1/calls/{call_id}/share", unshare_ticket)
+    app.router.add_delete("/v1/calls/{call_id}/personal-data", erase_ticket)
     app.router.add_get("/v1/messages/{language}", get_catalogue)
