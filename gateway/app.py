@@ -47,6 +47,7 @@ from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
+from gateway.services.retention import Retention
 from gateway.services.sms_presence import SmsPresence
 from gateway.services.ticket_texts import TicketTexts
 from gateway.services.tickets import Tickets
@@ -185,6 +186,9 @@ def create_app(
     feed = AvailabilityFeed(presence, records.ringing, clock.now)
 
     tickets = Tickets(records, callbacks)
+    retention = Retention(
+        store, lambda: settings.sites.keys(), settings.retention_days * 86400, clock
+    )
 
     async def ticket_view(call_id: str) -> TicketView | None:
         call = await records.find(call_id)
@@ -256,6 +260,7 @@ def create_app(
     app[keys.CALLBACKS] = callbacks
     app[keys.AVAILABILITY] = feed
     app[keys.TICKETS] = tickets
+    app[keys.RETENTION] = retention
     app[keys.TICKET_FEED] = ticket_feed
     app[keys.DRAIN] = drain
     app[keys.SMS_PRESENCE] = sms_presence
@@ -295,6 +300,7 @@ def create_app(
         drain.on_drain("timers", hand_over_timers)
         tasks.spawn(feed.run_keepalive(), "availability-keepalive")
         tasks.spawn(ticket_feed.run_keepalive(), "ticket-keepalive")
+        tasks.spawn(retention.run(), "retention")
         yield
         await feed.close()
         await ticket_feed.close()

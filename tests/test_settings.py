@@ -490,6 +490,8 @@ BAD: list[tuple[str, tuple[tuple[Path_, Any], ...], str]] = [
     ("drain grace too short", ((("server",), {"drain_grace_s": 0.5}),), "server.drain_grace_s"),
     ("drain grace too long", ((("server",), {"drain_grace_s": 301}),), "server.drain_grace_s"),
     ("drain grace nan", ((("server",), {"drain_grace_s": float("nan")}),), "server.drain_grace_s"),
+    ("retention too short", ((("server",), {"retention_days": 0.5}),), "server.retention_days"),
+    ("retention a string", ((("server",), {"retention_days": "90"}),), "server.retention_days"),
     ("loop lag zero", ((("server",), {"max_loop_lag_ms": 0}),), "server.max_loop_lag_ms"),
     ("loop lag negative", ((("server",), {"max_loop_lag_ms": -5}),), "server.max_loop_lag_ms"),
     ("loop lag a string", ((("server",), {"max_loop_lag_ms": "15"}),), "server.max_loop_lag_ms"),

@@ -28,8 +28,12 @@ from test_callbacks import (
 )
 from twilio_sim import TwilioSim
 
+from gateway.core import callback as cb
+from gateway.core.call import CallRequest
 from gateway.edge.http import appkeys as keys
 from gateway.ops.clock import ManualClock
+from gateway.store.base import CallRow
+from gateway.wire.codec import call_to_record
 
 WAIT_S = 10.0
 sim = test_callbacks.sim  # the fixture: a Twilio simulator
@@ -484,3 +488,48 @@ async def test_the_customer_erases_their_personal_data_from_the_ticket(
     r = await http.delete(live, params={"token": ack["status_token"]})
     assert r.status == 409 and (await r.json())["error"]["code"] == "invalid_state"
     await anna.call("call:decline", {"call_id": ack["call"]["call_id"]}, "/agent")
+
+
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+async def test_ended_calls_are_deleted_after_the_retention_period_and_waiting_ones_kept(
+    store: str,
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+) -> None:
+    settings = phone_settings(tmp_path, sim, redis_url if store == "redis" else "")
+    node = await phone_node(nodes, settings, clock)
+    store_of = node.app[keys.STORE]
+    # A minute, not the days of a configuration: the test clock moves step by step through
+    # every sleeper's wake-up (leases renew every few seconds), so days would take minutes.
+    node.app[keys.RETENTION].retention_s = 60
+    _, ended = await request_callback(
+        http, node, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    r = await http.delete(
+        f"{node.url}/v1/calls/{ended['call_id']}", params={"token": ended["status_token"]}
+    )
+    assert (await r.json())["state"] == "canceled"
+    # A call that has not ended, however long unchanged (a stuck one, here written as a
+    # node would), is not the retention's to delete.
+    stuck = cb.new_callback(
+        "c_" + "5" * 32, "acme", "v_x", VISITOR_PHONE, "h", CallRequest(), clock.now(),
+        None, clock.now(),
+    )  # fmt: skip
+    await store_of.put_call(CallRow(stuck.call_id, "acme", 1, call_to_record(stuck)))
+    await clock.advance(59)
+    assert await node.app[keys.RETENTION].sweep() == 0, "not before its time"
+    await clock.advance(2)
+
+    async def swept() -> bool:
+        return await store_of.get_call(ended["call_id"]) is None
+
+    await eventually(swept, WAIT_S)  # the node's own hourly sweep, woken by the clock
+    assert await store_of.get_call(stuck.call_id) is not None
+    r = await http.get(
+        f"{node.url}/v1/calls/{ended['call_id']}", params={"token": ended["status_token"]}
+    )
+    assert r.status == 404, "its ticket is gone with it"

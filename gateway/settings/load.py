@@ -201,12 +201,14 @@ def _server(server: dict[str, Any], env: Mapping[str, str]) -> Settings:
     grace = _env(env, "DRAIN_GRACE_S", "server.drain_grace_s", float, "a number")
     gc_pacer = _env(env, "GC_PACER", "server.gc_pacer", _bool, "true or false")
     access_log = _env(env, "ACCESS_LOG", "server.access_log", AccessLogMode, "sampled, all or off")
+    retention = _env(env, "RETENTION_DAYS", "server.retention_days", float, "a number of days")
     data_dir = env.get(f"{ENV_PREFIX}DATA_DIR")
     changes: dict[str, Any] = {
         "port": port,
         "drain_grace_s": grace,
         "gc_pacer": gc_pacer,
         "access_log": access_log,
+        "retention_days": retention,
         "data_dir": None if data_dir is None else Path(data_dir),
     }
     settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
@@ -214,6 +216,11 @@ def _server(server: dict[str, Any], env: Mapping[str, str]) -> Settings:
         raise ConfigError("server.port", f"must be between 1 and 65535, got {settings.port}")
     positive(settings.max_body_bytes, "server.max_body_bytes")
     positive(settings.access_log_sample_every, "server.access_log_sample_every")
+    if not (math.isfinite(settings.retention_days) and 1 <= settings.retention_days <= 3650):
+        raise ConfigError(
+            "server.retention_days",
+            f"must be between 1 and 3650 days, got {settings.retention_days}",
+        )
     # Under a second leaves no time to hand anything over; a load balancer or orchestrator
     # (Kubernetes' default is 30 s) kills a node that takes much longer.
     grace_s = settings.drain_grace_s

@@ -164,6 +164,9 @@ class Settings(msgspec.Struct, frozen=True):
     """``sampled``: every API request, one in ``access_log_sample_every`` to the hot and
     public paths (gateway/ops/access_log.py); ``all``; or ``off`` (server errors still are)."""
     access_log_sample_every: int = 100
+    retention_days: float = 90.0
+    """Ended calls, with the customer's number and everything else about them, are deleted
+    once unchanged this long (``MEMBRANE_RETENTION_DAYS``; gateway/services/retention.py)."""
     drain_grace_s: float = 10.0
     """On SIGTERM the node drains (unready, refuses new work, sends its sockets elsewhere,
     hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""

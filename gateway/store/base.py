@@ -188,6 +188,14 @@ class CallRecordStore(Protocol):
 
     async def list_calls(self, site: str, limit: int = 100) -> list[CallRow]: ...
 
+    async def calls_unchanged_since(self, site: str, before: float, limit: int) -> list[CallRow]:
+        """Up to ``limit`` of the site's calls last written before ``before`` (wall clock),
+        oldest first: what the retention period may delete."""
+
+    async def delete_call(self, row: CallRow) -> bool:
+        """Delete the call if it is still at ``row.version``; False if it changed meanwhile
+        (or is gone)."""
+
     async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None: ...
 
     async def last_agent(self, site: str, visitor_id: str) -> str | None: ...

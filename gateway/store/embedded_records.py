@@ -61,6 +61,29 @@ class EmbeddedRecords(EmbeddedParts):
 
         return [CallRow(c, s, v, json.loads(d)) for c, s, v, d in await self._run(read)]
 
+    async def calls_unchanged_since(self, site: str, before: float, limit: int) -> list[CallRow]:
+        def read() -> list[tuple[str, str, int, str]]:
+            return (
+                self._conn()
+                .execute(
+                    "SELECT call_id, site, version, data FROM calls"
+                    " WHERE site = ? AND updated_at < ? ORDER BY updated_at LIMIT ?",
+                    (site, before, limit),
+                )
+                .fetchall()
+            )
+
+        return [CallRow(c, s, v, json.loads(d)) for c, s, v, d in await self._run(read)]
+
+    async def delete_call(self, row: CallRow) -> bool:
+        def delete() -> bool:
+            cur = self._conn().execute(
+                "DELETE FROM calls WHERE call_id = ? AND version = ?", (row.call_id, row.version)
+            )
+            return cur.rowcount == 1
+
+        return await self._run(delete)
+
     async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None:
         await self._run(
             lambda: self._conn().execute(

@@ -28,6 +28,14 @@ return 1
 """
 
 
+_DELETE_CALL = """
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 class RedisRecords(RedisParts):
     async def put_call(self, row: CallRow) -> bool:
         ok = await self._lane.run_script(
@@ -57,6 +65,25 @@ class RedisRecords(RedisParts):
             if row is not None:
                 rows.append(row)
         return rows
+
+    async def calls_unchanged_since(self, site: str, before: float, limit: int) -> list[CallRow]:
+        ids = await self._lane.execute(
+            "ZRANGEBYSCORE", f"m:calls:{site}", "-inf", f"({before}", "LIMIT", 0, limit
+        )
+        rows = []
+        for call_id in ids or ():
+            row = await self.get_call(call_id)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    async def delete_call(self, row: CallRow) -> bool:
+        deleted = await self._lane.run_script(
+            _DELETE_CALL,
+            [f"m:call:{row.call_id}", f"m:calls:{row.site}"],
+            [row.version, row.call_id],
+        )
+        return bool(deleted)
 
     async def record_served(self, site: str, visitor_id: str, agent_id: str) -> None:
         await self._lane.execute("SET", f"m:visit:{site}:{visitor_id}", agent_id, "EX", VISIT_TTL_S)

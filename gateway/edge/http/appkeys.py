@@ -20,6 +20,7 @@ from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PresenceService
+from gateway.services.retention import Retention
 from gateway.services.sms_presence import SmsPresence
 from gateway.services.tickets import Tickets
 from gateway.settings import Settings
@@ -45,6 +46,7 @@ HEALTH = web.AppKey("health", HealthSource)
 AVAILABILITY = web.AppKey("availability", AvailabilityFeed)
 TICKET_FEED = web.AppKey("ticket_feed", TicketFeed)
 TICKETS = web.AppKey("tickets", Tickets)
+RETENTION = web.AppKey("retention", Retention)
 CALLS = web.AppKey("calls", CallService)
 CALLBACKS = web.AppKey("callbacks", CallbackService)
 DRAIN = web.AppKey("drain", Drain)
