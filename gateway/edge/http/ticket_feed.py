@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.core.errors import StoreUnavailable
 from gateway.edge.http.sse import KEEPALIVE, RETRY_MS, Watcher, chunk_of, open_stream, send
 from gateway.edge.http.sse import sse_frame as frame_of
 from gateway.ops.tasks import TaskGroup
@@ -110,7 +111,10 @@ class TicketFeed:
         self.watcher_count += 1
         try:
             await watcher.response.write(b"retry: %d\n" % RETRY_MS)
-            view = await self._view(call_id)
+            try:
+                view = await self._view(call_id)
+            except StoreUnavailable:
+                return watcher.response  # the stream ends; EventSource comes back later
             if view is None:
                 return watcher.response
             frame = ticket_frame(view)
