@@ -56,6 +56,7 @@ from bench.harness import (
     token,
     write_json,
 )
+from bench.sse_client import SseClient
 
 SCRIPT = str(Path(__file__).resolve())
 STREAM_PATH = "/v1/sites/acme/availability/stream"
@@ -64,59 +65,24 @@ ORIGIN = "http://127.0.0.1:8080"
 # --- the watchers (run in child processes) ---------------------------------------------------
 
 
-class Watcher(asyncio.Protocol):
-    """One idle widget: sends the GET, then notes when ``available`` flips, and when."""
+class Watcher(SseClient):
+    """One idle widget: notes when ``available`` flips, and when."""
 
-    __slots__ = ("_tail", "first", "flips", "last", "lost", "status", "transport")
+    __slots__ = ("first", "flips", "last")
 
     def __init__(self, request: bytes) -> None:
-        self._tail = request  # sent on connection_made, then reused as the parse buffer
-        self.status = 0
+        super().__init__(request)
         self.last: bool | None = None
         self.first = 0.0
         self.flips: list[tuple[float, bool]] = []
-        self.lost = False
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._tail)
-        self._tail = b""
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        buf = self._tail + data if self._tail else data
-        if not self.status:
-            if len(buf) < 12:
-                self._tail = buf
-                return
-            self.status = int(buf[9:12])
-            if self.status != 200 and self.transport is not None:
-                self.transport.close()
-                return
-        # Each SSE frame is one write on the node, so one HTTP chunk: a "data: ..." line is
-        # never cut by a chunk header, only by the TCP segments.
-        start = 0
-        while True:
-            i = buf.find(b"data: ", start)
-            if i < 0:
-                self._tail = buf[-5:]
-                return
-            j = buf.find(b"\n", i)
-            if j < 0:
-                self._tail = buf[i:]
-                return
-            available = buf.find(b'"available":true', i, j) >= 0
-            if self.last is None:
-                self.first = now
-            elif available != self.last:
-                self.flips.append((now, available))
-            self.last = available
-            start = j + 1
+    def on_data(self, buf: bytes, start: int, end: int, now: float) -> None:
+        available = buf.find(b'"available":true', start, end) >= 0
+        if self.last is None:
+            self.first = now
+        elif available != self.last:
+            self.flips.append((now, available))
+        self.last = available
 
 
 async def child(args: argparse.Namespace) -> None:

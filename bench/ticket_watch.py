@@ -56,6 +56,7 @@ from bench.harness import (
     summary_ms,
     write_json,
 )
+from bench.sse_client import SseClient
 from gateway.core import callback as cb
 from gateway.core.call import CallRequest
 from gateway.services.status_token import hash_token
@@ -69,56 +70,22 @@ CUSTOMER = "+353861110001"  # Irish: 12:00 UTC is mid-day at the number, never q
 # --- the pages (run in a child process) ------------------------------------------------------
 
 
-class Page(asyncio.Protocol):
-    """One open ticket page: sends the GET, then notes each ``scheduled_at`` it is shown,
-    and when."""
+class Page(SseClient):
+    """One open ticket page: notes each ``scheduled_at`` it is shown, and when."""
 
-    __slots__ = ("_tail", "lost", "seen", "status", "transport")
+    __slots__ = ("seen",)
 
     def __init__(self, request: bytes) -> None:
-        self._tail = request  # sent on connection_made, then reused as the parse buffer
-        self.status = 0
+        super().__init__(request)
         self.seen: list[tuple[float, str]] = []
-        self.lost = False
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._tail)
-        self._tail = b""
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        buf = self._tail + data if self._tail else data
-        if not self.status:
-            if len(buf) < 12:
-                self._tail = buf
-                return
-            self.status = int(buf[9:12])
-            if self.status != 200 and self.transport is not None:
-                self.transport.close()
-                return
-        start = 0
-        while True:
-            i = buf.find(b"data: ", start)
-            if i < 0:
-                self._tail = buf[-5:]
-                return
-            j = buf.find(b"\n", i)
-            if j < 0:
-                self._tail = buf[i:]
-                return
-            k = buf.find(b'"scheduled_at":"', i, j)
-            if k >= 0:
-                k += len(b'"scheduled_at":"')
-                at = buf[k : buf.index(b'"', k)].decode()
-                if not self.seen or self.seen[-1][1] != at:
-                    self.seen.append((now, at))
-            start = j + 1
+    def on_data(self, buf: bytes, start: int, end: int, now: float) -> None:
+        k = buf.find(b'"scheduled_at":"', start, end)
+        if k >= 0:
+            k += len(b'"scheduled_at":"')
+            at = buf[k : buf.index(b'"', k)].decode()
+            if not self.seen or self.seen[-1][1] != at:
+                self.seen.append((now, at))
 
 
 async def child(args: argparse.Namespace, tickets: list[list[str]]) -> None:
