@@ -9,7 +9,7 @@ the socket event lacks) and writes the same bytes to each of them. A burst of ch
 call is read once. Each frame carries the call's stored version, so a page keeps the newest
 whatever order two reads finish in.
 
-The keepalive also re-reads the calls still waiting, whose queue position and ETA move
+The keepalive also re-reads the calls waiting in line, whose queue position and ETA move
 without a change of their own.
 """
 
@@ -30,8 +30,10 @@ from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
 
-WAITING_STATES = frozenset({"queued", "scheduled"})
-"""Calls whose view changes with time alone (position, ETA): re-read at each keepalive."""
+WAITING_STATES = frozenset({"queued"})
+"""Calls whose view changes without a change of their own (the queue moves: position, ETA):
+re-read at each keepalive. A scheduled call's ETA is only the time to ``scheduled_at``,
+which the page counts down by itself."""
 
 
 @dataclass(frozen=True, slots=True)
