@@ -479,8 +479,20 @@ async def test_the_customer_erases_their_personal_data_from_the_ticket(
     again = await http.delete(f"{call_url}/personal-data", params=owner)
     assert again.status == 200, "erasing twice is harmless"
 
-    # A live call is ended first: erasing it is refused until then.
+    # A live call is ended first: erasing it is refused until then, a callback's too.
     anna = await agent(clients, a, "anna")
+    _, ringing = await request_callback(http, a, {"phone": "+353861110002"})
+    await anna.next("call:ring", lambda r: r["call_id"] == ringing["call_id"])
+    r = await http.delete(
+        f"{a.url}/v1/calls/{ringing['call_id']}/personal-data",
+        params={"token": ringing["status_token"]},
+    )
+    assert r.status == 409 and (await r.json())["error"]["code"] == "invalid_state"
+    r = await http.get(
+        f"{a.url}/v1/calls/{ringing['call_id']}", params={"token": ringing["status_token"]}
+    )
+    assert (await r.json())["state"] == "ringing", "not canceled by the refused erase"
+    await anna.call("call:decline", {"call_id": ringing["call_id"]}, "/agent")
     visitor = clients()
     await visitor.connect(a.url, "/visitor", {"token": await visitor_token(http, a)})
     ack = await visitor.call("call:start", {}, "/visitor")

@@ -14,7 +14,7 @@ import hmac
 from functools import partial
 
 from gateway.core import call as calls
-from gateway.core.call import Call, CallChannel, CallError
+from gateway.core.call import Call, CallChannel, CallError, CallState
 from gateway.core.errors import NotFound
 from gateway.services.call_records import CallRecords
 from gateway.services.callback_service import CallbackService
@@ -86,6 +86,7 @@ class Tickets:
         """Erase the customer's personal data from their ticket's call: a waiting callback
         is canceled first; a live call must be ended first (409 ``invalid_state``)."""
         call = await self.find(call_id, token)
-        if call.channel is CallChannel.CALLBACK and not call.final:
+        waiting = call.state in (CallState.QUEUED, CallState.SCHEDULED)
+        if call.channel is CallChannel.CALLBACK and waiting:
             call = await self._callbacks.cancel(call)
         return await self._records.move(call, partial(calls.erase, now=self._records.clock()))
