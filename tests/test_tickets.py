@@ -545,3 +545,27 @@ async def test_ended_calls_are_deleted_after_the_retention_period_and_waiting_on
         f"{node.url}/v1/calls/{ended['call_id']}", params={"token": ended["status_token"]}
     )
     assert r.status == 404, "its ticket is gone with it"
+
+
+async def test_a_site_may_send_no_texts(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+) -> None:
+    settings = phone_settings(tmp_path, sim, redis_url, text_ticket_link=False)
+    node = await phone_node(nodes, settings, clock)
+    caller_id = node.settings.sites["acme"].caller_ids[0]
+    sim.messaging.number(caller_id, sms_url=f"{node.url}/v1/twilio/sms")  # it could text
+    status, created = await request_callback(
+        http, node, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
+    )
+    assert status == 201, created
+    confirmations = node.app[keys.CALLBACKS].confirmations
+    assert confirmations is not None
+    # Spawned before the 201 if at all: neither running, nor done (sent or given up).
+    assert not [t for t in asyncio.all_tasks() if "ticket-text" in t.get_name()]
+    assert (confirmations.sent, confirmations.given_up) == (0, 0)
+    assert sim.messaging.sent_to(VISITOR_PHONE) == []

@@ -113,6 +113,9 @@ class CallbackPolicy:
     quiet_hours_start: time = time(21, 0)
     quiet_hours_end: time = time(8, 0)
     agent_first: bool = True
+    text_ticket_link: bool = True
+    """Text a new callback's customer the link to its ticket page (one SMS per callback,
+    gateway/services/ticket_texts.py)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,12 @@ class TicketTexts:
     def confirm(self, call: Call, status_token: str) -> None:
         """Text the customer of a new callback its ticket's link, soon."""
         site = self.sites[call.site]
-        if self.texts is None or not site.caller_ids or call.phone is None:
+        if (
+            self.texts is None
+            or not site.callback_policy.text_ticket_link
+            or not site.caller_ids
+            or call.phone is None
+        ):
             return
         self._tasks.spawn(self._send(call, status_token), f"ticket-text:{call.call_id}")
 
