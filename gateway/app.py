@@ -64,7 +64,6 @@ from gateway.telephony import (
     Texts,
 )
 from gateway.wire import fastjson
-from gateway.wire.calls import shared_call_to_wire
 from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
@@ -194,8 +193,7 @@ def create_app(
         call = await records.find(call_id)
         if call is None:
             return None
-        view = await tickets.view(call)
-        return TicketView(call.version, view, shared_call_to_wire(view), call.share_hash)
+        return TicketView(call.version, await tickets.view(call), call.share_hash)
 
     ticket_feed = TicketFeed(ticket_view)
     client_manager.tap("call:update", "/visitor", ticket_feed.on_call_update)

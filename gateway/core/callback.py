@@ -88,6 +88,22 @@ def _open(call: Call) -> None:
         raise CallError("call_ended", "the callback has already ended")
 
 
+WAITING = frozenset({CallState.QUEUED, CallState.SCHEDULED})
+"""A callback in these states waits: for its time, or in line. Nobody is rung or dialled."""
+
+
+def waiting(call: Call) -> bool:
+    return call.channel is CallChannel.CALLBACK and call.state in WAITING
+
+
+def check_movable(call: Call) -> None:
+    """Raises the refusal of moving ``call`` to another time, if it may not be moved: only a
+    waiting callback may."""
+    _open(call)
+    if call.state not in WAITING:
+        raise CallError("invalid_state", f"a {call.state} callback can no longer be moved")
+
+
 def due(call: Call, now: float) -> Call:
     """A scheduled callback's time has come: it joins the queue (at its kept place)."""
     _open(call)
@@ -106,7 +122,7 @@ def due(call: Call, now: float) -> Call:
 def postpone(call: Call, until: float, event: str, detail: str, now: float) -> Call:
     """Not now (closed, the visitor's night): wait until ``until``."""
     _open(call)
-    if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
+    if call.state not in WAITING:
         raise CallError("stale", f"cannot postpone a {call.state} callback")
     return replace(
         call,
@@ -119,9 +135,7 @@ def postpone(call: Call, until: float, event: str, detail: str, now: float) -> C
 def moved(call: Call, at: float, now: float) -> Call:
     """The visitor picked another time on their ticket: it waits for ``at``, and then joins
     the queue at the place it had (``place_at``)."""
-    _open(call)
-    if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
-        raise CallError("invalid_state", f"a {call.state} callback can no longer be moved")
+    check_movable(call)
     return replace(
         call,
         state=CallState.SCHEDULED,

@@ -266,10 +266,7 @@ class CallbackService:
         """The visitor picks another time from their ticket, while the callback still waits
         (``scheduled`` or ``queued``); the time is checked as a new request's would be."""
         call_id = call.call_id
-        if call.final:
-            raise CallError("call_ended", "the callback has already ended")
-        if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
-            raise CallError("invalid_state", f"a {call.state} callback can no longer be moved")
+        cb.check_movable(call)  # before the time is judged: too late says more than too soon
         site = self._records.sites[call.site]
         policy = site.callback_policy
         now = self._records.clock()
@@ -346,7 +343,7 @@ class CallbackService:
         call = await self._records.find(timer.call_id)
         if call is None or call.channel is not CallChannel.CALLBACK or call.final:
             return None
-        if call.state not in (CallState.QUEUED, CallState.SCHEDULED):
+        if not cb.waiting(call):
             return None  # ringing or dialing already: another timer moved it on
         now = self._records.clock()
         site = self._records.sites[call.site]

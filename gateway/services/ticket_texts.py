@@ -3,9 +3,10 @@
 The link holds the status token, which the gateway keeps only as a hash, so the text is sent
 while the token is at hand: right after the request is stored and answered, from a task of
 the node's, tried a few times if the provider cannot be reached. A node that dies in between
-loses the text, not the callback (the widget and the 201 have the link too). A number that
-told the sender STOP is not texted again. The text costs money, so it is sent once per
-callback, and callbacks themselves are rate limited (gateway.core.callback_admission).
+loses the text, not the callback (the widget and the 201 have the link too). A refusal is
+not tried again: Twilio refuses a number that told the sender STOP (``opted_out``). The
+text costs money, so it is sent once per callback, and callbacks themselves are rate
+limited (gateway.core.callback_admission).
 """
 
 from __future__ import annotations

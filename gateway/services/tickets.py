@@ -14,7 +14,8 @@ import hmac
 from functools import partial
 
 from gateway.core import call as calls
-from gateway.core.call import Call, CallChannel, CallError, CallState
+from gateway.core import callback as cb
+from gateway.core.call import Call, CallChannel, CallError
 from gateway.core.errors import NotFound
 from gateway.services.call_records import CallRecords
 from gateway.services.callback_service import CallbackService
@@ -77,16 +78,13 @@ class Tickets:
         return await self._callbacks.cancel(call)
 
     async def move(self, call_id: str, token: str, at: float) -> Call:
-        call = await self.find(call_id, token)
-        if call.channel is not CallChannel.CALLBACK:
-            raise CallError("invalid_state", "only a callback has a time to move")
-        return await self._callbacks.move(call, at)
+        # A browser call has no time to move: refused as any call that cannot be moved.
+        return await self._callbacks.move(await self.find(call_id, token), at)
 
     async def erase(self, call_id: str, token: str) -> Call:
         """Erase the customer's personal data from their ticket's call: a waiting callback
         is canceled first; a live call must be ended first (409 ``invalid_state``)."""
         call = await self.find(call_id, token)
-        waiting = call.state in (CallState.QUEUED, CallState.SCHEDULED)
-        if call.channel is CallChannel.CALLBACK and waiting:
+        if cb.waiting(call):
             call = await self._callbacks.cancel(call)
         return await self._records.move(call, partial(calls.erase, now=self._records.clock()))

@@ -25,6 +25,7 @@ from gateway.edge.http.sse import (
     RETRY_MS,
     Watcher,
     chunk_of,
+    close_all,
     open_stream,
     send,
     sse_frame,
@@ -195,9 +196,7 @@ class AvailabilityFeed:
 
     async def close_watchers(self) -> None:
         """End every stream, so that a shutting-down server is not held open by them."""
-        for group in list(self._watchers.values()):
-            for watcher in list(group):
-                watcher.close()
+        close_all(self._watchers.values())
 
     async def close(self) -> None:
         await self.close_watchers()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -101,3 +102,10 @@ def send(watcher: Watcher, frame: bytes, chunk: bytes) -> bool:
         return False
     transport.write(chunk if watcher.chunked else frame)
     return True
+
+
+def close_all(groups: Iterable[Iterable[Watcher]]) -> None:
+    """End every stream of ``groups`` (a node shutting down or draining)."""
+    for group in list(groups):
+        for watcher in list(group):
+            watcher.close()

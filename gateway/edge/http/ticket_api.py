@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.core.call import Call
 from gateway.core.errors import Unauthenticated, Unavailable
 from gateway.edge.http import appkeys as keys
 from gateway.edge.http.http_api import read_json
-from gateway.edge.http.visitor_api import TICKET_SITE, site_origins
+from gateway.edge.http.visitor_api import TICKET_SITE, cors_headers
 from gateway.i18n import best_language, browser_catalogue
+from gateway.services.tickets import Tickets
 from gateway.wire.calls import shared_call_to_wire
 from gateway.wire.codec import check_id
 from gateway.wire.rest import (
@@ -36,68 +38,65 @@ def _status_token(request: web.Request) -> str:
     return token
 
 
+def _ticket(request: web.Request) -> tuple[Tickets, str, str]:
+    """The ticket service, and the call id and status token the request names."""
+    call_id = check_id(request.match_info["call_id"], "call_id")
+    return request.app[keys.TICKETS], call_id, _status_token(request)
+
+
+async def _answer(request: web.Request, tickets: Tickets, call: Call) -> web.Response:
+    """The call as its customer sees it; CORS for its own site's pages (cors_middleware)."""
+    request[TICKET_SITE] = call.site
+    return web.json_response(await tickets.view(call), headers={"Cache-Control": "no-store"})
+
+
 async def get_ticket(request: web.Request) -> web.Response:
     """The ticket; on the read-only share link, what that shows of it."""
-    call_id = check_id(request.match_info["call_id"], "call_id")
-    tickets = request.app[keys.TICKETS]
-    call, shared = await tickets.read(call_id, _status_token(request))
+    tickets, call_id, token = _ticket(request)
+    call, shared = await tickets.read(call_id, token)
+    if not shared:
+        return await _answer(request, tickets, call)
     request[TICKET_SITE] = call.site
-    view = await tickets.view(call)
-    return web.json_response(
-        shared_call_to_wire(view) if shared else view, headers={"Cache-Control": "no-store"}
-    )
+    view = shared_call_to_wire(await tickets.view(call))
+    return web.json_response(view, headers={"Cache-Control": "no-store"})
+
+
+async def cancel_ticket(request: web.Request) -> web.Response:
+    tickets, call_id, token = _ticket(request)
+    return await _answer(request, tickets, await tickets.cancel(call_id, token))
+
+
+async def move_ticket(request: web.Request) -> web.Response:
+    tickets, call_id, token = _ticket(request)
+    at = ticket_move_from_wire(await read_json(request))
+    return await _answer(request, tickets, await tickets.move(call_id, token, at))
 
 
 async def share_ticket(request: web.Request) -> web.Response:
     """Turn the read-only share link on (a new one each time)."""
-    call_id = check_id(request.match_info["call_id"], "call_id")
-    tickets = request.app[keys.TICKETS]
-    call, share_token = await tickets.share(call_id, _status_token(request))
+    tickets, call_id, token = _ticket(request)
+    call, share_token = await tickets.share(call_id, token)
     request[TICKET_SITE] = call.site
     url = ticket_url(request.app[keys.SETTINGS].public_url, call.call_id, share_token)
     return web.json_response(share_link_to_wire(url, await tickets.view(call)))
 
 
+async def unshare_ticket(request: web.Request) -> web.Response:
+    tickets, call_id, token = _ticket(request)
+    return await _answer(request, tickets, await tickets.unshare(call_id, token))
+
+
 async def erase_ticket(request: web.Request) -> web.Response:
     """Erase the customer's personal data from the call (a waiting callback is canceled)."""
-    call_id = check_id(request.match_info["call_id"], "call_id")
-    tickets = request.app[keys.TICKETS]
-    call = await tickets.erase(call_id, _status_token(request))
-    request[TICKET_SITE] = call.site
-    return web.json_response(await tickets.view(call))
-
-
-async def unshare_ticket(request: web.Request) -> web.Response:
-    call_id = check_id(request.match_info["call_id"], "call_id")
-    tickets = request.app[keys.TICKETS]
-    call = await tickets.unshare(call_id, _status_token(request))
-    request[TICKET_SITE] = call.site
-    return web.json_response(await tickets.view(call))
-
-
-async def cancel_ticket(request: web.Request) -> web.Response:
-    call_id = check_id(request.match_info["call_id"], "call_id")
-    tickets = request.app[keys.TICKETS]
-    call = await tickets.cancel(call_id, _status_token(request))
-    request[TICKET_SITE] = call.site
-    return web.json_response(await tickets.view(call))
-
-
-async def move_ticket(request: web.Request) -> web.Response:
-    call_id = check_id(request.match_info["call_id"], "call_id")
-    token = _status_token(request)
-    at = ticket_move_from_wire(await read_json(request))
-    tickets = request.app[keys.TICKETS]
-    call = await tickets.move(call_id, token, at)
-    request[TICKET_SITE] = call.site
-    return web.json_response(await tickets.view(call))
+    tickets, call_id, token = _ticket(request)
+    return await _answer(request, tickets, await tickets.erase(call_id, token))
 
 
 async def stream_ticket(request: web.Request) -> web.StreamResponse:
     """The ticket as Server-Sent Events: the view now, then on every change."""
-    call_id = check_id(request.match_info["call_id"], "call_id")
+    tickets, call_id, token = _ticket(request)
     # Only what it needs is kept: this handler waits as long as the page is open.
-    call, shared = await request.app[keys.TICKETS].read(call_id, _status_token(request))
+    call, shared = await tickets.read(call_id, token)
     site, share_hash = call.site, call.share_hash if shared else None
     del call
     request[TICKET_SITE] = site
@@ -107,14 +106,7 @@ async def stream_ticket(request: web.Request) -> web.StreamResponse:
         raise Unavailable("this node is full; retry on another", code="too_many_watchers")
     if feed.watching(call_id) >= feed.max_per_call:
         raise Unavailable("this ticket is open too often here", code="too_many_watchers")
-    # A stream's headers are sent before the CORS middleware sees its response.
-    origin = request.headers.get("Origin")
-    settings = request.app[keys.SETTINGS]
-    headers = (
-        {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-        if origin is not None and origin in site_origins(settings, site)
-        else {}
-    )
+    headers = cors_headers(request, site)
     response: web.StreamResponse = await feed.watch(request, call_id, headers, share_hash)
     return response
 

@@ -23,9 +23,18 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.core.errors import StoreUnavailable
-from gateway.edge.http.sse import KEEPALIVE, RETRY_MS, Watcher, chunk_of, open_stream, send
-from gateway.edge.http.sse import sse_frame as frame_of
+from gateway.edge.http.sse import (
+    KEEPALIVE,
+    RETRY_MS,
+    Watcher,
+    chunk_of,
+    close_all,
+    open_stream,
+    send,
+    sse_frame,
+)
 from gateway.ops.tasks import TaskGroup
+from gateway.wire.calls import shared_call_to_wire
 from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
@@ -42,22 +51,38 @@ class TicketView:
     """The call's stored version: a page shows the highest it was sent."""
     call: Json
     """The visitor's view of the call (``call_to_wire`` with position and ETA)."""
-    shared: Json
-    """What its read-only share link shows of it (``shared_call_to_wire``)."""
     share_hash: str | None
     """Which share link works now (None: none does)."""
 
 
-def ticket_frame(view: TicketView) -> bytes:
-    return frame_of("ticket", {"version": view.version, "call": view.call})
-
-
-def shared_frame(view: TicketView) -> bytes:
-    return frame_of("ticket", {"version": view.version, "call": view.shared})
-
-
-UNSHARED = frame_of("unshared", {})
+UNSHARED = sse_frame("unshared", {})
 """To a page on a share link that was turned off (or replaced): the stream ends next."""
+
+
+class _Frames:
+    """A view's frames, each made once, and only if some page needs it: the whole ticket for
+    the customer's pages, the cut-down one (``shared_call_to_wire``) for the share link's."""
+
+    __slots__ = ("_shared", "full", "view")
+
+    def __init__(self, view: TicketView) -> None:
+        self.view = view
+        self.full = sse_frame("ticket", {"version": view.version, "call": view.call})
+        self._shared: bytes | None = None
+
+    def send(self, watcher: Watcher, share_hash: str | None) -> None:
+        """One page's frame; a page on a share link that no longer works is told, and its
+        stream ends."""
+        if share_hash is None:
+            send(watcher, self.full, chunk_of(self.full))
+        elif share_hash == self.view.share_hash:
+            if self._shared is None:
+                shared = {"version": self.view.version, "call": shared_call_to_wire(self.view.call)}
+                self._shared = sse_frame("ticket", shared)
+            send(watcher, self._shared, chunk_of(self._shared))
+        else:
+            send(watcher, UNSHARED, chunk_of(UNSHARED))
+            watcher.close()
 
 
 @dataclass(slots=True)
@@ -119,10 +144,10 @@ class TicketFeed:
                 return watcher.response  # the stream ends; EventSource comes back later
             if view is None:
                 return watcher.response
-            frame = ticket_frame(view)
-            self._note(call_id, view, frame)
-            self._send_to(watcher, share_hash, view, frame)
-            del view, frame  # not held for the page's lifetime: thousands wait here
+            frames = _Frames(view)
+            self._note(call_id, view, frames.full)
+            frames.send(watcher, share_hash)
+            del view, frames  # not held for the page's lifetime: thousands wait here
             await watcher.done
         finally:
             self.watcher_count -= 1
@@ -155,28 +180,11 @@ class TicketFeed:
             return
         if view is None or call_id not in self._watchers:
             return
-        frame = ticket_frame(view)
-        if not self._note(call_id, view, frame):
+        frames = _Frames(view)
+        if not self._note(call_id, view, frames.full):
             return  # older than, or the same as, what the pages have
-        chunk = chunk_of(frame)
         for watcher, share_hash in list(self._watchers.get(call_id, {}).items()):
-            if share_hash is None:
-                send(watcher, frame, chunk)
-            else:
-                self._send_to(watcher, share_hash, view, frame)
-
-    @staticmethod
-    def _send_to(watcher: Watcher, share_hash: str | None, view: TicketView, frame: bytes) -> None:
-        """One page's frame: the whole ticket to the customer's; the cut-down one to a page
-        on the share link, while that link still works, else word that it stopped."""
-        if share_hash is None:
-            send(watcher, frame, chunk_of(frame))
-        elif share_hash == view.share_hash:
-            shared = shared_frame(view)
-            send(watcher, shared, chunk_of(shared))
-        else:
-            send(watcher, UNSHARED, chunk_of(UNSHARED))
-            watcher.close()
+            frames.send(watcher, share_hash)
 
     def _note(self, call_id: str, view: TicketView, frame: bytes) -> bool:
         """Record ``frame`` as the call's pages' newest; False if they have it, or newer."""
@@ -204,9 +212,7 @@ class TicketFeed:
 
     async def close_watchers(self) -> None:
         """End every stream, so that a shutting-down server is not held open by them."""
-        for group in list(self._watchers.values()):
-            for watcher in list(group):
-                watcher.close()
+        close_all(self._watchers.values())
 
     async def close(self) -> None:
         await self.close_watchers()

@@ -128,9 +128,12 @@ async def cors_middleware(
     return response
 
 
-def cors_headers(request: web.Request) -> dict[str, str]:
+def cors_headers(request: web.Request, site_id: str | None = None) -> dict[str, str]:
+    """For a stream, whose headers go out before the CORS middleware sees its response: for
+    the site its path names, or ``site_id`` (a ticket's call's)."""
     origin = request.headers.get("Origin")
-    if origin is not None and origin in allowed_origins(request):
+    site = site_id if site_id is not None else path_site(request.path)
+    if origin is not None and origin in site_origins(request.app[keys.SETTINGS], site):
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
     return {}
 
