@@ -43,13 +43,15 @@ from gateway.services.call_desk import CallDesk
 from gateway.services.call_records import CallRecords, TimerKind
 from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
+from gateway.services.customer_texts import CustomerTexts
 from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.services.retention import Retention
 from gateway.services.sms_presence import SmsPresence
-from gateway.services.ticket_texts import TicketTexts
+from gateway.services.status_token import StatusTokens
+from gateway.services.text_consent import TextConsent
 from gateway.services.tickets import Tickets
 from gateway.services.timers import TimerLoop
 from gateway.settings import Settings
@@ -172,7 +174,13 @@ def create_app(
     # One flow per channel over the shared call records; the paths every channel shares
     # (accept, decline, ring timeouts, ends) reach a call's flow through this registry.
     records = CallRecords(
-        dict(settings.sites), store, presence, calls_notifier, node_tasks, clock.now
+        dict(settings.sites),
+        store,
+        presence,
+        calls_notifier,
+        node_tasks,
+        StatusTokens.from_auth(settings.auth),
+        clock.now,
     )
     calls = CallService(records)
     callbacks = CallbackService(records, metrics)
@@ -212,9 +220,9 @@ def create_app(
     installer = telephony or load_telephony(settings)
     phones = installer(app, settings, callbacks.dialer) if installer is not None else None
     callbacks.dialer.telephony = phones
-    confirmations = TicketTexts(records, node_tasks, settings.public_url)
-    confirmations.texts = phones if isinstance(phones, Texts) else None
-    callbacks.confirmations = confirmations
+    customer_texts = CustomerTexts(records, node_tasks, settings.public_url)
+    customer_texts.texts = phones if isinstance(phones, Texts) else None
+    callbacks.customer_texts = callbacks.promises.texts = customer_texts
     feed.telephony = phones is not None
     # A provider that can also call agents' own phones rings mobile-only agents.
     callbacks.devices.phones = phones if isinstance(phones, AgentPhones) else None
@@ -262,6 +270,7 @@ def create_app(
     app[keys.TICKET_FEED] = ticket_feed
     app[keys.DRAIN] = drain
     app[keys.SMS_PRESENCE] = sms_presence
+    app[keys.TEXT_CONSENT] = TextConsent(settings.sites, store)
 
     async def pace_collector(app: web.Application) -> AsyncIterator[None]:
         shared = pacer or PROCESS_PACER

@@ -17,6 +17,7 @@ import gettext
 import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from functools import cache
 from importlib import resources
 from types import MappingProxyType
@@ -24,6 +25,7 @@ from typing import Final
 
 from babel import Locale, UnknownLocaleError
 from babel.core import get_global
+from babel.dates import format_datetime, format_time
 from babel.messages.catalog import Catalog
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
@@ -131,6 +133,19 @@ def messages_for(*wanted: str | None) -> Messages:
     """The sentences in the first language of ``wanted`` that Membrane speaks."""
     language = best_language(wanted)
     return Messages(language, _load(language))
+
+
+def clock_time(at: float, zone: tzinfo, language: str, now: float) -> str:
+    """``at`` as the clock reads it in ``zone``, written the way ``language`` writes times
+    (15:20, 3:20 PM), with the date when it is not the day of ``now`` there."""
+    when = datetime.fromtimestamp(at, zone)
+    try:
+        locale = Locale.parse(language, sep="-")
+    except (ValueError, TypeError, UnknownLocaleError):
+        locale = Locale.parse(SOURCE_LANGUAGE)
+    if when.date() == datetime.fromtimestamp(now, zone).date():
+        return format_time(when, format="short", locale=locale)
+    return format_datetime(when, format="short", locale=locale)
 
 
 @cache

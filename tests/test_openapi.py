@@ -225,6 +225,11 @@ async def test_answers_match_the_document(
     }, refused
     assert (await call("post", path + "/move", move, params=token, json={"at": 1}))[0] == 400
     assert (await call("post", path + "/move", move, params={"token": "x"}, json=soon))[0] == 404
+    keep = ticket + "/keep"
+    status, kept = await call("post", path + "/keep", keep, params=token)
+    # Nothing to keep (no late notice): answered as it is, or refused once it rings Anna.
+    assert status in (200, 409), kept
+    assert (await call("post", path + "/keep", keep, params={"token": "x"}))[0] == 404
     live = await http.get(f"{url}{path}/stream", params=token)
     assert live.status == 200
     assert live.headers["Content-Type"].startswith("text/event-stream")

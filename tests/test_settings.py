@@ -224,6 +224,10 @@ def test_callback_policy_may_tighten(tmp_path: Path) -> None:
         "allowed_countries": ["IE"],
         "quiet_hours_start": "20:30",
         "agent_first": False,
+        # How often the customer hears from us is the site's choice, within a range.
+        "reminder_interval_s": 3600,
+        "late_after_s": 120,
+        "max_texts": 0,
     }
     doc = changed(BASE, (("sites", 0, "callback_policy"), policy))
     got = load(tmp_path, doc).sites["acme"].callback_policy
@@ -235,6 +239,9 @@ def test_callback_policy_may_tighten(tmp_path: Path) -> None:
         allowed_countries=("IE",),
         quiet_hours_start=clock(20, 30),
         agent_first=False,
+        reminder_interval_s=3600,
+        late_after_s=120,
+        max_texts=0,
     )
     assert isinstance(got.daily_spend_cap_usd, float)
 
@@ -711,6 +718,10 @@ def test_presence_ttl_names_its_key(tmp_path: Path, name: str) -> None:
         ({"allowed_countries": ["US", "KP"]}, "allowed_countries"),
         ({"blocked_number_types": []}, "blocked_number_types"),
         ({"retry_interval_s": 0}, "retry_interval_s"),
+        ({"reminder_interval_s": 599}, "reminder_interval_s"),
+        ({"late_after_s": 7201}, "late_after_s"),
+        ({"max_texts": 6}, "max_texts"),
+        ({"max_texts": -1}, "max_texts"),
     ],
 )
 def test_callback_policy_may_not_loosen_lists_or_retry_interval(

@@ -414,6 +414,33 @@ async def test_the_queue_ranks_calls_by_score_then_call_id(open_store: Any) -> N
     assert await store.queue_size("acme") == 2
 
 
+async def test_the_queue_counts_the_places_before_a_time(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.queue_count_before("acme", 1000.0) == 0
+    for call_id, score in (("c1", 999.0), ("c2", 1000.0), ("c3", 1001.0)):
+        await store.queue_put("acme", call_id, score)
+    await store.queue_put("other", "c0", 1.0)
+    assert await store.queue_count_before("acme", 1000.0) == 1, "strictly before"
+    assert await store.queue_count_before("acme", 1000.5) == 2
+    assert await store.queue_count_before("acme", 1e12) == 3
+
+
+async def test_a_text_opt_out_is_per_site_and_number_and_survives_a_restart(
+    open_store: Any,
+) -> None:
+    store: Store = await open_store()
+    assert not await store.text_opted_out("acme", "+353861110001")
+    await store.set_text_opt_out("acme", "+353861110001", True)
+    await store.set_text_opt_out("acme", "+353861110001", True)  # twice: no harm
+    await store.set_text_opt_out("acme", "+353861110002", True)
+    await store.set_text_opt_out("acme", "+353861110002", False)
+    await store.close()
+    reopened: Store = await open_store()
+    assert await reopened.text_opted_out("acme", "+353861110001")
+    assert not await reopened.text_opted_out("globex", "+353861110001")
+    assert not await reopened.text_opted_out("acme", "+353861110002")
+
+
 async def test_handle_times_keep_the_newest(open_store: Any) -> None:
     store: Store = await open_store()
     assert await store.handle_times("acme") == []

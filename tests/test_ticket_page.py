@@ -28,6 +28,7 @@ from test_callbacks import (
     phone_settings,
     request_callback,
 )
+from test_promises import anna_on_a_call
 from twilio_sim import TwilioSim
 
 from gateway.edge.http import appkeys as keys
@@ -68,11 +69,13 @@ SAYS: dict[str, dict[str, str | re.Pattern[str]]] = {
 async def two_nodes(
     nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, redis_url: str, clock: ManualClock
 ) -> tuple[Node, Node]:
+    # A promise is judged from 10 minutes ahead, and a minute late is late.
+    policy = {"late_after_s": 60, "late_notice_ahead_s": 600}
     a = await phone_node(
-        nodes, replace(phone_settings(tmp_path, sim, redis_url), node_id="node-a"), clock
+        nodes, replace(phone_settings(tmp_path, sim, redis_url, **policy), node_id="node-a"), clock
     )
     b = await phone_node(
-        nodes, replace(phone_settings(tmp_path, sim, redis_url), node_id="node-b"), clock
+        nodes, replace(phone_settings(tmp_path, sim, redis_url, **policy), node_id="node-b"), clock
     )
     return a, b
 
@@ -200,6 +203,47 @@ async def test_the_ticket_page_follows_a_callback_from_request_to_completion(
     sim.hangup(leg.sid)
     await says(page, say["completed"])
     await take(page, f"{language}-completed")
+    assert not errors, errors
+
+
+async def test_the_page_says_first_when_a_callback_will_run_late_and_the_customer_keeps_it(
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    clock: ManualClock,
+    open_page: Callable[..., Any],
+    errors: list[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    a, b = two_nodes
+    take = shot(request)
+    await anna_on_a_call(clients, http, a)  # the only agent, busy: the callback will be late
+    at = round(clock.now()) + 1200
+    status, created = await request_callback(http, a, {"phone": VISITOR_PHONE, "at": iso(at)})
+    assert status == 201, created
+    page = await open_page(page_url(b, created, "en"), "en")
+    await says(page, SAYS["en"]["scheduled"])
+    await expect(page.get_by_test_id("ticket-late")).to_be_hidden()
+    first = await page.get_by_test_id("ticket-status").text_content()
+
+    await clock.advance(at - 600 - clock.now())  # ten minutes before the time
+    late = page.get_by_test_id("ticket-late")
+    await expect(late).to_be_visible(timeout=WAIT_MS)
+    await expect(late).to_contain_text(
+        re.compile(r"Sorry, we're running late\. We now expect to call you at .+, in \d+ minutes\.")
+    )
+    # The headline now gives the new time, not the one first promised.
+    await expect(page.get_by_test_id("ticket-status")).not_to_have_text(str(first))
+    await take(page, "late")
+
+    await page.get_by_test_id("ticket-keep").focus()
+    await page.keyboard.press("Enter")
+    await expect(late).to_be_hidden(timeout=WAIT_MS)
+    await expect(page.get_by_test_id("ticket-timeline")).to_contain_text("You kept your place.")
+    await expect(page.get_by_test_id("ticket-status")).to_be_focused()
+    state = await page.evaluate("() => MembraneTicket.state()")
+    assert state["call"]["late"] is False and state["call"]["promised_at"] > iso(at)
+    await take(page, "kept")
     assert not errors, errors
 
 

@@ -354,6 +354,7 @@ async def test_a_new_callback_is_texted_its_ticket_link_in_the_customers_languag
     site = a.settings.sites["acme"].name
     assert text.body == (
         f"{site}: Wir rufen Sie zurück. Ihre Anfrage ansehen oder ändern: {created['ticket_url']}"
+        " Antworten Sie STOP, um keine SMS mehr zu erhalten."
     )
     assert created["status_token"] in text.body and "#" in created["ticket_url"]
 
@@ -373,7 +374,7 @@ async def test_a_refused_text_is_not_retried_and_the_callback_stands(
         f"{a.url}/v1/calls/{created['call_id']}", params={"token": created["status_token"]}
     )
     assert (await r.json())["state"] == "scheduled"
-    confirmations = a.app[keys.CALLBACKS].confirmations
+    confirmations = a.app[keys.CALLBACKS].customer_texts
     assert confirmations is not None
 
     async def given_up() -> bool:
@@ -410,7 +411,8 @@ async def test_a_shared_link_shows_state_and_times_only_until_it_is_turned_off(
     # What the link shows: state and times, nothing about who asked, and no way to act.
     seen = await (await http.get(call_url, params={"token": share_token})).json()
     assert set(seen) == {
-        "call_id", "channel", "state", "agent", "eta_s", "scheduled_at", "timeline", "shared"
+        "call_id", "channel", "state", "agent", "eta_s", "scheduled_at", "promised_at",
+        "timeline", "shared",
     }  # fmt: skip
     assert seen["state"] == "scheduled" and seen["shared"] is True
     assert all(set(e) == {"at", "event"} for e in seen["timeline"])
@@ -563,7 +565,7 @@ async def test_a_site_may_send_no_texts(
         http, node, {"phone": VISITOR_PHONE, "at": iso(clock.now() + 600)}
     )
     assert status == 201, created
-    confirmations = node.app[keys.CALLBACKS].confirmations
+    confirmations = node.app[keys.CALLBACKS].customer_texts
     assert confirmations is not None
     # Spawned before the 201 if at all: neither running, nor done (sent or given up).
     assert not [t for t in asyncio.all_tasks() if "ticket-text" in t.get_name()]

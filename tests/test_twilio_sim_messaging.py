@@ -151,6 +151,31 @@ async def test_messages_create_refusals(
     assert sim.messaging.sent_to(PHONE) == []
 
 
+async def test_stop_opts_the_phone_out_of_the_number_until_start(
+    sim: TwilioSim, app: App, client: Client
+) -> None:
+    """spec/MESSAGING.md section 4: Twilio answers the keyword itself, still posts it to the
+    webhook, and refuses messages to the phone (21610) until it texts START."""
+    response = MessagingResponse()
+    response.message("Our own answer")
+    app.reply = response.to_xml()
+    stop = await sim.messaging.text(PHONE, NUMBER, " stop ")
+    assert app.seen[-1][1]["Body"] == " stop "
+    assert stop.reply_bodies[0].startswith("You have successfully been unsubscribed")
+    assert len(stop.replies) == 1 and [n.code for n in stop.notifications] == [21610]
+    with pytest.raises(TwilioRestException) as refused:
+        await client.messages.create_async(to=PHONE, from_=NUMBER, body="x")
+    assert (refused.value.status, refused.value.code) == (400, 21610)
+    start = await sim.messaging.text(PHONE, NUMBER, "START")
+    assert start.reply_bodies == [
+        "You have successfully been re-subscribed to messages from this number. Reply HELP for"
+        " help. Reply STOP to unsubscribe.",
+        "Our own answer",
+    ]
+    message = await client.messages.create_async(to=PHONE, from_=NUMBER, body="x")
+    assert message.status == "queued"
+
+
 def test_the_contract_is_the_sdks_message_resource() -> None:
     contract = MessagingContract.from_sdk()
     assert {"sid", "body", "status", "direction", "num_segments", "subresource_uris"} <= (

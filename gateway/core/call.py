@@ -131,6 +131,13 @@ class Call:
     agent_legs: tuple[tuple[int, str], ...] = ()
     """Each call to the agent's own phone: the ring (``attempt``) it was for and the
     provider's id of the leg (gateway.core.agent_ring)."""
+    promised_at: float | None = None
+    """When the customer was last told to expect the call (gateway.core.promise)."""
+    told_at: float | None = None
+    """When the customer was last told anything unasked (a text, a notice on the ticket):
+    the start of their silence."""
+    texts: int = 0
+    """Texts sent to the customer about this callback."""
 
     @property
     def final(self) -> bool:

@@ -60,9 +60,11 @@ def new_callback(
     at: float | None,
     place_at: float,
     detail: str | None = None,
+    promised_at: float | None = None,
 ) -> Call:
-    """A callback request: ``at`` None means as soon as someone is free (``queued``);
-    ``detail`` says to the visitor why it waits for ``at``."""
+    """A callback request: ``at`` None means as soon as someone is free (``queued``), and
+    ``promised_at`` is then the estimate the customer is shown; ``detail`` says to the
+    visitor why it waits for ``at``."""
     state = CallState.SCHEDULED if at is not None else CallState.QUEUED
     call = Call(
         call_id,
@@ -76,6 +78,7 @@ def new_callback(
         token_hash=token_hash,
         scheduled_at=at,
         place_at=place_at,
+        promised_at=at if at is not None else promised_at,
     )
     said = detail or ("We'll call you at the time you chose" if at else "We'll call you back")
     return replace(call, timeline=_log(call, now, "requested", said))
@@ -128,6 +131,7 @@ def postpone(call: Call, until: float, event: str, detail: str, now: float) -> C
         call,
         state=CallState.SCHEDULED,
         scheduled_at=until,
+        promised_at=until,
         timeline=_log(call, now, event, detail),
     )
 
@@ -140,16 +144,70 @@ def moved(call: Call, at: float, now: float) -> Call:
         call,
         state=CallState.SCHEDULED,
         scheduled_at=at,
+        promised_at=at,
         timeline=_log(call, now, "moved", "You picked a new time"),
     )
 
 
 def texted(call: Call, now: float) -> Call:
-    """The customer was sent a text with the link to their ticket (nothing else changes; an
-    ended callback's timeline is left as it ended)."""
+    """The customer was sent a text with the link to their ticket (an ended callback's
+    timeline is left as it ended)."""
     if call.final:
+        return replace(call, texts=call.texts + 1)
+    return replace(
+        call,
+        texts=call.texts + 1,
+        told_at=now,
+        timeline=_log(call, now, "texted", "We texted you a link to this page"),
+    )
+
+
+def _waits(call: Call) -> None:
+    _open(call)
+    if call.state not in WAITING:
+        raise CallError("stale", f"a {call.state} callback no longer waits")
+
+
+def running_late(call: Call, expected_at: float, texting: bool, now: float) -> Call:
+    """The promise will slip (gateway.core.promise): the customer is told now, before the
+    time passes, and the new time becomes the promise. ``texting``: a text goes too."""
+    _waits(call)
+    return replace(
+        call,
+        promised_at=expected_at,
+        told_at=now,
+        texts=call.texts + texting,
+        timeline=_log(call, now, "late", "We're running late; see the new time"),
+    )
+
+
+def reminded(call: Call, texting: bool, now: float) -> Call:
+    """The customer has not heard from us for the site's reminder interval."""
+    _waits(call)
+    return replace(
+        call,
+        told_at=now,
+        texts=call.texts + texting,
+        timeline=_log(call, now, "reminder", "You're still in line; we haven't forgotten you"),
+    )
+
+
+def kept(call: Call, now: float) -> Call:
+    """Told the call runs late, the customer keeps their place (and the new time)."""
+    _waits(call)
+    if not promise_open(call):
         return call
-    return replace(call, timeline=_log(call, now, "texted", "We texted you a link to this page"))
+    return replace(call, timeline=_log(call, now, "kept", "You kept your place"))
+
+
+def promise_open(call: Call) -> bool:
+    """A late notice the customer has not answered (by keeping their place or moving)."""
+    for entry in reversed(call.timeline):
+        if entry.event == "late":
+            return True
+        if entry.event in ("kept", "moved"):
+            return False
+    return False
 
 
 def _current_leg(call: Call, attempt: int) -> None:
@@ -248,6 +306,7 @@ def attempt_failed(
         cleared,
         state=CallState.SCHEDULED,
         scheduled_at=retry_at,
+        promised_at=retry_at,
         timeline=_log(call, now, "retry", f"{detail}; we'll try again"),
     )
 

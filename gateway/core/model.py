@@ -114,8 +114,19 @@ class CallbackPolicy:
     quiet_hours_end: time = time(8, 0)
     agent_first: bool = True
     text_ticket_link: bool = True
-    """Text a new callback's customer the link to its ticket page (one SMS per callback,
-    gateway/services/ticket_texts.py)."""
+    """Text a new callback's customer the link to its ticket page (gateway/services/
+    customer_texts.py); also the reminders and late notices below."""
+    reminder_interval_s: int = 1800
+    """The longest a waiting customer goes without word from us once the time promised has
+    come: a reminder then (a text, and a note on the ticket). 600 to 86,400."""
+    late_after_s: int = 600
+    """A promise slips when the call is expected more than this after the time promised:
+    the customer is told first, with the new time (gateway/core/promise.py). 60 to 7,200."""
+    late_notice_ahead_s: int = 900
+    """How long before the time promised the gateway starts judging whether it will slip
+    (sooner, the queue says little about it). 60 to 7,200."""
+    max_texts: int = 5
+    """Texts about one callback, its confirmation included; may only be lowered (0: none)."""
 
 
 @dataclass(frozen=True, slots=True)

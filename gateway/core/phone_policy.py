@@ -177,6 +177,11 @@ def next_allowed_at(number: CheckedNumber, policy: CallbackPolicy, at: float) ->
 # --- time zones -------------------------------------------------------------------------
 
 
+def local_zone(number: CheckedNumber) -> ZoneInfo:
+    """The zone to tell the number's owner times in (the first of its zones)."""
+    return _zones(number)[0]
+
+
 def _zones(number: CheckedNumber) -> tuple[ZoneInfo, ...]:
     return _resolve_zones(number.timezones, number.region)
 

@@ -33,6 +33,7 @@ from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_
 from gateway.i18n import Messages, messages_for
 from gateway.ops.tasks import TaskGroup
 from gateway.services.presence_service import PresenceService
+from gateway.services.status_token import StatusTokens
 from gateway.services.store_retry import UntilStored
 from gateway.store.base import CallRow, Store
 from gateway.telephony import AgentInstruction
@@ -59,6 +60,8 @@ class TimerKind(StrEnum):
     CALLBACK_DUE = "cbdue"
     CALLBACK_DIAL = "cbdial"
     CALLBACK_WATCH = "cbwatch"
+    PROMISE = "cbpromise"
+    """A waiting callback's promise is reviewed (gateway/services/promises.py)."""
     SMS_BACK = "smsback"
     """Not a call's: an agent's ``BACK 15`` by SMS (gateway/services/sms_presence.py)."""
 
@@ -182,9 +185,12 @@ class CallRecords:
         presence: PresenceService,
         notifier: CallNotifier,
         tasks: TaskGroup,
+        status_tokens: StatusTokens,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.sites = sites
+        self.status_tokens = status_tokens
+        """Each call's ticket token, the same on every node."""
         self.store = store
         self.presence = presence
         self.notify = notifier

@@ -34,7 +34,6 @@ from gateway.services.call_records import (
     TimerKind,
 )
 from gateway.services.mobile_ring import MobileRing
-from gateway.services.status_token import new_status_token
 from gateway.telephony import AgentInstruction
 from gateway.wire.codec import Json
 
@@ -123,9 +122,10 @@ class CallService:
                 raise Conflict("you already have a call going", code="call_in_progress")
         if not allowed:
             raise RateLimited("too many calls started; wait a minute")
-        token, token_hash = new_status_token()
+        call_id = f"c_{uuid.uuid4().hex}"
+        token, token_hash = self._records.status_tokens.for_call(call_id)
         call = calls.new_call(
-            f"c_{uuid.uuid4().hex}",
+            call_id,
             site_id,
             visitor_id,
             CallChannel.WEBRTC,

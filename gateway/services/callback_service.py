@@ -67,9 +67,9 @@ from gateway.services.call_records import (
 )
 from gateway.services.callback_dialing import SPEND_TTL_S, CallbackDialer, due_timer
 from gateway.services.caller_screen import CallerScreen
+from gateway.services.customer_texts import CustomerTexts
 from gateway.services.mobile_ring import MobileRing, room_name
-from gateway.services.status_token import new_status_token
-from gateway.services.ticket_texts import TicketTexts
+from gateway.services.promises import Promises
 from gateway.store.base import OpenCallbackKind
 from gateway.telephony import AgentInstruction, JoinRoom
 from gateway.wire.codec import CallbackIn, Json, call_to_wire
@@ -123,11 +123,16 @@ class CallbackService:
         self.screen = CallerScreen(records, self._candidates, metrics)
         self.dialer.agent_legs, self.dialer.screen = self.devices, self.screen
         self.min_lead_s = MIN_LEAD_S
-        self.confirmations: TicketTexts | None = None
+        self.customer_texts: CustomerTexts | None = None
         """Texts each new callback's customer its ticket's link (set by the app)."""
+        self.promises = Promises(records, self.expected_at)
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
-        return {TimerKind.CALLBACK_DUE: self.on_due, **self.dialer.timers()}
+        return {
+            TimerKind.CALLBACK_DUE: self.on_due,
+            TimerKind.PROMISE: self.promises.on_review,
+            **self.dialer.timers(),
+        }
 
     # --- the visitor -----------------------------------------------------------------------
 
@@ -187,7 +192,7 @@ class CallbackService:
             await self.dialer.release_open(site_id, visitor_id, e164, call_id)
             raise self._refuse(admission.quotas[full].refusal)
         place_at = await self._kept_place(site_id, visitor_id, body.after_call, now)
-        token, token_hash = new_status_token()
+        token, token_hash = self._records.status_tokens.for_call(call_id)
         call = cb.new_callback(
             call_id,
             site_id,
@@ -200,16 +205,20 @@ class CallbackService:
             place_at,
             admission.detail,
         )
+        if admission.at is None:
+            # As soon as someone is free: the estimate shown is the promise.
+            call = replace(call, promised_at=await self.expected_at(call, now))
         # Persisted before anything is promised; then its timer, then the answer.
         call = await self._records.create(call)
         if call.state is CallState.QUEUED:
             await self._store.queue_put(site_id, call_id, place_at)
         at = admission.at
         await self._records.schedule(due_timer(call), at if at is not None else now)
+        await self.promises.watch(call)
         self._metrics.callbacks.labels("requested").inc()
         await self._notify.call_update(call)
-        if self.confirmations is not None:
-            self.confirmations.confirm(call, token)
+        if self.customer_texts is not None:
+            self.customer_texts.confirm(call)
         return call, token
 
     async def _kept_place(
@@ -290,8 +299,31 @@ class CallbackService:
                 await self._store.queue_put(call.site, call_id, current.place_at or now)
             raise
         await self._records.schedule(due_timer(moved), at)
+        await self.promises.watch(moved)
         self._metrics.callbacks.labels("moved").inc()
         return moved
+
+    async def keep(self, call: Call) -> Call:
+        """Told their callback runs late, the customer keeps their place and the new time."""
+        return await self._records.move(call, partial(cb.kept, now=self._records.clock()))
+
+    async def expected_at(self, call: Call, now: float) -> float | None:
+        """When the gateway now expects to call the customer of the waiting ``call``: at its
+        time (or now), plus the wait for the callbacks ahead of its place. None when nobody
+        is working to say."""
+        free, working = self._agent_counts(call)
+        if free + working == 0:
+            return None
+        ahead = None
+        if call.state is CallState.QUEUED:
+            ahead = await self._store.queue_rank(call.site, call.call_id)
+        if ahead is None:
+            place = call.place_at if call.place_at is not None else call.created_at
+            ahead = await self._store.queue_count_before(call.site, place)
+        start = now
+        if call.state is CallState.SCHEDULED and call.scheduled_at is not None:
+            start = max(now, call.scheduled_at)
+        return start + estimate_wait_s(ahead, free, working, await self._mean_handle_s(call.site))
 
     async def cancel(self, call: Call) -> Call:
         """The visitor cancels from their ticket (an ended callback is answered as it is)."""

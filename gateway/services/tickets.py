@@ -4,8 +4,8 @@ A call gets a status token when it is made, shown once to the customer (a callba
 browser call's ``call:start`` ack) and stored only as a hash. The token is the only thing
 that reads the ticket: an unknown call and a wrong token look the same, so call ids cannot
 be probed. What a customer may do with a ticket depends on its call's flow: a waiting
-callback can be moved or canceled; a browser call is ended in the browser, and its ticket
-is what is left afterwards (who the customer spoke to).
+callback can be moved or canceled, and its place kept when it runs late; a browser call is
+ended in the browser, and its ticket is what is left afterwards (who the customer spoke to).
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ class Tickets:
     async def move(self, call_id: str, token: str, at: float) -> Call:
         # A browser call has no time to move: refused as any call that cannot be moved.
         return await self._callbacks.move(await self.find(call_id, token), at)
+
+    async def keep(self, call_id: str, token: str) -> Call:
+        """Told their callback runs late, the customer keeps their place (and the new time)."""
+        return await self._callbacks.keep(await self.find(call_id, token))
 
     async def erase(self, call_id: str, token: str) -> Call:
         """Erase the customer's personal data from their ticket's call: a waiting callback

@@ -130,10 +130,19 @@ def _covers(outer: list[tuple[int, int]], inner: list[tuple[int, int]]) -> bool:
     return all(any(o0 <= i0 and i1 <= o1 for o0, o1 in outer) for i0, i1 in inner if i0 < i1)
 
 
+FREE_RANGES: dict[str, tuple[int, int]] = {
+    "reminder_interval_s": (600, 86_400),
+    "late_after_s": (60, 7_200),
+    "late_notice_ahead_s": (60, 7_200),
+}
+"""Callback policy keys a site sets freely within a range (not only tightens)."""
+
+
 def _policy(raw: Any, path: str) -> CallbackPolicy:
     """A site's callback policy: the defaults, which a site may only tighten.
 
-    Limits may be lowered (but stay above 0; ``retries`` may be 0), ``retry_interval_s`` may
+    Limits may be lowered (but stay above 0; ``retries`` and ``max_texts`` may be 0), the
+    keys of ``FREE_RANGES`` are set anywhere in their range, ``retry_interval_s`` may
     only grow, ``allowed_countries`` may only drop countries, ``blocked_number_types`` may
     only add types, and quiet hours may only widen: the new window must contain the default
     one (start == end is ambiguous, all day or never, and refused). Flags are free choices.
@@ -174,13 +183,18 @@ def _policy(raw: Any, path: str) -> CallbackPolicy:
                 raise ConfigError(f"{path}.{key}", "must be HH:MM") from None
         else:
             value = get(raw, key, f"{path}.", type(default), default)
-            if key == "retry_interval_s":
+            if key in FREE_RANGES:
+                # How often the customer hears from us is the site's choice, within reason.
+                low, high = FREE_RANGES[key]
+                if not low <= value <= high:
+                    raise ConfigError(f"{path}.{key}", f"must be from {low} to {high}")
+            elif key == "retry_interval_s":
                 # Waiting longer between retries is tighter; retrying sooner is not.
                 if not value >= default:
                     raise ConfigError(f"{path}.{key}", f"may not be below the default {default}")
             elif not value <= default:
                 raise ConfigError(f"{path}.{key}", f"may not exceed the default {default}")
-            elif key == "retries":
+            elif key in ("retries", "max_texts"):
                 if value < 0:
                     raise ConfigError(f"{path}.{key}", "may not be negative")
             elif not value > 0:

@@ -244,6 +244,18 @@ class CallbackQueueStore(Protocol):
 
     async def queue_size(self, site: str) -> int: ...
 
+    async def queue_count_before(self, site: str, score: float) -> int:
+        """How many queued calls have a place before ``score`` (where a call kept at that
+        place would join)."""
+
+
+class TextConsentStore(Protocol):
+    """The numbers that texted STOP to a site: no text of ours goes to them (durable)."""
+
+    async def set_text_opt_out(self, site: str, number: str, opted_out: bool) -> None: ...
+
+    async def text_opted_out(self, site: str, number: str) -> bool: ...
+
 
 class CoordinationPrimitives(Protocol):
     """Coordination between nodes, by key: agent reservations, rate-limit hits, quotas,
@@ -380,6 +392,7 @@ class Store(
     CallRecordStore,
     TimerStore,
     CallbackQueueStore,
+    TextConsentStore,
     CoordinationStore,
     Protocol,
 ):

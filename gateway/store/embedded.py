@@ -87,6 +87,11 @@ CREATE TABLE IF NOT EXISTS handle_times (
     seconds REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS handle_times_by_site ON handle_times (site, id);
+CREATE TABLE IF NOT EXISTS text_opt_outs (
+    site TEXT NOT NULL,
+    number TEXT NOT NULL,
+    PRIMARY KEY (site, number)
+);
 """
 
 

@@ -174,6 +174,36 @@ class EmbeddedRecords(EmbeddedParts):
         )
         return int(found[0])
 
+    async def queue_count_before(self, site: str, score: float) -> int:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute("SELECT COUNT(*) FROM queue WHERE site = ? AND score < ?", (site, score))
+                .fetchone()
+            )
+        )
+        return int(found[0])
+
+    async def set_text_opt_out(self, site: str, number: str, opted_out: bool) -> None:
+        sql = (
+            "INSERT OR IGNORE INTO text_opt_outs VALUES (?, ?)"
+            if opted_out
+            else "DELETE FROM text_opt_outs WHERE site = ? AND number = ?"
+        )
+        await self._run(lambda: self._conn().execute(sql, (site, number)))
+
+    async def text_opted_out(self, site: str, number: str) -> bool:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT 1 FROM text_opt_outs WHERE site = ? AND number = ?", (site, number)
+                )
+                .fetchone()
+            )
+        )
+        return found is not None
+
     async def record_handle_time(self, site: str, seconds: float) -> None:
         def record() -> None:
             db = self._conn()

@@ -125,6 +125,21 @@ class RedisRecords(RedisParts):
         size: int = await self._redis.zcard(f"m:queue:{site}")  # type: ignore[assignment]
         return size
 
+    async def queue_count_before(self, site: str, score: float) -> int:
+        count: int = await self._redis.zcount(f"m:queue:{site}", "-inf", f"({score!r}")  # type: ignore[assignment]
+        return count
+
+    async def set_text_opt_out(self, site: str, number: str, opted_out: bool) -> None:
+        key = f"m:optout:{site}"
+        if opted_out:
+            await self._redis.sadd(key, number)  # type: ignore[misc]
+        else:
+            await self._redis.srem(key, number)  # type: ignore[misc]
+
+    async def text_opted_out(self, site: str, number: str) -> bool:
+        found = await self._redis.sismember(f"m:optout:{site}", number)  # type: ignore[misc]
+        return bool(found)
+
     async def record_handle_time(self, site: str, seconds: float) -> None:
         key = f"m:handle:{site}"
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -12,6 +12,7 @@ from gateway.core.call import Call as CoreCall
 from gateway.core.call import CallChannel, CallRequest, CallState
 from gateway.core.model import Site
 from gateway.core.privacy import mask_phone
+from gateway.core.promise import awaiting_choice
 from gateway.wire.base import Count, Id, Json, Language, Time, iso, to_wire
 
 # --- in ------------------------------------------------------------------------------------
@@ -124,6 +125,12 @@ class Call(Struct):
     callback_offer: CallbackOffer | None
     sharing: bool
     """The customer shares a read-only link to the call's ticket."""
+    promised_at: Time | None
+    """Callbacks: when the customer was last told to expect the call (the time they picked,
+    the estimate they were shown, or a later time they were told of first)."""
+    late: bool
+    """Callbacks: the customer was told the call runs late, with a new ``promised_at``, and
+    has not yet chosen to keep their place (``POST /v1/calls/{id}/keep``) or move it."""
 
 
 class SharedAgent(Struct):
@@ -145,6 +152,7 @@ class SharedCall(Struct):
     agent: SharedAgent | None
     eta_s: Count | None
     scheduled_at: Time | None
+    promised_at: Time | None
     timeline: list[SharedEntry]
     shared: Literal[True] = True
 
@@ -236,6 +244,8 @@ def call_struct(
             else None
         ),
     )
+    promised = iso(call.promised_at) if call.promised_at is not None else None
+    late = awaiting_choice(call)
     if not internal:
         return Call(
             call.call_id,
@@ -244,6 +254,8 @@ def call_struct(
             call.state,
             *visible,
             sharing=call.share_hash is not None,
+            promised_at=promised,
+            late=late,
         )
     callback = call.channel is CallChannel.CALLBACK
     return InternalCall(
@@ -253,6 +265,8 @@ def call_struct(
         call.state,
         *visible,
         sharing=call.share_hash is not None,
+        promised_at=promised,
+        late=late,
         visitor_id=call.visitor_id,
         agent_id=call.agent_id,
         attempt=call.attempt,
@@ -333,6 +347,7 @@ def shared_call_to_wire(view: Json) -> Json:
             agent=SharedAgent(name.split()[0]) if isinstance(name, str) and name.split() else None,
             eta_s=view.get("eta_s"),
             scheduled_at=view.get("scheduled_at"),
+            promised_at=view.get("promised_at"),
             timeline=[SharedEntry(e["at"], e["event"]) for e in view.get("timeline", ())],
         )
     )

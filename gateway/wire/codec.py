@@ -163,6 +163,9 @@ def call_to_record(call: Call) -> Json:
         "legs_heard": [[leg, progress] for leg, progress in call.legs_heard],
         "legs": [[attempt, leg] for attempt, leg in call.legs],
         "agent_legs": [[ring, leg] for ring, leg in call.agent_legs],
+        "promised_at": call.promised_at,
+        "told_at": call.told_at,
+        "texts": call.texts,
     }
 
 
@@ -208,6 +211,9 @@ def call_from_record(data: Json, version: int) -> Call:
         legs_heard=tuple((str(leg), int(n)) for leg, n in data.get("legs_heard", ())),
         legs=tuple((int(n), str(leg)) for n, leg in data.get("legs", ())),
         agent_legs=tuple((int(ring), str(leg)) for ring, leg in data.get("agent_legs", ())),
+        promised_at=data.get("promised_at"),
+        told_at=data.get("told_at"),
+        texts=int(data.get("texts", 0)),
     )
 
 

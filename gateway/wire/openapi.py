@@ -463,6 +463,24 @@ def _paths() -> dict[str, Json]:
                 tags=["visitors"],
             ),
         },
+        "/v1/calls/{call_id}/keep": {
+            "parameters": [_param("call_id")],
+            "post": _operation(
+                "keepTicket",
+                "Told the callback runs late (`late`), keep my place and the new time "
+                "(`promised_at`); no body. Without a late notice open, nothing changes.",
+                {
+                    "200": call,
+                    "409": _error(
+                        "stale: it no longer waits (ringing, dialing or connected); "
+                        "call_ended: it has ended; invalid_state: not a callback."
+                    ),
+                    **ticket_errors,
+                },
+                security=STATUS_TOKEN,
+                tags=["visitors"],
+            ),
+        },
         "/v1/calls/{call_id}/share": {
             "parameters": [_param("call_id")],
             "post": _operation(

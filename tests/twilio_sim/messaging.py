@@ -42,6 +42,20 @@ TWIML_CONTENT_TYPES = frozenset({"text/xml", "application/xml", "text/html"})
 GSM_SEGMENT = 160  # characters in one single-part SMS (multi-part: 153 each)
 PRICE_PER_SEGMENT = 0.0079
 MAX_REDIRECTS = 10
+# spec/MESSAGING.md section 4: Twilio's default opt-out handling.
+OPT_OUT_WORDS = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"}
+)
+OPT_IN_WORDS = frozenset({"START", "YES", "UNSTOP"})
+OPT_OUT_REPLY = (
+    "You have successfully been unsubscribed. You will not receive any more messages from"
+    " this number. Reply START to resubscribe."
+)
+OPT_IN_REPLY = (
+    "You have successfully been re-subscribed to messages from this number. Reply HELP for"
+    " help. Reply STOP to unsubscribe."
+)
+UNSUBSCRIBED = 21610
 
 
 @dataclass
@@ -98,6 +112,8 @@ class Messaging:
         self.numbers: dict[str, IncomingNumber] = {}
         self.messages: list[MessageRecord] = []
         self._by_sid: dict[str, MessageRecord] = {}
+        self.opted_out: set[tuple[str, str]] = set()
+        """(the account's number, the phone) pairs whose phone texted STOP to the number."""
 
     def add_routes(self, app: web.Application) -> None:
         messages = MESSAGES_PATH.replace("{AccountSid}", "{account_sid}")
@@ -146,6 +162,13 @@ class Messaging:
         record.params = {k: [v] for k, v in form.items()}
         record.statuses.append("received")
         self._remember(record)
+        word = body.strip().upper()
+        if word in OPT_OUT_WORDS | OPT_IN_WORDS:
+            if word in OPT_OUT_WORDS:
+                self.opted_out.add((to, from_))
+            else:
+                self.opted_out.discard((to, from_))
+            self._reply(record, to, from_, OPT_OUT_REPLY if word in OPT_OUT_WORDS else OPT_IN_REPLY)
         await self._deliver(record, config.sms_url, config.sms_method, list(form.items()))
         return record
 
@@ -212,24 +235,33 @@ class Messaging:
             body = verb.text or "".join(c.text for c in verb.children if c.tag == "Body")
             if any(c.tag not in MESSAGE_NOUNS for c in verb.children):
                 record.notifications.append(Notification(12200, "unknown noun in <Message>"))
-            now = self.sim.now()
-            reply = MessageRecord(
-                new_message_sid(),
-                record.account_sid,
-                "outbound-reply",
-                verb.attrs.get("from", record.to),
-                verb.attrs.get("to", record.from_),
-                body,
-                "queued",
-                now,
-                now,
-                in_reply_to=record.sid,
-            )
-            reply.statuses.append("queued")
-            record.replies.append(reply)
-            self._remember(reply)
-            self._deliver_later(reply, verb.attrs.get("statusCallback"))
+            from_, to = verb.attrs.get("from", record.to), verb.attrs.get("to", record.from_)
+            if (from_, to) in self.opted_out:
+                record.notifications.append(Notification(UNSUBSCRIBED, "unsubscribed recipient"))
+                continue
+            self._reply(record, from_, to, body, verb.attrs.get("statusCallback"))
         return None
+
+    def _reply(
+        self, record: MessageRecord, from_: str, to: str, body: str, callback: str | None = None
+    ) -> None:
+        now = self.sim.now()
+        reply = MessageRecord(
+            new_message_sid(),
+            record.account_sid,
+            "outbound-reply",
+            from_,
+            to,
+            body,
+            "queued",
+            now,
+            now,
+            in_reply_to=record.sid,
+        )
+        reply.statuses.append("queued")
+        record.replies.append(reply)
+        self._remember(reply)
+        self._deliver_later(reply, callback)
 
     # --- REST ------------------------------------------------------------------------------
 
@@ -242,6 +274,8 @@ class Messaging:
             raise TwilioApiError(
                 400, 21606, f"The From phone number {from_} is not a number of this account"
             )
+        if (from_, form["To"][0]) in self.opted_out:
+            raise TwilioApiError(400, UNSUBSCRIBED, "Attempt to send to unsubscribed recipient")
         now = self.sim.now()
         record = MessageRecord(
             new_message_sid(),

@@ -44,6 +44,8 @@
     $("title").textContent = gettext("Your request");
     $("move").textContent = gettext("Pick another time");
     $("cancel").textContent = gettext("Cancel my callback");
+    $("keep").textContent = gettext("Keep my place");
+    $("late-move").textContent = gettext("Pick another time");
     document.querySelector("label[for=slots]").textContent = gettext("When should we call you?");
     $("move-confirm").textContent = gettext("Call me then");
     $("move-back").textContent = gettext("Keep my time");
@@ -95,7 +97,10 @@
     const left = secondsLeft();
     switch (c.state) {
       case "scheduled": {
-        const when = { time: c.scheduled_at ? clock(c.scheduled_at) : "", relative: relative(left || 0) };
+        // Told it runs late, the customer was given a new time: that is the one to show.
+        const at = c.promised_at && c.scheduled_at && c.promised_at > c.scheduled_at ? c.promised_at : c.scheduled_at;
+        const until = at === c.scheduled_at ? left || 0 : Math.max(0, (Date.parse(at) - Date.now()) / 1000);
+        const when = { time: at ? clock(at) : "", relative: relative(until) };
         return who && who.branch
           ? gettext("{agent} from our {branch} branch will call you at {time}, {relative}.", { ...who, ...when })
           : gettext("We'll call you at {time}, {relative}.", when);
@@ -132,6 +137,9 @@
     switch (e.event) {
       case "requested": return gettext("You asked us to call you back.");
       case "moved": return gettext("You picked a new time.");
+      case "late": return gettext("We told you we're running late, with a new time.");
+      case "kept": return gettext("You kept your place.");
+      case "reminder": return gettext("We let you know you're still on our list.");
       case "texted": return gettext("We texted you a link to this page.");
       case "erased": return gettext("You erased your personal data.");
       case "queued": return gettext("Finding someone to call you.");
@@ -174,6 +182,14 @@
     const waiting = !call.shared && call.channel === "callback"
       && (call.state === "scheduled" || call.state === "queued");
     $("actions").hidden = !waiting;
+    $("late").hidden = !(waiting && call.late && call.promised_at);
+    $("move").hidden = !$("late").hidden; // the notice offers it, next to keeping the place
+    if (!$("late").hidden) {
+      const seconds = Math.max(0, (Date.parse(call.promised_at) - Date.now()) / 1000);
+      $("late-text").textContent = gettext(
+        "Sorry, we're running late. We now expect to call you at {time}, {relative}.",
+        { time: clock(call.promised_at), relative: relative(seconds) });
+    }
     $("share").hidden = !!call.shared || isFinal(call);
     // The link itself is shown once, when made: only its hash is kept. After a reload the
     // customer may stop sharing, or make a new link (the old one then stops working).
@@ -314,6 +330,21 @@
     }
   }
 
+  async function keep() {
+    const button = $("keep");
+    button.disabled = true;
+    try {
+      show(await api("POST", ticketUrl("/keep")));
+      fail("");
+      $("status").focus();
+    } catch (e) {
+      fail(e.status === 409 ? gettext("It's too late to change this now.")
+        : gettext("Something went wrong. Please try again."));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
   async function share() {
     try {
       const answer = await api("POST", ticketUrl("/share"));
@@ -365,6 +396,8 @@
       if (navigator.clipboard) navigator.clipboard.writeText($("share-url").value).catch(() => {});
     });
     $("move").addEventListener("click", openMove);
+    $("keep").addEventListener("click", keep);
+    $("late-move").addEventListener("click", openMove);
     $("move-form").addEventListener("submit", move);
     $("move-back").addEventListener("click", () => { $("move-form").hidden = true; $("move").focus(); });
     $("cancel").addEventListener("click", () => {

@@ -72,6 +72,12 @@ async def move_ticket(request: web.Request) -> web.Response:
     return await _answer(request, tickets, await tickets.move(call_id, token, at))
 
 
+async def keep_ticket(request: web.Request) -> web.Response:
+    """Told the callback runs late, the customer keeps their place (no body)."""
+    tickets, call_id, token = _ticket(request)
+    return await _answer(request, tickets, await tickets.keep(call_id, token))
+
+
 async def share_ticket(request: web.Request) -> web.Response:
     """Turn the read-only share link on (a new one each time)."""
     tickets, call_id, token = _ticket(request)
@@ -125,6 +131,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/calls/{call_id}", get_ticket)
     app.router.add_delete("/v1/calls/{call_id}", cancel_ticket)
     app.router.add_post("/v1/calls/{call_id}/move", move_ticket)
+    app.router.add_post("/v1/calls/{call_id}/keep", keep_ticket)
     app.router.add_get("/v1/calls/{call_id}/stream", stream_ticket)
     app.router.add_post("/v1/calls/{call_id}/share", share_ticket)
     app.router.add_delete("/v1/calls/{call_id}/share", unshare_ticket)
