@@ -46,6 +46,7 @@ from gateway.services.callback_service import CallbackService
 from gateway.services.customer_texts import CustomerTexts
 from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
+from gateway.services.follow_ups import FollowUps
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.services.retention import Retention
@@ -233,7 +234,8 @@ def create_app(
     if media is not None and callbacks.devices.phones is not None:
         calls.bridge.attach(media)
         callbacks.devices.bridge = feed.bridge = True
-    sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, settings))
+    follow_ups = FollowUps(records, callbacks)
+    sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, follow_ups, settings))
     sio.register_namespace(BoardNamespace(tokens, metrics, presence))
     load = LoadMonitor(gauge=metrics.loop_lag_smoothed, histogram=metrics.loop_lag)
     load.start_limit = StartLimit.of(settings.admission)

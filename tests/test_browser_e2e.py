@@ -326,7 +326,30 @@ async def test_a_visitor_calls_anna_in_the_browser_talks_and_hangs_up(
     await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
     await shot(visitor, "widget-ended")
     await shot(anna, "agent-call-ended")
-    # The call's ticket page, linked from the widget, keeps who the visitor spoke to.
+    # Anna promises to call the visitor back, at the first time her branch is open, on the
+    # number they gave her.
+    follow_up = anna.get_by_test_id("agent-follow-up")
+    await expect(follow_up).to_be_visible()
+    first_open = await anna.evaluate(
+        """async () => {
+          const r = await fetch("/v1/sites/acme/callback-slots?branch=dublin");
+          const at = new Date((await r.json()).slots[0]);
+          const pad = (n) => String(n).padStart(2, "0");
+          const day = `${at.getFullYear()}-${pad(at.getMonth() + 1)}-${pad(at.getDate())}`;
+          return `${day}T${pad(at.getHours())}:${pad(at.getMinutes())}`;
+        }"""
+    )
+    await anna.get_by_test_id("agent-follow-up-at").fill(first_open)
+    await anna.get_by_test_id("agent-follow-up-phone").fill("+353 86 111 0001")
+    await anna.get_by_test_id("agent-follow-up-note").fill("Send the new contract first")
+    await shot(anna, "agent-follow-up")
+    await anna.get_by_test_id("agent-follow-up-save").click()
+    await expect(anna.get_by_test_id("agent-follow-up-done")).to_contain_text(
+        "Follow-up promised for", timeout=WAIT_MS
+    )
+    await expect(follow_up).to_be_hidden()
+    # The call's ticket page, linked from the widget, keeps who the visitor spoke to, and the
+    # follow-up Anna promised, whose own page the same link opens.
     link = visitor.get_by_test_id("membrane-call-ticket-link")
     await expect(link).to_be_visible()
     async with visitor.context.expect_page() as opened:
@@ -335,7 +358,15 @@ async def test_a_visitor_calls_anna_in_the_browser_talks_and_hangs_up(
     await expect(ticket.get_by_test_id("ticket-status")).to_have_text(
         "You spoke with Anna from our Dublin branch.", timeout=WAIT_MS
     )
+    await expect(ticket.get_by_test_id("ticket-follow-up")).to_contain_text(
+        "Anna will call you back:"
+    )
     await shot(ticket, "ticket-after-browser-call")
+    await ticket.get_by_test_id("ticket-follow-up-link").click()
+    await expect(ticket.get_by_test_id("ticket-status")).to_have_text(
+        re.compile(r"^Anna from our Dublin branch will call you at .+"), timeout=WAIT_MS
+    )
+    await shot(ticket, "ticket-follow-up")
     await ticket.close()
 
     # Back on the site later (a new page load): the widget proves who the visitor is with the

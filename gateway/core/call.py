@@ -138,6 +138,19 @@ class Call:
     the start of their silence."""
     texts: int = 0
     """Texts sent to the customer about this callback."""
+    # --- follow-ups (gateway.core.follow_up) ---
+    follow_up: str | None = None
+    """The callback its agent promised at the end of this call."""
+    follow_up_at: float | None = None
+    """When that callback was promised for."""
+    follow_up_of: str | None = None
+    """A follow-up: the first call of the customer's ticket (whose token opens this one)."""
+    pinned_agent: str | None = None
+    """A follow-up: the agent who promised it."""
+    pinned_until: float | None = None
+    """A follow-up: until when only ``pinned_agent`` may take it."""
+    note: str | None = None
+    """A follow-up: the promising agent's note, for whoever calls (never the customer's)."""
 
     @property
     def final(self) -> bool:

@@ -87,6 +87,11 @@ class Agent:
     role: Role = Role.AGENT
 
 
+class FollowUpPolicy(StrEnum):
+    WAIT = "wait"
+    COLLEAGUE = "colleague"
+
+
 @dataclass(frozen=True, slots=True)
 class CallbackPolicy:
     """Limits on outbound PSTN callbacks; a site may only tighten the defaults."""
@@ -127,6 +132,12 @@ class CallbackPolicy:
     (sooner, the queue says little about it). 60 to 7,200."""
     max_texts: int = 5
     """Texts about one callback, its confirmation included; may only be lowered (0: none)."""
+    follow_up_policy: FollowUpPolicy = FollowUpPolicy.WAIT
+    """A follow-up whose agent is not free at its time: ``wait`` for her up to
+    ``follow_up_wait_s``, then a colleague of her branch; ``colleague``: one at once
+    (gateway/core/follow_up.py)."""
+    follow_up_wait_s: int = 1800
+    """How long a follow-up waits for its agent under ``wait``. 60 to 86,400."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from functools import partial
 
 from gateway.core import call as calls
 from gateway.core import callback as cb
+from gateway.core import follow_up as fu
 from gateway.core.availability import DEFAULT_MEAN_HANDLE_S, estimate_wait_s
 from gateway.core.call import Call, CallChannel, CallError, CallState
 from gateway.core.callback_admission import (
@@ -51,8 +52,8 @@ from gateway.core.errors import (
     Unavailable,
 )
 from gateway.core.hours import slot_starts
-from gateway.core.model import Channel
-from gateway.core.phone_policy import PhoneRefused, check_number
+from gateway.core.model import Channel, Site
+from gateway.core.phone_policy import CheckedNumber, PhoneRefused, check_number
 from gateway.core.ranking_cache import RankingCache
 from gateway.core.routing import Candidate, RouteRequest, RoutingSnapshot, capabilities
 from gateway.ops.metrics import Metrics
@@ -214,12 +215,17 @@ class CallbackService:
             await self._store.queue_put(site_id, call_id, place_at)
         at = admission.at
         await self._records.schedule(due_timer(call), at if at is not None else now)
+        await self.booked(call)
+        return call, token
+
+    async def booked(self, call: Call) -> None:
+        """A new callback is stored and its due timer set: watch its promise, tell its
+        parties, and text the customer its ticket's link."""
         await self.promises.watch(call)
         self._metrics.callbacks.labels("requested").inc()
         await self._notify.call_update(call)
         if self.customer_texts is not None:
             self.customer_texts.confirm(call)
-        return call, token
 
     async def _kept_place(
         self, site_id: str, visitor_id: str, after_call: str | None, now: float
@@ -277,17 +283,8 @@ class CallbackService:
         call_id = call.call_id
         cb.check_movable(call)  # before the time is judged: too late says more than too soon
         site = self._records.sites[call.site]
-        policy = site.callback_policy
         now = self._records.clock()
-        if at <= now + self.min_lead_s:
-            raise self._refuse(Refusal("slot_unavailable", "pick a later time"))
-        try:
-            number = check_number(call.phone or "", policy)
-        except PhoneRefused as e:
-            raise self._refuse(Refusal(e.code, e.message)) from None
-        refusal = time_refusal(number, policy, hours_scope(site, call.request.branch), at, now)
-        if refusal is not None:
-            raise self._refuse(refusal)
+        self.check_time(site, call.phone or "", call.request.branch, at, now)
         # Out of the line first: a free agent must not take it while it moves; a race lost
         # to one (it is ringing now) is refused by the transition.
         await self._store.queue_remove(call.site, call.call_id)
@@ -302,6 +299,23 @@ class CallbackService:
         await self.promises.watch(moved)
         self._metrics.callbacks.labels("moved").inc()
         return moved
+
+    def check_time(
+        self, site: Site, phone: str, branch: str | None, at: float, now: float
+    ) -> CheckedNumber:
+        """``phone``, checked, if a callback to it may be placed at ``at`` (a time a customer
+        picked, or an agent promised); else the refusal, as for a new request's time."""
+        policy = site.callback_policy
+        if at <= now + self.min_lead_s:
+            raise self._refuse(Refusal("slot_unavailable", "pick a later time"))
+        try:
+            number = check_number(phone, policy)
+        except PhoneRefused as e:
+            raise self._refuse(Refusal(e.code, e.message)) from None
+        refusal = time_refusal(number, policy, hours_scope(site, branch), at, now)
+        if refusal is not None:
+            raise self._refuse(refusal)
+        return number
 
     async def keep(self, call: Call) -> Call:
         """Told their callback runs late, the customer keeps their place and the new time."""
@@ -345,6 +359,9 @@ class CallbackService:
         no_phone = frozenset(
             a.agent_id for a in site.agents.values() if not a.mobile and not in_app
         )
+        allowed = fu.allowed_agents(call, site, self._records.clock())
+        if allowed is not None:  # a follow-up: its agent, or her branch once it is theirs
+            no_phone |= frozenset(site.agents) - allowed
         return calls.route_request(call, Channel.PSTN, no_phone, self.devices.reach)
 
     def _snapshot(self, call: Call, last_agent: str | None) -> RoutingSnapshot:
@@ -431,6 +448,8 @@ class CallbackService:
         site = self._records.sites[call.site]
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
         candidates = await self._candidates(call, now, last_agent)
+        if call.pinned_agent is not None:
+            call, candidates = await self._follow_up_turn(call, candidates, now)
         if not candidates:
             return now + POLL_S
         if await self._waits_its_turn(call, candidates, now):
@@ -457,6 +476,27 @@ class CallbackService:
             await self._store.queue_remove(call.site, call.call_id)
             return None
         return now + POLL_S
+
+    async def _follow_up_turn(
+        self, call: Call, candidates: list[Candidate], now: float
+    ) -> tuple[Call, list[Candidate]]:
+        """A follow-up goes to the agent who promised it when she is free. Else, while it is
+        still hers, the customer is told we wait for her; after, that a colleague will call
+        (each said once)."""
+        hers = [c for c in candidates if c.agent_id == call.pinned_agent]
+        if hers:
+            return call, hers
+        agent = self._records.sites[call.site].agents.get(call.pinned_agent or "")
+        name = agent.name.split()[0] if agent is not None and agent.name else "Your agent"
+        if call.pinned_until is not None and now < call.pinned_until:
+            if not any(e.event == "waiting_for_agent" for e in call.timeline):
+                call = await self._records.move(
+                    call, partial(fu.waiting_for_agent, name=name, now=now)
+                )
+            return call, []
+        if not fu.handed_over(call):
+            call = await self._records.move(call, partial(fu.to_colleague, name=name, now=now))
+        return call, candidates
 
     async def _candidates(
         self, call: Call, now: float, last_agent: str | None = None
@@ -538,11 +578,18 @@ class CallbackService:
         """What a callback's ring adds: the visitor's number, and where the agent will talk
         once the visitor answers: in the app (the audio bridge: ``audio_in_app``), else on
         her own phone (``your_phone``), which rings then."""
-        agent = self._records.sites[call.site].agents[agent_id]
+        site = self._records.sites[call.site]
+        agent = site.agents[agent_id]
         visitor: Json = {"returning": False, "phone": call.phone}
-        if self.dialer.bridged:
-            return visitor, {"your_phone": None, "audio_in_app": True}
-        return visitor, {"your_phone": agent.mobile, "audio_in_app": False}
+        extra: Json = (
+            {"your_phone": None, "audio_in_app": True}
+            if self.dialer.bridged
+            else {"your_phone": agent.mobile, "audio_in_app": False}
+        )
+        promiser = site.agents.get(call.pinned_agent or "")
+        if promiser is not None:
+            extra["follow_up"] = {"promised_by": promiser.name, "note": call.note or ""}
+        return visitor, extra
 
     async def ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json | None]:
         return self._ring_details(call, agent_id)

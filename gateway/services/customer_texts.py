@@ -117,7 +117,8 @@ class CustomerTexts:
     def body(self, call: Call, notice: Notice | None = None) -> str:
         site = self.sites[call.site]
         text = messages_for(call.request.language)
-        token, _ = self._records.status_tokens.for_call(call.call_id)
+        # A follow-up is on its customer's first ticket: that call's token opens it.
+        token, _ = self._records.status_tokens.for_call(call.follow_up_of or call.call_id)
         link = ticket_url(self._public_url, call.call_id, token)
         if notice is Notice.LATE and call.promised_at is not None:
             now = self._records.clock()

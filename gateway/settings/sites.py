@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import date, time
+from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -134,6 +135,7 @@ FREE_RANGES: dict[str, tuple[int, int]] = {
     "reminder_interval_s": (600, 86_400),
     "late_after_s": (60, 7_200),
     "late_notice_ahead_s": (60, 7_200),
+    "follow_up_wait_s": (60, 86_400),
 }
 """Callback policy keys a site sets freely within a range (not only tightens)."""
 
@@ -176,6 +178,12 @@ def _policy(raw: Any, path: str) -> CallbackPolicy:
             changes[key] = value
         elif isinstance(default, bool):
             changes[key] = get(raw, key, f"{path}.", bool, default)
+        elif isinstance(default, StrEnum):
+            value = get(raw, key, f"{path}.", str, default)
+            choices = [c.value for c in type(default)]
+            if value not in choices:
+                raise ConfigError(f"{path}.{key}", f"must be one of {choices}")
+            changes[key] = type(default)(value)
         elif isinstance(default, time):
             try:
                 changes[key] = time.fromisoformat(get(raw, key, f"{path}.", str, ""))

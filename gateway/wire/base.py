@@ -157,3 +157,23 @@ def to_wire(struct: msgspec.Struct) -> Json:
     unset fields left out), keys in the struct's field order."""
     wire: Json = msgspec.to_builtins(struct)
     return wire
+
+
+# phone_policy.RAW_SHAPE once surrounding white space is stripped: a blank or empty phone is
+# refused (invalid_phone), as is a bare "+". The codec checks only the length and that it is
+# not blank; the number rules (gateway.core.phone_policy) check the rest, after whether the
+# node can place callbacks at all (docs/PROTOCOL.md section 2 gives the order).
+PHONE_SHAPE = r"^\s*\+[0-9 ().-]*[0-9().-]\s*$"
+MAX_PHONE = 32
+
+Phone = Annotated[
+    str,
+    Meta(
+        max_length=MAX_PHONE,
+        # Only stated here: the codec refuses a blank phone, the number rules the rest.
+        extra_json_schema={"pattern": PHONE_SHAPE},
+        description="International form: + then digits; spaces and ().- are allowed and "
+        "dropped. It must also be a valid number (not expressible here): else 400 "
+        "invalid_phone.",
+    ),
+]

@@ -10,10 +10,11 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.core.call import Call as CoreCall
 from gateway.core.call import CallChannel, CallRequest, CallState
+from gateway.core.follow_up import shown_agent
 from gateway.core.model import Site
 from gateway.core.privacy import mask_phone
 from gateway.core.promise import awaiting_choice
-from gateway.wire.base import Count, Id, Json, Language, Time, iso, to_wire
+from gateway.wire.base import Count, Id, Json, Language, Phone, Time, iso, to_wire
 
 # --- in ------------------------------------------------------------------------------------
 
@@ -56,6 +57,18 @@ class CallHold(Struct):
 
     call_id: Id
     on: bool
+
+
+class CallFollowUp(Struct, kw_only=True):
+    """``call:follow_up``: the agent of a call promises to call the customer back at ``at``
+    (a scheduled callback pinned to her, on the customer's same ticket)."""
+
+    call_id: Id
+    at: Annotated[str, Meta(max_length=64, extra_json_schema={"format": "date-time"})]
+    note: Annotated[str, Meta(max_length=500)] = ""
+    """For whoever calls (her, or a colleague if she is not free then); not the customer's."""
+    phone: Phone | None = None
+    """The number to call; required after a browser call (a callback's is known)."""
 
 
 class Description(Struct):
@@ -105,6 +118,12 @@ class TimelineEntry(Struct):
     detail: str
 
 
+class FollowUpRef(Struct):
+    call_id: Id
+    at: Time
+    agent: AgentRef
+
+
 class CallbackOffer(Struct):
     estimated_wait_s: Count
 
@@ -131,6 +150,9 @@ class Call(Struct):
     late: bool
     """Callbacks: the customer was told the call runs late, with a new ``promised_at``, and
     has not yet chosen to keep their place (``POST /v1/calls/{id}/keep``) or move it."""
+    follow_up: FollowUpRef | None
+    """The callback the agent promised at the end of this call (its ticket opens with the
+    same token)."""
 
 
 class SharedAgent(Struct):
@@ -197,6 +219,14 @@ class CallRing(Struct):
     audio_in_app: bool | UnsetType = UNSET
     """Callbacks only: accepted in the app, she talks there (the audio bridge), not on her
     own phone."""
+    follow_up: FollowUpNote | UnsetType = UNSET
+    """A follow-up only: who promised it, and their note."""
+
+
+class FollowUpNote(Struct):
+    promised_by: str
+    """The name of the agent who promised the follow-up."""
+    note: str
 
 
 class RingStop(Struct):
@@ -225,7 +255,8 @@ def call_struct(
 ) -> Call:
     """The Call of docs/PROTOCOL.md; ``internal`` adds what agents and supervisors see.
     ``position`` (1 = next) and ``eta_s`` are computed by the caller from the live queue."""
-    agent = site.agents.get(call.agent_id) if call.agent_id else None
+    shown = shown_agent(call)
+    agent = site.agents.get(shown) if shown else None
     branch = site.branches.get(agent.branch) if agent and agent.branch else None
     visible = (
         AgentRef(agent.name, branch.name if branch else None) if agent else None,
@@ -246,6 +277,7 @@ def call_struct(
     )
     promised = iso(call.promised_at) if call.promised_at is not None else None
     late = awaiting_choice(call)
+    follow_up = _follow_up_ref(call, site)
     if not internal:
         return Call(
             call.call_id,
@@ -256,6 +288,7 @@ def call_struct(
             sharing=call.share_hash is not None,
             promised_at=promised,
             late=late,
+            follow_up=follow_up,
         )
     callback = call.channel is CallChannel.CALLBACK
     return InternalCall(
@@ -267,6 +300,7 @@ def call_struct(
         sharing=call.share_hash is not None,
         promised_at=promised,
         late=late,
+        follow_up=follow_up,
         visitor_id=call.visitor_id,
         agent_id=call.agent_id,
         attempt=call.attempt,
@@ -274,6 +308,18 @@ def call_struct(
         if callback
         else UNSET,
         dials=call.dials if callback else UNSET,
+    )
+
+
+def _follow_up_ref(call: CoreCall, site: Site) -> FollowUpRef | None:
+    agent = site.agents.get(call.agent_id or "")
+    if call.follow_up is None or call.follow_up_at is None or agent is None:
+        return None
+    branch = site.branches.get(agent.branch or "")
+    return FollowUpRef(
+        call.follow_up,
+        _time(call.follow_up_at),
+        AgentRef(agent.name, branch.name if branch else None),
     )
 
 
@@ -299,6 +345,7 @@ def ring_to_wire(
     phone: str | UnsetType | None = UNSET,
     your_phone: str | UnsetType | None = UNSET,
     audio_in_app: bool | UnsetType = UNSET,
+    follow_up: Json | UnsetType = UNSET,
 ) -> Json:
     """``call:ring`` for a call ringing its agent. What each channel adds (who served the
     visitor last, the number to call, the agent's own phone) its flow passes in."""
@@ -316,6 +363,7 @@ def ring_to_wire(
             ring_expires_at=round(ringing.ring_expires_at * 1000),
             your_phone=your_phone,
             audio_in_app=audio_in_app,
+            follow_up=FollowUpNote(**follow_up) if isinstance(follow_up, dict) else UNSET,
         )
     )
 

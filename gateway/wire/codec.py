@@ -18,6 +18,7 @@ from gateway.core.errors import Invalid
 from gateway.core.model import DeviceKind, DeviceState
 from gateway.wire.base import (
     ID_PATTERN,
+    MAX_PHONE,
     MAX_PRIORITY,
     VISITOR_ID_PATTERN,
     VISITOR_SECRET_PATTERN,
@@ -28,12 +29,18 @@ from gateway.wire.base import (
     iso,
     parse_iso,
 )
-from gateway.wire.calls import CallHold, CallRef, CallStart, RtcSignal, call_to_wire
+from gateway.wire.calls import (
+    CallFollowUp,
+    CallHold,
+    CallRef,
+    CallStart,
+    RtcSignal,
+    call_to_wire,
+)
 from gateway.wire.events import AgentAuth
 from gateway.wire.presence import DeviceUpdate as DeviceBody
 from gateway.wire.presence import PresenceSet, presence_to_wire
 from gateway.wire.rest import (
-    MAX_PHONE,
     CallbackRequest,
     SessionRequest,
     session_to_wire,
@@ -166,6 +173,12 @@ def call_to_record(call: Call) -> Json:
         "promised_at": call.promised_at,
         "told_at": call.told_at,
         "texts": call.texts,
+        "follow_up": call.follow_up,
+        "follow_up_at": call.follow_up_at,
+        "follow_up_of": call.follow_up_of,
+        "pinned_agent": call.pinned_agent,
+        "pinned_until": call.pinned_until,
+        "note": call.note,
     }
 
 
@@ -214,6 +227,12 @@ def call_from_record(data: Json, version: int) -> Call:
         promised_at=data.get("promised_at"),
         told_at=data.get("told_at"),
         texts=int(data.get("texts", 0)),
+        follow_up=data.get("follow_up"),
+        follow_up_at=data.get("follow_up_at"),
+        follow_up_of=data.get("follow_up_of"),
+        pinned_agent=data.get("pinned_agent"),
+        pinned_until=data.get("pinned_until"),
+        note=data.get("note"),
     )
 
 
@@ -256,6 +275,14 @@ def call_request_from_wire(payload: object) -> CallRequest:
 
 def call_id_from_wire(payload: object) -> str:
     return decode(payload, CallRef).call_id
+
+
+def follow_up_from_wire(payload: object) -> tuple[str, float, str, str | None]:
+    """A validated ``call:follow_up``: the call, when, the note, and the number (if given)."""
+    ask = decode(payload, CallFollowUp)
+    if ask.phone is not None and not ask.phone.strip():
+        raise Invalid("phone must not be blank", code="invalid_phone")
+    return ask.call_id, parse_iso(ask.at, "at"), ask.note.strip(), ask.phone
 
 
 def hold_from_wire(payload: object) -> tuple[str, bool]:

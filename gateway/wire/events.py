@@ -19,6 +19,7 @@ from gateway.core.model import DeviceState, Site
 from gateway.wire.base import Id, Json, to_wire
 from gateway.wire.calls import (
     Call,
+    CallFollowUp,
     CallHold,
     CallKey,
     CallRef,
@@ -80,6 +81,12 @@ class AgentCallAck(Struct, kw_only=True):
     call: InternalCall
 
 
+class FollowUpAck(AgentCallAck, kw_only=True):
+    """``call:follow_up``'s answer: the call, naming its follow-up, and the follow-up."""
+
+    follow_up: InternalCall
+
+
 class AcceptAck(Struct, kw_only=True):
     ok: Literal[True] = True
     call: InternalCall
@@ -118,6 +125,12 @@ def agent_call_ack(call: CoreCall, site: Site, agent_id: str) -> Json:
     """An agent's answer about a call: the customer's number in full only if it is hers."""
     mine = call.agent_id == agent_id
     return to_wire(CallAck(call=call_struct(call, site, True, phone_masked=not mine)))
+
+
+def follow_up_ack(call: CoreCall, follow_up: CoreCall, site: Site) -> Json:
+    internal, promised = call_struct(call, site, True), call_struct(follow_up, site, True)
+    assert isinstance(internal, InternalCall) and isinstance(promised, InternalCall)
+    return to_wire(FollowUpAck(call=internal, follow_up=promised))
 
 
 def start_ack(call: CoreCall, site: Site, status_token: str, public_url: str) -> Json:
@@ -182,6 +195,7 @@ NAMESPACES = (
             Event("call:decline", CallRef, AgentCallAck),
             Event("call:hangup", CallRef, AgentCallAck),
             Event("call:hold", CallHold, AgentCallAck),
+            Event("call:follow_up", CallFollowUp, FollowUpAck),
             Event("rtc:signal", RtcSignal, Ok),
         ),
         outgoing=(

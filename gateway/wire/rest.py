@@ -12,6 +12,7 @@ from gateway.wire.base import (
     Id,
     Json,
     Language,
+    Phone,
     Time,
     VisitorId,
     VisitorSecret,
@@ -21,13 +22,6 @@ from gateway.wire.base import (
     to_wire,
 )
 from gateway.wire.calls import Call, CallStart
-
-# phone_policy.RAW_SHAPE once surrounding white space is stripped: a blank or empty phone is
-# refused (invalid_phone), as is a bare "+". The codec checks only the length and that it is
-# not blank; the number rules (gateway.core.phone_policy) check the rest, after whether the
-# node can place callbacks at all (docs/PROTOCOL.md section 2 gives the order).
-PHONE_SHAPE = r"^\s*\+[0-9 ().-]*[0-9().-]\s*$"
-MAX_PHONE = 32
 
 # --- operations ----------------------------------------------------------------------------
 
@@ -131,18 +125,6 @@ def session_to_wire(
 
 
 # --- callbacks -----------------------------------------------------------------------------
-
-Phone = Annotated[
-    str,
-    Meta(
-        max_length=MAX_PHONE,
-        # Only stated here: the codec refuses a blank phone, the number rules the rest.
-        extra_json_schema={"pattern": PHONE_SHAPE},
-        description="International form: + then digits; spaces and ().- are allowed and "
-        "dropped. It must also be a valid number (not expressible here): else 400 "
-        "invalid_phone.",
-    ),
-]
 
 
 class CallbackRequest(CallStart, kw_only=True):

@@ -378,6 +378,8 @@
         h("dt", {}, "Page"), h("dd", {}, pageOk
           ? h("a", { href: v.page, target: "_blank", rel: "noopener noreferrer" }, v.page)
           : v.page || "unknown"),
+        r.follow_up ? h("dt", {}, "Follow-up") : null,
+        r.follow_up ? h("dd", { testid: "agent-ring-follow-up" }, `Promised by ${r.follow_up.promised_by}${r.follow_up.note ? `: ${r.follow_up.note}` : ""}`) : null,
         r.reasons && r.reasons.length ? h("dt", {}, "Why you") : null,
         r.reasons && r.reasons.length ? h("dd", {}, h("ul", { class: "reasons" }, ...r.reasons.map((x) => h("li", {}, x)))) : null),
       h("div", { class: "row" }, acceptBtn, declineBtn));
@@ -571,6 +573,13 @@
     setHeld(!!held && held.event === "on_hold");
     $("hangup").hidden = done;
     $("dismiss").hidden = !done;
+    // Once she has talked to the customer, she may promise to call them back.
+    const promised = c.follow_up;
+    const talkedToThem = c.state === "connected" || (c.state === "completed" && current.connectedAt);
+    $("follow-up").hidden = !talkedToThem || !!promised;
+    if (!$("follow-up").hidden && !$("follow-up-phone").value && c.phone) $("follow-up-phone").value = c.phone;
+    $("follow-up-done").hidden = !promised;
+    if (promised) $("follow-up-done").textContent = `Follow-up promised for ${new Date(promised.at).toLocaleString([], { weekday: "short", day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" })}.`;
     if (done && document.activeElement === $("hangup")) $("dismiss").focus();
     tickTimer();
   }
@@ -656,7 +665,24 @@
     $("caller-keys-value").textContent = "";
   }
 
+  async function promiseFollowUp(event) {
+    event.preventDefault();
+    if (!current || !socket) return;
+    const at = new Date($("follow-up-at").value);
+    if (isNaN(at.getTime())) return showError("Pick a time for the follow-up.");
+    const payload = { call_id: current.id, at: at.toISOString(), note: $("follow-up-note").value.trim() };
+    const phone = $("follow-up-phone").value.trim();
+    if (phone) payload.phone = phone;
+    const res = await ask(socket, "call:follow_up", payload);
+    if (!res.ok) return showError(res.error);
+    clearError();
+    current.call = MA.call = res.call;
+    renderCall(res.call);
+    announce("Follow-up promised.");
+  }
+
   function dismiss() {
+    $("follow-up").reset();
     current = null;
     clearCallerKeys();
     $("call").hidden = true;
@@ -747,6 +773,7 @@
   });
   $("hangup").addEventListener("click", hangup);
   $("dismiss").addEventListener("click", dismiss);
+  $("follow-up").addEventListener("submit", promiseFollowUp);
   $("tab-me").addEventListener("click", () => selectTab("me"));
   $("tab-board").addEventListener("click", () => selectTab("board"));
   document.querySelector('[role="tablist"]').addEventListener("keydown", (e) => {

@@ -45,6 +45,7 @@
     $("move").textContent = gettext("Pick another time");
     $("cancel").textContent = gettext("Cancel my callback");
     $("keep").textContent = gettext("Keep my place");
+    $("follow-up-link").textContent = gettext("Follow it");
     $("late-move").textContent = gettext("Pick another time");
     document.querySelector("label[for=slots]").textContent = gettext("When should we call you?");
     $("move-confirm").textContent = gettext("Call me then");
@@ -135,10 +136,14 @@
 
   function happened(e) {
     switch (e.event) {
-      case "requested": return gettext("You asked us to call you back.");
+      case "requested":
+        return call && call.channel === "webrtc" ? gettext("You called us.") : gettext("You asked us to call you back.");
       case "moved": return gettext("You picked a new time.");
       case "late": return gettext("We told you we're running late, with a new time.");
       case "kept": return gettext("You kept your place.");
+      case "follow_up": return gettext("We promised to call you back.");
+      case "waiting_for_agent": return gettext("The person who promised to call wasn't free yet; we waited for them.");
+      case "colleague": return gettext("A colleague took over, with the notes from your last call.");
       case "reminder": return gettext("We let you know you're still on our list.");
       case "texted": return gettext("We texted you a link to this page.");
       case "erased": return gettext("You erased your personal data.");
@@ -184,6 +189,13 @@
     $("actions").hidden = !waiting;
     $("late").hidden = !(waiting && call.late && call.promised_at);
     $("move").hidden = !$("late").hidden; // the notice offers it, next to keeping the place
+    const f = call.follow_up;
+    $("follow-up").hidden = !f || !!call.shared;
+    if (f && !call.shared) {
+      $("follow-up-text").textContent = gettext("{agent} will call you back: {time}.", { agent: f.agent.name, time: clock(f.at) });
+      // The same token opens the follow-up's own page.
+      $("follow-up-link").href = `/t/${encodeURIComponent(f.call_id)}${location.search}#${token}`;
+    }
     if (!$("late").hidden) {
       const seconds = Math.max(0, (Date.parse(call.promised_at) - Date.now()) / 1000);
       $("late-text").textContent = gettext(

@@ -15,6 +15,7 @@ from gateway.edge.sio.namespace import BaseNamespace, Session
 from gateway.edge.sio.rooms import agent_room
 from gateway.ops.metrics import Metrics
 from gateway.services.call_desk import CallDesk
+from gateway.services.follow_ups import FollowUpAsk, FollowUps
 from gateway.services.presence_service import PresenceChange, PresenceService, socket_device_id
 from gateway.settings import Settings
 from gateway.store.base import DeviceRef
@@ -26,10 +27,11 @@ from gateway.wire.codec import (
     call_id_from_wire,
     call_to_wire,
     device_update_from_wire,
+    follow_up_from_wire,
     hold_from_wire,
     signal_from_wire,
 )
-from gateway.wire.events import accept_ack, agent_call_ack, ok_ack, presence_ack
+from gateway.wire.events import accept_ack, agent_call_ack, follow_up_ack, ok_ack, presence_ack
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,13 @@ class AgentNamespace(BaseNamespace):
         metrics: Metrics,
         presence: PresenceService,
         calls: CallDesk,
+        follow_ups: FollowUps,
         settings: Settings,
     ) -> None:
         super().__init__("/agent", tokens, metrics)
         self.presence = presence
         self.calls = calls
+        self.follow_ups = follow_ups
         self.settings = settings
         self.socket_ttl_s = settings.presence.socket_ttl_s
         self.resuming: dict[str, str] = {}
@@ -60,6 +64,7 @@ class AgentNamespace(BaseNamespace):
             "call:decline": self.call_decline,
             "call:hangup": self.call_hangup,
             "call:hold": self.call_hold,
+            "call:follow_up": self.call_follow_up,
             "rtc:signal": self.rtc_signal,
         }
         presence.add_listener(self.on_presence)
@@ -145,6 +150,13 @@ class AgentNamespace(BaseNamespace):
         call_id, on = hold_from_wire(payload)
         call = await self.calls.hold(claims.site, claims.sub, sid, call_id, on)
         return agent_call_ack(call, self.presence.site(claims.site), claims.sub)
+
+    async def call_follow_up(self, sid: str, payload: Any) -> Json:
+        """The agent promises to call the customer back (after a call, or during it)."""
+        claims = self.sessions[sid].claims
+        ask = FollowUpAsk(*follow_up_from_wire(payload))
+        call, follow_up = await self.follow_ups.promise(claims.site, claims.sub, ask)
+        return follow_up_ack(call, follow_up, self.presence.site(claims.site))
 
     async def rtc_signal(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
