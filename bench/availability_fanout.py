@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import functools
 import json
 import math
 import os
@@ -105,7 +106,7 @@ async def child(args: argparse.Namespace) -> None:
             for attempt in range(3):
                 w = Watcher(request)
                 try:
-                    await loop.create_connection(lambda w=w: w, host, int(port))
+                    await loop.create_connection(functools.partial(_same, w), host, int(port))
                     watchers.append(w)
                     return
                 except OSError:
@@ -430,6 +431,11 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         "saturated": cpu["saturated"],
         "missed": result["missed_deliveries"],
     }
+
+
+def _same(protocol: Watcher) -> Watcher:
+    """The protocol factory of one connection: its own watcher."""
+    return protocol
 
 
 if __name__ == "__main__":
