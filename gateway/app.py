@@ -52,6 +52,7 @@ from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.services.retention import Retention
 from gateway.services.sms_presence import SmsPresence
 from gateway.services.status_token import StatusTokens
+from gateway.services.surveys import Surveys
 from gateway.services.text_consent import TextConsent
 from gateway.services.tickets import Tickets
 from gateway.services.timers import TimerLoop
@@ -224,6 +225,8 @@ def create_app(
     customer_texts = CustomerTexts(records, node_tasks, settings.public_url)
     customer_texts.texts = phones if isinstance(phones, Texts) else None
     callbacks.customer_texts = callbacks.promises.texts = customer_texts
+    surveys = Surveys(records, customer_texts, node_tasks)
+    callbacks.dialer.after_talk = surveys.ask_by_text
     feed.telephony = phones is not None
     # A provider that can also call agents' own phones rings mobile-only agents.
     callbacks.devices.phones = phones if isinstance(phones, AgentPhones) else None
@@ -273,6 +276,7 @@ def create_app(
     app[keys.DRAIN] = drain
     app[keys.SMS_PRESENCE] = sms_presence
     app[keys.TEXT_CONSENT] = TextConsent(settings.sites, store)
+    app[keys.SURVEYS] = surveys
 
     async def pace_collector(app: web.Application) -> AsyncIterator[None]:
         shared = pacer or PROCESS_PACER

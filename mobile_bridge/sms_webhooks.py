@@ -1,14 +1,16 @@
-"""Twilio's Messaging webhook (``POST /v1/twilio/sms``): presence by SMS, and customers'
-STOP and START (gateway/services/text_consent.py).
+"""Twilio's Messaging webhook (``POST /v1/twilio/sms``): presence by SMS, customers' STOP
+and START (gateway/services/text_consent.py), and their answers to the question after the
+call (gateway/services/surveys.py).
 
 The operator sets this URL (``{public_url}/v1/twilio/sms``, HTTP POST) as the "A message
 comes in" webhook of each number in a site's ``caller_ids``. The request must carry a valid
 ``X-Twilio-Signature``, checked exactly as the voice webhooks' (``WebhookSignatures``); a
 refusal is answered 403 with the stable error body and counted under its code. A verified
-keyword (STOP, START) goes to ``TextConsent``, any other message to the gateway's
-``SmsPresence``; the answer comes back as TwiML ``<Response><Message>``, which Twilio sends
-to the sender. A replay or a failure of ours gets an empty ``<Response/>``: no second reply,
-and Twilio never sees a 500.
+keyword (STOP, START) goes to ``TextConsent``, a customer's answer to the question after
+their call to ``Surveys``, any other message to the gateway's ``SmsPresence``; the reply
+comes back as TwiML ``<Response><Message>``, which Twilio sends to the sender. A replay or a
+failure of ours gets an empty ``<Response/>``: no second reply, and Twilio never sees a
+500.
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ class SmsWebhooks:
             if consent.handles(message):
                 await consent.handle(message)
             else:
-                reply = await request.app[keys.SMS_PRESENCE].handle(message)
+                answered, reply = await request.app[keys.SURVEYS].answer_by_text(message)
+                if not answered:
+                    reply = await request.app[keys.SMS_PRESENCE].handle(message)
         except StoreUnavailable as e:
             log.warning("SMS %s not handled: store unreachable (%r)", message.message_sid, e)
             reply = None

@@ -33,6 +33,7 @@ from playwright.async_api import (
 )
 from twilio_sim import TwilioSim
 
+from gateway.edge.http import appkeys as keys
 from gateway.settings import Settings, TwilioSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -143,6 +144,9 @@ async def phones() -> AsyncIterator[TwilioSim]:
     assert sim.contract_violations == []
 
 
+REFERRAL_URL = "https://acme.example/refer?from=membrane"
+
+
 @pytest.fixture
 async def gateway(nodes: NodeFactory, redis_url: str, tmp_path: Path, phones: TwilioSim) -> Gateway:
     port_a, port_b = free_port(), free_port()
@@ -154,6 +158,7 @@ async def gateway(nodes: NodeFactory, redis_url: str, tmp_path: Path, phones: Tw
         acme,
         allowed_origins=(*acme.allowed_origins, *origins),
         ring_timeout_s=RING_TIMEOUT_S,
+        referral_url=REFERRAL_URL,
     )
     # Callbacks are refused in the number's night (21:00-08:00 by default): the test moves
     # the quiet hours away from now, as a site cannot in its config.
@@ -326,6 +331,21 @@ async def test_a_visitor_calls_anna_in_the_browser_talks_and_hangs_up(
     await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
     await shot(visitor, "widget-ended")
     await shot(anna, "agent-call-ended")
+    # The question after the call: the visitor answers 9 and is offered the referral link.
+    survey = visitor.get_by_test_id("membrane-survey")
+    await expect(survey).to_be_visible()
+    await expect(survey).to_contain_text("How likely are you to recommend us to a friend?")
+    await visitor.get_by_test_id("membrane-score-9").click()
+    await visitor.get_by_test_id("membrane-comment").fill("Quick and friendly")
+    await shot(visitor, "widget-survey")
+    await visitor.get_by_test_id("membrane-survey-send").click()
+    await expect(visitor.get_by_test_id("membrane-survey-thanks")).to_have_text("Thank you!")
+    await expect(survey).to_be_hidden()
+    referral = visitor.get_by_test_id("membrane-referral")
+    await expect(referral).to_have_attribute("href", REFERRAL_URL)
+    stored = await gateway.a.app[keys.STORE].get_call(call_id)
+    assert stored is not None and stored.data["survey_score"] == 9
+    assert stored.data["survey_comment"] == "Quick and friendly"
     # Anna promises to call the visitor back, at the first time her branch is open, on the
     # number they gave her.
     follow_up = anna.get_by_test_id("agent-follow-up")

@@ -149,6 +149,9 @@ async def test_answers_match_the_document(
     agents = "/v1/sites/{site}/agents"
     assert (await call("get", "/v1/sites/acme/agents", agents, headers=sam))[0] == 200
     assert (await call("get", "/v1/sites/acme/agents", agents, headers=anna))[0] == 403
+    scores = "/v1/sites/{site}/survey-scores"
+    assert (await call("get", "/v1/sites/acme/survey-scores", scores, headers=sam))[0] == 200
+    assert (await call("get", "/v1/sites/acme/survey-scores", scores, headers=anna))[0] == 403
     # This node's site has no webhook secret (tests/test_im_presence.py checks the rest).
     im = "/v1/sites/{site}/presence/im"
     assert (await call("post", "/v1/sites/acme/presence/im", im, json={}))[0] == 404
@@ -230,6 +233,10 @@ async def test_answers_match_the_document(
     # Nothing to keep (no late notice): answered as it is, or refused once it rings Anna.
     assert status in (200, 409), kept
     assert (await call("post", path + "/keep", keep, params={"token": "x"}))[0] == 404
+    survey = ticket + "/survey"
+    status, unasked = await call("post", path + "/survey", survey, params=token, json={"score": 9})
+    assert (status, unasked["error"]["code"]) == (409, "no_survey"), "a callback still waiting"
+    assert (await call("post", path + "/survey", survey, params=token, json={}))[0] == 400
     live = await http.get(f"{url}{path}/stream", params=token)
     assert live.status == 200
     assert live.headers["Content-Type"].startswith("text/event-stream")

@@ -1190,7 +1190,7 @@ def model_defaults() -> dict[str, dict[str, Any]]:
     }
     out["sites"] = {
         key: Site.__dataclass_fields__[key].default
-        for key in ("ring_timeout_s", "mobile_after_desktop")
+        for key in ("ring_timeout_s", "mobile_after_desktop", "survey", "referral_url")
     }
     return out
 

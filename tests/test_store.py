@@ -441,6 +441,29 @@ async def test_a_text_opt_out_is_per_site_and_number_and_survives_a_restart(
     assert not await reopened.text_opted_out("acme", "+353861110002")
 
 
+async def test_survey_questions_and_tallies_survive_a_restart(open_store: Any) -> None:
+    store: Store = await open_store()
+    number = "+353861110001"
+    assert await store.survey_asked("acme", number, 1000.0) is None
+    await store.set_survey_asked("acme", number, "c1", 1000.0, 60.0)
+    await store.add_to_tally("acme", ["agent:anna", "branch:dublin"], "promoter")
+    await store.add_to_tally("acme", ["agent:anna"], "detractor")
+    await store.add_to_tally("globex", ["agent:anna"], "passive")
+    await store.close()
+    reopened: Store = await open_store()
+    assert await reopened.survey_asked("acme", number, 1010.0) == "c1"
+    assert await reopened.survey_asked("acme", number, 1061.0) is None, "its time is over"
+    assert await reopened.survey_asked("globex", number, 1010.0) is None
+    await reopened.clear_survey_asked("acme", number, "c0")  # another call's: kept
+    assert await reopened.survey_asked("acme", number, 1010.0) == "c1"
+    await reopened.clear_survey_asked("acme", number, "c1")
+    assert await reopened.survey_asked("acme", number, 1010.0) is None
+    assert await reopened.tallies("acme") == {
+        "agent:anna": {"promoter": 1, "detractor": 1},
+        "branch:dublin": {"promoter": 1},
+    }
+
+
 async def test_handle_times_keep_the_newest(open_store: Any) -> None:
     store: Store = await open_store()
     assert await store.handle_times("acme") == []

@@ -216,6 +216,10 @@ input[aria-invalid=true]{border-color:#b3261e}
 .err{color:#b3261e;font-size:14px;margin:6px 0 0}
 ol{margin:10px 0 0;padding:0 0 0 18px;color:#4a4a4a;font-size:13px}
 li{margin:2px 0}
+.scores{display:grid;grid-template-columns:repeat(11,1fr);gap:3px}
+.scores .btn{min-height:36px;padding:4px 0;font-weight:500}
+.scale{display:flex;justify-content:space-between;font-size:12px;color:#4a4a4a;margin-top:2px}
+textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;border-radius:8px;font:inherit}
 `;
   const pos = (cfg.position || "bottom-right").split("-");
   const showButton = cfg.button !== "none";
@@ -254,8 +258,27 @@ li{margin:2px 0}
     testid: "membrane-call-ticket-link", target: "_blank", rel: "noopener noreferrer", hidden: true,
   }, "Your call's page");
   let callTicketUrl = null;
-  const callView = h("div", {}, detail, timer, audio, h("p", {}, callTicketLink),
-    h("div", { class: "row" }, muteBtn, hangupBtn, offerBtn, doneBtn));
+  // The question after the call: one, once, on the ticket's token.
+  let callToken = null;
+  let score = null;
+  const scoreBtns = Array.from({ length: 11 }, (_, n) => h("button", {
+    type: "button", class: "btn", "aria-pressed": "false", testid: `membrane-score-${n}`,
+    onclick: () => pickScore(n),
+  }, String(n)));
+  const comment = h("textarea", { id: "membrane-comment", maxlength: "1000", testid: "membrane-comment" });
+  const surveySend = h("button", { type: "submit", class: "btn primary", testid: "membrane-survey-send", disabled: true }, "Send");
+  const surveyThanks = h("p", { class: "status", role: "status", testid: "membrane-survey-thanks", hidden: true });
+  const referral = h("a", { testid: "membrane-referral", target: "_blank", rel: "noopener", hidden: true }, "Tell a friend about us");
+  const survey = h("form", { testid: "membrane-survey", hidden: true, novalidate: true, onsubmit: sendSurvey },
+    h("fieldset", {},
+      h("legend", { id: "membrane-survey-q" }, "How likely are you to recommend us to a friend?"),
+      h("div", { class: "scores", role: "group", "aria-labelledby": "membrane-survey-q" }, ...scoreBtns),
+      h("div", { class: "scale", "aria-hidden": "true" }, h("span", {}, "Not likely"), h("span", {}, "Very likely"))),
+    h("label", { for: "membrane-comment" }, "Anything to add? (optional)"),
+    comment,
+    h("div", { class: "row" }, surveySend));
+  const callView = h("div", {}, detail, timer, audio, h("p", {}, callTicketLink), survey, surveyThanks,
+    h("p", {}, referral), h("div", { class: "row" }, muteBtn, hangupBtn, offerBtn, doneBtn));
 
   // the callback form
   const country = h("select", { id: "membrane-country", testid: "membrane-country", "aria-label": "Country code" },
@@ -423,10 +446,49 @@ li{margin:2px 0}
     return ioLoading;
   }
 
+  function pickScore(n) {
+    score = n;
+    scoreBtns.forEach((b, i) => b.setAttribute("aria-pressed", String(i === n)));
+    surveySend.disabled = false;
+  }
+
+  async function sendSurvey(ev) {
+    ev.preventDefault();
+    if (score === null || !call || !callToken) return;
+    surveySend.disabled = true;
+    const url = `${gw}/v1/calls/${encodeURIComponent(call.call_id)}/survey?token=${encodeURIComponent(callToken)}`;
+    try {
+      const res = await api("POST", url, { score, comment: comment.value.trim() });
+      survey.hidden = true;
+      surveyThanks.hidden = false;
+      surveyThanks.textContent = "Thank you!";
+      if (res.referral_url && /^https?:\/\//i.test(res.referral_url)) {
+        referral.href = res.referral_url;
+        referral.hidden = false;
+      }
+    } catch (e) {
+      survey.hidden = true;
+      surveyThanks.hidden = false;
+      surveyThanks.textContent = e && e.code === "already_answered" ? "You have answered already. Thank you!" : "Sorry, we couldn't send that.";
+    }
+  }
+
+  function resetSurvey() {
+    score = null;
+    survey.reset();
+    survey.hidden = true;
+    surveyThanks.hidden = true;
+    referral.hidden = true;
+    scoreBtns.forEach((b) => b.setAttribute("aria-pressed", "false"));
+    surveySend.disabled = true;
+  }
+
   function resetCallView() {
     call = null;
     connectedAt = 0;
     callTicketUrl = null;
+    callToken = null;
+    resetSurvey();
     callTicketLink.hidden = true;
     detail.textContent = "";
     timer.hidden = true;
@@ -475,6 +537,7 @@ li{margin:2px 0}
           if (err) return callError({ code: "network" });
           if (res && res.ok) {
             callTicketUrl = res.ticket_url || null;
+            callToken = res.status_token || null;
             return applyCall(res.call);
           }
           const e = res && res.error;
@@ -547,6 +610,10 @@ li{margin:2px 0}
     call = c;
     if (callTicketUrl) callTicketLink.href = callTicketUrl;
     callTicketLink.hidden = !(callTicketUrl && c.state === "completed" && c.agent);
+    // Asked once the visitor has talked to someone and hung up, until answered.
+    const ask = !!callToken && c.state === "completed" && !!c.agent && !!connectedAt;
+    if (ask && survey.hidden && surveyThanks.hidden) survey.hidden = false;
+    if (!ask) survey.hidden = true;
     const agent = c.agent && c.agent.name;
     const where = c.agent && c.agent.branch ? ` in ${c.agent.branch}` : "";
     let text = "", more = "", offer = false;

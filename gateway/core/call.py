@@ -151,6 +151,9 @@ class Call:
     """A follow-up: until when only ``pinned_agent`` may take it."""
     note: str | None = None
     """A follow-up: the promising agent's note, for whoever calls (never the customer's)."""
+    # --- the question after the call (gateway.core.survey) ---
+    survey_score: int | None = None
+    survey_comment: str | None = None
 
     @property
     def final(self) -> bool:

@@ -156,6 +156,10 @@ class Site:
     (gateway/core/sms_presence.py)."""
     # The key of the IM presence webhook (HMAC-SHA256); empty: the webhook is off for the site.
     presence_webhook_secret: str = field(default="", repr=False)
+    survey: bool = True
+    """Ask the question after each call that reached an agent (gateway/core/survey.py)."""
+    referral_url: str = ""
+    """Offered to promoters after the question: where they may tell a friend."""
     mobile_after_desktop: bool = False
     """A callback ring the agent lets run out in the app rings their mobile next (with the
     whisper and press 1), before the next agent is tried."""

@@ -143,6 +143,11 @@ class CustomerTexts:
         except PhoneRefused:
             return UTC
 
+    async def send(self, call: Call, body: str) -> bool:
+        """Text ``body`` to the customer of ``call`` now (the rules checked by the caller:
+        ``may_text``); whether it went."""
+        return await self._send(call, body)
+
     async def _send(self, call: Call, body: str) -> bool:
         assert self.texts is not None and call.phone is not None
         sender = self.sites[call.site].caller_ids[0]

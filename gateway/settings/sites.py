@@ -241,6 +241,9 @@ def secret_env_name(site_id: str) -> str:
     return f"SITE_{re.sub(r'[^A-Z0-9]', '_', site_id.upper())}_PRESENCE_WEBHOOK_SECRET"
 
 
+_REFERRAL = re.compile(r"https?://[^\s\x00-\x1f]{1,2000}")
+
+
 def load_site(raw: Any, path: str) -> Site:
     """One ``[[sites]]`` table (``path`` is ``sites[i]``)."""
     if not isinstance(raw, dict):
@@ -273,6 +276,13 @@ def load_site(raw: Any, path: str) -> Site:
             get(raw, "presence_webhook_secret", f"{path}.", str, ""),
             f"{path}.presence_webhook_secret",
         )
+    if "survey" in raw:
+        given["survey"] = get(raw, "survey", f"{path}.", bool, True)
+    if "referral_url" in raw:
+        referral = get(raw, "referral_url", f"{path}.", str, "")
+        if referral and not _REFERRAL.fullmatch(referral):
+            raise ConfigError(f"{path}.referral_url", "must be an https:// or http:// URL")
+        given["referral_url"] = referral
     if "mobile_after_desktop" in raw:
         given["mobile_after_desktop"] = get(raw, "mobile_after_desktop", f"{path}.", bool, False)
     return Site(

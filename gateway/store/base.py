@@ -249,6 +249,28 @@ class CallbackQueueStore(Protocol):
         place would join)."""
 
 
+class SurveyStore(Protocol):
+    """The question after the call (gateway/core/survey.py): who was asked it by text, and
+    each site's tallies (durable)."""
+
+    async def set_survey_asked(
+        self, site: str, number: str, call_id: str, now: float, ttl_s: float
+    ) -> None:
+        """``number`` was asked about ``call_id``: its next texted score answers it."""
+
+    async def survey_asked(self, site: str, number: str, now: float) -> str | None:
+        """The call ``number`` was last asked about, while its question is open."""
+
+    async def clear_survey_asked(self, site: str, number: str, call_id: str) -> None:
+        """Answered: ``number`` is asked about nothing (unless since asked about another)."""
+
+    async def add_to_tally(self, site: str, subjects: Sequence[str], group: str) -> None:
+        """One more answer in ``group`` for each subject (``agent:{id}``, ``branch:{id}``)."""
+
+    async def tallies(self, site: str) -> dict[str, dict[str, int]]:
+        """Every subject's count per group."""
+
+
 class TextConsentStore(Protocol):
     """The numbers that texted STOP to a site: no text of ours goes to them (durable)."""
 
@@ -393,6 +415,7 @@ class Store(
     TimerStore,
     CallbackQueueStore,
     TextConsentStore,
+    SurveyStore,
     CoordinationStore,
     Protocol,
 ):

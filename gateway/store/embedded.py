@@ -87,6 +87,20 @@ CREATE TABLE IF NOT EXISTS handle_times (
     seconds REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS handle_times_by_site ON handle_times (site, id);
+CREATE TABLE IF NOT EXISTS survey_asked (
+    site TEXT NOT NULL,
+    number TEXT NOT NULL,
+    call_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (site, number)
+);
+CREATE TABLE IF NOT EXISTS survey_tallies (
+    site TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (site, subject, grp)
+);
 CREATE TABLE IF NOT EXISTS text_opt_outs (
     site TEXT NOT NULL,
     number TEXT NOT NULL,

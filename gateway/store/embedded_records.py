@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 
 from gateway.store.base import HANDLE_TIMES_KEPT, CallRow
 from gateway.store.embedded_common import EmbeddedParts
@@ -203,6 +204,66 @@ class EmbeddedRecords(EmbeddedParts):
             )
         )
         return found is not None
+
+    async def set_survey_asked(
+        self, site: str, number: str, call_id: str, now: float, ttl_s: float
+    ) -> None:
+        expires = now + ttl_s
+        await self._run(
+            lambda: self._conn().execute(
+                "INSERT OR REPLACE INTO survey_asked VALUES (?, ?, ?, ?)",
+                (site, number, call_id, expires),
+            )
+        )
+
+    async def survey_asked(self, site: str, number: str, now: float) -> str | None:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT call_id FROM survey_asked"
+                    " WHERE site = ? AND number = ? AND expires_at > ?",
+                    (site, number, now),
+                )
+                .fetchone()
+            )
+        )
+        return None if found is None else str(found[0])
+
+    async def clear_survey_asked(self, site: str, number: str, call_id: str) -> None:
+        await self._run(
+            lambda: self._conn().execute(
+                "DELETE FROM survey_asked WHERE site = ? AND number = ? AND call_id = ?",
+                (site, number, call_id),
+            )
+        )
+
+    async def add_to_tally(self, site: str, subjects: Sequence[str], group: str) -> None:
+        def add() -> None:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                for subject in subjects:
+                    db.execute(
+                        "INSERT INTO survey_tallies VALUES (?, ?, ?, 1) ON CONFLICT"
+                        " (site, subject, grp) DO UPDATE SET count = count + 1",
+                        (site, subject, group),
+                    )
+
+        await self._run(add)
+
+    async def tallies(self, site: str) -> dict[str, dict[str, int]]:
+        rows = await self._run(
+            lambda: (
+                self._conn()
+                .execute("SELECT subject, grp, count FROM survey_tallies WHERE site = ?", (site,))
+                .fetchall()
+            )
+        )
+        found: dict[str, dict[str, int]] = {}
+        for subject, group, count in rows:
+            found.setdefault(subject, {})[group] = int(count)
+        return found
 
     async def record_handle_time(self, site: str, seconds: float) -> None:
         def record() -> None:

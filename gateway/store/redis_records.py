@@ -10,6 +10,8 @@ callback queue.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import orjson
 
 from gateway.store.base import HANDLE_TIMES_KEPT, CallRow
@@ -139,6 +141,45 @@ class RedisRecords(RedisParts):
     async def text_opted_out(self, site: str, number: str) -> bool:
         found = await self._redis.sismember(f"m:optout:{site}", number)  # type: ignore[misc]
         return bool(found)
+
+    async def set_survey_asked(
+        self, site: str, number: str, call_id: str, now: float, ttl_s: float
+    ) -> None:
+        # The deadline in the value too: the store's clock and the nodes' may differ.
+        value = f"{call_id}|{now + ttl_s!r}"
+        await self._redis.set(f"m:asked:{site}:{number}", value, px=max(1, int(ttl_s * 1000)))
+
+    async def survey_asked(self, site: str, number: str, now: float) -> str | None:
+        found: str | None = await self._redis.get(f"m:asked:{site}:{number}")  # type: ignore[assignment]
+        if found is None:
+            return None
+        call_id, _, until = found.partition("|")
+        return call_id if float(until) > now else None
+
+    async def clear_survey_asked(self, site: str, number: str, call_id: str) -> None:
+        key = f"m:asked:{site}:{number}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            # Only if still asked about this call: not one asked about since.
+            await pipe.watch(key)
+            found: str | None = await pipe.get(key)  # type: ignore[assignment]
+            if found is not None and found.partition("|")[0] == call_id:
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.delete(key)
+                await pipe.execute()
+
+    async def add_to_tally(self, site: str, subjects: Sequence[str], group: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for subject in subjects:
+                pipe.hincrby(f"m:nps:{site}", f"{subject}|{group}", 1)
+            await pipe.execute()
+
+    async def tallies(self, site: str) -> dict[str, dict[str, int]]:
+        raw: dict[str, str] = await self._redis.hgetall(f"m:nps:{site}")  # type: ignore[misc,assignment]
+        found: dict[str, dict[str, int]] = {}
+        for field, count in raw.items():
+            subject, _, group = field.rpartition("|")
+            found.setdefault(subject, {})[group] = int(count)
+        return found
 
     async def record_handle_time(self, site: str, seconds: float) -> None:
         key = f"m:handle:{site}"

@@ -179,6 +179,8 @@ def call_to_record(call: Call) -> Json:
         "pinned_agent": call.pinned_agent,
         "pinned_until": call.pinned_until,
         "note": call.note,
+        "survey_score": call.survey_score,
+        "survey_comment": call.survey_comment,
     }
 
 
@@ -233,6 +235,8 @@ def call_from_record(data: Json, version: int) -> Call:
         pinned_agent=data.get("pinned_agent"),
         pinned_until=data.get("pinned_until"),
         note=data.get("note"),
+        survey_score=data.get("survey_score"),
+        survey_comment=data.get("survey_comment"),
     )
 
 

@@ -42,6 +42,9 @@ from gateway.wire.rest import (
     Session,
     SessionRequest,
     ShareLink,
+    SurveyAnswered,
+    SurveyAnswerIn,
+    SurveyScores,
     TicketMove,
 )
 
@@ -71,6 +74,9 @@ REST_STRUCTS: tuple[Any, ...] = (
     Catalogue,
     ShareLink,
     SharedCall,
+    SurveyAnswerIn,
+    SurveyAnswered,
+    SurveyScores,
     ImPresenceUpdate,
     ImPresenceBatch,
     ImPresenceAnswer,
@@ -280,6 +286,20 @@ def _paths() -> dict[str, Json]:
                 tags=["agents"],
             ),
         },
+        "/v1/sites/{site}/survey-scores": {
+            "parameters": [_param("site")],
+            "get": _operation(
+                "surveyScores",
+                "The answers to the question after the call, per agent and per branch, of the "
+                "supervisor's own site.",
+                {
+                    "200": _json(_ref("SurveyScores"), "Each agent's and branch's tally."),
+                    **_errors(*AGENT_ERRORS),
+                },
+                security=SUPERVISOR,
+                tags=["agents"],
+            ),
+        },
         "/v1/sites/{site}/presence/im": {
             "parameters": [_param("site")],
             "post": _operation(
@@ -477,6 +497,25 @@ def _paths() -> dict[str, Json]:
                     ),
                     **ticket_errors,
                 },
+                security=STATUS_TOKEN,
+                tags=["visitors"],
+            ),
+        },
+        "/v1/calls/{call_id}/survey": {
+            "parameters": [_param("call_id")],
+            "post": _operation(
+                "answerSurvey",
+                "How likely the customer is to recommend us (0 to 10, and a comment), once per "
+                "call that reached an agent, within a week of its end.",
+                {
+                    "200": _json(_ref("SurveyAnswered"), "Thanks; a promoter's referral link."),
+                    "409": _error(
+                        "no_survey: the call never reached anyone (or has not ended); "
+                        "survey_closed: it ended more than a week ago; already_answered."
+                    ),
+                    **ticket_errors,
+                },
+                requestBody=_body(_ref("SurveyAnswerIn")),
                 security=STATUS_TOKEN,
                 tags=["visitors"],
             ),

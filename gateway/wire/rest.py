@@ -250,3 +250,65 @@ class ShareLink(Struct):
 
 def share_link_to_wire(share_url: str, call: Json) -> Json:
     return to_wire(ShareLink(share_url, msgspec.convert(call, Call)))
+
+
+class SurveyAnswerIn(Struct):
+    """``POST /v1/calls/{call_id}/survey``: how likely the customer is to recommend us."""
+
+    score: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=10,
+            multiple_of=1,  # 9.0 is the integer 9, as JSON counts it; 8.5 is refused
+            description="An integer from 0 (not likely) to 10 (very likely).",
+        ),
+    ]
+    comment: Annotated[str, Meta(max_length=1000)] = ""
+
+
+class SurveyAnswered(Struct):
+    call: Call
+    referral_url: str | None
+    """The site's referral link, for a promoter (9 or 10); else null."""
+
+
+def survey_answer_from_wire(payload: object) -> tuple[int, str]:
+    answer = decode(payload, SurveyAnswerIn)
+    return int(answer.score), answer.comment.strip()
+
+
+def survey_answered_to_wire(call: Json, referral_url: str | None) -> Json:
+    return to_wire(SurveyAnswered(msgspec.convert(call, Call), referral_url))
+
+
+class ScoreRow(Struct):
+    """One agent's or branch's answers to the question after the call."""
+
+    id: Id
+    name: str
+    responses: int
+    promoters: int
+    passives: int
+    detractors: int
+    nps: float | None
+    """Percent promoters minus percent detractors (-100 to 100); null with no answer."""
+
+
+class SurveyScores(Struct):
+    """``GET /v1/sites/{site}/survey-scores``: every agent's and branch's tally."""
+
+    agents: list[ScoreRow]
+    branches: list[ScoreRow]
+
+
+def score_row(
+    subject_id: str, name: str, promoters: int, passives: int, detractors: int, nps: float | None
+) -> ScoreRow:
+    return ScoreRow(
+        subject_id, name, promoters + passives + detractors, promoters, passives, detractors, nps
+    )
+
+
+def survey_scores_to_wire(agents: list[ScoreRow], branches: list[ScoreRow]) -> Json:
+    return to_wire(SurveyScores(agents, branches))

@@ -22,6 +22,7 @@ from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PresenceService
 from gateway.services.retention import Retention
 from gateway.services.sms_presence import SmsPresence
+from gateway.services.surveys import Surveys
 from gateway.services.text_consent import TextConsent
 from gateway.services.tickets import Tickets
 from gateway.settings import Settings
@@ -53,3 +54,4 @@ CALLBACKS = web.AppKey("callbacks", CallbackService)
 DRAIN = web.AppKey("drain", Drain)
 SMS_PRESENCE = web.AppKey("sms_presence", SmsPresence)
 TEXT_CONSENT = web.AppKey("text_consent", TextConsent)
+SURVEYS = web.AppKey("surveys", Surveys)

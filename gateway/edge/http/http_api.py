@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.core.errors import DomainError, Forbidden, Invalid, RateLimited, StoreUnavailable
+from gateway.core.survey import Tally
 from gateway.edge.auth import (
     AGENT_ROLES,
     SUPERVISOR_ROLES,
@@ -32,7 +33,14 @@ from gateway.ops.ratelimit import TokenBucket
 from gateway.wire import openapi
 from gateway.wire.base import to_wire
 from gateway.wire.codec import check_id, device_update_from_wire, presence_to_wire
-from gateway.wire.rest import Health, Readiness, StoreHealth
+from gateway.wire.rest import (
+    Health,
+    Readiness,
+    ScoreRow,
+    StoreHealth,
+    score_row,
+    survey_scores_to_wire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +182,28 @@ async def site_agents(request: web.Request) -> web.Response:
     return web.json_response([presence_to_wire(p) for p in presences])
 
 
+async def survey_scores(request: web.Request) -> web.Response:
+    """Each agent's and branch's answers to the question after the call (supervisors)."""
+    claims = await agent_claims(request, supervisor=True)
+    site_id = request.match_info["site"]
+    if claims.site != site_id:
+        raise Forbidden("a supervisor sees only their own site")
+    site = request.app[keys.PRESENCE].site(site_id)
+    scores = await request.app[keys.SURVEYS].scores(site_id)
+
+    def rows(tallies: Mapping[str, Tally], names: Mapping[str, str]) -> list[ScoreRow]:
+        return [
+            score_row(i, names.get(i, i), t.promoters, t.passives, t.detractors, t.nps)
+            for i, t in sorted(tallies.items())
+        ]
+
+    agents = {a.agent_id: a.name for a in site.agents.values()}
+    branches = {b.branch_id: b.name for b in site.branches.values()}
+    return web.json_response(
+        survey_scores_to_wire(rows(scores.agents, agents), rows(scores.branches, branches))
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -184,3 +214,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/agents/me/devices/{device_id}", delete_device)
     app.router.add_post("/v1/agents/me/devices/{device_id}/heartbeat", heartbeat)
     app.router.add_get("/v1/sites/{site}/agents", site_agents)
+    app.router.add_get("/v1/sites/{site}/survey-scores", survey_scores)

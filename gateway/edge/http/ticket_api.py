@@ -24,6 +24,8 @@ from gateway.wire.rest import (
     catalogue_language_from_path,
     catalogue_to_wire,
     share_link_to_wire,
+    survey_answer_from_wire,
+    survey_answered_to_wire,
     ticket_move_from_wire,
     ticket_url,
 )
@@ -76,6 +78,17 @@ async def keep_ticket(request: web.Request) -> web.Response:
     """Told the callback runs late, the customer keeps their place (no body)."""
     tickets, call_id, token = _ticket(request)
     return await _answer(request, tickets, await tickets.keep(call_id, token))
+
+
+async def answer_survey(request: web.Request) -> web.Response:
+    """The question after the call, answered (in the widget, with the ticket's token)."""
+    tickets, call_id, token = _ticket(request)
+    score, comment = survey_answer_from_wire(await read_json(request))
+    call = await tickets.find(call_id, token)
+    answer = await request.app[keys.SURVEYS].answer(call, score, comment)
+    request[TICKET_SITE] = call.site
+    view = await tickets.view(answer.call)
+    return web.json_response(survey_answered_to_wire(view, answer.referral_url))
 
 
 async def share_ticket(request: web.Request) -> web.Response:
@@ -132,6 +145,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/calls/{call_id}", cancel_ticket)
     app.router.add_post("/v1/calls/{call_id}/move", move_ticket)
     app.router.add_post("/v1/calls/{call_id}/keep", keep_ticket)
+    app.router.add_post("/v1/calls/{call_id}/survey", answer_survey)
     app.router.add_get("/v1/calls/{call_id}/stream", stream_ticket)
     app.router.add_post("/v1/calls/{call_id}/share", share_ticket)
     app.router.add_delete("/v1/calls/{call_id}/share", unshare_ticket)
