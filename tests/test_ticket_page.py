@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import test_callbacks
-from conftest import Node, NodeFactory, SocketClient, replace
+from conftest import Node, NodeFactory, SocketClient, mint
 from playwright.async_api import Browser, Page, async_playwright, expect
 from test_browser_e2e import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM, SCREENSHOTS
 from test_callbacks import (
@@ -25,10 +25,10 @@ from test_callbacks import (
     VISITOR_PHONE,
     agent,
     phone_node,
-    phone_settings,
     request_callback,
 )
-from test_promises import anna_on_a_call
+from test_follow_ups import talked, team_settings
+from test_promises import anna_on_a_call, texts_to
 from twilio_sim import TwilioSim
 
 from gateway.edge.http import appkeys as keys
@@ -69,14 +69,12 @@ SAYS: dict[str, dict[str, str | re.Pattern[str]]] = {
 async def two_nodes(
     nodes: NodeFactory, tmp_path: Path, sim: TwilioSim, redis_url: str, clock: ManualClock
 ) -> tuple[Node, Node]:
-    # A promise is judged from 10 minutes ahead, and a minute late is late.
-    policy = {"late_after_s": 60, "late_notice_ahead_s": 600}
-    a = await phone_node(
-        nodes, replace(phone_settings(tmp_path, sim, redis_url, **policy), node_id="node-a"), clock
-    )
-    b = await phone_node(
-        nodes, replace(phone_settings(tmp_path, sim, redis_url, **policy), node_id="node-b"), clock
-    )
+    # A promise is judged from 10 minutes ahead, and a minute late is late; a follow-up
+    # waits 10 minutes for its agent. Olivia and Oscar are a team (tests/test_follow_ups.py).
+    policy = {"late_after_s": 60, "late_notice_ahead_s": 600, "follow_up_wait_s": 600}
+    a = await phone_node(nodes, team_settings(tmp_path, sim, redis_url, "node-a", **policy), clock)
+    b = await phone_node(nodes, team_settings(tmp_path, sim, redis_url, "node-b", **policy), clock)
+    sim.messaging.number(a.settings.sites["acme"].caller_ids[0], sms_url=f"{b.url}/v1/twilio/sms")
     return a, b
 
 
@@ -208,6 +206,7 @@ async def test_the_ticket_page_follows_a_callback_from_request_to_completion(
 
 async def test_the_page_says_first_when_a_callback_will_run_late_and_the_customer_keeps_it(
     two_nodes: tuple[Node, Node],
+    sim: TwilioSim,
     http: aiohttp.ClientSession,
     clients: Callable[[], SocketClient],
     clock: ManualClock,
@@ -232,9 +231,10 @@ async def test_the_page_says_first_when_a_callback_will_run_late_and_the_custome
     await expect(late).to_contain_text(
         re.compile(r"Sorry, we're running late\. We now expect to call you at .+, in \d+ minutes\.")
     )
-    # The headline now gives the new time, not the one first promised.
+    # The headline now gives the new time, not the one first promised; the text went too.
     await expect(page.get_by_test_id("ticket-status")).not_to_have_text(str(first))
     await take(page, "late")
+    assert any("we're running late" in t for t in texts_to(sim, VISITOR_PHONE))
 
     await page.get_by_test_id("ticket-keep").focus()
     await page.keyboard.press("Enter")
@@ -244,6 +244,66 @@ async def test_the_page_says_first_when_a_callback_will_run_late_and_the_custome
     state = await page.evaluate("() => MembraneTicket.state()")
     assert state["call"]["late"] is False and state["call"]["promised_at"] > iso(at)
     await take(page, "kept")
+    assert not errors, errors
+
+
+def agent_app(node: Node, agent_id: str) -> str:
+    return f"{node.url}/agent/#token={mint(node.settings, agent_id)}"
+
+
+@pytest.mark.parametrize("away", [False, True])
+async def test_a_follow_up_rings_its_agent_or_with_her_away_a_colleague_who_sees_her_note(
+    away: bool,
+    two_nodes: tuple[Node, Node],
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    clock: ManualClock,
+    open_page: Callable[..., Any],
+    errors: list[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    a, b = two_nodes
+    take = shot(request)
+    olivia = await agent(clients, a, "olivia")
+    started = await talked(clients, http, a, olivia)
+    at = round(clock.now()) + 1200
+    note = "Refund approved; confirm the account"
+    ask = {"call_id": started["call"]["call_id"], "at": iso(at), "note": note}
+    ack = await olivia.call("call:follow_up", {**ask, "phone": VISITOR_PHONE}, "/agent")
+    assert ack["ok"], ack
+    await olivia.close()
+    # The customer's page names the follow-up and who will call.
+    ticket = await open_page(
+        f"{b.url}/t/{started['call']['call_id']}?lang=en#{started['status_token']}", "en"
+    )
+    await expect(ticket.get_by_test_id("ticket-follow-up")).to_contain_text(
+        "Olivia Byrne will call you back:", timeout=WAIT_MS
+    )
+    # The one who takes it has the agent app open: Olivia herself, or (away) Oscar.
+    taker = "oscar" if away else "olivia"
+    app = await open_page(agent_app(b, taker), "en", width=1024)
+    await expect(app.get_by_test_id("agent-status")).to_have_attribute(
+        "data-status", "available", timeout=WAIT_MS
+    )
+    await clock.advance(at - clock.now() + 1)
+    if away:
+        await clock.advance(600)  # the site waits 10 minutes for her, then her branch
+    ring = app.get_by_test_id("agent-ring")
+    await expect(ring).to_be_visible(timeout=WAIT_MS)
+    await expect(app.get_by_test_id("agent-ring-follow-up")).to_have_text(
+        f"Promised by Olivia Byrne: {note}"
+    )
+    await take(app, f"{taker}-rung")
+    await ticket.get_by_test_id("ticket-follow-up-link").click()
+    who = "Oscar Walsh" if away else "Olivia Byrne"
+    await expect(ticket.get_by_test_id("ticket-status")).to_have_text(
+        f"{who} from our Online team branch will call you in a moment.", timeout=WAIT_MS
+    )
+    if away:
+        await expect(ticket.get_by_test_id("ticket-timeline")).to_contain_text(
+            "A colleague took over, with the notes from your last call."
+        )
+    await take(ticket, f"follow-up-{taker}")
     assert not errors, errors
 
 
