@@ -184,9 +184,9 @@ class Browsers:
     contexts: list[BrowserContext] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    async def open(self, who: str, url: str) -> Page:
+    async def open(self, who: str, url: str, locale: str = "en-US") -> Page:
         context = await self.browser.new_context(
-            permissions=["microphone"], viewport={"width": 1100, "height": 760}
+            permissions=["microphone"], viewport={"width": 1100, "height": 760}, locale=locale
         )
         self.contexts.append(context)
         page = await context.new_page()
@@ -397,6 +397,32 @@ async def test_a_visitor_calls_anna_in_the_browser_talks_and_hangs_up(
     await expect(ring).to_contain_text("Spoke with Anna before", timeout=WAIT_MS)
     await visitor.get_by_test_id("membrane-hangup").click()
     await expect(ring).to_have_count(0, timeout=WAIT_MS)
+    no_errors(browsers)
+
+
+async def test_a_german_visitor_gets_the_widget_in_german(
+    gateway: Gateway, browsers: Browsers, shot: Shot
+) -> None:
+    """The widget speaks the visitor's language from the gateway's catalogues, as the ticket
+    page and the phone prompts do; Anna sees the call's language on the ring."""
+    anna = await browsers.open("anna", gateway.agent_url("anna"))
+    await agent_signed_in(anna)
+    visitor = await browsers.open("visitor", gateway.demo_url(), locale="de-DE")
+    button = visitor.get_by_test_id("membrane-button")
+    await expect(button).to_have_text("Jetzt mit uns sprechen", timeout=WAIT_MS)
+    await button.click()
+    await widget_says(visitor, "Es klingelt bei Anna in Dublin…")
+    await expect(visitor.get_by_test_id("membrane-hangup")).to_have_text("Auflegen")
+    ring = anna.get_by_test_id("agent-ring")
+    await expect(ring).to_contain_text("de-DE", timeout=WAIT_MS)
+    await anna.get_by_test_id("agent-accept").click()
+    await widget_says(visitor, "Verbunden mit Anna")
+    await visitor.get_by_test_id("membrane-hangup").click()
+    await widget_says(visitor, "Anruf beendet")
+    await expect(visitor.get_by_test_id("membrane-survey")).to_contain_text(
+        "Wie wahrscheinlich ist es, dass Sie uns einem Freund empfehlen?"
+    )
+    await shot(visitor, "widget-german-survey")
     no_errors(browsers)
 
 

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from babel.messages.extract import extract_from_dir
+from babel.messages.extract import DEFAULT_KEYWORDS, extract_from_dir
 from babel.messages.pofile import read_po
 
 from gateway.i18n import best_language, languages, messages_for, speech_tag
@@ -17,8 +17,10 @@ from gateway.i18n import best_language, languages, messages_for, speech_tag
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "gateway"
 WEB_CLIENT = ROOT / "web_client"
-TRANSLATED_PAGES = [("ticket/**.js", "javascript")]
-"""The browser pages whose sentences come from the catalogues (``gettext("...")``)."""
+TRANSLATED_PAGES = [("ticket/**.js", "javascript"), ("widget.js", "javascript")]
+"""The browser pages whose sentences come from the catalogues (``gettext("...")``, and the
+widget's ``T("...")`` for the words its panels are built with)."""
+PAGE_KEYWORDS = {**DEFAULT_KEYWORDS, "T": None}
 
 
 def used_messages() -> set[str]:
@@ -26,7 +28,7 @@ def used_messages() -> set[str]:
     gateway and in the pages it serves."""
     found = [
         *extract_from_dir(str(GATEWAY), method_map=[("**.py", "python")]),
-        *extract_from_dir(str(WEB_CLIENT), method_map=TRANSLATED_PAGES),
+        *extract_from_dir(str(WEB_CLIENT), method_map=TRANSLATED_PAGES, keywords=PAGE_KEYWORDS),
     ]
     return {message for _, _, message, _, _ in found if isinstance(message, str)}
 

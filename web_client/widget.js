@@ -26,6 +26,59 @@
     return tag.replace(/^[a-z]+/i, (primary) => primary.toLowerCase());
   };
   const callLanguage = () => cfg.language || browserLanguage();
+  // Every sentence is a gettext("...") message id, looked up in the gateway's catalogue for
+  // the visitor's language (GET /v1/messages/{language}: the same catalogues as the ticket
+  // page, the agent app and the phone prompts); English until it has loaded.
+  let catalogue = {};
+  let uiLanguage = "en";
+  const N_ = (id) => id;
+  function gettext(id, params) {
+    const text = catalogue[id] || id;
+    return params ? text.replace(/\{(\w+)\}/g, (m, k) => (k in params ? String(params[k]) : m)) : text;
+  }
+  // The words built into the panels before the catalogue came: put in its language after.
+  const fixed = [];
+  const T = (id) => {
+    const node = document.createTextNode(id);
+    fixed.push([node, id]);
+    return node;
+  };
+  async function loadCatalogue() {
+    const wanted = callLanguage() || "en";
+    try {
+      const r = await fetch(`${gw}/v1/messages/${encodeURIComponent(wanted)}`);
+      if (r.ok) {
+        const body = await r.json();
+        catalogue = body.messages || {};
+        uiLanguage = body.language || "en";
+      }
+    } catch { /* English, then */ }
+    for (const [node, id] of fixed) node.data = gettext(id);
+    for (const [el, name, id] of fixedAttributes) el.setAttribute(name, gettext(id));
+  }
+  const fixedAttributes = [];
+  // A callback's timeline, in the words of its ticket page (web_client/ticket/ticket.js).
+  const HAPPENED = {
+    requested: N_("You asked us to call you back."),
+    moved: N_("You picked a new time."),
+    texted: N_("We texted you a link to this page."),
+    late: N_("We told you we're running late, with a new time."),
+    kept: N_("You kept your place."),
+    reminder: N_("We let you know you're still on our list."),
+    queued: N_("Finding someone to call you."),
+    closed: N_("We were closed; we'll call when we open."),
+    quiet_hours: N_("It was night at your number; we'll call in the morning."),
+    ringing: N_("We asked someone to call you."),
+    declined: N_("They couldn't take it; we asked someone else."),
+    no_answer: N_("They couldn't take it; we asked someone else."),
+    dialing: N_("We called you."),
+    phone_ringing: N_("Your phone rang."),
+    connected: N_("You were connected."),
+    retry: N_("We couldn't reach you; we'll try again."),
+    failed: N_("We couldn't reach you; we won't try again."),
+    completed: N_("The call ended."),
+    canceled: N_("You canceled."),
+  };
   const FINAL = ["completed", "failed", "canceled"];
   const isFinal = (c) => !!c && FINAL.includes(c.state);
   // {visitor_id, visitor_secret} in one value, so two tabs cannot mix one's id with another's
@@ -37,30 +90,33 @@
     ["ES", "+34"], ["NL", "+31"], ["IT", "+39"], ["CA", "+1"],
   ];
   const MESSAGES = {
-    network: "We couldn't reach our phone system. Check your connection and try again.",
-    rate_limited: "Too many requests. Please wait a minute and try again.",
-    invalid_token: "Your session expired. Please try again.",
-    invalid_phone: "That doesn't look like a phone number. Check it and try again.",
-    number_not_allowed: "Sorry, we can't call that number. Try a number in a country we serve.",
-    country_not_allowed: "Sorry, we can't call numbers in that country. Try another number.",
-    number_type_not_allowed: "Sorry, we can't call that kind of number. Try a mobile or landline.",
-    number_rate_limited: "We've called that number a lot recently. Please try again later.",
-    too_many_numbers: "You've asked us to call several numbers. Please try again later.",
-    ip_rate_limited: "Too many callback requests. Please try again later.",
-    site_rate_limited: "We're very busy right now. Please try again later.",
-    overloaded: "We're very busy right now. Please try again in a moment.",
-    callback_in_progress: "You already have a callback booked.",
-    number_has_callback: "That number already has a callback booked.",
-    quiet_hours: "That's night time where your phone is. Please pick another time.",
-    slot_unavailable: "We can't call at that time. Please pick another one.",
-    spend_cap_reached: "We can't take more callbacks today. Please try again tomorrow.",
-    callbacks_unavailable: "Callbacks aren't available right now.",
-    not_found: "This request no longer exists.",
-    no_microphone: "We need your microphone to talk in the browser. Allow it, or let us call you back.",
-    unsupported: "Your browser can't make calls. We can call you back instead.",
+    network: N_("We couldn't reach our phone system. Check your connection and try again."),
+    rate_limited: N_("Too many requests. Please wait a minute and try again."),
+    invalid_token: N_("Your session expired. Please try again."),
+    invalid_phone: N_("That doesn't look like a phone number. Check it and try again."),
+    number_not_allowed: N_("Sorry, we can't call that number. Try a number in a country we serve."),
+    country_not_allowed: N_("Sorry, we can't call numbers in that country. Try another number."),
+    number_type_not_allowed: N_("Sorry, we can't call that kind of number. Try a mobile or landline."),
+    number_rate_limited: N_("We've called that number a lot recently. Please try again later."),
+    too_many_numbers: N_("You've asked us to call several numbers. Please try again later."),
+    ip_rate_limited: N_("Too many callback requests. Please try again later."),
+    site_rate_limited: N_("We're very busy right now. Please try again later."),
+    overloaded: N_("We're very busy right now. Please try again in a moment."),
+    callback_in_progress: N_("You already have a callback booked."),
+    number_has_callback: N_("That number already has a callback booked."),
+    quiet_hours: N_("That's night time where your phone is. Please pick another time."),
+    slot_unavailable: N_("We can't call at that time. Please pick another one."),
+    spend_cap_reached: N_("We can't take more callbacks today. Please try again tomorrow."),
+    callbacks_unavailable: N_("Callbacks aren't available right now."),
+    not_found: N_("This request no longer exists."),
+    no_microphone: N_("We need your microphone to talk in the browser. Allow it, or let us call you back."),
+    unsupported: N_("Your browser can't make calls. We can call you back instead."),
   };
-  const friendly = (e) =>
-    MESSAGES[e && e.code] || (e && e.message) || "Something went wrong. Please try again.";
+  const friendly = (e) => {
+    const known = MESSAGES[e && e.code];
+    if (known) return gettext(known);
+    return (e && e.message) || gettext("Something went wrong. Please try again.");
+  };
   /** The {code, message} of a refused socket.io connection (err.data, or a server that sent
    * only a message); null for a network failure, which socket.io retries by itself. */
   const refusal = (e) => {
@@ -88,9 +144,9 @@
   /** "We open at 09:00" today, "We open Mon at 09:00" on another day. */
   const opens = (iso) => {
     const d = new Date(iso);
-    if (isNaN(d)) return "Schedule a call";
-    const day = d.toDateString() === new Date().toDateString() ? "" : `${d.toLocaleDateString([], { weekday: "short" })} `;
-    return `We open ${day}at ${hhmm(d)}`;
+    if (isNaN(d)) return gettext("Schedule a call");
+    if (d.toDateString() === new Date().toDateString()) return gettext("We open at {time}", { time: hhmm(d) });
+    return gettext("We open {day} at {time}", { day: d.toLocaleDateString([], { weekday: "short" }), time: hhmm(d) });
   };
   const clock = (ms) => {
     const s = Math.max(0, Math.floor(ms / 1000));
@@ -242,6 +298,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
   const title = h("h2", { id: "membrane-title", tabindex: "-1" });
   const status = h("p", { class: "status", role: "status", "aria-live": "polite", testid: "membrane-status" });
   const closeX = h("button", { type: "button", class: "x", "aria-label": "Close", onclick: () => closePanel() }, "×");
+  fixedAttributes.push([closeX, "aria-label", N_("Close")]);
 
   // the browser call
   const detail = h("p", { class: "muted" });
@@ -249,14 +306,14 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
   const audio = h("audio", { autoplay: true });
   const muteBtn = h("button", {
     type: "button", class: "btn", testid: "membrane-mute", "aria-pressed": "false", onclick: toggleMute,
-  }, "Mute");
-  const hangupBtn = h("button", { type: "button", class: "btn danger", testid: "membrane-hangup", onclick: () => hangup() }, "Hang up");
-  const offerBtn = h("button", { type: "button", class: "btn primary", onclick: () => openForm("now") }, "Call me back");
-  const doneBtn = h("button", { type: "button", class: "btn", onclick: () => closePanel() }, "Close");
+  }, T("Mute"));
+  const hangupBtn = h("button", { type: "button", class: "btn danger", testid: "membrane-hangup", onclick: () => hangup() }, T("Hang up"));
+  const offerBtn = h("button", { type: "button", class: "btn primary", onclick: () => openForm("now") }, T("Call me back"));
+  const doneBtn = h("button", { type: "button", class: "btn", onclick: () => closePanel() }, T("Close"));
   // After the call, its ticket page keeps who the visitor spoke to (and what they promised).
   const callTicketLink = h("a", {
     testid: "membrane-call-ticket-link", target: "_blank", rel: "noopener noreferrer", hidden: true,
-  }, "Your call's page");
+  }, T("Your call's page"));
   let callTicketUrl = null;
   // The question after the call: one, once, on the ticket's token.
   let callToken = null;
@@ -266,15 +323,15 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     onclick: () => pickScore(n),
   }, String(n)));
   const comment = h("textarea", { id: "membrane-comment", maxlength: "1000", testid: "membrane-comment" });
-  const surveySend = h("button", { type: "submit", class: "btn primary", testid: "membrane-survey-send", disabled: true }, "Send");
+  const surveySend = h("button", { type: "submit", class: "btn primary", testid: "membrane-survey-send", disabled: true }, T("Send"));
   const surveyThanks = h("p", { class: "status", role: "status", testid: "membrane-survey-thanks", hidden: true });
-  const referral = h("a", { testid: "membrane-referral", target: "_blank", rel: "noopener", hidden: true }, "Tell a friend about us");
+  const referral = h("a", { testid: "membrane-referral", target: "_blank", rel: "noopener", hidden: true }, T("Tell a friend about us"));
   const survey = h("form", { testid: "membrane-survey", hidden: true, novalidate: true, onsubmit: sendSurvey },
     h("fieldset", {},
-      h("legend", { id: "membrane-survey-q" }, "How likely are you to recommend us to a friend?"),
+      h("legend", { id: "membrane-survey-q" }, T("How likely are you to recommend us to a friend?")),
       h("div", { class: "scores", role: "group", "aria-labelledby": "membrane-survey-q" }, ...scoreBtns),
-      h("div", { class: "scale", "aria-hidden": "true" }, h("span", {}, "Not likely"), h("span", {}, "Very likely"))),
-    h("label", { for: "membrane-comment" }, "Anything to add? (optional)"),
+      h("div", { class: "scale", "aria-hidden": "true" }, h("span", {}, T("Not likely")), h("span", {}, T("Very likely")))),
+    h("label", { for: "membrane-comment" }, T("Anything to add? (optional)")),
     comment,
     h("div", { class: "row" }, surveySend));
   const callView = h("div", {}, detail, timer, audio, h("p", {}, callTicketLink), survey, surveyThanks,
@@ -288,18 +345,18 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     id: "membrane-phone", type: "tel", autocomplete: "tel", inputmode: "tel", required: true,
     testid: "membrane-phone", "aria-describedby": "membrane-phone-error", placeholder: "87 123 4567",
   });
-  const nowLabel = h("span", {}, "Call me now");
+  const nowLabel = h("span", {}, T("Call me now"));
   const whenNow = h("input", { type: "radio", name: "when", value: "now", checked: true });
   const whenAt = h("input", { type: "radio", name: "when", value: "at" });
   const slotSelect = h("select", { id: "membrane-slot" });
-  const atChoice = h("label", { class: "choice", hidden: true }, whenAt, "At a time");
-  const slotRow = h("div", { hidden: true }, h("label", { for: "membrane-slot" }, "Time"), slotSelect);
-  const submitBtn = h("button", { type: "submit", class: "btn primary", testid: "membrane-submit" }, "Call me");
+  const atChoice = h("label", { class: "choice", hidden: true }, whenAt, T("At a time"));
+  const slotRow = h("div", { hidden: true }, h("label", { for: "membrane-slot" }, T("Time")), slotSelect);
+  const submitBtn = h("button", { type: "submit", class: "btn primary", testid: "membrane-submit" }, T("Call me"));
   const form = h("form", { testid: "membrane-callback-form", novalidate: true, onsubmit: submitCallback },
-    h("label", { for: "membrane-phone" }, "Your phone number"),
+    h("label", { for: "membrane-phone" }, T("Your phone number")),
     h("div", { class: "phone" }, country, phone),
     phoneErr,
-    h("fieldset", {}, h("legend", {}, "When should we call?"),
+    h("fieldset", {}, h("legend", {}, T("When should we call?")),
       h("label", { class: "choice" }, whenNow, nowLabel), atChoice),
     slotRow,
     h("div", { class: "row" }, submitBtn));
@@ -309,12 +366,13 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
   const eta = h("p", { class: "status", role: "status", "aria-live": "polite" });
   const ticketInfo = h("p", { class: "muted" });
   const timeline = h("ol", { "aria-label": "What happened so far" });
-  const cancelBtn = h("button", { type: "button", class: "btn", onclick: cancelCallback }, "Cancel my callback");
+  fixedAttributes.push([timeline, "aria-label", N_("What happened so far")]);
+  const cancelBtn = h("button", { type: "button", class: "btn", onclick: cancelCallback }, T("Cancel my callback"));
   // The ticket page follows the request after this page is closed, on any device.
   const ticketLink = h("a", { testid: "membrane-ticket-link", target: "_blank", rel: "noopener noreferrer" },
-    "Follow your request on its own page");
+    T("Follow your request on its own page"));
   const ticketView = h("div", { testid: "membrane-ticket" }, eta, ticketInfo, h("p", {}, ticketLink), timeline,
-    h("div", { class: "row" }, cancelBtn, h("button", { type: "button", class: "btn", onclick: () => closePanel() }, "Close")));
+    h("div", { class: "row" }, cancelBtn, h("button", { type: "button", class: "btn", onclick: () => closePanel() }, T("Close"))));
 
   const views = { call: callView, form, ticket: ticketView };
   const panel = h("div", {
@@ -333,7 +391,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     if (view !== name) say("");
     view = name;
     for (const [k, el] of Object.entries(views)) el.hidden = k !== name;
-    title.textContent = { call: "Talk to us", form: "We'll call you back", ticket: "Your callback" }[name];
+    title.textContent = gettext({ call: N_("Talk to us"), form: N_("We'll call you back"), ticket: N_("Your callback") }[name]);
     panel.hidden = false;
     button.setAttribute("aria-expanded", "true");
     if (focus) (name === "form" ? phone : title).focus();
@@ -367,21 +425,21 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
   function renderButton() {
     let label = "", sub = "", dot = false;
     if (call && !isFinal(call)) {
-      label = call.state === "connected" ? "Back to your call" : "Your call";
+      label = call.state === "connected" ? gettext("Back to your call") : gettext("Your call");
     } else if (ticket && !isFinal(ticket.call)) {
-      label = "Your callback";
+      label = gettext("Your callback");
       sub = shortEta(ticket.call);
     } else if (avail) {
       if (canTalk()) {
-        label = "Talk to us now";
+        label = gettext("Talk to us now");
         dot = true;
       } else if (!canCallBack()) {
         label = ""; // nothing true to offer: no button
       } else if (avail.open || avail.available) {
-        label = "Call me back";
-        if (avail.estimated_wait_s > 0) sub = `~${minutes(avail.estimated_wait_s)} min`;
+        label = gettext("Call me back");
+        if (avail.estimated_wait_s > 0) sub = gettext("~{minutes} min", { minutes: minutes(avail.estimated_wait_s) });
       } else {
-        label = avail.next_open_at ? opens(avail.next_open_at) : "Schedule a call";
+        label = avail.next_open_at ? opens(avail.next_open_at) : gettext("Schedule a call");
       }
     }
     btnLabel.textContent = label;
@@ -461,7 +519,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
       const res = await api("POST", url, { score, comment: comment.value.trim() });
       survey.hidden = true;
       surveyThanks.hidden = false;
-      surveyThanks.textContent = "Thank you!";
+      surveyThanks.textContent = gettext("Thank you!");
       if (res.referral_url && /^https?:\/\//i.test(res.referral_url)) {
         referral.href = res.referral_url;
         referral.hidden = false;
@@ -469,7 +527,8 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     } catch (e) {
       survey.hidden = true;
       surveyThanks.hidden = false;
-      surveyThanks.textContent = e && e.code === "already_answered" ? "You have answered already. Thank you!" : "Sorry, we couldn't send that.";
+      surveyThanks.textContent = e && e.code === "already_answered"
+        ? gettext("You have answered already. Thank you!") : gettext("Sorry, we couldn't send that.");
     }
   }
 
@@ -493,7 +552,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     detail.textContent = "";
     timer.hidden = true;
     muteBtn.setAttribute("aria-pressed", "false");
-    muteBtn.textContent = "Mute";
+    muteBtn.textContent = gettext("Mute");
     showControls({ live: true });
   }
   function showControls({ live = false, offer = false }) {
@@ -507,7 +566,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     if (busy || (call && !isFinal(call))) return openPanel("call");
     resetCallView();
     openPanel("call");
-    say("Connecting…");
+    say(gettext("Connecting…"));
     if (!window.RTCPeerConnection || !navigator.mediaDevices) return callError({ code: "unsupported" }, true);
     busy = true;
     const attempt = ++calling;
@@ -548,7 +607,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
           // A busy gateway sheds starts at once and says when to come back: try again a
           // few times, a little later than asked so that visitors do not come back together.
           if (e && e.code === "overloaded" && tries < 3) {
-            say("Connecting…");
+            say(gettext("Connecting…"));
             const wait = (Number(e.retry_after_ms) || 1000) * (1 + Math.random() * 0.5);
             return setTimeout(() => { if (attempt === calling) send(tries + 1); }, wait);
           }
@@ -561,17 +620,17 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
       // audio flows between the browsers, carries on: the gateway sends it again.
       s.on("server:draining", (m) => {
         if (m && m.retry_after_s > 0) retryMs = Math.min(m.retry_after_s * 1000, 30000);
-        if (call && !isFinal(call)) say("Reconnecting…");
+        if (call && !isFinal(call)) say(gettext("Reconnecting…"));
       });
       s.on("connect_error", (e) => {
         const why = refusal(e);
         if (why && why.code === "draining") return reconnectElsewhere(s); // reached it anyway
-        if (s.active && !why) return say("Reconnecting…");
+        if (s.active && !why) return say(gettext("Reconnecting…"));
         if (why && why.code === "invalid_token") session = null;
         callError(why || { code: "network" });
       });
       s.on("disconnect", (reason) => {
-        if (sock === s && call && !isFinal(call) && reason !== "io client disconnect") say("Reconnecting…");
+        if (sock === s && call && !isFinal(call) && reason !== "io client disconnect") say(gettext("Reconnecting…"));
       });
       s.on("call:update", (c) => { if (c && (!call || c.call_id === call.call_id)) applyCall(c); });
       s.on("availability", setAvailability);
@@ -585,7 +644,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
   let retryMs = 1000;
   /** Reconnect on a new connection after a while: a load balancer sends it to another node. */
   function reconnectElsewhere(s) {
-    if (call && !isFinal(call)) say("Reconnecting…");
+    if (call && !isFinal(call)) say(gettext("Reconnecting…"));
     s.disconnect();
     setTimeout(() => { if (sock === s) s.connect(); }, retryMs * (0.5 + Math.random()));
   }
@@ -615,33 +674,44 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     if (ask && survey.hidden && surveyThanks.hidden) survey.hidden = false;
     if (!ask) survey.hidden = true;
     const agent = c.agent && c.agent.name;
-    const where = c.agent && c.agent.branch ? ` in ${c.agent.branch}` : "";
+    const branch = c.agent && c.agent.branch;
     let text = "", more = "", offer = false;
     switch (c.state) {
       case "queued":
-        text = "Finding someone for you…";
-        if (c.position) more = `You're number ${c.position} in line`;
-        if (c.eta_s) more += `${more ? " · " : ""}about ${minutes(c.eta_s)} min`;
+        text = gettext("Finding someone for you…");
+        if (c.position) more = gettext("You're number {position} in line", { position: c.position });
+        if (c.eta_s) {
+          const wait = gettext("about {minutes} min", { minutes: minutes(c.eta_s) });
+          more = more ? `${more} · ${wait}` : wait;
+        }
         break;
-      case "scheduled": text = c.scheduled_at ? `We'll call you at ${when(c.scheduled_at)}` : "Scheduled"; break;
-      case "ringing": text = agent ? `Ringing ${agent}${where}…` : "Ringing…"; break;
-      case "dialing": text = agent ? `Calling ${agent}${where}…` : "Calling…"; break;
+      case "scheduled":
+        text = c.scheduled_at ? gettext("We'll call you at {time}", { time: when(c.scheduled_at) }) : gettext("Scheduled");
+        break;
+      case "ringing":
+        text = !agent ? gettext("Ringing…")
+          : branch ? gettext("Ringing {agent} in {branch}…", { agent, branch }) : gettext("Ringing {agent}…", { agent });
+        break;
+      case "dialing":
+        text = !agent ? gettext("Calling…")
+          : branch ? gettext("Calling {agent} in {branch}…", { agent, branch }) : gettext("Calling {agent}…", { agent });
+        break;
       case "connected":
         text = onHold(c)
-          ? (agent ? `${agent} put you on hold. Please stay on the line.` : "On hold. Please stay on the line.")
-          : (agent ? `Connected with ${agent}` : "Connected");
+          ? (agent ? gettext("{agent} put you on hold. Please stay on the line.", { agent }) : gettext("On hold. Please stay on the line."))
+          : (agent ? gettext("Connected with {agent}", { agent }) : gettext("Connected"));
         if (!connectedAt) {
           const t = (c.timeline || []).find((x) => x.event === "connected");
           connectedAt = Math.min(Date.now(), (t && Date.parse(t.at)) || Date.now());
         }
         break;
-      case "completed": text = "Call ended"; more = c.reason || ""; break;
-      case "canceled": text = "Call canceled"; more = c.reason || ""; break;
+      case "completed": text = gettext("Call ended"); more = c.reason || ""; break;
+      case "canceled": text = gettext("Call canceled"); more = c.reason || ""; break;
       case "failed":
         offer = !!c.callback_offer && canCallBack();
-        text = offer ? "Nobody could answer right now" : "The call could not be connected";
+        text = offer ? gettext("Nobody could answer right now") : gettext("The call could not be connected");
         more = offer
-          ? `We can call you back in about ${minutes(c.callback_offer.estimated_wait_s || 60)} min.`
+          ? gettext("We can call you back in about {minutes} min.", { minutes: minutes(c.callback_offer.estimated_wait_s || 60) })
           : c.reason || "";
         break;
       default: text = c.state;
@@ -679,7 +749,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     };
     pc.onconnectionstatechange = () => {
       if (thisPc.connectionState === "failed" && call && !isFinal(call)) {
-        detail.textContent = "The audio connection failed. Hang up and try again, or ask us to call you.";
+        detail.textContent = gettext("The audio connection failed. Hang up and try again, or ask us to call you.");
       }
     };
     try {
@@ -707,7 +777,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     const muted = muteBtn.getAttribute("aria-pressed") !== "true";
     for (const t of mic.getAudioTracks()) t.enabled = !muted;
     muteBtn.setAttribute("aria-pressed", String(muted));
-    muteBtn.textContent = muted ? "Unmute" : "Mute";
+    muteBtn.textContent = muted ? gettext("Unmute") : gettext("Mute");
   }
 
   // Ringback, as a phone plays it while the other end rings (440 + 480 Hz, 2 s on, 4 s off):
@@ -762,7 +832,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
       if (!call || !sock) { // still setting up: just stop
         if (busy) {
           endCall();
-          say("Call canceled");
+          say(gettext("Call canceled"));
           showControls({});
         }
         renderButton();
@@ -823,13 +893,13 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     slotRow.hidden = !whenAt.checked;
     openPanel("form");
     const wait = avail && avail.open && avail.estimated_wait_s > 0;
-    say(wait ? `About ${minutes(avail.estimated_wait_s)} min wait right now.` : "");
+    say(wait ? gettext("About {minutes} min wait right now.", { minutes: minutes(avail.estimated_wait_s) }) : "");
     loadSlots().then(() => {
       if (mode === "at" && slots.length) { whenAt.checked = true; slotRow.hidden = false; }
     });
   }
   function closedMessage() {
-    nowLabel.textContent = avail && !avail.open && !avail.available ? "As soon as we open" : "Call me now";
+    nowLabel.textContent = avail && !avail.open && !avail.available ? gettext("As soon as we open") : gettext("Call me now");
   }
 
   function fieldError(e) {
@@ -854,7 +924,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     // Keep-my-place: a browser call nobody could answer lends its place in line.
     if (call && call.state === "failed" && call.callback_offer) body.after_call = call.call_id;
     submitBtn.disabled = true;
-    say("Sending…");
+    say(gettext("Sending…"));
     try {
       const s = await getSession();
       const res = await api("POST", `${siteUrl}/callbacks`, body, s.token);
@@ -915,20 +985,22 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     const c = ticket.call || {};
     const agent = c.agent && c.agent.name;
     const texts = {
-      queued: c.eta_s ? `We'll call you in about ${minutes(c.eta_s)} min` : "We'll call you shortly",
-      scheduled: c.scheduled_at ? `We'll call you at ${when(c.scheduled_at)}` : "Your call is scheduled",
-      ringing: agent ? `${agent} will call you in a moment` : "We'll call you in a moment",
-      dialing: "We're calling you now",
-      connected: agent ? `You're on the phone with ${agent}` : "You're on the phone with us",
-      completed: "Done. Thanks for talking to us!",
-      failed: "We couldn't reach you",
-      canceled: "Your callback was canceled",
+      queued: c.eta_s ? gettext("We'll call you in about {minutes} min", { minutes: minutes(c.eta_s) }) : gettext("We'll call you shortly"),
+      scheduled: c.scheduled_at ? gettext("We'll call you at {time}", { time: when(c.scheduled_at) }) : gettext("Your call is scheduled"),
+      ringing: agent ? gettext("{agent} will call you in a moment", { agent }) : gettext("We'll call you in a moment"),
+      dialing: gettext("We're calling you now"),
+      connected: agent ? gettext("You're on the phone with {agent}", { agent }) : gettext("You're on the phone with us"),
+      completed: gettext("Done. Thanks for talking to us!"),
+      failed: gettext("We couldn't reach you"),
+      canceled: gettext("Your callback was canceled"),
     };
     const text = texts[c.state] || c.state || "";
     if (eta.textContent !== text) eta.textContent = text;
-    ticketInfo.textContent = c.reason || (c.position ? `You're number ${c.position} in line.` : "");
-    timeline.replaceChildren(...(c.timeline || []).slice(-8).map((e) =>
-      h("li", {}, `${e.at && !isNaN(new Date(e.at)) ? `${hhmm(new Date(e.at))} ` : ""}${e.detail || e.event}`)));
+    ticketInfo.textContent = c.reason || (c.position ? gettext("You're number {position} in line.", { position: c.position }) : "");
+    timeline.replaceChildren(...(c.timeline || []).slice(-8).map((e) => {
+      const what = HAPPENED[e.event] ? gettext(HAPPENED[e.event]) : e.detail || e.event;
+      return h("li", {}, `${e.at && !isNaN(new Date(e.at)) ? `${hhmm(new Date(e.at))} ` : ""}${what}`);
+    }));
     cancelBtn.hidden = isFinal(c) || c.state === "connected";
     ticketLink.href = `${gw}/t/${encodeURIComponent(ticket.call_id)}#${encodeURIComponent(ticket.status_token)}`;
   }
@@ -993,6 +1065,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     for (const [name, ...args] of queued) if (typeof Membrane[name] === "function") Membrane[name](...args);
     window.dispatchEvent(new CustomEvent("membrane:ready"));
   }
-  if (document.body) mount();
-  else document.addEventListener("DOMContentLoaded", mount);
+  const ready = () => { loadCatalogue().then(mount); };
+  if (document.body) ready();
+  else document.addEventListener("DOMContentLoaded", ready);
 })();

@@ -136,7 +136,8 @@ async def get_catalogue(request: web.Request) -> web.Response:
     language = best_language([catalogue_language_from_path(request.match_info["language"])])
     return web.json_response(
         catalogue_to_wire(language, dict(browser_catalogue(language))),
-        headers={"Cache-Control": "public, max-age=300"},
+        # Public and the same for everyone: any site's page may read it (the widget does).
+        headers={"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"},
     )
 
 
