@@ -404,9 +404,12 @@ async def test_a_german_visitor_gets_the_widget_in_german(
     gateway: Gateway, browsers: Browsers, shot: Shot
 ) -> None:
     """The widget speaks the visitor's language from the gateway's catalogues, as the ticket
-    page and the phone prompts do; Anna sees the call's language on the ring."""
-    anna = await browsers.open("anna", gateway.agent_url("anna"))
+    page and the phone prompts do; so does the agent app, in its agent's browser's language
+    (here German too), and Anna sees the call's language on the ring."""
+    anna = await browsers.open("anna", gateway.agent_url("anna"), locale="de-DE")
     await agent_signed_in(anna)
+    await expect(anna.get_by_role("tabpanel", name="Ich")).to_be_visible()
+    await expect(anna.get_by_test_id("agent-status")).to_have_text("verfügbar")
     visitor = await browsers.open("visitor", gateway.demo_url(), locale="de-DE")
     button = visitor.get_by_test_id("membrane-button")
     await expect(button).to_have_text("Jetzt mit uns sprechen", timeout=WAIT_MS)
@@ -415,7 +418,11 @@ async def test_a_german_visitor_gets_the_widget_in_german(
     await expect(visitor.get_by_test_id("membrane-hangup")).to_have_text("Auflegen")
     ring = anna.get_by_test_id("agent-ring")
     await expect(ring).to_contain_text("de-DE", timeout=WAIT_MS)
+    await expect(ring).to_contain_text("Eingehender Anruf")
+    await expect(anna.get_by_test_id("agent-accept")).to_have_text("Annehmen")
+    await shot(anna, "agent-german-ring")
     await anna.get_by_test_id("agent-accept").click()
+    await expect(anna.get_by_test_id("agent-call-state")).to_have_text("verbunden")
     await widget_says(visitor, "Verbunden mit Anna")
     await visitor.get_by_test_id("membrane-hangup").click()
     await widget_says(visitor, "Anruf beendet")

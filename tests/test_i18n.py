@@ -5,6 +5,7 @@ person's languages pick the catalogue and the voice."""
 from __future__ import annotations
 
 import string
+from html.parser import HTMLParser
 from importlib import resources
 from pathlib import Path
 
@@ -17,20 +18,70 @@ from gateway.i18n import best_language, languages, messages_for, speech_tag
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "gateway"
 WEB_CLIENT = ROOT / "web_client"
-TRANSLATED_PAGES = [("ticket/**.js", "javascript"), ("widget.js", "javascript")]
+TRANSLATED_PAGES = [
+    ("ticket/**.js", "javascript"),
+    ("widget.js", "javascript"),
+    ("agent/**.js", "javascript"),
+]
 """The browser pages whose sentences come from the catalogues (``gettext("...")``, and the
 widget's ``T("...")`` for the words its panels are built with)."""
 PAGE_KEYWORDS = {**DEFAULT_KEYWORDS, "T": None}
 
 
+TRANSLATED_HTML = [WEB_CLIENT / "agent" / "index.html"]
+"""Pages whose own words are put in the catalogue's language as they load (the agent app's
+``translatePage``): every text and ``aria-label`` outside ``translate="no"`` and code."""
+
+
+class PageWords(HTMLParser):
+    """The texts and ``aria-label`` values of a page that its script translates."""
+
+    SKIPPED = frozenset({"code", "script", "style"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words: set[str] = set()
+        self._open: list[tuple[str, bool]] = []  # each open element: skipped (with its parents)?
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        given = dict(attrs)
+        parent = self._open[-1][1] if self._open else False
+        skipped = parent or tag in self.SKIPPED or given.get("translate") == "no"
+        if tag not in VOID_ELEMENTS:
+            self._open.append((tag, skipped))
+        label = given.get("aria-label")
+        if label and not skipped:
+            self.words.add(label)
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open:
+            if self._open.pop()[0] == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        text = data.strip()
+        if text and any(c.isalpha() for c in text) and not (self._open and self._open[-1][1]):
+            self.words.add(text)
+
+
+VOID_ELEMENTS = frozenset({"meta", "link", "input", "br", "img", "hr", "source"})
+
+
+def page_words(path: Path) -> set[str]:
+    parser = PageWords()
+    parser.feed(path.read_text())
+    return parser.words
+
+
 def used_messages() -> set[str]:
     """The message ids in the code: arguments of ``gettext(...)`` and ``N_(...)``, in the
-    gateway and in the pages it serves."""
+    gateway and in the pages it serves, and the words of the pages translated as they load."""
+    pages = {word for path in TRANSLATED_HTML for word in page_words(path)}
     found = [
         *extract_from_dir(str(GATEWAY), method_map=[("**.py", "python")]),
         *extract_from_dir(str(WEB_CLIENT), method_map=TRANSLATED_PAGES, keywords=PAGE_KEYWORDS),
     ]
-    return {message for _, _, message, _, _ in found if isinstance(message, str)}
+    return pages | {message for _, _, message, _, _ in found if isinstance(message, str)}
 
 
 def fields(message: str) -> set[str]:

@@ -8,8 +8,25 @@
   const STATES = ["available", "away", "busy", "dnd"];
   const FINAL = ["completed", "failed", "canceled"];
   const STATUS_ORDER = ["available", "on_call", "busy", "away", "dnd", "offline"];
-  const CHANNEL_NAMES = { webrtc: "browser", pstn: "phone" };
-  const STATE_NAMES = { available: "Available", away: "Away", busy: "Busy", dnd: "Do not disturb", offline: "Offline" };
+  // Every sentence is a gettext("...") message id, looked up in the gateway's catalogue for
+  // the agent's browser language (GET /v1/messages/{language}: the same catalogues as the
+  // widget, the ticket page and the phone prompts); the page's own words are put in it by
+  // translatePage. English until the catalogue has loaded, or for a language not spoken.
+  let catalogue = {};
+  const N_ = (id) => id;
+  function gettext(id, params) {
+    const text = catalogue[id] || id;
+    return params ? text.replace(/\{(\w+)\}/g, (m, k) => (k in params ? String(params[k]) : m)) : text;
+  }
+  const CHANNEL_NAMES = { webrtc: N_("browser"), pstn: N_("phone") };
+  const STATE_NAMES = {
+    available: N_("Available"), away: N_("Away"), busy: N_("Busy"), dnd: N_("Do not disturb"), offline: N_("Offline"),
+  };
+  // The words of statuses and call states, as the pills show them.
+  N_("available"); N_("on call"); N_("busy"); N_("away"); N_("dnd"); N_("offline");
+  N_("queued"); N_("scheduled"); N_("ringing"); N_("dialing"); N_("connected");
+  N_("completed"); N_("failed"); N_("canceled");
+  N_("desktop"); N_("mobile"); N_("im"); // device kinds
 
   /** Exposed for tests and debugging. */
   const MA = (window.MembraneAgent = { pc: null, socket: null, board: null, presence: null, call: null });
@@ -52,9 +69,43 @@
     const s = Math.max(0, Math.floor(ms / 1000));
     return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
   };
-  const human = (status) => String(status || "").replace(/_/g, " ");
-  const errorText = (e) =>
-    e ? `${e.message || "Something went wrong"}${e.code ? ` (${e.code})` : ""}` : "Something went wrong";
+  const human = (status) => gettext(String(status || "").replace(/_/g, " "));
+  const channelName = (c) => (CHANNEL_NAMES[c] ? gettext(CHANNEL_NAMES[c]) : c);
+  const errorText = (e) => {
+    const what = (e && e.message) || gettext("Something went wrong");
+    return e && e.code ? `${what} (${e.code})` : what;
+  };
+
+  /** The page's own words (and labels) in the catalogue's language. */
+  function translatePage() {
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT, {
+      acceptNode: (n) => (n.parentElement && n.parentElement.closest("[translate=no], script, style, code")
+        ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT),
+    });
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+      const id = n.data.trim();
+      if (id && catalogue[id]) n.data = n.data.replace(id, catalogue[id]);
+    }
+    for (const el of document.querySelectorAll("[aria-label]")) {
+      const id = el.getAttribute("aria-label");
+      if (catalogue[id]) el.setAttribute("aria-label", catalogue[id]);
+    }
+    document.title = gettext(document.title);
+  }
+
+  async function loadCatalogue() {
+    const wanted = new URLSearchParams(location.search).get("lang")
+      || (navigator.languages && navigator.languages[0]) || navigator.language || "en";
+    try {
+      const r = await fetch(`/v1/messages/${encodeURIComponent(wanted)}`);
+      if (r.ok) {
+        const body = await r.json();
+        catalogue = body.messages || {};
+        document.documentElement.lang = body.language || "en";
+      }
+    } catch { /* English, then */ }
+    translatePage();
+  }
 
   function decodeJwt(t) {
     try {
@@ -85,7 +136,7 @@
     try {
       return (await sock.timeout(10000).emitWithAck(event, payload)) || { ok: false };
     } catch {
-      return { ok: false, error: { code: "timeout", message: "The gateway did not answer" } };
+      return { ok: false, error: { code: "timeout", message: gettext("The gateway did not answer") } };
     }
   }
 
@@ -165,18 +216,18 @@
   function signIn(t) {
     t = (t || "").trim();
     const c = decodeJwt(t);
-    if (!c) return showSignIn("That does not look like a Membrane token (a JWT with three parts).");
+    if (!c) return showSignIn(gettext("That does not look like a Membrane token (a JWT with three parts)."));
     if (c.exp && c.exp * 1000 < Date.now() - 60000) {
       session.set(TOKEN_KEY, null);
-      return showSignIn("This token has expired. Mint a new one with .venv/bin/membrane token --agent <id>.");
+      return showSignIn(gettext("This token has expired. Mint a new one with {command}.", { command: ".venv/bin/membrane token --agent <id>" }));
     }
-    if (typeof window.io !== "function") return showSignIn("The socket.io client did not load.");
+    if (typeof window.io !== "function") return showSignIn(gettext("The socket.io client did not load."));
     clearError();
     token = t;
     claims = c;
     session.set(TOKEN_KEY, t);
     ringer.unlock();
-    banner("Connecting…");
+    banner(gettext("Connecting…"));
     $("state").value = chosenState();
     disconnectAll();
     presenceSeen = false;
@@ -198,7 +249,7 @@
       // The node is shutting down and closes this connection next; socket.io reconnects by
       // itself, to the same URL: behind a load balancer, another node.
       if (m && m.retry_after_s > 0) retryMs = Math.min(m.retry_after_s * 1000, 30000);
-      banner("Moving to another server…");
+      banner(gettext("Moving to another server…"));
     });
     s.on("connect_error", (err) => {
       const why = refusal(err);
@@ -206,18 +257,18 @@
       if (why || !s.active) {
         disconnectAll();
         if (!why || ["invalid_token", "forbidden", "unknown_agent"].includes(why.code)) session.set(TOKEN_KEY, null);
-        showSignIn(why || { code: "network", message: "Could not reach the gateway" });
+        showSignIn(why || { code: "network", message: gettext("Could not reach the gateway") });
       } else {
-        banner("Can't reach the gateway. Retrying…");
+        banner(gettext("Can't reach the gateway. Retrying…"));
       }
     });
     s.on("disconnect", (reason) => {
       if (reason === "io client disconnect") return;
       if (reason === "io server disconnect") {
         disconnectAll();
-        showSignIn("The gateway closed the connection. Sign in again.");
+        showSignIn(gettext("The gateway closed the connection. Sign in again."));
       } else {
-        banner("Connection lost. Reconnecting…");
+        banner(gettext("Connection lost. Reconnecting…"));
       }
     });
     s.on("presence:update", (p) => {
@@ -244,7 +295,7 @@
   /** A node that is shutting down refused us: reconnect on a new connection after a while,
    * which a load balancer sends to another node. */
   function reconnectElsewhere(s, stillWanted) {
-    banner("Moving to another server…");
+    banner(gettext("Moving to another server…"));
     s.disconnect();
     setTimeout(() => { if (stillWanted()) s.connect(); }, retryMs * (0.5 + Math.random()));
   }
@@ -283,7 +334,7 @@
   }
 
   function signOut() {
-    if (current && !isFinal(current.call) && !confirm("You are in a call. Hang up and sign out?")) return;
+    if (current && !isFinal(current.call) && !confirm(gettext("You are in a call. Hang up and sign out?"))) return;
     if (current && !isFinal(current.call) && socket) socket.emit("call:hangup", { call_id: current.id });
     disconnectAll();
     current = null;
@@ -308,29 +359,29 @@
     st.textContent = human(p.status);
     st.dataset.status = p.status;
     const ch = p.channels || [];
-    $("channels").textContent = ch.length ? ch.map((c) => CHANNEL_NAMES[c] || c).join(", ") : "nothing right now";
+    $("channels").textContent = ch.length ? ch.map(channelName).join(", ") : gettext("nothing right now");
     const own = ownDeviceId();
     const mine = (p.devices || []).find((d) => d.device_id === own);
     if (mine && STATES.includes(mine.state)) $("state").value = mine.state;
     $("devices").replaceChildren(...(p.devices || []).map((d) => deviceRow(d, d.device_id === own)));
-    if (!(p.devices || []).length) $("devices").append(h("li", { class: "muted" }, "No devices online."));
+    if (!(p.devices || []).length) $("devices").append(h("li", { class: "muted" }, gettext("No devices online.")));
   }
 
   function deviceRow(d, isOwn) {
-    const label = `${d.kind}${isOwn ? " (this browser)" : ""}`;
+    const label = isOwn ? gettext("{kind} (this browser)", { kind: gettext(d.kind) }) : gettext(d.kind);
     let control = null;
     if (d.kind === "mobile") {
       const id = `dev-${d.device_id}`;
       const sel = h("select", { id, "data-device": d.device_id, onchange: () => setMobile(d.device_id, sel) },
-        ...[...STATES, "offline"].map((s) => h("option", { value: s }, STATE_NAMES[s])));
+        ...[...STATES, "offline"].map((s) => h("option", { value: s }, gettext(STATE_NAMES[s]))));
       sel.value = d.state;
-      control = h("span", {}, h("label", { for: id, class: "sr-only" }, `State of ${d.device_id}`), sel);
+      control = h("span", {}, h("label", { for: id, class: "sr-only" }, gettext("State of {device}", { device: d.device_id })), sel);
     }
     return h("li", { class: "device" },
       h("span", { class: "device-name" }, h("strong", {}, label), h("span", { class: "muted" }, ` ${d.device_id}`)),
       h("span", { class: "pill small", "data-status": d.state }, human(d.state)),
       control,
-      h("span", { class: "muted small", title: d.last_seen || "" }, d.last_seen ? `seen ${ago(d.last_seen)} ago` : ""));
+      h("span", { class: "muted small", title: d.last_seen || "" }, d.last_seen ? gettext("seen {ago} ago", { ago: ago(d.last_seen) }) : ""));
   }
 
   async function setOwnState() {
@@ -364,23 +415,26 @@
     for (const id of [...rings.keys()]) removeRing(id, "superseded");
     const v = r.visitor || {};
     const pageOk = /^https?:\/\//i.test(v.page || "");
-    const who = v.last_agent ? `Spoke with ${v.last_agent} before` : v.returning ? "Returning visitor" : "New visitor";
+    const who = v.last_agent ? gettext("Spoke with {agent} before", { agent: v.last_agent })
+      : v.returning ? gettext("Returning visitor") : gettext("New visitor");
     const countdown = h("span", { class: "countdown" });
-    const acceptBtn = h("button", { type: "button", class: "primary", testid: "agent-accept", onclick: () => accept(r.call_id) }, "Accept");
-    const declineBtn = h("button", { type: "button", testid: "agent-decline", onclick: () => decline(r.call_id) }, "Decline");
+    const acceptBtn = h("button", { type: "button", class: "primary", testid: "agent-accept", onclick: () => accept(r.call_id) }, gettext("Accept"));
+    const declineBtn = h("button", { type: "button", testid: "agent-decline", onclick: () => decline(r.call_id) }, gettext("Decline"));
     if (current && !isFinal(current.call)) acceptBtn.disabled = true;
     const el = h("section", { class: "card ring", testid: "agent-ring", "aria-label": "Incoming call", "data-call-id": r.call_id },
-      h("div", { class: "card-head" }, h("h2", {}, r.channel === "callback" ? "Callback request" : "Incoming call"), countdown),
+      h("div", { class: "card-head" }, h("h2", {}, r.channel === "callback" ? gettext("Callback request") : gettext("Incoming call")), countdown),
       h("dl", { class: "facts" },
-        h("dt", {}, "Visitor"), h("dd", {}, who),
-        h("dt", {}, "Language"), h("dd", {}, v.language || "unknown"),
-        v.phone ? h("dt", {}, "Calls back") : null, v.phone ? h("dd", {}, v.phone) : null,
-        h("dt", {}, "Page"), h("dd", {}, pageOk
+        h("dt", {}, gettext("Visitor")), h("dd", {}, who),
+        h("dt", {}, gettext("Language")), h("dd", {}, v.language || gettext("unknown")),
+        v.phone ? h("dt", {}, gettext("Calls back")) : null, v.phone ? h("dd", {}, v.phone) : null,
+        h("dt", {}, gettext("Page")), h("dd", {}, pageOk
           ? h("a", { href: v.page, target: "_blank", rel: "noopener noreferrer" }, v.page)
-          : v.page || "unknown"),
-        r.follow_up ? h("dt", {}, "Follow-up") : null,
-        r.follow_up ? h("dd", { testid: "agent-ring-follow-up" }, `Promised by ${r.follow_up.promised_by}${r.follow_up.note ? `: ${r.follow_up.note}` : ""}`) : null,
-        r.reasons && r.reasons.length ? h("dt", {}, "Why you") : null,
+          : v.page || gettext("unknown")),
+        r.follow_up ? h("dt", {}, gettext("Follow-up")) : null,
+        r.follow_up ? h("dd", { testid: "agent-ring-follow-up" }, r.follow_up.note
+          ? gettext("Promised by {agent}: {note}", { agent: r.follow_up.promised_by, note: r.follow_up.note })
+          : gettext("Promised by {agent}", { agent: r.follow_up.promised_by })) : null,
+        r.reasons && r.reasons.length ? h("dt", {}, gettext("Why you")) : null,
         r.reasons && r.reasons.length ? h("dd", {}, h("ul", { class: "reasons" }, ...r.reasons.map((x) => h("li", {}, x)))) : null),
       h("div", { class: "row" }, acceptBtn, declineBtn));
     const entry = { data: r, el, timer: 0 };
@@ -388,7 +442,7 @@
     const tick = () => {
       if (isNaN(expires)) return;
       const left = Math.ceil((expires - Date.now()) / 1000);
-      countdown.textContent = left > 0 ? `${left} s to answer` : "Missed";
+      countdown.textContent = left > 0 ? gettext("{seconds} s to answer", { seconds: left }) : gettext("Missed");
       if (left <= -2) removeRing(r.call_id, "timeout"); // the gateway normally says so first
     };
     tick();
@@ -397,8 +451,8 @@
     $("rings").append(el);
     selectTab("me");
     ringer.start();
-    document.title = "☎ Incoming call · Membrane";
-    announce(`Incoming call. ${who}. Language ${v.language || "unknown"}.`);
+    document.title = `☎ ${gettext("Incoming call")} · Membrane`;
+    announce(gettext("Incoming call. {who}. Language {language}.", { who, language: v.language || gettext("unknown") }));
   }
 
   function removeRing(id, reason) {
@@ -408,11 +462,11 @@
     entry.el.remove();
     rings.delete(id);
     if (reason && reason !== "accepted" && reason !== "superseded" && !(current && current.id === id)) {
-      announce(`The call was ${reason === "answered_elsewhere" ? "answered elsewhere" : "withdrawn"}.`);
+      announce(reason === "answered_elsewhere" ? gettext("The call was answered elsewhere.") : gettext("The call was withdrawn."));
     }
     if (!rings.size) {
       ringer.stop();
-      document.title = "Membrane · Agent";
+      document.title = gettext("Membrane · Agent");
     }
   }
 
@@ -434,7 +488,7 @@
     } else if (entry.data.audio_in_app) {
       // The audio bridge: the gateway offers once the customer answers; the app answers.
       startCall(entry.data, res.call || { call_id: id, state: "dialing" }, res.ice_servers || []);
-      announce("Calling the customer. You talk to them here when they answer.");
+      announce(gettext("Calling the customer. You talk to them here when they answer."));
     } else {
       startCallback(entry.data, res.call || { call_id: id, state: "dialing" });
     }
@@ -451,7 +505,9 @@
     renderCall(call);
     $("call").hidden = false;
     $("hangup").focus();
-    announce(ring.your_phone ? `Calling the customer. Your phone ${ring.your_phone} rings when they answer.` : "Calling the customer.");
+    announce(ring.your_phone
+      ? gettext("Calling the customer. Your phone {phone} rings when they answer.", { phone: ring.your_phone })
+      : gettext("Calling the customer."));
   }
 
   async function decline(id) {
@@ -484,7 +540,7 @@
     };
     pc.onconnectionstatechange = () => {
       if (pc.connectionState === "failed" && current && current.pc === pc) {
-        showError("The audio connection failed (no network path to the visitor).");
+        showError(gettext("The audio connection failed (no network path to the visitor)."));
       }
     };
     const cur = current;
@@ -495,9 +551,9 @@
         cur.mic = stream;
         for (const t of stream.getTracks()) pc.addTrack(t, stream);
       })
-      .catch((e) => showError(`Microphone unavailable: ${e.message || e.name}. The visitor will not hear you.`));
+      .catch((e) => showError(gettext("Microphone unavailable: {reason}. The visitor will not hear you.", { reason: e.message || e.name })));
     $("mute").setAttribute("aria-pressed", "false");
-    $("mute").textContent = "Mute";
+    $("mute").textContent = gettext("Mute");
     renderCall(call);
     $("call").hidden = false;
     $("hangup").focus();
@@ -543,7 +599,7 @@
 
   function renderCall(c) {
     const st = $("call-state");
-    st.textContent = c.state;
+    st.textContent = human(c.state);
     st.dataset.status = c.state;
     if (c.state === "connected" && !current.connectedAt) {
       const t = (c.timeline || []).find((x) => x.event === "connected");
@@ -551,13 +607,14 @@
     }
     const v = (current.ring && current.ring.visitor) || {};
     const facts = [
-      ["Visitor", v.last_agent ? `Spoke with ${v.last_agent} before` : v.returning ? "Returning visitor" : "New visitor"],
-      ["Language", v.language || "unknown"],
-      ["Page", v.page || "unknown"],
-      ["Channel", c.channel || (current.ring && current.ring.channel) || ""],
+      [gettext("Visitor"), v.last_agent ? gettext("Spoke with {agent} before", { agent: v.last_agent })
+        : v.returning ? gettext("Returning visitor") : gettext("New visitor")],
+      [gettext("Language"), v.language || gettext("unknown")],
+      [gettext("Page"), v.page || gettext("unknown")],
+      [gettext("Channel"), c.channel || (current.ring && current.ring.channel) || ""],
     ];
-    if (v.phone) facts.push(["Phone", v.phone]);
-    if (current.ring && current.ring.your_phone) facts.push(["Your phone", current.ring.your_phone]);
+    if (v.phone) facts.push([gettext("Phone"), v.phone]);
+    if (current.ring && current.ring.your_phone) facts.push([gettext("Your phone"), current.ring.your_phone]);
     $("call-visitor").replaceChildren(...facts.flatMap(([k, val]) => [h("dt", {}, k), h("dd", {}, val)]));
     $("timeline").replaceChildren(...(c.timeline || []).map((e) =>
       h("li", {}, h("time", { datetime: e.at || "" }, time(e.at)), " ", h("strong", {}, human(e.event)),
@@ -579,7 +636,10 @@
     $("follow-up").hidden = !talkedToThem || !!promised;
     if (!$("follow-up").hidden && !$("follow-up-phone").value && c.phone) $("follow-up-phone").value = c.phone;
     $("follow-up-done").hidden = !promised;
-    if (promised) $("follow-up-done").textContent = `Follow-up promised for ${new Date(promised.at).toLocaleString([], { weekday: "short", day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" })}.`;
+    if (promised) {
+      const at = new Date(promised.at).toLocaleString([], { weekday: "short", day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" });
+      $("follow-up-done").textContent = gettext("Follow-up promised for {time}.", { time: at });
+    }
     if (done && document.activeElement === $("hangup")) $("dismiss").focus();
     tickTimer();
   }
@@ -620,13 +680,13 @@
     const held = $("hold").getAttribute("aria-pressed") === "true";
     for (const t of current.mic.getAudioTracks()) t.enabled = !muted && !held;
     $("mute").setAttribute("aria-pressed", String(muted));
-    $("mute").textContent = muted ? "Unmute" : "Mute";
+    $("mute").textContent = muted ? gettext("Unmute") : gettext("Mute");
   }
 
   /** Hold in the app: microphone and speaker off (the gateway holds a bridged phone). */
   function setHeld(on) {
     $("hold").setAttribute("aria-pressed", String(on));
-    $("hold").textContent = on ? "Resume" : "Hold";
+    $("hold").textContent = on ? gettext("Resume") : gettext("Hold");
     if (current && current.mic) {
       const muted = $("mute").getAttribute("aria-pressed") === "true";
       for (const t of current.mic.getAudioTracks()) t.enabled = !on && !muted;
@@ -649,7 +709,7 @@
   function pressKey(key) {
     const sender = current && current.pc && current.pc.getSenders().find((s) => s.dtmf);
     if (sender && sender.dtmf.canInsertDTMF) sender.dtmf.insertDTMF(key, 100, 70);
-    else showError("Keys cannot be sent in this call.");
+    else showError(gettext("Keys cannot be sent in this call."));
   }
 
   /** A key the customer pressed on their phone (an account number, a choice): shown, never kept. */
@@ -669,7 +729,7 @@
     event.preventDefault();
     if (!current || !socket) return;
     const at = new Date($("follow-up-at").value);
-    if (isNaN(at.getTime())) return showError("Pick a time for the follow-up.");
+    if (isNaN(at.getTime())) return showError(gettext("Pick a time for the follow-up."));
     const payload = { call_id: current.id, at: at.toISOString(), note: $("follow-up-note").value.trim() };
     const phone = $("follow-up-phone").value.trim();
     if (phone) payload.phone = phone;
@@ -678,7 +738,7 @@
     clearError();
     current.call = MA.call = res.call;
     renderCall(res.call);
-    announce("Follow-up promised.");
+    announce(gettext("Follow-up promised."));
   }
 
   function dismiss() {
@@ -698,9 +758,9 @@
     if (boardSock || !token) return;
     const s = window.io(`${location.origin}/board`, { auth: { token }, transports: ["websocket"] });
     boardSock = MA.board = s;
-    $("board-conn").textContent = "connecting…";
+    $("board-conn").textContent = gettext("connecting…");
     s.on("connect", async () => {
-      $("board-conn").textContent = "live";
+      $("board-conn").textContent = gettext("live");
       const res = await ask(s, "board:snapshot", {});
       if (!res.ok) return showError(res.error);
       boardAgents.clear();
@@ -711,10 +771,10 @@
     s.on("connect_error", (err) => {
       const why = refusal(err);
       if (why && why.code === "draining") return reconnectElsewhere(s, () => boardSock === s);
-      $("board-conn").textContent = why ? "refused" : "reconnecting…";
+      $("board-conn").textContent = why ? gettext("refused") : gettext("reconnecting…");
       if (why) showError(why);
     });
-    s.on("disconnect", () => { $("board-conn").textContent = "reconnecting…"; });
+    s.on("disconnect", () => { $("board-conn").textContent = gettext("reconnecting…"); });
     s.on("presence:update", (p) => {
       if (p && p.agent_id) { boardAgents.set(p.agent_id, p); renderBoard(); }
     });
@@ -730,7 +790,7 @@
       h("td", {}, p.name || p.agent_id),
       h("td", {}, p.branch || ""),
       h("td", {}, h("span", { class: "pill small", "data-status": p.status }, human(p.status))),
-      h("td", {}, (p.channels || []).map((c) => CHANNEL_NAMES[c] || c).join(", ") || "—"),
+      h("td", {}, (p.channels || []).map(channelName).join(", ") || "—"),
       h("td", { title: p.since || "" }, p.since ? ago(p.since) : ""))));
     const cutoff = Date.now() - 120000; // finished calls stay on the board for two minutes
     for (const [id, c] of boardCalls) if (isFinal(c) && (c._seen || 0) < cutoff) boardCalls.delete(id);
@@ -740,7 +800,7 @@
       h("td", {}, c.channel || ""),
       h("td", {}, h("span", { class: "pill small", "data-status": c.state }, human(c.state))),
       h("td", {}, c.agent ? `${c.agent.name}${c.agent.branch ? `, ${c.agent.branch}` : ""}` : "—"),
-      h("td", {}, c._seen ? `${ago(new Date(c._seen).toISOString())} ago` : ""))));
+      h("td", {}, c._seen ? gettext("{ago} ago", { ago: ago(new Date(c._seen).toISOString()) }) : ""))));
     $("calls-empty").hidden = calls.length > 0;
   }
 
@@ -795,10 +855,12 @@
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
   if (fromHash) history.replaceState(null, "", location.pathname + location.search); // keep it out of history
   const saved = fromHash || session.get(TOKEN_KEY);
-  if (saved) {
-    $("token").value = saved;
-    signIn(saved);
-  } else {
-    showSignIn();
-  }
+  loadCatalogue().then(() => {
+    if (saved) {
+      $("token").value = saved;
+      signIn(saved);
+    } else {
+      showSignIn();
+    }
+  });
 })();
