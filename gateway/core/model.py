@@ -210,6 +210,16 @@ class Presence:
     rev: int = 0
 
 
+def sites_by_caller_id(sites: Mapping[str, Site]) -> dict[str, list[Site]]:
+    """Each number sites call and text from, with the sites that use it (by id): whom a text
+    to that number is for."""
+    found: dict[str, list[Site]] = {}
+    for site_id in sorted(sites):
+        for number in sites[site_id].caller_ids:
+            found.setdefault(number, []).append(sites[site_id])
+    return found
+
+
 def languages_of(agent: Agent, branch: Branch | None) -> tuple[str, ...]:
     """The languages the agent speaks, most fluent first: their own, or, when none are
     configured, their branch's."""

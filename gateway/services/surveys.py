@@ -20,7 +20,7 @@ from functools import partial
 from gateway.core import callback as cb
 from gateway.core import survey
 from gateway.core.call import Call, CallChannel, CallError
-from gateway.core.model import Site
+from gateway.core.model import sites_by_caller_id
 from gateway.core.survey import Group, Tally
 from gateway.i18n import messages_for
 from gateway.ops.tasks import TaskGroup
@@ -55,10 +55,7 @@ class Surveys:
         self._store = records.store
         self._texts = texts
         self._tasks = tasks
-        self._sites_by_number: dict[str, list[Site]] = {}
-        for site_id in sorted(records.sites):
-            for number in records.sites[site_id].caller_ids:
-                self._sites_by_number.setdefault(number, []).append(records.sites[site_id])
+        self._sites_by_number = sites_by_caller_id(records.sites)
 
     async def answer(self, call: Call, score: int, comment: str) -> SurveyAnswer:
         """Store the answer to ``call``'s question (once) and add it to the tallies."""

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 from typing import Final, Protocol
 
-from gateway.core.model import Site
+from gateway.core.model import Site, sites_by_caller_id
 from gateway.services.sms_presence import MESSAGE_CLAIM_TTL_S, InboundSms, e164
 from gateway.store.base import CoordinationStore, TextConsentStore
 
@@ -48,10 +48,7 @@ def keyword(body: str) -> bool | None:
 class TextConsent:
     def __init__(self, sites: Mapping[str, Site], store: ConsentStore) -> None:
         self._store = store
-        self._sites_by_number: dict[str, list[Site]] = {}
-        for site_id in sorted(sites):
-            for number in sites[site_id].caller_ids:
-                self._sites_by_number.setdefault(number, []).append(sites[site_id])
+        self._sites_by_number = sites_by_caller_id(sites)
 
     def handles(self, message: InboundSms) -> bool:
         """Whether ``message`` is an opt-out or opt-in keyword to a site's number."""

@@ -343,18 +343,7 @@
   }
 
   async function keep() {
-    const button = $("keep");
-    button.disabled = true;
-    try {
-      show(await api("POST", ticketUrl("/keep")));
-      fail("");
-      $("status").focus();
-    } catch (e) {
-      fail(e.status === 409 ? gettext("It's too late to change this now.")
-        : gettext("Something went wrong. Please try again."));
-    } finally {
-      button.disabled = false;
-    }
+    await change($("keep"), () => api("POST", ticketUrl("/keep")));
   }
 
   async function share() {
@@ -382,11 +371,18 @@
   }
 
   async function erase() {
-    const button = $("erase-yes");
+    await change($("erase-yes"), () => api("DELETE", ticketUrl("/personal-data")), () => {
+      $("confirm-erase").hidden = true;
+    });
+  }
+
+  /** A change to the ticket from ``button``: shown when it is done, the status then read out;
+   * a change that came too late (409) says so. */
+  async function change(button, request, done = () => {}) {
     button.disabled = true;
     try {
-      show(await api("DELETE", ticketUrl("/personal-data")));
-      $("confirm-erase").hidden = true;
+      show(await request());
+      done();
       fail("");
       $("status").focus();
     } catch (e) {

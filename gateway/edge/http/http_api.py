@@ -173,21 +173,24 @@ async def heartbeat(request: web.Request) -> web.Response:
     return web.json_response(presence_to_wire(presence))
 
 
-async def site_agents(request: web.Request) -> web.Response:
+async def supervised_site(request: web.Request) -> str:
+    """The site the path names, for a supervisor of that site only."""
     claims = await agent_claims(request, supervisor=True)
     site = request.match_info["site"]
     if claims.site != site:
         raise Forbidden("a supervisor sees only their own site")
+    return site
+
+
+async def site_agents(request: web.Request) -> web.Response:
+    site = await supervised_site(request)
     presences = request.app[keys.PRESENCE].site_presence(site)
     return web.json_response([presence_to_wire(p) for p in presences])
 
 
 async def survey_scores(request: web.Request) -> web.Response:
     """Each agent's and branch's answers to the question after the call (supervisors)."""
-    claims = await agent_claims(request, supervisor=True)
-    site_id = request.match_info["site"]
-    if claims.site != site_id:
-        raise Forbidden("a supervisor sees only their own site")
+    site_id = await supervised_site(request)
     site = request.app[keys.PRESENCE].site(site_id)
     scores = await request.app[keys.SURVEYS].scores(site_id)
 
