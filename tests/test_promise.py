@@ -64,6 +64,9 @@ def test_a_waiting_customer_never_goes_a_reminder_interval_without_word() -> Non
     assert promise.review(asap, silent_from + 1800, None, POLICY) is Notice.REMINDER
     reminded = cb.reminded(asap, texting=False, now=silent_from + 1800)
     assert reminded.texts == 0
+    again = cb.reminded(reminded, texting=True, now=silent_from + 3600)
+    assert [e.event for e in again.timeline].count("reminder") == 1, "one entry, the latest"
+    assert (again.timeline[-1].at, again.texts) == (silent_from + 3600, 1)
     assert promise.review(reminded, silent_from + 3599, None, POLICY) is None
     assert promise.review(reminded, silent_from + 3600, None, POLICY) is Notice.REMINDER
     # (Past its time, the promise is also judged every minute: it may slip further.)

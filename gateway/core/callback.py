@@ -182,14 +182,17 @@ def running_late(call: Call, expected_at: float, texting: bool, now: float) -> C
 
 
 def reminded(call: Call, texting: bool, now: float) -> Call:
-    """The customer has not heard from us for the site's reminder interval."""
+    """The customer has not heard from us for the site's reminder interval. Reminders with
+    nothing between them are one timeline entry, at the latest: a callback that waits for
+    days keeps a timeline of what happened, not one line per interval."""
     _waits(call)
-    return replace(
-        call,
-        told_at=now,
-        texts=call.texts + texting,
-        timeline=_log(call, now, "reminder", "You're still in line; we haven't forgotten you"),
+    entry = TimelineEntry(now, "reminder", "You're still in line; we haven't forgotten you")
+    before = (
+        call.timeline[:-1]
+        if call.timeline and call.timeline[-1].event == "reminder"
+        else call.timeline
     )
+    return replace(call, told_at=now, texts=call.texts + texting, timeline=(*before, entry))
 
 
 def kept(call: Call, now: float) -> Call:
