@@ -193,7 +193,7 @@ async def test_a_waiting_customer_hears_from_us_every_interval_until_stop_and_wi
         """The next reminder on the page. Reminders with nothing between them are one
         timeline entry, at the latest one's time (a long wait keeps a short timeline)."""
         await clock.advance(600)
-        shown = await ticket.until_shown(
+        shown: dict[str, Any] = await ticket.until_shown(
             lambda c: (
                 c["timeline"][-1]["event"] == "reminder" and c["timeline"][-1]["at"] not in seen
             ),
