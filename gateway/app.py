@@ -40,6 +40,7 @@ from gateway.ops.load import LoadMonitor
 from gateway.ops.metrics import Metrics
 from gateway.ops.tasks import TaskGroup
 from gateway.services.call_desk import CallDesk
+from gateway.services.call_metrics import CallMetrics
 from gateway.services.call_records import CallRecords, TimerKind
 from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
@@ -184,6 +185,8 @@ def create_app(
         StatusTokens.from_auth(settings.auth),
         clock.now,
     )
+    call_metrics = CallMetrics(metrics)
+    records.on_change = call_metrics.changed
     calls = CallService(records)
     callbacks = CallbackService(records, metrics)
     records.register(calls)
@@ -226,6 +229,7 @@ def create_app(
     customer_texts.texts = phones if isinstance(phones, Texts) else None
     callbacks.customer_texts = callbacks.promises.texts = customer_texts
     surveys = Surveys(records, customer_texts, node_tasks)
+    surveys.on_answer = call_metrics.answered
     callbacks.dialer.after_talk = surveys.ask_by_text
     feed.telephony = phones is not None
     # A provider that can also call agents' own phones rings mobile-only agents.

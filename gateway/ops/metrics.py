@@ -56,6 +56,40 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.calls_started = Counter(
+            "membrane_calls_started_total",
+            "Calls made (browser calls started, callbacks booked), by site and channel.",
+            ["site", "channel"],
+            registry=self.registry,
+        )
+        self.calls_ended = Counter(
+            "membrane_calls_ended_total",
+            "Calls ended, by site, channel and outcome (completed, failed, canceled).",
+            ["site", "channel", "outcome"],
+            registry=self.registry,
+        )
+        self.time_to_first_human = Histogram(
+            "membrane_time_to_first_human_seconds",
+            "From a call made until a person talks to the customer, by site and channel.",
+            ["site", "channel"],
+            buckets=(2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600),
+            registry=self.registry,
+        )
+        self.callback_lateness = Histogram(
+            "membrane_callback_lateness_seconds",
+            "A callback reaching its customer, seconds after the time last promised to them "
+            "(on time: at most 0; negative values count as 0 here).",
+            ["site"],
+            buckets=(0, 60, 120, 300, 600, 900, 1800, 3600, 7200),
+            registry=self.registry,
+        )
+        self.survey_answers = Counter(
+            "membrane_survey_answers_total",
+            "Answers to the question after the call, by site and group (promoter, passive, "
+            "detractor); NPS is (promoters - detractors) / all.",
+            ["site", "group"],
+            registry=self.registry,
+        )
         self.gc_pauses = Histogram(
             "membrane_gc_pause_seconds",
             "Garbage collector pauses of this node's process, by generation (2: everything).",

@@ -13,7 +13,7 @@ or in the reply.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -55,6 +55,8 @@ class Surveys:
         self._store = records.store
         self._texts = texts
         self._tasks = tasks
+        self.on_answer: Callable[[str, str], None] | None = None
+        """Told of each answer's site and group (the Prometheus figures)."""
         self._sites_by_number = sites_by_caller_id(records.sites)
 
     async def answer(self, call: Call, score: int, comment: str) -> SurveyAnswer:
@@ -69,6 +71,8 @@ class Surveys:
         if agent is not None and agent.branch is not None:
             subjects.append(f"branch:{agent.branch}")
         await self._store.add_to_tally(call.site, subjects, group.value)
+        if self.on_answer is not None:
+            self.on_answer(call.site, group.value)
         await self._records.notify.call_update(answered)
         referral = site.referral_url if group is Group.PROMOTER and site.referral_url else None
         return SurveyAnswer(answered, referral)
