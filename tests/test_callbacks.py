@@ -25,6 +25,7 @@ from conftest import (
 from twilio_sim import CallRecord, TwilioSim, WebhookRecord
 from yarl import URL
 
+from gateway.core import callback as cb
 from gateway.core.errors import StoreUnavailable
 from gateway.core.model import OpeningSpan
 from gateway.edge.http import appkeys as keys
@@ -713,3 +714,27 @@ async def test_refused_twilio_webhooks_are_counted(
         assert r.status == 403 and (await r.json())["error"]["code"] == "invalid_signature"
     text = await (await http.get(f"{node.url}/metrics")).text()
     assert 'membrane_errors_total{code="invalid_signature"} 2.0' in text
+
+
+async def test_a_callback_everyone_let_pass_asks_them_again_after_a_pause(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    clock: ManualClock,
+) -> None:
+    """A callback waits for someone: when every agent it could reach let its ring pass (busy,
+    away from the screen, or the ring lost with a node), it asks them all again after a
+    pause, rather than waiting forever for an agent it will never ring."""
+    node = await phone_node(nodes, phone_settings(tmp_path, sim), clock)
+    anna = await agent(clients, node, "anna")
+    _, created = await request_callback(http, node, {"phone": VISITOR_PHONE})
+    await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"], timeout=10)
+    assert (await anna.call("call:decline", {"call_id": created["call_id"]}, "/agent"))["ok"]
+    await clock.advance(cb.ROUND_PAUSE_S - 1)
+    assert anna.pending("call:ring") == [], "not before the pause"
+    assert (await ticket(http, node, created))["state"] == "queued"
+    await clock.advance(2)
+    ring = await anna.next("call:ring", lambda r: r["call_id"] == created["call_id"], 10)
+    assert ring["attempt"] == 2

@@ -45,8 +45,10 @@ LEG_ENDED = 3
 UNKNOWN_LEG_CODE = "unknown_leg"
 
 
-def _log(call: Call, now: float, event: str, detail: str) -> tuple[TimelineEntry, ...]:
-    return (*call.timeline, TimelineEntry(now, event, detail))
+def _log(
+    call: Call, now: float, event: str, detail: str, internal: bool = False
+) -> tuple[TimelineEntry, ...]:
+    return (*call.timeline, TimelineEntry(now, event, detail, internal))
 
 
 def new_callback(
@@ -146,6 +148,31 @@ def moved(call: Call, at: float, now: float) -> Call:
         scheduled_at=at,
         promised_at=at,
         timeline=_log(call, now, "moved", "You picked a new time"),
+    )
+
+
+ROUND_PAUSE_S = 30.0
+"""After every agent it could reach let its ring pass, a waiting callback asks them all again
+this long after the last ring ended: they were busy, away from the screen, or the ring was
+lost with a node; a callback waits for someone, it does not give up."""
+
+
+def round_over(call: Call, now: float) -> bool:
+    """Every agent tried for ``call`` let its ring pass at least ``ROUND_PAUSE_S`` ago."""
+    if not waiting(call) or not call.tried:
+        return False
+    last = max((e.at for e in call.timeline if e.event in ("declined", "no_answer")), default=None)
+    return last is None or now - last >= ROUND_PAUSE_S
+
+
+def next_round(call: Call, now: float) -> Call:
+    """Ask every agent again (``round_over``)."""
+    if not round_over(call, now):
+        raise CallError("stale", "this callback's round of rings is not over")
+    return replace(
+        call,
+        tried=(),
+        timeline=_log(call, now, "new_round", "Everyone was tried; asking again", internal=True),
     )
 
 

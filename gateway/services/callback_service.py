@@ -448,6 +448,12 @@ class CallbackService:
         site = self._records.sites[call.site]
         last_agent = await self._store.last_agent(call.site, call.visitor_id)
         candidates = await self._candidates(call, now, last_agent)
+        if not candidates and cb.round_over(call, now):
+            try:
+                call = await self._records.move(call, partial(cb.next_round, now=now))
+            except CallError:
+                return now + POLL_S  # it moved on meanwhile: look again
+            candidates = await self._candidates(call, now, last_agent)
         if call.pinned_agent is not None:
             call, candidates = await self._follow_up_turn(call, candidates, now)
         if not candidates:
