@@ -3,6 +3,7 @@ pairs (``cleanup_ctx``), nothing global, so tests run several nodes in one proce
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import entry_points
@@ -48,6 +49,7 @@ from gateway.services.customer_texts import CustomerTexts
 from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
 from gateway.services.follow_ups import FollowUps
+from gateway.services.history_writer import HistoryWriter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
 from gateway.services.retention import Retention
@@ -60,6 +62,7 @@ from gateway.services.timers import TimerLoop
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
+from gateway.store.history import CallHistory, PostgresHistory, SqliteHistory
 from gateway.store.redis import RedisStore
 from gateway.telephony import (
     ENTRY_POINT_GROUP,
@@ -186,7 +189,17 @@ def create_app(
         clock.now,
     )
     call_metrics = CallMetrics(metrics)
-    records.on_change = call_metrics.changed
+    records.observers.append(call_metrics.changed)
+    # Call history: in PostgreSQL when configured (nodes sharing Redis share it); else one
+    # node keeps it in SQLite beside its embedded store, and nodes sharing Redis keep none.
+    history_db: CallHistory | None = None
+    if settings.history_url:
+        history_db = PostgresHistory(settings.history_url)
+    elif not settings.redis_url:
+        history_db = SqliteHistory(settings.data_dir / "history.sqlite3")
+    history = HistoryWriter(history_db, settings.sites) if history_db is not None else None
+    if history is not None:
+        records.observers.append(history.changed)
     calls = CallService(records)
     callbacks = CallbackService(records, metrics)
     records.register(calls)
@@ -281,6 +294,8 @@ def create_app(
     app[keys.SMS_PRESENCE] = sms_presence
     app[keys.TEXT_CONSENT] = TextConsent(settings.sites, store)
     app[keys.SURVEYS] = surveys
+    if history is not None:
+        app[keys.HISTORY] = history
 
     async def pace_collector(app: web.Application) -> AsyncIterator[None]:
         shared = pacer or PROCESS_PACER
@@ -296,6 +311,18 @@ def create_app(
         log.info("node %s: store %s ready", settings.node_id, type(store).__name__)
         yield
         await store.close()
+
+    async def run_history(app: web.Application) -> AsyncIterator[None]:
+        if history is None:
+            yield
+            return
+        await history.history.start()
+        writer = asyncio.get_running_loop().create_task(history.run(), name="history-writer")
+        yield
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await history.flush(settings.drain_grace_s)
+        await history.history.close()
 
     async def run_telephony(app: web.Application) -> AsyncIterator[None]:
         if phones is not None:
@@ -353,6 +380,7 @@ def create_app(
 
     app.cleanup_ctx.append(pace_collector)
     app.cleanup_ctx.append(open_store)
+    app.cleanup_ctx.append(run_history)
     app.cleanup_ctx.append(run_telephony)
     app.cleanup_ctx.append(run_presence)
     app.cleanup_ctx.append(run_socketio)

@@ -235,6 +235,36 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+POSTGRES_ADMIN_URL = os.environ.get(
+    "MEMBRANE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+"""A PostgreSQL server the tests may create databases on (tests/run makes sure of one)."""
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A database of this test's own on the test PostgreSQL server, dropped afterwards."""
+    import asyncpg
+
+    name = f"membrane_test_{os.getpid()}_{random.randrange(1 << 32):08x}"
+    try:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but PostgreSQL is unreachable at {POSTGRES_ADMIN_URL}: {e}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {e}")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 def make_settings(tmp_path: Path, redis_url: str = "", **changes: Any) -> Settings:
     base = load_settings(None, env={}, data_dir=tmp_path / "data", redis_url=redis_url)
     settings = replace(

@@ -152,6 +152,13 @@ async def test_answers_match_the_document(
     scores = "/v1/sites/{site}/survey-scores"
     assert (await call("get", "/v1/sites/acme/survey-scores", scores, headers=sam))[0] == 200
     assert (await call("get", "/v1/sites/acme/survey-scores", scores, headers=anna))[0] == 403
+    history = "/v1/sites/{site}/history.csv"
+    day = {"day": datetime.now(UTC).date().isoformat()}
+    status, _ = await call("get", "/v1/sites/acme/history.csv", history, headers=sam, params=day)
+    assert status in (200, 503)  # one node keeps history; nodes sharing Redis do not yet
+    assert (await call("get", "/v1/sites/acme/history.csv", history, headers=anna, params=day))[
+        0
+    ] == 403
     # This node's site has no webhook secret (tests/test_im_presence.py checks the rest).
     im = "/v1/sites/{site}/presence/im"
     assert (await call("post", "/v1/sites/acme/presence/im", im, json={}))[0] == 404

@@ -199,9 +199,10 @@ class CallRecords:
         self.ringing = RingingAgents()
         """Who rings for a call anywhere (gateway.core.ringing): routing skips them without a
         store round trip, and the button does not promise them."""
-        self.on_change: Callable[[Call | None, Call], None] | None = None
+        self.observers: list[Callable[[Call | None, Call], None]] = []
         """Told of every call this node stored: new (``None`` before) or changed (the
-        manager's figures, gateway/services/call_metrics.py)."""
+        manager's figures, gateway/services/call_metrics.py; the call history,
+        gateway/services/history_writer.py). Each must be quick and must not raise."""
         self.flows: dict[CallChannel, CallFlow] = {}
         """The flow owning each channel's calls; filled by the app (``register``)."""
 
@@ -258,8 +259,8 @@ class CallRecords:
         """Store a new call (version 1)."""
         call = replace(call, version=1)
         await self.store.put_call(CallRow(call.call_id, call.site, 1, call_to_record(call)))
-        if self.on_change is not None:
-            self.on_change(None, call)
+        for observe in self.observers:
+            observe(None, call)
         return call
 
     async def update(
@@ -283,8 +284,8 @@ class CallRecords:
                 after = replace(transition(before), version=before.version + 1)
             row = CallRow(call_id, after.site, after.version, call_to_record(after))
             if await self.store.put_call(row):
-                if self.on_change is not None:
-                    self.on_change(before, after)
+                for observe in self.observers:
+                    observe(before, after)
                 return before, after
         raise Conflict("the call is changing too fast; try again")
 

@@ -52,6 +52,7 @@ _ENV_STRINGS = (
     ("server", "host", "HOST"),
     ("server", "public_url", "PUBLIC_URL"),
     ("server", "redis_url", "REDIS_URL"),
+    ("server", "history_url", "HISTORY_URL"),
     ("server", "node_id", "NODE_ID"),
     ("auth", "issuer", "JWT_ISSUER"),
     ("auth", "secret", "JWT_SECRET"),
@@ -314,6 +315,10 @@ def load_settings(
             check_redis_url(settings.redis_url)
         except RedisUrlError as e:
             raise ConfigError("server.redis_url", str(e)) from None
+    if settings.history_url and not settings.history_url.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise ConfigError("server.history_url", "must be a postgresql:// URL")
     given = (
         overrides.get("public_url") is not None
         or f"{ENV_PREFIX}PUBLIC_URL" in env

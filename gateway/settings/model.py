@@ -153,6 +153,11 @@ class Settings(msgspec.Struct, frozen=True):
     """Where the embedded store keeps its SQLite file (and a generated dev secret)."""
     redis_url: str = ""
     """Empty: one node on the embedded store. Set: many nodes sharing this Redis."""
+    history_url: str = ""
+    """The call history's PostgreSQL database (``MEMBRANE_HISTORY_URL``,
+    ``postgresql://user:password@host/db``), which nodes sharing Redis share too. Empty: one
+    node keeps its history in SQLite beside its embedded store; nodes sharing Redis keep
+    none (gateway/store/history.py)."""
     node_id: str = ""
     """Names this node in logs and metrics; random when empty."""
     gc_pacer: bool = True

@@ -66,6 +66,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     DRAINING = "draining"
     CALLBACKS_UNAVAILABLE = "callbacks_unavailable"
+    HISTORY_UNAVAILABLE = "history_unavailable"
     SPEND_CAP_REACHED = "spend_cap_reached"
     STORE_UNAVAILABLE = "store_unavailable"
     INTERNAL = "internal"

@@ -300,6 +300,38 @@ def _paths() -> dict[str, Json]:
                 tags=["agents"],
             ),
         },
+        "/v1/sites/{site}/history.csv": {
+            "parameters": [
+                _param("site"),
+                {
+                    "name": "day",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "string", "format": "date"},
+                    "description": "The UTC day whose calls to export, YYYY-MM-DD.",
+                },
+            ],
+            "get": _operation(
+                "historyCsv",
+                "The site's calls made on one day, from the call history, as CSV: call_id, "
+                "channel, outcome, reason, agent_id, branch, created_at, connected_at, "
+                "ended_at, to_first_human_s, survey_score.",
+                {
+                    **_errors(*AGENT_ERRORS),
+                    "200": {
+                        "description": "One row per call, oldest first.",
+                        "content": {"text/csv": {"schema": {"type": "string"}}},
+                    },
+                    "400": _error("invalid_payload: day is not a date."),
+                    "503": _error(
+                        "history_unavailable: this node keeps no call history (nodes "
+                        "sharing Redis without a history_url). " + DRAINING_OR_STORE
+                    ),
+                },
+                security=SUPERVISOR,
+                tags=["agents"],
+            ),
+        },
         "/v1/sites/{site}/presence/im": {
             "parameters": [_param("site")],
             "post": _operation(

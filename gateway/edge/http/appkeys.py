@@ -18,6 +18,7 @@ from gateway.ops.tasks import TaskGroup
 from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
+from gateway.services.history_writer import HistoryWriter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PresenceService
 from gateway.services.retention import Retention
@@ -55,3 +56,5 @@ DRAIN = web.AppKey("drain", Drain)
 SMS_PRESENCE = web.AppKey("sms_presence", SmsPresence)
 TEXT_CONSENT = web.AppKey("text_consent", TextConsent)
 SURVEYS = web.AppKey("surveys", Surveys)
+HISTORY = web.AppKey("history", HistoryWriter)
+"""Absent on a node without call history."""

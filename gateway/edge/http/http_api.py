@@ -11,7 +11,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.core.errors import DomainError, Forbidden, Invalid, RateLimited, StoreUnavailable
+from gateway.core.errors import (
+    DomainError,
+    Forbidden,
+    Invalid,
+    RateLimited,
+    StoreUnavailable,
+    Unavailable,
+)
 from gateway.core.survey import Tally
 from gateway.edge.auth import (
     AGENT_ROLES,
@@ -33,6 +40,7 @@ from gateway.ops.ratelimit import TokenBucket
 from gateway.wire import openapi
 from gateway.wire.base import to_wire
 from gateway.wire.codec import check_id, device_update_from_wire, presence_to_wire
+from gateway.wire.history import history_day_from_query, history_to_csv
 from gateway.wire.rest import (
     Health,
     Readiness,
@@ -207,6 +215,20 @@ async def survey_scores(request: web.Request) -> web.Response:
     )
 
 
+async def history_csv(request: web.Request) -> web.Response:
+    """The site's calls made on one day (UTC), from the call history, as CSV (supervisors)."""
+    site_id = await supervised_site(request)
+    if keys.HISTORY not in request.app:
+        raise Unavailable("this node keeps no call history", code="history_unavailable")
+    start = history_day_from_query(request.query)
+    rows = await request.app[keys.HISTORY].history.between(site_id, start, start + 86_400)
+    return web.Response(
+        text=history_to_csv(rows),
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{site_id}-calls.csv"'},
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -218,3 +240,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/agents/me/devices/{device_id}/heartbeat", heartbeat)
     app.router.add_get("/v1/sites/{site}/agents", site_agents)
     app.router.add_get("/v1/sites/{site}/survey-scores", survey_scores)
+    app.router.add_get("/v1/sites/{site}/history.csv", history_csv)

@@ -1,0 +1,27 @@
+"""A call as its history keeps it, once it has ended (gateway/store/history.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    call_id: str
+    site: str
+    channel: str
+    outcome: str
+    """The final state: completed, failed or canceled."""
+    reason: str | None
+    agent_id: str | None
+    branch: str | None
+    created_at: float
+    connected_at: float | None
+    ended_at: float | None
+    survey_score: int | None
+    timeline: str
+    """The timeline as JSON: ``[[at, event, detail], ...]`` (what the customer saw)."""
+
+    @property
+    def to_first_human_s(self) -> float | None:
+        return None if self.connected_at is None else self.connected_at - self.created_at

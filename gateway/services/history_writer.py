@@ -1,0 +1,113 @@
+"""Writes each ended call to the call history (gateway/store/history.py), off the call path.
+
+The node that stores a call's end (or the answer to its question afterwards) hands the call
+over here (``changed``, a ``CallRecords`` observer) and goes on: the write is this node's
+background task, batched. A write that fails is kept and tried again, with backoff, until
+the history answers; the newest version of each call wins. At most ``MAX_PENDING`` calls
+wait: past that the oldest is dropped, logged as an error and counted, never silently.
+A node stopping writes what is pending within its drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from gateway.core.call import Call
+from gateway.core.errors import StoreUnavailable
+from gateway.core.history import HistoryRow
+from gateway.core.model import Site
+from gateway.store.history import CallHistory, timeline_json
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 50_000
+BATCH = 200
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def history_row(call: Call, sites: Mapping[str, Site]) -> HistoryRow:
+    site = sites.get(call.site)
+    agent = site.agents.get(call.agent_id or "") if site is not None else None
+    return HistoryRow(
+        call_id=call.call_id,
+        site=call.site,
+        channel=call.channel.value,
+        outcome=call.state.value,
+        reason=call.reason,
+        agent_id=call.agent_id,
+        branch=agent.branch if agent is not None else None,
+        created_at=call.created_at,
+        connected_at=call.connected_at,
+        ended_at=call.ended_at,
+        survey_score=call.survey_score,
+        timeline=timeline_json(
+            [(e.at, e.event, e.detail) for e in call.timeline if not e.internal]
+        ),
+    )
+
+
+class HistoryWriter:
+    def __init__(self, history: CallHistory, sites: Mapping[str, Site]) -> None:
+        self.history = history
+        self._sites = sites
+        self._pending: dict[str, HistoryRow] = {}
+        self._wake = asyncio.Event()
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+
+    def changed(self, before: Call | None, after: Call) -> None:
+        """A ``CallRecords`` observer: an end, or a change to an ended call, is written."""
+        if not after.final:
+            return
+        if len(self._pending) >= MAX_PENDING and after.call_id not in self._pending:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            self.dropped += 1
+            log.error("call history is %d calls behind: %s dropped", MAX_PENDING, oldest)
+        self._pending.pop(after.call_id, None)  # the newest last, as the newest wins
+        self._pending[after.call_id] = history_row(after, self._sites)
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            if await self._write_batch():
+                failures = 0
+            else:
+                await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
+                failures += 1
+
+    async def _write_batch(self) -> bool:
+        ids = list(self._pending)[:BATCH]
+        rows = [self._pending[i] for i in ids]
+        try:
+            await self.history.put(rows)
+        except StoreUnavailable as e:
+            self.failures += 1
+            log.warning("call history unreachable (%s); %d calls wait", e, len(self._pending))
+            return False
+        for call_id, row in zip(ids, rows, strict=True):
+            if self._pending.get(call_id) is row:  # not replaced by a newer one meanwhile
+                del self._pending[call_id]
+        self.written += len(rows)
+        return True
+
+    async def flush(self, deadline_s: float) -> None:
+        """Write what is pending, for up to ``deadline_s`` (a node stopping)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while self._pending and loop.time() < end:
+            if not await self._write_batch():
+                await asyncio.sleep(min(0.5, max(0.0, end - loop.time())))
+        if self._pending:
+            log.error("call history: %d calls not written before stopping", len(self._pending))

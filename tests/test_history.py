@@ -1,0 +1,252 @@
+"""Call history that lasts (issue 15, its first part): every ended call is written off the
+call path, with its agent, branch, times and survey answer, to SQLite on one node or to a
+PostgreSQL database that nodes sharing Redis share; it survives a restart of every node; a
+supervisor exports a day as CSV; the schema is migrated by version, once; and a history
+that fails is written to again once it answers, never silently skipped."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import sqlite3
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import NodeFactory, SocketClient, eventually, make_settings, mint, start_node
+from test_callbacks import agent, visitor_token
+
+from gateway.core.call import Call, CallChannel, CallState
+from gateway.core.errors import StoreUnavailable
+from gateway.core.history import HistoryRow
+from gateway.core.model import Role
+from gateway.services import history_writer
+from gateway.services.history_writer import HistoryWriter
+from gateway.store.history import MIGRATIONS, PostgresHistory, SqliteHistory
+
+T0 = 1_800_000_000.0
+
+
+def row(call_id: str, at: float = T0, score: int | None = None) -> HistoryRow:
+    return HistoryRow(
+        call_id, "acme", "webrtc", "completed", "visitor_hung_up", "anna", "dublin",
+        at, at + 5, at + 65, score, "[]",
+    )  # fmt: skip
+
+
+async def test_the_schema_is_migrated_once_and_rows_outlive_the_database_connection(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "history.sqlite3"
+    history = SqliteHistory(path)
+    await history.start()
+    assert await history.version() == len(MIGRATIONS)
+    await history.put([row("c_1"), row("c_2", T0 + 86_400)])
+    await history.put([row("c_1", score=9)])  # the answer after the end replaces the row
+    await history.close()
+    again = SqliteHistory(path)
+    await again.start()  # nothing left to migrate: no error, the same version
+    assert await again.version() == len(MIGRATIONS)
+    assert await again.between("acme", T0, T0 + 86_400) == [row("c_1", score=9)]
+    assert await again.between("globex", T0, T0 + 2 * 86_400) == []
+    await again.close()
+
+
+async def test_a_node_refuses_a_history_newer_than_it_knows(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    history = SqliteHistory(path)
+    await history.start()
+    await history.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS) + 1,))
+    newer = SqliteHistory(path)
+    with pytest.raises(StoreUnavailable, match="newer than this node knows"):
+        await newer.start()
+    await newer.close()
+
+
+class FlakyHistory:
+    """A history that fails its first ``failures`` writes."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.rows: dict[str, HistoryRow] = {}
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def put(self, rows: Sequence[HistoryRow]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("down")
+        self.rows.update({r.call_id: r for r in rows})
+
+    async def between(self, site: str, start: float, end: float) -> list[HistoryRow]:
+        return []
+
+
+def ended(call_id: str, score: int | None = None) -> Call:
+    return Call(
+        call_id,
+        "acme",
+        "v_1",
+        CallChannel.WEBRTC,
+        CallState.COMPLETED,
+        T0,
+        agent_id="anna",
+        connected_at=T0 + 3,
+        ended_at=T0 + 60,
+        survey_score=score,
+    )
+
+
+async def test_a_failing_history_is_written_to_again_and_the_newest_version_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(history_writer, "BACKOFF_S", (0.01,))
+    flaky = FlakyHistory(failures=3)
+    writer = HistoryWriter(flaky, make_settings(Path("/nonexistent")).sites)
+    live = Call("c_0", "acme", "v_1", CallChannel.WEBRTC, CallState.CONNECTED, T0)
+    writer.changed(None, live)
+    assert writer.pending == 0, "only ended calls are history"
+    writer.changed(live, ended("c_1"))
+    writer.changed(ended("c_1"), ended("c_1", score=10))
+    task = asyncio.create_task(writer.run())
+
+    async def written() -> bool:
+        return "c_1" in flaky.rows
+
+    await eventually(written, 5)
+    task.cancel()
+    assert flaky.rows["c_1"].survey_score == 10 and flaky.rows["c_1"].branch == "dublin"
+    assert writer.failures == 3 and writer.pending == 0
+
+
+async def test_more_calls_waiting_than_the_bound_drops_the_oldest_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(history_writer, "MAX_PENDING", 2)
+    writer = HistoryWriter(FlakyHistory(failures=99), make_settings(Path("/nonexistent")).sites)
+    for call_id in ("c_1", "c_2", "c_3"):
+        writer.changed(None, ended(call_id))
+    assert writer.pending == 2 and writer.dropped == 1
+    assert "c_1 dropped" in caplog.text
+
+
+async def test_ended_calls_outlive_a_restart_and_a_supervisor_exports_the_day(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    node = await nodes()
+    anna = await agent(clients, node, "anna")
+    visitor = clients()
+    await visitor.connect(node.url, "/visitor", {"token": await visitor_token(http, node)})
+    started = await visitor.call("call:start", {"language": "en"}, "/visitor")
+    call_id = started["call"]["call_id"]
+    assert (await anna.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
+    await visitor.call("call:cancel", {"call_id": call_id}, "/visitor")
+    await anna.next("call:update", lambda c: c["state"] == "completed")
+    r = await http.post(
+        f"{node.url}/v1/calls/{call_id}/survey",
+        params={"token": started["status_token"]},
+        json={"score": 9},
+    )
+    assert r.status == 200
+    await visitor.close()
+    await anna.close()
+    await node.stop()  # writes what is pending as it stops
+
+    again = await start_node(node.settings)
+    try:
+        day = datetime.now(UTC).date().isoformat()
+        sam = {"Authorization": f"Bearer {mint(again.settings, 'sam', Role.SUPERVISOR)}"}
+        url = f"{again.url}/v1/sites/acme/history.csv"
+        async with http.get(url, params={"day": day}, headers=sam) as r:
+            assert r.status == 200 and r.content_type == "text/csv"
+            found = list(csv.DictReader(io.StringIO(await r.text())))
+        [kept] = [c for c in found if c["call_id"] == call_id]
+        assert (kept["channel"], kept["outcome"], kept["reason"]) == (
+            "webrtc",
+            "completed",
+            "visitor_hung_up",
+        )
+        assert (kept["agent_id"], kept["branch"], kept["survey_score"]) == ("anna", "dublin", "9")
+        assert float(kept["to_first_human_s"]) >= 0
+        anna_token = {"Authorization": f"Bearer {mint(again.settings, 'anna')}"}
+        async with http.get(url, params={"day": day}, headers=anna_token) as r:
+            assert r.status == 403
+        for bad in ("yesterday", "2026-13-01", ""):
+            async with http.get(url, params={"day": bad}, headers=sam) as r:
+                assert r.status == 400, bad
+    finally:
+        await again.stop()
+
+
+async def test_nodes_share_a_postgresql_history_migrated_once_and_it_outlives_them_all(
+    tmp_path: Path,
+    redis_url: str,
+    postgres_url: str,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Two nodes sharing Redis start at once on a new database (one migrates, the other
+    waits for it), each ends a call, every node stops; new nodes read both calls back."""
+    settings = make_settings(tmp_path, redis_url=redis_url, history_url=postgres_url)
+    a, b = await asyncio.gather(start_node(settings), start_node(settings))
+    nodes_up = [a, b]
+    try:
+        ended_on = {}
+        for node in (a, b):
+            anna = await agent(clients, node, "anna")
+            visitor = clients()
+            await visitor.connect(node.url, "/visitor", {"token": await visitor_token(http, node)})
+            started = await visitor.call("call:start", {"language": "en"}, "/visitor")
+            call_id = started["call"]["call_id"]
+            assert (await anna.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
+            await anna.call("call:hangup", {"call_id": call_id}, "/agent")  # ended on `node`
+            await visitor.next("call:update", lambda c: c["state"] == "completed")
+            await visitor.close()
+            await anna.close()
+            ended_on[call_id] = node
+    finally:
+        for node in nodes_up:
+            await node.stop()
+
+    history = PostgresHistory(postgres_url)
+    await history.start()
+    assert await history.version() == len(MIGRATIONS)
+    await history.close()
+    again = [await start_node(settings), await start_node(settings)]
+    try:
+        sam = {"Authorization": f"Bearer {mint(settings, 'sam', Role.SUPERVISOR)}"}
+        day = datetime.now(UTC).date().isoformat()
+        for node in again:
+            async with http.get(
+                f"{node.url}/v1/sites/acme/history.csv", params={"day": day}, headers=sam
+            ) as r:
+                assert r.status == 200
+                rows = {c["call_id"]: c for c in csv.DictReader(io.StringIO(await r.text()))}
+            assert set(rows) == set(ended_on)
+            assert {c["reason"] for c in rows.values()} == {"agent_hung_up"}
+            assert {c["agent_id"] for c in rows.values()} == {"anna"}
+    finally:
+        for node in again:
+            await node.stop()
+
+
+async def test_nodes_sharing_redis_without_a_history_database_say_so(
+    nodes: NodeFactory, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    node = await nodes(redis_url=redis_url)
+    sam = {"Authorization": f"Bearer {mint(node.settings, 'sam', Role.SUPERVISOR)}"}
+    async with http.get(
+        f"{node.url}/v1/sites/acme/history.csv", params={"day": "2026-12-04"}, headers=sam
+    ) as r:
+        assert r.status == 503
+        assert (await r.json())["error"]["code"] == "history_unavailable"
