@@ -316,7 +316,8 @@ def create_app(
         if history is None:
             yield
             return
-        await history.history.start()
+        # Opened by the writer, which tries again while the database cannot be reached: the
+        # node serves calls meanwhile.
         writer = asyncio.get_running_loop().create_task(history.run(), name="history-writer")
         yield
         writer.cancel()

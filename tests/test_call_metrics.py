@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 from conftest import NodeFactory, SocketClient
 from prometheus_client.parser import text_string_to_metric_families
-from test_callbacks import agent, visitor_token
+from test_surveys import answer, browser_call
 
 from gateway.core.call import Call, CallChannel, CallState
 from gateway.core.call_figures import figures
@@ -65,20 +65,9 @@ async def test_a_call_is_counted_once_across_nodes(
     clients: Callable[[], SocketClient],
 ) -> None:
     a, b = await nodes(redis_url=redis_url), await nodes(redis_url=redis_url)
-    anna = await agent(clients, b, "anna")
-    visitor = clients()
-    await visitor.connect(a.url, "/visitor", {"token": await visitor_token(http, a)})
-    started = await visitor.call("call:start", {"language": "en"}, "/visitor")
-    call_id = started["call"]["call_id"]
-    assert (await anna.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
-    await visitor.call("call:cancel", {"call_id": call_id}, "/visitor")
-    await anna.next("call:update", lambda c: c["state"] == "completed")
-    r = await http.post(
-        f"{b.url}/v1/calls/{call_id}/survey",
-        params={"token": started["status_token"]},
-        json={"score": 10},
-    )
-    assert r.status == 200, await r.text()
+    started = await browser_call(clients, http, a, talk=True, agent_node=b)
+    status, answered = await answer(http, b, started, {"score": 10})
+    assert status == 200, answered
 
     scraped = []
     for node in (a, b):

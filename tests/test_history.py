@@ -16,13 +16,23 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import NodeFactory, SocketClient, eventually, make_settings, mint, start_node
+from conftest import (
+    NodeFactory,
+    SocketClient,
+    eventually,
+    free_port,
+    make_settings,
+    mint,
+    start_node,
+)
 from test_callbacks import agent, visitor_token
+from test_surveys import answer, browser_call
 
 from gateway.core.call import Call, CallChannel, CallState
 from gateway.core.errors import StoreUnavailable
 from gateway.core.history import HistoryRow
 from gateway.core.model import Role
+from gateway.edge.http import appkeys as keys
 from gateway.services import history_writer
 from gateway.services.history_writer import HistoryWriter
 from gateway.store.history import MIGRATIONS, PostgresHistory, SqliteHistory
@@ -144,25 +154,13 @@ async def test_ended_calls_outlive_a_restart_and_a_supervisor_exports_the_day(
     clients: Callable[[], SocketClient],
 ) -> None:
     node = await nodes()
-    anna = await agent(clients, node, "anna")
-    visitor = clients()
-    await visitor.connect(node.url, "/visitor", {"token": await visitor_token(http, node)})
-    started = await visitor.call("call:start", {"language": "en"}, "/visitor")
+    started = await browser_call(clients, http, node, talk=True)
     call_id = started["call"]["call_id"]
-    assert (await anna.call("call:accept", {"call_id": call_id}, "/agent"))["ok"]
-    await visitor.call("call:cancel", {"call_id": call_id}, "/visitor")
-    await anna.next("call:update", lambda c: c["state"] == "completed")
-    r = await http.post(
-        f"{node.url}/v1/calls/{call_id}/survey",
-        params={"token": started["status_token"]},
-        json={"score": 9},
-    )
-    assert r.status == 200
-    await visitor.close()
-    await anna.close()
+    assert (await answer(http, node, started, {"score": 9}))[0] == 200
     await node.stop()  # writes what is pending as it stops
 
     again = await start_node(node.settings)
+    await asyncio.wait_for(again.app[keys.HISTORY].opened.wait(), 10)
     try:
         day = datetime.now(UTC).date().isoformat()
         sam = {"Authorization": f"Bearer {mint(again.settings, 'sam', Role.SUPERVISOR)}"}
@@ -200,6 +198,7 @@ async def test_nodes_share_a_postgresql_history_migrated_once_and_it_outlives_th
     settings = make_settings(tmp_path, redis_url=redis_url, history_url=postgres_url)
     a, b = await asyncio.gather(start_node(settings), start_node(settings))
     nodes_up = [a, b]
+    await asyncio.gather(*(n.app[keys.HISTORY].opened.wait() for n in nodes_up))
     try:
         ended_on = {}
         for node in (a, b):
@@ -223,6 +222,8 @@ async def test_nodes_share_a_postgresql_history_migrated_once_and_it_outlives_th
     assert await history.version() == len(MIGRATIONS)
     await history.close()
     again = [await start_node(settings), await start_node(settings)]
+    for node in again:
+        await asyncio.wait_for(node.app[keys.HISTORY].opened.wait(), 10)
     try:
         sam = {"Authorization": f"Bearer {mint(settings, 'sam', Role.SUPERVISOR)}"}
         day = datetime.now(UTC).date().isoformat()
@@ -238,6 +239,25 @@ async def test_nodes_share_a_postgresql_history_migrated_once_and_it_outlives_th
     finally:
         for node in again:
             await node.stop()
+
+
+async def test_a_node_serves_while_its_history_database_is_down(
+    nodes: NodeFactory, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """The history is no reason to refuse calls: the node starts, and its writer keeps
+    trying; the export says the history cannot be reached."""
+    node = await nodes(
+        redis_url=redis_url, history_url=f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    )
+    async with http.get(f"{node.url}/readyz") as r:
+        assert r.status == 200
+    sam = {"Authorization": f"Bearer {mint(node.settings, 'sam', Role.SUPERVISOR)}"}
+    async with http.get(
+        f"{node.url}/v1/sites/acme/history.csv", params={"day": "2026-12-04"}, headers=sam
+    ) as r:
+        assert r.status == 503
+        assert (await r.json())["error"]["code"] == "store_unavailable"
+    assert not node.app[keys.HISTORY].opened.is_set()
 
 
 async def test_nodes_sharing_redis_without_a_history_database_say_so(

@@ -51,10 +51,15 @@ async def two_nodes(
 
 
 async def browser_call(
-    clients: Callable[[], SocketClient], http: aiohttp.ClientSession, node: Node, talk: bool
+    clients: Callable[[], SocketClient],
+    http: aiohttp.ClientSession,
+    node: Node,
+    talk: bool,
+    agent_node: Node | None = None,
 ) -> dict[str, Any]:
-    """A browser call to Anna, who answers (``talk``) or declines; its start ack."""
-    anna = await agent(clients, node, "anna")
+    """A browser call on ``node`` to Anna (on ``agent_node``, else the same), who answers
+    (``talk``, then the visitor hangs up) or declines; its start ack."""
+    anna = await agent(clients, agent_node or node, "anna")
     visitor = clients()
     await visitor.connect(node.url, "/visitor", {"token": await visitor_token(http, node)})
     ack = await visitor.call("call:start", {"language": "en"}, "/visitor")

@@ -54,6 +54,8 @@ class HistoryWriter:
         self._sites = sites
         self._pending: dict[str, HistoryRow] = {}
         self._wake = asyncio.Event()
+        self.opened = asyncio.Event()
+        """Set once ``run`` has opened the history."""
         self.written = 0
         self.dropped = 0
         self.failures = 0
@@ -76,6 +78,17 @@ class HistoryWriter:
         return len(self._pending)
 
     async def run(self) -> None:
+        """Open the history (again and again while it cannot be reached: the node serves
+        calls meanwhile, and what ends waits here), then write what ends."""
+        failures = 0
+        while not self.opened.is_set():
+            try:
+                await self.history.start()
+                self.opened.set()
+            except StoreUnavailable as e:
+                log.warning("call history unreachable at start (%s); trying again", e)
+                await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
+                failures += 1
         failures = 0
         while True:
             if not self._pending:
@@ -104,6 +117,10 @@ class HistoryWriter:
 
     async def flush(self, deadline_s: float) -> None:
         """Write what is pending, for up to ``deadline_s`` (a node stopping)."""
+        if not self.opened.is_set():
+            if self._pending:
+                log.error("call history: %d calls not written (never opened)", self.pending)
+            return
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline_s
         while self._pending and loop.time() < end:

@@ -78,7 +78,8 @@ class SqliteHistory:
         self._executor: ThreadPoolExecutor | None = None
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        assert self._executor is not None, "history not started"
+        if self._executor is None:
+            raise StoreUnavailable("the call history is not open")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
         except sqlite3.DatabaseError as e:
@@ -161,9 +162,10 @@ class PostgresHistory:
         self._pool: asyncpg.Pool | None = None
 
     async def start(self) -> None:
+        pool = None
         try:
-            self._pool = await asyncpg.create_pool(self._url, min_size=1, max_size=4)
-            async with self._pool.acquire() as db, db.transaction():
+            pool = await asyncpg.create_pool(self._url, min_size=1, max_size=4)
+            async with pool.acquire() as db, db.transaction():
                 await db.execute("SELECT pg_advisory_xact_lock($1)", self.MIGRATION_LOCK)
                 await db.execute(
                     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -178,16 +180,26 @@ class PostgresHistory:
                 for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
                     await db.execute(step)
                     await db.execute("INSERT INTO schema_version VALUES ($1)", number)
-        except (OSError, asyncpg.PostgresError) as e:
+        except (OSError, asyncpg.PostgresError, StoreUnavailable) as e:
+            if pool is not None:
+                await pool.close()
+            if isinstance(e, StoreUnavailable):
+                raise
             raise StoreUnavailable(f"call history: {e}") from e
+        self._pool = pool
 
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    def _open_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the call history is not connected")
+        return self._pool
+
     async def put(self, rows: Sequence[HistoryRow]) -> None:
-        assert self._pool is not None, "history not started"
+        pool = self._open_pool()
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "call_id")
         sql = (
             f"INSERT INTO call_history ({', '.join(COLUMNS)})"
@@ -195,25 +207,24 @@ class PostgresHistory:
             f" ON CONFLICT (call_id) DO UPDATE SET {updates}"
         )
         try:
-            async with self._pool.acquire() as db, db.transaction():
+            async with pool.acquire() as db, db.transaction():
                 await db.executemany(sql, [astuple(r) for r in rows])
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreUnavailable(f"call history: {e}") from e
 
     async def between(self, site: str, start: float, end: float) -> list[HistoryRow]:
-        assert self._pool is not None, "history not started"
+        pool = self._open_pool()
         sql = (
             f"SELECT {', '.join(COLUMNS)} FROM call_history"
             " WHERE site = $1 AND created_at >= $2 AND created_at < $3 ORDER BY created_at"
         )
         try:
-            async with self._pool.acquire() as db:
+            async with pool.acquire() as db:
                 found = await db.fetch(sql, site, start, end)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreUnavailable(f"call history: {e}") from e
         return [HistoryRow(*row) for row in found]
 
     async def version(self) -> int:
-        assert self._pool is not None, "history not started"
-        async with self._pool.acquire() as db:
+        async with self._open_pool().acquire() as db:
             return int(await db.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
