@@ -7,6 +7,7 @@ Twilio simulator; time is a ManualClock the test moves."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,35 @@ async def test_only_the_calls_agent_may_promise_and_bad_promises_are_refused_wit
     assert await refused(olivia, {**ask, "note": "x" * 501}) == "invalid_payload"
     assert await refused(olivia, {**ask, "call_id": "c_" + "0" * 32}) == "not_found"
     assert await refused(olivia, ["not", "an", "object"]) == "invalid_payload"
+
+
+async def test_a_promise_sent_twice_at_once_is_made_once(
+    nodes: NodeFactory,
+    tmp_path: Path,
+    sim: TwilioSim,
+    redis_url: str,
+    clock: ManualClock,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Two tabs of the agent app, on two nodes, send the same promise at once: one follow-up,
+    and the other tab is told it exists."""
+    a, b = await two_nodes(nodes, tmp_path, sim, redis_url, clock)
+    olivia = await agent(clients, a, "olivia")
+    started = await talked(clients, http, a, olivia)
+    other_tab = await agent(clients, b, "olivia")
+    ask = {
+        "call_id": started["call"]["call_id"],
+        "at": iso(round(clock.now()) + 1200),
+        "phone": VISITOR_PHONE,
+    }
+    acks = await asyncio.gather(
+        olivia.call("call:follow_up", ask, "/agent"),
+        other_tab.call("call:follow_up", ask, "/agent"),
+    )
+    assert sorted(ack["ok"] for ack in acks) == [False, True], acks
+    [refused] = [ack for ack in acks if not ack["ok"]]
+    assert refused["error"]["code"] == "follow_up_exists"
+    [made] = [ack for ack in acks if ack["ok"]]
+    shown = await ticket(http, b, made["follow_up"]["call_id"], started["status_token"])
+    assert shown["state"] == "scheduled"

@@ -256,9 +256,12 @@ class CallRecords:
         return call_from_record(row.data, row.version) if row is not None else None
 
     async def create(self, call: Call) -> Call:
-        """Store a new call (version 1)."""
+        """Store a new call (version 1); ``Conflict`` if a call of that id exists (an id
+        derived from another call's, made twice at once: a follow-up)."""
         call = replace(call, version=1)
-        await self.store.put_call(CallRow(call.call_id, call.site, 1, call_to_record(call)))
+        row = CallRow(call.call_id, call.site, 1, call_to_record(call))
+        if not await self.store.put_call(row):
+            raise Conflict(f"call {call.call_id} exists", code="conflict")
         for observe in self.observers:
             observe(None, call)
         return call

@@ -4,8 +4,9 @@ ticket, which the callback flow then runs (its routing honours the pin, and the 
 policy once she is not free).
 
 The follow-up's id is derived from the call's, so a promise is made once even when two
-tabs send it at once or a node dies between its two writes (the call names its follow-up
-first, then the follow-up is stored; a retry finds the name and stores what is missing).
+tabs send it at once (the second finds it stored: ``follow_up_exists``) or a node dies
+between its two writes (the call names its follow-up first, then the follow-up is stored;
+a retry finds the name and stores what is missing).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from functools import partial
 
 from gateway.core import follow_up as fu
 from gateway.core.call import Call, CallError
-from gateway.core.errors import Invalid, NotFound
+from gateway.core.errors import Conflict, Invalid, NotFound
 from gateway.services.call_records import CallRecords
 from gateway.services.callback_dialing import due_timer
 from gateway.services.callback_service import CallbackService
@@ -65,7 +66,10 @@ class FollowUps:
             call, partial(fu.promised, follow_up_id=new_id, at=ask.at, now=now)
         )
         follow_up = fu.new_follow_up(new_id, call, number.e164, ask.at, ask.note, until, now)
-        follow_up = await records.create(follow_up)
+        try:
+            follow_up = await records.create(follow_up)
+        except Conflict:  # the same promise, made at once from another tab: it was first
+            raise CallError("follow_up_exists", "this call has a follow-up already") from None
         await records.schedule(due_timer(follow_up), ask.at)
         await self._callbacks.booked(follow_up)
         return call, follow_up

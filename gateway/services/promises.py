@@ -66,8 +66,15 @@ class Promises:
             change = partial(cb.running_late, expected_at=expected, texting=texting, now=now)
         else:
             change = partial(cb.reminded, texting=texting, now=now)
+
+        def as_judged(current: Call) -> Call:
+            # Judged on ``call``: a call changed since (moved, rung) is judged again next time.
+            if current.version != call.version:
+                raise CallError("stale", "the callback changed since it was reviewed")
+            return change(current)
+
         try:
-            told = await self._records.move(call, change)
+            told = await self._records.move(call, as_judged)
         except CallError:
             return await self._records.get(call.call_id)  # it moved on meanwhile
         log.info("callback %s: %s notice (texted: %s)", call.call_id, notice.value, texting)
