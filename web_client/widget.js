@@ -46,7 +46,9 @@
   async function loadCatalogue() {
     const wanted = callLanguage() || "en";
     try {
-      const r = await fetch(`${gw}/v1/messages/${encodeURIComponent(wanted)}`);
+      // The button waits for its words, but not for long: English after 3 s.
+      const r = await fetch(`${gw}/v1/messages/${encodeURIComponent(wanted)}`,
+        { signal: AbortSignal.timeout(3000) });
       if (r.ok) {
         const body = await r.json();
         catalogue = body.messages || {};

@@ -97,7 +97,7 @@
     const wanted = new URLSearchParams(location.search).get("lang")
       || (navigator.languages && navigator.languages[0]) || navigator.language || "en";
     try {
-      const r = await fetch(`/v1/messages/${encodeURIComponent(wanted)}`);
+      const r = await fetch(`/v1/messages/${encodeURIComponent(wanted)}`, { signal: AbortSignal.timeout(3000) });
       if (r.ok) {
         const body = await r.json();
         catalogue = body.messages || {};
