@@ -72,6 +72,8 @@ CALLS_PER_S = 5.0
 CALLBACK_EVERY_S = 2.0
 HOLD_S = 0.3
 """How long an agent talks in a browser call before hanging up."""
+STUCK_AFTER_S = 30.0
+"""How long an agent waits on a callback that seems stuck before hanging it up."""
 RING_TIMEOUT_S = 5
 DOWN_GRACE_S = 3.0
 """A node may still answer 200 this long after Redis stopped answering (its health check
@@ -394,9 +396,12 @@ class ChaosAgent:
             await asyncio.sleep(HOLD_S)  # talking
         else:
             # The visitor's phone hangs up after HANG_UP_AFTER; an agent whose callback seems
-            # stuck (its webhooks lost in an outage) hangs up in the app.
+            # stuck (its webhooks lost in an outage) hangs up in the app. Not before a dial
+            # could still come: a node killed holding the dial's timer leaves it to another
+            # after the lease (15 s), and Redis frozen meanwhile (10 s) delays that too; an
+            # agent who hung up sooner would cancel a callback that was not lost.
             try:
-                await asyncio.wait_for(hold.over.wait(), 15)
+                await asyncio.wait_for(hold.over.wait(), STUCK_AFTER_S)
                 return
             except TimeoutError:
                 pass
