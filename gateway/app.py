@@ -243,7 +243,7 @@ def create_app(
     callbacks.customer_texts = callbacks.promises.texts = customer_texts
     surveys = Surveys(records, customer_texts, node_tasks)
     surveys.on_answer = call_metrics.answered
-    callbacks.dialer.after_talk = surveys.ask_by_text
+    records.observers.append(surveys.changed)
     feed.telephony = phones is not None
     # A provider that can also call agents' own phones rings mobile-only agents.
     callbacks.devices.phones = phones if isinstance(phones, AgentPhones) else None

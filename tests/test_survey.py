@@ -79,3 +79,11 @@ def test_only_a_call_that_reached_someone_is_answered_once_within_a_week() -> No
         with pytest.raises(CallError) as error:
             survey.answered(refused, 5, "", when)
         assert error.value.code == code
+
+
+def test_the_question_is_due_once_when_a_call_that_reached_someone_ends() -> None:
+    done = talked()
+    live = replace(done, state=CallState.CONNECTED, ended_at=None)
+    assert survey.just_talked(live, done)
+    assert not survey.just_talked(done, replace(done, survey_score=9)), "ended already"
+    assert not survey.just_talked(live, replace(done, connected_at=None, state=CallState.FAILED))

@@ -38,6 +38,13 @@ def group_of(score: int) -> Group:
     return Group.PASSIVE if score >= 7 else Group.DETRACTOR
 
 
+def just_talked(before: Call | None, after: Call) -> bool:
+    """The change from ``before`` to ``after`` ended a call that reached someone: its
+    question is due."""
+    completed = after.state is CallState.COMPLETED and after.connected_at is not None
+    return completed and (before is None or before.state is not CallState.COMPLETED)
+
+
 def check_answerable(call: Call, now: float) -> None:
     """Raises why ``call``'s question may not be answered now, if it may not: only a call
     that reached an agent and ended, within a week, once."""

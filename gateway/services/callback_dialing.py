@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import partial
 from typing import Protocol
 
@@ -107,9 +107,6 @@ class CallbackDialer:
         self.bridge: AudioBridge | None = None
         """The audio bridge, when media workers run: an agent who accepted in the app talks
         there, not on her own phone."""
-        self.after_talk: Callable[[Call], None] | None = None
-        """Told of each callback that ended after its customer talked to an agent (the
-        question after the call, gateway/services/surveys.py)."""
 
     def timers(self) -> Mapping[TimerKind, TimerHandler]:
         return {TimerKind.CALLBACK_DIAL: self.on_dial, TimerKind.CALLBACK_WATCH: self.on_watch}
@@ -386,8 +383,6 @@ class CallbackDialer:
             await self._store.add_spend(done.site, now, extra, SPEND_TTL_S)
         self._metrics.callbacks.labels("completed").inc()
         await self._notify.call_update(done)
-        if self.after_talk is not None:
-            self.after_talk(done)
 
     async def _fail_attempt(self, call: Call, outcome: str, retryable: bool) -> None:
         now = self._records.clock()

@@ -579,9 +579,6 @@ class CallbackService:
         else:
             await self._notify.call_update(after)
         await self.dialer.after_end(before, after)
-        talked = after.state is CallState.COMPLETED and after.connected_at is not None
-        if talked and self.dialer.after_talk is not None:
-            self.dialer.after_talk(after)
 
     def _ring_details(self, call: Call, agent_id: str) -> tuple[Json, Json]:
         """What a callback's ring adds: the visitor's number, and where the agent will talk

@@ -87,11 +87,13 @@ class Surveys:
 
     # --- by text, after a phone call -------------------------------------------------------
 
-    def ask_by_text(self, call: Call) -> None:
-        """A callback's customer talked to an agent and hung up: text them the question."""
-        site = self._records.sites[call.site]
-        if call.channel is CallChannel.CALLBACK and site.survey and call.phone is not None:
-            self._tasks.spawn(self._ask(call), f"survey:{call.call_id}")
+    def changed(self, before: Call | None, after: Call) -> None:
+        """A ``CallRecords`` observer: a callback's customer talked to an agent and the call
+        ended (on whichever path: a phone hung up, the app): text them the question."""
+        if after.channel is not CallChannel.CALLBACK or not survey.just_talked(before, after):
+            return
+        if self._records.sites[after.site].survey and after.phone is not None:
+            self._tasks.spawn(self._ask(after), f"survey:{after.call_id}")
 
     async def _ask(self, call: Call) -> None:
         now = self._records.clock()
