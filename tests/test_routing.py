@@ -20,7 +20,18 @@ from hypothesis import strategies as st
 
 from gateway.core.availability import Availability, availability, estimate_wait_s
 from gateway.core.hours import is_open
-from gateway.core.model import Agent, Branch, Channel, OpeningSpan, Presence, PresenceStatus, Site
+from gateway.core.model import (
+    Agent,
+    Branch,
+    Channel,
+    Device,
+    DeviceKind,
+    DeviceState,
+    OpeningSpan,
+    Presence,
+    PresenceStatus,
+    Site,
+)
 from gateway.core.ranking_cache import RankingCache
 from gateway.core.routing import (
     BranchKey,
@@ -29,6 +40,7 @@ from gateway.core.routing import (
     NoRouteReason,
     RouteDecision,
     RouteRequest,
+    RoutingPolicy,
     RoutingSnapshot,
     branch_rank,
     capabilities,
@@ -874,6 +886,21 @@ _WANTED_SKILLS = st.lists(st.sampled_from(SKILLS), max_size=3).map(tuple)
 _INSTANTS = st.sampled_from([NOW, NIGHT, utc(2025, 6, 7, 12), utc(2025, 3, 30, 9)])
 
 
+_DEVICE_LISTS = st.lists(
+    st.builds(
+        Device,
+        device_id=st.sampled_from(["d1", "d2"]),
+        kind=st.sampled_from(list(DeviceKind)),
+        state=st.just(DeviceState.AVAILABLE),
+        priority=st.just(0),
+        last_seen=st.just(0.0),
+        expires_at=st.just(0.0),
+    ),
+    max_size=2,
+).map(tuple)
+_SCORES = st.sampled_from([-100.0, -20.0, 0.0, 35.5, 100.0])
+
+
 @st.composite
 def routing_cases(draw: st.DrawFn) -> tuple[RoutingSnapshot, RouteRequest, float]:
     agents: list[Agent] = []
@@ -898,17 +925,19 @@ def routing_cases(draw: st.DrawFn) -> tuple[RoutingSnapshot, RouteRequest, float
                 branch=None,
                 status=draw(_STATUSES),
                 channels=draw(_CHANNEL_LISTS),
-                devices=(),
+                devices=draw(_DEVICE_LISTS),
                 since=0.0,
                 idle_since=draw(_IDLE_SINCE),
             )
     site = Site(SITE_ID, "Acme", (), BRANCHES, {a.agent_id: a for a in agents})
+    scores = {a.agent_id: draw(_SCORES) for a in agents if draw(st.booleans())}
     snap = RoutingSnapshot(
         site=site,
         presence=presences,
         reserved=draw(_AGENT_SETS),
         last_agent=draw(_MAYBE_AGENT),
         can=Capabilities(callbacks=draw(st.booleans()), bridge=draw(st.booleans())),
+        scores=scores,
     )
     req = RouteRequest(
         site_id=SITE_ID,
@@ -920,6 +949,7 @@ def routing_cases(draw: st.DrawFn) -> tuple[RoutingSnapshot, RouteRequest, float
         skills=draw(_WANTED_SKILLS),
         exclude=draw(_AGENT_SETS),
         agent_channels=draw(_CHANNEL_LISTS),
+        policy=draw(st.sampled_from(list(RoutingPolicy))),
     )
     return snap, req, draw(_INSTANTS)
 
@@ -1145,3 +1175,39 @@ def test_ranking_cache_stays_exact_over_many_walks_as_agents_come_and_go(
         assert order(cache.route(snap, req, now)) == order(route(snap, req, now))
     seen += [c.agent_id for c in paused]
     assert len(seen) == len(set(seen))
+
+
+# --- experiments' policies ------------------------------------------------------------------
+
+
+def _on_mobile(p: Presence) -> Presence:
+    phone = Device("phone", DeviceKind.MOBILE, DeviceState.AVAILABLE, 0, 0.0, 0.0)
+    return replace(p, devices=(phone,))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_best_nps_policy_rings_the_best_recommended_first_after_the_visitors_own(
+    cached: bool,
+) -> None:
+    agents = [agent("ann", "dub"), agent("bob", "dub"), agent("cid", "dub"), agent("dee", "dub")]
+    longest_idle = [presence("dee", idle_s=9_000)]
+    snap = replace(
+        snapshot(agents, longest_idle, last_agent="ann"), scores={"bob": 80.0, "cid": -10.0}
+    )
+    decide = RankingCache().route if cached else route
+    assert order(decide(snap, request(), NOW))[:2] == ["ann", "dee"]  # default: idle first
+    variant = decide(snap, request(policy=RoutingPolicy.BEST_NPS), NOW)
+    # Sticky still first; then by NPS; an agent with no answers yet last.
+    assert order(variant) == ["ann", "bob", "cid", "dee"]
+    assert "NPS 80" in variant.candidates[1].reasons
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_mobile_first_policy_rings_agents_on_their_phone_first(cached: bool) -> None:
+    agents = [agent("ann", "dub"), agent("bob", "cork")]
+    snap = snapshot(agents, [presence("ann", idle_s=9_000), _on_mobile(presence("bob"))])
+    decide = RankingCache().route if cached else route
+    assert order(decide(snap, request(location=(53.35, -6.26)), NOW)) == ["ann", "bob"]
+    variant = decide(snap, request(location=(53.35, -6.26), policy=RoutingPolicy.MOBILE_FIRST), NOW)
+    assert order(variant) == ["bob", "ann"]
+    assert variant.candidates[0].reasons[0] == "on mobile"

@@ -27,7 +27,7 @@ from typing import Literal
 
 from gateway.core.errors import Conflict
 from gateway.core.model import Channel
-from gateway.core.routing import RouteRequest
+from gateway.core.routing import RouteRequest, RoutingPolicy
 
 
 class CallState(StrEnum):
@@ -154,6 +154,11 @@ class Call:
     # --- the question after the call (gateway.core.survey) ---
     survey_score: int | None = None
     survey_comment: str | None = None
+    # --- routing experiments (gateway.core.experiment) ---
+    experiment: str | None = None
+    """The experiment running when the call was made, if any."""
+    arm: str | None = None
+    """Its arm in that experiment: control or variant."""
 
     @property
     def final(self) -> bool:
@@ -472,6 +477,7 @@ def route_request(
     channel: Channel,
     exclude: frozenset[str] = frozenset(),
     agent_channels: tuple[Channel, ...] = (),
+    policy: RoutingPolicy = RoutingPolicy.DEFAULT,
 ) -> RouteRequest:
     """What routing needs of ``call``: its visitor's request, on ``channel``, never ringing
     the agents it tried already nor those in ``exclude``."""
@@ -486,4 +492,5 @@ def route_request(
         skills=r.skills,
         exclude=frozenset(call.tried) | exclude,
         agent_channels=agent_channels,
+        policy=policy,
     )

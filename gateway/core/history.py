@@ -21,6 +21,15 @@ class HistoryRow:
     survey_score: int | None
     timeline: str
     """The timeline as JSON: ``[[at, event, detail], ...]`` (what the customer saw)."""
+    promised_at: float | None = None
+    """A callback: the time the customer was last told to expect it."""
+    experiment: str | None = None
+    arm: str | None = None
+    """The routing experiment running when the call was made, and the call's arm in it."""
+    on_time: bool | None = None
+    """A callback that was due: reached within the site's ``late_after_s`` of the time last
+    promised (judged when it ended). None for a browser call, and for a callback canceled
+    before anyone was reached."""
 
     @property
     def to_first_human_s(self) -> float | None:

@@ -16,6 +16,7 @@ from gateway.core.routing import (
     RoutingSnapshot,
     branch_rank,
     language_rank,
+    policy_rank,
     rank_context,
     reachable_channel,
     route,
@@ -24,7 +25,7 @@ from gateway.core.routing import (
 
 # The rules that read only an agent's configuration (branch, languages, skills): their sort
 # values and their reasons.
-_FixedRules = tuple[tuple[BranchKey, int, int], tuple[str, ...]]
+_FixedRules = tuple[tuple[float, BranchKey, int, int], tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ class RankingCache:
         location = request.location
         rounded = None if location is None else (round(location[0], 1), round(location[1], 1))
         return (request.site_id, request.reach, request.language, request.branch, rounded,
-                request.skills)  # fmt: skip
+                request.skills, request.policy)  # fmt: skip
 
     def _rank_all(self, snapshot: RoutingSnapshot, request: RouteRequest, now: float) -> _Ranking:
         """The order `rank` gives every agent with presence (all tie on the sticky rule).
@@ -91,17 +92,21 @@ class RankingCache:
         plain = replace(snapshot, last_agent=None, reserved=frozenset())
         agents = [a for a in snapshot.site.agents.values() if a.agent_id in presence]
         ctx = rank_context(plain, replace(request, exclude=frozenset()), now, agents)
-        rules: dict[tuple[str | None, tuple[str, ...], tuple[str, ...]], _FixedRules] = {}
+        rules: dict[
+            tuple[float, str | None, str | None, tuple[str, ...], tuple[str, ...]], _FixedRules
+        ] = {}
         configs: dict[str, _FixedRules] = {}
         for agent in agents:
-            config = (agent.branch, agent.languages, agent.skills)
+            # An experiment's rule reads the agent's score or devices: part of the place.
+            policy, r0 = policy_rank(agent, presence[agent.agent_id], ctx)
+            config = (policy, r0, agent.branch, agent.languages, agent.skills)
             fixed = rules.get(config)
             if fixed is None:
                 branch, r2 = branch_rank(agent, ctx)
                 language, r3 = language_rank(agent, ctx)
                 skills, r4 = skills_rank(agent, ctx)
-                reasons = tuple(r for r in (r2, r3, r4) if r is not None)
-                fixed = rules[config] = ((branch, language, skills), reasons)
+                reasons = tuple(r for r in (r0, r2, r3, r4) if r is not None)
+                fixed = rules[config] = ((policy, branch, language, skills), reasons)
             configs[agent.agent_id] = fixed
         place = {key: i for i, key in enumerate(sorted({key for key, _ in rules.values()}))}
         group = {agent_id: place[key] for agent_id, (key, _) in configs.items()}

@@ -12,6 +12,8 @@ small function returning its sort value and a human-readable reason, so every ru
 tested alone and a decision can always explain itself:
 
 1. sticky: the agent who last served this visitor first;
+   (then, for a call in an experiment's variant arm only, the experiment's policy: the best
+   NPS first, or agents on mobile first; see `RoutingPolicy`)
 2. branch: agents of an *open* branch, then agents without a branch, then agents of a
    closed branch (an available agent at a closed branch is evidently working and stays
    eligible, but business hours still say who should take the call first); within each,
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -41,6 +43,7 @@ from gateway.core.model import (
     Agent,
     Branch,
     Channel,
+    DeviceKind,
     Presence,
     PresenceStatus,
     Site,
@@ -57,6 +60,7 @@ __all__ = [
     "RankKey",
     "RouteDecision",
     "RouteRequest",
+    "RoutingPolicy",
     "RoutingSnapshot",
     "branch_rank",
     "capabilities",
@@ -65,6 +69,7 @@ __all__ = [
     "haversine_km",
     "idle_rank",
     "language_rank",
+    "policy_rank",
     "rank",
     "rank_context",
     "reachable_channel",
@@ -93,6 +98,19 @@ class NoRouteReason(StrEnum):
     NO_AGENTS_ONLINE = "no_agents_online"
 
 
+class RoutingPolicy(StrEnum):
+    """How agents are ordered for a call, before the usual rules but the visitor's own agent
+    (routing experiments, gateway/core/experiment.py)."""
+
+    DEFAULT = "default"
+    """The usual rules alone."""
+    BEST_NPS = "best_nps"
+    """The agents whose customers recommend us most first (their NPS); agents with no
+    answers yet after those with some."""
+    MOBILE_FIRST = "mobile_first"
+    """Agents on their mobile phone before those only at a desk or in an IM client."""
+
+
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     """What the visitor asked for. Everything but site, visitor and channel is a preference."""
@@ -114,6 +132,8 @@ class RouteRequest:
     # `channel` (no media bridge). A browser call that the aiortc <-> Twilio bridge may carry
     # to an agent's phone passes (WEBRTC, PSTN).
     agent_channels: tuple[Channel, ...] = ()
+    # The order an experiment's variant arm tries: a rule before all but stickiness.
+    policy: RoutingPolicy = RoutingPolicy.DEFAULT
 
     @property
     def reach(self) -> tuple[Channel, ...]:
@@ -155,6 +175,9 @@ class RoutingSnapshot:
     last_agent: str | None = None
     # What the gateway can carry for this site now (callbacks, the bridge).
     can: Capabilities = Capabilities()
+    # Each agent's NPS (-100 to 100), for the best_nps policy; an agent missing has no
+    # answers yet.
+    scores: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +263,7 @@ class RankKey(NamedTuple):
     """The full lexicographic sort key of a candidate: smaller ranks first."""
 
     sticky: int
+    policy: float
     branch: BranchKey
     language: int
     skills: int
@@ -261,6 +285,7 @@ class RankContext:
     distance_km: Mapping[str, float]
     # Distance to the nearest open branch that has a candidate, to label it "nearest".
     nearest_open_km: float | None
+    scores: Mapping[str, float] = field(default_factory=dict)
 
 
 def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -306,6 +331,7 @@ def rank_context(
         branch_open=branch_open,
         distance_km=distance_km,
         nearest_open_km=min(open_distances, default=None),
+        scores=snapshot.scores,
     )
 
 
@@ -314,6 +340,25 @@ def sticky_rank(agent: Agent, ctx: RankContext) -> tuple[int, str | None]:
     if ctx.last_agent is not None and agent.agent_id == ctx.last_agent:
         return 0, "served this visitor before"
     return 1, None
+
+
+NO_SCORE = 1000.0
+"""The best_nps value of an agent with no answers yet: after every agent with some."""
+
+
+def policy_rank(agent: Agent, presence: Presence, ctx: RankContext) -> tuple[float, str | None]:
+    """The experiment's rule, when the call is in a variant arm (else every agent ties)."""
+    policy = ctx.request.policy
+    if policy is RoutingPolicy.BEST_NPS:
+        nps = ctx.scores.get(agent.agent_id)
+        if nps is None:
+            return NO_SCORE, None
+        return -nps, f"NPS {nps:g}"
+    if policy is RoutingPolicy.MOBILE_FIRST:
+        if any(d.kind is DeviceKind.MOBILE for d in presence.devices):
+            return 0.0, "on mobile"
+        return 1.0, None
+    return 0.0, None
 
 
 def branch_rank(agent: Agent, ctx: RankContext) -> tuple[BranchKey, str | None]:
@@ -399,12 +444,13 @@ def idle_rank(presence: Presence, ctx: RankContext) -> tuple[float, str | None]:
 def rank(agent: Agent, presence: Presence, ctx: RankContext) -> tuple[RankKey, tuple[str, ...]]:
     """The sort key of one eligible agent and the reasons behind it, in rule order."""
     sticky, r1 = sticky_rank(agent, ctx)
+    policy, r0 = policy_rank(agent, presence, ctx)
     branch, r2 = branch_rank(agent, ctx)
     language, r3 = language_rank(agent, ctx)
     skills, r4 = skills_rank(agent, ctx)
     idle, r5 = idle_rank(presence, ctx)
-    key = RankKey(sticky, branch, language, skills, idle, agent.agent_id)
-    return key, tuple(r for r in (r1, r2, r3, r4, r5) if r is not None)
+    key = RankKey(sticky, policy, branch, language, skills, idle, agent.agent_id)
+    return key, tuple(r for r in (r1, r0, r2, r3, r4, r5) if r is not None)
 
 
 # --- the decision ------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from gateway.core.call import Call
+from gateway.core.call import Call, CallChannel, CallState
 from gateway.core.errors import StoreUnavailable
 from gateway.core.history import HistoryRow
-from gateway.core.model import Site
+from gateway.core.model import CallbackPolicy, Site
 from gateway.store.history import CallHistory, timeline_json
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,19 @@ BATCH = 200
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
+def kept_promise(call: Call, late_after_s: float) -> bool | None:
+    """``HistoryRow.on_time`` of an ended call."""
+    if call.channel is not CallChannel.CALLBACK or call.promised_at is None:
+        return None
+    if call.connected_at is not None:
+        return call.connected_at - call.promised_at <= late_after_s
+    return None if call.state is CallState.CANCELED else False
+
+
 def history_row(call: Call, sites: Mapping[str, Site]) -> HistoryRow:
     site = sites.get(call.site)
     agent = site.agents.get(call.agent_id or "") if site is not None else None
+    late_after_s = (site.callback_policy if site else CallbackPolicy()).late_after_s
     return HistoryRow(
         call_id=call.call_id,
         site=call.site,
@@ -45,6 +55,10 @@ def history_row(call: Call, sites: Mapping[str, Site]) -> HistoryRow:
         timeline=timeline_json(
             [(e.at, e.event, e.detail) for e in call.timeline if not e.internal]
         ),
+        promised_at=call.promised_at,
+        experiment=call.experiment,
+        arm=call.arm,
+        on_time=kept_promise(call, late_after_s),
     )
 
 

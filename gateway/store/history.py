@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, fields
@@ -24,8 +25,18 @@ from typing import Protocol, TypeVar
 
 import asyncpg
 
+from gateway.core.board_figures import (
+    FigureCount,
+    FigureKey,
+    ScoreCount,
+    ScoreKey,
+    rollup_changes,
+    rollup_removals,
+)
 from gateway.core.errors import StoreUnavailable
+from gateway.core.experiment_stats import ArmFigures
 from gateway.core.history import HistoryRow
+from gateway.core.survey import Group
 
 T = TypeVar("T")
 
@@ -49,6 +60,32 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX call_history_by_day ON call_history (site, created_at);
     """,
+    """
+    ALTER TABLE call_history ADD COLUMN promised_at DOUBLE PRECISION;
+    ALTER TABLE call_history ADD COLUMN experiment TEXT;
+    ALTER TABLE call_history ADD COLUMN arm TEXT;
+    ALTER TABLE call_history ADD COLUMN on_time BOOLEAN;
+    CREATE INDEX call_history_by_experiment ON call_history (site, experiment);
+    CREATE TABLE call_minutes (
+        site TEXT NOT NULL,
+        minute DOUBLE PRECISION NOT NULL,
+        channel TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        on_time INTEGER NOT NULL,
+        calls BIGINT NOT NULL,
+        PRIMARY KEY (site, minute, channel, outcome, bucket, on_time)
+    );
+    CREATE TABLE survey_hours (
+        site TEXT NOT NULL,
+        hour DOUBLE PRECISION NOT NULL,
+        agent_id TEXT NOT NULL,
+        branch TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        answers BIGINT NOT NULL,
+        PRIMARY KEY (site, hour, agent_id, branch, grp)
+    );
+    """,
 )
 """The schema, one step per version (1 is the first); only ever appended to."""
 
@@ -66,9 +103,116 @@ class CallHistory(Protocol):
     async def between(self, site: str, start: float, end: float) -> list[HistoryRow]:
         """The site's calls made in ``[start, end)``, oldest first."""
 
+    async def figures(self, site: str, start: float, end: float, step_s: int) -> list[FigureCount]:
+        """The site's calls made in ``[start, end)``, counted by slot of ``step_s`` from
+        ``start``, channel, outcome, bucket of time to the first human, and whether a
+        callback came within ``on_time_s`` of its promise (gateway/core/board_figures.py)."""
+
+    async def scores(self, site: str, start: float, end: float) -> list[ScoreCount]:
+        """The answers to the question after the call, of calls made in ``[start, end)``
+        (whole hours), counted by agent, branch and group."""
+
+    async def arms(self, site: str, experiment: str) -> dict[str, ArmFigures]:
+        """The sums of each arm of ``experiment`` (gateway/core/experiment_stats.py)."""
+
+    async def delete_before(self, site: str, before: float, limit: int) -> int:
+        """Delete up to ``limit`` of the site's calls made before ``before``; how many."""
+
 
 def timeline_json(entries: Sequence[tuple[float, str, str]]) -> str:
     return json.dumps([list(e) for e in entries], separators=(",", ":"))
+
+
+def _figures_sql(param: Callable[[int], str], slot: str) -> str:
+    """The board's sums (parameters: site, start, end, step), with each engine's
+    placeholders and its way of rounding the slot down."""
+    return (
+        f"SELECT {slot} AS slot, channel, outcome, bucket, on_time, SUM(calls)"
+        f" FROM call_minutes WHERE site = {param(1)} AND minute >= {param(2)}"
+        f" AND minute < {param(3)} GROUP BY 1, 2, 3, 4, 5"
+    )
+
+
+def _scores_sql(param: Callable[[int], str]) -> str:
+    return (
+        "SELECT agent_id, branch, grp, SUM(answers) FROM survey_hours"
+        f" WHERE site = {param(1)} AND hour >= {param(2)} AND hour < {param(3)}"
+        " GROUP BY 1, 2, 3"
+    )
+
+
+def _add_sql(table: str, keys: tuple[str, ...], value: str, param: Callable[[int], str]) -> str:
+    """Add to one sum of a rollup table, creating it at the amount added."""
+    columns = ("site", *keys, value)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)})"
+        f" VALUES ({', '.join(param(i) for i in range(1, len(columns) + 1))})"
+        f" ON CONFLICT (site, {', '.join(keys)}) DO UPDATE"
+        f" SET {value} = {table}.{value} + EXCLUDED.{value}"
+    )
+
+
+def _add_figures_sql(param: Callable[[int], str]) -> str:
+    return _add_sql(
+        "call_minutes", ("minute", "channel", "outcome", "bucket", "on_time"), "calls", param
+    )
+
+
+def _add_scores_sql(param: Callable[[int], str]) -> str:
+    return _add_sql("survey_hours", ("hour", "agent_id", "branch", "grp"), "answers", param)
+
+
+_LOCK_CALLS = (
+    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtext(id) AS h"
+    " FROM unnest($1::text[]) AS id ORDER BY h) AS locks"
+)
+
+
+def _arms_sql(param: Callable[[int], str]) -> str:
+    wait = "(connected_at - created_at)"
+    return (
+        "SELECT arm, COUNT(*), COUNT(connected_at),"
+        f" COALESCE(SUM({wait}), 0), COALESCE(SUM({wait} * {wait}), 0),"
+        " SUM(CASE WHEN connected_at IS NULL THEN 1 ELSE 0 END),"
+        " SUM(CASE WHEN survey_score >= 9 THEN 1 ELSE 0 END),"
+        " SUM(CASE WHEN survey_score BETWEEN 7 AND 8 THEN 1 ELSE 0 END),"
+        " SUM(CASE WHEN survey_score <= 6 THEN 1 ELSE 0 END)"
+        f" FROM call_history WHERE site = {param(1)} AND experiment = {param(2)} GROUP BY arm"
+    )
+
+
+def _figure_count(row: Sequence[object]) -> FigureCount:
+    slot, channel, outcome, bucket, on_time, count = row
+    return FigureCount(
+        int(slot),  # type: ignore[call-overload]
+        str(channel),
+        str(outcome),
+        int(bucket),  # type: ignore[call-overload]
+        None if on_time is None else bool(on_time),
+        int(count),  # type: ignore[call-overload]
+    )
+
+
+def _arm_figures(row: Sequence[object]) -> tuple[str, ArmFigures]:
+    arm, n, reached, total, squares, abandoned, pro, pas, det = row
+    return str(arm), ArmFigures(
+        int(n),  # type: ignore[call-overload]
+        int(reached),  # type: ignore[call-overload]
+        float(total),  # type: ignore[arg-type]
+        float(squares),  # type: ignore[arg-type]
+        int(abandoned or 0),  # type: ignore[call-overload]
+        int(pro or 0),  # type: ignore[call-overload]
+        int(pas or 0),  # type: ignore[call-overload]
+        int(det or 0),  # type: ignore[call-overload]
+    )
+
+
+def _sqlite_param(i: int) -> str:
+    return f"?{i}"
+
+
+def _pg_param(i: int) -> str:
+    return f"${i}"
 
 
 class SqliteHistory:
@@ -132,9 +276,33 @@ class SqliteHistory:
             db = self._conn()
             with db:
                 db.execute("BEGIN IMMEDIATE")
+                before = self._rows(db, [r.call_id for r in rows])
                 db.executemany(sql, [astuple(r) for r in rows])
+                self._add(db, *rollup_changes(before, rows))
 
         await self._run(write)
+
+    @staticmethod
+    def _rows(db: sqlite3.Connection, call_ids: Sequence[str]) -> dict[str, HistoryRow]:
+        found: dict[str, HistoryRow] = {}
+        for i in range(0, len(call_ids), 500):  # under SQLite's limit of parameters
+            chunk = call_ids[i : i + 500]
+            sql = (
+                f"SELECT {', '.join(COLUMNS)} FROM call_history"
+                f" WHERE call_id IN ({', '.join('?' for _ in chunk)})"
+            )
+            for row in db.execute(sql, chunk):
+                found[row[0]] = HistoryRow(*row)
+        return found
+
+    @staticmethod
+    def _add(
+        db: sqlite3.Connection, figures: Counter[FigureKey], scores: Counter[ScoreKey]
+    ) -> None:
+        db.executemany(
+            _add_figures_sql(_sqlite_param), [(*k, n) for k, n in sorted(figures.items())]
+        )
+        db.executemany(_add_scores_sql(_sqlite_param), [(*k, n) for k, n in sorted(scores.items())])
 
     async def between(self, site: str, start: float, end: float) -> list[HistoryRow]:
         sql = (
@@ -143,6 +311,48 @@ class SqliteHistory:
         )
         found = await self._run(lambda: self._conn().execute(sql, (site, start, end)).fetchall())
         return [HistoryRow(*row) for row in found]
+
+    async def figures(self, site: str, start: float, end: float, step_s: int) -> list[FigureCount]:
+        # minute >= start: the cast truncates, which is rounding down.
+        sql = _figures_sql(_sqlite_param, "CAST((minute - ?2) / ?4 AS INTEGER)")
+        args = (site, start, end, step_s)
+        found = await self._run(lambda: self._conn().execute(sql, args).fetchall())
+        return [_figure_count(row) for row in found]
+
+    async def scores(self, site: str, start: float, end: float) -> list[ScoreCount]:
+        sql = _scores_sql(_sqlite_param)
+        found = await self._run(lambda: self._conn().execute(sql, (site, start, end)).fetchall())
+        return [ScoreCount(a, b, Group(g), int(n)) for a, b, g, n in found]
+
+    async def arms(self, site: str, experiment: str) -> dict[str, ArmFigures]:
+        sql = _arms_sql(_sqlite_param)
+        found = await self._run(lambda: self._conn().execute(sql, (site, experiment)).fetchall())
+        return dict(_arm_figures(row) for row in found if row[0] is not None)
+
+    async def delete_before(self, site: str, before: float, limit: int) -> int:
+        def delete() -> int:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                ids = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT call_id FROM call_history WHERE site = ? AND created_at < ?"
+                        " LIMIT ?",
+                        (site, before, limit),
+                    )
+                ]
+                gone = self._rows(db, ids)
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i : i + 500]
+                    marks = ", ".join("?" for _ in chunk)
+                    db.execute(f"DELETE FROM call_history WHERE call_id IN ({marks})", chunk)
+                self._add(db, *rollup_removals(gone.values()))
+                db.execute("DELETE FROM call_minutes WHERE site = ? AND calls = 0", (site,))
+                db.execute("DELETE FROM survey_hours WHERE site = ? AND answers = 0", (site,))
+                return len(gone)
+
+        return await self._run(delete)
 
     async def version(self) -> int:
         found = await self._run(
@@ -206,11 +416,35 @@ class PostgresHistory:
             f" VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
             f" ON CONFLICT (call_id) DO UPDATE SET {updates}"
         )
+        ids = sorted({r.call_id for r in rows})
         try:
             async with pool.acquire() as db, db.transaction():
+                # Two nodes writing one call at once (its end here, its answer there) take
+                # turns, so each reads what the other wrote before adding to the sums.
+                await db.execute(_LOCK_CALLS, ids)
+                before = await self._rows(db, ids)
                 await db.executemany(sql, [astuple(r) for r in rows])
+                await self._add(db, *rollup_changes(before, rows))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreUnavailable(f"call history: {e}") from e
+
+    @staticmethod
+    async def _rows(db: asyncpg.Connection, call_ids: Sequence[str]) -> dict[str, HistoryRow]:
+        sql = f"SELECT {', '.join(COLUMNS)} FROM call_history WHERE call_id = ANY($1::text[])"
+        return {row[0]: HistoryRow(*row) for row in await db.fetch(sql, list(call_ids))}
+
+    @staticmethod
+    async def _add(
+        db: asyncpg.Connection, figures: Counter[FigureKey], scores: Counter[ScoreKey]
+    ) -> None:
+        if figures:
+            await db.executemany(
+                _add_figures_sql(_pg_param), [(*k, n) for k, n in sorted(figures.items())]
+            )
+        if scores:
+            await db.executemany(
+                _add_scores_sql(_pg_param), [(*k, n) for k, n in sorted(scores.items())]
+            )
 
     async def between(self, site: str, start: float, end: float) -> list[HistoryRow]:
         pool = self._open_pool()
@@ -224,6 +458,54 @@ class PostgresHistory:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreUnavailable(f"call history: {e}") from e
         return [HistoryRow(*row) for row in found]
+
+    async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        pool = self._open_pool()
+        try:
+            async with pool.acquire() as db:
+                found: list[asyncpg.Record] = await db.fetch(sql, *args)
+                return found
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            raise StoreUnavailable(f"call history: {e}") from e
+
+    async def figures(self, site: str, start: float, end: float, step_s: int) -> list[FigureCount]:
+        sql = _figures_sql(_pg_param, "FLOOR((minute - $2) / $4)::INTEGER")
+        found = await self._fetch(sql, site, start, end, float(step_s))
+        return [_figure_count(tuple(row)) for row in found]
+
+    async def scores(self, site: str, start: float, end: float) -> list[ScoreCount]:
+        found = await self._fetch(_scores_sql(_pg_param), site, start, end)
+        return [ScoreCount(a, b, Group(g), int(n)) for a, b, g, n in found]
+
+    async def arms(self, site: str, experiment: str) -> dict[str, ArmFigures]:
+        found = await self._fetch(_arms_sql(_pg_param), site, experiment)
+        return dict(_arm_figures(tuple(row)) for row in found if row[0] is not None)
+
+    async def delete_before(self, site: str, before: float, limit: int) -> int:
+        pool = self._open_pool()
+        try:
+            async with pool.acquire() as db, db.transaction():
+                ids = sorted(
+                    r[0]
+                    for r in await db.fetch(
+                        "SELECT call_id FROM call_history WHERE site = $1 AND created_at < $2"
+                        " LIMIT $3",
+                        site,
+                        before,
+                        limit,
+                    )
+                )
+                await db.execute(_LOCK_CALLS, ids)
+                gone = await self._rows(db, ids)
+                await db.execute(
+                    "DELETE FROM call_history WHERE call_id = ANY($1::text[])", list(gone)
+                )
+                await self._add(db, *rollup_removals(gone.values()))
+                await db.execute("DELETE FROM call_minutes WHERE site = $1 AND calls = 0", site)
+                await db.execute("DELETE FROM survey_hours WHERE site = $1 AND answers = 0", site)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            raise StoreUnavailable(f"call history: {e}") from e
+        return len(gone)
 
     async def version(self) -> int:
         async with self._open_pool().acquire() as db:

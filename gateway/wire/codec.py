@@ -181,6 +181,8 @@ def call_to_record(call: Call) -> Json:
         "note": call.note,
         "survey_score": call.survey_score,
         "survey_comment": call.survey_comment,
+        "experiment": call.experiment,
+        "arm": call.arm,
     }
 
 
@@ -237,6 +239,8 @@ def call_from_record(data: Json, version: int) -> Call:
         note=data.get("note"),
         survey_score=data.get("survey_score"),
         survey_comment=data.get("survey_comment"),
+        experiment=data.get("experiment"),
+        arm=data.get("arm"),
     )
 
 
