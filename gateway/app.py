@@ -16,6 +16,7 @@ from gateway.core.ringing import RING_EVENT, RING_OVER_EVENT
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
 from gateway.edge.http import (
+    board_api,
     callback_api,
     http_api,
     im_webhook,
@@ -48,6 +49,7 @@ from gateway.services.callback_service import CallbackService
 from gateway.services.customer_texts import CustomerTexts
 from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
+from gateway.services.experiments import Experiments
 from gateway.services.follow_ups import FollowUps
 from gateway.services.history_writer import HistoryWriter
 from gateway.services.im_presence import ImPresence
@@ -242,6 +244,13 @@ def create_app(
     customer_texts.texts = phones if isinstance(phones, Texts) else None
     callbacks.customer_texts = callbacks.promises.texts = customer_texts
     surveys = Surveys(records, customer_texts, node_tasks)
+
+    async def agent_nps(site_id: str) -> dict[str, float]:
+        agents = (await surveys.scores(site_id)).agents
+        return {a: t.nps for a, t in agents.items() if t.nps is not None}
+
+    experiments = Experiments(store, clock.now, agent_nps)
+    records.experiments = experiments
     surveys.on_answer = call_metrics.answered
     records.observers.append(surveys.changed)
     feed.telephony = phones is not None
@@ -256,7 +265,7 @@ def create_app(
         callbacks.devices.bridge = feed.bridge = True
     follow_ups = FollowUps(records, callbacks)
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, follow_ups, settings))
-    sio.register_namespace(BoardNamespace(tokens, metrics, presence))
+    sio.register_namespace(BoardNamespace(tokens, metrics, presence, records))
     load = LoadMonitor(gauge=metrics.loop_lag_smoothed, histogram=metrics.loop_lag)
     load.start_limit = StartLimit.of(settings.admission)
     if manager is not None:
@@ -294,6 +303,7 @@ def create_app(
     app[keys.SMS_PRESENCE] = sms_presence
     app[keys.TEXT_CONSENT] = TextConsent(settings.sites, store)
     app[keys.SURVEYS] = surveys
+    app[keys.EXPERIMENTS] = experiments
     if history is not None:
         app[keys.HISTORY] = history
 
@@ -390,6 +400,7 @@ def create_app(
     visitor_api.add_routes(app)
     callback_api.add_routes(app)
     ticket_api.add_routes(app)
+    board_api.add_routes(app)
     im_webhook.add_routes(app)
     web_static.add_routes(app)
     return app

@@ -28,8 +28,10 @@ from conftest import (
 from test_callbacks import agent, visitor_token
 from test_surveys import answer, browser_call
 
+from gateway.core.board_figures import FigureCount, ScoreCount
 from gateway.core.call import Call, CallChannel, CallState
 from gateway.core.errors import StoreUnavailable
+from gateway.core.experiment_stats import ArmFigures
 from gateway.core.history import HistoryRow
 from gateway.core.model import Role
 from gateway.edge.http import appkeys as keys
@@ -97,6 +99,18 @@ class FlakyHistory:
 
     async def between(self, site: str, start: float, end: float) -> list[HistoryRow]:
         return []
+
+    async def figures(self, site: str, start: float, end: float, step_s: int) -> list[FigureCount]:
+        return []
+
+    async def scores(self, site: str, start: float, end: float) -> list[ScoreCount]:
+        return []
+
+    async def arms(self, site: str, experiment: str) -> dict[str, ArmFigures]:
+        return {}
+
+    async def delete_before(self, site: str, before: float, limit: int) -> int:
+        return 0
 
 
 def ended(call_id: str, score: int | None = None) -> Call:

@@ -159,6 +159,37 @@ async def test_answers_match_the_document(
     assert (await call("get", "/v1/sites/acme/history.csv", history, headers=anna, params=day))[
         0
     ] == 403
+    figures = "/v1/sites/{site}/figures"
+    status, _ = await call("get", "/v1/sites/acme/figures", figures, headers=sam)
+    assert status in (200, 503)
+    assert (await call("get", "/v1/sites/acme/figures", figures, headers=anna))[0] == 403
+    wrong_span = {"span": "month"}
+    assert (await call("get", "/v1/sites/acme/figures", figures, headers=sam, params=wrong_span))[
+        0
+    ] in (400, 503)
+    experiment = "/v1/sites/{site}/experiment"
+    start = {"variant": "mobile_first", "share": 0.1, "name": "mobile"}
+    status, started = await call(
+        "put", "/v1/sites/acme/experiment", experiment, json=start, headers=sam
+    )
+    assert status == 201 and started["running"] is True
+    again = await call("put", "/v1/sites/acme/experiment", experiment, json=start, headers=sam)
+    assert again[0] == 409 and again[1]["error"]["code"] == "experiment_running"
+    too_much = {"variant": "mobile_first", "share": 0.9}
+    assert (await call("put", "/v1/sites/acme/experiment", experiment, json=too_much, headers=sam))[
+        0
+    ] == 400
+    assert (await call("get", "/v1/sites/acme/experiment", experiment, headers=sam))[0] in (
+        200,
+        503,
+    )
+    assert (await call("get", "/v1/sites/acme/experiment", experiment, headers=anna))[0] == 403
+    assert (await call("delete", "/v1/sites/acme/experiment", experiment, headers=sam))[0] in (
+        200,
+        503,
+    )
+    stopped = await call("delete", "/v1/sites/acme/experiment", experiment, headers=sam)
+    assert stopped[0] == 404 and stopped[1]["error"]["code"] == "no_experiment"
     # This node's site has no webhook secret (tests/test_im_presence.py checks the rest).
     im = "/v1/sites/{site}/presence/im"
     assert (await call("post", "/v1/sites/acme/presence/im", im, json={}))[0] == 404

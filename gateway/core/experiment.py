@@ -44,6 +44,12 @@ class Experiment:
     """The share of requests routed by ``variant``, 0.001 to 0.5."""
     started_at: float
     started_by: str
+    stopped_at: float | None = None
+    """Once stopped, the site's last experiment is kept for its comparison."""
+
+    @property
+    def running(self) -> bool:
+        return self.stopped_at is None
 
 
 def check_share(share: float) -> None:
@@ -64,6 +70,7 @@ def policy_for(call: Call, running: Experiment | None) -> RoutingPolicy:
     runs and the call is in its variant arm; else the default."""
     if (
         running is not None
+        and running.running
         and call.experiment == running.experiment_id
         and call.arm == Arm.VARIANT.value
     ):

@@ -32,6 +32,7 @@ from gateway.core.model import Site, languages_of
 from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
 from gateway.i18n import Messages, messages_for
 from gateway.ops.tasks import TaskGroup
+from gateway.services.experiments import Experiments
 from gateway.services.presence_service import PresenceService
 from gateway.services.status_token import StatusTokens
 from gateway.services.store_retry import UntilStored
@@ -199,6 +200,8 @@ class CallRecords:
         self.ringing = RingingAgents()
         """Who rings for a call anywhere (gateway.core.ringing): routing skips them without a
         store round trip, and the button does not promise them."""
+        self.experiments: Experiments | None = None
+        """The sites' routing experiments: each new call gets its arm as it is made."""
         self.observers: list[Callable[[Call | None, Call], None]] = []
         """Told of every call this node stored: new (``None`` before) or changed (the
         manager's figures, gateway/services/call_metrics.py; the call history,
@@ -255,9 +258,29 @@ class CallRecords:
         row = await self.store.get_call(call_id)
         return call_from_record(row.data, row.version) if row is not None else None
 
+    async def open_calls(self, site_id: str, limit: int = 200) -> list[Call]:
+        """The site's calls not ended: those changed most recently (ringing, talking), then
+        the callback queue in order (some waiting since long ago); at most ``limit`` of
+        each (the supervisor's board)."""
+        recent, queued = await asyncio.gather(
+            self.store.list_calls(site_id, limit), self.store.queue_head(site_id, limit)
+        )
+        found = {
+            c.call_id: c
+            for c in (call_from_record(r.data, r.version) for r in recent)
+            if not c.final
+        }
+        missing = [i for i in queued if i not in found]
+        for call in await asyncio.gather(*(self.find(i) for i in missing)):
+            if call is not None and not call.final:
+                found[call.call_id] = call
+        return sorted(found.values(), key=lambda c: c.created_at)
+
     async def create(self, call: Call) -> Call:
         """Store a new call (version 1); ``Conflict`` if a call of that id exists (an id
         derived from another call's, made twice at once: a follow-up)."""
+        if self.experiments is not None:
+            call = await self.experiments.enroll(call)
         call = replace(call, version=1)
         row = CallRow(call.call_id, call.site, 1, call_to_record(call))
         if not await self.store.put_call(row):

@@ -23,7 +23,13 @@ from gateway.core.errors import Conflict, Invalid, NotFound, RateLimited
 from gateway.core.model import Channel, Site
 from gateway.core.ranking_cache import RankingCache
 from gateway.core.ringing import RingingAgents
-from gateway.core.routing import Capabilities, RoutingSnapshot, capabilities, route
+from gateway.core.routing import (
+    Capabilities,
+    RoutingPolicy,
+    RoutingSnapshot,
+    capabilities,
+    route,
+)
 from gateway.services.audio_bridge import AudioBridge
 from gateway.services.call_records import (
     AGENT_GRACE_S,
@@ -318,15 +324,21 @@ class CallService:
         now = records.clock()
         presence = records.presence.snapshot(call.site)
         can = self.can(site)
+        policy, scores = (
+            await records.experiments.routing(call)
+            if records.experiments is not None and call.experiment is not None
+            else (RoutingPolicy.DEFAULT, {})
+        )
         snapshot = RoutingSnapshot(
             site=site,
             presence=presence,
             reserved=records.ringing.current(call.site, presence, now),
             last_agent=last_agent,
             can=can,
+            scores=scores,
         )
         reach = (Channel.WEBRTC, Channel.PSTN) if can.bridge else ()
-        request = calls.route_request(call, call.media_channel, agent_channels=reach)
+        request = calls.route_request(call, call.media_channel, agent_channels=reach, policy=policy)
         ttl = site.ring_timeout_s + RESERVATION_GRACE_S
         ranked = self._ranking.candidates(snapshot, request, now)
         # The candidates are tried in order, a batch per round trip: the first one free is

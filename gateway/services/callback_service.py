@@ -508,7 +508,13 @@ class CallbackService:
         self, call: Call, now: float, last_agent: str | None = None
     ) -> list[Candidate]:
         snapshot = self._snapshot(call, last_agent)
-        return list(self._ranking.candidates(snapshot, self._route_request(call), now))
+        request = self._route_request(call)
+        experiments = self._records.experiments
+        if experiments is not None and call.experiment is not None:
+            policy, scores = await experiments.routing(call)
+            snapshot = replace(snapshot, scores=scores)
+            request = replace(request, policy=policy)
+        return list(self._ranking.candidates(snapshot, request, now))
 
     async def _waits_its_turn(self, call: Call, candidates: list[Candidate], now: float) -> bool:
         """Keep-my-place: the free agents go to the first callbacks in line. A callback waits

@@ -244,6 +244,9 @@ class CallbackQueueStore(Protocol):
 
     async def queue_size(self, site: str) -> int: ...
 
+    async def queue_head(self, site: str, limit: int) -> list[str]:
+        """The first ``limit`` calls of the queue, in order (the board's callback queue)."""
+
     async def queue_count_before(self, site: str, score: float) -> int:
         """How many queued calls have a place before ``score`` (where a call kept at that
         place would join)."""
@@ -269,6 +272,16 @@ class SurveyStore(Protocol):
 
     async def tallies(self, site: str) -> dict[str, dict[str, int]]:
         """Every subject's count per group."""
+
+
+class ExperimentStore(Protocol):
+    """Each site's running routing experiment, as JSON (gateway/services/experiments.py);
+    durable."""
+
+    async def set_experiment(self, site: str, data: str | None) -> None:
+        """Start (``data``) or stop (None) the site's experiment."""
+
+    async def experiment(self, site: str) -> str | None: ...
 
 
 class TextConsentStore(Protocol):
@@ -415,6 +428,7 @@ class Store(
     TimerStore,
     CallbackQueueStore,
     TextConsentStore,
+    ExperimentStore,
     SurveyStore,
     CoordinationStore,
     Protocol,

@@ -106,6 +106,10 @@ CREATE TABLE IF NOT EXISTS text_opt_outs (
     number TEXT NOT NULL,
     PRIMARY KEY (site, number)
 );
+CREATE TABLE IF NOT EXISTS experiments (
+    site TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
 """
 
 

@@ -185,6 +185,37 @@ class EmbeddedRecords(EmbeddedParts):
         )
         return int(found[0])
 
+    async def queue_head(self, site: str, limit: int) -> list[str]:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT call_id FROM queue WHERE site = ? ORDER BY score, call_id LIMIT ?",
+                    (site, limit),
+                )
+                .fetchall()
+            )
+        )
+        return [str(r[0]) for r in found]
+
+    async def set_experiment(self, site: str, data: str | None) -> None:
+        args: tuple[str, ...]
+        if data is None:
+            sql, args = "DELETE FROM experiments WHERE site = ?", (site,)
+        else:
+            sql, args = "INSERT OR REPLACE INTO experiments VALUES (?, ?)", (site, data)
+        await self._run(lambda: self._conn().execute(sql, args))
+
+    async def experiment(self, site: str) -> str | None:
+        found = await self._run(
+            lambda: (
+                self._conn()
+                .execute("SELECT data FROM experiments WHERE site = ?", (site,))
+                .fetchone()
+            )
+        )
+        return None if found is None else str(found[0])
+
     async def set_text_opt_out(self, site: str, number: str, opted_out: bool) -> None:
         sql = (
             "INSERT OR IGNORE INTO text_opt_outs VALUES (?, ?)"

@@ -131,6 +131,20 @@ class RedisRecords(RedisParts):
         count: int = await self._redis.zcount(f"m:queue:{site}", "-inf", f"({score!r}")  # type: ignore[assignment]
         return count
 
+    async def queue_head(self, site: str, limit: int) -> list[str]:
+        head: list[str] = await self._redis.zrange(f"m:queue:{site}", 0, limit - 1)  # type: ignore[assignment]
+        return head
+
+    async def set_experiment(self, site: str, data: str | None) -> None:
+        if data is None:
+            await self._redis.delete(f"m:experiment:{site}")
+        else:
+            await self._redis.set(f"m:experiment:{site}", data)
+
+    async def experiment(self, site: str) -> str | None:
+        found: str | None = await self._redis.get(f"m:experiment:{site}")  # type: ignore[assignment]
+        return found
+
     async def set_text_opt_out(self, site: str, number: str, opted_out: bool) -> None:
         key = f"m:optout:{site}"
         if opted_out:

@@ -62,6 +62,8 @@ class ErrorCode(StrEnum):
     NO_SURVEY = "no_survey"
     SURVEY_CLOSED = "survey_closed"
     ALREADY_ANSWERED = "already_answered"
+    EXPERIMENT_RUNNING = "experiment_running"
+    NO_EXPERIMENT = "no_experiment"
     TOO_MANY_WATCHERS = "too_many_watchers"
     OVERLOADED = "overloaded"
     DRAINING = "draining"

@@ -9,7 +9,7 @@ tables), and the OpenAPI document carries every struct here among its components
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from msgspec import Meta, Struct
 
@@ -154,6 +154,26 @@ def snapshot_ack(presences: list[model.Presence]) -> Json:
     return to_wire(SnapshotAck(agents=[presence_struct(p) for p in presences]))
 
 
+class BoardSnapshotAck(Struct, kw_only=True):
+    ok: Literal[True] = True
+    agents: list[Presence]
+    calls: list[InternalCall]
+    """The site's calls not ended: ringing, talking, and the callback queue (numbers
+    masked)."""
+
+
+def board_snapshot_ack(presences: list[model.Presence], calls: list[CoreCall], site: Site) -> Json:
+    return to_wire(
+        BoardSnapshotAck(
+            agents=[presence_struct(p) for p in presences],
+            calls=[
+                cast(InternalCall, call_struct(c, site, internal=True, phone_masked=True))
+                for c in calls
+            ],
+        )
+    )
+
+
 def error_ack(code: str, message: str, **extra: Any) -> Json:
     return to_wire(ErrorAck(error=ErrorDetail(code, message, **extra)))
 
@@ -222,7 +242,7 @@ NAMESPACES = (
     Namespace(
         "/board",
         ConnectAuth,
-        incoming=(Event("board:snapshot", None, SnapshotAck),),
+        incoming=(Event("board:snapshot", None, BoardSnapshotAck),),
         outgoing=(
             Event("presence:update", Presence),
             Event("call:update", InternalCall),

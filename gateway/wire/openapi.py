@@ -20,6 +20,7 @@ import msgspec
 
 from gateway.wire import events
 from gateway.wire.base import Id, Json, Language
+from gateway.wire.board import ExperimentOut, ExperimentReport, ExperimentStart, Figures
 from gateway.wire.calls import Call, SharedCall, TimelineEntry
 from gateway.wire.codec import Filters
 from gateway.wire.im_presence import (
@@ -80,6 +81,10 @@ REST_STRUCTS: tuple[Any, ...] = (
     ImPresenceUpdate,
     ImPresenceBatch,
     ImPresenceAnswer,
+    Figures,
+    ExperimentStart,
+    ExperimentOut,
+    ExperimentReport,
 )
 
 
@@ -327,6 +332,72 @@ def _paths() -> dict[str, Json]:
                         "history_unavailable: this node keeps no call history (nodes "
                         "sharing Redis without a history_url). " + DRAINING_OR_STORE
                     ),
+                },
+                security=SUPERVISOR,
+                tags=["agents"],
+            ),
+        },
+        "/v1/sites/{site}/figures": {
+            "parameters": [
+                _param("site"),
+                {
+                    "name": "span",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "enum": ["hour", "day", "week"]},
+                    "description": "The span up to now: hour (1-minute slots), day (15-minute "
+                    "slots, the default) or week (3-hour slots).",
+                },
+            ],
+            "get": _operation(
+                "figures",
+                "The board's charts, from the call history: time to the first human (p50, "
+                "p90), abandoned and failed requests, callbacks on time, calls by channel, and "
+                "NPS by agent and branch.",
+                {
+                    "200": _json(_ref("Figures"), "One value per slot for each series."),
+                    **_errors(*AGENT_ERRORS),
+                    "400": _error("invalid_payload: span is not hour, day or week."),
+                    "503": _error("history_unavailable. " + DRAINING_OR_STORE),
+                },
+                security=SUPERVISOR,
+                tags=["agents"],
+            ),
+        },
+        "/v1/sites/{site}/experiment": {
+            "parameters": [_param("site")],
+            "get": _operation(
+                "getExperiment",
+                "The site's routing experiment (running, else the last one) and its arms "
+                "compared, with 99% intervals and a verdict only when the data carry one.",
+                {
+                    "200": _json(_ref("ExperimentReport"), "The comparison."),
+                    **_errors(*AGENT_ERRORS),
+                    "503": _error("history_unavailable. " + DRAINING_OR_STORE),
+                },
+                security=SUPERVISOR,
+                tags=["agents"],
+            ),
+            "put": _operation(
+                "startExperiment",
+                "Route a share of new requests by a variant policy.",
+                {
+                    "201": _json(_ref("ExperimentOut"), "The experiment, running."),
+                    **_errors("InvalidPayload", *AGENT_ERRORS),
+                    "409": _error("experiment_running: stop the running one first."),
+                },
+                security=SUPERVISOR,
+                tags=["agents"],
+                requestBody=_body(_ref("ExperimentStart")),
+            ),
+            "delete": _operation(
+                "stopExperiment",
+                "Stop the running experiment: every call is routed by the default policy.",
+                {
+                    "200": _json(_ref("ExperimentReport"), "The comparison, stopped."),
+                    **_errors(*AGENT_ERRORS),
+                    "404": _error("no_experiment: none is running."),
+                    "503": _error("history_unavailable. " + DRAINING_OR_STORE),
                 },
                 security=SUPERVISOR,
                 tags=["agents"],

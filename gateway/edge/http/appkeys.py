@@ -18,6 +18,7 @@ from gateway.ops.tasks import TaskGroup
 from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
+from gateway.services.experiments import Experiments
 from gateway.services.history_writer import HistoryWriter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PresenceService
@@ -57,4 +58,5 @@ SMS_PRESENCE = web.AppKey("sms_presence", SmsPresence)
 TEXT_CONSENT = web.AppKey("text_consent", TextConsent)
 SURVEYS = web.AppKey("surveys", Surveys)
 HISTORY = web.AppKey("history", HistoryWriter)
+EXPERIMENTS = web.AppKey("experiments", Experiments)
 """Absent on a node without call history."""

@@ -181,13 +181,17 @@ async def heartbeat(request: web.Request) -> web.Response:
     return web.json_response(presence_to_wire(presence))
 
 
+async def supervisor_claims(request: web.Request) -> Claims:
+    """The caller, a supervisor of the site the path names (of that site only)."""
+    claims = await agent_claims(request, supervisor=True)
+    if claims.site != request.match_info["site"]:
+        raise Forbidden("a supervisor sees only their own site")
+    return claims
+
+
 async def supervised_site(request: web.Request) -> str:
     """The site the path names, for a supervisor of that site only."""
-    claims = await agent_claims(request, supervisor=True)
-    site = request.match_info["site"]
-    if claims.site != site:
-        raise Forbidden("a supervisor sees only their own site")
-    return site
+    return (await supervisor_claims(request)).site
 
 
 async def site_agents(request: web.Request) -> web.Response:

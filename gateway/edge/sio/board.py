@@ -8,10 +8,11 @@ from gateway.edge.auth import SUPERVISOR_ROLES, Claims, TokenService, check_conf
 from gateway.edge.sio.namespace import BaseNamespace
 from gateway.edge.sio.rooms import site_room
 from gateway.ops.metrics import Metrics
+from gateway.services.call_records import CallRecords
 from gateway.services.presence_service import PresenceChange, PresenceService
 from gateway.store.base import DeviceRef
 from gateway.wire.codec import Json
-from gateway.wire.events import snapshot_ack
+from gateway.wire.events import board_snapshot_ack
 
 
 class BoardNamespace(BaseNamespace):
@@ -19,9 +20,16 @@ class BoardNamespace(BaseNamespace):
 
     roles = SUPERVISOR_ROLES
 
-    def __init__(self, tokens: TokenService, metrics: Metrics, presence: PresenceService) -> None:
+    def __init__(
+        self,
+        tokens: TokenService,
+        metrics: Metrics,
+        presence: PresenceService,
+        records: CallRecords,
+    ) -> None:
         super().__init__("/board", tokens, metrics)
         self.presence = presence
+        self.records = records
         self.events = {"board:snapshot": self.snapshot}
         presence.add_listener(self.on_presence)
 
@@ -32,7 +40,10 @@ class BoardNamespace(BaseNamespace):
 
     async def snapshot(self, sid: str, payload: Any) -> Json:
         site = self.sessions[sid].claims.site
-        return snapshot_ack(self.presence.site_presence(site))
+        calls = await self.records.open_calls(site)
+        return board_snapshot_ack(
+            self.presence.site_presence(site), calls, self.presence.site(site)
+        )
 
     async def on_presence(self, change: PresenceChange) -> None:
         await self.server.emit(
