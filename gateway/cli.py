@@ -77,7 +77,8 @@ def serve(args: argparse.Namespace) -> int:
         f"Membrane node {settings.node_id} on http://{settings.host}:{settings.port}"
         f" (store: {store})\n"
         f"  demo site:  {settings.public_url}/demo/\n"
-        f"  agent app:  {settings.public_url}/agent/  (token: {_token_command()} --agent <id>)",
+        f"  agent app:  {settings.public_url}/agent/  (token: {_token_command()} --agent <id>)\n"
+        f"  board:      {settings.public_url}/board/  (a supervisor's token)",
         flush=True,
     )
     try:

@@ -188,7 +188,7 @@ def _figure_count(row: Sequence[object]) -> FigureCount:
         str(channel),
         str(outcome),
         int(bucket),  # type: ignore[call-overload]
-        None if on_time is None else bool(on_time),
+        None if int(on_time) < 0 else bool(on_time),  # type: ignore[call-overload]
         int(count),  # type: ignore[call-overload]
     )
 

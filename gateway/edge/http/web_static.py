@@ -1,5 +1,5 @@
-"""The browser side, served by the gateway: the widget, the agent app, the customer's ticket
-page, the demo site."""
+"""The browser side, served by the gateway: the widget, the agent app, the supervisor's
+board, the customer's ticket page, the demo site."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def add_routes(app: web.Application, root: Path = WEB_CLIENT) -> None:
     app.router.add_get("/widget.js", _file(root / "widget.js", "public, max-age=300"))
     app.router.add_get("/agent/", _file(root / "agent" / "index.html", "no-cache"))
     app.router.add_get("/demo/", _file(root / "demo" / "index.html", "no-cache"))
+    app.router.add_get("/board/", _file(root / "board" / "index.html", "no-cache"))
     # The same page for every call: it names none and reads its status token from the URL's
     # fragment, so this answer says nothing about whether a call exists.
     ticket_page = root / "ticket" / "index.html"
@@ -42,10 +43,14 @@ def add_routes(app: web.Application, root: Path = WEB_CLIENT) -> None:
     async def redirect_demo(request: web.Request) -> web.Response:
         raise web.HTTPFound("/demo/")
 
+    async def redirect_board(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/board/")
+
     async def home(request: web.Request) -> web.Response:
         raise web.HTTPFound("/demo/")
 
     app.router.add_get("/agent", redirect_agent)
     app.router.add_get("/demo", redirect_demo)
+    app.router.add_get("/board", redirect_board)
     app.router.add_get("/", home)
     app.router.add_static("/static/", root, show_index=False)
