@@ -22,13 +22,14 @@ TRANSLATED_PAGES = [
     ("ticket/**.js", "javascript"),
     ("widget.js", "javascript"),
     ("agent/**.js", "javascript"),
+    ("board/**.js", "javascript"),
 ]
 """The browser pages whose sentences come from the catalogues (``gettext("...")``, and the
 widget's ``T("...")`` for the words its panels are built with)."""
 PAGE_KEYWORDS = {**DEFAULT_KEYWORDS, "T": None}
 
 
-TRANSLATED_HTML = [WEB_CLIENT / "agent" / "index.html"]
+TRANSLATED_HTML = [WEB_CLIENT / "agent" / "index.html", WEB_CLIENT / "board" / "index.html"]
 """Pages whose own words are put in the catalogue's language as they load (the agent app's
 ``translatePage``): every text and ``aria-label`` outside ``translate="no"`` and code."""
 
