@@ -51,6 +51,7 @@ from gateway.services.drain import Drain
 from gateway.services.events import EventRouter
 from gateway.services.experiments import Experiments
 from gateway.services.follow_ups import FollowUps
+from gateway.services.history_retention import HistoryRetention
 from gateway.services.history_writer import HistoryWriter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PRESENCE_EVENT, PresenceService
@@ -199,7 +200,7 @@ def create_app(
         history_db = PostgresHistory(settings.history_url)
     elif not settings.redis_url:
         history_db = SqliteHistory(settings.data_dir / "history.sqlite3")
-    history = HistoryWriter(history_db, settings.sites) if history_db is not None else None
+    history = HistoryWriter(history_db, settings.sites, metrics) if history_db is not None else None
     if history is not None:
         records.observers.append(history.changed)
     calls = CallService(records)
@@ -306,6 +307,7 @@ def create_app(
     app[keys.EXPERIMENTS] = experiments
     if history is not None:
         app[keys.HISTORY] = history
+        app[keys.HISTORY_RETENTION] = HistoryRetention(history.history, settings.sites, clock.now)
 
     async def pace_collector(app: web.Application) -> AsyncIterator[None]:
         shared = pacer or PROCESS_PACER
@@ -328,10 +330,15 @@ def create_app(
             return
         # Opened by the writer, which tries again while the database cannot be reached: the
         # node serves calls meanwhile.
-        writer = asyncio.get_running_loop().create_task(history.run(), name="history-writer")
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(history.run(), name="history-writer")
+        sweeper = loop.create_task(
+            app[keys.HISTORY_RETENTION].run(history.opened), name="history-retention"
+        )
         yield
         writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        sweeper.cancel()
+        await asyncio.gather(writer, sweeper, return_exceptions=True)
         await history.flush(settings.drain_grace_s)
         await history.history.close()
 

@@ -244,6 +244,13 @@ POSTGRES_ADMIN_URL = os.environ.get(
 @pytest.fixture
 async def postgres_url() -> AsyncIterator[str]:
     """A database of this test's own on the test PostgreSQL server, dropped afterwards."""
+    async with postgres_database() as url:
+        yield url
+
+
+@asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """``postgres_url`` for a fixture that needs a database only sometimes."""
     import asyncpg
 
     name = f"membrane_test_{os.getpid()}_{random.randrange(1 << 32):08x}"

@@ -7,10 +7,12 @@ that fails is written to again once it answers, never silently skipped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import dataclasses
 import io
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from conftest import (
     free_port,
     make_settings,
     mint,
+    postgres_database,
     start_node,
 )
 from test_callbacks import agent, visitor_token
@@ -36,6 +39,7 @@ from gateway.core.history import HistoryRow
 from gateway.core.model import Role
 from gateway.edge.http import appkeys as keys
 from gateway.services import history_writer
+from gateway.services.history_retention import HistoryRetention
 from gateway.services.history_writer import HistoryWriter
 from gateway.store.history import MIGRATIONS, PostgresHistory, SqliteHistory
 
@@ -284,3 +288,56 @@ async def test_nodes_sharing_redis_without_a_history_database_say_so(
     ) as r:
         assert r.status == 503
         assert (await r.json())["error"]["code"] == "history_unavailable"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def history_db(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[SqliteHistory | PostgresHistory]:
+    async with contextlib.AsyncExitStack() as stack:
+        history: SqliteHistory | PostgresHistory
+        if request.param == "sqlite":
+            history = SqliteHistory(tmp_path / "history.sqlite3")
+        else:
+            history = PostgresHistory(await stack.enter_async_context(postgres_database()))
+        await history.start()
+        stack.push_async_callback(history.close)
+        yield history
+
+
+async def test_the_boards_sums_count_each_call_once_however_often_it_is_written(
+    history_db: SqliteHistory | PostgresHistory,
+) -> None:
+    await history_db.put([row("c_1"), row("c_2", T0 + 60)])
+    await history_db.put([row("c_1", score=9)])  # its answer, after the end
+    await history_db.put([row("c_2", T0 + 60, score=3), row("c_2", T0 + 60, score=4)])
+    counts = await history_db.figures("acme", T0 // 60 * 60, T0 + 3600, 60)
+    assert sum(c.count for c in counts) == 2
+    assert {(c.slot, c.count) for c in counts} == {(0, 1), (1, 1)}
+    scores = await history_db.scores("acme", T0 // 3600 * 3600, T0 + 3600)
+    assert {(s.group.value, s.count) for s in scores} == {("promoter", 1), ("detractor", 1)}
+
+
+async def test_each_site_keeps_its_history_for_its_own_days(
+    history_db: SqliteHistory | PostgresHistory,
+) -> None:
+    now = T0 + 100 * 86_400
+    old, recent = row("c_old", T0), row("c_recent", now - 86_400, score=10)
+    globex_old = HistoryRow(
+        "c_globex", "globex", "webrtc", "completed", None, "gus", None,
+        T0, T0 + 5, T0 + 65, 2, "[]",
+    )  # fmt: skip
+    await history_db.put([old, recent, globex_old])
+    settings = make_settings(Path("/nonexistent"))
+    acme = dataclasses.replace(settings.sites["acme"], history_retention_days=30)
+    globex = dataclasses.replace(acme, site_id="globex", history_retention_days=365)
+    retention = HistoryRetention(history_db, {"acme": acme, "globex": globex}, lambda: now)
+    assert await retention.sweep() == 1
+    assert [r.call_id for r in await history_db.between("acme", 0, now)] == ["c_recent"]
+    assert [r.call_id for r in await history_db.between("globex", 0, now)] == ["c_globex"]
+    # The deleted call is off the board's sums too.
+    counts = await history_db.figures("acme", T0 // 60 * 60, now, 86_400)
+    assert sum(c.count for c in counts) == 1
+    scores = await history_db.scores("acme", 0, now)
+    assert [(s.group.value, s.count) for s in scores] == [("promoter", 1)]
+    assert await retention.sweep() == 0

@@ -198,6 +198,7 @@ def test_small_config_defaults(tmp_path: Path) -> None:
     site = settings.sites["acme"]
     assert site.name == "acme" and site.ring_timeout_s == 20.0
     assert site.mobile_after_desktop is False
+    assert site.history_retention_days == 400
     assert site.branches["berlin"].name == "berlin" and site.branches["berlin"].hours == {}
     assert site.agents["ben"].name == "ben" and site.agents["ben"].mobile is None
     assert site.agents["ben"].role is Role.AGENT
@@ -283,6 +284,16 @@ BAD: list[tuple[str, tuple[tuple[Path_, Any], ...], str]] = [
         "mobile after desktop not a boolean",
         (((*S0, "mobile_after_desktop"), "yes"),),
         "sites[0].mobile_after_desktop",
+    ),
+    (
+        "history kept no day",
+        (((*S0, "history_retention_days"), 0),),
+        "sites[0].history_retention_days",
+    ),
+    (
+        "history kept past ten years",
+        (((*S0, "history_retention_days"), 3651),),
+        "sites[0].history_retention_days",
     ),
     ("caller id not a number", (((*S0, "caller_ids", 1), "call me"),), "sites[0].caller_ids[1]"),
     ("caller id invalid", (((*S0, "caller_ids", 0), "+1555"),), "sites[0].caller_ids[0]"),
@@ -1190,7 +1201,13 @@ def model_defaults() -> dict[str, dict[str, Any]]:
     }
     out["sites"] = {
         key: Site.__dataclass_fields__[key].default
-        for key in ("ring_timeout_s", "mobile_after_desktop", "survey", "referral_url")
+        for key in (
+            "ring_timeout_s",
+            "mobile_after_desktop",
+            "survey",
+            "referral_url",
+            "history_retention_days",
+        )
     }
     return out
 

@@ -163,6 +163,9 @@ class Site:
     mobile_after_desktop: bool = False
     """A callback ring the agent lets run out in the app rings their mobile next (with the
     whisper and press 1), before the next agent is tried."""
+    history_retention_days: int = 400
+    """How long the call history keeps the site's calls (gateway/services/
+    history_retention.py); 1 to 3,650."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,23 @@ class Metrics:
             buckets=(0, 60, 120, 300, 600, 900, 1800, 3600, 7200),
             registry=self.registry,
         )
+        self.history_write_lag = Histogram(
+            "membrane_history_write_lag_seconds",
+            "From a call's end (or its answer) until the call history committed it.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.history_pending = Gauge(
+            "membrane_history_pending",
+            "Ended calls this node has yet to write to the call history.",
+            registry=self.registry,
+        )
+        self.history_dropped = Counter(
+            "membrane_history_dropped_total",
+            "Ended calls never written to the call history: more were waiting than the "
+            "writer holds (each is also logged as an error).",
+            registry=self.registry,
+        )
         self.survey_answers = Counter(
             "membrane_survey_answers_total",
             "Answers to the question after the call, by site and group (promoter, passive, "

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from gateway.core.call import Call, CallChannel, CallState
 from gateway.core.errors import StoreUnavailable
 from gateway.core.history import HistoryRow
 from gateway.core.model import CallbackPolicy, Site
+from gateway.ops.metrics import Metrics
 from gateway.store.history import CallHistory, timeline_json
 
 log = logging.getLogger(__name__)
@@ -63,10 +65,15 @@ def history_row(call: Call, sites: Mapping[str, Site]) -> HistoryRow:
 
 
 class HistoryWriter:
-    def __init__(self, history: CallHistory, sites: Mapping[str, Site]) -> None:
+    def __init__(
+        self, history: CallHistory, sites: Mapping[str, Site], metrics: Metrics | None = None
+    ) -> None:
         self.history = history
         self._sites = sites
+        self._metrics = metrics
         self._pending: dict[str, HistoryRow] = {}
+        self._since: dict[str, float] = {}
+        """When each pending call was handed over (monotonic): the write lag's start."""
         self._wake = asyncio.Event()
         self.opened = asyncio.Event()
         """Set once ``run`` has opened the history."""
@@ -81,11 +88,20 @@ class HistoryWriter:
         if len(self._pending) >= MAX_PENDING and after.call_id not in self._pending:
             oldest = next(iter(self._pending))
             del self._pending[oldest]
+            self._since.pop(oldest, None)
             self.dropped += 1
+            if self._metrics is not None:
+                self._metrics.history_dropped.inc()
             log.error("call history is %d calls behind: %s dropped", MAX_PENDING, oldest)
         self._pending.pop(after.call_id, None)  # the newest last, as the newest wins
         self._pending[after.call_id] = history_row(after, self._sites)
+        self._since.setdefault(after.call_id, time.monotonic())
+        self._count_pending()
         self._wake.set()
+
+    def _count_pending(self) -> None:
+        if self._metrics is not None:
+            self._metrics.history_pending.set(len(self._pending))
 
     @property
     def pending(self) -> int:
@@ -123,10 +139,15 @@ class HistoryWriter:
             self.failures += 1
             log.warning("call history unreachable (%s); %d calls wait", e, len(self._pending))
             return False
+        now = time.monotonic()
         for call_id, row in zip(ids, rows, strict=True):
             if self._pending.get(call_id) is row:  # not replaced by a newer one meanwhile
                 del self._pending[call_id]
+                since = self._since.pop(call_id, now)
+                if self._metrics is not None:
+                    self._metrics.history_write_lag.observe(now - since)
         self.written += len(rows)
+        self._count_pending()
         return True
 
     async def flush(self, deadline_s: float) -> None:

@@ -285,6 +285,11 @@ def load_site(raw: Any, path: str) -> Site:
         given["referral_url"] = referral
     if "mobile_after_desktop" in raw:
         given["mobile_after_desktop"] = get(raw, "mobile_after_desktop", f"{path}.", bool, False)
+    if "history_retention_days" in raw:
+        days = get(raw, "history_retention_days", f"{path}.", int, 400)
+        if not 1 <= days <= 3650:
+            raise ConfigError(f"{path}.history_retention_days", "must be 1 to 3650 days")
+        given["history_retention_days"] = days
     return Site(
         site_id=site_id,
         name=get(raw, "name", f"{path}.", str, site_id),

@@ -19,6 +19,7 @@ from gateway.services.call_service import CallService
 from gateway.services.callback_service import CallbackService
 from gateway.services.drain import Drain
 from gateway.services.experiments import Experiments
+from gateway.services.history_retention import HistoryRetention
 from gateway.services.history_writer import HistoryWriter
 from gateway.services.im_presence import ImPresence
 from gateway.services.presence_service import PresenceService
@@ -59,4 +60,5 @@ TEXT_CONSENT = web.AppKey("text_consent", TextConsent)
 SURVEYS = web.AppKey("surveys", Surveys)
 HISTORY = web.AppKey("history", HistoryWriter)
 EXPERIMENTS = web.AppKey("experiments", Experiments)
+HISTORY_RETENTION = web.AppKey("history_retention", HistoryRetention)
 """Absent on a node without call history."""
