@@ -799,3 +799,28 @@ async def test_a_failing_backend_raises_store_unavailable(
         for store in (redis, embedded):
             await store.close()
         own_redis.start()
+
+
+async def test_a_sites_experiment_changes_only_from_what_was_read_and_survives_a_restart(
+    open_store: Any,
+) -> None:
+    store: Store = await open_store()
+    assert await store.experiment("acme") is None
+    assert await store.replace_experiment("acme", None, '{"x": 1}')
+    # A second node that also read "none" loses: the first one's experiment stands.
+    assert not await store.replace_experiment("acme", None, '{"x": 2}')
+    assert await store.replace_experiment("acme", '{"x": 1}', '{"x": 1, "stopped": true}')
+    assert not await store.replace_experiment("acme", '{"x": 1}', '{"x": 3}')
+    await store.close()
+    reopened: Store = await open_store()
+    assert await reopened.experiment("acme") == '{"x": 1, "stopped": true}'
+    assert await reopened.experiment("globex") is None
+
+
+async def test_the_queue_head_is_the_queue_in_order(open_store: Any) -> None:
+    store: Store = await open_store()
+    for call_id, score in (("c3", 30.0), ("c1", 10.0), ("c2", 20.0), ("c0", 20.0)):
+        await store.queue_put("acme", call_id, score)
+    await store.queue_put("globex", "c9", 1.0)
+    assert await store.queue_head("acme", 3) == ["c1", "c0", "c2"]
+    assert await store.queue_head("acme", 10) == ["c1", "c0", "c2", "c3"]

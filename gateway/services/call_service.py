@@ -321,14 +321,15 @@ class CallService:
         caller reads it, alongside its own reads)."""
         records = self._records
         site = records.sites[call.site]
-        now = records.clock()
-        presence = records.presence.snapshot(call.site)
-        can = self.can(site)
+        # Before the snapshot: asking may wait on the store (at most every 2 s).
         policy, scores = (
             await records.experiments.routing(call)
             if records.experiments is not None and call.experiment is not None
             else (RoutingPolicy.DEFAULT, {})
         )
+        now = records.clock()
+        presence = records.presence.snapshot(call.site)
+        can = self.can(site)
         snapshot = RoutingSnapshot(
             site=site,
             presence=presence,

@@ -55,7 +55,13 @@ from gateway.core.hours import slot_starts
 from gateway.core.model import Channel, Site
 from gateway.core.phone_policy import CheckedNumber, PhoneRefused, check_number
 from gateway.core.ranking_cache import RankingCache
-from gateway.core.routing import Candidate, RouteRequest, RoutingSnapshot, capabilities
+from gateway.core.routing import (
+    Candidate,
+    RouteRequest,
+    RoutingPolicy,
+    RoutingSnapshot,
+    capabilities,
+)
 from gateway.ops.metrics import Metrics
 from gateway.services.call_records import (
     AGENT_GRACE_S,
@@ -507,13 +513,14 @@ class CallbackService:
     async def _candidates(
         self, call: Call, now: float, last_agent: str | None = None
     ) -> list[Candidate]:
-        snapshot = self._snapshot(call, last_agent)
-        request = self._route_request(call)
         experiments = self._records.experiments
-        if experiments is not None and call.experiment is not None:
-            policy, scores = await experiments.routing(call)
-            snapshot = replace(snapshot, scores=scores)
-            request = replace(request, policy=policy)
+        policy, scores = (
+            await experiments.routing(call)
+            if experiments is not None and call.experiment is not None
+            else (RoutingPolicy.DEFAULT, {})
+        )
+        snapshot = replace(self._snapshot(call, last_agent), scores=scores)
+        request = replace(self._route_request(call), policy=policy)
         return list(self._ranking.candidates(snapshot, request, now))
 
     async def _waits_its_turn(self, call: Call, candidates: list[Candidate], now: float) -> bool:

@@ -89,25 +89,28 @@ class Experiments:
         check_share(share)
         if variant is RoutingPolicy.DEFAULT:
             raise ValueError("the variant must differ from the default policy")
-        self._cache.pop(site, None)
-        if await self.current(site) is not None:
+        stored = await self._store.experiment(site)
+        if stored is not None and experiment_from_json(stored).running:
             raise Conflict("an experiment is running; stop it first", code="experiment_running")
         experiment = Experiment(
             f"x_{secrets.token_hex(6)}", name, variant, share, self._clock(), by
         )
-        await self._store.set_experiment(site, experiment_to_json(experiment))
+        # Two supervisors starting one at once, on two nodes: one wins, the other is told.
+        if not await self._store.replace_experiment(site, stored, experiment_to_json(experiment)):
+            raise Conflict("an experiment is running; stop it first", code="experiment_running")
         self._cache[site] = (self._clock(), experiment)
         return experiment
 
     async def stop(self, site: str) -> Experiment:
         """Every call goes back to the default policy; raises ``NotFound`` with none. The
         stopped experiment stays the site's latest, for its comparison, until the next."""
-        self._cache.pop(site, None)
-        running = await self.current(site)
-        if running is None:
+        stored = await self._store.experiment(site)
+        running = None if stored is None else experiment_from_json(stored)
+        if running is None or not running.running:
             raise NotFound("no experiment is running", code="no_experiment")
         stopped = replace(running, stopped_at=self._clock())
-        await self._store.set_experiment(site, experiment_to_json(stopped))
+        if not await self._store.replace_experiment(site, stored, experiment_to_json(stopped)):
+            raise NotFound("no experiment is running", code="no_experiment")  # stopped meanwhile
         self._cache[site] = (self._clock(), stopped)
         return stopped
 

@@ -278,8 +278,9 @@ class ExperimentStore(Protocol):
     """Each site's running routing experiment, as JSON (gateway/services/experiments.py);
     durable."""
 
-    async def set_experiment(self, site: str, data: str | None) -> None:
-        """Start (``data``) or stop (None) the site's experiment."""
+    async def replace_experiment(self, site: str, expected: str | None, data: str) -> bool:
+        """Store ``data`` as the site's experiment if the stored one is still ``expected``
+        (None: none yet); False if another node changed it first."""
 
     async def experiment(self, site: str) -> str | None: ...
 

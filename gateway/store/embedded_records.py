@@ -198,13 +198,19 @@ class EmbeddedRecords(EmbeddedParts):
         )
         return [str(r[0]) for r in found]
 
-    async def set_experiment(self, site: str, data: str | None) -> None:
-        args: tuple[str, ...]
-        if data is None:
-            sql, args = "DELETE FROM experiments WHERE site = ?", (site,)
-        else:
-            sql, args = "INSERT OR REPLACE INTO experiments VALUES (?, ?)", (site, data)
-        await self._run(lambda: self._conn().execute(sql, args))
+    async def replace_experiment(self, site: str, expected: str | None, data: str) -> bool:
+        def replace() -> bool:
+            db = self._conn()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                found = db.execute("SELECT data FROM experiments WHERE site = ?", (site,))
+                row = found.fetchone()
+                if (None if row is None else str(row[0])) != expected:
+                    return False
+                db.execute("INSERT OR REPLACE INTO experiments VALUES (?, ?)", (site, data))
+                return True
+
+        return await self._run(replace)
 
     async def experiment(self, site: str) -> str | None:
         found = await self._run(

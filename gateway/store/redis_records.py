@@ -38,6 +38,14 @@ return 1
 """
 
 
+_REPLACE_EXPERIMENT = """
+local found = redis.call('GET', KEYS[1])
+if (found or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+
 class RedisRecords(RedisParts):
     async def put_call(self, row: CallRow) -> bool:
         ok = await self._lane.run_script(
@@ -135,11 +143,11 @@ class RedisRecords(RedisParts):
         head: list[str] = await self._redis.zrange(f"m:queue:{site}", 0, limit - 1)  # type: ignore[assignment]
         return head
 
-    async def set_experiment(self, site: str, data: str | None) -> None:
-        if data is None:
-            await self._redis.delete(f"m:experiment:{site}")
-        else:
-            await self._redis.set(f"m:experiment:{site}", data)
+    async def replace_experiment(self, site: str, expected: str | None, data: str) -> bool:
+        done = await self._lane.run_script(
+            _REPLACE_EXPERIMENT, [f"m:experiment:{site}"], [expected or "", data]
+        )
+        return bool(done)
 
     async def experiment(self, site: str) -> str | None:
         found: str | None = await self._redis.get(f"m:experiment:{site}")  # type: ignore[assignment]
