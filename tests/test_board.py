@@ -45,8 +45,9 @@ def two_sites(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def two_nodes(
-    nodes: NodeFactory, tmp_path: Path, redis_url: str, postgres_url: str
+    postgres_url: str, redis_url: str, nodes: NodeFactory, tmp_path: Path
 ) -> tuple[Node, Node]:
+    # The database first: it is dropped after the nodes stop (they write what is pending).
     base = two_sites(make_settings(tmp_path, redis_url=redis_url, history_url=postgres_url))
     started = []
     for name in ("node-a", "node-b"):

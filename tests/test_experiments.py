@@ -150,8 +150,9 @@ def test_a_real_difference_is_found_and_its_direction_named() -> None:
 
 @pytest.fixture
 async def two_nodes(
-    nodes: NodeFactory, tmp_path: Path, redis_url: str, postgres_url: str
+    postgres_url: str, redis_url: str, nodes: NodeFactory, tmp_path: Path
 ) -> tuple[Node, Node]:
+    # The database first: it is dropped after the nodes stop (they write what is pending).
     base = make_settings(tmp_path, redis_url=redis_url, history_url=postgres_url)
     a = await nodes(msgspec.structs.replace(base, node_id="node-a"))
     b = await nodes(msgspec.structs.replace(base, node_id="node-b"))

@@ -361,6 +361,9 @@ class SqliteHistory:
         return int(found[0] or 0)
 
 
+CLOSE_TIMEOUT_S = 5.0
+
+
 class PostgresHistory:
     """The history of nodes sharing Redis: one PostgreSQL database for all of them. Nodes
     that start at once migrate one after another (a transaction-scoped advisory lock)."""
@@ -401,7 +404,11 @@ class PostgresHistory:
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                # A connection stuck on a database gone away: a stopping node drops it.
+                pool.terminate()
 
     def _open_pool(self) -> asyncpg.Pool:
         if self._pool is None:
