@@ -158,8 +158,24 @@ async def write_lag(http: aiohttp.ClientSession, nodes: list[NodeProcess]) -> di
     }
 
 
+async def database_backends(url: str) -> dict[str, int]:
+    """The PostgreSQL server processes serving the nodes' connections to ``url``'s
+    database (its CPU is part of what the history costs this machine)."""
+    db = await asyncpg.connect(url)
+    try:
+        found = await db.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await db.close()
+    return {f"postgres-{i}": int(r["pid"]) for i, r in enumerate(found)}
+
+
 async def calls_phase(args: argparse.Namespace, history_url: str) -> dict[str, Any]:
     async with two_nodes(args, history_url) as (nodes, pids):
+        if history_url:
+            pids |= await database_backends(history_url)
         try:
             result = await measure(args, nodes, pids)
             if history_url:
