@@ -65,7 +65,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE call_history ADD COLUMN experiment TEXT;
     ALTER TABLE call_history ADD COLUMN arm TEXT;
     ALTER TABLE call_history ADD COLUMN on_time BOOLEAN;
-    CREATE INDEX call_history_by_experiment ON call_history (site, experiment);
+    CREATE INDEX call_history_by_experiment ON call_history (site, experiment)
+        WHERE experiment IS NOT NULL;
     CREATE TABLE call_minutes (
         site TEXT NOT NULL,
         minute DOUBLE PRECISION NOT NULL,
