@@ -261,3 +261,20 @@ async def stored_call(node: Node, call_id: str) -> dict[str, Any]:
     row = await node.app[keys.STORE].get_call(call_id)
     assert row is not None
     return row.data
+
+
+async def test_nodes_without_a_history_run_experiments_but_cannot_compare_them(
+    nodes: NodeFactory, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    node = await nodes(redis_url=redis_url)  # nodes sharing Redis, no history_url
+    sam = {"Authorization": f"Bearer {mint(node.settings, 'sam', Role.SUPERVISOR)}"}
+    url = f"{node.url}/v1/sites/acme/experiment"
+    async with http.put(url, json={"variant": "best_nps", "share": 0.01}, headers=sam) as r:
+        assert r.status == 201
+    async with http.get(url, headers=sam) as r:
+        assert r.status == 503 and (await r.json())["error"]["code"] == "history_unavailable"
+    async with http.delete(url, headers=sam) as r:  # stopped all the same, and said so
+        assert r.status == 200
+        stopped = await r.json()
+        assert stopped["experiment"]["running"] is False and stopped["arms"] == {}
+    assert await node.app[keys.EXPERIMENTS].current("acme") is None

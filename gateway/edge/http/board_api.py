@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.core import experiment_stats
 from gateway.core.board_figures import board_figures, nps_rows, span_window
-from gateway.core.errors import Invalid, Unavailable
+from gateway.core.errors import Invalid, StoreUnavailable, Unavailable
 from gateway.edge.http import appkeys as keys
 from gateway.edge.http.http_api import read_json, supervised_site, supervisor_claims
 from gateway.services.experiments import Experiments
@@ -52,11 +52,17 @@ def _experiments(request: web.Request) -> Experiments:
     return request.app[keys.EXPERIMENTS]
 
 
-async def _report(request: web.Request, site_id: str) -> web.Response:
+async def _report(request: web.Request, site_id: str, strict: bool = True) -> web.Response:
+    """The experiment and its arms; not ``strict`` (it was just stopped, which is done),
+    without arms when the history cannot say."""
     latest = await _experiments(request).latest(site_id)
     arms = {}
     if latest is not None:
-        arms = await _history(request).arms(site_id, latest.experiment_id)
+        try:
+            arms = await _history(request).arms(site_id, latest.experiment_id)
+        except (Unavailable, StoreUnavailable):
+            if strict:
+                raise
     control = arms.get("control", experiment_stats.ArmFigures())
     variant = arms.get("variant", experiment_stats.ArmFigures())
     measures = experiment_stats.compare(control, variant) if latest is not None else []
@@ -88,7 +94,7 @@ async def start_experiment(request: web.Request) -> web.Response:
 async def stop_experiment(request: web.Request) -> web.Response:
     site_id = await supervised_site(request)
     await _experiments(request).stop(site_id)
-    return await _report(request, site_id)
+    return await _report(request, site_id, strict=False)
 
 
 def add_routes(app: web.Application) -> None:
