@@ -630,10 +630,11 @@ async def explain_double_bookings(url: str, examples: list[dict[str, Any]]) -> N
 
 @contextlib.asynccontextmanager
 async def two_nodes(
-    args: argparse.Namespace,
+    args: argparse.Namespace, history_url: str = ""
 ) -> AsyncIterator[tuple[list[NodeProcess], dict[str, int], str]]:
-    """A private Redis and two nodes of a site with ``args.agents`` agents: the nodes, the
-    processes to watch (nodes, Redis, this driver) and Redis's URL."""
+    """A private Redis and two nodes of a site with ``args.agents`` agents (writing the
+    call history to ``history_url``, if given): the nodes, the processes to watch (nodes,
+    Redis, this driver) and Redis's URL."""
     with tempfile.TemporaryDirectory(prefix="membrane-bench-") as tmp:
         work = Path(tmp)
         config = work / "bench.toml"
@@ -641,6 +642,8 @@ async def two_nodes(
         text = text.replace(
             'name = "Acme"\n', f'name = "Acme"\nring_timeout_s = {args.ring_timeout}\n', 1
         )
+        if history_url:
+            text = text.replace("[server]\n", f'[server]\nhistory_url = "{history_url}"\n', 1)
         config.write_text(text)
         async with redis_server(work) as redis_url, contextlib.AsyncExitStack() as stack:
             nodes: list[NodeProcess] = []

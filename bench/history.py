@@ -44,12 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 import asyncpg
 
-from bench.click_to_ring import common_args, measure, node_report
+from bench.click_to_ring import common_args, measure, node_report, two_nodes
 from bench.harness import (
     NodeProcess,
     demo_site_config,
-    redis_pid,
-    redis_server,
     repeat,
     start_node,
     stop_node,
@@ -81,32 +79,6 @@ async def database(admin_url: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
-
-
-@contextlib.asynccontextmanager
-async def two_nodes(
-    args: argparse.Namespace, history_url: str
-) -> AsyncIterator[tuple[list[NodeProcess], dict[str, int]]]:
-    with tempfile.TemporaryDirectory(prefix="membrane-bench-") as tmp:
-        work = Path(tmp)
-        config = work / "bench.toml"
-        text = demo_site_config(args.agents, socket_ttl_s=args.socket_ttl)
-        text = text.replace(
-            'name = "Acme"\n', f'name = "Acme"\nring_timeout_s = {args.ring_timeout}\n', 1
-        )
-        if history_url:
-            text = text.replace("[server]\n", f'[server]\nhistory_url = "{history_url}"\n', 1)
-        config.write_text(text)
-        async with redis_server(work) as redis_url, contextlib.AsyncExitStack() as stack:
-            nodes: list[NodeProcess] = []
-            for name in ("node-a", "node-b"):
-                node = await start_node(config, redis_url, work, name)
-                stack.push_async_callback(stop_node, node)
-                nodes.append(node)
-            pids = {n.log.stem: n.proc.pid for n in nodes}
-            pids["redis"] = await redis_pid(redis_url)
-            pids["driver"] = os.getpid()
-            yield nodes, pids
 
 
 def histogram(text: str, name: str) -> list[tuple[float, float]]:
@@ -173,7 +145,7 @@ async def database_backends(url: str) -> dict[str, int]:
 
 
 async def calls_phase(args: argparse.Namespace, history_url: str) -> dict[str, Any]:
-    async with two_nodes(args, history_url) as (nodes, pids):
+    async with two_nodes(args, history_url) as (nodes, pids, _):
         if history_url:
             pids |= await database_backends(history_url)
         try:
