@@ -349,8 +349,15 @@ class SqliteHistory:
                     marks = ", ".join("?" for _ in chunk)
                     db.execute(f"DELETE FROM call_history WHERE call_id IN ({marks})", chunk)
                 self._add(db, *rollup_removals(gone.values()))
-                db.execute("DELETE FROM call_minutes WHERE site = ? AND calls = 0", (site,))
-                db.execute("DELETE FROM survey_hours WHERE site = ? AND answers = 0", (site,))
+                # Sums emptied by the deletes: only old ones (the key's range is short).
+                db.execute(
+                    "DELETE FROM call_minutes WHERE site = ? AND minute < ? AND calls = 0",
+                    (site, before),
+                )
+                db.execute(
+                    "DELETE FROM survey_hours WHERE site = ? AND hour < ? AND answers = 0",
+                    (site, before),
+                )
                 return len(gone)
 
         return await self._run(delete)
@@ -509,8 +516,17 @@ class PostgresHistory:
                     "DELETE FROM call_history WHERE call_id = ANY($1::text[])", list(gone)
                 )
                 await self._add(db, *rollup_removals(gone.values()))
-                await db.execute("DELETE FROM call_minutes WHERE site = $1 AND calls = 0", site)
-                await db.execute("DELETE FROM survey_hours WHERE site = $1 AND answers = 0", site)
+                # Sums emptied by the deletes: only old ones (the key's range is short).
+                await db.execute(
+                    "DELETE FROM call_minutes WHERE site = $1 AND minute < $2 AND calls = 0",
+                    site,
+                    before,
+                )
+                await db.execute(
+                    "DELETE FROM survey_hours WHERE site = $1 AND hour < $2 AND answers = 0",
+                    site,
+                    before,
+                )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreUnavailable(f"call history: {e}") from e
         return len(gone)
