@@ -245,12 +245,7 @@ def create_app(
     customer_texts.texts = phones if isinstance(phones, Texts) else None
     callbacks.customer_texts = callbacks.promises.texts = customer_texts
     surveys = Surveys(records, customer_texts, node_tasks)
-
-    async def agent_nps(site_id: str) -> dict[str, float]:
-        agents = (await surveys.scores(site_id)).agents
-        return {a: t.nps for a, t in agents.items() if t.nps is not None}
-
-    experiments = Experiments(store, clock.now, agent_nps)
+    experiments = Experiments(store, clock.now, surveys.agent_nps)
     records.experiments = experiments
     surveys.on_answer = call_metrics.answered
     records.observers.append(surveys.changed)

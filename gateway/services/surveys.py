@@ -85,6 +85,11 @@ class Surveys:
             (agents if kind == "agent" else branches)[name] = Tally.of(counts)
         return Scores(agents, branches)
 
+    async def agent_nps(self, site_id: str) -> dict[str, float]:
+        """Each agent's NPS, of those with answers (the best_nps routing policy's)."""
+        agents = (await self.scores(site_id)).agents
+        return {a: t.nps for a, t in agents.items() if t.nps is not None}
+
     # --- by text, after a phone call -------------------------------------------------------
 
     def changed(self, before: Call | None, after: Call) -> None:
