@@ -164,8 +164,68 @@ def _add_scores_sql(param: Callable[[int], str]) -> str:
 
 
 _LOCK_CALLS = (
-    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtext(id) AS h"
-    " FROM unnest($1::text[]) AS id ORDER BY h) AS locks"
+    f"SELECT pg_advisory_xact_lock({0x4D454D43}, h) FROM (SELECT DISTINCT hashtext(id) & 1023"
+    " AS h FROM unnest($1::text[]) AS id ORDER BY h) AS locks"
+)
+"""Turns for writers of the same calls: a lock for each of 1,024 slots of call ids, so a
+transaction takes at most 1,024 however many calls it writes (PostgreSQL's table of locks
+is shared and small: 20,000 locks in one transaction ran it out of memory)."""
+
+
+_HISTORY_TYPES = {
+    "created_at": "float8",
+    "connected_at": "float8",
+    "ended_at": "float8",
+    "survey_score": "int4",
+    "promised_at": "float8",
+    "on_time": "bool",
+}
+_FIGURE_TYPES = ("text", "float8", "text", "text", "int4", "int4", "int8")
+_SCORE_TYPES = ("text", "float8", "text", "text", "text", "int8")
+
+
+def _unnest(types: Sequence[str]) -> str:
+    """Rows passed as one array per column: a batch is one statement for PostgreSQL to run,
+    not one per row (measured: an eighth less of the database's CPU per call)."""
+    return ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
+
+
+def _columns(rows: Sequence[Sequence[object]], width: int) -> list[list[object]]:
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+_READ_ROWS = (
+    f"SELECT h.* FROM unnest($1::text[]) AS wanted (id), LATERAL"
+    f" (SELECT {', '.join(COLUMNS)} FROM call_history WHERE call_id = wanted.id LIMIT 1) AS h"
+)
+"""The stored rows of some calls: a lookup of the key for each, whatever the planner thinks
+of the table's size (``LIMIT 1`` keeps it from turning this into a join). Not
+``call_id = ANY($1)``: with the array a parameter, PostgreSQL scanned the table and compared
+each row against every id, measured at 10 ms a batch and growing with the history."""
+
+_PUT_ROWS = (
+    f"INSERT INTO call_history ({', '.join(COLUMNS)})"
+    f" SELECT * FROM unnest({_unnest([_HISTORY_TYPES.get(c, 'text') for c in COLUMNS])})"
+    f" ON CONFLICT (call_id) DO UPDATE SET"
+    f" {', '.join(f'{c} = EXCLUDED.{c}' for c in COLUMNS if c != 'call_id')}"
+)
+
+
+def _add_unnest_sql(table: str, keys: tuple[str, ...], value: str, types: Sequence[str]) -> str:
+    """As ``_add_sql``, for many sums in one statement (each key at most once)."""
+    columns = ("site", *keys, value)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({_unnest(types)})"
+        f" ON CONFLICT (site, {', '.join(keys)}) DO UPDATE"
+        f" SET {value} = {table}.{value} + EXCLUDED.{value}"
+    )
+
+
+_ADD_FIGURES = _add_unnest_sql(
+    "call_minutes", ("minute", "channel", "outcome", "bucket", "on_time"), "calls", _FIGURE_TYPES
+)
+_ADD_SCORES = _add_unnest_sql(
+    "survey_hours", ("hour", "agent_id", "branch", "grp"), "answers", _SCORE_TYPES
 )
 
 
@@ -425,41 +485,33 @@ class PostgresHistory:
 
     async def put(self, rows: Sequence[HistoryRow]) -> None:
         pool = self._open_pool()
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "call_id")
-        sql = (
-            f"INSERT INTO call_history ({', '.join(COLUMNS)})"
-            f" VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
-            f" ON CONFLICT (call_id) DO UPDATE SET {updates}"
-        )
         ids = sorted({r.call_id for r in rows})
+        newest = list({r.call_id: r for r in rows}.values())  # one row per call in a statement
         try:
             async with pool.acquire() as db, db.transaction():
                 # Two nodes writing one call at once (its end here, its answer there) take
                 # turns, so each reads what the other wrote before adding to the sums.
                 await db.execute(_LOCK_CALLS, ids)
                 before = await self._rows(db, ids)
-                await db.executemany(sql, [astuple(r) for r in rows])
+                await db.execute(_PUT_ROWS, *_columns([astuple(r) for r in newest], len(COLUMNS)))
                 await self._add(db, *rollup_changes(before, rows))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreUnavailable(f"call history: {e}") from e
 
     @staticmethod
     async def _rows(db: asyncpg.Connection, call_ids: Sequence[str]) -> dict[str, HistoryRow]:
-        sql = f"SELECT {', '.join(COLUMNS)} FROM call_history WHERE call_id = ANY($1::text[])"
-        return {row[0]: HistoryRow(*row) for row in await db.fetch(sql, list(call_ids))}
+        return {row[0]: HistoryRow(*row) for row in await db.fetch(_READ_ROWS, list(call_ids))}
 
     @staticmethod
     async def _add(
         db: asyncpg.Connection, figures: Counter[FigureKey], scores: Counter[ScoreKey]
     ) -> None:
         if figures:
-            await db.executemany(
-                _add_figures_sql(_pg_param), [(*k, n) for k, n in sorted(figures.items())]
-            )
+            sums = [(*k, n) for k, n in sorted(figures.items())]
+            await db.execute(_ADD_FIGURES, *_columns(sums, len(_FIGURE_TYPES)))
         if scores:
-            await db.executemany(
-                _add_scores_sql(_pg_param), [(*k, n) for k, n in sorted(scores.items())]
-            )
+            answers = [(*k, n) for k, n in sorted(scores.items())]
+            await db.execute(_ADD_SCORES, *_columns(answers, len(_SCORE_TYPES)))
 
     async def between(self, site: str, start: float, end: float) -> list[HistoryRow]:
         pool = self._open_pool()
