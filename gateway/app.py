@@ -26,6 +26,7 @@ from gateway.edge.http import (
 )
 from gateway.edge.http.availability_feed import AvailabilityFeed
 from gateway.edge.http.http_api import error_middleware
+from gateway.edge.http.security import security_headers, security_middleware, trusted_networks
 from gateway.edge.http.ticket_feed import TicketFeed, TicketView
 from gateway.edge.http.visitor_api import cors_middleware
 from gateway.edge.sio.agent import AgentNamespace
@@ -137,8 +138,11 @@ def create_app(
     moves it on); a store passed in reads its own. ``pacer`` is the process's collector
     pacer (``gc_pacer.PROCESS_PACER`` unless a test passes its own)."""
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[security_middleware, cors_middleware, error_middleware],
     )
+    app[keys.TRUSTED_PROXIES] = trusted_networks(settings.trusted_proxies)
+    app[keys.SECURITY_HEADERS] = security_headers(settings)
     clock = clock or SYSTEM_CLOCK
     i18n.load_all()
     store = store or build_store(settings, clock)
@@ -404,7 +408,7 @@ def create_app(
     ticket_api.add_routes(app)
     board_api.add_routes(app)
     im_webhook.add_routes(app)
-    web_static.add_routes(app)
+    web_static.add_routes(app, web_static.web_client_root(settings.web_client_dir))
     return app
 
 

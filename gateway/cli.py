@@ -20,6 +20,7 @@ from gateway.edge.http import appkeys as keys
 from gateway.ops.access_log import access_logger_class
 from gateway.ops.gc_pacer import PROCESS_PACER
 from gateway.ops.log_privacy import use_private_formatter
+from gateway.ops.logs import LogFormat, configure_logging
 from gateway.settings import ConfigError, Settings, load_settings, with_dev_secret
 from gateway.store.redis_url import parse_redis_url
 
@@ -40,9 +41,7 @@ def serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     settings = _settings(args)
-    log_format = f"%(asctime)s {settings.node_id} %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=log_format)
-    use_private_formatter(log_format)
+    configure_logging(settings.log_format, settings.node_id)
     app = create_app(settings)
 
     async def freeze_heap(app: web.Application) -> None:
@@ -73,14 +72,21 @@ def serve(args: argparse.Namespace) -> int:
         if settings.redis_url
         else f"embedded ({settings.data_dir})"
     )
-    print(
-        f"Membrane node {settings.node_id} on http://{settings.host}:{settings.port}"
-        f" (store: {store})\n"
-        f"  demo site:  {settings.public_url}/demo/\n"
-        f"  agent app:  {settings.public_url}/agent/  (token: {_token_command()} --agent <id>)\n"
-        f"  board:      {settings.public_url}/board/  (a supervisor's token)",
-        flush=True,
-    )
+    where = f"Membrane node {settings.node_id} on http://{settings.host}:{settings.port}"
+    if settings.log_format is LogFormat.JSON:
+        # A log collector reads every line as JSON: the banner is a log line too.
+        logging.getLogger("gateway.cli").info(
+            "%s (store: %s); pages at %s/", where, store, settings.public_url
+        )
+    else:
+        print(
+            f"{where} (store: {store})\n"
+            f"  demo site:  {settings.public_url}/demo/\n"
+            f"  agent app:  {settings.public_url}/agent/"
+            f"  (token: {_token_command()} --agent <id>)\n"
+            f"  board:      {settings.public_url}/board/  (a supervisor's token)",
+            flush=True,
+        )
     try:
         web.run_app(
             app,
@@ -95,7 +101,7 @@ def serve(args: argparse.Namespace) -> int:
             shutdown_timeout=app[keys.DRAIN].reserve_s / 2,
         )
     except RedisError as e:  # at start-up: Redis unreachable, or refusing the password
-        print(f"cannot start: {e}", file=sys.stderr)
+        logging.getLogger("gateway.cli").error("cannot start: %s", e)
         return 1
     return 0
 

@@ -83,7 +83,9 @@ class TwilioTelephony:
         self._http: Any = None  # AsyncTwilioHttpClient; the SDK is untyped
         self._client: Any = None
         self.media_bridge: MediaWorkers | None = (
-            MediaWorkers(settings.media, settings.twilio.auth_token)
+            MediaWorkers(
+                settings.media, settings.twilio.auth_token, settings.twilio.previous_auth_token
+            )
             if settings.media.workers
             else None
         )

@@ -211,11 +211,13 @@ class WebhookSignatures:
     """Checks ``X-Twilio-Signature`` against the URL Twilio called, rebuilt from the public
     URL: behind a proxy ``request.url`` names this host, not the one Twilio signed."""
 
-    def __init__(self, auth_token: str, public_url: str) -> None:
+    def __init__(self, auth_token: str, public_url: str, previous_auth_token: str = "") -> None:
         if not auth_token:
             # An empty key would accept signatures anyone can compute.
             raise ValueError("the Twilio auth token is required to verify webhooks")
-        self._validator = RequestValidator(auth_token)
+        # While the token is rotated, Twilio signs with either until the new one is primary.
+        tokens = (auth_token, previous_auth_token) if previous_auth_token else (auth_token,)
+        self._validators = tuple(RequestValidator(t) for t in tokens)
         self._base = public_url.rstrip("/")
 
     def url_for(self, path_qs: str) -> str:
@@ -227,7 +229,8 @@ class WebhookSignatures:
             return False
         # The SDK sorts names, appends every (deduplicated) value of a repeated field, compares
         # in constant time, and accepts the URL with and without an explicit default port.
-        return bool(self._validator.validate(self.url_for(path_qs), params, signature))
+        url = self.url_for(path_qs)
+        return any(v.validate(url, params, signature) for v in self._validators)
 
 
 # --- the aiohttp edge --------------------------------------------------------------------------
@@ -259,7 +262,9 @@ class TwilioWebhooks:
     """The three webhook handlers; ``add_routes`` registers them on the gateway's app."""
 
     def __init__(self, settings: Settings, events: CallbackEvents) -> None:
-        self._signatures = WebhookSignatures(settings.twilio.auth_token, settings.public_url)
+        self._signatures = WebhookSignatures(
+            settings.twilio.auth_token, settings.public_url, settings.twilio.previous_auth_token
+        )
         self._urls = WebhookUrls.from_public_url(settings.public_url)
         self._events = events
 

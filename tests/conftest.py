@@ -26,6 +26,7 @@ import pytest
 import redis as redis_sync
 import socketio
 from aiohttp import web
+from log_scan import keep_node_log, pytest_configure, pytest_sessionfinish  # noqa: F401 (hooks)
 
 from gateway.app import create_app
 from gateway.core.model import Role
@@ -460,6 +461,7 @@ async def node_process(
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
         log.close()
+        keep_node_log(log_path)
 
 
 @pytest.fixture

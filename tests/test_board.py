@@ -178,7 +178,7 @@ async def test_the_board_loads_the_day_from_history_and_follows_calls_across_nod
     errors: list[str] = []
     page = await open_board(browser, b, mint(b.settings, "sam", Role.SUPERVISOR), errors)
     await expect(page.get_by_test_id("board-conn")).to_have_text("live", timeout=WAIT_MS)
-    await page.wait_for_function("window.MembraneBoard.loaded >= 1", timeout=WAIT_MS)
+    await page.wait_for_function("() => window.MembraneBoard.loaded >= 1", timeout=WAIT_MS)
     figures = await page.evaluate("window.MembraneBoard.figures")
     assert figures["span"] == "day" and figures["slots"] == 96
     start = figures["start"]
@@ -260,17 +260,19 @@ async def test_the_board_loads_the_day_from_history_and_follows_calls_across_nod
 
     # The same board on a wall screen, over the last hour and the last week.
     wall = await open_board(browser, a, mint(a.settings, "sam", Role.SUPERVISOR), errors, 2560)
-    await wall.wait_for_function("window.MembraneBoard.loaded >= 1", timeout=WAIT_MS)
+    await wall.wait_for_function("() => window.MembraneBoard.loaded >= 1", timeout=WAIT_MS)
     await wall.get_by_role("button", name="Last week").click()
     await wall.wait_for_function(
-        "window.MembraneBoard.figures && window.MembraneBoard.figures.span === 'week'",
+        "() => window.MembraneBoard.figures && window.MembraneBoard.figures.span === 'week'",
         timeout=WAIT_MS,
     )
     week = await wall.evaluate("window.MembraneBoard.figures")
     assert week["slots"] == 56 and week["totals"]["requests"] == 10
     await shot(wall, "wall-week")
     await wall.get_by_role("button", name="Last hour").click()
-    await wall.wait_for_function("window.MembraneBoard.figures.span === 'hour'", timeout=WAIT_MS)
+    await wall.wait_for_function(
+        "() => window.MembraneBoard.figures.span === 'hour'", timeout=WAIT_MS
+    )
     hour = await wall.evaluate("window.MembraneBoard.figures")
     assert hour["totals"]["requests"] == 1 and hour["totals"]["reached"] == 1
     assert not errors, errors
@@ -295,7 +297,7 @@ async def test_a_supervisor_of_another_site_sees_none_of_it(
     sams = await open_board(browser, b, mint(b.settings, "sam", Role.SUPERVISOR), errors)
     for board in (page, sams):
         await expect(board.get_by_test_id("board-conn")).to_have_text("live", timeout=WAIT_MS)
-        await board.wait_for_function("window.MembraneBoard.loaded >= 1", timeout=WAIT_MS)
+        await board.wait_for_function("() => window.MembraneBoard.loaded >= 1", timeout=WAIT_MS)
     anna = await agent(clients, a, "anna")  # an acme agent comes online: not Gus's to see
     await expect(sams.locator('#agents-table tr[data-agent="anna"] .pill')).to_have_text(
         "available", timeout=WAIT_MS

@@ -287,7 +287,16 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     class: `root${pos[0] === "top" ? " pos-top" : ""}${pos[1] === "left" ? " pos-left" : ""}${
       showButton ? "" : " nobutton"}`,
   });
-  shadow.append(h("style", { text: CSS }), root);
+  // A constructed stylesheet, not a <style> element: a host page whose content security
+  // policy forbids inline styles (as the gateway's own pages do) styles the widget all the same.
+  if ("adoptedStyleSheets" in shadow && typeof CSSStyleSheet === "function" && "replaceSync" in CSSStyleSheet.prototype) {
+    const sheet = new CSSStyleSheet();
+    sheet.replaceSync(CSS);
+    shadow.adoptedStyleSheets = [sheet];
+    shadow.append(root);
+  } else {
+    shadow.append(h("style", { text: CSS }), root);
+  }
 
   const btnDot = h("span", { class: "dot", "aria-hidden": "true", hidden: true });
   const btnLabel = h("span", {});

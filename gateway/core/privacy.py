@@ -27,6 +27,16 @@ def mask_phone(e164: str) -> str:
     return f"+{country} {hidden}" if country else f"+{hidden}"
 
 
+E164_IN_URL = re.compile(r"(?<![\w%])%2[Bb]([1-9]\d{6,14})(?!\d)")
+"""A number in E.164 in a URL's query (``To=%2B353...``), as an HTTP client logs it."""
+
+
 def mask_phones_in(text: str) -> str:
-    """Every E.164 number in ``text``, masked."""
-    return E164_IN_TEXT.sub(lambda m: mask_phone(m.group(0)), text)
+    """Every E.164 number in ``text``, masked, also where a URL encodes its ``+``."""
+    masked = E164_IN_TEXT.sub(lambda m: mask_phone(m.group(0)), text)
+    if "%2" in masked:
+        masked = E164_IN_URL.sub(
+            lambda m: mask_phone(f"+{m.group(1)}").replace("+", "%2B").replace(" ", "%20"),
+            masked,
+        )
+    return masked

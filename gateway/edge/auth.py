@@ -99,15 +99,14 @@ class TokenService:
         else:
             key, algorithm = self._own_verify_key, self._settings.algorithm
         try:
-            raw = jwt.decode(
-                token,
-                key,
-                algorithms=[algorithm],
-                audience=AUDIENCE,
-                issuer=self._settings.issuer,
-                leeway=self._settings.leeway_s,
-                options={"require": ["exp", "iat", "aud", "iss", "sub"]},
-            )
+            try:
+                raw = self._decode(token, key, algorithm)
+            except jwt.InvalidSignatureError:
+                previous = self._settings.previous_secret
+                if not (previous and key is self._own_verify_key and algorithm == "HS256"):
+                    raise
+                # Rotating the secret: tokens signed before still hold until they expire.
+                raw = self._decode(token, previous, algorithm)
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token expired") from None
         except jwt.PyJWTError as e:
@@ -125,6 +124,18 @@ class TokenService:
         if roles is not None and claims.role not in roles:
             raise Forbidden(f"role {claims.role.value} may not do this")
         return claims
+
+    def _decode(self, token: str, key: Any, algorithm: str) -> dict[str, Any]:
+        found: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[algorithm],
+            audience=AUDIENCE,
+            issuer=self._settings.issuer,
+            leeway=self._settings.leeway_s,
+            options={"require": ["exp", "iat", "aud", "iss", "sub"]},
+        )
+        return found
 
     async def _jwks_key(self, token: str) -> tuple[Any, str]:
         assert self._jwks is not None

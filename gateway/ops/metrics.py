@@ -44,6 +44,17 @@ class Metrics:
             "1 while the store answers and this node hears other nodes' events.",
             registry=self.registry,
         )
+        self.ready = Gauge(
+            "membrane_ready",
+            "1 while this node answers /readyz with 200: its store answers and it is not "
+            "draining (as of the last scrape or readiness check).",
+            registry=self.registry,
+        )
+        self.data_dir_free = Gauge(
+            "membrane_data_dir_free_bytes",
+            "Free disk where the node keeps its data (the embedded store, the SQLite history).",
+            registry=self.registry,
+        )
         self.callback_refusals = Counter(
             "membrane_callback_refusals_total",
             "Callback requests and dials refused by the abuse rules, by error code.",

@@ -17,6 +17,7 @@ channel is adding a flow and registering it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import Site, languages_of
 from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
 from gateway.i18n import Messages, messages_for
+from gateway.ops.log_context import tag_call
 from gateway.ops.tasks import TaskGroup
 from gateway.services.experiments import Experiments
 from gateway.services.presence_service import PresenceService
@@ -40,6 +42,8 @@ from gateway.store.base import CallRow, Store
 from gateway.telephony import AgentInstruction
 from gateway.wire.calls import ring_to_wire
 from gateway.wire.codec import Json, call_from_record, call_to_record
+
+log = logging.getLogger(__name__)
 
 # A reservation outlives its ring a little, so that a node that died mid-ring still frees
 # the agent, but never before the ring timer has had its chance.
@@ -178,6 +182,25 @@ class CallFlow(Protocol):
         it has ended already)."""
 
 
+def log_ended(call: Call) -> None:
+    """One line per call, as it ends: what an operator looks for first (the line carries the
+    call's id and site, gateway/ops/log_context.py)."""
+    talked = (
+        f", talked {call.ended_at - call.connected_at:.0f} s"
+        if call.connected_at is not None and call.ended_at is not None
+        else ""
+    )
+    log.info(
+        "call %s ended %s (%s) on %s, agent %s%s",
+        call.call_id,
+        call.state.value,
+        call.reason,
+        call.channel.value,
+        call.agent_id or "none",
+        talked,
+    )
+
+
 class CallRecords:
     def __init__(
         self,
@@ -252,11 +275,15 @@ class CallRecords:
         row = await self.store.get_call(call_id)
         if row is None:
             raise NotFound(f"no call {call_id!r}")
+        tag_call(call_id, row.site)
         return call_from_record(row.data, row.version)
 
     async def find(self, call_id: str) -> Call | None:
         row = await self.store.get_call(call_id)
-        return call_from_record(row.data, row.version) if row is not None else None
+        if row is None:
+            return None
+        tag_call(call_id, row.site)
+        return call_from_record(row.data, row.version)
 
     async def open_calls(self, site_id: str, limit: int = 200) -> list[Call]:
         """The site's calls not ended: those changed most recently (ringing, talking), then
@@ -282,6 +309,7 @@ class CallRecords:
         if self.experiments is not None:
             call = await self.experiments.enroll(call)
         call = replace(call, version=1)
+        tag_call(call.call_id, call.site)
         row = CallRow(call.call_id, call.site, 1, call_to_record(call))
         if not await self.store.put_call(row):
             raise Conflict(f"call {call.call_id} exists", code="conflict")
@@ -300,6 +328,7 @@ class CallRecords:
         it is checked against a fresh read, so the outcome is as if it had been read here."""
         for _ in range(8):
             if current is not None:
+                tag_call(current.call_id, current.site)
                 before, current = current, None
                 try:
                     after = replace(transition(before), version=before.version + 1)
@@ -310,6 +339,8 @@ class CallRecords:
                 after = replace(transition(before), version=before.version + 1)
             row = CallRow(call_id, after.site, after.version, call_to_record(after))
             if await self.store.put_call(row):
+                if after.final and not before.final:
+                    log_ended(after)
                 for observe in self.observers:
                     observe(before, after)
                 return before, after

@@ -7,6 +7,7 @@ from the environment so that the config file can be committed.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -23,6 +24,7 @@ from msgspec.structs import replace
 
 from gateway.core.model import Site
 from gateway.ops.access_log import AccessLogMode
+from gateway.ops.logs import LogFormat
 from gateway.settings.checks import ConfigError, decode, positive, table
 from gateway.settings.model import (
     AuthFiles,
@@ -54,12 +56,15 @@ _ENV_STRINGS = (
     ("server", "redis_url", "REDIS_URL"),
     ("server", "history_url", "HISTORY_URL"),
     ("server", "node_id", "NODE_ID"),
+    ("server", "web_client_dir", "WEB_CLIENT_DIR"),
     ("auth", "issuer", "JWT_ISSUER"),
     ("auth", "secret", "JWT_SECRET"),
+    ("auth", "previous_secret", "JWT_PREVIOUS_SECRET"),
     ("auth", "jwks_url", "JWKS_URL"),
     ("webrtc", "turn_secret", "TURN_SECRET"),
     ("twilio", "account_sid", "TWILIO_ACCOUNT_SID"),
     ("twilio", "auth_token", "TWILIO_AUTH_TOKEN"),
+    ("twilio", "previous_auth_token", "TWILIO_PREVIOUS_AUTH_TOKEN"),
 )
 
 
@@ -97,6 +102,10 @@ def _port(raw: str) -> int:
     if not _PORT.fullmatch(raw):
         raise ValueError(raw)
     return int(raw)
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
 def _bool(raw: str) -> bool:
@@ -147,6 +156,18 @@ def _site_env(site: Site, path: str, env: Mapping[str, str]) -> Site:
         return site
     secret = webhook_secret(env[name], f"{path}.presence_webhook_secret ({name})")
     return replace_dataclass(site, presence_webhook_secret=secret)
+
+
+def _check_previous_secret(auth: AuthSettings) -> None:
+    previous = auth.previous_secret
+    if not previous:
+        return
+    if auth.algorithm != "HS256":
+        raise ConfigError("auth.previous_secret", "is for rotating an HS256 secret")
+    if len(previous) < 32 or previous == auth.secret:
+        raise ConfigError(
+            "auth.previous_secret", "must be the former secret: 32+ characters, not the current"
+        )
 
 
 def _check_presence(presence: PresenceSettings) -> None:
@@ -203,6 +224,8 @@ def _server(server: dict[str, Any], env: Mapping[str, str]) -> Settings:
     gc_pacer = _env(env, "GC_PACER", "server.gc_pacer", _bool, "true or false")
     access_log = _env(env, "ACCESS_LOG", "server.access_log", AccessLogMode, "sampled, all or off")
     retention = _env(env, "RETENTION_DAYS", "server.retention_days", float, "a number of days")
+    log_format = _env(env, "LOG_FORMAT", "server.log_format", LogFormat, "text or json")
+    proxies = _env(env, "TRUSTED_PROXIES", "server.trusted_proxies", _list, "a list")
     data_dir = env.get(f"{ENV_PREFIX}DATA_DIR")
     changes: dict[str, Any] = {
         "port": port,
@@ -210,12 +233,21 @@ def _server(server: dict[str, Any], env: Mapping[str, str]) -> Settings:
         "gc_pacer": gc_pacer,
         "access_log": access_log,
         "retention_days": retention,
+        "log_format": log_format,
+        "trusted_proxies": proxies,
         "data_dir": None if data_dir is None else Path(data_dir),
     }
     settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
     if not 1 <= settings.port <= 65535:
         raise ConfigError("server.port", f"must be between 1 and 65535, got {settings.port}")
     positive(settings.max_body_bytes, "server.max_body_bytes")
+    for i, proxy in enumerate(settings.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"server.trusted_proxies[{i}]", f"{proxy!r} is not an address or network"
+            ) from None
     positive(settings.access_log_sample_every, "server.access_log_sample_every")
     if not (math.isfinite(settings.retention_days) and 1 <= settings.retention_days <= 3650):
         raise ConfigError(
@@ -288,13 +320,15 @@ def load_settings(
     auth = _auth(tables["auth"], env, base)
     webrtc = _with_env("webrtc", webrtc, env)
     twilio = _with_env("twilio", twilio, env)
+    auth = _with_env("auth", auth, env)
+    _check_previous_secret(auth)
     _check_presence(presence)
     _check_webrtc(webrtc)
     _check_twilio(twilio)
     _check_media(media, twilio)
     settings = replace(
         _with_env("server", settings, env),
-        auth=_with_env("auth", auth, env),
+        auth=auth,
         presence=presence,
         webrtc=webrtc,
         twilio=twilio,

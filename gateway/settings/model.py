@@ -16,6 +16,7 @@ import msgspec
 from gateway.core.admission import AdmissionLimits
 from gateway.core.model import Site
 from gateway.ops.access_log import AccessLogMode
+from gateway.ops.logs import LogFormat
 
 
 class VerifyKey(msgspec.Struct, frozen=True):
@@ -52,6 +53,9 @@ class AuthSettings(msgspec.Struct, frozen=True):
     """Clock skew tolerated on ``exp``/``iat``/``nbf``; bounded to at most 120 s."""
     visitor_token_ttl_s: int = 900
     agent_token_ttl_s: int = 12 * 3600
+    previous_secret: str = ""
+    """While rotating the HS256 secret: the one before, still accepted on tokens it signed
+    until they expire, never used to sign (``MEMBRANE_JWT_PREVIOUS_SECRET``)."""
 
 
 class AuthFiles(msgspec.Struct, frozen=True):
@@ -98,6 +102,9 @@ class TwilioSettings(msgspec.Struct, frozen=True):
     """``MEMBRANE_TWILIO_AUTH_TOKEN``; also the key that webhook signatures are checked with."""
     api_base_url: str = ""
     """Only to point the SDK at a local Twilio simulator in tests; empty for Twilio itself."""
+    previous_auth_token: str = ""
+    """While rotating the auth token: the one before, whose webhook signatures are still
+    accepted (``MEMBRANE_TWILIO_PREVIOUS_AUTH_TOKEN``)."""
 
     @property
     def enabled(self) -> bool:
@@ -175,6 +182,18 @@ class Settings(msgspec.Struct, frozen=True):
     drain_grace_s: float = 10.0
     """On SIGTERM the node drains (unready, refuses new work, sends its sockets elsewhere,
     hands its timers over) and exits within this many seconds (``MEMBRANE_DRAIN_GRACE_S``)."""
+    log_format: LogFormat = LogFormat.TEXT
+    """``text`` for a terminal, ``json`` for a log collector: one object a line, with the
+    node, and the call and site on every line about a call (``MEMBRANE_LOG_FORMAT``;
+    gateway/ops/logs.py)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks (CIDR) of the reverse proxies in front of the node. A request
+    from one of them is taken to come from the address it names in ``X-Forwarded-For``;
+    from anywhere else the header is ignored (``MEMBRANE_TRUSTED_PROXIES``, comma-separated)."""
+    web_client_dir: str = ""
+    """The widget, agent app, board and pages to serve (``MEMBRANE_WEB_CLIENT_DIR``). Empty:
+    ``web_client/`` of the checkout the gateway runs from; an installed gateway (the image,
+    deploy/install.sh) names the copy it installed."""
     admission: AdmissionLimits = msgspec.field(default_factory=AdmissionLimits)
     """When new calls are shed as ``overloaded`` (``server.max_loop_lag_ms``,
     ``server.max_starting_calls``, ``server.max_start_ms``; docs/ARCHITECTURE.md, "Load

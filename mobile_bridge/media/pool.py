@@ -68,9 +68,12 @@ class Worker:
 
 
 class MediaWorkers:
-    def __init__(self, settings: MediaSettings, twilio_auth_token: str) -> None:
+    def __init__(
+        self, settings: MediaSettings, twilio_auth_token: str, previous_auth_token: str = ""
+    ) -> None:
         self._settings = settings
         self._auth_token = twilio_auth_token
+        self._previous_auth_token = previous_auth_token
         self._token = worker_token(twilio_auth_token)
         self._workers: dict[int, Worker] = {}
         self._http: aiohttp.ClientSession | None = None
@@ -201,6 +204,7 @@ class MediaWorkers:
                 **os.environ,
                 "MEMBRANE_MEDIA_TOKEN": self._token,
                 "MEMBRANE_TWILIO_AUTH_TOKEN": self._auth_token,
+                "MEMBRANE_TWILIO_PREVIOUS_AUTH_TOKEN": self._previous_auth_token,
             },
         )
         assert process.stdout is not None

@@ -186,6 +186,7 @@ class MediaWorker:
         api_token: str,
         twilio_auth_token: str,
         public_ws_url: str,
+        previous_auth_token: str = "",
         max_sessions: int = 30,
         ice: RTCConfiguration | None = None,
         on_end: Callable[[str, StreamEnd | None], None] | None = None,
@@ -194,8 +195,8 @@ class MediaWorker:
         if len(api_token) < 32:
             raise ValueError("the media worker's API token must be 32 characters or more")
         self._api_token = api_token.encode()
-        self._twilio_auth_token = twilio_auth_token
-        self._signatures = WebhookSignatures(twilio_auth_token, public_ws_url)
+        self._twilio_auth_tokens = (twilio_auth_token, previous_auth_token)
+        self._signatures = WebhookSignatures(twilio_auth_token, public_ws_url, previous_auth_token)
         self._max_sessions = max_sessions
         self._ice = ice or RTCConfiguration(iceServers=[])
         self.sessions: dict[str, Session] = {}
@@ -231,7 +232,8 @@ class MediaWorker:
     def public_ws_url(self, url: str) -> None:
         """Where Twilio reaches this worker: what its stream signatures are checked against
         (known once the worker has its port)."""
-        self._signatures = WebhookSignatures(self._twilio_auth_token, url)
+        current, previous = self._twilio_auth_tokens
+        self._signatures = WebhookSignatures(current, url, previous)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[refusals])
@@ -522,6 +524,7 @@ async def serve(args: Any) -> None:
     worker = MediaWorker(
         api_token=os.environ["MEMBRANE_MEDIA_TOKEN"],
         twilio_auth_token=os.environ["MEMBRANE_TWILIO_AUTH_TOKEN"],
+        previous_auth_token=os.environ.get("MEMBRANE_TWILIO_PREVIOUS_AUTH_TOKEN", ""),
         public_ws_url=args.public_ws_url,
         max_sessions=args.max_sessions,
         on_end=lambda session_id, _: report(f"ended {session_id}"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network
 from typing import Protocol
 
 import socketio
@@ -62,3 +63,6 @@ HISTORY = web.AppKey("history", HistoryWriter)
 EXPERIMENTS = web.AppKey("experiments", Experiments)
 HISTORY_RETENTION = web.AppKey("history_retention", HistoryRetention)
 """Absent on a node without call history."""
+TRUSTED_PROXIES: web.AppKey[tuple[IPv4Network | IPv6Network, ...]] = web.AppKey("trusted_proxies")
+"""``server.trusted_proxies`` parsed: whose ``X-Forwarded-For`` is believed."""
+SECURITY_HEADERS: web.AppKey[dict[str, str]] = web.AppKey("security_headers")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -37,6 +39,7 @@ from gateway.edge.errors import (
 )
 from gateway.edge.http import appkeys as keys
 from gateway.ops.ratelimit import TokenBucket
+from gateway.store.base import StoreHealth as StoreState
 from gateway.wire import openapi
 from gateway.wire.base import to_wire
 from gateway.wire.codec import check_id, device_update_from_wire, presence_to_wire
@@ -119,12 +122,21 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(to_wire(Health("ok", request.app[keys.SETTINGS].node_id)))
 
 
-async def readyz(request: web.Request) -> web.Response:
-    health = await request.app[keys.HEALTH].health()
-    draining = request.app[keys.DRAIN].draining
-    request.app[keys.METRICS].store_up.set(1 if health.reachable and health.listening else 0)
+async def _readiness(app: web.Application) -> tuple[StoreState, bool, bool]:
+    """The store's health, whether the node drains, and whether it is ready (both as
+    /readyz answers and as the metrics say, whenever either is asked)."""
+    health = await app[keys.HEALTH].health()
+    draining = app[keys.DRAIN].draining
     # Draining: out of the load balancer's rotation at once, while the node hands over.
     ready = health.reachable and health.listening and not draining
+    metrics = app[keys.METRICS]
+    metrics.store_up.set(1 if health.reachable and health.listening else 0)
+    metrics.ready.set(1 if ready else 0)
+    return health, draining, ready
+
+
+async def readyz(request: web.Request) -> web.Response:
+    health, draining, ready = await _readiness(request.app)
     body = Readiness(
         ready=ready,
         draining=draining,
@@ -146,6 +158,12 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    # What a scrape reads is as of the scrape: readiness, and the data directory's free disk
+    # (the embedded store and the SQLite history live there).
+    await _readiness(request.app)
+    data_dir = request.app[keys.SETTINGS].data_dir
+    with contextlib.suppress(OSError):
+        request.app[keys.METRICS].data_dir_free.set(shutil.disk_usage(data_dir).free)
     payload = generate_latest(request.app[keys.METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

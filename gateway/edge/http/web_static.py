@@ -3,12 +3,29 @@ board, the customer's ticket page, the demo site."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
 WEB_CLIENT = Path(__file__).resolve().parents[3] / "web_client"
+"""In a checkout: the repository's web_client/. An installed gateway names its copy
+(``server.web_client_dir``)."""
+
+log = logging.getLogger(__name__)
+
+
+def web_client_root(configured: str) -> Path:
+    root = Path(configured) if configured else WEB_CLIENT
+    if not (root / "widget.js").is_file():
+        # Without it the API works but no page does: say so at start, not with 404s.
+        log.error(
+            "no web client at %s: the widget, agent app and board are not served"
+            " (set server.web_client_dir / MEMBRANE_WEB_CLIENT_DIR)",
+            root,
+        )
+    return root
 
 
 def _file(path: Path, cache: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
