@@ -1,9 +1,12 @@
 """nginx in front of two gateway nodes (issue 16), with the shipped config as it is
 (deploy/nginx/membrane.conf; only its addresses, certificate paths and node list are this
-test's): TLS, websockets, server-sent events, the client's address passed on. A browser call
-goes through it; then the node holding both parties' sockets drains (SIGTERM) in the middle
-of the call: the call goes on, both pages reconnect through nginx to the other node, the
-drained node exits by itself, and the next call is served by the node left.
+test's): TLS, websockets, server-sent events, the client's address passed on.
+
+A browser call goes through it; then the node holding both parties' sockets drains
+(SIGTERM) in the middle of the call: the call goes on, both pages reconnect through nginx to
+the other node, the drained node exits by itself, and the next call is served by the node
+left. A callback goes through it too, with Twilio's webhooks arriving over https at the
+public URL.
 
 Debian's nginx (`apt-get install nginx`; tests/run installs it) runs as a process of the
 test's own, on free ports."""
@@ -17,11 +20,12 @@ import shutil
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import eventually, free_port, make_settings, mint, node_process
+from conftest import NodeFactory, eventually, free_port, make_settings, mint, node_process, replace
 from playwright.async_api import Page, async_playwright, expect
 from test_browser_e2e import (
     AGENT_PC,
@@ -35,7 +39,10 @@ from test_browser_e2e import (
     widget_says,
 )
 from test_drain import config
-from test_redis_urls import make_certs
+from test_redis_urls import Certs, make_certs
+from twilio_sim import TwilioSim
+
+from gateway.settings import TwilioSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -51,10 +58,10 @@ pytestmark = [
 
 
 def nginx_config(work: Path, http_port: int, tls_port: int, nodes: list[str]) -> Path:
-    """The shipped file, listening on this test's ports, with its certificate and nodes."""
-    work.mkdir(parents=True, exist_ok=True)
+    """The shipped file, listening on this test's ports, with its certificate (made by
+    ``certificates``) and nodes."""
     shipped = (ROOT / "deploy" / "nginx" / "membrane.conf").read_text()
-    certs = make_certs(work)
+    certs = certificates(work)
     site = shipped
     for old, new in (
         ("listen 80;", f"listen 127.0.0.1:{http_port};"),
@@ -93,6 +100,15 @@ http {{
 """
     )
     return main
+
+
+def certificates(work: Path) -> Certs:
+    """A CA of the test's own and a certificate for 127.0.0.1, made once per directory."""
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "ca.pem").exists():
+        return make_certs(work)
+    names = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+    return Certs(*(work / name for name in names))
 
 
 def error_log(work: Path) -> str:
@@ -228,3 +244,84 @@ async def test_a_browser_call_through_nginx_goes_on_while_its_node_drains(
             await browser.close()
     access = (tmp_path / "nginx" / "access.log").read_text()
     assert "GET /socket.io/" in access and " 101 " in access  # websockets, through nginx
+
+
+async def test_a_callback_through_nginx_with_twilio_calling_back_over_https(
+    nodes: NodeFactory, tmp_path: Path, redis_url: str
+) -> None:
+    """The visitor books a callback through nginx; Anna accepts it; Twilio (the local
+    stand-in, trusting this test's certificate authority as Twilio trusts public ones)
+    dials both phones and asks for its instructions at the public https URL, through nginx,
+    whichever node it reaches; the widget's ticket follows it to the end."""
+    if not HAVE_CHROMIUM:
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium")
+    work = tmp_path / "nginx"
+    certs = certificates(work)
+    sim = TwilioSim(time_scale=0.05, webhook_ca=certs.ca)
+    await sim.start()
+    try:
+        sim.phone("+353861110001", answer_after=1)
+        sim.phone("+353871234567", answer_after=1)  # Anna's mobile, from the demo config
+        tls_port = free_port()
+        front = f"https://127.0.0.1:{tls_port}"
+        twilio = TwilioSettings(sim.account_sid, sim.auth_token, sim.base_url)
+        base = make_settings(
+            tmp_path, redis_url=redis_url, twilio=twilio, public_url=front,
+            trusted_proxies=("127.0.0.1",),
+        )  # fmt: skip
+        acme = base.sites["acme"]
+        # Callbacks wait out the number's night: the test moves the quiet hours away from
+        # now, as a site's config cannot.
+        quiet = (datetime.now(UTC) + timedelta(hours=12)).time().replace(second=0, microsecond=0)
+        quiet_end = (
+            datetime.combine(datetime.now(UTC).date(), quiet) + timedelta(minutes=1)
+        ).time()
+        policy = replace(acme.callback_policy, quiet_hours_start=quiet, quiet_hours_end=quiet_end)
+        acme = replace(acme, allowed_origins=(front,), callback_policy=policy)
+        settings = replace(base, sites={**base.sites, "acme": acme})
+        a = await nodes(replace(settings, node_id="a", port=free_port()))
+        b = await nodes(replace(settings, node_id="b", port=free_port()))
+        upstream = [n.url.removeprefix("http://") for n in (a, b)]
+        async with nginx(work, tls_port, upstream) as url, async_playwright() as p:
+            browser = await p.chromium.launch(
+                executable_path=str(CHROMIUM),
+                args=[*CHROMIUM_ARGS, "--ignore-certificate-errors"],
+            )
+            try:
+                anna = await open_page(browser, f"{url}/agent/#token={mint(settings, 'anna')}")
+                await agent_signed_in(anna)
+                await anna.get_by_test_id("agent-state-select").select_option("away")
+                await agent_signed_in(anna, "away")
+                visitor = await open_page(browser, f"{url}/demo/")
+                button = visitor.get_by_test_id("membrane-button")
+                await expect(button).to_contain_text("Call me back", timeout=WAIT_MS)
+                await button.click()
+                await visitor.get_by_test_id("membrane-country").select_option("IE")
+                await visitor.get_by_test_id("membrane-phone").fill("086 111 0001")
+                await visitor.get_by_test_id("membrane-submit").click()
+                ticket = visitor.get_by_test_id("membrane-ticket")
+                await expect(ticket).to_contain_text("We'll call you", timeout=WAIT_MS)
+
+                await anna.get_by_test_id("agent-state-select").select_option("available")
+                await expect(anna.get_by_test_id("agent-ring")).to_be_visible(timeout=WAIT_MS)
+                await anna.get_by_test_id("agent-accept").click()
+                leg = await sim.wait_for_call(to="+353861110001", status="in-progress", timeout=10)
+                await sim.wait_for_call(to="+353871234567", status="in-progress", timeout=10)
+                await expect(anna.get_by_test_id("agent-call-state")).to_have_text("connected")
+                await expect(ticket).to_contain_text("on the phone with Anna", timeout=WAIT_MS)
+                sim.hangup(leg.sid)
+                await expect(ticket).to_contain_text("Done.", timeout=WAIT_MS)
+                await agent_signed_in(anna, "available")
+            finally:
+                await browser.close()
+        # Twilio's every webhook came through nginx, over https, to the public URL.
+        hooks = [line for line in access_log(work) if "/twilio/" in line]
+        assert hooks and all('" 200 ' in line for line in hooks), hooks
+        assert [c.to for c in sim.calls] == ["+353861110001", "+353871234567"]
+    finally:
+        await sim.close()
+    assert sim.contract_violations == []
+
+
+def access_log(work: Path) -> list[str]:
+    return (work / "access.log").read_text().splitlines()

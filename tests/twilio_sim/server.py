@@ -16,12 +16,14 @@ import json
 import logging
 import math
 import secrets
+import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -270,7 +272,10 @@ class TwilioSim:
         media_interval: float = 0.020,
         default_answer_after: float = 1.0,
         host: str = "127.0.0.1",
+        webhook_ca: Path | None = None,
     ) -> None:
+        """``webhook_ca``: the certificate authority whose certificates the webhooks' https
+        servers present (Twilio checks them against the public ones; a test has its own)."""
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.time_scale = time_scale
@@ -280,6 +285,7 @@ class TwilioSim:
         self.media_interval = media_interval
         self.default_answer_after = default_answer_after
         self.host = host
+        self._webhook_ca = webhook_ca
         self.phones: dict[str, PhoneConfig] = {}
         self.contract_violations: list[str] = []
         self.rooms: dict[str, Room] = {}
@@ -321,7 +327,11 @@ class TwilioSim:
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         self.base_url = f"http://{self.host}:{self.port}"
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT))
+        tls = ssl.create_default_context(cafile=str(self._webhook_ca)) if self._webhook_ca else True
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT),
+            connector=aiohttp.TCPConnector(ssl=tls),
+        )
 
     async def close(self) -> None:
         """Stop everything: cancels and awaits every task the simulator started.  Idempotent."""
