@@ -408,6 +408,25 @@ def mint(
     return token
 
 
+async def until_ready(
+    url: str, proc: asyncio.subprocess.Process, exited: Callable[[], str], timeout: float = 30
+) -> None:
+    """Until the node at ``url`` answers /readyz with 200; fails at once, saying
+    ``exited()``, if its process ends first."""
+    async with aiohttp.ClientSession() as http:
+
+        async def ready() -> bool:
+            if proc.returncode is not None:
+                raise AssertionError(exited())
+            try:
+                async with http.get(f"{url}/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready, timeout)
+
+
 @asynccontextmanager
 async def node_process(
     tmp_path: Path,
@@ -443,18 +462,7 @@ async def node_process(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                if proc.returncode is not None:
-                    raise AssertionError(f"{name} exited: {log_path.read_text()}")
-                try:
-                    async with http.get(f"{url}/readyz") as r:
-                        return r.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await eventually(ready, 30)
+        await until_ready(url, proc, lambda: f"{name} exited: {log_path.read_text()}")
         yield url, proc
     finally:
         if proc.returncode is None:

@@ -255,6 +255,18 @@ async def agent_signed_in(page: Page, status: str = "available") -> None:
     )
 
 
+async def visitor_calls_and_talks(visitor: Page, agent: Page, name: str = "Anna") -> None:
+    """The visitor presses the button, the agent answers, and audio flows both ways."""
+    button = visitor.get_by_test_id("membrane-button")
+    await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
+    await button.click()
+    await expect(agent.get_by_test_id("agent-ring")).to_be_visible(timeout=WAIT_MS)
+    await agent.get_by_test_id("agent-accept").click()
+    await widget_says(visitor, f"Connected with {name}")
+    await audio_flows(visitor, WIDGET_PC)
+    await audio_flows(agent, AGENT_PC)
+
+
 async def widget_says(page: Page, text: str | re.Pattern[str]) -> None:
     await expect(page.get_by_test_id("membrane-status")).to_have_text(text, timeout=WAIT_MS)
 

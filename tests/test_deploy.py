@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import jsonschema
 import yaml
-from conftest import eventually, free_port
+from conftest import free_port, until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -201,17 +201,8 @@ async def serve_until_sigterm(command: list[str], env: dict[str, str], port: int
     )
     url = f"http://127.0.0.1:{port}"
     try:
+        await until_ready(url, proc, lambda: "the node exited")
         async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                assert proc.returncode is None, "the node exited"
-                try:
-                    async with http.get(f"{url}/readyz") as r:
-                        return r.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await eventually(ready, 30)
             for path, kind in (("/healthz", "application/json"), ("/agent/", "text/html")):
                 async with http.get(url + path) as r:
                     assert r.status == 200 and r.content_type == kind, path

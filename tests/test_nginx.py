@@ -36,6 +36,7 @@ from test_browser_e2e import (
     WIDGET_PC,
     agent_signed_in,
     audio_flows,
+    visitor_calls_and_talks,
     widget_says,
 )
 from test_drain import config
@@ -208,14 +209,7 @@ async def test_a_browser_call_through_nginx_goes_on_while_its_node_drains(
             anna = await open_page(browser, f"{url}/agent/#token={mint(settings, 'anna')}")
             await agent_signed_in(anna)
             visitor = await open_page(browser, f"{url}/demo/")
-            button = visitor.get_by_test_id("membrane-button")
-            await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
-            await button.click()
-            await expect(anna.get_by_test_id("agent-ring")).to_be_visible(timeout=WAIT_MS)
-            await anna.get_by_test_id("agent-accept").click()
-            await widget_says(visitor, "Connected with Anna")
-            await audio_flows(visitor, WIDGET_PC)
-            await audio_flows(anna, AGENT_PC)
+            await visitor_calls_and_talks(visitor, anna)
             call_id = await anna.evaluate("() => MembraneAgent.call.call_id")
 
             # The node serving both drains in the middle of the call.
@@ -235,11 +229,7 @@ async def test_a_browser_call_through_nginx_goes_on_while_its_node_drains(
             await visitor.get_by_test_id("membrane-hangup").click()
             await widget_says(visitor, "Call ended")
             await agent_signed_in(anna, "available")
-            await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
-            await button.click()
-            await expect(anna.get_by_test_id("agent-ring")).to_be_visible(timeout=WAIT_MS)
-            await anna.get_by_test_id("agent-accept").click()
-            await widget_says(visitor, "Connected with Anna")
+            await visitor_calls_and_talks(visitor, anna)
         finally:
             await browser.close()
     access = (tmp_path / "nginx" / "access.log").read_text()

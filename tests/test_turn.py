@@ -20,17 +20,15 @@ from pathlib import Path
 
 import pytest
 from conftest import NodeFactory, free_port, make_settings, mint, replace
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, async_playwright
 from test_browser_e2e import (
     AGENT_PC,
     CHROMIUM,
     CHROMIUM_ARGS,
     HAVE_CHROMIUM,
-    WAIT_MS,
     WIDGET_PC,
     agent_signed_in,
-    audio_flows,
-    widget_says,
+    visitor_calls_and_talks,
 )
 
 from gateway.settings import WebRTCSettings
@@ -141,14 +139,7 @@ async def test_a_browser_call_is_relayed_by_coturn_when_direct_paths_are_blocked
             )
             await agent_signed_in(anna)
             visitor = await relay_only_page(browser, f"{node.url}/demo/")
-            button = visitor.get_by_test_id("membrane-button")
-            await expect(button).to_have_text("Talk to us now", timeout=WAIT_MS)
-            await button.click()
-            await expect(anna.get_by_test_id("agent-ring")).to_be_visible(timeout=WAIT_MS)
-            await anna.get_by_test_id("agent-accept").click()
-            await widget_says(visitor, "Connected with Anna")
-            await audio_flows(visitor, WIDGET_PC)
-            await audio_flows(anna, AGENT_PC)
+            await visitor_calls_and_talks(visitor, anna)
             assert await visitor.evaluate(selected_pair_js(WIDGET_PC)) == ["relay", "relay"]
             assert await anna.evaluate(selected_pair_js(AGENT_PC)) == ["relay", "relay"]
         finally:
