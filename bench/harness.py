@@ -155,8 +155,11 @@ class NodeProcess:
         return float("nan")
 
 
-async def start_node(config: Path, redis_url: str, workdir: Path, name: str) -> NodeProcess:
-    port = free_port()
+async def start_node(
+    config: Path, redis_url: str, workdir: Path, name: str, port: int | None = None
+) -> NodeProcess:
+    """``port``: the one it had before a restart (behind a load balancer); else a free one."""
+    port = port or free_port()
     log = workdir / f"{name}.log"
     env = {
         **os.environ,
@@ -168,7 +171,7 @@ async def start_node(config: Path, redis_url: str, workdir: Path, name: str) -> 
             "--data-dir", str(workdir / name)]  # fmt: skip
     if redis_url:
         args += ["--redis-url", redis_url]
-    with log.open("wb") as out:
+    with log.open("ab") as out:  # (a restarted node's log goes on after its first life's)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, *args, env=env, stdout=out, stderr=out, cwd=str(ROOT)
         )

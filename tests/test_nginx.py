@@ -16,16 +16,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import NodeFactory, eventually, free_port, make_settings, mint, node_process, replace
+from conftest import NodeFactory, free_port, make_settings, mint, node_process, replace
+from nginx_front import NGINX, certificates, nginx
 from playwright.async_api import Page, async_playwright, expect
 from test_browser_e2e import (
     AGENT_PC,
@@ -40,13 +38,10 @@ from test_browser_e2e import (
     widget_says,
 )
 from test_drain import config
-from test_redis_urls import Certs, make_certs
 from twilio_sim import TwilioSim
 
 from gateway.settings import TwilioSettings
 
-ROOT = Path(__file__).resolve().parent.parent
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 GRACE_S = 6
 
 pytestmark = [
@@ -56,102 +51,6 @@ pytestmark = [
     ),
     pytest.mark.xdist_group("nginx"),
 ]
-
-
-def nginx_config(work: Path, http_port: int, tls_port: int, nodes: list[str]) -> Path:
-    """The shipped file, listening on this test's ports, with its certificate (made by
-    ``certificates``) and nodes."""
-    shipped = (ROOT / "deploy" / "nginx" / "membrane.conf").read_text()
-    certs = certificates(work)
-    site = shipped
-    for old, new in (
-        ("listen 80;", f"listen 127.0.0.1:{http_port};"),
-        ("listen [::]:80;", ""),
-        ("listen 443 ssl http2;", f"listen 127.0.0.1:{tls_port} ssl http2;"),
-        ("listen [::]:443 ssl http2;", ""),
-        ("/etc/nginx/tls/membrane.crt", str(certs.server_cert)),
-        ("/etc/nginx/tls/membrane.key", str(certs.server_key)),
-        ("/etc/nginx/membrane-nodes.conf", str(work / "nodes.conf")),
-    ):
-        assert old in site, old
-        site = site.replace(old, new)
-    (work / "nodes.conf").write_text(
-        "".join(f"server {n} max_fails=1 fail_timeout=10s;\n" for n in nodes)
-    )
-    (work / "membrane.conf").write_text(site)
-    main = work / "nginx.conf"
-    main.write_text(
-        f"""
-user root;
-daemon off;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    include /etc/nginx/mime.types;
-    access_log {work}/access.log;
-    client_body_temp_path {work}/body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    include {work}/membrane.conf;
-}}
-"""
-    )
-    return main
-
-
-def certificates(work: Path) -> Certs:
-    """A CA of the test's own and a certificate for 127.0.0.1, made once per directory."""
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "ca.pem").exists():
-        return make_certs(work)
-    names = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
-    return Certs(*(work / name for name in names))
-
-
-def error_log(work: Path) -> str:
-    return (work / "error.log").read_text()
-
-
-@asynccontextmanager
-async def nginx(work: Path, tls_port: int, nodes: list[str]) -> AsyncIterator[str]:
-    """nginx on ``tls_port`` in front of ``nodes`` (host:port): its https URL once it answers."""
-    main = nginx_config(work, free_port(), tls_port, nodes)
-    check = await asyncio.create_subprocess_exec(
-        NGINX, "-t", "-c", str(main), "-p", str(work),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await check.communicate()
-    assert check.returncode == 0, out.decode()
-    proc = await asyncio.create_subprocess_exec(
-        NGINX, "-c", str(main), "-p", str(work),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"https://127.0.0.1:{tls_port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-
-            async def up() -> bool:
-                assert proc.returncode is None, error_log(work)
-                try:
-                    async with http.get(f"{url}/healthz", ssl=False) as r:
-                        return r.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await eventually(up, 15)
-        yield url
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGQUIT)  # nginx's graceful stop
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 async def node_behind(http: aiohttp.ClientSession, url: str) -> str:

@@ -1,0 +1,364 @@
+"""A rolling restart of two gateway nodes behind nginx, under load (issue 16).
+
+Two nodes share a private Redis behind nginx, which runs the shipped config
+(deploy/nginx/membrane.conf, through tests/nginx_front.py). Agents speak the agent app's
+protocol (python-socketio clients, through nginx): each answers every ring and hangs up
+``--hold-s`` later. Visitors start ``--rate`` browser calls a second, through nginx, each
+visitor one call at a time. While they do, node A is stopped with SIGTERM (a drain), started
+again on its port, and once it is ready, node B the same. Every client reconnects through
+nginx when its node lets it go, as the web clients do: an agent names the call it is in,
+a visitor resumes with its session.
+
+Reported: calls started (a ring was promised), completed, lost (started, never ended for
+the visitor), starts refused (``draining``, ``overloaded``: the widget tries again), double
+bookings (an agent rung while in a call), each node's drain time, start-to-ring p50/p99
+before, during and after the restarts.
+
+    .venv/bin/python bench/rolling_restart.py --out bench/results/rolling_restart.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # as tests import it
+
+import aiohttp
+import redis.asyncio as redis_async
+import socketio
+from nginx_front import free_port, nginx
+
+from bench.harness import (
+    NodeProcess,
+    demo_site_config,
+    redis_server,
+    start_node,
+    summary_ms,
+    token,
+    write_json,
+)
+
+ORIGIN = {"Origin": "http://127.0.0.1:8080"}
+FINAL = {"completed", "failed", "canceled"}
+
+
+@dataclass
+class Stats:
+    started: dict[str, float] = field(default_factory=dict)
+    """Call id -> when its start was acknowledged (a ring promised)."""
+    ended: dict[str, str] = field(default_factory=dict)
+    """Call id -> the final state the visitor saw."""
+    start_to_ring: list[tuple[float, float]] = field(default_factory=list)
+    """(when, seconds) of each first ring after its start."""
+    refused: Counter[str] = field(default_factory=Counter)
+    seen: set[str] = field(default_factory=set)
+    """Every call id a visitor was told of (its start's ack, or an update after a reconnect)."""
+    not_completed: Counter[str] = field(default_factory=Counter)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set as a call ends."""
+    double_bookings: int = 0
+    reconnects: Counter[str] = field(default_factory=Counter)
+
+
+class Agent:
+    def __init__(self, i: int, url: str, stats: Stats, hold_s: float) -> None:
+        self.agent_id = f"a{i}"
+        self.url = url
+        self.stats = stats
+        self.hold_s = hold_s
+        self.call: str | None = None
+        self.sio = socketio.AsyncClient(
+            reconnection_delay=0.2, reconnection_delay_max=1.0, ssl_verify=False
+        )
+        self.sio.on("call:ring", self.on_ring, namespace="/agent")
+        self.sio.on("connect", lambda: self.stats.reconnects.update(["agent"]), namespace="/agent")
+
+    def auth(self) -> dict[str, Any]:
+        # Reconnecting in a call: take it over on the new node, as the agent app does.
+        extra = {"call_id": self.call} if self.call else {}
+        return {"token": token(self.agent_id, ttl=7200), **extra}
+
+    async def connect(self) -> None:
+        await self.sio.connect(
+            self.url, namespaces=["/agent"], transports=["websocket"], auth=self.auth
+        )
+
+    async def on_ring(self, ring: dict[str, Any]) -> None:
+        call_id = ring["call_id"]
+        if self.call is not None and self.call != call_id:
+            self.stats.double_bookings += 1
+        asyncio.get_running_loop().create_task(self.answer(call_id))
+
+    async def answer(self, call_id: str) -> None:
+        ack = await self.emit("call:accept", {"call_id": call_id})
+        if not (ack and ack.get("ok", True) and "error" not in ack):
+            return
+        self.call = call_id
+        await asyncio.sleep(self.hold_s)
+        # The hang-up goes through whatever node the socket is on by then.
+        for _ in range(50):
+            ack = await self.emit("call:hangup", {"call_id": call_id})
+            if ack is not None:
+                break
+            await asyncio.sleep(0.2)
+        self.call = None
+
+    async def emit(self, event: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            ack: dict[str, Any] = await self.sio.call(event, payload, namespace="/agent", timeout=5)
+            return ack
+        except (socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError):
+            return None
+
+
+class Visitor:
+    def __init__(self, url: str, session: dict[str, Any], stats: Stats) -> None:
+        self.url = url
+        self.session = session
+        self.stats = stats
+        self.call: str | None = None
+        self.started_at = 0.0
+        self.sio = socketio.AsyncClient(
+            reconnection_delay=0.2, reconnection_delay_max=1.0, ssl_verify=False
+        )
+        self.sio.on("call:update", self.on_update, namespace="/visitor")
+        self.sio.on(
+            "connect", lambda: self.stats.reconnects.update(["visitor"]), namespace="/visitor"
+        )
+
+    async def connect(self) -> None:
+        await self.sio.connect(
+            self.url,
+            namespaces=["/visitor"],
+            transports=["websocket"],
+            auth={"token": self.session["token"]},
+        )
+
+    @property
+    def free(self) -> bool:
+        return self.call is None and self.sio.connected
+
+    async def start(self) -> None:
+        self.call = "starting"
+        began = time.monotonic()
+        try:
+            ack = await self.sio.call("call:start", {}, namespace="/visitor", timeout=5)
+        except (socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError):
+            self.stats.refused["no_answer_to_start"] += 1
+            self.call = None
+            return
+        if "error" in ack:
+            self.stats.refused[ack["error"]["code"]] += 1
+            self.call = None
+            return
+        call = ack["call"]
+        self.call, self.started_at = call["call_id"], began
+        self.stats.started[self.call] = began
+        await self.on_update(call)
+
+    async def on_update(self, call: dict[str, Any]) -> None:
+        call_id = call["call_id"]
+        # A start whose ack was lost in a reconnect is still seen here, on the resumed
+        # session: the visitor is in that call, as the widget would show.
+        self.stats.seen.add(call_id)
+        if self.call is None and call["state"] not in FINAL and call_id not in self.stats.ended:
+            self.call = call_id
+        if call["state"] == "ringing" and call_id in self.stats.started:
+            first = not any(c == call_id for c, _ in self._rung)
+            if first:
+                self._rung.append((call_id, time.monotonic()))
+        if call["state"] in FINAL and call_id not in self.stats.ended:
+            self.stats.ended[call_id] = call["state"]
+            self.stats.changed.set()
+            if call["state"] != "completed":
+                self.stats.not_completed[f"{call['state']}: {call.get('reason')}"] += 1
+            if self.call == call_id:
+                self.call = None
+
+    _rung: list[tuple[str, float]] = []
+
+
+async def stored_states(redis_url: str, call_ids: list[str]) -> dict[str, Any]:
+    """What the store says of calls a visitor never saw end (state, reason, agent)."""
+    client = redis_async.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        found: dict[str, Any] = {}
+        for call_id in call_ids[:10]:
+            raw = await client.hget(f"m:call:{call_id}", "data")
+            data = json.loads(raw) if raw else {}
+            found[call_id] = {k: data.get(k) for k in ("state", "reason", "agent_id")}
+        return found
+    finally:
+        await client.aclose()
+
+
+async def open_sessions(http: aiohttp.ClientSession, url: str, n: int) -> list[dict[str, Any]]:
+    """Each visitor's session, from a node directly as if through a proxy from an address of
+    its own (nginx limits sessions per address, and these all come from one)."""
+    sessions = []
+    for i in range(n):
+        headers = {**ORIGIN, "X-Forwarded-For": f"198.18.{i // 250}.{i % 250 + 1}"}
+        async with http.post(f"{url}/v1/sites/acme/sessions", json={}, headers=headers) as r:
+            assert r.status == 201, await r.text()
+            sessions.append(await r.json())
+    return sessions
+
+
+async def restart(
+    node: NodeProcess, config: Path, redis_url: str, work: Path, name: str, port: int
+) -> tuple[NodeProcess, dict[str, float]]:
+    t0 = time.monotonic()
+    node.proc.send_signal(__import__("signal").SIGTERM)
+    code = await node.proc.wait()
+    drained = time.monotonic() - t0
+    again = await start_node(config, redis_url, work, name, port)
+    return again, {
+        "exit_code": code,
+        "drain_s": round(drained, 2),
+        "back_ready_s": round(time.monotonic() - t0, 2),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    stats = Stats()
+    Visitor._rung = []
+    with tempfile.TemporaryDirectory(prefix="membrane-bench-") as tmp:
+        work = Path(tmp)
+        async with redis_server(work) as redis_url:
+            tls_port = free_port()
+            front = f"https://127.0.0.1:{tls_port}"
+            config = work / "bench.toml"
+            config.write_text(
+                demo_site_config(args.agents).replace(
+                    "[server]\n",
+                    f'[server]\npublic_url = "{front}"\ntrusted_proxies = ["127.0.0.1"]\n'
+                    f"drain_grace_s = {args.grace_s}\n",
+                )
+            )
+            ports = {"node-a": free_port(), "node-b": free_port()}
+            nodes = {
+                name: await start_node(config, redis_url, work, name, port)
+                for name, port in ports.items()
+            }
+            upstream = [f"127.0.0.1:{p}" for p in ports.values()]
+            async with nginx(work / "nginx", tls_port, upstream) as url:
+                async with aiohttp.ClientSession() as http:
+                    sessions = await open_sessions(http, nodes["node-a"].url, args.visitors)
+                agents = [Agent(i, url, stats, args.hold_s) for i in range(args.agents)]
+                visitors = [Visitor(url, s, stats) for s in sessions]
+                await asyncio.gather(*(a.connect() for a in agents))
+                await asyncio.gather(*(v.connect() for v in visitors))
+                timeline: dict[str, Any] = {}
+                began = time.monotonic()
+
+                async def rolling() -> None:
+                    await asyncio.sleep(args.before_s)
+                    for name in ("node-a", "node-b"):
+                        timeline[f"{name}_stop_at_s"] = round(time.monotonic() - began, 2)
+                        nodes[name], report = await restart(
+                            nodes[name], config, redis_url, work, name, ports[name]
+                        )
+                        timeline[name] = report
+                        await asyncio.sleep(args.between_s)
+                    timeline["restarts_done_at_s"] = round(time.monotonic() - began, 2)
+
+                restarter = asyncio.create_task(rolling())
+                rng = random.Random(16)
+                sent = 0
+                tick = 1 / args.rate
+                for n in itertools.count():
+                    now = time.monotonic()
+                    if now - began > args.duration:
+                        break
+                    await asyncio.sleep(max(0.0, began + n * tick - now))
+                    free = [v for v in visitors if v.free]
+                    if free:
+                        asyncio.get_running_loop().create_task(rng.choice(free).start())
+                        sent += 1
+                await restarter
+                # Every call started must end: wait for the last ones.
+                deadline = time.monotonic() + args.hold_s + 60
+                while stats.seen - set(stats.ended) and time.monotonic() < deadline:
+                    stats.changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stats.changed.wait(), 1.0)
+                lost_states = await stored_states(redis_url, sorted(stats.seen - set(stats.ended)))
+                for agent in agents:
+                    with contextlib.suppress(Exception):
+                        await agent.sio.disconnect()
+                for visitor in visitors:
+                    with contextlib.suppress(Exception):
+                        await visitor.sio.disconnect()
+            for node in nodes.values():
+                node.proc.send_signal(__import__("signal").SIGTERM)
+                await node.proc.wait()
+    rings = {c: t for c, t in Visitor._rung}
+    lost = sorted((stats.seen | set(stats.started)) - set(stats.ended))
+    windows: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+    stop = timeline.get("node-a_stop_at_s", math.inf)
+    done = timeline.get("restarts_done_at_s", math.inf)
+    for call_id, at in rings.items():
+        since = stats.started[call_id] - began
+        window = "before" if since < stop else "during" if since < done else "after"
+        windows[window].append(at - stats.started[call_id])
+    completed = Counter(stats.ended.values())
+    return {
+        "benchmark": "rolling_restart",
+        "agents": args.agents,
+        "visitors": args.visitors,
+        "rate_per_s": args.rate,
+        "duration_s": args.duration,
+        "starts_sent": sent,
+        "calls_started": len(stats.started),
+        "calls_seen_by_visitors": len(stats.seen),
+        "calls_ended": dict(completed),
+        "calls_not_completed": dict(stats.not_completed),
+        "calls_lost": len(lost),
+        "lost_examples": lost[:5],
+        "lost_as_stored": lost_states,
+        "starts_refused": dict(stats.refused),
+        "double_bookings": stats.double_bookings,
+        "reconnects": dict(stats.reconnects),
+        "restarts": timeline,
+        "start_to_ring_ms": {k: summary_ms(v) for k, v in windows.items()},
+        "target": "no call lost, no agent booked twice, during a rolling restart",
+        "meets_target": not lost and stats.double_bookings == 0 and len(stats.started) > 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # All from one address: nginx lets an address hold 200 connections (limit_conn).
+    parser.add_argument("--agents", type=int, default=40)
+    parser.add_argument(
+        "--visitors", type=int, default=150, help="each may start 5 calls a minute (the limit)"
+    )
+    parser.add_argument("--rate", type=float, default=8.0, help="call starts a second")
+    parser.add_argument("--hold-s", type=float, default=3.0, help="how long each call talks")
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--before-s", type=float, default=10.0, help="load before the first stop")
+    parser.add_argument("--between-s", type=float, default=10.0, help="after a node is back")
+    parser.add_argument("--grace-s", type=float, default=10.0, help="the nodes' drain grace")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    write_json(args.out, asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()
