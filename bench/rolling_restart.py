@@ -145,8 +145,13 @@ class Visitor:
             self.url,
             namespaces=["/visitor"],
             transports=["websocket"],
-            auth={"token": self.session["token"]},
+            auth=self.auth,
         )
+
+    def auth(self) -> dict[str, Any]:
+        # Reconnecting in a call: name it, as the widget does, to hear if it ended meanwhile.
+        named = {"call_id": self.call} if self.call and self.call != "starting" else {}
+        return {"token": self.session["token"], **named}
 
     @property
     def free(self) -> bool:

@@ -644,3 +644,38 @@ async def test_a_visitor_with_a_call_going_cannot_start_another(
     await first.next("call:update", lambda c: c["state"] == "canceled")
     after = await second.call("call:start", {}, "/visitor")
     assert after["ok"], "once the first call ended the visitor may call again"
+
+
+async def test_a_widget_back_after_its_call_ended_is_told_so_and_only_of_its_own(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """The widget's socket drops in a call; the agent hangs up meanwhile. Back, naming its
+    call, the widget hears that it ended (found by bench/rolling_restart.py: visitors who
+    reconnected during a drain never heard their call end). Naming another visitor's call
+    tells nothing."""
+    anna = await agent(clients, node, "anna")
+    visiting = await session(http, node)
+    v = await visitor(clients, node, visiting["token"])
+    call_id = (await v.call("call:start", {}, "/visitor"))["call"]["call_id"]
+    await anna.next("call:ring")
+    await anna.call("call:accept", {"call_id": call_id}, "/agent")
+    await v.next("call:update", state_is("connected"))
+    await v.sio.disconnect()
+    await anna.call("call:hangup", {"call_id": call_id}, "/agent")
+
+    back = clients()
+    await back.connect(node.url, "/visitor", {"token": visiting["token"], "call_id": call_id})
+    told = await back.next("call:update")
+    assert told["call_id"] == call_id and told["state"] == "completed"
+
+    stranger = clients()
+    other = await session(http, node)
+    namespace = node.app[appkeys.SIO].namespace_handlers["/visitor"]
+    await stranger.connect(node.url, "/visitor", {"token": other["token"], "call_id": call_id})
+
+    async def looked() -> bool:  # the takeover after the connect has run
+        return not namespace.named
+
+    await eventually(looked)
+    await stranger.call("call:cancel", {"call_id": "c_unrelated"}, "/visitor")  # a round trip
+    assert stranger.pending("call:update") == []

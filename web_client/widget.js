@@ -586,7 +586,10 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
       const io = await loadIo();
       if (attempt !== calling) return; // hung up while loading
       const s = io(`${gw}/visitor`, {
-        auth: (cb) => getSession().then((x) => cb({ token: x.token }), () => cb({})),
+        // Reconnecting in a call: name it, so that a call that ended meanwhile is told too.
+        auth: (cb) => getSession().then(
+          (x) => cb(call && call.call_id ? { token: x.token, call_id: call.call_id } : { token: x.token }),
+          () => cb({})),
         transports: ["websocket"],
       });
       sock = s;

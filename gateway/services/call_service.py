@@ -160,6 +160,14 @@ class CallService:
             return None
         return call
 
+    async def ended_call_of(self, site_id: str, visitor_id: str, call_id: str) -> Call | None:
+        """The visitor's own call ``call_id`` if it has ended (for a widget that was away when
+        it did); None for anyone else's call, an open one, or none."""
+        call = await self._records.find(call_id)
+        if call is None or not call.final:
+            return None
+        return call if (call.site, call.visitor_id) == (site_id, visitor_id) else None
+
     async def visitor_left(
         self, site_id: str, visitor_id: str, visitor_sid: str, call_id: str, keep: bool = False
     ) -> None:

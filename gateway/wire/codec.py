@@ -37,7 +37,7 @@ from gateway.wire.calls import (
     RtcSignal,
     call_to_wire,
 )
-from gateway.wire.events import AgentAuth
+from gateway.wire.events import AgentAuth, VisitorAuth
 from gateway.wire.presence import DeviceUpdate as DeviceBody
 from gateway.wire.presence import PresenceSet, presence_to_wire
 from gateway.wire.rest import (
@@ -102,6 +102,11 @@ def device_update_from_wire(payload: object, device_id: str | None = None) -> De
 
 def _int(body: DeviceBody | PresenceSet) -> int:
     return 0 if body.priority is None else int(body.priority)
+
+
+def visitor_auth_from_wire(auth: Json) -> VisitorAuth:
+    """A ``/visitor`` connect's ``auth``, its token already verified."""
+    return decode(auth, VisitorAuth, "auth")
 
 
 def agent_auth_from_wire(auth: Json) -> AgentAuth:

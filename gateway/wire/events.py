@@ -42,6 +42,13 @@ class ConnectAuth(Struct):
     token: str
 
 
+class VisitorAuth(ConnectAuth):
+    """``auth`` of a ``/visitor`` connect: the call a reconnecting widget was in, so that it
+    hears how that call stands even if it ended while the widget was away."""
+
+    call_id: Id | None = None
+
+
 class AgentAuth(ConnectAuth):
     """``auth`` of an ``/agent`` connect: the state of the socket's own desktop device, and
     the connected call a reconnecting agent app takes over."""

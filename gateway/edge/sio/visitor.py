@@ -22,6 +22,7 @@ from gateway.wire.codec import (
     call_request_from_wire,
     call_to_wire,
     signal_from_wire,
+    visitor_auth_from_wire,
 )
 from gateway.wire.events import call_ack, ok_ack, start_ack
 
@@ -50,6 +51,8 @@ class VisitorNamespace(BaseNamespace):
         self.load = load
         self.limits = limits
         """When a start is refused as ``overloaded`` (gateway.core.admission)."""
+        self.named: dict[str, str] = {}
+        """Socket id -> the call its widget was in before it reconnected (``call_id``)."""
         self.events = {
             "call:start": self.call_start,
             "call:cancel": self.call_cancel,
@@ -58,7 +61,10 @@ class VisitorNamespace(BaseNamespace):
 
     async def on_join(self, sid: str, claims: Claims, auth: Json) -> DeviceRef | None:
         check_configured_role(claims, self.presence.site(claims.site))
+        named = visitor_auth_from_wire(auth).call_id
         await self.enter_room(sid, visitor_room(claims.site, claims.sub))
+        if named is not None:
+            self.named[sid] = named
         return None
 
     async def on_joined(self, sid: str, session: Session) -> None:
@@ -68,15 +74,23 @@ class VisitorNamespace(BaseNamespace):
         await self.calls.until_stored(partial(self._take_over, sid, session), f"takeover:{sid}")
 
     async def _take_over(self, sid: str, session: Session) -> None:
+        named = self.named.pop(sid, None)
         if sid not in self.sessions:
             return  # gone again before the store answered
-        call = await self.calls.resume(session.claims.site, session.claims.sub, sid)
+        claims = session.claims
+        call = await self.calls.resume(claims.site, claims.sub, sid)
         if call is not None:
             session.calls.add(call.call_id)
-            site = self.presence.site(session.claims.site)
+        elif named is not None:
+            # The call the widget was in ended while it was away (its agent hung up, or it
+            # ended during a node's drain): it hears so now, not never.
+            call = await self.calls.ended_call_of(claims.site, claims.sub, named)
+        if call is not None:
+            site = self.presence.site(claims.site)
             await self.emit("call:update", call_to_wire(call, site), to=sid)
 
     async def on_leave(self, sid: str, session: Session) -> None:
+        self.named.pop(sid, None)
         claims = session.claims
         # A socket closed by its node's drain will reconnect elsewhere: its visitor did not
         # leave, so even a call still ringing waits for them.
