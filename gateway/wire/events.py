@@ -238,7 +238,7 @@ NAMESPACES = (
     ),
     Namespace(
         "/visitor",
-        ConnectAuth,
+        VisitorAuth,
         incoming=(
             Event("call:start", CallStart, StartAck),
             Event("call:cancel", CallRef, CallAck),
