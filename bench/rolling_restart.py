@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -62,12 +63,12 @@ class Stats:
     """Call id -> when its start was acknowledged (a ring promised)."""
     ended: dict[str, str] = field(default_factory=dict)
     """Call id -> the final state the visitor saw."""
-    start_to_ring: list[tuple[float, float]] = field(default_factory=list)
-    """(when, seconds) of each first ring after its start."""
     refused: Counter[str] = field(default_factory=Counter)
     seen: set[str] = field(default_factory=set)
     """Every call id a visitor was told of (its start's ack, or an update after a reconnect)."""
     not_completed: Counter[str] = field(default_factory=Counter)
+    rung: dict[str, float] = field(default_factory=dict)
+    """Call id -> when its visitor first heard it ringing."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set as a call ends."""
     double_bookings: int = 0
@@ -183,9 +184,7 @@ class Visitor:
         if self.call is None and call["state"] not in FINAL and call_id not in self.stats.ended:
             self.call = call_id
         if call["state"] == "ringing" and call_id in self.stats.started:
-            first = not any(c == call_id for c, _ in self._rung)
-            if first:
-                self._rung.append((call_id, time.monotonic()))
+            self.stats.rung.setdefault(call_id, time.monotonic())
         if call["state"] in FINAL and call_id not in self.stats.ended:
             self.stats.ended[call_id] = call["state"]
             self.stats.changed.set()
@@ -193,8 +192,6 @@ class Visitor:
                 self.stats.not_completed[f"{call['state']}: {call.get('reason')}"] += 1
             if self.call == call_id:
                 self.call = None
-
-    _rung: list[tuple[str, float]] = []
 
 
 async def stored_states(redis_url: str, call_ids: list[str]) -> dict[str, Any]:
@@ -227,7 +224,7 @@ async def restart(
     node: NodeProcess, config: Path, redis_url: str, work: Path, name: str, port: int
 ) -> tuple[NodeProcess, dict[str, float]]:
     t0 = time.monotonic()
-    node.proc.send_signal(__import__("signal").SIGTERM)
+    node.proc.send_signal(signal.SIGTERM)
     code = await node.proc.wait()
     drained = time.monotonic() - t0
     again = await start_node(config, redis_url, work, name, port)
@@ -240,7 +237,6 @@ async def restart(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     stats = Stats()
-    Visitor._rung = []
     with tempfile.TemporaryDirectory(prefix="membrane-bench-") as tmp:
         work = Path(tmp)
         async with redis_server(work) as redis_url:
@@ -309,14 +305,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     with contextlib.suppress(Exception):
                         await visitor.sio.disconnect()
             for node in nodes.values():
-                node.proc.send_signal(__import__("signal").SIGTERM)
+                node.proc.send_signal(signal.SIGTERM)
                 await node.proc.wait()
-    rings = {c: t for c, t in Visitor._rung}
     lost = sorted((stats.seen | set(stats.started)) - set(stats.ended))
     windows: dict[str, list[float]] = {"before": [], "during": [], "after": []}
     stop = timeline.get("node-a_stop_at_s", math.inf)
     done = timeline.get("restarts_done_at_s", math.inf)
-    for call_id, at in rings.items():
+    for call_id, at in stats.rung.items():
         since = stats.started[call_id] - began
         window = "before" if since < stop else "during" if since < done else "after"
         windows[window].append(at - stats.started[call_id])

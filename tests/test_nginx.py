@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from conftest import NodeFactory, free_port, make_settings, mint, node_process, replace
 from nginx_front import NGINX, certificates, nginx
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Browser, Page, async_playwright, expect
 from test_browser_e2e import (
     AGENT_PC,
     CHROMIUM,
@@ -61,13 +61,8 @@ async def node_behind(http: aiohttp.ClientSession, url: str) -> str:
         return node
 
 
-async def open_page(context_browser: object, url: str) -> Page:
-    from playwright.async_api import Browser
-
-    assert isinstance(context_browser, Browser)
-    context = await context_browser.new_context(
-        permissions=["microphone"], ignore_https_errors=True
-    )
+async def open_page(browser: Browser, url: str) -> Page:
+    context = await browser.new_context(permissions=["microphone"], ignore_https_errors=True)
     page = await context.new_page()
     await page.goto(url)
     return page

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import Node, NodeFactory, free_port, make_settings, mint, replace
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Browser, Page, async_playwright, expect
 from test_browser_e2e import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 
 from gateway.core.model import Role
@@ -62,7 +62,7 @@ async def test_https_public_urls_get_hsts(nodes: NodeFactory, tmp_path: Path) ->
 
 
 @pytest.fixture
-async def page_factory() -> AsyncIterator[object]:
+async def browser() -> AsyncIterator[Browser]:
     if not HAVE_CHROMIUM:
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium")
     async with async_playwright() as p:
@@ -88,11 +88,8 @@ async def violations(page: Page) -> list[str]:
     not HAVE_CHROMIUM and not __import__("os").environ.get("CI"), reason="no Chromium"
 )
 async def test_every_page_runs_under_its_policy_without_a_violation(
-    node: Node, page_factory: object
+    node: Node, browser: Browser
 ) -> None:
-    from playwright.async_api import Browser
-
-    assert isinstance(page_factory, Browser)
     settings = node.app[keys.SETTINGS]
     pages = {  # (the agent first, so the demo site's button has someone to offer)
         f"/agent/#token={mint(settings, 'anna')}": "agent-status",
@@ -100,7 +97,7 @@ async def test_every_page_runs_under_its_policy_without_a_violation(
         f"/board/#token={mint(settings, 'sam', Role.SUPERVISOR)}": None,
         "/t/c_unknown#token=nothing": None,
     }
-    context = await page_factory.new_context(permissions=["microphone"])
+    context = await browser.new_context(permissions=["microphone"])
     try:
         for path, testid in pages.items():
             page = await context.new_page()

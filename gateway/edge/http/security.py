@@ -75,6 +75,12 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _trusted(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None, trusted: Sequence[Network]
+) -> bool:
+    return address is not None and any(address in n for n in trusted)
+
+
 def forwarded_client(
     remote: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]
 ) -> str | None:
@@ -82,15 +88,14 @@ def forwarded_client(
     ``X-Forwarded-For`` from the right (the nearest hop first), the first address that is
     not a trusted proxy. What a client wrote in the header itself lies left of that and is
     never reached."""
-    address = _address(remote or "")
-    if address is None or not any(address in n for n in trusted):
+    if not _trusted(_address(remote or ""), trusted):
         return remote
     hops = [h for header in forwarded_for for h in header.split(",") if h.strip()]
     for hop in reversed(hops):
         found = _address(hop)
         if found is None:
             return remote  # a garbled header: go by who sent it
-        if not any(found in n for n in trusted):
+        if not _trusted(found, trusted):
             return str(found)
     return str(found) if hops and found is not None else remote
 
@@ -101,8 +106,7 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
     trusted = request.app[keys.TRUSTED_PROXIES]
     headers = request.app[keys.SECURITY_HEADERS]
     if trusted:
-        remote = _address(request.remote or "")
-        from_proxy = remote is not None and any(remote in n for n in trusted)
+        from_proxy = _trusted(_address(request.remote or ""), trusted)
         forwarded = request.headers.getall("X-Forwarded-For", [])
         client = forwarded_client(request.remote, forwarded, trusted)
         if client is not None and client != request.remote:
