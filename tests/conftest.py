@@ -484,6 +484,8 @@ class SocketClient:
     def __init__(self) -> None:
         self.sio = socketio.AsyncClient(reconnection=False)
         self.queues: dict[str, asyncio.Queue[Any]] = {}
+        self.auth: dict[str, Any] = {}
+        """What it connected with (a second socket of the same visitor takes it too)."""
         self.sio.on("*", self._any, namespace="*")
 
     async def _any(self, event: str, namespace: str, data: Any = None) -> None:
@@ -493,6 +495,7 @@ class SocketClient:
         return self.queues.setdefault(event, asyncio.Queue())
 
     async def connect(self, url: str, namespace: str, auth: dict[str, Any]) -> None:
+        self.auth = auth
         await self.sio.connect(
             url, namespaces=[namespace], auth=auth, transports=["websocket"], wait_timeout=5
         )

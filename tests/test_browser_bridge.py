@@ -77,6 +77,32 @@ HEARS_JS = """(hz) => {
 }"""
 
 
+# As the network failing under the call: ICE says "failed", and the page restarts it. The
+# ICE username fragment of the answer it had is returned.
+FAIL_ICE_JS = """(which) => {
+  const pc = which === "agent" ? window.MembraneAgent.pc : window.Membrane._pc;
+  const before = pc.remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1];
+  Object.defineProperty(pc, "iceConnectionState", { get: () => "failed", configurable: true });
+  pc.dispatchEvent(new Event("iceconnectionstatechange"));
+  delete pc.iceConnectionState;
+  return before;
+}"""
+# Polled: the page has a new answer (other ICE credentials) and ICE is connected over it.
+RESTARTED_JS = """([which, before]) => {
+  const pc = which === "agent" ? window.MembraneAgent.pc : window.Membrane._pc;
+  const now = pc.remoteDescription && pc.remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1];
+  return pc.signalingState === "stable" && now !== before
+    && ["connected", "completed"].includes(pc.iceConnectionState);
+}"""
+
+
+async def ice_restarts(page: Page, which: str = "widget") -> None:
+    """The network fails under the call: the page restarts ICE and reconnects, over the
+    media worker's fresh peer connection."""
+    before = await page.evaluate(FAIL_ICE_JS, which)
+    await page.wait_for_function(RESTARTED_JS, arg=[which, before], polling=100, timeout=WAIT_MS)
+
+
 def tone_wav(path: Path, hz: float, seconds: float = 5.0, rate: int = 48000) -> Path:
     """A microphone for Chromium's fake capture (``--use-file-for-fake-audio-capture``)."""
     with wave.open(str(path), "wb") as w:
@@ -183,6 +209,12 @@ async def test_the_widget_calls_an_agent_only_on_her_phone_and_they_hear_each_ot
     assert abs(heard - 440) < 10, heard
     assert await status_of(http, a, "anna") == "on_call"
 
+    # The visitor's network fails: the widget restarts ICE, and they hear each other again.
+    await ice_restarts(visitor)
+    assert abs(await hears(visitor, 1000) - 1000) < 15
+    played = await phone_hears(phones, leg, heard_so_far(leg), PHONE_RATE, "Anna after it")
+    assert abs(dominant_frequency(played[-PHONE_RATE // 2 :]) - 440) < 10
+
     # Anna presses star: the widget says the visitor is on hold; star again, back.
     phones.send_dtmf(leg.sid, "*")
     await widget_says(visitor, "Anna put you on hold. Please stay on the line.")
@@ -230,6 +262,12 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_customers_p
     heard = dominant_frequency(played[-PHONE_RATE:])
     assert abs(heard - 440) < 10, heard
     assert [c.to for c in phones.calls] == [VISITOR_PHONE], "no agent phone was called"
+
+    # Carla's network fails: the app restarts ICE (the worker cannot), and the call goes on.
+    await ice_restarts(carla, "agent")
+    assert abs(await hears(carla, 1000, "agent") - 1000) < 15
+    played = await phone_hears(phones, leg, heard_so_far(leg), PHONE_RATE, "Carla after it")
+    assert abs(dominant_frequency(played[-PHONE_RATE // 2 :]) - 440) < 10
     await expect(carla.get_by_test_id("agent-mute")).to_be_visible()
 
     # The keypad: Chromium sends RFC 4733 events; the phone hears the key's two tones.

@@ -23,7 +23,7 @@ from twilio_sim.audio import dominant_frequency
 
 from mobile_bridge.media.api import SESSIONS
 from mobile_bridge.media.stream import StreamEnd
-from mobile_bridge.media.worker import MediaWorker
+from mobile_bridge.media.worker import MediaWorker, ice_ufrag
 
 __all__ = ["peers"]  # the fixture, used by name
 
@@ -40,6 +40,14 @@ class Running:
     async def offer(self, sdp: str, token: str = TOKEN) -> tuple[int, dict[str, Any]]:
         r = await self.http.post(
             self.url + SESSIONS, json={"offer": sdp}, headers={"Authorization": f"Bearer {token}"}
+        )
+        return r.status, await r.json()
+
+    async def offer_again(self, session: str, sdp: str) -> tuple[int, dict[str, Any]]:
+        r = await self.http.post(
+            f"{self.url}{SESSIONS}/{session}/offer",
+            json={"offer": sdp},
+            headers={"Authorization": f"Bearer {TOKEN}"},
         )
         return r.status, await r.json()
 
@@ -153,6 +161,94 @@ async def test_a_browser_and_a_phone_talk_through_the_worker(
         ended = await asyncio.wait_for(running.ended.get(), timeout=10)
         assert ended == (created["session"], StreamEnd.STOPPED)
         assert (await running.stats())["sessions"] == 0
+    finally:
+        await running.http.close()
+        if twiml_runner is not None:
+            await twiml_runner.cleanup()
+        await runner.cleanup()
+
+
+def pinned(pc: RTCPeerConnection, hz: float, codec: str) -> None:
+    """``pc`` sends a ``hz`` tone, offering only ``codec``."""
+    sending = pc.addTransceiver(ToneTrack(hz), direction="sendrecv")
+    capabilities = RTCRtpSender.getCapabilities("audio")
+    assert capabilities is not None
+    sending.setCodecPreferences([c for c in capabilities.codecs if c.mimeType == codec])
+
+
+@pytest.mark.parametrize("codec", ["audio/PCMU", "audio/opus"])
+async def test_a_browser_renegotiates_in_place_and_restarts_ice_on_a_new_peer_connection(
+    sim: TwilioSim, client: Any, peers: tuple[RTCPeerConnection, RTCPeerConnection], codec: str
+) -> None:
+    """A later offer with the same ICE credentials is answered on the same peer connection;
+    one with new credentials (a browser whose network changed: here a new peer connection
+    sending another tone) is answered by a fresh one, and the call's audio goes on both ways
+    over it, transcoded or not as before. A broken offer then changes nothing."""
+    browser, restarted = peers
+    running, runner = await start(sim)
+    twiml_runner: web.AppRunner | None = None
+    try:
+        pinned(browser, 440, codec)
+        hearing = remote_track(browser)
+        await browser.setLocalDescription(await browser.createOffer())
+        status, created = await running.offer(browser.localDescription.sdp)
+        assert status == 201, created
+        await browser.setRemoteDescription(RTCSessionDescription(created["answer"], "answer"))
+        stream_url = running.url.replace("http://", "ws://") + created["stream_path"]
+        twiml_url, twiml_runner = await twiml_server(stream_url)
+        sim.phone(PHONE, answer_after=0.2, tone_hz=1000)
+        call = await client.calls.create_async(to=PHONE, from_="+15005550006", url=twiml_url)
+        record = sim.call(call.sid)
+        track = await asyncio.wait_for(hearing, timeout=15)
+        assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
+        session = created["session"]
+
+        # The same credentials: answered in place, with the same ICE credentials back.
+        await browser.setLocalDescription(await browser.createOffer())
+        status, again = await running.offer_again(session, browser.localDescription.sdp)
+        assert status == 200, again
+        assert ice_ufrag(again["answer"]) == ice_ufrag(created["answer"])
+        await browser.setRemoteDescription(RTCSessionDescription(again["answer"], "answer"))
+        assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
+
+        # New credentials: a fresh peer connection answers, and the call goes on over it.
+        pinned(restarted, 880, codec)
+        hearing_again = remote_track(restarted)
+        await restarted.setLocalDescription(await restarted.createOffer())
+        status, moved = await running.offer_again(session, restarted.localDescription.sdp)
+        assert status == 200, moved
+        assert ice_ufrag(moved["answer"]) != ice_ufrag(created["answer"])
+        await restarted.setRemoteDescription(RTCSessionDescription(moved["answer"], "answer"))
+        await browser.close()
+        new_track = await asyncio.wait_for(hearing_again, timeout=15)
+        assert abs(await asyncio.wait_for(heard(new_track, 1.0), 15) - 1000) < 10
+
+        def phone_hears_880() -> bool:
+            if record.stream is None or len(record.stream.audio_played) < RATE:
+                return False
+            return abs(dominant_frequency(bytes(record.stream.audio_played)[-RATE:]) - 880) < 10
+
+        await sim.wait_until(phone_hears_880, timeout=15, what="the new tone at the phone")
+        stats = (await running.stats())["calls"][session]
+        assert stats["renegotiations"] == 2 and stats["streaming"]
+        assert stats["transcoding"] is (codec != "audio/PCMU")
+
+        # Offers it cannot use: refused, and the call goes on as it was.
+        sdp = restarted.localDescription.sdp.replace("a=ice-ufrag:", "a=ice-ufrag:x")
+        no_fingerprint = sdp.replace("a=fingerprint:", "a=fingerprint-x:")
+        no_codec = "\r\n".join(
+            "m=audio 9 UDP/TLS/RTP/SAVPF 126" if line.startswith("m=audio") else line
+            for line in sdp.split("\r\n")
+            if not line.startswith(("a=rtpmap:", "a=fmtp:"))
+        )
+        for broken in (no_fingerprint, no_codec):
+            status, refused = await running.offer_again(session, broken)
+            code = "invalid_offer" if broken is no_fingerprint else "renegotiation_refused"
+            assert status == 400 and refused["error"]["code"] == code, refused
+        assert abs(await asyncio.wait_for(heard(new_track, 1.0), 15) - 1000) < 10
+        assert (await running.stats())["sessions"] == 1
+        sim.hangup(call.sid)
+        assert (await asyncio.wait_for(running.ended.get(), 10))[0] == session
     finally:
         await running.http.close()
         if twiml_runner is not None:

@@ -43,6 +43,7 @@ from gateway.settings import MediaSettings
 from gateway.wire.codec import call_from_record
 from mobile_bridge.media.dtmf import HOLD_HZ
 from mobile_bridge.media.pool import MediaWorkers
+from mobile_bridge.media.worker import ice_ufrag
 
 __all__ = ["peers"]
 
@@ -268,7 +269,7 @@ async def test_a_worker_killed_mid_call_ends_it_with_a_reason_and_frees_the_agen
     await eventually(replaced, 15)
 
 
-async def test_signals_of_a_bridged_call_are_checked_as_any(
+async def test_a_visitor_renegotiates_and_restarts_ice_on_a_bridged_call(
     nodes: NodeFactory,
     tmp_path: Path,
     sim: TwilioSim,
@@ -277,24 +278,66 @@ async def test_signals_of_a_bridged_call_are_checked_as_any(
     clients: Callable[[], SocketClient],
     peers: RTCPeerConnection,
 ) -> None:
-    """A second offer is refused with ``offer_taken`` and changes nothing; a garbage offer
-    from the visitor ends the call as ``media_lost`` (there is no audio to have)."""
+    """The visitor offers again mid-call, through the other node: with the same ICE
+    credentials it is answered in place; with new ones (its network changed: here a new
+    peer connection with a new tone) the bridge answers on a fresh peer connection and the
+    tones go on both ways. An offer the bridge cannot use is refused with ``invalid_offer``
+    and the call goes on; a garbage candidate is let be."""
     a = await bridged_node(nodes, tmp_path, sim, redis_url)
+    b = await bridged_node(nodes, tmp_path, sim, redis_url)
     sim.phone(ANNA_PHONE, answer_after=1, press="1", tone_hz=1000)
     await on_mobile(http, a, "anna")
     hearing = remote_track(peers)
     v, call_id = await call_anna(http, clients, a, peers)
     track = await asyncio.wait_for(hearing, 15)
     await asyncio.wait_for(heard(track, 0.5), 15)  # connected: no check left in flight
-    again = {"type": "offer", "sdp": peers.localDescription.sdp}
-    ack: dict[str, Any] = await v.call(
-        "rtc:signal", {"call_id": call_id, "description": again}, "/visitor"
-    )
-    assert not ack["ok"] and ack["error"]["code"] == "offer_taken", ack
-    candidate = {"candidate": "candidate:1 1 udp 1 999.1.1.1 9 typ host", "sdpMid": "0"}
-    ack = await v.call("rtc:signal", {"call_id": call_id, "candidate": candidate}, "/visitor")
-    assert ack["ok"], ack
-    assert await status_of(http, a, "anna") == "on_call"
+    leg = anna_leg(sim)
+    on_b = clients()  # the same visitor, a second tab on the other node
+    await on_b.connect(b.url, "/visitor", {**v.auth, "call_id": call_id})
+
+    async def offer(sdp: str) -> dict[str, Any]:
+        sent = {"call_id": call_id, "description": {"type": "offer", "sdp": sdp}}
+        ack: dict[str, Any] = await on_b.call("rtc:signal", sent, "/visitor")
+        return ack
+
+    first = peers.remoteDescription.sdp
+    await peers.setLocalDescription(await peers.createOffer())
+    assert (await offer(peers.localDescription.sdp))["ok"]
+    answer = await on_b.next("rtc:signal", lambda m: "description" in m, timeout=15)
+    assert ice_ufrag(answer["description"]["sdp"]) == ice_ufrag(first)
+    await peers.setRemoteDescription(RTCSessionDescription(**answer["description"]))
+
+    restarted = RTCPeerConnection()
+    try:
+        restarted.addTrack(ToneTrack(880))
+        hearing_again = remote_track(restarted)
+        await restarted.setLocalDescription(await restarted.createOffer())
+        assert (await offer(restarted.localDescription.sdp))["ok"]
+        answer = await on_b.next("rtc:signal", lambda m: "description" in m, timeout=15)
+        assert ice_ufrag(answer["description"]["sdp"]) != ice_ufrag(first)
+        await restarted.setRemoteDescription(RTCSessionDescription(**answer["description"]))
+        await peers.close()
+        await until_heard(await asyncio.wait_for(hearing_again, 15), 1000)
+        await phone_hears(sim, leg, 880)
+
+        broken = restarted.localDescription.sdp.replace("a=ice-ufrag:", "a=ice-ufrag:x")
+        broken = "\r\n".join(
+            "m=audio 9 UDP/TLS/RTP/SAVPF 126" if line.startswith("m=audio") else line
+            for line in broken.split("\r\n")
+            if not line.startswith(("a=rtpmap:", "a=fmtp:"))
+        )
+        refused = await offer(broken)
+        assert not refused["ok"] and refused["error"]["code"] == "invalid_offer", refused
+        candidate = {"candidate": "candidate:1 1 udp 1 999.1.1.1 9 typ host", "sdpMid": "0"}
+        sent = await on_b.call(
+            "rtc:signal", {"call_id": call_id, "candidate": candidate}, "/visitor"
+        )
+        assert sent["ok"], sent
+        await phone_hears(sim, leg, 880)
+        for n in (a, b):
+            assert await status_of(http, n, "anna") == "on_call"
+    finally:
+        await restarted.close()
 
 
 async def test_an_agent_on_her_phone_holds_the_visitor_with_star(

@@ -81,6 +81,8 @@
     completed: N_("The call ended."),
     canceled: N_("You canceled."),
   };
+  const ICE_RESTARTS = 3; // in a row without connecting; then the visitor is told
+  const DISCONNECTED_GRACE_MS = 2000; // a brief loss often heals by itself
   const FINAL = ["completed", "failed", "canceled"];
   const isFinal = (c) => !!c && FINAL.includes(c.state);
   // {visitor_id, visitor_secret} in one value, so two tabs cannot mix one's id with another's
@@ -761,10 +763,30 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
       audio.srcObject = e.streams[0] || new MediaStream([e.track]);
       audio.play().catch(() => { /* autoplay: the click on the button normally allows it */ });
     };
-    pc.onconnectionstatechange = () => {
-      if (thisPc.connectionState === "failed" && call && !isFinal(call)) {
+    // A network that changes or drops mid-call (Wi-Fi to mobile data): ICE is restarted, and
+    // the new offer goes to the other side as the first did. Only this side restarts (it
+    // made the first offer), so the two never offer at once.
+    let restarts = 0;
+    let stalled = 0;
+    const restartIce = () => {
+      if (thisPc !== pc || !call || isFinal(call)) return;
+      if (restarts >= ICE_RESTARTS) {
         detail.textContent = gettext("The audio connection failed. Hang up and try again, or ask us to call you.");
+        return;
       }
+      restarts++;
+      thisPc.restartIce();
+    };
+    pc.oniceconnectionstatechange = () => {
+      clearTimeout(stalled);
+      const s = thisPc.iceConnectionState;
+      if (s === "failed") restartIce();
+      else if (s === "disconnected") stalled = setTimeout(restartIce, DISCONNECTED_GRACE_MS);
+      else if (s === "connected" || s === "completed") restarts = 0;
+    };
+    pc.onnegotiationneeded = () => {
+      // The first offer is made below, once the microphone is on; later ones are restarts.
+      if (thisPc === pc && thisPc.remoteDescription) offer(thisPc, callId).catch(rtcError);
     };
     try {
       mic = await navigator.mediaDevices.getUserMedia({ audio: true });
@@ -774,15 +796,28 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
     }
     if (pc !== thisPc) return mic.getTracks().forEach((t) => t.stop()); // ended meanwhile
     for (const t of mic.getTracks()) pc.addTrack(t, mic);
-    await pc.setLocalDescription(await pc.createOffer());
-    const d = pc.localDescription;
-    sock.emit("rtc:signal", { call_id: callId, description: { type: d.type, sdp: d.sdp } });
+    await offer(pc, callId);
+  }
+
+  async function offer(thisPc, callId) {
+    if (thisPc.signalingState !== "stable") return; // an offer is out; its answer settles it
+    await thisPc.setLocalDescription(await thisPc.createOffer());
+    const d = thisPc.localDescription;
+    if (sock) sock.emit("rtc:signal", { call_id: callId, description: { type: d.type, sdp: d.sdp } });
   }
 
   async function onSignal(m) {
     if (!m || !pc || !call || m.call_id !== call.call_id) return;
-    if (m.description) await pc.setRemoteDescription(m.description);
-    else if (m.candidate) await pc.addIceCandidate(m.candidate);
+    const thisPc = pc;
+    if (m.description) {
+      await thisPc.setRemoteDescription(m.description);
+      if (m.description.type === "offer") {
+        // The call's audio moved (its media worker died): the gateway's new session offers.
+        await thisPc.setLocalDescription(await thisPc.createAnswer());
+        const d = thisPc.localDescription;
+        if (sock) sock.emit("rtc:signal", { call_id: m.call_id, description: { type: d.type, sdp: d.sdp } });
+      }
+    } else if (m.candidate) await thisPc.addIceCandidate(m.candidate);
   }
   const rtcError = (e) => console.warn("[membrane] WebRTC:", e);
 

@@ -25,7 +25,7 @@ from functools import partial
 
 from gateway.core import call as calls
 from gateway.core.call import Call
-from gateway.core.errors import Conflict, NotFound
+from gateway.core.errors import Conflict, Invalid, NotFound
 from gateway.core.text import N_
 from gateway.services.call_records import CallRecords
 from gateway.telephony import ConnectMedia, HeldSide, MediaBridge, TelephonyError
@@ -110,13 +110,18 @@ class AudioBridge:
             elif description["type"] == "offer":
                 answer = await self.media.answer(call.media, description["sdp"])
                 reply = {"call_id": call.call_id, "description": {"type": "answer", "sdp": answer}}
-                await self._records.notify.signal(call, to_agent=False, payload=reply)
+                # Back to the browser that offered: the visitor's, or the agent app's (its
+                # ICE restart on a callback).
+                to_app = calls.agent_in_app(call)
+                await self._records.notify.signal(call, to_agent=to_app, payload=reply)
             elif description["type"] == "answer":
                 await self.media.accept_answer(call.media, description["sdp"])
             # A rollback or pranswer: nothing a session takes.
         except TelephonyError as e:
             if e.code == "offer_taken":
                 raise Conflict(e.message, code=e.code) from None
+            if e.code == "renegotiation_refused":  # the call goes on as it was
+                raise Invalid(e.message, code="invalid_offer") from None
             log.warning("call %s: the bridge refused a browser's signal: %s", call.call_id, e)
             await self.lost(call.call_id, "media_lost")
 

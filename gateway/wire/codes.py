@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     MEDIA_FULL = "media_full"
     STREAM_TAKEN = "stream_taken"
     OFFER_TAKEN = "offer_taken"
+    RENEGOTIATION_REFUSED = "renegotiation_refused"
     MEDIA_ENDED = "media_ended"
     STALE_WEBHOOK = "stale_webhook"
     REPLAYED_WEBHOOK = "replayed_webhook"

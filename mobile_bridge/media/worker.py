@@ -12,7 +12,11 @@ worker's token, compared in constant time):
   ``POST /v1/media/sessions/{id}/answer`` ``{"answer": sdp}`` then completes it.
 - ``POST /v1/media/sessions/{id}/offer`` ``{"offer": sdp}``: the offer of a session made
   without one (the gateway opens the session when the agent takes the call, before the
-  browser has offered): ``{"answer": sdp}``; ``409 offer_taken`` for a second offer.
+  browser has offered): ``{"answer": sdp}``. A later offer renegotiates the live session
+  (``renegotiate``): the browser restarts ICE when its network changes, or offers again to
+  a session the call moved to; one it cannot use is refused with ``400
+  renegotiation_refused`` and the call goes on as it was. ``409 offer_taken`` while the
+  session's own offer awaits its answer (both sides offered at once).
 - ``POST /v1/media/sessions/{id}/candidate`` ``{"candidate": {"candidate", "sdpMid"?,
   "sdpMLineIndex"?}}``: a browser's trickled ICE candidate (aiortc answers with all of
   its own in the SDP).
@@ -103,9 +107,20 @@ class Session:
     transcoding: asyncio.Task[None] | None = None
     """A browser that refused PCMU: the task decoding its audio for the phone."""
     extra: dict[str, Any] = field(default_factory=dict)
+    negotiating: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One offer or answer at a time: a renegotiation swaps the peer connection."""
+    renegotiations: int = 0
 
     def __post_init__(self) -> None:
         self.keys = KeyReceiver(self.key_to_phone)
+
+    def stop_transcoding(self) -> asyncio.Task[None] | None:
+        """Detach the transcoding pump (a new negotiation decides again); the caller awaits
+        the cancelled task."""
+        task, self.transcoding = self.transcoding, None
+        if task is not None:
+            task.cancel()
+        return task
 
     def listen_for_keys(self, payload_type: int | None) -> None:
         """The browser sends keys as telephone-events of ``payload_type`` (None: it does
@@ -172,10 +187,30 @@ async def refusals(
         return rest_response(e)
 
 
+def ice_ufrag(sdp: str) -> str | None:
+    """The ICE username fragment of an SDP (the first; a browser's audio-only SDP has one):
+    a new one is an ICE restart."""
+    for line in sdp.splitlines():
+        if line.startswith("a=ice-ufrag:"):
+            return line.removeprefix("a=ice-ufrag:").strip()
+    return None
+
+
+async def close_keeping_tracks(pc: RTCPeerConnection) -> None:
+    """Close ``pc`` but not the tracks it sends: aiortc stops a sender's track as the sender
+    stops, and the session's track goes on, on the peer connection that replaced ``pc``."""
+    for transceiver in pc.getTransceivers():
+        transceiver.sender.replaceTrack(None)
+    await pc.close()
+
+
 def _offer_of(body: dict[str, Any]) -> str:
     offer = body.get("offer")
     if not isinstance(offer, str) or "m=audio" not in offer:
         raise Invalid('"offer" must be an SDP offer with audio', code="invalid_offer")
+    if "a=fingerprint:" not in offer:
+        # aiortc would take it and fail later, out of sight, leaving the call silent.
+        raise Invalid("the offer has no DTLS fingerprint", code="invalid_offer")
     return offer
 
 
@@ -291,10 +326,53 @@ class MediaWorker:
         self._authorize(request)
         session = self._session(request)
         offer = _offer_of(await self._body(request))
-        if session.offered:
-            raise Conflict("this session has its offer already", code="offer_taken")
-        answer = await self._answer(session, offer)
+        async with session.negotiating:
+            if session.offered and session.pc.signalingState != "stable":
+                raise Conflict("this session's own offer awaits its answer", code="offer_taken")
+            if session.offered:
+                answer = await self.renegotiate(session, offer)
+            else:
+                answer = await self._answer(session, offer)
         return web.json_response({"answer": answer})
+
+    async def renegotiate(self, session: Session, offer: str) -> str:
+        """A later offer of the session's browser. With the ICE credentials it had, it is
+        answered on the same peer connection. With new ones (an ICE restart: the browser's
+        network changed, or the call moved here from a dead worker), aiortc cannot restart
+        its ICE agent, so a fresh peer connection answers, carrying the same tracks, and the
+        old one is closed: the browser sees new credentials and a new DTLS fingerprint, which
+        a restart allows. An offer this worker cannot use changes nothing (``invalid_offer``)."""
+        session.renegotiations += 1
+        remote = session.pc.remoteDescription
+        if remote is not None and ice_ufrag(remote.sdp) == ice_ufrag(offer):
+            try:
+                return await self._answer(session, offer, end_on_failure=False)
+            except Invalid as e:
+                raise Invalid(e.message, code="renegotiation_refused") from None
+        old, pumping = session.pc, session.stop_transcoding()
+        pc = RTCPeerConnection(self._ice)
+        bridge_transceiver(pc, session.to_browser, session.to_phone, session.keys)
+        session.pc = pc
+        try:
+            answer = await self._answer(session, offer, end_on_failure=False)
+        except Invalid as e:
+            session.pc = old
+            await close_keeping_tracks(pc)
+            if pumping is not None:
+                session.negotiated(old.localDescription.sdp)  # the old pump, afresh
+            raise Invalid(e.message, code="renegotiation_refused") from None
+        except DomainError:
+            session.pc = old
+            await close_keeping_tracks(pc)
+            if pumping is not None:
+                session.negotiated(old.localDescription.sdp)  # the old pump, afresh
+            raise
+        finally:
+            if pumping is not None:
+                await asyncio.gather(pumping, return_exceptions=True)
+        await close_keeping_tracks(old)
+        log.info("media session %s: renegotiated on a new peer connection", session.session_id)
+        return answer
 
     async def _answered(self, request: web.Request) -> web.Response:
         """The browser's answer to the session's own offer (``make_offer``)."""
@@ -304,19 +382,20 @@ class MediaWorker:
         answer = body.get("answer")
         if not isinstance(answer, str) or "m=audio" not in answer:
             raise Invalid('"answer" must be an SDP answer with audio', code="invalid_offer")
-        pc = session.pc
-        if pc.signalingState != "have-local-offer":
-            raise Conflict("this session is not waiting for an answer", code="offer_taken")
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-            session.listen_for_keys(dtmf_payload_type(answer))
-            session.negotiated(answer)
-        except Exception as e:  # as for offers: aiortc's errors for SDP it cannot use
-            log.info("media session %s refused an answer: %r", session.session_id, e)
-            await self.end(session.session_id)
-            raise Invalid(
-                "the answer is not one this worker can use", code="invalid_offer"
-            ) from None
+        async with session.negotiating:
+            pc = session.pc
+            if pc.signalingState != "have-local-offer":
+                raise Conflict("this session is not waiting for an answer", code="offer_taken")
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+                session.listen_for_keys(dtmf_payload_type(answer))
+                session.negotiated(answer)
+            except Exception as e:  # as for offers: aiortc's errors for SDP it cannot use
+                log.info("media session %s refused an answer: %r", session.session_id, e)
+                await self.end(session.session_id)
+                raise Invalid(
+                    "the answer is not one this worker can use", code="invalid_offer"
+                ) from None
         return web.Response(status=204)
 
     async def _hold(self, request: web.Request) -> web.Response:
@@ -334,7 +413,7 @@ class MediaWorker:
         session.hold(on, held)
         return web.Response(status=204)
 
-    async def _answer(self, session: Session, offer: str) -> str:
+    async def _answer(self, session: Session, offer: str, end_on_failure: bool = True) -> str:
         session.offered = True
         pc = session.pc
         try:
@@ -342,7 +421,8 @@ class MediaWorker:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # aiortc raises ValueError and its own errors for bad SDP
             log.info("media session %s refused an offer: %r", session.session_id, e)
-            await self.end(session.session_id)
+            if end_on_failure:
+                await self.end(session.session_id)
             raise Invalid(
                 "the offer is not an audio offer this worker can answer", code="invalid_offer"
             ) from None
@@ -414,6 +494,7 @@ class MediaWorker:
             "transcoding": s.transcoding is not None,
             "keys_to_phone": s.keys.keys,
             "keys_from_phone": s.keys_from_phone,
+            "renegotiations": s.renegotiations,
             "playout_lag_ms": round(s.stream.playout_lag_s * 1000) if s.stream else None,
             "max_playout_lag_ms": round(s.stream.max_playout_lag_s * 1000) if s.stream else None,
             "clears": s.stream.clears if s.stream else 0,
@@ -491,9 +572,9 @@ class MediaWorker:
             await session.stream.close()  # its handler then finds the session gone
         session.to_browser.stop()
         await session.stop_tones()
-        if session.transcoding is not None:
-            session.transcoding.cancel()
-            await asyncio.gather(session.transcoding, return_exceptions=True)
+        pumping = session.stop_transcoding()
+        if pumping is not None:
+            await asyncio.gather(pumping, return_exceptions=True)
         await session.pc.close()
         if self._on_end is not None:
             self._on_end(session_id, session.ended)

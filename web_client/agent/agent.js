@@ -7,6 +7,8 @@
   const STATE_KEY = "membrane.agent.state."; // + agent id, localStorage: the last state chosen here
   const STATES = ["available", "away", "busy", "dnd"];
   const FINAL = ["completed", "failed", "canceled"];
+  const ICE_RESTARTS = 3; // in a row without connecting; then the agent is told
+  const DISCONNECTED_GRACE_MS = 2000; // a brief loss often heals by itself
   const STATUS_ORDER = ["available", "on_call", "busy", "away", "dnd", "offline"];
   // Every sentence is a gettext("...") message id, looked up in the gateway's catalogue for
   // the agent's browser language (GET /v1/messages/{language}: the same catalogues as the
@@ -538,10 +540,41 @@
       audio.srcObject = e.streams[0] || new MediaStream([e.track]);
       audio.play().catch(() => { /* allowed after the click on Accept */ });
     };
-    pc.onconnectionstatechange = () => {
-      if (pc.connectionState === "failed" && current && current.pc === pc) {
-        showError(gettext("The audio connection failed (no network path to the visitor)."));
-      }
+    // A callback's audio comes from the gateway's media worker, which cannot restart ICE:
+    // when this side's network changes or drops, the app restarts it and offers anew. On a
+    // browser visitor's call the widget does (it made the first offer; one side only, so
+    // the two never offer at once).
+    let restarts = 0;
+    let stalled = 0;
+    let restarting = false;
+    const failed = () => showError(gettext("The audio connection failed (no network path to the visitor)."));
+    const ours = () => !!current && current.pc === pc && !isFinal(current.call) && current.call.channel === "callback";
+    const restartIce = () => {
+      if (!ours()) return;
+      if (restarts >= ICE_RESTARTS) return failed();
+      restarts++;
+      restarting = true;
+      pc.restartIce();
+    };
+    pc.oniceconnectionstatechange = () => {
+      clearTimeout(stalled);
+      const s = pc.iceConnectionState;
+      if (s === "failed" && !ours() && current && current.pc === pc) failed();
+      else if (s === "failed") restartIce();
+      else if (s === "disconnected") stalled = setTimeout(restartIce, DISCONNECTED_GRACE_MS);
+      else if (s === "connected" || s === "completed") restarts = 0;
+    };
+    pc.onnegotiationneeded = () => {
+      if (!restarting || pc.signalingState !== "stable" || !current || current.pc !== pc) return;
+      restarting = false;
+      const cur = current;
+      cur.signals = cur.signals
+        .then(async () => {
+          await pc.setLocalDescription(await pc.createOffer());
+          const d = pc.localDescription;
+          if (socket) socket.emit("rtc:signal", { call_id: cur.id, description: { type: d.type, sdp: d.sdp } });
+        })
+        .catch((e) => console.warn("ICE restart failed", e));
     };
     const cur = current;
     cur.media = navigator.mediaDevices
