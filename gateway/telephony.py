@@ -150,6 +150,11 @@ class ConnectMedia:
     """The session's stream (``MediaSession.stream_url``)."""
     say: str | None = None
     language: str = "en-US"
+    call_id: str = ""
+    moves: int = 0
+    """The call's ``media_moves`` as the stream begins. When the stream ends, the provider
+    asks ``MediaStreamEvents.on_stream_ended`` what next (so that the leg outlives a dead
+    media worker); without a ``call_id`` the leg ends with the stream."""
 
 
 Instruction = Bridge | HangUp | JoinRoom | ConnectMedia
@@ -274,6 +279,17 @@ class MediaSession:
     """The session's own SDP offer, when it was opened to offer (``make_offer``)."""
 
 
+class MediaStreamEvents(Protocol):
+    """What a telephony edge calls into when the Media Stream of a bridged call's phone leg
+    ends (the audio bridge implements it)."""
+
+    async def on_stream_ended(self, call_id: str, moves: int, provider_id: str) -> Instruction:
+        """The stream begun at ``moves`` ended while the leg ``provider_id`` is still up: a
+        ``ConnectMedia`` to the session the call's audio now has (moved from a dead media
+        worker), or ``HangUp``. Raises ``Forbidden`` (``unknown_leg``) when ``provider_id``
+        is not the call's phone leg."""
+
+
 HeldSide = Literal["phone", "browser"]
 """Who is put on hold on a bridged call: the person on the phone (an agent in the app holds
 her customer) or the one in the browser (an agent on her phone holds a website visitor)."""
@@ -307,8 +323,8 @@ class MediaBridge(Protocol):
         """Whether the worker of ``ref`` answers (whatever became of the session)."""
 
     def on_lost(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
-        """``listener(call_id, reason)`` for each call whose audio the bridge lost (its
-        worker died): the call must end."""
+        """``listener(call_id, ref)`` for each call whose session ``ref`` the bridge lost
+        (its worker died): the call's audio moves to a new session, or the call ends."""
 
     def on_key(self, listener: Callable[[str, str], Awaitable[None]]) -> None:
         """``listener(call_id, key)`` for each key pressed on a bridged phone (``0``-``9``,

@@ -94,13 +94,13 @@ def ring_options(request: AgentRingRequest, urls: AgentLegUrls) -> dict[str, Any
     }
 
 
-def render_agent(instruction: AgentInstruction, key_url: str) -> str:
+def render_agent(instruction: AgentInstruction, key_url: str, base: str = "") -> str:
     """TwiML for the agent's leg; a ``Whisper`` posts the key pressed (or none) to
-    ``key_url``."""
+    ``key_url``; webhooks of other instructions go under ``base`` (``render``)."""
     if isinstance(instruction, Proceed):
         return str(VoiceResponse())  # the whisper is over: the <Dial> connects
     if not isinstance(instruction, Whisper):
-        return render(instruction, "")
+        return render(instruction, "", base=base)
     response = VoiceResponse()
     gather = response.gather(
         num_digits=1,
@@ -171,7 +171,8 @@ class AgentLegWebhooks:
         except Exception:
             log.exception("%s failed for %s", what, request.path)
             return twiml_response(HANG_UP_TWIML)
-        return twiml_response(render_agent(instruction, key_url(hook.call_id, hook.attempt)))
+        key = key_url(hook.call_id, hook.attempt)
+        return twiml_response(render_agent(instruction, key, self._urls.base))
 
     async def screen(self, request: web.Request) -> web.Response:
         """A screened bridge's agent answered: the whisper (its parent is the visitor)."""

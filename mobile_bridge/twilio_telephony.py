@@ -40,6 +40,7 @@ from mobile_bridge.agent_leg_webhooks import (
     tell_twiml,
 )
 from mobile_bridge.media.pool import MediaWorkers
+from mobile_bridge.media_webhooks import MediaWebhooks
 from mobile_bridge.sms_webhooks import SmsWebhooks
 from mobile_bridge.twilio_webhooks import TwilioWebhooks, WebhookUrls, valid_leg_key
 
@@ -244,6 +245,7 @@ def install(app: web.Application, settings: Settings, events: CallbackEvents) ->
     TwilioWebhooks(settings, events).add_routes(app)
     SmsWebhooks(settings).add_routes(app)
     AgentLegWebhooks(settings).add_routes(app)
+    MediaWebhooks(settings).add_routes(app)
     return TwilioTelephony(settings)
 
 

@@ -51,6 +51,10 @@ BRIDGE_ROUTE: Final = "/v1/twilio/bridge/{call_id}/{attempt}"
 SCREEN_ROUTE: Final = "/v1/twilio/screen/{call_id}/{attempt}"
 """The whisper run on a screened bridge's agent leg (``<Number url>``;
 mobile_bridge.agent_leg_webhooks)."""
+MEDIA_ROUTE: Final = "/v1/twilio/media/{call_id}/{attempt}"
+"""A bridged leg's ``<Connect action>``: its Media Stream ended. The ``attempt`` is the
+stream's number in the call, from 1 (the call's audio moves as it began, plus one;
+mobile_bridge.media_webhooks)."""
 
 CALL_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 """Also safe in a URL path segment as it is, so webhook URLs need no quoting."""
@@ -134,9 +138,13 @@ def leg_event_from(call_id: str, attempt: int, params: MultiMapping[str]) -> Leg
     )
 
 
-def render(instruction: Instruction, bridge_action_url: str, screen_url: str = "") -> str:
+def render(
+    instruction: Instruction, bridge_action_url: str, screen_url: str = "", base: str = ""
+) -> str:
     """The TwiML document for ``instruction``; a ``Bridge`` reports back to the action URL,
-    and a screened one runs ``screen_url`` on the agent's leg before it connects."""
+    and a screened one runs ``screen_url`` on the agent's leg before it connects. A
+    ``ConnectMedia`` of a call asks ``base`` + ``MEDIA_ROUTE`` what next when its stream
+    ends."""
     response = VoiceResponse()
     if isinstance(instruction, Bridge):
         if instruction.say:
@@ -154,9 +162,16 @@ def render(instruction: Instruction, bridge_action_url: str, screen_url: str = "
     elif isinstance(instruction, ConnectMedia):
         if instruction.say:
             response.say(instruction.say, language=instruction.language)
-        # Bidirectional: the stream carries the browser's audio back to the phone. The leg
-        # ends when the stream does (no verb follows).
-        response.connect().stream(url=instruction.url)
+        # Bidirectional: the stream carries the browser's audio back to the phone. When the
+        # stream ends, the gateway says what next: a stream to the session the call's audio
+        # moved to (its media worker died), or hang up. Without an action the leg just ends.
+        action = None
+        if instruction.call_id and base:
+            stream = instruction.moves + 1
+            route = MEDIA_ROUTE.format(call_id=instruction.call_id, attempt=stream)
+            action = base + route
+        connect = response.connect(action=action, method="POST" if action else None)
+        connect.stream(url=instruction.url)
     elif isinstance(instruction, JoinRoom):
         if instruction.say:
             response.say(instruction.say, language=instruction.language)
@@ -331,7 +346,9 @@ class TwilioWebhooks:
 
     def _render(self, instruction: Instruction, hook: Webhook) -> str:
         key = (hook.call_id, hook.attempt)
-        return render(instruction, self._urls.bridge(*key), self._urls.screen(*key))
+        return render(
+            instruction, self._urls.bridge(*key), self._urls.screen(*key), self._urls.base
+        )
 
     async def _verified(self, request: web.Request) -> Webhook:
         return await verified(request, self._signatures)

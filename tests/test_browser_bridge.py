@@ -7,6 +7,7 @@ WAV file); each tone is found by frequency at the other end."""
 from __future__ import annotations
 
 import math
+import signal
 import struct
 import wave
 from collections.abc import AsyncIterator
@@ -40,6 +41,7 @@ from test_callbacks import (
     without_quiet_hours_now,
 )
 from test_mobile_ring import on_mobile, status_of
+from test_phone_bridge import media_of
 from twilio_sim import CallRecord, TwilioSim
 from twilio_sim.audio import dominant_frequency, dtmf_keys_ulaw, rms
 
@@ -87,7 +89,11 @@ FAIL_ICE_JS = """(which) => {
   delete pc.iceConnectionState;
   return before;
 }"""
-# Polled: the page has a new answer (other ICE credentials) and ICE is connected over it.
+UFRAG_JS = """(which) => {
+  const pc = which === "agent" ? window.MembraneAgent.pc : window.Membrane._pc;
+  return pc.remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1];
+}"""
+# Polled: a new remote description (other ICE credentials), and ICE connected over it.
 RESTARTED_JS = """([which, before]) => {
   const pc = which === "agent" ? window.MembraneAgent.pc : window.Membrane._pc;
   const now = pc.remoteDescription && pc.remoteDescription.sdp.match(/a=ice-ufrag:(\\S+)/)[1];
@@ -101,6 +107,19 @@ async def ice_restarts(page: Page, which: str = "widget") -> None:
     media worker's fresh peer connection."""
     before = await page.evaluate(FAIL_ICE_JS, which)
     await page.wait_for_function(RESTARTED_JS, arg=[which, before], polling=100, timeout=WAIT_MS)
+
+
+async def worker_dies(page: Page, a: Node, b: Node, which: str = "widget") -> None:
+    """SIGKILL the media worker holding the page's call; told so, the page restarts ICE and
+    offers to the call's new session, and once it has its answer (other ICE credentials),
+    ICE is connected again."""
+    (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
+    before = await page.evaluate(UFRAG_JS, which)
+    worker.process.send_signal(signal.SIGKILL)
+    # A node of one worker moves the call to the worker it starts in place of the dead one.
+    await page.wait_for_function(
+        RESTARTED_JS, arg=[which, before], polling=100, timeout=MEDIA_WAIT_MS
+    )
 
 
 def tone_wav(path: Path, hz: float, seconds: float = 5.0, rate: int = 48000) -> Path:
@@ -215,6 +234,13 @@ async def test_the_widget_calls_an_agent_only_on_her_phone_and_they_hear_each_ot
     played = await phone_hears(phones, leg, heard_so_far(leg), PHONE_RATE, "Anna after it")
     assert abs(dominant_frequency(played[-PHONE_RATE // 2 :]) - 440) < 10
 
+    # The media worker dies: the call moves, the widget answers the new session's offer.
+    await worker_dies(visitor, a, b)
+    assert abs(await hears(visitor, 1000) - 1000) < 15
+    played = await phone_hears(phones, leg, heard_so_far(leg), PHONE_RATE, "Anna after that")
+    assert abs(dominant_frequency(played[-PHONE_RATE // 2 :]) - 440) < 10
+    assert len(leg.streams) == 2
+
     # Anna presses star: the widget says the visitor is on hold; star again, back.
     phones.send_dtmf(leg.sid, "*")
     await widget_says(visitor, "Anna put you on hold. Please stay on the line.")
@@ -267,6 +293,12 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_customers_p
     await ice_restarts(carla, "agent")
     assert abs(await hears(carla, 1000, "agent") - 1000) < 15
     played = await phone_hears(phones, leg, heard_so_far(leg), PHONE_RATE, "Carla after it")
+    assert abs(dominant_frequency(played[-PHONE_RATE // 2 :]) - 440) < 10
+
+    # The media worker dies: the call moves, the app answers the new session's offer.
+    await worker_dies(carla, a, b, "agent")
+    assert abs(await hears(carla, 1000, "agent") - 1000) < 15
+    played = await phone_hears(phones, leg, heard_so_far(leg), PHONE_RATE, "Carla after that")
     assert abs(dominant_frequency(played[-PHONE_RATE // 2 :]) - 440) < 10
     await expect(carla.get_by_test_id("agent-mute")).to_be_visible()
 

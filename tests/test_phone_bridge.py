@@ -33,14 +33,15 @@ from test_callbacks import (
 )
 from test_calls import session, visitor
 from test_channels import availability
-from test_mobile_ring import PAGE, mobile_settings, on_mobile, status_of
+from test_mobile_ring import PAGE, mobile_settings, on_mobile, signed, status_of
 from twilio_sim import CallRecord, TwilioSim
 from twilio_sim.audio import dominant_frequency, dtmf_keys
 
-from gateway.core.call import HOLD_EVENTS
+from gateway.core.call import HOLD_EVENTS, MAX_MEDIA_MOVES
 from gateway.edge.http import appkeys as keys
 from gateway.settings import MediaSettings
-from gateway.wire.codec import call_from_record
+from gateway.store.base import CallRow
+from gateway.wire.codec import call_from_record, call_to_record
 from mobile_bridge.media.dtmf import HOLD_HZ
 from mobile_bridge.media.pool import MediaWorkers
 from mobile_bridge.media.worker import ice_ufrag
@@ -237,7 +238,7 @@ async def a_visitor_on_a_rings_anna_on_b(
     return a, b, v, call_id, track, anna_leg(sim)
 
 
-async def test_a_worker_killed_mid_call_ends_it_with_a_reason_and_frees_the_agent(
+async def test_a_worker_killed_mid_call_moves_the_call_to_a_live_worker(
     nodes: NodeFactory,
     tmp_path: Path,
     sim: TwilioSim,
@@ -246,23 +247,55 @@ async def test_a_worker_killed_mid_call_ends_it_with_a_reason_and_frees_the_agen
     clients: Callable[[], SocketClient],
     peers: RTCPeerConnection,
 ) -> None:
+    """The worker holding the call is SIGKILLed: the call's audio moves to a new session.
+    The visitor is told to restart ICE and offers to the new session (here from a new peer
+    connection with a new tone); Anna's phone leg
+    is pointed at the new session's stream. They hear each other again, Anna stays on the
+    call on every node, and the call ends as any other when the visitor hangs up."""
     a, b, v, call_id, track, leg = await a_visitor_on_a_rings_anna_on_b(
         nodes, tmp_path, sim, http, redis_url, clients, peers
     )
     assert abs(await asyncio.wait_for(heard(track, 1.0), 15) - 1000) < 10
 
-    # The session is on the worker of the node that rang Anna (a); it dies.
     (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
     assert call_id in worker.sessions.values()
     worker.process.send_signal(signal.SIGKILL)
 
-    ended = await v.next("call:update", lambda c: c["state"] == "completed", timeout=10)
-    assert ended["call_id"] == call_id and ended["reason"] == "media_lost"
-    assert ended["timeline"][-1]["detail"] == "The audio connection was lost"
-    await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
-    await free_everywhere(http, a, b)
+    again = RTCPeerConnection()
+    try:
+        hearing = remote_track(again)
+        await offer_on_restart(v, "/visitor", call_id, again, 880)
+        await until_heard(await asyncio.wait_for(hearing, 15), 1000)
+        assert [s.connected for s in leg.streams] == [True, True], leg.streams
+        await phone_hears(sim, leg, 880)
+        for n in (a, b):
+            assert await status_of(http, n, "anna") == "on_call"
+        row = await a.app[keys.STORE].get_call(call_id)
+        assert row is not None and row.data["media_moves"] == 1
+        moved = call_from_record(row.data, row.version).timeline[-1]
+        assert (moved.event, moved.internal) == ("media_moved", True), moved
 
-    # The worker is replaced: the next call is bridged again.
+        # The webhook of the first stream's end, again: signed and of Anna's leg, it points
+        # the leg at the session the call has now; anything else is refused.
+        url = next(w.url for w in leg.webhooks if "/v1/twilio/media/" in w.url)
+        assert url.endswith(f"/v1/twilio/media/{call_id}/1"), url
+        form = {"CallSid": leg.sid}
+        r = await http.post(url, data=form, headers=signed(sim, url, form))
+        assert r.status == 200 and row.data["media_stream"] in await r.text()
+        r = await http.post(url, data=form, headers={"X-Twilio-Signature": "forged"})
+        assert r.status == 403 and (await r.json())["error"]["code"] == "invalid_signature"
+        other = {"CallSid": "CA" + "0" * 32}
+        r = await http.post(url, data=other, headers=signed(sim, url, other))
+        assert r.status == 403 and (await r.json())["error"]["code"] == "unknown_leg"
+
+        done = await v.call("call:cancel", {"call_id": call_id}, "/visitor")
+        assert done["ok"] and done["call"]["reason"] == "visitor_hung_up", done
+        await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
+        await free_everywhere(http, a, b)
+    finally:
+        await again.close()
+
+    # The dead worker was replaced.
     async def replaced() -> bool:
         return all(w.process.returncode is None for n in (a, b) for w in media_of(n).workers)
 
@@ -402,6 +435,23 @@ async def answer_in_app(carla: SocketClient, call_id: str, agent_pc: RTCPeerConn
     assert ack["ok"], ack
 
 
+async def offer_on_restart(
+    sock: SocketClient, namespace: str, call_id: str, pc: RTCPeerConnection, hz: float
+) -> None:
+    """What a browser does when told ``rtc:restart``: offer again (aiortc cannot restart ICE,
+    so here from a new peer connection sending a ``hz`` tone), and apply the answer."""
+    told = await sock.next("rtc:restart", lambda m: m["call_id"] == call_id, timeout=20)
+    assert told == {"call_id": call_id}
+    pc.addTrack(ToneTrack(hz))
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = {"type": "offer", "sdp": pc.localDescription.sdp}
+    ack = await sock.call("rtc:signal", {"call_id": call_id, "description": offer}, namespace)
+    assert ack["ok"], ack
+    answer = await sock.next("rtc:signal", lambda m: "description" in m, timeout=15)
+    assert answer["description"]["type"] == "answer"
+    await pc.setRemoteDescription(RTCSessionDescription(**answer["description"]))
+
+
 @dataclass
 class BridgedCallback:
     carla: SocketClient
@@ -471,7 +521,7 @@ async def test_an_agent_in_the_app_takes_a_callback_and_talks_to_the_phone(
     await free_everywhere(http, a, b, who="carla")
 
 
-async def test_a_bridged_callback_whose_worker_dies_ends_as_media_lost(
+async def test_a_bridged_callback_moves_off_a_dead_worker_and_ends_when_it_moved_too_often(
     nodes: NodeFactory,
     tmp_path: Path,
     sim: TwilioSim,
@@ -480,23 +530,48 @@ async def test_a_bridged_callback_whose_worker_dies_ends_as_media_lost(
     clients: Callable[[], SocketClient],
     peers: RTCPeerConnection,
 ) -> None:
+    """Carla talks to a customer's phone in the app; the worker dies: her app is told to
+    restart ICE, offers to the new session, and they talk on. Once the call's audio has moved
+    as often as it may, the next death ends it as ``media_lost``: the phone is hung up, the
+    ticket says why, and Carla is free on every node."""
     a = await bridged_node(nodes, tmp_path, sim, redis_url)
     b = await bridged_node(nodes, tmp_path, sim, redis_url)
     sim.phone(VISITOR_PHONE, answer_after=1, tone_hz=1000)
     taken = await carla_takes_a_callback(http, clients, b, a, peers)
     carla, created, call_id = taken.carla, taken.created, taken.call_id
+    leg = next(c for c in sim.calls if c.to == VISITOR_PHONE)
 
     (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
     worker.process.send_signal(signal.SIGKILL)
-    update = await carla.next(
-        "call:update", lambda c: c["call_id"] == call_id and c["state"] == "completed", timeout=10
-    )
-    assert update["reason"] == "media_lost", update
-    leg = next(c for c in sim.calls if c.to == VISITOR_PHONE)
-    await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
-    ticket = await ticket_state(http, b, created, "completed")
-    assert ticket["reason"] == "media_lost"
-    await free_everywhere(http, a, b, who="carla")
+    again = RTCPeerConnection()
+    try:
+        hearing = remote_track(again)
+        await offer_on_restart(carla, "/agent", call_id, again, 880)
+        await until_heard(await asyncio.wait_for(hearing, 15), 1000)
+        await phone_hears(sim, leg, 880)
+        assert await status_of(http, b, "carla") == "on_call"
+
+        # As if it had moved as often as it may: the next death ends it.
+        store = a.app[keys.STORE]
+        row = await store.get_call(call_id)
+        assert row is not None
+        call = call_from_record(row.data, row.version)
+        worn = replace(call, media_moves=MAX_MEDIA_MOVES, version=call.version + 1)
+        assert await store.put_call(CallRow(call_id, call.site, worn.version, call_to_record(worn)))
+        (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
+        worker.process.send_signal(signal.SIGKILL)
+        update = await carla.next(
+            "call:update",
+            lambda c: c["call_id"] == call_id and c["state"] == "completed",
+            timeout=15,
+        )
+        assert update["reason"] == "media_lost", update
+        await sim.wait_for_call(sid=leg.sid, status="completed", timeout=10)
+        ticket = await ticket_state(http, b, created, "completed")
+        assert ticket["reason"] == "media_lost"
+        await free_everywhere(http, a, b, who="carla")
+    finally:
+        await again.close()
 
 
 async def until_heard(track: Any, hz: float) -> None:

@@ -81,8 +81,7 @@
     completed: N_("The call ended."),
     canceled: N_("You canceled."),
   };
-  const ICE_RESTARTS = 3; // in a row without connecting; then the visitor is told
-  const DISCONNECTED_GRACE_MS = 2000; // a brief loss often heals by itself
+  const ICE_RESTARTS = 3; // in a row; then the visitor is told
   const FINAL = ["completed", "failed", "canceled"];
   const isFinal = (c) => !!c && FINAL.includes(c.state);
   // {visitor_id, visitor_secret} in one value, so two tabs cannot mix one's id with another's
@@ -651,6 +650,10 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
       s.on("call:update", (c) => { if (c && (!call || c.call_id === call.call_id)) applyCall(c); });
       s.on("availability", setAvailability);
       s.on("rtc:signal", (m) => { signals = signals.then(() => onSignal(m)).catch(rtcError); });
+      // The call's audio moved (its media worker died).
+      s.on("rtc:restart", (m) => {
+        if (pc && call && !isFinal(call) && m && m.call_id === call.call_id) pc.restartIce();
+      });
       s.on("error", (e) => console.warn("[membrane]", e));
     } catch (e) {
       if (attempt === calling) callError(e);
@@ -763,29 +766,22 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
       audio.srcObject = e.streams[0] || new MediaStream([e.track]);
       audio.play().catch(() => { /* autoplay: the click on the button normally allows it */ });
     };
-    // A network that changes or drops mid-call (Wi-Fi to mobile data): ICE is restarted, and
-    // the new offer goes to the other side as the first did. Only this side restarts (it
-    // made the first offer), so the two never offer at once.
+    // The network changed or dropped: restart ICE (only this side, the first offerer).
     let restarts = 0;
     let stalled = 0;
     const restartIce = () => {
-      if (thisPc !== pc || !call || isFinal(call)) return;
-      if (restarts >= ICE_RESTARTS) {
-        detail.textContent = gettext("The audio connection failed. Hang up and try again, or ask us to call you.");
-        return;
-      }
-      restarts++;
-      thisPc.restartIce();
+      if (thisPc !== pc || isFinal(call)) return;
+      if (restarts++ < ICE_RESTARTS) return thisPc.restartIce();
+      detail.textContent = gettext("The audio connection failed. Hang up and try again, or ask us to call you.");
     };
     pc.oniceconnectionstatechange = () => {
       clearTimeout(stalled);
       const s = thisPc.iceConnectionState;
       if (s === "failed") restartIce();
-      else if (s === "disconnected") stalled = setTimeout(restartIce, DISCONNECTED_GRACE_MS);
-      else if (s === "connected" || s === "completed") restarts = 0;
+      if (s === "disconnected") stalled = setTimeout(restartIce, 2000); // it may heal itself
+      if (s === "connected") restarts = 0;
     };
-    pc.onnegotiationneeded = () => {
-      // The first offer is made below, once the microphone is on; later ones are restarts.
+    pc.onnegotiationneeded = () => { // a restart
       if (thisPc === pc && thisPc.remoteDescription) offer(thisPc, callId).catch(rtcError);
     };
     try {
@@ -800,7 +796,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
   }
 
   async function offer(thisPc, callId) {
-    if (thisPc.signalingState !== "stable") return; // an offer is out; its answer settles it
+    if (thisPc.signalingState !== "stable") return;
     await thisPc.setLocalDescription(await thisPc.createOffer());
     const d = thisPc.localDescription;
     if (sock) sock.emit("rtc:signal", { call_id: callId, description: { type: d.type, sdp: d.sdp } });
@@ -808,16 +804,8 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
 
   async function onSignal(m) {
     if (!m || !pc || !call || m.call_id !== call.call_id) return;
-    const thisPc = pc;
-    if (m.description) {
-      await thisPc.setRemoteDescription(m.description);
-      if (m.description.type === "offer") {
-        // The call's audio moved (its media worker died): the gateway's new session offers.
-        await thisPc.setLocalDescription(await thisPc.createAnswer());
-        const d = thisPc.localDescription;
-        if (sock) sock.emit("rtc:signal", { call_id: m.call_id, description: { type: d.type, sdp: d.sdp } });
-      }
-    } else if (m.candidate) await thisPc.addIceCandidate(m.candidate);
+    if (m.description) await pc.setRemoteDescription(m.description);
+    else if (m.candidate) await pc.addIceCandidate(m.candidate);
   }
   const rtcError = (e) => console.warn("[membrane] WebRTC:", e);
 

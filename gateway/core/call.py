@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Literal
+from typing import Final, Literal
 
 from gateway.core.errors import Conflict
 from gateway.core.model import Channel
@@ -122,6 +122,12 @@ class Call:
     media: str | None = None
     """A browser call bridged to the agent's phone: its session on the audio bridge
     (``MediaSession.ref``), set as the agent takes the call."""
+    media_stream: str | None = None
+    """Where the phone leg's Media Stream reaches that session (``MediaSession.stream_url``):
+    any node can point the leg at it again."""
+    media_moves: int = 0
+    """How many times the call's audio moved to a new session, its media worker having died
+    (``with_moved_media``)."""
     legs_heard: tuple[tuple[str, int], ...] = ()
     """How far each phone leg of every attempt has been reported to get, by provider id
     (``gateway.core.callback.LEG_PROGRESS``): a status no further than that is old news."""
@@ -281,11 +287,11 @@ def accept(call: Call, agent_id: str, agent_sid: str, now: float) -> Call:
     )
 
 
-def with_media(call: Call, ref: str, attempt: int) -> Call:
+def with_media(call: Call, ref: str, stream: str, attempt: int) -> Call:
     """The audio bridge's session for the agent taking ring ``attempt`` on their phone."""
     if call.state is not CallState.RINGING or call.attempt != attempt:
         raise CallError("stale", "that ring is over")
-    return replace(call, media=ref)
+    return replace(call, media=ref, media_stream=stream)
 
 
 def hold(call: Call, on: bool, now: float) -> Call:
@@ -308,12 +314,51 @@ def on_hold(call: Call) -> bool:
 HOLD_EVENTS = frozenset({"on_hold", "off_hold"})
 
 
-def with_answered_media(call: Call, ref: str) -> Call:
+def with_answered_media(call: Call, ref: str, stream: str) -> Call:
     """The audio bridge's session for a callback whose customer just answered (connected,
     no session yet), the agent talking in the app."""
     if call.state is not CallState.CONNECTED or call.media is not None:
         raise CallError("stale", "the call moved on")
-    return replace(call, media=ref)
+    return replace(call, media=ref, media_stream=stream)
+
+
+MAX_MEDIA_MOVES: Final = 3
+"""A call whose audio was lost this often ends (``media_lost``): something is wrong beyond one
+worker's death, and moving again would only keep both people waiting."""
+
+
+def with_moved_media(call: Call, lost: str, ref: str, stream: str, now: float) -> Call:
+    """The call's audio moves to the new session ``ref`` (on another media worker, or on
+    the one started in place of the dead one), its session ``lost`` having been lost."""
+    if call.state is not CallState.CONNECTED or call.media != lost:
+        raise CallError("stale", "the call's audio moved already, or the call is over")
+    if call.media_moves >= MAX_MEDIA_MOVES:
+        raise CallError("invalid_state", "the call's audio was lost too often to move again")
+    return replace(
+        call,
+        media=ref,
+        media_stream=stream,
+        media_moves=call.media_moves + 1,
+        # For agents and supervisors: the customer only heard a moment's silence.
+        timeline=_log(
+            call, now, "media_moved", "The audio moved to another media worker", internal=True
+        ),
+    )
+
+
+StreamStep = Literal["reconnect", "move", "end"]
+
+
+def after_stream(call: Call, moves: int) -> StreamStep:
+    """What the phone leg of a bridged call does once its Media Stream ``moves`` (the number
+    of moves when the stream began) ended: ``reconnect`` to the session the call has moved
+    to meanwhile, ``move`` to a new one (the session died with its worker), or ``end``
+    (the call is over, or its audio was lost too often)."""
+    if call.state is not CallState.CONNECTED or call.media is None:
+        return "end"
+    if call.media_moves > moves:
+        return "reconnect"
+    return "move" if call.media_moves < MAX_MEDIA_MOVES else "end"
 
 
 def agent_in_app(call: Call) -> bool:

@@ -12,9 +12,18 @@ Media Streams). Both ways:
   that offers is opened and stored; its offer goes to the agent's accepting socket, and the
   customer's leg connects to the stream. The agent app answers.
 
-Either way, the browser's other signals go to the session, the call's end closes it, and a
-session the bridge lost (its worker died) ends the call with ``media_lost``, so that nobody
-stays in silence and the agent is free again.
+Either way, the browser's other signals go to the session, and the call's end closes it.
+
+A session lost with its media worker moves (``move``) to a new session, on a live worker
+of whichever node noticed first. The browser is told to restart ICE (``rtc:restart``), and
+its new offer is answered there: the new session answers rather than offers, because a
+browser keeps the RTP header extension ids it negotiated, and an offer of the new session's
+own would reassign them. The phone leg, whose ``<Connect>`` asks what next when its stream
+ends, is pointed at the new session's stream (``on_stream_ended``). The node that ran the
+worker notices its death; the phone's provider notices the stream's end; whichever comes
+first moves the call, and the other finds it moved. A call that cannot move (no worker has
+room, or it moved too often) ends with ``media_lost``, so that nobody stays in silence and
+the agent is free again.
 """
 
 from __future__ import annotations
@@ -23,12 +32,20 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+from gateway.core import agent_ring as ar
 from gateway.core import call as calls
-from gateway.core.call import Call
-from gateway.core.errors import Conflict, Invalid, NotFound
+from gateway.core.call import Call, CallChannel, CallState
+from gateway.core.errors import Conflict, Forbidden, Invalid, NotFound
 from gateway.core.text import N_
 from gateway.services.call_records import CallRecords
-from gateway.telephony import ConnectMedia, HeldSide, MediaBridge, TelephonyError
+from gateway.telephony import (
+    ConnectMedia,
+    HangUp,
+    HeldSide,
+    Instruction,
+    MediaBridge,
+    TelephonyError,
+)
 from gateway.wire.codec import Json
 
 log = logging.getLogger(__name__)
@@ -50,7 +67,7 @@ class AudioBridge:
 
     def attach(self, media: MediaBridge) -> None:
         self.media = media
-        media.on_lost(self.lost)
+        media.on_lost(self.session_lost)
         media.on_key(self.key_from_phone)
 
     # --- a browser visitor, an agent on her phone -------------------------------------------
@@ -63,17 +80,18 @@ class AudioBridge:
         ended meanwhile (the session is closed again)."""
         assert self.media is not None
         session = await self.media.open(call.call_id)
+        media = partial(
+            calls.with_media, ref=session.ref, stream=session.stream_url, attempt=call.attempt
+        )
         try:
-            await self._records.update(
-                call.call_id, partial(calls.with_media, ref=session.ref, attempt=call.attempt), call
-            )
+            await self._records.update(call.call_id, media, call)
             await accept()
         except (Conflict, NotFound):
             await self.media.close(session.ref)
             raise
         text = self._records.agent_text(call)
         say = f"{text.gettext(CONNECTING)} {text.gettext(HOLD_HINT)}"
-        return ConnectMedia(session.stream_url, say, text.say_language)
+        return ConnectMedia(session.stream_url, say, text.say_language, call.call_id)
 
     # --- a customer on their phone, an agent in the app -------------------------------------
 
@@ -87,14 +105,16 @@ class AudioBridge:
         assert session.offer is not None
         try:
             _, stored = await self._records.update(
-                call.call_id, partial(calls.with_answered_media, ref=session.ref), call
+                call.call_id,
+                partial(calls.with_answered_media, ref=session.ref, stream=session.stream_url),
+                call,
             )
         except (Conflict, NotFound):
             await self.media.close(session.ref)
             raise
         offer = {"call_id": call.call_id, "description": {"type": "offer", "sdp": session.offer}}
         await self._records.notify.signal(stored, to_agent=True, payload=offer)
-        return ConnectMedia(session.stream_url, say, language)
+        return ConnectMedia(session.stream_url, say, language, call.call_id)
 
     # --- both ---------------------------------------------------------------------------------
 
@@ -169,6 +189,71 @@ class AudioBridge:
         if call.media is not None and self.media is not None:
             await self.media.close(call.media)
 
+    # --- a session lost with its worker -------------------------------------------------------
+
+    async def session_lost(self, call_id: str, ref: str) -> None:
+        """The media worker of the call's session ``ref`` died: the call's audio moves, or
+        the call ends."""
+        call = await self._records.find(call_id)
+        if call is None or call.media != ref or call.state is not CallState.CONNECTED:
+            return  # moved already, or over
+        if await self.move(call, ref) is None:
+            await self.lost(call_id, "media_lost")
+
+    async def on_stream_ended(self, call_id: str, moves: int, provider_id: str) -> Instruction:
+        """The phone leg's stream ended (``MediaStreamEvents``): to the session the call's
+        audio has now, or hang up."""
+        call = await self._records.find(call_id)
+        if call is None:
+            return HangUp()
+        if provider_id != phone_leg(call):
+            raise Forbidden("not the phone leg of this call", code="unknown_leg")
+        step = calls.after_stream(call, moves)
+        if step == "move":
+            assert call.media is not None
+            moved = await self.move(call, call.media)
+            if moved is not None:
+                call, step = moved, "reconnect"
+        if step == "reconnect" and call.media_stream is not None:
+            return ConnectMedia(call.media_stream, call_id=call_id, moves=call.media_moves)
+        if call.state is CallState.CONNECTED:
+            await self.lost(call_id, "media_lost")
+        return HangUp()
+
+    async def move(self, call: Call, lost: str) -> Call | None:
+        """A new session for the call whose session ``lost`` is gone (held, if the call is),
+        and the call's browser told to offer to it. The call as moved (by this node or,
+        meanwhile, another), or None when it cannot move."""
+        assert self.media is not None
+        if call.media_moves >= calls.MAX_MEDIA_MOVES:
+            return None
+        try:
+            session = await self.media.open(call.call_id)
+        except TelephonyError as e:
+            log.warning("call %s: no media worker to move the call to: %s", call.call_id, e)
+            return None
+        moving = partial(
+            calls.with_moved_media,
+            lost=lost,
+            ref=session.ref,
+            stream=session.stream_url,
+            now=self._records.clock(),
+        )
+        try:
+            _, moved = await self._records.update(call.call_id, moving, call)
+        except (Conflict, NotFound):
+            await self.media.close(session.ref)
+            now = await self._records.find(call.call_id)
+            if now is None or now.state is not CallState.CONNECTED or now.media == lost:
+                return None
+            return now  # moved by another node meanwhile
+        log.warning("call %s: its audio moved off a dead media worker", call.call_id)
+        await self._records.notify.call_update(moved)
+        if calls.on_hold(moved):
+            await self.hold(moved, True)
+        await self._records.notify.restart_media(moved, to_agent=calls.agent_in_app(moved))
+        return moved
+
     async def lost(self, call_id: str, reason: str) -> None:
         """The bridge lost the call's audio: the call ends (its flow hangs up the phone leg
         and frees the agent)."""
@@ -176,3 +261,9 @@ class AudioBridge:
             await self._records.end(call_id, reason, LOST_DETAIL)
         except (Conflict, NotFound):
             pass  # ended already
+
+
+def phone_leg(call: Call) -> str | None:
+    """The provider's id of the call's leg bridged to its session: the customer's on a
+    callback, the agent's own on a browser call she took on her phone."""
+    return call.provider_id if call.channel is CallChannel.CALLBACK else ar.agent_leg(call)

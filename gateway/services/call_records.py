@@ -122,6 +122,10 @@ class CallNotifier(Protocol):
     async def key(self, call: Call, key: str) -> None:
         """A key the customer pressed on their phone, to the agent's accepting socket."""
 
+    async def restart_media(self, call: Call, to_agent: bool) -> None:
+        """``rtc:restart`` to the call's browser (the visitor's sockets, or the agent's
+        accepting socket): its audio's other end changed; restart ICE and offer again."""
+
     async def replay(self, call: Call, ring: Json | None, rings_over: dict[str, str]) -> None:
         """The call's current state to this node's own sockets only: ``call:ring_stop`` to
         each agent in ``rings_over`` (with its reason), ``call:ring`` to the agent when

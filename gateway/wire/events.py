@@ -232,6 +232,7 @@ NAMESPACES = (
             Event("call:update", InternalCall),
             Event("call:key", CallKey),
             Event("rtc:signal", RtcSignal),
+            Event("rtc:restart", CallRef),
             DRAINING,
             ERROR,
         ),
@@ -244,7 +245,13 @@ NAMESPACES = (
             Event("call:cancel", CallRef, CallAck),
             Event("rtc:signal", RtcSignal, Ok),
         ),
-        outgoing=(Event("call:update", Call), Event("rtc:signal", RtcSignal), DRAINING, ERROR),
+        outgoing=(
+            Event("call:update", Call),
+            Event("rtc:signal", RtcSignal),
+            Event("rtc:restart", CallRef),
+            DRAINING,
+            ERROR,
+        ),
     ),
     Namespace(
         "/board",

@@ -7,9 +7,12 @@ serves, ``ended SESSION`` for each session that ends and ``key SESSION KEY`` for
 pressed on a session's phone. A new session goes to the live
 worker with the fewest of this node's sessions; a full one (``media_full``) passes it on.
 
-A worker that dies takes its calls' audio with it: each call this node opened on it is
-reported lost (``on_lost``), so that the call ends with a reason rather than leaving the
-visitor in silence and the agent "on a call"; the worker is started again.
+A worker that dies takes its calls' sessions with it: each call this node opened on it is
+reported lost (``on_lost``, with the session), so that the call's audio moves to a new
+session (gateway.services.audio_bridge) or the call ends with a reason, rather than leaving
+the visitor in silence and the agent "on a call"; the worker is started again. A session
+asked for while no worker is live waits for one to be started again (``RESTART_WAIT_S``):
+on a node of one worker, that is where a dead worker's calls move.
 
 A session's ``ref`` is the URL of the session on its worker, and every node's workers take
 the same token (derived from the Twilio auth token all nodes share), so whichever node a
@@ -44,6 +47,9 @@ RESTART_DELAY_S: Final = 1.0
 REALTIME_PRIORITY: Final = 10
 """Low among real-time priorities: above every ordinary process, below the kernel's own
 real-time threads."""
+RESTART_WAIT_S: Final = 8.0
+"""How long a session asked for waits while every worker is being started again: the
+restart delay plus the second or two a worker takes to start."""
 REQUEST_TIMEOUT_S: Final = 10.0
 """Answering an offer waits for the worker's ICE gathering (host candidates: milliseconds)."""
 
@@ -66,6 +72,9 @@ class Worker:
     sessions: dict[str, str] = field(default_factory=dict)
     """This node's sessions on the worker: session id to call id."""
 
+    def ref_of(self, session_id: str) -> str:
+        return f"{self.base_url}{SESSIONS}/{session_id}"
+
 
 class MediaWorkers:
     def __init__(
@@ -82,6 +91,10 @@ class MediaWorkers:
         self._lost: list[Callable[[str, str], Awaitable[None]]] = []
         self._keys: list[Callable[[str, str], Awaitable[None]]] = []
         self._realtime_refused = False
+        self._restarting = 0
+        self._starts = 0
+        """Workers started (or given up on) so far: a session waits for it to change."""
+        self._started = asyncio.Condition()
 
     # --- MediaBridge ------------------------------------------------------------------------
 
@@ -92,26 +105,47 @@ class MediaWorkers:
         self._keys.append(listener)
 
     async def open(self, call_id: str, make_offer: bool = False) -> MediaSession:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESTART_WAIT_S
+        while True:
+            seen = self._starts
+            session, dying = await self._open_on_a_live_worker(call_id, make_offer)
+            if session is not None:
+                return session
+            left = deadline - loop.time()
+            if not (self._restarting or dying) or left <= 0:
+                raise TelephonyError("media_full", "every media worker of this node is full")
+            await self._until_a_start_since(seen, left)
+
+    async def _open_on_a_live_worker(
+        self, call_id: str, make_offer: bool
+    ) -> tuple[MediaSession | None, bool]:
+        """A session on the least busy worker that takes it; else None, and whether a worker
+        is dead or dying (its supervisor will start another: worth waiting for)."""
         ask = {"make_offer": True} if make_offer else {}
+        dying = False
         for worker in sorted(self._workers.values(), key=lambda w: len(w.sessions)):
             if worker.process.returncode is not None:
+                dying = True
                 continue
             try:
                 status, body = await self._request("POST", worker.base_url + SESSIONS, ask)
             except TelephonyError:
-                continue  # dying: its supervisor reports it
+                dying = True  # its supervisor is about to hear of it
+                continue
             if status == 503:
                 continue
             if status != 201:
                 raise TelephonyError("media_error", f"the media worker answered {status}: {body}")
             session_id = str(body["session"])
             worker.sessions[session_id] = call_id
-            return MediaSession(
-                ref=f"{worker.base_url}{SESSIONS}/{session_id}",
+            session = MediaSession(
+                ref=worker.ref_of(session_id),
                 stream_url=worker.public_url + str(body["stream_path"]),
                 offer=body.get("offer"),
             )
-        raise TelephonyError("media_full", "every media worker of this node is full")
+            return session, dying
+        return None, dying
 
     async def answer(self, ref: str, offer: str) -> str:
         status, body = await self._request("POST", ref + "/offer", {"offer": offer})
@@ -228,6 +262,7 @@ class MediaWorkers:
             s.public_url_of(bound),
         )
         self._workers[index] = worker
+        await self._one_started()
         log.info("media worker %d (pid %d) listening on %s", index, process.pid, worker.base_url)
         task = asyncio.create_task(self._supervise(worker), name=f"media-worker-{index}")
         self._supervisors.add(task)
@@ -271,18 +306,45 @@ class MediaWorkers:
             len(lost),
         )
         worker.sessions.clear()
-        for call_id in lost.values():
-            for listener in self._lost:
-                try:
-                    await listener(call_id, "media_lost")
-                except Exception:
-                    log.exception("ending call %s after its media worker died failed", call_id)
-        await asyncio.sleep(RESTART_DELAY_S)  # a worker that dies at once must not spin
-        if not self._closing:
+        self._restarting += 1
+        # The calls move meanwhile: to live workers, or to this one's replacement.
+        moving = asyncio.gather(
+            *(self._report_lost(call_id, worker.ref_of(s)) for s, call_id in lost.items())
+        )
+        moving.add_done_callback(_retrieve)  # cancelled as the node stops: nothing to report
+        try:
             try:
-                await self._start_worker(worker.index)
+                await asyncio.sleep(RESTART_DELAY_S)  # a worker that dies at once must not spin
+                if not self._closing:
+                    await self._start_worker(worker.index)
             except (RuntimeError, OSError) as e:
                 log.error("media worker %d could not be started again: %s", worker.index, e)
+            finally:
+                self._restarting -= 1
+                await self._one_started()  # no longer worth waiting for, if it did not start
+            await moving
+        finally:
+            moving.cancel()  # only if the node stops meanwhile
+
+    async def _until_a_start_since(self, seen: int, timeout_s: float) -> None:
+        def started() -> bool:
+            return self._starts != seen
+
+        async with self._started:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._started.wait_for(started), timeout_s)
+
+    async def _one_started(self) -> None:
+        async with self._started:
+            self._starts += 1
+            self._started.notify_all()
+
+    async def _report_lost(self, call_id: str, ref: str) -> None:
+        for listener in self._lost:
+            try:
+                await listener(call_id, ref)
+            except Exception:
+                log.exception("call %s: moving its audio off a dead media worker failed", call_id)
 
     async def _key_pressed(self, call_id: str, key: str) -> None:
         for listener in self._keys:
@@ -308,3 +370,8 @@ def _code_of(body: Any) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return str(body["error"].get("code", "media_error"))
     return "media_error"
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        future.exception()

@@ -290,6 +290,8 @@
     s.on("call:update", onCallUpdate);
     s.on("call:key", onCallerKey);
     s.on("rtc:signal", onSignal);
+    // A bridged callback's audio moved to a new media session: restart ICE and offer to it.
+    s.on("rtc:restart", (m) => { if (current && m && current.id === m.call_id && current.restart) current.restart(); });
     s.on("error", (e) => showError(e));
   }
 
@@ -553,6 +555,11 @@
       if (!ours()) return;
       if (restarts >= ICE_RESTARTS) return failed();
       restarts++;
+      restarting = true;
+      pc.restartIce();
+    };
+    current.restart = () => {
+      if (!ours()) return;
       restarting = true;
       pc.restartIce();
     };

@@ -124,14 +124,20 @@ class SocketCallNotifier:
             "call:key", key_to_wire(call.call_id, key), to=call.agent_sid, namespace="/agent"
         )
 
+    async def restart_media(self, call: Call, to_agent: bool) -> None:
+        await self._to_browser(call, to_agent, "rtc:restart", {"call_id": call.call_id})
+
     async def signal(self, call: Call, to_agent: bool, payload: Json) -> None:
+        await self._to_browser(call, to_agent, "rtc:signal", payload)
+
+    async def _to_browser(self, call: Call, to_agent: bool, event: str, payload: Json) -> None:
         if to_agent:
             if call.agent_sid is None:
                 return  # never `to=None`: python-socketio would broadcast to every agent
-            await self.server.emit("rtc:signal", payload, to=call.agent_sid, namespace="/agent")
+            await self.server.emit(event, payload, to=call.agent_sid, namespace="/agent")
         else:
             await self.server.emit(
-                "rtc:signal",
+                event,
                 payload,
                 to=visitor_room(call.site, call.visitor_id),
                 namespace="/visitor",
