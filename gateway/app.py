@@ -261,7 +261,7 @@ def create_app(
     # With media workers, a browser call reaches an agent on their phone too.
     media = phones.media_bridge if isinstance(phones, CarriesMedia) else None
     if media is not None and callbacks.devices.phones is not None:
-        calls.bridge.attach(media)
+        calls.bridge.attach(media, metrics)
         callbacks.devices.bridge = feed.bridge = True
     follow_ups = FollowUps(records, callbacks)
     sio.register_namespace(AgentNamespace(tokens, metrics, presence, desk, follow_ups, settings))

@@ -274,6 +274,7 @@ async def test_a_worker_killed_mid_call_moves_the_call_to_a_live_worker(
         assert row is not None and row.data["media_moves"] == 1
         moved = call_from_record(row.data, row.version).timeline[-1]
         assert (moved.event, moved.internal) == ("media_moved", True), moved
+        assert await media_moves(http, a, b) == {"moved": 1}
 
         # The webhook of the first stream's end, again: signed and of Anna's leg, it points
         # the leg at the session the call has now; anything else is refused.
@@ -570,8 +571,21 @@ async def test_a_bridged_callback_moves_off_a_dead_worker_and_ends_when_it_moved
         ticket = await ticket_state(http, b, created, "completed")
         assert ticket["reason"] == "media_lost"
         await free_everywhere(http, a, b, who="carla")
+        assert await media_moves(http, a, b) == {"moved": 1, "lost": 1}
     finally:
         await again.close()
+
+
+async def media_moves(http: aiohttp.ClientSession, *nodes: Node) -> dict[str, int]:
+    """``membrane_media_moves_total`` by outcome, summed over ``nodes``."""
+    total: dict[str, int] = {}
+    for node in nodes:
+        text = await (await http.get(f"{node.url}/metrics")).text()
+        for line in text.splitlines():
+            if line.startswith("membrane_media_moves_total{"):
+                outcome = line.split('outcome="')[1].split('"')[0]
+                total[outcome] = total.get(outcome, 0) + int(float(line.split()[-1]))
+    return total
 
 
 async def until_heard(track: Any, hz: float) -> None:

@@ -175,6 +175,13 @@ class Metrics:
             ["end"],
             registry=self.registry,
         )
+        self.media_moves = Counter(
+            "membrane_media_moves_total",
+            "Bridged calls whose media worker died: moved to a new session (moved), or ended "
+            "because they could not move (lost).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.rings_dropped = Counter(
             "membrane_rings_dropped_total",
             "Rings not delivered to an agent's socket: expired on the way, or already over.",

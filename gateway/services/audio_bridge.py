@@ -37,6 +37,7 @@ from gateway.core import call as calls
 from gateway.core.call import Call, CallChannel, CallState
 from gateway.core.errors import Conflict, Forbidden, Invalid, NotFound
 from gateway.core.text import N_
+from gateway.ops.metrics import Metrics
 from gateway.services.call_records import CallRecords
 from gateway.telephony import (
     ConnectMedia,
@@ -60,13 +61,15 @@ class AudioBridge:
         self._records = records
         self.media: MediaBridge | None = None
         """Set by the app when the telephony provider runs media workers."""
+        self._metrics: Metrics | None = None
 
     @property
     def enabled(self) -> bool:
         return self.media is not None
 
-    def attach(self, media: MediaBridge) -> None:
+    def attach(self, media: MediaBridge, metrics: Metrics) -> None:
         self.media = media
+        self._metrics = metrics
         media.on_lost(self.session_lost)
         media.on_key(self.key_from_phone)
 
@@ -198,7 +201,7 @@ class AudioBridge:
         if call is None or call.media != ref or call.state is not CallState.CONNECTED:
             return  # moved already, or over
         if await self.move(call, ref) is None:
-            await self.lost(call_id, "media_lost")
+            await self._lost_for_good(call_id)
 
     async def on_stream_ended(self, call_id: str, moves: int, provider_id: str) -> Instruction:
         """The phone leg's stream ended (``MediaStreamEvents``): to the session the call's
@@ -217,7 +220,7 @@ class AudioBridge:
         if step == "reconnect" and call.media_stream is not None:
             return ConnectMedia(call.media_stream, call_id=call_id, moves=call.media_moves)
         if call.state is CallState.CONNECTED:
-            await self.lost(call_id, "media_lost")
+            await self._lost_for_good(call_id)
         return HangUp()
 
     async def move(self, call: Call, lost: str) -> Call | None:
@@ -248,19 +251,27 @@ class AudioBridge:
                 return None
             return now  # moved by another node meanwhile
         log.warning("call %s: its audio moved off a dead media worker", call.call_id)
+        if self._metrics is not None:
+            self._metrics.media_moves.labels("moved").inc()
         await self._records.notify.call_update(moved)
         if calls.on_hold(moved):
             await self.hold(moved, True)
         await self._records.notify.restart_media(moved, to_agent=calls.agent_in_app(moved))
         return moved
 
-    async def lost(self, call_id: str, reason: str) -> None:
+    async def _lost_for_good(self, call_id: str) -> None:
+        ended = await self.lost(call_id, "media_lost")
+        if ended and self._metrics is not None:  # counted once, by the node that ended it
+            self._metrics.media_moves.labels("lost").inc()
+
+    async def lost(self, call_id: str, reason: str) -> bool:
         """The bridge lost the call's audio: the call ends (its flow hangs up the phone leg
-        and frees the agent)."""
+        and frees the agent). False if it had ended already."""
         try:
             await self._records.end(call_id, reason, LOST_DETAIL)
         except (Conflict, NotFound):
-            pass  # ended already
+            return False
+        return True
 
 
 def phone_leg(call: Call) -> str | None:

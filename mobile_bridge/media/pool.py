@@ -28,6 +28,7 @@ import hmac
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -43,7 +44,10 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S: Final = 30.0
 """Importing aiortc and binding takes a second or two; a worker silent this long failed."""
 RESTART_DELAY_S: Final = 1.0
-"""Between a worker's death and its replacement: a worker that dies at once must not spin."""
+"""Between the death of a worker that had just started and its replacement: a worker that
+dies at once must not spin."""
+SHORT_LIFE_S: Final = 10.0
+"""A worker that lived longer is replaced at once: its calls wait for the replacement."""
 REALTIME_PRIORITY: Final = 10
 """Low among real-time priorities: above every ordinary process, below the kernel's own
 real-time threads."""
@@ -71,6 +75,7 @@ class Worker:
     public_url: str
     sessions: dict[str, str] = field(default_factory=dict)
     """This node's sessions on the worker: session id to call id."""
+    started_at: float = field(default_factory=time.monotonic)
 
     def ref_of(self, session_id: str) -> str:
         return f"{self.base_url}{SESSIONS}/{session_id}"
@@ -314,7 +319,8 @@ class MediaWorkers:
         moving.add_done_callback(_retrieve)  # cancelled as the node stops: nothing to report
         try:
             try:
-                await asyncio.sleep(RESTART_DELAY_S)  # a worker that dies at once must not spin
+                if time.monotonic() - worker.started_at < SHORT_LIFE_S:
+                    await asyncio.sleep(RESTART_DELAY_S)  # dying at once, it must not spin
                 if not self._closing:
                     await self._start_worker(worker.index)
             except (RuntimeError, OSError) as e:
