@@ -257,6 +257,9 @@ class AudioBridge:
         if calls.on_hold(moved):
             await self.hold(moved, True)
         await self._records.notify.restart_media(moved, to_agent=calls.agent_in_app(moved))
+        # Usually gone with its worker; but a stream that failed to connect leaves its
+        # session behind on a live one.
+        await self.media.close(lost)
         return moved
 
     async def _lost_for_good(self, call_id: str) -> None:
