@@ -8,6 +8,7 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from conftest import (
 
 from gateway.core.model import Role
 from gateway.edge.http import appkeys as keys
+from gateway.edge.sio.agent import HANDOVER_LEASE_S
 from gateway.ops.clock import ManualClock
 from gateway.settings import demo_config_text
 
@@ -177,6 +179,56 @@ async def test_a_connected_call_survives_its_nodes_drain(
     ended = await visitor_b.next("call:update", state_is("completed"))
     assert ended["reason"] == "agent_hung_up"
     await board.next("presence:update", carla_is("available"))
+
+
+async def test_an_agent_let_go_by_a_drain_stays_routable_while_her_app_reconnects(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Carla's app is on node A when A drains. Her desktop device outlives the socket for a
+    few seconds (``HANDOVER_LEASE_S``), not renewed: a visitor who presses the button on B
+    before her app is back still reaches her, and the ring waits for her app on B."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    b = await nodes(replace(settings, node_id="b"))
+    env = {"MEMBRANE_DRAIN_GRACE_S": str(GRACE_S)}
+    async with node_process(tmp_path, settings, redis_url, config(), "a", env) as (a_url, proc):
+        carla_token = mint(settings, "carla")
+        agent = clients()
+        await agent.connect(a_url, "/agent", {"token": carla_token})
+        await agent.next("presence:update", carla_is("available"))
+
+        proc.send_signal(signal.SIGTERM)
+        await agent.next("server:draining")
+
+        async def let_go() -> bool:
+            return not agent.sio.connected
+
+        await eventually(let_go, GRACE_S + EXIT_MARGIN_S)
+        headers = {"Authorization": f"Bearer {carla_token}"}
+        me = await (await http.get(f"{b.url}/v1/agents/me", headers=headers)).json()
+        assert me["status"] == "available", me
+        (device,) = me["devices"]
+        expires = datetime.fromisoformat(device["expires_at"]).timestamp()
+        assert 0 < expires - time.time() <= HANDOVER_LEASE_S, device
+
+        session = await new_session(http, b.url)
+        visitor = clients()
+        await visitor.connect(b.url, "/visitor", {"token": session["token"]})
+        ack = await visitor.call("call:start", {}, "/visitor")
+        assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+        assert ack["call"]["agent"]["name"] == "Carla"
+        call_id = ack["call"]["call_id"]
+
+        back = clients()
+        await back.connect(b.url, "/agent", {"token": carla_token})
+        ring = await back.next("call:ring")
+        assert ring["call_id"] == call_id
+        accepted = await back.call("call:accept", {"call_id": call_id}, "/agent")
+        assert accepted["ok"] and accepted["call"]["state"] == "connected", accepted
+        await visitor.next("call:update", state_is("connected"))
 
 
 @pytest.mark.parametrize("ending", ["answered on the other node", "rings out"])

@@ -302,6 +302,20 @@ class PresenceService:
             self._socket_updates.pop(ref, None)
         return ref
 
+    async def hand_over_socket_device(self, sid: str, lease_s: float) -> None:
+        """A socket this node let go as it drains: its device stays as it was for
+        ``lease_s`` (not renewed), long enough for its client to reconnect to another node,
+        so that the agent does not drop out of routing meanwhile; then it lapses. A ring in
+        that time reaches the agent as she reconnects (``CallDesk.missed_ring``)."""
+        ref = self._socket_devices.pop(sid, None)
+        if ref is None:
+            return
+        update = self._socket_updates.pop(ref, None)
+        if update is None:  # it never said anything about itself: nothing to keep
+            await self.remove_device(ref.site, ref.agent_id, ref.device_id)
+            return
+        await self._set_device(ref.site, ref.agent_id, update, lease_s)
+
     async def _restore(self, gone: list[DeviceRef]) -> None:
         """Devices of sockets still connected here whose leases lapsed anyway: this node
         could not renew them while the store did not answer (a Redis pause longer than a

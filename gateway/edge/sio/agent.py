@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 from gateway.core.errors import Invalid
 from gateway.core.model import DeviceKind
@@ -34,6 +34,12 @@ from gateway.wire.codec import (
 from gateway.wire.events import accept_ack, agent_call_ack, follow_up_ack, ok_ack, presence_ack
 
 log = logging.getLogger(__name__)
+
+
+HANDOVER_LEASE_S: Final = 5.0
+"""How long an agent's desktop device outlives a socket let go by a drain: the app reconnects
+to another node within a second or two (the drain's ``retry_after_s``, then socket.io's
+backoff); a state changed meanwhile on the new socket takes over once this lapses."""
 
 
 class AgentNamespace(BaseNamespace):
@@ -104,12 +110,16 @@ class AgentNamespace(BaseNamespace):
         if session.calls:
             claims = session.claims
             await self.calls.agent_left(claims.site, claims.sub, sid, session.calls)
-        ref = self.presence.release_socket_device(sid)
-        if ref is not None:
-            try:
+        try:
+            if self.draining:
+                # Let go by this node's drain, the app reconnects to another node.
+                await self.presence.hand_over_socket_device(sid, HANDOVER_LEASE_S)
+                return
+            ref = self.presence.release_socket_device(sid)
+            if ref is not None:
                 await self.presence.remove_device(ref.site, ref.agent_id, ref.device_id)
-            except Exception as e:  # the lease will lapse on its own
-                log.warning("could not remove device of %s: %r", sid, e)
+        except Exception as e:  # the lease will lapse on its own
+            log.warning("could not remove device of %s: %r", sid, e)
 
     async def presence_set(self, sid: str, payload: Any) -> Json:
         session = self.sessions[sid]
