@@ -779,7 +779,7 @@ textarea{width:100%;min-height:56px;padding:6px 8px;border:1px solid #747775;bor
       const s = thisPc.iceConnectionState;
       if (s === "failed") restartIce();
       if (s === "disconnected") stalled = setTimeout(restartIce, 2000); // it may heal itself
-      if (s === "connected") restarts = 0;
+      if (s === "connected" || s === "completed") restarts = 0;
     };
     pc.onnegotiationneeded = () => { // a restart
       if (thisPc === pc && thisPc.remoteDescription) offer(thisPc, callId).catch(rtcError);

@@ -341,7 +341,8 @@ class MediaWorker:
         network changed, or the call moved here from a dead worker), aiortc cannot restart
         its ICE agent, so a fresh peer connection answers, carrying the same tracks, and the
         old one is closed: the browser sees new credentials and a new DTLS fingerprint, which
-        a restart allows. An offer this worker cannot use changes nothing (``invalid_offer``)."""
+        a restart allows. An offer this worker cannot use changes nothing
+        (``renegotiation_refused``)."""
         session.renegotiations += 1
         remote = session.pc.remoteDescription
         if remote is not None and ice_ufrag(remote.sdp) == ice_ufrag(offer):
@@ -355,17 +356,13 @@ class MediaWorker:
         session.pc = pc
         try:
             answer = await self._answer(session, offer, end_on_failure=False)
-        except Invalid as e:
+        except DomainError as e:
             session.pc = old
             await close_keeping_tracks(pc)
             if pumping is not None:
                 session.negotiated(old.localDescription.sdp)  # the old pump, afresh
-            raise Invalid(e.message, code="renegotiation_refused") from None
-        except DomainError:
-            session.pc = old
-            await close_keeping_tracks(pc)
-            if pumping is not None:
-                session.negotiated(old.localDescription.sdp)  # the old pump, afresh
+            if isinstance(e, Invalid):
+                raise Invalid(e.message, code="renegotiation_refused") from None
             raise
         finally:
             if pumping is not None:

@@ -559,9 +559,8 @@
       pc.restartIce();
     };
     current.restart = () => {
-      if (!ours()) return;
-      restarting = true;
-      pc.restartIce();
+      restarts = 0; // told to, not failing
+      restartIce();
     };
     pc.oniceconnectionstatechange = () => {
       clearTimeout(stalled);
