@@ -238,7 +238,8 @@ async def a_visitor_on_a_rings_anna_on_b(
     return a, b, v, call_id, track, anna_leg(sim)
 
 
-async def test_a_worker_killed_mid_call_moves_the_call_to_a_live_worker(
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+async def test_a_worker_killed_or_hung_mid_call_moves_the_call_to_a_live_worker(
     nodes: NodeFactory,
     tmp_path: Path,
     sim: TwilioSim,
@@ -246,8 +247,10 @@ async def test_a_worker_killed_mid_call_moves_the_call_to_a_live_worker(
     redis_url: str,
     clients: Callable[[], SocketClient],
     peers: RTCPeerConnection,
+    fault: signal.Signals,
 ) -> None:
-    """The worker holding the call is SIGKILLed: the call's audio moves to a new session.
+    """The worker holding the call is SIGKILLed, or SIGSTOPped (hung: its node's probe finds
+    it silent and kills it): the call's audio moves to a new session.
     The visitor is told to restart ICE and offers to the new session (here from a new peer
     connection with a new tone); Anna's phone leg
     is pointed at the new session's stream. They hear each other again, Anna stays on the
@@ -259,7 +262,7 @@ async def test_a_worker_killed_mid_call_moves_the_call_to_a_live_worker(
 
     (worker,) = [w for n in (a, b) for w in media_of(n).workers if w.sessions]
     assert call_id in worker.sessions.values()
-    worker.process.send_signal(signal.SIGKILL)
+    worker.process.send_signal(fault)
 
     again = RTCPeerConnection()
     try:

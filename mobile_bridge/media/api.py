@@ -5,3 +5,4 @@ from typing import Final
 
 SESSIONS: Final = "/v1/media/sessions"
 STATS: Final = "/v1/media/stats"
+HEALTH: Final = "/v1/media/health"

@@ -37,7 +37,7 @@ import aiohttp
 
 from gateway.settings import MediaSettings
 from gateway.telephony import HeldSide, MediaSession, TelephonyError
-from mobile_bridge.media.api import SESSIONS
+from mobile_bridge.media.api import HEALTH, SESSIONS
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ real-time threads."""
 RESTART_WAIT_S: Final = 8.0
 """How long a session asked for waits while every worker is being started again: the
 restart delay plus the second or two a worker takes to start."""
+PROBE_EVERY_S: Final = 1.0
+PROBE_MISSES: Final = 3
+"""A worker that has not answered its probe this many times in a row is hung (stopped, or
+stuck in a loop): it is killed, and its calls move as a dead worker's do."""
 REQUEST_TIMEOUT_S: Final = 10.0
 """Answering an offer waits for the worker's ICE gathering (host candidates: milliseconds)."""
 
@@ -269,9 +273,10 @@ class MediaWorkers:
         self._workers[index] = worker
         await self._one_started()
         log.info("media worker %d (pid %d) listening on %s", index, process.pid, worker.base_url)
-        task = asyncio.create_task(self._supervise(worker), name=f"media-worker-{index}")
-        self._supervisors.add(task)
-        task.add_done_callback(self._supervisors.discard)
+        for watch, name in ((self._supervise, "media-worker"), (self._probe, "media-probe")):
+            task = asyncio.create_task(watch(worker), name=f"{name}-{index}")
+            self._supervisors.add(task)
+            task.add_done_callback(self._supervisors.discard)
 
     def _make_realtime(self, index: int, pid: int) -> None:
         """SCHED_RR for the worker's event loop (its only busy thread): measured on a shared
@@ -344,6 +349,31 @@ class MediaWorkers:
         async with self._started:
             self._starts += 1
             self._started.notify_all()
+
+    async def _probe(self, worker: Worker) -> None:
+        """Ask the worker whether its event loop runs, once a second, until it exits: a hung
+        worker never exits by itself, and its calls would stay silent."""
+        assert self._http is not None
+        timeout = aiohttp.ClientTimeout(total=PROBE_EVERY_S)
+        missed = 0
+        while worker.process.returncode is None:
+            began = asyncio.get_running_loop().time()
+            try:
+                async with self._http.get(worker.base_url + HEALTH, timeout=timeout) as r:
+                    missed = 0 if r.status == 204 else missed + 1
+            except (aiohttp.ClientError, TimeoutError):
+                missed += 1
+            if missed >= PROBE_MISSES and worker.process.returncode is None:
+                log.error(
+                    "media worker %d (pid %d) has not answered for %d s: killing it",
+                    worker.index,
+                    worker.process.pid,
+                    PROBE_MISSES,
+                )
+                worker.process.kill()  # its supervisor moves its calls
+                return
+            left = PROBE_EVERY_S - (asyncio.get_running_loop().time() - began)
+            await asyncio.sleep(max(0.0, left))  # the probe's own cadence
 
     async def _report_lost(self, call_id: str, ref: str) -> None:
         for listener in self._lost:

@@ -24,6 +24,7 @@ worker's token, compared in constant time):
 - ``POST /v1/media/sessions/{id}/hold`` ``{"on": bool, "held"?: "phone" | "browser"}``:
   hold (the held side, by default the phone, hears a tone now and then), or take off hold.
 - ``DELETE /v1/media/sessions/{id}``: the call is over; its peer connection is closed.
+- ``GET /v1/media/health``: 204 while the worker's event loop runs (its node probes it).
 - ``GET /v1/media/stats``: sessions, and each one's gaps and drops; the last frames sent late and
   the last long collector pauses, each with its wall-clock time.
 
@@ -66,7 +67,7 @@ from gateway.core.errors import (
 from gateway.edge.errors import rest_response
 from gateway.ops.gc_pacer import PROCESS_PACER
 from gateway.telephony import HeldSide
-from mobile_bridge.media.api import SESSIONS, STATS
+from mobile_bridge.media.api import HEALTH, SESSIONS, STATS
 from mobile_bridge.media.dtmf import (
     KEYS,
     OFFERED_PT,
@@ -281,6 +282,7 @@ class MediaWorker:
         app.router.add_delete(SESSIONS + "/{session}", self._delete)
         app.router.add_get(SESSIONS + "/{session}/stream", self._stream)
         app.router.add_get(STATS, self._stats)
+        app.router.add_get(HEALTH, self._health)
         app.on_cleanup.append(self._close_all)
         return app
 
@@ -509,6 +511,10 @@ class MediaWorker:
     async def _delete(self, request: web.Request) -> web.Response:
         self._authorize(request)
         await self.end(self._session(request).session_id)
+        return web.Response(status=204)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self._authorize(request)
         return web.Response(status=204)
 
     async def _stats(self, request: web.Request) -> web.Response:
