@@ -1014,7 +1014,8 @@ def test_sticky_first_then_open_then_branchless_then_closed(
     case: tuple[RoutingSnapshot, RouteRequest, float],
 ) -> None:
     snap, req, now = case
-    ids = order(route(snap, req, now))
+    # The usual rules: an experiment's policy ranks before the branch rule (tested below).
+    ids = order(route(snap, replace(req, policy=RoutingPolicy.DEFAULT), now))
     if snap.last_agent in ids:
         assert ids[0] == snap.last_agent
         ids = ids[1:]
