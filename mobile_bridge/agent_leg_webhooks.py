@@ -134,9 +134,7 @@ def _call_sid(params: Any) -> str:
 
 class AgentLegWebhooks:
     def __init__(self, settings: Settings) -> None:
-        self._signatures = WebhookSignatures(
-            settings.twilio.auth_token, settings.public_url, settings.twilio.previous_auth_token
-        )
+        self._signatures = WebhookSignatures.of(settings)
         self._urls = AgentLegUrls.from_public_url(settings.public_url)
 
     def add_routes(self, app: web.Application) -> None:

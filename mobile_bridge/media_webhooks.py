@@ -36,9 +36,7 @@ log = logging.getLogger(__name__)
 
 class MediaWebhooks:
     def __init__(self, settings: Settings) -> None:
-        self._signatures = WebhookSignatures(
-            settings.twilio.auth_token, settings.public_url, settings.twilio.previous_auth_token
-        )
+        self._signatures = WebhookSignatures.of(settings)
         self._urls = WebhookUrls.from_public_url(settings.public_url)
 
     def add_routes(self, app: web.Application) -> None:

@@ -68,9 +68,7 @@ def render(text: str | None) -> str:
 
 class SmsWebhooks:
     def __init__(self, settings: Settings) -> None:
-        self._signatures = WebhookSignatures(
-            settings.twilio.auth_token, settings.public_url, settings.twilio.previous_auth_token
-        )
+        self._signatures = WebhookSignatures.of(settings)
         self._account_sid = settings.twilio.account_sid
 
     def add_routes(self, app: web.Application) -> None:

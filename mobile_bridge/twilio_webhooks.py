@@ -235,6 +235,13 @@ class WebhookSignatures:
         self._validators = tuple(RequestValidator(t) for t in tokens)
         self._base = public_url.rstrip("/")
 
+    @classmethod
+    def of(cls, settings: Settings) -> WebhookSignatures:
+        """The signatures of webhooks to this node: under its public URL, with the current
+        auth token (and the previous one while it is rotated)."""
+        t = settings.twilio
+        return cls(t.auth_token, settings.public_url, t.previous_auth_token)
+
     def url_for(self, path_qs: str) -> str:
         """``path_qs``: the request's raw path and query, exactly as received."""
         return self._base + path_qs
@@ -277,9 +284,7 @@ class TwilioWebhooks:
     """The three webhook handlers; ``add_routes`` registers them on the gateway's app."""
 
     def __init__(self, settings: Settings, events: CallbackEvents) -> None:
-        self._signatures = WebhookSignatures(
-            settings.twilio.auth_token, settings.public_url, settings.twilio.previous_auth_token
-        )
+        self._signatures = WebhookSignatures.of(settings)
         self._urls = WebhookUrls.from_public_url(settings.public_url)
         self._events = events
 

@@ -376,19 +376,10 @@ class MediaWorkers:
             await asyncio.sleep(max(0.0, left))  # the probe's own cadence
 
     async def _report_lost(self, call_id: str, ref: str) -> None:
-        for listener in self._lost:
-            try:
-                await listener(call_id, ref)
-            except Exception:
-                log.exception("call %s: moving its audio off a dead media worker failed", call_id)
+        await _tell(self._lost, call_id, ref, "moving its audio off a dead media worker")
 
     async def _key_pressed(self, call_id: str, key: str) -> None:
-        for listener in self._keys:
-            try:
-                await listener(call_id, key)
-            except Exception:
-                # One key must not end the supervision of the worker's every call.
-                log.exception("call %s: handling a key from the phone failed", call_id)
+        await _tell(self._keys, call_id, key, "handling a key from the phone")
 
     async def _request(
         self, method: str, url: str, body: Mapping[str, Any] | None
@@ -406,6 +397,18 @@ def _code_of(body: Any) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return str(body["error"].get("code", "media_error"))
     return "media_error"
+
+
+async def _tell(
+    listeners: list[Callable[[str, str], Awaitable[None]]], call_id: str, what: str, doing: str
+) -> None:
+    """Each listener, in turn: one that fails must not end the supervision of the worker's
+    every call."""
+    for listener in listeners:
+        try:
+            await listener(call_id, what)
+        except Exception:
+            log.exception("call %s: %s failed", call_id, doing)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
