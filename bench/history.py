@@ -147,10 +147,34 @@ async def database_backends(url: str) -> dict[str, int]:
     return {f"postgres-{i}": int(r["pid"]) for i, r in enumerate(found)}
 
 
+def history_writers(nodes: list[NodeProcess]) -> dict[str, int]:
+    """Each node's history writer process (gateway/store/history_process.py): its CPU is
+    part of what the history costs the machine, though not the call path."""
+    found = {}
+    for node in nodes:
+        pid = node.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for child in children:
+            with contextlib.suppress(OSError):
+                if b"gateway.store.history_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found[f"writer-{node.log.stem}"] = int(child)
+    return found
+
+
 async def calls_phase(args: argparse.Namespace, history_url: str) -> dict[str, Any]:
     async with two_nodes(args, history_url) as (nodes, pids, _):
         if history_url:
-            pids |= await database_backends(history_url)
+            # Each node's pool and its writer's connect as the node starts; watched from the
+            # first call on.
+            deadline = time.monotonic() + 20
+
+            async def connected() -> bool:
+                backends = await database_backends(history_url)
+                return len(history_writers(nodes)) == len(nodes) and len(backends) >= 2 * len(nodes)
+
+            while not await connected() and time.monotonic() < deadline:  # noqa: ASYNC110 - processes
+                await asyncio.sleep(0.2)
+            pids |= history_writers(nodes) | await database_backends(history_url)
         try:
             result = await measure(args, nodes, pids)
             if history_url:
@@ -309,17 +333,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "without": [r["cpu_per_call"]["node_cpu_ms_per_unit"] for r in without],
             "with": [r["cpu_per_call"]["node_cpu_ms_per_unit"] for r in with_history],
         },
-        "database_cpu_cores": [
-            round(
-                sum(
-                    c
-                    for name, c in r["cpu_per_call"]["cpu_cores_by_process"].items()
-                    if name.startswith("postgres-")
-                ),
-                3,
-            )
-            for r in with_history
-        ],
+        "database_cpu_cores": cores_of(with_history, "postgres-"),
+        "history_writers_cpu_cores": cores_of(with_history, "writer-"),
         "history_write_lag": worst_lag,
         "history_by_run": lags,
         "board": board,
@@ -333,6 +348,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             and board["meets_target"]
         ),
     }
+
+
+def cores_of(results: list[dict[str, Any]], prefix: str) -> list[float]:
+    """The cores the processes named ``prefix...`` used in each run."""
+    return [
+        round(
+            sum(
+                c
+                for name, c in r["cpu_per_call"]["cpu_cores_by_process"].items()
+                if name.startswith(prefix)
+            ),
+            3,
+        )
+        for r in results
+    ]
 
 
 def main() -> None:
@@ -370,6 +400,7 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         "rows": result["history_write_lag"].get("rows_in_database"),
         "calls_ended": result["calls_ended_with"],
         "database_cpu_cores": result["database_cpu_cores"],
+        "history_writers_cpu_cores": result["history_writers_cpu_cores"],
         "board_day_p99_ms": result["board"]["figures_day_ms"].get("p99_ms"),
         "board_week_p99_ms": result["board"]["figures_week_ms"].get("p99_ms"),
     }

@@ -66,7 +66,8 @@ from gateway.services.timers import TimerLoop
 from gateway.settings import Settings
 from gateway.store.base import Store, StoreHealth
 from gateway.store.embedded import EmbeddedStore
-from gateway.store.history import CallHistory, PostgresHistory, SqliteHistory
+from gateway.store.history import PostgresHistory, SqliteHistory
+from gateway.store.history_process import HistoryProcess
 from gateway.store.redis import RedisStore
 from gateway.telephony import (
     ENTRY_POINT_GROUP,
@@ -199,12 +200,18 @@ def create_app(
     records.observers.append(call_metrics.changed)
     # Call history: in PostgreSQL when configured (nodes sharing Redis share it); else one
     # node keeps it in SQLite beside its embedded store, and nodes sharing Redis keep none.
-    history_db: CallHistory | None = None
+    history: HistoryWriter | None = None
     if settings.history_url:
-        history_db = PostgresHistory(settings.history_url)
+        history = HistoryWriter(
+            PostgresHistory(settings.history_url),
+            settings.sites,
+            metrics,
+            HistoryProcess(settings.history_url),
+        )
     elif not settings.redis_url:
-        history_db = SqliteHistory(settings.data_dir / "history.sqlite3")
-    history = HistoryWriter(history_db, settings.sites, metrics) if history_db is not None else None
+        history = HistoryWriter(
+            SqliteHistory(settings.data_dir / "history.sqlite3"), settings.sites, metrics
+        )
     if history is not None:
         records.observers.append(history.changed)
     calls = CallService(records)
@@ -339,7 +346,7 @@ def create_app(
         sweeper.cancel()
         await asyncio.gather(writer, sweeper, return_exceptions=True)
         await history.flush(settings.drain_grace_s)
-        await history.history.close()
+        await history.close()
 
     async def run_telephony(app: web.Application) -> AsyncIterator[None]:
         if phones is not None:

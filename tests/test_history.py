@@ -11,6 +11,8 @@ import contextlib
 import csv
 import dataclasses
 import io
+import os
+import signal
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ import aiohttp
 import asyncpg
 import pytest
 from conftest import (
+    POSTGRES_ADMIN_URL,
     NodeFactory,
     SocketClient,
     eventually,
@@ -42,7 +45,9 @@ from gateway.edge.http import appkeys as keys
 from gateway.services import history_writer
 from gateway.services.history_retention import HistoryRetention
 from gateway.services.history_writer import HistoryWriter
+from gateway.store import history_process
 from gateway.store.history import _READ_ROWS, MIGRATIONS, PostgresHistory, SqliteHistory
+from gateway.store.history_process import WRITER_NICENESS, HistoryProcess
 
 T0 = 1_800_000_000.0
 
@@ -372,3 +377,69 @@ async def test_writing_a_batch_looks_up_each_of_its_calls_not_the_whole_history(
     assert "Index Scan using call_history_pkey" in plan, plan
     assert "Seq Scan on call_history" not in plan, plan
     assert sorted(r["call_id"] for r in found) == wanted[:-1]
+
+
+async def test_a_nodes_writes_go_through_a_lower_priority_process_whose_death_or_hang_costs_a_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The PostgreSQL history is written by a child process at a lower priority, so its CPU
+    never competes with the call path's. Killed, stopped or hung, the child costs the batch in
+    hand a retry (the node's writer keeps it meanwhile), and a new child writes it."""
+    monkeypatch.setattr(history_process, "REPLY_TIMEOUT_S", 2.0)
+    async with postgres_database() as url:
+        history = PostgresHistory(url)
+        await history.start()
+        rows_sink = HistoryProcess(url)
+        try:
+            await rows_sink.put([row("c_1"), row("c_2", T0 + 1)])
+            first = rows_sink.pid
+            assert first is not None
+            niceness = os.getpriority(os.PRIO_PROCESS, first)
+            assert niceness == min(19, os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS)
+            # Ctrl-C's SIGINT reaches the whole process group; a node stopping still writes
+            # through its child.
+            os.kill(first, signal.SIGINT)
+            os.kill(first, signal.SIGTERM)
+            await rows_sink.put([row("c_2", T0 + 1, score=9)])
+            assert rows_sink.pid == first and rows_sink.started == 1
+
+            os.kill(first, signal.SIGKILL)
+            with pytest.raises(StoreUnavailable):
+                await rows_sink.put([row("c_3", T0 + 2)])
+            await rows_sink.put([row("c_3", T0 + 2)])
+            assert rows_sink.started == 2 and rows_sink.pid != first
+
+            stopped = rows_sink.pid
+            assert stopped is not None
+            os.kill(stopped, signal.SIGSTOP)
+            with pytest.raises(StoreUnavailable):
+                await rows_sink.put([row("c_4", T0 + 3)])
+            await rows_sink.put([row("c_4", T0 + 3)])
+            assert rows_sink.started == 3
+
+            stored = await history.between("acme", 0, T0 + 10)
+            assert [(r.call_id, r.survey_score) for r in stored] == [
+                ("c_1", None), ("c_2", 9), ("c_3", None), ("c_4", None),
+            ]  # fmt: skip
+            counts = await history.figures("acme", T0 // 60 * 60, T0 + 3600, 3600)
+            assert sum(c.count for c in counts) == 4, "each call counted once"
+
+            # A node's child goes when its stdin closes: it never outlives its node.
+            child = rows_sink._process
+            assert child is not None
+            await rows_sink.close()
+            assert child.returncode == 0
+        finally:
+            await rows_sink.close()
+            await history.close()
+
+
+async def test_the_history_process_answers_each_batch_with_why_the_database_refused_it() -> None:
+    rows_sink = HistoryProcess(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/membrane_no_such_db")
+    try:
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable, match="membrane_no_such_db"):
+                await rows_sink.put([row("c_1")])
+        assert rows_sink.started == 1, "a database down is an answer, not a dead child"
+    finally:
+        await rows_sink.close()

@@ -21,7 +21,7 @@ from gateway.core.errors import StoreUnavailable
 from gateway.core.history import HistoryRow
 from gateway.core.model import CallbackPolicy, Site
 from gateway.ops.metrics import Metrics
-from gateway.store.history import CallHistory, timeline_json
+from gateway.store.history import CallHistory, HistoryRows, timeline_json
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,15 @@ def history_row(call: Call, sites: Mapping[str, Site]) -> HistoryRow:
 
 class HistoryWriter:
     def __init__(
-        self, history: CallHistory, sites: Mapping[str, Site], metrics: Metrics | None = None
+        self,
+        history: CallHistory,
+        sites: Mapping[str, Site],
+        metrics: Metrics | None = None,
+        rows: HistoryRows | None = None,
     ) -> None:
         self.history = history
+        self._rows = rows or history
+        """Where batches go: the history, or its writer process (PostgreSQL)."""
         self._sites = sites
         self._metrics = metrics
         self._pending: dict[str, Call] = {}
@@ -120,7 +126,12 @@ class HistoryWriter:
             try:
                 await self.history.start()
                 self.opened.set()
+                if self._rows is not self.history:
+                    await self._rows.start()
             except StoreUnavailable as e:
+                if self.opened.is_set():  # the writer process: the first batch starts it
+                    log.warning("call history writer did not start (%s)", e)
+                    break
                 log.warning("call history unreachable at start (%s); trying again", e)
                 await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
                 failures += 1
@@ -145,7 +156,7 @@ class HistoryWriter:
         calls = [self._pending[i] for i in ids]
         rows = [history_row(c, self._sites) for c in calls]
         try:
-            await self.history.put(rows)
+            await self._rows.put(rows)
         except StoreUnavailable as e:
             self.failures += 1
             log.warning("call history unreachable (%s); %d calls wait", e, len(self._pending))
@@ -174,3 +185,8 @@ class HistoryWriter:
                 await asyncio.sleep(min(0.5, max(0.0, end - loop.time())))
         if self._pending:
             log.error("call history: %d calls not written before stopping", len(self._pending))
+
+    async def close(self) -> None:
+        if self._rows is not self.history:
+            await self._rows.close()
+        await self.history.close()

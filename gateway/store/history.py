@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 
 COLUMNS = tuple(f.name for f in fields(HistoryRow))
-_values = attrgetter(*COLUMNS)
+row_values = attrgetter(*COLUMNS)
 """A row's values in ``COLUMNS`` order (``dataclasses.astuple`` deep-copies: measured at 13 µs a
 row, a third of what writing a row costs the node)."""
 MIGRATIONS: tuple[str, ...] = (
@@ -93,6 +93,19 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 """The schema, one step per version (1 is the first); only ever appended to."""
+
+
+class HistoryRows(Protocol):
+    """Where a node's ended calls are written: the history itself, or its writer process."""
+
+    async def start(self) -> None:
+        """Open; raises ``StoreUnavailable`` when it cannot be opened now."""
+
+    async def put(self, rows: Sequence[HistoryRow]) -> None:
+        """Store ``rows``, each replacing any earlier row of its call (a survey answer comes
+        after the end); raises ``StoreUnavailable`` when the database fails."""
+
+    async def close(self) -> None: ...
 
 
 class CallHistory(Protocol):
@@ -342,7 +355,7 @@ class SqliteHistory:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 before = self._rows(db, [r.call_id for r in rows])
-                db.executemany(sql, [_values(r) for r in rows])
+                db.executemany(sql, [row_values(r) for r in rows])
                 self._add(db, *rollup_changes(before, rows))
 
         await self._run(write)
@@ -446,6 +459,16 @@ class PostgresHistory:
         self._url = url
         self._pool: asyncpg.Pool | None = None
 
+    async def connect(self) -> None:
+        """Open the connections if they are not open, without migrating (the history's writer
+        process, gateway/store/history_process.py, writes to a schema its node migrated)."""
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(self._url, min_size=1, max_size=2)
+        except (OSError, asyncpg.PostgresError) as e:
+            raise StoreUnavailable(f"call history: {e}") from e
+
     async def start(self) -> None:
         pool = None
         try:
@@ -497,7 +520,9 @@ class PostgresHistory:
                 # turns, so each reads what the other wrote before adding to the sums.
                 await db.execute(_LOCK_CALLS, ids)
                 before = await self._rows(db, ids)
-                await db.execute(_PUT_ROWS, *_columns([_values(r) for r in newest], len(COLUMNS)))
+                await db.execute(
+                    _PUT_ROWS, *_columns([row_values(r) for r in newest], len(COLUMNS))
+                )
                 await self._add(db, *rollup_changes(before, rows))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreUnavailable(f"call history: {e}") from e
