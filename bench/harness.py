@@ -4,6 +4,7 @@ loopback, generated configs with many agents, latency summaries, peak RSS, JSON 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -243,8 +244,8 @@ class RawSocketIO:
 
     python-socketio's client costs more CPU per message than the gateway does, and on a
     2-core machine the driver would starve the nodes it measures. This speaks just enough
-    of the protocol: connect to one namespace with auth, emit, answer pings, and hand each
-    received event to ``on_event`` (or drop it).
+    of the protocol: connect to one namespace with auth, emit (with an acknowledgement, or
+    without), answer pings, and hand each received event to ``on_event`` (or drop it).
     """
 
     def __init__(self, http: aiohttp.ClientSession, url: str, namespace: str) -> None:
@@ -253,37 +254,76 @@ class RawSocketIO:
         self._ns = namespace
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._acks: dict[int, asyncio.Future[Any]] = {}
+        self._ack_ids = itertools.count()
         self.on_event: Any = None
 
-    async def connect(self, auth: dict[str, Any]) -> None:
-        self._ws = await self._http.ws_connect(self._url)
-        opened = await self._ws.receive_str()
-        assert opened.startswith("0"), opened
-        await self._ws.send_str(f"40{self._ns}," + json.dumps(auth))
-        while True:
-            msg = await self._ws.receive_str()
-            if msg.startswith(f"40{self._ns},"):
-                break
-            if msg.startswith(f"44{self._ns},"):
-                raise RuntimeError(f"refused: {msg}")
+    async def connect(self, auth: dict[str, Any], timeout: float = 10.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                self._ws = await self._http.ws_connect(self._url)
+                opened = await self._ws.receive_str()
+                assert opened.startswith("0"), opened
+                await self._ws.send_str(f"40{self._ns}," + json.dumps(auth))
+                while True:
+                    msg = await self._ws.receive_str()
+                    if msg.startswith(f"40{self._ns},"):
+                        break
+                    if msg.startswith(f"44{self._ns},"):
+                        raise RuntimeError(f"refused: {msg}")
+        except BaseException:
+            if self._ws is not None:
+                await self._ws.close()
+            raise
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         assert self._ws is not None
         prefix = f"42{self._ns},"
-        async for msg in self._ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                break
-            data: str = msg.data
-            if data == "2":
-                await self._ws.send_str("3")
-            elif self.on_event is not None and data.startswith(prefix):
-                event, payload = json.loads(data[len(prefix) :])[:2]
-                self.on_event(event, payload)
+        ack_prefix = f"43{self._ns},"
+        try:
+            async for msg in self._ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                data: str = msg.data
+                if data == "2":
+                    await self._ws.send_str("3")
+                elif data.startswith(ack_prefix):
+                    body = data[len(ack_prefix) :]
+                    digits = len(body) - len(body.lstrip("0123456789"))
+                    waiter = self._acks.pop(int(body[:digits]), None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(json.loads(body[digits:])[0])
+                elif self.on_event is not None and data.startswith(prefix):
+                    event, payload = json.loads(data[len(prefix) :])[:2]
+                    self.on_event(event, payload)
+        finally:
+            for waiter in self._acks.values():
+                if not waiter.done():
+                    waiter.set_exception(ConnectionError("the socket closed"))
+            self._acks.clear()
 
     async def emit(self, event: str, payload: Any) -> None:
         assert self._ws is not None
         await self._ws.send_str(f"42{self._ns}," + json.dumps([event, payload]))
+
+    async def call(self, event: str, payload: Any, timeout: float = 5.0) -> Any:
+        """Emit asking for an acknowledgement, and return it; ``ConnectionError`` if the socket
+        closes first, ``TimeoutError`` after ``timeout``."""
+        assert self._ws is not None
+        ack_id = next(self._ack_ids)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._acks[ack_id] = waiter
+        try:
+            await self._ws.send_str(f"42{self._ns},{ack_id}" + json.dumps([event, payload]))
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._acks.pop(ack_id, None)
+
+    async def closed(self) -> None:
+        """Wait until the connection ends (the server dropped it, or ``close``)."""
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
 
     async def close(self) -> None:
         if self._ws is not None:

@@ -2,19 +2,25 @@
 
 Two nodes share a private Redis behind nginx, which runs the shipped config
 (deploy/nginx/membrane.conf, through tests/nginx_front.py). Agents speak the agent app's
-protocol (python-socketio clients, through nginx): each answers every ring and hangs up
-``--hold-s`` later. Visitors start ``--rate`` browser calls a second, through nginx, each
-visitor one call at a time. While they do, node A is stopped with SIGTERM (a drain), started
-again on its port, and once it is ready, node B the same. Every client reconnects through
-nginx when its node lets it go, as the web clients do: an agent names the call it is in,
-a visitor resumes with its session.
+protocol (lean socket.io clients, bench/harness.py's ``RawSocketIO``, through nginx): each
+answers every ring and hangs up ``--hold-s`` later. Visitors start ``--rate`` browser calls a
+second, through nginx, each visitor one call at a time and at most 4 a minute (the gateway
+allows 5). While they do, node A is stopped with SIGTERM (a drain), started again on its
+port, and once it is ready, node B the same. Every client reconnects through nginx when its
+node lets it go, as the web clients do: an agent names the call it is in, a visitor resumes
+with its session. The clients come from addresses of their own, 150 each (nginx lets an
+address hold 200 connections).
 
 Reported: calls started (a ring was promised), completed, lost (started, never ended for
 the visitor), starts refused (``draining``, ``overloaded``: the widget tries again), double
 bookings (an agent rung while in a call), each node's drain time, start-to-ring p50/p99
-before, during and after the restarts.
+before, during and after the restarts, reconnects and failed connects.
 
     .venv/bin/python bench/rolling_restart.py --out bench/results/rolling_restart.json
+
+``--load click_to_ring``: bench/click_to_ring.py's load (5,000 agents, 3,000 visitors, 200
+starts a second, calls of 2 s) instead of the light default (40 agents, 150 visitors, 8 a
+second, calls of 3 s).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # as 
 
 import aiohttp
 import redis.asyncio as redis_async
-import socketio
 from nginx_front import free_port, nginx
 
 from bench.harness import (
     NodeProcess,
+    RawSocketIO,
     demo_site_config,
     redis_server,
     start_node,
@@ -75,81 +82,123 @@ class Stats:
     """(the call the agent believed she was in, the call rung, wall-clock time of the ring):
     judged against the store at the end (``double_bookings``)."""
     reconnects: Counter[str] = field(default_factory=Counter)
+    connect_failures: Counter[str] = field(default_factory=Counter)
+
+
+class Link:
+    """One client's socket through nginx, reconnecting as the web clients do when its node
+    lets it go (with a jittered delay, growing while connects fail)."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        url: str,
+        namespace: str,
+        auth: Callable[[], dict[str, Any]],
+        on_event: Callable[[str, Any], None],
+        stats: Stats,
+        kind: str,
+    ) -> None:
+        self.http, self.url, self.namespace = http, url, namespace
+        self.auth, self.on_event, self.stats, self.kind = auth, on_event, stats, kind
+        self.socket: RawSocketIO | None = None
+        self.up = asyncio.Event()
+        self.stopping = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        """The first connection (retried while refused); then ``run`` keeps it up."""
+        self.task = asyncio.create_task(self.run())
+        await self.up.wait()
+
+    async def run(self) -> None:
+        delay = 0.2
+        first = True
+        while not self.stopping:
+            socket = RawSocketIO(self.http, self.url, self.namespace)
+            socket.on_event = self.on_event
+            try:
+                await socket.connect(self.auth())
+            except (aiohttp.ClientError, RuntimeError, OSError, TimeoutError) as e:
+                self.stats.connect_failures[f"{self.kind}: {type(e).__name__}"] += 1
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(5.0, delay * 2)
+                continue
+            if not first:
+                self.stats.reconnects[self.kind] += 1
+            first, delay = False, 0.2
+            self.socket = socket
+            self.up.set()
+            await socket.closed()
+            self.up.clear()
+            self.socket = None
+            await asyncio.sleep(random.uniform(0.1, 1.0))
+
+    async def call(self, event: str, payload: dict[str, Any], timeout: float = 5.0) -> Any:
+        """The acknowledgement, or None if there was none (no socket, dropped, too late)."""
+        socket = self.socket
+        if socket is None:
+            return None
+        try:
+            return await socket.call(event, payload, timeout)
+        except (ConnectionError, TimeoutError, aiohttp.ClientError, RuntimeError):
+            return None
+
+    async def close(self) -> None:
+        self.stopping = True
+        if self.socket is not None:
+            await self.socket.close()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
 
 
 class Agent:
-    def __init__(self, i: int, url: str, stats: Stats, hold_s: float) -> None:
+    def __init__(
+        self, i: int, http: aiohttp.ClientSession, url: str, stats: Stats, hold_s: float
+    ) -> None:
         self.agent_id = f"a{i}"
-        self.url = url
         self.stats = stats
         self.hold_s = hold_s
         self.call: str | None = None
-        self.sio = socketio.AsyncClient(
-            reconnection_delay=0.2, reconnection_delay_max=1.0, ssl_verify=False
-        )
-        self.sio.on("call:ring", self.on_ring, namespace="/agent")
-        self.sio.on("connect", lambda: self.stats.reconnects.update(["agent"]), namespace="/agent")
+        self.link = Link(http, url, "/agent", self.auth, self.on_event, stats, "agent")
 
     def auth(self) -> dict[str, Any]:
         # Reconnecting in a call: take it over on the new node, as the agent app does.
         extra = {"call_id": self.call} if self.call else {}
         return {"token": token(self.agent_id, ttl=7200), **extra}
 
-    async def connect(self) -> None:
-        await self.sio.connect(
-            self.url, namespaces=["/agent"], transports=["websocket"], auth=self.auth
-        )
-
-    async def on_ring(self, ring: dict[str, Any]) -> None:
-        call_id = ring["call_id"]
+    def on_event(self, event: str, payload: Any) -> None:
+        if event != "call:ring":
+            return
+        call_id = payload["call_id"]
         if self.call is not None and self.call != call_id:
             self.stats.rings_in_a_call.append((self.call, call_id, time.time()))
         asyncio.get_running_loop().create_task(self.answer(call_id))
 
     async def answer(self, call_id: str) -> None:
-        ack = await self.emit("call:accept", {"call_id": call_id})
+        ack = await self.link.call("call:accept", {"call_id": call_id})
         if not (ack and ack.get("ok", True) and "error" not in ack):
             return
         self.call = call_id
         await asyncio.sleep(self.hold_s)
         # The hang-up goes through whatever node the socket is on by then.
-        for _ in range(50):
-            ack = await self.emit("call:hangup", {"call_id": call_id})
-            if ack is not None:
+        for _ in range(100):
+            if await self.link.call("call:hangup", {"call_id": call_id}) is not None:
                 break
             await asyncio.sleep(0.2)
         self.call = None
 
-    async def emit(self, event: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            ack: dict[str, Any] = await self.sio.call(event, payload, namespace="/agent", timeout=5)
-            return ack
-        except (socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError):
-            return None
-
 
 class Visitor:
-    def __init__(self, url: str, session: dict[str, Any], stats: Stats) -> None:
-        self.url = url
+    def __init__(
+        self, http: aiohttp.ClientSession, url: str, session: dict[str, Any], stats: Stats
+    ) -> None:
         self.session = session
         self.stats = stats
         self.call: str | None = None
-        self.started_at = 0.0
-        self.sio = socketio.AsyncClient(
-            reconnection_delay=0.2, reconnection_delay_max=1.0, ssl_verify=False
-        )
-        self.sio.on("call:update", self.on_update, namespace="/visitor")
-        self.sio.on(
-            "connect", lambda: self.stats.reconnects.update(["visitor"]), namespace="/visitor"
-        )
-
-    async def connect(self) -> None:
-        await self.sio.connect(
-            self.url,
-            namespaces=["/visitor"],
-            transports=["websocket"],
-            auth=self.auth,
-        )
+        self.last_start = -math.inf
+        self.link = Link(http, url, "/visitor", self.auth, self.on_event, stats, "visitor")
 
     def auth(self) -> dict[str, Any]:
         # Reconnecting in a call: name it, as the widget does, to hear if it ended meanwhile.
@@ -158,32 +207,47 @@ class Visitor:
 
     @property
     def free(self) -> bool:
-        return self.call is None and self.sio.connected
+        # The gateway lets a visitor start 5 calls a minute: at most 4 here, as
+        # bench/click_to_ring.py does.
+        return (
+            self.call is None
+            and self.link.socket is not None
+            and time.monotonic() - self.last_start >= REUSE_S
+        )
 
     async def start(self) -> None:
         self.call = "starting"
-        began = time.monotonic()
-        try:
-            ack = await self.sio.call("call:start", {}, namespace="/visitor", timeout=5)
-        except (socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError):
+        began = self.last_start = time.monotonic()
+        ack = await self.link.call("call:start", {})
+        if ack is None:
             self.stats.refused["no_answer_to_start"] += 1
-            self.call = None
+            if self.call == "starting":
+                self.call = None
             return
         if "error" in ack:
             self.stats.refused[ack["error"]["code"]] += 1
-            self.call = None
+            if self.call == "starting":
+                self.call = None
             return
         call = ack["call"]
-        self.call, self.started_at = call["call_id"], began
+        self.call = call["call_id"]
         self.stats.started[self.call] = began
-        await self.on_update(call)
+        self.on_update(call)
 
-    async def on_update(self, call: dict[str, Any]) -> None:
+    def on_event(self, event: str, payload: Any) -> None:
+        if event == "call:update":
+            self.on_update(payload)
+
+    def on_update(self, call: dict[str, Any]) -> None:
         call_id = call["call_id"]
         # A start whose ack was lost in a reconnect is still seen here, on the resumed
         # session: the visitor is in that call, as the widget would show.
         self.stats.seen.add(call_id)
-        if self.call is None and call["state"] not in FINAL and call_id not in self.stats.ended:
+        if (
+            self.call in (None, "starting")
+            and call["state"] not in FINAL
+            and call_id not in self.stats.ended
+        ):
             self.call = call_id
         if call["state"] == "ringing" and call_id in self.stats.started:
             self.stats.rung.setdefault(call_id, time.monotonic())
@@ -194,6 +258,25 @@ class Visitor:
                 self.stats.not_completed[f"{call['state']}: {call.get('reason')}"] += 1
             if self.call == call_id:
                 self.call = None
+
+
+PER_ADDRESS = 150
+REUSE_S = 15.0
+
+
+def address(i: int) -> str:
+    """The ``i``-th client address: 127.0.1.1, 127.0.1.2, ... (all of 127/8 is loopback)."""
+    return f"127.0.{1 + i // 250}.{1 + i % 250}"
+
+
+async def connect_all(links: list[Link], concurrency: int) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(link: Link) -> None:
+        async with gate:
+            await link.connect()
+
+    await asyncio.gather(*(one(link) for link in links))
 
 
 async def stored_states(redis_url: str, call_ids: list[str]) -> dict[str, Any]:
@@ -279,13 +362,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name, port in ports.items()
             }
             upstream = [f"127.0.0.1:{p}" for p in ports.values()]
-            async with nginx(work / "nginx", tls_port, upstream) as url:
+            clients = args.agents + args.visitors
+            async with (
+                nginx(work / "nginx", tls_port, upstream, connections=2 * clients + 512) as url,
+                contextlib.AsyncExitStack() as stack,
+            ):
                 async with aiohttp.ClientSession() as http:
                     sessions = await open_sessions(http, nodes["node-a"].url, args.visitors)
-                agents = [Agent(i, url, stats, args.hold_s) for i in range(args.agents)]
-                visitors = [Visitor(url, s, stats) for s in sessions]
-                await asyncio.gather(*(a.connect() for a in agents))
-                await asyncio.gather(*(v.connect() for v in visitors))
+                # nginx lets an address hold 200 connections (limit_conn): the clients come
+                # from addresses of their own, PER_ADDRESS each (all of 127/8 is loopback).
+                https = [
+                    await stack.enter_async_context(
+                        aiohttp.ClientSession(
+                            connector=aiohttp.TCPConnector(
+                                ssl=False, limit=0, local_addr=(address(i), 0)
+                            )
+                        )
+                    )
+                    for i in range(math.ceil(clients / PER_ADDRESS))
+                ]
+                agents = [
+                    Agent(i, https[i // PER_ADDRESS], url, stats, args.hold_s)
+                    for i in range(args.agents)
+                ]
+                visitors = [
+                    Visitor(https[(args.agents + i) // PER_ADDRESS], url, s, stats)
+                    for i, s in enumerate(sessions)
+                ]
+                links = [a.link for a in agents] + [v.link for v in visitors]
+                t0 = time.monotonic()
+                await connect_all(links, args.connect_concurrency)
+                print(f"{clients} clients in {time.monotonic() - t0:.1f} s", file=sys.stderr)
                 timeline: dict[str, Any] = {}
                 began = time.monotonic()
 
@@ -297,6 +404,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             nodes[name], config, redis_url, work, name, ports[name]
                         )
                         timeline[name] = report
+                        print(f"{name}: {report}", file=sys.stderr, flush=True)
                         await asyncio.sleep(args.between_s)
                     timeline["restarts_done_at_s"] = round(time.monotonic() - began, 2)
 
@@ -304,14 +412,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rng = random.Random(16)
                 sent = 0
                 tick = 1 / args.rate
+                free: list[Visitor] = []
                 for n in itertools.count():
                     now = time.monotonic()
                     if now - began > args.duration:
                         break
                     await asyncio.sleep(max(0.0, began + n * tick - now))
-                    free = [v for v in visitors if v.free]
+                    if n % 50 == 0:  # a fresh list now and then: a full scan per start is slow
+                        free = [v for v in visitors if v.free]
+                        rng.shuffle(free)
+                    while free and not free[-1].free:
+                        free.pop()
                     if free:
-                        asyncio.get_running_loop().create_task(rng.choice(free).start())
+                        asyncio.get_running_loop().create_task(free.pop().start())
                         sent += 1
                 await restarter
                 # Every call started must end: wait for the last ones.
@@ -324,12 +437,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 booked_twice, rung_after_hang_up = await double_bookings(
                     redis_url, stats.rings_in_a_call
                 )
-                for agent in agents:
-                    with contextlib.suppress(Exception):
-                        await agent.sio.disconnect()
-                for visitor in visitors:
-                    with contextlib.suppress(Exception):
-                        await visitor.sio.disconnect()
+                await asyncio.gather(*(link.close() for link in links))
             for node in nodes.values():
                 node.proc.send_signal(signal.SIGTERM)
                 await node.proc.wait()
@@ -360,6 +468,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "double_bookings": booked_twice,
         "rings_after_an_unanswered_hang_up": rung_after_hang_up,
         "reconnects": dict(stats.reconnects),
+        "connect_failures": dict(stats.connect_failures),
         "restarts": timeline,
         "start_to_ring_ms": {k: summary_ms(v) for k, v in windows.items()},
         "target": "no call lost, no agent booked twice, during a rolling restart",
@@ -371,7 +480,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    # All from one address: nginx lets an address hold 200 connections (limit_conn).
     parser.add_argument("--agents", type=int, default=40)
     parser.add_argument(
         "--visitors", type=int, default=150, help="each may start 5 calls a minute (the limit)"
@@ -384,7 +492,18 @@ def main() -> None:
     parser.add_argument("--grace-s", type=float, default=10.0, help="the nodes' drain grace")
     parser.add_argument("--out", default=None)
     parser.add_argument("--keep", help="work in this directory and keep it (the nodes' logs)")
+    parser.add_argument("--connect-concurrency", type=int, default=64)
+    parser.add_argument(
+        "--load",
+        choices=["light", "click_to_ring"],
+        default="light",
+        help="click_to_ring: bench/click_to_ring.py's load (5,000 agents, 3,000 visitors, "
+        "200 starts a second, calls of 2 s), overriding the figures above",
+    )
     args = parser.parse_args()
+    if args.load == "click_to_ring":
+        args.agents, args.visitors, args.rate, args.hold_s = 5000, 3000, 200.0, 2.0
+        args.duration = max(args.duration, 90.0)
     write_json(args.out, asyncio.run(run(args)))
 
 

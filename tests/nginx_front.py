@@ -27,9 +27,11 @@ def free_port() -> int:
         return port
 
 
-def nginx_config(work: Path, http_port: int, tls_port: int, nodes: list[str]) -> Path:
+def nginx_config(
+    work: Path, http_port: int, tls_port: int, nodes: list[str], connections: int = 1024
+) -> Path:
     """The shipped file, listening on this test's ports, with its certificate (made by
-    ``certificates``) and nodes."""
+    ``certificates``) and nodes; ``connections``: the worker's (each client takes two)."""
     shipped = (ROOT / "deploy" / "nginx" / "membrane.conf").read_text()
     certs = certificates(work)
     site = shipped
@@ -54,9 +56,10 @@ def nginx_config(work: Path, http_port: int, tls_port: int, nodes: list[str]) ->
 user root;
 daemon off;
 worker_processes 1;
+worker_rlimit_nofile {connections + 64};
 pid {work}/nginx.pid;
 error_log {work}/error.log info;
-events {{ worker_connections 1024; }}
+events {{ worker_connections {connections}; }}
 http {{
     include /etc/nginx/mime.types;
     access_log {work}/access.log;
@@ -86,9 +89,11 @@ def error_log(work: Path) -> str:
 
 
 @asynccontextmanager
-async def nginx(work: Path, tls_port: int, nodes: list[str]) -> AsyncIterator[str]:
+async def nginx(
+    work: Path, tls_port: int, nodes: list[str], connections: int = 1024
+) -> AsyncIterator[str]:
     """nginx on ``tls_port`` in front of ``nodes`` (host:port): its https URL once it answers."""
-    main = nginx_config(work, free_port(), tls_port, nodes)
+    main = nginx_config(work, free_port(), tls_port, nodes, connections)
     check = await asyncio.create_subprocess_exec(
         NGINX, "-t", "-c", str(main), "-p", str(work),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
