@@ -119,8 +119,8 @@ class Link:
             socket.on_event = self.on_event
             try:
                 await socket.connect(self.auth())
-            except (aiohttp.ClientError, RuntimeError, OSError, TimeoutError) as e:
-                self.stats.connect_failures[f"{self.kind}: {type(e).__name__}"] += 1
+            except Exception as e:  # any failed connect is tried again, and counted
+                self.stats.connect_failures[f"{self.kind}: {failure(e)}"] += 1
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(5.0, delay * 2)
                 continue
@@ -260,6 +260,12 @@ class Visitor:
                 self.call = None
 
 
+def failure(e: Exception) -> str:
+    """A failed connect, as reported: its kind, and the HTTP status nginx or a node gave."""
+    status = getattr(e, "status", None)
+    return f"{type(e).__name__} {status}" if status else type(e).__name__
+
+
 PER_ADDRESS = 150
 REUSE_S = 15.0
 
@@ -281,7 +287,7 @@ async def connect_all(links: list[Link], concurrency: int) -> None:
 
 async def stored_states(redis_url: str, call_ids: list[str]) -> dict[str, Any]:
     """What the store says of calls a visitor never saw end (state, reason, agent)."""
-    client = redis_async.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_async.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=30)
     try:
         found: dict[str, Any] = {}
         for call_id in call_ids[:10]:
@@ -298,7 +304,7 @@ async def double_bookings(redis_url: str, rings: list[tuple[str, str, float]]) -
     that call had not ended in the store (the agent really booked twice), and those after it
     had (her hang-up went through but its answer was lost as her socket moved: she was
     free, and rightly rung)."""
-    client = redis_async.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_async.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=30)
     try:
         real = stale = 0
         for held, _, rung_at in rings:
@@ -503,7 +509,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.load == "click_to_ring":
         args.agents, args.visitors, args.rate, args.hold_s = 5000, 3000, 200.0, 2.0
-        args.duration = max(args.duration, 90.0)
+        args.duration = max(args.duration, 120.0)
     write_json(args.out, asyncio.run(run(args)))
 
 
