@@ -433,8 +433,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         asyncio.get_running_loop().create_task(free.pop().start())
                         sent += 1
                 await restarter
-                # Every call started must end: wait for the last ones.
-                deadline = time.monotonic() + args.hold_s + 60
+                # Every call started must end: wait for the last ones (a call whose rings went
+                # unanswered while agents moved is rung again, agent after agent).
+                deadline = time.monotonic() + args.hold_s + 180
                 while stats.seen - set(stats.ended) and time.monotonic() < deadline:
                     stats.changed.clear()
                     with contextlib.suppress(TimeoutError):

@@ -436,13 +436,15 @@ async def node_process(
     name: str,
     env: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
+    port: int | None = None,
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """``membrane serve`` in its own process, so a test can SIGKILL or signal it: its URL
     once ready, and the process. It shares ``settings``' token secret, takes ``env`` and
-    ``args`` besides, and logs to ``tmp_path / f"{name}.log"``."""
+    ``args`` besides (and ``port``, to start a node again where it was), and logs to
+    ``tmp_path / f"{name}.log"``."""
     config = tmp_path / f"{name}.toml"
     config.write_text(config_text)
-    port = free_port()
+    port = port or free_port()
     environment = {
         **os.environ,
         # The machine running the tests is shared: let a moment without CPU not shed starts.
@@ -454,7 +456,7 @@ async def node_process(
         **(env or {}),
     }
     log_path = tmp_path / f"{name}.log"
-    log = log_path.open("wb")
+    log = log_path.open("ab")  # a node started again logs after its first life
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
         "--redis-url", redis_url, "--data-dir", str(tmp_path / name), *args,

@@ -46,9 +46,7 @@ def nginx_config(
     ):
         assert old in site, old
         site = site.replace(old, new)
-    (work / "nodes.conf").write_text(
-        "".join(f"server {n} max_fails=0;\n" for n in nodes)
-    )
+    (work / "nodes.conf").write_text("".join(f"server {n} max_fails=0;\n" for n in nodes))
     (work / "membrane.conf").write_text(site)
     main = work / "nginx.conf"
     main.write_text(

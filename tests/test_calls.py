@@ -29,6 +29,7 @@ from conftest import (
 from gateway.core.call import CallState
 from gateway.edge.http import appkeys
 from gateway.ops.clock import ManualClock
+from gateway.services.call_desk import CallDesk
 from gateway.services.call_records import TimerKind
 from gateway.settings import Settings
 
@@ -277,6 +278,49 @@ async def test_an_agent_blip_keeps_the_call_and_a_real_leave_ends_it(
     await clock.advance(0.2)
     ended = await v.next("call:update", state_is("completed"))
     assert ended["reason"] == "agent_left"
+
+
+async def test_an_agent_socket_gone_while_her_accept_was_stored_leaves_the_call_as_a_drop_would(
+    node: Node,
+    clock: ManualClock,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen in a rolling restart under load: the agent's socket was let go by a drain while
+    her accept was being stored. Its leave knew nothing of the call, and the accept's handler
+    then failed (KeyError), so nothing ever told the call she had gone."""
+    calls = node.app[appkeys.CALLS]
+    namespace = node.app[appkeys.SIO].namespace_handlers["/agent"]
+    scheduled = Spy(node.app[appkeys.STORE], "schedule_timer")
+    left = Spy(namespace, "on_leave")
+    stored, release = asyncio.Event(), asyncio.Event()
+    accept = CallDesk.accept
+
+    async def slow_accept(desk: CallDesk, *args: Any) -> Any:
+        call = await accept(desk, *args)
+        stored.set()
+        await release.wait()
+        return call
+
+    monkeypatch.setattr(CallDesk, "accept", slow_accept)
+    anna = await agent(clients, node, "anna")
+    v = await visitor(clients, node, (await session(http, node))["token"])
+    await v.call("call:start", {}, "/visitor")
+    call_id = (await anna.next("call:ring"))["call_id"]
+    await anna.sio.emit("call:accept", {"call_id": call_id}, namespace="/agent")
+    await asyncio.wait_for(stored.wait(), 5)
+    # Let go by the node, as a drain does (a socket's own packets wait for its handler).
+    (sid,) = namespace.sessions
+    await node.app[appkeys.SIO].disconnect(sid, namespace="/agent")
+    await left.next()
+    release.set()
+
+    _, due, _ = await scheduled.next(timers_of(TimerKind.AGENT_GONE))
+    assert due == clock.now() + calls.agent_grace_s
+    await clock.advance(calls.agent_grace_s + 0.1)
+    ended = await v.next("call:update", state_is("completed"))
+    assert ended["call_id"] == call_id and ended["reason"] == "agent_left"
 
 
 async def test_visitor_abuse_is_refused(

@@ -427,3 +427,48 @@ async def test_malformed_packets_drop_the_connection_with_one_short_line_each(
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(loud) == len(MALFORMED), [r.getMessage() for r in loud]
     assert all(len(r.getMessage()) < 120 for r in loud)
+
+
+async def test_a_websocket_handshake_given_up_before_its_answer_is_no_error(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen in a rolling restart under load: clients whose connect timed out had gone by the
+    time the node answered their upgrade, and each was logged as an unhandled error and
+    counted as a 500. Nobody is left to answer: the node records it as nginx does (499)."""
+    request = (
+        "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
+        f"Host: {node.url.removeprefix('http://')}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {ORIGIN['Origin']}\r\n\r\n"
+    ).encode()
+    host, port = node.url.removeprefix("http://").split(":")
+    metrics = node.app[keys.METRICS].registry
+
+    def answered() -> dict[str, float]:
+        """The node's answers to /socket.io/ so far, by status."""
+        return {
+            sample.labels["status"]: sample.value
+            for family in metrics.collect()
+            if family.name == "membrane_http_requests"
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels["route"] == "/socket.io/"
+        }
+
+    for _ in range(20):
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        await writer.drain()
+        # Gone at once, with a reset (no FIN): the node's answer meets a closed transport.
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        writer.transport.abort()
+
+    async def all_answered() -> bool:
+        return sum(answered().values()) >= 20
+
+    await eventually(all_answered, WAIT_S)
+    assert "500" not in answered(), answered()
+    assert answered().get("499", 0) > 0, "the handshakes must have met a closed transport"
+    assert "unhandled error" not in caplog.text

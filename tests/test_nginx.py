@@ -14,6 +14,7 @@ test's own, on free ports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -22,7 +23,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import NodeFactory, free_port, make_settings, mint, node_process, replace
+from conftest import (
+    NodeFactory,
+    eventually,
+    free_port,
+    make_settings,
+    mint,
+    node_process,
+    replace,
+)
 from nginx_front import NGINX, certificates, nginx
 from playwright.async_api import Browser, Page, async_playwright, expect
 from test_browser_e2e import (
@@ -128,6 +137,62 @@ async def test_a_browser_call_through_nginx_goes_on_while_its_node_drains(
             await browser.close()
     access = (tmp_path / "nginx" / "access.log").read_text()
     assert "GET /socket.io/" in access and " 101 " in access  # websockets, through nginx
+
+
+async def node_taking(url: str, address: str) -> str:
+    """The node nginx gives a new socket from ``address`` (clients stay on a node by address;
+    a draining node's 503 sends the request on to the next)."""
+    connector = aiohttp.TCPConnector(ssl=False, local_addr=(address, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        http.get(f"{url}/readyz") as r,
+    ):
+        assert r.status == 200, await r.text()
+        node: str = (await r.json())["node"]
+        return node
+
+
+async def test_a_node_started_again_behind_nginx_gets_its_clients_back_at_once(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """With the shipped node list (``max_fails=0``), nginx sends a restarted node its share at
+    once. With ``max_fails=1``, the 503s of its drain had nginx mark it failed, and a node
+    marked failed got one new websocket per ``fail_timeout`` until one of them closed: after
+    a rolling restart nginx found no node live and answered 502 (bench/rolling_restart.py)."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    tls_port = free_port()
+    env = {"MEMBRANE_TRUSTED_PROXIES": "127.0.0.1", "MEMBRANE_DRAIN_GRACE_S": "3"}
+    env_a, env_b = {**env, "MEMBRANE_NODE_ID": "a"}, {**env, "MEMBRANE_NODE_ID": "b"}
+    a_port = free_port()
+    async with contextlib.AsyncExitStack() as stack:
+        a_url, a_proc = await stack.enter_async_context(
+            node_process(tmp_path, settings, redis_url, config(), "a", env_a, port=a_port)
+        )
+        b_url, _ = await stack.enter_async_context(
+            node_process(tmp_path, settings, redis_url, config(), "b", env_b)
+        )
+        upstream = [u.removeprefix("http://") for u in (a_url, b_url)]
+        url = await stack.enter_async_context(nginx(tmp_path / "nginx", tls_port, upstream))
+        addresses = [f"127.0.1.{i}" for i in range(1, 40)]
+        behind = {address: await node_taking(url, address) for address in addresses}
+        of_a = [address for address, node in behind.items() if node == "a"]
+        assert of_a and len(of_a) < len(addresses), behind
+
+        a_proc.send_signal(signal.SIGTERM)
+
+        async def sent_to_b() -> bool:
+            return await node_taking(url, of_a[0]) == "b"
+
+        # Once it drains, its clients are sent to b (its 503s retried there).
+        await eventually(sent_to_b, 5)
+        assert await asyncio.wait_for(a_proc.wait(), 15) == 0
+        # Stopped: refused connections, retried on b.
+        assert await node_taking(url, of_a[0]) == "b"
+
+        await stack.enter_async_context(
+            node_process(tmp_path, settings, redis_url, config(), "a", env_a, port=a_port)
+        )
+        assert [await node_taking(url, address) for address in of_a] == ["a"] * len(of_a)
 
 
 async def test_a_callback_through_nginx_with_twilio_calling_back_over_https(

@@ -180,8 +180,11 @@ async def _main() -> None:
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    os.nice(WRITER_NICENESS)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        os.nice(WRITER_NICENESS)
+    except OSError as e:  # a system-call filter that forbids it: the writes matter more
+        log.warning("call history writer runs at its node's priority: %s", e)
     asyncio.run(_main())
 
 

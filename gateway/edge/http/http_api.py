@@ -56,6 +56,15 @@ from gateway.wire.rest import (
 log = logging.getLogger(__name__)
 
 
+CLIENT_GONE_STATUS = 499
+"""Recorded for a request whose client left before its answer (nginx's code for it)."""
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -82,10 +91,16 @@ async def error_middleware(
         response = json_error(e.status, error_object(code, e.reason))
         if "Allow" in e.headers:  # a 405 names the methods the resource has (RFC 9110)
             response.headers["Allow"] = e.headers["Allow"]
-    except Exception:
-        log.exception("unhandled error in %s", route)
-        metrics.errors.labels(INTERNAL_CODE).inc()
-        response = internal_response()
+    except Exception as e:
+        if isinstance(e, ConnectionError) and client_gone(request):
+            # The client went away before its answer could be written (in a reconnect storm,
+            # websocket handshakes whose connect had timed out): nobody is left to answer.
+            log.debug("client gone before its answer in %s: %r", route, e)
+            response = web.Response(status=CLIENT_GONE_STATUS)
+        else:
+            log.exception("unhandled error in %s", route)
+            metrics.errors.labels(INTERNAL_CODE).inc()
+            response = internal_response()
     metrics.requests.labels(route, str(response.status)).inc()
     metrics.latency.labels(route).observe(time.perf_counter() - started)
     return response

@@ -139,7 +139,14 @@ class AgentNamespace(BaseNamespace):
     async def call_accept(self, sid: str, payload: Any) -> Json:
         claims = self.sessions[sid].claims
         call = await self.calls.accept(claims.site, claims.sub, sid, call_id_from_wire(payload))
-        self.sessions[sid].calls.add(call.call_id)
+        session = self.sessions.get(sid)
+        if session is None:
+            # The socket left while the accept was stored (a drain, a network drop): its
+            # leave did not know of this call, so the call is told now, as the leave would
+            # have told it (the app may still take it over).
+            await self.calls.agent_left(claims.site, claims.sub, sid, {call.call_id})
+        else:
+            session.calls.add(call.call_id)
         site = self.presence.site(claims.site)
         return accept_ack(call, site, ice_servers(self.settings.webrtc, claims.sub, time.time()))
 
