@@ -160,6 +160,22 @@ async def test_a_failing_history_is_written_to_again_and_the_newest_version_wins
     assert writer.failures == 3 and writer.pending == 0
 
 
+class HangingHistory(FlakyHistory):
+    async def put(self, rows: Sequence[HistoryRow]) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_stopping_node_waits_for_a_hung_history_no_longer_than_its_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writer = HistoryWriter(HangingHistory(failures=0), make_settings(Path("/nonexistent")).sites)
+    writer.opened.set()
+    writer.changed(None, ended("c_1"))
+    await asyncio.wait_for(writer.flush(0.3), 2)
+    assert writer.pending == 1
+    assert "1 calls not written before stopping" in caplog.text
+
+
 async def test_more_calls_waiting_than_the_bound_drops_the_oldest_and_says_so(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -416,6 +432,19 @@ async def test_a_nodes_writes_go_through_a_lower_priority_process_whose_death_or
                 await rows_sink.put([row("c_4", T0 + 3)])
             await rows_sink.put([row("c_4", T0 + 3)])
             assert rows_sink.started == 3
+
+            # A batch cancelled in flight (a node stopping): that child goes, as its answer
+            # would be read as the next batch's; the next batch has a new one.
+            hung = rows_sink.pid
+            assert hung is not None
+            os.kill(hung, signal.SIGSTOP)
+            cancelled = asyncio.create_task(rows_sink.put([row("c_4", T0 + 3, score=1)]))
+            await asyncio.sleep(0)  # it runs until it waits for the answer
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            await rows_sink.put([row("c_4", T0 + 3)])
+            assert rows_sink.started == 4 and rows_sink.pid != hung
 
             stored = await history.between("acme", 0, T0 + 10)
             assert [(r.call_id, r.survey_score) for r in stored] == [

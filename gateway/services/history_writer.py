@@ -181,7 +181,11 @@ class HistoryWriter:
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline_s
         while self._pending and loop.time() < end:
-            if not await self._write_batch():
+            try:
+                written = await asyncio.wait_for(self._write_batch(), end - loop.time())
+            except TimeoutError:  # a write that hangs must not hold the node past its grace
+                break
+            if not written:
                 await asyncio.sleep(min(0.5, max(0.0, end - loop.time())))
         if self._pending:
             log.error("call history: %d calls not written before stopping", len(self._pending))

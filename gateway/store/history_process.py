@@ -92,6 +92,12 @@ class HistoryProcess:
             except (OSError, TimeoutError) as e:
                 await self._discard(process)
                 raise StoreUnavailable(f"call history writer: {e!r}") from e
+            except asyncio.CancelledError:
+                # Its answer would be read as the next batch's: this child goes, and the
+                # batch (still the writer's) is written by the next one.
+                self._process = None
+                process.kill()
+                raise
             if answer == b"ok\n":
                 return
             if not answer.startswith(b"error "):
