@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -461,6 +462,19 @@ async def test_a_nodes_writes_go_through_a_lower_priority_process_whose_death_or
         finally:
             await rows_sink.close()
             await history.close()
+
+
+async def test_a_writer_process_that_cannot_be_started_is_a_write_to_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def no_descriptors(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", no_descriptors)
+    rows_sink = HistoryProcess("postgresql://nowhere/none")
+    with pytest.raises(StoreUnavailable, match="Too many open files"):
+        await rows_sink.put([row("c_1")])
+    assert rows_sink.started == 0
 
 
 async def test_the_history_process_answers_each_batch_with_why_the_database_refused_it() -> None:

@@ -96,7 +96,8 @@ class HistoryProcess:
                 # Its answer would be read as the next batch's: this child goes, and the
                 # batch (still the writer's) is written by the next one.
                 self._process = None
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
                 raise
             if answer == b"ok\n":
                 return
@@ -106,14 +107,17 @@ class HistoryProcess:
             raise StoreUnavailable(answer[6:].decode(errors="replace").strip())
 
     async def _start(self) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.store.history_process",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=MAX_LINE,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway.store.history_process",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=MAX_LINE,
+            )
+        except OSError as e:  # out of descriptors or memory: the batch waits and is retried
+            raise StoreUnavailable(f"call history writer could not start: {e}") from e
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(self._url.encode() + b"\n")
         try:
@@ -134,7 +138,8 @@ class HistoryProcess:
         if process is self._process:
             self._process = None
         if process.returncode is None:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
         await process.wait()
 
     async def close(self) -> None:
@@ -147,7 +152,8 @@ class HistoryProcess:
             try:
                 await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
             except TimeoutError:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
                 await process.wait()
 
 
@@ -164,8 +170,8 @@ async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
     try:
         while line := await reader.readline():
             try:
-                # Connected at the first batch, and again after the database went away: the
-                # node retries its batches meanwhile.
+                # Connected here if the database was down when the child started (the node
+                # retries its batches meanwhile); the pool reconnects by itself after that.
                 await history.connect()
                 await history.put(decode_batch(line))
             except (StoreUnavailable, ValueError, msgspec.DecodeError) as e:
