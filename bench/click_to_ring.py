@@ -68,43 +68,6 @@ FINAL = frozenset({"completed", "failed", "canceled"})
 MIN_PRESS_GAP_S = 0.25
 
 
-class AckSocketIO(RawSocketIO):
-    """RawSocketIO plus acks: ``emit_ack`` numbers the packet and the answer (``43``) goes
-    to the callback given."""
-
-    def __init__(self, http: aiohttp.ClientSession, url: str, namespace: str) -> None:
-        super().__init__(http, url, namespace)
-        self._acks: dict[int, Callable[[Any], None]] = {}
-        self._ack_id = 0
-
-    async def emit_ack(self, event: str, payload: Any, on_ack: Callable[[Any], None]) -> None:
-        assert self._ws is not None
-        self._ack_id += 1
-        self._acks[self._ack_id] = on_ack
-        await self._ws.send_str(f"42{self._ns},{self._ack_id}" + json.dumps([event, payload]))
-
-    async def _read(self) -> None:
-        assert self._ws is not None
-        event_prefix = f"42{self._ns},"
-        ack_prefix = f"43{self._ns},"
-        async for msg in self._ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                break
-            data: str = msg.data
-            if data == "2":
-                await self._ws.send_str("3")
-            elif data.startswith(event_prefix):
-                if self.on_event is not None:
-                    event, payload = json.loads(data[len(event_prefix) :])[:2]
-                    self.on_event(event, payload)
-            elif data.startswith(ack_prefix):
-                rest = data[len(ack_prefix) :]
-                bracket = rest.index("[")
-                callback = self._acks.pop(int(rest[:bracket]), None)
-                if callback is not None:
-                    callback(json.loads(rest[bracket:])[0])
-
-
 class SimAgent:
     """An agent's socket, as the agent app uses it: a ring that arrives past its
     ``ring_expires_at`` (or after its stop) is ignored, a valid one accepted at once."""
@@ -123,7 +86,7 @@ class SimAgent:
 class SimVisitor:
     __slots__ = ("busy", "call_id", "client", "next_ok", "rung", "sent_at", "visitor_id")
 
-    def __init__(self, visitor_id: str, client: AckSocketIO) -> None:
+    def __init__(self, visitor_id: str, client: RawSocketIO) -> None:
         self.visitor_id = visitor_id
         self.client = client
         self.busy = False  # a start sent and its call not yet known to be over
@@ -403,7 +366,7 @@ class Driver:
         self.setup_s["all_available"] = round(await wait_available(self.http, urls, args.agents), 1)
 
         def make_visitor(i: int) -> tuple[RawSocketIO, dict[str, Any]]:
-            client = AckSocketIO(self.http, urls[i % len(urls)], "/visitor")
+            client = RawSocketIO(self.http, urls[i % len(urls)], "/visitor")
             v = SimVisitor(f"v_bench{i:011d}", client)
             self.visitors[v.visitor_id] = v
             self.ready.append(v)

@@ -254,8 +254,9 @@ class RawSocketIO:
         self._ns = namespace
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._acks: dict[int, asyncio.Future[Any]] = {}
-        self._ack_ids = itertools.count()
+        self._acks: dict[int, Callable[[Any], None]] = {}
+        self._ack_ids = itertools.count(1)
+        self._waiters: set[asyncio.Future[Any]] = set()
         self.on_event: Any = None
 
     async def connect(self, auth: dict[str, Any], timeout: float = 10.0) -> None:
@@ -288,36 +289,47 @@ class RawSocketIO:
                 data: str = msg.data
                 if data == "2":
                     await self._ws.send_str("3")
+                elif data.startswith(prefix):
+                    if self.on_event is not None:
+                        event, payload = json.loads(data[len(prefix) :])[:2]
+                        self.on_event(event, payload)
                 elif data.startswith(ack_prefix):
                     body = data[len(ack_prefix) :]
-                    digits = len(body) - len(body.lstrip("0123456789"))
-                    waiter = self._acks.pop(int(body[:digits]), None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(json.loads(body[digits:])[0])
-                elif self.on_event is not None and data.startswith(prefix):
-                    event, payload = json.loads(data[len(prefix) :])[:2]
-                    self.on_event(event, payload)
+                    bracket = body.index("[")
+                    on_ack = self._acks.pop(int(body[:bracket]), None)
+                    if on_ack is not None:
+                        on_ack(json.loads(body[bracket:])[0])
         finally:
-            for waiter in self._acks.values():
+            for waiter in self._waiters:
                 if not waiter.done():
                     waiter.set_exception(ConnectionError("the socket closed"))
-            self._acks.clear()
 
     async def emit(self, event: str, payload: Any) -> None:
         assert self._ws is not None
         await self._ws.send_str(f"42{self._ns}," + json.dumps([event, payload]))
 
-    async def call(self, event: str, payload: Any, timeout: float = 5.0) -> Any:
-        """Emit asking for an acknowledgement, and return it; ``ConnectionError`` if the socket
-        closes first, ``TimeoutError`` after ``timeout``."""
+    async def emit_ack(self, event: str, payload: Any, on_ack: Callable[[Any], None]) -> int:
+        """Emit asking for an acknowledgement, which goes to ``on_ack`` (if it comes): the
+        driver's hot path, without a future per message. Returns the packet's number."""
         assert self._ws is not None
         ack_id = next(self._ack_ids)
+        self._acks[ack_id] = on_ack
+        await self._ws.send_str(f"42{self._ns},{ack_id}" + json.dumps([event, payload]))
+        return ack_id
+
+    async def call(self, event: str, payload: Any, timeout: float = 5.0) -> Any:
+        """Emit and return the acknowledgement; ``ConnectionError`` if the socket closes
+        first, ``TimeoutError`` after ``timeout``."""
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._acks[ack_id] = waiter
+        self._waiters.add(waiter)
+        ack_id = 0
         try:
-            await self._ws.send_str(f"42{self._ns},{ack_id}" + json.dumps([event, payload]))
+            ack_id = await self.emit_ack(
+                event, payload, lambda ack: waiter.done() or waiter.set_result(ack)
+            )
             return await asyncio.wait_for(waiter, timeout)
         finally:
+            self._waiters.discard(waiter)
             self._acks.pop(ack_id, None)
 
     async def closed(self) -> None:
