@@ -108,15 +108,9 @@ class HistoryRows(Protocol):
     async def close(self) -> None: ...
 
 
-class CallHistory(Protocol):
+class CallHistory(HistoryRows, Protocol):
     async def start(self) -> None:
         """Open, and migrate the schema to the newest version."""
-
-    async def close(self) -> None: ...
-
-    async def put(self, rows: Sequence[HistoryRow]) -> None:
-        """Store ``rows``, each replacing any earlier row of its call (a survey answer comes
-        after the end); raises ``StoreUnavailable`` when the database fails."""
 
     async def between(self, site: str, start: float, end: float) -> list[HistoryRow]:
         """The site's calls made in ``[start, end)``, oldest first."""
