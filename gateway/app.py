@@ -401,6 +401,7 @@ def create_app(
         # (SIGTERM) has drained already; the steps then find nothing left to do.
         await drain.run()
         await sio.shutdown()
+        sio.eio.end_transports()
 
     app.cleanup_ctx.append(pace_collector)
     app.cleanup_ctx.append(open_store)

@@ -24,10 +24,12 @@ import aiohttp
 import engineio
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from conftest import eventually, free_port
 
 from gateway.edge.sio.upstream import LeanSocket, MembraneServer, TrackedEngineServer
 from gateway.edge.sio.upstream.engine import PlainWebSocket
+from gateway.edge.sio.upstream.packet_queue import PacketQueue
 
 PING_INTERVAL = 0.4
 PING_TIMEOUT = 0.4
@@ -99,6 +101,65 @@ async def test_server_sockets_are_lean(server: Harness) -> None:
         (socket,) = server.sio.eio.sockets.values()
         assert type(socket) is LeanSocket
         await ws.close()
+
+
+async def test_an_open_websocket_keeps_none_of_aiohttps_request_and_no_task(
+    server: Harness,
+) -> None:
+    """Once answered, the upgrade's request, aiohttp's handler for the connection and their
+    tasks are gone: an idle socket is its ``WebSocketConnection`` and its ``LeanSocket``."""
+    async with aiohttp.ClientSession() as http:
+        sockets = [await open_socket(http, server.url) for _ in range(5)]
+
+        async def released() -> bool:
+            gc.collect()
+            kept = [o for o in gc.get_objects() if isinstance(o, web.BaseRequest | RequestHandler)]
+            return not kept
+
+        await eventually(released, 5)
+        busy = [
+            t
+            for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__qualname__", "").startswith(
+                ("RequestHandler", "LeanSocket")
+            )
+        ]
+        assert not busy, busy
+        # And the sockets still talk.
+        ws, _ = sockets[-1]
+        await ws.send_str('42/t,7["hello",{"n":5}]')
+        assert await next_message(ws) == '43/t,7[{"echo":{"n":5}}]'
+        for ws, _ in sockets:
+            await ws.close()
+
+
+async def test_frames_sent_with_the_upgrade_request_are_not_lost(server: Harness) -> None:
+    """A client may send its first frames in the same packet as its upgrade request; aiohttp
+    keeps those bytes aside, and the websocket takes them over with the connection."""
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = b"40/t,{}"
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    writer.write(
+        b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
+        b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + bytes([0x81, 0x80 | len(payload)])
+        + mask
+        + masked
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        frames: list[str] = []
+        while len(frames) < 2:
+            first, length = await asyncio.wait_for(reader.readexactly(2), 2)
+            assert first == 0x81 and length < 126  # unmasked final text frames
+            frames.append((await reader.readexactly(length)).decode())
+        assert frames[0].startswith("0{") and frames[1].startswith("40/t,"), frames
+    finally:
+        writer.close()
 
 
 async def next_message(ws: aiohttp.ClientWebSocketResponse, timeout: float = 2.0) -> str:
@@ -199,8 +260,8 @@ class _FakeServer:
     ping_timeout = 0.1
     logger = engineio.AsyncServer(async_mode="aiohttp").logger
 
-    def create_queue(self) -> asyncio.Queue[Any]:
-        return asyncio.Queue()
+    def create_queue(self) -> PacketQueue:
+        return PacketQueue()
 
 
 def message(data: str) -> engineio.packet.Packet:
@@ -247,8 +308,39 @@ async def test_poll_batches_stops_at_the_close_marker_and_times_out() -> None:
     s._put(message("z"))
     assert datas(await s.poll()) == ["z"]
     assert s.pending_bytes == 0
-    unfinished: int = getattr(s.queue, "_unfinished_tasks")  # noqa: B009 - asyncio's own count
-    assert unfinished == 0  # every get matched by task_done
+    joined = asyncio.create_task(s.queue.join())
+    await asyncio.sleep(0)
+    assert joined.done()  # every get matched by task_done
+
+
+async def test_the_packet_queue_keeps_asyncio_queues_contract() -> None:
+    """``PacketQueue`` stands in for ``asyncio.Queue``: order, waiting getters in turn, a
+    cancelled getter losing nothing, ``join`` until every item is done."""
+    q = PacketQueue()
+    with pytest.raises(asyncio.QueueEmpty):
+        q.get_nowait()
+    first, second = asyncio.create_task(q.get()), asyncio.create_task(q.get())
+    await asyncio.sleep(0)
+    q.put_nowait("a")
+    q.put_nowait("b")
+    assert list(await asyncio.wait_for(asyncio.gather(first, second), 1)) == ["a", "b"]
+
+    # A getter woken and then cancelled before it ran hands its item to the next one.
+    cancelled, waiting = asyncio.create_task(q.get()), asyncio.create_task(q.get())
+    await asyncio.sleep(0)
+    q.put_nowait("c")
+    cancelled.cancel()
+    assert await asyncio.wait_for(waiting, 1) == "c"
+    assert q.empty() and q.qsize() == 0
+
+    joined = asyncio.create_task(q.join())
+    await asyncio.sleep(0)
+    assert not joined.done()  # three taken, none done
+    for _ in range(3):
+        q.task_done()
+    await asyncio.wait_for(joined, 1)
+    with pytest.raises(ValueError):
+        q.task_done()
 
 
 async def test_a_browser_offering_deflate_gets_plain_frames(server: Harness) -> None:

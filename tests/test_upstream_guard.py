@@ -40,6 +40,8 @@ class Upstream:
     def package(self) -> str:
         if self.module.startswith("aiortc"):
             return "aiortc"
+        if self.module.startswith("aiohttp"):
+            return "aiohttp"
         return "python-engineio" if self.module.startswith("engineio") else "python-socketio"
 
 
@@ -55,6 +57,7 @@ def _sio(module: str, qualname: str, override: str, sha: str) -> Upstream:
 
 
 E = "gateway.edge.sio.upstream.engine"
+W = "gateway.edge.sio.upstream.websocket"
 S = "gateway.edge.sio.upstream.server"
 M = "gateway.edge.sio.sio_manager"
 P = "mobile_bridge.media.pcmu"
@@ -64,9 +67,9 @@ UPSTREAM = [
     _eio("AsyncSocket.poll", f"{E}:LeanSocket.poll", "9e7733d7c32e158a"),
     _eio("AsyncSocket.schedule_ping", f"{E}:LeanSocket.schedule_ping", "004bb5cd7ba28d22"),
     _eio("AsyncSocket._send_ping", f"{E}:LeanSocket._ping_due", "797800de80607ae2"),
-    _eio(
-        "AsyncSocket._websocket_handler", f"{E}:LeanSocket._websocket_handler", "d9962c30bb287a40"
-    ),
+    # What upstream's websocket handler and its ``receive`` do, the websocket's peer does.
+    _eio("AsyncSocket._websocket_handler", f"{E}:LeanSocket.attach", "d9962c30bb287a40"),
+    _eio("AsyncSocket.receive", f"{E}:LeanSocket.websocket_message", "d0b96c65449f5eb9"),
     _eio(
         "AsyncServer.handle_request", f"{E}:TrackedEngineServer.handle_request", "7251b38e63430fa8"
     ),
@@ -75,6 +78,7 @@ UPSTREAM = [
         f"{E}:TrackedEngineServer._handle_connect",
         "b822f04393519502",
     ),
+    _eio("AsyncServer.create_queue", f"{E}:TrackedEngineServer.create_queue", "19fafaad676bdc51"),
     _eio(
         "AsyncServer.start_background_task",
         f"{E}:TrackedEngineServer.start_background_task",
@@ -86,6 +90,50 @@ UPSTREAM = [
         "WebSocket.__call__",
         f"{E}:PlainWebSocket.__call__",
         "9cca8ec81726f395",
+    ),
+    # aiohttp 3.14.5: the websocket taken over from aiohttp after its handshake
+    # (``DetachedWebSocket``), and aiohttp's frame parser fed by a queue of Membrane's.
+    Upstream(
+        "aiohttp.web_ws",
+        "WebSocketResponse._post_start",
+        f"{W}:DetachedWebSocket._post_start",
+        "097105032c6ce6e2",
+    ),
+    Upstream(
+        "aiohttp.web_ws",
+        "WebSocketResponse.write_eof",
+        f"{W}:DetachedWebSocket.write_eof",
+        "91160f9c7f4bf52d",
+    ),
+    Upstream(
+        "aiohttp.web_protocol",
+        "RequestHandler.connection_lost",
+        f"{W}:DetachedWebSocket.detach",
+        "8d34e69a627ac698",
+    ),
+    Upstream(
+        "aiohttp.web_protocol",
+        "RequestHandler.data_received",
+        f"{W}:DetachedWebSocket.detach",
+        "e5ef6ab42b2c2f3c",
+    ),
+    Upstream(
+        "aiohttp.web_protocol",
+        "RequestHandler.start",
+        f"{W}:DetachedWebSocket.detach",
+        "f84eee4a2c5532ab",
+    ),
+    Upstream(
+        "aiohttp._websocket.reader_py",
+        "WebSocketReader._handle_frame",
+        f"{W}:_Inbox",
+        "342a8d3aef005d5d",
+    ),
+    Upstream(
+        "aiohttp._websocket.reader_py",
+        "WebSocketDataQueue.feed_data",
+        f"{W}:_Inbox.feed_data",
+        "cf5018460fc9decc",
     ),
     # socket.io 5.18.1
     _sio("packet", "Packet.data_is_binary", f"{S}:JsonPacket.data_is_binary", "42af165d2e194b90"),

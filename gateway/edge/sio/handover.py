@@ -49,7 +49,7 @@ async def _drop(eio: TrackedEngineServer, sid: str, socket: LeanSocket) -> None:
         # goodbye, which a client does not follow by reconnecting.
         await socket.close(wait=False, abort=True, reason=eio.reason.SERVER_DISCONNECT)
     finally:
-        # Ends the writer, which closes the WebSocket (else it stays open until the ping
-        # timeout): to the client, the network dropped.
-        socket.queue.put_nowait(None)
+        # Closes the WebSocket (else it stays open until the ping timeout): to the client,
+        # the network dropped.
+        socket.end_transport()
         eio.sockets.pop(sid, None)

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 # site for as long as it answers pings. A burst of a few hundred changes (a resync of a
 # large site) fits; the availability feed drops its watchers at 64 KiB the same way.
 MAX_PENDING_BYTES = 256 * 1024
+# Packets received on one connection and not yet handled: past this, the node stops reading
+# from it (the kernel's buffers, then TCP, hold the client back) until its handler catches
+# up. Its packets are handled one at a time, in order.
+MAX_INBOX = 64
 # Namespace CONNECT packets per engine.io connection: one every 2 s on average, bursts of
 # 10. Each connect and disconnect of /agent adds and removes a device (a presence change
 # for every node and board); the shipped clients connect each namespace once.

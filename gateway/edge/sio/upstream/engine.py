@@ -5,6 +5,7 @@ client to are in ``gateway.edge.sio.limits``."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -14,10 +15,12 @@ import engineio
 import engineio.async_socket
 import engineio.exceptions
 import engineio.packet
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from engineio.async_drivers import aiohttp as engineio_aiohttp
 
 from gateway.edge.sio import limits
+from gateway.edge.sio.upstream.packet_queue import PacketQueue
+from gateway.edge.sio.upstream.websocket import DetachedWebSocket, WebSocketConnection
 from gateway.ops.metrics import Metrics
 from gateway.ops.ratelimit import TokenBucket
 from gateway.ops.tasks import TaskGroup
@@ -26,49 +29,53 @@ log = logging.getLogger(__name__)
 
 
 class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
-    """engine.io's socket with the same behaviour and fewer objects per message, and with
-    what a hostile client can make it hold bounded.
+    """engine.io's socket with the same behaviour and fewer objects, and with what a hostile
+    client can make it hold bounded.
 
-    The stock socket waits for every outgoing batch and every incoming message through
-    ``asyncio.wait_for``, which (CPython 3.11) wraps the wait in a new Task and adds a waiter
-    future and a callback; the reader also spawns a Task per message. Thousands of sockets
-    each keep two such waits pending for seconds, so they outlive the young generation and
-    make the collector's older generations large and slow (a gen1 collection of ~300k
-    objects took ~200 ms at 8,000 sockets, measured). Here both waits run in the socket's own
-    task with no Task of their own. On a websocket neither arms a timer per message either:
-    one watchdog timer per socket (``_watch``) ends a connection not heard from for
-    ``ping_interval + ping_timeout``, the deadline upstream puts on every read, and the writer
-    waits for its queue with no deadline at all, because its reader always ends it. A timer
-    armed and cancelled per message was about 5% of a node's CPU when it refused 800 starts a
-    second, and three more objects per message for the collector. (A polling GET still
-    waits under ``asyncio.timeout``; a packet already queued is taken without arming one.)
+    On a websocket (the only transport a node offers) the socket is its connection's peer
+    (``gateway.edge.sio.upstream.websocket``): each message arrives by a call, not a wait;
+    what is sent is written to the transport at once, with no queue and no writer task; and
+    an idle socket has no task at all. The messages of one client are still handled one at a
+    time, in order, by a task that lives only while some wait (``_handle_inbox``): so a
+    presence change from one device can never overtake another. A pong, most of what an idle
+    client sends, is handled in the call itself.
 
-    The outgoing queue is bounded in bytes (``MAX_PENDING_BYTES``), a client that abuses the
-    protocol is dropped with a reason (``drop``), and a writer stuck on a client that stopped
-    reading cannot hold the connection open once its reader has ended.
+    Timers rather than waits: one watchdog per socket (``_watch``) ends a connection not
+    heard from for ``ping_interval + ping_timeout``, the deadline upstream puts on every
+    read, and the next ping is a timer (``schedule_ping``), not a sleeping task. A timer
+    armed and cancelled per message was about 5% of a node's CPU when it refused 800 starts
+    a second; a task per wait made the collector's older generations large and slow (a gen1
+    collection of ~300k objects took ~200 ms at 8,000 sockets, measured).
+
+    A client that does not read is dropped once the transport holds ``MAX_PENDING_BYTES``
+    unsent (``pending_bytes``); a client that abuses the protocol is dropped with a reason
+    (``drop``); a connection that ends with bytes unsent is cut after ``WRITER_GRACE_S``.
+
+    Long-polling, and an upgrade from it, keep upstream's queue and its websocket handler.
     """
 
     last_ping: float | None
     connected: bool
     closing: bool
     closed: bool
-    queue: asyncio.Queue[Any]
+    queue: PacketQueue
 
     _pinged_before = False
-    pending_bytes = 0
-    """Bytes queued for the client and not yet taken by the writer (or a polling GET)."""
+    _queued_bytes = 0
+    """Bytes queued for a polling client and not yet taken by a GET (or upstream's writer)."""
     dropped: str | None = None
     """The error code this connection was dropped for, once it was."""
-    _close_code: int | None = None
-    _transport: asyncio.Transport | None = None
+    _ws: WebSocketConnection | None = None
+    """The websocket, from ``attach`` until it ends."""
+    _ws_ended = False
+    _inbox: collections.deque[Any] | None = None
+    """Packets received and not yet handled, while ``_handle_inbox`` runs."""
+    _handler: asyncio.Task[None] | None = None
     _heard_at = 0.0
     """When the client last sent anything on its websocket (the loop's clock)."""
     _watchdog: asyncio.TimerHandle | None = None
-    _reader: asyncio.Task[Any] | None = None
-    _silent = False
-    """The watchdog ended the connection: the client was silent past the deadline."""
     _handling = False
-    """The reader is handling the client's last packet, not waiting for the next."""
+    """A packet of the client is being handled."""
     ping_every_s: float | None = None
     """How often this connection is pinged, when not the server's ``ping_interval``
     (``watch``)."""
@@ -85,40 +92,193 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         self.connects = TokenBucket(*limits.NAMESPACE_CONNECTS)
 
     async def send(self, pkt: Any) -> None:
-        """As ``AsyncSocket.send``, onto a queue bounded in bytes: past the bound the client
-        is too slow to keep, and is dropped rather than buffered."""
+        """As ``AsyncSocket.send``, written at once on a websocket, else onto a queue bounded
+        in bytes: past the bound the client is too slow to keep, and is dropped rather than
+        buffered."""
         if self.dropped is not None or not await self.check_ping_timeout():
             return
         self._put(pkt)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes sent to this client that it has not read yet: queued here, or held by the
+        websocket's transport."""
+        ws = self._ws
+        return self._queued_bytes + (0 if ws is None else ws.unsent)
+
     def _put(self, pkt: Any) -> None:
+        if self._ws_ended:
+            return
+        ws = self._ws
+        if ws is not None:
+            if pkt is None:
+                return
+            if ws.send(pkt.encode()) > limits.MAX_PENDING_BYTES:
+                self.drop("slow_consumer", None)
+            elif pkt.packet_type == engineio.packet.CLOSE:
+                # The server's goodbye (upstream's ``close``): nothing follows it. Upstream
+                # waited for the client to close; one that did not held the connection.
+                ws.close(WSCloseCode.OK, "", limits.WRITER_GRACE_S)
+            return
         size = limits.packet_size(pkt)
-        if self.pending_bytes + size > limits.MAX_PENDING_BYTES:
+        if self._queued_bytes + size > limits.MAX_PENDING_BYTES:
             self.drop("slow_consumer", None)
             return
-        self.pending_bytes += size
+        self._queued_bytes += size
         self.queue.put_nowait(pkt)
 
     def _taken(self, pkt: Any) -> Any:
         self.queue.task_done()
-        self.pending_bytes -= limits.packet_size(pkt)
+        self._queued_bytes -= limits.packet_size(pkt)
         return pkt
 
     def drop(self, code: str, ws_code: int | None) -> None:
         """End the connection for abusing the protocol, with one short log line and a count
-        under ``code``. With ``ws_code`` the reader stops after the packet at hand and the
-        client gets a close frame with that code and ``code`` as its reason; without (a client
-        that does not read, which would never see one) the transport is cut at once."""
+        under ``code``. With ``ws_code`` the client gets a close frame with that code and
+        ``code`` as its reason, and no packet after the one at hand is handled; without (a
+        client that does not read, which would never see one) the transport is cut at
+        once."""
         if self.dropped is not None:
             return
         self.dropped = code
-        self._close_code = ws_code
         log.warning("engine.io connection %s dropped: %s", self.sid, code)
         count = getattr(self.server, "count_refusal", None)
         if count is not None:
             count(code)
-        if ws_code is None and self._transport is not None:
-            self._transport.abort()
+        ws = self._ws
+        if ws is not None:
+            if ws_code is None:
+                ws.abort()
+            else:
+                ws.close(ws_code, code, limits.WRITER_GRACE_S)
+        elif not self._ws_ended:
+            self.queue.put_nowait(None)  # ends upstream's writer (a poll upgraded)
+
+    def end_transport(self) -> None:
+        """Close the connection as a network drop would, without an engine.io CLOSE packet
+        (a client reconnects after a drop, not after a server's goodbye)."""
+        if self._ws is not None:
+            self._ws.close(WSCloseCode.GOING_AWAY, "", limits.WRITER_GRACE_S)
+        elif not self._ws_ended:
+            self.queue.put_nowait(None)  # ends upstream's writer, which closes the websocket
+
+    # -- the websocket's peer (gateway.edge.sio.upstream.websocket) --
+
+    def attach(self, ws: WebSocketConnection) -> WebSocketConnection:
+        """The client's websocket is open: what was queued before it (the OPEN packet) goes
+        out first, then everything as it is sent; the watchdog starts. With
+        ``websocket_message`` and ``_handle_inbox``, what ``AsyncSocket._websocket_handler``
+        does for a websocket opened as one."""
+        loop = self._loop = asyncio.get_running_loop()
+        self.connected = True
+        self.upgraded = True
+        queue = self.queue
+        while not queue.empty():
+            pkt = self._taken(queue.get_nowait())
+            if pkt is not None:
+                ws.send(pkt.encode())
+        self._ws = ws
+        timeout_s = self.server.ping_interval + self.server.ping_timeout
+        self._heard_at = loop.time()
+        self._watchdog = loop.call_at(self._heard_at + timeout_s, self._watch, timeout_s)
+        self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
+        return ws
+
+    def websocket_heard(self) -> None:
+        assert self._loop is not None
+        self._heard_at = self._loop.time()
+
+    def websocket_message(self, data: str | bytes) -> None:
+        """A message from the client: an engine.io packet, handled in order after those
+        before it (see ``_handle_inbox``). A pong with none waiting is handled here, as
+        ``AsyncSocket.receive`` does."""
+        if self.dropped is not None or self._ws_ended:
+            return
+        assert self._loop is not None
+        self._heard_at = self._loop.time()
+        try:
+            pkt = engineio.packet.Packet(encoded_packet=data)
+        except (ValueError, TypeError, IndexError, engineio.exceptions.UnknownPacketError):
+            # Not an engine.io packet.
+            self.drop("malformed_packet", limits.WS_PROTOCOL_ERROR)
+            return
+        inbox = self._inbox
+        if inbox is None:
+            if pkt.packet_type == engineio.packet.PONG and not self.closed:
+                self.schedule_ping()  # all that ``receive`` does with it
+                return
+            inbox = self._inbox = collections.deque()
+            self._handler = self._loop.create_task(self._handle_inbox(inbox))
+        inbox.append(pkt)
+        ws = self._ws
+        if len(inbox) == limits.MAX_INBOX and ws is not None and ws.transport is not None:
+            ws.transport.pause_reading()  # resumed as the handler catches up
+
+    async def _handle_inbox(self, inbox: collections.deque[Any]) -> None:
+        """Each packet received in turn, until none is left; stops at one that got the
+        connection dropped. The task ends with the inbox empty, and the next packet starts
+        another: an idle socket has none."""
+        try:
+            while inbox and self.dropped is None:
+                pkt = inbox.popleft()
+                if len(inbox) == limits.MAX_INBOX // 2:
+                    ws = self._ws
+                    if ws is not None and ws.transport is not None:
+                        ws.transport.resume_reading()
+                self._handling = True
+                try:
+                    await self.receive(pkt)
+                except engineio.exceptions.SocketIsClosedError:  # pragma: no cover
+                    self.server.logger.info("Receive error -- socket is closed")
+                    break
+                except (
+                    ValueError,
+                    TypeError,
+                    IndexError,
+                    engineio.exceptions.UnknownPacketError,
+                ):
+                    # A packet a client may not send (OPEN, NOOP, ...).
+                    self.drop("malformed_packet", limits.WS_PROTOCOL_ERROR)
+                except Exception:  # pragma: no cover
+                    # As upstream: an unexpected error is logged, and the connection kept.
+                    self.server.logger.exception("Unknown receive error")
+                finally:
+                    self._handling = False
+        finally:
+            self._inbox = None
+            self._handler = None
+            if self._ws_ended:
+                self._transport_closed()
+
+    def websocket_ended(self, code: int | None) -> None:
+        """The websocket ended (closed by either side, cut, or lost): once the packets
+        received before it are handled, the socket closes as upstream's does when its
+        transport ends."""
+        if self._ws_ended:
+            return
+        self._ws_ended = True
+        self._ws = None  # (the connection refers to this socket: no cycle left behind)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+        if self._handler is None:
+            self._transport_closed()
+
+    def _transport_closed(self) -> None:
+        server = self.server
+        server.start_background_task(self._close_for_transport)
+
+    async def _close_for_transport(self) -> None:
+        """As the end of upstream's websocket handler: the socket closed (socket.io's
+        disconnect handlers run), and the server lets go of it."""
+        try:
+            await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+        finally:
+            if self.server.sockets.get(self.sid) is self:
+                del self.server.sockets[self.sid]
 
     async def poll(self) -> list[Any]:
         """Wait for packets to send to the client (as ``AsyncSocket.poll``)."""
@@ -134,12 +294,6 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         else:
             pkt = self._taken(queue.get_nowait())
         return self._batch(pkt)
-
-    async def _next_batch(self) -> list[Any]:
-        """The websocket writer's ``poll``: every packet queued, waiting for the first with no
-        deadline (the reader ends the writer by queueing None); [] once the socket ends."""
-        queue = self.queue
-        return self._batch(self._taken(await queue.get() if queue.empty() else queue.get_nowait()))
 
     def _batch(self, pkt: Any) -> list[Any]:
         """``pkt`` and every packet queued after it; [] when ``pkt`` is the end (None)."""
@@ -157,27 +311,27 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
 
     def _watch(self, timeout_s: float) -> None:
         """Due when the client has been silent ``timeout_s`` unless it was heard from since:
-        then due again that long after it was last heard; else its reader is ended, as
+        then due again that long after it was last heard; else the websocket is ended, as
         upstream's deadline on each read would have."""
         loop = asyncio.get_running_loop()
         due = self._heard_at + timeout_s
+        ws = self._ws
         if loop.time() < due:
             self._watchdog = loop.call_at(due, self._watch, timeout_s)
         elif self._handling:
             # Not the client's silence but this node's: a handler held up (by a store
-            # outage, for seconds) reads nothing meanwhile; what the client sent waits in the
-            # websocket's queue. Look again a full deadline later.
+            # outage, for seconds). Look again a full deadline later.
             self._watchdog = loop.call_later(timeout_s, self._watch, timeout_s)
-        elif self._reader is not None:
-            self._silent = True
+        elif ws is not None:
             self._watchdog = None
-            if self.silence_limit_s is not None and self._transport is not None:
+            if self.silence_limit_s is not None:
                 # A watched client fell silent: frozen or asleep, so it reads nothing either.
                 # Cut it now rather than wait WRITER_GRACE_S for a close frame it will not
                 # answer: its disconnect is what others are waiting for.
                 log.info("engine.io connection %s silent, cut", self.sid)
-                self._transport.abort()
-            self._reader.cancel()
+                ws.abort()
+            else:
+                ws.close(WSCloseCode.OK, "", limits.WRITER_GRACE_S)
 
     def schedule_ping(self) -> None:
         """As ``AsyncSocket.schedule_ping``, with the wait a timer rather than a Task
@@ -228,142 +382,34 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             self._put(engineio.packet.Packet(engineio.packet.PING))
             self.server.logger.info("%s: Sending packet PING data None", self.sid)
 
-    async def _websocket_handler(self, ws: Any) -> None:
-        """The websocket transport (as ``AsyncSocket._websocket_handler``), with the reader
-        waiting in this task under ``asyncio.timeout`` instead of a Task per message, and
-        stopping at the first packet that gets the connection dropped."""
-        server = self.server
-        packet = engineio.packet
-        max_size = server.max_http_buffer_size
-        request = ws.environ.get("aiohttp.request")
-        self._transport = request.transport if request is not None else None
-
-        async def websocket_wait() -> Any:
-            data = await ws.wait()
-            if data and len(data) > max_size:
-                raise ValueError("packet is too large")
-            return data
-
-        if self.connected:
-            # the socket was already connected, so this is an upgrade
-            self.upgrading = True  # hold packet sends during the upgrade
-            try:
-                pkt = await websocket_wait()
-            except OSError:  # pragma: no cover
-                return
-            decoded_pkt = packet.Packet(encoded_packet=pkt)
-            if decoded_pkt.packet_type != packet.PING or decoded_pkt.data != "probe":
-                server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
-                self.upgrading = False
-                return
-            await ws.send(packet.Packet(packet.PONG, data="probe").encode())
-            self._put(packet.Packet(packet.NOOP))  # end poll
-            try:
-                pkt = await websocket_wait()
-            except OSError:  # pragma: no cover
-                self.upgrading = False
-                return
-            decoded_pkt = packet.Packet(encoded_packet=pkt)
-            if decoded_pkt.packet_type != packet.UPGRADE:
-                self.upgraded = False
-                server.logger.info(
-                    "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
-                    self.sid,
-                    pkt,
-                )
-                self.upgrading = False
-                return
-            self.upgraded = True
-            self.upgrading = False
-        else:
-            self.connected = True
-            self.upgraded = True
-
-        async def writer() -> None:
-            while True:
-                try:
-                    packets = await self._next_batch()
-                except asyncio.CancelledError:
-                    break  # as upstream's writer: ended, then the socket is closed below
-                if not packets:
-                    # empty packet list returned -> connection closed
-                    break
-                try:
-                    for pkt in packets:
-                        await ws.send(pkt.encode())
-                except BaseException:
-                    break
-            if self._close_code is not None and self.dropped is not None:
-                # The engine.io wrapper's ``close`` takes no code: the close frame tells a
-                # client that reads why it was dropped.
-                await ws._sock.close(code=self._close_code, message=self.dropped.encode())
-            else:
-                await ws.close()
-
-        # Owned by this handler, which awaits it below before it returns (as upstream).
-        writer_task = asyncio.ensure_future(writer())
-        server.logger.info("%s: Upgrade to websocket successful", self.sid)
-
-        loop = self._loop = asyncio.get_running_loop()
-        timeout_s = server.ping_interval + server.ping_timeout
-        self._heard_at = loop.time()
-        self._reader = asyncio.current_task()
-        self._watchdog = loop.call_at(self._heard_at + timeout_s, self._watch, timeout_s)
-        while self.dropped is None:
-            try:
-                p = await ws.wait()  # websocket_wait, one coroutine fewer per message
-            except BaseException:  # the watchdog, a cancel, or the connection failing
-                if self._silent and self._reader is not None:
-                    self._reader.uncancel()  # our own cancel, handled here
-                break
-            self._heard_at = loop.time()
-            if p and len(p) > max_size:
-                break  # "packet is too large": the connection ends, as upstream's
-            if p is None:
-                # connection closed by client
-                break
-            try:
-                pkt = packet.Packet(encoded_packet=p)
-                self._handling = True
-                try:
-                    await self.receive(pkt)
-                finally:
-                    self._handling = False
-            except engineio.exceptions.SocketIsClosedError:  # pragma: no cover
-                server.logger.info("Receive error -- socket is closed")
-                break
-            except (ValueError, TypeError, IndexError, engineio.exceptions.UnknownPacketError):
-                # Not an engine.io packet, or one a client may not send (OPEN, NOOP, ...).
-                self.drop("malformed_packet", limits.WS_PROTOCOL_ERROR)
-            except Exception:  # pragma: no cover
-                # if we get an unexpected exception we log the error and exit
-                # the connection properly
-                server.logger.exception("Unknown receive error")
-
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        self._reader = None
-        self.queue.put_nowait(None)  # unlock the writer task so it can exit
-        _, pending = await asyncio.wait([writer_task], timeout=limits.WRITER_GRACE_S)
-        if pending and self._transport is not None:
-            self._transport.abort()  # the client stopped reading: its writer waits on it
-        await writer_task
-        await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
-
 
 class PlainWebSocket(engineio_aiohttp.WebSocket):  # type: ignore[misc]
-    """engine.io's aiohttp websocket, without per-message deflate.
+    """engine.io's aiohttp websocket driver: the handshake answered by aiohttp, then the
+    connection handed to a ``WebSocketConnection`` with the socket as its peer
+    (``gateway.edge.sio.upstream.websocket``), and aiohttp's request let go.
 
-    aiohttp offers to compress every frame, and browsers accept: each socket then keeps a
-    zlib compressor (about 100 KB) and compresses each message, a few dozen bytes of JSON
-    that compression barely shortens. Membrane's messages are small and its sockets many."""
+    No per-message deflate: aiohttp offers to compress every frame, and browsers accept;
+    each socket then keeps a zlib compressor (about 100 KB) and compresses each message, a
+    few dozen bytes of JSON that compression barely shortens. Membrane's messages are small
+    and its sockets many.
+
+    A socket upgrading from long-polling (which a node does not offer) runs upstream's
+    websocket handler over aiohttp's websocket, as upstream does."""
 
     async def __call__(self, environ: Any) -> Any:
-        """As ``WebSocket.__call__``, with ``compress=False``."""
+        """Replaces ``WebSocket.__call__``."""
         request = environ["aiohttp.request"]
-        self._sock = web.WebSocketResponse(
-            max_msg_size=self.server.max_http_buffer_size, compress=False
-        )
+        max_size = self.server.max_http_buffer_size
+        socket = getattr(self.handler, "__self__", None)
+        if isinstance(socket, LeanSocket) and not socket.connected:
+            detached = DetachedWebSocket(max_msg_size=max_size, compress=False)
+            await detached.prepare(request)
+            detached.detach(
+                request,
+                lambda transport: socket.attach(WebSocketConnection(socket, transport, max_size)),
+            )
+            return detached
+        self._sock = web.WebSocketResponse(max_msg_size=max_size, compress=False)
         await self._sock.prepare(request)
         self.environ = environ
         await self.handler(self)
@@ -375,6 +421,15 @@ class PlainWebSocket(engineio_aiohttp.WebSocket):  # type: ignore[misc]
             # collector pacer's frozen-garbage check, gateway/ops/gc_pacer.py).
             ended_by.__traceback__ = None
         return self._sock
+
+
+LASTING_ENVIRON_KEYS = ("REQUEST_METHOD", "QUERY_STRING", "HTTP_ORIGIN", "HTTP_USER_AGENT")
+
+
+def lasting_environ(environ: dict[str, Any]) -> dict[str, Any]:
+    """What of a connection's environ socket.io keeps for its connect handlers (Membrane's
+    own read none of it: a client authenticates in its CONNECT packet)."""
+    return {key: environ[key] for key in LASTING_ENVIRON_KEYS if key in environ}
 
 
 class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
@@ -396,6 +451,18 @@ class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         # (A copy: the driver's table is engine.io's own, shared by every server.)
         drivers: dict[str, Any] = getattr(self, "_async")  # noqa: B009 - untyped upstream
         self._async = {**drivers, "websocket": PlainWebSocket}
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
+        """Replaces ``AsyncServer.create_queue`` (an ``asyncio.Queue``, 3 KB a socket)."""
+        return PacketQueue()
+
+    def end_transports(self) -> None:
+        """Close every websocket still open, as a network drop would (see
+        ``LeanSocket.end_transport``): after a drain, for what connected during it. aiohttp
+        no longer knows these connections, so its shutdown would not close them."""
+        for socket in list(self.sockets.values()):
+            if isinstance(socket, LeanSocket):
+                socket.end_transport()
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
         """Replaces ``AsyncServer.start_background_task`` (a loose ``ensure_future``)."""
@@ -443,7 +510,9 @@ class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         )
         await s.send(pkt)
 
-        ret = await self._trigger_event("connect", sid, environ, run_async=False)
+        # socket.io keeps the environ it is given for the connection's life: a small copy,
+        # not the request (and its handler, headers and buffers) it came with.
+        ret = await self._trigger_event("connect", sid, lasting_environ(environ), run_async=False)
         if ret is not None and ret is not True:
             del self.sockets[sid]
             self.logger.warning("Application rejected connection")
