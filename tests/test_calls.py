@@ -519,6 +519,56 @@ async def test_a_new_watcher_is_told_the_truth_about_changes_nobody_watched(
     assert (await first_frame())["available"] is False, "Ben is away"
 
 
+async def test_an_open_stream_holds_no_request_and_ends_with_its_client(
+    node: Node, http: aiohttp.ClientSession, clients: Callable[[], SocketClient]
+) -> None:
+    """Once its headers are out, an availability stream is its connection and a ``Watcher``
+    (gateway.edge.detach): the request and aiohttp's handler for it are freed, broadcasts
+    still reach it, and a client that leaves is let go at once, without waiting for a
+    broadcast to find it gone."""
+    import gc
+    import json
+
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
+
+    feed = node.app[appkeys.AVAILABILITY]
+    url = f"{node.url}/v1/sites/acme/availability/stream"
+    streams = [await http.get(url) for _ in range(3)]
+
+    async def next_data(stream: aiohttp.ClientResponse) -> dict[str, Any]:
+        while True:
+            line = (await asyncio.wait_for(stream.content.readline(), 5)).decode()
+            if line.startswith("data: "):
+                data: dict[str, Any] = json.loads(line[6:])
+                return data
+
+    for stream in streams:
+        assert (await next_data(stream))["available"] is False
+    assert feed.watcher_count == 3
+    gc.collect()
+    kept = [o for o in gc.get_objects() if isinstance(o, web.BaseRequest | RequestHandler)]
+    assert not kept, kept
+
+    await agent(clients, node, "anna")  # available: a broadcast to every stream
+    for stream in streams:
+        assert (await next_data(stream))["available"] is True
+
+    streams[0].close()  # the client leaves; nothing is broadcast after
+
+    async def let_go() -> bool:
+        return feed.watcher_count == 2
+
+    await eventually(let_go, 5)
+    for stream in streams[1:]:
+        stream.close()
+
+    async def nobody_left() -> bool:
+        return feed.watcher_count == 0
+
+    await eventually(nobody_left, 5)
+
+
 async def test_a_widget_that_never_reads_is_cut_off_not_held(
     nodes: NodeFactory, tmp_path: Path
 ) -> None:
@@ -562,13 +612,13 @@ async def test_a_widget_that_never_reads_is_cut_off_not_held(
                 break
         assert feed.watcher_count == 0, "the feed stopped writing to it"
 
-        async def let_go() -> bool:
-            return not node.runner.server.connections  # type: ignore[union-attr]
-
-        await eventually(let_go, 5)
         # Reset: the backlog is not left in the node's kernel, waiting for the client.
         tcp_close = 7
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == tcp_close
+
+        async def reset() -> bool:
+            return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == tcp_close)
+
+        await eventually(reset, 5)
     finally:
         sock.close()
 

@@ -108,20 +108,26 @@ UPSTREAM = [
     Upstream(
         "aiohttp.web_protocol",
         "RequestHandler.connection_lost",
-        f"{W}:DetachedWebSocket.detach",
+        "gateway.edge.detach:take_connection",
         "8d34e69a627ac698",
     ),
     Upstream(
         "aiohttp.web_protocol",
         "RequestHandler.data_received",
-        f"{W}:DetachedWebSocket.detach",
+        "gateway.edge.detach:take_connection",
         "e5ef6ab42b2c2f3c",
     ),
     Upstream(
         "aiohttp.web_protocol",
         "RequestHandler.start",
-        f"{W}:DetachedWebSocket.detach",
+        "gateway.edge.detach:take_connection",
         "f84eee4a2c5532ab",
+    ),
+    Upstream(
+        "aiohttp.web_response",
+        "StreamResponse.write_eof",
+        "gateway.edge.detach:DetachedResponse.write_eof",
+        "2e843bf6b2609e3a",
     ),
     Upstream(
         "aiohttp._websocket.reader_py",

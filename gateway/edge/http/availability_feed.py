@@ -11,6 +11,7 @@ never stalls the node. A watcher whose socket cannot keep up is dropped, not buf
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -118,28 +119,29 @@ class AvailabilityFeed:
     async def watch(
         self, request: web.Request, key: FeedKey, headers: dict[str, str]
     ) -> web.StreamResponse:
-        """Serve one watcher until it goes away; runs in the connection's own handler."""
-        watcher = await open_stream(request, headers)
-        if watcher is None:
+        """Start one watcher's stream; it is written to by broadcasts until it ends."""
+        opened = await open_stream(request, headers)
+        if opened is None:
             return web.StreamResponse()  # the client went away
+        watcher, response = opened
         # The last frame sent for the key is current while someone watches it (every change
         # is flushed to them); with nobody watching, it is forgotten (below) and worked out
         # anew. The watcher joins before its first write, so no broadcast falls in between.
         frame = self._last.get(key) or availability_frame(self.current(key))
         self._last[key] = frame
         self._watchers.setdefault(key, set()).add(watcher)
-        try:
-            await watcher.response.write(b"retry: %d\n%s" % (RETRY_MS, frame))
-            await watcher.done
-        finally:
-            group = self._watchers.get(key)
-            if group is not None:
-                group.discard(watcher)
-                if not group:
-                    # Changes while nobody watches are not flushed: the frame would go stale.
-                    del self._watchers[key]
-                    self._last.pop(key, None)
-        return watcher.response
+        watcher.write(b"retry: %d\n%s" % (RETRY_MS, frame))
+        watcher.watch(functools.partial(self._ended, key))
+        return response
+
+    def _ended(self, key: FeedKey, watcher: Watcher) -> None:
+        group = self._watchers.get(key)
+        if group is not None:
+            group.discard(watcher)
+            if not group:
+                # Changes while nobody watches are not flushed: the frame would go stale.
+                del self._watchers[key]
+                self._last.pop(key, None)
 
     # --- changes -------------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """Server-Sent Events streams held open by many idle browsers (the website button's
 availability, the customer's ticket page).
 
-Each stream is one response held open inside its connection's own request handler, with no
-task, queue or timer of its own: a broadcast writes the same pre-framed bytes straight to each
-socket, and a watcher whose socket cannot keep up is dropped, not buffered.
+Each stream is its connection, taken from aiohttp once the headers are out, and a small
+protocol (``Watcher``), with no task, queue or timer of its own: a broadcast writes the same
+pre-framed bytes straight to each socket, and a watcher whose socket cannot keep up is
+dropped, not buffered.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import contextlib
 import json
 import socket
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 
+from gateway.edge.detach import DetachedResponse, take_connection
 from gateway.wire.codec import Json
 
 MAX_BUFFERED_BYTES = 64 * 1024
@@ -26,19 +27,57 @@ RETRY_MS = 5000
 """How long EventSource waits before reconnecting a dropped stream."""
 
 
-@dataclass(eq=False, slots=True)
-class Watcher:
-    response: web.StreamResponse
-    transport: asyncio.Transport
-    chunked: bool
-    """HTTP/1.1 streams are chunked; an HTTP/1.0 one gets the bare bytes."""
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+class Watcher(asyncio.Protocol):
+    """One open event stream, its connection taken from aiohttp once the headers are out
+    (``open_stream``): the transport, whether it is chunked, and who to tell when it ends
+    (``on_end``, once: closed here, cut, or the client gone). What the client sends is
+    read and ignored (an EventSource sends nothing after its request)."""
+
+    __slots__ = ("_on_end", "chunked", "transport")
+
+    def __init__(self, transport: asyncio.Transport, chunked: bool) -> None:
+        self.transport: asyncio.Transport | None = transport
+        self.chunked = chunked
+        """HTTP/1.1 streams are chunked; an HTTP/1.0 one gets the bare bytes."""
+        self._on_end: Callable[[Watcher], None] | None = None
+
+    def watch(self, on_end: Callable[[Watcher], None]) -> None:
+        """``on_end(self)`` once the stream ends (at once if it already has)."""
+        if self.transport is None:
+            on_end(self)
+        else:
+            self._on_end = on_end
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client is gone: the transport closes, connection_lost follows
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        self._ended()
+
+    def write(self, data: bytes) -> None:
+        """Writes ``data`` (framed for the stream's encoding) unless the stream ended."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(chunk_of(data) if self.chunked else data)
 
     def close(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+        """End the stream: its last chunk, then the connection closed (EventSource comes
+        back by itself)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if self.chunked:
+                transport.write(b"0\r\n\r\n")
+            transport.close()
+        self._ended()
+
+    def _ended(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(self)
 
 
 def cut(transport: asyncio.Transport) -> None:
@@ -64,9 +103,13 @@ def sse_frame(event: str, data: Json) -> bytes:
 KEEPALIVE = b": keepalive\n\n"
 
 
-async def open_stream(request: web.Request, headers: dict[str, str]) -> Watcher | None:
-    """Start the event stream; None if the client is already gone."""
-    response = web.StreamResponse(
+async def open_stream(
+    request: web.Request, headers: dict[str, str]
+) -> tuple[Watcher, DetachedResponse] | None:
+    """Start the event stream and take its connection from aiohttp (see
+    ``gateway.edge.detach``): the watcher, and what the handler returns at once. None if
+    the client is already gone."""
+    response = DetachedResponse(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
@@ -77,11 +120,12 @@ async def open_stream(request: web.Request, headers: dict[str, str]) -> Watcher 
     chunked = request.version >= (1, 1)
     if chunked:
         response.enable_chunked_encoding()  # explicit, so broadcasts can pre-frame chunks
-    await response.prepare(request)
-    transport = request.transport
-    if transport is None:
+    try:
+        await response.prepare(request)
+        watcher = take_connection(request, lambda transport: Watcher(transport, chunked))
+    except ConnectionError:
         return None
-    return Watcher(response, transport, chunked)
+    return watcher, response
 
 
 def chunk_of(frame: bytes) -> bytes:
@@ -93,12 +137,12 @@ def send(watcher: Watcher, frame: bytes, chunk: bytes) -> bool:
     """Write one pre-framed event (``chunk`` is ``chunk_of(frame)``) without waiting; False
     if the watcher was dropped (too far behind) or is gone."""
     transport = watcher.transport
-    if transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
-        cut(transport)
-        watcher.close()  # it reconnects by itself
-        return False
-    if transport.is_closing():
+    if transport is None or transport.is_closing():
         watcher.close()  # gone
+        return False
+    if transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
+        cut(transport)  # it reconnects by itself
+        watcher.close()
         return False
     transport.write(chunk if watcher.chunked else frame)
     return True

@@ -16,6 +16,7 @@ without a change of their own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ class _Sent:
     waiting: bool
 
 
+_GONE = object()
+
+
 class TicketFeed:
     def __init__(
         self,
@@ -127,35 +131,37 @@ class TicketFeed:
         headers: dict[str, str],
         share_hash: str | None = None,
     ) -> web.StreamResponse:
-        """Serve one page until it goes away; runs in the connection's own handler. The
-        page joins before the call is read, so no change falls between its first frame and
-        the pushes. ``share_hash``: a page on the read-only share link with that hash."""
-        watcher = await open_stream(request, headers)
-        if watcher is None:
+        """Start one page's stream; it is written to by pushes until it ends. The page joins
+        before the call is read, so no change falls between its first frame and the
+        pushes. ``share_hash``: a page on the read-only share link with that hash."""
+        opened = await open_stream(request, headers)
+        if opened is None:
             return web.StreamResponse()  # the client went away
+        watcher, response = opened
         group = self._watchers.setdefault(call_id, {})
         group[watcher] = share_hash
         self.watcher_count += 1
+        watcher.watch(functools.partial(self._ended, call_id, group))
+        watcher.write(b"retry: %d\n" % RETRY_MS)
         try:
-            await watcher.response.write(b"retry: %d\n" % RETRY_MS)
-            try:
-                view = await self._view(call_id)
-            except StoreUnavailable:
-                return watcher.response  # the stream ends; EventSource comes back later
-            if view is None:
-                return watcher.response
-            frames = _Frames(view)
-            self._note(call_id, view, frames.full)
-            frames.send(watcher, share_hash)
-            del view, frames  # not held for the page's lifetime: thousands wait here
-            await watcher.done
-        finally:
-            self.watcher_count -= 1
-            group.pop(watcher, None)
-            if not group and self._watchers.get(call_id) is group:
-                del self._watchers[call_id]
-                self._sent.pop(call_id, None)
-        return watcher.response
+            view = await self._view(call_id)
+        except StoreUnavailable:
+            view = None  # the stream ends; EventSource comes back later
+        if view is None:
+            watcher.close()
+            return response
+        frames = _Frames(view)
+        self._note(call_id, view, frames.full)
+        frames.send(watcher, share_hash)
+        return response
+
+    def _ended(self, call_id: str, group: dict[Watcher, str | None], watcher: Watcher) -> None:
+        if group.pop(watcher, _GONE) is _GONE:
+            return
+        self.watcher_count -= 1
+        if not group and self._watchers.get(call_id) is group:
+            del self._watchers[call_id]
+            self._sent.pop(call_id, None)
 
     # --- changes -------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import engineio.packet
 from aiohttp import WSCloseCode, web
 from engineio.async_drivers import aiohttp as engineio_aiohttp
 
+from gateway.edge.detach import take_connection
 from gateway.edge.sio import limits
 from gateway.edge.sio.upstream.packet_queue import PacketQueue
 from gateway.edge.sio.upstream.websocket import DetachedWebSocket, WebSocketConnection
@@ -404,7 +405,7 @@ class PlainWebSocket(engineio_aiohttp.WebSocket):  # type: ignore[misc]
         if isinstance(socket, LeanSocket) and not socket.connected:
             detached = DetachedWebSocket(max_msg_size=max_size, compress=False)
             await detached.prepare(request)
-            detached.detach(
+            take_connection(
                 request,
                 lambda transport: socket.attach(WebSocketConnection(socket, transport, max_size)),
             )

@@ -194,7 +194,7 @@ class DetachedWebSocket(web.WebSocketResponse):
     """aiohttp's websocket response for the handshake only: it checks the upgrade and writes
     the 101, but makes no reader, queue or heartbeat of its own (``_post_start``), and
     writes nothing once its handler returns (``write_eof``): the connection is
-    ``WebSocketConnection``'s by then (``detach``)."""
+    ``WebSocketConnection``'s by then (``gateway.edge.detach.take_connection``)."""
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         """Replaces ``WebSocketResponse._post_start``: the response is prepared (``_writer``
@@ -206,30 +206,3 @@ class DetachedWebSocket(web.WebSocketResponse):
     async def write_eof(self) -> None:  # type: ignore[override]
         """Replaces ``WebSocketResponse.write_eof`` (which closes the websocket)."""
         self._eof_sent = True
-
-    def detach(
-        self, request: web.BaseRequest, make: Callable[[asyncio.Transport], asyncio.Protocol]
-    ) -> None:
-        """Hands the connection over to the protocol ``make`` returns for its transport, with
-        any bytes the client sent after its upgrade request (which aiohttp's handler keeps
-        aside once upgraded: ``RequestHandler.data_received``), and lets that handler go as
-        if the client had left (``RequestHandler.connection_lost``) without closing the
-        transport. Its request task then ends without touching the transport
-        (``RequestHandler.start`` closes it only when not force-closed), and the handler, the
-        request and all they hold are freed."""
-        handler: Any = request.protocol
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client left during the handshake")
-        protocol = make(transport)
-        tail: bytes = handler._message_tail
-        handler._message_tail = b""
-        transport.set_protocol(protocol)
-        # aiohttp's handler must not close the transport it no longer owns, nor cancel this
-        # task: it forgets the transport, then drops its connection state as on a client
-        # gone (``RequestHandler.connection_lost``).
-        handler.transport = None
-        handler._task_handler = None
-        handler.connection_lost(None)
-        if tail:
-            protocol.data_received(tail)
