@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from conftest import eventually, free_port
 
+from gateway.edge.sio import limits
 from gateway.edge.sio.upstream import LeanSocket, MembraneServer, TrackedEngineServer
 from gateway.edge.sio.upstream.engine import PlainWebSocket
 from gateway.edge.sio.upstream.packet_queue import PacketQueue
@@ -131,6 +132,34 @@ async def test_an_open_websocket_keeps_none_of_aiohttps_request_and_no_task(
         assert await next_message(ws) == '43/t,7[{"echo":{"n":5}}]'
         for ws, _ in sockets:
             await ws.close()
+
+
+async def test_a_burst_of_packets_is_handled_in_order_with_reading_paused_between(
+    server: Harness,
+) -> None:
+    """Packets wait at most ``MAX_INBOX`` deep: past that the node stops reading from the
+    connection until its handler catches up, then reads on. None is lost or reordered."""
+    count = limits.MAX_INBOX * 5
+    async with aiohttp.ClientSession() as http:
+        ws, _ = await open_socket(http, server.url)
+        (socket,) = server.sio.eio.sockets.values()
+        paused = 0
+        transport = socket._ws.transport
+        pause = transport.pause_reading
+
+        def counted_pause() -> None:
+            nonlocal paused
+            paused += 1
+            pause()
+
+        transport.pause_reading = counted_pause
+        for i in range(count):
+            await ws.send_str(f'42/t,{i}["hello",{{"n":{i}}}]')
+        for i in range(count):
+            assert await next_message(ws) == f'43/t,{i}[{{"echo":{{"n":{i}}}}}]'
+        assert paused >= 1, "the inbox never filled: nothing tested"
+        assert [data["n"] for _, data in server.received] == list(range(count))
+        await ws.close()
 
 
 async def test_frames_sent_with_the_upgrade_request_are_not_lost(server: Harness) -> None:
