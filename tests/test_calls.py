@@ -569,6 +569,18 @@ async def test_an_open_stream_holds_no_request_and_ends_with_its_client(
     await eventually(nobody_left, 5)
 
 
+async def test_a_head_of_the_stream_gets_its_headers_and_no_stream(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    """HEAD asks for the headers only: the node answers them and keeps no watcher; a stream
+    written after a HEAD's answer would be bytes the client never asked for."""
+    feed = node.app[appkeys.AVAILABILITY]
+    async with http.head(f"{node.url}/v1/sites/acme/availability/stream") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "text/event-stream"
+    assert feed.watcher_count == 0
+
+
 async def test_a_widget_that_never_reads_is_cut_off_not_held(
     nodes: NodeFactory, tmp_path: Path
 ) -> None:

@@ -27,6 +27,7 @@ from gateway.edge.http.sse import (
     Watcher,
     chunk_of,
     close_all,
+    no_stream,
     open_stream,
     send,
     sse_frame,
@@ -122,7 +123,7 @@ class AvailabilityFeed:
         """Start one watcher's stream; it is written to by broadcasts until it ends."""
         opened = await open_stream(request, headers)
         if opened is None:
-            return web.StreamResponse()  # the client went away
+            return no_stream(headers)  # a HEAD, or the client went away
         watcher, response = opened
         # The last frame sent for the key is current while someone watches it (every change
         # is flushed to them); with nobody watching, it is forgotten (below) and worked out

@@ -103,20 +103,29 @@ def sse_frame(event: str, data: Json) -> bytes:
 KEEPALIVE = b": keepalive\n\n"
 
 
+def stream_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",  # tell nginx not to buffer the stream
+        **headers,
+    }
+
+
+def no_stream(headers: dict[str, str]) -> web.StreamResponse:
+    """The answer when no stream is opened (``open_stream`` gave None): a HEAD's headers."""
+    return web.Response(headers=stream_headers(headers))
+
+
 async def open_stream(
     request: web.Request, headers: dict[str, str]
 ) -> tuple[Watcher, DetachedResponse] | None:
     """Start the event stream and take its connection from aiohttp (see
     ``gateway.edge.detach``): the watcher, and what the handler returns at once. None if
-    the client is already gone."""
-    response = DetachedResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # tell nginx not to buffer the stream
-            **headers,
-        }
-    )
+    the client is already gone, or asked with HEAD (headers only: no stream follows)."""
+    if request.method == "HEAD":
+        return None
+    response = DetachedResponse(headers=stream_headers(headers))
     chunked = request.version >= (1, 1)
     if chunked:
         response.enable_chunked_encoding()  # explicit, so broadcasts can pre-frame chunks

@@ -30,6 +30,7 @@ from gateway.edge.http.sse import (
     Watcher,
     chunk_of,
     close_all,
+    no_stream,
     open_stream,
     send,
     sse_frame,
@@ -136,7 +137,7 @@ class TicketFeed:
         pushes. ``share_hash``: a page on the read-only share link with that hash."""
         opened = await open_stream(request, headers)
         if opened is None:
-            return web.StreamResponse()  # the client went away
+            return no_stream(headers)  # a HEAD, or the client went away
         watcher, response = opened
         group = self._watchers.setdefault(call_id, {})
         group[watcher] = share_hash
