@@ -522,7 +522,7 @@ def iso_at(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat()
 
 
-# Visitor numbers in zones spread around the clock: at any hour, one of them is awake.
+# Visitor numbers in zones spread over the allowed countries (see ``daytime_phones``).
 PHONE_FAMILIES = (
     "+3538611100{:02d}",  # Ireland (its mobiles' zones: Europe/London and the islands)
     "+49151123456{:02d}",  # Germany, Europe/Berlin
@@ -545,7 +545,9 @@ def daytime_phones(count: int, for_s: float = 900.0) -> list[str]:
             in_quiet_hours(n, policy, now + t) for n in numbers for t in range(0, int(for_s), 60)
         ):
             return phones
-    raise AssertionError("no family of numbers is out of quiet hours now")
+    # The default policy's countries span UTC-10 to UTC+1: for a quarter of an hour a day
+    # (about 06:45 to 07:00 UTC) every one of them is in its quiet hours.
+    pytest.skip("every country the default policy allows is in its quiet hours now")
 
 
 # --- 1. one callback, three nodes' worth of hands ----------------------------------------------

@@ -208,8 +208,13 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             if pkt.packet_type == engineio.packet.PONG and not self.closed:
                 self.schedule_ping()  # all that ``receive`` does with it
                 return
-            inbox = self._inbox = collections.deque()
-            self._handler = self._loop.create_task(self._handle_inbox(inbox))
+            inbox = collections.deque()
+            try:
+                # In the server's task group, which a stopping node cancels and awaits.
+                self._handler = self.server.start_background_task(self._handle_inbox, inbox)
+            except RuntimeError:  # the group is closed: the node is stopping
+                return
+            self._inbox = inbox
         inbox.append(pkt)
         ws = self._ws
         if len(inbox) == limits.MAX_INBOX and ws is not None and ws.transport is not None:
@@ -269,8 +274,10 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             self._transport_closed()
 
     def _transport_closed(self) -> None:
-        server = self.server
-        server.start_background_task(self._close_for_transport)
+        try:
+            self.server.start_background_task(self._close_for_transport)
+        except RuntimeError:  # the task group is closed: the node is stopping
+            pass
 
     async def _close_for_transport(self) -> None:
         """As the end of upstream's websocket handler: the socket closed (socket.io's
