@@ -148,6 +148,9 @@ class TicketFeed:
             view = await self._view(call_id)
         except StoreUnavailable:
             view = None  # the stream ends; EventSource comes back later
+        except BaseException:
+            watcher.close()  # the connection is the watcher's now: nothing else ends it
+            raise
         if view is None:
             watcher.close()
             return response
