@@ -13,9 +13,9 @@ from gateway.edge.errors import error_object, json_error
 
 log = logging.getLogger(__name__)
 
-# Bytes queued for one connection and not yet handed to its transport (which holds at most
-# its own 64 KiB high-water mark on top). A client that falls this far behind is dropped,
-# not buffered: a board that never reads would otherwise hold every presence change of its
+# Bytes sent to one connection that its transport still holds unsent (the kernel's send
+# buffer is full: the client is not reading). A client that falls this far behind is
+# dropped, not buffered: a board that never reads would otherwise hold every presence change of its
 # site for as long as it answers pings. A burst of a few hundred changes (a resync of a
 # large site) fits; the availability feed drops its watchers at 64 KiB the same way.
 MAX_PENDING_BYTES = 256 * 1024
@@ -27,9 +27,9 @@ MAX_INBOX = 64
 # 10. Each connect and disconnect of /agent adds and removes a device (a presence change
 # for every node and board); the shipped clients connect each namespace once.
 NAMESPACE_CONNECTS = (0.5, 10.0)
-# How long a connection's writer may take to flush and close after its reader ended,
-# before the transport is cut: a client that stopped reading would otherwise hold the
-# handler (and the socket.io disconnect, and a node's shutdown) for ever.
+# How long a websocket closed with bytes still unsent may take to flush them, before its
+# transport is cut: a client that stopped reading would otherwise hold the connection (and
+# its socket.io disconnect, and a node's shutdown) for ever.
 WRITER_GRACE_S = 5.0
 # How long an HTTP body refused as too large is still read (and thrown away) after the 413.
 BODY_LINGER_S = 1.0
