@@ -97,9 +97,6 @@ class _Sent:
     waiting: bool
 
 
-_GONE = object()
-
-
 class TicketFeed:
     def __init__(
         self,
@@ -160,8 +157,8 @@ class TicketFeed:
         return response
 
     def _ended(self, call_id: str, group: dict[Watcher, str | None], watcher: Watcher) -> None:
-        if group.pop(watcher, _GONE) is _GONE:
-            return
+        """Once per page (``Watcher.watch``), however its stream ended."""
+        del group[watcher]
         self.watcher_count -= 1
         if not group and self._watchers.get(call_id) is group:
             del self._watchers[call_id]

@@ -119,7 +119,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             elif pkt.packet_type == engineio.packet.CLOSE:
                 # The server's goodbye (upstream's ``close``): nothing follows it. Upstream
                 # waited for the client to close; one that did not held the connection.
-                ws.close(WSCloseCode.OK, "", limits.WRITER_GRACE_S)
+                ws.close(WSCloseCode.OK)
             return
         size = limits.packet_size(pkt)
         if self._queued_bytes + size > limits.MAX_PENDING_BYTES:
@@ -151,7 +151,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             if ws_code is None:
                 ws.abort()
             else:
-                ws.close(ws_code, code, limits.WRITER_GRACE_S)
+                ws.close(ws_code, code)
         elif not self._ws_ended:
             self.queue.put_nowait(None)  # ends upstream's writer (a poll upgraded)
 
@@ -159,7 +159,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         """Close the connection as a network drop would, without an engine.io CLOSE packet
         (a client reconnects after a drop, not after a server's goodbye)."""
         if self._ws is not None:
-            self._ws.close(WSCloseCode.GOING_AWAY, "", limits.WRITER_GRACE_S)
+            self._ws.close(WSCloseCode.GOING_AWAY)
         elif not self._ws_ended:
             self.queue.put_nowait(None)  # ends upstream's writer, which closes the websocket
 
@@ -339,7 +339,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                 log.info("engine.io connection %s silent, cut", self.sid)
                 ws.abort()
             else:
-                ws.close(WSCloseCode.OK, "", limits.WRITER_GRACE_S)
+                ws.close(WSCloseCode.OK)
 
     def schedule_ping(self) -> None:
         """As ``AsyncSocket.schedule_ping``, with the wait a timer rather than a Task

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 
+from gateway.edge.sio import limits
+
 log = logging.getLogger(__name__)
 
 OP_TEXT = 0x1
@@ -163,7 +165,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     # -- the end --
 
-    def close(self, code: int, reason: str = "", grace_s: float = 5.0) -> None:
+    def close(self, code: int, reason: str = "", grace_s: float = limits.WRITER_GRACE_S) -> None:
         """A close frame, then the transport closed once what it holds is written, or cut
         after ``grace_s`` if the client does not read it; then the connection ends."""
         transport = self.transport
