@@ -30,12 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def pack(*args: str | bytes | int | float) -> bytes:
-    """A command in RESP, the Redis wire format."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    """A command in RESP, the Redis wire format, packed by hiredis in C (a third of the CPU
+    of packing it in Python)."""
+    return cast(bytes, hiredis.pack_command(args))  # type: ignore[arg-type]  # stub: 1-tuple
 
 
 def _setup_commands(target: RedisTarget) -> list[bytes]:
