@@ -69,6 +69,8 @@ from gateway.store.embedded import EmbeddedStore
 from gateway.store.history import PostgresHistory, SqliteHistory
 from gateway.store.history_process import HistoryProcess
 from gateway.store.redis import RedisStore
+from gateway.store.redis_lane import RedisLane
+from gateway.store.redis_url import redis_target
 from gateway.telephony import (
     ENTRY_POINT_GROUP,
     AgentPhones,
@@ -105,6 +107,15 @@ def build_store(settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Store:
     if settings.redis_url:
         return RedisStore(settings.redis_url, settings.node_id, clock.now)
     return EmbeddedStore(settings.data_dir, settings.node_id, clock.now)
+
+
+def shared_lane(store: Store, redis_url: str) -> RedisLane | None:
+    """The store's Redis lane, for the socket.io manager to publish over, when the store is
+    on the same Redis: one connection, and a call's emits and store commands in the same
+    writes."""
+    if isinstance(store, RedisStore) and store.target == redis_target(redis_url):
+        return store.lane
+    return None
 
 
 def allowed_origins(settings: Settings) -> list[str]:
@@ -161,7 +172,13 @@ def create_app(
 
     rings = RingDelivery(metrics, clock.now)
     manager = (
-        ObservedRedisManager(settings.redis_url, channel="m:sio", rings=rings, clock=clock.now)
+        ObservedRedisManager(
+            settings.redis_url,
+            channel="m:sio",
+            rings=rings,
+            clock=clock.now,
+            lane=shared_lane(store, settings.redis_url),
+        )
         if settings.redis_url
         else None
     )

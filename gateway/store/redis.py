@@ -115,6 +115,15 @@ class RedisStore(RedisPresence, RedisRecords, RedisCoordination):
     def redis(self) -> aioredis.Redis:
         return self._redis
 
+    @property
+    def target(self) -> RedisTarget:
+        return self._target
+
+    @property
+    def lane(self) -> RedisLane:
+        """The hot-path connection, which the socket.io manager publishes over too."""
+        return self._lane
+
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         self._on_event, self._on_resync = on_event, on_resync
         await self._wait_for_redis()

@@ -265,7 +265,10 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         channel: str,
         rings: RingDelivery | None = None,
         clock: Callable[[], float] = time.time,
+        lane: RedisLane | None = None,
     ) -> None:
+        """``lane``: the store's, to publish over (the store closes it); by default one of
+        its own."""
         self._target = redis_target(url)
         self._clock = clock  # the time call rows are written in, for ``on_rejoin``
         super().__init__(url=str(self._target), channel=channel)
@@ -275,9 +278,11 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         self.on_rejoin: Callable[[float], Awaitable[None]] | None = None
         """Called with a wall-clock time when the listener subscribed again after missing
         emits from about then on (CallDesk.replay_since)."""
-        # Emits are published over a pipelined connection of their own (see
-        # store.redis_lane): a call sends a dozen, and redis-py costs ~4x the CPU a publish.
-        self._lane = RedisLane(self._target)
+        # Emits are published over a pipelined connection (see store.redis_lane): a call
+        # sends a dozen, and redis-py costs ~4x the CPU a publish. The store's, when given:
+        # a call's publishes and its store commands then share writes to Redis.
+        self._owns_lane = lane is None
+        self._lane = lane or RedisLane(self._target)
         self._inbox: collections.deque[str | None] = collections.deque()
 
     @property
@@ -287,15 +292,22 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
 
     @property
     def publishing(self) -> int:
-        """Emits handed to Redis and not confirmed yet."""
-        return self._lane.in_flight
+        """Emits handed to Redis and not confirmed yet, on a lane of its own (on the store's,
+        the store counts them)."""
+        return self._lane.in_flight if self._owns_lane else 0
 
     async def sent(self) -> None:
         """Returns once Redis has taken every emit published so far: whatever this node
         does next (releasing an agent) happens after other nodes were sent them. If Redis
         does not answer, returns anyway: what follows must still happen (the emits that
         failed are logged), and the ring gate on the agent's node still keeps her rings
-        apart."""
+        apart.
+
+        On the store's lane, at once: Redis takes a connection's commands in the order they
+        were written, so whatever the node does next in the store comes after the emits
+        anyway, without a round trip to confirm them."""
+        if not self._owns_lane:
+            return
         try:
             await self._lane.execute("PING")
         except Exception as exc:
@@ -368,16 +380,20 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         **kwargs: Any,
     ) -> Any:
         """As ``AsyncPubSubManager.emit``, without its search of every payload for binary
-        parts, which cost ~5% of a node's CPU under call load (Membrane never sends binary)."""
+        parts, which cost ~5% of a node's CPU under call load (Membrane never sends binary).
+        With ``ignore_queue`` (this node's sockets only: every node sends each presence
+        change to its own), delivered as the others are, rather than by upstream's task per
+        recipient."""
         room = to or room
-        if kwargs.get("ignore_queue") or callback is not None:
+        if callback is not None:
             return await super().emit(
                 event, data, namespace=namespace, room=room, skip_sid=skip_sid,
                 callback=callback, **kwargs,
             )  # fmt: skip
         message = self._emit_message(event, data, namespace, room, skip_sid)
         await self._handle_emit(message)  # this node's sockets
-        await self._publish(message)  # the other nodes'
+        if not kwargs.get("ignore_queue"):
+            await self._publish(message)  # the other nodes'
         return None
 
     async def _publish(self, data: Any) -> Any:
@@ -437,11 +453,14 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
                 self.listening, self.last_error = True, ""
                 retry_sleep = 0.1
                 heard_at = self._clock()
+                own = self._own_suffix()
                 while True:
                     while inbox:
                         message = inbox.popleft()
                         if message is None:
                             raise RedisConnectionError("subscription connection lost")
+                        if message.endswith(own):
+                            continue  # this node's own publish, already delivered here
                         if BATCH in message[:40]:  # "method" is the first key
                             for emit in self._unbatch(message):
                                 yield emit
@@ -470,6 +489,14 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
             finally:
                 subscription.close()
 
+    def _own_suffix(self) -> str:
+        """How every message this node publishes ends: with its ``host_id``, the last key
+        (``_emit_message``, ``emit_batch``, and upstream's own messages). Upstream decodes
+        each message, its own too, and only then drops its own (``_thread``): half of all it
+        decodes, with every node publishing as much as the others. A callback returned to
+        this node names it too, but not last, so it still passes."""
+        return str(self.json.dumps({"host_id": self.host_id}))[1:]
+
     async def _rejoined(self, since: float) -> None:
         """Replay what was missed. The store failing again fails the listener too, so that it
         replays from the same time once it is back; any other failure is logged and passed
@@ -493,5 +520,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         return [e for e in emits if isinstance(e, dict)] if isinstance(emits, list) else []
 
     async def close(self) -> None:
-        """Close the Redis connection; the listener task belongs to the server's TaskGroup."""
-        await self._lane.close()
+        """Close its Redis connection (not the store's); the listener task belongs to the
+        server's TaskGroup."""
+        if self._owns_lane:
+            await self._lane.close()
