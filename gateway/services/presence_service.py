@@ -257,12 +257,16 @@ class PresenceService:
 
     async def _commit(self, agent: Agent, record: PresenceRecord, now: float) -> Presence:
         presence = aggregate(agent, record, now)
+        published = self._store.publish(presence_event(presence))
         if status_changed(record, presence):
-            await self._store.save_status(
+            # In one round trip: Redis takes them in order on the store's one connection.
+            saved = self._store.save_status(
                 agent.site, agent.agent_id, presence.status, presence.since, presence.idle_since
             )
+            await asyncio.gather(saved, published)
+        else:
+            await published
         await self._apply(presence)
-        await self._store.publish(presence_event(presence))
         return presence
 
     # --- changes, this node's own and other nodes' ---------------------------------------------
