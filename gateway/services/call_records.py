@@ -435,11 +435,12 @@ class CallRecords:
             await self.store.release_agent(call.site, agent_id, call.call_id)
             return None
         assert ringing.ring_expires_at is not None
-        await self.notify.ring(ringing, self.ring_payload(ringing, reasons, visitor, extra))
-        # The ring goes out before its timeout is stored, a round trip sooner. Should the
-        # node die in between, the reservation lapses as it would have a moment later; a
-        # timer stored after an accept finds the call answered and does nothing.
+        # The ring goes out first, its timeout stored in the same write to Redis, not a
+        # round trip later. Should the node die in between, the reservation lapses as it
+        # would have a moment later; a timer stored after an accept finds the call answered
+        # and does nothing.
         await asyncio.gather(
+            self.notify.ring(ringing, self.ring_payload(ringing, reasons, visitor, extra)),
             self.schedule(TimerId.ring(ringing), ringing.ring_expires_at),
             self.notify.call_update(ringing),
             self.store.publish(ring_event(call.site, agent_id, note)),
