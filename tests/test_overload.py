@@ -67,7 +67,10 @@ def test_slow_starts_lower_the_allowance_to_one_and_quick_ones_raise_it_back() -
     assert limit.allowed == 4, "quick starts keep the ceiling"
     limit.finished(0.030)
     assert limit.allowed == 3
-    for _ in range(20):
+    for _ in range(4):
+        limit.finished(0.030)
+    assert limit.allowed == 3, "the starts running alongside the first slow one are spared"
+    for _ in range(40):
         limit.finished(0.200)
     assert limit.allowed == 1, "never below one: the node keeps routing and measuring"
     quick = 0

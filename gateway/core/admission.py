@@ -43,7 +43,7 @@ class AdmissionLimits:
     ring within tens of milliseconds on these machines (bench/overload.py)."""
 
     max_loop_lag_s: float = 0.005
-    max_starts_in_flight: int = 3
+    max_starts_in_flight: int = 8
     """The most starts in flight at once; ``StartLimit`` keeps the allowance at or below it."""
     max_start_s: float = 0.015
     """A start that takes longer (from its handler's start to its answer) lowers the allowance."""
@@ -115,6 +115,12 @@ class StartLimit:
     ceiling: int
     max_start_s: float
     level: float = 0.0
+    spared: int = 0
+    """Starts still to finish before a slow one lowers the allowance again: those that may
+    have been running when it was last lowered, slow for the same cause (one stall of the
+    machine slows every start in flight), which it was lowered for once already. TCP, too,
+    halves its window once per window of data lost, not once per lost segment. Without
+    this, each start slowed by one stall of a shared machine took another fifth off."""
 
     def __post_init__(self) -> None:
         self.level = float(self.ceiling) if self.level <= 0 else self.level
@@ -127,9 +133,12 @@ class StartLimit:
         """A start this node ran took ``took_s`` seconds."""
         if self.ceiling <= 0:
             return
-        if took_s > self.max_start_s:
+        if took_s > self.max_start_s and self.spared <= 0:
+            self.spared = self.allowed  # at most this many ran alongside it
             self.level = max(1.0, self.level * DECREASE)
-        else:
+            return
+        self.spared = max(0, self.spared - 1)
+        if took_s <= self.max_start_s:
             self.level = min(float(self.ceiling), self.level + INCREASE / self.level)
 
     @classmethod

@@ -64,7 +64,7 @@ class RankingCache:
     also explains why. Plain data and time passed in, like the rest of this module.
     """
 
-    def __init__(self, ttl_s: float = 1.0, limit: int = 16, max_entries: int = 1024) -> None:
+    def __init__(self, ttl_s: float = 5.0, limit: int = 16, max_entries: int = 1024) -> None:
         self.ttl_s = ttl_s
         self.limit = limit
         self.max_entries = max_entries
