@@ -60,7 +60,7 @@ class RankingCache:
     shape and `ttl_s`, then for each call walks that order and keeps the agents eligible
     *now* (presence, reservation, exclusions), with the visitor's last agent moved to the
     front, since stickiness is the first rule. Idle times and opening hours may be up to
-    `ttl_s` old; who is free never is. With nobody eligible it falls back to `route`, which
+    `ttl_s` old (5 s); who is free never is. With nobody eligible it falls back to `route`, which
     also explains why. Plain data and time passed in, like the rest of this module.
     """
 
