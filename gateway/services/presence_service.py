@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from types import MappingProxyType
 
@@ -41,11 +41,22 @@ PRESENCE_EVENT = "presence"
 LEASE_SLICE = 50  # socket leases renewed per store command (~1 ms of Redis time)
 
 
-@dataclass(frozen=True, slots=True)
 class PresenceChange:
-    presence: Presence
-    wire: Json
-    """The v1 wire shape, encoded once per change on each node and shared by all emits."""
+    """A change as the listeners get it, with its v1 wire shape: encoded once per change on
+    each node and shared by all emits, and only if one is sent (most changes a node hears
+    are of agents connected to other nodes, with nobody here to tell)."""
+
+    __slots__ = ("_wire", "presence")
+
+    def __init__(self, presence: Presence) -> None:
+        self.presence = presence
+        self._wire: Json | None = None
+
+    @property
+    def wire(self) -> Json:
+        if self._wire is None:
+            self._wire = presence_to_wire(self.presence)
+        return self._wire
 
 
 PresenceListener = Callable[[PresenceChange], Awaitable[None]]
@@ -287,7 +298,7 @@ class PresenceService:
         await self._notify(presence)
 
     async def _notify(self, presence: Presence) -> None:
-        change = PresenceChange(presence, presence_to_wire(presence))
+        change = PresenceChange(presence)
         for listener in self._listeners:
             try:
                 await listener(change)

@@ -183,10 +183,9 @@ class AgentNamespace(BaseNamespace):
 
     async def on_presence(self, change: PresenceChange) -> None:
         p = change.presence
+        room = agent_room(p.site, p.agent_id)
+        if not self.server.manager.has_members(self.namespace, room):
+            return  # her sockets are on other nodes, which tell them
         await self.server.emit(
-            "presence:update",
-            change.wire,
-            to=agent_room(p.site, p.agent_id),
-            namespace=self.namespace,
-            ignore_queue=True,
+            "presence:update", change.wire, to=room, namespace=self.namespace, ignore_queue=True
         )

@@ -46,10 +46,9 @@ class BoardNamespace(BaseNamespace):
         )
 
     async def on_presence(self, change: PresenceChange) -> None:
+        room = site_room(change.presence.site)
+        if not self.server.manager.has_members(self.namespace, room):
+            return  # no supervisor watches this site from this node
         await self.server.emit(
-            "presence:update",
-            change.wire,
-            to=site_room(change.presence.site),
-            namespace=self.namespace,
-            ignore_queue=True,
+            "presence:update", change.wire, to=room, namespace=self.namespace, ignore_queue=True
         )

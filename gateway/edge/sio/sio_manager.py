@@ -181,6 +181,11 @@ class IndexedRooms(socketio.AsyncManager):  # type: ignore[misc]
         own on the wire. It must not block (it runs inside delivery)."""
         self._taps[(event, namespace)] = listener
 
+    def has_members(self, namespace: str, room: str) -> bool:
+        """Whether any of this node's sockets is in ``room`` (upstream drops a room when its
+        last socket leaves)."""
+        return room in self.rooms.get(namespace, ())
+
     def get_rooms(self, sid: str, namespace: str) -> list[str]:
         """``BaseManager.get_rooms`` from the index."""
         return [r for r in self._rooms_of.get((namespace, sid), ()) if r is not None]
