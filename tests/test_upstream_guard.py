@@ -70,6 +70,7 @@ UPSTREAM = [
     # What upstream's websocket handler and its ``receive`` do, the websocket's peer does.
     _eio("AsyncSocket._websocket_handler", f"{E}:LeanSocket.attach", "d9962c30bb287a40"),
     _eio("AsyncSocket.receive", f"{E}:LeanSocket.websocket_message", "d0b96c65449f5eb9"),
+    _eio("AsyncServer._trigger_event", f"{E}:LeanSocket._message", "e1c18beba3e9fe84"),
     _eio(
         "AsyncServer.handle_request", f"{E}:TrackedEngineServer.handle_request", "7251b38e63430fa8"
     ),

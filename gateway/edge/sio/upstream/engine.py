@@ -233,7 +233,13 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
                         ws.transport.resume_reading()
                 self._handling = True
                 try:
-                    await self.receive(pkt)
+                    if (
+                        pkt.packet_type == engineio.packet.MESSAGE
+                        and not self.server.async_handlers
+                    ):
+                        await self._message(pkt.data)
+                    else:
+                        await self.receive(pkt)
                 except engineio.exceptions.SocketIsClosedError:  # pragma: no cover
                     self.server.logger.info("Receive error -- socket is closed")
                     break
@@ -255,6 +261,22 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             self._handler = None
             if self._ws_ended:
                 self._transport_closed()
+
+    async def _message(self, data: Any) -> None:
+        """``receive`` of a MESSAGE (a socket.io packet): the server's message handler run
+        inline, as ``AsyncServer._trigger_event`` runs it with ``async_handlers`` off, an
+        error logged and passed over. Without the three frames between (``receive``,
+        ``_trigger_event`` and the closure it makes for each message), which every store
+        round trip of the handler resumed again: a call's events make a dozen."""
+        handler = self.server.handlers.get("message")
+        if handler is None:
+            return
+        try:
+            await handler(self.sid, data)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.server.logger.exception("message async handler error")
 
     def websocket_ended(self, code: int | None) -> None:
         """The websocket ended (closed by either side, cut, or lost): once the packets
