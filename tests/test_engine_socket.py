@@ -433,3 +433,32 @@ async def test_a_websocket_whose_close_failed_leaves_no_reference_cycle() -> Non
     finally:
         gc.enable()
         await runner.cleanup()
+
+
+class _ServicedSocket:
+    """What the service task reads of a socket, and its ping deadline check counted."""
+
+    def __init__(self, sid: str, closed: bool) -> None:
+        self.sid = sid
+        self.closed = closed
+        self.closing = False
+        self.checked = asyncio.Event()
+
+    async def check_ping_timeout(self) -> bool:
+        self.checked.set()
+        return True
+
+
+async def test_the_service_task_lets_closed_sockets_go_checks_the_rest_and_stops_at_once() -> None:
+    server = TrackedEngineServer(async_mode="aiohttp", ping_timeout=30)
+    gone, live = _ServicedSocket("gone", closed=True), _ServicedSocket("live", closed=False)
+    server.sockets = {"gone": gone, "live": live}
+    task = asyncio.ensure_future(server._service_task())
+    try:
+        await asyncio.wait_for(live.checked.wait(), 5)
+        assert list(server.sockets) == ["live"], "the closed socket is let go"
+        server.service_task_event.set()
+        # Between its passes it waits the whole ping timeout (30 s), but not for the stop.
+        await asyncio.wait_for(task, 1)
+    finally:
+        task.cancel()

@@ -72,6 +72,11 @@ UPSTREAM = [
     _eio("AsyncSocket.receive", f"{E}:LeanSocket.websocket_message", "d0b96c65449f5eb9"),
     _eio("AsyncServer._trigger_event", f"{E}:LeanSocket._message", "e1c18beba3e9fe84"),
     _eio(
+        "AsyncServer._service_task",
+        f"{E}:TrackedEngineServer._service_task",
+        "de12bbd56649b219",
+    ),
+    _eio(
         "AsyncServer.handle_request", f"{E}:TrackedEngineServer.handle_request", "7251b38e63430fa8"
     ),
     _eio(
