@@ -204,8 +204,9 @@ class IndexedRooms(socketio.AsyncManager):  # type: ignore[misc]
             listener = self._taps.get((event, namespace))
             if listener is not None:
                 listener(args[0])
-        if namespace not in self.rooms:
-            return
+        rooms = self.rooms.get(namespace)
+        if rooms is None or (isinstance(room, str) and room not in rooms):
+            return  # (most emits published by other nodes are for their own sockets)
         skip = skip_sid if isinstance(skip_sid, list) else (skip_sid,)
         recipients = [e for sid, e in self.get_participants(namespace, room) if sid not in skip]
         if not recipients:
