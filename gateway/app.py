@@ -336,6 +336,9 @@ def create_app(
         shared = pacer or PROCESS_PACER
         running = settings.gc_pacer and shared.acquire(metrics.observe_gc)
         metrics.gc_pacer.set(1 if running else 0)
+        metrics.gc_frozen.set_function(
+            lambda: shared.pacer.frozen_objects if shared.pacer is not None else 0
+        )
         yield
         if running:
             shared.release(metrics.observe_gc)

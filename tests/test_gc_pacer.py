@@ -255,11 +255,14 @@ async def test_a_node_that_tests_build_runs_the_pacer_and_shows_what_it_froze(
     assert gc.get_threshold() == PACED_THRESHOLDS
 
     async def froze_something() -> bool:
-        metrics = await scrape(http, node.url)
-        return gauge(metrics, "membrane_gc_frozen_objects") > 0
+        return gc.get_freeze_count() > 0
 
     await eventually(froze_something)  # a middle collection every 250 ms freezes survivors
+    # Counted by the hourly check (its child walks them), not on each scrape.
+    check = await PROCESS_PACER.pacer.check_frozen()
+    assert check is not None and check.frozen > 0
     metrics = await scrape(http, node.url)
+    assert gauge(metrics, "membrane_gc_frozen_objects") == check.frozen
     assert gauge(metrics, "membrane_gc_pacer") == 1
     assert pause_count(metrics, "0") > 0 and pause_count(metrics, "1") > 0
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -132,10 +130,10 @@ class Metrics:
         )
         self.gc_frozen = Gauge(
             "membrane_gc_frozen_objects",
-            "Objects the collector no longer walks (gc.freeze): start-up's and the pacer's.",
+            "Objects the collector no longer walks (gc.freeze): the pacer's, as its hourly"
+            " check (or a full collection) last counted them.",
             registry=self.registry,
         )
-        self.gc_frozen.set_function(gc.get_freeze_count)
         self.gc_collected = Counter(
             "membrane_gc_collected_objects_total",
             "Objects the garbage collector found unreachable (reference cycles), by generation.",
