@@ -45,7 +45,7 @@ class AdmissionLimits:
     max_loop_lag_s: float = 0.005
     max_starts_in_flight: int = 8
     """The most starts in flight at once; ``StartLimit`` keeps the allowance at or below it."""
-    max_start_s: float = 0.015
+    max_start_s: float = 0.025
     """A start that takes longer (from its handler's start to its answer) lowers the allowance."""
     max_emit_backlog: int = 200
     max_store_in_flight: int = 256
