@@ -24,7 +24,7 @@ from gateway.edge.sio.upstream.packet_queue import PacketQueue
 from gateway.edge.sio.upstream.websocket import DetachedWebSocket, WebSocketConnection
 from gateway.ops.metrics import Metrics
 from gateway.ops.ratelimit import TokenBucket
-from gateway.ops.tasks import TaskGroup
+from gateway.ops.tasks import TaskGroup, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -517,6 +517,7 @@ class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
                         await event.wait()
                     return
                 except TimeoutError:
+                    raise_if_cancelling()  # a stop that met the timeout (3.11)
                     continue
 
     def end_transports(self) -> None:
