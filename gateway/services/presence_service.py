@@ -269,15 +269,19 @@ class PresenceService:
     async def _commit(self, agent: Agent, record: PresenceRecord, now: float) -> Presence:
         presence = aggregate(agent, record, now)
         published = self._store.publish(presence_event(presence))
-        if status_changed(record, presence):
-            # In one round trip: Redis takes them in order on the store's one connection.
-            saved = self._store.save_status(
-                agent.site, agent.agent_id, presence.status, presence.since, presence.idle_since
-            )
-            await asyncio.gather(saved, published)
-        else:
-            await published
-        await self._apply(presence)
+        try:
+            if status_changed(record, presence):
+                # In one round trip: Redis takes them in order on the store's one connection.
+                saved = self._store.save_status(
+                    agent.site, agent.agent_id, presence.status, presence.since, presence.idle_since
+                )
+                await asyncio.gather(saved, published)
+            else:
+                await published
+        finally:
+            # The record is stored, whatever became of the status or the event: this node
+            # shows it, as it did when it applied the change before sending the event.
+            await self._apply(presence)
         return presence
 
     # --- changes, this node's own and other nodes' ---------------------------------------------
