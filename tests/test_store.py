@@ -506,6 +506,28 @@ async def test_a_restart_keeps_quotas_slots_counters_claims_queue_and_handle_tim
     assert await reopened.handle_times("acme") == [30.0, 12.5]
 
 
+async def test_an_accepts_write_needs_the_calls_reservation_and_keeps_it(open_store: Any) -> None:
+    clock = FakeClock()
+    store: Store = await open_store(clock=clock)
+    assert await store.put_call(CallRow("c1", "acme", 1, {"state": "ringing"}))
+    assert await store.reserve_agent("acme", "anna", "c2", 30)
+    accepted = CallRow("c1", "acme", 2, {"state": "connected"})
+    assert await store.put_call_holding(accepted, "anna", 3600) is None, "c2 holds anna"
+    row = await store.get_call("c1")
+    assert row is not None and row.version == 1, "nothing written"
+
+    await store.release_agent("acme", "anna", "c2")
+    assert await store.reserve_agent("acme", "anna", "c1", 30)
+    assert await store.put_call_holding(accepted, "anna", 3600) is True
+    row = await store.get_call("c1")
+    assert row is not None and row.data == {"state": "connected"}
+    assert await store.put_call_holding(accepted, "anna", 3600) is False, "stale version"
+
+    # Kept for the call's hold, not the ring's 30 s.
+    await let_time_pass(store, clock, "m:resv:acme:anna", 60)
+    assert not await store.reserve_agent("acme", "anna", "c3", 30), "still c1's"
+
+
 async def test_reservations_extend_and_release_only_for_their_holder(open_store: Any) -> None:
     store: Store = await open_store()
     assert await store.reserve_agent("acme", "anna", "c1", 30)

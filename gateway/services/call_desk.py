@@ -11,7 +11,7 @@ from gateway.core import call as calls
 from gateway.core.call import Call, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import PresenceRecord
-from gateway.services.call_records import CALL_HOLD_S, CallRecords
+from gateway.services.call_records import CallRecords
 from gateway.services.presence_service import socket_device_id
 from gateway.wire.codec import Json, call_from_record
 
@@ -43,15 +43,17 @@ class CallDesk:
             await records.ring_timeout(call_id, seen.attempt)
             raise Conflict("this ring has ended", code="ring_expired")
         # The agent must still be reserved for this call: a ring answered after its
-        # reservation lapsed (a node far behind) may have been given to another call.
-        if not await self._store.extend_reservation(site_id, agent_id, call_id, CALL_HOLD_S):
-            raise Conflict("this ring has ended", code="ring_expired")
+        # reservation lapsed (a node far behind) may have been given to another call. The
+        # check, and the reservation kept for the call, go with the call's write.
         try:
             _, call = await records.update(
-                call_id, lambda c: calls.accept(c, agent_id, agent_sid, records.clock()), seen
+                call_id,
+                lambda c: calls.accept(c, agent_id, agent_sid, records.clock()),
+                seen,
+                holding=agent_id,
             )
         except (Conflict, NotFound):
-            await records.release_agent(site_id, agent_id, call_id)
+            await records.release_agent(site_id, agent_id, call_id)  # if it is still the call's
             raise
         # Stored: what follows must happen even if the store goes away now, since the agent's
         # retry would find the call no longer ringing.

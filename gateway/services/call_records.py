@@ -322,14 +322,22 @@ class CallRecords:
         return call
 
     async def update(
-        self, call_id: str, transition: Callable[[Call], Call], current: Call | None = None
+        self,
+        call_id: str,
+        transition: Callable[[Call], Call],
+        current: Call | None = None,
+        holding: str | None = None,
     ) -> tuple[Call, Call]:
         """Apply ``transition`` with compare-and-set, retrying when another node got there
         first; the transition sees the newest call each time and may refuse (CallError).
 
         ``current``, the call as this node just read or wrote it, saves the first read: if it
         is no longer the newest the write fails and the call is read again, and a refusal of
-        it is checked against a fresh read, so the outcome is as if it had been read here."""
+        it is checked against a fresh read, so the outcome is as if it had been read here.
+
+        ``holding``: an agent the call must still have reserved (an accept), the reservation
+        then kept ``CALL_HOLD_S`` in the same write; ``Conflict`` (``ring_expired``) once it
+        lapsed, maybe to another call."""
         for _ in range(8):
             if current is not None:
                 tag_call(current.call_id, current.site)
@@ -342,7 +350,14 @@ class CallRecords:
                 before = await self.get(call_id)
                 after = replace(transition(before), version=before.version + 1)
             row = CallRow(call_id, after.site, after.version, call_to_record(after))
-            if await self.store.put_call(row):
+            if holding is None:
+                stored = await self.store.put_call(row)
+            else:
+                held = await self.store.put_call_holding(row, holding, CALL_HOLD_S)
+                if held is None:
+                    raise Conflict("this ring has ended", code="ring_expired")
+                stored = held
+            if stored:
                 if after.final and not before.final:
                     log_ended(after)
                 for observe in self.observers:
@@ -368,10 +383,20 @@ class CallRecords:
         """Let the agent go, if ``call_id`` still holds her."""
         await self.store.release_agent(site_id, agent_id, call_id)
 
-    async def free_agent(self, site_id: str, agent_id: str, call_id: str) -> None:
-        """The agent's call is over: released, and no longer on a call."""
-        await self.store.release_agent(site_id, agent_id, call_id)
-        await self.presence.set_active_call(site_id, agent_id, None)
+    async def free_agent(
+        self, site_id: str, agent_id: str, call_id: str, *also: Awaitable[object]
+    ) -> None:
+        """The agent's call is over: released, and no longer on a call. ``also``: store
+        steps that go in the same write (one round trip, not one each).
+
+        Not one after the other: Redis runs a connection's commands in the order they were
+        written, so the release is done before the record says she is free, and both before
+        the presence event that tells other nodes to route to her."""
+        await asyncio.gather(
+            self.store.release_agent(site_id, agent_id, call_id),
+            self.presence.set_active_call(site_id, agent_id, None),
+            *also,
+        )
 
     async def schedule(self, timer: TimerId, due: float, keep: bool = False) -> None:
         """``keep``: leave the timer as it is if it exists (``TimerStore.schedule_timer``)."""

@@ -248,8 +248,10 @@ class CallService:
                 # As for a ring: the agent hears the call ended before anyone may ring her.
                 await self._notify.call_update(after)
                 await self._notify.sent()
-                await asyncio.gather(  # independent: one round trip
-                    self._records.free_agent(after.site, before.agent_id, after.call_id),
+                await self._records.free_agent(
+                    after.site,
+                    before.agent_id,
+                    after.call_id,
                     self._store.record_served(after.site, after.visitor_id, before.agent_id),
                 )
                 await self._phone_over(before, after)

@@ -184,6 +184,11 @@ class CallRecordStore(Protocol):
     async def put_call(self, row: CallRow) -> bool:
         """Insert version 1, or replace version n-1 with n; False if someone else won."""
 
+    async def put_call_holding(self, row: CallRow, agent_id: str, ttl_s: float) -> bool | None:
+        """``put_call`` of a call that must still hold ``agent_id``'s reservation (an
+        accept), which is kept ``ttl_s`` more, in one step: None, and nothing written, once
+        ``row.call_id`` no longer holds it (it lapsed, and maybe went to another call)."""
+
     async def get_call(self, call_id: str) -> CallRow | None: ...
 
     async def list_calls(self, site: str, limit: int = 100) -> list[CallRow]: ...

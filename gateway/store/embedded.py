@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.store.base import (
+    CallRow,
     EventHandler,
     Json,
     ResyncHandler,
@@ -134,6 +135,12 @@ class EmbeddedStore(EmbeddedPresence, EmbeddedRecords, EmbeddedCoordination):
         self._on_event: EventHandler | None = None
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
+
+    async def put_call_holding(self, row: CallRow, agent_id: str, ttl_s: float) -> bool | None:
+        # One process: nothing can take the reservation once it is extended.
+        if not await self.extend_reservation(row.site, agent_id, row.call_id, ttl_s):
+            return None
+        return await self.put_call(row)
 
     async def start(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         self._on_event = on_event

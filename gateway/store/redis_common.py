@@ -13,6 +13,12 @@ from gateway.store.redis_lane import RedisLane
 EVENTS_CHANNEL = "m:events"
 
 
+def reservation_key(site: str, agent_id: str) -> str:
+    """The call holding an agent (``RedisCoordination``), checked by an accept's write
+    (``RedisRecords.put_call_holding``)."""
+    return f"m:resv:{site}:{agent_id}"
+
+
 def pairs(flat: list[Any]) -> dict[str, str]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 

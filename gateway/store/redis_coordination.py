@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from gateway.store.base import Quota
 from gateway.store.coordination import NamedCoordination
-from gateway.store.redis_common import RedisParts
+from gateway.store.redis_common import RedisParts, reservation_key
 
 TIMERS_KEY = "m:timers"
 
@@ -107,7 +107,7 @@ class RedisCoordination(RedisParts, NamedCoordination):
 
     async def reserve_agent(self, site: str, agent_id: str, call_id: str, ttl_s: float) -> bool:
         done = await self._lane.execute(
-            "SET", f"m:resv:{site}:{agent_id}", call_id, "NX", "PX", max(1, int(ttl_s * 1000))
+            "SET", reservation_key(site, agent_id), call_id, "NX", "PX", max(1, int(ttl_s * 1000))
         )
         return bool(done)
 
@@ -118,7 +118,7 @@ class RedisCoordination(RedisParts, NamedCoordination):
             return None
         index = await self._lane.run_script(
             _RESERVE_FIRST,
-            [f"m:resv:{site}:{agent_id}" for agent_id in agent_ids],
+            [reservation_key(site, agent_id) for agent_id in agent_ids],
             [call_id, max(1, int(ttl_s * 1000))],
         )
         return None if index < 0 else agent_ids[index]
@@ -127,12 +127,12 @@ class RedisCoordination(RedisParts, NamedCoordination):
         self, site: str, agent_id: str, call_id: str, ttl_s: float
     ) -> bool:
         done = await self._lane.run_script(
-            _EXTEND, [f"m:resv:{site}:{agent_id}"], [call_id, max(1, int(ttl_s * 1000))]
+            _EXTEND, [reservation_key(site, agent_id)], [call_id, max(1, int(ttl_s * 1000))]
         )
         return bool(done)
 
     async def release_agent(self, site: str, agent_id: str, call_id: str) -> None:
-        await self._lane.run_script(_RELEASE, [f"m:resv:{site}:{agent_id}"], [call_id])
+        await self._lane.run_script(_RELEASE, [reservation_key(site, agent_id)], [call_id])
 
     async def schedule_timer(self, timer_id: str, due: float, keep: bool = False) -> None:
         if keep:

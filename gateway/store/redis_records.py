@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import orjson
 
 from gateway.store.base import HANDLE_TIMES_KEPT, CallRow
-from gateway.store.redis_common import RedisParts
+from gateway.store.redis_common import RedisParts, reservation_key
 from gateway.store.redis_common import pairs as _pairs
 
 VISIT_TTL_S = 400 * 24 * 3600
@@ -29,6 +29,17 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
 return 1
 """
 
+# KEYS: call hash, site index, the agent's reservation. ARGV: as _PUT_CALL, then ttl ms.
+# -1: the reservation is not the call's.
+_PUT_CALL_HOLDING = """
+if redis.call('GET', KEYS[3]) ~= ARGV[5] then return -1 end
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if current ~= tonumber(ARGV[1]) - 1 then return 0 end
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'site', ARGV[2], 'data', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
 
 _DELETE_CALL = """
 if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
@@ -60,6 +71,21 @@ class RedisRecords(RedisParts):
             ],
         )
         return bool(ok)
+
+    async def put_call_holding(self, row: CallRow, agent_id: str, ttl_s: float) -> bool | None:
+        done = await self._lane.run_script(
+            _PUT_CALL_HOLDING,
+            [f"m:call:{row.call_id}", f"m:calls:{row.site}", reservation_key(row.site, agent_id)],
+            [
+                row.version,
+                row.site,
+                orjson.dumps(row.data),
+                self._clock(),
+                row.call_id,
+                max(1, int(ttl_s * 1000)),
+            ],
+        )
+        return None if done < 0 else bool(done)
 
     async def get_call(self, call_id: str) -> CallRow | None:
         found = _pairs(await self._lane.execute("HGETALL", f"m:call:{call_id}"))
