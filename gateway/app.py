@@ -169,6 +169,9 @@ def create_app(
         metrics.presence_changes.inc()
 
     presence.add_listener(count_presence_change)
+    predictions = metrics.presence_predictions
+    held, missed = predictions.labels("held"), predictions.labels("missed")
+    presence.on_prediction = lambda done: (held if done else missed).inc()
 
     rings = RingDelivery(metrics, clock.now)
     manager = (

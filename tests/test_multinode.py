@@ -23,8 +23,9 @@ from conftest import (
     node_process,
     replace,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.core.model import Role
+from gateway.core.model import Device, DeviceKind, DeviceState, PresenceStatus, Role
 from gateway.edge.http import appkeys as keys
 from gateway.ops.clock import Clock, ManualClock
 from gateway.settings import PresenceSettings, Settings, demo_config_text
@@ -289,6 +290,89 @@ async def test_an_agent_freed_on_another_node_is_rung_again_at_once(
     assert ack["ok"] and ack["call"]["state"] == "ringing", ack
     again = await agent.next("call:ring")
     assert again["call_id"] == ack["call"]["call_id"]
+
+
+async def test_an_agent_changed_behind_a_nodes_back_goes_on_and_off_a_call_as_stored(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """A node predicts an agent's record as she goes on or off a call, from what it last
+    heard of her, to save and publish it in the same round trip. When her record changed
+    since (a change the node has not heard of yet), the prediction fails and the node
+    publishes the record as stored: every node sees her on the call, with every device."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    board = clients()
+    await board.connect(a.url, "/board", {"token": mint(settings, "sam", Role.SUPERVISOR)})
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "anna")})
+    await board.next("presence:update", status_of("anna", "available"))
+
+    # Written to the store directly: no node hears of it.
+    unheard = Device("im", DeviceKind.IM, DeviceState.AWAY, 0, time.time(), time.time() + 60)
+    await b.app[keys.STORE].put_device("acme", "anna", unheard)
+    visitor, ack = await visitor_calls(http, clients, a.url)
+    call = {"call_id": ack["call"]["call_id"]}
+    await agent.next("call:ring")
+    await agent.call("call:accept", call, "/agent")
+    on_call = await board.next("presence:update", status_of("anna", "on_call"))
+    assert {d["kind"] for d in on_call["devices"]} == {"im", "desktop"}
+    await agent.next("presence:update", status_of("anna", "on_call"))
+
+    await b.app[keys.STORE].put_device("acme", "anna", replace(unheard, state=DeviceState.DND))
+    await agent.call("call:hangup", call, "/agent")
+    await visitor.next("call:update", lambda c: c["state"] == "completed")
+    after = await board.next("presence:update", status_of("anna", "dnd"))
+    assert {d["device_id"]: d["state"] for d in after["devices"]}["im"] == "dnd"
+    stored = await a.app[keys.STORE].get_presence("acme", "anna")
+    assert stored.active_call is None and stored.status is PresenceStatus.DND
+
+
+async def predictions(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with http.get(f"{url}/metrics") as r:
+        text = await r.text()
+    return {
+        s.labels["outcome"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "membrane_presence_predictions_total"
+    }
+
+
+async def test_an_agents_node_predicts_her_call_after_her_lease_was_renewed_unheard(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    clock: ManualClock,
+) -> None:
+    """A socket's lease is renewed without an event, so what a node last heard of the
+    device says it expired long ago. Going on and off a call is still predicted, and so
+    saved and published in one round trip each."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"), clock=clock)
+    b = await nodes(replace(settings, node_id="b"), clock=clock)
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "anna")})
+    await agent.next("presence:update", status_of("anna", "available"))
+    await clock.advance(3 * settings.presence.socket_ttl_s)  # renewed all the while
+    before = await predictions(http, b.url)
+
+    _, ack = await visitor_calls(http, clients, a.url)
+    call = {"call_id": ack["call"]["call_id"]}
+    await agent.next("call:ring")
+    await agent.call("call:accept", call, "/agent")
+    await agent.next("presence:update", status_of("anna", "on_call"))
+    await agent.call("call:hangup", call, "/agent")
+    await agent.next("presence:update", status_of("anna", "available"))
+    after = await predictions(http, b.url)
+    assert after.get("held", 0) - before.get("held", 0) == 2
+    assert after.get("missed", 0) == before.get("missed", 0)
 
 
 async def test_no_node_promises_an_agent_who_rings_for_someone_else(

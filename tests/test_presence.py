@@ -27,6 +27,7 @@ from gateway.core.model import (
 from gateway.core.presence import (
     aggregate,
     aggregate_status,
+    as_heard,
     effective_device,
     is_live,
     reachable_channels,
@@ -384,6 +385,18 @@ def test_effective_device_and_is_live() -> None:
     said_offline = dev(state=S.OFFLINE)
     assert not is_live(said_offline, NOW)
     assert effective_device(said_offline, NOW) is said_offline
+
+
+def test_devices_as_heard_stay_live_until_a_lapse_is_heard() -> None:
+    """A live device whose expiry as heard has passed is still live (its lease was renewed
+    without an event); one heard of as offline stays offline."""
+    renewed = dev("desk", expires_at=NOW - 5)
+    offline = dev("phone", state=S.OFFLINE, expires_at=NOW - 5)
+    later = dev("im", expires_at=NOW + 5)
+    heard = as_heard((renewed, offline, later), NOW, skip="im")
+    assert [d.device_id for d in heard] == ["desk", "phone"]
+    assert is_live(heard[0], NOW) and heard[1] is offline
+    assert aggregate(AGENT, record(*heard), NOW).status is P.AVAILABLE
 
 
 def test_remembered_and_status_changed() -> None:

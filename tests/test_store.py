@@ -197,6 +197,39 @@ async def test_put_device_if_saves_and_publishes_only_when_the_prediction_holds(
             await asyncio.wait_for(there.events.get(), 0.2)  # nothing published for those
 
 
+async def test_set_active_call_if_saves_and_publishes_only_when_the_prediction_holds(
+    open_store: Any, backend: str
+) -> None:
+    here, there = Recorder(), Recorder()
+    store: Store = await open_store("n1", here)
+    other: Store | None = await open_store("n2", there) if backend == "redis" else None
+    now = time.time()
+    before = await store.put_device("acme", "anna", device("phone", now))
+    on_call = (PresenceStatus.ON_CALL, now, now)
+    event: Json = {"type": "presence", "site": "acme", "agent": "anna", "status": "on_call"}
+    right = Expectation(before.rev + 1, ("phone",), now, on_call, event)
+    done, record = await store.set_active_call_if("acme", "anna", "c1", right)
+    assert done and record.rev == before.rev + 1 and record.active_call == "c1"
+    assert (record.status, record.since) == (PresenceStatus.ON_CALL, now)
+    if other is not None:
+        published = await asyncio.wait_for(there.events.get(), 5)
+        assert published["rev"] == record.rev and [d[0] for d in published["devices"]] == ["phone"]
+        assert {k: published[k] for k in event} == event
+    assert here.events.empty(), "never echoed to the writer"
+
+    free = (PresenceStatus.AVAILABLE, now, now)
+    stale = Expectation(record.rev, ("phone",), now, free, event)
+    done, after = await store.set_active_call_if("acme", "anna", None, stale)
+    assert not done and after.active_call is None, "the call is cleared all the same"
+    assert after.rev == record.rev + 1 and after.status is PresenceStatus.ON_CALL, "not saved"
+    wrong_live = Expectation(after.rev + 1, (), now, free, event)
+    done, last = await store.set_active_call_if("acme", "anna", "c2", wrong_live)
+    assert not done and last.active_call == "c2" and last.status is PresenceStatus.ON_CALL
+    if other is not None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(there.events.get(), 0.2)  # nothing published for those
+
+
 async def test_calls_are_versioned(open_store: Any) -> None:
     store: Store = await open_store()
     first = CallRow("c1", "acme", 1, {"state": "queued"})

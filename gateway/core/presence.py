@@ -15,6 +15,7 @@ highest priority first.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from gateway.core.model import (
@@ -55,6 +56,21 @@ def effective_device(device: Device, now: float) -> Device:
     if device.expires_at <= now and device.state is not DeviceState.OFFLINE:
         return replace(device, state=DeviceState.OFFLINE)
     return device
+
+
+def as_heard(devices: tuple[Device, ...], now: float, skip: str = "") -> tuple[Device, ...]:
+    """An agent's devices as this node last heard of them (but ``skip``), to predict her
+    record from: the live ones still live at ``now``. A socket's lease is renewed without an
+    event (``Store.touch_devices``), so a device's expiry as heard is not its expiry as
+    stored; a lapse is heard of (the sweeper publishes it), and until then a lapsed device
+    only makes the prediction fail."""
+    return tuple(
+        d
+        if d.state is DeviceState.OFFLINE or d.expires_at > now
+        else replace(d, expires_at=math.inf)
+        for d in devices
+        if d.device_id != skip
+    )
 
 
 def aggregate_status(devices: tuple[Device, ...], active_call: bool, now: float) -> PresenceStatus:

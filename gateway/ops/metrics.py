@@ -37,6 +37,13 @@ class Metrics:
             "Presence changes this node applied (its own and other nodes').",
             registry=self.registry,
         )
+        self.presence_predictions = Counter(
+            "membrane_presence_predictions_total",
+            "This node's presence changes written as it predicted them (held: saved and "
+            "published in one round trip) or not (missed: one more).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.store_up = Gauge(
             "membrane_store_up",
             "1 while the store answers and this node hears other nodes' events.",

@@ -27,7 +27,13 @@ from gateway.core.model import (
     PresenceStatus,
     Site,
 )
-from gateway.core.presence import aggregate, effective_device, is_live, status_changed
+from gateway.core.presence import (
+    aggregate,
+    as_heard,
+    effective_device,
+    is_live,
+    status_changed,
+)
 from gateway.ops.clock import SYSTEM_CLOCK, Clock
 from gateway.ops.tasks import TaskGroup
 from gateway.services.store_retry import UntilStored
@@ -121,6 +127,8 @@ class PresenceService:
         self._settings = settings
         self._clock = clock
         self._until_stored = UntilStored(tasks, clock.now)
+        self.on_prediction: Callable[[bool], None] = lambda held: None
+        """Told whether each predicted change held (one round trip) or not (two)."""
         self._cache: dict[str, dict[str, Presence]] = {s: {} for s in sites}
         self._listeners: list[PresenceListener] = []
         self._lapse_listeners: list[LapseListener] = []
@@ -209,16 +217,32 @@ class PresenceService:
         if cached is None:
             record = await self._store.put_device(site_id, agent_id, device)
             return await self._commit(agent, record, now)
-        # Predict the new record from this node's cache; the store checks the prediction
-        # and, when it holds (nearly always), saves and publishes in the same round trip.
         predicted = PresenceRecord(
-            devices=(*(d for d in cached.devices if d.device_id != device.device_id), device),
+            devices=(*as_heard(cached.devices, now, skip=device.device_id), device),
             active_call=cached.active_call,
             status=cached.status,
             since=cached.since,
             idle_since=cached.idle_since,
             rev=cached.rev + 1,
         )
+        return await self._predicted(
+            agent,
+            predicted,
+            now,
+            partial(self._store.put_device_if, site_id, agent_id, device),
+        )
+
+    async def _predicted(
+        self,
+        agent: Agent,
+        predicted: PresenceRecord,
+        now: float,
+        write: Callable[[Expectation], Awaitable[tuple[bool, PresenceRecord]]],
+    ) -> Presence:
+        """A change whose resulting record this node predicted from its cache: the store
+        checks the prediction and, when it holds (nearly always), saves and publishes in the
+        same round trip as the ``write``; else the change is committed from the record the
+        store returned, a round trip later."""
         presence = aggregate(agent, predicted, now)
         expect = Expectation(
             rev=predicted.rev,
@@ -231,7 +255,8 @@ class PresenceService:
                 k: v for k, v in presence_event(presence).items() if k not in ("devices", "rev")
             },
         )
-        done, record = await self._store.put_device_if(site_id, agent_id, device, expect)
+        done, record = await write(expect)
+        self.on_prediction(done)
         if not done:
             return await self._commit(agent, record, now)
         presence = replace(
@@ -263,8 +288,25 @@ class PresenceService:
 
     async def set_active_call(self, site_id: str, agent_id: str, call_id: str | None) -> Presence:
         agent = self.agent(site_id, agent_id)
-        record = await self._store.set_active_call(site_id, agent_id, call_id)
-        return await self._commit(agent, record, self._clock.now())
+        now = self._clock.now()
+        cached = self._cache[site_id].get(agent_id)
+        if cached is None:
+            record = await self._store.set_active_call(site_id, agent_id, call_id)
+            return await self._commit(agent, record, now)
+        predicted = PresenceRecord(
+            devices=as_heard(cached.devices, now),
+            active_call=call_id,
+            status=cached.status,
+            since=cached.since,
+            idle_since=cached.idle_since,
+            rev=cached.rev + 1,
+        )
+        return await self._predicted(
+            agent,
+            predicted,
+            now,
+            partial(self._store.set_active_call_if, site_id, agent_id, call_id),
+        )
 
     async def _commit(self, agent: Agent, record: PresenceRecord, now: float) -> Presence:
         presence = aggregate(agent, record, now)

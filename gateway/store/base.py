@@ -166,6 +166,12 @@ class PresenceStore(Protocol):
         self, site: str, agent_id: str, call_id: str | None
     ) -> PresenceRecord: ...
 
+    async def set_active_call_if(
+        self, site: str, agent_id: str, call_id: str | None, expect: Expectation
+    ) -> tuple[bool, PresenceRecord]:
+        """``set_active_call``, then as ``put_device_if``: the status saved and the event
+        published in the same step when the record is as predicted."""
+
     async def claim_lapsed(self, now: float) -> list[tuple[str, str]]:
         """Remove devices whose lease ran out; each (site, agent) is returned by one node only."""
 

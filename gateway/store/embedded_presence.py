@@ -42,6 +42,17 @@ class EmbeddedPresence:
         self, site: str, agent_id: str, device: Device, expect: Expectation
     ) -> tuple[bool, PresenceRecord]:
         record = await self.put_device(site, agent_id, device)
+        return await self._as_predicted(site, agent_id, record, expect)
+
+    async def set_active_call_if(
+        self, site: str, agent_id: str, call_id: str | None, expect: Expectation
+    ) -> tuple[bool, PresenceRecord]:
+        record = await self.set_active_call(site, agent_id, call_id)
+        return await self._as_predicted(site, agent_id, record, expect)
+
+    async def _as_predicted(
+        self, site: str, agent_id: str, record: PresenceRecord, expect: Expectation
+    ) -> tuple[bool, PresenceRecord]:
         live = tuple(sorted(d.device_id for d in record.devices if is_live(d, expect.now)))
         if record.rev != expect.rev or live != expect.live:
             return False, record

@@ -35,43 +35,67 @@ redis.call('HINCRBY', KEYS[1], '~rev', 1)
 return redis.call('HGETALL', KEYS[1])
 """
 
-# The one-round-trip presence change (Store.put_device_if).
-# KEYS: device hash, lapse zset. ARGV: device id, device json, expires_at, lapse member,
-# expected rev, now, expected live ids (comma-joined), status json or "", channel,
-# the event envelope up to its devices (an unterminated JSON object).
-_PUT_DEVICE_IF = """
+# The second half of a one-round-trip presence change (Store.put_device_if,
+# Store.set_active_call_if), after the write bumped the revision to ``rev``: if the record is
+# as predicted, save the status and publish the event. ARGV from ``a``: expected rev, now,
+# expected live ids (comma-joined), status json or "", channel, the event envelope up to its
+# devices (an unterminated JSON object).
+_PUBLISH_IF_PREDICTED = """
+local function publish_if_predicted(key, rev, a)
+  local flat = redis.call('HGETALL', key)
+  if rev ~= tonumber(ARGV[a]) then return {0, flat} end
+  local now = tonumber(ARGV[a + 1])
+  local ids, live, devices = {}, {}, {}
+  for i = 1, #flat, 2 do
+    if string.sub(flat[i], 1, 1) ~= '~' then
+      local d = cjson.decode(flat[i + 1])
+      devices[flat[i]] = d
+      table.insert(ids, flat[i])
+      if d['state'] ~= 'offline' and d['expires_at'] > now then table.insert(live, flat[i]) end
+    end
+  end
+  table.sort(live)
+  if table.concat(live, ',') ~= ARGV[a + 2] then return {0, flat} end
+  if ARGV[a + 3] ~= '' then
+    redis.call('HSET', key, '~status', ARGV[a + 3])
+    flat = redis.call('HGETALL', key)
+  end
+  table.sort(ids)
+  local rows = {}
+  for _, id in ipairs(ids) do
+    local d = devices[id]
+    table.insert(rows, cjson.encode({id, d['kind'], d['state'], d['priority'], d['last_seen'],
+      d['expires_at']}))
+  end
+  redis.call('PUBLISH', ARGV[a + 4],
+    ARGV[a + 5] .. ',"devices":[' .. table.concat(rows, ',') .. '],"rev":' .. rev .. '}}')
+  return {1, flat}
+end
+"""
+
+# KEYS: device hash, lapse zset. ARGV: device id, device json, expires_at, lapse member, then
+# _PUBLISH_IF_PREDICTED's from 5.
+_PUT_DEVICE_IF = (
+    _PUBLISH_IF_PREDICTED
+    + """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-local rev = redis.call('HINCRBY', KEYS[1], '~rev', 1)
-local flat = redis.call('HGETALL', KEYS[1])
-if rev ~= tonumber(ARGV[5]) then return {0, flat} end
-local now = tonumber(ARGV[6])
-local ids, live, devices = {}, {}, {}
-for i = 1, #flat, 2 do
-  if string.sub(flat[i], 1, 1) ~= '~' then
-    local d = cjson.decode(flat[i + 1])
-    devices[flat[i]] = d
-    table.insert(ids, flat[i])
-    if d['state'] ~= 'offline' and d['expires_at'] > now then table.insert(live, flat[i]) end
-  end
-end
-table.sort(live)
-if table.concat(live, ',') ~= ARGV[7] then return {0, flat} end
-if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[1], '~status', ARGV[8])
-  flat = redis.call('HGETALL', KEYS[1])
-end
-table.sort(ids)
-local rows = {}
-for _, id in ipairs(ids) do
-  local d = devices[id]
-  table.insert(rows, cjson.encode({id, d['kind'], d['state'], d['priority'], d['last_seen'],
-    d['expires_at']}))
-end
-redis.call('PUBLISH', ARGV[9],
-  ARGV[10] .. ',"devices":[' .. table.concat(rows, ',') .. '],"rev":' .. rev .. '}}')
-return {1, flat}
+return publish_if_predicted(KEYS[1], redis.call('HINCRBY', KEYS[1], '~rev', 1), 5)
 """
+)
+
+# KEYS: device hash. ARGV: call id or "" to clear it, then _PUBLISH_IF_PREDICTED's from 2.
+_SET_ACTIVE_CALL_IF = (
+    _PUBLISH_IF_PREDICTED
+    + """
+if ARGV[1] == '' then
+  redis.call('HDEL', KEYS[1], '~call')
+else
+  redis.call('HSET', KEYS[1], '~call', ARGV[1])
+end
+return publish_if_predicted(KEYS[1], redis.call('HINCRBY', KEYS[1], '~rev', 1), 2)
+"""
+)
 
 # KEYS: device hash, lapse zset. ARGV: device id, lapse member.
 _REMOVE_DEVICE = """
@@ -158,8 +182,6 @@ class RedisPresence(RedisParts):
     async def put_device_if(
         self, site: str, agent_id: str, device: Device, expect: Expectation
     ) -> tuple[bool, PresenceRecord]:
-        envelope = json.dumps({"node": self.node_id, "event": expect.event}, separators=(",", ":"))
-        status = encode_status(*expect.status) if expect.status is not None else ""
         done, flat = await self._lane.run_script(
             _PUT_DEVICE_IF,
             [_device_key(site, agent_id), LAPSE_KEY],
@@ -168,15 +190,33 @@ class RedisPresence(RedisParts):
                 encode_device(device),
                 device.expires_at,
                 _lapse_member(site, agent_id, device.device_id),
-                expect.rev,
-                expect.now,
-                ",".join(expect.live),
-                status,
-                EVENTS_CHANNEL,
-                envelope[:-2],  # reopened: the script appends devices and rev
+                *self._predicted(expect),
             ],
         )
         return bool(done), record_from_fields(_pairs(flat))
+
+    async def set_active_call_if(
+        self, site: str, agent_id: str, call_id: str | None, expect: Expectation
+    ) -> tuple[bool, PresenceRecord]:
+        done, flat = await self._lane.run_script(
+            _SET_ACTIVE_CALL_IF,
+            [_device_key(site, agent_id)],
+            [call_id or "", *self._predicted(expect)],
+        )
+        return bool(done), record_from_fields(_pairs(flat))
+
+    def _predicted(self, expect: Expectation) -> list[str | float]:
+        """``_PUBLISH_IF_PREDICTED``'s arguments."""
+        envelope = json.dumps({"node": self.node_id, "event": expect.event}, separators=(",", ":"))
+        status = encode_status(*expect.status) if expect.status is not None else ""
+        return [
+            expect.rev,
+            expect.now,
+            ",".join(expect.live),
+            status,
+            EVENTS_CHANNEL,
+            envelope[:-2],  # reopened: the script appends devices and rev
+        ]
 
     async def remove_device(self, site: str, agent_id: str, device_id: str) -> PresenceRecord:
         flat = await self._lane.run_script(
