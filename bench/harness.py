@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -550,6 +551,32 @@ def cpu_per_unit(
     }
 
 
+def reference_work() -> None:
+    """A fixed piece of pure-Python work in a gateway's mix: dicts, calls, JSON, strings."""
+    for i in range(2000):
+        record = {"call_id": f"c_{i:032x}", "state": "ringing", "agent_id": f"a{i}", "n": i}
+        wire = json.dumps(record, separators=(",", ":"))
+        back = json.loads(wire)
+        _ = sorted(back.items()) + [(str(k), v) for k, v in back.items() if k != "n"]
+
+
+def machine_speed(repeats: int = 7) -> dict[str, Any]:
+    """How fast this machine and interpreter run Python: the CPU milliseconds of
+    ``reference_work`` (the median of ``repeats``), measured while nothing of the benchmark
+    runs. Per-unit CPU figures divided by it compare across machines: a machine of the same
+    kind can be several times slower (a busy host, an interpreter built without PGO)."""
+    samples = []
+    for _ in range(repeats):
+        started = time.process_time()
+        reference_work()
+        samples.append(time.process_time() - started)
+    return {
+        "reference_ms": round(statistics.median(samples) * 1000, 2),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "executable": os.path.realpath(sys.executable),
+    }
+
+
 def add_runs_argument(parser: Any, default: int = 3) -> None:
     parser.add_argument(
         "--runs",
@@ -557,6 +584,20 @@ def add_runs_argument(parser: Any, default: int = 3) -> None:
         default=default,
         help=f"repeat the whole benchmark this often and report the worst run (default {default})",
     )
+
+
+def in_references(result: dict[str, Any], reference_ms: float) -> dict[str, Any]:
+    """The run's node CPU per unit of work (``cpu_per_unit``) in ``machine_speed``
+    references, with the reference itself: the figure to compare across machines."""
+    for value in result.values():
+        if isinstance(value, dict) and "node_cpu_ms_per_unit" in value:
+            return {
+                "reference_ms": reference_ms,
+                f"node_cpu_per_{value['unit'].split()[0]}_in_references": round(
+                    value["node_cpu_ms_per_unit"] / reference_ms, 3
+                ),
+            }
+    return {"reference_ms": reference_ms}
 
 
 def repeat(
@@ -570,9 +611,12 @@ def repeat(
     (the largest ``worst``) whole: a target is met only if the worst run meets it."""
     results: list[dict[str, Any]] = []
     for i in range(runs):
+        speed = machine_speed()
         result = once()
+        result["machine"] = speed
         results.append(result)
-        print(f"run {i + 1} of {runs}: {json.dumps(headline(result))}", file=sys.stderr, flush=True)
+        line = {**headline(result), **in_references(result, speed["reference_ms"])}
+        print(f"run {i + 1} of {runs}: {json.dumps(line)}", file=sys.stderr, flush=True)
 
     def badness(i: int) -> float:
         value = worst(results[i])
@@ -581,7 +625,9 @@ def repeat(
     worst_index = max(range(len(results)), key=badness)
     return {
         "runs": runs,
-        "headline_by_run": [headline(r) for r in results],
+        "headline_by_run": [
+            {**headline(r), **in_references(r, r["machine"]["reference_ms"])} for r in results
+        ],
         "worst_run": worst_index + 1,
         "meets_target_every_run": all(r.get("meets_target", True) for r in results),
         "worst": results[worst_index],
