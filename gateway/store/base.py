@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
+import orjson
+
 from gateway.core.callback_admission import QuotaSpec, Subject
 from gateway.core.errors import StoreUnavailable
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceRecord, PresenceStatus
@@ -486,7 +488,7 @@ def decode_device(raw: str | bytes) -> Device:
 
 
 def encode_status(status: PresenceStatus, since: float, idle_since: float) -> str:
-    return json.dumps([status.value, since, idle_since])
+    return orjson.dumps([status.value, since, idle_since]).decode()
 
 
 def record_from_fields(fields: dict[str, str]) -> PresenceRecord:

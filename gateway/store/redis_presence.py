@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+
+import orjson
 
 from gateway.core.model import Device, PresenceRecord, PresenceStatus
 from gateway.store.base import (
@@ -207,7 +208,7 @@ class RedisPresence(RedisParts):
 
     def _predicted(self, expect: Expectation) -> list[str | float]:
         """``_PUBLISH_IF_PREDICTED``'s arguments."""
-        envelope = json.dumps({"node": self.node_id, "event": expect.event}, separators=(",", ":"))
+        envelope = orjson.dumps({"node": self.node_id, "event": expect.event}).decode()
         status = encode_status(*expect.status) if expect.status is not None else ""
         return [
             expect.rev,
