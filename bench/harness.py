@@ -560,18 +560,27 @@ def reference_work() -> None:
         _ = sorted(back.items()) + [(str(k), v) for k, v in back.items() if k != "n"]
 
 
-def machine_speed(repeats: int = 7) -> dict[str, Any]:
-    """How fast this machine and interpreter run Python: the CPU milliseconds of
-    ``reference_work`` (the median of ``repeats``), measured while nothing of the benchmark
-    runs. Per-unit CPU figures divided by it compare across machines: a machine of the same
-    kind can be several times slower (a busy host, an interpreter built without PGO)."""
+def reference_samples(repeats: int = 7) -> list[float]:
+    """CPU milliseconds of ``reference_work``, ``repeats`` times."""
     samples = []
     for _ in range(repeats):
         started = time.process_time()
         reference_work()
-        samples.append(time.process_time() - started)
+        samples.append((time.process_time() - started) * 1000)
+    return samples
+
+
+def machine_speed(before: list[float], after: list[float]) -> dict[str, Any]:
+    """How fast this machine and interpreter run Python: the CPU milliseconds of
+    ``reference_work``, timed just ``before`` and ``after`` a run (while nothing of the
+    benchmark runs), the median of both. Per-unit CPU figures divided by it compare across
+    machines: a machine of the same kind can be several times slower (a busy host, an
+    interpreter built without PGO). Its speed drifts too, by a fifth within minutes here, so
+    a run's figures are only as steady as the two timings agree."""
     return {
-        "reference_ms": round(statistics.median(samples) * 1000, 2),
+        "reference_ms": round(statistics.median(before + after), 2),
+        "reference_ms_before": round(statistics.median(before), 2),
+        "reference_ms_after": round(statistics.median(after), 2),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "executable": os.path.realpath(sys.executable),
     }
@@ -611,8 +620,9 @@ def repeat(
     (the largest ``worst``) whole: a target is met only if the worst run meets it."""
     results: list[dict[str, Any]] = []
     for i in range(runs):
-        speed = machine_speed()
+        before = reference_samples()
         result = once()
+        speed = machine_speed(before, reference_samples())
         result["machine"] = speed
         results.append(result)
         line = {**headline(result), **in_references(result, speed["reference_ms"])}
