@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import jsonschema
+import pytest
 import yaml
 from conftest import free_port, until_ready
 
@@ -257,6 +258,9 @@ async def run_install(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+# Two virtualenvs built from the lock, beside the rest of the suite: over 120 s on a slow
+# machine of the CI's kind.
+@pytest.mark.timeout(600)
 async def test_the_vm_install_script_installs_a_node_that_serves(tmp_path: Path) -> None:
     """deploy/install.sh into a directory of its own (DESTDIR): a virtualenv from the lock,
     the web client, the config and a secret kept from the first install, the unit; then the

@@ -387,16 +387,13 @@ class CallRecords:
         self, site_id: str, agent_id: str, call_id: str, *also: Awaitable[object]
     ) -> None:
         """The agent's call is over: released, and no longer on a call. ``also``: store
-        steps that go in the same write (one round trip, not one each).
+        steps that go in the same write as the release (one round trip, not one each).
 
-        Not one after the other: Redis runs a connection's commands in the order they were
-        written, so the release is done before the record says she is free, and both before
-        the presence event that tells other nodes to route to her."""
-        await asyncio.gather(
-            self.store.release_agent(site_id, agent_id, call_id),
-            self.presence.set_active_call(site_id, agent_id, None),
-            *also,
-        )
+        The active call is cleared only once the release is done: were the release refused
+        (a store failing), she would show as free while still reserved, and every node
+        would skip her until a retry released her."""
+        await asyncio.gather(self.store.release_agent(site_id, agent_id, call_id), *also)
+        await self.presence.set_active_call(site_id, agent_id, None)
 
     async def schedule(self, timer: TimerId, due: float, keep: bool = False) -> None:
         """``keep``: leave the timer as it is if it exists (``TimerStore.schedule_timer``)."""

@@ -75,6 +75,21 @@ def socket_device_id(sid: str) -> str:
     return f"desktop-{sid[:8]}"
 
 
+def next_record(
+    cached: Presence, devices: tuple[Device, ...], active_call: str | None
+) -> PresenceRecord:
+    """The record a node predicts for an agent it last saw as ``cached`` after one more
+    change, which left her ``devices`` and ``active_call``: the next revision."""
+    return PresenceRecord(
+        devices=devices,
+        active_call=active_call,
+        status=cached.status,
+        since=cached.since,
+        idle_since=cached.idle_since,
+        rev=cached.rev + 1,
+    )
+
+
 def presence_event(presence: Presence) -> Json:
     """The node-to-node form: the wire shape plus what routing needs, times as floats."""
     return {
@@ -217,17 +232,10 @@ class PresenceService:
         if cached is None:
             record = await self._store.put_device(site_id, agent_id, device)
             return await self._commit(agent, record, now)
-        predicted = PresenceRecord(
-            devices=(*as_heard(cached.devices, now, skip=device.device_id), device),
-            active_call=cached.active_call,
-            status=cached.status,
-            since=cached.since,
-            idle_since=cached.idle_since,
-            rev=cached.rev + 1,
-        )
+        devices = (*as_heard(cached.devices, now, skip=device.device_id), device)
         return await self._predicted(
             agent,
-            predicted,
+            next_record(cached, devices, cached.active_call),
             now,
             partial(self._store.put_device_if, site_id, agent_id, device),
         )
@@ -293,17 +301,9 @@ class PresenceService:
         if cached is None:
             record = await self._store.set_active_call(site_id, agent_id, call_id)
             return await self._commit(agent, record, now)
-        predicted = PresenceRecord(
-            devices=as_heard(cached.devices, now),
-            active_call=call_id,
-            status=cached.status,
-            since=cached.since,
-            idle_since=cached.idle_since,
-            rev=cached.rev + 1,
-        )
         return await self._predicted(
             agent,
-            predicted,
+            next_record(cached, as_heard(cached.devices, now), call_id),
             now,
             partial(self._store.set_active_call_if, site_id, agent_id, call_id),
         )
