@@ -354,6 +354,12 @@ LAPSE_REFUSALS = {
     # Carla's presence read, before her offline is published and the call service hears of
     # the lapse (and the call's read too).
     "every hash read": (("-hgetall",), "hgetall", ("+hgetall",)),
+    # Whom the visitor talked to, written with her release: she is freed all the same.
+    "the visit": (
+        ("resetkeys", "~m:[^v]*", "~m:v[^i]*", "~m:vi[^s]*", "~m:vis[^i]*", "~m:visi[^t]*"),
+        "m:visit:",
+        ("~*",),
+    ),
     # Her reservation's release, after the call's end is stored: a try again must free her.
     "her reservation": (
         ("resetkeys", "~m:[^r]*", "~m:r[^e]*", "~m:re[^s]*", "~m:res[^v]*", "~m:resv[^:]*"),

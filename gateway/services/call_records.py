@@ -391,9 +391,17 @@ class CallRecords:
 
         The active call is cleared only once the release is done: were the release refused
         (a store failing), she would show as free while still reserved, and every node
-        would skip her until a retry released her."""
-        await asyncio.gather(self.store.release_agent(site_id, agent_id, call_id), *also)
+        would skip her until a retry released her. A step of ``also`` that fails does not
+        keep her on the call: its error is raised once she is off it."""
+        released, *others = await asyncio.gather(
+            self.store.release_agent(site_id, agent_id, call_id), *also, return_exceptions=True
+        )
+        if isinstance(released, BaseException):
+            raise released
         await self.presence.set_active_call(site_id, agent_id, None)
+        for outcome in others:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def schedule(self, timer: TimerId, due: float, keep: bool = False) -> None:
         """``keep``: leave the timer as it is if it exists (``TimerStore.schedule_timer``)."""
