@@ -350,13 +350,13 @@ class CallRecords:
                 before = await self.get(call_id)
                 after = replace(transition(before), version=before.version + 1)
             row = CallRow(call_id, after.site, after.version, call_to_record(after))
-            if holding is None:
-                stored = await self.store.put_call(row)
-            else:
-                held = await self.store.put_call_holding(row, holding, CALL_HOLD_S)
-                if held is None:
-                    raise Conflict("this ring has ended", code="ring_expired")
-                stored = held
+            stored = await (
+                self.store.put_call(row)
+                if holding is None
+                else self.store.put_call_holding(row, holding, CALL_HOLD_S)
+            )
+            if stored is None:
+                raise Conflict("this ring has ended", code="ring_expired")
             if stored:
                 if after.final and not before.final:
                     log_ended(after)

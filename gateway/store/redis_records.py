@@ -57,35 +57,27 @@ return 1
 """
 
 
+def _call_keys(row: CallRow) -> list[str]:
+    """The call's hash and its site's index of calls."""
+    return [f"m:call:{row.call_id}", f"m:calls:{row.site}"]
+
+
 class RedisRecords(RedisParts):
     async def put_call(self, row: CallRow) -> bool:
-        ok = await self._lane.run_script(
-            _PUT_CALL,
-            [f"m:call:{row.call_id}", f"m:calls:{row.site}"],
-            [
-                row.version,
-                row.site,
-                orjson.dumps(row.data),
-                self._clock(),
-                row.call_id,
-            ],
-        )
+        ok = await self._lane.run_script(_PUT_CALL, _call_keys(row), self._call_args(row))
         return bool(ok)
 
     async def put_call_holding(self, row: CallRow, agent_id: str, ttl_s: float) -> bool | None:
         done = await self._lane.run_script(
             _PUT_CALL_HOLDING,
-            [f"m:call:{row.call_id}", f"m:calls:{row.site}", reservation_key(row.site, agent_id)],
-            [
-                row.version,
-                row.site,
-                orjson.dumps(row.data),
-                self._clock(),
-                row.call_id,
-                max(1, int(ttl_s * 1000)),
-            ],
+            [*_call_keys(row), reservation_key(row.site, agent_id)],
+            [*self._call_args(row), max(1, int(ttl_s * 1000))],
         )
         return None if done < 0 else bool(done)
+
+    def _call_args(self, row: CallRow) -> list[str | int | float | bytes]:
+        """``_PUT_CALL``'s arguments (``_PUT_CALL_HOLDING``'s first)."""
+        return [row.version, row.site, orjson.dumps(row.data), self._clock(), row.call_id]
 
     async def get_call(self, call_id: str) -> CallRow | None:
         found = _pairs(await self._lane.execute("HGETALL", f"m:call:{call_id}"))
