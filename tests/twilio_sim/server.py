@@ -1457,6 +1457,7 @@ class TwilioSim:
                     self._answer(c)
                 bridged_at = self._loop_time()
                 verb.detail["bridged_to"] = winner.record.sid
+                self._notify()  # a state change tests wait for, as a status is
                 limit = bridged_at + self.scaled(time_limit)
                 done = await c.wait_until(lambda: winner is not None and winner.ended, until=limit)
                 if not done:
@@ -1478,6 +1479,7 @@ class TwilioSim:
                 await self._fetch_document(c, action, method, "action", params)
             raise
         verb.detail["DialCallStatus"] = dial_status
+        self._notify()
         if action is None:
             return None
         params = self._dial_params(legs, winner, dial_status, bridged_at)
