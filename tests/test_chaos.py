@@ -80,7 +80,8 @@ DOWN_GRACE_S = 3.0
 pings with a 1 s timeout); after that it must answer 503 until Redis is back."""
 UP_GRACE_S = 6.0
 """And it must answer 200 again at most this long after Redis is back (its listeners retry
-with a backoff capped at 5 s)."""
+with a backoff capped at 2 s, ``RESUBSCRIBE_BACKOFF_MAX_S``; the rest is slack for a slow
+machine under the suite)."""
 PRESENCE_S = 5.0
 AGENTS = ("anna", "ben", "carla")
 ADDRESSES = 48

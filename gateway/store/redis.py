@@ -39,6 +39,10 @@ from gateway.store.redis_url import RedisTarget, redis_target
 log = logging.getLogger(__name__)
 
 PING_INTERVAL_S = 5.0
+RESUBSCRIBE_BACKOFF_MAX_S = 2.0
+"""A lost subscription is retried at least this often: the node is out of the load balancer's
+rotation until it hears events again, so how long it stays out after Redis is back is this
+bound, and a connection attempt a node makes every 2 s while Redis is down costs nothing."""
 
 
 def driver_options() -> dict[str, Any]:
@@ -238,7 +242,7 @@ class RedisStore(RedisPresence, RedisRecords, RedisCoordination):
                         self._settled.set()
                 log.warning("event listener lost Redis (%r); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, RESUBSCRIBE_BACKOFF_MAX_S)
             finally:
                 self._listening = False
                 subscription.close()

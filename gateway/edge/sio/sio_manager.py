@@ -19,7 +19,7 @@ from gateway.core.errors import StoreUnavailable
 from gateway.core.ringing import Offer, RingGate
 from gateway.ops.metrics import Metrics
 from gateway.ops.tasks import raise_if_cancelling
-from gateway.store.redis import PING_INTERVAL_S
+from gateway.store.redis import PING_INTERVAL_S, RESUBSCRIBE_BACKOFF_MAX_S
 from gateway.store.redis_lane import RedisLane, RedisSubscription
 from gateway.store.redis_url import RedisTarget, redis_target
 
@@ -435,7 +435,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         """Other nodes' emits, for ``AsyncPubSubManager._thread`` (replaces
         ``AsyncRedisManager._listen``): over a hiredis subscription (store.redis_lane) rather
         than redis-py's PubSub, whose per-message parsing cost several times more CPU. On a lost
-        or silent connection: resubscribe with backoff capped at 5 s, so a node rejoins soon
+        or silent connection: resubscribe with backoff capped at 2 s, so a node rejoins soon
         after Redis comes back, and have the calls changed meanwhile replayed (``on_rejoin``),
         since the emits published while it was away are gone."""
         retry_sleep = 0.1
@@ -491,7 +491,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
                 self.listening, self.last_error = False, repr(exc)
                 self._get_logger().warning("socket.io Redis listener lost: %r", exc)
                 await asyncio.sleep(retry_sleep)
-                retry_sleep = min(retry_sleep * 2, 5.0)
+                retry_sleep = min(retry_sleep * 2, RESUBSCRIBE_BACKOFF_MAX_S)
             finally:
                 subscription.close()
 
