@@ -49,6 +49,7 @@ from bench.harness import (
     demo_site_config,
     gc_pause_report,
     gc_pauses,
+    idle_cpu,
     log_problems,
     redis_pid,
     redis_server,
@@ -395,6 +396,7 @@ class Driver:
     async def calling(self, rate: float, duration: float, pids: dict[str, int]) -> dict[str, Any]:
         """Starts at ``rate`` a second for ``duration`` seconds into a fresh ``Stats``; the
         phase's figures, with CPU and collector pauses while calling."""
+        idle = await idle_cpu(pids)
         self.stats = stats = Stats()
         print(f"calling at {rate}/s for {duration:.0f} s", file=sys.stderr, flush=True)
         total = int(rate * duration)
@@ -452,6 +454,7 @@ class Driver:
             "drain_s": drained,
             "lag_max_s": lag_max,
             "cpu": cpu,
+            "idle_cpu": idle,
             "gc": gc_report,
         }
 
@@ -553,8 +556,13 @@ async def measure(
         "agent_errors": dict(stats.agent_errors),
         "driver_max_lag_ms": round(phase["lag_max_s"] * 1000, 2),
         "cpu_while_calling": phase["cpu"],
+        "cpu_while_idle": phase["idle_cpu"],
         "cpu_per_call": cpu_per_unit(
-            phase["cpu"], stats.first_rings_in_window / elapsed, "call routed", NODE_NAMES
+            phase["cpu"],
+            stats.first_rings_in_window / elapsed,
+            "call routed",
+            NODE_NAMES,
+            phase["idle_cpu"],
         ),
         "gc_pauses_while_calling": phase["gc"],
         "target": "start-to-ring p99 <= 25 ms, 0 double bookings",
@@ -678,6 +686,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": ring.get("p99_ms"),
         "calls_routed_per_s": result["calls_routed_per_s"],
         "node_cpu_ms_per_call": cpu["node_cpu_ms_per_unit"],
+        "node_cpu_ms_per_call_above_idle": cpu.get("node_cpu_ms_per_unit_above_idle"),
+        "node_cores_idle": cpu.get("node_cores_idle"),
         "cpu_cores_by_process": cpu["cpu_cores_by_process"],
         "saturated": cpu["saturated"],
         "double_bookings": result["double_bookings"],

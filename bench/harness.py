@@ -525,22 +525,59 @@ SATURATED_CORES_SHARE = 0.8
 SATURATED_WAIT_SHARE = 0.15
 
 
+IDLE_WINDOW_S = 5.0
+
+
+async def idle_cpu(pids: dict[str, int], seconds: float = IDLE_WINDOW_S) -> dict[str, Any]:
+    """A ``cpu_report`` over ``seconds`` in which the benchmark sends nothing, its clients all
+    connected: what the processes spend on the connections alone (engine.io pings and their
+    pongs, timers, the collector pacer), which a per-unit figure otherwise counts as work."""
+    before = {name: sched(pid) for name, pid in pids.items()}
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    return cpu_report(pids, before, time.perf_counter() - started)
+
+
+def _cores(cpu: dict[str, Any]) -> dict[str, float]:
+    """Cores each process of a ``cpu_report`` used, unrounded."""
+    elapsed = cpu["elapsed_s"]
+    return {
+        name: v["cpu_s"] / elapsed
+        for name, v in cpu.items()
+        if isinstance(v, dict) and "cpu_s" in v
+    }
+
+
 def cpu_per_unit(
-    cpu: dict[str, Any], units_per_s: float, unit: str, nodes: Sequence[str]
+    cpu: dict[str, Any],
+    units_per_s: float,
+    unit: str,
+    nodes: Sequence[str],
+    idle: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """From a ``cpu_report`` over a window in which work was done at ``units_per_s``: CPU
     milliseconds per unit of work for the nodes together and for each process, which holds
-    across machines where latencies do not; and whether the run was saturated."""
+    across machines where latencies do not; and whether the run was saturated. With
+    ``idle`` (``idle_cpu`` just before), also the nodes' idle cores, and their CPU per unit
+    above that: the cost of the work itself, apart from that of holding the connections."""
     processes = {k: v for k, v in cpu.items() if isinstance(v, dict) and "cpu_s" in v}
-    elapsed = cpu["elapsed_s"]
-    used = {name: v["cpu_s"] / elapsed for name, v in processes.items()}  # cores, unrounded
+    used = _cores(cpu)
     cores = sum(used.values())
     wait = max((v["runqueue_wait_share"] for v in processes.values()), default=0.0)
     per_s = max(units_per_s, 1e-9)
+    node_cores = sum(used.get(n, 0.0) for n in nodes)
+    extra: dict[str, Any] = {}
+    if idle is not None:
+        idle_cores = sum(_cores(idle).get(n, 0.0) for n in nodes)
+        extra = {
+            "node_cores_idle": round(idle_cores, 3),
+            "node_cpu_ms_per_unit_above_idle": round((node_cores - idle_cores) * 1000 / per_s, 4),
+        }
     return {
         "unit": unit,
         "units_per_s": round(units_per_s, 1),
-        "node_cpu_ms_per_unit": round(sum(used.get(n, 0.0) for n in nodes) * 1000 / per_s, 4),
+        "node_cpu_ms_per_unit": round(node_cores * 1000 / per_s, 4),
+        **extra,
         "cpu_ms_per_unit_by_process": {
             name: round(u * 1000 / per_s, 4) for name, u in used.items()
         },

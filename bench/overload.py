@@ -93,7 +93,7 @@ def rate_report(rate: float, driver: Driver, phase: dict[str, Any]) -> dict[str,
         "cpu_while_calling": phase["cpu"],
         # Every start offered costs CPU, routed or shed.
         "cpu_per_start": cpu_per_unit(
-            phase["cpu"], phase["sent"] / elapsed, "start offered", NODE_NAMES
+            phase["cpu"], phase["sent"] / elapsed, "start offered", NODE_NAMES, phase["idle_cpu"]
         ),
         "gc_pauses_while_calling": phase["gc"],
         "target": f"p99 <= {limit_ms:.0f} ms for accepted starts, 0 double bookings",

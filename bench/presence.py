@@ -33,6 +33,7 @@ from bench.harness import (
     cpu_per_unit,
     cpu_report,
     demo_site_config,
+    idle_cpu,
     redis_pid,
     redis_server,
     repeat,
@@ -161,6 +162,7 @@ async def measure(
         await client.connect({"token": token(f"a{i}")})
         senders.append((f"a{i}", node, client))
     await asyncio.sleep(1.0)  # let the connect-time presence changes drain before measuring
+    idle = await idle_cpu(pids)
 
     print(f"measuring for {args.duration:.0f} s", file=sys.stderr, flush=True)
     stop = asyncio.Event()
@@ -227,7 +229,8 @@ async def measure(
         "ratio_p99": round(ratio_p99, 2),
         "cpu_while_sending": cpu,
         # Each change is applied on both nodes: the unit is one change, both nodes' share.
-        "cpu_per_change": cpu_per_unit(cpu, total / elapsed, "change", ("node-a", "node-b")),
+        "cpu_while_idle": idle,
+        "cpu_per_change": cpu_per_unit(cpu, total / elapsed, "change", ("node-a", "node-b"), idle),
         "target": "p99 <= 10 ms and <= 3x floor p99",
         "meets_target": end_to_end["p99_ms"] <= 10 and ratio_p99 <= 3,
     }
@@ -263,6 +266,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": latency.get("p99_ms"),
         "floor_p99_ms": result["redis_floor_ms"].get("p99_ms"),
         "node_cpu_ms_per_change": cpu["node_cpu_ms_per_unit"],
+        "node_cpu_ms_per_change_above_idle": cpu.get("node_cpu_ms_per_unit_above_idle"),
+        "node_cores_idle": cpu.get("node_cores_idle"),
         "cpu_cores_by_process": cpu["cpu_cores_by_process"],
         "saturated": cpu["saturated"],
         "lost": result["lost"],
