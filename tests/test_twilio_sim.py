@@ -386,6 +386,7 @@ async def test_no_answer_rings_until_timeout() -> None:
             t_done = parsedate_to_datetime(done.get("Timestamp") or "")
             assert 9 <= (t_done - t_ring).total_seconds() <= 15  # simulated seconds
             assert rec.twiml == []
+            assert all(r.signature_valid for r in app.requests)
         finally:
             await app.close()
         assert not sim.contract_violations
