@@ -407,6 +407,36 @@ async def test_one_open_callback_per_visitor_and_per_number(
     await created(http, node, {"phone": "+353 86 111 0001"})
 
 
+async def test_a_repeated_request_is_answered_with_the_callback_it_booked(
+    node: Node, sim: TwilioSim, http: aiohttp.ClientSession
+) -> None:
+    """The answer to a request was lost (a timeout while the store was slow, a node gone
+    after storing it): the visitor asks again and is shown the callback that will come,
+    not a refusal, and nothing is booked twice."""
+    token = await visitor_token(http, node)
+    first = await created(http, node, {"phone": ie_mobile(1)}, token)
+    was = await before(http, node, sim)
+    # The same number, however it is typed.
+    status, again = await request_callback(http, node, {"phone": "+353 86 111 0001"}, token)
+    assert status == 200, again
+    assert again == first | {"call": again["call"]}, again
+    assert again["call"]["call_id"] == first["call_id"]
+    now = await before(http, node, sim)
+    assert (now.callbacks, now.legs, now.refusals) == (was.callbacks, was.legs, was.refusals)
+    ticket = await http.get(
+        f"{node.url}/v1/calls/{again['call_id']}", params={"token": again["status_token"]}
+    )
+    assert ticket.status == 200, await ticket.text()
+    # Not for another visitor with that number, nor for this visitor with another number.
+    await refused(http, node, sim, {"phone": ie_mobile(1)}, 409, "number_has_callback")
+    await refused(http, node, sim, {"phone": ie_mobile(2)}, 409, "callback_in_progress", token)
+    # Once it has ended, the same request books a new callback.
+    await cancel(http, node, again)
+    assert (await created(http, node, {"phone": ie_mobile(1)}, token))["call_id"] != first[
+        "call_id"
+    ]
+
+
 async def test_a_lowered_per_ip_limit(
     nodes: NodeFactory,
     tmp_path: Path,

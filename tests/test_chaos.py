@@ -70,6 +70,9 @@ from gateway.wire.codec import call_from_record
 CALLS_PER_S = 5.0
 """Browser calls started per second, over all nodes."""
 CALLBACK_EVERY_S = 2.0
+CALLBACK_RETRY_S = 20.0
+"""How long a callback request whose answer was lost, or that a node in trouble refused
+(5xx), is tried again, a second apart: past the longest outage here (Redis frozen for 10 s)."""
 HOLD_S = 0.3
 """How long an agent talks in a browser call before hanging up."""
 STUCK_AFTER_S = 30.0
@@ -423,7 +426,7 @@ class Load:
     started: list[str] = field(default_factory=list)
     """Browser calls accepted (call:start answered ok)."""
     callbacks: list[dict[str, Any]] = field(default_factory=list)
-    """Callbacks accepted (201): call_id, status_token, phone."""
+    """Callbacks accepted (201, or 200 for a repeat): call_id, status_token, phone."""
     refused: dict[str, int] = field(default_factory=dict)
     running: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -499,25 +502,39 @@ class Load:
             await visitor.disconnect()
 
     async def callback(self) -> None:
-        url = self.cluster.pick().url
+        """As the widget does: a request whose answer was lost (the node died, or the store
+        froze past the client's timeout) is sent again with the same visitor token, and a
+        repeat is answered with the callback the first one booked."""
         phone = self.phones.pop()
-        http = self.http()
-        token = await self.session(url)
+        token = await self.session(self.cluster.pick().url)
         if token is None:
             return
-        try:
-            async with http.post(
-                f"{url}/v1/sites/acme/callbacks",
-                json={"phone": phone},
-                headers={**ORIGIN, "Authorization": f"Bearer {token}"},
-            ) as r:
-                body = await r.json()
-                if r.status != 201:
-                    self.refuse(f"callback {r.status} {body['error']['code']}")
-                    return
-        except (aiohttp.ClientError, TimeoutError):
-            self.refuse("callback unreachable")
-            return
+        give_up_at = time.monotonic() + CALLBACK_RETRY_S
+        repeat = False
+        while True:
+            try:
+                async with self.http().post(
+                    f"{self.cluster.pick().url}/v1/sites/acme/callbacks",
+                    json={"phone": phone},
+                    headers={**ORIGIN, "Authorization": f"Bearer {token}"},
+                ) as r:
+                    body = await r.json()
+                    status, why = (
+                        r.status,
+                        f"callback {r.status} {body.get('error', {}).get('code')}",
+                    )
+            except (aiohttp.ClientError, TimeoutError):
+                status, why = 0, "callback unreachable"
+            if status in (200, 201):
+                break
+            # A repeat may find the first request still going on a node that waits for the
+            # store: its slot is held, and it answers once stored.
+            lost = status == 0 or status >= 500 or (repeat and why.endswith("in_progress"))
+            if not lost or time.monotonic() > give_up_at:
+                self.refuse(why)
+                return
+            repeat = True
+            await asyncio.sleep(1)
         self.callbacks.append(
             {"call_id": body["call_id"], "status_token": body["status_token"], "phone": phone}
         )

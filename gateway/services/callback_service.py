@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from functools import partial
+from typing import NamedTuple
 
 from gateway.core import call as calls
 from gateway.core import callback as cb
@@ -94,7 +95,18 @@ MAX_SLOTS = 96
 MIN_LEAD_S = 60.0
 # The visitor's open callback (one per visitor, one per number) is remembered this long.
 OPEN_HOLD_S = MAX_AHEAD_S + 86400.0
+
+
 # The open-callback slots the admission names, as the store counts them.
+class Booking(NamedTuple):
+    """A callback request's answer: the callback, its visitor's status token, and whether
+    this request created it (else it repeated one whose answer was lost)."""
+
+    call: Call
+    status_token: str
+    created: bool
+
+
 OPEN_KIND: dict[Subject, OpenCallbackKind] = {Subject.VISITOR: "visitor", Subject.NUMBER: "number"}
 # A browser call nobody answered gives its place to the callback asked for within this time.
 KEEP_PLACE_S = 1800.0
@@ -152,9 +164,14 @@ class CallbackService:
 
     async def request(
         self, site_id: str, visitor_id: str, client_ip: str, body: CallbackIn
-    ) -> tuple[Call, str]:
+    ) -> Booking:
         """Accept a callback request, persisted before it is answered; returns the call and
-        the visitor's status token (shown once, stored only as a hash)."""
+        the visitor's status token (stored only as a hash).
+
+        A request repeated by its visitor for the same number while the callback is open is
+        answered with that callback (``Booking.created`` False), not refused: the answer to
+        the first was lost (a timeout while the store was slow, a node gone after storing
+        it), and the visitor must be able to see the call that will come."""
         site = self._records.presence.site(site_id)
         if not capabilities(site, self.dialer.telephony is not None).callbacks:
             raise self._refuse(Refusal("callbacks_unavailable", "callbacks are not set up here"))
@@ -190,6 +207,10 @@ class CallbackService:
                     await self._store.release_open_callback_slot(
                         site_id, taken_kind, subject, call_id
                     )
+                if slot.per is Subject.VISITOR:
+                    booked = await self._booked_before(site_id, visitor_id, e164, now)
+                    if booked is not None:
+                        return booked
                 raise self._refuse(slot.refusal)
             held.append((kind, subjects[slot.per]))
         full = await self._store.take_callback_quotas(
@@ -222,7 +243,29 @@ class CallbackService:
         at = admission.at
         await self._records.schedule(due_timer(call), at if at is not None else now)
         await self.booked(call)
-        return call, token
+        return Booking(call, token, created=True)
+
+    async def _booked_before(
+        self, site_id: str, visitor_id: str, e164: str, now: float
+    ) -> Booking | None:
+        """The visitor's open callback to ``e164``, if that is what holds their slot."""
+        holder = await self._store.open_callback_holder(
+            site_id, OPEN_KIND[Subject.VISITOR], visitor_id, now
+        )
+        call = None if holder is None else await self._records.find(holder)
+        if (
+            call is None
+            or call.final
+            or (call.site, call.visitor_id, call.phone)
+            != (
+                site_id,
+                visitor_id,
+                e164,
+            )
+        ):
+            return None
+        token, _ = self._records.status_tokens.for_call(call.call_id)
+        return Booking(call, token, created=False)
 
     async def booked(self, call: Call) -> None:
         """A new callback is stored and its due timer set: watch its promise, tell its

@@ -352,6 +352,9 @@ class CoordinationPrimitives(Protocol):
 
     async def release_slot(self, key: str, holder: str) -> None: ...
 
+    async def slot_holders(self, key: str, now: float) -> list[str]:
+        """The holders whose leases have not ended by ``now``."""
+
     async def add_to_counter(self, key: str, delta: int, ttl_s: int) -> int:
         """Add ``delta`` (0 reads, creating nothing) and return the new value; the counter
         expires ``ttl_s`` after it was created, then starts again from 0."""
@@ -392,6 +395,11 @@ class CoordinationStore(CoordinationPrimitives, Protocol):
     async def release_open_callback_slot(
         self, site: str, kind: OpenCallbackKind, subject: str, call_id: str
     ) -> None: ...
+
+    async def open_callback_holder(
+        self, site: str, kind: OpenCallbackKind, subject: str, now: float
+    ) -> str | None:
+        """The call holding the visitor's or the number's open callback slot, if any."""
 
     async def acquire_outbound_line(
         self, site: str, call_id: str, limit: int, ttl_s: float, now: float

@@ -102,6 +102,16 @@ class NamedCoordination:
     ) -> None:
         await self.release_slot(open_callback_key(site, kind, subject), call_id)
 
+    async def open_callback_holder(
+        self: CoordinationPrimitives,
+        site: str,
+        kind: OpenCallbackKind,
+        subject: str,
+        now: float,
+    ) -> str | None:
+        holders = await self.slot_holders(open_callback_key(site, kind, subject), now)
+        return holders[0] if holders else None
+
     async def acquire_outbound_line(
         self: CoordinationPrimitives,
         site: str,

@@ -168,6 +168,16 @@ class EmbeddedCoordination(EmbeddedParts, NamedCoordination):
             )
         )
 
+    async def slot_holders(self, key: str, now: float) -> list[str]:
+        def holders() -> list[str]:
+            rows = self._conn().execute(
+                "SELECT holder FROM slots WHERE key = ? AND expires_at > ? ORDER BY expires_at",
+                (key, now),
+            )
+            return [holder for (holder,) in rows]
+
+        return await self._run(holders)
+
     async def add_to_counter(self, key: str, delta: int, ttl_s: int) -> int:
         def add() -> int:
             db = self._conn()

@@ -180,6 +180,12 @@ class RedisCoordination(RedisParts, NamedCoordination):
     async def release_slot(self, key: str, holder: str) -> None:
         await self._redis.zrem(f"m:slots:{key}", holder)
 
+    async def slot_holders(self, key: str, now: float) -> list[str]:
+        found: list[str] = await self._lane.execute(
+            "ZRANGEBYSCORE", f"m:slots:{key}", f"({now}", "+inf"
+        )
+        return found
+
     async def add_to_counter(self, key: str, delta: int, ttl_s: int) -> int:
         value = await self._add_to_counter(keys=[f"m:count:{key}"], args=[delta, ttl_s * 1000])
         return int(value)

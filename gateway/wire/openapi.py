@@ -503,6 +503,11 @@ def _paths() -> dict[str, Json]:
                 "Ask to be called back, now or at a time; stored before it is answered.",
                 {
                     "201": _json(_ref("CallbackCreated"), "The callback and its status token."),
+                    "200": _json(
+                        _ref("CallbackCreated"),
+                        "A repeat, by the same visitor for the same number, of a request whose "
+                        "answer was lost: the open callback it booked.",
+                    ),
                     "409": _error("callback_in_progress or number_has_callback."),
                     "422": _error(
                         "country_not_allowed, number_type_not_allowed, slot_unavailable or "

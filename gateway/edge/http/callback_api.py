@@ -32,11 +32,13 @@ async def create_callback(request: web.Request) -> web.Response:
             request.app[keys.METRICS].callback_refusals.labels(e.code).inc()
         raise
     callbacks = request.app[keys.CALLBACKS]
-    call, token = await callbacks.request(site.site_id, claims.sub, client_ip(request), body)
+    booking = await callbacks.request(site.site_id, claims.sub, client_ip(request), body)
+    call, token = booking.call, booking.status_token
     public_url = request.app[keys.SETTINGS].public_url
     return web.json_response(
         callback_created_to_wire(call.call_id, token, await callbacks.view(call), public_url),
-        status=201,
+        # 200: a repeat of a request whose answer was lost, answered with its callback.
+        status=201 if booking.created else 200,
     )
 
 
