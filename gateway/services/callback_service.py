@@ -97,7 +97,6 @@ MIN_LEAD_S = 60.0
 OPEN_HOLD_S = MAX_AHEAD_S + 86400.0
 
 
-# The open-callback slots the admission names, as the store counts them.
 class Booking(NamedTuple):
     """A callback request's answer: the callback, its visitor's status token, and whether
     this request created it (else it repeated one whose answer was lost)."""
@@ -107,6 +106,7 @@ class Booking(NamedTuple):
     created: bool
 
 
+# The open-callback slots the admission names, as the store counts them.
 OPEN_KIND: dict[Subject, OpenCallbackKind] = {Subject.VISITOR: "visitor", Subject.NUMBER: "number"}
 # A browser call nobody answered gives its place to the callback asked for within this time.
 KEEP_PLACE_S = 1800.0
@@ -253,16 +253,9 @@ class CallbackService:
             site_id, OPEN_KIND[Subject.VISITOR], visitor_id, now
         )
         call = None if holder is None else await self._records.find(holder)
-        if (
-            call is None
-            or call.final
-            or (call.site, call.visitor_id, call.phone)
-            != (
-                site_id,
-                visitor_id,
-                e164,
-            )
-        ):
+        if call is None or call.final:
+            return None
+        if (call.site, call.visitor_id, call.phone) != (site_id, visitor_id, e164):
             return None
         token, _ = self._records.status_tokens.for_call(call.call_id)
         return Booking(call, token, created=False)
