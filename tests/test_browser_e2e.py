@@ -28,6 +28,7 @@ from playwright.async_api import (
     ConsoleMessage,
     Page,
     Response,
+    Route,
     async_playwright,
     expect,
 )
@@ -547,6 +548,57 @@ async def test_nobody_free_offers_a_callback(
     await button.click()
     await expect(form).to_be_visible()
     await expect(anna.get_by_test_id("agent-ring")).to_have_count(0)  # nobody was rung
+    no_errors(browsers)
+
+
+async def test_a_callback_whose_answer_was_lost_is_shown_when_the_visitor_asks_again(
+    gateway: Gateway, browsers: Browsers
+) -> None:
+    """The gateway stored the request, but its answer never reached the page (the connection
+    dropped): the widget says it could not get through. The visitor presses again and sees
+    the callback already booked, not a refusal, and nothing is booked twice."""
+    anna = await browsers.open("anna", gateway.agent_url("anna"))
+    await agent_signed_in(anna)
+    await anna.get_by_test_id("agent-state-select").select_option("away")
+    await agent_signed_in(anna, "away")
+
+    visitor = await browsers.open("visitor", gateway.demo_url())
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    async def lose_the_first_answer(route: Route) -> None:
+        if route.request.method != "POST":
+            await route.continue_()
+            return
+        response = await route.fetch()  # the gateway gets the request either way
+        answers.append((response.status, await response.json()))
+        if len(answers) == 1:
+            await route.abort("connectionreset")
+        else:
+            await route.fulfill(response=response)
+
+    await visitor.route("**/v1/sites/acme/callbacks", lose_the_first_answer)
+    button = visitor.get_by_test_id("membrane-button")
+    await expect(button).to_contain_text("Call me back", timeout=WAIT_MS)
+    await button.click()
+    await visitor.get_by_test_id("membrane-country").select_option("IE")
+    await visitor.get_by_test_id("membrane-phone").fill("086 111 0001")
+    submit = visitor.get_by_test_id("membrane-submit")
+    await submit.click()
+    error = visitor.locator("#membrane-phone-error")
+    await expect(error).to_contain_text("We couldn't reach our phone system", timeout=WAIT_MS)
+    ticket = visitor.get_by_test_id("membrane-ticket")
+    await expect(ticket).to_be_hidden()
+
+    await submit.click()
+    await expect(ticket).to_be_visible(timeout=WAIT_MS)
+    await expect(ticket).to_contain_text("We'll call you")
+    (first_status, first), (again_status, again) = answers
+    assert (first_status, again_status) == (201, 200), answers
+    assert again["call_id"] == first["call_id"], answers
+    booked = (await membrane_state(visitor))["callback"]
+    assert booked["call_id"] == first["call_id"] and booked["state"] == "queued", booked
+    stored = await gateway.a.app[keys.STORE].list_calls("acme")
+    assert [r.call_id for r in stored if r.data.get("channel") == "callback"] == [first["call_id"]]
     no_errors(browsers)
 
 
