@@ -502,9 +502,9 @@ class Load:
             await visitor.disconnect()
 
     async def callback(self) -> None:
-        """As the widget does: a request whose answer was lost (the node died, or the store
-        froze past the client's timeout) is sent again with the same visitor token, and a
-        repeat is answered with the callback the first one booked."""
+        """As a visitor does, pressing again: a request whose answer was lost (the node
+        died, or the store froze past the client's timeout) is sent again with the same
+        visitor token, and a repeat is answered with the callback the first one booked."""
         phone = self.phones.pop()
         token = await self.session(self.cluster.pick().url)
         if token is None:
