@@ -32,6 +32,7 @@ from gateway.app import create_app
 from gateway.core.model import Role
 from gateway.edge.auth import TokenService
 from gateway.edge.http import appkeys as keys
+from gateway.edge.sio.sio_manager import ObservedRedisManager
 from gateway.ops.clock import Clock, ManualClock
 from gateway.settings import PresenceSettings, Settings, load_settings, with_dev_secret
 
@@ -327,6 +328,15 @@ async def start_node(settings: Settings, clock: Clock | None = None) -> Node:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     url = f"http://127.0.0.1:{port}"
+    # Ready as a load balancer would see it: on Redis, its socket.io listener subscribed
+    # (a moment after start), or another node's emits to its sockets would be missed.
+    manager = app[keys.SIO].manager
+    if isinstance(manager, ObservedRedisManager) and not manager.listening:
+
+        async def listening() -> bool:
+            return manager.listening
+
+        await eventually(listening, 10)
     return Node(app, runner, url)
 
 

@@ -25,6 +25,7 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.core import call as calls
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceStatus, Role
 from gateway.edge.http import appkeys as keys
 from gateway.ops.clock import Clock, ManualClock
@@ -411,6 +412,88 @@ async def test_no_node_promises_an_agent_who_rings_for_someone_else(
     await agent.call("call:decline", {"call_id": ack["call"]["call_id"]}, "/agent")
     assert await next_available() is True
     stream.close()
+
+
+async def test_a_node_that_stored_a_call_decides_on_the_newest_after_another_node_moved_it(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """A node keeps the calls it stored, to answer an accept or a hang-up without reading
+    the call back. Here each node's copy is stale when asked: Carla's app is open on both
+    nodes, A rang her and B took her accept; then the visitor hung up on B. Each late request
+    is answered from the newest call, and nothing happens twice."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    token = mint(settings, "carla")
+    on_a, on_b = clients(), clients()
+    await on_a.connect(a.url, "/agent", {"token": token})
+    await on_b.connect(b.url, "/agent", {"token": token})
+    await on_a.next("presence:update", status_of("carla", "available"))
+    await on_b.next("presence:update", status_of("carla", "available"))
+
+    visitor, _ = await visitor_calls(http, clients, a.url)  # A stores the ring
+    ring = await on_a.next("call:ring")
+    call = {"call_id": ring["call_id"]}
+    assert (await on_b.call("call:accept", call, "/agent"))["ok"]
+    await visitor.next("call:update", lambda c: c["state"] == "connected")
+
+    # A's copy still says ringing for Carla: the newest says she took it on B.
+    late = await on_a.call("call:accept", call, "/agent")
+    assert late["error"]["code"] == "not_ringing", late
+
+    # B's copy says connected; the visitor hangs up, on A, before Carla does, on B.
+    assert (await visitor.call("call:cancel", call, "/visitor"))["call"]["state"] == "completed"
+    late = await on_b.call("call:hangup", call, "/agent")
+    assert late["error"]["code"] == "call_ended", late
+    stored = await a.app[keys.STORE].get_call(ring["call_id"])
+    assert stored is not None and stored.data["reason"] == "visitor_hung_up"
+
+    # Freed once, and free: the next caller rings her.
+    await on_b.next("presence:update", status_of("carla", "available"))
+    _, again = await visitor_calls(http, clients, b.url)
+    assert again["ok"] and again["call"]["state"] == "ringing", again
+
+
+@pytest.mark.parametrize("party", ["agent", "visitor"])
+async def test_an_end_stored_but_never_heard_frees_the_agent_when_asked_again(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+    party: str,
+) -> None:
+    """A hang-up's end was stored as Redis froze: its node heard a timeout, told the party
+    the store was unavailable, and freed nobody. The party asks again: the call has ended,
+    and the agent, still on it and reserved, is freed then."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+    visitor, _ = await visitor_calls(http, clients, a.url)
+    call = {"call_id": (await agent.next("call:ring"))["call_id"]}
+    assert (await agent.call("call:accept", call, "/agent"))["ok"]
+    await agent.next("presence:update", status_of("carla", "on_call"))
+
+    # The end stored, and nothing after it (as by a node whose store went away just then).
+    await a.app[keys.CALLS].records.update(
+        call["call_id"], lambda c: calls.end(c, "agent_hung_up", "The agent ended the call", 0.0)
+    )
+    if party == "agent":
+        again = await agent.call("call:hangup", call, "/agent")
+    else:
+        again = await visitor.call("call:cancel", call, "/visitor")
+    assert again["error"]["code"] == "call_ended", again
+
+    await agent.next("presence:update", status_of("carla", "available"))
+    _, ack = await visitor_calls(http, clients, b.url)
+    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
 
 
 async def test_a_connected_agent_outlives_many_socket_leases(

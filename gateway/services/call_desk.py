@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import partial
 
 from gateway.core import call as calls
-from gateway.core.call import Call, CallState
+from gateway.core.call import Call, CallError, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import PresenceRecord
 from gateway.services.call_records import CallRecords
@@ -33,8 +33,17 @@ class CallDesk:
 
     async def accept(self, site_id: str, agent_id: str, agent_sid: str, call_id: str) -> Call:
         records = self._records
-        seen = self._own(await records.get(call_id), site_id)
         now = records.clock()
+
+        def ringing_here(c: Call) -> bool:
+            return (
+                c.site == site_id
+                and c.state is CallState.RINGING
+                and c.agent_id == agent_id
+                and not calls.ring_over(c, agent_id, now)
+            )
+
+        seen = self._own(await records.remembered(call_id, ringing_here), site_id)
         if seen.state is not CallState.RINGING or seen.agent_id != agent_id:
             raise Conflict("this call is not ringing for you", code="not_ringing")
         if calls.ring_over(seen, agent_id, now):
@@ -72,10 +81,24 @@ class CallDesk:
         return await records.flow(call).ring_missed(call)
 
     async def hangup(self, site_id: str, agent_id: str, call_id: str) -> Call:
-        call = self._own(await self._records.get(call_id), site_id)
+        call = self._own(
+            await self._records.remembered(
+                call_id, lambda c: c.site == site_id and c.agent_id == agent_id
+            ),
+            site_id,
+        )
         if call.agent_id != agent_id:
             raise Forbidden("this is not your call")
-        return await self._records.end(call_id, "agent_hung_up", "The agent ended the call", call)
+        try:
+            return await self._records.end(
+                call_id, "agent_hung_up", "The agent ended the call", call
+            )
+        except CallError as e:
+            if e.code == "call_ended":
+                # Maybe by this hang-up, asked before: its end was stored as the store went
+                # away, so the app heard an error and asks again, and she was not freed.
+                await self._records.free_if_held(site_id, agent_id, call_id)
+            raise
 
     async def hold(
         self, site_id: str, agent_id: str, agent_sid: str, call_id: str, on: bool
@@ -167,11 +190,7 @@ class CallDesk:
             return
         # Ended (or gone) elsewhere, or by an earlier try of this step that the store cut
         # short once the end was stored: the agent is freed as the end would have freed her.
-        # The reservation goes only while it names this call; the active call is read
-        # first, since a retry may come after she took another call on another node.
-        await self._records.release_agent(site_id, agent_id, call_id)
-        if (await self._store.get_presence(site_id, agent_id)).active_call == call_id:
-            await self._records.presence.set_active_call(site_id, agent_id, None)
+        await self._records.free_if_held(site_id, agent_id, call_id)
 
     async def replay_since(self, since: float) -> None:
         """This node heard no other node's emits from about ``since`` (its socket.io listener

@@ -54,6 +54,9 @@ CALL_HOLD_S = 4 * 3600.0
 # A call whose audio is in the agent app survives the app's socket dropping for this long:
 # the app reconnects and takes the call over (``CallDesk.resume_agent``).
 AGENT_GRACE_S = 10.0
+# Open calls whose last stored change a node keeps (``CallRecords.remembered``): the calls it
+# routed or accepted in the last few seconds at a busy node's rate, a few KB each.
+REMEMBERED_CALLS = 2_000
 
 
 class TimerKind(StrEnum):
@@ -235,6 +238,8 @@ class CallRecords:
         gateway/services/history_writer.py). Each must be quick and must not raise."""
         self.flows: dict[CallChannel, CallFlow] = {}
         """The flow owning each channel's calls; filled by the app (``register``)."""
+        self._stored: dict[str, Call] = {}
+        """Open calls as this node last stored them, oldest first (``remembered``)."""
 
     def register(self, flow: CallFlow) -> None:
         self.flows[flow.channel] = flow
@@ -289,6 +294,30 @@ class CallRecords:
         tag_call(call_id, row.site)
         return call_from_record(row.data, row.version)
 
+    async def remembered(self, call_id: str, wanted: Callable[[Call], bool]) -> Call:
+        """The call as this node last stored it, when that copy is as ``wanted``; else as
+        read from the store (``NotFound`` if there is none). Saves the read on the node that
+        made the call's last change, as the agent's node hanging up the call it accepted.
+
+        Only for a decision followed by a compare-and-set write with this call as
+        ``update``'s ``current``: another node may have changed the call since, and then that
+        write reads it again and decides on the newest. A copy not as ``wanted`` (stale, or
+        a request that is refused) is read again, so a refusal is always the store's."""
+        copy = self._stored.get(call_id)
+        if copy is not None and wanted(copy):
+            tag_call(call_id, copy.site)
+            return copy
+        return await self.get(call_id)
+
+    def _remember(self, call: Call) -> None:
+        stored = self._stored
+        stored.pop(call.call_id, None)
+        if call.final:
+            return
+        stored[call.call_id] = call
+        if len(stored) > REMEMBERED_CALLS:
+            del stored[next(iter(stored))]
+
     async def open_calls(self, site_id: str, limit: int = 200) -> list[Call]:
         """The site's calls not ended: those changed most recently (ringing, talking), then
         the callback queue in order (some waiting since long ago); at most ``limit`` of
@@ -317,6 +346,7 @@ class CallRecords:
         row = CallRow(call.call_id, call.site, 1, call_to_record(call))
         if not await self.store.put_call(row):
             raise Conflict(f"call {call.call_id} exists", code="conflict")
+        self._remember(call)
         for observe in self.observers:
             observe(None, call)
         return call
@@ -358,6 +388,7 @@ class CallRecords:
             if stored is None:
                 raise Conflict("this ring has ended", code="ring_expired")
             if stored:
+                self._remember(after)
                 if after.final and not before.final:
                     log_ended(after)
                 for observe in self.observers:
@@ -402,6 +433,16 @@ class CallRecords:
         for outcome in others:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    async def free_if_held(self, site_id: str, agent_id: str, call_id: str) -> None:
+        """Free the agent from ``call_id``, which has ended, if it still holds her: what its
+        end frees, again, for an end stored by a node that died right after, or whose
+        writer never heard it was stored (the store went away in between, and the party
+        asks again). The reservation goes only while it names this call; the active call
+        is read first, since she may have taken another call since."""
+        await self.release_agent(site_id, agent_id, call_id)
+        if (await self.store.get_presence(site_id, agent_id)).active_call == call_id:
+            await self.presence.set_active_call(site_id, agent_id, None)
 
     async def schedule(self, timer: TimerId, due: float, keep: bool = False) -> None:
         """``keep``: leave the timer as it is if it exists (``TimerStore.schedule_timer``)."""

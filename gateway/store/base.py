@@ -195,7 +195,8 @@ class CallRecordStore(Protocol):
     async def put_call_holding(self, row: CallRow, agent_id: str, ttl_s: float) -> bool | None:
         """``put_call`` of a call that must still hold ``agent_id``'s reservation (an
         accept), which is kept ``ttl_s`` more, in one step: None, and nothing written, once
-        ``row.call_id`` no longer holds it (it lapsed, and maybe went to another call)."""
+        ``row.call_id`` no longer holds it (it lapsed, and maybe went to another call). The
+        version is checked first: False for a stale row, whatever the reservation."""
 
     async def get_call(self, call_id: str) -> CallRow | None: ...
 

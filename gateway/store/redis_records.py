@@ -30,11 +30,12 @@ return 1
 """
 
 # KEYS: call hash, site index, the agent's reservation. ARGV: as _PUT_CALL, then ttl ms.
-# -1: the reservation is not the call's.
+# -1: the reservation is not the call's. The version first: a write from a stale copy is
+# retried on the newest call, which may say why better than the reservation can.
 _PUT_CALL_HOLDING = """
-if redis.call('GET', KEYS[3]) ~= ARGV[5] then return -1 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if current ~= tonumber(ARGV[1]) - 1 then return 0 end
+if redis.call('GET', KEYS[3]) ~= ARGV[5] then return -1 end
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'site', ARGV[2], 'data', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
