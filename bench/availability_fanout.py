@@ -365,7 +365,14 @@ async def measure(args: argparse.Namespace, node: NodeProcess) -> dict[str, Any]
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     limit = raise_fd_limit()  # the node, started below, inherits it
     if args.watchers + 256 > limit:
-        print(f"warning: the open-file limit is {limit}", file=sys.stderr)
+        # Each stream is a descriptor in the node: past its limit the node refuses streams,
+        # and the probe's connection with them, and the run measures that instead.
+        capped = max(1, limit - 256)
+        print(
+            f"warning: the open-file limit is {limit}: {capped} watchers, not {args.watchers}",
+            file=sys.stderr,
+        )
+        args.watchers = capped
     with tempfile.TemporaryDirectory(prefix="membrane-bench-") as tmp:
         work = Path(tmp)
         config = work / "bench.toml"

@@ -555,6 +555,8 @@ async def test_an_accepts_write_needs_the_calls_reservation_and_keeps_it(open_st
     row = await store.get_call("c1")
     assert row is not None and row.data == {"state": "connected"}
     assert await store.put_call_holding(accepted, "anna", 3600) is False, "stale version"
+    assert await store.reserve_agent("acme", "ben", "c9", 30)
+    assert await store.put_call_holding(accepted, "ben", 3600) is False, "the version first"
 
     # Kept for the call's hold, not the ring's 30 s.
     await let_time_pass(store, clock, "m:resv:acme:anna", 60)

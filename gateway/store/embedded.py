@@ -137,7 +137,11 @@ class EmbeddedStore(EmbeddedPresence, EmbeddedRecords, EmbeddedCoordination):
         self._executor: ThreadPoolExecutor | None = None
 
     async def put_call_holding(self, row: CallRow, agent_id: str, ttl_s: float) -> bool | None:
-        # One process: nothing can take the reservation once it is extended.
+        # One process: nothing can take the reservation once it is extended. The version
+        # first, as in Redis: a stale row is False whatever the reservation.
+        found = await self.get_call(row.call_id)
+        if found is None or found.version != row.version - 1:
+            return False
         if not await self.extend_reservation(row.site, agent_id, row.call_id, ttl_s):
             return None
         return await self.put_call(row)
