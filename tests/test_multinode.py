@@ -26,6 +26,7 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.core import call as calls
+from gateway.core.errors import StoreUnavailable
 from gateway.core.model import Device, DeviceKind, DeviceState, PresenceStatus, Role
 from gateway.edge.http import appkeys as keys
 from gateway.ops.clock import Clock, ManualClock
@@ -493,6 +494,47 @@ async def test_an_end_stored_but_never_heard_frees_the_agent_when_asked_again(
 
     await agent.next("presence:update", status_of("carla", "available"))
     _, ack = await visitor_calls(http, clients, b.url)
+    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+
+
+async def test_an_end_stored_as_its_answer_was_lost_frees_the_agent_unasked(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """Redis takes a hang-up's end and its answer is lost (a freeze: the node times out).
+    The app hears store_unavailable and, here, never asks again (its socket went away): the
+    node itself finds the end stored once the store answers, tells the visitor and frees
+    the agent."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+    visitor, _ = await visitor_calls(http, clients, a.url)
+    call = {"call_id": (await agent.next("call:ring"))["call_id"]}
+    assert (await agent.call("call:accept", call, "/agent"))["ok"]
+    await agent.next("presence:update", status_of("carla", "on_call"))
+
+    store = b.app[keys.STORE]
+    put_call = store.put_call
+
+    async def stored_but_unheard(row: Any) -> bool:
+        store.put_call = put_call  # type: ignore[method-assign]  # once
+        await put_call(row)
+        raise StoreUnavailable()
+
+    store.put_call = stored_but_unheard  # type: ignore[method-assign]
+    refused = await agent.call("call:hangup", call, "/agent")
+    assert refused["error"]["code"] == "store_unavailable", refused
+
+    ended = await visitor.next("call:update", lambda c: c["state"] == "completed")
+    assert ended["reason"] == "agent_hung_up"
+    await agent.next("presence:update", status_of("carla", "available"))
+    _, ack = await visitor_calls(http, clients, a.url)
     assert ack["ok"] and ack["call"]["state"] == "ringing", ack
 
 

@@ -28,7 +28,7 @@ from typing import Protocol
 from gateway.core import agent_ring
 from gateway.core import call as calls
 from gateway.core.call import Call, CallChannel, CallError, CallState
-from gateway.core.errors import Conflict, Forbidden, NotFound
+from gateway.core.errors import Conflict, Forbidden, NotFound, StoreUnavailable
 from gateway.core.model import Site, languages_of
 from gateway.core.ringing import RingingAgents, RingNote, ring_event, ring_over_event
 from gateway.i18n import Messages, messages_for
@@ -577,11 +577,30 @@ class CallRecords:
         self, call_id: str, reason: str, detail: str, current: Call | None = None
     ) -> Call:
         """End the call (a hang-up, a cancel); its flow frees what it held."""
-        before, call = await self.update(
-            call_id, lambda c: calls.end(c, reason, detail, self.clock()), current
-        )
+        try:
+            before, call = await self.update(
+                call_id, lambda c: calls.end(c, reason, detail, self.clock()), current
+            )
+        except StoreUnavailable:
+            # The store may have taken the end and lost only its answer (Redis froze after
+            # reading it): then nothing follows it here, and the party may never ask again.
+            await self.until_stored(
+                partial(self._after_unheard_end, call_id), f"unheard-end:{call_id}"
+            )
+            raise
         await self.flow(call).ended(before, call, reason)
         return call
+
+    async def _after_unheard_end(self, call_id: str) -> None:
+        """Once the store answers: if an end whose answer was lost was stored, the parties
+        hear of it, and its agent is freed."""
+        call = await self.find(call_id)
+        if call is None or not call.final:
+            return  # not stored: the call goes on, and the party's retry ends it
+        await self.notify.call_update(call)
+        await self.notify.sent()
+        if call.agent_id is not None:
+            await self.free_if_held(call.site, call.agent_id, call.call_id)
 
     async def hold(self, call: Call, on: bool) -> Call:
         """Put the connected ``call`` on hold, or take it off: noted in the timeline (both

@@ -102,6 +102,8 @@ class AvailabilityFeed:
         self._watchers: dict[FeedKey, set[Watcher]] = {}
         self._last: dict[FeedKey, bytes] = {}
         self._dirty: set[str] = set()
+        self._quiet_at: dict[str, float] = {}
+        """Per site, the monotonic time from which its next change is flushed at once."""
         self._tasks = TaskGroup("availability")
         presence.add_listener(self._on_presence)
         ringing.add_listener(self._site_changed)
@@ -150,15 +152,20 @@ class AvailabilityFeed:
         self._site_changed(change.presence.site)
 
     def _site_changed(self, site: str) -> None:
-        """Presence or a ring changed: the site's answer may have too."""
+        """Presence or a ring changed: the site's answer may have too. The first change
+        after a quiet spell is flushed at once; those in the ``coalesce_s`` after a flush go
+        out together at its end, one broadcast for a burst (each costs a write per watcher)."""
         if site in self._dirty or not any(k[0] == site for k in self._watchers):
             return
         self._dirty.add(site)
-        self._tasks.spawn(self._flush_later(site), f"flush-{site}")
+        wait = self._quiet_at.get(site, 0.0) - time.monotonic()
+        self._tasks.spawn(self._flush_after(site, max(0.0, wait)), f"flush-{site}")
 
-    async def _flush_later(self, site: str) -> None:
-        await asyncio.sleep(self._coalesce_s)  # one broadcast for a burst of changes
+    async def _flush_after(self, site: str, wait: float) -> None:
+        if wait:
+            await asyncio.sleep(wait)
         self._dirty.discard(site)
+        self._quiet_at[site] = time.monotonic() + self._coalesce_s
         await self.flush(site)
 
     async def flush(self, site: str | None = None, keepalive: bool = False) -> None:
