@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import (
+    Node,
     NodeFactory,
     RedisServer,
     SocketClient,
@@ -459,6 +460,37 @@ async def test_a_node_that_stored_a_call_decides_on_the_newest_after_another_nod
     assert again["ok"] and again["call"]["state"] == "ringing", again
 
 
+async def carla_talks(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> tuple[Node, Node, SocketClient, SocketClient, dict[str, str]]:
+    """Nodes A and B; Carla's app, on B, has accepted the call of a visitor on A: the nodes,
+    her socket, the visitor's, and the call's id as events name it."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+    visitor, _ = await visitor_calls(http, clients, a.url)
+    call = {"call_id": (await agent.next("call:ring"))["call_id"]}
+    assert (await agent.call("call:accept", call, "/agent"))["ok"]
+    await agent.next("presence:update", status_of("carla", "on_call"))
+    return a, b, agent, visitor, call
+
+
+async def rung_again(
+    agent: SocketClient, http: aiohttp.ClientSession, clients: Callable[[], SocketClient], url: str
+) -> None:
+    """Carla is free again: available, and the next caller (on the node at ``url``) rings her."""
+    await agent.next("presence:update", status_of("carla", "available"))
+    _, ack = await visitor_calls(http, clients, url)
+    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+
+
 @pytest.mark.parametrize("party", ["agent", "visitor"])
 async def test_an_end_stored_but_never_heard_frees_the_agent_when_asked_again(
     nodes: NodeFactory,
@@ -471,16 +503,7 @@ async def test_an_end_stored_but_never_heard_frees_the_agent_when_asked_again(
     """A hang-up's end was stored as Redis froze: its node heard a timeout, told the party
     the store was unavailable, and freed nobody. The party asks again: the call has ended,
     and the agent, still on it and reserved, is freed then."""
-    settings = make_settings(tmp_path, redis_url=redis_url)
-    a = await nodes(replace(settings, node_id="a"))
-    b = await nodes(replace(settings, node_id="b"))
-    agent = clients()
-    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
-    await agent.next("presence:update", status_of("carla", "available"))
-    visitor, _ = await visitor_calls(http, clients, a.url)
-    call = {"call_id": (await agent.next("call:ring"))["call_id"]}
-    assert (await agent.call("call:accept", call, "/agent"))["ok"]
-    await agent.next("presence:update", status_of("carla", "on_call"))
+    a, b, agent, visitor, call = await carla_talks(nodes, redis_url, tmp_path, http, clients)
 
     # The end stored, and nothing after it (as by a node whose store went away just then).
     await a.app[keys.CALLS].records.update(
@@ -492,9 +515,7 @@ async def test_an_end_stored_but_never_heard_frees_the_agent_when_asked_again(
         again = await visitor.call("call:cancel", call, "/visitor")
     assert again["error"]["code"] == "call_ended", again
 
-    await agent.next("presence:update", status_of("carla", "available"))
-    _, ack = await visitor_calls(http, clients, b.url)
-    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+    await rung_again(agent, http, clients, b.url)
 
 
 async def test_an_end_stored_as_its_answer_was_lost_frees_the_agent_unasked(
@@ -508,16 +529,7 @@ async def test_an_end_stored_as_its_answer_was_lost_frees_the_agent_unasked(
     The app hears store_unavailable and, here, never asks again (its socket went away): the
     node itself finds the end stored once the store answers, tells the visitor and frees
     the agent."""
-    settings = make_settings(tmp_path, redis_url=redis_url)
-    a = await nodes(replace(settings, node_id="a"))
-    b = await nodes(replace(settings, node_id="b"))
-    agent = clients()
-    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
-    await agent.next("presence:update", status_of("carla", "available"))
-    visitor, _ = await visitor_calls(http, clients, a.url)
-    call = {"call_id": (await agent.next("call:ring"))["call_id"]}
-    assert (await agent.call("call:accept", call, "/agent"))["ok"]
-    await agent.next("presence:update", status_of("carla", "on_call"))
+    a, b, agent, visitor, call = await carla_talks(nodes, redis_url, tmp_path, http, clients)
 
     store = b.app[keys.STORE]
     put_call = store.put_call
@@ -533,9 +545,7 @@ async def test_an_end_stored_as_its_answer_was_lost_frees_the_agent_unasked(
 
     ended = await visitor.next("call:update", lambda c: c["state"] == "completed")
     assert ended["reason"] == "agent_hung_up"
-    await agent.next("presence:update", status_of("carla", "available"))
-    _, ack = await visitor_calls(http, clients, a.url)
-    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+    await rung_again(agent, http, clients, a.url)
 
 
 async def test_a_connected_agent_outlives_many_socket_leases(
