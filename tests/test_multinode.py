@@ -251,6 +251,25 @@ async def test_nodes_hear_each_others_emits_again_after_redis_restarts(
     assert connected["call_id"] == ring["call_id"]
 
 
+async def carla_rung(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> tuple[Node, Node, SocketClient, SocketClient, dict[str, str]]:
+    """Nodes A and B; Carla's app, on B, rings for the call of a visitor on A: the nodes,
+    her socket, the visitor's, and the call's id as events name it."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+    visitor, _ = await visitor_calls(http, clients, a.url)
+    return a, b, agent, visitor, {"call_id": (await agent.next("call:ring"))["call_id"]}
+
+
 @pytest.mark.parametrize("ending", ["answered, then hung up", "declined"])
 async def test_an_agent_freed_on_another_node_is_rung_again_at_once(
     nodes: NodeFactory,
@@ -264,16 +283,7 @@ async def test_an_agent_freed_on_another_node_is_rung_again_at_once(
     presence changed), or declined (it did not: she stayed available). A's own note that
     she was ringing must not keep her from A's next caller (it did, for 30 s, after a
     decline)."""
-    settings = make_settings(tmp_path, redis_url=redis_url)
-    a = await nodes(replace(settings, node_id="a"))
-    b = await nodes(replace(settings, node_id="b"))
-    agent = clients()
-    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
-    await agent.next("presence:update", status_of("carla", "available"))
-
-    first, _ = await visitor_calls(http, clients, a.url)
-    ring = await agent.next("call:ring")
-    call = {"call_id": ring["call_id"]}
+    a, _, agent, first, call = await carla_rung(nodes, redis_url, tmp_path, http, clients)
     if ending == "declined":
         await agent.call("call:decline", call, "/agent")
         failed = await first.next("call:update", lambda c: c["state"] == "failed")
@@ -467,16 +477,8 @@ async def carla_talks(
     http: aiohttp.ClientSession,
     clients: Callable[[], SocketClient],
 ) -> tuple[Node, Node, SocketClient, SocketClient, dict[str, str]]:
-    """Nodes A and B; Carla's app, on B, has accepted the call of a visitor on A: the nodes,
-    her socket, the visitor's, and the call's id as events name it."""
-    settings = make_settings(tmp_path, redis_url=redis_url)
-    a = await nodes(replace(settings, node_id="a"))
-    b = await nodes(replace(settings, node_id="b"))
-    agent = clients()
-    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
-    await agent.next("presence:update", status_of("carla", "available"))
-    visitor, _ = await visitor_calls(http, clients, a.url)
-    call = {"call_id": (await agent.next("call:ring"))["call_id"]}
+    """As ``carla_rung``, and she has accepted the call."""
+    a, b, agent, visitor, call = await carla_rung(nodes, redis_url, tmp_path, http, clients)
     assert (await agent.call("call:accept", call, "/agent"))["ok"]
     await agent.next("presence:update", status_of("carla", "on_call"))
     return a, b, agent, visitor, call

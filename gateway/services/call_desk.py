@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import partial
 
 from gateway.core import call as calls
-from gateway.core.call import Call, CallError, CallState
+from gateway.core.call import Call, CallState
 from gateway.core.errors import Conflict, Forbidden, NotFound
 from gateway.core.model import PresenceRecord
 from gateway.services.call_records import CallRecords
@@ -89,16 +89,7 @@ class CallDesk:
         )
         if call.agent_id != agent_id:
             raise Forbidden("this is not your call")
-        try:
-            return await self._records.end(
-                call_id, "agent_hung_up", "The agent ended the call", call
-            )
-        except CallError as e:
-            if e.code == "call_ended":
-                # Maybe by this hang-up, asked before: its end was stored as the store went
-                # away, so the app heard an error and asks again, and she was not freed.
-                await self._records.free_if_held(site_id, agent_id, call_id)
-            raise
+        return await self._records.end(call_id, "agent_hung_up", "The agent ended the call", call)
 
     async def hold(
         self, site_id: str, agent_id: str, agent_sid: str, call_id: str, on: bool

@@ -576,11 +576,19 @@ class CallRecords:
     async def end(
         self, call_id: str, reason: str, detail: str, current: Call | None = None
     ) -> Call:
-        """End the call (a hang-up, a cancel); its flow frees what it held."""
+        """End the call (a hang-up, a cancel); its flow frees what it held.
+
+        Refused as ``call_ended`` when it has ended already, maybe by a request whose answer
+        was lost as the store went away (the party asks again): the agent of ``current``
+        is freed then, if the call still holds her."""
         try:
             before, call = await self.update(
                 call_id, lambda c: calls.end(c, reason, detail, self.clock()), current
             )
+        except CallError as e:
+            if e.code == "call_ended" and current is not None and current.agent_id is not None:
+                await self.free_if_held(current.site, current.agent_id, call_id)
+            raise
         except StoreUnavailable:
             # The store may have taken the end and lost only its answer (Redis froze after
             # reading it): then nothing follows it here, and the party may never ask again.

@@ -18,7 +18,7 @@ from functools import partial
 from gateway.core import agent_ring as ar
 from gateway.core import call as calls
 from gateway.core.availability import availability
-from gateway.core.call import Call, CallChannel, CallError, CallRequest, CallState
+from gateway.core.call import Call, CallChannel, CallRequest, CallState
 from gateway.core.errors import Conflict, Invalid, NotFound, RateLimited
 from gateway.core.model import Channel, Site
 from gateway.core.ranking_cache import RankingCache
@@ -214,13 +214,7 @@ class CallService:
         if call.site != site_id or call.visitor_id != visitor_id:
             raise NotFound(f"no call {call_id!r}")
         detail = "You ended the call" if reason == "visitor_hung_up" else "The visitor left"
-        try:
-            return await self._records.end(call_id, reason, detail, call)
-        except CallError as e:
-            if e.code == "call_ended" and call.agent_id is not None:
-                # Maybe by this cancel, asked before: see CallDesk.hangup.
-                await self._records.free_if_held(site_id, call.agent_id, call_id)
-            raise
+        return await self._records.end(call_id, reason, detail, call)
 
     async def relay_signal(
         self, site_id: str, sender_id: str, sender_sid: str, from_agent: bool, payload: Json

@@ -97,15 +97,6 @@ MIN_LEAD_S = 60.0
 OPEN_HOLD_S = MAX_AHEAD_S + 86400.0
 
 
-class Booking(NamedTuple):
-    """A callback request's answer: the callback, its visitor's status token, and whether
-    this request created it (else it repeated one whose answer was lost)."""
-
-    call: Call
-    status_token: str
-    created: bool
-
-
 # The open-callback slots the admission names, as the store counts them.
 OPEN_KIND: dict[Subject, OpenCallbackKind] = {Subject.VISITOR: "visitor", Subject.NUMBER: "number"}
 # A browser call nobody answered gives its place to the callback asked for within this time.
@@ -123,6 +114,15 @@ REFUSAL_KINDS: dict[str, type[DomainError]] = {
     "site_rate_limited": RateLimited,
 }
 """The kind of each admission refusal whose kind is not ``Refused`` (a rule said no)."""
+
+
+class Booking(NamedTuple):
+    """A callback request's answer: the callback, its visitor's status token, and whether
+    this request created it (else it repeated one whose answer was lost)."""
+
+    call: Call
+    status_token: str
+    created: bool
 
 
 class CallbackService:
