@@ -550,6 +550,41 @@ async def test_an_end_stored_as_its_answer_was_lost_frees_the_agent_unasked(
     await rung_again(agent, http, clients, a.url)
 
 
+async def test_a_start_whose_call_was_not_stored_lets_its_agent_go(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    clients: Callable[[], SocketClient],
+) -> None:
+    """A new call is stored in the same write as its first reservation. When the store
+    refuses the call but takes the reservation, the visitor hears the store is unavailable,
+    Carla is not rung, and her reservation is let go: the next caller rings her at once,
+    not after the reservation's TTL."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+
+    store = a.app[keys.STORE]
+    put_call = store.put_call
+
+    async def refused(row: Any) -> bool:
+        store.put_call = put_call  # type: ignore[method-assign]  # once
+        raise StoreUnavailable()
+
+    store.put_call = refused  # type: ignore[method-assign]
+    _, ack = await visitor_calls(http, clients, a.url)
+    assert ack["error"]["code"] == "store_unavailable", ack
+
+    _, ack = await visitor_calls(http, clients, a.url)
+    assert ack["ok"] and ack["call"]["state"] == "ringing", ack
+    ring = await agent.next("call:ring")
+    assert ring["call_id"] == ack["call"]["call_id"], "rung only for the call stored"
+
+
 async def test_a_connected_agent_outlives_many_socket_leases(
     nodes: NodeFactory,
     redis_url: str,

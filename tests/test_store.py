@@ -586,6 +586,19 @@ async def test_open_calls_are_remembered_per_visitor(open_store: Any) -> None:
     assert await store.open_call("other", "visitor-1") is None
 
 
+async def test_an_open_call_is_read_with_its_record(open_store: Any) -> None:
+    store: Store = await open_store()
+    assert await store.open_call_row("acme", "visitor-1") is None, "no open call"
+    await store.set_open_call("acme", "visitor-1", "c1")
+    assert await store.open_call_row("acme", "visitor-1") is None, "no record of c1"
+    assert await store.put_call(CallRow("c1", "acme", 1, {"state": "ringing"}))
+    assert await store.put_call(CallRow("c1", "acme", 2, {"state": "connected"}))
+    assert await store.open_call_row("acme", "visitor-1") == CallRow(
+        "c1", "acme", 2, {"state": "connected"}
+    )
+    assert await store.open_call_row("acme", "visitor-2") is None
+
+
 async def test_timers_are_leased_moved_and_finished(open_store: Any) -> None:
     store: Store = await open_store()
     await store.schedule_timer("t1", 100.0)

@@ -289,9 +289,11 @@ class CallRecords:
 
     async def find(self, call_id: str) -> Call | None:
         row = await self.store.get_call(call_id)
-        if row is None:
-            return None
-        tag_call(call_id, row.site)
+        return None if row is None else self.from_row(row)
+
+    def from_row(self, row: CallRow) -> Call:
+        """The call a row read from the store holds."""
+        tag_call(row.call_id, row.site)
         return call_from_record(row.data, row.version)
 
     async def remembered(self, call_id: str, wanted: Callable[[Call], bool]) -> Call:
@@ -336,11 +338,14 @@ class CallRecords:
                 found[call.call_id] = call
         return sorted(found.values(), key=lambda c: c.created_at)
 
+    async def enroll(self, call: Call) -> Call:
+        """``call`` (new) with its arm of its site's running experiment, if one runs."""
+        return call if self.experiments is None else await self.experiments.enroll(call)
+
     async def create(self, call: Call) -> Call:
-        """Store a new call (version 1); ``Conflict`` if a call of that id exists (an id
-        derived from another call's, made twice at once: a follow-up)."""
-        if self.experiments is not None:
-            call = await self.experiments.enroll(call)
+        """Store a new call (version 1), enrolled; ``Conflict`` if a call of that id exists
+        (an id derived from another call's, made twice at once: a follow-up)."""
+        call = await self.enroll(call)
         call = replace(call, version=1)
         tag_call(call.call_id, call.site)
         row = CallRow(call.call_id, call.site, 1, call_to_record(call))
@@ -407,6 +412,10 @@ class CallRecords:
         """Run ``step``, which must be idempotent; while the store is unreachable, run it
         again in the background with backoff, instead of losing it with the error."""
         await self._until_stored(step, name)
+
+    def until_stored_soon(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        """``until_stored`` in the background, for a step nobody waits for."""
+        self._until_stored.soon(step, name)
 
     # --- agents and timers -----------------------------------------------------------------------
 

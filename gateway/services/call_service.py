@@ -118,14 +118,12 @@ class CallService:
         # A refused start counts against the visitor's starts too: a flood is a flood.
         now = self._records.clock()
         current, last_agent, allowed = await asyncio.gather(
-            self._store.open_call(site_id, visitor_id),
+            self._store.open_call_row(site_id, visitor_id),
             self._store.last_agent(site_id, visitor_id),
             self._store.hit_start_limit(site_id, visitor_id, 60, STARTS_PER_MINUTE, now),
         )
-        if current is not None:
-            open_call = await self._records.find(current)
-            if open_call is not None and not open_call.final:
-                raise Conflict("you already have a call going", code="call_in_progress")
+        if current is not None and not self._records.from_row(current).final:
+            raise Conflict("you already have a call going", code="call_in_progress")
         if not allowed:
             raise RateLimited("too many calls started; wait a minute")
         call_id = f"c_{uuid.uuid4().hex}"
@@ -140,12 +138,9 @@ class CallService:
             visitor_sid,
             token_hash,
         )
-        # Persisted before anything is promised to the visitor.
-        call, _ = await asyncio.gather(
-            self._records.create(call),
-            self._store.set_open_call(site_id, visitor_id, call.call_id),
-        )
-        return await self._route(call, last_agent), token
+        # Enrolled before it is ranked: an experiment's arm may choose how it is routed.
+        call = await self._records.enroll(call)
+        return await self._route(call, last_agent, new=True), token
 
     async def resume(self, site_id: str, visitor_id: str, visitor_sid: str) -> Call | None:
         """A visitor's new socket takes over their live call, if they have one."""
@@ -327,10 +322,11 @@ class CallService:
 
     # --- routing ---------------------------------------------------------------------------------
 
-    async def _route(self, call: Call, last_agent: str | None) -> Call:
+    async def _route(self, call: Call, last_agent: str | None, new: bool = False) -> Call:
         """Ring the best free agent, reserving them first; with no one left, end the browser
         call and offer a callback with an honest wait. ``last_agent``: the visitor's (the
-        caller reads it, alongside its own reads)."""
+        caller reads it, alongside its own reads). ``new``: the call is not stored yet
+        (``_create_reserving``)."""
         records = self._records
         site = records.sites[call.site]
         # Before the snapshot: asking may wait on the store (at most every 2 s).
@@ -354,14 +350,23 @@ class CallService:
         request = calls.route_request(call, call.media_channel, agent_channels=reach, policy=policy)
         ttl = site.ring_timeout_s + RESERVATION_GRACE_S
         ranked = self._ranking.candidates(snapshot, request, now)
-        # The candidates are tried in order, a batch per round trip: the first one free is
-        # reserved; the others are ringing for someone else (another node got there first).
-        while batch := list(itertools.islice(ranked, RESERVE_BATCH)):
+        batch = list(itertools.islice(ranked, RESERVE_BATCH))
+        if new:
+            # Persisted before anything is promised to the visitor, in the same write to the
+            # store as the first reservation: one round trip, not two, before the ring.
+            call, chosen = await self._create_reserving(call, [c.agent_id for c in batch], ttl)
+        else:
             chosen = await self._store.reserve_first(
                 call.site, [c.agent_id for c in batch], call.call_id, ttl
             )
-            if chosen is None:
-                continue
+        # The candidates are tried in order, a batch per round trip: the first one free is
+        # reserved; the others are ringing for someone else (another node got there first).
+        while chosen is None and batch:
+            batch = list(itertools.islice(ranked, RESERVE_BATCH))
+            chosen = await self._store.reserve_first(
+                call.site, [c.agent_id for c in batch], call.call_id, ttl
+            )
+        if chosen is not None:
             candidate = next(c for c in batch if c.agent_id == chosen)
             visitor = self._returning(call, last_agent)
             if candidate.channel is Channel.PSTN and self.devices is not None:
@@ -386,3 +391,33 @@ class CallService:
             return await records.get(call.call_id)
         await self._notify.call_update(failed)
         return failed
+
+    async def _create_reserving(
+        self, call: Call, agent_ids: list[str], ttl_s: float
+    ) -> tuple[Call, str | None]:
+        """Store the new ``call`` as the visitor's open call and reserve the first free of
+        ``agent_ids`` for it, the three in one write; the call stored, and whom it reserved.
+
+        Their order does not matter: nothing reads a reservation but the writes that check
+        it names their own call. Should any of the three fail, the visitor is told so (the
+        call may be stored, as a create whose answer was lost would be), and what the call
+        may have reserved is let go, once the store answers, rather than held for its TTL."""
+        site, visitor_id, call_id = call.site, call.visitor_id, call.call_id
+        stored, opened, chosen = await asyncio.gather(
+            self._records.create(call),
+            self._store.set_open_call(site, visitor_id, call_id),
+            self._store.reserve_first(site, agent_ids, call_id, ttl_s),
+            return_exceptions=True,
+        )
+        failed = next((r for r in (stored, opened, chosen) if isinstance(r, BaseException)), None)
+        if failed is None:
+            assert isinstance(stored, Call) and not isinstance(chosen, BaseException)
+            return stored, chosen
+        held = agent_ids if isinstance(chosen, BaseException) else [chosen] if chosen else []
+        if held:
+            release = partial(self._release_all, site, held, call_id)
+            self._records.until_stored_soon(release, f"unreserve:{call_id}")
+        raise failed
+
+    async def _release_all(self, site: str, agent_ids: list[str], call_id: str) -> None:
+        await asyncio.gather(*(self._store.release_agent(site, a, call_id) for a in agent_ids))

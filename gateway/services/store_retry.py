@@ -37,6 +37,14 @@ class UntilStored:
             except RuntimeError:
                 log.error("%s: lost, the node is shutting down", name)
 
+    def soon(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        """As calling this, in the background: for a step nobody waits for (a clean-up after
+        a failure already answered)."""
+        try:
+            self._tasks.spawn(self(step, name), name)
+        except RuntimeError:
+            log.error("%s: lost, the node is shutting down", name)
+
     async def _retry(self, step: Callable[[], Awaitable[None]], name: str) -> None:
         delay = RETRY_FIRST_DELAY_S
         give_up_at = self._clock() + RETRY_FOR_S

@@ -219,6 +219,10 @@ class CallRecordStore(Protocol):
 
     async def open_call(self, site: str, visitor_id: str) -> str | None: ...
 
+    async def open_call_row(self, site: str, visitor_id: str) -> CallRow | None:
+        """The visitor's live call as stored (``open_call``, then ``get_call``, in one round
+        trip); None when there is none, or its record is gone."""
+
     async def record_handle_time(self, site: str, seconds: float) -> None:
         """Keep the site's ``HANDLE_TIMES_KEPT`` most recent handling times."""
 

@@ -99,6 +99,10 @@ class EmbeddedRecords(EmbeddedParts):
     async def open_call(self, site: str, visitor_id: str) -> str | None:
         return self._open_calls.get((site, visitor_id))
 
+    async def open_call_row(self, site: str, visitor_id: str) -> CallRow | None:
+        call_id = self._open_calls.get((site, visitor_id))
+        return None if call_id is None else await self.get_call(call_id)
+
     async def last_agent(self, site: str, visitor_id: str) -> str | None:
         found = await self._run(
             lambda: (

@@ -50,6 +50,15 @@ return 1
 """
 
 
+# KEYS: the visitor's open call. The call's key is made here, from the id found: the same
+# key as ``_call_keys``'s first (one Redis, never a cluster, holds them).
+_OPEN_CALL_ROW = """
+local id = redis.call('GET', KEYS[1])
+if not id then return false end
+local row = redis.call('HMGET', 'm:call:' .. id, 'v', 'site', 'data')
+return {id, row[1], row[2], row[3]}
+"""
+
 _REPLACE_EXPERIMENT = """
 local found = redis.call('GET', KEYS[1])
 if (found or '') ~= ARGV[1] then return 0 end
@@ -123,6 +132,13 @@ class RedisRecords(RedisParts):
     async def open_call(self, site: str, visitor_id: str) -> str | None:
         found: str | None = await self._lane.execute("GET", f"m:open:{site}:{visitor_id}")
         return found
+
+    async def open_call_row(self, site: str, visitor_id: str) -> CallRow | None:
+        found = await self._lane.run_script(_OPEN_CALL_ROW, [f"m:open:{site}:{visitor_id}"], [])
+        if not found or found[1] is None:
+            return None
+        call_id, version, call_site, data = found
+        return CallRow(call_id, call_site, int(version), orjson.loads(data))
 
     async def last_agent(self, site: str, visitor_id: str) -> str | None:
         found: str | None = await self._lane.execute("GET", f"m:visit:{site}:{visitor_id}")
