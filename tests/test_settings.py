@@ -135,7 +135,7 @@ def test_demo_config_loads() -> None:
     assert len(settings.node_id) == 8 and int(settings.node_id, 16) >= 0
     assert settings.max_body_bytes == 64 * 1024
     assert settings.drain_grace_s == 10.0
-    assert settings.admission == AdmissionLimits(max_loop_lag_s=0.005, max_starts_in_flight=8)
+    assert settings.admission == AdmissionLimits(max_loop_lag_s=0.005, max_starts_in_flight=16)
     assert settings.auth == AuthSettings(issuer="membrane-demo", algorithm="HS256", secret="")
     assert settings.presence == PresenceSettings(60.0, 15.0, 0.25)
 

@@ -43,7 +43,7 @@ class AdmissionLimits:
     ring within tens of milliseconds on these machines (bench/overload.py)."""
 
     max_loop_lag_s: float = 0.005
-    max_starts_in_flight: int = 8
+    max_starts_in_flight: int = 16
     """The most starts in flight at once; ``StartLimit`` keeps the allowance at or below it."""
     max_start_s: float = 0.025
     """A start that takes longer (from its handler's start to its answer) lowers the allowance."""
