@@ -24,6 +24,7 @@ from gateway.edge.sio.upstream.packet_queue import PacketQueue
 from gateway.edge.sio.upstream.websocket import DetachedWebSocket, WebSocketConnection
 from gateway.ops.metrics import Metrics
 from gateway.ops.ratelimit import TokenBucket
+from gateway.ops.slotted_timers import SlottedHandle, SlottedTimers
 from gateway.ops.tasks import TaskGroup, raise_if_cancelling
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     _handler: asyncio.Task[None] | None = None
     _heard_at = 0.0
     """When the client last sent anything on its websocket (the loop's clock)."""
-    _watchdog: asyncio.TimerHandle | None = None
+    _watchdog: SlottedHandle | None = None
     _handling = False
     """A packet of the client is being handled."""
     ping_every_s: float | None = None
@@ -83,7 +84,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
     silence_limit_s: float | None = None
     """How long this connection's client may stay silent before it is cut, when watched
     (``watch``); else the server's ``ping_interval + ping_timeout``."""
-    _ping_timer: asyncio.TimerHandle | None = None
+    _ping_timer: SlottedHandle | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     """The websocket's loop, kept: on 3.11 every asyncio.get_running_loop() is a getpid()
     system call, and a ping is scheduled after every pong."""
@@ -181,7 +182,9 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         self._ws = ws
         timeout_s = self.server.ping_interval + self.server.ping_timeout
         self._heard_at = loop.time()
-        self._watchdog = loop.call_at(self._heard_at + timeout_s, self._watch, timeout_s)
+        self._watchdog = self.server.timers.call_at(
+            self._heard_at + timeout_s, self._watch, timeout_s
+        )
         self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
         return ws
 
@@ -343,15 +346,15 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         """Due when the client has been silent ``timeout_s`` unless it was heard from since:
         then due again that long after it was last heard; else the websocket is ended, as
         upstream's deadline on each read would have."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         due = self._heard_at + timeout_s
         ws = self._ws
         if loop.time() < due:
-            self._watchdog = loop.call_at(due, self._watch, timeout_s)
+            self._watchdog = self.server.timers.call_at(due, self._watch, timeout_s)
         elif self._handling:
             # Not the client's silence but this node's: a handler held up (by a store
             # outage, for seconds). Look again a full deadline later.
-            self._watchdog = loop.call_later(timeout_s, self._watch, timeout_s)
+            self._watchdog = self.server.timers.call_later(timeout_s, self._watch, timeout_s)
         elif ws is not None:
             self._watchdog = None
             if self.silence_limit_s is not None:
@@ -379,8 +382,7 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
             if not self._pinged_before:
                 self._pinged_before = True
                 delay *= random.uniform(0.25, 1.0)
-            loop = self._loop or asyncio.get_running_loop()
-            self._ping_timer = loop.call_later(delay, self._ping_due)
+            self._ping_timer = self.server.timers.call_later(delay, self._ping_due)
 
     def watch(self, ping_every_s: float, silence_limit_s: float) -> None:
         """Ping this connection every ``ping_every_s`` and cut it once its client has been
@@ -396,12 +398,12 @@ class LeanSocket(engineio.async_socket.AsyncSocket):  # type: ignore[misc]
         timer = self._ping_timer
         if timer is not None and timer.when() > loop.time() + ping_every_s:
             timer.cancel()
-            self._ping_timer = loop.call_later(ping_every_s, self._ping_due)
+            self._ping_timer = self.server.timers.call_later(ping_every_s, self._ping_due)
         watchdog = self._watchdog
         if watchdog is not None:
             watchdog.cancel()
             due = self._heard_at + silence_limit_s
-            self._watchdog = loop.call_at(due, self._watch, silence_limit_s)
+            self._watchdog = self.server.timers.call_at(due, self._watch, silence_limit_s)
 
     def _ping_due(self) -> None:
         """``AsyncSocket._send_ping`` after its sleep: ``send`` would find the ping timeout
@@ -479,12 +481,22 @@ class TrackedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
     metrics: Metrics | None = None
     """Where refusals are counted (``membrane_errors_total``), when the node has metrics."""
 
+    _timers: SlottedTimers | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tasks = TaskGroup("engineio")
         # (A copy: the driver's table is engine.io's own, shared by every server.)
         drivers: dict[str, Any] = getattr(self, "_async")  # noqa: B009 - untyped upstream
         self._async = {**drivers, "websocket": PlainWebSocket}
+
+    @property
+    def timers(self) -> SlottedTimers:
+        """The sockets' pings and silence watchdogs, run in slots (gateway.ops.slotted_timers)
+        rather than each waking the loop on its own."""
+        if self._timers is None:
+            self._timers = SlottedTimers(asyncio.get_running_loop())
+        return self._timers
 
     def create_queue(self, *args: Any, **kwargs: Any) -> Any:
         """Replaces ``AsyncServer.create_queue`` (an ``asyncio.Queue``, 3 KB a socket)."""
