@@ -98,6 +98,8 @@ class RedisStore(RedisPresence, RedisRecords, RedisCoordination):
         self, url: str | RedisTarget, node_id: str, clock: Callable[[], float] = time.time
     ) -> None:
         self.node_id = node_id
+        # How each event this node publishes starts (``publish``: "node" is the first key).
+        self._own_prefix = '{"node":' + orjson.dumps(node_id).decode() + ","
         self._clock = clock  # when a call row changed (replays); expiries are Redis's own
         self._target = redis_target(url)
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=connection_pool(self._target))
@@ -253,6 +255,8 @@ class RedisStore(RedisPresence, RedisRecords, RedisCoordination):
             await self._deliver(await self._inbox.get())
 
     async def _deliver(self, raw: str) -> None:
+        if raw.startswith(self._own_prefix):
+            return  # this node's own event, not decoded: half of what a pair of nodes hears
         try:
             envelope = orjson.loads(raw)
         except orjson.JSONDecodeError:
