@@ -616,6 +616,42 @@ async def test_a_connected_agent_outlives_many_socket_leases(
     assert gone == [], "a lease lapsed while connected"
 
 
+async def test_emits_published_back_to_back_go_to_redis_as_one_message(redis_url: str) -> None:
+    """A ring and its call's update, published one right after the other, reach the other
+    nodes as one batch, in order; anything queued on the lane after a publish ends its
+    batch, so what follows an emit still reaches Redis after it."""
+    from gateway.edge.sio.sio_manager import BATCH, ObservedRedisManager
+    from gateway.store.redis_lane import RedisSubscription
+
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    subscription = RedisSubscription(heard.put_nowait)
+    manager = ObservedRedisManager(redis_url, channel="m:sio-batched")
+    lane = manager._lane
+    try:
+        await subscription.open(redis_url, "m:sio-batched")
+        await lane.execute("DEL", "after")
+        ring = manager._emit_message("call:ring", {"n": 1}, "/agent", "agent:acme:carla")
+        update = [
+            manager._emit_message("call:update", {"n": 2}, "/visitor", "visitor:acme:v1"),
+            manager._emit_message("call:update", {"n": 3}, "/board", "site:acme"),
+        ]
+        await manager._publish(ring)
+        await manager._publish({"method": BATCH, "emits": update, "host_id": manager.host_id})
+        lane.send("RPUSH", "after", "x")  # a store command after the emits
+        await manager._publish(manager._emit_message("call:ring_stop", {"n": 4}, "/agent", "a"))
+        assert await lane.execute("LRANGE", "after", 0, -1) == ["x"]
+
+        batch = await asyncio.wait_for(heard.get(), 5)
+        assert [e["data"] for e in manager._unbatch(batch)] == [[{"n": 1}], [{"n": 2}], [{"n": 3}]]
+        assert batch.endswith(manager._own_suffix()), "a node still knows its own batch"
+        alone = json.loads(await asyncio.wait_for(heard.get(), 5))
+        assert (alone["event"], alone["data"]) == ("call:ring_stop", [{"n": 4}])
+        assert heard.empty()
+    finally:
+        subscription.close()
+        await manager.close()
+
+
 def test_a_malformed_emit_batch_is_dropped_whole() -> None:
     from gateway.edge.sio.sio_manager import BATCH, ObservedRedisManager
 

@@ -407,8 +407,10 @@ async def test_a_node_behind_on_other_nodes_emits_sheds_starts(
 
     manager._handle_emit = slow  # type: ignore[method-assign]
     sio_b = b.app[appkeys.SIO]
+    lane_b = sio_b.manager._lane
     for i in range(6):
         await sio_b.emit("presence:update", {"n": i}, to="site:nobody", namespace="/board")
+        await lane_b.execute("PING")  # six messages: emits back to back would go as one
 
     async def behind() -> bool:  # B's emits reach A through Redis
         return manager.backlog >= 4

@@ -49,6 +49,25 @@ async def test_sent_commands_go_out_in_order_without_waiting(redis_url: str) -> 
         await lane.close()
 
 
+async def test_the_last_command_may_be_amended_until_it_is_written_or_followed(
+    redis_url: str,
+) -> None:
+    lane = RedisLane(redis_url)
+    try:
+        assert await lane.execute("DEL", "amended") == 0
+        first = lane.send("RPUSH", "amended", "a")
+        assert first is not None
+        assert lane.amend_last(first, "RPUSH", "amended", "a", "b"), "last, and not written"
+        second = lane.send("RPUSH", "amended", "c")
+        assert second is not None
+        assert not lane.amend_last(first, "RPUSH", "amended", "x"), "a command follows it"
+        assert (await first, await second) == (2, 3), "each reply to its own caller"
+        assert not lane.amend_last(second, "RPUSH", "amended", "y"), "written already"
+        assert await lane.execute("LRANGE", "amended", 0, -1) == ["a", "b", "c"]
+    finally:
+        await lane.close()
+
+
 async def test_an_unanswered_command_times_out_and_the_lane_starts_over(redis_url: str) -> None:
     lane = RedisLane(redis_url, timeout_s=0.3)
     try:

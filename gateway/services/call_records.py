@@ -518,11 +518,12 @@ class CallRecords:
         # The ring goes out first, its timeout stored in the same write to Redis, not a
         # round trip later. Should the node die in between, the reservation lapses as it
         # would have a moment later; a timer stored after an accept finds the call answered
-        # and does nothing.
+        # and does nothing. The call's update right after the ring: the two are published
+        # as one message (ObservedRedisManager._publish).
         await asyncio.gather(
             self.notify.ring(ringing, self.ring_payload(ringing, reasons, visitor, extra)),
-            self.schedule(TimerId.ring(ringing), ringing.ring_expires_at),
             self.notify.call_update(ringing),
+            self.schedule(TimerId.ring(ringing), ringing.ring_expires_at),
             self.store.publish(ring_event(call.site, agent_id, note)),
         )
         return ringing

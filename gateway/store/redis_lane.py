@@ -221,6 +221,16 @@ class RedisLane:
             return None
         return self._queue(protocol, pack(*args))
 
+    def amend_last(self, waiter: asyncio.Future[Any], *args: str | bytes | int | float) -> bool:
+        """Replace the command queued last with ``args``, when it is ``waiter``'s and is not
+        written yet; False otherwise (a command was queued after it, or it went out). Its
+        reply still goes to ``waiter``. For a publish that takes in the messages published
+        right after it: whatever was queued after those would be queued after it too."""
+        if not self._outgoing or self._waiters[-1][0] is not waiter:
+            return False
+        self._outgoing[-1] = pack(*args)
+        return True
+
     async def execute(self, *args: str | bytes | int | float) -> Any:
         protocol = self._protocol or await self._connection()
         return await self._queue(protocol, pack(*args))

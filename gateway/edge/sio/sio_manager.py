@@ -289,6 +289,8 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         self._owns_lane = lane is None
         self._lane = lane or RedisLane(self._target)
         self._inbox: collections.deque[str | None] = collections.deque()
+        self._open_publish: _OpenPublish | None = None
+        """The last publish queued, while later emits may still join it."""
 
     @property
     def backlog(self) -> int:
@@ -405,13 +407,46 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         """As ``AsyncRedisManager._publish`` (two attempts, then log and give up), over the
         lane, and without waiting for Redis to confirm: emits still go out in order, one write
         for all those of a turn of the event loop, and a failure is retried once in the
-        background."""
-        message = self.json.dumps(data)
+        background.
+
+        Emits published one right after the other, with nothing queued on the lane between
+        them (a ring and its call's update; a ring's stop and the accepted call's update),
+        go out as one batch (``_OpenPublish``): one message for each node to receive and
+        read instead of several. Anything queued after a publish ends its batch, so what
+        follows an emit still reaches Redis after it."""
+        parts = self._emit_parts(data)
+        open_publish = self._open_publish
+        if parts is not None and open_publish is not None and open_publish.extend(parts):
+            return None
+        self._open_publish = None
+        if parts is None:
+            message = self.json.dumps(data)
+        else:
+            message = parts[0] if data.get("method") == "emit" else self._batch_text(parts)
         sent = self._lane.send("PUBLISH", self.channel, message)
         if sent is None:
             return await self._publish_again(message)
-        sent.add_done_callback(partial(self._published, message))
+        publish = _OpenPublish(self, sent, message, parts)
+        if parts is not None:
+            self._open_publish = publish
+        sent.add_done_callback(publish.done)
         return None
+
+    def _emit_parts(self, data: Any) -> list[str] | None:
+        """The emits of ``data`` a batch may carry, each encoded: an emit without a callback,
+        or a batch's emits; None for anything else (upstream's other messages)."""
+        if not isinstance(data, dict):
+            return None
+        if data.get("method") == BATCH:
+            return [self.json.dumps(e) for e in data["emits"]]
+        if data.get("method") == "emit" and data.get("callback") is None:
+            return [self.json.dumps(data)]
+        return None
+
+    def _batch_text(self, parts: list[str]) -> str:
+        """``emit_batch``'s message of the encoded emits ``parts``, ending as every message
+        of this node does (``_own_suffix``)."""
+        return f'{{"method":"{BATCH}","emits":[{",".join(parts)}],{self._own_suffix()}'
 
     def _published(self, message: str, sent: asyncio.Future[Any]) -> None:
         if sent.cancelled() or sent.exception() is None:
@@ -539,3 +574,36 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         server's TaskGroup."""
         if self._owns_lane:
             await self._lane.close()
+
+
+class _OpenPublish:
+    """A publish queued on the lane and not written yet, which the emits published right
+    after it join (``ObservedRedisManager._publish``): its message grows into a batch."""
+
+    __slots__ = ("_manager", "_parts", "_sent", "message")
+
+    def __init__(
+        self,
+        manager: ObservedRedisManager,
+        sent: asyncio.Future[Any],
+        message: str,
+        parts: list[str] | None,
+    ) -> None:
+        self._manager = manager
+        self._sent = sent
+        self._parts = parts or []
+        self.message = message
+        """What is published, as it is now (retried whole should Redis refuse it)."""
+
+    def extend(self, parts: list[str]) -> bool:
+        """Add the encoded emits ``parts``; False when the publish can no longer take them."""
+        manager = self._manager
+        joined = [*self._parts, *parts]
+        message = manager._batch_text(joined)
+        if not manager._lane.amend_last(self._sent, "PUBLISH", manager.channel, message):
+            return False
+        self._parts, self.message = joined, message
+        return True
+
+    def done(self, sent: asyncio.Future[Any]) -> None:
+        self._manager._published(self.message, sent)
