@@ -324,10 +324,13 @@ class RawSocketIO:
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.add(waiter)
         ack_id = 0
+
+        def acked(ack: Any) -> None:
+            if not waiter.done():
+                waiter.set_result(ack)
+
         try:
-            ack_id = await self.emit_ack(
-                event, payload, lambda ack: waiter.done() or waiter.set_result(ack)
-            )
+            ack_id = await self.emit_ack(event, payload, acked)
             return await asyncio.wait_for(waiter, timeout)
         finally:
             self._waiters.discard(waiter)
