@@ -251,6 +251,19 @@ async def test_nodes_hear_each_others_emits_again_after_redis_restarts(
     assert connected["call_id"] == ring["call_id"]
 
 
+async def carla_online(
+    nodes: NodeFactory, redis_url: str, tmp_path: Path, clients: Callable[[], SocketClient]
+) -> tuple[Node, Node, SocketClient]:
+    """Nodes A and B, and Carla's app on B, available: the nodes and her socket."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    a = await nodes(replace(settings, node_id="a"))
+    b = await nodes(replace(settings, node_id="b"))
+    agent = clients()
+    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
+    await agent.next("presence:update", status_of("carla", "available"))
+    return a, b, agent
+
+
 async def carla_rung(
     nodes: NodeFactory,
     redis_url: str,
@@ -260,12 +273,7 @@ async def carla_rung(
 ) -> tuple[Node, Node, SocketClient, SocketClient, dict[str, str]]:
     """Nodes A and B; Carla's app, on B, rings for the call of a visitor on A: the nodes,
     her socket, the visitor's, and the call's id as events name it."""
-    settings = make_settings(tmp_path, redis_url=redis_url)
-    a = await nodes(replace(settings, node_id="a"))
-    b = await nodes(replace(settings, node_id="b"))
-    agent = clients()
-    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
-    await agent.next("presence:update", status_of("carla", "available"))
+    a, b, agent = await carla_online(nodes, redis_url, tmp_path, clients)
     visitor, _ = await visitor_calls(http, clients, a.url)
     return a, b, agent, visitor, {"call_id": (await agent.next("call:ring"))["call_id"]}
 
@@ -561,13 +569,7 @@ async def test_a_start_whose_call_was_not_stored_lets_its_agent_go(
     refuses the call but takes the reservation, the visitor hears the store is unavailable,
     Carla is not rung, and her reservation is let go: the next caller rings her at once,
     not after the reservation's TTL."""
-    settings = make_settings(tmp_path, redis_url=redis_url)
-    a = await nodes(replace(settings, node_id="a"))
-    b = await nodes(replace(settings, node_id="b"))
-    agent = clients()
-    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
-    await agent.next("presence:update", status_of("carla", "available"))
-
+    a, _, agent = await carla_online(nodes, redis_url, tmp_path, clients)
     store = a.app[keys.STORE]
     put_call = store.put_call
 
