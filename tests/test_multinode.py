@@ -251,16 +251,21 @@ async def test_nodes_hear_each_others_emits_again_after_redis_restarts(
     assert connected["call_id"] == ring["call_id"]
 
 
-async def carla_online(
-    nodes: NodeFactory, redis_url: str, tmp_path: Path, clients: Callable[[], SocketClient]
+async def online_on_b(
+    nodes: NodeFactory,
+    redis_url: str,
+    tmp_path: Path,
+    clients: Callable[[], SocketClient],
+    name: str = "carla",
 ) -> tuple[Node, Node, SocketClient]:
-    """Nodes A and B, and Carla's app on B, available: the nodes and her socket."""
+    """Nodes A and B, and the app of agent ``name`` on B, available: the nodes and her
+    socket."""
     settings = make_settings(tmp_path, redis_url=redis_url)
     a = await nodes(replace(settings, node_id="a"))
     b = await nodes(replace(settings, node_id="b"))
     agent = clients()
-    await agent.connect(b.url, "/agent", {"token": mint(settings, "carla")})
-    await agent.next("presence:update", status_of("carla", "available"))
+    await agent.connect(b.url, "/agent", {"token": mint(settings, name)})
+    await agent.next("presence:update", status_of(name, "available"))
     return a, b, agent
 
 
@@ -273,7 +278,7 @@ async def carla_rung(
 ) -> tuple[Node, Node, SocketClient, SocketClient, dict[str, str]]:
     """Nodes A and B; Carla's app, on B, rings for the call of a visitor on A: the nodes,
     her socket, the visitor's, and the call's id as events name it."""
-    a, b, agent = await carla_online(nodes, redis_url, tmp_path, clients)
+    a, b, agent = await online_on_b(nodes, redis_url, tmp_path, clients)
     visitor, _ = await visitor_calls(http, clients, a.url)
     return a, b, agent, visitor, {"call_id": (await agent.next("call:ring"))["call_id"]}
 
@@ -405,12 +410,7 @@ async def test_no_node_promises_an_agent_who_rings_for_someone_else(
 ) -> None:
     """Anna, on B, rings for a visitor of B: an idle widget watching A stops promising her
     at once, and promises her again when she declines."""
-    settings = make_settings(tmp_path, redis_url=redis_url)
-    a = await nodes(replace(settings, node_id="a"))
-    b = await nodes(replace(settings, node_id="b"))
-    agent = clients()
-    await agent.connect(b.url, "/agent", {"token": mint(settings, "anna")})
-    await agent.next("presence:update", status_of("anna", "available"))
+    a, b, agent = await online_on_b(nodes, redis_url, tmp_path, clients, "anna")
     stream = await http.get(
         f"{a.url}/v1/sites/acme/availability/stream", headers={"Origin": "http://127.0.0.1:8080"}
     )
@@ -569,7 +569,7 @@ async def test_a_start_whose_call_was_not_stored_lets_its_agent_go(
     refuses the call but takes the reservation, the visitor hears the store is unavailable,
     Carla is not rung, and her reservation is let go: the next caller rings her at once,
     not after the reservation's TTL."""
-    a, _, agent = await carla_online(nodes, redis_url, tmp_path, clients)
+    a, _, agent = await online_on_b(nodes, redis_url, tmp_path, clients)
     store = a.app[keys.STORE]
     put_call = store.put_call
 
