@@ -291,6 +291,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
         self._inbox: collections.deque[str | None] = collections.deque()
         self._open_publish: _OpenPublish | None = None
         """The last publish queued, while later emits may still join it."""
+        self._suffix = self._own_suffix()  # (``host_id`` is fixed by upstream's __init__)
 
     @property
     def backlog(self) -> int:
@@ -446,7 +447,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
     def _batch_text(self, parts: list[str]) -> str:
         """``emit_batch``'s message of the encoded emits ``parts``, ending as every message
         of this node does (``_own_suffix``)."""
-        return f'{{"method":"{BATCH}","emits":[{",".join(parts)}],{self._own_suffix()}'
+        return f'{{"method":"{BATCH}","emits":[{",".join(parts)}],{self._suffix}'
 
     def _published(self, message: str, sent: asyncio.Future[Any]) -> None:
         if sent.cancelled() or sent.exception() is None:
@@ -494,7 +495,7 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
                 self.listening, self.last_error = True, ""
                 retry_sleep = 0.1
                 heard_at = self._clock()
-                own = self._own_suffix()
+                own = self._suffix
                 keep_alive = asyncio.create_task(self._keep_alive(subscription))
                 while True:
                     while inbox:
@@ -525,6 +526,9 @@ class ObservedRedisManager(IndexedRooms, socketio.AsyncRedisManager):  # type: i
             finally:
                 if keep_alive is not None:
                     keep_alive.cancel()
+                    # Awaited by its owner; ``wait`` neither raises the task's cancellation
+                    # nor hides this one's.
+                    await asyncio.wait([keep_alive])
                 subscription.close()
 
     @staticmethod
